@@ -1,0 +1,8 @@
+"""loramix: load, analyse and combine LoRA adapters in factor space."""
+
+from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule
+from loramix.combine import combine
+from loramix.errors import LoramixError
+from loramix.formats import load_adapter
+
+__all__ = ["ExtraTensor", "LoraAdapter", "LoraModule", "LoramixError", "combine", "load_adapter"]

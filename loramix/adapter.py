@@ -1,0 +1,139 @@
+"""The data model: one LoRA target module (`LoraModule`) and a whole adapter (`LoraAdapter`).
+
+Factors are kept in "math" orientation whatever the base layer is: ``A`` is r×in and ``B`` is out×r, so that
+ΔW = scale·B·A maps inputs to outputs. ``layout`` says how ΔW lies on the base weight (``delta()`` puts it there).
+Tensors keep the dtype they were read in; computation casts them up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+LAYOUTS = ("linear", "conv1d_fan_in_fan_out", "embedding", "conv2d")
+
+
+@dataclass
+class LoraModule:
+    """One target module: ΔW = scale · B · A (B out×r, A r×in), laid on the base weight per ``layout``.
+
+    ``kernel_size`` is the conv2d kernel (A then holds in·kh·kw columns). ``bias`` is PEFT's ``lora_B.bias``
+    (its effect on the output is ``scale·bias``); ``magnitude`` is DoRA's per-output-row magnitude vector.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    layout: str = "linear"
+    kernel_size: tuple[int, ...] = ()
+    bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def base_shape(self) -> tuple[int, ...]:
+        """Shape of the base weight this module applies to, in that weight's own layout."""
+        out, inp = self.out_features, self.in_features
+        if self.layout in ("conv1d_fan_in_fan_out", "embedding"):
+            return (inp, out)
+        if self.layout == "conv2d":
+            kernel = math.prod(self.kernel_size)
+            return (out, inp // kernel, *self.kernel_size)
+        return (out, inp)
+
+    def delta(
+        self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
+        """ΔW in the base weight's own layout (the only place a dense out×in matrix is formed)."""
+        product = self.B.to(device=device, dtype=dtype) @ self.A.to(device=device, dtype=dtype)
+        product = product * self.scale
+        if self.layout in ("conv1d_fan_in_fan_out", "embedding"):
+            return product.T
+        return product.reshape(self.base_shape)
+
+    def bias_delta(self) -> torch.Tensor | None:
+        """What the module adds to the base layer's bias (PEFT scales lora_B.bias like the product)."""
+        return None if self.bias is None else self.bias.float() * self.scale
+
+    def num_params(self) -> int:
+        extra = sum(t.numel() for t in (self.bias, self.magnitude) if t is not None)
+        return self.A.numel() + self.B.numel() + extra
+
+
+@dataclass
+class ExtraTensor:
+    """A full tensor that replaces the base model's tensor of the same name.
+
+    ``kind`` is ``"modules_to_save"`` (a trained head or layer copy) or ``"base_layer"`` (PEFT's saved copy of a
+    targeted layer's base weight, written when embeddings are resized).
+    """
+
+    tensor: torch.Tensor
+    kind: str = "modules_to_save"
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA adapter in memory: modules by normalised name, plus full extra tensors and where it came from.
+
+    Module names are the base model's own module paths (``model.layers.0.self_attn.q_proj``); extra tensor names
+    are the base model's parameter names (``classifier.weight``).
+    """
+
+    modules: dict[str, LoraModule]
+    base_model: str | None = None
+    extra: dict[str, ExtraTensor] = field(default_factory=dict)
+    task_type: str | None = None
+    use_rslora: bool = False
+    source: str = "<memory>"
+    name: str = "adapter"
+    warnings: list[str] = field(default_factory=list)
+    file_bytes: int = 0
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype most of the LoRA factors are stored in."""
+        counts = Counter(m.A.dtype for m in self.modules.values())
+        return counts.most_common(1)[0][0] if counts else torch.float32
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({m.rank for m in self.modules.values()})
+
+    @property
+    def has_dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
+
+    @property
+    def has_lora_bias(self) -> bool:
+        return any(m.bias is not None for m in self.modules.values())
+
+    def num_params(self) -> int:
+        return sum(m.num_params() for m in self.modules.values()) + sum(
+            e.tensor.numel() for e in self.extra.values()
+        )
+
+    def with_modules(self, modules: dict[str, LoraModule], **changes) -> LoraAdapter:
+        return replace(self, modules=modules, **changes)
+
+    def save(self, folder: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+        """Write this adapter as a PEFT adapter folder (atomically); returns the folder."""
+        from loramix.formats import peft
+
+        return peft.write(self, folder, dtype=dtype, overwrite=overwrite)

@@ -1,0 +1,159 @@
+"""The `loramix` command: parses, calls the API, prints. No maths here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from loramix.errors import LoramixError
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _errors_as_one_line(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoramixError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="loramix")
+@click.option("-q", "--quiet", is_flag=True, help="Hide warnings and progress bars.")
+@click.pass_context
+def main(ctx: click.Context, quiet: bool) -> None:
+    """Load, analyse and combine LoRA adapters."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    root = logging.getLogger("loramix")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.ERROR if quiet else logging.WARNING)
+    root.propagate = False
+    ctx.obj = {"progress": not quiet}
+
+
+@main.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per adapter.")
+@click.option(
+    "--allow-nonfinite", is_flag=True, help="Load adapters holding NaN/Inf instead of refusing them."
+)
+@_errors_as_one_line
+def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool) -> None:
+    """Describe ADAPTERS (folders or Hub ids): base, dtype, modules, ranks, scale, extras, warnings."""
+    from loramix.formats import load_adapter
+    from loramix.report import adapter_summary, inspect_json, inspect_text
+
+    summaries = [
+        adapter_summary(load_adapter(a, allow_nonfinite=allow_nonfinite, log_warnings=False))
+        for a in adapters
+    ]
+    click.echo(inspect_json(summaries) if as_json else inspect_text(summaries))
+
+
+def _weights(ctx, param, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(w) for w in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
+
+
+def _options(ctx, param, values: tuple[str, ...]) -> dict:
+    import yaml
+
+    parsed = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        parsed[key.replace("-", "_")] = yaml.safe_load(raw)
+    return parsed
+
+
+@main.command()
+@click.argument("adapters", nargs=-1)
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Run a YAML recipe (see recipes/).")
+@click.option(
+    "-w", "--weights", callback=_weights, help="Comma-separated weights, one per adapter [default: 1/n each]."
+)
+@click.option("-m", "--method", default=None, help="Merge method (see `loramix methods`) [default: svd].")
+@click.option(
+    "--rank", type=click.IntRange(min=1), help="Keep at most this rank per module (re-factorising methods)."
+)
+@click.option(
+    "--energy",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Keep the smallest rank holding this share of Σσ².",
+)
+@click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule.")
+@click.option("--rule-value", type=float, help="The value for --rule.")
+@click.option(
+    "--option", "options", multiple=True, callback=_options, metavar="KEY=VALUE", help="A method option."
+)
+@click.option("--device", default=None, help="cpu, cuda or auto [default: cpu].")
+@click.option(
+    "--dtype", default=None, help="Output dtype: float32, float16, bfloat16 [default: the inputs']."
+)
+@click.option(
+    "--heads", type=click.Choice(["refuse", "average"]), default=None, help="Heads several adapters carry."
+)
+@click.option(
+    "--allow-different-bases", is_flag=True, default=None, help="Combine adapters made for different bases."
+)
+@click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf in the inputs.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (a PEFT adapter).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.pass_context
+@_errors_as_one_line
+def combine(ctx: click.Context, adapters, recipe, output, force, **flags) -> None:
+    """Combine ADAPTERS (folders or Hub ids) into one PEFT adapter written to OUTPUT."""
+    from loramix.recipe import Plan, load_recipe
+
+    given = {k: v for k, v in flags.items() if v not in (None, {})}
+    if recipe:
+        if adapters or given:
+            raise click.UsageError("with --recipe, give only -o/--output and --force")
+        plan = load_recipe(recipe)
+    elif not adapters:
+        raise click.UsageError("give ADAPTER... or --recipe FILE")
+    else:
+        plan = Plan(adapters=list(adapters), **given)
+    plan.output = output or plan.output
+    if not plan.output:
+        raise click.UsageError("give -o/--output (or 'output' in the recipe)")
+    from loramix.combine import combine as run_combine
+
+    adapter = run_combine(plan.adapters, progress=ctx.obj["progress"], **plan.combine_kwargs())
+    adapter.save(plan.output, overwrite=force)
+    ranks = adapter.ranks
+    click.echo(
+        f"wrote {plan.output}: {len(adapter.modules)} modules, rank {ranks[0]}"
+        + (f"–{ranks[-1]}" if len(ranks) > 1 else "")
+        + f", {adapter.provenance['method']} of {len(plan.adapters)} adapters"
+    )
+
+
+@main.command()
+def methods() -> None:
+    """List the merge methods."""
+    from loramix.methods import REGISTRY
+
+    width = max(len(n) for n in REGISTRY)
+    for m in REGISTRY.values():
+        tags = ", ".join(
+            t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks), ("dense", m.dense)) if on
+        )
+        click.echo(f"{m.name:<{width}}  {m.description}" + (f" [{tags}]" if tags else ""))

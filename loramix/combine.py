@@ -1,0 +1,214 @@
+"""Combine adapters: walk the union of module names, apply a merge method per module on a device.
+
+A module missing from an adapter contributes zero. lora_B biases are summed exactly (they are linear);
+full extra tensors (heads) are carried when one adapter has them and averaged only when asked.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule
+from loramix.errors import IncompatibleAdaptersError, MethodError
+from loramix.formats import load_adapter
+from loramix.linalg import RankRule
+from loramix.methods import Term, get_method
+
+log = logging.getLogger(__name__)
+
+# Canonical Hub models that moved under an organisation keep working under their old bare name.
+_LEGACY_NAMESPACES = {
+    "gpt2": "openai-community",
+    "gpt2-medium": "openai-community",
+    "gpt2-large": "openai-community",
+    "gpt2-xl": "openai-community",
+    "openai-gpt": "openai-community",
+    "distilgpt2": "distilbert",
+    "distilbert-base-uncased": "distilbert",
+    "distilbert-base-cased": "distilbert",
+    "distilroberta-base": "distilbert",
+    "bert-base-uncased": "google-bert",
+    "bert-base-cased": "google-bert",
+    "bert-large-uncased": "google-bert",
+    "bert-large-cased": "google-bert",
+    "bert-base-multilingual-cased": "google-bert",
+    "roberta-base": "FacebookAI",
+    "roberta-large": "FacebookAI",
+    "xlm-roberta-base": "FacebookAI",
+    "t5-small": "google-t5",
+    "t5-base": "google-t5",
+    "t5-large": "google-t5",
+}
+
+
+def canonical_base(base: str) -> str:
+    """A Hub id with legacy bare names mapped to their organisation (``gpt2`` → ``openai-community/gpt2``)."""
+    name = base.strip().rstrip("/")
+    namespace = _LEGACY_NAMESPACES.get(name)
+    return f"{namespace}/{name}".lower() if namespace else name.lower()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MethodError(
+            f"device {device!r} asked for but no CUDA GPU is available (use --device cpu or auto)"
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise MethodError(f"unknown device {device!r} (use cpu, cuda or auto)") from None
+
+
+def check_compatible(adapters: list[LoraAdapter], *, allow_different_bases: bool = False) -> None:
+    """Refuse adapters made for different bases (unless allowed) and modules whose shapes disagree."""
+    known = [(a, canonical_base(a.base_model)) for a in adapters if a.base_model]
+    for a in adapters:
+        if not a.base_model:
+            log.warning(
+                "%s: base model unknown; only module shapes can be checked against the others", a.name
+            )
+    if not allow_different_bases and len({base for _, base in known}) > 1:
+        listing = ", ".join(f"{a.name}: {a.base_model}" for a, _ in known)
+        raise IncompatibleAdaptersError(
+            f"adapters were made for different base models ({listing}); pass --allow-different-bases if intended"
+        )
+    seen: dict[str, tuple[LoraAdapter, LoraModule]] = {}
+    for a in adapters:
+        for name, m in a.modules.items():
+            if name not in seen:
+                seen[name] = (a, m)
+                continue
+            first, other = seen[name]
+            if (m.out_features, m.in_features, m.kernel_size) != (
+                other.out_features,
+                other.in_features,
+                other.kernel_size,
+            ):
+                raise IncompatibleAdaptersError(
+                    f"module {name}: {first.name} has ΔW {other.base_shape} but {a.name} has {m.base_shape}"
+                )
+
+
+def _combine_extras(adapters: list[LoraAdapter], weights: list[float], heads: str) -> dict[str, ExtraTensor]:
+    owners: dict[str, list[tuple[float, ExtraTensor, LoraAdapter]]] = {}
+    for a, w in zip(adapters, weights):
+        for name, item in a.extra.items():
+            owners.setdefault(name, []).append((w, item, a))
+    out = {}
+    for name, found in owners.items():
+        if len(found) == 1:
+            out[name] = found[0][1]
+            continue
+        names = ", ".join(a.name for _, _, a in found)
+        if heads != "average":
+            raise IncompatibleAdaptersError(
+                f"extra tensor {name} (a head or saved layer) is in several adapters ({names}); "
+                "pass --heads average for their weighted average, or combine without them"
+            )
+        shapes = {tuple(item.tensor.shape) for _, item, _ in found}
+        if len(shapes) > 1:
+            raise IncompatibleAdaptersError(
+                f"extra tensor {name} has different shapes in {names}: {sorted(shapes)}"
+            )
+        total = sum(w for w, _, _ in found)
+        if total == 0:
+            raise IncompatibleAdaptersError(
+                f"extra tensor {name}: the weights of {names} sum to 0, no average exists"
+            )
+        mean = sum(w * item.tensor.float() for w, item, _ in found) / total
+        out[name] = ExtraTensor(mean.to(found[0][1].tensor.dtype), found[0][1].kind)
+    return out
+
+
+def _combined_bias(present: list[tuple[float, LoraModule]]) -> torch.Tensor | None:
+    biases = [(w, m.bias_delta()) for w, m in present if m.bias is not None]
+    return sum(w * b for w, b in biases) if biases else None
+
+
+def combine(
+    adapters: list,
+    *,
+    weights: list[float] | None = None,
+    method: str = "svd",
+    rank: int | None = None,
+    energy: float | None = None,
+    rule: str | None = None,
+    rule_value: float | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    heads: str = "refuse",
+    allow_different_bases: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+    **options,
+) -> LoraAdapter:
+    """Combine ``adapters`` (paths, Hub ids or `LoraAdapter`s) with ``weights`` by ``method``.
+
+    ``rank``/``energy``/``rule`` truncate re-factorising methods (see `RankRule`); ``heads="average"`` takes the
+    weighted average of heads several adapters carry. Returns a new `LoraAdapter` (scale 1 per module).
+    """
+    loaded = [load_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
+    if not loaded:
+        raise MethodError("no adapters given")
+    weights = [1.0 / len(loaded)] * len(loaded) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(loaded):
+        raise MethodError(f"{len(weights)} weight(s) for {len(loaded)} adapter(s)")
+    chosen = get_method(method)
+    truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
+    if truncation != RankRule() and not chosen.truncates:
+        raise MethodError(
+            f"method {method} does not truncate; rank/energy/rule apply to re-factorising methods"
+        )
+    unknown = sorted(set(options) - set(chosen.options))
+    if unknown:
+        allowed = ", ".join(chosen.options) or "none"
+        raise MethodError(f"method {method} has no option(s) {', '.join(unknown)} (it takes: {allowed})")
+    if heads not in ("refuse", "average"):
+        raise MethodError(f"heads must be 'refuse' or 'average', got {heads!r}")
+    for a in loaded:
+        if a.has_dora:
+            raise IncompatibleAdaptersError(
+                f"{a.source}: DoRA adapters cannot be combined as adapters (the magnitude rescales W+ΔW, which is "
+                "not linear); merge them into a base with --merge-into, where DoRA is exact"
+            )
+    check_compatible(loaded, allow_different_bases=allow_different_bases)
+    target = resolve_device(device)
+    out_dtype = dtype or loaded[0].dtype
+    names = list(dict.fromkeys(n for a in loaded for n in a.modules))
+    modules = {}
+    for name in tqdm(names, desc=f"combine ({method})", unit="module", disable=not progress):
+        present = [(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
+        terms = [Term(w * m.scale, m.B.to(target), m.A.to(target)) for w, m in present]
+        B, A = chosen.fn(terms, rule=truncation, **options)
+        first = present[0][1]
+        bias = _combined_bias(present)
+        modules[name] = LoraModule(
+            A=A.to(device="cpu", dtype=out_dtype),
+            B=B.to(device="cpu", dtype=out_dtype),
+            scale=1.0,
+            layout=first.layout,
+            kernel_size=first.kernel_size,
+            bias=None if bias is None else bias.to(out_dtype),
+        )
+    base = next((a.base_model for a in loaded if a.base_model), None)
+    return LoraAdapter(
+        modules=modules,
+        base_model=base,
+        extra=_combine_extras(loaded, weights, heads),
+        task_type=next((a.task_type for a in loaded if a.task_type), None),
+        source="<combined>",
+        name="combined",
+        provenance={
+            "method": method,
+            "weights": weights,
+            "sources": [a.source for a in loaded],
+            "names": [a.name for a in loaded],
+            "truncation": truncation.describe() if chosen.truncates else None,
+            "options": options,
+        },
+    )

@@ -1,0 +1,348 @@
+"""PEFT's adapter format: ``adapter_config.json`` plus ``adapter_model.safetensors`` (or a legacy ``.bin``).
+
+Reading normalises what real files contain — repeated ``base_model.model.`` prefixes, adapter names inside keys,
+ModulesToSaveWrapper keys, saved base layers — and reconciles the config with the tensors (the tensors win, with
+a warning that says what differed). Writing produces a folder ``PeftModel.from_pretrained`` loads as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule
+from loramix.errors import AdapterFormatError
+from loramix.io import atomic_output, check_finite, read_tensors
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+LORA_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+PARAM_NAMES = ("weight", "bias")
+GPT2_CONV1D = re.compile(r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$")
+
+
+def is_peft_folder(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
+    """Read a PEFT adapter folder into a `LoraAdapter` (tensors keep their stored dtype)."""
+    folder = Path(path)
+    config = _read_config(folder)
+    weights = _weights_file(folder)
+    tensors = read_tensors(weights)
+    if not allow_nonfinite:
+        check_finite(weights, tensors)
+    notes: list[str] = []
+    parts, extra = _split_keys(tensors, notes)
+    if not parts:
+        raise AdapterFormatError(f"{weights}: holds no LoRA tensors (no lora_A / lora_B keys)")
+    modules = _build_modules(weights, parts, config, notes)
+    _check_targets(config, modules, notes)
+    if config.get("bias", "none") != "none" and not any(e.kind == "base_layer" for e in extra.values()):
+        notes.append(
+            f"config says bias={config['bias']!r} but no bias tensors were saved: trained biases are absent"
+        )
+    if all(not m.B.any() for m in modules.values()):
+        notes.append("every lora_B is zero: this adapter changes nothing")
+    return LoraAdapter(
+        modules=modules,
+        base_model=config.get("base_model_name_or_path") or None,
+        extra=extra,
+        task_type=config.get("task_type"),
+        use_rslora=bool(config.get("use_rslora", False)),
+        source=str(path),
+        name=folder.resolve().name,
+        warnings=notes,
+        file_bytes=sum(f.stat().st_size for f in (folder / CONFIG_FILE, weights)),
+    )
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterFormatError(f"{folder}: no {CONFIG_FILE} (not a PEFT adapter folder)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterFormatError(f"{path}: peft_type {peft_type!r} is not supported (only LORA)")
+    for key in ("r", "lora_alpha"):
+        if key in config and not isinstance(config[key], (int, float)):
+            raise AdapterFormatError(f"{path}: {key} must be a number, got {config[key]!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise AdapterFormatError(f"{path}: {key} must be a mapping, got {config[key]!r}")
+    return config
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise AdapterFormatError(f"{folder}: no {' or '.join(WEIGHT_FILES)}")
+
+
+def _strip_prefix(key: str) -> tuple[str, int]:
+    count = 0
+    while key.startswith(PREFIX):
+        key, count = key[len(PREFIX) :], count + 1
+    return key, count
+
+
+def _split_keys(
+    tensors: dict[str, torch.Tensor], notes: list[str]
+) -> tuple[dict[str, dict[tuple[str, str], torch.Tensor]], dict[str, ExtraTensor]]:
+    """Sort keys into LoRA parts per module ({(kind, param): tensor}) and full extra tensors."""
+    parts: dict[str, dict[tuple[str, str], torch.Tensor]] = defaultdict(dict)
+    extra: dict[str, ExtraTensor] = {}
+    prefix_counts: Counter[int] = Counter()
+    dropped: list[str] = []
+    for key, tensor in tensors.items():
+        name, count = _strip_prefix(key)
+        prefix_counts[count] += 1
+        tokens = name.split(".")
+        kind_at = next((i for i, t in enumerate(tokens) if t in LORA_KINDS), None)
+        if kind_at is not None and kind_at > 0:
+            rest = tokens[kind_at + 1 :]
+            param = rest[-1] if rest and rest[-1] in PARAM_NAMES else "weight"
+            parts[".".join(tokens[:kind_at])][(tokens[kind_at], param)] = tensor
+        elif "original_module" in tokens:
+            dropped.append(key)
+        elif "modules_to_save" in tokens:
+            at = tokens.index("modules_to_save")
+            extra[".".join(tokens[:at] + tokens[at + 2 :])] = ExtraTensor(tensor, "modules_to_save")
+        elif "base_layer" in tokens:
+            extra[".".join(t for t in tokens if t != "base_layer")] = ExtraTensor(tensor, "base_layer")
+        else:
+            extra[name] = ExtraTensor(tensor, "modules_to_save")
+    repeated = {c: n for c, n in prefix_counts.items() if c > 1}
+    if repeated:
+        times = ", ".join(f"{n} keys {c} times" for c, n in sorted(repeated.items()))
+        notes.append(f"key prefix '{PREFIX}' repeated ({times}); normalised")
+    if dropped:
+        notes.append(
+            f"dropped {len(dropped)} original_module tensor(s) (copies of the base model): {dropped[0]}, ..."
+        )
+    return parts, extra
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """PEFT's rule for rank_pattern/alpha_pattern: the first key matching the module name's tail."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    key = pattern_key(patterns, module)
+    return default if key is None else patterns[key]
+
+
+def _build_modules(weights: Path, parts: dict, config: dict, notes: list[str]) -> dict[str, LoraModule]:
+    r_default = config.get("r", 8)
+    alpha_default = config.get("lora_alpha", 8)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    disagreements: dict[tuple[int, int], list[str]] = defaultdict(list)
+    modules = {}
+    for name in sorted(parts):
+        module = _module_from_parts(weights, name, parts[name], fan_in_fan_out)
+        r_config = _pattern_value(rank_pattern, name, r_default)
+        if r_config != module.rank:
+            disagreements[(r_config, module.rank)].append(name)
+        alpha = _pattern_value(alpha_pattern, name, alpha_default)
+        module.scale = float(alpha) / (math.sqrt(module.rank) if rslora else module.rank)
+        modules[name] = module
+    for (r_config, r_tensor), names in sorted(disagreements.items()):
+        notes.append(
+            f"config says r={r_config} but the tensors have rank {r_tensor} for {len(names)} module(s) "
+            f"({_sample(names)}): using rank {r_tensor}"
+        )
+    if not fan_in_fan_out and any(GPT2_CONV1D.search(n) for n in modules):
+        notes.append(
+            "fan_in_fan_out=false but the modules look like GPT-2 Conv1D layers: the base architecture decides how "
+            "ΔW lies on the weight when a base is given (as PEFT does)"
+        )
+    return modules
+
+
+def _sample(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def _module_from_parts(weights: Path, name: str, found: dict, fan_in_fan_out: bool) -> LoraModule:
+    def get(kind: str, param: str = "weight") -> torch.Tensor | None:
+        return found.get((kind, param))
+
+    embedding = get("lora_embedding_A") is not None or get("lora_embedding_B") is not None
+    a_kind, b_kind = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    A, B = get(a_kind), get(b_kind)
+    if A is None or B is None:
+        missing = a_kind if A is None else b_kind
+        raise AdapterFormatError(f"{weights}: module {name} has no {missing} tensor")
+    kernel: tuple[int, ...] = ()
+    if A.dim() == 4 and B.dim() == 4:
+        if tuple(B.shape[2:]) != (1, 1):
+            raise AdapterFormatError(
+                f"{weights}: module {name}: conv lora_B kernel {tuple(B.shape[2:])} is not 1×1"
+            )
+        kernel = tuple(A.shape[2:])
+        A, B = A.flatten(1), B.flatten(1)
+        layout = "conv2d"
+    elif A.dim() == 2 and B.dim() == 2:
+        layout = "embedding" if embedding else ("conv1d_fan_in_fan_out" if fan_in_fan_out else "linear")
+    else:
+        raise AdapterFormatError(
+            f"{weights}: module {name}: unsupported LoRA shapes A{tuple(A.shape)} B{tuple(B.shape)}"
+        )
+    if B.shape[1] != A.shape[0] or A.shape[0] == 0:
+        raise AdapterFormatError(
+            f"{weights}: module {name}: {a_kind} {tuple(A.shape)} and {b_kind} {tuple(B.shape)} disagree on the rank"
+        )
+    bias, magnitude = get("lora_B", "bias"), get("lora_magnitude_vector")
+    for label, vector in (("lora_B.bias", bias), ("lora_magnitude_vector", magnitude)):
+        if vector is not None and vector.numel() != B.shape[0]:
+            raise AdapterFormatError(
+                f"{weights}: module {name}: {label} has {vector.numel()} values, expected {B.shape[0]}"
+            )
+    if not (A.is_floating_point() and B.is_floating_point()):
+        raise AdapterFormatError(f"{weights}: module {name}: LoRA factors are not floating point ({A.dtype})")
+    return LoraModule(
+        A=A.contiguous(),
+        B=B.contiguous(),
+        scale=1.0,
+        layout=layout,
+        kernel_size=kernel,
+        bias=bias,
+        magnitude=None if magnitude is None else magnitude.reshape(-1),
+    )
+
+
+def targets_module(target_modules, name: str) -> bool:
+    """PEFT's target_modules rule: a regex string must match the whole name; a list entry matches a suffix."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _check_targets(config: dict, modules: dict[str, LoraModule], notes: list[str]) -> None:
+    targets = config.get("target_modules")
+    if not targets or targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error:
+            notes.append(f"target_modules {targets!r} is not a valid regex; ignored")
+            return
+    untargeted = [n for n in modules if not targets_module(targets, n)]
+    if untargeted:
+        notes.append(
+            f"the tensors hold LoRA factors for {len(untargeted)} module(s) that target_modules {targets!r} "
+            f"does not name ({_sample(untargeted)}): kept"
+        )
+    if isinstance(targets, list):
+        idle = [t for t in targets if not any(targets_module([t], n) for n in modules)]
+        if idle:
+            notes.append(f"target_modules names {idle} but the file has no LoRA factors for them")
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """PEFT's saved key layout for ``adapter`` (tensors cast to ``dtype`` when given)."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return (t if dtype is None else t.to(dtype)).contiguous()
+
+    out: dict[str, torch.Tensor] = {}
+    for name, m in adapter.modules.items():
+        key = PREFIX + name
+        if m.layout == "embedding":
+            out[f"{key}.lora_embedding_A"] = cast(m.A)
+            out[f"{key}.lora_embedding_B"] = cast(m.B)
+        elif m.layout == "conv2d":
+            out[f"{key}.lora_A.weight"] = cast(m.A.reshape(m.rank, -1, *m.kernel_size))
+            out[f"{key}.lora_B.weight"] = cast(m.B.reshape(m.out_features, m.rank, 1, 1))
+        else:
+            out[f"{key}.lora_A.weight"] = cast(m.A)
+            out[f"{key}.lora_B.weight"] = cast(m.B)
+        if m.bias is not None:
+            out[f"{key}.lora_B.bias"] = cast(m.bias)
+        if m.magnitude is not None:
+            out[f"{key}.lora_magnitude_vector"] = cast(m.magnitude)
+    for name, item in adapter.extra.items():
+        if item.kind == "base_layer":
+            module, _, param = name.rpartition(".")
+            out[f"{PREFIX}{module}.base_layer.{param}"] = cast(item.tensor)
+        else:
+            out[PREFIX + name] = cast(item.tensor)
+    return out
+
+
+def _number(value: float) -> int | float:
+    return int(round(value)) if math.isclose(value, round(value), rel_tol=0, abs_tol=1e-9) else value
+
+
+def config_dict(adapter: LoraAdapter) -> dict:
+    """An adapter_config.json that makes PEFT rebuild exactly ``adapter``'s ranks and scales."""
+    ranks = {n: m.rank for n, m in adapter.modules.items()}
+    alphas = {
+        n: _number(m.scale * (math.sqrt(m.rank) if adapter.use_rslora else m.rank))
+        for n, m in adapter.modules.items()
+    }
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    heads = sorted({n.rpartition(".")[0] for n, e in adapter.extra.items() if e.kind == "modules_to_save"})
+    return {
+        "peft_type": "LORA",
+        "base_model_name_or_path": adapter.base_model,
+        "task_type": adapter.task_type,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "target_modules": sorted(adapter.modules),
+        "use_rslora": adapter.use_rslora,
+        "use_dora": adapter.has_dora,
+        "lora_bias": adapter.has_lora_bias,
+        "fan_in_fan_out": any(m.layout == "conv1d_fan_in_fan_out" for m in adapter.modules.values()),
+        "modules_to_save": heads or None,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "revision": None,
+    }
+
+
+def write(
+    adapter: LoraAdapter, folder: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
+    """Write ``adapter`` as a PEFT folder, atomically; refuses to replace any of its own inputs."""
+    tensors = state_dict(adapter, dtype)
+    config = config_dict(adapter)
+    protect = [adapter.source, *adapter.provenance.get("sources", [])]
+    with atomic_output(folder, overwrite=overwrite, protect=[p for p in protect if Path(p).exists()]) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(folder)

@@ -1,0 +1,78 @@
+"""File plumbing shared by every reader and writer: safe tensor loading and atomic output folders."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from loramix.errors import AdapterFormatError, OutputError
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a .safetensors file, or a legacy pickle only through ``torch.load(weights_only=True)``."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, KeyError, TypeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AdapterFormatError(f"{path}: not a readable tensor file ({detail})") from None
+    except Exception as exc:  # the unpickler raises anything at all on a crafted or damaged file
+        raise AdapterFormatError(f"{path}: not a readable tensor file ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterFormatError(f"{path}: expected a flat mapping of names to tensors")
+    return state
+
+
+def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN/Inf, naming the file and the first offending tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterFormatError(
+                f"{path}: tensor {name} has {bad} NaN/Inf value(s) of {tensor.numel()} "
+                "(pass allow_nonfinite / --allow-nonfinite to load it anyway)"
+            )
+
+
+def _would_replace(target: Path, item: Path) -> bool:
+    return target == item or target in item.parents
+
+
+@contextlib.contextmanager
+def atomic_output(
+    target: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = ()
+) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; rename it into place only if the block succeeds.
+
+    Refuses a target that overlaps any ``protect`` path (the inputs) and an existing non-empty target unless
+    ``overwrite``. On failure the temporary folder is removed and ``target`` is untouched.
+    """
+    target = Path(target).resolve()
+    for item in protect:
+        if _would_replace(target, Path(item).resolve()):
+            raise OutputError(f"{target}: output would replace the input {item}")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise OutputError(
+            f"{target}: folder exists and is not empty (use --force / overwrite=True to replace it)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

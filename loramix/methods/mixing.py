@@ -1,0 +1,32 @@
+"""Factor mixing: A and B combined separately (PEFT's `linear`, LoRAHub's composition).
+
+B = Σ √|cᵢ|·Bᵢ and A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ, so B·A = Σ cᵢ·Bᵢ·Aᵢ + Σ_{i≠j} √|cᵢcⱼ|·sign(cⱼ)·Bᵢ·Aⱼ: the cross terms
+make it inexact whenever more than one adapter touches a module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from loramix.errors import IncompatibleAdaptersError
+from loramix.linalg import RankRule
+
+
+def mixing_coefficients(coefs: list[float]) -> tuple[list[float], list[float]]:
+    """Per-term multipliers (for B, for A) of LoRAHub/PEFT mixing."""
+    roots = [math.sqrt(abs(c)) for c in coefs]
+    return roots, [r if c >= 0 else -r for r, c in zip(roots, coefs)]
+
+
+def linear(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+    ranks = {t.A.shape[0] for t in terms}
+    if len(ranks) > 1:
+        raise IncompatibleAdaptersError(
+            f"method linear needs equal ranks, got {sorted(ranks)}; use cat or svd"
+        )
+    b_mult, a_mult = mixing_coefficients([t.coef for t in terms])
+    B = sum(m * t.B.float() for m, t in zip(b_mult, terms))
+    A = sum(m * t.A.float() for m, t in zip(a_mult, terms))
+    return B, A
