@@ -56,9 +56,7 @@ class LoraModule:
             return (out, inp // kernel, *self.kernel_size)
         return (out, inp)
 
-    def delta(
-        self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-    ) -> torch.Tensor:
+    def delta(self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
         """ΔW in the base weight's own layout (the only place a dense out×in matrix is formed)."""
         product = self.B.to(device=device, dtype=dtype) @ self.A.to(device=device, dtype=dtype)
         product = product * self.scale
@@ -125,9 +123,7 @@ class LoraAdapter:
         return any(m.bias is not None for m in self.modules.values())
 
     def num_params(self) -> int:
-        return sum(m.num_params() for m in self.modules.values()) + sum(
-            e.tensor.numel() for e in self.extra.values()
-        )
+        return sum(m.num_params() for m in self.modules.values()) + sum(e.tensor.numel() for e in self.extra.values())
 
     def with_modules(self, modules: dict[str, LoraModule], **changes) -> LoraAdapter:
         return replace(self, modules=modules, **changes)

@@ -46,9 +46,7 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per adapter.")
-@click.option(
-    "--allow-nonfinite", is_flag=True, help="Load adapters holding NaN/Inf instead of refusing them."
-)
+@click.option("--allow-nonfinite", is_flag=True, help="Load adapters holding NaN/Inf instead of refusing them.")
 @_errors_as_one_line
 def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool) -> None:
     """Describe ADAPTERS (folders or Hub ids): base, dtype, modules, ranks, scale, extras, warnings."""
@@ -56,8 +54,7 @@ def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool) -> 
     from loramix.report import adapter_summary, inspect_json, inspect_text
 
     summaries = [
-        adapter_summary(load_adapter(a, allow_nonfinite=allow_nonfinite, log_warnings=False))
-        for a in adapters
+        adapter_summary(load_adapter(a, allow_nonfinite=allow_nonfinite, log_warnings=False)) for a in adapters
     ]
     click.echo(inspect_json(summaries) if as_json else inspect_text(summaries))
 
@@ -90,9 +87,7 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
     "-w", "--weights", callback=_weights, help="Comma-separated weights, one per adapter [default: 1/n each]."
 )
 @click.option("-m", "--method", default=None, help="Merge method (see `loramix methods`) [default: svd].")
-@click.option(
-    "--rank", type=click.IntRange(min=1), help="Keep at most this rank per module (re-factorising methods)."
-)
+@click.option("--rank", type=click.IntRange(min=1), help="Keep at most this rank per module (re-factorising methods).")
 @click.option(
     "--energy",
     type=click.FloatRange(0, 1, min_open=True),
@@ -100,19 +95,11 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 )
 @click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule.")
 @click.option("--rule-value", type=float, help="The value for --rule.")
-@click.option(
-    "--option", "options", multiple=True, callback=_options, metavar="KEY=VALUE", help="A method option."
-)
+@click.option("--option", "options", multiple=True, callback=_options, metavar="KEY=VALUE", help="A method option.")
 @click.option("--device", default=None, help="cpu, cuda or auto [default: cpu].")
-@click.option(
-    "--dtype", default=None, help="Output dtype: float32, float16, bfloat16 [default: the inputs']."
-)
-@click.option(
-    "--heads", type=click.Choice(["refuse", "average"]), default=None, help="Heads several adapters carry."
-)
-@click.option(
-    "--allow-different-bases", is_flag=True, default=None, help="Combine adapters made for different bases."
-)
+@click.option("--dtype", default=None, help="Output dtype: float32, float16, bfloat16 [default: the inputs'].")
+@click.option("--heads", type=click.Choice(["refuse", "average"]), default=None, help="Heads several adapters carry.")
+@click.option("--allow-different-bases", is_flag=True, default=None, help="Combine adapters made for different bases.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf in the inputs.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (a PEFT adapter).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
@@ -153,7 +140,5 @@ def methods() -> None:
 
     width = max(len(n) for n in REGISTRY)
     for m in REGISTRY.values():
-        tags = ", ".join(
-            t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks), ("dense", m.dense)) if on
-        )
+        tags = ", ".join(t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks), ("dense", m.dense)) if on)
         click.echo(f"{m.name:<{width}}  {m.description}" + (f" [{tags}]" if tags else ""))

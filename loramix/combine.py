@@ -55,9 +55,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MethodError(
-            f"device {device!r} asked for but no CUDA GPU is available (use --device cpu or auto)"
-        )
+        raise MethodError(f"device {device!r} asked for but no CUDA GPU is available (use --device cpu or auto)")
     try:
         return torch.device(device)
     except RuntimeError:
@@ -69,9 +67,7 @@ def check_compatible(adapters: list[LoraAdapter], *, allow_different_bases: bool
     known = [(a, canonical_base(a.base_model)) for a in adapters if a.base_model]
     for a in adapters:
         if not a.base_model:
-            log.warning(
-                "%s: base model unknown; only module shapes can be checked against the others", a.name
-            )
+            log.warning("%s: base model unknown; only module shapes can be checked against the others", a.name)
     if not allow_different_bases and len({base for _, base in known}) > 1:
         listing = ", ".join(f"{a.name}: {a.base_model}" for a, _ in known)
         raise IncompatibleAdaptersError(
@@ -112,14 +108,10 @@ def _combine_extras(adapters: list[LoraAdapter], weights: list[float], heads: st
             )
         shapes = {tuple(item.tensor.shape) for _, item, _ in found}
         if len(shapes) > 1:
-            raise IncompatibleAdaptersError(
-                f"extra tensor {name} has different shapes in {names}: {sorted(shapes)}"
-            )
+            raise IncompatibleAdaptersError(f"extra tensor {name} has different shapes in {names}: {sorted(shapes)}")
         total = sum(w for w, _, _ in found)
         if total == 0:
-            raise IncompatibleAdaptersError(
-                f"extra tensor {name}: the weights of {names} sum to 0, no average exists"
-            )
+            raise IncompatibleAdaptersError(f"extra tensor {name}: the weights of {names} sum to 0, no average exists")
         mean = sum(w * item.tensor.float() for w, item, _ in found) / total
         out[name] = ExtraTensor(mean.to(found[0][1].tensor.dtype), found[0][1].kind)
     return out
@@ -161,9 +153,7 @@ def combine(
     chosen = get_method(method)
     truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
     if truncation != RankRule() and not chosen.truncates:
-        raise MethodError(
-            f"method {method} does not truncate; rank/energy/rule apply to re-factorising methods"
-        )
+        raise MethodError(f"method {method} does not truncate; rank/energy/rule apply to re-factorising methods")
     unknown = sorted(set(options) - set(chosen.options))
     if unknown:
         allowed = ", ".join(chosen.options) or "none"

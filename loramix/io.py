@@ -48,9 +48,7 @@ def _would_replace(target: Path, item: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_output(
-    target: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = ()
-) -> Iterator[Path]:
+def atomic_output(target: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; rename it into place only if the block succeeds.
 
     Refuses a target that overlaps any ``protect`` path (the inputs) and an existing non-empty target unless
@@ -63,9 +61,7 @@ def atomic_output(
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder")
     if target.exists() and any(target.iterdir()) and not overwrite:
-        raise OutputError(
-            f"{target}: folder exists and is not empty (use --force / overwrite=True to replace it)"
-        )
+        raise OutputError(f"{target}: folder exists and is not empty (use --force / overwrite=True to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

@@ -110,9 +110,7 @@ def load_recipe(path: str | Path) -> Plan:
         raise RecipeError(f"{path}: a recipe is a mapping with at least 'adapters'")
     unknown = sorted(set(data) - set(_TYPES) - {"adapters"})
     if unknown:
-        raise RecipeError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; known: adapters, {', '.join(_TYPES)}"
-        )
+        raise RecipeError(f"{path}: unknown key(s) {', '.join(unknown)}; known: adapters, {', '.join(_TYPES)}")
     for key, kind in _TYPES.items():
         if data.get(key) is not None and not isinstance(data[key], kind):
             raise RecipeError(f"{path}: {key} has the wrong type ({data[key]!r})")

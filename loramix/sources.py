@@ -12,9 +12,7 @@ from pathlib import Path
 
 from loramix.errors import SourceError
 
-_HUB_ID = re.compile(
-    r"^(?P<repo>[\w.\-]+/[\w.\-]+)(?:@(?P<revision>[^:\s]+))?(?::(?P<subfolder>[\w.\-/]+))?$"
-)
+_HUB_ID = re.compile(r"^(?P<repo>[\w.\-]+/[\w.\-]+)(?:@(?P<revision>[^:\s]+))?(?::(?P<subfolder>[\w.\-/]+))?$")
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -41,9 +39,7 @@ def resolve(src: str | Path, *, files: tuple[str, ...] = ADAPTER_FILES) -> Path:
         return path
     ref = parse_hub_id(str(src))
     if ref is None:
-        raise SourceError(
-            f"{src}: no such file or folder, and not a Hub id (org/name[@revision][:subfolder])"
-        )
+        raise SourceError(f"{src}: no such file or folder, and not a Hub id (org/name[@revision][:subfolder])")
     return _download(ref, files)
 
 
@@ -52,19 +48,11 @@ def _download(ref: HubRef, files: tuple[str, ...]) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     prefix = f"{ref.subfolder.strip('/')}/" if ref.subfolder else ""
-    label = (
-        ref.repo_id
-        + (f"@{ref.revision}" if ref.revision else "")
-        + (f":{ref.subfolder}" if ref.subfolder else "")
-    )
+    label = ref.repo_id + (f"@{ref.revision}" if ref.revision else "") + (f":{ref.subfolder}" if ref.subfolder else "")
     try:
-        root = snapshot_download(
-            ref.repo_id, revision=ref.revision, allow_patterns=[prefix + f for f in files]
-        )
+        root = snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=[prefix + f for f in files])
     except RepositoryNotFoundError:
-        raise SourceError(
-            f"{label}: no such repository on the Hub (or it is private: set HF_TOKEN)"
-        ) from None
+        raise SourceError(f"{label}: no such repository on the Hub (or it is private: set HF_TOKEN)") from None
     except LocalEntryNotFoundError:
         raise SourceError(
             f"{label}: not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE?)"

@@ -50,9 +50,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     modules = _build_modules(weights, parts, config, notes)
     _check_targets(config, modules, notes)
     if config.get("bias", "none") != "none" and not any(e.kind == "base_layer" for e in extra.values()):
-        notes.append(
-            f"config says bias={config['bias']!r} but no bias tensors were saved: trained biases are absent"
-        )
+        notes.append(f"config says bias={config['bias']!r} but no bias tensors were saved: trained biases are absent")
     if all(not m.B.any() for m in modules.values()):
         notes.append("every lora_B is zero: this adapter changes nothing")
     return LoraAdapter(
@@ -135,9 +133,7 @@ def _split_keys(
         times = ", ".join(f"{n} keys {c} times" for c, n in sorted(repeated.items()))
         notes.append(f"key prefix '{PREFIX}' repeated ({times}); normalised")
     if dropped:
-        notes.append(
-            f"dropped {len(dropped)} original_module tensor(s) (copies of the base model): {dropped[0]}, ..."
-        )
+        notes.append(f"dropped {len(dropped)} original_module tensor(s) (copies of the base model): {dropped[0]}, ...")
     return parts, extra
 
 
@@ -201,9 +197,7 @@ def _module_from_parts(weights: Path, name: str, found: dict, fan_in_fan_out: bo
     kernel: tuple[int, ...] = ()
     if A.dim() == 4 and B.dim() == 4:
         if tuple(B.shape[2:]) != (1, 1):
-            raise AdapterFormatError(
-                f"{weights}: module {name}: conv lora_B kernel {tuple(B.shape[2:])} is not 1×1"
-            )
+            raise AdapterFormatError(f"{weights}: module {name}: conv lora_B kernel {tuple(B.shape[2:])} is not 1×1")
         kernel = tuple(A.shape[2:])
         A, B = A.flatten(1), B.flatten(1)
         layout = "conv2d"
@@ -300,15 +294,14 @@ def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[s
 
 
 def _number(value: float) -> int | float:
-    return int(round(value)) if math.isclose(value, round(value), rel_tol=0, abs_tol=1e-9) else value
+    return round(value) if math.isclose(value, round(value), rel_tol=0, abs_tol=1e-9) else value
 
 
 def config_dict(adapter: LoraAdapter) -> dict:
     """An adapter_config.json that makes PEFT rebuild exactly ``adapter``'s ranks and scales."""
     ranks = {n: m.rank for n, m in adapter.modules.items()}
     alphas = {
-        n: _number(m.scale * (math.sqrt(m.rank) if adapter.use_rslora else m.rank))
-        for n, m in adapter.modules.items()
+        n: _number(m.scale * (math.sqrt(m.rank) if adapter.use_rslora else m.rank)) for n, m in adapter.modules.items()
     }
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]

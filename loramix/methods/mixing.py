@@ -23,9 +23,7 @@ def mixing_coefficients(coefs: list[float]) -> tuple[list[float], list[float]]:
 def linear(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
     ranks = {t.A.shape[0] for t in terms}
     if len(ranks) > 1:
-        raise IncompatibleAdaptersError(
-            f"method linear needs equal ranks, got {sorted(ranks)}; use cat or svd"
-        )
+        raise IncompatibleAdaptersError(f"method linear needs equal ranks, got {sorted(ranks)}; use cat or svd")
     b_mult, a_mult = mixing_coefficients([t.coef for t in terms])
     B = sum(m * t.B.float() for m, t in zip(b_mult, terms))
     A = sum(m * t.A.float() for m, t in zip(a_mult, terms))
