@@ -96,6 +96,10 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule.")
 @click.option("--rule-value", type=float, help="The value for --rule.")
 @click.option("--option", "options", multiple=True, callback=_options, metavar="KEY=VALUE", help="A method option.")
+@click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Share of entries kept (ties, dare…).")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), help="TIES sign election [default: total].")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed for random methods (dare_*) [default: 0].")
+@click.option("--space", type=click.Choice(["dense", "core"]), help="Where ties/dare_*/magnitude_prune work.")
 @click.option("--device", default=None, help="cpu, cuda or auto [default: cpu].")
 @click.option("--dtype", default=None, help="Output dtype: float32, float16, bfloat16 [default: the inputs'].")
 @click.option("--heads", type=click.Choice(["refuse", "average"]), default=None, help="Heads several adapters carry.")
@@ -109,6 +113,10 @@ def combine(ctx: click.Context, adapters, recipe, output, force, **flags) -> Non
     """Combine ADAPTERS (folders or Hub ids) into one PEFT adapter written to OUTPUT."""
     from loramix.recipe import Plan, load_recipe
 
+    for key in ("density", "majority_sign", "seed", "space"):  # dedicated flags for method options
+        if flags[key] is not None:
+            flags["options"] = {**flags["options"], key: flags[key]}
+        del flags[key]
     given = {k: v for k, v in flags.items() if v not in (None, {})}
     if recipe:
         if adapters or given:
@@ -142,3 +150,6 @@ def methods() -> None:
     for m in REGISTRY.values():
         tags = ", ".join(t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks), ("dense", m.dense)) if on)
         click.echo(f"{m.name:<{width}}  {m.description}" + (f" [{tags}]" if tags else ""))
+        details = "; ".join(p for p in (m.paper, "options: " + ", ".join(m.options) if m.options else "") if p)
+        if details:
+            click.echo(f"{'':<{width}}    {details}")

@@ -173,7 +173,7 @@ def combine(
     modules = {}
     for name in tqdm(names, desc=f"combine ({method})", unit="module", disable=not progress):
         present = [(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
-        terms = [Term(w * m.scale, m.B.to(target), m.A.to(target)) for w, m in present]
+        terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
         B, A = chosen.fn(terms, rule=truncation, **options)
         first = present[0][1]
         bias = _combined_bias(present)

@@ -121,3 +121,24 @@ def effective_rank(S: torch.Tensor) -> float:
 def stable_rank(S: torch.Tensor) -> float:
     """Σσ² / σ₁²."""
     return float(S.square().sum() / S[0].square()) if S.numel() and S[0] > 0 else 0.0
+
+
+def truncated_factors(B: torch.Tensor, A: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors of B·A re-factorised in factor space and truncated to ``rule.choose`` of its spectrum."""
+    decomposition = factor_svd(B, A)
+    return decomposition.factors(rule.choose(decomposition.S, (B.shape[0], A.shape[1])))
+
+
+def dense_factors(
+    delta: torch.Tensor, rule: RankRule, *, cap: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors (B, A) of a dense out×in ΔW by its full SVD, truncated to ``rule.choose`` of its spectrum.
+
+    ``cap`` bounds the rank when the rule sets none (a dense merge of sparsified matrices is full-rank, and an
+    adapter of rank min(out, in) is rarely what anyone wants). Computes in ΔW's dtype.
+    """
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    k = rule.choose(S, (delta.shape[0], delta.shape[1]))
+    if cap is not None and rule.rank is None:
+        k = min(k, max(cap, 1))
+    return FactorSVD(U, S, Vh).factors(k)

@@ -1,0 +1,147 @@
+"""Subspace merges in factor form: TSV, Iso-C, Iso-CTS and KnOTS. None forms an out×in matrix.
+
+Each term is cᵢ·Bᵢ·Aᵢ (cᵢ = wᵢ·sᵢ); SVDs of sums and of single terms come from `factor_svd` (QR both factors, SVD
+of the small core). Results are re-factorised and truncated by the rank rule.
+
+- tsv (Gargiulo et al. 2025, arXiv:2412.00081, TSV-Merge): keep each task's top ⌊min(out, in)/T⌋ singular triplets
+  (all of a LoRA's r when r is smaller), stack the U's and V's, replace each stack by its nearest orthonormal matrix
+  (UᵀU = I via the polar factor P·Qᵀ of its SVD), and keep the σ's: ΔW = U⊥·diag(σ)·V⊥ᵀ.
+- iso_c (Marczak et al. 2025, arXiv:2502.04959): the SVD of Σ cᵢ·τᵢ with its spectrum replaced by the mean
+  singular value, within the numerical rank of the sum (or the rank the rule keeps) only.
+- iso_cts (same paper): the top k = common_fraction of that rank from the sum, the rest split evenly among tasks as
+  each task's top directions outside the common left subspace; both stacks orthonormalised as in TSV and the
+  spectrum flattened to the mean of the kept σ's.
+- knots (Stoica et al. 2025, arXiv:2410.19735): SVD of the concatenation [τ₁ … τ_T] = U·Σ·[V₁ᵀ … V_Tᵀ]; the
+  task-specific ΣVᵢᵀ are merged element-wise (TIES by default, as the paper's KnOTS-TIES) and ΔW = U·merged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loramix.errors import MethodError
+from loramix.linalg import RankRule, factor_svd, numerical_rank, truncated_factors
+from loramix.methods.exact import stacked
+from loramix.methods.interference import (
+    check_choice,
+    check_density,
+    check_seed,
+    merge_elementwise,
+    module_generator,
+    split_weights,
+)
+
+KNOTS_MERGES = ("ties", "dare_ties", "linear")
+
+
+def _shape(terms) -> tuple[int, int]:
+    return terms[0].B.shape[0], terms[0].A.shape[1]
+
+
+def nearest_orthonormal(X: torch.Tensor) -> torch.Tensor:
+    """The orthonormal-column matrix nearest to X (n×k, k ≤ n) in Frobenius norm: P·Qᵀ from X = P·Σ·Qᵀ."""
+    P, _, Qh = torch.linalg.svd(X, full_matrices=False)
+    return P @ Qh
+
+
+def _joined(triplets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Stack (U, S, Vh) triplets side by side; None when nothing is left (all-zero input)."""
+    U, S = torch.cat([u for u, _, _ in triplets], dim=1), torch.cat([s for _, s, _ in triplets])
+    Vh = torch.cat([v for _, _, v in triplets], dim=0)
+    return (U, S, Vh) if S.numel() else None
+
+
+def _top(d, k: int):
+    return d.U[:, :k], d.S[:k], d.Vh[:k]
+
+
+def _zero(shape, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return like.new_zeros(shape[0], 1), like.new_zeros(1, shape[1])
+
+
+def _flat(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors of U·(mean σ)·I·Vh."""
+    root = S.mean().sqrt() if S.numel() else S.new_zeros(())
+    return U * root, root * Vh
+
+
+def tsv(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = _shape(terms)
+    per_task = max(min(shape) // len(terms), 1)
+    triplets = []
+    for t in terms:
+        d = factor_svd(t.B * t.coef, t.A)
+        triplets.append(_top(d, min(per_task, numerical_rank(d.S, shape))))
+    joined = _joined(triplets)
+    if joined is None:
+        return _zero(shape, terms[0].B.double())
+    U, S, Vh = joined
+    return truncated_factors(nearest_orthonormal(U) * S, nearest_orthonormal(Vh.T).T, rule)
+
+
+def iso_c(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+    B, A = stacked(terms, torch.float64)
+    d = factor_svd(B, A)
+    k = rule.choose(d.S, _shape(terms))
+    return _flat(d.U[:, :k], d.S[:k], d.Vh[:k])
+
+
+def iso_cts(terms, *, rule: RankRule, common_fraction: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    if (
+        isinstance(common_fraction, bool)
+        or not isinstance(common_fraction, (int, float))
+        or not 0 <= common_fraction <= 1
+    ):
+        raise MethodError(f"common_fraction must be a number in [0, 1], got {common_fraction!r}")
+    shape = _shape(terms)
+    B, A = stacked(terms, torch.float64)
+    d = factor_svd(B, A)
+    budget = rule.choose(d.S, shape)
+    T = len(terms)
+    # the paper's split: common k, then the rest rounded to a multiple of T so each task gets the same share
+    common = int(budget * common_fraction)
+    specific = min(round((budget - common) / T) * T, budget)
+    common, per_task = budget - specific, specific // T
+    triplets = [_top(d, common)]
+    Uc = triplets[0][0]
+    tol = d.S[0] * max(shape) * torch.finfo(d.S.dtype).eps if d.S.numel() else 0.0
+    for t in terms:
+        Bt = t.B.to(torch.float64) * t.coef
+        dt = factor_svd(Bt - Uc @ (Uc.T @ Bt), t.A)
+        triplets.append(_top(dt, min(per_task, int((dt.S > tol).sum()))))  # never a direction the task lacks
+    joined = _joined(triplets)
+    if joined is None:
+        return _zero(shape, B)
+    U, S, Vh = joined
+    return _flat(nearest_orthonormal(U), S, nearest_orthonormal(Vh.T).T)
+
+
+def knots(
+    terms,
+    *,
+    rule: RankRule,
+    merge: str = "ties",
+    density: float = 0.2,
+    majority_sign: str = "total",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_choice("merge", merge, KNOTS_MERGES)
+    density = check_density(density)
+    check_choice("majority_sign", majority_sign, ("total", "frequency"))
+    generator = module_generator(check_seed(seed), terms) if merge == "dare_ties" else None
+    scales, weights = split_weights(terms)
+    dtype = torch.float64
+    out = terms[0].B.shape[0]
+    # [τ₁ … τ_T] = [s₁B₁ … s_TB_T]·blockdiag(A₁ … A_T); QR both sides, SVD the small core
+    q_b, r_b = torch.linalg.qr(torch.cat([t.B.to(dtype) * s for s, t in zip(scales, terms)], dim=1))
+    q_as, r_as = zip(*(torch.linalg.qr(t.A.to(dtype).T) for t in terms))
+    u, S, vh = torch.linalg.svd(r_b @ torch.block_diag(*r_as).T, full_matrices=False)
+    k = numerical_rank(S, (out, sum(t.A.shape[1] for t in terms)))
+    if k == 0:
+        return _zero((out, terms[0].A.shape[1]), q_b)
+    blocks = torch.split(vh[:k], [r.shape[0] for r in r_as], dim=1)
+    reps = [S[:k, None] * (block @ q_a.T) for block, q_a in zip(blocks, q_as)]  # Σ·Vᵢᵀ, k×in each
+    merged = merge_elementwise(
+        reps, weights, kind=merge, density=density, majority_sign=majority_sign, generator=generator
+    )
+    return truncated_factors(q_b @ u[:, :k], merged, rule)
