@@ -77,8 +77,9 @@ class LoraModule:
 class ExtraTensor:
     """A full tensor that replaces the base model's tensor of the same name.
 
-    ``kind`` is ``"modules_to_save"`` (a trained head or layer copy) or ``"base_layer"`` (PEFT's saved copy of a
-    targeted layer's base weight, written when embeddings are resized).
+    ``kind`` is ``"modules_to_save"`` (a trained head or layer copy), ``"base_layer"`` (PEFT's saved copy of a
+    targeted layer's base weight, written when embeddings are resized) or ``"bias"`` (a base bias trained in place
+    with PEFT's ``bias="all"``; not a head, so not listed in modules_to_save).
     """
 
     tensor: torch.Tensor

@@ -44,12 +44,12 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     if not allow_nonfinite:
         check_finite(weights, tensors)
     notes: list[str] = []
-    parts, extra = _split_keys(tensors, notes)
+    parts, extra = _split_keys(tensors, notes, config=config)
     if not parts:
         raise AdapterFormatError(f"{weights}: holds no LoRA tensors (no lora_A / lora_B keys)")
     modules = _build_modules(weights, parts, config, notes)
     _check_targets(config, modules, notes)
-    if config.get("bias", "none") != "none" and not any(e.kind == "base_layer" for e in extra.values()):
+    if config.get("bias", "none") != "none" and not any(n.endswith(".bias") for n in extra):
         notes.append(f"config says bias={config['bias']!r} but no bias tensors were saved: trained biases are absent")
     if all(not m.B.any() for m in modules.values()):
         notes.append("every lora_B is zero: this adapter changes nothing")
@@ -103,7 +103,7 @@ def _strip_prefix(key: str) -> tuple[str, int]:
 
 
 def _split_keys(
-    tensors: dict[str, torch.Tensor], notes: list[str]
+    tensors: dict[str, torch.Tensor], notes: list[str], *, config: dict | None = None
 ) -> tuple[dict[str, dict[tuple[str, str], torch.Tensor]], dict[str, ExtraTensor]]:
     """Sort keys into LoRA parts per module ({(kind, param): tensor}) and full extra tensors."""
     parts: dict[str, dict[tuple[str, str], torch.Tensor]] = defaultdict(dict)
@@ -127,7 +127,7 @@ def _split_keys(
         elif "base_layer" in tokens:
             extra[".".join(t for t in tokens if t != "base_layer")] = ExtraTensor(tensor, "base_layer")
         else:
-            extra[name] = ExtraTensor(tensor, "modules_to_save")
+            extra[name] = ExtraTensor(tensor, _plain_kind(name, config or {}))
     repeated = {c: n for c, n in prefix_counts.items() if c > 1}
     if repeated:
         times = ", ".join(f"{n} keys {c} times" for c, n in sorted(repeated.items()))
@@ -135,6 +135,15 @@ def _split_keys(
     if dropped:
         notes.append(f"dropped {len(dropped)} original_module tensor(s) (copies of the base model): {dropped[0]}, ...")
     return parts, extra
+
+
+def _plain_kind(name: str, config: dict) -> str:
+    """A tensor saved under its own name is a head (modules_to_save) or, with bias="all", a bias trained in place."""
+    module = name.rpartition(".")[0]
+    heads = config.get("modules_to_save") or []
+    if config.get("bias") == "all" and name.endswith(".bias") and not targets_module(heads, module):
+        return "bias"
+    return "modules_to_save"
 
 
 def pattern_key(patterns: dict, module: str) -> str | None:
@@ -320,7 +329,7 @@ def config_dict(adapter: LoraAdapter) -> dict:
         "lora_bias": adapter.has_lora_bias,
         "fan_in_fan_out": any(m.layout == "conv1d_fan_in_fan_out" for m in adapter.modules.values()),
         "modules_to_save": heads or None,
-        "bias": "none",
+        "bias": "all" if any(e.kind == "bias" for e in adapter.extra.values()) else "none",
         "lora_dropout": 0.0,
         "inference_mode": True,
         "init_lora_weights": True,
