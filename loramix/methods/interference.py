@@ -122,8 +122,13 @@ def joint_basis(X: torch.Tensor) -> torch.Tensor:
     """
     U, S, _ = torch.linalg.svd(X, full_matrices=False)
     U = U[:, : numerical_rank(S, tuple(X.shape))]
+    return U * column_signs(U)
+
+
+def column_signs(U: torch.Tensor) -> torch.Tensor:
+    """±1 per column making each column's entry of largest magnitude positive (a canonical SVD sign)."""
     signs = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()
-    return U * torch.where(signs == 0, 1.0, signs).to(U.dtype)
+    return torch.where(signs == 0, 1.0, signs).to(U.dtype)
 
 
 def merge_terms(

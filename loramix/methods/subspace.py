@@ -13,6 +13,7 @@ of the small core). Results are re-factorised and truncated by the rank rule.
   spectrum flattened to the mean of the kept σ's.
 - knots (Stoica et al. 2025, arXiv:2410.19735): SVD of the concatenation [τ₁ … τ_T] = U·Σ·[V₁ᵀ … V_Tᵀ]; the
   task-specific ΣVᵢᵀ are merged element-wise (TIES by default, as the paper's KnOTS-TIES) and ΔW = U·merged.
+  Singular vectors get canonical signs (largest entry of each uᵢ positive) so the merge is reproducible.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from loramix.methods.interference import (
     check_choice,
     check_density,
     check_seed,
+    column_signs,
     merge_elementwise,
     module_generator,
     split_weights,
@@ -139,9 +141,11 @@ def knots(
     k = numerical_rank(S, (out, sum(t.A.shape[1] for t in terms)))
     if k == 0:
         return _zero((out, terms[0].A.shape[1]), q_b)
-    blocks = torch.split(vh[:k], [r.shape[0] for r in r_as], dim=1)
+    U = q_b @ u[:, :k]
+    signs = column_signs(U)  # canonical signs: frequency election's tie-break is not sign-symmetric
+    blocks = torch.split(signs.T * vh[:k], [r.shape[0] for r in r_as], dim=1)
     reps = [S[:k, None] * (block @ q_a.T) for block, q_a in zip(blocks, q_as)]  # Σ·Vᵢᵀ, k×in each
     merged = merge_elementwise(
         reps, weights, kind=merge, density=density, majority_sign=majority_sign, generator=generator
     )
-    return truncated_factors(q_b @ u[:, :k], merged, rule)
+    return truncated_factors(U * signs, merged, rule)
