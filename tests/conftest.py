@@ -11,8 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 from helpers import REAL  # noqa: E402
 
-requires_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} is absent (real adapters are not shipped)")
-
 
 @pytest.fixture
 def real_adapters():

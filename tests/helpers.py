@@ -12,12 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-adapters"
+requires_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} is absent (real adapters are not shipped)")
 
 HIDDEN, LAYERS, VOCAB, HEADS = 32, 2, 64, 4
 SEQ_LEN = 7
