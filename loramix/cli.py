@@ -107,9 +107,11 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf in the inputs.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (a PEFT adapter).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE (a folder or Hub id) merged.")
+@click.option("--shard-size", default="5GB", show_default=True, help="With --merge-into: the largest shard.")
 @click.pass_context
 @_errors_as_one_line
-def combine(ctx: click.Context, adapters, recipe, output, force, **flags) -> None:
+def combine(ctx: click.Context, adapters, recipe, output, force, merge_into, shard_size, **flags) -> None:
     """Combine ADAPTERS (folders or Hub ids) into one PEFT adapter written to OUTPUT."""
     from loramix.recipe import Plan, load_recipe
 
@@ -131,7 +133,29 @@ def combine(ctx: click.Context, adapters, recipe, output, force, **flags) -> Non
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
     from loramix.combine import combine as run_combine
 
-    adapter = run_combine(plan.adapters, progress=ctx.obj["progress"], **plan.combine_kwargs())
+    kwargs = plan.combine_kwargs()
+    if merge_into:  # keep the factors' precision; --dtype is the checkpoint's
+        merge_dtype, kwargs["dtype"] = kwargs["dtype"] or "bfloat16", None
+    adapter = run_combine(plan.adapters, progress=ctx.obj["progress"], **kwargs)
+    if merge_into:
+        from loramix.checkpoint import merge_into_base
+
+        report = merge_into_base(
+            adapter,
+            merge_into,
+            plan.output,
+            dtype=merge_dtype,
+            shard_size=shard_size,
+            device=plan.device,
+            overwrite=force,
+            progress=ctx.obj["progress"],
+        )
+        low = min(report.survival.items(), key=lambda kv: kv[1], default=None)
+        click.echo(
+            f"wrote {plan.output}: {merge_into} with {len(report.survival)} modules merged, {report.tensors} tensors "
+            f"in {len(report.shards)} shard(s)" + (f"; least ΔW kept {low[1]:.2f} ({low[0]})" if low else "")
+        )
+        return
     adapter.save(plan.output, overwrite=force)
     ranks = adapter.ranks
     click.echo(
