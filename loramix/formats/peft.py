@@ -66,7 +66,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     )
 
 
-def _read_config(folder: Path) -> dict:
+def _read_config(folder: Path, *, peft_types: tuple[str, ...] = ("LORA",)) -> dict:
     path = folder / CONFIG_FILE
     try:
         config = json.loads(path.read_text())
@@ -77,8 +77,8 @@ def _read_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object")
     peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise AdapterFormatError(f"{path}: peft_type {peft_type!r} is not supported (only LORA)")
+    if peft_type not in peft_types:
+        raise AdapterFormatError(f"{path}: peft_type {peft_type!r} is not supported (only {', '.join(peft_types)})")
     for key in ("r", "lora_alpha"):
         if key in config and not isinstance(config[key], (int, float)):
             raise AdapterFormatError(f"{path}: {key} must be a number, got {config[key]!r}")
@@ -103,7 +103,11 @@ def _strip_prefix(key: str) -> tuple[str, int]:
 
 
 def _split_keys(
-    tensors: dict[str, torch.Tensor], notes: list[str], *, config: dict | None = None
+    tensors: dict[str, torch.Tensor],
+    notes: list[str],
+    kinds: tuple[str, ...] = LORA_KINDS,
+    *,
+    config: dict | None = None,
 ) -> tuple[dict[str, dict[tuple[str, str], torch.Tensor]], dict[str, ExtraTensor]]:
     """Sort keys into LoRA parts per module ({(kind, param): tensor}) and full extra tensors."""
     parts: dict[str, dict[tuple[str, str], torch.Tensor]] = defaultdict(dict)
@@ -114,7 +118,7 @@ def _split_keys(
         name, count = _strip_prefix(key)
         prefix_counts[count] += 1
         tokens = name.split(".")
-        kind_at = next((i for i, t in enumerate(tokens) if t in LORA_KINDS), None)
+        kind_at = next((i for i, t in enumerate(tokens) if t in kinds), None)
         if kind_at is not None and kind_at > 0:
             rest = tokens[kind_at + 1 :]
             param = rest[-1] if rest and rest[-1] in PARAM_NAMES else "weight"
