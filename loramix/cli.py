@@ -43,18 +43,38 @@ def main(ctx: click.Context, quiet: bool) -> None:
     ctx.obj = {"progress": not quiet}
 
 
+def _state_dict_options(fn):
+    """--scale/--alpha/--base-model/--module-map: what a plain LoRA state dict file does not say."""
+    for option in reversed(
+        (
+            click.option("--scale", type=float, help="Scale of plain state dict LoRAs (ΔW = scale·B·A) [default: 1]."),
+            click.option("--alpha", type=float, help="Or their alpha (scale = alpha/rank per module)."),
+            click.option("--base-model", help="Base model of plain state dict LoRAs (a Hub id or path)."),
+            click.option(
+                "--module-map",
+                type=click.Path(exists=True, dir_okay=False),
+                help="YAML/JSON mapping of regexes renaming state dict modules to the base model's names.",
+            ),
+        )
+    ):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per adapter.")
 @click.option("--allow-nonfinite", is_flag=True, help="Load adapters holding NaN/Inf instead of refusing them.")
+@_state_dict_options
 @_errors_as_one_line
-def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool) -> None:
-    """Describe ADAPTERS (folders or Hub ids): base, dtype, modules, ranks, scale, extras, warnings."""
+def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool, **load_options) -> None:
+    """Describe ADAPTERS (folders, state dict files or Hub ids): base, dtype, modules, ranks, scale, warnings."""
     from loramix.formats import load_adapter
     from loramix.report import adapter_summary, inspect_json, inspect_text
 
     summaries = [
-        adapter_summary(load_adapter(a, allow_nonfinite=allow_nonfinite, log_warnings=False)) for a in adapters
+        adapter_summary(load_adapter(a, allow_nonfinite=allow_nonfinite, log_warnings=False, **load_options))
+        for a in adapters
     ]
     click.echo(inspect_json(summaries) if as_json else inspect_text(summaries))
 
@@ -105,6 +125,7 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("--heads", type=click.Choice(["refuse", "average"]), default=None, help="Heads several adapters carry.")
 @click.option("--allow-different-bases", is_flag=True, default=None, help="Combine adapters made for different bases.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf in the inputs.")
+@_state_dict_options
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (a PEFT adapter).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE (a folder or Hub id) merged.")
@@ -112,7 +133,7 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 @click.pass_context
 @_errors_as_one_line
 def combine(ctx: click.Context, adapters, recipe, output, force, merge_into, shard_size, **flags) -> None:
-    """Combine ADAPTERS (folders or Hub ids) into one PEFT adapter written to OUTPUT."""
+    """Combine ADAPTERS (folders, state dict files or Hub ids) into one PEFT adapter written to OUTPUT."""
     from loramix.recipe import Plan, load_recipe
 
     for key in ("density", "majority_sign", "seed", "space"):  # dedicated flags for method options

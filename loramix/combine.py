@@ -137,14 +137,17 @@ def combine(
     allow_different_bases: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = False,
+    load_options: dict | None = None,
     **options,
 ) -> LoraAdapter:
     """Combine ``adapters`` (paths, Hub ids or `LoraAdapter`s) with ``weights`` by ``method``.
 
     ``rank``/``energy``/``rule`` truncate re-factorising methods (see `RankRule`); ``heads="average"`` takes the
-    weighted average of heads several adapters carry. Returns a new `LoraAdapter` (scale 1 per module).
+    weighted average of heads several adapters carry. ``load_options`` go to `load_adapter` for every source
+    (``scale``/``alpha``/``base_model``/``module_map`` for plain state dicts). Returns a new `LoraAdapter` (scale 1
+    per module).
     """
-    loaded = [load_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
+    loaded = [load_adapter(a, allow_nonfinite=allow_nonfinite, **(load_options or {})) for a in adapters]
     if not loaded:
         raise MethodError("no adapters given")
     weights = [1.0 / len(loaded)] * len(loaded) if weights is None else [float(w) for w in weights]

@@ -7,6 +7,8 @@ adapters:                     # sources: folders (relative to this file), Hub id
 method: svd                   # see `loramix methods`
 rank: 16                      # optional truncation: rank, energy, or rule + rule_value
 output: out/merged            # relative to the current directory; -o overrides
+# scale: 2.0                  # plain LoRA state dicts only: scale or alpha, base_model, and module_map
+# module_map: names.yaml      # (a mapping of regexes, or a YAML/JSON file relative to this file)
 ```
 """
 
@@ -61,6 +63,10 @@ class Plan:
     heads: str = "refuse"
     allow_different_bases: bool = False
     allow_nonfinite: bool = False
+    scale: float | None = None
+    alpha: float | None = None
+    base_model: str | None = None
+    module_map: dict | str | None = None
     options: dict = field(default_factory=dict)
     output: str | None = None
 
@@ -69,7 +75,9 @@ class Plan:
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key in ("adapters", "options", "output", "dtype"):
             kwargs.pop(key)
-        return {**kwargs, **self.options, "dtype": parse_dtype(self.dtype)}
+        loading = {key: kwargs.pop(key) for key in LOAD_OPTIONS}
+        load_options = {k: v for k, v in loading.items() if v is not None} or None
+        return {**kwargs, **self.options, "dtype": parse_dtype(self.dtype), "load_options": load_options}
 
     def to_yaml(self) -> str:
         data = {"adapters": [{"source": s, "weight": w} for s, w in zip(self.adapters, self.weights or [])]}
@@ -81,6 +89,7 @@ class Plan:
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+LOAD_OPTIONS = ("scale", "alpha", "base_model", "module_map")  # for `load_adapter`, not for the method
 _TYPES = {
     "method": str,
     "rank": int,
@@ -92,6 +101,10 @@ _TYPES = {
     "heads": str,
     "allow_different_bases": bool,
     "allow_nonfinite": bool,
+    "scale": (int, float),
+    "alpha": (int, float),
+    "base_model": str,
+    "module_map": (dict, str),
     "options": dict,
     "output": str,
 }
@@ -116,6 +129,8 @@ def load_recipe(path: str | Path) -> Plan:
             raise RecipeError(f"{path}: {key} has the wrong type ({data[key]!r})")
     sources, weights = _adapters(path, data.get("adapters"))
     fields = {k: v for k, v in data.items() if k != "adapters" and v is not None}
+    if isinstance(fields.get("module_map"), str):
+        fields["module_map"] = str(path.parent / fields["module_map"])
     return Plan(adapters=sources, weights=weights, **fields)
 
 
