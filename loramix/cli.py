@@ -198,3 +198,17 @@ def methods() -> None:
         details = "; ".join(p for p in (m.paper, "options: " + ", ".join(m.options) if m.options else "") if p)
         if details:
             click.echo(f"{'':<{width}}    {details}")
+
+
+@main.command()
+@click.argument("name", required=False)
+@_errors_as_one_line
+def examples(name: str | None) -> None:
+    """List the bundled example adapters and base, or print the folder of example NAME."""
+    from loramix import examples as bundled
+
+    if name:
+        click.echo(bundled.path(name))
+        return
+    for item in bundled.names():
+        click.echo(f"{item:<12}{bundled.path(item)}")
