@@ -39,6 +39,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     """Read a PEFT adapter folder into a `LoraAdapter` (tensors keep their stored dtype)."""
     folder = Path(path)
     config = _read_config(folder)
+    _check_patterns(folder / CONFIG_FILE, config)
     weights = _weights_file(folder)
     tensors = read_tensors(weights)
     if not allow_nonfinite:
@@ -74,18 +75,66 @@ def _read_config(folder: Path, *, peft_types: tuple[str, ...] = ("LORA",)) -> di
         raise AdapterFormatError(f"{folder}: no {CONFIG_FILE} (not a PEFT adapter folder)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise AdapterFormatError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object")
     peft_type = config.get("peft_type", "LORA")
     if peft_type not in peft_types:
         raise AdapterFormatError(f"{path}: peft_type {peft_type!r} is not supported (only {', '.join(peft_types)})")
-    for key in ("r", "lora_alpha"):
-        if key in config and not isinstance(config[key], (int, float)):
-            raise AdapterFormatError(f"{path}: {key} must be a number, got {config[key]!r}")
+    for key, (valid, expected) in _FIELDS.items():
+        if key in config and not valid(config[key]):
+            raise AdapterFormatError(f"{path}: {key} must be {expected}, got {_short(config[key])}")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise AdapterFormatError(f"{path}: {key} must be a mapping, got {config[key]!r}")
     return config
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_optional(kind: type):
+    return lambda value: value is None or isinstance(value, kind)
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# What the reader relies on in a config, and what each field must be (a wrong type is an error, not a guess).
+_FIELDS = {
+    "r": (_is_number, "a finite number"),
+    "lora_alpha": (_is_number, "a finite number"),
+    "use_rslora": (_is_optional(bool), "true or false"),
+    "use_dora": (_is_optional(bool), "true or false"),
+    "fan_in_fan_out": (_is_optional(bool), "true or false"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'"),
+    "base_model_name_or_path": (_is_optional(str), "a string"),
+    "task_type": (_is_optional(str), "a string"),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or _is_names(v), "a regex or a list of names"),
+    "modules_to_save": (lambda v: v is None or _is_names(v), "a list of names"),
+}
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_patterns(path: Path, config: dict) -> None:
+    """rank_pattern / alpha_pattern: every key a regex PEFT can use, every value a finite number."""
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern, value in (config.get(key) or {}).items():
+            try:
+                re.compile(_pattern_regex(pattern))
+            except re.error as exc:
+                raise AdapterFormatError(f"{path}: {key} key {_short(pattern)} is not a valid regex ({exc})") from None
+            if not _is_number(value):
+                raise AdapterFormatError(
+                    f"{path}: {key}[{_short(pattern)}] must be a finite number, got {_short(value)}"
+                )
 
 
 def _weights_file(folder: Path) -> Path:
@@ -153,9 +202,13 @@ def _plain_kind(name: str, config: dict) -> str:
 def pattern_key(patterns: dict, module: str) -> str | None:
     """PEFT's rule for rank_pattern/alpha_pattern: the first key matching the module name's tail."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(_pattern_regex(key), module):
             return key
     return None
+
+
+def _pattern_regex(key: str) -> str:
+    return rf"(.*\.)?({key})$"
 
 
 def _pattern_value(patterns: dict, module: str, default):
