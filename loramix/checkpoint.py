@@ -16,6 +16,7 @@ base, as PEFT does: the base tensor's shape, and for square weights the model ty
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import shutil
 import struct
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -44,8 +46,10 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BASE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "*.jinja")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-CHUNK_ELEMENTS = 1 << 22  # rows are processed in chunks of about this many elements (16 MB in float32)
+CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements (4 MB in float32)
 LOW_SURVIVAL = 0.5
+COPY_PIECE = 1 << 26  # unchanged tensors are copied in pieces of this many bytes, several at a time
+WORKERS = 4
 
 SAFE_DTYPES = {
     "F64": torch.float64,
@@ -495,8 +499,9 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
     if not torch.isfinite(merged).all():
         raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
     out = merged.to(job.dtype)
-    stats.total += float(torch.linalg.vector_norm(merged - W)) ** 2
-    stats.kept += float(torch.linalg.vector_norm(out.float() - W.to(job.dtype).float())) ** 2
+    stats.total += float(torch.linalg.vector_norm(merged.sub_(W))) ** 2
+    del merged
+    stats.kept += float(torch.linalg.vector_norm(out.float().sub_(W.to(job.dtype).float()))) ** 2
     return out.cpu()
 
 
@@ -545,48 +550,95 @@ def safetensors_header(jobs: list[Job], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
     while data:
-        data = data[os.write(fd, data) :]
+        done = os.pwrite(fd, data, at)
+        data, at = data[done:], at + done
 
 
-def _copy_range(src: Path, offset: int, count: int, fd: int) -> None:
-    """Copy ``count`` bytes at ``offset`` of ``src`` to the end of ``fd``: in the kernel where possible."""
+def _copy_range(src: Path, offset: int, count: int, fd: int, at: int) -> None:
+    """Copy ``count`` bytes at ``offset`` of ``src`` to position ``at`` of ``fd``: in the kernel where possible."""
     with open(src, "rb", buffering=0) as f:
         src_fd = f.fileno()
         try:
             while count:
-                done = os.copy_file_range(src_fd, fd, count, offset)
+                done = os.copy_file_range(src_fd, fd, count, offset, at)
                 if done == 0:
                     raise CheckpointError(f"{src}: truncated file")
-                offset, count = offset + done, count - done
+                offset, at, count = offset + done, at + done, count - done
             return
         except (AttributeError, OSError):  # no copy_file_range here (or across these file systems): copy by hand
             pass
-        buffer = bytearray(1 << 24)
+        buffer = bytearray(min(count, 1 << 24))
         while count:
             got = os.preadv(src_fd, [memoryview(buffer)[: min(count, len(buffer))]], offset)
             if got == 0:
                 raise CheckpointError(f"{src}: truncated file")
-            _write_all(fd, memoryview(buffer)[:got])
-            offset, count = offset + got, count - got
+            _pwrite_all(fd, memoryview(buffer)[:got], at)
+            offset, at, count = offset + got, at + got, count - got
 
 
-def _write_shard(path: Path, jobs: list[Job], device: torch.device, stats: dict, bar) -> None:
-    with open(path, "wb", buffering=0) as f:
-        fd = f.fileno()
-        _write_all(fd, memoryview(safetensors_header(jobs, {"format": "pt"})))
-        for job in jobs:
-            if job.raw_copy:
-                _copy_range(job.source.path, job.source.offset, job.nbytes, fd)
-                bar.update(job.nbytes)
-                continue
-            survival = stats.setdefault(job.name, _Survival())
-            for start, stop in _chunks(job):
-                out = _merged_chunk(job, start, stop, device, survival).contiguous()
-                if out.numel():
-                    _write_all(fd, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
-                bar.update(out.numel() * out.element_size())
+@dataclass
+class _Task:
+    """A piece of work writing to a known place of an output file: bytes [start, start+count) of a copied tensor,
+    or a whole computed tensor (count 0)."""
+
+    fd: int
+    at: int
+    job: Job
+    start: int = 0
+    count: int = 0
+
+
+def _tasks(fd: int, at: int, job: Job) -> list[_Task]:
+    if not job.raw_copy:
+        return [_Task(fd, at, job)]
+    pieces = range(0, job.nbytes, COPY_PIECE)
+    return [_Task(fd, at, job, start, min(COPY_PIECE, job.nbytes - start)) for start in pieces]
+
+
+def _run(task: _Task, device: torch.device, stats: dict[str, _Survival], bar) -> None:
+    job = task.job
+    if job.raw_copy:
+        _copy_range(job.source.path, job.source.offset + task.start, task.count, task.fd, task.at + task.start)
+        bar.update(task.count)
+        return
+    at = task.at
+    for start, stop in _chunks(job):
+        out = _merged_chunk(job, start, stop, device, stats[job.name]).contiguous()
+        if out.numel():
+            data = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            _pwrite_all(task.fd, data, at)
+            at += len(data)
+            bar.update(len(data))
+
+
+def write_shards(
+    folder: Path, names: list[str], shards: list[list[Job]], device: torch.device, bar, workers: int
+) -> dict[str, _Survival]:
+    """Write every shard: headers first (planned in advance), then tensors in parallel at their planned places."""
+    stats = {job.name: _Survival() for shard in shards for job in shard if not job.raw_copy}
+    with contextlib.ExitStack() as files:
+        tasks: list[_Task] = []
+        for name, shard in zip(names, shards):
+            fd = files.enter_context(open(folder / name, "wb", buffering=0)).fileno()
+            header = safetensors_header(shard, {"format": "pt"})
+            _pwrite_all(fd, memoryview(header), 0)
+            at = len(header)
+            for job in shard:
+                tasks += _tasks(fd, at, job)
+                at += job.nbytes
+            os.ftruncate(fd, at)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_run, task, device, stats, bar) for task in tasks]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------- the API
@@ -667,11 +719,9 @@ def merge_into_base(
         log.warning("%s: %s", adapter.name, note)
     protect = [folder, adapter.source, *adapter.provenance.get("sources", [])]
     total = sum(j.nbytes for j in jobs)
-    stats: dict[str, _Survival] = {}
     with atomic_output(out, overwrite=overwrite, protect=[p for p in protect if Path(p).exists()]) as tmp:
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
-            for name, shard in zip(names, shards):
-                _write_shard(tmp / name, shard, device, stats, bar)
+            stats = write_shards(tmp, names, shards, device, bar, workers=min(WORKERS, os.cpu_count() or 1))
         if len(shards) > 1:
             weight_map = {job.name: name for name, shard in zip(names, shards) for job in shard}
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
