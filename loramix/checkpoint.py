@@ -498,10 +498,10 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
         merged += bias.to(device=device, dtype=torch.float32)
     if not torch.isfinite(merged).all():
         raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
-    out = merged.to(job.dtype)
+    out = merged.to(job.dtype, copy=True)  # a copy even for float32 output: merged is reused below
     stats.total += float(torch.linalg.vector_norm(merged.sub_(W))) ** 2
     del merged
-    stats.kept += float(torch.linalg.vector_norm(out.float().sub_(W.to(job.dtype).float()))) ** 2
+    stats.kept += float(torch.linalg.vector_norm(out.float() - W.to(job.dtype).float())) ** 2
     return out.cpu()
 
 
