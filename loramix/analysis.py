@@ -10,6 +10,7 @@ module's bases at a time. Results are plain dataclasses; `loramix.report` render
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -273,6 +274,18 @@ def _unique_names(adapters: list[LoraAdapter]) -> list[str]:
 # ----------------------------------------------------------------------------------------------- per module
 
 
+@contextlib.contextmanager
+def _intra_op_threads(count: int | None):
+    """Run the block on ``count`` intra-op threads (None: leave torch's setting), restoring the caller's after."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _stacked(parts: list[torch.Tensor], dim: int, buffers: dict) -> torch.Tensor:
     """``torch.cat(parts, dim)`` in float64, written into a buffer reused across modules of the same shape (fresh
     multi-megabyte tensors per module cost more in page faults than the copy itself)."""
@@ -486,15 +499,18 @@ def _base_key(name: str, keys: dict[str, Path]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def base_norms(folder: str | Path, modules: dict[str, tuple[int, ...]]) -> dict[str, float]:
+def base_norms(
+    folder: str | Path, modules: dict[str, tuple[int, ...]], *, keys: dict[str, Path] | None = None
+) -> dict[str, float]:
     """‖W‖_F (float64) of each module's base weight, streamed one tensor at a time; ``modules`` maps name → shape.
 
     Modules whose weight is not in the checkpoint are left out (and logged); a weight of another shape is an error.
+    ``keys`` is `_base_files(folder)` when already read.
     """
     from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
-    keys = _base_files(folder)
+    keys = _base_files(folder) if keys is None else keys
     wanted: dict[Path, list[tuple[str, str]]] = {}
     missing = []
     for name in modules:
@@ -543,6 +559,7 @@ def analyze(
     allow_different_bases: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = False,
+    threads: int | None = 1,
 ) -> Analysis:
     """Spectra, ranks and pairwise overlap of ``adapters`` (paths, Hub ids or `LoraAdapter`s), in factor space.
 
@@ -550,6 +567,11 @@ def analyze(
     `combine(method="svd")` takes; with none given, energy 0.99. ``weights`` (default 1/n each, as in `combine`)
     weight the merged sum in ``Analysis.merge``. ``base`` is a local folder of safetensors weights; with it each
     module also gets ‖W‖_F, streamed one tensor at a time.
+
+    ``threads`` is torch's intra-op thread count while analysing (restored after; None leaves it as it is). The
+    default, 1, is deliberate: the work is many small products and r×r decompositions, where a second OpenMP thread
+    rarely pays and on a busy machine costs several times the work (ten Llama-7B-shaped adapters on a 2-core CPU
+    shared with other jobs: 7 s on one thread, 25 s on two).
     """
     loaded = [load_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
     if not loaded:
@@ -559,6 +581,7 @@ def analyze(
         raise MethodError(f"{len(weights)} weight(s) for {len(loaded)} adapter(s)")
     truncation = _rule(rank, energy, rule, rule_value)
     check_compatible(loaded, allow_different_bases=allow_different_bases)
+    base_keys = None if base is None else _base_files(Path(base))  # fail before the long part
     labels = _unique_names(loaded)
     results = [AdapterAnalysis(label, a.source, a.base_model, {}) for label, a in zip(labels, loaded)]
     pairs = [(i, j) for i in range(len(loaded)) for j in range(i + 1, len(loaded))]
@@ -566,29 +589,30 @@ def analyze(
     merged: dict[str, MergeModule] = {}
     names = list(dict.fromkeys(n for a in loaded for n in a.modules))
     buffers: dict = {}
-    for name in tqdm(names, desc="analyze", unit="module", disable=not progress):
-        indices = [i for i, a in enumerate(loaded) if name in a.modules]
-        modules = [loaded[i].modules[name] for i in indices]
-        gram_b, gram_a, slices = _factor_grams(modules, buffers)
-        svds = [
-            gram_svd(gram_b[rows, rows], gram_a[rows, rows], (m.out_features, m.in_features), scale=m.scale)
-            for m, rows in zip(modules, slices)
-        ]
-        for i, m, svd in zip(indices, modules, svds):
-            results[i].modules[name] = _spectrum(m, svd, truncation)
-        if len(loaded) < 2:
-            continue
-        if len(indices) > 1:
-            shape = (modules[0].out_features, modules[0].in_features)
-            for (x, y), overlap in _overlaps(svds, gram_b, gram_a, slices, shape).items():
-                overlaps[indices[x], indices[y]][name] = overlap
-        coefs = [weights[i] * m.scale for i, m in zip(indices, modules)]
-        merged[name] = _merge_module(modules, coefs, gram_b, gram_a, truncation)
+    with _intra_op_threads(threads):
+        for name in tqdm(names, desc="analyze", unit="module", disable=not progress):
+            indices = [i for i, a in enumerate(loaded) if name in a.modules]
+            modules = [loaded[i].modules[name] for i in indices]
+            gram_b, gram_a, slices = _factor_grams(modules, buffers)
+            svds = [
+                gram_svd(gram_b[rows, rows], gram_a[rows, rows], (m.out_features, m.in_features), scale=m.scale)
+                for m, rows in zip(modules, slices)
+            ]
+            for i, m, svd in zip(indices, modules, svds):
+                results[i].modules[name] = _spectrum(m, svd, truncation)
+            if len(loaded) < 2:
+                continue
+            if len(indices) > 1:
+                shape = (modules[0].out_features, modules[0].in_features)
+                for (x, y), overlap in _overlaps(svds, gram_b, gram_a, slices, shape).items():
+                    overlaps[indices[x], indices[y]][name] = overlap
+            coefs = [weights[i] * m.scale for i, m in zip(indices, modules)]
+            merged[name] = _merge_module(modules, coefs, gram_b, gram_a, truncation)
 
     notes = []
     if base is not None:
         shapes = {n: m.base_shape for a in loaded for n, m in a.modules.items()}
-        norms = base_norms(base, shapes)
+        norms = base_norms(base, shapes, keys=base_keys)
         for result in results:
             for name, spectrum in result.modules.items():
                 spectrum.base_norm = norms.get(name)

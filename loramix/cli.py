@@ -212,3 +212,44 @@ def examples(name: str | None) -> None:
         return
     for item in bundled.names():
         click.echo(f"{item:<12}{bundled.path(item)}")
+
+
+@main.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--base", type=click.Path(file_okay=False), help="Local base model folder (safetensors): ‖ΔW‖/‖W‖.")
+@click.option(
+    "-w", "--weights", callback=_weights, help="Weights of the merged sum, one per adapter [default: 1/n each]."
+)
+@click.option("--rank", type=click.IntRange(min=1), help="Cap the suggested rank.")
+@click.option(
+    "--energy",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Suggest the smallest rank holding this share of Σσ² [default: 0.99 when no rule is given].",
+)
+@click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule.")
+@click.option("--rule-value", type=float, help="The value for --rule.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), help="Write JSON to FILE (- prints it)."
+)
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG heatmaps into this folder.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Rows per most/least list.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Intra-op CPU threads.")
+@click.option("--allow-different-bases", is_flag=True, help="Analyse adapters made for different bases.")
+@click.option("--allow-nonfinite", is_flag=True, help="Load adapters holding NaN/Inf instead of refusing them.")
+@click.pass_context
+@_errors_as_one_line
+def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, **options) -> None:
+    """Spectra, rank use and pairwise overlap of ADAPTERS (folders or Hub ids), computed in factor space."""
+    from loramix.analysis import analyze as run_analyze
+    from loramix.report import analysis_plots, analysis_text, write_analysis_json
+
+    result = run_analyze(list(adapters), progress=ctx.obj["progress"], **options)
+    if json_path == "-":
+        click.echo(write_analysis_json(result, None))
+    else:
+        click.echo(analysis_text(result, top=top))
+        if json_path:
+            click.echo(f"wrote {write_analysis_json(result, json_path)}")
+    if plot_dir:
+        for path in analysis_plots(result, plot_dir):
+            click.echo(f"wrote {path}", err=json_path == "-")
