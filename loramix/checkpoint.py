@@ -482,6 +482,20 @@ class _Survival:
     total: float = 0.0
 
 
+def _add_delta(merged: torch.Tensor, update: Update, start: int, stop: int, device: torch.device) -> None:
+    """``merged += ΔW[start:stop]`` in place (one fused multiply-add for Linear/Conv1D/embedding rows)."""
+    m = update.module
+    if update.layout == "conv2d" or merged.dim() != 2:
+        merged += delta_rows(m, update.layout, start, stop, device)
+        return
+    A = m.A.to(device=device, dtype=torch.float32)
+    B = m.B.to(device=device, dtype=torch.float32)
+    if update.layout == "linear":
+        merged.addmm_(B[start:stop], A, alpha=m.scale)
+    else:
+        merged.addmm_(A[:, start:stop].T, B.T, alpha=m.scale)
+
+
 def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: _Survival) -> torch.Tensor:
     """The output values of rows [start, stop): W + ΔW (or DoRA) in float32, cast once to the output dtype."""
     chunk = job.source.rows(start, stop)
@@ -493,15 +507,18 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
         if update.module.magnitude is not None:
             merged = _dora(merged, update, device)
         else:
-            merged += delta_rows(update.module, update.layout, start, stop, device)
+            _add_delta(merged, update, start, stop, device)
     for _, bias in job.bias:
         merged += bias.to(device=device, dtype=torch.float32)
-    if not torch.isfinite(merged).all():
-        raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
     out = merged.to(job.dtype, copy=True)  # a copy even for float32 output: merged is reused below
-    stats.total += float(torch.linalg.vector_norm(merged.sub_(W))) ** 2
+    total = float(torch.linalg.vector_norm(merged.sub_(W))) ** 2
+    if not math.isfinite(total):  # NaN/Inf anywhere in W + ΔW shows up here, without a pass of its own
+        raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
     del merged
-    stats.kept += float(torch.linalg.vector_norm(out.float() - W.to(job.dtype).float())) ** 2
+    rounded = out.float() if out.dtype != torch.float32 else out.clone()
+    base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
+    stats.total += total
+    stats.kept += float(torch.linalg.vector_norm(rounded.sub_(base))) ** 2
     return out.cpu()
 
 
@@ -693,9 +710,10 @@ def merge_into_base(
     a single ``model.safetensors`` when everything fits one shard, as transformers does), with config.json's dtype
     updated and every other non-weight file (tokenizer, generation config) copied. Heads (modules_to_save) replace
     the base tensors, lora_B biases are added to the base biases, DoRA is merged exactly as PEFT does. The folder is
-    written atomically and no input is touched. Returns a `MergeReport` with, per module, the share of ΔW that
-    survives the rounding: ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖ (for a base already in the output dtype round(W) = W;
-    for a float32 base, comparing with round(W) keeps the base's own rounding out of the measure).
+    written atomically and no input is touched. Tensors are written by a few threads at once; on CPU, torch's
+    thread pool is held at one thread meanwhile (restored afterwards). Returns a `MergeReport` with, per module, the
+    share of ΔW that survives the rounding: ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖ (for a base already in the output dtype
+    round(W) = W; for a float32 base, comparing with round(W) keeps the base's own rounding out of the measure).
     """
     from loramix.combine import resolve_device
     from loramix.formats import load_adapter
@@ -721,7 +739,8 @@ def merge_into_base(
     total = sum(j.nbytes for j in jobs)
     with atomic_output(out, overwrite=overwrite, protect=[p for p in protect if Path(p).exists()]) as tmp:
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
-            stats = write_shards(tmp, names, shards, device, bar, workers=min(WORKERS, os.cpu_count() or 1))
+            with _one_thread_per_worker(device):
+                stats = write_shards(tmp, names, shards, device, bar, workers=min(WORKERS, os.cpu_count() or 1))
         if len(shards) > 1:
             weight_map = {job.name: name for name, shard in zip(names, shards) for job in shard}
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -744,6 +763,24 @@ def merge_into_base(
     )
     _warn_low_survival(report, adapter.name)
     return report
+
+
+@contextlib.contextmanager
+def _one_thread_per_worker(device: torch.device) -> Iterator[None]:
+    """On CPU, torch's own thread pool is set to one thread while the workers run (restored after).
+
+    The workers already run in parallel; element-wise work on small chunks gains nothing from more threads, and
+    oversubscribed OpenMP teams slow every operation down badly on a busy machine (seen: 10× on 2 cores).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _survival_by_module(jobs: list[Job], stats: dict[str, _Survival]) -> dict[str, float]:
