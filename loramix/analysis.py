@@ -65,10 +65,10 @@ def _largest(items, attribute: str) -> int:
 class ModuleSpectrum:
     """One adapter's ΔW on one module: its spectrum and the ranks read from it.
 
-    ``singular_values`` are all min(r, out, in) of them, descending; ``numerical_rank`` counts those above
-    max(out, in)·eps·σ₁; ``energy_rank[“0.9”]`` is the smallest k keeping 90% of Σσ²; ``suggested_rank`` is what
-    the analysis' `RankRule` keeps (0 for an all-zero module). ``base_norm`` is ‖W‖_F of the base weight when a base
-    was given.
+    ``singular_values`` are all min(r, out, in) of them, descending; ``numerical_rank`` counts those with
+    σᵢ² > max(out, in)·eps·σ₁² (numpy's rule on ΔWᵀΔW: the resolution of the Gram route, see `gram_svd`);
+    ``energy_rank["0.9"]`` is the smallest k keeping 90% of Σσ²; ``suggested_rank`` is what the analysis'
+    `RankRule` keeps (0 for an all-zero module). ``base_norm`` is ‖W‖_F of the base weight when a base was given.
     """
 
     shape: tuple[int, int]

@@ -172,6 +172,20 @@ def test_orthogonal_adapters_give_zero():
     assert o.angles_b == pytest.approx([90.0] * 3, abs=1e-6)
 
 
+def test_zero_module_in_a_pair():
+    """An all-zero ΔW has no direction: its pair figures are None, and it adds nothing to the aggregates."""
+    x = {"layers.0.q": module(12, 10, 3, seed=1), "layers.0.v": module(12, 10, 3, seed=2)}
+    y = {"layers.0.q": module(12, 10, 3, seed=3), "layers.0.v": module(12, 10, 3, seed=4)}
+    y["layers.0.v"].B.zero_()
+    pair = analyze([adapter(x, "x"), adapter(y, "y")]).pairs[0]
+    zero = pair.modules["layers.0.v"]
+    assert (zero.cosine, zero.phi_a, zero.share_a_in_b, zero.inner, zero.min_rank) == (None, None, None, 0.0, 0)
+    q = pair.modules["layers.0.q"]
+    norm_x = math.sqrt(sum(float(dense(m).square().sum()) for m in x.values()))
+    assert pair.cosine == pytest.approx(q.inner / (norm_x * float(dense(y["layers.0.q"]).norm())), abs=TIGHT)
+    assert (pair.overall.phi_a, pair.overall.modules) == (pytest.approx(q.phi_a), 1)
+
+
 def test_same_inputs_different_outputs():
     """Shared A, orthogonal B: φ of the input side is 1, of the output side 0, and the cosine is 0."""
     x, y = module(20, 16, 3, seed=1), module(20, 16, 3, seed=2)
