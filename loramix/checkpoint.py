@@ -48,7 +48,7 @@ BASE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "toke
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements (4 MB in float32)
 LOW_SURVIVAL = 0.5
-COPY_PIECE = 1 << 26  # unchanged tensors are copied in pieces of this many bytes, several at a time
+COPY_PIECE = 1 << 28  # unchanged tensors are copied (in the kernel) in pieces of at most this many bytes
 WORKERS = 4
 
 SAFE_DTYPES = {
@@ -275,6 +275,15 @@ def _tied_embedding(base: BaseCheckpoint, module_name: str) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def _ties_output_head(base: BaseCheckpoint, key: str) -> bool:
+    """Whether ``key`` is an input embedding that the base's (unstored) output head is tied to."""
+    if base.config.get("tie_word_embeddings") is not True:
+        return False
+    if not any(key == e or key.endswith("." + e) for e in INPUT_EMBEDDINGS):
+        return False
+    return not any(k.endswith(f"{h}.weight") for k in base.tensors for h in OUTPUT_HEADS)
+
+
 def decide_layout(module: LoraModule, name: str, key: str, shape: tuple[int, ...], model_type: str | None) -> str:
     """How ΔW lies on base tensor ``key``: settled by the base (shape, then model type and name), as PEFT does."""
     out, inp = module.out_features, module.in_features
@@ -371,6 +380,11 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype, n
             notes.append(
                 f"{name}.weight is not stored in the base: {name} is tied to {key} (tie_word_embeddings), so its ΔW "
                 f"is merged into {key} and the input embeddings change with it (as PEFT's merge_and_unload does)"
+            )
+        elif _ties_output_head(base, key):
+            notes.append(
+                f"{key} is the input embedding and the base ties its output head to it (tie_word_embeddings, no head "
+                f"stored): merging {name} changes the output head as well (as PEFT's merge_and_unload does)"
             )
         job = jobs[key]
         if not job.source.dtype.is_floating_point:
@@ -597,27 +611,44 @@ def _copy_range(src: Path, offset: int, count: int, fd: int, at: int) -> None:
 
 @dataclass
 class _Task:
-    """A piece of work writing to a known place of an output file: bytes [start, start+count) of a copied tensor,
-    or a whole computed tensor (count 0)."""
+    """Work that writes to a known place of an output file: a computed tensor (``job``), or ``count`` bytes copied
+    from ``src`` at ``offset`` (one or several unchanged tensors lying end to end in both files)."""
 
     fd: int
     at: int
-    job: Job
-    start: int = 0
+    job: Job | None = None
+    src: Path | None = None
+    offset: int = 0
     count: int = 0
 
 
-def _tasks(fd: int, at: int, job: Job) -> list[_Task]:
-    if not job.raw_copy:
-        return [_Task(fd, at, job)]
-    pieces = range(0, job.nbytes, COPY_PIECE)
-    return [_Task(fd, at, job, start, min(COPY_PIECE, job.nbytes - start)) for start in pieces]
+def _tasks(fd: int, at: int, jobs: list[Job]) -> list[_Task]:
+    """Tasks for ``jobs`` stored from ``at`` on; neighbouring unchanged tensors become one copy (in pieces)."""
+    tasks: list[_Task] = []
+    for job in jobs:
+        last = tasks[-1] if tasks else None
+        if not job.raw_copy:
+            tasks.append(_Task(fd, at, job))
+        elif last and last.src == job.source.path and last.offset + last.count == job.source.offset:
+            last.count += job.nbytes
+        else:
+            tasks.append(_Task(fd, at, src=job.source.path, offset=job.source.offset, count=job.nbytes))
+        at += job.nbytes
+    pieces = []
+    for task in tasks:
+        if task.job is not None:
+            pieces.append(task)
+            continue
+        for start in range(0, task.count, COPY_PIECE):
+            count = min(COPY_PIECE, task.count - start)
+            pieces.append(_Task(fd, task.at + start, src=task.src, offset=task.offset + start, count=count))
+    return pieces
 
 
 def _run(task: _Task, device: torch.device, stats: dict[str, _Survival], bar) -> None:
     job = task.job
-    if job.raw_copy:
-        _copy_range(job.source.path, job.source.offset + task.start, task.count, task.fd, task.at + task.start)
+    if job is None:
+        _copy_range(task.src, task.offset, task.count, task.fd, task.at)
         bar.update(task.count)
         return
     at = task.at
@@ -641,11 +672,8 @@ def write_shards(
             fd = files.enter_context(open(folder / name, "wb", buffering=0)).fileno()
             header = safetensors_header(shard, {"format": "pt"})
             _pwrite_all(fd, memoryview(header), 0)
-            at = len(header)
-            for job in shard:
-                tasks += _tasks(fd, at, job)
-                at += job.nbytes
-            os.ftruncate(fd, at)
+            tasks += _tasks(fd, len(header), shard)
+            os.ftruncate(fd, len(header) + sum(job.nbytes for job in shard))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(_run, task, device, stats, bar) for task in tasks]
             try:

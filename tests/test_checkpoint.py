@@ -195,6 +195,7 @@ def test_tied_head_and_embedding(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="loramix"):
         merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, progress=False)
     assert "tied to model.embed_tokens.weight" in caplog.text
+    assert "changes the output head as well" in caplog.text  # the embedding's own ΔW reaches the head too
     check_against_peft(tmp_path / "out", peft_merged(made), tied_absent=("lm_head.weight",))
 
 
@@ -217,9 +218,15 @@ def test_bin_base_single_shard_and_float32(tmp_path):
 
 
 def test_header_is_aligned_and_offsets_contiguous(tmp_path):
+    """Our own safetensors writer: aligned data start, contiguous offsets, shards within the size; old dtype key."""
     base = save_base(tiny_llama(), tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    config["torch_dtype"] = config.pop("dtype")  # as transformers 4 writes it
+    (base / "config.json").write_text(json.dumps(config))
     made = make_peft_adapter(tiny_llama, tmp_path, "adapter", target_modules=["q_proj"])
     merge_into_base(made.path, base, tmp_path / "out", shard_size="30KB", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and "dtype" not in config
     for path in (tmp_path / "out").glob("model-*.safetensors"):
         header, start = read_safetensors_header(path)
         assert start % 8 == 0 and header.pop("__metadata__") == {"format": "pt"}
@@ -359,3 +366,29 @@ def test_real_qwen_two_layers(tmp_path, caplog):
     assert all(not math.isnan(v) for v in report.survival.values())
     merged = PeftModel.from_pretrained(qwen(), str(source)).merge_and_unload()  # PEFT skips layers 2-23 itself
     check_against_peft(tmp_path / "out", merged, tied_absent=("lm_head.weight",))
+
+
+@needs_real
+def test_real_distilbert_heads_added_to_mlm_base(tmp_path):
+    """A real DistilBERT seq-cls adapter on a DistilBertForMaskedLM checkpoint (as distilbert-base-uncased is stored):
+    the LoRA modules line up, and the heads the base lacks (pre_classifier, classifier) are added."""
+    from transformers import AutoModelForSequenceClassification, DistilBertConfig, DistilBertForMaskedLM
+
+    torch.manual_seed(0)
+    base = save_base(DistilBertForMaskedLM(DistilBertConfig()).eval(), tmp_path / "base", max_shard_size="100MB")
+    source = REAL / "distilbert__imdb_qv"
+    report = merge_into_base(source, base, tmp_path / "out", shard_size="100MB", progress=False)
+    assert {"classifier.weight", "pre_classifier.bias"} <= set(report.added) and len(report.survival) == 12
+
+    def seqcls():
+        return AutoModelForSequenceClassification.from_pretrained(str(base)).eval()  # heads: random, then replaced
+
+    merged = PeftModel.from_pretrained(seqcls(), str(source)).eval().merge_and_unload()
+    ours = read_checkpoint(tmp_path / "out")
+    for name, tensor in merged.state_dict().items():
+        assert_bf16_close(ours[name], tensor, name)
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    inputs = {"input_ids": torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))}
+    reference = model_output(merged.to(torch.bfloat16).float(), inputs)
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(model_output(loaded, inputs), reference, rtol=0, atol=1e-3 * scale)
