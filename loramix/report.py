@@ -330,7 +330,9 @@ def _heatmap(ax, values, rows, cols, title, *, vmin=0.0, vmax=1.0, cmap="viridis
     if annotate:
         for (i, j), v in np.ndenumerate(data):
             if np.isfinite(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+                rgb = image.cmap(image.norm(v))[:3]  # light text on dark cells
+                color = "w" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5 else "k"
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
     return image
 
 
@@ -369,7 +371,7 @@ def analysis_plots(analysis, folder: str | Path) -> list[Path]:
         written.append(_save(fig, folder / "overlap_layers.png", plt))
     width = max((len(m.singular_values) for a in analysis.adapters for m in a.modules.values()), default=1)
     fig, axes = plt.subplots(1, len(names), figsize=(2 + 2.5 * len(names), 8), squeeze=False)
-    for ax, a, label in zip(axes[0], analysis.adapters, short):
+    for column, (ax, a, label) in enumerate(zip(axes[0], analysis.adapters, short)):
         rows = sorted(a.modules, key=_natural)
         grid = []
         for n in rows:
@@ -378,7 +380,7 @@ def analysis_plots(analysis, folder: str | Path) -> list[Path]:
             grid.append([(v / top if top else None) for v in s] + [None] * (width - len(s)))
         image = _heatmap(ax, grid, [], list(range(1, width + 1)), f"{label}\nσᵢ/σ₁ per module", cmap="magma")
         step = max(1, len(rows) // 40)
-        ax.set_yticks(range(0, len(rows), step), rows[::step], fontsize=5)
+        ax.set_yticks(range(0, len(rows), step), rows[::step] if column == 0 else [], fontsize=5)
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02)
     written.append(_save(fig, folder / "spectra.png", plt))
     return written

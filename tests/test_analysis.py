@@ -22,7 +22,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from loramix import LoraAdapter, LoraModule, analyze
+from loramix import LoraAdapter, LoraModule, analyze, combine
 from loramix.cli import main
 from loramix.errors import IncompatibleAdaptersError, LoramixError, SourceError
 from loramix.linalg import RankRule, factor_inner, factor_svd, gram_svd, principal_angles, subspace_similarity
@@ -409,3 +409,15 @@ def test_real_qwen_trio():
         assert abs(pair.cosine) < 0.01
     assert 0 < result.merge.truncation_loss < 0.5
     assert 8 < result.merge.suggested_rank <= 24
+    # a reading becomes an action: combine --method svd with the same rule gives the rank the analysis predicts,
+    # and --rank 8 keeps the share of the exact sum the analysis reports
+    sources = [str(REAL / n) for n in QWEN]
+    by_rule = combine(sources, method="svd", energy=0.99)
+    assert max(m.rank for m in by_rule.modules.values()) == result.merge.suggested_rank
+    exact, cut = combine(sources, method="cat"), combine(sources, method="svd", rank=8)
+
+    def energy(adapter):
+        return sum(float(dense(m).square().sum()) for m in adapter.modules.values())
+
+    # combine stores its factors in the inputs' float32: the ratio agrees to float32 rounding, not to 1e-9
+    assert energy(cut) / energy(exact) == pytest.approx(1 - result.merge.truncation_loss, abs=1e-6)
