@@ -6,7 +6,9 @@ full extra tensors (heads) are carried when one adapter has them and averaged on
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +51,16 @@ def canonical_base(base: str) -> str:
     name = base.strip().rstrip("/")
     namespace = _LEGACY_NAMESPACES.get(name)
     return f"{namespace}/{name}".lower() if namespace else name.lower()
+
+
+_GPU_WORKERS = 6
+
+
+def _worker_stream(device: torch.device):
+    """Each worker's GPU work on its own stream, so that workers overlap; nothing on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream(device=device))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -173,21 +185,34 @@ def combine(
     target = resolve_device(device)
     out_dtype = dtype or loaded[0].dtype
     names = list(dict.fromkeys(n for a in loaded for n in a.modules))
-    modules = {}
-    for name in tqdm(names, desc=f"combine ({method})", unit="module", disable=not progress):
+
+    def merge_module(name: str) -> LoraModule:
         present = [(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
-        terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
-        B, A = chosen.fn(terms, rule=truncation, **options)
+        with _worker_stream(target):
+            terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
+            B, A = chosen.fn(terms, rule=truncation, **options)
+            B, A = B.to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype)
         first = present[0][1]
         bias = _combined_bias(present)
-        modules[name] = LoraModule(
-            A=A.to(device="cpu", dtype=out_dtype),
-            B=B.to(device="cpu", dtype=out_dtype),
+        return LoraModule(
+            A=A,
+            B=B,
             scale=1.0,
             layout=first.layout,
             kernel_size=first.kernel_size,
             bias=None if bias is None else bias.to(out_dtype),
         )
+
+    # On a GPU a module's merge is mostly launch and small-solver latency: overlap a few modules at a time.
+    workers = _GPU_WORKERS if target.type == "cuda" else 1
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=len(names), desc=f"combine ({method})", unit="module", disable=not progress) as bar,
+    ):
+        modules = {}
+        for name, module in zip(names, pool.map(merge_module, names)):
+            modules[name] = module
+            bar.update()
     base = next((a.base_model for a in loaded if a.base_model), None)
     return LoraAdapter(
         modules=modules,

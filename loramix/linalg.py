@@ -1,7 +1,7 @@
 """Factor-space linear algebra: SVD of B·A without forming it, rank choices, subspace measures.
 
-For ΔW = B·A with B out×R and A R×in: QR both factors (B = Q_B R_B, Aᵀ = Q_A R_A), take the SVD of the R×R core
-R_B R_Aᵀ = U Σ Vᵀ; then ΔW = (Q_B U) Σ (Q_A V)ᵀ. Cost O((out+in)·R²). Cores are computed in float64.
+For ΔW = B·A with B out×R and A R×in: orthonormalise both factors (B = Q_B R_B, Aᵀ = Q_A R_A), take the SVD of
+the R×R core R_B R_Aᵀ = U Σ Vᵀ; then ΔW = (Q_B U) Σ (Q_A V)ᵀ. Cost O((out+in)·R²). Cores are computed in float64.
 """
 
 from __future__ import annotations
@@ -30,11 +30,44 @@ class FactorSVD:
 
 
 def factor_svd(B: torch.Tensor, A: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> FactorSVD:
-    """Thin SVD of B·A (B out×R, A R×in) from the factors alone."""
-    q_b, r_b = torch.linalg.qr(B.to(dtype))
-    q_a, r_a = torch.linalg.qr(A.to(dtype).T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    return FactorSVD(q_b @ u, s, vh @ q_a.T)
+    """Thin SVD of B·A (B out×R, A R×in) from the factors alone.
+
+    The tall products stay on the factors' device (matrix products only, which a GPU does fast); the R×R
+    decompositions run on the CPU, where they take microseconds instead of a GPU solver's launch latency.
+    """
+    (q_b, r_b), (q_a, r_a) = orthonormal_bases(B.to(dtype), A.to(dtype).T)
+    u, s, vh = torch.linalg.svd((r_b @ r_a.T).cpu(), full_matrices=False)
+    device = B.device
+    return FactorSVD(q_b @ u.to(device), s.to(device), vh.to(device) @ q_a.T)
+
+
+def orthonormal_bases(*tall: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each X (n×R, all with the same R): X = Q·R with orthonormal Q (n×k) over X's numerical column space.
+
+    A rank-revealing pass (one batched eigh of the Gram matrices XᵀX: directions with σ ≤ σ₁·√(n·eps) are
+    dropped) followed by a Cholesky pass that restores orthonormality to working precision, as CholeskyQR2 does.
+    """
+    grams = torch.stack([(X.T @ X) for X in tall]).cpu()
+    eigenvalues, eigenvectors = torch.linalg.eigh(grams)
+    return [_refine(*_eigh_pass(X, lam, V)) for X, lam, V in zip(tall, eigenvalues, eigenvectors)]
+
+
+def _eigh_pass(X: torch.Tensor, lam: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lam, V = lam.flip(0), V.flip(1)
+    keep = lam > lam[0] * max(X.shape) * torch.finfo(X.dtype).eps
+    if not keep.any():  # X is zero: one orthonormal direction with a zero coefficient, as QR gives
+        q = torch.zeros(X.shape[0], 1, dtype=X.dtype, device=X.device)
+        q[0, 0] = 1
+        return q, torch.zeros(1, X.shape[1], dtype=X.dtype, device=X.device)
+    root, V = lam[keep].sqrt(), V[:, keep]
+    return X @ (V / root).to(X.device), (root[:, None] * V.T).to(X.device)
+
+
+def _refine(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-orthonormalise a nearly orthonormal q (qᵀq = LLᵀ ≈ I): q·L⁻ᵀ, with Lᵀ·r keeping the product."""
+    L = torch.linalg.cholesky((q.T @ q).cpu())
+    inverse_t = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False).T
+    return q @ inverse_t.to(q.device), L.T.to(q.device) @ r
 
 
 def numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
