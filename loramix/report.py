@@ -170,6 +170,11 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _median(values) -> int:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0
+
+
 def _table(header: list[str], rows: list[list[str]], *, left: int = 1) -> list[str]:
     """Columns padded to their widest cell; the first ``left`` columns left-aligned, the rest right-aligned."""
     widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
@@ -197,8 +202,10 @@ def _overlap_rows(items) -> list[list[str]]:
     return rows
 
 
-_RANK_HEADER = ["adapter", "modules", "rank", "eff.rank", "stable", "k@90%", "k@99%", "suggest", "keeps", "‖ΔW‖"]
-_RANK_HEADER.append("‖ΔW‖/‖W‖")
+_RANK_HEADER = [
+    *("adapter", "modules", "rank", "eff.rank", "stable", "k@90%", "k@99%"),
+    *("suggest med/max", "keeps", "‖ΔW‖", "‖ΔW‖/‖W‖"),
+]
 _OVERLAP_HEADER = ["", "cosine", "φ in (chance)", "φ out (chance)", "a in b", "b in a"]
 
 
@@ -208,7 +215,8 @@ def analysis_text(analysis, *, top: int = 5) -> str:
     lines = [
         f"{len(analysis.adapters)} adapter(s), {len(modules)} module(s); rank rule: {analysis.rule.describe()}",
         "",
-        "Rank use (means over modules; suggest = the largest rank the rule keeps in any module)",
+        "Rank use (means over modules; suggest = the rank the rule keeps: median module / largest module,",
+        "  the largest being one --rank that satisfies the rule everywhere; keeps = energy kept by the rule)",
     ]
     rows = []
     for a in analysis.adapters:
@@ -223,7 +231,7 @@ def analysis_text(analysis, *, top: int = 5) -> str:
                 _num(_mean(m.stable_rank for m in ms), ".1f"),
                 _num(_mean(m.energy_rank["0.9"] for m in ms), ".1f"),
                 _num(_mean(m.energy_rank["0.99"] for m in ms), ".1f"),
-                str(a.suggested_rank),
+                f"{_median(m.suggested_rank for m in ms)}/{a.suggested_rank}",
                 _pct(a.kept_energy),
                 _num(a.norm, ".4g"),
                 _num(a.relative_norm, ".2e"),
