@@ -166,6 +166,7 @@ def main() -> None:
     }
     outs = {"loramix": "out-loramix", "peft": "out-peft", "cp -r": "out-cp"}
     results = {}
+    load_before = os.getloadavg()[0]
     for name, cmd in contenders.items():
         measure(cmd, work / outs[name], timing)  # warm-up: the base is in the page cache for every measured run
         runs = [measure(cmd, work / outs[name], timing) for _ in range(args.repeat)]
@@ -175,6 +176,7 @@ def main() -> None:
     print(f"\nbase: {size / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards; adapter r=8 q_proj,v_proj")
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}")
     print(f"device: {args.device}; best of {args.repeat} run(s) after one warm-up run each")
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (a shared machine)")
     print("\n| contender | wall s | imports s | work s | peak RSS MB |\n|---|---|---|---|---|")
     for name, r in results.items():
         imports, work_s = (f"{r[k]:.2f}" if k in r else "–" for k in ("import", "work"))

@@ -3,9 +3,10 @@
 The base is streamed one tensor at a time and never loaded whole: safetensors headers are parsed here, each tensor
 is read from its byte range (row chunks for large 2-D tensors), ΔW = s·B·A is added in float32 on the chosen device,
 the result is cast once to the output dtype and written. Output shards are planned in advance from the input
-headers, so each file's header is written first and tensors follow one by one; a tensor that changes neither value
-nor dtype is copied byte for byte (in the kernel where the OS allows). Peak memory is about one chunk plus the
-adapter, whatever the model's size.
+headers, so each file's header is written first and every tensor then goes to its planned place (a few threads at
+once); tensors that change neither value nor dtype are copied byte for byte, neighbours together, in the kernel
+where the OS allows (copy_file_range). Peak memory is about one chunk per thread plus the adapter, whatever the
+model's size.
 
 Names: adapter module names are the task model's module paths (``transformer.h.0.attn.c_attn``); a checkpoint may
 store the same weight with a prefix more or less (``h.0.attn.c_attn.weight`` in a bare GPT2Model). Matching tries
@@ -430,7 +431,7 @@ def _plan_extras(
         if key is None and extra.kind == "base_layer":
             key = _tied_embedding(base, name.rpartition(".")[0])  # PEFT saves a tied head's weight under its name
             if key is None:
-                raise CheckpointError(f"adapter tensor {name} (a saved base layer) has no matching tensor in the base")
+                raise CheckpointError(f"adapter tensor {name} (a saved base layer) has no match in base {base.folder}")
             if jobs[key].replaced == "base_layer" and not torch.equal(jobs[key].source.tensor, tensor):
                 raise CheckpointError(f"adapter tensors {name} and {key} are tied in the base but saved different")
         if key is None:
