@@ -766,7 +766,7 @@ def merge_into_base(
         log.warning("%s: %s", adapter.name, note)
     protect = [folder, adapter.source, *adapter.provenance.get("sources", [])]
     total = sum(j.nbytes for j in jobs)
-    with atomic_output(out, overwrite=overwrite, protect=[p for p in protect if Path(p).exists()]) as tmp:
+    with atomic_output(out, overwrite=overwrite, protect=protect) as tmp:
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
             with _one_thread_per_worker(device):
                 stats = write_shards(tmp, names, shards, device, bar, workers=min(WORKERS, os.cpu_count() or 1))

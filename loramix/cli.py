@@ -153,7 +153,9 @@ def combine(ctx: click.Context, adapters, recipe, output, force, merge_into, sha
     if not plan.output:
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
     from loramix.combine import combine as run_combine
+    from loramix.io import check_output
 
+    check_output(plan.output, overwrite=force, protect=[*plan.adapters, *([merge_into] if merge_into else [])])
     kwargs = plan.combine_kwargs()
     if merge_into:  # keep the factors' precision; --dtype is the checkpoint's
         merge_dtype, kwargs["dtype"] = kwargs["dtype"] or "bfloat16", None

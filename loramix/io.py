@@ -47,21 +47,28 @@ def _would_replace(target: Path, item: Path) -> bool:
     return target == item or target in item.parents
 
 
-@contextlib.contextmanager
-def atomic_output(target: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; rename it into place only if the block succeeds.
-
-    Refuses a target that overlaps any ``protect`` path (the inputs) and an existing non-empty target unless
-    ``overwrite``. On failure the temporary folder is removed and ``target`` is untouched.
-    """
+def check_output(target: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Path:
+    """Refuse an output that would replace any ``protect`` path (the inputs) or, unless ``overwrite``, an existing
+    non-empty folder. Returns the resolved target. Callers check before long work, and `atomic_output` again."""
     target = Path(target).resolve()
     for item in protect:
-        if _would_replace(target, Path(item).resolve()):
+        if Path(item).exists() and _would_replace(target, Path(item).resolve()):
             raise OutputError(f"{target}: output would replace the input {item}")
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise OutputError(f"{target}: folder exists and is not empty (use --force / overwrite=True to replace it)")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; rename it into place only if the block succeeds.
+
+    Checks ``target`` with `check_output` first. On failure the temporary folder is removed and ``target`` is
+    untouched.
+    """
+    target = check_output(target, overwrite=overwrite, protect=protect)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

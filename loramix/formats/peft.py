@@ -401,7 +401,7 @@ def write(
     tensors = state_dict(adapter, dtype)
     config = config_dict(adapter)
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
-    with atomic_output(folder, overwrite=overwrite, protect=[p for p in protect if Path(p).exists()]) as tmp:
+    with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return Path(folder)
