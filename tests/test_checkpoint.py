@@ -157,6 +157,21 @@ def test_merge_matches_peft(case, tmp_path):
         assert {"classifier.weight", "classifier.bias"} <= set(report.replaced)
 
 
+@pytest.mark.parametrize("case", ["llama_rslora", "qwen2_lora_bias", "gpt2_conv1d"])
+def test_row_chunks_match_peft(case, tmp_path, monkeypatch):
+    """Large tensors are merged in row chunks: with chunks of a few rows, Linear and Conv1D ΔW rows still line up."""
+    import loramix.checkpoint
+
+    monkeypatch.setattr(loramix.checkpoint, "CHUNK_ELEMENTS", 100)  # 3 rows of 32 per chunk
+    factory, lora = CASES[case]
+    base = save_base(factory(), tmp_path / "base")
+    made = make_peft_adapter(factory, tmp_path, "adapter", **lora)
+    report = merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, progress=False)
+    tied = ("lm_head.weight",) if "lm_head.weight" not in read_checkpoint(base) else ()
+    check_against_peft(tmp_path / "out", peft_merged(made), tied_absent=tied)
+    assert all(0.9 < v < 1.1 for v in report.survival.values())
+
+
 def test_gpt2_bare_base_and_fan_in_fan_out_disagreement(tmp_path, caplog):
     """A GPT2LMHeadModel adapter (transformer.h.0...) on a bare GPT2Model checkpoint (h.0...), fan_in_fan_out=false."""
     base_lm = tiny_gpt2()
