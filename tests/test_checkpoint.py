@@ -214,22 +214,53 @@ def test_tied_head_and_embedding(tmp_path, caplog):
     check_against_peft(tmp_path / "out", peft_merged(made), tied_absent=("lm_head.weight",))
 
 
-def test_bin_base_single_shard_and_float32(tmp_path):
-    """A legacy pytorch_model.bin base (read with weights_only=True); one shard gives model.safetensors, no index."""
+@pytest.mark.parametrize("sharded", [False, True])
+def test_bin_base_single_shard_and_float32(tmp_path, sharded):
+    """A legacy pytorch_model.bin base, whole or sharded with its index (read with torch.load(weights_only=True));
+    everything in one output shard gives model.safetensors and no index, as transformers writes it."""
     model = tiny_llama()
     base = tmp_path / "base"
     model.config.save_pretrained(str(base))
-    torch.save(model.state_dict(), base / "pytorch_model.bin")
+    state = model.state_dict()
+    if sharded:
+        names = list(state)
+        parts = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2]}
+        parts["pytorch_model-00002-of-00002.bin"] = names[len(names) // 2 :]
+        for file, keys in parts.items():
+            torch.save({k: state[k] for k in keys}, base / file)
+        weight_map = {k: file for file, keys in parts.items() for k in keys}
+        (base / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        torch.save(state, base / "pytorch_model.bin")
     (base / "tokenizer_config.json").write_text("{}")
     made = make_peft_adapter(tiny_llama, tmp_path, "adapter", target_modules=["q_proj"])
     report = merge_into_base(made.path, base, tmp_path / "out", dtype="float32", progress=False)
     out = tmp_path / "out"
     assert report.shards == ["model.safetensors"] and not (out / "model.safetensors.index.json").exists()
-    assert (out / "tokenizer_config.json").exists() and not (out / "pytorch_model.bin").exists()
+    assert (out / "tokenizer_config.json").exists() and not list(out.glob("pytorch_model*"))
     ours = read_checkpoint(out)
     for name, tensor in peft_merged(made).state_dict().items():
         assert ours[name].dtype == torch.float32
         torch.testing.assert_close(ours[name], tensor.detach(), rtol=1e-6, atol=1e-6)  # float32 both: same sums
+
+
+def test_hub_id_base_fetches_config_tokenizer_and_safetensors_only(tmp_path, monkeypatch):
+    """A Hub id as BASE goes through loramix.sources (no network here: the download is replaced by a local folder)."""
+    import loramix.sources
+
+    base = save_base(tiny_llama(), tmp_path / "snapshot")
+    asked = []
+
+    def fake_download(ref, files):
+        asked.append((ref.repo_id, files))
+        return base
+
+    monkeypatch.setattr(loramix.sources, "_download", fake_download)
+    made = make_peft_adapter(tiny_llama, tmp_path, "adapter", target_modules=["q_proj"])
+    merge_into_base(made.path, "someorg/tiny-llama", tmp_path / "out", shard_size=SHARD, progress=False)
+    assert asked[0][0] == "someorg/tiny-llama"
+    assert "*.safetensors" in asked[0][1] and not any(".bin" in f or ".py" in f for f in asked[0][1])
+    check_against_peft(tmp_path / "out", peft_merged(made))
 
 
 def test_header_is_aligned_and_offsets_contiguous(tmp_path):
