@@ -126,14 +126,17 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("--allow-different-bases", is_flag=True, default=None, help="Combine adapters made for different bases.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf in the inputs.")
 @_state_dict_options
-@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (a PEFT adapter).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (adapter or merged model).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE (a folder or Hub id) merged.")
 @click.option("--shard-size", default="5GB", show_default=True, help="With --merge-into: the largest shard.")
 @click.pass_context
 @_errors_as_one_line
 def combine(ctx: click.Context, adapters, recipe, output, force, merge_into, shard_size, **flags) -> None:
-    """Combine ADAPTERS (folders, state dict files or Hub ids) into one PEFT adapter written to OUTPUT."""
+    """Combine ADAPTERS (folders, state dict files or Hub ids) into one PEFT adapter written to OUTPUT.
+
+    With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, bf16 by default).
+    """
     from loramix.recipe import Plan, load_recipe
 
     for key in ("density", "majority_sign", "seed", "space"):  # dedicated flags for method options
