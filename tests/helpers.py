@@ -25,7 +25,7 @@ HIDDEN, LAYERS, VOCAB, HEADS = 32, 2, 64, 4
 SEQ_LEN = 7
 
 
-def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     """Build a module under a fixed seed without disturbing the global RNG; eval mode (no dropout)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -50,14 +50,14 @@ def tiny_llama(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**_sizes(num_key_value_heads=2, tie_word_embeddings=False))
-    return _seeded(seed, lambda: LlamaForCausalLM(config))
+    return seeded(seed, lambda: LlamaForCausalLM(config))
 
 
 def tiny_qwen2(seed: int = 0) -> nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(**_sizes(num_key_value_heads=2, tie_word_embeddings=False))
-    return _seeded(seed, lambda: Qwen2ForCausalLM(config))
+    return seeded(seed, lambda: Qwen2ForCausalLM(config))
 
 
 def tiny_gemma(seed: int = 0) -> nn.Module:
@@ -65,7 +65,7 @@ def tiny_gemma(seed: int = 0) -> nn.Module:
     from transformers import GemmaConfig, GemmaForCausalLM
 
     config = GemmaConfig(**_sizes(num_key_value_heads=1, head_dim=HIDDEN // HEADS))
-    return _seeded(seed, lambda: GemmaForCausalLM(config))
+    return seeded(seed, lambda: GemmaForCausalLM(config))
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
@@ -73,7 +73,7 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=64)
-    return _seeded(seed, lambda: GPT2LMHeadModel(config))
+    return seeded(seed, lambda: GPT2LMHeadModel(config))
 
 
 def tiny_bert_seqcls(seed: int = 0) -> nn.Module:
@@ -81,7 +81,7 @@ def tiny_bert_seqcls(seed: int = 0) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(**_sizes(num_labels=3))
-    return _seeded(seed, lambda: BertForSequenceClassification(config))
+    return seeded(seed, lambda: BertForSequenceClassification(config))
 
 
 class TinyConvNet(nn.Module):
@@ -97,7 +97,7 @@ class TinyConvNet(nn.Module):
 
 
 def tiny_convnet(seed: int = 0) -> nn.Module:
-    return _seeded(seed, TinyConvNet)
+    return seeded(seed, TinyConvNet)
 
 
 MODEL_FACTORIES: dict[str, Callable[..., nn.Module]] = {

@@ -23,6 +23,7 @@ from helpers import (
     make_peft_adapter,
     model_output,
     read_folder,
+    seeded,
     tiny_bert_seqcls,
     tiny_convnet,
     tiny_gemma,
@@ -33,6 +34,7 @@ from helpers import (
 )
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
+from torch import nn
 
 from loramix import load_adapter
 
@@ -207,3 +209,36 @@ def test_dtype_is_kept_and_cast_once_on_request(tmp_path):
     assert {t.dtype for t in cast.values()} == {torch.float16}
     for key, tensor in tensors.items():
         assert torch.equal(cast[key], tensor.to(torch.float16)), key
+
+
+class NestedNames(nn.Module):
+    """Three Linear layers named ``a.x``, ``b.x`` and ``z.a.x``: one module's name is the tail of another's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.z = nn.Module(), nn.Module(), nn.Module()
+        self.z.a = nn.Module()
+        for parent in (self.a, self.b, self.z.a):
+            parent.x = nn.Linear(6, 6)
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        return self.z.a.x(self.b.x(self.a.x(inp)))
+
+
+def nested_names(seed: int = 0) -> nn.Module:
+    return seeded(seed, NestedNames)
+
+
+def test_pattern_keys_do_not_leak_onto_modules_whose_name_ends_the_same(tmp_path):
+    """rank_pattern {"a.x": 2} would also give z.a.x rank 2 in PEFT (keys match name tails): written anchored."""
+    made = make_peft_adapter(
+        nested_names, tmp_path, "nested", target_modules=["x"], r=4, rank_pattern={"^a.x": 2}, alpha_pattern={"^a.x": 3}
+    )
+    a = load_adapter(made.path)
+    assert {n: (m.rank, m.scale) for n, m in a.modules.items()} == {"a.x": (2, 1.5), "b.x": (4, 2.0), "z.a.x": (4, 2.0)}
+    out = a.save(tmp_path / "out")
+    inputs = {"inp": torch.randn(2, 6, generator=torch.Generator().manual_seed(0))}
+    reloaded = made.load_with_peft(out)
+    assert {n: layer.r["default"] for n, layer in lora_layers(reloaded).items()} == {"a.x": 2, "b.x": 4, "z.a.x": 4}
+    torch.testing.assert_close(model_output(reloaded, inputs), model_output(made.peft_model, inputs), rtol=0, atol=1e-5)
+    assert load_adapter(out).modules["a.x"].scale == 1.5

@@ -363,6 +363,18 @@ def _number(value: float) -> int | float:
     return round(value) if math.isclose(value, round(value), rel_tol=0, abs_tol=1e-9) else value
 
 
+def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
+    """Pattern entries for the modules off ``default``. PEFT matches a key against the tail of every module name,
+    so a name that would also match another module (``a.x`` matches ``z.a.x``) is written anchored and escaped."""
+    out = {}
+    for name, value in values.items():
+        if value != default:
+            regex = re.compile(_pattern_regex(name))
+            clash = any(other != name and regex.match(other) for other in values)
+            out["^" + re.escape(name) if clash else name] = value
+    return out
+
+
 def config_dict(adapter: LoraAdapter) -> dict:
     """An adapter_config.json that makes PEFT rebuild exactly ``adapter``'s ranks and scales."""
     ranks = {n: m.rank for n, m in adapter.modules.items()}
@@ -378,8 +390,8 @@ def config_dict(adapter: LoraAdapter) -> dict:
         "task_type": adapter.task_type,
         "r": r,
         "lora_alpha": alpha,
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "rank_pattern": _patterns(ranks, r),
+        "alpha_pattern": _patterns(alphas, alpha),
         "target_modules": sorted(adapter.modules),
         "use_rslora": adapter.use_rslora,
         "use_dora": adapter.has_dora,
