@@ -665,7 +665,7 @@ def _run(task: _Task, device: torch.device, stats: dict[str, _Survival], bar) ->
 def write_shards(
     folder: Path, names: list[str], shards: list[list[Job]], device: torch.device, bar, workers: int
 ) -> dict[str, _Survival]:
-    """Write every shard: headers first (planned in advance), then tensors in parallel at their planned places."""
+    """Write every shard: headers first (planned in advance), then every tensor at its planned place."""
     stats = {job.name: _Survival() for shard in shards for job in shard if not job.raw_copy}
     with contextlib.ExitStack() as files:
         tasks: list[_Task] = []
@@ -675,8 +675,12 @@ def write_shards(
             _pwrite_all(fd, memoryview(header), 0)
             tasks += _tasks(fd, len(header), shard)
             os.ftruncate(fd, len(header) + sum(job.nbytes for job in shard))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_run, task, device, stats, bar) for task in tasks]
+        # one thread copies (a second kernel copy at once gains nothing), the others compute meanwhile
+        copies = [t for t in tasks if t.job is None]
+        computed = [t for t in tasks if t.job is not None]
+        with ThreadPoolExecutor(1) as copier, ThreadPoolExecutor(max(1, workers - 1)) as pool:
+            futures = [copier.submit(_run, t, device, stats, bar) for t in copies]
+            futures += [pool.submit(_run, t, device, stats, bar) for t in computed]
             try:
                 for future in futures:
                     future.result()
