@@ -53,13 +53,12 @@ def orthonormal_bases(*tall: torch.Tensor) -> list[tuple[torch.Tensor, torch.Ten
 
 
 def _eigh_pass(X: torch.Tensor, lam: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lam, V = lam.flip(0), V.flip(1)
-    keep = lam > lam[0] * max(X.shape) * torch.finfo(X.dtype).eps
-    if not keep.any():  # X is zero: one orthonormal direction with a zero coefficient, as QR gives
+    V, lam = _kept_eigenpairs(lam, V, max(X.shape))
+    if lam.numel() == 0:  # X is zero: one orthonormal direction with a zero coefficient, as QR gives
         q = torch.zeros(X.shape[0], 1, dtype=X.dtype, device=X.device)
         q[0, 0] = 1
         return q, torch.zeros(1, X.shape[1], dtype=X.dtype, device=X.device)
-    root, V = lam[keep].sqrt(), V[:, keep]
+    root = lam.sqrt()
     return X @ (V / root).to(X.device), (root[:, None] * V.T).to(X.device)
 
 
@@ -233,11 +232,16 @@ class GramSVD:
         return self.M.shape[1]
 
 
+def _kept_eigenpairs(lam: torch.Tensor, vec: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigenpairs of a factor's Gram above the matrix_rank tolerance (size·eps·λ₁): (vectors, values)."""
+    keep = lam > lam.max().clamp(min=0) * size * torch.finfo(lam.dtype).eps
+    return vec[:, keep], lam[keep]
+
+
 def _gram_range(gram: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvectors and eigenvalues of a factor's Gram above the matrix_rank tolerance (size·eps·λ₁)."""
     lam, vec = torch.linalg.eigh(gram)
-    keep = lam > lam.max().clamp(min=0) * size * torch.finfo(gram.dtype).eps
-    return vec[:, keep], lam[keep]
+    return _kept_eigenpairs(lam, vec, size)
 
 
 def gram_svd(gram_b: torch.Tensor, gram_a: torch.Tensor, shape: tuple[int, int], *, scale: float = 1.0) -> GramSVD:
