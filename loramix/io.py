@@ -71,11 +71,18 @@ def atomic_output(target: str | Path, *, overwrite: bool = False, protect: Itera
     target = check_output(target, overwrite=overwrite, protect=protect)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old")
     try:
         yield tmp
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            os.replace(target, old)  # set aside, not deleted, until the new output is in place
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old.exists():
+                os.replace(old, target)
+            raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)

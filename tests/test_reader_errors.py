@@ -340,6 +340,34 @@ def test_failed_overwrite_keeps_the_old_output(template, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "template"]
 
 
+def test_failed_final_rename_restores_the_old_output(template, tmp_path, monkeypatch):
+    """If moving the new output into place fails, the output it was replacing is put back, not lost."""
+    old = load_adapter(template).save(tmp_path / "out")
+    before = listing(old)
+    import loramix.io
+
+    real_replace = loramix.io.os.replace
+
+    def replace(src, dst):
+        if Path(src).name.endswith(".tmp"):
+            raise OSError("Read-only file system")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(loramix.io.os, "replace", replace)
+    with pytest.raises(OSError, match="Read-only"):
+        load_adapter(template).save(tmp_path / "out", overwrite=True)
+    assert listing(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "template"]
+
+
+def test_empty_adapter_is_not_written(tmp_path):
+    from loramix.adapter import LoraAdapter
+
+    with pytest.raises(OutputError, match="no LoRA modules"):
+        LoraAdapter(modules={}).save(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_atomic_output_cleans_up_on_error(tmp_path):
     with pytest.raises(RuntimeError), atomic_output(tmp_path / "target") as tmp:
         (tmp / "file").write_text("half")

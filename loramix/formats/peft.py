@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule
-from loramix.errors import AdapterFormatError
+from loramix.errors import AdapterFormatError, OutputError
 from loramix.io import atomic_output, check_finite, read_tensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -410,6 +410,8 @@ def write(
     adapter: LoraAdapter, folder: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
 ) -> Path:
     """Write ``adapter`` as a PEFT folder, atomically; refuses to replace any of its own inputs."""
+    if not adapter.modules:
+        raise OutputError(f"{folder}: the adapter has no LoRA modules, so there is no PEFT adapter to write")
     tensors = state_dict(adapter, dtype)
     config = config_dict(adapter)
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
