@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from helpers import (
     example_inputs,
     make_peft_adapter,
@@ -37,6 +38,8 @@ from safetensors import safe_open
 from torch import nn
 
 from loramix import load_adapter
+from loramix.cli import main
+from loramix.report import adapter_summary
 
 LOGITS_ATOL = 1e-5
 DELTA_RTOL = 1e-6
@@ -170,6 +173,27 @@ def test_features_are_recognised(trip):
     }
     assert layouts == expected.get(case, {"linear"})
     assert a.warnings == []
+    features = {
+        "rslora": ["rslora"],
+        "dora": ["dora"],
+        "lora_bias": ["lora_bias"],
+        "embedding": ["embedding"],
+        "conv2d": ["conv2d"],
+        "gpt2_conv1d": ["conv1d_fan_in_fan_out"],
+        "gpt2_bias_all": ["conv1d_fan_in_fan_out"],
+    }
+    assert adapter_summary(a)["features"] == features.get(case, [])
+
+
+def test_cli_inspect_json_agrees_with_peft(trip):
+    result = CliRunner().invoke(main, ["inspect", "--json", str(trip.made.path)])
+    assert result.exit_code == 0, result.output
+    (summary,) = json.loads(result.stdout)
+    layers = lora_layers(trip.made.peft_model)
+    assert summary["num_modules"] == len(layers)
+    assert summary["ranks"] == sorted({layer.r["default"] for layer in layers.values()})
+    assert summary["scales"] == pytest.approx(sorted({layer.scaling["default"] for layer in layers.values()}))
+    assert summary["base_model"] == f"tests/{trip.made.path.name}" and summary["dtype"] == "float32"
 
 
 def test_rank_and_alpha_patterns_resolve_per_module(tmp_path):

@@ -480,3 +480,16 @@ def test_wrong_config_types_are_refused_naming_the_field(changes, field, tmp_pat
     with pytest.raises(AdapterFormatError) as info:
         load_adapter(folder)
     assert str(folder / "adapter_config.json") in str(info.value) and field in str(info.value)
+
+
+def test_cli_reports_a_damaged_file_as_one_error_line(tmp_path):
+    from click.testing import CliRunner
+
+    from loramix.cli import main
+
+    folder = write_folder(tmp_path / "a", CONFIG, TENSORS)
+    (folder / "adapter_model.safetensors").write_bytes(WEIGHTS[:100])
+    result = CliRunner().invoke(main, ["inspect", str(folder)])
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {folder / 'adapter_model.safetensors'}: not a readable tensor file")
