@@ -349,7 +349,8 @@ def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[s
         if m.bias is not None:
             out[f"{key}.lora_B.bias"] = cast(m.bias)
         if m.magnitude is not None:
-            out[f"{key}.lora_magnitude_vector"] = cast(m.magnitude)
+            shape = (1, -1, *(1 for _ in m.kernel_size)) if m.layout == "conv2d" else (-1,)  # PEFT's DoRA shapes
+            out[f"{key}.lora_magnitude_vector"] = cast(m.magnitude.reshape(shape))
     for name, item in adapter.extra.items():
         if item.kind == "base_layer":
             module, _, param = name.rpartition(".")
