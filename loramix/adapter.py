@@ -129,8 +129,23 @@ class LoraAdapter:
     def with_modules(self, modules: dict[str, LoraModule], **changes) -> LoraAdapter:
         return replace(self, modules=modules, **changes)
 
-    def save(self, folder: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
-        """Write this adapter as a PEFT adapter folder (atomically); returns the folder."""
+    def save(
+        self,
+        folder: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        overwrite: bool = False,
+        extra_files: dict[str, str] | None = None,
+        card: bool = True,
+    ) -> Path:
+        """Write this adapter as a PEFT adapter folder (atomically) with a README.md model card (unless ``card`` is
+        false; ``extra_files`` name → text go in too and win over the card); returns the folder."""
         from loramix.formats import peft
 
-        return peft.write(self, folder, dtype=dtype, overwrite=overwrite)
+        files = {}
+        if card:
+            from loramix.hub import model_card
+
+            files["README.md"] = model_card(self, analysis=False)
+        files.update(extra_files or {})
+        return peft.write(self, folder, dtype=dtype, overwrite=overwrite, extra_files=files)

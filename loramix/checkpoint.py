@@ -736,6 +736,7 @@ def merge_into_base(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     progress: bool = True,
+    extra_files: dict[str, str] | None = None,
 ) -> MergeReport:
     """Merge ``adapter`` into the ``base`` checkpoint (a folder or Hub id) and write a merged checkpoint to ``out``.
 
@@ -747,6 +748,8 @@ def merge_into_base(
     thread pool is held at one thread meanwhile (restored afterwards). Returns a `MergeReport` with, per module, the
     share of ΔW that survives the rounding: ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖ (for a base already in the output dtype
     round(W) = W; for a float32 base, comparing with round(W) keeps the base's own rounding out of the measure).
+    ``extra_files`` (name → text: the model card, the recipe) are written last into the same atomic folder; without
+    them a README.md model card says what is known.
     """
     from loramix.combine import resolve_device
     from loramix.formats import load_adapter
@@ -770,6 +773,11 @@ def merge_into_base(
         log.warning("%s: %s", adapter.name, note)
     protect = [folder, adapter.source, *adapter.provenance.get("sources", [])]
     total = sum(j.nbytes for j in jobs)
+    if extra_files is None:
+        from loramix.hub import CARD_FILE, model_card
+
+        extra_files = {CARD_FILE: model_card(adapter, merged_into=str(base), analysis=False)}
+    files = extra_files
     with atomic_output(out, overwrite=overwrite, protect=protect) as tmp:
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
             with _one_thread_per_worker(device):
@@ -783,6 +791,8 @@ def merge_into_base(
             config[key] = CONFIG_DTYPES[dtype]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _copy_other_files(checkpoint, tmp)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
     report = MergeReport(
         path=Path(out),
         shards=names,

@@ -130,9 +130,20 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE (a folder or Hub id) merged.")
 @click.option("--shard-size", default="5GB", show_default=True, help="With --merge-into: the largest shard.")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["peft", "kohya"]),
+    default="peft",
+    show_default=True,
+    help="Adapter output format: a PEFT folder, or a kohya/A1111 .safetensors in the folder.",
+)
+@click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repository.")
 @click.pass_context
 @_errors_as_one_line
-def combine(ctx: click.Context, adapters, recipe, output, force, merge_into, shard_size, **flags) -> None:
+def combine(
+    ctx: click.Context, adapters, recipe, output, force, merge_into, shard_size, output_format, push_repo, **flags
+) -> None:
     """Combine ADAPTERS (folders, state dict files or Hub ids) into one PEFT adapter written to OUTPUT.
 
     With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, bf16 by default).
@@ -163,6 +174,9 @@ def combine(ctx: click.Context, adapters, recipe, output, force, merge_into, sha
     if merge_into:  # keep the factors' precision; --dtype is the checkpoint's
         merge_dtype, kwargs["dtype"] = kwargs["dtype"] or "bfloat16", None
     adapter = run_combine(plan.adapters, progress=ctx.obj["progress"], **kwargs)
+    from loramix.hub import output_files
+
+    files = output_files(adapter, plan=plan, argv=sys.argv, merged_into=merge_into)
     if merge_into:
         from loramix.checkpoint import merge_into_base
 
@@ -175,20 +189,37 @@ def combine(ctx: click.Context, adapters, recipe, output, force, merge_into, sha
             device=plan.device,
             overwrite=force,
             progress=ctx.obj["progress"],
+            extra_files=files,
         )
         low = min(report.survival.items(), key=lambda kv: kv[1], default=None)
         click.echo(
             f"wrote {plan.output}: {merge_into} with {len(report.survival)} modules merged, {report.tensors} tensors "
             f"in {len(report.shards)} shard(s)" + (f"; least ΔW kept {low[1]:.2f} ({low[0]})" if low else "")
         )
+        _push_output(plan.output, push_repo)
         return
-    adapter.save(plan.output, overwrite=force)
+    if output_format == "kohya":
+        from loramix.formats import kohya
+
+        kohya.write(adapter, plan.output, overwrite=force, extra_files=files)
+    else:
+        adapter.save(plan.output, overwrite=force, extra_files=files)
     ranks = adapter.ranks
     click.echo(
         f"wrote {plan.output}: {len(adapter.modules)} modules, rank {ranks[0]}"
         + (f"–{ranks[-1]}" if len(ranks) > 1 else "")
         + f", {adapter.provenance['method']} of {len(plan.adapters)} adapters"
+        + (" (kohya format)" if output_format == "kohya" else "")
     )
+    _push_output(plan.output, push_repo)
+
+
+def _push_output(folder: str, repo_id: str | None) -> None:
+    """--push-to-hub: upload a finished output folder."""
+    if repo_id:
+        from loramix.hub import push_to_hub
+
+        click.echo(f"pushed {folder} to {repo_id}: {push_to_hub(folder, repo_id)}")
 
 
 @main.command()
@@ -258,3 +289,21 @@ def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, **options) -
     if plot_dir:
         for path in analysis_plots(result, plot_dir):
             click.echo(f"wrote {path}", err=json_path == "-")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository private (when it does not exist yet).")
+@click.option("--revision", help="Branch to upload to (created when missing) [default: main].")
+@click.option("--commit-message", help="The commit message [default: Upload FOLDER with loramix VERSION].")
+@_errors_as_one_line
+def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None) -> None:
+    """Upload FOLDER (an adapter or merged checkpoint loramix wrote) to the Hub repository REPO_ID.
+
+    The repository is created if needed. The token is huggingface_hub's: HF_TOKEN or `hf auth login`.
+    """
+    from loramix.hub import push_to_hub
+
+    url = push_to_hub(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
+    click.echo(f"pushed {folder} to {repo_id}: {url}")

@@ -408,9 +408,16 @@ def config_dict(adapter: LoraAdapter) -> dict:
 
 
 def write(
-    adapter: LoraAdapter, folder: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
+    adapter: LoraAdapter,
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``adapter`` as a PEFT folder, atomically; refuses to replace any of its own inputs."""
+    """Write ``adapter`` as a PEFT folder, atomically; refuses to replace any of its own inputs.
+
+    ``extra_files`` (name → text, e.g. the model card) are written into the same atomic folder."""
     if not adapter.modules:
         raise OutputError(f"{folder}: the adapter has no LoRA modules, so there is no PEFT adapter to write")
     tensors = state_dict(adapter, dtype)
@@ -419,4 +426,6 @@ def write(
     with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(folder)
