@@ -49,7 +49,7 @@ def orthonormal_bases(*tall: torch.Tensor) -> list[tuple[torch.Tensor, torch.Ten
     """
     grams = torch.stack([(X.T @ X) for X in tall]).cpu()
     eigenvalues, eigenvectors = torch.linalg.eigh(grams)
-    return [_refine(*_eigh_pass(X, lam, V)) for X, lam, V in zip(tall, eigenvalues, eigenvectors)]
+    return _refine([_eigh_pass(X, lam, V) for X, lam, V in zip(tall, eigenvalues, eigenvectors)])
 
 
 def _eigh_pass(X: torch.Tensor, lam: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,11 +62,23 @@ def _eigh_pass(X: torch.Tensor, lam: torch.Tensor, V: torch.Tensor) -> tuple[tor
     return X @ (V / root).to(X.device), (root[:, None] * V.T).to(X.device)
 
 
-def _refine(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-orthonormalise a nearly orthonormal q (qᵀq = LLᵀ ≈ I): q·L⁻ᵀ, with Lᵀ·r keeping the product."""
-    L = torch.linalg.cholesky((q.T @ q).cpu())
+def _refine(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Re-orthonormalise nearly orthonormal qs (qᵀq = LLᵀ ≈ I): q·L⁻ᵀ, with Lᵀ·r keeping the product.
+
+    All the small Cholesky factors come from one block-diagonal matrix: one transfer each way, one solve.
+    """
+    blocks = torch.block_diag(*[q.T @ q for q, _ in pairs]).cpu()
+    L = torch.linalg.cholesky(blocks)
     inverse_t = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False).T
-    return q @ inverse_t.to(q.device), L.T.to(q.device) @ r
+    device = pairs[0][0].device
+    L_t, inverse_t = L.T.to(device), inverse_t.to(device)
+    out, at = [], 0
+    for q, r in pairs:
+        k = q.shape[1]
+        block = slice(at, at + k)
+        out.append((q @ inverse_t[block, block], L_t[block, block] @ r))
+        at += k
+    return out
 
 
 def numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
