@@ -291,6 +291,67 @@ def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, **options) -
             click.echo(f"wrote {path}", err=json_path == "-")
 
 
+def _bounds(ctx, param, value: str) -> tuple[float, float]:
+    try:
+        low, high = (float(b) for b in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected LOW,HIGH, got {value!r}") from None
+    if not low < high:
+        raise click.BadParameter(f"LOW must be below HIGH, got {value!r}")
+    return low, high
+
+
+@main.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--base", required=True, metavar="MODEL", help="Base model folder or Hub id (causal LM or seq2seq).")
+@click.option(
+    "--examples", required=True, type=click.Path(dir_okay=False), help='JSON lines {"input": ..., "output": ...}.'
+)
+@click.option("--composition", type=click.Choice(["lorahub", "delta"]), default="lorahub", show_default=True)
+@click.option("--optimizer", type=click.Choice(["cobyla", "cma", "adam"]), default="cobyla", show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=40,
+    show_default=True,
+    help="COBYLA evaluations, CMA-ES generations or Adam steps.",
+)
+@click.option("--l1", type=float, default=0.05, show_default=True, help="Weight of the mean|wᵢ| penalty.")
+@click.option("--bounds", default="-1.5,1.5", show_default=True, callback=_bounds, help="LOW,HIGH for every weight.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--init", callback=_weights, help="Starting weights, one per adapter [default: 0 each].")
+@click.option("--popsize", type=click.IntRange(min=2), help="CMA-ES candidates per generation [default: 4+3·ln n].")
+@click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")
+@click.option("--max-candidates", type=click.IntRange(min=1), help="At most this many candidates per forward pass.")
+@click.option("--chat-template", is_flag=True, help="Wrap each input as a user turn with the tokenizer's template.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE with the result merged instead.")
+@click.option("--shard-size", default="5GB", show_default=True, help="With --merge-into: the largest shard.")
+@click.pass_context
+@_errors_as_one_line
+def search(ctx: click.Context, adapters, base, examples, output, force, merge_into, shard_size, **options) -> None:
+    """Search the weights of ADAPTERS whose combination fits the --examples best (LoRAHub, batched).
+
+    OUTPUT receives search.json (weights in the order given, loss, history, settings) and the combined PEFT adapter
+    (or, with --merge-into BASE, BASE with it merged).
+    """
+    from loramix.io import check_output
+    from loramix.search import search as run_search
+
+    check_output(output, overwrite=force, protect=[*adapters, base, examples, *([merge_into] if merge_into else [])])
+    result = run_search(base, list(adapters), examples, progress=ctx.obj["progress"], **options)
+    merge = {"shard_size": shard_size, "device": options["device"], "progress": ctx.obj["progress"]}
+    result.save(output, overwrite=force, merge_into=merge_into, **(merge if merge_into else {}))
+    # --push-to-hub (being added separately) uploads OUTPUT here, once it is complete.
+    weights = ", ".join(f"{w:+.3f}" for w in result.weights)
+    click.echo(
+        f"wrote {output}: weights [{weights}], loss {result.loss:.4f} (cross-entropy {result.cross_entropy:.4f}), "
+        f"{result.evaluations} evaluations in {result.seconds:.1f} s, {options['composition']} composition"
+    )
+
+
 @main.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.argument("repo_id")

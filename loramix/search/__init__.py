@@ -1,0 +1,259 @@
+"""LoRAHub-style search: the adapter weights whose combination fits a few examples of a new task best.
+
+`search` loads the base once (frozen; bf16 on a GPU, float32 on the CPU), scores candidates through a batched
+low-rank evaluator (`loramix.search.evaluator`), minimises the few-shot loss plus ``l1·mean|wᵢ|`` with COBYLA, CMA-ES
+or Adam, and returns a `SearchResult` whose ``adapter`` is the searched combination as a `LoraAdapter`:
+``lorahub`` → LoRAHub's own A/B mixing written with exactly the searched factors (scale 1), ``delta`` →
+`loramix.combine` method ``cat`` (the exact Σ wᵢ·sᵢ·Bᵢ·Aᵢ).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from loramix.adapter import LoraAdapter, LoraModule
+from loramix.combine import check_compatible, resolve_device
+from loramix.formats import load_adapter
+from loramix.search import optimizers
+from loramix.search.evaluator import COMPOSITIONS, Evaluator
+from loramix.search.objective import SearchError, as_examples, build_batch, l1_penalty
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SearchError", "SearchResult", "load_base", "search"]
+
+
+@dataclass
+class SearchResult:
+    """The searched weights (in the adapters' order), the final objective and its parts, and the combined adapter."""
+
+    weights: list[float]
+    loss: float
+    cross_entropy: float
+    history: list[float]
+    evaluations: int
+    seconds: float
+    settings: dict
+    adapter: LoraAdapter = field(repr=False)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        del out["adapter"]
+        return out
+
+    def save(self, folder: str | Path, *, overwrite: bool = False, merge_into: str | None = None, **merge) -> Path:
+        """Write the combined adapter (PEFT format) to ``folder`` — or, with ``merge_into``, that base with it merged
+        (`loramix.checkpoint.merge_into_base`, options in ``merge``) — plus ``search.json``."""
+        if merge_into:
+            from loramix.checkpoint import merge_into_base
+
+            merge_into_base(self.adapter, merge_into, folder, overwrite=overwrite, **merge)
+        else:
+            self.adapter.save(folder, overwrite=overwrite)
+        # (a future --push-to-hub uploads this folder here, after search.json is written)
+        path = Path(folder) / "search.json"
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return Path(folder)
+
+
+def load_base(base, *, device: torch.device, tokenizer=None):
+    """(model, tokenizer, encoder_decoder) for a folder or Hub id (causal LM or seq2seq), or a model object."""
+    import transformers
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(base, torch.nn.Module):
+        model = base
+        if tokenizer is None:
+            raise SearchError("a base model object needs its tokenizer (tokenizer=...)")
+    else:
+        from loramix.checkpoint import resolve_base
+
+        folder = resolve_base(base)
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(folder))
+        except (OSError, ValueError) as exc:
+            raise SearchError(f"{base}: not a transformers model ({str(exc).splitlines()[0]})") from None
+        auto = (
+            transformers.AutoModelForSeq2SeqLM
+            if getattr(config, "is_encoder_decoder", False)
+            else transformers.AutoModelForCausalLM
+        )
+        if tokenizer is None:
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+            except (OSError, ValueError, TypeError) as exc:
+                detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise SearchError(f"{base}: no usable tokenizer beside the model ({detail[:200]})") from None
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()  # its per-tensor loading bar is noise here
+        try:
+            model = auto.from_pretrained(str(folder), dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise SearchError(f"{base}: cannot load as {auto.__name__} ({str(exc).splitlines()[0]})") from None
+        finally:
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model, tokenizer, bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def lorahub_adapter(adapters: list[LoraAdapter], weights: list[float]) -> dict[str, LoraModule]:
+    """The modules of LoRAHub's composition, B = Σ wᵢ√sᵢBᵢ and A = Σ wᵢ√sᵢAᵢ (scale 1): exactly the searched ΔW."""
+    modules = {}
+    for name in dict.fromkeys(n for a in adapters for n in a.modules):
+        present = [(w, a.modules[name]) for a, w in zip(adapters, weights) if name in a.modules]
+        first = present[0][1]
+        B = sum(w * math.copysign(math.sqrt(abs(m.scale)), m.scale) * m.B.float() for w, m in present)
+        A = sum(w * math.sqrt(abs(m.scale)) * m.A.float() for w, m in present)
+        dtype = first.A.dtype
+        modules[name] = LoraModule(
+            A=A.to(dtype), B=B.to(dtype), scale=1.0, layout=first.layout, kernel_size=first.kernel_size
+        )
+    return modules
+
+
+def search(
+    base,
+    adapters: list,
+    examples,
+    *,
+    composition: str = "lorahub",
+    optimizer: str = "cobyla",
+    steps: int = 40,
+    l1: float = 0.05,
+    bounds: tuple[float, float] = (-1.5, 1.5),
+    seed: int = 0,
+    device: str = "auto",
+    init: list[float] | None = None,
+    tokenizer=None,
+    chat_template: bool = False,
+    add_eos: bool = True,
+    popsize: int | None = None,
+    lr: float = 0.1,
+    max_candidates: int | None = None,
+    allow_different_bases: bool = False,
+    progress: bool = False,
+) -> SearchResult:
+    """Search the weights of ``adapters`` (paths, Hub ids or `LoraAdapter`s) for ``examples`` (a JSONL path or a list
+    of ``{"input", "output"}``) on ``base`` (a folder or Hub id with its tokenizer, or a model with ``tokenizer=``).
+
+    The objective is the mean output-token cross-entropy (input tokens masked) plus ``l1·mean|wᵢ|``. ``steps``:
+    COBYLA evaluations, CMA-ES generations (``popsize`` candidates each, one forward pass), or Adam steps (``lr``).
+    Starts at ``init`` (default 0, LoRAHub's); Adam with the lorahub composition adds seeded N(0, 0.1²) jitter,
+    since 0 is a stationary point there. ``max_candidates`` caps the candidates per forward pass.
+    """
+    if composition not in COMPOSITIONS:
+        raise SearchError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
+    if optimizer not in optimizers.OPTIMIZERS:
+        raise SearchError(f"unknown optimizer {optimizer!r} (use {', '.join(optimizers.OPTIMIZERS)})")
+    lo, hi = (float(b) for b in bounds)
+    if not lo < hi:
+        raise SearchError(f"bounds must be LOW,HIGH with LOW < HIGH, got {lo},{hi}")
+    if steps < 1:
+        raise SearchError(f"steps must be at least 1, got {steps}")
+    loaded = [load_adapter(a) for a in adapters]
+    if not loaded:
+        raise SearchError("no adapters given")
+    check_compatible(loaded, allow_different_bases=allow_different_bases)
+    x0 = np.zeros(len(loaded)) if init is None else np.asarray(init, dtype=np.float64)
+    if x0.shape != (len(loaded),):
+        raise SearchError(f"init has {x0.size} value(s) for {len(loaded)} adapter(s)")
+    examples = as_examples(examples)
+    target = resolve_device(device)
+    model, tokenizer, encoder_decoder = load_base(base, device=target, tokenizer=tokenizer)
+    batch = build_batch(
+        examples,
+        tokenizer,
+        encoder_decoder=encoder_decoder,
+        chat_template=chat_template,
+        add_eos=add_eos,
+        decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
+    )
+    settings = {
+        "base": str(getattr(model, "name_or_path", "")) if isinstance(base, torch.nn.Module) else str(base),
+        "adapters": [a.source for a in loaded],
+        "examples": len(examples),
+        "output_tokens": int((batch["labels"] != -100).sum()),
+        "composition": composition,
+        "optimizer": optimizer,
+        "steps": steps,
+        "l1": l1,
+        "bounds": [lo, hi],
+        "seed": seed,
+        "init": x0.tolist(),
+        "device": str(target),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "chat_template": chat_template,
+    }
+    if optimizer == "cma":
+        settings["popsize"] = popsize or 4 + int(3 * math.log(len(loaded)))
+    if optimizer == "adam":
+        settings["lr"] = lr
+    start = time.perf_counter()
+    with Evaluator(
+        model,
+        loaded,
+        batch,
+        composition=composition,
+        encoder_decoder=encoder_decoder,
+        max_candidates=max_candidates,
+    ) as evaluator:
+
+        def objective(W: np.ndarray) -> np.ndarray:
+            Wt = torch.as_tensor(W, dtype=torch.float32)
+            return (evaluator.cross_entropy(Wt).cpu() + l1_penalty(Wt, l1)).numpy()
+
+        def loss_and_grad(W: torch.Tensor) -> torch.Tensor:
+            return evaluator.cross_entropy(W).cpu() + l1_penalty(W, l1)
+
+        with tqdm(total=steps, desc=f"search ({optimizer})", unit="step", disable=not progress) as bar:
+            track = optimizers.Tracker(objective, bar=bar)
+            getattr(optimizers, optimizer)(
+                track,
+                x0,
+                steps=steps,
+                bounds=(lo, hi),
+                seed=seed,
+                popsize=popsize,
+                loss_and_grad=loss_and_grad,
+                lr=lr,
+                jitter=0.1 if composition == "lorahub" else 0.0,
+            )
+        weights = [float(w) for w in track.best]
+        cross_entropy = float(evaluator.cross_entropy([weights])[0])
+    seconds = time.perf_counter() - start
+    if composition == "lorahub":
+        adapter = LoraAdapter(
+            modules=lorahub_adapter(loaded, weights),
+            base_model=next((a.base_model for a in loaded if a.base_model), None),
+            task_type=next((a.task_type for a in loaded if a.task_type), None),
+            source="<search>",
+            name="search",
+            provenance={"method": "lorahub", "weights": weights, "sources": [a.source for a in loaded]},
+        )
+    else:
+        from loramix.combine import combine
+
+        adapter = combine(loaded, weights=weights, method="cat", device=str(target))
+    log.info("search: loss %.4f after %d evaluations in %.1f s", track.best_loss, track.evaluations, seconds)
+    return SearchResult(
+        weights=weights,
+        loss=cross_entropy + l1 * float(np.mean(np.abs(weights))),
+        cross_entropy=cross_entropy,
+        history=track.history,
+        evaluations=track.evaluations,
+        seconds=seconds,
+        settings=settings,
+        adapter=adapter,
+    )
