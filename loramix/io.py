@@ -35,8 +35,11 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse NaN/Inf, naming the file and the first offending tensor."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
+        if not tensor.is_floating_point():
+            continue
+        finite = torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float())  # float8 has no isfinite
+        if not finite.all():
+            bad = int((~finite).sum())
             raise AdapterFormatError(
                 f"{path}: tensor {name} has {bad} NaN/Inf value(s) of {tensor.numel()} "
                 "(pass allow_nonfinite / --allow-nonfinite to load it anyway)"
