@@ -122,8 +122,9 @@ def _overlap_lines(provenance: dict) -> list[str]:
     lines = []
     for pair in result.pairs:
         o = pair.overall
-        parts = [f"{label} {value:.3f}" for label, value in (("cosine", o.cosine), ("φ_A", o.phi_a), ("φ_B", o.phi_b))]
-        lines.append(f"- `{pair.a}` vs `{pair.b}`: " + ", ".join(p for p in parts if "None" not in p))
+        values = (("cosine", o.cosine), ("φ_A", o.phi_a), ("φ_B", o.phi_b))
+        parts = [f"{label} {value:.3f}" for label, value in values if value is not None]
+        lines.append(f"- `{pair.a}` vs `{pair.b}`: " + (", ".join(parts) or "no shared modules"))
     return lines
 
 

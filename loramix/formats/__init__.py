@@ -7,7 +7,7 @@ from pathlib import Path
 
 from loramix.adapter import LoraAdapter
 from loramix.errors import AdapterFormatError
-from loramix.formats import adalora, peft, statedict
+from loramix.formats import adalora, kohya, peft, statedict
 from loramix.sources import resolve
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,8 @@ def load_adapter(
 ) -> LoraAdapter:
     """Load an adapter from a folder, a file, a Hub id (``org/name[@rev][:subfolder]``) or pass a `LoraAdapter` through.
 
-    Formats: PEFT LoRA and AdaLoRA folders, and single-file hand-made LoRA state dicts (`statedict`), which hold
+    Formats: PEFT LoRA and AdaLoRA folders, kohya/A1111 and diffusers LoRA files (`kohya`, a file or a folder
+    holding one), and single-file hand-made LoRA state dicts (`statedict`), which hold
     no scale, base model or base names: ``scale``/``alpha``, ``base_model`` and ``module_map`` supply them. Other
     formats carry their own scale and names (those options are ignored with a warning); ``base_model`` fills in
     a base they do not name. What the reader noticed is in ``adapter.warnings`` and, unless ``log_warnings`` is
@@ -37,7 +38,9 @@ def load_adapter(
     if path.is_file() and path.name in peft.WEIGHT_FILES and peft.is_peft_folder(path.parent):
         path = path.parent
     options = {"scale": scale, "alpha": alpha, "base_model": base_model, "module_map": module_map}
-    if statedict.is_state_dict_file(path):
+    if kohya.find_file(path) is not None:
+        adapter = _apply_options(kohya.read(path, allow_nonfinite=allow_nonfinite), **options)
+    elif statedict.is_state_dict_file(path):
         adapter = statedict.read(path, allow_nonfinite=allow_nonfinite, **options)
     elif adalora.is_adalora_folder(path):
         adapter = _apply_options(adalora.read(path, allow_nonfinite=allow_nonfinite), **options)

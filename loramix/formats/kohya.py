@@ -1,0 +1,232 @@
+"""kohya/A1111 LoRA files (``lora_down``/``lora_up``/``alpha``) and diffusers' LoRA naming, read and written.
+
+kohya (sd-scripts) and A1111 save one ``.safetensors`` file whose keys are ``<name>.lora_down.weight`` (rank×in, or
+rank×in×kh×kw for a conv), ``<name>.lora_up.weight`` (out×rank, or out×rank×1×1) and ``<name>.alpha`` (a scalar;
+the scale is alpha/rank, and alpha = rank when it is missing). ``<name>`` is the module path flattened with
+underscores behind a component prefix: ``lora_unet_down_blocks_0_attentions_0_proj_in``,
+``lora_te_text_model_encoder_layers_0_self_attn_q_proj`` (``lora_te1_``/``lora_te2_`` for SDXL's two text encoders).
+
+diffusers saves ``unet.<dotted path>.lora.down.weight``/``.lora.up.weight`` (its old attention processors) or
+PEFT's ``lora_A``/``lora_B`` under ``unet.``/``text_encoder.``/``text_encoder_2.`` prefixes
+(``pytorch_lora_weights.safetensors``); ``.alpha`` keys are honoured when present, else the scale is 1.
+
+Module names. A flattened kohya name cannot be turned back into a dotted path reliably — ``down_blocks_0`` and
+``proj_in`` hold underscores of their own, and only the base model's key list could say where the dots were — so a
+kohya module keeps its kohya name (``lora_unet_down_blocks_0_attentions_0_proj_in``) as its loramix module name.
+Two kohya files for the same base therefore line up with each other, and writing back to kohya restores every key
+exactly. A diffusers-named module keeps its dotted name with the component prefix (``unet.down_blocks.0…``); written
+as kohya it becomes the kohya key diffusers' own converter expects (``unet.`` → ``lora_unet_``, ``text_encoder.`` →
+``lora_te_``, ``text_encoder_2.`` → ``lora_te2_``, dots → underscores). Mixing kohya-named and diffusers-named
+adapters therefore does not line their modules up: convert one of them first.
+
+Written files hold ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and a float32 ``<name>.alpha`` equal to
+scale·rank (so alpha/rank gives back the scale), plus kohya's ``ss_network_dim``/``ss_network_alpha`` metadata. The
+format has no place for heads, lora_B biases, DoRA magnitudes or embedding LoRA: those are refused on write.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from loramix.adapter import LoraAdapter, LoraModule
+from loramix.errors import AdapterFormatError, OutputError
+from loramix.io import atomic_output, check_finite, read_tensors
+
+SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_PREFIX = re.compile(r"^lora_(unet|te\d?|transformer)_")
+# (key pattern, style): groups module, side (down/up/A/B/alpha)
+_DIFFUSERS = r"^(?P<module>(?:unet|text_encoder(?:_\d)?|transformer)\..+)"
+KEY_RULES = (
+    (re.compile(r"^(?P<module>lora_[^.]+)\.(?P<side>lora_down|lora_up)\.weight$"), "kohya"),
+    (re.compile(r"^(?P<module>lora_[^.]+)\.(?P<side>alpha)$"), "kohya"),
+    (re.compile(_DIFFUSERS + r"\.lora\.(?P<side>down|up)\.weight$"), "diffusers"),
+    (re.compile(_DIFFUSERS + r"\.(?P<side>lora_A|lora_B)\.weight$"), "diffusers"),
+    (re.compile(_DIFFUSERS + r"\.(?P<side>alpha)$"), "diffusers"),
+)
+SIDES = {"lora_down": "A", "down": "A", "lora_A": "A", "lora_up": "B", "up": "B", "lora_B": "B", "alpha": "alpha"}
+COMPONENTS = {
+    "unet": "lora_unet_",
+    "text_encoder": "lora_te_",
+    "text_encoder_2": "lora_te2_",
+    "transformer": "lora_transformer_",
+}
+
+
+def _keys(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as f:
+                return list(f.keys())
+        except Exception:  # damaged files are reported by the reader that owns them
+            return []
+    return list(read_tensors(path)) if path.suffix in SUFFIXES else []
+
+
+def _match(key: str):
+    for rule, style in KEY_RULES:
+        found = rule.match(key)
+        if found:
+            return found, style
+    return None, None
+
+
+def is_kohya_file(path: Path) -> bool:
+    """A single tensor file whose LoRA keys are kohya's (``lora_unet_…``, ``.alpha``) or diffusers' (``unet.…``)."""
+    if not path.is_file() or path.suffix not in SUFFIXES:
+        return False
+    keys = _keys(path)
+    return bool(keys) and any(_match(k)[0] is not None for k in keys)
+
+
+def find_file(path: Path) -> Path | None:
+    """The kohya/diffusers file ``path`` names: the file itself, or a folder's only one (loramix writes one)."""
+    if path.is_file():
+        return path if is_kohya_file(path) else None
+    if not path.is_dir() or (path / "adapter_config.json").exists():
+        return None
+    if (path / DIFFUSERS_FILE).is_file() and is_kohya_file(path / DIFFUSERS_FILE):
+        return path / DIFFUSERS_FILE
+    found = [p for p in sorted(path.glob("*.safetensors")) if is_kohya_file(p)]
+    return found[0] if len(found) == 1 else None
+
+
+def read(path: str | Path, *, allow_nonfinite: bool = False, base_model: str | None = None) -> LoraAdapter:
+    """Read a kohya/A1111 or diffusers LoRA file (or a folder holding one) into a `LoraAdapter`."""
+    path = Path(path)
+    file = find_file(path) or path
+    tensors = read_tensors(file)
+    if not allow_nonfinite:
+        check_finite(file, tensors)
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    styles, ignored = set(), []
+    for key, tensor in tensors.items():
+        found, style = _match(key)
+        if found is None:
+            ignored.append(key)
+            continue
+        styles.add(style)
+        parts[found["module"]][SIDES[found["side"]]] = tensor
+    if not parts:
+        raise AdapterFormatError(f"{file}: no kohya (lora_down/lora_up) or diffusers LoRA keys found")
+    notes = []
+    if ignored:
+        notes.append(f"{len(ignored)} key(s) are not LoRA factors and were dropped ({', '.join(ignored[:3])})")
+    modules = {name: _module(file, name, found) for name, found in sorted(parts.items())}
+    if all(not m.B.any() for m in modules.values()):
+        notes.append("every lora_up factor is zero: this adapter changes nothing")
+    metadata = _metadata(file)
+    return LoraAdapter(
+        modules=modules,
+        base_model=base_model or metadata.get("loramix_base_model") or None,
+        source=str(path),
+        name=file.stem if file.name != DIFFUSERS_FILE else file.parent.name,
+        warnings=notes,
+        file_bytes=file.stat().st_size,
+        provenance={"format": "kohya", "key_style": "+".join(sorted(styles)), "file": file.name},
+    )
+
+
+def _metadata(file: Path) -> dict[str, str]:
+    if file.suffix != ".safetensors":
+        return {}
+    with safe_open(str(file), "pt") as f:
+        return f.metadata() or {}
+
+
+def _module(file: Path, name: str, found: dict[str, torch.Tensor]) -> LoraModule:
+    down, up = found.get("A"), found.get("B")
+    if down is None or up is None:
+        missing = "lora_down" if down is None else "lora_up"
+        raise AdapterFormatError(f"{file}: module {name} has no {missing} weight")
+    rank = down.shape[0]
+    if up.ndim not in (2, 4) or down.ndim != up.ndim or up.shape[1] != rank or up.shape[2:] not in ((), (1, 1)):
+        raise AdapterFormatError(
+            f"{file}: module {name}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not chain"
+        )
+    alpha = found.get("alpha")
+    if alpha is not None and alpha.numel() != 1:
+        raise AdapterFormatError(f"{file}: module {name}: alpha must be a scalar, got shape {tuple(alpha.shape)}")
+    scale = float(alpha.item()) / rank if alpha is not None else 1.0
+    conv = down.ndim == 4
+    return LoraModule(
+        A=down.reshape(rank, -1),
+        B=up.reshape(up.shape[0], rank),
+        scale=scale,
+        layout="conv2d" if conv else "linear",
+        kernel_size=tuple(down.shape[2:]) if conv else (),
+    )
+
+
+def kohya_name(module: str) -> str:
+    """The kohya key stem of a loramix module name (kohya names pass through unchanged; see the module docstring)."""
+    if KOHYA_PREFIX.match(module):
+        return module
+    component, dot, rest = module.partition(".")
+    if dot and component in COMPONENTS:
+        return COMPONENTS[component] + rest.replace(".", "_")
+    return "lora_" + module.replace(".", "_")
+
+
+def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """kohya's key layout for ``adapter``; refuses what the format cannot hold."""
+    if adapter.extra:
+        raise OutputError(f"kohya files cannot hold heads or saved layers ({', '.join(sorted(adapter.extra)[:3])})")
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[str, str] = {}
+    for name, m in adapter.modules.items():
+        if m.bias is not None or m.magnitude is not None:
+            raise OutputError(f"module {name}: kohya files cannot hold lora_B biases or DoRA magnitudes")
+        if m.layout not in ("linear", "conv2d"):
+            raise OutputError(f"module {name}: kohya files hold linear and conv2d LoRA only, not {m.layout}")
+        key = kohya_name(name)
+        if key in seen:
+            raise OutputError(f"modules {seen[key]} and {name} both flatten to the kohya name {key}")
+        seen[key] = name
+        cast = dtype or m.A.dtype
+        if m.layout == "conv2d":
+            down = m.A.reshape(m.rank, -1, *m.kernel_size)
+            up = m.B.reshape(m.out_features, m.rank, 1, 1)
+        else:
+            down, up = m.A, m.B
+        out[f"{key}.lora_down.weight"] = down.to(cast).contiguous()
+        out[f"{key}.lora_up.weight"] = up.to(cast).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(m.scale * m.rank, dtype=torch.float32)
+    return out
+
+
+def write(
+    adapter: LoraAdapter,
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write ``adapter`` as a kohya/A1111 file ``FOLDER/<folder name>.safetensors``, atomically; returns the file."""
+    if not adapter.modules:
+        raise OutputError(f"{folder}: the adapter has no LoRA modules, so there is no kohya file to write")
+    tensors = state_dict(adapter, dtype)
+    ranks = sorted({m.rank for m in adapter.modules.values()})
+    alphas = sorted({float(t) for k, t in tensors.items() if k.endswith(".alpha")})
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks[-1]),
+        "ss_network_alpha": f"{alphas[-1]:g}",
+        "ss_network_args": json.dumps({"loramix_ranks": ranks}),
+        "loramix_base_model": adapter.base_model or "",
+    }
+    protect = [adapter.source, *adapter.provenance.get("sources", [])]
+    name = Path(folder).resolve().name + ".safetensors"
+    with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:
+        save_file(tensors, str(tmp / name), metadata=metadata)
+        for extra, text in (extra_files or {}).items():
+            (tmp / extra).write_text(text)
+    return Path(folder) / name
