@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 # No test may reach the Hub: PEFT and transformers look up base ids (config.json) when saving and loading.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,3 +27,18 @@ def pytest_configure(config):
     for module in ("peft", "transformers"):
         config.addinivalue_line("filterwarnings", f"ignore::UserWarning:{module}.*")
         config.addinivalue_line("filterwarnings", f"ignore::FutureWarning:{module}.*")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty offline Hub cache that the real huggingface_hub client reads."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -8,6 +8,7 @@ with ``get_peft_model(..., LoraConfig(init_lora_weights=False))`` so that every 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,3 +222,20 @@ def raw_lora_folder(
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out, r, generator=gen)
     base_config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     return write_folder(folder, {**base_config, **(config or {})}, tensors)
+
+
+# ----------------------------------------------------------------------------------------------- Hub cache
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def publish(cache: Path, repo_id: str, source: Path, *, commit: str = COMMIT, sub: str = "", ref: str = "main") -> Path:
+    """Put ``source``'s files in the cache as snapshot ``commit`` of ``repo_id`` (under ``sub``), with ``ref``."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    target = repo / "snapshots" / commit / sub
+    target.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        shutil.copy(f, target / f.name)
+    return target

@@ -244,22 +244,14 @@ def test_bin_base_single_shard_and_float32(tmp_path, sharded):
         torch.testing.assert_close(ours[name], tensor.detach(), rtol=1e-6, atol=1e-6)  # float32 both: same sums
 
 
-def test_hub_id_base_fetches_config_tokenizer_and_safetensors_only(tmp_path, monkeypatch):
-    """A Hub id as BASE goes through loramix.sources (no network here: the download is replaced by a local folder)."""
-    import loramix.sources
+def test_hub_id_base_through_the_real_hub_client(tmp_path, hub_cache):
+    """A Hub id as BASE: huggingface_hub's own snapshot_download finds it in an offline local cache."""
+    from helpers import publish
 
     base = save_base(tiny_llama(), tmp_path / "snapshot")
-    asked = []
-
-    def fake_download(ref, files):
-        asked.append((ref.repo_id, files))
-        return base
-
-    monkeypatch.setattr(loramix.sources, "_download", fake_download)
+    publish(hub_cache, "someorg/tiny-llama", base)
     made = make_peft_adapter(tiny_llama, tmp_path, "adapter", target_modules=["q_proj"])
     merge_into_base(made.path, "someorg/tiny-llama", tmp_path / "out", shard_size=SHARD, progress=False)
-    assert asked[0][0] == "someorg/tiny-llama"
-    assert "*.safetensors" in asked[0][1] and not any(".bin" in f or ".py" in f for f in asked[0][1])
     check_against_peft(tmp_path / "out", peft_merged(made))
 
 

@@ -9,46 +9,17 @@ tests patch both the environment and those constants.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import raw_lora_folder
+from helpers import COMMIT, publish, raw_lora_folder
 
 from loramix import load_adapter
 from loramix.errors import SourceError
 from loramix.sources import HubRef, parse_hub_id, resolve
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER = "fedcba9876543210fedcba9876543210fedcba98"
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    """An empty offline Hub cache that the real huggingface_hub client reads."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-def publish(cache: Path, repo_id: str, source: Path, *, commit: str = COMMIT, sub: str = "", ref: str = "main") -> Path:
-    """Put ``source``'s files in the cache as snapshot ``commit`` of ``repo_id`` (under ``sub``), with ``ref``."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / ref).write_text(commit)
-    target = repo / "snapshots" / commit / sub
-    target.mkdir(parents=True, exist_ok=True)
-    for f in source.iterdir():
-        shutil.copy(f, target / f.name)
-    return target
 
 
 def same_factors(a, b) -> bool:
