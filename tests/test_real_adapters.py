@@ -185,18 +185,19 @@ def test_real_adapter_round_trip(name, tmp_path):
     assert not any("repeated" in w for w in b.warnings)
 
 
-def test_real_gpt2_adapter_through_peft(tmp_path):
+@pytest.mark.parametrize("name", ["distilgpt2__groundup", "distilgpt2__pipeline"])
+def test_real_gpt2_adapter_through_peft(name, tmp_path):
     """PEFT gives the same logits with loramix's rewrite of a real distilgpt2 adapter as with the original.
 
     The base is GPT-2's real config cut to distilgpt2's 6 layers (and a 64-token vocabulary, which the adapter does
-    not touch, to keep it fast), random weights. Tolerance: float32 atol 1e-4 on logits of a 768-wide, 6-layer
-    model: the factors are copied bit for bit and the scale is exact (alpha/r = 2), so only summation order differs.
+    not touch, to keep it fast), random weights. Tolerance: float32 atol 1e-5 on logits of order 1: the factors are
+    copied bit for bit and the scales are exact (alpha/r = 2 and 4), so only summation order could differ; the
+    adapters (pipeline's is catalogued as a tiny delta) move the logits by more than 100 times that.
     """
     from peft import PeftModel
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config.from_pretrained(str(REAL / "base_gpt2_config_only"), n_layer=6, vocab_size=64, n_positions=16)
-    name = "distilgpt2__groundup"
     out = load_adapter(REAL / name).save(tmp_path / name)
     torch.manual_seed(0)
     base = GPT2LMHeadModel(config).eval()
@@ -208,5 +209,5 @@ def test_real_gpt2_adapter_through_peft(tmp_path):
             return (PeftModel.from_pretrained(model, str(folder)) if folder else model).eval()(input_ids=ids).logits
 
     original = logits(REAL / name)
-    assert (original - logits()).abs().max() > 1e-2, "the adapter must change the logits for this to test anything"
-    torch.testing.assert_close(logits(out), original, rtol=0, atol=1e-4)
+    assert (original - logits()).abs().max() > 1e-3, "the adapter must change the logits for this to test anything"
+    torch.testing.assert_close(logits(out), original, rtol=0, atol=1e-5)
