@@ -329,9 +329,12 @@ def _bounds(ctx, param, value: str) -> tuple[float, float]:
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE with the result merged instead.")
 @click.option("--shard-size", default="5GB", show_default=True, help="With --merge-into: the largest shard.")
+@click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repository.")
 @click.pass_context
 @_errors_as_one_line
-def search(ctx: click.Context, adapters, base, examples, output, force, merge_into, shard_size, **options) -> None:
+def search(
+    ctx: click.Context, adapters, base, examples, output, force, merge_into, shard_size, push_repo, **options
+) -> None:
     """Search the weights of ADAPTERS whose combination fits the --examples best (LoRAHub, batched).
 
     OUTPUT receives search.json (weights in the order given, loss, history, settings) and the combined PEFT adapter
@@ -344,12 +347,12 @@ def search(ctx: click.Context, adapters, base, examples, output, force, merge_in
     result = run_search(base, list(adapters), examples, progress=ctx.obj["progress"], **options)
     merge = {"shard_size": shard_size, "device": options["device"], "progress": ctx.obj["progress"]}
     result.save(output, overwrite=force, merge_into=merge_into, **(merge if merge_into else {}))
-    # --push-to-hub (being added separately) uploads OUTPUT here, once it is complete.
     weights = ", ".join(f"{w:+.3f}" for w in result.weights)
     click.echo(
         f"wrote {output}: weights [{weights}], loss {result.loss:.4f} (cross-entropy {result.cross_entropy:.4f}), "
         f"{result.evaluations} evaluations in {result.seconds:.1f} s, {options['composition']} composition"
     )
+    _push_output(output, push_repo)
 
 
 @main.command()
