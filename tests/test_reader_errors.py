@@ -532,3 +532,24 @@ def test_every_stored_dtype_loads_or_is_refused_cleanly(dtype, tmp_path):
             load_adapter(write_folder(tmp_path / "nan", CONFIG, tensors))
     else:
         assert isinstance(result, AdapterFormatError) and "not floating point" in str(result)
+
+
+def test_keys_that_normalise_to_the_same_tensor(tmp_path):
+    """The same tensor under two spellings (doubled prefix, adapter name) is read once; different values refuse."""
+    key = f"base_model.model.{Q}.lora_A.weight"
+    twice = {**TENSORS, "base_model.model." + key: TENSORS[key].clone()}
+    a = load_adapter(write_folder(tmp_path / "same", CONFIG, twice), log_warnings=False)
+    assert torch.equal(a.modules[Q].A, TENSORS[key])
+    assert any("repeat an equal tensor" in w for w in a.warnings)
+    differing = {**TENSORS, key.replace(".weight", ".default.weight"): TENSORS[key] + 1}
+    folder = write_folder(tmp_path / "differ", CONFIG, differing)
+    with pytest.raises(AdapterFormatError, match="name one tensor with different values") as info:
+        load_adapter(folder)
+    assert str(folder / "adapter_model.safetensors") in str(info.value) and key in str(info.value)
+    head = {
+        **TENSORS,
+        "base_model.model.score.weight": torch.ones(2),
+        "score.modules_to_save.default.weight": torch.ones(3),
+    }
+    with pytest.raises(AdapterFormatError, match="score"):
+        load_adapter(write_folder(tmp_path / "head", CONFIG, head))

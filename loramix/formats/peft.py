@@ -45,7 +45,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     if not allow_nonfinite:
         check_finite(weights, tensors)
     notes: list[str] = []
-    parts, extra = _split_keys(tensors, notes, config=config)
+    parts, extra = _split_keys(tensors, notes, config=config, where=weights)
     if not parts:
         raise AdapterFormatError(f"{weights}: holds no LoRA tensors (no lora_A / lora_B keys)")
     modules = _build_modules(weights, parts, config, notes)
@@ -157,12 +157,30 @@ def _split_keys(
     kinds: tuple[str, ...] = LORA_KINDS,
     *,
     config: dict | None = None,
+    where: str | Path = "<tensors>",
 ) -> tuple[dict[str, dict[tuple[str, str], torch.Tensor]], dict[str, ExtraTensor]]:
-    """Sort keys into LoRA parts per module ({(kind, param): tensor}) and full extra tensors."""
+    """Sort keys into LoRA parts per module ({(kind, param): tensor}) and full extra tensors.
+
+    Two keys that normalise to the same name are one tensor saved twice (noted) if equal, an error otherwise.
+    """
     parts: dict[str, dict[tuple[str, str], torch.Tensor]] = defaultdict(dict)
     extra: dict[str, ExtraTensor] = {}
     prefix_counts: Counter[int] = Counter()
     dropped: list[str] = []
+    origin: dict[tuple, str] = {}
+    repeats: list[str] = []
+
+    def place(table: dict, name, value, key: str, label: tuple) -> None:
+        if label in origin:
+            old, new = (v.tensor if isinstance(v, ExtraTensor) else v for v in (table[name], value))
+            if old.shape != new.shape or not torch.equal(old, new.to(old.dtype)):
+                raise AdapterFormatError(
+                    f"{where}: keys {origin[label]} and {key} name one tensor with different values"
+                )
+            repeats.append(key)
+        origin[label] = key
+        table[name] = value
+
     for key, tensor in tensors.items():
         name, count = _strip_prefix(key)
         prefix_counts[count] += 1
@@ -171,22 +189,27 @@ def _split_keys(
         if kind_at is not None and kind_at > 0:
             rest = tokens[kind_at + 1 :]
             param = rest[-1] if rest and rest[-1] in PARAM_NAMES else "weight"
-            parts[".".join(tokens[:kind_at])][(tokens[kind_at], param)] = tensor
+            module, slot = ".".join(tokens[:kind_at]), (tokens[kind_at], param)
+            place(parts[module], slot, tensor, key, (module, *slot))
         elif "original_module" in tokens:
             dropped.append(key)
         elif "modules_to_save" in tokens:
             at = tokens.index("modules_to_save")
-            extra[".".join(tokens[:at] + tokens[at + 2 :])] = ExtraTensor(tensor, "modules_to_save")
+            name = ".".join(tokens[:at] + tokens[at + 2 :])
+            place(extra, name, ExtraTensor(tensor, "modules_to_save"), key, (name,))
         elif "base_layer" in tokens:
-            extra[".".join(t for t in tokens if t != "base_layer")] = ExtraTensor(tensor, "base_layer")
+            name = ".".join(t for t in tokens if t != "base_layer")
+            place(extra, name, ExtraTensor(tensor, "base_layer"), key, (name,))
         else:
-            extra[name] = ExtraTensor(tensor, _plain_kind(name, config or {}))
+            place(extra, name, ExtraTensor(tensor, _plain_kind(name, config or {})), key, (name,))
     repeated = {c: n for c, n in prefix_counts.items() if c > 1}
     if repeated:
         times = ", ".join(f"{n} keys {c} times" for c, n in sorted(repeated.items()))
         notes.append(f"key prefix '{PREFIX}' repeated ({times}); normalised")
     if dropped:
         notes.append(f"dropped {len(dropped)} original_module tensor(s) (copies of the base model): {dropped[0]}, ...")
+    if repeats:
+        notes.append(f"{len(repeats)} key(s) repeat an equal tensor under another spelling: {_sample(repeats)}")
     return parts, extra
 
 
