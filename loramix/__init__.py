@@ -6,6 +6,7 @@ from loramix.checkpoint import merge_into_base
 from loramix.combine import combine
 from loramix.errors import LoramixError
 from loramix.formats import load_adapter
+from loramix.hub import push_to_hub
 from loramix.search import search
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "combine",
     "load_adapter",
     "merge_into_base",
+    "push_to_hub",
     "search",
 ]

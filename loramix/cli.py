@@ -164,6 +164,7 @@ def combine(
     else:
         plan = Plan(adapters=list(adapters), **given)
     plan.output = output or plan.output
+    merge_into = plan.merge_into = merge_into or plan.merge_into
     if not plan.output:
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
     from loramix.combine import combine as run_combine

@@ -148,7 +148,8 @@ def model_card(
 ) -> str:
     """README.md text for an output folder holding ``adapter`` (or, with ``merged_into``, that base merged).
 
-    ``argv`` is the command line that made it (``sys.argv``); without it the card says the Python API made it.
+    ``argv`` is the command line that made it (``sys.argv``, the program shown by its name); without it the card
+    says the Python API made it.
     ``analysis`` adds the sources' pairwise overlap when the adapters are small (it reloads them).
     """
     import shlex
@@ -176,7 +177,7 @@ def model_card(
     made = f"made by [loramix]({REPO_URL}) {loramix_version()}"
     if method:
         made += f" with the `{method}` method from {len(provenance.get('sources') or [])} source adapter(s)"
-    command = shlex.join(argv) if argv else None
+    command = shlex.join([Path(argv[0]).name, *argv[1:]]) if argv else None  # the program's name, not its path
     body = [
         f"# {f'{method} merge of LoRA adapters' if method else adapter.name}",
         "",

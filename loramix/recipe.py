@@ -7,6 +7,7 @@ adapters:                     # sources: folders (relative to this file), Hub id
 method: svd                   # see `loramix methods`
 rank: 16                      # optional truncation: rank, energy, or rule + rule_value
 output: out/merged            # relative to the current directory; -o overrides
+# merge_into: ../loramix/examples/tiny-llama   # write this base (folder or Hub id) with the result merged
 # scale: 2.0                  # plain LoRA state dicts only: scale or alpha, base_model, and module_map
 # module_map: names.yaml      # (a mapping of regexes, or a YAML/JSON file relative to this file)
 ```
@@ -69,11 +70,12 @@ class Plan:
     module_map: dict | str | None = None
     options: dict = field(default_factory=dict)
     output: str | None = None
+    merge_into: str | None = None
 
     def combine_kwargs(self) -> dict:
         """Keyword arguments for `loramix.combine`."""
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in ("adapters", "options", "output", "dtype"):
+        for key in ("adapters", "options", "output", "dtype", "merge_into"):
             kwargs.pop(key)
         loading = {key: kwargs.pop(key) for key in LOAD_OPTIONS}
         load_options = {k: v for k, v in loading.items() if v is not None} or None
@@ -107,6 +109,7 @@ _TYPES = {
     "module_map": (dict, str),
     "options": dict,
     "output": str,
+    "merge_into": str,
 }
 
 
@@ -131,6 +134,8 @@ def load_recipe(path: str | Path) -> Plan:
     fields = {k: v for k, v in data.items() if k != "adapters" and v is not None}
     if isinstance(fields.get("module_map"), str):
         fields["module_map"] = str(path.parent / fields["module_map"])
+    if "merge_into" in fields:
+        fields["merge_into"] = _relative_source(path, fields["merge_into"])
     return Plan(adapters=sources, weights=weights, **fields)
 
 
