@@ -53,10 +53,19 @@ def _hub_base(base: str | None) -> str | None:
 
 
 def _revision(source: str) -> str:
+    """``local`` for a path; for a Hub id the revision asked for and the commit the local cache resolved it to."""
     ref = parse_hub_id(source) if not Path(source).exists() else None
     if ref is None:
         return "local"
-    return ref.revision or "main (latest)"
+    asked = ref.revision or "main"
+    try:  # the source was just fetched, so the cache answers without the network
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, local_files_only=True, allow_patterns=[]))
+    except Exception:  # noqa: BLE001 — the card then names the revision asked for only
+        return asked
+    commit = folder.name if folder.parent.name == "snapshots" else None
+    return f"{asked} (commit {commit})" if commit and commit != asked else asked
 
 
 def _method_section(provenance: dict) -> list[str]:

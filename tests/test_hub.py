@@ -22,7 +22,7 @@ from huggingface_hub import ModelCard, constants
 from loramix import combine
 from loramix.cli import main
 from loramix.examples import path as example
-from loramix.hub import HubError, push_to_hub
+from loramix.hub import HubError, model_card, push_to_hub
 
 TOKEN = "hf_loramixTestToken0123456789"
 
@@ -221,3 +221,13 @@ def test_hub_refusal_is_one_line_without_the_token(tmp_path, fake_hub):
         push_to_hub(folder, "me/forbidden")
     message = str(info.value)
     assert "\n" not in message and TOKEN not in message and "me/forbidden" in message and "403" in message
+
+
+def test_card_names_the_commit_a_hub_source_resolved_to(hub_cache, tmp_path):
+    from helpers import COMMIT, publish, raw_lora_folder
+
+    publish(hub_cache, "org/style", raw_lora_folder(tmp_path / "made"))
+    merged = combine(["org/style", str(raw_lora_folder(tmp_path / "other", seed=3))], weights=[0.25, 0.75])
+    text = model_card(merged)
+    assert f"| `org/style` | 0.25 | main (commit {COMMIT}) |" in text
+    assert "| 0.75 | local |" in text and "Python API" in text
