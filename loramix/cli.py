@@ -177,7 +177,7 @@ def combine(
     adapter = run_combine(plan.adapters, progress=ctx.obj["progress"], **kwargs)
     from loramix.hub import output_files
 
-    files = output_files(adapter, plan=plan, argv=sys.argv, merged_into=merge_into)
+    files = output_files(adapter, plan=plan, argv=sys.argv, merged_into=merge_into, output_format=output_format)
     if merge_into:
         from loramix.checkpoint import merge_into_base
 

@@ -154,12 +154,14 @@ def model_card(
     argv: list[str] | None = None,
     merged_into: str | None = None,
     analysis: bool = True,
+    output_format: str = "peft",
 ) -> str:
     """README.md text for an output folder holding ``adapter`` (or, with ``merged_into``, that base merged).
 
     ``argv`` is the command line that made it (``sys.argv``, the program shown by its name); without it the card
     says the Python API made it.
-    ``analysis`` adds the sources' pairwise overlap when the adapters are small (it reloads them).
+    ``analysis`` adds the sources' pairwise overlap when the adapters are small (it reloads them). ``output_format``
+    ``kohya`` describes a kohya/A1111 file (no library_name: neither PEFT nor transformers loads it).
     """
     import shlex
 
@@ -170,11 +172,13 @@ def model_card(
     base = base or _hub_base(adapter.base_model)
     provenance = adapter.provenance or {}
     method = provenance.get("method")
-    tags = ["loramix", "lora"] + ([method] if method else []) + (["merge"] if merged else [])
+    kohya = output_format == "kohya" and not merged
+    tags = ["loramix", "lora", *([method] if method else []), *(["merge"] if merged else [])]
+    tags += ["kohya"] if kohya else []
     data = ModelCardData(
         base_model=base,
         base_model_relation="merge" if merged else "adapter",
-        library_name="transformers" if merged else "peft",
+        library_name="transformers" if merged else (None if kohya else "peft"),
         tags=tags,
     )
     kind = "checkpoint" if merged else "LoRA adapter"
@@ -182,7 +186,7 @@ def model_card(
     if merged:
         what = f"The base model {base_text} with a LoRA merged into its weights"
     else:
-        what = f"A PEFT LoRA adapter for {base_text}"
+        what = f"A {'kohya/A1111' if kohya else 'PEFT'} LoRA adapter for {base_text}"
     made = f"made by [loramix]({REPO_URL}) {loramix_version()}"
     if method:
         made += f" with the `{method}` method from {len(provenance.get('sources') or [])} source adapter(s)"
@@ -226,14 +230,19 @@ def _repeatable(plan, adapter: LoraAdapter):
 
 
 def output_files(
-    adapter: LoraAdapter, *, plan=None, argv: list[str] | None = None, merged_into: str | None = None
+    adapter: LoraAdapter,
+    *,
+    plan=None,
+    argv: list[str] | None = None,
+    merged_into: str | None = None,
+    output_format: str = "peft",
 ) -> dict[str, str]:
     """The card and, with a `recipe.Plan`, the recipe (``loramix_recipe.yaml``) to write beside an output."""
     files = {}
     if plan is not None:
         files[RECIPE_FILE] = _repeatable(plan, adapter).to_yaml()
         adapter.provenance = {**adapter.provenance, "recipe": True}
-    files[CARD_FILE] = model_card(adapter, argv=argv, merged_into=merged_into)
+    files[CARD_FILE] = model_card(adapter, argv=argv, merged_into=merged_into, output_format=output_format)
     return files
 
 

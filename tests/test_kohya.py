@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -103,7 +104,10 @@ def test_kohya_plus_kohya_written_as_kohya_is_the_weighted_sum(tmp_path, method)
         assert (got - expected).norm() <= 1e-5 * expected.norm(), name
     assert out[f"{CONV1}.lora_down.weight"].shape[1:] == (6, 3, 3)
     assert out[f"{CONV1}.lora_up.weight"].shape[2:] == (1, 1)
-    assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "loramix_recipe.yaml").is_file()
+    assert (tmp_path / "out" / "loramix_recipe.yaml").is_file()
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert {"loramix", "kohya", method} <= set(card.data.tags) and card.data.library_name is None
+    assert "kohya/A1111 LoRA adapter" in card.text
 
 
 def test_diffusers_names_read_and_write_as_kohya_keys(tmp_path):
