@@ -50,17 +50,28 @@ def _would_replace(target: Path, item: Path) -> bool:
     return target == item or target in item.parents
 
 
+# Files that mark a folder as an adapter or checkpoint output, which overwrite may replace.
+_OUTPUT_MARKERS = ("adapter_config.json", "config.json", "model.safetensors", "model.safetensors.index.json")
+
+
 def check_output(target: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Path:
-    """Refuse an output that would replace any ``protect`` path (the inputs) or, unless ``overwrite``, an existing
-    non-empty folder. Returns the resolved target. Callers check before long work, and `atomic_output` again."""
+    """Refuse an output that would replace any ``protect`` path (the inputs), or an existing non-empty folder unless
+    ``overwrite`` and it holds an adapter or model (never an unrelated folder). Returns the resolved target.
+    Callers check before long work, and `atomic_output` checks again."""
     target = Path(target).resolve()
     for item in protect:
         if Path(item).exists() and _would_replace(target, Path(item).resolve()):
             raise OutputError(f"{target}: output would replace the input {item}")
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise OutputError(f"{target}: folder exists and is not empty (use --force / overwrite=True to replace it)")
+    if target.exists() and any(target.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{target}: folder exists and is not empty (use --force / overwrite=True to replace it)")
+        if not any((target / marker).is_file() for marker in _OUTPUT_MARKERS):
+            raise OutputError(
+                f"{target}: holds no adapter or model files, so it is not an earlier output; not replacing it "
+                "even with --force"
+            )
     return target
 
 

@@ -383,6 +383,10 @@ def test_existing_non_empty_folder_needs_overwrite(template, tmp_path):
     with pytest.raises(OutputError, match="exists and is not empty"):
         adapter.save(target)
     assert listing(target) == {"keep.txt": b"mine"}
+    with pytest.raises(OutputError, match="not an earlier output"):  # overwrite replaces outputs, not any folder
+        adapter.save(target, overwrite=True)
+    assert listing(target) == {"keep.txt": b"mine"}
+    (target / "adapter_config.json").write_text("{}")  # an earlier output: replaced as a whole
     adapter.save(target, overwrite=True)
     written = listing(target)
     assert "keep.txt" not in written and {"adapter_config.json", "adapter_model.safetensors"} <= set(written)

@@ -32,7 +32,7 @@ def test_hub_id_loads_from_the_cache(hub_cache, tmp_path):
     local = raw_lora_folder(tmp_path / "made")
     publish(hub_cache, "org/name", local)
     a = load_adapter("org/name")
-    assert a.source == "org/name"
+    assert a.source == "org/name" and a.name == "name"  # named after the repository, not the snapshot hash
     assert same_factors(a, load_adapter(local))
     assert resolve("org/name") == hub_cache / "models--org--name" / "snapshots" / COMMIT
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from loramix.adapter import LoraAdapter
 from loramix.errors import AdapterFormatError
 from loramix.formats import adalora, kohya, peft, statedict
-from loramix.sources import resolve
+from loramix.sources import parse_hub_id, resolve
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ def load_adapter(
             f"{'/'.join(statedict.SUFFIXES)} LoRA state dict file)"
         )
     adapter.source = str(src)
+    if not Path(src).expanduser().exists():  # a Hub id: named after the repository, not the snapshot's hash
+        ref = parse_hub_id(str(src))
+        adapter.name = ref.repo_id.split("/")[-1] + (f":{ref.subfolder}" if ref.subfolder else "")
     if log_warnings:
         for note in adapter.warnings:
             log.warning("%s: %s", adapter.name, note)
