@@ -30,7 +30,6 @@ import torch
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import AdapterFormatError
 from loramix.formats import peft
-from loramix.io import check_finite, read_tensors
 
 PEFT_TYPE = "ADALORA"
 KINDS = (*peft.LORA_KINDS, "lora_E", "ranknum")
@@ -52,11 +51,7 @@ def is_adalora_folder(path: Path) -> bool:
 def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     """Read an AdaLoRA adapter folder into a `LoraAdapter` of plain LoRA modules (E folded into A)."""
     folder = Path(path)
-    config = peft._read_config(folder, peft_types=(PEFT_TYPE,))
-    weights = peft._weights_file(folder)
-    tensors = read_tensors(weights)
-    if not allow_nonfinite:
-        check_finite(weights, tensors)
+    config, weights, tensors = peft.load_folder(folder, allow_nonfinite=allow_nonfinite, peft_types=(PEFT_TYPE,))
     notes: list[str] = []
     parts, extra = peft._split_keys(tensors, notes, kinds=KINDS)
     if not parts:
@@ -75,18 +70,13 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
         )
     if not modules:
         raise AdapterFormatError(f"{weights}: every AdaLoRA module is pruned to rank 0: the adapter changes nothing")
-    peft._check_targets(config, modules, notes)
-    if all(not m.B.any() for m in modules.values()):
-        notes.append("every lora_B is zero: this adapter changes nothing")
-    return LoraAdapter(
-        modules=modules,
-        base_model=config.get("base_model_name_or_path") or None,
-        extra=extra,
-        task_type=config.get("task_type"),
-        source=str(path),
-        name=folder.resolve().name,
-        warnings=notes,
-        file_bytes=sum(f.stat().st_size for f in (folder / peft.CONFIG_FILE, weights)),
+    return peft.finish_adapter(
+        path,
+        config,
+        weights,
+        modules,
+        extra,
+        notes,
         provenance={"format": "adalora", "init_r": config.get("init_r", 12), "live_ranks": live},
     )
 

@@ -37,33 +37,49 @@ def is_peft_folder(path: Path) -> bool:
 
 def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     """Read a PEFT adapter folder into a `LoraAdapter` (tensors keep their stored dtype)."""
-    folder = Path(path)
-    config = _read_config(folder)
-    _check_patterns(folder / CONFIG_FILE, config)
-    weights = _weights_file(folder)
-    tensors = read_tensors(weights)
-    if not allow_nonfinite:
-        check_finite(weights, tensors)
+    config, weights, tensors = load_folder(path, allow_nonfinite=allow_nonfinite)
+    _check_patterns(Path(path) / CONFIG_FILE, config)
     notes: list[str] = []
     parts, extra = _split_keys(tensors, notes, config=config, where=weights)
     if not parts:
         raise AdapterFormatError(f"{weights}: holds no LoRA tensors (no lora_A / lora_B keys)")
     modules = _build_modules(weights, parts, config, notes)
-    _check_targets(config, modules, notes)
     if config.get("bias", "none") != "none" and not any(n.endswith(".bias") for n in extra):
         notes.append(f"config says bias={config['bias']!r} but no bias tensors were saved: trained biases are absent")
+    return finish_adapter(
+        path, config, weights, modules, extra, notes, use_rslora=bool(config.get("use_rslora", False))
+    )
+
+
+def load_folder(
+    path: str | Path, *, allow_nonfinite: bool, peft_types: tuple[str, ...] = ("LORA",)
+) -> tuple[dict, Path, dict[str, torch.Tensor]]:
+    """(config, weights file, tensors) of a PEFT-style folder, the tensors checked for NaN/Inf unless allowed."""
+    folder = Path(path)
+    config = _read_config(folder, peft_types=peft_types)
+    weights = _weights_file(folder)
+    tensors = read_tensors(weights)
+    if not allow_nonfinite:
+        check_finite(weights, tensors)
+    return config, weights, tensors
+
+
+def finish_adapter(path, config: dict, weights: Path, modules, extra, notes: list[str], **fields) -> LoraAdapter:
+    """The checks every PEFT-config reader ends with, and the `LoraAdapter` it returns."""
+    _check_targets(config, modules, notes)
     if all(not m.B.any() for m in modules.values()):
         notes.append("every lora_B is zero: this adapter changes nothing")
+    folder = Path(path)
     return LoraAdapter(
         modules=modules,
         base_model=config.get("base_model_name_or_path") or None,
         extra=extra,
         task_type=config.get("task_type"),
-        use_rslora=bool(config.get("use_rslora", False)),
         source=str(path),
         name=folder.resolve().name,
         warnings=notes,
         file_bytes=sum(f.stat().st_size for f in (folder / CONFIG_FILE, weights)),
+        **fields,
     )
 
 
