@@ -28,6 +28,23 @@ def _errors_as_one_line(fn):
     return wrapper
 
 
+def _rank_rule_options(fn):
+    """--rank/--energy/--rule/--rule-value: one `RankRule` for combine (truncation) and analyze (suggestions)."""
+    options = (
+        click.option("--rank", type=click.IntRange(min=1), help="At most this rank per module."),
+        click.option(
+            "--energy",
+            type=click.FloatRange(0, 1, min_open=True),
+            help="The smallest rank holding this share of Σσ² per module.",
+        ),
+        click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule."),
+        click.option("--rule-value", type=float, help="The value for --rule (see the README)."),
+    )
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="loramix")
 @click.option("-q", "--quiet", is_flag=True, help="Hide warnings and progress bars.")
@@ -107,14 +124,7 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
     "-w", "--weights", callback=_weights, help="Comma-separated weights, one per adapter [default: 1/n each]."
 )
 @click.option("-m", "--method", default=None, help="Merge method (see `loramix methods`) [default: svd].")
-@click.option("--rank", type=click.IntRange(min=1), help="Keep at most this rank per module (re-factorising methods).")
-@click.option(
-    "--energy",
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Keep the smallest rank holding this share of Σσ².",
-)
-@click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule.")
-@click.option("--rule-value", type=float, help="The value for --rule.")
+@_rank_rule_options
 @click.option("--option", "options", multiple=True, callback=_options, metavar="KEY=VALUE", help="A method option.")
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Share of entries kept (ties, dare…).")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), help="TIES sign election [default: total].")
@@ -257,14 +267,7 @@ def examples(name: str | None) -> None:
 @click.option(
     "-w", "--weights", callback=_weights, help="Weights of the merged sum, one per adapter [default: 1/n each]."
 )
-@click.option("--rank", type=click.IntRange(min=1), help="Cap the suggested rank.")
-@click.option(
-    "--energy",
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Suggest the smallest rank holding this share of Σσ² [default: 0.99 when no rule is given].",
-)
-@click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule.")
-@click.option("--rule-value", type=float, help="The value for --rule.")
+@_rank_rule_options
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), help="Write JSON to FILE (- prints it)."
 )
@@ -276,7 +279,10 @@ def examples(name: str | None) -> None:
 @click.pass_context
 @_errors_as_one_line
 def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, **options) -> None:
-    """Spectra, rank use and pairwise overlap of ADAPTERS (folders or Hub ids), computed in factor space."""
+    """Spectra, rank use and pairwise overlap of ADAPTERS (folders or Hub ids), computed in factor space.
+
+    Rank suggestions follow --energy (default 0.99 when no --rule is given) or --rule, capped by --rank: the same
+    rule `loramix combine --method svd` takes."""
     from loramix.analysis import analyze as run_analyze
     from loramix.report import analysis_plots, analysis_text, write_analysis_json
 
