@@ -67,7 +67,8 @@ def check_output(target: str | Path, *, overwrite: bool = False, protect: Iterab
     if target.exists() and any(target.iterdir()):
         if not overwrite:
             raise OutputError(f"{target}: folder exists and is not empty (use --force / overwrite=True to replace it)")
-        if not any((target / marker).is_file() for marker in _OUTPUT_MARKERS):
+        markers = (*_OUTPUT_MARKERS, f"{target.name}.safetensors")  # the last: a kohya file loramix wrote
+        if not any((target / marker).is_file() for marker in markers):
             raise OutputError(
                 f"{target}: holds no adapter or model files, so it is not an earlier output; not replacing it "
                 "even with --force"

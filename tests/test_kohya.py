@@ -82,6 +82,7 @@ def test_read_write_round_trip_restores_every_key(tmp_path):
     with safe_open(str(written), "pt") as f:
         assert f.metadata()["ss_network_dim"] == "4"
     assert sorted(load_adapter(tmp_path / "again").modules) == sorted(SHAPES)  # a folder holding one kohya file
+    kohya.write(load_adapter(tmp_path / "in.safetensors"), tmp_path / "again", overwrite=True)  # an earlier output
 
 
 @pytest.mark.parametrize("method", ["cat", "svd"])
