@@ -1,10 +1,10 @@
 """LoRAHub-style weight search: loramix's batched search against a faithful LoRAHub loop, with no download.
 
-Setup — a small Llama-shaped causal LM (≈25M parameters; --small: ≈0.2M) is trained from scratch, character-level,
-on the copy task ``abc>abc</s>``. One LoRA per synthetic task (r=8 on every attention and MLP projection, trained
-with PEFT): reverse, uppercase, shift letters by one, sort, double each character. Held-out tasks combine two of
-them (reverse+uppercase, shift+uppercase, reverse+shift); each gets 5 few-shot examples for the search and unseen
-examples for exact-match accuracy (greedy decoding).
+Setup — a small Llama-shaped causal LM (≈25M parameters; --small: ≈0.1M) is trained from scratch, character-level,
+on the copy task ``aB3>aB3</s>`` (letters of both cases and digits). One LoRA per synthetic task (r=8 on every
+attention and MLP projection, trained with PEFT on lowercase words): reverse, uppercase, shift letters by one, sort,
+double each character. Held-out tasks combine two of them (reverse+uppercase, shift+uppercase, reverse+shift); each
+gets 5 few-shot examples for the search and unseen examples for exact-match accuracy (greedy decoding).
 
 Per held-out task the table compares
   zero-shot          the base (all weights 0)
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import random
 import subprocess
@@ -33,8 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every model and adapter is made here
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 import loramix
 from loramix.combine import resolve_device
@@ -59,7 +62,7 @@ HELD_OUT = {
 }
 SIZES = {  # hidden, layers, heads, intermediate, base steps, LoRA steps, batch, test examples
     "full": dict(hidden=512, layers=8, heads=8, inter=1408, base_steps=1500, lora_steps=300, batch=128, test=64),
-    "small": dict(hidden=64, layers=2, heads=4, inter=128, base_steps=150, lora_steps=100, batch=32, test=24),
+    "small": dict(hidden=64, layers=2, heads=4, inter=128, base_steps=400, lora_steps=300, batch=32, test=24),
 }
 L1, BOUNDS, STEPS, SHOTS = 0.05, (-1.5, 1.5), 40, 5
 
@@ -89,19 +92,19 @@ def tokenizer():
     )
 
 
-def examples(task, n: int, rng: random.Random) -> list[dict]:
-    words = ["".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 7))) for _ in range(n)]
+def examples(task, n: int, rng: random.Random, alphabet: str = LETTERS) -> list[dict]:
+    words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(3, 7))) for _ in range(n)]
     return [{"input": w + ">", "output": task(w)} for w in words]
 
 
-def train(model, tok, task, *, steps: int, batch: int, lr: float, seed: int, device) -> float:
+def train(model, tok, task, *, steps: int, batch: int, lr: float, seed: int, device, alphabet: str = LETTERS) -> float:
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     for _ in range(steps):
-        data = build_batch(as_examples(examples(task, batch, rng)), tok, encoder_decoder=False)
+        data = build_batch(as_examples(examples(task, batch, rng, alphabet)), tok, encoder_decoder=False)
         data = {k: v.to(device) for k, v in data.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(**data).loss
@@ -138,7 +141,15 @@ def build(folder: Path, size: dict, device: torch.device, seed: int):
     params = sum(p.numel() for p in base.parameters())
     start = time.perf_counter()
     loss = train(
-        base, tok, lambda s: s, steps=size["base_steps"], batch=size["batch"], lr=2e-3, seed=seed, device=device
+        base,
+        tok,
+        lambda s: s,
+        steps=size["base_steps"],
+        batch=size["batch"],
+        lr=2e-3,
+        seed=seed,
+        device=device,
+        alphabet=CHARS[:-1],  # the base copies mixed-case letters and digits, so every output token is familiar
     )
     took = time.perf_counter() - start
     print(f"base: {params / 1e6:.1f}M parameters, copy task trained to loss {loss:.3f} in {took:.0f} s", flush=True)
@@ -153,7 +164,7 @@ def build(folder: Path, size: dict, device: torch.device, seed: int):
         loss = train(
             lora, tok, task, steps=size["lora_steps"], batch=size["batch"], lr=3e-3, seed=seed + 1 + i, device=device
         )
-        lora.peft_config["default"].base_model_name_or_path = "bench-search-base"
+        lora.peft_config["default"].base_model_name_or_path = str(folder / "base")
         lora.save_pretrained(folder / name)
         paths.append(folder / name)
         print(f"  LoRA {name:<8} loss {loss:.3f}", flush=True)

@@ -385,3 +385,14 @@ def test_errors_are_one_line(causal, tmp_path):
     with pytest.raises(SearchError, match="tokenizer"):
         search(uneven.base, uneven.adapters, EXAMPLES, composition="delta", steps=1, device="cpu")
     assert issubclass(SearchError, LoramixError)
+
+
+def test_chat_template_wraps_the_input_once(causal):
+    tok = char_tokenizer(seq2seq=False)
+    tok.chat_template = "{{ bos_token }}q {{ messages[0]['content'] }} a "
+    plain = build_batch(as_examples([{"input": "q hi a ", "output": "yo"}]), tok, encoder_decoder=False)
+    chat = build_batch(as_examples([{"input": "hi", "output": "yo"}]), tok, encoder_decoder=False, chat_template=True)
+    assert chat["input_ids"].tolist() == plain["input_ids"].tolist()  # one BOS, the template's
+    assert chat["labels"].tolist() == plain["labels"].tolist()
+    with pytest.raises(SearchError, match="no chat template"):
+        build_batch(as_examples(EXAMPLES), causal.tokenizer, encoder_decoder=False, chat_template=True)

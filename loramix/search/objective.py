@@ -103,7 +103,11 @@ def build_batch(
     """Token batch for ``examples`` (right-padded): model inputs plus ``labels`` with ``-100`` on ignored tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     eos = tokenizer.eos_token_id
-    prompts = [tokenizer(prompt_text(tokenizer, e.input, chat_template))["input_ids"] for e in examples]
+    # A chat template writes its own special tokens (BOS included), so the tokenizer must not add them again.
+    prompts = [
+        tokenizer(prompt_text(tokenizer, e.input, chat_template), add_special_tokens=not chat_template)["input_ids"]
+        for e in examples
+    ]
     if encoder_decoder:
         targets = [tokenizer(e.output)["input_ids"] for e in examples]  # the tokenizer adds </s> (T5) itself
         if add_eos and eos is not None:
