@@ -289,7 +289,10 @@ def main() -> None:
             f"bounds {BOUNDS}, {STEPS} steps; loss re-scored in float32, accuracy = exact match of greedy decoding; "
             f"search dtype {str(dtype).removeprefix('torch.')}\n"
         )
-        print("| task | method | loss | exact match | evaluations | search s | candidates/s | weights |")
+        print(
+            "| task | method | loss | exact match | evaluations | search s | candidates/s "
+            f"| weights ({', '.join(TASKS)}) |"
+        )
         print("|---|---|---:|---:|---:|---:|---:|---|")
         rates = {}
         for t, name in enumerate(args.tasks):
