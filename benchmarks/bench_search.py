@@ -13,7 +13,8 @@ Per held-out task the table compares
                      with set_peft_model_state_dict, then one forward pass; scipy COBYLA (what its NGOpt runs at
                      this budget) from 0 within ±1.5, 40 evaluations, loss + 0.05·mean|w|
   loramix            `loramix.search` with each composition × optimizer (40 COBYLA evaluations / 40 CMA-ES
-                     generations / 40 Adam steps), base loaded once and frozen (bf16 on a GPU), hooks
+                     generations of the default 8 candidates, or of 32 ("cma ×32") / 40 Adam steps), base loaded
+                     once and frozen (bf16 on a GPU), hooks
 and reports the final loss (the objective on the few-shot examples, re-scored by one float32 referee for every
 method), exact-match accuracy on the unseen examples, and candidate evaluations per second of the search loop
 (model loading excluded on both sides). The throughput row scores one population of 64 candidates per pass.
@@ -303,7 +304,7 @@ def main() -> None:
             w, evals, secs = lorahub_faithful(folder / "base", adapters, shots, tok, device, dtype)
             rows.append(("lorahub-faithful (PEFT swaps, COBYLA)", "lorahub", w, (evals, secs)))
             for composition in ("lorahub", "delta"):
-                for optimizer in ("cobyla", "cma", "adam"):
+                for optimizer, popsize in (("cobyla", None), ("cma", None), ("cma", 32), ("adam", None)):
                     r = loramix.search(
                         str(folder / "base"),
                         adapters,
@@ -315,10 +316,10 @@ def main() -> None:
                         bounds=BOUNDS,
                         seed=args.seed,
                         device=str(device),
+                        popsize=popsize,
                     )
-                    rows.append(
-                        (f"loramix {composition} {optimizer}", composition, r.weights, (r.evaluations, r.seconds))
-                    )
+                    label = f"loramix {composition} {optimizer}" + (f" ×{popsize}" if popsize else "")
+                    rows.append((label, composition, r.weights, (r.evaluations, r.seconds)))
             for label, composition, weights, run in rows:
                 loss, exact = referee.score(weights, composition)
                 cells = ["", "", ""] if run is None else [str(run[0]), f"{run[1]:.2f}", f"{run[0] / run[1]:.0f}"]
