@@ -52,14 +52,14 @@ class SearchResult:
 
     def save(self, folder: str | Path, *, overwrite: bool = False, merge_into: str | None = None, **merge) -> Path:
         """Write the combined adapter (PEFT format) to ``folder`` — or, with ``merge_into``, that base with it merged
-        (`loramix.checkpoint.merge_into_base`, options in ``merge``) — plus ``search.json``."""
+        (`loramix.checkpoint.merge_into_base`, options in ``merge``) — plus ``search.json``. The folder is complete
+        when this returns (the CLI's --push-to-hub uploads it then)."""
         if merge_into:
             from loramix.checkpoint import merge_into_base
 
             merge_into_base(self.adapter, merge_into, folder, overwrite=overwrite, **merge)
         else:
             self.adapter.save(folder, overwrite=overwrite)
-        # (a future --push-to-hub uploads this folder here, after search.json is written)
         path = Path(folder) / "search.json"
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         return Path(folder)
