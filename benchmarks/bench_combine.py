@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from loramix import combine, load_adapter
+from loramix import combine, load_adapter, save_adapter
 
 HIDDEN, INTERMEDIATE = 4096, 11008
 MODULES = {
@@ -77,7 +77,7 @@ def time_loramix(inputs: list[Path], out: Path, device: str, repeats: int) -> tu
         merged = combine(loaded, weights=list(WEIGHTS), method="svd", rank=RANK, device=device)
         sync(device)
         combined_at = time.perf_counter()
-        merged.save(out / f"run{i}")
+        save_adapter(merged, out / f"run{i}")
         total.append(time.perf_counter() - start)
         compute.append(combined_at - loaded_at)
     return statistics.median(total), statistics.median(compute), merged

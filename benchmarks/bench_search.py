@@ -41,10 +41,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import loramix
-from loramix.combine import resolve_device
-from loramix.search import load_base
-from loramix.search.evaluator import Evaluator
-from loramix.search.objective import as_examples, build_batch
+from loramix.runtime import resolve_device
+from loramix.weight_search import load_base
+from loramix.weight_search.evaluator import Evaluator
+from loramix.weight_search.objective import as_examples, build_batch
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CHARS = LETTERS + LETTERS.upper() + "0123456789>"

@@ -1,4 +1,6 @@
-"""The data model: one LoRA target module (`LoraModule`) and a whole adapter (`LoraAdapter`).
+"""The data model — one LoRA target module (`LoraModule`), a whole adapter (`LoraAdapter`) — and the facts about
+adapters that every command relies on: which bases are the same (`canonical_base`) and which adapters can be used
+together (`check_compatible`).
 
 Factors are kept in "math" orientation whatever the base layer is: ``A`` is r×in and ``B`` is out×r, so that
 ΔW = scale·B·A maps inputs to outputs. ``layout`` says how ΔW lies on the base weight (``delta()`` puts it there).
@@ -7,12 +9,16 @@ Tensors keep the dtype they were read in; computation casts them up.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
+
+from loramix.errors import IncompatibleAdaptersError
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("linear", "conv1d_fan_in_fan_out", "embedding", "conv2d")
 
@@ -57,7 +63,9 @@ class LoraModule:
         return (out, inp)
 
     def delta(self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
-        """ΔW in the base weight's own layout (the only place a dense out×in matrix is formed)."""
+        """ΔW in the base weight's own layout. Code that needs a dense ΔW of a whole module calls this; the
+        checkpoint writer forms row chunks of it instead (`loramix.checkpoint.delta_rows`), and element-wise
+        methods form each term's s·B·A in their own working dtype."""
         product = self.B.to(device=device, dtype=dtype) @ self.A.to(device=device, dtype=dtype)
         product = product * self.scale
         if self.layout in ("conv1d_fan_in_fan_out", "embedding"):
@@ -129,23 +137,62 @@ class LoraAdapter:
     def with_modules(self, modules: dict[str, LoraModule], **changes) -> LoraAdapter:
         return replace(self, modules=modules, **changes)
 
-    def save(
-        self,
-        folder: str | Path,
-        *,
-        dtype: torch.dtype | None = None,
-        overwrite: bool = False,
-        extra_files: dict[str, str] | None = None,
-        card: bool = True,
-    ) -> Path:
-        """Write this adapter as a PEFT adapter folder (atomically) with a README.md model card (unless ``card`` is
-        false; ``extra_files`` name → text go in too and win over the card); returns the folder."""
-        from loramix.formats import peft
 
-        files = {}
-        if card:
-            from loramix.hub import model_card
+# Canonical Hub models that moved under an organisation keep working under their old bare name.
+_LEGACY_NAMESPACES = {
+    "gpt2": "openai-community",
+    "gpt2-medium": "openai-community",
+    "gpt2-large": "openai-community",
+    "gpt2-xl": "openai-community",
+    "openai-gpt": "openai-community",
+    "distilgpt2": "distilbert",
+    "distilbert-base-uncased": "distilbert",
+    "distilbert-base-cased": "distilbert",
+    "distilroberta-base": "distilbert",
+    "bert-base-uncased": "google-bert",
+    "bert-base-cased": "google-bert",
+    "bert-large-uncased": "google-bert",
+    "bert-large-cased": "google-bert",
+    "bert-base-multilingual-cased": "google-bert",
+    "roberta-base": "FacebookAI",
+    "roberta-large": "FacebookAI",
+    "xlm-roberta-base": "FacebookAI",
+    "t5-small": "google-t5",
+    "t5-base": "google-t5",
+    "t5-large": "google-t5",
+}
 
-            files["README.md"] = model_card(self, analysis=False)
-        files.update(extra_files or {})
-        return peft.write(self, folder, dtype=dtype, overwrite=overwrite, extra_files=files)
+
+def canonical_base(base: str) -> str:
+    """A Hub id with legacy bare names mapped to their organisation (``gpt2`` → ``openai-community/gpt2``)."""
+    name = base.strip().rstrip("/")
+    namespace = _LEGACY_NAMESPACES.get(name)
+    return f"{namespace}/{name}".lower() if namespace else name.lower()
+
+
+def check_compatible(adapters: list[LoraAdapter], *, allow_different_bases: bool = False) -> None:
+    """Refuse adapters made for different bases (unless allowed) and modules whose shapes disagree."""
+    known = [(a, canonical_base(a.base_model)) for a in adapters if a.base_model]
+    for a in adapters:
+        if not a.base_model:
+            log.warning("%s: base model unknown; only module shapes can be checked against the others", a.name)
+    if not allow_different_bases and len({base for _, base in known}) > 1:
+        listing = ", ".join(f"{a.name}: {a.base_model}" for a, _ in known)
+        raise IncompatibleAdaptersError(
+            f"adapters were made for different base models ({listing})", option="allow_different_bases"
+        )
+    seen: dict[str, tuple[LoraAdapter, LoraModule]] = {}
+    for a in adapters:
+        for name, m in a.modules.items():
+            if name not in seen:
+                seen[name] = (a, m)
+                continue
+            first, other = seen[name]
+            if (m.out_features, m.in_features, m.kernel_size) != (
+                other.out_features,
+                other.in_features,
+                other.kernel_size,
+            ):
+                raise IncompatibleAdaptersError(
+                    f"module {name}: {first.name} has ΔW {other.base_shape} but {a.name} has {m.base_shape}"
+                )

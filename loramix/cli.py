@@ -1,4 +1,9 @@
-"""The `loramix` command: parses, calls the API, prints. No maths here."""
+"""The `loramix` command: parses flags or a recipe, calls the API (`loramix.pipeline` and friends), prints.
+
+No maths and no files here. Each command imports what it needs when it runs, so ``loramix --help`` and
+``loramix methods`` start without importing torch. The CLI alone changes process-wide state: the ``loramix``
+logger's handler and level, and torch's CPU threads for the length of a command.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +21,18 @@ class _OneLine(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
+# Python option names whose command-line flag is not simply --name-with-dashes.
+_FLAGS = {"overwrite": "--force", "merge_into": "--merge-into BASE"}
+
+
 def _errors_as_one_line(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except LoramixError as exc:
-            click.echo(f"error: {exc}", err=True)
+            flag = _FLAGS.get(exc.option or "", "--" + (exc.option or "").replace("_", "-"))
+            click.echo(f"error: {exc.hint(flag)}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -87,7 +97,7 @@ def _state_dict_options(fn):
 def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool, **load_options) -> None:
     """Describe ADAPTERS (folders, state dict files or Hub ids): base, dtype, modules, ranks, scale, warnings."""
     from loramix.formats import load_adapter
-    from loramix.report import adapter_summary, inspect_json, inspect_text
+    from loramix.render.inspect import adapter_summary, inspect_json, inspect_text
 
     summaries = [
         adapter_summary(load_adapter(a, allow_nonfinite=allow_nonfinite, log_warnings=False, **load_options))
@@ -139,26 +149,23 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (adapter or merged model).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE (a folder or Hub id) merged.")
-@click.option("--shard-size", default="5GB", show_default=True, help="With --merge-into: the largest shard.")
+@click.option("--shard-size", help="With --merge-into: the largest shard [default: 5GB].")
 @click.option(
     "--format",
-    "output_format",
     type=click.Choice(["peft", "kohya"]),
-    default="peft",
-    show_default=True,
-    help="Adapter output format: a PEFT folder, or a kohya/A1111 .safetensors in the folder.",
+    help="Adapter output format: a PEFT folder, or a kohya/A1111 .safetensors in the folder [default: peft].",
 )
 @click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repository.")
 @click.pass_context
 @_errors_as_one_line
-def combine(
-    ctx: click.Context, adapters, recipe, output, force, merge_into, shard_size, output_format, push_repo, **flags
-) -> None:
+def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **flags) -> None:
     """Combine ADAPTERS (folders, state dict files or Hub ids) into one PEFT adapter written to OUTPUT.
 
     With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, bf16 by default).
     """
+    from loramix.pipeline import run
     from loramix.recipe import Plan, load_recipe
+    from loramix.runtime import torch_threads
 
     for key in ("density", "majority_sign", "seed", "space"):  # dedicated flags for method options
         if flags[key] is not None:
@@ -174,54 +181,26 @@ def combine(
     else:
         plan = Plan(adapters=list(adapters), **given)
     plan.output = output or plan.output
-    merge_into = plan.merge_into = merge_into or plan.merge_into
     if not plan.output:
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
-    from loramix.combine import combine as run_combine
-    from loramix.io import check_output
-
-    check_output(plan.output, overwrite=force, protect=[*plan.adapters, *([merge_into] if merge_into else [])])
-    kwargs = plan.combine_kwargs()
-    if merge_into:  # keep the factors' precision; --dtype is the checkpoint's
-        merge_dtype, kwargs["dtype"] = kwargs["dtype"] or "bfloat16", None
-    adapter = run_combine(plan.adapters, progress=ctx.obj["progress"], **kwargs)
-    from loramix.hub import output_files
-
-    files = output_files(adapter, plan=plan, argv=sys.argv, merged_into=merge_into, output_format=output_format)
-    if merge_into:
-        from loramix.checkpoint import merge_into_base
-
-        report = merge_into_base(
-            adapter,
-            merge_into,
-            plan.output,
-            dtype=merge_dtype,
-            shard_size=shard_size,
-            device=plan.device,
-            overwrite=force,
-            progress=ctx.obj["progress"],
-            extra_files=files,
-        )
-        low = min(report.survival.items(), key=lambda kv: kv[1], default=None)
+    with torch_threads(1):
+        report = run(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
+    if report.merge is not None:
+        merge = report.merge
+        low = min(merge.survival.items(), key=lambda kv: kv[1], default=None)
         click.echo(
-            f"wrote {plan.output}: {merge_into} with {len(report.survival)} modules merged, {report.tensors} tensors "
-            f"in {len(report.shards)} shard(s)" + (f"; least ΔW kept {low[1]:.2f} ({low[0]})" if low else "")
+            f"wrote {plan.output}: {plan.merge_into} with {len(merge.survival)} modules merged, {merge.tensors} "
+            f"tensors in {len(merge.shards)} shard(s)" + (f"; least ΔW kept {low[1]:.2f} ({low[0]})" if low else "")
         )
-        _push_output(plan.output, push_repo)
-        return
-    if output_format == "kohya":
-        from loramix.formats import kohya
-
-        kohya.write(adapter, plan.output, overwrite=force, extra_files=files)
     else:
-        adapter.save(plan.output, overwrite=force, extra_files=files)
-    ranks = adapter.ranks
-    click.echo(
-        f"wrote {plan.output}: {len(adapter.modules)} modules, rank {ranks[0]}"
-        + (f"–{ranks[-1]}" if len(ranks) > 1 else "")
-        + f", {adapter.provenance['method']} of {len(plan.adapters)} adapters"
-        + (" (kohya format)" if output_format == "kohya" else "")
-    )
+        ranks = report.adapter.ranks
+        method = report.adapter.provenance.get("method", plan.method)
+        click.echo(
+            f"wrote {plan.output}: {len(report.adapter.modules)} modules, rank {ranks[0]}"
+            + (f"–{ranks[-1]}" if len(ranks) > 1 else "")
+            + f", {method} of {report.sources} adapter{'s' if report.sources != 1 else ''}"
+            + (" (kohya format)" if report.format == "kohya" else "")
+        )
     _push_output(plan.output, push_repo)
 
 
@@ -242,7 +221,8 @@ def methods() -> None:
     for m in REGISTRY.values():
         tags = ", ".join(t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks), ("dense", m.dense)) if on)
         click.echo(f"{m.name:<{width}}  {m.description}" + (f" [{tags}]" if tags else ""))
-        details = "; ".join(p for p in (m.paper, "options: " + ", ".join(m.options) if m.options else "") if p)
+        options = ", ".join(f"{k}={v}" for k, v in m.defaults.items())
+        details = "; ".join(p for p in (m.paper, f"options (defaults): {options}" if options else "") if p)
         if details:
             click.echo(f"{'':<{width}}    {details}")
 
@@ -278,23 +258,26 @@ def examples(name: str | None) -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Load adapters holding NaN/Inf instead of refusing them.")
 @click.pass_context
 @_errors_as_one_line
-def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, **options) -> None:
+def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, threads, **options) -> None:
     """Spectra, rank use and pairwise overlap of ADAPTERS (folders or Hub ids), computed in factor space.
 
     Rank suggestions follow --energy (default 0.99 when no --rule is given) or --rule, capped by --rank: the same
     rule `loramix combine --method svd` takes."""
     from loramix.analysis import analyze as run_analyze
-    from loramix.report import analysis_plots, analysis_text, write_analysis_json
+    from loramix.pipeline import write_analysis_json, write_plots
+    from loramix.render.analysis import analysis_json, analysis_text
+    from loramix.runtime import torch_threads
 
-    result = run_analyze(list(adapters), progress=ctx.obj["progress"], **options)
+    with torch_threads(threads):
+        result = run_analyze(list(adapters), progress=ctx.obj["progress"], **options)
     if json_path == "-":
-        click.echo(write_analysis_json(result, None))
+        click.echo(analysis_json(result))
     else:
         click.echo(analysis_text(result, top=top))
         if json_path:
             click.echo(f"wrote {write_analysis_json(result, json_path)}")
     if plot_dir:
-        for path in analysis_plots(result, plot_dir):
+        for path in write_plots(result, plot_dir):
             click.echo(f"wrote {path}", err=json_path == "-")
 
 
@@ -347,13 +330,25 @@ def search(
     OUTPUT receives search.json (weights in the order given, loss, history, settings) and the combined PEFT adapter
     (or, with --merge-into BASE, BASE with it merged).
     """
-    from loramix.io import check_output
-    from loramix.search import search as run_search
+    from transformers.utils import logging as transformers_logging
+
+    from loramix.io.files import check_output
+    from loramix.pipeline import write_search
+    from loramix.weight_search import search as run_search
 
     check_output(output, overwrite=force, protect=[*adapters, base, examples, *([merge_into] if merge_into else [])])
+    transformers_logging.disable_progress_bar()  # its per-tensor loading bar is noise here
     result = run_search(base, list(adapters), examples, progress=ctx.obj["progress"], **options)
-    merge = {"shard_size": shard_size, "device": options["device"], "progress": ctx.obj["progress"]}
-    result.save(output, overwrite=force, merge_into=merge_into, **(merge if merge_into else {}))
+    write_search(
+        result,
+        output,
+        overwrite=force,
+        merge_into=merge_into,
+        shard_size=shard_size,
+        device=options["device"],
+        progress=ctx.obj["progress"],
+        argv=sys.argv,
+    )
     weights = ", ".join(f"{w:+.3f}" for w in result.weights)
     click.echo(
         f"wrote {output}: weights [{weights}], loss {result.loss:.4f} (cross-entropy {result.cross_entropy:.4f}), "

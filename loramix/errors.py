@@ -1,25 +1,68 @@
-"""Expected failures. Every error a user can cause raises one of these; the CLI prints it as one line."""
+"""Every expected failure loramix raises. The CLI prints one as a single line on stderr and exits 2.
+
+Messages speak Python: an error that a keyword option would avoid names it in ``option`` (and the value that avoids
+it in ``value``), and its text ends "(pass allow_different_bases=True)". The CLI turns that hint into its flag
+("(pass --allow-different-bases)"); nothing else in the message names a flag. Where users expect a standard
+exception, the class has it as a second base: a missing source is a ``FileNotFoundError``, a malformed file or
+a bad option value a ``ValueError``.
+"""
+
+from __future__ import annotations
 
 
 class LoramixError(Exception):
-    """Base class: an expected failure with a message a user can act on."""
+    """Base class: an expected failure with a message a user can act on.
+
+    ``option``/``value``: the keyword option (and its value) that would avoid this error, when there is one.
+    """
+
+    def __init__(self, message: str, *, option: str | None = None, value: object = True) -> None:
+        super().__init__(message)
+        self.message = message
+        self.option = option
+        self.value = value
+
+    def __str__(self) -> str:
+        return self.message + (f" (pass {self.option}={self.value!r})" if self.option else "")
+
+    def hint(self, flag: str) -> str:
+        """The message with its hint spelled as command-line ``flag`` (and the value, unless it is a switch)."""
+        if not self.option:
+            return self.message
+        return self.message + f" (pass {flag}" + ("" if self.value is True else f" {self.value}") + ")"
 
 
-class AdapterFormatError(LoramixError):
+class AdapterFormatError(LoramixError, ValueError):
     """A file or folder is not a readable adapter (missing, truncated, corrupt, mis-shaped, non-finite)."""
 
 
-class SourceError(LoramixError):
-    """A source (path or Hub id) cannot be resolved to a local folder."""
+class SourceError(LoramixError, FileNotFoundError):
+    """A source (path or Hub id) cannot be resolved to a local file or folder."""
 
 
-class IncompatibleAdaptersError(LoramixError):
+class IncompatibleAdaptersError(LoramixError, ValueError):
     """Adapters cannot be combined as asked (different bases, shapes, ranks, heads, DoRA)."""
 
 
-class MethodError(LoramixError):
-    """A merge method or its options were misused."""
+class MethodError(LoramixError, ValueError):
+    """A merge method, its options or a run setting (device, dtype, weights) was misused."""
 
 
 class OutputError(LoramixError):
-    """An output location is unusable (exists, or would overwrite an input)."""
+    """An output location is unusable (exists, is not loramix's, or would overwrite an input)."""
+
+
+class RecipeError(LoramixError, ValueError):
+    """A recipe file is unreadable or invalid."""
+
+
+class CheckpointError(LoramixError):
+    """A base checkpoint is unreadable, or the adapter does not fit it (names, shapes, layers)."""
+
+
+class HubError(LoramixError):
+    """Pushing to the Hub failed (no token, no access, the Hub refused or could not be reached)."""
+
+
+class SearchError(LoramixError):
+    """A weight search cannot run as asked (examples, base model, tokenizer)."""

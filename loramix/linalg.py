@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from loramix.errors import MethodError
+from loramix.lazy import lazy
+
+torch = lazy("torch")
 
 KOHYA_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
 
@@ -29,12 +30,14 @@ class FactorSVD:
         return self.U[:, :k] * root, root[:, None] * self.Vh[:k]
 
 
-def factor_svd(B: torch.Tensor, A: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> FactorSVD:
+def factor_svd(B: torch.Tensor, A: torch.Tensor, *, dtype: torch.dtype | None = None) -> FactorSVD:
     """Thin SVD of B·A (B out×R, A R×in) from the factors alone.
 
     The tall products stay on the factors' device (matrix products only, which a GPU does fast); the R×R
     decompositions run on the CPU, where they take microseconds instead of a GPU solver's launch latency.
+    Computes in ``dtype`` (default float64).
     """
+    dtype = dtype or torch.float64
     (q_b, r_b), (q_a, r_a) = orthonormal_bases(B.to(dtype), A.to(dtype).T)
     u, s, vh = torch.linalg.svd((r_b @ r_a.T).cpu(), full_matrices=False)
     device = B.device
@@ -109,6 +112,10 @@ class RankRule:
             raise MethodError(f"rank must be at least 1, got {self.rank}")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise MethodError(f"energy must be in (0, 1], got {self.energy}")
+        if self.value is not None and self.rule is None:
+            raise MethodError(
+                f"a rule value ({self.value:g}) is given without a rule (sv_ratio, sv_fro, sv_cumulative)"
+            )
         if self.energy is not None and self.rule is not None:
             raise MethodError("give either energy or a kohya rule, not both")
         if self.rule is not None:
@@ -284,9 +291,7 @@ def truncated_factors(B: torch.Tensor, A: torch.Tensor, rule: RankRule) -> tuple
     return decomposition.factors(rule.choose(decomposition.S, (B.shape[0], A.shape[1])))
 
 
-def dense_factors(
-    delta: torch.Tensor, rule: RankRule, *, cap: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_factors(delta: torch.Tensor, rule: RankRule, *, cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced factors (B, A) of a dense out×in ΔW by its full SVD, truncated to ``rule.choose`` of its spectrum.
 
     ``cap`` bounds the rank when the rule sets none (a dense merge of sparsified matrices is full-rank, and an
@@ -297,3 +302,10 @@ def dense_factors(
     if cap is not None and rule.rank is None:
         k = min(k, max(cap, 1))
     return FactorSVD(U, S, Vh).factors(k)
+
+
+def stacked_factors(terms, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """[c₁B₁ … cₙBₙ] and [A₁; …; Aₙ] of terms with ``coef``, ``B``, ``A``: their product is Σ cᵢ·Bᵢ·Aᵢ exactly."""
+    B = torch.cat([t.B.to(dtype) * t.coef for t in terms], dim=1)
+    A = torch.cat([t.A.to(dtype) for t in terms], dim=0)
+    return B, A

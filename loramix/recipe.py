@@ -2,55 +2,39 @@
 
 ```yaml
 adapters:                     # sources: folders (relative to this file), Hub ids; weight per adapter
-  - {source: ../loramix/examples/math, weight: 0.5}
-  - {source: org/name@rev, weight: 0.5}
+  - {source: ../loramix/examples/summarize, weight: 0.5}
+  - {source: ../loramix/examples/translate, weight: 0.5}   # or a Hub id: org/name@revision
 method: svd                   # see `loramix methods`
 rank: 16                      # optional truncation: rank, energy, or rule + rule_value
 output: out/merged            # relative to the current directory; -o overrides
 # merge_into: ../loramix/examples/tiny-llama   # write this base (folder or Hub id) with the result merged
+# format: kohya               # write a kohya/A1111 file instead of a PEFT folder
 # scale: 2.0                  # plain LoRA state dicts only: scale or alpha, base_model, and module_map
-# module_map: names.yaml      # (a mapping of regexes, or a YAML/JSON file relative to this file)
+# module_map: {"^layers": model.layers}   # (a mapping of regexes, or a YAML/JSON file relative to this file)
 ```
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 
-from loramix.errors import LoramixError
+from loramix.errors import RecipeError
+from loramix.runtime import parse_dtype
 from loramix.sources import parse_hub_id
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-class RecipeError(LoramixError):
-    """A recipe file is unreadable or invalid."""
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise LoramixError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
+LOAD_OPTIONS = ("scale", "alpha", "base_model", "module_map")  # for `load_adapter`, not for the method
 
 
 @dataclass
 class Plan:
-    """Everything a combine run needs."""
+    """Everything a combine run needs: what the CLI's flags and a YAML recipe both build (`loramix.run` runs it)."""
 
     adapters: list[str]
     weights: list[float] | None = None
@@ -71,11 +55,13 @@ class Plan:
     options: dict = field(default_factory=dict)
     output: str | None = None
     merge_into: str | None = None
+    shard_size: str = "5GB"
+    format: str = "peft"
 
     def combine_kwargs(self) -> dict:
         """Keyword arguments for `loramix.combine`."""
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in ("adapters", "options", "output", "dtype", "merge_into"):
+        for key in ("adapters", "options", "output", "dtype", "merge_into", "shard_size", "format"):
             kwargs.pop(key)
         loading = {key: kwargs.pop(key) for key in LOAD_OPTIONS}
         load_options = {k: v for k, v in loading.items() if v is not None} or None
@@ -91,26 +77,24 @@ class Plan:
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-LOAD_OPTIONS = ("scale", "alpha", "base_model", "module_map")  # for `load_adapter`, not for the method
-_TYPES = {
-    "method": str,
-    "rank": int,
-    "energy": (int, float),
-    "rule": str,
-    "rule_value": (int, float),
-    "device": str,
-    "dtype": str,
-    "heads": str,
-    "allow_different_bases": bool,
-    "allow_nonfinite": bool,
-    "scale": (int, float),
-    "alpha": (int, float),
-    "base_model": str,
-    "module_map": (dict, str),
-    "options": dict,
-    "output": str,
-    "merge_into": str,
-}
+_HINTS = typing.get_type_hints(Plan)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a YAML value fits a `Plan` field's type hint (bool is no number; numbers are finite)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
 
 
 def load_recipe(path: str | Path) -> Plan:
@@ -124,11 +108,12 @@ def load_recipe(path: str | Path) -> Plan:
         raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with at least 'adapters'")
-    unknown = sorted(set(data) - set(_TYPES) - {"adapters"})
+    known = [name for name in _HINTS if name not in ("adapters", "weights")]
+    unknown = sorted(set(data) - set(known) - {"adapters"})
     if unknown:
-        raise RecipeError(f"{path}: unknown key(s) {', '.join(unknown)}; known: adapters, {', '.join(_TYPES)}")
-    for key, kind in _TYPES.items():
-        if data.get(key) is not None and not isinstance(data[key], kind):
+        raise RecipeError(f"{path}: unknown key(s) {', '.join(unknown)}; known: adapters, {', '.join(known)}")
+    for key in known:
+        if data.get(key) is not None and not _fits(data[key], _HINTS[key]):
             raise RecipeError(f"{path}: {key} has the wrong type ({data[key]!r})")
     sources, weights = _adapters(path, data.get("adapters"))
     fields = {k: v for k, v in data.items() if k != "adapters" and v is not None}

@@ -32,15 +32,27 @@ def parse_hub_id(src: str) -> HubRef | None:
     return HubRef(match["repo"], match["revision"], match["subfolder"])
 
 
-def resolve(src: str | Path, *, files: tuple[str, ...] = ADAPTER_FILES) -> Path:
-    """A local path for ``src``: an existing path as is, else a Hub id downloaded (only ``files``)."""
+def resolve(src: str | Path, *, files: tuple[str, ...] = ADAPTER_FILES, what: str = "no such file or folder") -> Path:
+    """A local path for ``src``: an existing path as is, else a Hub id downloaded (only ``files``). ``what`` names
+    the kind of thing asked for in the error when it is neither."""
     path = Path(src).expanduser()
     if path.exists():
         return path
     ref = parse_hub_id(str(src))
     if ref is None:
-        raise SourceError(f"{src}: no such file or folder, and not a Hub id (org/name[@revision][:subfolder])")
+        raise SourceError(f"{src}: {what}, and not a Hub id (org/name[@revision][:subfolder])")
+    _check_ref(str(src), ref)
     return _download(ref, files)
+
+
+def _check_ref(src: str, ref: HubRef) -> None:
+    """Refuse a subfolder or revision that would lead outside the repository's snapshot in the local cache."""
+    for label, value in (("subfolder", ref.subfolder), ("revision", ref.revision)):
+        if value is None:
+            continue
+        parts = value.replace("\\", "/").split("/")
+        if value.startswith("/") or any(p in ("..", ".") for p in parts) or (label == "subfolder" and "" in parts[:-1]):
+            raise SourceError(f"{src}: {label} {value!r} is not a path inside the repository")
 
 
 def _download(ref: HubRef, files: tuple[str, ...]) -> Path:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from helpers import example_inputs, make_peft_adapter, model_output, read_folder, tiny_llama, write_folder
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 
-from loramix import combine, load_adapter
+from loramix import combine, load_adapter, save_adapter
 from loramix.cli import main
 from loramix.errors import AdapterFormatError
 from loramix.formats import peft as peft_format
@@ -105,7 +105,7 @@ def test_allocated_adapter_matches_peft_delta_weight(allocated):
 
 def test_allocated_adapter_written_as_lora_gives_peft_outputs(allocated, tmp_path):
     folder, _ = allocated
-    load_adapter(folder).save(tmp_path / "as-lora")
+    save_adapter(load_adapter(folder), tmp_path / "as-lora")
     inputs = example_inputs(tiny_llama)
     expected = model_output(_load_with_peft(folder), inputs)
     got = model_output(_load_with_peft(tmp_path / "as-lora"), inputs)
@@ -160,7 +160,7 @@ def test_combined_with_plain_lora(allocated, tmp_path):
     folder, _ = allocated
     lora = make_peft_adapter(tiny_llama, tmp_path, "lora", target_modules=["q_proj", "k_proj"])
     weights = [0.7, 0.3]
-    combine([folder, lora.path], weights=weights).save(tmp_path / "combined")
+    save_adapter(combine([folder, lora.path], weights=weights), tmp_path / "combined")
     # the oracle: PEFT's ΔW of each adapter added into a fresh base, weighted
     merged = tiny_llama()
     params = dict(merged.named_parameters())

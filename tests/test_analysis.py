@@ -22,7 +22,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from loramix import LoraAdapter, LoraModule, analyze, combine
+from loramix import LoraAdapter, LoraModule, analyze, combine, save_adapter
 from loramix.cli import main
 from loramix.errors import IncompatibleAdaptersError, LoramixError, SourceError
 from loramix.linalg import RankRule, factor_inner, factor_svd, gram_svd, principal_angles, subspace_similarity
@@ -326,7 +326,7 @@ def saved(tmp_path) -> list[str]:
     for i in range(3):
         mods = {f"model.layers.{j}.self_attn.{t}": module(16, 12, 4, seed=10 * i + j + len(t)) for j in range(3)
                 for t in ("q_proj", "v_proj")}  # fmt: skip
-        paths.append(str(adapter(mods, f"ad{i}").save(tmp_path / f"ad{i}")))
+        paths.append(str(save_adapter(adapter(mods, f"ad{i}"), tmp_path / f"ad{i}")))
     return paths
 
 
@@ -354,7 +354,7 @@ def test_cli_plot_without_matplotlib(saved, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     result = CliRunner().invoke(main, ["-q", "analyze", saved[0], "--plot", str(tmp_path / "p")])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1] == "error: --plot needs matplotlib: pip install 'loramix[plot]'"
+    assert result.output.strip().splitlines()[-1] == "error: plots need matplotlib: pip install 'loramix[plot]'"
 
 
 def test_cli_errors_are_one_line(saved, tmp_path):
@@ -363,12 +363,13 @@ def test_cli_errors_are_one_line(saved, tmp_path):
 
 
 def test_plot_error_is_a_loramix_error(monkeypatch):
-    from loramix.report import analysis_plots
+    from loramix.render.plots import analysis_plots
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     result = analyze([adapter({"m": module(6, 5, 2, seed=1)}, "x")])
     with pytest.raises(LoramixError, match="matplotlib"):
-        analysis_plots(result, "unused")
+        analysis_plots(result)
 
 
 # ----------------------------------------------------------------------------------------------- real adapters

@@ -37,8 +37,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loramix import load_adapter, merge_into_base
-from loramix.checkpoint import CheckpointError, read_safetensors_header
-from loramix.errors import OutputError
+from loramix.errors import CheckpointError, OutputError
+from loramix.io.base import read_safetensors_header
 
 SHARD = "20KB"
 

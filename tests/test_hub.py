@@ -19,10 +19,12 @@ import pytest
 from click.testing import CliRunner
 from huggingface_hub import ModelCard, constants
 
-from loramix import combine
+from loramix import combine, save_adapter
 from loramix.cli import main
+from loramix.errors import HubError
 from loramix.examples import path as example
-from loramix.hub import HubError, model_card, push_to_hub
+from loramix.hub import push_to_hub, revisions
+from loramix.render.card import model_card
 
 TOKEN = "hf_loramixTestToken0123456789"
 
@@ -146,7 +148,7 @@ def _combine_cli(tmp_path, monkeypatch, *extra: str) -> tuple[list[str], object]
 
 def test_api_push_uploads_the_folder_byte_for_byte(tmp_path, fake_hub):
     merged = combine([example("summarize"), example("formal")], weights=[0.5, 0.5], method="cat")
-    folder = merged.save(tmp_path / "out")
+    folder = save_adapter(merged, tmp_path / "out")
     url = push_to_hub(folder, "me/cat-merge", endpoint=fake_hub.url)
     assert url.startswith(f"{fake_hub.url}/me/cat-merge/commit/")
     assert fake_hub.files[("me/cat-merge", "main")] == _local_files(folder)
@@ -208,7 +210,7 @@ def test_merged_checkpoint_card_and_push_with_options(tmp_path, fake_hub, monkey
 
 def test_push_without_a_token_says_how_to_log_in(tmp_path, fake_hub, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
-    folder = combine([example("formal")], method="cat").save(tmp_path / "out")
+    folder = save_adapter(combine([example("formal")], method="cat"), tmp_path / "out")
     result = CliRunner().invoke(main, ["push", str(folder), "me/x"])
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and "hf auth login" in result.output and "HF_TOKEN" in result.output
@@ -216,7 +218,7 @@ def test_push_without_a_token_says_how_to_log_in(tmp_path, fake_hub, monkeypatch
 
 
 def test_hub_refusal_is_one_line_without_the_token(tmp_path, fake_hub):
-    folder = combine([example("formal")], method="cat").save(tmp_path / "out")
+    folder = save_adapter(combine([example("formal")], method="cat"), tmp_path / "out")
     with pytest.raises(HubError) as info:
         push_to_hub(folder, "me/forbidden")
     message = str(info.value)
@@ -228,6 +230,6 @@ def test_card_names_the_commit_a_hub_source_resolved_to(hub_cache, tmp_path):
 
     publish(hub_cache, "org/style", raw_lora_folder(tmp_path / "made"))
     merged = combine(["org/style", str(raw_lora_folder(tmp_path / "other", seed=3))], weights=[0.25, 0.75])
-    text = model_card(merged)
+    text = model_card(merged, revisions=revisions(merged.provenance["sources"]))
     assert f"| `org/style` | 0.25 | main (commit {COMMIT}) |" in text
     assert "| 0.75 | local |" in text and "Python API" in text

@@ -9,11 +9,10 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loramix import combine, load_adapter
+from loramix import combine, load_adapter, save_adapter
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.cli import main
 from loramix.errors import OutputError
-from loramix.formats import kohya
 
 PROJ_IN = "lora_unet_down_blocks_0_attentions_0_proj_in"  # a 1×1 conv in SD 1.x
 TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -68,9 +67,14 @@ def test_missing_alpha_means_alpha_equals_rank(tmp_path):
     assert {m.scale for m in adapter.modules.values()} == {1.0}
 
 
+def _kohya_write(adapter, folder, **options):
+    """Write ``adapter`` as a kohya file into ``folder`` (atomically, no card); the file's path."""
+    return save_adapter(adapter, folder, format="kohya", card=False, **options) / f"{folder.name}.safetensors"
+
+
 def test_read_write_round_trip_restores_every_key(tmp_path):
     tensors = _kohya_file(tmp_path / "in.safetensors", rank=4, seed=2)
-    written = kohya.write(load_adapter(tmp_path / "in.safetensors"), tmp_path / "again")
+    written = _kohya_write(load_adapter(tmp_path / "in.safetensors"), tmp_path / "again")
     assert written == tmp_path / "again" / "again.safetensors"
     back = load_file(str(written))
     assert sorted(back) == sorted(tensors)
@@ -82,7 +86,7 @@ def test_read_write_round_trip_restores_every_key(tmp_path):
     with safe_open(str(written), "pt") as f:
         assert f.metadata()["ss_network_dim"] == "4"
     assert sorted(load_adapter(tmp_path / "again").modules) == sorted(SHAPES)  # a folder holding one kohya file
-    kohya.write(load_adapter(tmp_path / "in.safetensors"), tmp_path / "again", overwrite=True)  # an earlier output
+    _kohya_write(load_adapter(tmp_path / "in.safetensors"), tmp_path / "again", overwrite=True)  # an earlier output
 
 
 @pytest.mark.parametrize("method", ["cat", "svd"])
@@ -112,6 +116,7 @@ def test_kohya_plus_kohya_written_as_kohya_is_the_weighted_sum(tmp_path, method)
 
 
 def test_diffusers_names_read_and_write_as_kohya_keys(tmp_path):
+    (tmp_path / "diffusers").mkdir()
     gen = torch.Generator().manual_seed(5)
     down, up = torch.randn(2, 12, 1, 1, generator=gen), torch.randn(12, 2, 1, 1, generator=gen)
     a, b = torch.randn(4, 10, generator=gen), torch.randn(10, 4, generator=gen)
@@ -123,16 +128,16 @@ def test_diffusers_names_read_and_write_as_kohya_keys(tmp_path):
             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": b,
             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.alpha": torch.tensor(8.0),
         },
-        str(tmp_path / "pytorch_lora_weights.safetensors"),
+        str(tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"),
     )
-    adapter = load_adapter(tmp_path)  # diffusers' save_lora_weights folder
+    adapter = load_adapter(tmp_path / "diffusers")  # diffusers' save_lora_weights folder
     assert sorted(adapter.modules) == [
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
         "unet.down_blocks.0.attentions.0.proj_in",
     ]
     assert adapter.modules["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"].scale == 2.0
     assert adapter.modules["unet.down_blocks.0.attentions.0.proj_in"].scale == 1.0
-    out = load_file(str(kohya.write(adapter, tmp_path / "k")))
+    out = load_file(str(_kohya_write(adapter, tmp_path / "k")))
     assert torch.equal(out[f"{PROJ_IN}.lora_down.weight"], down)
     assert torch.equal(out[f"{TE_Q}.lora_up.weight"], b)
     assert out[f"{TE_Q}.alpha"].item() == 8.0 and out[f"{PROJ_IN}.alpha"].item() == 2.0
@@ -141,7 +146,7 @@ def test_diffusers_names_read_and_write_as_kohya_keys(tmp_path):
 def test_kohya_inputs_combine_into_a_peft_folder(tmp_path):
     one = _kohya_file(tmp_path / "one.safetensors", rank=4, seed=6)
     merged = combine([tmp_path / "one.safetensors"], weights=[2.0], method="cat")
-    merged.save(tmp_path / "peft")
+    save_adapter(merged, tmp_path / "peft")
     back = load_adapter(tmp_path / "peft")
     got = back.modules[TO_Q].delta(dtype=torch.float64)
     assert (got - 2.0 * _delta64(one, TO_Q)).norm() <= 1e-5 * got.norm()
@@ -150,8 +155,8 @@ def test_kohya_inputs_combine_into_a_peft_folder(tmp_path):
 def test_what_kohya_cannot_hold_is_refused(tmp_path):
     module = LoraModule(A=torch.ones(2, 3), B=torch.ones(4, 2), scale=1.0, bias=torch.ones(4))
     with pytest.raises(OutputError, match="lora_B biases"):
-        kohya.write(LoraAdapter(modules={"x": module}), tmp_path / "bias")
+        _kohya_write(LoraAdapter(modules={"x": module}), tmp_path / "bias")
     embedding = LoraModule(A=torch.ones(2, 3), B=torch.ones(4, 2), scale=1.0, layout="embedding")
     with pytest.raises(OutputError, match="linear and conv2d"):
-        kohya.write(LoraAdapter(modules={"e": embedding}), tmp_path / "emb")
+        _kohya_write(LoraAdapter(modules={"e": embedding}), tmp_path / "emb")
     assert not (tmp_path / "bias").exists() and not (tmp_path / "emb").exists()

@@ -20,7 +20,7 @@ from loramix.cli import main
 from loramix.errors import MethodError
 from loramix.linalg import RankRule
 from loramix.methods import REGISTRY, Term
-from loramix.methods.interference import module_generator, random_mask
+from loramix.methods._elementwise import module_generator, random_mask
 
 OUT, IN, R = 12, 10, 3
 FULL = RankRule(rank=min(OUT, IN))

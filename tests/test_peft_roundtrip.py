@@ -37,9 +37,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from torch import nn
 
-from loramix import load_adapter
+from loramix import load_adapter, save_adapter
 from loramix.cli import main
-from loramix.report import adapter_summary
+from loramix.render.inspect import adapter_summary
 
 LOGITS_ATOL = 1e-5
 DELTA_RTOL = 1e-6
@@ -82,7 +82,7 @@ class RoundTrip:
         factory, options = CASES[case]
         self.made = make_peft_adapter(factory, root, case, base_model_name_or_path=f"tests/{case}", **options)
         self.adapter = load_adapter(self.made.path)
-        self.out = self.adapter.save(root / f"{case}-loramix")
+        self.out = save_adapter(self.adapter, root / f"{case}-loramix")
         self.inputs = example_inputs(factory)
 
 
@@ -244,9 +244,9 @@ def test_dtype_is_kept_and_cast_once_on_request(tmp_path):
     half = write_folder(tmp_path / "bf16", config, {k: v.to(torch.bfloat16) for k, v in tensors.items()})
     a = load_adapter(half)
     assert a.dtype == torch.bfloat16
-    _, kept = read_folder(a.save(tmp_path / "bf16-out"))
+    _, kept = read_folder(save_adapter(a, tmp_path / "bf16-out"))
     assert {t.dtype for t in kept.values()} == {torch.bfloat16}
-    _, cast = read_folder(load_adapter(made.path).save(tmp_path / "cast", dtype=torch.float16))
+    _, cast = read_folder(save_adapter(load_adapter(made.path), tmp_path / "cast", dtype=torch.float16))
     assert {t.dtype for t in cast.values()} == {torch.float16}
     for key, tensor in tensors.items():
         assert torch.equal(cast[key], tensor.to(torch.float16)), key
@@ -277,7 +277,7 @@ def test_pattern_keys_do_not_leak_onto_modules_whose_name_ends_the_same(tmp_path
     )
     a = load_adapter(made.path)
     assert {n: (m.rank, m.scale) for n, m in a.modules.items()} == {"a.x": (2, 1.5), "b.x": (4, 2.0), "z.a.x": (4, 2.0)}
-    out = a.save(tmp_path / "out")
+    out = save_adapter(a, tmp_path / "out")
     inputs = {"inp": torch.randn(2, 6, generator=torch.Generator().manual_seed(0))}
     reloaded = made.load_with_peft(out)
     assert {n: layer.r["default"] for n, layer in lora_layers(reloaded).items()} == {"a.x": 2, "b.x": 4, "z.a.x": 4}

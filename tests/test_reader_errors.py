@@ -30,9 +30,9 @@ from helpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loramix import load_adapter
+from loramix import load_adapter, save_adapter
 from loramix.errors import AdapterFormatError, LoramixError, OutputError
-from loramix.io import atomic_output
+from loramix.io.files import atomic_output
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -157,7 +157,7 @@ def test_garbage_config_values_load_or_fail_cleanly(changes):
     result = load_bytes(config=(json.dumps({**CONFIG, **changes}).encode()))
     if not isinstance(result, LoramixError):
         # what loads must be usable: finite scales, and a summary that serialises
-        from loramix.report import adapter_summary
+        from loramix.render.inspect import adapter_summary
 
         assert all(math.isfinite(m.scale) for m in result.modules.values())
         json.dumps(adapter_summary(result))
@@ -324,38 +324,38 @@ def test_failed_write_leaves_nothing(template, tmp_path, monkeypatch):
 
     monkeypatch.setattr(peft_format, "save_file", broken_save)
     with pytest.raises(OSError):
-        adapter.save(out / "out")
+        save_adapter(adapter, out / "out")
     assert list(out.iterdir()) == []  # no output, no temporary folder
 
 
 def test_failed_overwrite_keeps_the_old_output(template, tmp_path, monkeypatch):
-    old = load_adapter(template).save(tmp_path / "out")
+    old = save_adapter(load_adapter(template), tmp_path / "out")
     before = listing(old)
     import loramix.formats.peft as peft_format
 
     monkeypatch.setattr(peft_format, "config_dict", lambda adapter: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        load_adapter(template).save(tmp_path / "out", overwrite=True)
+        save_adapter(load_adapter(template), tmp_path / "out", overwrite=True)
     assert listing(tmp_path / "out") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "template"]
 
 
 def test_failed_final_rename_restores_the_old_output(template, tmp_path, monkeypatch):
     """If moving the new output into place fails, the output it was replacing is put back, not lost."""
-    old = load_adapter(template).save(tmp_path / "out")
+    old = save_adapter(load_adapter(template), tmp_path / "out")
     before = listing(old)
-    import loramix.io
+    import loramix.io.files
 
-    real_replace = loramix.io.os.replace
+    real_replace = loramix.io.files.os.replace
 
     def replace(src, dst):
         if Path(src).name.endswith(".tmp"):
             raise OSError("Read-only file system")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(loramix.io.os, "replace", replace)
+    monkeypatch.setattr(loramix.io.files.os, "replace", replace)
     with pytest.raises(OSError, match="Read-only"):
-        load_adapter(template).save(tmp_path / "out", overwrite=True)
+        save_adapter(load_adapter(template), tmp_path / "out", overwrite=True)
     assert listing(tmp_path / "out") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "template"]
 
@@ -364,7 +364,7 @@ def test_empty_adapter_is_not_written(tmp_path):
     from loramix.adapter import LoraAdapter
 
     with pytest.raises(OutputError, match="no LoRA modules"):
-        LoraAdapter(modules={}).save(tmp_path / "out")
+        save_adapter(LoraAdapter(modules={}), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -381,20 +381,20 @@ def test_existing_non_empty_folder_needs_overwrite(template, tmp_path):
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     with pytest.raises(OutputError, match="exists and is not empty"):
-        adapter.save(target)
+        save_adapter(adapter, target)
     assert listing(target) == {"keep.txt": b"mine"}
     with pytest.raises(OutputError, match="not an earlier output"):  # overwrite replaces outputs, not any folder
-        adapter.save(target, overwrite=True)
+        save_adapter(adapter, target, overwrite=True)
     assert listing(target) == {"keep.txt": b"mine"}
     (target / "adapter_config.json").write_text("{}")  # an earlier output: replaced as a whole
-    adapter.save(target, overwrite=True)
+    save_adapter(adapter, target, overwrite=True)
     written = listing(target)
     assert "keep.txt" not in written and {"adapter_config.json", "adapter_model.safetensors"} <= set(written)
     (tmp_path / "empty").mkdir()
-    adapter.save(tmp_path / "empty")  # an empty folder is fine
+    save_adapter(adapter, tmp_path / "empty")  # an empty folder is fine
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="not a folder"):
-        adapter.save(tmp_path / "file", overwrite=True)
+        save_adapter(adapter, tmp_path / "file", overwrite=True)
 
 
 def test_writer_refuses_its_own_input(tmp_path):
@@ -403,7 +403,7 @@ def test_writer_refuses_its_own_input(tmp_path):
     adapter = load_adapter(source)
     for target in (source, source.parent, tmp_path / "parent" / "." / "input"):
         with pytest.raises(OutputError, match="would replace the input"):
-            adapter.save(target, overwrite=True)
+            save_adapter(adapter, target, overwrite=True)
     assert listing(source) == before
 
 
@@ -431,7 +431,7 @@ def test_target_modules_regex_string(tmp_path):
     inputs = example_inputs(tiny_llama)
     # float32, same factors, scale alpha/r = 2 exactly: only summation order could differ
     torch.testing.assert_close(
-        model_output(made.load_with_peft(a.save(tmp_path / "out")), inputs),
+        model_output(made.load_with_peft(save_adapter(a, tmp_path / "out")), inputs),
         model_output(made.load_with_peft(), inputs),
         rtol=0,
         atol=1e-5,
@@ -517,7 +517,7 @@ STORED_DTYPES = [
 @pytest.mark.parametrize("dtype", STORED_DTYPES, ids=str)
 def test_every_stored_dtype_loads_or_is_refused_cleanly(dtype, tmp_path):
     """Float factors of any width load (and inspect); integer/bool factors are refused. NaN is caught in each."""
-    from loramix.report import adapter_summary
+    from loramix.render.inspect import adapter_summary
 
     tensors = {k: v.to(dtype, copy=True) for k, v in TENSORS.items()}
     result = load_or_error(write_folder(tmp_path / "a", CONFIG, tensors))

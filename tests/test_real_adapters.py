@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from helpers import REAL, read_folder, requires_real
 
-from loramix import load_adapter
+from loramix import load_adapter, save_adapter
 from loramix.cli import main
 from loramix.errors import AdapterFormatError
 
@@ -173,7 +173,7 @@ def test_cli_nan_adapter_exits_2_with_one_error_line():
 def test_real_adapter_round_trip(name, tmp_path):
     """load → save → load gives equal tensors, names, scales and extras; the rewrite has no prefix left to fix."""
     a = load_adapter(REAL / name, log_warnings=False)
-    b = load_adapter(a.save(tmp_path / name), log_warnings=False)
+    b = load_adapter(save_adapter(a, tmp_path / name), log_warnings=False)
     assert sorted(b.modules) == sorted(a.modules)
     for module, m in a.modules.items():
         n = b.modules[module]
@@ -198,7 +198,7 @@ def test_real_gpt2_adapter_through_peft(name, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config.from_pretrained(str(REAL / "base_gpt2_config_only"), n_layer=6, vocab_size=64, n_positions=16)
-    out = load_adapter(REAL / name).save(tmp_path / name)
+    out = save_adapter(load_adapter(REAL / name), tmp_path / name)
     torch.manual_seed(0)
     base = GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, config.vocab_size, (1, 8))

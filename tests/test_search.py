@@ -18,11 +18,12 @@ from peft import PeftModel
 from peft.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
 import loramix
+from loramix import save_adapter
 from loramix.cli import main
-from loramix.errors import IncompatibleAdaptersError, LoramixError
-from loramix.search import SearchError, search
-from loramix.search.evaluator import Evaluator
-from loramix.search.objective import as_examples, build_batch, read_examples
+from loramix.errors import IncompatibleAdaptersError, LoramixError, SearchError
+from loramix.weight_search import search
+from loramix.weight_search.evaluator import Evaluator
+from loramix.weight_search.objective import as_examples, build_batch, read_examples
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 "
 SPECIAL = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
@@ -138,7 +139,7 @@ class Setup:
 
     def delta_peft(self, weights, folder: Path) -> PeftModel:
         """PEFT model of the exact Σ wᵢ·sᵢ·Bᵢ·Aᵢ (loramix's cat, itself tested against PEFT in test_combine)."""
-        loramix.combine(self.adapters, weights=weights, method="cat").save(folder, overwrite=True)
+        loramix.save_adapter(loramix.combine(self.adapters, weights=weights, method="cat"), folder, overwrite=True)
         return PeftModel.from_pretrained(self.factory(), str(folder)).eval()
 
     def planted_examples(self, model, n: int = 8, seed: int = 0) -> list[dict]:
@@ -225,11 +226,11 @@ def test_lorahub_composition_equals_peft_built_lorahubs_way(causal, tmp_path):
         with torch.no_grad():
             assert (other(**ids).logits - expected).abs().max() > 1e-2
     # What search writes for these weights reproduces LoRAHub's model when PEFT loads it.
-    from loramix.search import lorahub_adapter
+    from loramix.weight_search import lorahub_adapter
 
     adapters = [loramix.load_adapter(a) for a in causal.adapters]
     written = loramix.LoraAdapter(modules=lorahub_adapter(adapters, weights), base_model="tiny-base")
-    written.save(tmp_path / "written")
+    save_adapter(written, tmp_path / "written")
     with torch.no_grad():
         loaded = PeftModel.from_pretrained(causal.factory(), str(tmp_path / "written")).eval()(**ids).logits
     torch.testing.assert_close(loaded, expected, **TOL)
@@ -289,7 +290,7 @@ def test_seq2seq_search_and_written_adapter(seq2seq, tmp_path):
     with seq2seq.evaluator(examples, "delta", add_eos=False) as ev:
         zero, uniform = ev.cross_entropy(torch.tensor([[0.0] * 3, [1 / 3] * 3])).tolist()
     assert result.loss < min(zero, uniform) - 0.3
-    result.adapter.save(tmp_path / "out")
+    save_adapter(result.adapter, tmp_path / "out")
     model = PeftModel.from_pretrained(seq2seq.factory(), str(tmp_path / "out")).eval()
     batch = build_batch(
         as_examples(examples), seq2seq.tokenizer, encoder_decoder=True, add_eos=False, decoder_start_token_id=0

@@ -20,7 +20,7 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from torch import nn
 
-from loramix import combine, load_adapter
+from loramix import combine, load_adapter, save_adapter
 from loramix.cli import main
 from loramix.errors import AdapterFormatError
 
@@ -122,7 +122,7 @@ def test_hand_made_lora_round_trips_through_peft(tmp_path, style):
         torch.testing.assert_close(m.delta(), from_st.modules[name].delta(), rtol=0, atol=0)
     assert ("read transposed" in " ".join(from_pt.warnings)) == (style == "x@A@B")
     for source, method in ((pt, "cat"), (st, "svd")):
-        combine([source], weights=[1.0], method=method, load_options={"scale": 2.0}).save(tmp_path / method)
+        save_adapter(combine([source], weights=[1.0], method=method, load_options={"scale": 2.0}), tmp_path / method)
         torch.testing.assert_close(peft_output(tmp_path / method), expected, **TOL)
 
 
@@ -132,7 +132,7 @@ def test_alpha_gives_scale_alpha_over_rank(tmp_path):
     adapter = load_adapter(st, alpha=16, base_model="tiny-llama")
     assert {m.scale for m in adapter.modules.values()} == {16 / RANK} and adapter.base_model == "tiny-llama"
     assert not any("scale" in w for w in adapter.warnings)
-    adapter.save(tmp_path / "out")
+    save_adapter(adapter, tmp_path / "out")
     torch.testing.assert_close(peft_output(tmp_path / "out"), model_output(model, example_inputs(tiny_llama)), **TOL)
 
 
@@ -188,7 +188,7 @@ def test_module_map_renames_to_base_names(tmp_path, meta_named):
     expected = meta_output(model)
     adapter = load_adapter(pt, scale=0.5, module_map=map_file)
     assert "model.layers.1.self_attn.v_proj" in adapter.modules and not adapter.warnings
-    adapter.save(tmp_path / "out")
+    save_adapter(adapter, tmp_path / "out")
     torch.testing.assert_close(peft_output(tmp_path / "out"), expected, **TOL)
     assert load_adapter(pt, scale=0.5, module_map=MODULE_MAP).modules.keys() == adapter.modules.keys()
 

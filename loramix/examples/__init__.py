@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loramix.errors import SourceError
+
 ROOT = Path(__file__).parent
 
 
@@ -18,7 +20,5 @@ def path(name: str) -> Path:
     """The folder of bundled example ``name``."""
     folder = ROOT / name
     if name not in names():
-        from loramix.errors import SourceError
-
         raise SourceError(f"{name}: no such bundled example (have: {', '.join(names())})")
     return folder

@@ -1,16 +1,27 @@
-"""On-disk adapter formats. `load_adapter` finds the source, detects its format and reads it."""
+"""On-disk adapter formats and the front door every command uses to read and write them.
+
+Each format module has the same verbs: ``NAME``, ``detect(path)`` (from file names and headers only),
+``read(path, **options)`` and, where the format can be written, ``write(adapter, folder, **options)`` (into an
+existing folder; atomicity is the caller's, see `loramix.pipeline`). `FORMATS` lists the readers in detection
+order. `load_adapter` reads one source, `load_adapters` several with their weights and the compatibility check
+every command needs, `write_adapter` writes one adapter in a named format.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
-from loramix.adapter import LoraAdapter
-from loramix.errors import AdapterFormatError
-from loramix.formats import adalora, kohya, peft, statedict
+from loramix.adapter import LoraAdapter, check_compatible
+from loramix.errors import AdapterFormatError, MethodError
+from loramix.formats import _keys, adalora, kohya, peft, statedict
 from loramix.sources import parse_hub_id, resolve
 
 log = logging.getLogger(__name__)
+
+FORMATS = (kohya, statedict, adalora, peft)  # detection order: the first whose detect() says yes reads the source
+WRITERS = {peft.NAME: peft, kohya.NAME: kohya}
 
 
 def load_adapter(
@@ -25,32 +36,32 @@ def load_adapter(
 ) -> LoraAdapter:
     """Load an adapter from a folder, a file, a Hub id (``org/name[@rev][:subfolder]``) or pass a `LoraAdapter` through.
 
-    Formats: PEFT LoRA and AdaLoRA folders, kohya/A1111 and diffusers LoRA files (`kohya`, a file or a folder
-    holding one), and single-file hand-made LoRA state dicts (`statedict`), which hold
-    no scale, base model or base names: ``scale``/``alpha``, ``base_model`` and ``module_map`` supply them. Other
-    formats carry their own scale and names (those options are ignored with a warning); ``base_model`` fills in
-    a base they do not name. What the reader noticed is in ``adapter.warnings`` and, unless ``log_warnings`` is
-    false, logged once.
+    Formats: PEFT LoRA and AdaLoRA folders, kohya/A1111 and diffusers LoRA files (a file or a folder holding one),
+    and single-file hand-made LoRA state dicts, which hold no scale, base model or base names: ``scale``/``alpha``,
+    ``base_model`` and ``module_map`` supply them. Other formats carry their own scale and names (those options are
+    ignored with a warning); ``base_model`` fills in a base they do not name. What the reader noticed is in
+    ``adapter.warnings`` and, unless ``log_warnings`` is false, logged once.
     """
     if isinstance(src, LoraAdapter):
         return src
+    if not isinstance(src, (str, Path)):
+        raise AdapterFormatError(
+            f"cannot load an adapter from a {type(src).__name__}: give a path, a Hub id (org/name) or a LoraAdapter"
+        )
     path = resolve(src)
-    if path.is_file() and path.name in peft.WEIGHT_FILES and peft.is_peft_folder(path.parent):
+    if path.is_file() and path.name in _keys.WEIGHT_FILES and peft.detect(path.parent):
         path = path.parent
-    options = {"scale": scale, "alpha": alpha, "base_model": base_model, "module_map": module_map}
-    if kohya.find_file(path) is not None:
-        adapter = _apply_options(kohya.read(path, allow_nonfinite=allow_nonfinite), **options)
-    elif statedict.is_state_dict_file(path):
-        adapter = statedict.read(path, allow_nonfinite=allow_nonfinite, **options)
-    elif adalora.is_adalora_folder(path):
-        adapter = _apply_options(adalora.read(path, allow_nonfinite=allow_nonfinite), **options)
-    elif peft.is_peft_folder(path):
-        adapter = _apply_options(peft.read(path, allow_nonfinite=allow_nonfinite), **options)
-    else:
+    reader = next((fmt for fmt in FORMATS if fmt.detect(path)), None)
+    if reader is None:
         raise AdapterFormatError(
             f"{path}: not a recognised adapter (no adapter_config.json, and not a "
             f"{'/'.join(statedict.SUFFIXES)} LoRA state dict file)"
         )
+    options = {"scale": scale, "alpha": alpha, "base_model": base_model, "module_map": module_map}
+    if reader is statedict:
+        adapter = statedict.read(path, allow_nonfinite=allow_nonfinite, **options)
+    else:
+        adapter = _apply_options(reader.read(path, allow_nonfinite=allow_nonfinite), **options)
     adapter.source = str(src)
     if not Path(src).expanduser().exists():  # a Hub id: named after the repository, not the snapshot's hash
         ref = parse_hub_id(str(src))
@@ -73,3 +84,42 @@ def _apply_options(adapter: LoraAdapter, *, scale, alpha, base_model, module_map
     elif base_model is not None and adapter.base_model != base_model:
         adapter.warnings.append(f"base model {base_model!r} given, but the adapter names {adapter.base_model!r}: kept")
     return adapter
+
+
+def load_adapters(
+    sources: list,
+    *,
+    weights: list[float] | None = None,
+    allow_different_bases: bool = False,
+    allow_nonfinite: bool = False,
+    log_warnings: bool = True,
+    load_options: dict | None = None,
+) -> tuple[list[LoraAdapter], list[float]]:
+    """Load ``sources`` (as `load_adapter`, with ``load_options`` for each) and check them together: the weights
+    (default 1/n each; one finite number per adapter) and that the adapters fit one base (`check_compatible`).
+    Returns the adapters and the weights."""
+    if isinstance(sources, (str, Path, LoraAdapter)):
+        raise MethodError("adapters must be a list of sources (paths, Hub ids or LoraAdapters), not a single one")
+    loaded = [
+        load_adapter(s, allow_nonfinite=allow_nonfinite, log_warnings=log_warnings, **(load_options or {}))
+        for s in sources
+    ]
+    if not loaded:
+        raise MethodError("no adapters given")
+    weights = [1.0 / len(loaded)] * len(loaded) if weights is None else list(weights)
+    if len(weights) != len(loaded):
+        raise MethodError(f"{len(weights)} weight(s) for {len(loaded)} adapter(s)")
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise MethodError(f"weight {i + 1} must be a finite number, got {w!r}")
+    check_compatible(loaded, allow_different_bases=allow_different_bases)
+    return loaded, [float(w) for w in weights]
+
+
+def write_adapter(adapter: LoraAdapter, folder: Path, *, format: str = "peft", **options) -> Path:
+    """Write ``adapter`` into the existing ``folder`` in ``format`` (``peft`` or ``kohya``); returns the main file."""
+    try:
+        writer = WRITERS[format]
+    except KeyError:
+        raise MethodError(f"unknown output format {format!r}; choose from {', '.join(WRITERS)}") from None
+    return writer.write(adapter, folder, **options)

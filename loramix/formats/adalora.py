@@ -29,20 +29,21 @@ import torch
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import AdapterFormatError
-from loramix.formats import peft
+from loramix.formats import _keys
 
+NAME = "adalora"
 PEFT_TYPE = "ADALORA"
-KINDS = (*peft.LORA_KINDS, "lora_E", "ranknum")
+KINDS = (*_keys.LORA_KINDS, "lora_E", "ranknum")
 EPSILON = 1e-5  # PEFT adds it to ranknum in get_delta_weight and forward
 _PATTERN_SUFFIX = re.compile(r"\.lora_E(\.[^.]+)?$")
 
 
-def is_adalora_folder(path: Path) -> bool:
+def detect(path: Path) -> bool:
     """A folder whose adapter_config.json says ``peft_type: ADALORA`` (unreadable configs are the PEFT reader's)."""
-    if not peft.is_peft_folder(path):
+    if not (path.is_dir() and (path / _keys.CONFIG_FILE).is_file()):
         return False
     try:
-        config = json.loads((path / peft.CONFIG_FILE).read_text())
+        config = json.loads((path / _keys.CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get("peft_type") == PEFT_TYPE
@@ -51,9 +52,9 @@ def is_adalora_folder(path: Path) -> bool:
 def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     """Read an AdaLoRA adapter folder into a `LoraAdapter` of plain LoRA modules (E folded into A)."""
     folder = Path(path)
-    config, weights, tensors = peft.load_folder(folder, allow_nonfinite=allow_nonfinite, peft_types=(PEFT_TYPE,))
+    config, weights, tensors = _keys.load_folder(folder, allow_nonfinite=allow_nonfinite, peft_types=(PEFT_TYPE,))
     notes: list[str] = []
-    parts, extra = peft._split_keys(tensors, notes, kinds=KINDS)
+    parts, extra = _keys.split_keys(tensors, notes, kinds=KINDS)
     if not parts:
         raise AdapterFormatError(f"{weights}: holds no AdaLoRA tensors (no lora_A / lora_E / lora_B keys)")
     masks = _rank_masks(folder, config)
@@ -66,11 +67,11 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     if dead:
         notes.append(
             f"{len(dead)} module(s) have no live rank (all singular values pruned) and change nothing; "
-            f"left out ({peft._sample(dead)})"
+            f"left out ({_keys.sample(dead)})"
         )
     if not modules:
         raise AdapterFormatError(f"{weights}: every AdaLoRA module is pruned to rank 0: the adapter changes nothing")
-    return peft.finish_adapter(
+    return _keys.finish_adapter(
         path,
         config,
         weights,
@@ -85,14 +86,14 @@ def _rank_masks(folder: Path, config: dict) -> dict[str, list[bool]]:
     """``rank_pattern`` as {module name: keep-mask}; PEFT keys it ``<module>.lora_E`` (adapter name removed)."""
     pattern = config.get("rank_pattern") or {}
     if not isinstance(pattern, dict):
-        raise AdapterFormatError(f"{folder / peft.CONFIG_FILE}: rank_pattern must be a mapping, got {pattern!r}")
+        raise AdapterFormatError(f"{folder / _keys.CONFIG_FILE}: rank_pattern must be a mapping, got {pattern!r}")
     masks = {}
     for key, mask in pattern.items():
         if not isinstance(mask, list) or not all(isinstance(v, (bool, int)) for v in mask):
             raise AdapterFormatError(
-                f"{folder / peft.CONFIG_FILE}: rank_pattern[{key!r}] must be a list of booleans, got {mask!r}"
+                f"{folder / _keys.CONFIG_FILE}: rank_pattern[{key!r}] must be a list of booleans, got {mask!r}"
             )
-        name, _ = peft._strip_prefix(_PATTERN_SUFFIX.sub("", key))
+        name, _ = _keys.strip_prefix(_PATTERN_SUFFIX.sub("", key))
         masks[name] = [bool(v) for v in mask]
     return masks
 
@@ -127,7 +128,7 @@ def _fold(
     if live == 0:
         return None, 0
     folded = (A.float() * E.float().reshape(-1, 1))[keep].to(A.dtype)
-    module = peft._module_from_parts(
+    module = _keys.module_from_parts(
         weights,
         name,
         {("lora_A", "weight"): folded, ("lora_B", "weight"): B[:, keep]},

@@ -37,8 +37,9 @@ from safetensors.torch import save_file
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import AdapterFormatError, OutputError
-from loramix.io import atomic_output, check_finite, read_tensors
+from loramix.io.files import check_finite, read_tensors, tensor_keys
 
+NAME = "kohya"
 SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIX = re.compile(r"^lora_(unet|te\d?|transformer)_")
@@ -60,16 +61,6 @@ COMPONENTS = {
 }
 
 
-def _keys(path: Path) -> list[str]:
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), "pt") as f:
-                return list(f.keys())
-        except Exception:  # damaged files are reported by the reader that owns them
-            return []
-    return list(read_tensors(path)) if path.suffix in SUFFIXES else []
-
-
 def _match(key: str):
     for rule, style in KEY_RULES:
         found = rule.match(key)
@@ -82,7 +73,7 @@ def is_kohya_file(path: Path) -> bool:
     """A single tensor file whose LoRA keys are kohya's (``lora_unet_…``, ``.alpha``) or diffusers' (``unet.…``)."""
     if not path.is_file() or path.suffix not in SUFFIXES:
         return False
-    keys = _keys(path)
+    keys = tensor_keys(path)
     return bool(keys) and any(_match(k)[0] is not None for k in keys)
 
 
@@ -98,7 +89,11 @@ def find_file(path: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def read(path: str | Path, *, allow_nonfinite: bool = False, base_model: str | None = None) -> LoraAdapter:
+def detect(path: Path) -> bool:
+    return find_file(path) is not None
+
+
+def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     """Read a kohya/A1111 or diffusers LoRA file (or a folder holding one) into a `LoraAdapter`."""
     path = Path(path)
     file = find_file(path) or path
@@ -125,7 +120,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False, base_model: str | N
     metadata = _metadata(file)
     return LoraAdapter(
         modules=modules,
-        base_model=base_model or metadata.get("loramix_base_model") or None,
+        base_model=metadata.get("loramix_base_model") or None,
         source=str(path),
         name=file.stem if file.name != DIFFUSERS_FILE else file.parent.name,
         warnings=notes,
@@ -203,14 +198,10 @@ def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[s
 
 
 def write(
-    adapter: LoraAdapter,
-    folder: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-    extra_files: dict[str, str] | None = None,
+    adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None = None, file_name: str | None = None
 ) -> Path:
-    """Write ``adapter`` as a kohya/A1111 file ``FOLDER/<folder name>.safetensors``, atomically; returns the file."""
+    """Write ``adapter`` as a kohya/A1111 file ``FOLDER/<file_name>`` (default: the folder's name +
+    ``.safetensors``) into the existing ``folder``; returns the file."""
     if not adapter.modules:
         raise OutputError(f"{folder}: the adapter has no LoRA modules, so there is no kohya file to write")
     tensors = state_dict(adapter, dtype)
@@ -223,10 +214,6 @@ def write(
         "ss_network_args": json.dumps({"loramix_ranks": ranks}),
         "loramix_base_model": adapter.base_model or "",
     }
-    protect = [adapter.source, *adapter.provenance.get("sources", [])]
-    name = Path(folder).resolve().name + ".safetensors"
-    with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:
-        save_file(tensors, str(tmp / name), metadata=metadata)
-        for extra, text in (extra_files or {}).items():
-            (tmp / extra).write_text(text)
-    return Path(folder) / name
+    file = folder / (file_name or folder.name + ".safetensors")
+    save_file(tensors, str(file), metadata=metadata)
+    return file

@@ -36,10 +36,12 @@ import yaml
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import AdapterFormatError
-from loramix.formats import peft
-from loramix.io import check_finite, read_tensors
+from loramix.formats import _keys
+from loramix.io.files import check_finite, read_tensors
 
+NAME = "statedict"
 SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+LOAD_OPTIONS = ("scale", "alpha", "base_model", "module_map")  # what such a file does not say
 # (key pattern, style); groups: module, side (A/B/down/up), param (weight/bias, absent for a bare parameter)
 RULES = (
     (re.compile(r"^(?P<module>.+)\.lora\.(?P<side>A|B)\.(?P<param>weight|bias)$"), "lora.A/lora.B"),
@@ -51,7 +53,7 @@ WRAPPERS = ("module.", "_orig_mod.")
 KOHYA = re.compile(r"(^lora_(unet|te\d?)_)|(\.alpha$)")
 
 
-def is_state_dict_file(path: Path) -> bool:
+def detect(path: Path) -> bool:
     return path.is_file() and path.suffix in SUFFIXES
 
 
@@ -91,12 +93,12 @@ def read(
     if transposed:
         notes.append(
             f"{len(transposed)} module(s) hold bare lora_A in×rank and lora_B rank×out (x·A·B), read transposed "
-            f"({peft._sample(transposed)})"
+            f"({_keys.sample(transposed)})"
         )
     for m in modules.values():
         m.scale = float(alpha) / m.rank if alpha is not None else (1.0 if scale is None else float(scale))
     if scale is None and alpha is None:
-        notes.append("the file holds no scale: using scale 1 (give --scale or --alpha if the LoRA output was scaled)")
+        notes.append("the file holds no scale: using scale 1 (give scale or alpha if the LoRA output was scaled)")
     if rules:
         modules = _rename(path, modules, rules, notes)
     if all(not m.B.any() for m in modules.values()):
@@ -116,7 +118,7 @@ def _pairs(path: Path, tensors: dict[str, torch.Tensor], notes: list[str]) -> tu
     """Group LoRA keys per module: {module: {(side, param): tensor}}; also the key style(s) found."""
     pairs: dict[str, dict] = defaultdict(dict)
     styles, other = set(), []
-    keys = {k: peft._strip_prefix(k)[0] for k in tensors}
+    keys = {k: _keys.strip_prefix(k)[0] for k in tensors}
     for wrapper in WRAPPERS:
         if keys and all(k.startswith(wrapper) for k in keys.values()):
             keys = {k: v[len(wrapper) :] for k, v in keys.items()}
@@ -136,7 +138,7 @@ def _pairs(path: Path, tensors: dict[str, torch.Tensor], notes: list[str]) -> tu
             "lora_down/lora_up)"
         )
     if other:
-        notes.append(f"dropped {len(other)} tensor(s) that are not LoRA factors ({peft._sample(sorted(other))})")
+        notes.append(f"dropped {len(other)} tensor(s) that are not LoRA factors ({_keys.sample(sorted(other))})")
     return pairs, ", ".join(sorted(styles))
 
 
@@ -163,7 +165,7 @@ def _module(path: Path, name: str, found: dict) -> tuple[LoraModule, bool]:
     bias = _output_bias(path, name, found, A, B)
     if bias is not None:
         parts[("lora_B", "bias")] = bias
-    return peft._module_from_parts(path, name, parts, False), flipped
+    return _keys.module_from_parts(path, name, parts, False), flipped
 
 
 def _output_bias(path: Path, name: str, found: dict, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
@@ -230,5 +232,5 @@ def _rename(
         renamed[new], origin[new] = module, name
     unchanged = [n for n, old in origin.items() if n == old]
     if unchanged:
-        notes.append(f"the module map left {len(unchanged)} module name(s) unchanged ({peft._sample(unchanged)})")
+        notes.append(f"the module map left {len(unchanged)} module name(s) unchanged ({_keys.sample(unchanged)})")
     return dict(sorted(renamed.items()))

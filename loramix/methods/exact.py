@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import torch
+from loramix.lazy import lazy
+from loramix.linalg import RankRule, factor_svd, stacked_factors
+from loramix.methods.base import method
 
-from loramix.linalg import RankRule, factor_svd
-
-
-def stacked(terms, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """[c₁B₁ … cₙBₙ] and [A₁; …; Aₙ]: their product is Σ cᵢ·Bᵢ·Aᵢ exactly."""
-    B = torch.cat([t.B.to(dtype) * t.coef for t in terms], dim=1)
-    A = torch.cat([t.A.to(dtype) for t in terms], dim=0)
-    return B, A
+torch = lazy("torch")
 
 
+@method(name="cat", exact=True)
 def cat(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
-    return stacked(terms, torch.float32)
+    """Exact Σ wᵢ·sᵢ·Bᵢ·Aᵢ as concatenated factors (rank Σ rᵢ)."""
+    return stacked_factors(terms, torch.float32)
 
 
+@method(name="svd", paper="Eckart & Young 1936", exact=True, truncates=True)
 def svd(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
-    B, A = stacked(terms, torch.float64)
+    """The exact sum re-factorised in factor space and truncated (Eckart–Young optimal rank k)."""
+    B, A = stacked_factors(terms, torch.float64)
     decomposition = factor_svd(B, A)
     k = rule.choose(decomposition.S, (B.shape[0], A.shape[1]))
     return decomposition.factors(k)

@@ -1,17 +1,20 @@
-"""Factor mixing: A and B combined separately (PEFT's `linear`, LoRAHub's composition).
+"""Factor mixing: A and B combined separately (PEFT's `linear`).
 
 B = Σ √|cᵢ|·Bᵢ and A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ, so B·A = Σ cᵢ·Bᵢ·Aᵢ + Σ_{i≠j} √|cᵢcⱼ|·sign(cⱼ)·Bᵢ·Aⱼ: the cross terms
-make it inexact whenever more than one adapter touches a module.
+make it inexact whenever more than one adapter touches a module. (LoRAHub's own composition mixes √-scaled
+factors with the weights outside the root; it is `loramix.weight_search`'s ``lorahub`` composition, not this method.)
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
-
 from loramix.errors import IncompatibleAdaptersError
+from loramix.lazy import lazy
 from loramix.linalg import RankRule
+from loramix.methods.base import method
+
+torch = lazy("torch")
 
 
 def mixing_coefficients(coefs: list[float]) -> tuple[list[float], list[float]]:
@@ -20,7 +23,9 @@ def mixing_coefficients(coefs: list[float]) -> tuple[list[float], list[float]]:
     return roots, [r if c >= 0 else -r for r, c in zip(roots, coefs)]
 
 
+@method(name="linear", equal_ranks=True)
 def linear(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's add_weighted_adapter A/B mixing; inexact: cross terms Bᵢ·Aⱼ."""
     ranks = {t.A.shape[0] for t in terms}
     if len(ranks) > 1:
         raise IncompatibleAdaptersError(f"method linear needs equal ranks, got {sorted(ranks)}; use cat or svd")

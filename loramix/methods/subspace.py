@@ -18,12 +18,11 @@ of the small core). Results are re-factorised and truncated by the rank rule.
 
 from __future__ import annotations
 
-import torch
-
 from loramix.errors import MethodError
-from loramix.linalg import RankRule, factor_svd, numerical_rank, truncated_factors
-from loramix.methods.exact import stacked
-from loramix.methods.interference import (
+from loramix.lazy import lazy
+from loramix.linalg import RankRule, factor_svd, numerical_rank, stacked_factors, truncated_factors
+from loramix.methods._elementwise import (
+    MAJORITY_SIGNS,
     check_choice,
     check_density,
     check_seed,
@@ -32,6 +31,9 @@ from loramix.methods.interference import (
     module_generator,
     split_weights,
 )
+from loramix.methods.base import method
+
+torch = lazy("torch")
 
 KNOTS_MERGES = ("ties", "dare_ties", "linear")
 
@@ -67,7 +69,9 @@ def _flat(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Ten
     return U * root, root * Vh
 
 
+@method(name="tsv", paper="Gargiulo et al. 2025, TSV-Merge, arXiv:2412.00081", truncates=True)
 def tsv(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task Singular Vectors: each task's top singular vectors, decorrelated (orthonormalised)."""
     shape = _shape(terms)
     per_task = max(min(shape) // len(terms), 1)
     triplets = []
@@ -81,14 +85,18 @@ def tsv(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
     return truncated_factors(nearest_orthonormal(U) * S, nearest_orthonormal(Vh.T).T, rule)
 
 
+@method(name="iso_c", paper="Marczak et al. 2025, Iso-C, arXiv:2502.04959", truncates=True)
 def iso_c(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
-    B, A = stacked(terms, torch.float64)
+    """Iso-C: SVD of the sum with a flat spectrum (mean σ) within its numerical rank."""
+    B, A = stacked_factors(terms, torch.float64)
     d = factor_svd(B, A)
     k = rule.choose(d.S, _shape(terms))
     return _flat(d.U[:, :k], d.S[:k], d.Vh[:k])
 
 
+@method(name="iso_cts", paper="Marczak et al. 2025, Iso-CTS, arXiv:2502.04959", truncates=True)
 def iso_cts(terms, *, rule: RankRule, common_fraction: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Iso-CTS: common subspace of the sum plus task-specific directions, flat spectrum."""
     if (
         isinstance(common_fraction, bool)
         or not isinstance(common_fraction, (int, float))
@@ -96,7 +104,7 @@ def iso_cts(terms, *, rule: RankRule, common_fraction: float = 0.8) -> tuple[tor
     ):
         raise MethodError(f"common_fraction must be a number in [0, 1], got {common_fraction!r}")
     shape = _shape(terms)
-    B, A = stacked(terms, torch.float64)
+    B, A = stacked_factors(terms, torch.float64)
     d = factor_svd(B, A)
     budget = rule.choose(d.S, shape)
     T = len(terms)
@@ -118,6 +126,7 @@ def iso_cts(terms, *, rule: RankRule, common_fraction: float = 0.8) -> tuple[tor
     return _flat(nearest_orthonormal(U), S, nearest_orthonormal(Vh.T).T)
 
 
+@method(name="knots", paper="Stoica et al. 2025, KnOTS, arXiv:2410.19735", truncates=True)
 def knots(
     terms,
     *,
@@ -127,9 +136,10 @@ def knots(
     majority_sign: str = "total",
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KnOTS: SVD of the concatenated updates, TIES/DARE on the task-specific ΣVᵢᵀ."""
     check_choice("merge", merge, KNOTS_MERGES)
     density = check_density(density)
-    check_choice("majority_sign", majority_sign, ("total", "frequency"))
+    check_choice("majority_sign", majority_sign, MAJORITY_SIGNS)
     generator = module_generator(check_seed(seed), terms) if merge == "dare_ties" else None
     scales, weights = split_weights(terms)
     dtype = torch.float64

@@ -28,7 +28,7 @@ from torch import nn
 
 from loramix.adapter import LoraAdapter
 from loramix.errors import IncompatibleAdaptersError
-from loramix.search.objective import token_losses
+from loramix.weight_search.objective import token_losses
 
 COMPOSITIONS = ("lorahub", "delta")
 _LAYOUTS = ("linear", "conv1d_fan_in_fan_out")  # factors are kept in math orientation: both are x·Aᵀ·Bᵀ
@@ -78,7 +78,7 @@ def build_factors(
             if len(ranks) > 1:
                 raise IncompatibleAdaptersError(
                     f"module {name}: the lorahub composition mixes A and B separately and needs equal ranks, got "
-                    f"{sorted(ranks)}; use --composition delta"
+                    f"{sorted(ranks)}; use composition='delta'"
                 )
             first = present[0][1]
             A = torch.zeros(len(adapters), first.rank, first.in_features)

@@ -1,4 +1,5 @@
-"""File plumbing shared by every reader and writer: safe tensor loading and atomic output folders."""
+"""Safe tensor loading (never executing code from a file), output checks and atomic outputs: folders and single
+text files are written beside their target and renamed into place, so a failure leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from loramix.errors import AdapterFormatError, OutputError
@@ -32,6 +33,22 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def tensor_keys(path: Path) -> list[str]:
+    """The tensor names in a .safetensors file (its header only) or a torch pickle (memory-mapped: no tensor data is
+    read for zip-format files); [] for an unreadable file, which the reader that owns it reports."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                return list(f.keys())
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 — the unpickler raises anything at all on a crafted or damaged file
+        return []
+    return [k for k in state if isinstance(k, str)] if isinstance(state, dict) else []
+
+
 def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse NaN/Inf, naming the file and the first offending tensor."""
     for name, tensor in tensors.items():
@@ -41,37 +58,45 @@ def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         if not finite.all():
             bad = int((~finite).sum())
             raise AdapterFormatError(
-                f"{path}: tensor {name} has {bad} NaN/Inf value(s) of {tensor.numel()} "
-                "(pass allow_nonfinite / --allow-nonfinite to load it anyway)"
+                f"{path}: tensor {name} has {bad} NaN/Inf value(s) of {tensor.numel()} and is refused",
+                option="allow_nonfinite",
             )
-
-
-def _would_replace(target: Path, item: Path) -> bool:
-    return target == item or target in item.parents
 
 
 # Files that mark a folder as an adapter or checkpoint output, which overwrite may replace.
 _OUTPUT_MARKERS = ("adapter_config.json", "config.json", "model.safetensors", "model.safetensors.index.json")
 
 
+def refuse_inputs(target: str | Path, protect: Iterable[str | Path]) -> Path:
+    """The resolved ``target``; `OutputError` when writing it would touch a ``protect`` path (an input): the same
+    path, one inside the other."""
+    target = Path(target).resolve()
+    for item in protect:
+        if not item or not Path(item).exists():
+            continue
+        source = Path(item).resolve()
+        if target == source or target in source.parents:
+            raise OutputError(f"{target}: output would replace the input {item}")
+        if source in target.parents:
+            raise OutputError(f"{target}: output would be written inside the input {item}")
+    return target
+
+
 def check_output(target: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Path:
     """Refuse an output that would replace any ``protect`` path (the inputs), or an existing non-empty folder unless
     ``overwrite`` and it holds an adapter or model (never an unrelated folder). Returns the resolved target.
     Callers check before long work, and `atomic_output` checks again."""
-    target = Path(target).resolve()
-    for item in protect:
-        if Path(item).exists() and _would_replace(target, Path(item).resolve()):
-            raise OutputError(f"{target}: output would replace the input {item}")
+    target = refuse_inputs(target, protect)
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder")
     if target.exists() and any(target.iterdir()):
         if not overwrite:
-            raise OutputError(f"{target}: folder exists and is not empty (use --force / overwrite=True to replace it)")
+            raise OutputError(f"{target}: folder exists and is not empty", option="overwrite")
         markers = (*_OUTPUT_MARKERS, f"{target.name}.safetensors")  # the last: a kohya file loramix wrote
         if not any((target / marker).is_file() for marker in markers):
             raise OutputError(
                 f"{target}: holds no adapter or model files, so it is not an earlier output; not replacing it "
-                "even with --force"
+                "even with overwrite"
             )
     return target
 
@@ -101,3 +126,21 @@ def atomic_output(target: str | Path, *, overwrite: bool = False, protect: Itera
         for leftover in (tmp, old):
             if leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_text_atomic(target: str | Path, text: str, *, protect: Iterable[str | Path] = ()) -> Path:
+    """Write ``text`` to the file ``target`` through a temporary file renamed into place; never over a ``protect``
+    path (the inputs) or a folder."""
+    target = refuse_inputs(target, protect)
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder, not a file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

@@ -14,13 +14,9 @@ from pathlib import Path
 
 import torch
 
-from loramix.errors import LoramixError
+from loramix.errors import SearchError
 
 IGNORE = -100
-
-
-class SearchError(LoramixError):
-    """A search cannot run as asked (examples file, base model, tokenizer, optimizer settings)."""
 
 
 @dataclass
@@ -80,7 +76,7 @@ def prompt_text(tokenizer, text: str, chat_template: bool) -> str:
     if not chat_template:
         return text
     if not getattr(tokenizer, "chat_template", None):
-        raise SearchError("--chat-template asked for but the base's tokenizer has no chat template")
+        raise SearchError("chat_template asked for but the base's tokenizer has no chat template")
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
     )

@@ -15,43 +15,12 @@ from tqdm.auto import tqdm
 
 from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule
 from loramix.errors import IncompatibleAdaptersError, MethodError
-from loramix.formats import load_adapter
+from loramix.formats import load_adapters
 from loramix.linalg import RankRule
-from loramix.methods import Term, get_method
+from loramix.methods import Method, Term, get_method
+from loramix.runtime import parse_dtype, resolve_device
 
 log = logging.getLogger(__name__)
-
-# Canonical Hub models that moved under an organisation keep working under their old bare name.
-_LEGACY_NAMESPACES = {
-    "gpt2": "openai-community",
-    "gpt2-medium": "openai-community",
-    "gpt2-large": "openai-community",
-    "gpt2-xl": "openai-community",
-    "openai-gpt": "openai-community",
-    "distilgpt2": "distilbert",
-    "distilbert-base-uncased": "distilbert",
-    "distilbert-base-cased": "distilbert",
-    "distilroberta-base": "distilbert",
-    "bert-base-uncased": "google-bert",
-    "bert-base-cased": "google-bert",
-    "bert-large-uncased": "google-bert",
-    "bert-large-cased": "google-bert",
-    "bert-base-multilingual-cased": "google-bert",
-    "roberta-base": "FacebookAI",
-    "roberta-large": "FacebookAI",
-    "xlm-roberta-base": "FacebookAI",
-    "t5-small": "google-t5",
-    "t5-base": "google-t5",
-    "t5-large": "google-t5",
-}
-
-
-def canonical_base(base: str) -> str:
-    """A Hub id with legacy bare names mapped to their organisation (``gpt2`` → ``openai-community/gpt2``)."""
-    name = base.strip().rstrip("/")
-    namespace = _LEGACY_NAMESPACES.get(name)
-    return f"{namespace}/{name}".lower() if namespace else name.lower()
-
 
 _GPU_WORKERS = 4  # measured on an H100 host: 1 → 37.5, 2 → 22.7, 4 → 17.2, 6 → 21.6, 8 → 25.0 ms per 7B layer
 
@@ -61,45 +30,6 @@ def _worker_stream(device: torch.device):
     if device.type != "cuda":
         return contextlib.nullcontext()
     return torch.cuda.stream(torch.cuda.Stream(device=device))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MethodError(f"device {device!r} asked for but no CUDA GPU is available (use --device cpu or auto)")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise MethodError(f"unknown device {device!r} (use cpu, cuda or auto)") from None
-
-
-def check_compatible(adapters: list[LoraAdapter], *, allow_different_bases: bool = False) -> None:
-    """Refuse adapters made for different bases (unless allowed) and modules whose shapes disagree."""
-    known = [(a, canonical_base(a.base_model)) for a in adapters if a.base_model]
-    for a in adapters:
-        if not a.base_model:
-            log.warning("%s: base model unknown; only module shapes can be checked against the others", a.name)
-    if not allow_different_bases and len({base for _, base in known}) > 1:
-        listing = ", ".join(f"{a.name}: {a.base_model}" for a, _ in known)
-        raise IncompatibleAdaptersError(
-            f"adapters were made for different base models ({listing}); pass --allow-different-bases if intended"
-        )
-    seen: dict[str, tuple[LoraAdapter, LoraModule]] = {}
-    for a in adapters:
-        for name, m in a.modules.items():
-            if name not in seen:
-                seen[name] = (a, m)
-                continue
-            first, other = seen[name]
-            if (m.out_features, m.in_features, m.kernel_size) != (
-                other.out_features,
-                other.in_features,
-                other.kernel_size,
-            ):
-                raise IncompatibleAdaptersError(
-                    f"module {name}: {first.name} has ΔW {other.base_shape} but {a.name} has {m.base_shape}"
-                )
 
 
 def _combine_extras(adapters: list[LoraAdapter], weights: list[float], heads: str) -> dict[str, ExtraTensor]:
@@ -116,7 +46,9 @@ def _combine_extras(adapters: list[LoraAdapter], weights: list[float], heads: st
         if heads != "average":
             raise IncompatibleAdaptersError(
                 f"extra tensor {name} (a head or saved layer) is in several adapters ({names}); "
-                "pass --heads average for their weighted average, or combine without them"
+                "combine without them, or average them",
+                option="heads",
+                value="average",
             )
         shapes = {tuple(item.tensor.shape) for _, item, _ in found}
         if len(shapes) > 1:
@@ -134,6 +66,28 @@ def _combined_bias(present: list[tuple[float, LoraModule]]) -> torch.Tensor | No
     return sum(w * b for w, b in biases) if biases else None
 
 
+def check_settings(
+    *,
+    method: str,
+    options: dict,
+    heads: str = "refuse",
+    rank: int | None = None,
+    energy: float | None = None,
+    rule: str | None = None,
+    rule_value: float | None = None,
+) -> tuple[Method, RankRule]:
+    """The method and rank rule of a combine, checked before anything is loaded (unknown method or option, a rank
+    rule for a method that does not truncate, an unknown heads policy)."""
+    chosen = get_method(method)
+    truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
+    if truncation != RankRule() and not chosen.truncates:
+        raise MethodError(f"method {method} does not truncate; rank/energy/rule apply to re-factorising methods")
+    chosen.check_options(options)
+    if heads not in ("refuse", "average"):
+        raise MethodError(f"heads must be 'refuse' or 'average', got {heads!r}")
+    return chosen, truncation
+
+
 def combine(
     adapters: list,
     *,
@@ -144,7 +98,7 @@ def combine(
     rule: str | None = None,
     rule_value: float | None = None,
     device: str = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     heads: str = "refuse",
     allow_different_bases: bool = False,
     allow_nonfinite: bool = False,
@@ -159,31 +113,24 @@ def combine(
     (``scale``/``alpha``/``base_model``/``module_map`` for plain state dicts). Returns a new `LoraAdapter` (scale 1
     per module).
     """
-    loaded = [load_adapter(a, allow_nonfinite=allow_nonfinite, **(load_options or {})) for a in adapters]
-    if not loaded:
-        raise MethodError("no adapters given")
-    weights = [1.0 / len(loaded)] * len(loaded) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(loaded):
-        raise MethodError(f"{len(weights)} weight(s) for {len(loaded)} adapter(s)")
-    chosen = get_method(method)
-    truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
-    if truncation != RankRule() and not chosen.truncates:
-        raise MethodError(f"method {method} does not truncate; rank/energy/rule apply to re-factorising methods")
-    unknown = sorted(set(options) - set(chosen.options))
-    if unknown:
-        allowed = ", ".join(chosen.options) or "none"
-        raise MethodError(f"method {method} has no option(s) {', '.join(unknown)} (it takes: {allowed})")
-    if heads not in ("refuse", "average"):
-        raise MethodError(f"heads must be 'refuse' or 'average', got {heads!r}")
+    chosen, truncation = check_settings(
+        method=method, options=options, heads=heads, rank=rank, energy=energy, rule=rule, rule_value=rule_value
+    )
+    loaded, weights = load_adapters(
+        adapters,
+        weights=weights,
+        allow_different_bases=allow_different_bases,
+        allow_nonfinite=allow_nonfinite,
+        load_options=load_options,
+    )
     for a in loaded:
         if a.has_dora:
             raise IncompatibleAdaptersError(
-                f"{a.source}: DoRA adapters cannot be combined as adapters (the magnitude rescales W+ΔW, which is "
-                "not linear); merge them into a base with --merge-into, where DoRA is exact"
+                f"{a.source}: DoRA adapters cannot be combined into an adapter (the magnitude rescales W+ΔW, which is "
+                "not linear); merge them into a base instead (merge_into), where DoRA is exact"
             )
-    check_compatible(loaded, allow_different_bases=allow_different_bases)
     target = resolve_device(device)
-    out_dtype = dtype or loaded[0].dtype
+    out_dtype = parse_dtype(dtype) or loaded[0].dtype
     names = list(dict.fromkeys(n for a in loaded for n in a.modules))
 
     def merge_module(name: str) -> LoraModule:

@@ -1,15 +1,14 @@
-"""LoRAHub-style search: the adapter weights whose combination fits a few examples of a new task best.
+"""LoRAHub-style search (`search`): the adapter weights whose combination fits a few examples of a new task best.
 
 `search` loads the base once (frozen; bf16 on a GPU, float32 on the CPU), scores candidates through a batched
-low-rank evaluator (`loramix.search.evaluator`), minimises the few-shot loss plus ``l1·mean|wᵢ|`` with COBYLA, CMA-ES
-or Adam, and returns a `SearchResult` whose ``adapter`` is the searched combination as a `LoraAdapter`:
+low-rank evaluator (`loramix.weight_search.evaluator`), minimises the few-shot loss plus ``l1·mean|wᵢ|`` with
+COBYLA, CMA-ES or Adam, and returns a `SearchResult` whose ``adapter`` is the searched combination as a `LoraAdapter`:
 ``lorahub`` → LoRAHub's own A/B mixing written with exactly the searched factors (scale 1), ``delta`` →
-`loramix.combine` method ``cat`` (the exact Σ wᵢ·sᵢ·Bᵢ·Aᵢ).
+`loramix.combine` with method ``cat`` (the exact Σ wᵢ·sᵢ·Bᵢ·Aᵢ).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,15 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from loramix.adapter import LoraAdapter, LoraModule
-from loramix.combine import check_compatible, resolve_device
-from loramix.formats import load_adapter
-from loramix.search import optimizers
-from loramix.search.evaluator import COMPOSITIONS, Evaluator
-from loramix.search.objective import SearchError, as_examples, build_batch, l1_penalty
+from loramix.combination import combine
+from loramix.errors import SearchError
+from loramix.formats import load_adapters
+from loramix.io.base import resolve_base
+from loramix.runtime import resolve_device
+from loramix.weight_search import optimizers
+from loramix.weight_search.evaluator import COMPOSITIONS, Evaluator
+from loramix.weight_search.objective import as_examples, build_batch, l1_penalty
 
 log = logging.getLogger(__name__)
-
-__all__ = ["SearchError", "SearchResult", "load_base", "search"]
 
 
 @dataclass
@@ -50,20 +50,6 @@ class SearchResult:
         del out["adapter"]
         return out
 
-    def save(self, folder: str | Path, *, overwrite: bool = False, merge_into: str | None = None, **merge) -> Path:
-        """Write the combined adapter (PEFT format) to ``folder`` — or, with ``merge_into``, that base with it merged
-        (`loramix.checkpoint.merge_into_base`, options in ``merge``) — plus ``search.json``. The folder is complete
-        when this returns (the CLI's --push-to-hub uploads it then)."""
-        if merge_into:
-            from loramix.checkpoint import merge_into_base
-
-            merge_into_base(self.adapter, merge_into, folder, overwrite=overwrite, **merge)
-        else:
-            self.adapter.save(folder, overwrite=overwrite)
-        path = Path(folder) / "search.json"
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return Path(folder)
-
 
 def load_base(base, *, device: torch.device, tokenizer=None):
     """(model, tokenizer, encoder_decoder) for a folder or Hub id (causal LM or seq2seq), or a model object."""
@@ -75,8 +61,6 @@ def load_base(base, *, device: torch.device, tokenizer=None):
         if tokenizer is None:
             raise SearchError("a base model object needs its tokenizer (tokenizer=...)")
     else:
-        from loramix.checkpoint import resolve_base
-
         folder = resolve_base(base)
         try:
             config = transformers.AutoConfig.from_pretrained(str(folder))
@@ -93,15 +77,10 @@ def load_base(base, *, device: torch.device, tokenizer=None):
             except (OSError, ValueError, TypeError) as exc:
                 detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise SearchError(f"{base}: no usable tokenizer beside the model ({detail[:200]})") from None
-        bars = transformers.utils.logging.is_progress_bar_enabled()
-        transformers.utils.logging.disable_progress_bar()  # its per-tensor loading bar is noise here
         try:
             model = auto.from_pretrained(str(folder), dtype=dtype)
         except (OSError, ValueError) as exc:
             raise SearchError(f"{base}: cannot load as {auto.__name__} ({str(exc).splitlines()[0]})") from None
-        finally:
-            if bars:
-                transformers.utils.logging.enable_progress_bar()
     if isinstance(tokenizer, (str, Path)):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -162,10 +141,7 @@ def search(
         raise SearchError(f"bounds must be LOW,HIGH with LOW < HIGH, got {lo},{hi}")
     if steps < 1:
         raise SearchError(f"steps must be at least 1, got {steps}")
-    loaded = [load_adapter(a) for a in adapters]
-    if not loaded:
-        raise SearchError("no adapters given")
-    check_compatible(loaded, allow_different_bases=allow_different_bases)
+    loaded, _ = load_adapters(adapters, allow_different_bases=allow_different_bases)
     x0 = np.zeros(len(loaded)) if init is None else np.asarray(init, dtype=np.float64)
     if x0.shape != (len(loaded),):
         raise SearchError(f"init has {x0.size} value(s) for {len(loaded)} adapter(s)")
@@ -243,8 +219,6 @@ def search(
             provenance={"method": "lorahub", "weights": weights, "sources": [a.source for a in loaded]},
         )
     else:
-        from loramix.combine import combine
-
         adapter = combine(loaded, weights=weights, method="cat", device=str(target))
     log.info("search: loss %.4f after %d evaluations in %.1f s", track.best_loss, track.evaluations, seconds)
     return SearchResult(

@@ -1,0 +1,145 @@
+"""Analyse adapters before merging: per-module spectra and ranks, pairwise overlap, merge interference
+(`analyze`), all in factor space (see `loramix.analysis.compute`); results are the dataclasses of
+`loramix.analysis.results`, rendered by `loramix.render`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from loramix.adapter import LoraAdapter
+from loramix.analysis.compute import factor_grams, merge_module, overlaps, pair, spectrum
+from loramix.analysis.results import (
+    DEFAULT_RULE,
+    AdapterAnalysis,
+    Analysis,
+    MergeAnalysis,
+    MergeModule,
+    ModuleOverlap,
+)
+from loramix.errors import IncompatibleAdaptersError
+from loramix.formats import load_adapters
+from loramix.io.base import BaseCheckpoint, open_base, resolve_base
+from loramix.linalg import RankRule, gram_svd
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Analysis", "analyze", "base_norms"]
+
+
+def _unique_names(adapters: list[LoraAdapter]) -> list[str]:
+    names, seen = [], {}
+    for a in adapters:
+        seen[a.name] = seen.get(a.name, 0) + 1
+        names.append(a.name if seen[a.name] == 1 else f"{a.name}#{seen[a.name]}")
+    return names
+
+
+def base_norms(base: BaseCheckpoint, modules: dict[str, tuple[int, ...]]) -> dict[str, float]:
+    """‖W‖_F (float64) of each module's base weight, read one tensor at a time; ``modules`` maps name → shape.
+
+    The base tensor is the one `BaseCheckpoint.weight_key` names (the rule merging uses too). Modules whose weight
+    is not in the checkpoint are left out (and logged); a weight of another shape is an error.
+    """
+    norms, missing = {}, []
+    for name, shape in modules.items():
+        key, _ = base.weight_key(name)
+        if key is None:
+            missing.append(name)
+            continue
+        stored = base.tensors[key]
+        if tuple(stored.shape) != tuple(shape):
+            raise IncompatibleAdaptersError(
+                f"module {name}: base weight {key} in {stored.path or base.folder} has shape {tuple(stored.shape)}, "
+                f"the adapter's ΔW has {tuple(shape)}"
+            )
+        tensor = stored.rows(0, stored.shape[0] if stored.shape else 0)
+        norms[name] = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+    if missing:
+        log.warning("%s: no base weight for %d module(s), e.g. %s", base.folder, len(missing), ", ".join(missing[:3]))
+    return norms
+
+
+def _rule(rank: int | None, energy: float | None, rule: str | None, rule_value: float | None) -> RankRule:
+    if rank is None and energy is None and rule is None:
+        return DEFAULT_RULE
+    return RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
+
+
+def analyze(
+    adapters: list,
+    *,
+    weights: list[float] | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    rule: str | None = None,
+    rule_value: float | None = None,
+    base: str | Path | None = None,
+    allow_different_bases: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+    load_options: dict | None = None,
+) -> Analysis:
+    """Spectra, ranks and pairwise overlap of ``adapters`` (paths, Hub ids or `LoraAdapter`s), in factor space.
+
+    ``rank``/``energy``/``rule``/``rule_value`` form the `RankRule` behind the rank suggestions — the same rule
+    `combine(method="svd")` takes; with none given, energy 0.99. ``weights`` (default 1/n each, as in `combine`)
+    weight the merged sum in ``Analysis.merge``. ``base`` is a base model folder or Hub id; with it each module also
+    gets ‖W‖_F of the base weight it updates, read one tensor at a time. ``load_options`` go to `load_adapter` for
+    every source, as in `combine`.
+    """
+    truncation = _rule(rank, energy, rule, rule_value)
+    loaded, weights = load_adapters(
+        adapters,
+        weights=weights,
+        allow_different_bases=allow_different_bases,
+        allow_nonfinite=allow_nonfinite,
+        load_options=load_options,
+    )
+    checkpoint = None if base is None else open_base(resolve_base(base))  # fail before the long part
+    labels = _unique_names(loaded)
+    results = [AdapterAnalysis(label, a.source, a.base_model, {}) for label, a in zip(labels, loaded)]
+    pairs = [(i, j) for i in range(len(loaded)) for j in range(i + 1, len(loaded))]
+    found: dict[tuple[int, int], dict[str, ModuleOverlap]] = {p: {} for p in pairs}
+    merged: dict[str, MergeModule] = {}
+    names = list(dict.fromkeys(n for a in loaded for n in a.modules))
+    buffers: dict = {}
+    for name in tqdm(names, desc="analyze", unit="module", disable=not progress):
+        indices = [i for i, a in enumerate(loaded) if name in a.modules]
+        modules = [loaded[i].modules[name] for i in indices]
+        gram_b, gram_a, slices = factor_grams(modules, buffers)
+        svds = [
+            gram_svd(gram_b[rows, rows], gram_a[rows, rows], (m.out_features, m.in_features), scale=m.scale)
+            for m, rows in zip(modules, slices)
+        ]
+        for i, m, svd in zip(indices, modules, svds):
+            results[i].modules[name] = spectrum(m, svd, truncation)
+        if len(loaded) < 2:
+            continue
+        if len(indices) > 1:
+            shape = (modules[0].out_features, modules[0].in_features)
+            for (x, y), overlap in overlaps(svds, gram_b, gram_a, slices, shape).items():
+                found[indices[x], indices[y]][name] = overlap
+        coefs = [weights[i] * m.scale for i, m in zip(indices, modules)]
+        merged[name] = merge_module(modules, coefs, gram_b, gram_a, truncation)
+
+    notes = []
+    if checkpoint is not None:
+        shapes = {n: m.base_shape for a in loaded for n, m in a.modules.items()}
+        norms = base_norms(checkpoint, shapes)
+        for result in results:
+            for name, module in result.modules.items():
+                module.base_norm = norms.get(name)
+        if len(norms) < len(shapes):
+            notes.append(f"{len(shapes) - len(norms)} of {len(shapes)} modules have no base weight in {base}")
+    return Analysis(
+        adapters=results,
+        pairs=[pair(results[i], results[j], found[i, j], names) for i, j in pairs],
+        merge=MergeAnalysis(weights, merged) if len(loaded) > 1 else None,
+        rule=truncation,
+        base=None if base is None else str(base),
+        notes=notes,
+    )

@@ -1,0 +1,266 @@
+"""The one reader of base checkpoints, and the one rule for which base tensor an adapter module updates.
+
+A base is a model folder (config.json and safetensors shards, or legacy ``pytorch_model*.bin`` read only through
+``torch.load(weights_only=True)``). Nothing is loaded but the headers: each `BaseTensor` knows where its bytes are
+and reads row ranges on demand, so callers stream a checkpoint of any size one tensor (or chunk) at a time.
+
+Names: adapter module names are the task model's module paths (``transformer.h.0.attn.c_attn``); a checkpoint may
+store the same weight with a prefix more or less (``h.0.attn.c_attn.weight`` in a bare GPT2Model). `NameMatcher`
+tries the exact key, then base keys ending in the adapter's name, then the adapter's name without leading parts;
+more than one candidate is an error. An output head that the base ties to its input embedding and does not store
+is found as that embedding (`BaseCheckpoint.weight_key`). Both `loramix.analysis` and `loramix.checkpoint` ask here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loramix.errors import CheckpointError, SourceError
+from loramix.sources import resolve
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BASE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "*.jinja")
+
+SAFE_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in SAFE_DTYPES.items()}
+# Model types whose attention/MLP layers are transformers' Conv1D (weight stored in×out), and those layers' names.
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+CONV1D_NAMES = {"c_attn", "c_proj", "c_fc", "q_attn"}
+# Output heads that transformers ties to the input embedding (and then does not store), and embedding keys.
+OUTPUT_HEADS = ("lm_head", "embed_out", "cls.predictions.decoder", "vocab_projector", "output")
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight", "embed_in.weight")
+
+
+@dataclass
+class BaseTensor:
+    """One tensor of the base: where its bytes are (a safetensors file and absolute offset) or the tensor itself."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    path: Path | None = None
+    offset: int = 0
+    tensor: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along the first dimension (the whole tensor for 0-D), in the stored dtype."""
+        if self.tensor is not None:
+            return self.tensor if not self.shape else self.tensor[start:stop]
+        shape = (stop - start, *self.shape[1:]) if self.shape else ()
+        count = math.prod(shape) * self.dtype.itemsize
+        row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else 0
+        buffer = bytearray(count)
+        if count:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.offset + start * row_bytes)
+                if f.readinto(buffer) != count:
+                    raise CheckpointError(f"{self.path}: truncated file (tensor {self.name})")
+            return torch.frombuffer(buffer, dtype=self.dtype).reshape(shape)
+        return torch.empty(shape, dtype=self.dtype)
+
+
+@dataclass
+class BaseCheckpoint:
+    """A base model folder: its config and its tensors in file order (nothing loaded but the headers)."""
+
+    folder: Path
+    config: dict
+    tensors: dict[str, BaseTensor]
+    weight_files: list[Path]
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    def weight_key(self, module: str) -> tuple[str | None, str | None]:
+        """(the key of ``module``'s weight, the input embedding it is tied to): the key is the stored tensor the
+        module updates (None when the base has none); the second item is set when that is an embedding standing in
+        for an unstored tied output head. Raises `CheckpointError` when several tensors fit."""
+        key = self.matcher.find(f"{module}.weight")
+        if key is not None:
+            return key, None
+        tied = tied_embedding(self, module)
+        return tied, tied
+
+    @functools.cached_property
+    def matcher(self) -> NameMatcher:
+        return NameMatcher(list(self.tensors))
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the absolute offset where its data starts."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    return header, 8 + length
+
+
+def _safetensors_entries(path: Path) -> list[BaseTensor]:
+    header, start = read_safetensors_header(path)
+    size = path.stat().st_size
+    found = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFE_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name}: unsupported or malformed header entry {info}") from None
+        entry = BaseTensor(name, dtype, shape, path, start + begin)
+        if end - begin != entry.nbytes or start + end > size:
+            raise CheckpointError(f"{path}: tensor {name}: data offsets {begin}..{end} do not fit its shape or file")
+        found.append(entry)
+    return sorted(found, key=lambda t: t.offset)
+
+
+def _bin_entries(path: Path) -> list[BaseTensor]:
+    try:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler raises anything at all on a crafted or damaged file
+        raise CheckpointError(f"{path}: not a readable weights file ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a flat mapping of names to tensors")
+    return [BaseTensor(k, v.dtype, tuple(v.shape), tensor=v) for k, v in state.items()]
+
+
+def _index_files(folder: Path, index_name: str) -> list[Path]:
+    path = folder / index_name
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a readable index ({exc})") from None
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: names shard(s) that are not there: {', '.join(missing)}")
+    return [folder / f for f in files]
+
+
+def open_base(folder: str | Path) -> BaseCheckpoint:
+    """Read ``folder``'s config.json (``{}`` when there is none) and the headers of its weight files (safetensors
+    preferred, else .bin)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
+    if (folder / SAFE_INDEX).is_file():
+        files, reader = _index_files(folder, SAFE_INDEX), _safetensors_entries
+    elif (folder / SAFE_SINGLE).is_file():
+        files, reader = [folder / SAFE_SINGLE], _safetensors_entries
+    elif (folder / BIN_INDEX).is_file():
+        files, reader = _index_files(folder, BIN_INDEX), _bin_entries
+    elif (folder / BIN_SINGLE).is_file():
+        files, reader = [folder / BIN_SINGLE], _bin_entries
+    elif not config and sorted(folder.glob("*.safetensors")):  # bare weight files, no model config
+        files, reader = sorted(folder.glob("*.safetensors")), _safetensors_entries
+    else:
+        raise CheckpointError(f"{folder}: no {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+    tensors: dict[str, BaseTensor] = {}
+    for path in files:
+        for entry in reader(path):
+            if entry.name in tensors:
+                raise CheckpointError(f"{folder}: tensor {entry.name} is stored twice ({path.name})")
+            tensors[entry.name] = entry
+    return BaseCheckpoint(folder, config, tensors, files)
+
+
+def resolve_base(base: str | Path) -> Path:
+    """A local folder for ``base``: a path as is, or a Hub id (config, tokenizer and safetensors files only)."""
+    folder = resolve(base, files=BASE_FILES, what="base model folder not found")
+    if not folder.is_dir():
+        raise CheckpointError(f"{base}: not a folder")
+    has_weights = any((folder / n).is_file() for n in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX))
+    if not has_weights and not Path(base).expanduser().exists():
+        try:  # a Hub repository without safetensors: fetch the legacy pickles (loaded with weights_only=True)
+            folder = resolve(base, files=(*BASE_FILES, "pytorch_model*.bin", "pytorch_model.bin.index.json"))
+        except SourceError:
+            pass
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- matching names
+class NameMatcher:
+    """Finds the base key for an adapter parameter name, allowing one side to carry a prefix the other lacks."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = set(keys)
+        self.by_suffix: dict[str, list[str]] = {}
+        for key in keys:
+            parts = key.split(".")
+            for i in range(1, len(parts)):
+                self.by_suffix.setdefault(".".join(parts[i:]), []).append(key)
+
+    def find(self, name: str) -> str | None:
+        """The one base key for ``name``; None when there is none; CheckpointError when several fit."""
+        if name in self.keys:
+            return name
+        candidates = self.by_suffix.get(name, [])
+        if not candidates:
+            parts = name.split(".")
+            candidates = [".".join(parts[i:]) for i in range(1, len(parts) - 1) if ".".join(parts[i:]) in self.keys]
+            candidates = candidates[:1]  # the longest remaining name is the one meant
+        if len(candidates) > 1:
+            raise CheckpointError(f"adapter tensor {name} matches several base tensors: {', '.join(candidates[:4])}")
+        return candidates[0] if candidates else None
+
+
+def tied_embedding(base: BaseCheckpoint, module_name: str) -> str | None:
+    """The input embedding key an absent output head is tied to (None when ``module_name`` is not such a head)."""
+    if not any(module_name == h or module_name.endswith("." + h) for h in OUTPUT_HEADS):
+        return None
+    if base.config.get("tie_word_embeddings") is False:
+        return None
+    found = [k for k in base.tensors if any(k == e or k.endswith("." + e) for e in INPUT_EMBEDDINGS)]
+    return found[0] if len(found) == 1 else None
+
+
+def ties_output_head(base: BaseCheckpoint, key: str) -> bool:
+    """Whether ``key`` is an input embedding that the base's (unstored) output head is tied to."""
+    if base.config.get("tie_word_embeddings") is not True:
+        return False
+    if not any(key == e or key.endswith("." + e) for e in INPUT_EMBEDDINGS):
+        return False
+    return not any(k.endswith(f"{h}.weight") for k in base.tensors for h in OUTPUT_HEADS)

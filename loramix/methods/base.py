@@ -1,0 +1,101 @@
+"""What a merge method is: a function over one module's terms that returns new factors, registered where it is
+defined by `@method`, its options read from its keyword-only parameters.
+
+A term is one adapter's contribution to a module, ``coef·B·A`` with ``coef = weight·scale``. A method returns
+factors ``(B, A)`` whose product (scale 1) is the merged ΔW. Methods know nothing of files, names or devices beyond
+the tensors they are given. Every method takes ``rule`` (a `loramix.linalg.RankRule`, used by the methods that
+truncate); its other keyword-only parameters, with their defaults, are its options.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loramix.errors import MethodError
+
+
+@dataclass(frozen=True)
+class Term:
+    """One adapter on one module: ΔW contribution ``coef·B·A`` (``coef = weight·scale``)."""
+
+    coef: float
+    B: Any  # torch.Tensor, out×r
+    A: Any  # torch.Tensor, r×in
+    weight: float | None = None  # the weight alone (coef = weight·scale), for methods that apply it apart
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merge method. ``description`` is the first line of the function's docstring; ``defaults``
+    maps each option to its default value."""
+
+    name: str
+    fn: Callable[..., tuple[Any, Any]]
+    description: str
+    paper: str
+    exact: bool
+    equal_ranks: bool = False
+    dense: bool = False
+    truncates: bool = False
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return tuple(self.defaults)
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            allowed = ", ".join(self.defaults) or "none"
+            raise MethodError(f"method {self.name} has no option(s) {', '.join(unknown)} (it takes: {allowed})")
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def method(
+    *,
+    name: str,
+    paper: str = "",
+    exact: bool = False,
+    truncates: bool = False,
+    dense: bool = False,
+    equal_ranks: bool = False,
+) -> Callable:
+    """Register the decorated function as merge method ``name``; its keyword-only parameters other than ``rule``
+    become the method's options, with their defaults."""
+
+    def register(fn: Callable) -> Callable:
+        if name in REGISTRY:
+            raise MethodError(f"method {name} is registered twice")
+        parameters = inspect.signature(fn).parameters.values()
+        keyword = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        if not any(p.name == "rule" for p in keyword):
+            raise MethodError(f"method {name}: the function must take a keyword-only 'rule'")
+        missing = [p.name for p in keyword if p.name != "rule" and p.default is inspect.Parameter.empty]
+        if missing:
+            raise MethodError(f"method {name}: option(s) {', '.join(missing)} need a default")
+        REGISTRY[name] = Method(
+            name=name,
+            fn=fn,
+            description=(inspect.getdoc(fn) or "").splitlines()[0].rstrip("."),
+            paper=paper,
+            exact=exact,
+            equal_ranks=equal_ranks,
+            dense=dense,
+            truncates=truncates,
+            defaults={p.name: p.default for p in keyword if p.name != "rule"},
+        )
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> Method:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise MethodError(f"unknown method {name!r}; choose from {', '.join(REGISTRY)}") from None

@@ -1,0 +1,231 @@
+"""`loramix analyze` rendered: an `Analysis` as JSON-ready data and as the terminal summary with suggestions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+
+def finite(value):
+    """None for None/NaN/Inf (JSON has no NaN), the value otherwise."""
+    return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
+
+
+def _group_dict(group) -> dict:
+    return {key: finite(value) for key, value in dataclasses.asdict(group).items()}
+
+
+def analysis_dict(analysis) -> dict:
+    """JSON-ready data of an `Analysis` (the contract: adapters → modules → spectra; pairs → modules → cosine, φ)."""
+    adapters = []
+    for a in analysis.adapters:
+        modules = {}
+        for name, m in a.modules.items():
+            item = {key: finite(value) for key, value in dataclasses.asdict(m).items()}
+            item["shape"] = list(m.shape)
+            item["relative_norm"] = finite(m.relative_norm)
+            modules[name] = item
+        adapters.append(
+            {
+                "name": a.name,
+                "source": a.source,
+                "base_model": a.base_model,
+                "norm": a.norm,
+                "relative_norm": finite(a.relative_norm),
+                "suggested_rank": a.suggested_rank,
+                "kept_energy": finite(a.kept_energy),
+                "modules": modules,
+            }
+        )
+    pairs = []
+    for p in analysis.pairs:
+        pairs.append(
+            {
+                "a": p.a,
+                "b": p.b,
+                **_group_dict(p.overall),
+                "modules": {name: _group_dict(o) for name, o in p.modules.items()},
+                "by_layer": {name: _group_dict(g) for name, g in p.by_layer.items()},
+                "by_type": {name: _group_dict(g) for name, g in p.by_type.items()},
+            }
+        )
+    merge = None
+    if analysis.merge is not None:
+        mg = analysis.merge
+        merge = {
+            "weights": mg.weights,
+            "norm": mg.norm,
+            "reference_rank": mg.reference_rank,
+            "truncation_loss": finite(mg.truncation_loss),
+            "suggested_rank": mg.suggested_rank,
+            "modules": {name: _group_dict(m) for name, m in mg.modules.items()},
+        }
+    return {
+        "rule": analysis.rule.describe(),
+        "base": analysis.base,
+        "notes": analysis.notes,
+        "adapters": adapters,
+        "pairs": pairs,
+        "merge": merge,
+    }
+
+
+def analysis_json(analysis) -> str:
+    return json.dumps(analysis_dict(analysis), indent=1)
+
+
+def _num(value, spec: str = ".3f") -> str:
+    return "-" if finite(value) is None else format(value, spec)
+
+
+def _pct(value) -> str:
+    return "-" if finite(value) is None else f"{100 * value:.1f}%"
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if finite(v) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _median(values) -> int:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0
+
+
+def _table(header: list[str], rows: list[list[str]], *, left: int = 1) -> list[str]:
+    """Columns padded to their widest cell; the first ``left`` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
+
+    def line(cells):
+        return "  " + "  ".join(
+            str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
+    return [line(header), *(line(r) for r in rows)]
+
+
+def _shared(group) -> float:
+    """The ordering key for "overlap": the mean share of each adapter's energy inside the other's subspaces."""
+    values = [v for v in (group.share_a_in_b, group.share_b_in_a) if finite(v) is not None]
+    return sum(values) / len(values) if values else -1.0
+
+
+def _overlap_rows(items) -> list[list[str]]:
+    rows = []
+    for label, g in items:
+        phi_in = f"{_num(g.phi_a)} ({_num(g.phi_a_chance)})"
+        phi_out = f"{_num(g.phi_b)} ({_num(g.phi_b_chance)})"
+        rows.append([label, _num(g.cosine), phi_in, phi_out, _pct(g.share_a_in_b), _pct(g.share_b_in_a)])
+    return rows
+
+
+_RANK_HEADER = [
+    *("adapter", "modules", "rank", "eff.rank", "stable", "k@90%", "k@99%"),
+    *("suggest med/max", "keeps", "‖ΔW‖", "‖ΔW‖/‖W‖"),
+]
+_OVERLAP_HEADER = ["", "cosine", "φ in (chance)", "φ out (chance)", "a in b", "b in a"]
+
+
+def analysis_text(analysis, *, top: int = 5) -> str:
+    """The terminal summary: rank use, overlap (pairs, module types, layers), merge figures, suggestions."""
+    modules = {n for a in analysis.adapters for n in a.modules}
+    lines = [
+        f"{len(analysis.adapters)} adapter(s), {len(modules)} module(s); rank rule: {analysis.rule.describe()}",
+        "",
+        "Rank use (means over modules; suggest = the rank the rule keeps: median module / largest module,",
+        "  the largest being one --rank that satisfies the rule everywhere; keeps = energy kept by the rule)",
+    ]
+    rows = []
+    for a in analysis.adapters:
+        ms = list(a.modules.values())
+        ranks = sorted({m.rank for m in ms})
+        rows.append(
+            [
+                a.name,
+                str(len(ms)),
+                "/".join(map(str, ranks)),
+                _num(_mean(m.effective_rank for m in ms), ".1f"),
+                _num(_mean(m.stable_rank for m in ms), ".1f"),
+                _num(_mean(m.energy_rank["0.9"] for m in ms), ".1f"),
+                _num(_mean(m.energy_rank["0.99"] for m in ms), ".1f"),
+                f"{_median(m.suggested_rank for m in ms)}/{a.suggested_rank}",
+                _pct(a.kept_energy),
+                _num(a.norm, ".4g"),
+                _num(a.relative_norm, ".2e"),
+            ]
+        )
+    lines += _table(_RANK_HEADER, rows)
+    if analysis.pairs:
+        lines += [
+            "",
+            "Overlap, whole adapter (cosine of all ΔW together; φ of the input/output subspaces, random",
+            ("  subspaces in brackets; a in b = share of a's energy inside b's input and output subspaces)"),
+        ]
+        ordered = sorted(analysis.pairs, key=lambda p: _shared(p.overall), reverse=True)
+        lines += _table(_OVERLAP_HEADER, _overlap_rows((f"{p.a} ~ {p.b}", p.overall) for p in ordered))
+        by_type = [(f"{p.a} ~ {p.b}: {t}", g) for p in analysis.pairs for t, g in p.by_type.items() if g.modules]
+        by_type.sort(key=lambda item: _shared(item[1]), reverse=True)
+        if len(by_type) > 1:
+            lines += ["", "Module types, most overlapping first"]
+            shown = by_type if len(by_type) <= 2 * top else by_type[:top] + by_type[-top:]
+            lines += _table(_OVERLAP_HEADER, _overlap_rows(shown))
+            if len(shown) < len(by_type):
+                lines.insert(len(lines) - top, f"  … {len(by_type) - 2 * top} more …")
+        by_layer = [(f"{p.a} ~ {p.b}: {k}", g) for p in analysis.pairs for k, g in p.by_layer.items() if g.modules]
+        by_layer.sort(key=lambda item: _shared(item[1]), reverse=True)
+        if len(by_layer) > 1:
+            lines += ["", f"Layers, the {min(top, len(by_layer))} most and least overlapping"]
+            shown = by_layer if len(by_layer) <= 2 * top else by_layer[:top] + by_layer[-top:]
+            lines += _table(_OVERLAP_HEADER, _overlap_rows(shown))
+    if analysis.merge is not None:
+        mg = analysis.merge
+        weights = ", ".join(f"{w:g}" for w in mg.weights)
+        lines += [
+            "",
+            f"Merged sum (weights {weights}), as `combine --method svd` sees it before truncating",
+            f"  cut to rank {mg.reference_rank} (the largest input rank) it loses {_pct(mg.truncation_loss)} of its "
+            f"energy; the rule ({analysis.rule.describe()}) needs rank {mg.suggested_rank}",
+        ]
+    lines += ["", "Suggestions", *(f"  - {s}" for s in _suggestions(analysis))]
+    lines += [f"note: {n}" for n in analysis.notes]
+    return "\n".join(lines)
+
+
+def _suggestions(analysis) -> list[str]:
+    rule = analysis.rule
+    flag = f"--energy {rule.energy:g}" if rule.energy is not None else ""
+    if rule.rule is not None:
+        flag = f"--rule {rule.rule} --rule-value {rule.value:g}"
+    if rule.rank is not None:
+        flag = f"{flag} --rank {rule.rank}".strip()
+    out = []
+    for a in analysis.adapters:
+        largest = max((m.rank for m in a.modules.values()), default=0)
+        if 0 < a.suggested_rank < largest:
+            out.append(
+                f"{a.name}: rank {a.suggested_rank} of {largest} holds what the rule asks in every module "
+                f"({_pct(a.kept_energy)} of its energy): "
+                f"`loramix combine {a.source} --method svd {flag} -o OUT` resizes it"
+            )
+        elif a.suggested_rank:
+            out.append(f"{a.name}: uses its full rank {largest} under the rule; no room to resize")
+    for p in analysis.pairs:
+        g = p.overall
+        if g.cosine is not None and abs(g.cosine) >= 0.3:
+            kind = "reinforce (a plain sum over-counts them)" if g.cosine > 0 else "cancel (a plain sum loses both)"
+            out.append(f"{p.a} ~ {p.b}: cosine {g.cosine:.2f}, they {kind}; lower their weights or use ties/dare")
+        elif g.phi_a is not None and g.phi_a_chance is not None and g.phi_a > max(0.5, 5 * g.phi_a_chance):
+            if g.phi_b is not None and g.phi_b < 0.5:
+                out.append(
+                    f"{p.a} ~ {p.b}: same input subspace (φ in {g.phi_a:.2f}; likely the same A initialisation) but "
+                    f"different outputs (φ out {g.phi_b:.2f}, cosine {g.cosine:.2f}): an exact sum keeps both"
+                )
+    if analysis.merge is not None:
+        mg = analysis.merge
+        kept = None if mg.truncation_loss is None else 1 - mg.truncation_loss
+        out.append(
+            f"merging all: `loramix combine ... --method svd {flag}` gives rank ≤ {mg.suggested_rank}; "
+            f"`--rank {mg.reference_rank}` keeps {_pct(kept)} of the sum"
+        )
+    return out

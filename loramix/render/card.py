@@ -1,0 +1,181 @@
+"""Model cards: the README.md of every output folder, rendered from what was done (pure: data in, text out).
+
+The YAML front matter is huggingface_hub's `ModelCardData` (base_model, base_model_relation ``adapter`` or
+``merge``, library_name ``peft`` or ``transformers``, tags); the body says how the output was made: the method and
+its paper, each source with its weight and revision, the result's ranks and (when given) the sources' overlap, the
+exact command line (or that the Python API made it) and the loramix version.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from importlib import metadata
+from pathlib import Path
+
+from huggingface_hub import ModelCardData
+
+from loramix.adapter import LoraAdapter
+from loramix.analysis.results import Analysis
+from loramix.methods import REGISTRY
+from loramix.sources import parse_hub_id
+
+CARD_FILE = "README.md"
+RECIPE_FILE = "loramix_recipe.yaml"
+
+
+def loramix_version() -> str:
+    try:
+        return metadata.version("loramix")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _loramix_link() -> str:
+    """``[loramix](URL)`` with the home page the installed package declares, else plain ``loramix``."""
+    try:
+        urls = metadata.metadata("loramix").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        urls = []
+    url = next((u.split(",", 1)[1].strip() for u in urls if "," in u), None)
+    return f"[loramix]({url})" if url else "loramix"
+
+
+def _paper_links(paper: str) -> str:
+    """The registry's paper text with each arXiv id turned into a link."""
+    return re.sub(r"arXiv:(\d{4}\.\d{4,5})", r"[arXiv:\1](https://arxiv.org/abs/\1)", paper)
+
+
+def _hub_base(base: str | None) -> str | None:
+    """``base`` when it reads as a Hub id (metadata must name a Hub model, not a local folder)."""
+    if not base:
+        return None
+    ref = parse_hub_id(base)
+    return ref.repo_id if ref is not None and not Path(base).exists() else None
+
+
+def _method_section(provenance: dict) -> list[str]:
+    method = provenance.get("method")
+    if method is None:
+        return []
+    info = REGISTRY.get(method)
+    lines = ["## Method", ""]
+    if info is None:
+        lines.append(f"`{method}`")
+    else:
+        paper = f" Paper: {_paper_links(info.paper)}." if info.paper else ""
+        lines.append(f"`{method}` — {info.description.rstrip('.')}.{paper}")
+    details = []
+    if provenance.get("truncation"):
+        details.append(f"truncation: {provenance['truncation']}")
+    if provenance.get("options"):
+        details.append("options: " + ", ".join(f"{k}={v}" for k, v in sorted(provenance["options"].items())))
+    if details:
+        lines += ["", "; ".join(details)]
+    return [*lines, ""]
+
+
+def _sources_section(provenance: dict, revisions: dict[str, str]) -> list[str]:
+    sources = provenance.get("sources") or []
+    if not sources:
+        return []
+    weights = provenance.get("weights") or [None] * len(sources)
+    lines = ["## Source adapters", "", "| adapter | weight | revision |", "|---|---|---|"]
+    for source, weight in zip(sources, weights):
+        shown = f"{weight:g}" if isinstance(weight, (int, float)) else "-"
+        lines.append(f"| `{source}` | {shown} | {revisions.get(source, 'local')} |")
+    return [*lines, ""]
+
+
+def _rank_line(adapter: LoraAdapter) -> str:
+    ranks = sorted(m.rank for m in adapter.modules.values())
+    if not ranks:
+        return "no LoRA modules"
+    median = ranks[len(ranks) // 2]
+    return f"{len(ranks)} modules, rank {ranks[0]}–{ranks[-1]} (median {median}), {adapter.num_params():,} parameters"
+
+
+def _overlap_lines(analysis: Analysis) -> list[str]:
+    lines = []
+    for pair in analysis.pairs:
+        o = pair.overall
+        values = (("cosine", o.cosine), ("φ_A", o.phi_a), ("φ_B", o.phi_b))
+        parts = [f"{label} {value:.3f}" for label, value in values if value is not None]
+        lines.append(f"- `{pair.a}` vs `{pair.b}`: " + (", ".join(parts) or "no shared modules"))
+    return lines
+
+
+def _analysis_section(adapter: LoraAdapter, analysis: Analysis | None) -> list[str]:
+    lines = ["## Analysis", "", f"Result: {_rank_line(adapter)}."]
+    if analysis is not None and analysis.pairs:
+        overlap = _overlap_lines(analysis)
+        if overlap:
+            lines += ["", "Overlap of the sources (cosine of the ΔWs; φ of the input (A) and output (B) subspaces,"]
+            lines += ["see `loramix analyze`):", ""]
+            lines += overlap
+    return [*lines, ""]
+
+
+def model_card(
+    adapter: LoraAdapter,
+    *,
+    argv: list[str] | None = None,
+    merged_into: str | None = None,
+    analysis: Analysis | None = None,
+    revisions: dict[str, str] | None = None,
+    output_format: str = "peft",
+    recipe: bool = False,
+) -> str:
+    """README.md text for an output folder holding ``adapter`` (or, with ``merged_into``, that base merged).
+
+    ``argv`` is the command line that made it (``sys.argv``, the program shown by its name); without it the card
+    says the Python API made it.
+    ``analysis`` (of the sources, already computed) adds their pairwise overlap; ``revisions`` maps each Hub source
+    to the revision and commit it resolved to (local sources say ``local``); ``recipe`` says a recipe file lies
+    beside the card. ``output_format``
+    ``kohya`` describes a kohya/A1111 file (no library_name: neither PEFT nor transformers loads it).
+    """
+    merged = merged_into is not None
+    base = _hub_base(merged_into) if merged else None
+    base = base or _hub_base(adapter.base_model)
+    provenance = adapter.provenance or {}
+    method = provenance.get("method")
+    kohya = output_format == "kohya" and not merged
+    tags = ["loramix", "lora", *([method] if method else []), *(["merge"] if merged else [])]
+    tags += ["kohya"] if kohya else []
+    data = ModelCardData(
+        base_model=base,
+        base_model_relation="merge" if merged else "adapter",
+        library_name="transformers" if merged else (None if kohya else "peft"),
+        tags=tags,
+    )
+    kind = "checkpoint" if merged else "LoRA adapter"
+    base_text = f"`{merged_into if merged else adapter.base_model}`" if (merged_into or adapter.base_model) else "?"
+    if merged:
+        what = f"The base model {base_text} with a LoRA merged into its weights"
+    else:
+        what = f"A {'kohya/A1111' if kohya else 'PEFT'} LoRA adapter for {base_text}"
+    made = f"made by {_loramix_link()} {loramix_version()}"
+    if method:
+        made += f" with the `{method}` method from {len(provenance.get('sources') or [])} source adapter(s)"
+    command = shlex.join([Path(argv[0]).name, *argv[1:]]) if argv else None  # the program's name, not its path
+    body = [
+        f"# {f'{method} merge of LoRA adapters' if method else adapter.name}",
+        "",
+        f"{what}, {made}.",
+        "",
+        *_method_section(provenance),
+        *_sources_section(provenance, revisions or {}),
+        *_analysis_section(adapter, analysis),
+        "## How it was made",
+        "",
+    ]
+    if command:
+        body += ["```bash", command, "```", ""]
+    else:
+        body += ["Written through the loramix Python API (no command line).", ""]
+    if recipe:
+        body += [f"The recipe is saved beside this card as `{RECIPE_FILE}`: `loramix combine --recipe {RECIPE_FILE}`"]
+        body += ["repeats the run.", ""]
+    body += [f"loramix version: {loramix_version()}; output: {kind}.", ""]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)

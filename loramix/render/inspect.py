@@ -1,0 +1,83 @@
+"""`loramix inspect` rendered: one adapter's facts as JSON-ready data, and as a readable text block."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from loramix.adapter import LoraAdapter
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def adapter_summary(adapter: LoraAdapter) -> dict:
+    """What `loramix inspect` reports about one adapter, as JSON-ready data."""
+    modules = adapter.modules.values()
+    scales = sorted({round(m.scale, 6) for m in modules})
+    features = [
+        name
+        for name, present in (
+            ("rslora", adapter.use_rslora),
+            ("dora", adapter.has_dora),
+            ("lora_bias", adapter.has_lora_bias),
+            ("embedding", any(m.layout == "embedding" for m in modules)),
+            ("conv2d", any(m.layout == "conv2d" for m in modules)),
+            ("conv1d_fan_in_fan_out", any(m.layout == "conv1d_fan_in_fan_out" for m in modules)),
+        )
+        if present
+    ]
+    return {
+        "name": adapter.name,
+        "source": adapter.source,
+        "base_model": adapter.base_model,
+        "task_type": adapter.task_type,
+        "dtype": _dtype_name(adapter.dtype),
+        "num_modules": len(adapter.modules),
+        "module_types": dict(sorted(Counter(n.rsplit(".", 1)[-1] for n in adapter.modules).items())),
+        "ranks": adapter.ranks,
+        "scales": scales,
+        "num_params": adapter.num_params(),
+        "file_bytes": adapter.file_bytes,
+        "features": features,
+        "extra_tensors": sorted(adapter.extra),
+        "extra_shapes": {n: list(e.tensor.shape) for n, e in sorted(adapter.extra.items())},
+        "warnings": list(adapter.warnings),
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def inspect_text(summaries: list[dict]) -> str:
+    """A readable block per adapter."""
+    blocks = []
+    for s in summaries:
+        types = ", ".join(f"{t} ×{n}" for t, n in s["module_types"].items())
+        rows = [
+            ("source", s["source"]),
+            ("base model", s["base_model"] or "(unknown)"),
+            ("task", s["task_type"] or "-"),
+            ("dtype", s["dtype"]),
+            ("modules", f"{s['num_modules']} ({types})"),
+            ("ranks", ", ".join(map(str, s["ranks"]))),
+            ("scale", ", ".join(f"{v:g}" for v in s["scales"])),
+            ("parameters", f"{s['num_params']:,}"),
+            ("file size", _size(s["file_bytes"]) if s["file_bytes"] else "-"),
+            ("features", ", ".join(s["features"]) or "-"),
+            ("extra tensors", ", ".join(f"{n} {s['extra_shapes'][n]}" for n in s["extra_tensors"]) or "-"),
+        ]
+        lines = [s["name"]] + [f"  {k:<14}{v}" for k, v in rows]
+        lines += [f"  {'warning':<14}{w}" for w in s["warnings"]]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def inspect_json(summaries: list[dict]) -> str:
+    return json.dumps(summaries, indent=2)
