@@ -1,6 +1,15 @@
-"""Bundled examples: a tiny random-weight Llama (``tiny-llama``) and three PEFT adapters made on it by
-``tests/make_examples.py``: ``summarize`` (r=8, q/v), ``translate`` (r=4, rsLoRA, q/k/v/o) and ``formal``
-(r=8 with rank_pattern/alpha_pattern r=4 on o_proj). Random weights: they demonstrate the mechanics, not skills.
+"""Bundled examples, built by ``tests/make_examples.py``; each is a folder, `path` gives it.
+
+- ``tiny-llama``: a tiny random-weight Llama (vocab 256, 2 layers, bf16) with a character-level tokenizer
+  (``tokenizer.json``: one token per printable ASCII character after ``<pad>``, ``<s>``, ``</s>``, ``<unk>``).
+- ``summarize`` (r=8, q/v), ``translate`` (r=4, rsLoRA, q/k/v/o) and ``formal`` (r=8 with
+  rank_pattern/alpha_pattern r=4 on o_proj): PEFT adapters made on it.
+- ``few-shot``: ``formal.jsonl``, six ``{"input": ..., "output": ...}`` pairs for ``loramix search``.
+- ``minimind``: ``minimind_lora.pth``, a hand-made LoRA state dict in MiniMind's naming
+  (``layers.0.attention.wq.lora.A.weight``, rank 4 on wq/wv/w2), and ``module_map.yaml``, which renames its modules
+  to the tiny Llama's (``--module-map``).
+
+Random weights: they demonstrate the mechanics, not skills.
 """
 
 from __future__ import annotations
