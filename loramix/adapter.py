@@ -9,7 +9,6 @@ Tensors keep the dtype they were read in; computation casts them up.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -17,8 +16,6 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from loramix.errors import IncompatibleAdaptersError
-
-log = logging.getLogger(__name__)
 
 LAYOUTS = ("linear", "conv1d_fan_in_fan_out", "embedding", "conv2d")
 
@@ -171,11 +168,9 @@ def canonical_base(base: str) -> str:
 
 
 def check_compatible(adapters: list[LoraAdapter], *, allow_different_bases: bool = False) -> None:
-    """Refuse adapters made for different bases (unless allowed) and modules whose shapes disagree."""
+    """Refuse adapters made for different bases (unless allowed) and modules whose shapes disagree. Adapters whose
+    base is unknown are checked by their module shapes only."""
     known = [(a, canonical_base(a.base_model)) for a in adapters if a.base_model]
-    for a in adapters:
-        if not a.base_model:
-            log.warning("%s: base model unknown; only module shapes can be checked against the others", a.name)
     if not allow_different_bases and len({base for _, base in known}) > 1:
         listing = ", ".join(f"{a.name}: {a.base_model}" for a, _ in known)
         raise IncompatibleAdaptersError(

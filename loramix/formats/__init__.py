@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = (kohya, statedict, adalora, peft)  # detection order: the first whose detect() says yes reads the source
 WRITERS = {peft.NAME: peft, kohya.NAME: kohya}
+UNKNOWN_BASE = "base model unknown; only module shapes can be checked against the others"
 
 
 def load_adapter(
@@ -113,6 +114,12 @@ def load_adapters(
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise MethodError(f"weight {i + 1} must be a finite number, got {w!r}")
     check_compatible(loaded, allow_different_bases=allow_different_bases)
+    if len(loaded) > 1 and log_warnings:  # said once, where the adapter was read (not for LoraAdapters passed in)
+        for source, adapter in zip(sources, loaded):
+            if not adapter.base_model and not isinstance(source, LoraAdapter):
+                log.warning(
+                    "%s: base model unknown; only module shapes can be checked against the others", adapter.name
+                )
     return loaded, [float(w) for w in weights]
 
 
