@@ -123,9 +123,15 @@ def merge_into(model: torch.nn.Module, adapter) -> ModelMergeReport:
     targets, extras = _plan(model, adapter), _extras(model, adapter)
     report = ModelMergeReport()
     with torch.no_grad():
+        fresh = {}  # a saved base layer is what ΔW is added to, at its full precision
+        for name, (key, param) in extras.items():
+            report.replaced[key] = param.detach().to("cpu", copy=True)
+            param.copy_(adapter.extra[name].tensor)
+            fresh[id(param)] = adapter.extra[name].tensor
         for target in targets:
             update, weight = target.update, target.layer.weight
-            before = weight.detach().to(torch.float32, copy=True)
+            source = fresh.pop(id(weight), weight).detach()
+            before = source.to(device=weight.device, dtype=torch.float32, copy=True)
             if update.module.magnitude is not None:
                 result, norm = dora_merge(before, update, weight.device)
                 report.dora_norms[update.name] = norm.cpu()
@@ -133,9 +139,6 @@ def merge_into(model: torch.nn.Module, adapter) -> ModelMergeReport:
                 result = before + delta_rows(update.module, update.layout, 0, weight.shape[0], weight.device)
             report.survival[update.name] = _store(weight, result, before, update.name)
             _add_bias(target, +1.0)
-        for name, (key, param) in extras.items():
-            report.replaced[key] = param.detach().to("cpu", copy=True)
-            param.copy_(adapter.extra[name].tensor)
     _warn(model, report, adapter)
     return report
 

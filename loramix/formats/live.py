@@ -8,9 +8,9 @@ a PEFT folder (`loramix.formats.peft.parse`). The adapter is named after its sou
 ``PeftModel(LlamaForCausalLM):a``.
 
 Out: `to_peft_state_dict` and `lora_config` (what ``PeftModel.save_pretrained`` would write) and `inject_adapter`,
-which adds an adapter to a live ``PeftModel`` or transformers model under a chosen name through PEFT's public API
-(``add_adapter`` + ``set_peft_model_state_dict``). PEFT is optional for loramix: it is imported when one of these
-is called, and a model holding adapters implies it is installed.
+which adds an adapter to a live ``PeftModel`` or transformers model under a chosen name through the public APIs
+(``PeftModel.add_adapter`` or transformers' ``load_adapter``, then PEFT's ``set_peft_model_state_dict``). PEFT is
+optional for loramix: it is imported when one of these is called, and a model holding adapters implies it is there.
 """
 
 from __future__ import annotations
@@ -55,7 +55,11 @@ def read(src, *, allow_nonfinite: bool = False) -> LoraAdapter:
         model, name = src, _only_adapter(src)
     elif isinstance(src, tuple) and len(src) == 2 and _holds_adapters(src[0]):
         model, name = src
-        if not isinstance(name, str) or name not in model.peft_config:
+        if not isinstance(name, str):
+            raise AdapterFormatError(
+                f"{_model_label(model)}: the second item must be an adapter name, got a {type(name).__name__}"
+            )
+        if name not in model.peft_config:
             raise AdapterFormatError(
                 f"{_model_label(model)} has no adapter {name!r}; it holds {', '.join(map(repr, model.peft_config))}"
             )
@@ -169,9 +173,10 @@ def inject_adapter(model: torch.nn.Module, adapter: LoraAdapter, *, adapter_name
     tensors = to_peft_state_dict(adapter)
     if hasattr(model, "get_base_model"):  # a PeftModel: keys keep PEFT's base_model.model. prefix
         model.add_adapter(adapter_name, config)
-    else:  # a transformers model: keys are the model's own names
-        model.add_adapter(config, adapter_name=adapter_name)
+    else:  # a transformers model: keys are the model's own names; its loader builds the layers
         tensors = {_keys.strip_prefix(k)[0]: v for k, v in tensors.items()}
+        model.load_adapter(adapter_name=adapter_name, peft_config=config, adapter_state_dict=tensors)
+    # PEFT's own loader sets every tensor (transformers' may miss DoRA magnitudes, depending on versions)
     result = _peft().set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
     unplaced = list(getattr(result, "unexpected_keys", []))
     if unplaced:
