@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 FORMATS = (kohya, statedict, adalora, peft)  # detection order: the first whose detect() says yes reads the source
 WRITERS = {peft.NAME: peft, kohya.NAME: kohya}
 UNKNOWN_BASE = "base model unknown; only module shapes can be checked against the others"
-SOURCE_OPTIONS = {"scale": float, "alpha": float, "base_model": str, "module_map": str}  # path::key=value
+# path::key=value: the options a plain state dict needs, per source (numbers or text)
+SOURCE_OPTIONS = {key: float if key in ("scale", "alpha") else str for key in statedict.LOAD_OPTIONS}
 
 
 def load_adapter(
