@@ -67,7 +67,9 @@ def read(src, *, allow_nonfinite: bool = False) -> LoraAdapter:
         return _from_state_dict(src[0], src[1], label=f"state dict ({type(src[1]).__name__})", check=allow_nonfinite)
     else:
         raise AdapterFormatError(f"cannot load an adapter from {describe(src)}: give {ACCEPTED}")
-    tensors = _peft().get_peft_model_state_dict(model, adapter_name=name)
+    # the embedding copies PEFT saves beside embedding adapters are the live model's own weights: not read (and
+    # PEFT's "auto" would ask the Hub whether the vocabulary was resized)
+    tensors = _peft().get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
     label = f"{_model_label(model)}:{name}"
     return _from_state_dict(tensors, model.peft_config[name], label=label, check=allow_nonfinite)
 
