@@ -235,3 +235,19 @@ def test_run_is_what_the_cli_does(tmp_path):
     assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "loramix_recipe.yaml"]
     api, cli = (tmp_path / d / "adapter_model.safetensors" for d in ("api", "cli"))
     assert api.read_bytes() == cli.read_bytes()
+    card = (tmp_path / "api" / "README.md").read_text()
+    assert "github.com/loramix" not in card  # no invented link: only a URL the package's metadata declares
+
+
+def test_every_command_loads_adapters_through_one_front_door():
+    """combine, analyze and search take the same loading options (one prelude: formats.load_adapters)."""
+    import inspect
+
+    from loramix import analyze, combine, search
+
+    for fn in (combine, analyze, search):
+        parameters = inspect.signature(fn).parameters
+        assert {"allow_different_bases", "allow_nonfinite", "load_options"} <= set(parameters), fn.__name__
+    for path in ("combination.py", "analysis/__init__.py", "weight_search/run.py"):
+        source = (PACKAGE / path).read_text()
+        assert "load_adapters(" in source and "load_adapter(" not in source, path
