@@ -19,7 +19,7 @@ from loramix.analysis import Analysis, analyze
 from loramix.checkpoint import MergeReport, write_merged
 from loramix.combination import check_settings, combine
 from loramix.errors import IncompatibleAdaptersError
-from loramix.formats import load_adapter, load_adapters, write_adapter
+from loramix.formats import load_adapter, load_adapters, split_source_options, write_adapter
 from loramix.hub import revisions
 from loramix.io.base import open_base, resolve_base
 from loramix.io.files import atomic_output, check_output, refuse_inputs, write_text_atomic
@@ -57,8 +57,9 @@ def _cheap_analysis(loaded: list[LoraAdapter], weights: list[float]) -> Analysis
 def _repeatable(plan: Plan, adapter: LoraAdapter) -> Plan:
     """``plan`` as a recipe that repeats the run from anywhere: local paths made absolute, the weights used."""
 
-    def anchored(item):
-        return str(Path(item).resolve()) if isinstance(item, str) and Path(item).exists() else item
+    def anchored(item):  # a source's own options (path::scale=0.5) stay with it
+        path, sep, options = item.partition("::") if isinstance(item, str) else (item, "", "")
+        return str(Path(path).resolve()) + sep + options if isinstance(item, str) and Path(path).exists() else item
 
     weights = adapter.provenance.get("weights") or plan.weights
     return replace(
@@ -85,7 +86,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
     """
     if not plan.output:
         raise IncompatibleAdaptersError("the plan names no output folder (output)")
-    protect = [*plan.adapters, *([plan.merge_into] if plan.merge_into else [])]
+    protect = [*(split_source_options(a)[0] for a in plan.adapters), *([plan.merge_into] if plan.merge_into else [])]
     check_output(plan.output, overwrite=overwrite, protect=protect)
     kwargs = plan.combine_kwargs()
     load_options = kwargs.pop("load_options")

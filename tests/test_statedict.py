@@ -346,6 +346,10 @@ def test_per_source_options(simple_file, tmp_path):
     assert result.exit_code == 0, result.output
     (module,) = load_adapter(out).modules.values()
     torch.testing.assert_close(module.delta(), 2.5 * product)
+    recipe = yaml.safe_load((out / "loramix_recipe.yaml").read_text())
+    assert [a["source"] for a in recipe["adapters"]] == [f"{path.resolve()}::scale=2", f"{path.resolve()}::scale=0.5"]
+    result = CliRunner().invoke(main, [*args[:-1], str(path.parent), "--force"])  # never over an input
+    assert result.exit_code == 2 and path.is_file(), result.output
     result = CliRunner().invoke(main, ["-q", "analyze", f"{path}::scale=2", "--json", "-"])
     doubled = json.loads(result.output)
     result = CliRunner().invoke(main, ["-q", "analyze", str(path), "--scale", "2", "--json", "-"])
