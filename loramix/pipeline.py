@@ -165,7 +165,9 @@ def save_adapter(
     card: bool = True,
 ) -> Path:
     """Write ``adapter`` to ``folder`` (atomically) as a PEFT folder or a kohya file, with a README.md model card
-    unless ``card`` is false; refuses to replace any of the adapter's own inputs. Returns the folder."""
+    unless ``card`` is false; refuses to replace any of the adapter's own inputs. Returns the folder. ``adapter`` may
+    also be any source `load_adapter` takes (a live PeftModel, for one)."""
+    adapter = load_adapter(adapter)
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
     files = {CARD_FILE: model_card(adapter, revisions=revisions(protect), output_format=format)} if card else {}
     with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:

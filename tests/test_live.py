@@ -252,6 +252,12 @@ def test_wrong_objects_say_what_is_accepted(tmp_path):
         loramix.combine(3)
     with pytest.raises(MethodError, match="takes a loaded torch model.*merge_into_base"):
         loramix.merge_into(str(tmp_path), adapter)
+    with pytest.raises(CheckpointError, match="folder or Hub id, not a LlamaForCausalLM.*merge_into"):
+        loramix.merge_into_base(adapter, tiny_llama(), tmp_path / "out")
+    with pytest.raises(AdapterFormatError, match=accepted):
+        loramix.save_adapter(3, tmp_path / "out")
+    loramix.save_adapter(made.peft_model, tmp_path / "saved")  # a live source saves as it is
+    assert_same_adapter(loramix.load_adapter(tmp_path / "saved"), adapter)
     with pytest.raises(MethodError, match="takes a LoraAdapter"):
         loramix.to_peft_state_dict(made.peft_model)
     with pytest.raises(MethodError, match="PeftModel or a transformers model"):
