@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from loramix.errors import IncompatibleAdaptersError
+from loramix.errors import IncompatibleAdaptersError, MethodError
 
 LAYOUTS = ("linear", "conv1d_fan_in_fan_out", "embedding", "conv2d")
 
@@ -191,3 +191,62 @@ def check_compatible(adapters: list[LoraAdapter], *, allow_different_bases: bool
                 raise IncompatibleAdaptersError(
                     f"module {name}: {first.name} has ΔW {other.base_shape} but {a.name} has {m.base_shape}"
                 )
+
+
+# ----------------------------------------------------------------------------------------------- rank layout
+
+RANK_LAYOUTS = ("portable", "exact")
+# Who misreads an adapter whose ranks or scales differ per module (rank_pattern / alpha_pattern / rsLoRA).
+MISREADERS = "vLLM, SGLang, LoRAX/TGI and llama.cpp"
+
+
+def portable_rank(ranks) -> int:
+    """The one rank every serving engine keeps as it is: the largest of ``ranks`` rounded up to 8 when ≤ 8, else to
+    a multiple of 16 (LoRAX/TGI pad to these and then read the padded rank as config r; vLLM's --max-lora-rank
+    values and SGLang's buffers take them as they are)."""
+    top = max(ranks)
+    return 8 if top <= 8 else -(-top // 16) * 16
+
+
+def common_scale(adapter: LoraAdapter) -> float:
+    """The scale most modules have (ties: the first in module order): the one a single lora_alpha/r keeps."""
+    counts = Counter(m.scale for m in adapter.modules.values())
+    return counts.most_common(1)[0][0] if counts else 1.0
+
+
+def is_portable(adapter: LoraAdapter) -> bool:
+    """Whether one r, one lora_alpha and no rsLoRA describe ``adapter`` at a rank every engine keeps."""
+    if not adapter.modules:
+        return True
+    rank = portable_rank(adapter.ranks)
+    return not adapter.use_rslora and adapter.ranks == [rank] and len({m.scale for m in adapter.modules.values()}) == 1
+
+
+def check_rank_layout(rank_layout: str) -> None:
+    if rank_layout not in RANK_LAYOUTS:
+        raise MethodError(f"rank_layout must be {' or '.join(map(repr, RANK_LAYOUTS))}, got {rank_layout!r}")
+
+
+def portable_layout(adapter: LoraAdapter) -> LoraAdapter:
+    """``adapter`` with one rank R = `portable_rank` and one scale, describing the same ΔW in every module.
+
+    Factors are zero-padded to R (extra rows of A and columns of B: the product is unchanged); a module whose scale
+    differs from the most common one (`common_scale`) gets the ratio folded into B (and its lora_B bias), computed in
+    float32 and cast back to the factor's dtype. A module already at rank R with the common scale keeps its tensors
+    bit for bit. rsLoRA is resolved away (scales are already per module), so ``use_rslora`` is false.
+    """
+    if is_portable(adapter):
+        return adapter
+    rank, scale = portable_rank(adapter.ranks), common_scale(adapter)
+    modules = {}
+    for name, m in adapter.modules.items():
+        A, B, bias = m.A, m.B, m.bias
+        if m.scale != scale:
+            ratio = m.scale / scale
+            B = (B.float() * ratio).to(B.dtype)
+            bias = None if bias is None else (bias.float() * ratio).to(bias.dtype)
+        if m.rank < rank:
+            A = torch.cat([A, A.new_zeros(rank - m.rank, A.shape[1])])
+            B = torch.cat([B, B.new_zeros(B.shape[0], rank - m.rank)], dim=1)
+        modules[name] = replace(m, A=A, B=B, scale=scale, bias=bias)
+    return adapter.with_modules(modules, use_rslora=False)

@@ -111,6 +111,21 @@ def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool, **l
     click.echo(inspect_json(summaries) if as_json else inspect_text(summaries))
 
 
+@main.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per adapter.")
+@_state_dict_options
+@_errors_as_one_line
+def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
+    """Which consumers (PEFT, transformers, vLLM, SGLang, LoRAX/TGI, llama.cpp, diffusers) load ADAPTERS and
+    read every module's scale right; for each "no" or "wrong", why and the loramix command that fixes it."""
+    from loramix.compat import check_source
+    from loramix.render.compat import check_json, check_text
+
+    reports = [check_source(a, **load_options) for a in adapters]
+    click.echo(check_json(reports) if as_json else check_text(reports))
+
+
 def _weights(ctx, param, value: str | None) -> list[float] | None:
     if value is None:
         return None
@@ -157,8 +172,21 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("--shard-size", help="With --merge-into: the largest shard [default: 5GB].")
 @click.option(
     "--format",
-    type=click.Choice(["peft", "kohya"]),
-    help="Adapter output format: a PEFT folder, or a kohya/A1111 .safetensors in the folder [default: peft].",
+    type=click.Choice(["peft", "kohya", "gguf"]),
+    help="Adapter output format: a PEFT folder, a kohya/A1111 .safetensors or a llama.cpp LoRA .gguf in the folder "
+    "[default: peft].",
+)
+@click.option(
+    "--gguf-base",
+    metavar="BASE",
+    help="With --format gguf: the base (folder or Hub id) whose config.json gives the architecture "
+    "[default: the adapter's base].",
+)
+@click.option(
+    "--rank-layout",
+    type=click.Choice(["portable", "exact"]),
+    help="portable: one rank for every module, read right by every engine; exact: per-module ranks and scales "
+    "(PEFT only) [default: portable].",
 )
 @click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repository.")
 @click.pass_context
@@ -204,7 +232,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
             f"wrote {plan.output}: {len(report.adapter.modules)} modules, rank {ranks[0]}"
             + (f"–{ranks[-1]}" if len(ranks) > 1 else "")
             + f", {method} of {report.sources} adapter{'s' if report.sources != 1 else ''}"
-            + (" (kohya format)" if report.format == "kohya" else "")
+            + (f" ({report.format} format)" if report.format in ("kohya", "gguf") else "")
         )
     _push_output(plan.output, push_repo)
 

@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm.auto import tqdm
 
-from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule
+from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule, check_rank_layout, portable_rank
 from loramix.errors import IncompatibleAdaptersError, MethodError
 from loramix.formats import load_adapters
-from loramix.linalg import RankRule
+from loramix.linalg import FactorSVD, RankRule, factor_svd, numerical_rank
 from loramix.methods import Method, Term, get_method
 from loramix.runtime import parse_dtype, resolve_device
 
@@ -66,6 +66,17 @@ def _combined_bias(present: list[tuple[float, LoraModule]]) -> torch.Tensor | No
     return sum(w * b for w, b in biases) if biases else None
 
 
+def _widen(modules: dict[str, LoraModule], spectra: dict, rule: RankRule, dtype: torch.dtype) -> None:
+    """Each module's best rank-R approximation (R = `portable_rank` of the rule's ranks), within its numerical rank
+    and ``rule.rank``: at the layout's size anyway, the extra directions make each module closer to the exact sum."""
+    rank = portable_rank(m.rank for m in modules.values())
+    for name, spectrum in spectra.items():
+        shape = (spectrum.U.shape[0], spectrum.Vh.shape[1])
+        keep = min(rank, max(numerical_rank(spectrum.S, shape), modules[name].rank), rule.rank or rank)
+        B, A = spectrum.factors(keep)
+        modules[name].B, modules[name].A = B.to(device="cpu", dtype=dtype), A.to(device="cpu", dtype=dtype)
+
+
 def check_settings(
     *,
     method: str,
@@ -100,6 +111,7 @@ def combine(
     device: str = "cpu",
     dtype: torch.dtype | str | None = None,
     heads: str = "refuse",
+    rank_layout: str = "portable",
     allow_different_bases: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = False,
@@ -109,7 +121,11 @@ def combine(
     """Combine ``adapters`` (paths, Hub ids or `LoraAdapter`s) with ``weights`` by ``method``.
 
     ``rank``/``energy``/``rule`` truncate re-factorising methods (see `RankRule`); ``heads="average"`` takes the
-    weighted average of heads several adapters carry. ``load_options`` go to `load_adapter` for every source
+    weighted average of heads several adapters carry. ``rank_layout="portable"`` (the default) prepares the layout
+    every serving engine reads (one rank R for all modules, see `loramix.adapter.portable_layout`): where ``energy``
+    or ``rule`` chose a module's rank for an exact method (svd), the module keeps its best rank-R approximation
+    instead (more of its own singular directions, where it has them; never above ``rank``); ``"exact"`` keeps each
+    module at the rank the rule chose. ``load_options`` go to `load_adapter` for every source
     (``scale``/``alpha``/``base_model``/``module_map`` for plain state dicts). Returns a new `LoraAdapter` (scale 1
     per module).
     """
@@ -129,15 +145,24 @@ def combine(
                 f"{a.source}: DoRA adapters cannot be combined into an adapter (the magnitude rescales W+ΔW, which is "
                 "not linear); merge them into a base instead (merge_into), where DoRA is exact"
             )
+    check_rank_layout(rank_layout)
     target = resolve_device(device)
     out_dtype = parse_dtype(dtype) or loaded[0].dtype
     names = list(dict.fromkeys(n for a in loaded for n in a.modules))
+    # a rule-chosen rank below the layout's R: keep the untruncated spectrum, truncate once R is known
+    spectral = truncation.energy is not None or truncation.rule is not None
+    widen = rank_layout == "portable" and chosen.exact and chosen.truncates and spectral
+    spectra: dict[str, FactorSVD] = {}
 
     def merge_module(name: str) -> LoraModule:
         present = [(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
         with _worker_stream(target):
             terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
-            B, A = chosen.fn(terms, rule=truncation, **options)
+            B, A = chosen.fn(terms, rule=RankRule(rank=truncation.rank) if widen else truncation, **options)
+            if widen:
+                full = factor_svd(B, A)
+                B, A = full.factors(truncation.choose(full.S, (B.shape[0], A.shape[1])))
+                spectra[name] = FactorSVD(full.U.cpu(), full.S.cpu(), full.Vh.cpu())
             B, A = B.to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype)
         first = present[0][1]
         bias = _combined_bias(present)
@@ -160,6 +185,8 @@ def combine(
         for name, module in zip(names, pool.map(merge_module, names)):
             modules[name] = module
             bar.update()
+    if widen:
+        _widen(modules, spectra, truncation, out_dtype)
     base = next((a.base_model for a in loaded if a.base_model), None)
     return LoraAdapter(
         modules=modules,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from loramix.adapter import LoraAdapter
+from loramix.adapter import LoraAdapter, portable_layout
 from loramix.analysis import Analysis, analyze
 from loramix.checkpoint import MergeReport, write_merged
 from loramix.combination import check_settings, combine
@@ -31,6 +31,7 @@ from loramix.runtime import parse_dtype, resolve_device
 from loramix.weight_search import SearchResult
 
 SEARCH_FILE = "search.json"
+LAID_OUT = ("peft", "gguf")  # formats written in one rank layout (kohya keeps every module's rank and alpha)
 # The sources' overlap goes into a card only when it is cheap: few sources, at most this many LoRA parameters.
 CHEAP_ANALYSIS_PARAMS = 5_000_000
 CHEAP_ANALYSIS_SOURCES = 8
@@ -68,6 +69,7 @@ def _repeatable(plan: Plan, adapter: LoraAdapter) -> Plan:
         weights=list(weights) if weights else None,
         module_map=anchored(plan.module_map),
         merge_into=anchored(plan.merge_into),
+        gguf_base=anchored(plan.gguf_base),
         output=None,
     )
 
@@ -99,12 +101,15 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         allow_nonfinite=plan.allow_nonfinite,
         load_options=load_options,
     )
-    if plan.merge_into:  # keep the factors' precision; plan.dtype is the checkpoint's
+    if plan.merge_into:  # keep the factors' precision; plan.dtype is the checkpoint's; no file layout to prepare
         kwargs["dtype"] = None
+        kwargs["rank_layout"] = "exact"
     if plan.merge_into and _is_single_dora(loaded, weights, plan):
         adapter = loaded[0]
     else:
         adapter = combine(loaded, progress=progress, **{**kwargs, "weights": weights})
+    if plan.format in LAID_OUT and plan.rank_layout == "portable" and not plan.merge_into:
+        adapter = portable_layout(adapter)  # what the file holds, for the card and the report
     files = {RECIPE_FILE: _repeatable(plan, adapter).to_yaml()}
     files[CARD_FILE] = model_card(
         adapter,
@@ -129,7 +134,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         )
         return RunReport(Path(plan.output), adapter, len(loaded), "checkpoint", merge)
     with atomic_output(plan.output, overwrite=overwrite, protect=[*protect, adapter.source]) as tmp:
-        write_adapter(adapter, tmp, **_format_options(plan.format, plan.output))
+        write_adapter(adapter, tmp, **_format_options(plan.format, plan.output, plan.rank_layout, plan.gguf_base))
         _write_files(tmp, files)
     return RunReport(Path(plan.output), adapter, len(loaded), plan.format)
 
@@ -148,10 +153,14 @@ def _is_single_dora(loaded: list[LoraAdapter], weights: list[float], plan: Plan)
     )
 
 
-def _format_options(fmt: str, output: str | Path) -> dict:
+def _format_options(fmt: str, output: str | Path, rank_layout: str = "portable", base: str | None = None) -> dict:
     options: dict = {"format": fmt}
-    if fmt == "kohya":
-        options["file_name"] = Path(output).resolve().name + ".safetensors"
+    if fmt in LAID_OUT:
+        options["rank_layout"] = rank_layout
+    if fmt in ("kohya", "gguf"):
+        options["file_name"] = Path(output).resolve().name + (".safetensors" if fmt == "kohya" else ".gguf")
+    if fmt == "gguf" and base is not None:
+        options["base"] = base
     return options
 
 
@@ -161,17 +170,21 @@ def save_adapter(
     *,
     format: str = "peft",
     dtype: torch.dtype | str | None = None,
+    rank_layout: str = "portable",
     overwrite: bool = False,
     card: bool = True,
+    **options,
 ) -> Path:
-    """Write ``adapter`` to ``folder`` (atomically) as a PEFT folder or a kohya file, with a README.md model card
-    unless ``card`` is false; refuses to replace any of the adapter's own inputs. Returns the folder. ``adapter`` may
-    also be any source `load_adapter` takes (a live PeftModel, for one)."""
+    """Write ``adapter`` to ``folder`` (atomically) as a PEFT folder, a kohya file or a llama.cpp GGUF, with a
+    README.md model card unless ``card`` is false; refuses to replace any of the adapter's own inputs. Returns the
+    folder. ``adapter`` may also be any source `load_adapter` takes (a live PeftModel, for one). ``rank_layout``
+    (PEFT and GGUF): "portable", one rank every engine reads, or "exact" (see `loramix.formats.peft.write`); other
+    ``options`` go to the format's writer (GGUF: ``base``)."""
     adapter = load_adapter(adapter)
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
     files = {CARD_FILE: model_card(adapter, revisions=revisions(protect), output_format=format)} if card else {}
     with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:
-        write_adapter(adapter, tmp, dtype=parse_dtype(dtype), **_format_options(format, folder))
+        write_adapter(adapter, tmp, dtype=parse_dtype(dtype), **_format_options(format, folder, rank_layout), **options)
         _write_files(tmp, files)
     return Path(folder)
 

@@ -8,7 +8,9 @@ method: svd                   # see `loramix methods`
 rank: 16                      # optional truncation: rank, energy, or rule + rule_value
 output: out/merged            # relative to the current directory; -o overrides
 # merge_into: ../loramix/examples/tiny-llama   # write this base (folder or Hub id) with the result merged
-# format: kohya               # write a kohya/A1111 file instead of a PEFT folder
+# format: kohya               # write a kohya/A1111 file instead of a PEFT folder (or gguf: a llama.cpp LoRA)
+# gguf_base: ../loramix/examples/tiny-llama   # format gguf: the base whose config.json names the architecture
+# rank_layout: exact          # per-module ranks and scales (PEFT only) instead of one rank every engine reads
 # scale: 2.0                  # plain LoRA state dicts only: scale or alpha, base_model, and module_map
 # module_map: {"^layers": model.layers}   # (a mapping of regexes, or a YAML/JSON file relative to this file)
 ```
@@ -46,6 +48,7 @@ class Plan:
     device: str = "cpu"
     dtype: str | None = None
     heads: str = "refuse"
+    rank_layout: str = "portable"
     allow_different_bases: bool = False
     allow_nonfinite: bool = False
     scale: float | None = None
@@ -57,11 +60,12 @@ class Plan:
     merge_into: str | None = None
     shard_size: str = "5GB"
     format: str = "peft"
+    gguf_base: str | None = None
 
     def combine_kwargs(self) -> dict:
         """Keyword arguments for `loramix.combine`."""
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in ("adapters", "options", "output", "dtype", "merge_into", "shard_size", "format"):
+        for key in ("adapters", "options", "output", "dtype", "merge_into", "shard_size", "format", "gguf_base"):
             kwargs.pop(key)
         loading = {key: kwargs.pop(key) for key in LOAD_OPTIONS}
         load_options = {k: v for k, v in loading.items() if v is not None} or None
@@ -119,8 +123,9 @@ def load_recipe(path: str | Path) -> Plan:
     fields = {k: v for k, v in data.items() if k != "adapters" and v is not None}
     if isinstance(fields.get("module_map"), str):
         fields["module_map"] = str(path.parent / fields["module_map"])
-    if "merge_into" in fields:
-        fields["merge_into"] = _relative_source(path, fields["merge_into"])
+    for key in ("merge_into", "gguf_base"):
+        if key in fields:
+            fields[key] = _relative_source(path, fields[key])
     return Plan(adapters=sources, weights=weights, **fields)
 
 

@@ -38,6 +38,7 @@ LAYERS = [
     ["loramix.analysis"],
     ["loramix.combination"],
     ["loramix.methods"],
+    ["loramix.compat"],
     ["loramix.formats"],
     ["loramix.linalg"],
     ["loramix.io"],

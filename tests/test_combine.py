@@ -16,6 +16,7 @@ from helpers import make_peft_adapter, tiny_gpt2, tiny_llama
 
 import loramix
 from loramix import save_adapter
+from loramix.adapter import portable_rank
 from loramix.cli import main
 from loramix.errors import IncompatibleAdaptersError, MethodError, OutputError
 
@@ -87,10 +88,14 @@ def test_exact_methods_equal_the_weighted_sum_through_peft(trio, expected, metho
     assert set(loaded) == set(expected)
     for name, delta in expected.items():
         assert rel(loaded[name], delta) < REL, name
-    if method == "cat":  # rank Σ rᵢ over the adapters that hold the module, written with rank_pattern
+    if method == "cat":  # rank Σ rᵢ over the adapters that hold the module; written zero-padded to one rank (by
+        # design: the portable layout), or with rank_pattern in the exact layout
         config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
         v_proj = "model.layers.0.self_attn.v_proj"
         assert merged.modules[v_proj].rank == 4 + 8 + 6
+        assert config["r"] == config["lora_alpha"] == 32 and "rank_pattern" not in config
+        save_adapter(merged, tmp_path / "exact", rank_layout="exact")
+        config = json.loads((tmp_path / "exact" / "adapter_config.json").read_text())
         assert config["rank_pattern"].get(v_proj, config["r"]) == 18
 
 
@@ -105,17 +110,29 @@ def test_truncated_svd_is_the_dense_float64_eckart_young_optimum(trio, expected)
 
 
 def test_energy_keeps_the_smallest_rank_holding_that_share(trio, expected):
-    merged = loramix.combine([t.path for t in trio], weights=WEIGHTS, method="svd", energy=0.9)
+    merged = loramix.combine([t.path for t in trio], weights=WEIGHTS, method="svd", energy=0.9, rank_layout="exact")
+    portable = loramix.combine([t.path for t in trio], weights=WEIGHTS, method="svd", energy=0.9)
+    chosen = {}
     for name, total in expected.items():
         share = torch.linalg.svdvals(total).square().cumsum(0) / total.square().sum()
         k = int((share < 0.9).sum()) + 1
         assert merged.modules[name].rank == k, name
+        chosen[name] = k
+    # the default portable layout keeps each module's best approximation at the one rank R the file will have
+    rank = portable_rank(chosen.values())
+    for name, total in expected.items():
+        U, S, Vh = torch.linalg.svd(total, full_matrices=False)
+        keep = min(rank, int((S > S[0] * 1e-6).sum()))
+        assert portable.modules[name].rank == keep, name
+        assert rel(portable.modules[name].delta(), (U[:, :keep] * S[:keep]) @ Vh[:keep]) < REL, name
 
 
 @pytest.mark.parametrize("rule,value", [("sv_ratio", 4.0), ("sv_fro", 0.9), ("sv_cumulative", 0.8)])
 def test_kohya_rules(trio, expected, rule, value):
     """The documented semantics, checked against the dense spectrum."""
-    merged = loramix.combine([t.path for t in trio], weights=WEIGHTS, method="svd", rule=rule, rule_value=value)
+    merged = loramix.combine(
+        [t.path for t in trio], weights=WEIGHTS, method="svd", rule=rule, rule_value=value, rank_layout="exact"
+    )
     for name, total in expected.items():
         S = torch.linalg.svdvals(total)
         S = S[S > S[0] * 1e-6]  # float32 rounding noise of the reference is not rank

@@ -38,7 +38,9 @@ from safetensors import safe_open
 from torch import nn
 
 from loramix import load_adapter, save_adapter
+from loramix.adapter import portable_rank
 from loramix.cli import main
+from loramix.formats.peft import CONFIG_DEFAULTS
 from loramix.render.inspect import adapter_summary
 
 LOGITS_ATOL = 1e-5
@@ -83,6 +85,7 @@ class RoundTrip:
         self.made = make_peft_adapter(factory, root, case, base_model_name_or_path=f"tests/{case}", **options)
         self.adapter = load_adapter(self.made.path)
         self.out = save_adapter(self.adapter, root / f"{case}-loramix")
+        self.exact = save_adapter(self.adapter, root / f"{case}-exact", rank_layout="exact")
         self.inputs = example_inputs(factory)
 
 
@@ -102,9 +105,10 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
 
 
-def test_peft_loads_loramix_output_with_the_same_logits(trip):
+@pytest.mark.parametrize("layout", ["portable", "exact"])
+def test_peft_loads_loramix_output_with_the_same_logits(trip, layout):
     original = model_output(trip.made.load_with_peft(), trip.inputs)
-    ours = model_output(trip.made.load_with_peft(trip.out), trip.inputs)
+    ours = model_output(trip.made.load_with_peft(trip.out if layout == "portable" else trip.exact), trip.inputs)
     base = model_output(trip.made.base(), trip.inputs)
     assert (original - base).abs().max() > 1e4 * LOGITS_ATOL, "the adapter must change the outputs for this to test"
     torch.testing.assert_close(ours, original, rtol=0, atol=LOGITS_ATOL)
@@ -123,30 +127,40 @@ def test_every_module_delta_matches_peft(trip):
 
 
 def test_written_modules_reload_in_peft_with_the_same_rank_scale_and_delta(trip):
+    """rank_layout="exact" keeps each module's rank and scale; the default portable layout gives every module one
+    rank (the largest rounded up to 8 or a multiple of 16) and one scale, with the same ΔW (by design)."""
     original = lora_layers(trip.made.peft_model)
-    reloaded = lora_layers(trip.made.load_with_peft(trip.out))
-    assert sorted(reloaded) == sorted(original)
-    for name, layer in reloaded.items():
+    exact = lora_layers(trip.made.load_with_peft(trip.exact))
+    portable = lora_layers(trip.made.load_with_peft(trip.out))
+    assert sorted(exact) == sorted(portable) == sorted(original)
+    rank = portable_rank(layer.r["default"] for layer in original.values())
+    assert len({layer.scaling["default"] for layer in portable.values()}) == 1
+    for name, layer in exact.items():
         assert layer.r["default"] == original[name].r["default"], name
         assert layer.scaling["default"] == pytest.approx(original[name].scaling["default"], rel=1e-12), name
-        assert_rel_close(layer.get_delta_weight("default"), original[name].get_delta_weight("default"), 1e-6, name)
+        assert portable[name].r["default"] == rank, name
+        for reloaded in (layer, portable[name]):
+            assert_rel_close(
+                reloaded.get_delta_weight("default"), original[name].get_delta_weight("default"), 1e-6, name
+            )
 
 
 def test_written_tensors_are_peft_keys_and_values(trip):
     """loramix writes PEFT's own key layout back, every tensor bit for bit (no dtype change was asked for)."""
     _, theirs = read_folder(trip.made.path)
-    _, ours = read_folder(trip.out)
+    _, ours = read_folder(trip.exact)
     assert sorted(ours) == sorted(theirs)
     for key, tensor in theirs.items():
         assert ours[key].dtype == tensor.dtype, key
         assert torch.equal(ours[key], tensor), key
-    with safe_open(str(trip.out / "adapter_model.safetensors"), "pt") as f:
+    with safe_open(str(trip.exact / "adapter_model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
 
 
 def test_written_config_fields(trip):
+    """Keys at PEFT's default value are left out (by design: PEFT 0.6–0.13 refuse keys they do not know)."""
     theirs, tensors = read_folder(trip.made.path)
-    ours = json.loads((trip.out / "adapter_config.json").read_text())
+    ours = json.loads((trip.exact / "adapter_config.json").read_text())
     assert ours["peft_type"] == "LORA"
     for key in (
         "base_model_name_or_path",
@@ -157,16 +171,21 @@ def test_written_config_fields(trip):
         "fan_in_fan_out",
         "bias",
     ):
-        assert ours[key] == theirs[key], key
+        assert ours.get(key, CONFIG_DEFAULTS[key]) == theirs[key], key
+    assert all(ours[key] != value for key, value in CONFIG_DEFAULTS.items() if key in ours)
     assert ours["base_model_name_or_path"] == f"tests/{trip.made.path.name}"
     assert set(ours["target_modules"]) == set(trip.adapter.modules)
     assert ours["inference_mode"] is True
     # PEFT lists its task's default heads (SEQ_CLS: classifier and score); loramix lists those the file holds
     # (loramix writes full module names, PEFT the names as given: "bert.pooler.dense" for "pooler.dense")
     heads = [h for h in theirs["modules_to_save"] or [] if any(f".{h}." in key for key in tensors)]
-    written = ours["modules_to_save"] or []
+    written = ours.get("modules_to_save") or []
     assert len(written) == len(heads)
     assert all(any(w == h or w.endswith("." + h) for w in written) for h in heads)
+    portable = json.loads((trip.out / "adapter_config.json").read_text())
+    assert {k: v for k, v in portable.items() if k not in ("r", "lora_alpha", "use_rslora")} == {
+        k: v for k, v in ours.items() if k not in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+    }
 
 
 def test_features_are_recognised(trip):
@@ -246,7 +265,10 @@ def test_dtype_is_kept_and_cast_once_on_request(tmp_path):
     assert a.dtype == torch.bfloat16
     _, kept = read_folder(save_adapter(a, tmp_path / "bf16-out"))
     assert {t.dtype for t in kept.values()} == {torch.bfloat16}
-    _, cast = read_folder(save_adapter(load_adapter(made.path), tmp_path / "cast", dtype=torch.float16))
+    # exact layout: the rank-4 factors as they are (the portable layout pads them to 8 with zeros)
+    _, cast = read_folder(
+        save_adapter(load_adapter(made.path), tmp_path / "cast", dtype=torch.float16, rank_layout="exact")
+    )
     assert {t.dtype for t in cast.values()} == {torch.float16}
     for key, tensor in tensors.items():
         assert torch.equal(cast[key], tensor.to(torch.float16)), key
@@ -277,9 +299,12 @@ def test_pattern_keys_do_not_leak_onto_modules_whose_name_ends_the_same(tmp_path
     )
     a = load_adapter(made.path)
     assert {n: (m.rank, m.scale) for n, m in a.modules.items()} == {"a.x": (2, 1.5), "b.x": (4, 2.0), "z.a.x": (4, 2.0)}
-    out = save_adapter(a, tmp_path / "out")
+    out = save_adapter(a, tmp_path / "out", rank_layout="exact")
     inputs = {"inp": torch.randn(2, 6, generator=torch.Generator().manual_seed(0))}
     reloaded = made.load_with_peft(out)
     assert {n: layer.r["default"] for n, layer in lora_layers(reloaded).items()} == {"a.x": 2, "b.x": 4, "z.a.x": 4}
     torch.testing.assert_close(model_output(reloaded, inputs), model_output(made.peft_model, inputs), rtol=0, atol=1e-5)
     assert load_adapter(out).modules["a.x"].scale == 1.5
+    portable = made.load_with_peft(save_adapter(a, tmp_path / "portable"))  # no patterns at all: nothing to leak
+    assert {n: layer.r["default"] for n, layer in lora_layers(portable).items()} == {"a.x": 8, "b.x": 8, "z.a.x": 8}
+    torch.testing.assert_close(model_output(portable, inputs), model_output(made.peft_model, inputs), rtol=0, atol=1e-5)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from loramix.adapter import LoraAdapter, check_compatible
 from loramix.errors import AdapterFormatError, MethodError
-from loramix.formats import _keys, adalora, kohya, live, peft, statedict
+from loramix.formats import _keys, adalora, gguf, kohya, live, peft, statedict
 from loramix.sources import parse_hub_id, resolve
 
 log = logging.getLogger(__name__)
 
 FORMATS = (kohya, statedict, adalora, peft)  # detection order: the first whose detect() says yes reads the source
-WRITERS = {peft.NAME: peft, kohya.NAME: kohya}
+WRITERS = {peft.NAME: peft, kohya.NAME: kohya, gguf.NAME: gguf}
 UNKNOWN_BASE = "base model unknown; only module shapes can be checked against the others"
 # path::key=value: the options a plain state dict needs, per source (numbers or text)
 SOURCE_OPTIONS = {key: float if key in ("scale", "alpha") else str for key in statedict.LOAD_OPTIONS}
@@ -163,7 +163,8 @@ def load_adapters(
 
 
 def write_adapter(adapter: LoraAdapter, folder: Path, *, format: str = "peft", **options) -> Path:
-    """Write ``adapter`` into the existing ``folder`` in ``format`` (``peft`` or ``kohya``); returns the main file."""
+    """Write ``adapter`` into the existing ``folder`` in ``format`` (``peft``, ``kohya`` or ``gguf``); returns the
+    main file."""
     try:
         writer = WRITERS[format]
     except KeyError:

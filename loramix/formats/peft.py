@@ -8,6 +8,7 @@ tensors (the tensors win, with a warning that says what differed). Writing produ
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections import Counter, defaultdict
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from loramix.adapter import LoraAdapter, LoraModule
+from loramix.adapter import MISREADERS, LoraAdapter, LoraModule, check_rank_layout, is_portable, portable_layout
 from loramix.errors import AdapterFormatError, OutputError
 from loramix.formats._keys import (
     CONFIG_FILE,
@@ -30,6 +31,8 @@ from loramix.formats._keys import (
     sample,
     split_keys,
 )
+
+log = logging.getLogger(__name__)
 
 NAME = "peft"
 GPT2_CONV1D = re.compile(r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$")
@@ -144,41 +147,78 @@ def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
     return out
 
 
+# Keys a config may leave out: PEFT fills in these values. Written only when they differ, so that older PEFT
+# releases (0.6–0.13 refuse keys they do not know: lora_bias came in 0.14, use_dora 0.9, use_rslora 0.8,
+# rank_pattern/alpha_pattern 0.6) and engines that parse the config read every adapter that needs none of them.
+CONFIG_DEFAULTS = {
+    "base_model_name_or_path": None,
+    "task_type": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "use_rslora": False,
+    "use_dora": False,
+    "lora_bias": False,
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "bias": "none",
+}
+
+
 def config_dict(adapter: LoraAdapter) -> dict:
-    """An adapter_config.json that makes PEFT rebuild exactly ``adapter``'s ranks and scales."""
+    """An adapter_config.json that makes PEFT rebuild exactly ``adapter``'s ranks and scales.
+
+    r is the largest rank (an engine that sizes its buffers by r then fits every module), lora_alpha the most common
+    one; the modules off those get pattern entries. Keys at their default value are left out (`CONFIG_DEFAULTS`).
+    """
     ranks = {n: m.rank for n, m in adapter.modules.items()}
     alphas = {
         n: _number(m.scale * (math.sqrt(m.rank) if adapter.use_rslora else m.rank)) for n, m in adapter.modules.items()
     }
-    r = Counter(ranks.values()).most_common(1)[0][0]
+    r = max(ranks.values())
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     heads = sorted({n.rpartition(".")[0] for n, e in adapter.extra.items() if e.kind == "modules_to_save"})
-    return {
-        "peft_type": "LORA",
+    optional = {
         "base_model_name_or_path": adapter.base_model,
         "task_type": adapter.task_type,
-        "r": r,
-        "lora_alpha": alpha,
         "rank_pattern": _patterns(ranks, r),
         "alpha_pattern": _patterns(alphas, alpha),
-        "target_modules": sorted(adapter.modules),
         "use_rslora": adapter.use_rslora,
         "use_dora": adapter.has_dora,
         "lora_bias": adapter.has_lora_bias,
         "fan_in_fan_out": any(m.layout == "conv1d_fan_in_fan_out" for m in adapter.modules.values()),
         "modules_to_save": heads or None,
         "bias": "all" if any(e.kind == "bias" for e in adapter.extra.values()) else "none",
-        "lora_dropout": 0.0,
+    }
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(adapter.modules),
         "inference_mode": True,
-        "init_lora_weights": True,
-        "revision": None,
+        **{key: value for key, value in optional.items() if value != CONFIG_DEFAULTS[key]},
     }
 
 
-def write(adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write ``adapter`` as PEFT files into the existing ``folder``; returns the weights file."""
+def write(
+    adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None = None, rank_layout: str = "portable"
+) -> Path:
+    """Write ``adapter`` as PEFT files into the existing ``folder``; returns the weights file.
+
+    ``rank_layout="portable"`` writes one rank and one scale for every module (`loramix.adapter.portable_layout`),
+    which every serving engine reads right; ``"exact"`` keeps each module's own rank and scale in rank_pattern /
+    alpha_pattern (and use_rslora), which only PEFT, transformers and diffusers read right (a warning says so).
+    """
     if not adapter.modules:
         raise OutputError(f"{folder}: the adapter has no LoRA modules, so there is no PEFT adapter to write")
+    check_rank_layout(rank_layout)
+    if rank_layout == "portable":
+        adapter = portable_layout(adapter)
+    elif not is_portable(adapter):
+        log.warning(
+            "rank_layout='exact' writes per-module ranks/scales (rank_pattern, alpha_pattern, use_rslora), which %s "
+            "misread; the default portable layout does not",
+            MISREADERS,
+        )
     tensors = state_dict(adapter, dtype)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(config_dict(adapter), indent=2) + "\n")

@@ -1,0 +1,66 @@
+"""Which consumers load an adapter and read every module's scale right: PEFT (by version), transformers, vLLM,
+SGLang, LoRAX/TGI, llama.cpp, and diffusers/ComfyUI for kohya files.
+
+Each rule rebuilds what the consumer's own loader does (the comment above it names the file and function it was read
+from) and compares the scale that consumer gives each module with the module's true scale (the one PEFT's newest
+rules give, which is what loramix reads). `check` returns one `Verdict` per consumer: ``"yes"`` (loads, every module
+right), ``"wrong"`` (loads, but some module is scaled wrong or some part is silently dropped), ``"no"`` (refused)
+or ``"n/a"`` (the consumer reads another kind of file),
+with the reason and the loramix command that fixes it. `check_source` loads a source and its raw config first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from loramix.adapter import LoraAdapter
+from loramix.compat.engines import VLLM_MAX_RANKS, kohya_verdicts, llama_cpp, lorax, sglang, vllm
+from loramix.compat.facts import Facts, Verdict
+from loramix.compat.peft import peft, transformers
+from loramix.formats import load_adapter
+from loramix.formats._keys import CONFIG_FILE, read_config
+from loramix.sources import resolve
+
+__all__ = ["VLLM_MAX_RANKS", "Report", "Verdict", "check", "check_source"]
+
+
+@dataclass
+class Report:
+    """All verdicts for one adapter."""
+
+    name: str
+    source: str
+    verdicts: list[Verdict]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "source": self.source, "verdicts": [asdict(v) for v in self.verdicts]}
+
+
+def check_source(src: str | Path, **load_options) -> Report:
+    """Load ``src`` (as `load_adapter`) and its raw adapter_config.json (when a PEFT folder) and `check` it."""
+    adapter = load_adapter(src, log_warnings=False, **load_options)
+    path = resolve(src)
+    folder = path if path.is_dir() else path.parent
+    config = read_config(folder, peft_types=("LORA", "ADALORA")) if (folder / CONFIG_FILE).is_file() else None
+    return check(adapter, config)
+
+
+def check(adapter: LoraAdapter, config: dict | None) -> Report:
+    """The verdict of every consumer on ``adapter``; ``config`` is its raw adapter_config.json (None: not a PEFT
+    folder, e.g. a kohya file)."""
+    src = adapter.source if " " not in adapter.source else repr(adapter.source)
+    if config is None:
+        verdicts = kohya_verdicts(adapter, src)
+    else:
+        facts = Facts(adapter, config)
+        verdicts = [
+            peft(facts, src),
+            transformers(facts, src),
+            vllm(facts, src),
+            sglang(facts, src),
+            lorax(facts, src),
+            llama_cpp(facts, src),
+            Verdict("diffusers/ComfyUI", "n/a", "checked for kohya/diffusers files (write one with --format kohya)"),
+        ]
+    return Report(adapter.name, adapter.source, verdicts)
