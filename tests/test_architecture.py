@@ -39,6 +39,7 @@ LAYERS = [
     ["loramix.methods"],
     ["loramix.formats"],
     ["loramix.linalg"],
+    ["loramix.quantize"],
     ["loramix.io"],
     ["loramix.sources"],
     ["loramix.runtime"],
