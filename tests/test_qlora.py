@@ -3,7 +3,7 @@ share of `analyze(..., quantized_as=...)`.
 
 Oracles: bitsandbytes itself, called here independently (quantize_4bit → dequantize_4bit of the base weight), and
 the 4-bit model transformers + bitsandbytes build (``BitsAndBytesConfig``) with PEFT's adapter on top, whose
-Linear4bit layers run on CPU with bitsandbytes ≥ 0.49. Tolerances:
+Linear4bit layers run on CPU with bitsandbytes ≥ 0.47 (checked with 0.47.0, 0.48.2, 0.50.2). Tolerances:
 
 - merged weights, written in float32: W' must equal dequant(quant(W)) + ΔW to float32 rounding. loramix adds ΔW
   with a fused multiply-add in row chunks and the test with one matmul, so the two can differ by a few float32 ulps
