@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -58,11 +57,9 @@ def _round_trip(W: torch.Tensor, quant_type: str, double_quant: bool) -> torch.T
     return bnb_functional.dequantize_4bit(packed, state)
 
 
-def _deltas(adapter_path: Path) -> dict[str, torch.Tensor]:
-    """ΔW = s·B·A per base weight key, from PEFT's own merge maths (get_delta_weight), float32."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(tiny_llama(), str(adapter_path))
+def _deltas(made) -> dict[str, torch.Tensor]:
+    """ΔW = s·B·A per base weight key (in the stored layout), from PEFT's own maths (get_delta_weight), float32."""
+    model = made.load_with_peft()
     deltas = {}
     for name, module in model.base_model.model.named_modules():
         if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
@@ -82,7 +79,7 @@ def test_faithful_merge_is_the_round_tripped_base_plus_delta(qlora, quant_type, 
     plain = merge_into_base(made.path, tmp / "base-bf16", tmp / f"plain-{quant_type}-{double_quant}", dtype="float32")
     merged = load_file(out / "model.safetensors")
     plain_merged = load_file(plain.path / "model.safetensors")
-    deltas = _deltas(made.path)
+    deltas = _deltas(made)
     assert len(deltas) == 2 * len(TARGETS)
     linears = sorted(k for k in base if k.split(".")[-2] in LINEARS)
     assert sorted(report.round_tripped) == linears and report.quantization.quant_type == quant_type
@@ -102,7 +99,7 @@ def test_targeted_round_trip_leaves_other_weights_alone(qlora):
     base = load_file(tmp / "base-bf16" / "model.safetensors")
     report = merge_into_base(made.path, tmp / "base-bf16", tmp / "targeted", quantized_as="nf4", round_trip="targeted")
     merged = load_file(tmp / "targeted" / "model.safetensors")
-    assert sorted(report.round_tripped) == sorted(_deltas(made.path))
+    assert sorted(report.round_tripped) == sorted(_deltas(made))
     untargeted = [k for k in base if k.split(".")[-2] in ("k_proj", "o_proj", "gate_proj", "up_proj")]
     assert untargeted and all(torch.equal(merged[k], base[k]) for k in untargeted)
 
@@ -252,3 +249,23 @@ def test_cli_end_to_end(qlora, tmp_path):
     )
     assert analysis.exit_code == 0, analysis.output
     assert "Below the 4-bit grid (NF4, block 64, float scales)" in analysis.output
+
+
+def test_gpt2_conv1d_weights_are_quantized_as_out_by_in(tmp_path):
+    """GPT-2 stores c_attn/c_proj/c_fc in×out; transformers transposes them to out×in before quantize_4bit, so
+    blocks run along the other axis: the written weight is dequant(quant(Wᵀ))ᵀ + ΔW."""
+    from helpers import tiny_gpt2
+
+    tiny_gpt2().to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    made = make_peft_adapter(tiny_gpt2, tmp_path, "adapter", target_modules=["c_attn"], fan_in_fan_out=True)
+    report = merge_into_base(made.path, tmp_path / "base", tmp_path / "out", quantized_as="nf4", dtype="float32")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    key = "transformer.h.0.mlp.c_fc.weight"  # untargeted: the round trip alone, bit for bit
+    assert key in report.round_tripped and "transformer.wte.weight" not in report.round_tripped
+    assert torch.equal(merged[key], _round_trip(base[key].T.contiguous(), "nf4", False).T.float())
+    assert not torch.equal(merged[key], _round_trip(base[key], "nf4", False).float())
+    deltas = _deltas(made)
+    key = "transformer.h.1.attn.c_attn.weight"
+    expected = _round_trip(base[key].T.contiguous(), "nf4", False).T.float() + deltas[key]
+    torch.testing.assert_close(merged[key], expected, rtol=0, atol=ULPS)
