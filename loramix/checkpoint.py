@@ -297,7 +297,7 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
     return out.cpu()
 
 
-def mark_round_trips(jobs: list[Job], quantization: Quantization, model_type: str | None) -> None:
+def _mark_round_trips(jobs: list[Job], quantization: Quantization, model_type: str | None) -> None:
     """Set ``quantization`` on the jobs whose base weight is first round-tripped through 4-bit (see
     `loramix.quantize.tensors_to_round_trip`); tensors an adapter tensor replaces are left alone."""
     shapes = {j.name: j.shape for j in jobs if j.replaced is None and j.source.dtype.is_floating_point}
@@ -383,7 +383,7 @@ def write_merged(
     notes: list[str] = []
     jobs = plan_merge(adapter, base, dtype, notes)
     if quantization is not None:
-        mark_round_trips(jobs, quantization, base.model_type)
+        _mark_round_trips(jobs, quantization, base.model_type)
     for note in notes:
         log.warning("%s: %s", adapter.name, note)
     shards = plan_shards(jobs, parse_size(shard_size))

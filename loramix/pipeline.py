@@ -88,6 +88,10 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         raise IncompatibleAdaptersError("the plan names no output folder (output)")
     protect = [*plan.adapters, *([plan.merge_into] if plan.merge_into else [])]
     check_output(plan.output, overwrite=overwrite, protect=protect)
+    if plan.quantized_as not in (None, "none") and not plan.merge_into:
+        raise IncompatibleAdaptersError(
+            "quantized_as round-trips a base through 4-bit before merging: it needs merge_into", option="merge_into"
+        )
     kwargs = plan.combine_kwargs()
     load_options = kwargs.pop("load_options")
     settings = ("method", "heads", "rank", "energy", "rule", "rule_value")

@@ -249,6 +249,11 @@ def test_cli_end_to_end(qlora, tmp_path):
     )
     assert analysis.exit_code == 0, analysis.output
     assert "Below the 4-bit grid (NF4, block 64, float scales)" in analysis.output
+    alone = CliRunner().invoke(
+        main, ["-q", "combine", str(made.path), "--quantized-as", "nf4", "-o", str(tmp_path / "x")]
+    )
+    assert alone.exit_code == 2 and "it needs merge_into (pass --merge-into BASE)" in alone.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_gpt2_conv1d_weights_are_quantized_as_out_by_in(tmp_path):
