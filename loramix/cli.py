@@ -260,7 +260,8 @@ def examples(name: str | None) -> None:
 @click.option(
     "--quantized-as",
     type=click.Choice(["nf4", "fp4", "none"]),
-    help="With --base: also the share of ‖ΔW‖² in entries below half the base's 4-bit quantization step "
+    help="With --base: also the share of ‖ΔW‖² (float64) in entries with |ΔW| < step/2, step = the base weight's "
+    "block absmax × the gap between the NF4/FP4 code values around W/absmax "
     "[default: the base's quantization_config, else none].",
 )
 @click.option("--blocksize", type=click.IntRange(min=1), help="With --quantized-as: the block size [default: 64].")
