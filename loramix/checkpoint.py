@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from loramix.io.base import (
     ties_output_head,
 )
 from loramix.io.shards import plan_shards, shard_names, write_index, write_shards
+from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
 from loramix.runtime import DTYPE_NAMES, parse_size
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class Job:
     updates: list[Update] = field(default_factory=list)
     bias: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     replaced: str | None = None  # the kind of extra tensor that replaced the base tensor
+    quantization: Quantization | None = None  # round-trip W through 4-bit first (QLoRA-faithful merge)
+    transposed: bool = False  # a Conv1D weight stored in×out: quantized as out×in
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -109,7 +112,8 @@ class Job:
 
     @property
     def raw_copy(self) -> bool:
-        return not self.updates and not self.bias and self.source.path is not None and self.dtype == self.source.dtype
+        untouched = not self.updates and not self.bias and self.quantization is None
+        return untouched and self.source.path is not None and self.dtype == self.source.dtype
 
 
 @dataclass
@@ -125,6 +129,8 @@ class MergeReport:
     replaced: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    quantization: Quantization | None = None
+    round_tripped: list[str] = field(default_factory=list)
 
 
 def _out_dtype(source: BaseTensor, dtype: torch.dtype) -> torch.dtype:
@@ -307,10 +313,32 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
     return out.cpu()
 
 
+def _mark_round_trips(jobs: list[Job], quantization: Quantization, model_type: str | None) -> None:
+    """Set ``quantization`` on the jobs whose base weight is first round-tripped through 4-bit (see
+    `loramix.quantize.tensors_to_round_trip`); tensors an adapter tensor replaces are left alone."""
+    shapes = {j.name: j.shape for j in jobs if j.replaced is None and j.source.dtype.is_floating_point}
+    targeted = {j.name for j in jobs if j.updates}
+    by_name = {j.name: j for j in jobs}
+    for key, transposed in tensors_to_round_trip(shapes, targeted, quantization, model_type).items():
+        by_name[key].quantization = quantization
+        by_name[key].transposed = transposed
+
+
+def _quantized_source(job: Job, device: torch.device) -> Job:
+    """``job`` reading dequantize_4bit(quantize_4bit(W)) (the whole tensor: blocks and double quantization's mean
+    run over the flattened weight) instead of W; the updates then apply to it chunk by chunk as usual."""
+    if job.quantization is None:
+        return job
+    W = job.source.rows(0, job.shape[0]).to(device)
+    source = _memory_tensor(job.name, round_trip(W, job.quantization, transposed=job.transposed))
+    return replace(job, source=source)
+
+
 def _produce(stats: dict[str, _Survival], device: torch.device):
     """The writer's ``produce``: a job's merged rows, chunk by chunk, with the survival figures collected."""
 
     def produce(job: Job) -> Iterator[torch.Tensor]:
+        job = _quantized_source(job, device)
         for start, stop in _chunks(job):
             yield _merged_chunk(job, start, stop, device, stats[job.name])
 
@@ -349,13 +377,16 @@ def write_merged(
     device: torch.device | None = None,
     progress: bool = False,
     workers: int | None = None,
+    quantization: Quantization | None = None,
 ) -> MergeReport:
     """Write ``base`` with ``adapter`` merged into the existing folder ``folder``: sharded safetensors
     (``model-0000i-of-0000N.safetensors`` plus the index; one ``model.safetensors`` when everything fits one shard,
     as transformers does), config.json with its dtype updated, and every other non-weight file (tokenizer,
     generation config) copied. Heads (modules_to_save) replace the base tensors, lora_B biases are added to the base
     biases, DoRA is merged exactly as PEFT does. ΔW is computed on ``device`` (default: the CPU); ``workers``
-    threads write at once (default: up to 4).
+    threads write at once (default: up to 4). With ``quantization`` (a QLoRA-faithful merge) each base weight it
+    selects goes through bitsandbytes' 4-bit round trip before ΔW is added, so the checkpoint is the model the
+    adapter was trained on.
 
     The `MergeReport` holds, per module, the share of ΔW that survives the rounding: ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖
     (for a base already in the output dtype round(W) = W; for a float32 base, comparing with round(W) keeps the
@@ -367,6 +398,8 @@ def write_merged(
         raise CheckpointError(f"{base.folder}: no config.json (not a model folder)")
     notes: list[str] = []
     jobs = plan_merge(adapter, base, dtype, notes)
+    if quantization is not None:
+        _mark_round_trips(jobs, quantization, base.model_type)
     for note in notes:
         log.warning("%s: %s", adapter.name, note)
     shards = plan_shards(jobs, parse_size(shard_size))
@@ -393,6 +426,8 @@ def write_merged(
         replaced=[j.name for j in jobs if j.replaced and j.replaced != "added"],
         added=[j.name for j in jobs if j.replaced == "added"],
         notes=notes,
+        quantization=quantization,
+        round_tripped=[j.name for j in jobs if j.quantization is not None],
     )
     warn_low_survival(report.survival, dtype, adapter.name)
     return report

@@ -171,6 +171,19 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE (a folder or Hub id) merged.")
 @click.option("--shard-size", help="With --merge-into: the largest shard [default: 5GB].")
 @click.option(
+    "--quantized-as",
+    type=click.Choice(["nf4", "fp4", "none"]),
+    help="With --merge-into: the adapter is a QLoRA trained on this 4-bit base; round-trip the base through "
+    "bitsandbytes' 4-bit quantization before adding ΔW [default: the base's/adapter's quantization_config, else none].",
+)
+@click.option("--double-quant/--no-double-quant", default=None, help="QLoRA's double quantization of block scales.")
+@click.option("--blocksize", type=click.IntRange(min=1), help="4-bit quantization block size [default: 64].")
+@click.option(
+    "--round-trip",
+    type=click.Choice(["all", "targeted"]),
+    help="Round-trip every weight a 4-bit model quantizes (the model trained) or only targeted ones [default: all].",
+)
+@click.option(
     "--format",
     type=click.Choice(["peft", "kohya", "gguf"]),
     help="Adapter output format: a PEFT folder, a kohya/A1111 .safetensors or a llama.cpp LoRA .gguf in the folder "
@@ -277,6 +290,14 @@ def examples(name: str | None) -> None:
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--base", metavar="MODEL", help="Base model folder or Hub id (its weights give ‖ΔW‖/‖W‖).")
+@click.option(
+    "--quantized-as",
+    type=click.Choice(["nf4", "fp4", "none"]),
+    help="With --base: also the share of ‖ΔW‖² (float64) in entries with |ΔW| < step/2, step = the base weight's "
+    "block absmax × the gap between the NF4/FP4 code values around W/absmax "
+    "[default: the base's quantization_config, else none].",
+)
+@click.option("--blocksize", type=click.IntRange(min=1), help="With --quantized-as: the block size [default: 64].")
 @click.option(
     "-w", "--weights", callback=_weights, help="Weights of the merged sum, one per adapter [default: 1/n each]."
 )

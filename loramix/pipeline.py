@@ -23,9 +23,10 @@ from loramix.formats import load_adapter, load_adapters, split_source_options, w
 from loramix.hub import revisions
 from loramix.io.base import open_base, resolve_base
 from loramix.io.files import atomic_output, check_output, refuse_inputs, write_text_atomic
+from loramix.quantize import quantization_settings
 from loramix.recipe import Plan
 from loramix.render.analysis import analysis_json
-from loramix.render.card import CARD_FILE, RECIPE_FILE, model_card
+from loramix.render.card import CARD_FILE, RECIPE_FILE, model_card, quantization_section
 from loramix.render.plots import analysis_plots
 from loramix.runtime import parse_dtype, resolve_device
 from loramix.weight_search import SearchResult
@@ -90,6 +91,10 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         raise IncompatibleAdaptersError("the plan names no output folder (output)")
     protect = [*(split_source_options(a)[0] for a in plan.adapters), *([plan.merge_into] if plan.merge_into else [])]
     check_output(plan.output, overwrite=overwrite, protect=protect)
+    if plan.quantized_as not in (None, "none") and not plan.merge_into:
+        raise IncompatibleAdaptersError(
+            "quantized_as round-trips a base through 4-bit before merging: it needs merge_into", option="merge_into"
+        )
     kwargs = plan.combine_kwargs()
     load_options = kwargs.pop("load_options")
     settings = ("method", "heads", "rank", "energy", "rule", "rule_value")
@@ -131,6 +136,10 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
             overwrite=overwrite,
             progress=progress,
             files=files,
+            quantized_as=plan.quantized_as,
+            double_quant=plan.double_quant,
+            blocksize=plan.blocksize,
+            round_trip=plan.round_trip,
         )
         return RunReport(Path(plan.output), adapter, len(loaded), "checkpoint", merge)
     with atomic_output(plan.output, overwrite=overwrite, protect=[*protect, adapter.source]) as tmp:
@@ -201,16 +210,34 @@ def merge_into_base(
     progress: bool = False,
     workers: int | None = None,
     files: dict[str, str] | None = None,
+    quantized_as: str | None = None,
+    double_quant: bool | None = None,
+    blocksize: int | None = None,
+    round_trip: str = "all",
 ) -> MergeReport:
     """Merge ``adapter`` (a `LoraAdapter` or a source) into the ``base`` checkpoint (a folder or Hub id) and write the
     merged checkpoint to ``out``, atomically, without touching any input (see `loramix.checkpoint.write_merged` for
     the layout and the report). ``files`` (name → text: card, recipe) go into the same folder; without them a
-    README.md model card says what is known."""
+    README.md model card says what is known.
+
+    QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
+    the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
+    ``quantized_as="none"`` turns it off), each base weight a 4-bit model quantizes first goes through bitsandbytes'
+    quantize_4bit → dequantize_4bit round trip (``blocksize``, ``double_quant``: compress_statistics), then ΔW is
+    added. ``round_trip="all"`` (the default) round-trips every such weight — the model the adapter was trained
+    with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
     adapter = load_adapter(adapter)
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)
     folder = resolve_base(base)
     checkpoint = open_base(folder)
+    quantization = quantization_settings(
+        [(str(folder), checkpoint.config), *_adapter_configs(adapter)],
+        quantized_as=quantized_as,
+        double_quant=double_quant,
+        blocksize=blocksize,
+        round_trip=round_trip,
+    )
     if files is None:
         files = {CARD_FILE: model_card(adapter, merged_into=str(base))}
     protect = [folder, adapter.source, *adapter.provenance.get("sources", [])]
@@ -224,10 +251,27 @@ def merge_into_base(
             device=target,
             progress=progress,
             workers=workers,
+            quantization=quantization,
         )
+        if quantization is not None:
+            section = quantization_section(quantization, report.round_tripped, list(report.survival))
+            files = {**files, CARD_FILE: files.get(CARD_FILE, "") + section}
         _write_files(tmp, files)
     report.path = Path(out)
     return report
+
+
+def _adapter_configs(adapter: LoraAdapter) -> list[tuple[str, dict]]:
+    """The adapter_config.json of the adapter's folder and its sources' folders, where they have one (for a
+    ``quantization_config``)."""
+    found = []
+    for source in dict.fromkeys([adapter.source, *adapter.provenance.get("sources", [])]):
+        path = Path(source) / "adapter_config.json"
+        try:
+            found.append((str(source), json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def write_search(

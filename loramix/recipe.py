@@ -11,6 +11,8 @@ output: out/merged            # relative to the current directory; -o overrides
 # format: kohya               # write a kohya/A1111 file instead of a PEFT folder (or gguf: a llama.cpp LoRA)
 # gguf_base: ../loramix/examples/tiny-llama   # format gguf: the base whose config.json names the architecture
 # rank_layout: exact          # per-module ranks and scales (PEFT only) instead of one rank every engine reads
+# quantized_as: nf4           # QLoRA-faithful merge: round-trip the base through 4-bit first (nf4 or fp4;
+#                             # double_quant: true, blocksize: 64, round_trip: all | targeted)
 # scale: 2.0                  # plain LoRA state dicts only: scale or alpha, base_model, and module_map
 # module_map: {"^layers": model.layers}   # (a mapping of regexes, or a YAML/JSON file relative to this file)
 ```
@@ -59,13 +61,18 @@ class Plan:
     output: str | None = None
     merge_into: str | None = None
     shard_size: str = "5GB"
+    quantized_as: str | None = None
+    double_quant: bool | None = None
+    blocksize: int | None = None
+    round_trip: str = "all"
     format: str = "peft"
     gguf_base: str | None = None
 
     def combine_kwargs(self) -> dict:
         """Keyword arguments for `loramix.combine`."""
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in ("adapters", "options", "output", "dtype", "merge_into", "shard_size", "format", "gguf_base"):
+        merge_only = ("merge_into", "shard_size", "quantized_as", "double_quant", "blocksize", "round_trip")
+        for key in ("adapters", "options", "output", "dtype", *merge_only, "format", "gguf_base"):
             kwargs.pop(key)
         loading = {key: kwargs.pop(key) for key in LOAD_OPTIONS}
         load_options = {k: v for k, v in loading.items() if v is not None} or None

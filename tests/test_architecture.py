@@ -41,6 +41,7 @@ LAYERS = [
     ["loramix.compat"],
     ["loramix.formats"],
     ["loramix.linalg"],
+    ["loramix.quantize"],
     ["loramix.io"],
     ["loramix.sources"],
     ["loramix.runtime"],

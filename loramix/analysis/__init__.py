@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from loramix.adapter import LoraAdapter
+from loramix.adapter import LoraAdapter, LoraModule
 from loramix.analysis.compute import factor_grams, merge_module, overlaps, pair, spectrum
 from loramix.analysis.results import (
     DEFAULT_RULE,
@@ -24,6 +24,7 @@ from loramix.errors import IncompatibleAdaptersError
 from loramix.formats import load_adapters
 from loramix.io.base import BaseCheckpoint, open_base, resolve_base
 from loramix.linalg import RankRule, gram_svd
+from loramix.quantize import Quantization, below_step_share, is_quantized, quantization_settings
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,15 @@ def base_norms(base: BaseCheckpoint, modules: dict[str, tuple[int, ...]]) -> dic
     The base tensor is the one `BaseCheckpoint.weight_key` names (the rule merging uses too). Modules whose weight
     is not in the checkpoint are left out (and logged); a weight of another shape is an error.
     """
-    norms, missing = {}, []
+    return {
+        name: float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+        for name, _, tensor in _base_weights(base, modules)
+    }
+
+
+def _base_weights(base: BaseCheckpoint, modules: dict[str, tuple[int, ...]]):
+    """(module name, base key, base weight) of each module whose weight is in ``base``, one at a time."""
+    missing = []
     for name, shape in modules.items():
         key, _ = base.weight_key(name)
         if key is None:
@@ -56,11 +65,26 @@ def base_norms(base: BaseCheckpoint, modules: dict[str, tuple[int, ...]]) -> dic
                 f"module {name}: base weight {key} in {stored.path or base.folder} has shape {tuple(stored.shape)}, "
                 f"the adapter's ΔW has {tuple(shape)}"
             )
-        tensor = stored.rows(0, stored.shape[0] if stored.shape else 0)
-        norms[name] = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+        yield name, key, stored.rows(0, stored.shape[0] if stored.shape else 0)
     if missing:
         log.warning("%s: no base weight for %d module(s), e.g. %s", base.folder, len(missing), ", ".join(missing[:3]))
-    return norms
+
+
+def below_step_shares(base: BaseCheckpoint, modules: dict[str, LoraModule], settings: Quantization) -> dict:
+    """Per module, the share of ‖ΔW‖² below half the 4-bit quantization step of its base weight (see
+    `loramix.quantize.below_step_share`), for the weights a 4-bit model quantizes; ΔW and W taken in the
+    orientation bitsandbytes quantizes (out×in; a Conv1D weight transposed)."""
+    shares = {}
+    shapes = {name: m.base_shape for name, m in modules.items()}
+    for name, key, weight in _base_weights(base, shapes):
+        module = modules[name]
+        if module.layout not in ("linear", "conv1d_fan_in_fan_out") or not is_quantized(key, weight.shape, settings):
+            continue
+        delta = module.delta(dtype=torch.float64)
+        if module.layout == "conv1d_fan_in_fan_out":
+            delta, weight = delta.T, weight.T
+        shares[name] = below_step_share(delta, weight, settings)
+    return shares
 
 
 def _rule(rank: int | None, energy: float | None, rule: str | None, rule_value: float | None) -> RankRule:
@@ -82,6 +106,8 @@ def analyze(
     allow_nonfinite: bool = False,
     progress: bool = False,
     load_options: dict | None = None,
+    quantized_as: str | None = None,
+    blocksize: int | None = None,
 ) -> Analysis:
     """Spectra, ranks and pairwise overlap of ``adapters`` (paths, Hub ids or `LoraAdapter`s), in factor space.
 
@@ -89,7 +115,9 @@ def analyze(
     `combine(method="svd")` takes; with none given, energy 0.99. ``weights`` (default 1/n each, as in `combine`)
     weight the merged sum in ``Analysis.merge``. ``base`` is a base model folder or Hub id; with it each module also
     gets ‖W‖_F of the base weight it updates, read one tensor at a time. ``load_options`` go to `load_adapter` for
-    every source, as in `combine`.
+    every source, as in `combine`. With a base and ``quantized_as`` ("nf4"/"fp4", ``blocksize`` default 64; or a
+    4-bit ``quantization_config`` in the base's config.json) each module also gets ``below_step``: the share of
+    ‖ΔW‖² in entries smaller than half the base's local 4-bit quantization step (needs ``loramix[qlora]``).
     """
     truncation = _rule(rank, energy, rule, rule_value)
     loaded, weights = load_adapters(
@@ -100,6 +128,12 @@ def analyze(
         load_options=load_options,
     )
     checkpoint = None if base is None else open_base(resolve_base(base))  # fail before the long part
+    settings = None
+    if checkpoint is not None:
+        configs = [(str(checkpoint.folder), checkpoint.config)]
+        settings = quantization_settings(configs, quantized_as=quantized_as, blocksize=blocksize)
+    elif quantized_as not in (None, "none"):
+        raise IncompatibleAdaptersError("quantized_as measures ΔW against a base's 4-bit grid: give base too")
     labels = _unique_names(loaded)
     results = [AdapterAnalysis(label, a.source, a.base_model, {}) for label, a in zip(labels, loaded)]
     pairs = [(i, j) for i in range(len(loaded)) for j in range(i + 1, len(loaded))]
@@ -130,9 +164,11 @@ def analyze(
     if checkpoint is not None:
         shapes = {n: m.base_shape for a in loaded for n, m in a.modules.items()}
         norms = base_norms(checkpoint, shapes)
-        for result in results:
+        for result, adapter in zip(results, loaded):
+            shares = {} if settings is None else below_step_shares(checkpoint, adapter.modules, settings)
             for name, module in result.modules.items():
                 module.base_norm = norms.get(name)
+                module.below_step = shares.get(name)
         if len(norms) < len(shapes):
             notes.append(f"{len(shapes) - len(norms)} of {len(shapes)} modules have no base weight in {base}")
     return Analysis(
@@ -142,4 +178,5 @@ def analyze(
         rule=truncation,
         base=None if base is None else str(base),
         notes=notes,
+        quantization=None if settings is None else settings.describe(),
     )

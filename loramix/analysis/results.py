@@ -35,6 +35,9 @@ class ModuleSpectrum:
     σᵢ² > max(out, in)·eps·σ₁² (numpy's rule on ΔWᵀΔW: the resolution of the Gram route, see `gram_svd`);
     ``energy_rank["0.9"]`` is the smallest k keeping 90% of Σσ²; ``suggested_rank`` is what the analysis'
     `RankRule` keeps (0 for an all-zero module). ``base_norm`` is ‖W‖_F of the base weight when a base was given.
+    ``below_step`` (a base and its 4-bit quantization given): the share of ‖ΔW‖² in entries smaller than half the
+    base weight's local 4-bit quantization step (`loramix.quantize.below_step_share`); None for weights a 4-bit
+    model does not quantize.
     """
 
     shape: tuple[int, int]
@@ -47,6 +50,7 @@ class ModuleSpectrum:
     norm: float
     suggested_rank: int
     base_norm: float | None = None
+    below_step: float | None = None
 
     @property
     def relative_norm(self) -> float | None:
@@ -97,6 +101,13 @@ class AdapterAnalysis(_ModuleSet):
         found = [m for m in self.modules.values() if m.base_norm is not None]
         base = math.sqrt(sum(m.base_norm**2 for m in found))
         return math.sqrt(sum(m.norm**2 for m in found)) / base if base > 0 else None
+
+    @property
+    def below_step(self) -> float | None:
+        """The share of ‖ΔW‖² below half the 4-bit step, over the modules where it was measured, taken together."""
+        found = [m for m in self.modules.values() if m.below_step is not None and math.isfinite(m.below_step)]
+        total = sum(m.norm**2 for m in found)
+        return sum(m.below_step * m.norm**2 for m in found) / total if total > 0 else None
 
 
 @dataclass
@@ -203,6 +214,7 @@ class Analysis:
     rule: RankRule
     base: str | None = None
     notes: list[str] = field(default_factory=list)
+    quantization: str | None = None  # the base's 4-bit quantization the below-step shares measure against
 
 
 _LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")

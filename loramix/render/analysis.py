@@ -35,6 +35,7 @@ def analysis_dict(analysis) -> dict:
                 "relative_norm": finite(a.relative_norm),
                 "suggested_rank": a.suggested_rank,
                 "kept_energy": finite(a.kept_energy),
+                "below_step": finite(a.below_step),
                 "modules": modules,
             }
         )
@@ -64,6 +65,7 @@ def analysis_dict(analysis) -> dict:
     return {
         "rule": analysis.rule.describe(),
         "base": analysis.base,
+        "quantization": analysis.quantization,
         "notes": analysis.notes,
         "adapters": adapters,
         "pairs": pairs,
@@ -187,9 +189,28 @@ def analysis_text(analysis, *, top: int = 5) -> str:
             f"  cut to rank {mg.reference_rank} (the largest input rank) it loses {_pct(mg.truncation_loss)} of its "
             f"energy; the rule ({analysis.rule.describe()}) needs rank {mg.suggested_rank}",
         ]
+    lines += _below_step_lines(analysis, top)
     lines += ["", "Suggestions", *(f"  - {s}" for s in _suggestions(analysis))]
     lines += [f"note: {n}" for n in analysis.notes]
     return "\n".join(lines)
+
+
+def _below_step_lines(analysis, top: int) -> list[str]:
+    """Per adapter, the share of ‖ΔW‖² below half the base's 4-bit step, and its most affected modules."""
+    if analysis.quantization is None:
+        return []
+    lines = [
+        "",
+        f"Below the 4-bit grid ({analysis.quantization}): share of ‖ΔW‖² in entries |ΔW| < half the base weight's",
+        "  local quantization step (the part that only moves W inside its 4-bit cell; lost to a 4-bit re-quantization)",
+    ]
+    for a in analysis.adapters:
+        measured = sorted(((m.below_step, n) for n, m in a.modules.items() if finite(m.below_step) is not None))
+        worst = ", ".join(f"{n} {_pct(v)}" for v, n in measured[::-1][:top])
+        lines.append(
+            f"  {a.name}: {_pct(a.below_step)} over {len(measured)} module(s)" + (f"; most: {worst}" if worst else "")
+        )
+    return lines
 
 
 def _suggestions(analysis) -> list[str]:

@@ -18,6 +18,7 @@ from huggingface_hub import ModelCardData
 from loramix.adapter import LoraAdapter
 from loramix.analysis.results import Analysis
 from loramix.methods import REGISTRY
+from loramix.quantize import Quantization
 from loramix.sources import parse_hub_id
 
 CARD_FILE = "README.md"
@@ -179,3 +180,26 @@ def model_card(
         body += ["repeats the run.", ""]
     body += [f"loramix version: {loramix_version()}; output: {kind}.", ""]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
+
+
+def quantization_section(settings: Quantization, round_tripped: list[str], modules: list[str]) -> str:
+    """The card's account of a QLoRA-faithful merge: the 4-bit settings and which base tensors (keys) were
+    round-tripped, of them those of the adapter's ``modules`` (appended to the card once the merge has said which)."""
+    targeted = set(modules)
+    changed = sorted(k for k in round_tripped if k.removesuffix(".weight") in targeted)
+    others = len(round_tripped) - len(changed)
+    lines = [
+        "",
+        "## QLoRA-faithful merge",
+        "",
+        f"The adapter was trained on a 4-bit base ({settings.describe()}; bitsandbytes). Before ΔW was added, "
+        f"{len(round_tripped)} base weight(s) went through bitsandbytes' quantize_4bit → dequantize_4bit round trip, "
+        "so this checkpoint is the model the adapter was trained with, not the bf16 base plus ΔW:",
+        "",
+        f"- {len(changed)} weight(s) the adapter changes"
+        + (f" (e.g. `{changed[0]}`)" if changed else "")
+        + f", and {others} other weight(s) a 4-bit model quantizes (round trip `{settings.round_trip}`);",
+        "- embeddings, norms and the output head were left as they are (a 4-bit model keeps them unquantized)"
+        + (f", as were the skipped modules {', '.join(settings.skip)}." if settings.skip else "."),
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,168 @@
+"""QLoRA's 4-bit round trip, through bitsandbytes itself: the settings (`Quantization`, read from a
+``quantization_config`` in transformers' `BitsAndBytesConfig` field names, flags overriding), the round trip
+W → dequantize_4bit(quantize_4bit(W)) that a QLoRA adapter was trained on, which base tensors a 4-bit model
+quantizes, and the local quantization step that says how much of ΔW lies below the 4-bit grid.
+
+A QLoRA model (transformers + bitsandbytes) quantizes every Linear (and GPT-2's Conv1D, transposed to out×in first)
+except the output head and ``llm_int8_skip_modules``; embeddings and norms stay in the load dtype. Blocks of
+``blocksize`` entries run over the flattened out×in weight; with double quantization the block scales are quantized
+again around their mean over the whole tensor, so a round trip always takes a whole tensor. The round trip runs in
+the base tensor's stored dtype (what ``from_pretrained(dtype="auto")`` loads): bitsandbytes quantizes the weight in
+its load dtype and dequantizes back to it; ``bnb_4bit_compute_dtype`` (the matmul's dtype, a lossless cast from the
+dequantized bf16 weight) and ``bnb_4bit_quant_storage`` (how the packed 4-bit codes are stored) change no value.
+
+bitsandbytes is the optional extra ``loramix[qlora]``; it is imported here only, when a round trip is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from loramix.errors import CheckpointError
+from loramix.io.base import CONV1D_MODEL_TYPES, CONV1D_NAMES, INPUT_EMBEDDINGS, OUTPUT_HEADS
+
+log = logging.getLogger(__name__)
+
+QUANT_TYPES = ("nf4", "fp4")
+ROUND_TRIPS = ("all", "targeted")
+# Module names (last part) that transformers' bitsandbytes integration never quantizes: they are no Linear.
+NOT_LINEAR = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "embed_positions", "shared")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the base was quantized while the adapter trained (bitsandbytes 4-bit), and which tensors to round-trip:
+    ``round_trip="all"`` every weight the 4-bit model quantized (the model that was trained), ``"targeted"`` only
+    the weights the adapter changes. ``skip``: module names left unquantized (``llm_int8_skip_modules``)."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    blocksize: int = 64
+    round_trip: str = "all"
+    skip: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        double = "double-quantized scales" if self.double_quant else "float scales"
+        return f"{self.quant_type.upper()}, block {self.blocksize}, {double}"
+
+
+def quantization_settings(
+    configs: list[tuple[str, dict]],
+    *,
+    quantized_as: str | None = None,
+    double_quant: bool | None = None,
+    blocksize: int | None = None,
+    round_trip: str = "all",
+) -> Quantization | None:
+    """The 4-bit settings of a faithful merge: the first ``quantization_config`` that loads in 4 bit among
+    ``configs`` ((where, config.json contents) pairs: base, then adapter), each field overridden by the argument
+    when given. ``quantized_as="none"`` asks for a plain merge whatever the configs say; None with no 4-bit config
+    also gives None (plain)."""
+    if quantized_as == "none":
+        return None
+    found, origin = {}, None
+    for where, config in configs:
+        qc = config.get("quantization_config")
+        if isinstance(qc, dict) and qc.get("load_in_4bit"):
+            found, origin = qc, where
+            break
+    if quantized_as is None and not found:
+        return None
+    if quantized_as is None:
+        log.warning(
+            "%s has a 4-bit quantization_config: the base is taken as 4-bit (pass quantized_as='none' not to)",
+            origin,
+        )
+    settings = Quantization(
+        quant_type=quantized_as or str(found.get("bnb_4bit_quant_type", "fp4")).lower(),  # transformers' default
+        double_quant=bool(found.get("bnb_4bit_use_double_quant", False)) if double_quant is None else double_quant,
+        blocksize=blocksize or 64,  # transformers always quantizes with bitsandbytes' block of 64
+        round_trip=round_trip,
+        skip=tuple(found.get("llm_int8_skip_modules") or ()),
+    )
+    if settings.quant_type not in QUANT_TYPES:
+        raise CheckpointError(f"quantization type {settings.quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
+    if settings.round_trip not in ROUND_TRIPS:
+        raise CheckpointError(f"round_trip must be one of {', '.join(ROUND_TRIPS)}, got {settings.round_trip!r}")
+    if settings.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise CheckpointError(f"blocksize {settings.blocksize} is not one bitsandbytes uses (a power of two, 32–4096)")
+    return settings
+
+
+def _functional():
+    try:
+        return importlib.import_module("bitsandbytes.functional")
+    except ImportError:
+        raise CheckpointError("4-bit quantization needs bitsandbytes: pip install 'loramix[qlora]'") from None
+
+
+def is_quantized(key: str, shape: tuple[int, ...], settings: Quantization) -> bool:
+    """Whether a 4-bit model (transformers + bitsandbytes) quantizes base tensor ``key``: a 2-D ``*.weight`` of a
+    Linear/Conv1D, not an embedding or output head, not in ``settings.skip``."""
+    if len(shape) != 2 or not key.endswith(".weight"):
+        return False
+    module = key.removesuffix(".weight")
+    last = module.rsplit(".", 1)[-1]
+    if last in NOT_LINEAR or any(key.endswith(e) for e in INPUT_EMBEDDINGS) or last in OUTPUT_HEADS:
+        return False
+    return not any(s == module or s == last or module.endswith("." + s) for s in settings.skip)
+
+
+def tensors_to_round_trip(
+    shapes: dict[str, tuple[int, ...]], targeted: set[str], settings: Quantization, model_type: str | None
+) -> dict[str, bool]:
+    """The base tensors (key → stored in×out, i.e. Conv1D) to round-trip: of ``shapes`` (the floating-point base
+    tensors no adapter tensor replaces), those a 4-bit model quantizes — all of them, or with
+    ``round_trip="targeted"`` only those in ``targeted`` (the ones the adapter changes)."""
+    chosen = {}
+    for key, shape in shapes.items():
+        if is_quantized(key, shape, settings) and (settings.round_trip == "all" or key in targeted):
+            last = key.removesuffix(".weight").rsplit(".", 1)[-1]
+            chosen[key] = model_type in CONV1D_MODEL_TYPES and last in CONV1D_NAMES
+    return chosen
+
+
+def round_trip(weight: torch.Tensor, settings: Quantization, *, transposed: bool = False) -> torch.Tensor:
+    """dequantize_4bit(quantize_4bit(W)) by bitsandbytes, in W's own dtype and on its device; ``transposed`` for a
+    Conv1D weight stored in×out (quantized as out×in, as transformers does)."""
+    F = _functional()
+    math_view = weight.T.contiguous() if transposed else weight.contiguous()
+    packed, state = F.quantize_4bit(
+        math_view,
+        blocksize=settings.blocksize,
+        compress_statistics=settings.double_quant,
+        quant_type=settings.quant_type,
+    )
+    restored = F.dequantize_4bit(packed, state)
+    return restored.T.contiguous() if transposed else restored
+
+
+def quantization_step(weight: torch.Tensor, settings: Quantization) -> torch.Tensor:
+    """The local 4-bit quantization step of every entry of ``weight`` (out×in), in float64: with a = max |W| over
+    the entry's block (``blocksize`` consecutive entries of the flattened weight; bitsandbytes' scale before any
+    double quantization) and c⁻ ≤ W/a ≤ c⁺ the neighbouring values of the NF4/FP4 code book,
+    step = a·(c⁺ − c⁻). An all-zero block has step 0."""
+    codes = torch.unique(_functional().get_4bit_type(settings.quant_type, device="cpu").double())
+    flat = weight.detach().to("cpu", torch.float64).reshape(-1)
+    pad = (-flat.numel()) % settings.blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, settings.blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    normed = (blocks / torch.where(absmax > 0, absmax, 1.0)).clamp(codes[0], codes[-1])
+    upper = torch.searchsorted(codes, normed, right=True).clamp(1, len(codes) - 1)
+    step = (codes[upper] - codes[upper - 1]) * absmax
+    return step.reshape(-1)[: flat.numel()].reshape(weight.shape)
+
+
+def below_step_share(delta: torch.Tensor, weight: torch.Tensor, settings: Quantization) -> float:
+    """The share of ΔW's energy (Σ ΔW², float64) in entries with |ΔW| < step/2 of `quantization_step`: the part of
+    the update smaller than the 4-bit grid around W (it only moves W within its quantization cell). NaN for ΔW = 0."""
+    d = delta.detach().to("cpu", torch.float64)
+    energy = d.square()
+    total = float(energy.sum())
+    if total == 0:
+        return float("nan")
+    return float(energy[d.abs() < quantization_step(weight, settings) / 2].sum()) / total
