@@ -21,8 +21,18 @@ class _OneLine(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
+# One default for every command: where there is a GPU, combining, merging and searching all run faster on it (a
+# search is forward passes through the whole base); results agree with the CPU's to float32 rounding.
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto: a GPU when there is one, else the CPU [default: auto]."
+
 # Python option names whose command-line flag is not simply --name-with-dashes.
 _FLAGS = {"overwrite": "--force", "merge_into": "--merge-into BASE"}
+
+
+def _error_line(exc: LoramixError) -> str:
+    """The one line the CLI prints for an expected failure, its hint spelled as a flag."""
+    flag = _FLAGS.get(exc.option or "", "--" + (exc.option or "").replace("_", "-"))
+    return f"error: {exc.hint(flag)}"
 
 
 def _errors_as_one_line(fn):
@@ -31,8 +41,7 @@ def _errors_as_one_line(fn):
         try:
             return fn(*args, **kwargs)
         except LoramixError as exc:
-            flag = _FLAGS.get(exc.option or "", "--" + (exc.option or "").replace("_", "-"))
-            click.echo(f"error: {exc.hint(flag)}", err=True)
+            click.echo(_error_line(exc), err=True)
             sys.exit(2)
 
     return wrapper
@@ -48,26 +57,69 @@ def _rank_rule_options(fn):
             help="The smallest rank holding this share of Σσ² per module.",
         ),
         click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule."),
-        click.option("--rule-value", type=float, help="The value for --rule (see the README)."),
+        click.option(
+            "--rule-value",
+            type=float,
+            metavar="V",
+            help="With --rule: sv_ratio keeps σᵢ > σ₁/V (V > 0, e.g. 10); sv_fro the smallest rank keeping V·‖ΔW‖_F "
+            "(V in (0, 1]; energy V²); sv_cumulative the smallest k with σ₁+…+σₖ ≥ V·Σσ (V in (0, 1]).",
+        ),
     )
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="loramix")
-@click.option("-q", "--quiet", is_flag=True, help="Hide warnings and progress bars.")
-@click.pass_context
-def main(ctx: click.Context, quiet: bool) -> None:
-    """Load, analyse and combine LoRA adapters."""
+def _configure_output(state: dict) -> None:
+    """The ``loramix`` logger's handler and level, and whether bars are shown, from -q/-v given so far."""
+    if state.get("quiet") and state.get("verbose"):
+        raise click.UsageError("give -q/--quiet or -v/--verbose, not both")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())
     root = logging.getLogger("loramix")
     root.handlers[:] = [handler]
-    root.setLevel(logging.ERROR if quiet else logging.WARNING)
+    levels = {0: logging.WARNING, 1: logging.INFO}
+    root.setLevel(logging.ERROR if state.get("quiet") else levels.get(state.get("verbose", 0), logging.DEBUG))
     root.propagate = False
-    ctx.obj = {"progress": not quiet}
+    # Bars redraw a line with carriage returns: in a terminal only, never into a log file or a pipe.
+    state["progress"] = not state.get("quiet") and sys.stderr.isatty()
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value) -> None:
+    state = ctx.find_root().ensure_object(dict)
+    if value:
+        state[param.name] = value
+    _configure_output(state)
+
+
+QUIET_HELP = "Hide warnings and progress bars."
+VERBOSE_HELP = "Say more (-v: notes, -vv: debugging details)."
+
+
+def _verbosity_options() -> list[click.Option]:
+    """-q/-v, accepted before and after the subcommand: the group and each of its commands get a copy."""
+    return [
+        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_verbosity, help=QUIET_HELP),
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_verbosity, help=VERBOSE_HELP),
+    ]
+
+
+class _Group(click.Group):
+    """A group whose commands all take the verbosity options."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params += _verbosity_options()
+        super().add_command(cmd, name)
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    params=_verbosity_options(),
+)
+@click.version_option(package_name="loramix")
+def main() -> None:
+    """Load, analyse and combine LoRA adapters."""
 
 
 def _state_dict_options(fn):
@@ -95,15 +147,29 @@ def _state_dict_options(fn):
 @_state_dict_options
 @_errors_as_one_line
 def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool, **load_options) -> None:
-    """Describe ADAPTERS (folders, state dict files or Hub ids): base, dtype, modules, ranks, scale, warnings."""
+    """Describe ADAPTERS (folders, state dict files or Hub ids): base, dtype, modules, ranks, scale, warnings.
+
+    Every adapter is reported: one that cannot be read gets its error line (on stderr; in --json an object with
+    "source" and "error"), the others their full report; the exit status is 2 when any failed."""
     from loramix.formats import load_adapter
     from loramix.render.inspect import adapter_summary, inspect_json, inspect_text
 
-    summaries = [
-        adapter_summary(load_adapter(a, allow_nonfinite=allow_nonfinite, log_warnings=False, **load_options))
-        for a in adapters
-    ]
-    click.echo(inspect_json(summaries) if as_json else inspect_text(summaries))
+    summaries, failed = [], 0
+    for source in adapters:
+        try:
+            adapter = load_adapter(source, allow_nonfinite=allow_nonfinite, log_warnings=False, **load_options)
+        except LoramixError as exc:
+            failed += 1
+            click.echo(_error_line(exc), err=True)
+            summaries.append({"source": source, "error": _error_line(exc).removeprefix("error: ")})
+            continue
+        summaries.append(adapter_summary(adapter))
+        if not as_json:
+            click.echo(("\n" if len(summaries) - failed > 1 else "") + inspect_text(summaries[-1:]))
+    if as_json:
+        click.echo(inspect_json(summaries))
+    if failed:
+        sys.exit(2)
 
 
 def _weights(ctx, param, value: str | None) -> list[float] | None:
@@ -139,10 +205,19 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Share of entries kept (ties, dare…).")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), help="TIES sign election [default: total].")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for random methods (dare_*) [default: 0].")
-@click.option("--space", type=click.Choice(["dense", "core"]), help="Where ties/dare_*/magnitude_prune work.")
-@click.option("--device", default=None, help="cpu, cuda or auto [default: cpu].")
+@click.option(
+    "--space",
+    type=click.Choice(["dense", "core"]),
+    help="Where ties/dare_*/magnitude_prune work: on each out×in ΔW, or on the small core matrices of the joint "
+    "factor bases (Core Space) [default: dense].",
+)
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--dtype", default=None, help="Output dtype: float32, float16, bfloat16 [default: the inputs'].")
-@click.option("--heads", type=click.Choice(["refuse", "average"]), default=None, help="Heads several adapters carry.")
+@click.option(
+    "--heads",
+    type=click.Choice(["refuse", "average"]),
+    help="Heads (modules_to_save) that several adapters carry: refuse, or their weighted average [default: refuse].",
+)
 @click.option("--allow-different-bases", is_flag=True, default=None, help="Combine adapters made for different bases.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf in the inputs.")
 @_state_dict_options
@@ -231,7 +306,12 @@ def methods() -> None:
 @click.argument("name", required=False)
 @_errors_as_one_line
 def examples(name: str | None) -> None:
-    """List the bundled example adapters and base, or print the folder of example NAME."""
+    """List the bundled examples, or print the folder of example NAME.
+
+    tiny-llama: a tiny random Llama with a character tokenizer; summarize, translate, formal: PEFT adapters made on
+    it; few-shot: formal.jsonl, examples for `loramix search`; minimind: a hand-made LoRA state dict (.pth) and
+    the module_map.yaml that renames its modules to tiny-llama's.
+    """
     from loramix import examples as bundled
 
     if name:
@@ -297,8 +377,20 @@ def _bounds(ctx, param, value: str) -> tuple[float, float]:
 @click.option(
     "--examples", required=True, type=click.Path(dir_okay=False), help='JSON lines {"input": ..., "output": ...}.'
 )
-@click.option("--composition", type=click.Choice(["lorahub", "delta"]), default="lorahub", show_default=True)
-@click.option("--optimizer", type=click.Choice(["cobyla", "cma", "adam"]), default="cobyla", show_default=True)
+@click.option(
+    "--composition",
+    type=click.Choice(["lorahub", "delta"]),
+    default="lorahub",
+    show_default=True,
+    help="lorahub: LoRAHub's B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (equal ranks); delta: the exact Σwᵢsᵢ·BᵢAᵢ.",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["cobyla", "cma", "adam"]),
+    default="cobyla",
+    show_default=True,
+    help="cobyla (what LoRAHub runs), cma (CMA-ES, a generation per batched forward pass) or adam (gradients).",
+)
 @click.option(
     "--steps",
     type=click.IntRange(min=1),
@@ -308,8 +400,14 @@ def _bounds(ctx, param, value: str) -> tuple[float, float]:
 )
 @click.option("--l1", type=float, default=0.05, show_default=True, help="Weight of the mean|wᵢ| penalty.")
 @click.option("--bounds", default="-1.5,1.5", show_default=True, callback=_bounds, help="LOW,HIGH for every weight.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of CMA-ES's samples and of Adam's starting jitter (COBYLA is deterministic).",
+)
+@click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--init", callback=_weights, help="Starting weights, one per adapter [default: 0 each].")
 @click.option("--popsize", type=click.IntRange(min=2), help="CMA-ES candidates per generation [default: 4+3·ln n].")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")

@@ -97,7 +97,7 @@ def combine(
     energy: float | None = None,
     rule: str | None = None,
     rule_value: float | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: torch.dtype | str | None = None,
     heads: str = "refuse",
     allow_different_bases: bool = False,
@@ -109,7 +109,8 @@ def combine(
     """Combine ``adapters`` (paths, Hub ids or `LoraAdapter`s) with ``weights`` by ``method``.
 
     ``rank``/``energy``/``rule`` truncate re-factorising methods (see `RankRule`); ``heads="average"`` takes the
-    weighted average of heads several adapters carry. ``load_options`` go to `load_adapter` for every source
+    weighted average of heads several adapters carry. ``device``: ``cpu``, ``cuda[:N]`` or ``auto`` (a GPU when there is
+    one: results agree with the CPU's to float32 rounding). ``load_options`` go to `load_adapter` for every source
     (``scale``/``alpha``/``base_model``/``module_map`` for plain state dicts). Returns a new `LoraAdapter` (scale 1
     per module).
     """

@@ -13,6 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from loramix.errors import HubError
 from loramix.render.card import loramix_version
+from loramix.runtime import require_path
 from loramix.sources import parse_hub_id
 
 
@@ -59,7 +60,7 @@ def push_to_hub(
     ``token`` defaults to huggingface_hub's own lookup (``HF_TOKEN``, then the login cache); ``endpoint`` to
     ``HF_ENDPOINT`` / the public Hub. With ``revision`` the branch is created when missing and the upload goes there.
     """
-    folder = Path(folder)
+    folder = require_path(folder, "folder (the output folder to push)")
     if not folder.is_dir() or not any(folder.iterdir()):
         raise HubError(f"{folder}: not a folder with files to push")
     if parse_hub_id(repo_id) is None or "@" in repo_id or ":" in repo_id:

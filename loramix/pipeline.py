@@ -18,7 +18,7 @@ from loramix.adapter import LoraAdapter
 from loramix.analysis import Analysis, analyze
 from loramix.checkpoint import MergeReport, write_merged
 from loramix.combination import check_settings, combine
-from loramix.errors import IncompatibleAdaptersError
+from loramix.errors import IncompatibleAdaptersError, MethodError
 from loramix.formats import load_adapter, load_adapters, write_adapter
 from loramix.hub import revisions
 from loramix.io.base import open_base, resolve_base
@@ -27,7 +27,7 @@ from loramix.recipe import Plan
 from loramix.render.analysis import analysis_json
 from loramix.render.card import CARD_FILE, RECIPE_FILE, model_card
 from loramix.render.plots import analysis_plots
-from loramix.runtime import parse_dtype, resolve_device
+from loramix.runtime import parse_dtype, require_path, resolve_device
 from loramix.weight_search import SearchResult
 
 SEARCH_FILE = "search.json"
@@ -83,6 +83,10 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
     ``argv`` is the command line to record in the card (None: the card says the Python API made it). A single
     DoRA adapter is merged into a base as it is (DoRA is exact only there); DoRA adapters cannot be combined.
     """
+    if not isinstance(plan, Plan):
+        raise MethodError(
+            f"run takes a Plan (loramix.Plan(adapters=[...]) or a loaded recipe), got {type(plan).__name__}"
+        )
     if not plan.output:
         raise IncompatibleAdaptersError("the plan names no output folder (output)")
     protect = [*plan.adapters, *([plan.merge_into] if plan.merge_into else [])]
@@ -165,6 +169,11 @@ def save_adapter(
 ) -> Path:
     """Write ``adapter`` to ``folder`` (atomically) as a PEFT folder or a kohya file, with a README.md model card
     unless ``card`` is false; refuses to replace any of the adapter's own inputs. Returns the folder."""
+    if not isinstance(adapter, LoraAdapter):
+        raise MethodError(
+            f"save_adapter takes a LoraAdapter (from load_adapter or combine), got {type(adapter).__name__}"
+        )
+    require_path(folder, "folder (the output folder)")
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
     files = {CARD_FILE: model_card(adapter, revisions=revisions(protect), output_format=format)} if card else {}
     with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:
@@ -180,7 +189,7 @@ def merge_into_base(
     *,
     dtype: torch.dtype | str = torch.bfloat16,
     shard_size: int | str = "5GB",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     overwrite: bool = False,
     progress: bool = False,
     workers: int | None = None,
@@ -190,6 +199,8 @@ def merge_into_base(
     merged checkpoint to ``out``, atomically, without touching any input (see `loramix.checkpoint.write_merged` for
     the layout and the report). ``files`` (name → text: card, recipe) go into the same folder; without them a
     README.md model card says what is known."""
+    require_path(base, "base (a checkpoint folder or Hub id)")
+    require_path(out, "out (the output folder)")
     adapter = load_adapter(adapter)
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)
@@ -221,7 +232,7 @@ def write_search(
     overwrite: bool = False,
     merge_into: str | None = None,
     shard_size: int | str = "5GB",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = False,
     argv: list[str] | None = None,
 ) -> Path:

@@ -43,7 +43,7 @@ class Plan:
     energy: float | None = None
     rule: str | None = None
     rule_value: float | None = None
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str | None = None
     heads: str = "refuse"
     allow_different_bases: bool = False

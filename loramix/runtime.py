@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -55,6 +56,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if resolved.type not in ("cpu", "cuda"):
         raise MethodError(f"device {device!r} is not supported (use cpu, cuda or auto)")
     return resolved
+
+
+def require_path(value, what: str) -> Path:
+    """``value`` (a str or Path) as a Path; `MethodError` naming ``what`` it should be for anything else."""
+    if isinstance(value, (str, Path)) and str(value):
+        return Path(value)
+    raise MethodError(f"{what} must be a non-empty str or Path, got {type(value).__name__}")
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*")
