@@ -11,14 +11,13 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from tqdm.auto import tqdm
 
 from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule
 from loramix.errors import IncompatibleAdaptersError, MethodError
 from loramix.formats import load_adapters
 from loramix.linalg import RankRule
 from loramix.methods import Method, Term, get_method
-from loramix.runtime import parse_dtype, resolve_device
+from loramix.runtime import parse_dtype, progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ def combine(
     workers = _GPU_WORKERS if target.type == "cuda" else 1
     with (
         ThreadPoolExecutor(workers) as pool,
-        tqdm(total=len(names), desc=f"combine ({method})", unit="module", disable=not progress) as bar,
+        progress_bar(enabled=progress, total=len(names), desc=f"combine ({method})", unit="module") as bar,
     ):
         modules = {}
         for name, module in zip(names, pool.map(merge_module, names)):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ def load_recipe(path: str | Path) -> Plan:
     sources, weights = _adapters(path, data.get("adapters"))
     fields = {k: v for k, v in data.items() if k != "adapters" and v is not None}
     if isinstance(fields.get("module_map"), str):
-        fields["module_map"] = str(path.parent / fields["module_map"])
+        fields["module_map"] = _relative_path(path, fields["module_map"])
     if "merge_into" in fields:
         fields["merge_into"] = _relative_source(path, fields["merge_into"])
     return Plan(adapters=sources, weights=weights, **fields)
@@ -146,8 +147,13 @@ def _adapters(path: Path, items) -> tuple[list[str], list[float] | None]:
     return sources, [float(w) for w in weights] if all(given) else None
 
 
+def _relative_path(recipe: Path, item: str) -> str:
+    """``item`` relative to the recipe's folder, normalised (``recipes/../x`` → ``x``) and kept relative."""
+    return os.path.normpath(recipe.parent / item)
+
+
 def _relative_source(recipe: Path, source: str) -> str:
     local = recipe.parent / source
     if Path(source).is_absolute() or (parse_hub_id(source) is not None and not local.exists()):
         return source
-    return str(local)
+    return _relative_path(recipe, source)

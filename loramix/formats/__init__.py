@@ -41,8 +41,8 @@ def load_adapter(
     Formats: PEFT LoRA and AdaLoRA folders, kohya/A1111 and diffusers LoRA files (a file or a folder holding one),
     and hand-made LoRA state dicts (a file, or a folder holding only it), which hold no scale, base model or base
     names: ``scale``/``alpha``, ``base_model`` and ``module_map`` supply them. Other formats carry their own scale and
-    names (those options are ignored with a warning); ``base_model`` fills in a base they do not name. What the reader noticed is in
-    ``adapter.warnings`` and, unless ``log_warnings`` is false, logged once.
+    names (those options are ignored with a warning); ``base_model`` fills in a base they do not name. What the
+    reader noticed is in ``adapter.warnings`` and, unless ``log_warnings`` is false, logged once.
     """
     if isinstance(src, LoraAdapter):
         return src
