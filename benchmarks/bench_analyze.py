@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_combine import MODULES, RANK, machine, write_adapter
+from bench_combine import MODULES, RANK, write_adapter
+from machine import machine
 
 from loramix import analyze, load_adapter
 
@@ -97,7 +98,7 @@ def main() -> None:
         load = "{:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
         total, compute, result = time_loramix(inputs, args.repeats, args.threads)
     pairs, modules = n * (n - 1) // 2, len(MODULES) * args.layers
-    print(f"machine: {machine('cpu')}; torch {torch.__version__}")
+    print(f"machine: {machine('cpu')}")
     print(f"analyze on {args.threads} thread(s); load average before the run (1, 5, 15 min): {load}")
     print(f"{n} adapters, rank {RANK}, {args.layers} layers × {len(MODULES)} modules (Llama-7B shapes), {pairs} pairs")
     print(f"loramix analyze, files to result: {total:.2f} s; in memory: {compute:.2f} s")

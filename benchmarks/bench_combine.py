@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import machine
 from safetensors.torch import save_file
 
 from loramix import combine, load_adapter, save_adapter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import random_model  # noqa: E402 — the one builder of test and benchmark models
 
 HIDDEN, INTERMEDIATE = 4096, 11008
 MODULES = {
@@ -86,18 +89,9 @@ def time_loramix(inputs: list[Path], out: Path, device: str, repeats: int) -> tu
 def time_peft(inputs: list[Path], layers: int, device: str):
     """PEFT's svd merge on a model of ``layers`` true-shape layers: (seconds, {module: ΔW})."""
     from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    sizes = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=32, num_key_value_heads=32)
+    model = random_model("llama", device="meta", vocab_size=128, num_hidden_layers=layers, **sizes)
     model = model.to_empty(device=device)  # base weights play no part in the adapter merge
     peft_model = PeftModel.from_pretrained(model, str(inputs[0]), adapter_name="a0")
     for i, path in enumerate(inputs[1:], start=1):
@@ -129,14 +123,6 @@ def dense_reference(inputs: list[Path], key: str, device: str) -> torch.Tensor:
     return ((U[:, :RANK] * S[:RANK]) @ Vh[:RANK]).cpu()
 
 
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((line.split(":", 1)[1].strip() for line in model.splitlines() if "Model name" in line), "?")
-    return f"{name}, {torch.get_num_threads()} threads ({platform.machine()})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -166,7 +152,7 @@ def main() -> None:
     per_layer_peft = peft_seconds / args.peft_layers
     per_layer_ours = compute / args.layers
     full_peft = per_layer_peft * args.layers
-    print(f"machine: {machine(args.device)}; device {args.device}; torch {torch.__version__}")
+    print(f"machine: {machine(args.device)}; device {args.device}")
     print(f"3 adapters, rank {RANK}, {args.layers} layers × {len(MODULES)} modules (Llama-7B shapes)")
     print("| step | loramix | PEFT | PEFT / loramix |")
     print("|---|---|---|---|")

@@ -28,30 +28,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=4096,
-    tie_word_embeddings=True,
-    rope_theta=500000.0,
-)
 
 
 def build_inputs(work: Path) -> tuple[Path, Path]:
     """The bf16 base (random weights, 500 MB shards) and the PEFT q/v adapter, built once."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import LLAMA32_1B, random_model
 
     base, adapter = work / "base", work / "adapter"
     if not (base / "model.safetensors.index.json").exists():
         print("building the base (random weights) ...", file=sys.stderr)
-        config = LlamaConfig(**SHAPE, dtype="bfloat16")
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
+        model = random_model("llama", device="meta", dtype="bfloat16", **LLAMA32_1B)
         model = model.to_empty(device="cpu").to(torch.bfloat16)
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import machine
 from torch import nn
 
 from loramix import LoraAdapter, LoraModule, combine, load_adapter
@@ -52,15 +51,6 @@ METHODS = {  # name: (loramix method, fixed options, tuned densities?)
     "iso_cts": ("iso_cts", {}, False),
     "knots": ("knots", {}, True),
 }
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{torch.get_num_threads()}-thread CPU, {model}; torch {torch.__version__}"
 
 
 # ----------------------------------------------------------------------------------------------- retention

@@ -28,9 +28,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import random
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,9 +38,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every mod
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine import machine
 
 import loramix
 from loramix.runtime import resolve_device
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import random_model  # noqa: E402 — the one builder of test and benchmark models
+
 from loramix.weight_search import load_base
 from loramix.weight_search.evaluator import Evaluator
 from loramix.weight_search.objective import as_examples, build_batch
@@ -66,17 +70,6 @@ SIZES = {  # hidden, layers, heads, intermediate, base steps, LoRA steps, batch,
     "small": dict(hidden=64, layers=2, heads=4, inter=128, base_steps=400, lora_steps=300, batch=32, test=24),
 }
 L1, BOUNDS, STEPS, SHOTS = 0.05, (-1.5, 1.5), 40, 5
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{torch.get_num_threads()}-thread CPU, {model}; torch {torch.__version__}"
 
 
 def tokenizer():
@@ -121,10 +114,12 @@ def train(model, tok, task, *, steps: int, batch: int, lr: float, seed: int, dev
 def build(folder: Path, size: dict, device: torch.device, seed: int):
     """Train the base and one LoRA per task; save them (PEFT folders) under ``folder``."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tokenizer()
-    config = LlamaConfig(
+    torch.manual_seed(seed)  # the global RNG: training draws follow the base's, as when RESULTS.md was measured
+    base = random_model(
+        "llama",
+        seed=None,
         vocab_size=len(SPECIAL) + len(CHARS),
         hidden_size=size["hidden"],
         intermediate_size=size["inter"],
@@ -136,9 +131,7 @@ def build(folder: Path, size: dict, device: torch.device, seed: int):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM(config).to(device)
+    ).to(device)
     params = sum(p.numel() for p in base.parameters())
     start = time.perf_counter()
     loss = train(

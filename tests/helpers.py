@@ -47,42 +47,74 @@ def _sizes(**extra) -> dict:
     )
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Real models' layer shapes (for tests on real adapters and for benchmarks), to build with `random_model`.
+QWEN05_LAYER = dict(
+    hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True
+)
+LLAMA32_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+)
 
-    config = LlamaConfig(**_sizes(num_key_value_heads=2, tie_word_embeddings=False))
-    return seeded(seed, lambda: LlamaForCausalLM(config))
+HEADS_BY_TASK = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+}
+
+
+def random_model(
+    model_type: str, *, seed: int | None = 0, task: str = "causal-lm", device: str = "cpu", **config
+) -> nn.Module:
+    """The one builder of test and benchmark models: transformers' ``model_type`` built from its config
+    (``AutoConfig.for_model(model_type, **config)``) with random weights, in eval mode.
+
+    ``seed`` fixes the weights without disturbing the global RNG (None: draw from the global RNG as it stands);
+    ``task`` picks the head; ``device="meta"`` builds the structure only (benchmarks fill big weights themselves).
+    """
+    import transformers
+
+    settings = transformers.AutoConfig.for_model(model_type, **config)
+    auto = getattr(transformers, HEADS_BY_TASK[task])
+
+    def build() -> nn.Module:
+        with torch.device(device):
+            return auto.from_config(settings)
+
+    return build().eval() if seed is None else seeded(seed, build)
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    return random_model("llama", seed=seed, **_sizes(num_key_value_heads=2, tie_word_embeddings=False))
 
 
 def tiny_qwen2(seed: int = 0) -> nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(**_sizes(num_key_value_heads=2, tie_word_embeddings=False))
-    return seeded(seed, lambda: Qwen2ForCausalLM(config))
+    return random_model("qwen2", seed=seed, **_sizes(num_key_value_heads=2, tie_word_embeddings=False))
 
 
 def tiny_gemma(seed: int = 0) -> nn.Module:
     """Gemma: tied input/output embeddings, one KV head, GeGLU MLP."""
-    from transformers import GemmaConfig, GemmaForCausalLM
-
-    config = GemmaConfig(**_sizes(num_key_value_heads=1, head_dim=HIDDEN // HEADS))
-    return seeded(seed, lambda: GemmaForCausalLM(config))
+    return random_model("gemma", seed=seed, **_sizes(num_key_value_heads=1, head_dim=HIDDEN // HEADS))
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
     """GPT-2: its attention and MLP layers are transformers' Conv1D (weight stored in×out, fan_in_fan_out)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=64)
-    return seeded(seed, lambda: GPT2LMHeadModel(config))
+    return random_model(
+        "gpt2", seed=seed, vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=64
+    )
 
 
 def tiny_bert_seqcls(seed: int = 0) -> nn.Module:
     """BERT with a 3-class classification head (PEFT's SEQ_CLS saves the trained head via modules_to_save)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(**_sizes(num_labels=3))
-    return seeded(seed, lambda: BertForSequenceClassification(config))
+    return random_model("bert", seed=seed, task="seq-cls", **_sizes(num_labels=3))
 
 
 class TinyConvNet(nn.Module):

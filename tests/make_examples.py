@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import random_model
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 BASE_ID = "loramix-examples/tiny-llama"
 ADAPTERS = {
@@ -64,19 +64,18 @@ MODULE_MAP = """\
 """
 
 
-def base_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
+def base_model() -> torch.nn.Module:
+    torch.manual_seed(0)  # the global RNG: the adapters' own draws follow the base's, as when they were made
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    return random_model(
+        "llama",
+        seed=None,
         vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=True,
+        **sizes,
     )
-    return LlamaForCausalLM(config)
 
 
 def write_tokenizer(folder: Path) -> None:

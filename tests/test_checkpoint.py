@@ -21,10 +21,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import (
+    QWEN05_LAYER,
     REAL,
     example_inputs,
     make_peft_adapter,
     model_output,
+    random_model,
     raw_lora_folder,
     tiny_bert_seqcls,
     tiny_gemma,
@@ -380,21 +382,9 @@ def test_real_gpt2_tigrinya(tmp_path):
 @needs_real
 def test_real_qwen_two_layers(tmp_path, caplog):
     """A real Qwen2.5-0.5B adapter, its layers 0-1, on a 2-layer random Qwen2 of the real shapes (small vocabulary)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=512,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=2,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
 
     def qwen():
-        torch.manual_seed(0)
-        return Qwen2ForCausalLM(config).eval()
+        return random_model("qwen2", vocab_size=512, num_hidden_layers=2, **QWEN05_LAYER)
 
     base = save_base(qwen(), tmp_path / "base", max_shard_size="10MB")
     source = REAL / "qwen05__posttrain_v1"
@@ -411,10 +401,9 @@ def test_real_qwen_two_layers(tmp_path, caplog):
 def test_real_distilbert_heads_added_to_mlm_base(tmp_path):
     """A real DistilBERT seq-cls adapter on a DistilBertForMaskedLM checkpoint (as distilbert-base-uncased is stored):
     the LoRA modules line up, and the heads the base lacks (pre_classifier, classifier) are added."""
-    from transformers import AutoModelForSequenceClassification, DistilBertConfig, DistilBertForMaskedLM
+    from transformers import AutoModelForSequenceClassification
 
-    torch.manual_seed(0)
-    base = save_base(DistilBertForMaskedLM(DistilBertConfig()).eval(), tmp_path / "base", max_shard_size="100MB")
+    base = save_base(random_model("distilbert", task="masked-lm"), tmp_path / "base", max_shard_size="100MB")
     source = REAL / "distilbert__imdb_qv"
     report = merge_into_base(source, base, tmp_path / "out", shard_size="100MB", progress=False)
     assert {"classifier.weight", "pre_classifier.bias"} <= set(report.added) and len(report.survival) == 12

@@ -9,6 +9,7 @@ in huggingface_hub 2.x: POST /api/repos/create, /api/models/{repo}/branch/{rev},
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import sys
 import threading
@@ -113,15 +114,31 @@ def _handler(hub: FakeHub):
     return Handler
 
 
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    """A fake Hub on loopback; huggingface_hub pointed at it (its constants are read at import, so patched)."""
+@contextlib.contextmanager
+def running_fake_hub():
+    """A `FakeHub` served on 127.0.0.1 by a thread of this process (``hub.url``), stopped on exit."""
     hub = FakeHub()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
     server.daemon_threads = True
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
+    try:
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A fake Hub on loopback; huggingface_hub pointed at it (its constants are read at import, so patched)."""
+    with running_fake_hub() as hub:
+        yield from _pointed_at(hub, monkeypatch, tmp_path)
+
+
+def _pointed_at(hub, monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets it for every other test
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login-cache" / "token"))
@@ -129,9 +146,6 @@ def fake_hub(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     yield hub
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
     assert not hub.unknown, f"routes the fake Hub does not serve: {hub.unknown}"
 
 

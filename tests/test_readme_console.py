@@ -37,14 +37,12 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from helpers import REAL
-from test_hub import TOKEN, FakeHub, _handler
+from test_hub import TOKEN, running_fake_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -216,16 +214,8 @@ def _environment(tmp_path: Path, endpoint: str, *, online: bool) -> dict[str, st
 @pytest.fixture
 def loopback_hub():
     """The fake Hub of tests/test_hub.py on 127.0.0.1, in a thread of this process; yields it (``.url``)."""
-    hub = FakeHub()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
-    server.daemon_threads = True
-    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield hub
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with running_fake_hub() as hub:
+        yield hub
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import make_peft_adapter, seeded
+from helpers import make_peft_adapter, random_model
 from peft import PeftModel
 from peft.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -48,9 +48,9 @@ def char_tokenizer(*, seq2seq: bool):
 
 
 def llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
+    return random_model(
+        "llama",
+        seed=seed,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -64,32 +64,26 @@ def llama(seed: int = 0):
         bos_token_id=1,
         eos_token_id=2,
     )
-    return seeded(seed, lambda: LlamaForCausalLM(config))
 
 
 def t5(seed: int = 0):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    config = T5Config(
+    settings = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, initializer_factor=3.0)
+    return random_model(
+        "t5",
+        seed=seed,
+        task="seq2seq-lm",
         vocab_size=VOCAB,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        initializer_factor=3.0,
         decoder_start_token_id=0,
         pad_token_id=0,
         eos_token_id=2,
+        **settings,
     )
-    return seeded(seed, lambda: T5ForConditionalGeneration(config))
 
 
 def gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.3)
-    return seeded(seed, lambda: GPT2LMHeadModel(config))
+    return random_model(
+        "gpt2", seed=seed, vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.3
+    )
 
 
 class Setup:

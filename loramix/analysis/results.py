@@ -58,14 +58,10 @@ class ModuleSpectrum:
         return sum(s * s for s in self.singular_values[:k])
 
 
-@dataclass
-class AdapterAnalysis:
-    """One adapter: its modules' spectra by normalised module name, plus whole-adapter summaries."""
+class _ModuleSet:
+    """Figures of a set of modules taken together (an adapter's, or the merged sum's)."""
 
-    name: str
-    source: str
-    base_model: str | None
-    modules: dict[str, ModuleSpectrum]
+    modules: dict
 
     @property
     def norm(self) -> float:
@@ -74,8 +70,19 @@ class AdapterAnalysis:
 
     @property
     def suggested_rank(self) -> int:
-        """One rank for every module that satisfies the rule everywhere: the largest per-module suggestion."""
+        """One rank for every module that satisfies the rule everywhere: the largest per-module suggestion (for the
+        merged sum, the rank `combine --method svd` with the same rule gives)."""
         return _largest(self.modules.values(), "suggested_rank")
+
+
+@dataclass
+class AdapterAnalysis(_ModuleSet):
+    """One adapter: its modules' spectra by normalised module name, plus whole-adapter summaries."""
+
+    name: str
+    source: str
+    base_model: str | None
+    modules: dict[str, ModuleSpectrum]
 
     @property
     def kept_energy(self) -> float:
@@ -168,20 +175,11 @@ class MergeModule:
 
 
 @dataclass
-class MergeAnalysis:
+class MergeAnalysis(_ModuleSet):
     """The weighted sum of all adapters, module by module (only with two or more adapters)."""
 
     weights: list[float]
     modules: dict[str, MergeModule]
-
-    @property
-    def norm(self) -> float:
-        return _joint_norm(self.modules.values())
-
-    @property
-    def suggested_rank(self) -> int:
-        """The rank `combine --method svd` with the same rule gives (its largest module)."""
-        return _largest(self.modules.values(), "suggested_rank")
 
     @property
     def reference_rank(self) -> int:

@@ -121,6 +121,8 @@ def search(
     lr: float = 0.1,
     max_candidates: int | None = None,
     allow_different_bases: bool = False,
+    allow_nonfinite: bool = False,
+    load_options: dict | None = None,
     progress: bool = False,
 ) -> SearchResult:
     """Search the weights of ``adapters`` (paths, Hub ids or `LoraAdapter`s) for ``examples`` (a JSONL path or a list
@@ -129,7 +131,8 @@ def search(
     The objective is the mean output-token cross-entropy (input tokens masked) plus ``l1·mean|wᵢ|``. ``steps``:
     COBYLA evaluations, CMA-ES generations (``popsize`` candidates each, one forward pass), or Adam steps (``lr``).
     Starts at ``init`` (default 0, LoRAHub's); Adam with the lorahub composition adds seeded N(0, 0.1²) jitter,
-    since 0 is a stationary point there. ``max_candidates`` caps the candidates per forward pass.
+    since 0 is a stationary point there. ``max_candidates`` caps the candidates per forward pass. Adapters are
+    loaded as by `combine` (``allow_different_bases``, ``allow_nonfinite``, ``load_options``).
     """
     if composition not in COMPOSITIONS:
         raise SearchError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
@@ -140,7 +143,12 @@ def search(
         raise SearchError(f"bounds must be LOW,HIGH with LOW < HIGH, got {lo},{hi}")
     if steps < 1:
         raise SearchError(f"steps must be at least 1, got {steps}")
-    loaded, _ = load_adapters(adapters, allow_different_bases=allow_different_bases)
+    loaded, _ = load_adapters(
+        adapters,
+        allow_different_bases=allow_different_bases,
+        allow_nonfinite=allow_nonfinite,
+        load_options=load_options,
+    )
     x0 = np.zeros(len(loaded)) if init is None else np.asarray(init, dtype=np.float64)
     if x0.shape != (len(loaded),):
         raise SearchError(f"init has {x0.size} value(s) for {len(loaded)} adapter(s)")

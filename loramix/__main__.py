@@ -1,0 +1,5 @@
+"""``python -m loramix``: the `loramix` command."""
+
+from loramix.cli import main
+
+main()
