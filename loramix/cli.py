@@ -47,31 +47,37 @@ def _errors_as_one_line(fn):
     return wrapper
 
 
-def _rank_rule_options(fn):
-    """--rank/--energy/--rule/--rule-value: one `RankRule` for combine (truncation) and analyze (suggestions)."""
-    options = (
-        click.option("--rank", type=click.IntRange(min=1), help="At most this rank per module."),
-        click.option(
-            "--energy",
-            type=click.FloatRange(0, 1, min_open=True),
-            help="The smallest rank holding this share of Σσ² per module.",
-        ),
-        click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule."),
-        click.option(
-            "--rule-value",
-            type=float,
-            metavar="V",
-            help="With --rule: sv_ratio keeps σᵢ > σ₁/V (V > 0, e.g. 10); sv_fro the smallest rank keeping V·‖ΔW‖_F "
-            "(V in (0, 1]; energy V²); sv_cumulative the smallest k with σ₁+…+σₖ ≥ V·Σσ (V in (0, 1]).",
-        ),
-    )
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _option_group(*options):
+    """Several click options as one decorator, listed in --help in the order given."""
+
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
 
 
-def _configure_output(state: dict) -> None:
-    """The ``loramix`` logger's handler and level, and whether bars are shown, from -q/-v given so far."""
+# --rank/--energy/--rule/--rule-value: one `RankRule` for combine (truncation) and analyze (suggestions).
+_rank_rule_options = _option_group(
+    click.option("--rank", type=click.IntRange(min=1), help="At most this rank per module."),
+    click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Smallest rank keeping this Σσ² share."),
+    click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule."),
+    click.option(
+        "--rule-value",
+        type=float,
+        metavar="V",
+        help="With --rule: sv_ratio keeps σᵢ > σ₁/V (V > 0, e.g. 10); sv_fro the smallest rank keeping V·‖ΔW‖_F "
+        "(V in (0, 1]; energy V²); sv_cumulative the smallest k with σ₁+…+σₖ ≥ V·Σσ (V in (0, 1]).",
+    ),
+)
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value) -> None:
+    """-q/-v (given so far, before or after the subcommand): the ``loramix`` logger's handler and level, and bars."""
+    state = ctx.find_root().ensure_object(dict)
+    if value:
+        state[param.name] = value
     if state.get("quiet") and state.get("verbose"):
         raise click.UsageError("give -q/--quiet or -v/--verbose, not both")
     handler = logging.StreamHandler(sys.stderr)
@@ -85,22 +91,12 @@ def _configure_output(state: dict) -> None:
     state["progress"] = not state.get("quiet") and sys.stderr.isatty()
 
 
-def _verbosity(ctx: click.Context, param: click.Parameter, value) -> None:
-    state = ctx.find_root().ensure_object(dict)
-    if value:
-        state[param.name] = value
-    _configure_output(state)
-
-
-QUIET_HELP = "Hide warnings and progress bars."
-VERBOSE_HELP = "Say more (-v: notes, -vv: debugging details)."
-
-
 def _verbosity_options() -> list[click.Option]:
     """-q/-v, accepted before and after the subcommand: the group and each of its commands get a copy."""
+    common = {"expose_value": False, "callback": _verbosity}
     return [
-        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_verbosity, help=QUIET_HELP),
-        click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_verbosity, help=VERBOSE_HELP),
+        click.Option(["-q", "--quiet"], is_flag=True, help="Hide warnings and progress bars.", **common),
+        click.Option(["-v", "--verbose"], count=True, help="Say more (-v: notes, -vv: debugging details).", **common),
     ]
 
 
@@ -112,32 +108,19 @@ class _Group(click.Group):
         super().add_command(cmd, name)
 
 
-@click.group(
-    cls=_Group,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    params=_verbosity_options(),
-)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, params=_verbosity_options())
 @click.version_option(package_name="loramix")
 def main() -> None:
     """Load, analyse and combine LoRA adapters."""
 
 
-def _state_dict_options(fn):
-    """--scale/--alpha/--base-model/--module-map: what a plain LoRA state dict file does not say."""
-    for option in reversed(
-        (
-            click.option("--scale", type=float, help="Scale of plain state dict LoRAs (ΔW = scale·B·A) [default: 1]."),
-            click.option("--alpha", type=float, help="Or their alpha (scale = alpha/rank per module)."),
-            click.option("--base-model", help="Base model of plain state dict LoRAs (a Hub id or path)."),
-            click.option(
-                "--module-map",
-                type=click.Path(exists=True, dir_okay=False),
-                help="YAML/JSON mapping of regexes renaming state dict modules to the base model's names.",
-            ),
-        )
-    ):
-        fn = option(fn)
-    return fn
+# --scale/--alpha/--base-model/--module-map: what a plain LoRA state dict file does not say.
+_state_dict_options = _option_group(
+    click.option("--scale", type=float, help="Scale of plain state dict LoRAs (ΔW = scale·B·A) [default: 1]."),
+    click.option("--alpha", type=float, help="Or their alpha (scale = alpha/rank per module)."),
+    click.option("--base-model", help="Base model of plain state dict LoRAs (a Hub id or path)."),
+    click.option("--module-map", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON regex → base name map."),
+)
 
 
 @main.command()
@@ -149,8 +132,8 @@ def _state_dict_options(fn):
 def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool, **load_options) -> None:
     """Describe ADAPTERS (folders, state dict files or Hub ids): base, dtype, modules, ranks, scale, warnings.
 
-    Every adapter is reported: one that cannot be read gets its error line (on stderr; in --json an object with
-    "source" and "error"), the others their full report; the exit status is 2 when any failed."""
+    One that cannot be read gets its error line (on stderr; in --json an object with "source" and "error"), the
+    others their full report; the exit status is 2 when any failed."""
     from loramix.formats import load_adapter
     from loramix.render.inspect import adapter_summary, inspect_json, inspect_text
 
@@ -400,13 +383,7 @@ def _bounds(ctx, param, value: str) -> tuple[float, float]:
 )
 @click.option("--l1", type=float, default=0.05, show_default=True, help="Weight of the mean|wᵢ| penalty.")
 @click.option("--bounds", default="-1.5,1.5", show_default=True, callback=_bounds, help="LOW,HIGH for every weight.")
-@click.option(
-    "--seed",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Seed of CMA-ES's samples and of Adam's starting jitter (COBYLA is deterministic).",
-)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of CMA-ES and Adam.")
 @click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--init", callback=_weights, help="Starting weights, one per adapter [default: 0 each].")
 @click.option("--popsize", type=click.IntRange(min=2), help="CMA-ES candidates per generation [default: 4+3·ln n].")
