@@ -2,7 +2,9 @@
 
 The public API, imported on first use (so that ``loramix --help`` starts without importing torch):
 `load_adapter`, `load_adapters`, `save_adapter`, `combine`, `analyze`, `run` (a `Plan` end to end),
-`merge_into_base`, `search`, `push_to_hub`, and the data model `LoraAdapter`, `LoraModule`, `ExtraTensor`.
+`merge_into_base`, `search`, `push_to_hub`, the data model `LoraAdapter`, `LoraModule`, `ExtraTensor`, and for
+models loaded in a Python session `inject_adapter`, `to_peft_state_dict`, `lora_config` (adapters back into PEFT)
+and `merge_into`, `unmerge` (ΔW in and out of a loaded model's weights).
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ _EXPORTS = {
     "Plan": "loramix.recipe",
     "analyze": "loramix.analysis",
     "combine": "loramix.combination",
+    "inject_adapter": "loramix.formats.live",
     "load_adapter": "loramix.formats",
     "load_adapters": "loramix.formats",
+    "lora_config": "loramix.formats.live",
+    "merge_into": "loramix.live",
     "merge_into_base": "loramix.pipeline",
     "push_to_hub": "loramix.hub",
     "run": "loramix.pipeline",
     "save_adapter": "loramix.pipeline",
     "search": "loramix.weight_search",
+    "to_peft_state_dict": "loramix.formats.live",
+    "unmerge": "loramix.live",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -48,8 +48,17 @@ LOW_SURVIVAL = 0.5
 WORKERS = 4
 
 
-def decide_layout(module: LoraModule, name: str, key: str, shape: tuple[int, ...], model_type: str | None) -> str:
-    """How ΔW lies on base tensor ``key``: settled by the base (shape, then model type and name), as PEFT does."""
+def decide_layout(
+    module: LoraModule,
+    name: str,
+    key: str,
+    shape: tuple[int, ...],
+    model_type: str | None,
+    *,
+    conv1d: bool | None = None,
+) -> str:
+    """How ΔW lies on base tensor ``key``: settled by the base (shape, then model type and name), as PEFT does.
+    ``conv1d`` settles a square weight when the base knows its layer's class (a live model)."""
     out, inp = module.out_features, module.in_features
     if module.layout in ("embedding", "conv2d"):
         if tuple(shape) != module.base_shape:
@@ -65,7 +74,8 @@ def decide_layout(module: LoraModule, name: str, key: str, shape: tuple[int, ...
         )
     if len(fits) == 1:
         return fits[0]
-    conv1d = model_type in CONV1D_MODEL_TYPES and name.rsplit(".", 1)[-1] in CONV1D_NAMES
+    if conv1d is None:
+        conv1d = model_type in CONV1D_MODEL_TYPES and name.rsplit(".", 1)[-1] in CONV1D_NAMES
     return "conv1d_fan_in_fan_out" if conv1d else "linear"
 
 
@@ -240,16 +250,22 @@ def _chunks(job: Job) -> Iterator[tuple[int, int]]:
         yield start, min(rows, start + step)
 
 
-def _dora(W: torch.Tensor, update: Update, device: torch.device) -> torch.Tensor:
-    """PEFT's DoRA merge: m · (W + ΔW) / ‖W + ΔW‖, the norm per output row (taken in out×in orientation)."""
+def dora_merge(W: torch.Tensor, update: Update, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's DoRA merge: m · (W + ΔW) / ‖W + ΔW‖, the norm per output row (taken in out×in orientation).
+    Returns the merged weight and that norm (what undoing the merge needs)."""
     m = update.module
     merged = W + delta_rows(m, update.layout, 0, W.shape[0], device)
     math_view = merged.T if update.layout in ("conv1d_fan_in_fan_out", "embedding") else merged.reshape(len(merged), -1)
     norm = torch.linalg.vector_norm(math_view, dim=1)
     factor = m.magnitude.to(device=device, dtype=torch.float32) / norm
-    if update.layout in ("conv1d_fan_in_fan_out", "embedding"):
-        return merged * factor[None, :]
-    return merged * factor.reshape(-1, *([1] * (merged.dim() - 1)))
+    return merged * factor.reshape(row_shape(update.layout, merged.dim())), norm
+
+
+def row_shape(layout: str, dim: int) -> tuple[int, ...]:
+    """How a per-output-row vector broadcasts over a weight stored in ``layout`` (``dim`` dimensions)."""
+    if layout in ("conv1d_fan_in_fan_out", "embedding"):
+        return (1, -1)
+    return (-1, *([1] * (dim - 1)))
 
 
 @dataclass
@@ -281,7 +297,7 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
     merged = W.clone()
     for update in job.updates:
         if update.module.magnitude is not None:
-            merged = _dora(merged, update, device)
+            merged, _ = dora_merge(merged, update, device)
         else:
             _add_delta(merged, update, start, stop, device)
     for _, bias in job.bias:
@@ -385,7 +401,7 @@ def write_merged(
         added=[j.name for j in jobs if j.replaced == "added"],
         notes=notes,
     )
-    _warn_low_survival(report, adapter.name)
+    warn_low_survival(report.survival, dtype, adapter.name)
     return report
 
 
@@ -398,16 +414,17 @@ def _survival_by_module(jobs: list[Job], stats: dict[str, _Survival]) -> dict[st
     return dict(sorted(survival.items()))
 
 
-def _warn_low_survival(report: MergeReport, label: str) -> None:
-    low = sorted((v, k) for k, v in report.survival.items() if v < LOW_SURVIVAL)
+def warn_low_survival(survival: dict[str, float], dtype: torch.dtype, label: str) -> None:
+    """Log the modules whose ΔW mostly vanished in the rounding to ``dtype``."""
+    low = sorted((v, k) for k, v in survival.items() if v < LOW_SURVIVAL)
     if low:
         worst = ", ".join(f"{k} ({v:.2f})" for v, k in low[:3])
         log.warning(
             "%s: %d of %d module(s) lose most of their ΔW to %s rounding (‖round(W+ΔW)−W‖/‖ΔW‖ < %.1f): %s%s",
             label,
             len(low),
-            len(report.survival),
-            DTYPE_NAMES[report.dtype],
+            len(survival),
+            DTYPE_NAMES[dtype],
             LOW_SURVIVAL,
             worst,
             ", ..." if len(low) > 3 else "",

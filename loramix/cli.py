@@ -114,9 +114,12 @@ def main() -> None:
     """Load, analyse and combine LoRA adapters."""
 
 
-# --scale/--alpha/--base-model/--module-map: what a plain LoRA state dict file does not say.
+# --scale/--alpha/--base-model/--module-map: what a plain LoRA state dict file does not say, for every source (one
+# source takes its own as SOURCE::scale=0.5,alpha=16,module_map=FILE,base_model=ID).
 _state_dict_options = _option_group(
-    click.option("--scale", type=float, help="Scale of plain state dict LoRAs (ΔW = scale·B·A) [default: 1]."),
+    click.option(
+        "--scale", type=float, help="ΔW = scale·B·A for state dict LoRAs [default: 1]; one: SOURCE::scale=0.5."
+    ),
     click.option("--alpha", type=float, help="Or their alpha (scale = alpha/rank per module)."),
     click.option("--base-model", help="Base model of plain state dict LoRAs (a Hub id or path)."),
     click.option("--module-map", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON regex → base name map."),
@@ -306,7 +309,7 @@ def examples(name: str | None) -> None:
 
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--base", type=click.Path(file_okay=False), help="Local base model folder (safetensors): ‖ΔW‖/‖W‖.")
+@click.option("--base", metavar="MODEL", help="Base model folder or Hub id (its weights give ‖ΔW‖/‖W‖).")
 @click.option(
     "-w", "--weights", callback=_weights, help="Weights of the merged sum, one per adapter [default: 1/n each]."
 )
@@ -319,6 +322,7 @@ def examples(name: str | None) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Intra-op CPU threads.")
 @click.option("--allow-different-bases", is_flag=True, help="Analyse adapters made for different bases.")
 @click.option("--allow-nonfinite", is_flag=True, help="Load adapters holding NaN/Inf instead of refusing them.")
+@_state_dict_options
 @click.pass_context
 @_errors_as_one_line
 def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, threads, **options) -> None:
@@ -328,11 +332,14 @@ def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, threads, **o
     rule `loramix combine --method svd` takes."""
     from loramix.analysis import analyze as run_analyze
     from loramix.pipeline import write_analysis_json, write_plots
+    from loramix.recipe import LOAD_OPTIONS
     from loramix.render.analysis import analysis_json, analysis_text
     from loramix.runtime import torch_threads
 
+    loading = {key: options.pop(key) for key in LOAD_OPTIONS}
+    load_options = {k: v for k, v in loading.items() if v is not None} or None
     with torch_threads(threads):
-        result = run_analyze(list(adapters), progress=ctx.obj["progress"], **options)
+        result = run_analyze(list(adapters), progress=ctx.obj["progress"], load_options=load_options, **options)
     if json_path == "-":
         click.echo(analysis_json(result))
     else:
@@ -354,26 +361,18 @@ def _bounds(ctx, param, value: str) -> tuple[float, float]:
     return low, high
 
 
+_COMPOSITION = "lorahub: B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (LoRAHub, equal ranks); delta: exact Σwᵢsᵢ·BᵢAᵢ [default: lorahub]."
+_OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), adam (gradients) [default: cobyla]."
+
+
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--base", required=True, metavar="MODEL", help="Base model folder or Hub id (causal LM or seq2seq).")
 @click.option(
     "--examples", required=True, type=click.Path(dir_okay=False), help='JSON lines {"input": ..., "output": ...}.'
 )
-@click.option(
-    "--composition",
-    type=click.Choice(["lorahub", "delta"]),
-    default="lorahub",
-    show_default=True,
-    help="lorahub: LoRAHub's B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (equal ranks); delta: the exact Σwᵢsᵢ·BᵢAᵢ.",
-)
-@click.option(
-    "--optimizer",
-    type=click.Choice(["cobyla", "cma", "adam"]),
-    default="cobyla",
-    show_default=True,
-    help="cobyla (what LoRAHub runs), cma (CMA-ES, a generation per batched forward pass) or adam (gradients).",
-)
+@click.option("--composition", type=click.Choice(["lorahub", "delta"]), default="lorahub", help=_COMPOSITION)
+@click.option("--optimizer", type=click.Choice(["cobyla", "cma", "adam"]), default="cobyla", help=_OPTIMIZER)
 @click.option(
     "--steps",
     type=click.IntRange(min=1),

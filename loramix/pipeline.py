@@ -19,7 +19,7 @@ from loramix.analysis import Analysis, analyze
 from loramix.checkpoint import MergeReport, write_merged
 from loramix.combination import check_settings, combine
 from loramix.errors import IncompatibleAdaptersError, MethodError
-from loramix.formats import load_adapter, load_adapters, write_adapter
+from loramix.formats import load_adapter, load_adapters, split_source_options, write_adapter
 from loramix.hub import revisions
 from loramix.io.base import open_base, resolve_base
 from loramix.io.files import atomic_output, check_output, refuse_inputs, write_text_atomic
@@ -57,8 +57,9 @@ def _cheap_analysis(loaded: list[LoraAdapter], weights: list[float]) -> Analysis
 def _repeatable(plan: Plan, adapter: LoraAdapter) -> Plan:
     """``plan`` as a recipe that repeats the run from anywhere: local paths made absolute, the weights used."""
 
-    def anchored(item):
-        return str(Path(item).resolve()) if isinstance(item, str) and Path(item).exists() else item
+    def anchored(item):  # a source's own options (path::scale=0.5) stay with it
+        path, sep, options = item.partition("::") if isinstance(item, str) else (item, "", "")
+        return str(Path(path).resolve()) + sep + options if isinstance(item, str) and Path(path).exists() else item
 
     weights = adapter.provenance.get("weights") or plan.weights
     return replace(
@@ -89,7 +90,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         )
     if not plan.output:
         raise IncompatibleAdaptersError("the plan names no output folder (output)")
-    protect = [*plan.adapters, *([plan.merge_into] if plan.merge_into else [])]
+    protect = [*(split_source_options(a)[0] for a in plan.adapters), *([plan.merge_into] if plan.merge_into else [])]
     check_output(plan.output, overwrite=overwrite, protect=protect)
     kwargs = plan.combine_kwargs()
     load_options = kwargs.pop("load_options")
@@ -168,11 +169,9 @@ def save_adapter(
     card: bool = True,
 ) -> Path:
     """Write ``adapter`` to ``folder`` (atomically) as a PEFT folder or a kohya file, with a README.md model card
-    unless ``card`` is false; refuses to replace any of the adapter's own inputs. Returns the folder."""
-    if not isinstance(adapter, LoraAdapter):
-        raise MethodError(
-            f"save_adapter takes a LoraAdapter (from load_adapter or combine), got {type(adapter).__name__}"
-        )
+    unless ``card`` is false; refuses to replace any of the adapter's own inputs. Returns the folder. ``adapter`` may
+    also be any source `load_adapter` takes (a live PeftModel, for one)."""
+    adapter = load_adapter(adapter)
     require_path(folder, "folder (the output folder)")
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
     files = {CARD_FILE: model_card(adapter, revisions=revisions(protect), output_format=format)} if card else {}
@@ -199,7 +198,6 @@ def merge_into_base(
     merged checkpoint to ``out``, atomically, without touching any input (see `loramix.checkpoint.write_merged` for
     the layout and the report). ``files`` (name → text: card, recipe) go into the same folder; without them a
     README.md model card says what is known."""
-    require_path(base, "base (a checkpoint folder or Hub id)")
     require_path(out, "out (the output folder)")
     adapter = load_adapter(adapter)
     target_dtype = parse_dtype(dtype)

@@ -221,6 +221,25 @@ def _train_non_lora(model: PeftModel, gen: torch.Generator) -> None:
                 param.add_(0.1 * torch.randn(param.shape, generator=gen))
 
 
+# ----------------------------------------------------------------------------------------------- bf16 rounding
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 values at |x| (8 significant bits)."""
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)))
+    return torch.exp2(exponent - 7)
+
+
+def assert_bf16_close(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:
+    assert ours.dtype == torch.bfloat16, name
+    assert ours.shape == reference.shape, name
+    ours, reference = ours.float(), reference.detach().float()
+    err = (ours - reference).abs()
+    assert bool((err <= bf16_ulp(reference)).all()), f"{name}: {float(err.max())} off PEFT (over 1 bf16 ulp)"
+    rounded_equal = (ours == reference.to(torch.bfloat16).float()).float().mean()
+    assert rounded_equal > 0.99, f"{name}: only {float(rounded_equal):.3f} equal PEFT's rounding"
+
+
 # ----------------------------------------------------------------------------------------------- raw files
 
 

@@ -422,3 +422,18 @@ def test_real_qwen_trio():
 
     # combine stores its factors in the inputs' float32: the ratio agrees to float32 rounding, not to 1e-9
     assert energy(cut) / energy(exact) == pytest.approx(1 - result.merge.truncation_loss, abs=1e-6)
+
+
+def test_cli_base_may_be_a_hub_id(tmp_path, hub_cache):
+    """--base takes a Hub id (resolved from the cache here) and gives what the same folder gives."""
+    from helpers import make_peft_adapter, publish, tiny_llama
+
+    made = make_peft_adapter(tiny_llama, tmp_path, "a", target_modules=["q_proj", "v_proj"])
+    tiny_llama().save_pretrained(str(tmp_path / "base"))
+    publish(hub_cache, "org/tiny-llama", tmp_path / "base")
+    shown = []
+    for base in (str(tmp_path / "base"), "org/tiny-llama"):
+        result = CliRunner().invoke(main, ["-q", "analyze", str(made.path), "--base", base, "--json", "-"])
+        assert result.exit_code == 0, result.output
+        shown.append(json.loads(result.output)["adapters"])
+    assert shown[0] == shown[1] and "relative" in json.dumps(shown[0])

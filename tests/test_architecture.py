@@ -33,6 +33,7 @@ LAYERS = [
     ["loramix.hub"],
     ["loramix.render"],
     ["loramix.weight_search"],
+    ["loramix.live"],
     ["loramix.checkpoint"],
     ["loramix.analysis"],
     ["loramix.combination"],

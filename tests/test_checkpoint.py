@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from helpers import (
     QWEN05_LAYER,
     REAL,
+    assert_bf16_close,
     example_inputs,
     make_peft_adapter,
     model_output,
@@ -63,22 +64,6 @@ def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
             assert f.metadata() == {"format": "pt"}
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     return tensors
-
-
-def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
-    """The spacing of bfloat16 values at |x| (8 significant bits)."""
-    exponent = torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)))
-    return torch.exp2(exponent - 7)
-
-
-def assert_bf16_close(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:
-    assert ours.dtype == torch.bfloat16, name
-    assert ours.shape == reference.shape, name
-    ours, reference = ours.float(), reference.detach().float()
-    err = (ours - reference).abs()
-    assert bool((err <= bf16_ulp(reference)).all()), f"{name}: {float(err.max())} off PEFT (over 1 bf16 ulp)"
-    rounded_equal = (ours == reference.to(torch.bfloat16).float()).float().mean()
-    assert rounded_equal > 0.99, f"{name}: only {float(rounded_equal):.3f} equal PEFT's rounding"
 
 
 def peft_merged(made, base_factory=None):
@@ -345,6 +330,20 @@ def test_cli_merge_into(tmp_path):
     check_against_peft(out, peft_merged(made))
     result = CliRunner().invoke(main, [*args, "-o", str(out)])
     assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("factory, lora", [CASES["gemma_dora"], CASES["gpt2_dora"]], ids=["gemma", "gpt2"])
+def test_cli_merge_into_dora(factory, lora, tmp_path):
+    """A single DoRA adapter merges into a base from the command line, as PEFT's merge_and_unload does."""
+    from loramix.cli import main
+
+    base = save_base(factory(), tmp_path / "base")
+    made = make_peft_adapter(factory, tmp_path, "dora", **lora)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["-q", "combine", str(made.path), "--merge-into", str(base), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    tied = ("lm_head.weight",) if "lm_head.weight" not in read_checkpoint(base) else ()
+    check_against_peft(out, peft_merged(made), tied_absent=tied)
 
 
 # ----------------------------------------------------------------------------------------------- real adapters

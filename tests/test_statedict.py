@@ -326,3 +326,33 @@ def test_module_map_file_errors(tmp_path, simple_file):
     for value, message in ((tmp_path / "map.yaml", "map.yaml: not a readable"), (tmp_path / "no.yaml", "no such")):
         with pytest.raises(AdapterFormatError, match=message):
             load_adapter(path, module_map=value)
+
+
+def test_per_source_options(simple_file, tmp_path):
+    """``SOURCE::key=value`` gives one source its own load options, over those given for every source."""
+    path, state = simple_file
+    product = state["layers.0.wq.lora.B.weight"] @ state["layers.0.wq.lora.A.weight"]
+    own = load_adapter(f"{path}::alpha=4,base_model=org/base")
+    (module,) = own.modules.values()
+    assert module.scale == 2.0 and own.base_model == "org/base" and own.warnings == [] and own.source == str(path)
+    (module,) = load_adapter(f"{path}::scale=3", scale=0.5).modules.values()
+    assert module.scale == 3.0
+    for spec, message in (("rank=3", "KEY one of scale, alpha, base_model, module_map"), ("scale=x", "a number")):
+        with pytest.raises(AdapterFormatError, match=message):
+            load_adapter(f"{path}::{spec}")
+    out = tmp_path / "mix"
+    args = ["-q", "combine", f"{path}::scale=2", f"{path}::scale=0.5", "-m", "cat", "-w", "1,1", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (module,) = load_adapter(out).modules.values()
+    torch.testing.assert_close(module.delta(), 2.5 * product)
+    recipe = yaml.safe_load((out / "loramix_recipe.yaml").read_text())
+    assert [a["source"] for a in recipe["adapters"]] == [f"{path.resolve()}::scale=2", f"{path.resolve()}::scale=0.5"]
+    result = CliRunner().invoke(main, [*args[:-1], str(path.parent), "--force"])  # never over an input
+    assert result.exit_code == 2 and path.is_file(), result.output
+    result = CliRunner().invoke(main, ["-q", "analyze", f"{path}::scale=2", "--json", "-"])
+    doubled = json.loads(result.output)
+    result = CliRunner().invoke(main, ["-q", "analyze", str(path), "--scale", "2", "--json", "-"])
+    assert result.exit_code == 0 and json.loads(result.output)["adapters"] == doubled["adapters"]
+    result = CliRunner().invoke(main, ["-q", "analyze", str(path), "--json", "-"])
+    assert json.loads(result.output)["adapters"] != doubled["adapters"]

@@ -23,7 +23,7 @@ from loramix.errors import IncompatibleAdaptersError
 from loramix.formats import load_adapters
 from loramix.io.base import BaseCheckpoint, open_base, resolve_base
 from loramix.linalg import RankRule, gram_svd
-from loramix.runtime import progress_bar, require_path
+from loramix.runtime import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,6 @@ def analyze(
     every source, as in `combine`.
     """
     truncation = _rule(rank, energy, rule, rule_value)
-    if base is not None:
-        require_path(base, "base (a model folder or Hub id)")
     loaded, weights = load_adapters(
         adapters,
         weights=weights,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loramix.adapter import LoraAdapter, check_compatible
 from loramix.errors import AdapterFormatError, MethodError
-from loramix.formats import _keys, adalora, kohya, peft, statedict
+from loramix.formats import _keys, adalora, kohya, live, peft, statedict
 from loramix.sources import parse_hub_id, resolve
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 FORMATS = (kohya, statedict, adalora, peft)  # detection order: the first whose detect() says yes reads the source
 WRITERS = {peft.NAME: peft, kohya.NAME: kohya}
 UNKNOWN_BASE = "base model unknown; only module shapes can be checked against the others"
+# path::key=value: the options a plain state dict needs, per source (numbers or text)
+SOURCE_OPTIONS = {key: float if key in ("scale", "alpha") else str for key in statedict.LOAD_OPTIONS}
 
 
 def load_adapter(
@@ -36,7 +38,10 @@ def load_adapter(
     base_model: str | None = None,
     module_map: dict | str | Path | None = None,
 ) -> LoraAdapter:
-    """Load an adapter from a folder, a file, a Hub id (``org/name[@rev][:subfolder]``) or pass a `LoraAdapter` through.
+    """Load an adapter from a folder, a file, a Hub id (``org/name[@rev][:subfolder]``), a live object (a
+    ``PeftModel`` or transformers model holding adapters, ``(model, "adapter name")``, ``(state_dict, LoraConfig)``:
+    see `loramix.formats.live`) or pass a `LoraAdapter` through. A path or Hub id may carry its own load options:
+    ``path::scale=0.5,alpha=16`` (see `split_source_options`).
 
     Formats: PEFT LoRA and AdaLoRA folders, kohya/A1111 and diffusers LoRA files (a file or a folder holding one),
     and hand-made LoRA state dicts (a file, or a folder holding only it), which hold no scale, base model or base
@@ -46,10 +51,13 @@ def load_adapter(
     """
     if isinstance(src, LoraAdapter):
         return src
+    options = {"scale": scale, "alpha": alpha, "base_model": base_model, "module_map": module_map}
+    if live.is_live(src):
+        return _finish(_apply_options(live.read(src, allow_nonfinite=allow_nonfinite), **options), log_warnings)
     if not isinstance(src, (str, Path)):
-        raise AdapterFormatError(
-            f"cannot load an adapter from a {type(src).__name__}: give a path, a Hub id (org/name) or a LoraAdapter"
-        )
+        raise AdapterFormatError(f"cannot load an adapter from {live.describe(src)}: give {live.ACCEPTED}")
+    src, per_source = split_source_options(src)
+    options.update(per_source)
     path = resolve(src)
     if path.is_file() and path.name in _keys.WEIGHT_FILES and peft.detect(path.parent):
         path = path.parent
@@ -59,7 +67,6 @@ def load_adapter(
             f"{path}: not a recognised adapter (no adapter_config.json, and not a "
             f"{'/'.join(statedict.SUFFIXES)} LoRA state dict file or a folder holding exactly one)"
         )
-    options = {"scale": scale, "alpha": alpha, "base_model": base_model, "module_map": module_map}
     if reader is statedict:
         adapter = statedict.read(path, allow_nonfinite=allow_nonfinite, **options)
     else:
@@ -70,6 +77,10 @@ def load_adapter(
     if not Path(src).expanduser().exists():  # a Hub id: named after the repository, not the snapshot's hash
         ref = parse_hub_id(str(src))
         adapter.name = ref.repo_id.split("/")[-1] + (f":{ref.subfolder}" if ref.subfolder else "")
+    return _finish(adapter, log_warnings)
+
+
+def _finish(adapter: LoraAdapter, log_warnings: bool) -> LoraAdapter:
     if log_warnings:
         for note in adapter.warnings:
             log.warning("%s: %s", adapter.name, note)
@@ -85,6 +96,32 @@ def _nonfinite_note(adapter: LoraAdapter) -> None:
             f"{total:,} of {adapter.num_params():,} values are NaN/Inf, in {len(counts)} tensor(s) "
             f"({_keys.sample([f'{n} ×{c:,}' for n, c in counts.items()])})"
         )
+
+
+def split_source_options(src: str | Path) -> tuple[str | Path, dict]:
+    """``path::scale=0.5,module_map=map.yaml`` → (``path``, its own load options); a source without ``::`` as is.
+
+    Options: scale, alpha (numbers), base_model, module_map (text). They override the options given for every
+    source."""
+    if not isinstance(src, str) or "::" not in src:
+        return src, {}
+    path, _, spec = src.partition("::")
+    options: dict = {}
+    for item in spec.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in SOURCE_OPTIONS or not value:
+            raise AdapterFormatError(
+                f"{src}: expected SOURCE::KEY=VALUE[,KEY=VALUE] with KEY one of {', '.join(SOURCE_OPTIONS)}, "
+                f"got {item.strip()!r}"
+            )
+        if SOURCE_OPTIONS[key] is float:
+            try:
+                options[key] = float(value)
+            except ValueError:
+                raise AdapterFormatError(f"{src}: {key} must be a number, got {value!r}") from None
+        else:
+            options[key] = value
+    return path, options
 
 
 def _apply_options(adapter: LoraAdapter, *, scale, alpha, base_model, module_map) -> LoraAdapter:
@@ -113,15 +150,12 @@ def load_adapters(
     """Load ``sources`` (as `load_adapter`, with ``load_options`` for each) and check them together: the weights
     (default 1/n each; one finite number per adapter) and that the adapters fit one base (`check_compatible`).
     Returns the adapters and the weights."""
-    if isinstance(sources, (str, Path, LoraAdapter)):
-        raise MethodError("adapters must be a list of sources (paths, Hub ids or LoraAdapters), not a single one")
-    if not isinstance(sources, Iterable) or isinstance(sources, (dict, bytes)):
-        raise MethodError(
-            f"adapters must be a list of sources (paths, Hub ids or LoraAdapters), got {type(sources).__name__}"
-        )
+    if isinstance(sources, (str, Path, LoraAdapter)) or live.is_live(sources):
+        raise MethodError(f"adapters must be a list of sources, not a single one (each source: {live.ACCEPTED})")
+    if not isinstance(sources, (list, tuple)):
+        raise MethodError(f"adapters must be a list of sources, not a {type(sources).__name__} (each: {live.ACCEPTED})")
     if weights is not None and (not isinstance(weights, Iterable) or isinstance(weights, (str, bytes, dict))):
         raise MethodError(f"weights must be a list of numbers, one per adapter, got {type(weights).__name__}")
-    sources = list(sources)
     loaded = [
         load_adapter(s, allow_nonfinite=allow_nonfinite, log_warnings=log_warnings, **(load_options or {}))
         for s in sources

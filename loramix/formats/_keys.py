@@ -41,19 +41,30 @@ def load_folder(
 
 def finish_adapter(path, config: dict, weights: Path, modules, extra, notes: list[str], **fields) -> LoraAdapter:
     """The checks every PEFT-config reader ends with, and the `LoraAdapter` it returns."""
+    folder = Path(path)
+    return build_adapter(
+        config,
+        modules,
+        extra,
+        notes,
+        source=str(path),
+        name=folder.resolve().name,
+        file_bytes=sum(f.stat().st_size for f in (folder / CONFIG_FILE, weights)),
+        **fields,
+    )
+
+
+def build_adapter(config: dict, modules, extra, notes: list[str], **fields) -> LoraAdapter:
+    """The checks every PEFT-config reader ends with (files and live models alike), and the `LoraAdapter`."""
     check_targets(config, modules, notes)
     if all(not m.B.any() for m in modules.values()):
         notes.append("every lora_B is zero: this adapter changes nothing")
-    folder = Path(path)
     return LoraAdapter(
         modules=modules,
         base_model=config.get("base_model_name_or_path") or None,
         extra=extra,
         task_type=config.get("task_type"),
-        source=str(path),
-        name=folder.resolve().name,
         warnings=notes,
-        file_bytes=sum(f.stat().st_size for f in (folder / CONFIG_FILE, weights)),
         **fields,
     )
 
@@ -68,6 +79,11 @@ def read_config(folder: Path, *, peft_types: tuple[str, ...] = ("LORA",)) -> dic
         raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from None
     except OSError as exc:
         raise AdapterFormatError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    return check_config(config, path, peft_types=peft_types)
+
+
+def check_config(config, path: str | Path, *, peft_types: tuple[str, ...] = ("LORA",)) -> dict:
+    """``config`` (an adapter_config.json's content, from ``path``) if it holds what the readers rely on."""
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object")
     peft_type = config.get("peft_type", "LORA")

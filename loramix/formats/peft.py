@@ -44,17 +44,26 @@ def detect(path: Path) -> bool:
 def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     """Read a PEFT adapter folder into a `LoraAdapter` (tensors keep their stored dtype)."""
     config, weights, tensors = load_folder(path, allow_nonfinite=allow_nonfinite)
-    check_patterns(Path(path) / CONFIG_FILE, config)
-    notes: list[str] = []
-    parts, extra = split_keys(tensors, notes, config=config, where=weights)
-    if not parts:
-        raise AdapterFormatError(f"{weights}: holds no LoRA tensors (no lora_A / lora_B keys)")
-    modules = _build_modules(weights, parts, config, notes)
-    if config.get("bias", "none") != "none" and not any(n.endswith(".bias") for n in extra):
-        notes.append(f"config says bias={config['bias']!r} but no bias tensors were saved: trained biases are absent")
+    modules, extra, notes = parse(config, tensors, config_where=Path(path) / CONFIG_FILE, where=weights)
     return finish_adapter(
         path, config, weights, modules, extra, notes, use_rslora=bool(config.get("use_rslora", False))
     )
+
+
+def parse(
+    config: dict, tensors: dict[str, torch.Tensor], *, config_where, where
+) -> tuple[dict[str, LoraModule], dict, list[str]]:
+    """(modules, extra tensors, notes) of a checked PEFT LoRA config and its saved-format state dict (from files or
+    a live model: ``config_where`` and ``where`` name them in errors)."""
+    check_patterns(config_where, config)
+    notes: list[str] = []
+    parts, extra = split_keys(tensors, notes, config=config, where=where)
+    if not parts:
+        raise AdapterFormatError(f"{where}: holds no LoRA tensors (no lora_A / lora_B keys)")
+    modules = _build_modules(where, parts, config, notes)
+    if config.get("bias", "none") != "none" and not any(n.endswith(".bias") for n in extra):
+        notes.append(f"config says bias={config['bias']!r} but no bias tensors were saved: trained biases are absent")
+    return modules, extra, notes
 
 
 def _build_modules(weights: Path, parts: dict, config: dict, notes: list[str]) -> dict[str, LoraModule]:

@@ -209,6 +209,10 @@ def open_base(folder: str | Path) -> BaseCheckpoint:
 
 def resolve_base(base: str | Path) -> Path:
     """A local folder for ``base``: a path as is, or a Hub id (config, tokenizer and safetensors files only)."""
+    if not isinstance(base, (str, Path)):
+        raise CheckpointError(
+            f"a base model is a folder or Hub id, not a {type(base).__name__} (for a loaded model: merge_into)"
+        )
     folder = resolve(base, files=BASE_FILES, what="base model folder not found")
     if not folder.is_dir():
         raise CheckpointError(f"{base}: not a folder")
