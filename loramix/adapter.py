@@ -18,6 +18,7 @@ import torch
 from loramix.errors import IncompatibleAdaptersError, MethodError
 
 LAYOUTS = ("linear", "conv1d_fan_in_fan_out", "embedding", "conv2d")
+_PARTS = ("A", "B", "bias", "magnitude")  # a module's tensors
 
 
 @dataclass
@@ -130,6 +131,19 @@ class LoraAdapter:
 
     def num_params(self) -> int:
         return sum(m.num_params() for m in self.modules.values()) + sum(e.tensor.numel() for e in self.extra.values())
+
+    def nonfinite(self) -> dict[str, int]:
+        """How many NaN/Inf values each tensor holds (``<module>.A``, ``<module>.B``, ``.bias``, ``.magnitude``, and
+        extra tensors by name), for the tensors that hold any."""
+        tensors = {f"{name}.{part}": getattr(m, part) for name, m in self.modules.items() for part in _PARTS}
+        tensors |= {name: e.tensor for name, e in self.extra.items()}
+        counts = {}
+        for name, tensor in tensors.items():
+            if tensor is not None and tensor.is_floating_point():
+                bad = int((~torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float())).sum())
+                if bad:
+                    counts[name] = bad
+        return counts
 
     def with_modules(self, modules: dict[str, LoraModule], **changes) -> LoraAdapter:
         return replace(self, modules=modules, **changes)

@@ -23,10 +23,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import CheckpointError
+from loramix.formats.peft import GPT2_CONV1D
 from loramix.io.base import (
     BIN_INDEX,
     CONV1D_MODEL_TYPES,
@@ -39,7 +39,7 @@ from loramix.io.base import (
 )
 from loramix.io.shards import plan_shards, shard_names, write_index, write_shards
 from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
-from loramix.runtime import DTYPE_NAMES, parse_size
+from loramix.runtime import DTYPE_NAMES, parse_size, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,17 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype, n
                 )
             jobs[bias_key].bias.append((name, bias))
     if flipped:
-        notes.append(
+        note = (
             f"the adapter's fan_in_fan_out disagreed with the base for {len(flipped)} module(s) ({flipped[0]}, ...): "
             "the base's layout was used, as PEFT does"
         )
+        # GPT-2 Conv1D names read as linear: the PEFT reader has warned about that config already (one warning per
+        # fact), and the other readers take such names as linear on purpose; the note is then for -v only.
+        said = all(adapter.modules[n].layout == "linear" and GPT2_CONV1D.search(n) for n in flipped)
+        if said:
+            log.info("%s: %s", adapter.name, note)
+        else:
+            notes.append(note)
     return list(jobs.values())
 
 
@@ -408,7 +415,7 @@ def write_merged(
     total = sum(j.nbytes for j in jobs)
     workers = workers or min(WORKERS, os.cpu_count() or 1)
     device = device or torch.device("cpu")
-    with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
+    with progress_bar(enabled=progress, total=total, unit="B", unit_scale=True, desc="merge") as bar:
         write_shards(folder, names, shards, produce=_produce(stats, device), bar=bar, workers=workers)
     write_index(folder, names, shards)
     config = dict(base.config)

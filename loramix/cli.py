@@ -21,8 +21,18 @@ class _OneLine(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
+# One default for every command: where there is a GPU, combining, merging and searching all run faster on it (a
+# search is forward passes through the whole base); results agree with the CPU's to float32 rounding.
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto: a GPU when there is one, else the CPU [default: auto]."
+
 # Python option names whose command-line flag is not simply --name-with-dashes.
 _FLAGS = {"overwrite": "--force", "merge_into": "--merge-into BASE"}
+
+
+def _error_line(exc: LoramixError) -> str:
+    """The one line the CLI prints for an expected failure, its hint spelled as a flag."""
+    flag = _FLAGS.get(exc.option or "", "--" + (exc.option or "").replace("_", "-"))
+    return f"error: {exc.hint(flag)}"
 
 
 def _errors_as_one_line(fn):
@@ -31,66 +41,89 @@ def _errors_as_one_line(fn):
         try:
             return fn(*args, **kwargs)
         except LoramixError as exc:
-            flag = _FLAGS.get(exc.option or "", "--" + (exc.option or "").replace("_", "-"))
-            click.echo(f"error: {exc.hint(flag)}", err=True)
+            click.echo(_error_line(exc), err=True)
             sys.exit(2)
 
     return wrapper
 
 
-def _rank_rule_options(fn):
-    """--rank/--energy/--rule/--rule-value: one `RankRule` for combine (truncation) and analyze (suggestions)."""
-    options = (
-        click.option("--rank", type=click.IntRange(min=1), help="At most this rank per module."),
-        click.option(
-            "--energy",
-            type=click.FloatRange(0, 1, min_open=True),
-            help="The smallest rank holding this share of Σσ² per module.",
-        ),
-        click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule."),
-        click.option("--rule-value", type=float, help="The value for --rule (see the README)."),
-    )
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _option_group(*options):
+    """Several click options as one decorator, listed in --help in the order given."""
+
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="loramix")
-@click.option("-q", "--quiet", is_flag=True, help="Hide warnings and progress bars.")
-@click.pass_context
-def main(ctx: click.Context, quiet: bool) -> None:
-    """Load, analyse and combine LoRA adapters."""
+# --rank/--energy/--rule/--rule-value: one `RankRule` for combine (truncation) and analyze (suggestions).
+_rank_rule_options = _option_group(
+    click.option("--rank", type=click.IntRange(min=1), help="At most this rank per module."),
+    click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Smallest rank keeping this Σσ² share."),
+    click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule."),
+    click.option(
+        "--rule-value",
+        type=float,
+        metavar="V",
+        help="With --rule: sv_ratio keeps σᵢ > σ₁/V (V > 0, e.g. 10); sv_fro the smallest rank keeping V·‖ΔW‖_F "
+        "(V in (0, 1]; energy V²); sv_cumulative the smallest k with σ₁+…+σₖ ≥ V·Σσ (V in (0, 1]).",
+    ),
+)
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value) -> None:
+    """-q/-v (given so far, before or after the subcommand): the ``loramix`` logger's handler and level, and bars."""
+    state = ctx.find_root().ensure_object(dict)
+    if value:
+        state[param.name] = value
+    if state.get("quiet") and state.get("verbose"):
+        raise click.UsageError("give -q/--quiet or -v/--verbose, not both")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())
     root = logging.getLogger("loramix")
     root.handlers[:] = [handler]
-    root.setLevel(logging.ERROR if quiet else logging.WARNING)
+    levels = {0: logging.WARNING, 1: logging.INFO}
+    root.setLevel(logging.ERROR if state.get("quiet") else levels.get(state.get("verbose", 0), logging.DEBUG))
     root.propagate = False
-    ctx.obj = {"progress": not quiet}
+    # Bars redraw a line with carriage returns: in a terminal only, never into a log file or a pipe.
+    state["progress"] = not state.get("quiet") and sys.stderr.isatty()
 
 
-def _state_dict_options(fn):
-    """--scale/--alpha/--base-model/--module-map: what a plain LoRA state dict file does not say, for every source
-    (one source takes its own as SOURCE::scale=0.5,alpha=16,module_map=FILE,base_model=ID)."""
-    for option in reversed(
-        (
-            click.option(
-                "--scale",
-                type=float,
-                help="Scale of plain state dict LoRAs (ΔW = scale·B·A) [default: 1]; one source: SOURCE::scale=0.5.",
-            ),
-            click.option("--alpha", type=float, help="Or their alpha (scale = alpha/rank per module)."),
-            click.option("--base-model", help="Base model of plain state dict LoRAs (a Hub id or path)."),
-            click.option(
-                "--module-map",
-                type=click.Path(exists=True, dir_okay=False),
-                help="YAML/JSON mapping of regexes renaming state dict modules to the base model's names.",
-            ),
-        )
-    ):
-        fn = option(fn)
-    return fn
+def _verbosity_options() -> list[click.Option]:
+    """-q/-v, accepted before and after the subcommand: the group and each of its commands get a copy."""
+    common = {"expose_value": False, "callback": _verbosity}
+    return [
+        click.Option(["-q", "--quiet"], is_flag=True, help="Hide warnings and progress bars.", **common),
+        click.Option(["-v", "--verbose"], count=True, help="Say more (-v: notes, -vv: debugging details).", **common),
+    ]
+
+
+class _Group(click.Group):
+    """A group whose commands all take the verbosity options."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params += _verbosity_options()
+        super().add_command(cmd, name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, params=_verbosity_options())
+@click.version_option(package_name="loramix")
+def main() -> None:
+    """Load, analyse and combine LoRA adapters."""
+
+
+# --scale/--alpha/--base-model/--module-map: what a plain LoRA state dict file does not say, for every source (one
+# source takes its own as SOURCE::scale=0.5,alpha=16,module_map=FILE,base_model=ID).
+_state_dict_options = _option_group(
+    click.option(
+        "--scale", type=float, help="ΔW = scale·B·A for state dict LoRAs [default: 1]; one: SOURCE::scale=0.5."
+    ),
+    click.option("--alpha", type=float, help="Or their alpha (scale = alpha/rank per module)."),
+    click.option("--base-model", help="Base model of plain state dict LoRAs (a Hub id or path)."),
+    click.option("--module-map", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON regex → base name map."),
+)
 
 
 @main.command()
@@ -100,15 +133,29 @@ def _state_dict_options(fn):
 @_state_dict_options
 @_errors_as_one_line
 def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool, **load_options) -> None:
-    """Describe ADAPTERS (folders, state dict files or Hub ids): base, dtype, modules, ranks, scale, warnings."""
+    """Describe ADAPTERS (folders, state dict files or Hub ids): base, dtype, modules, ranks, scale, warnings.
+
+    One that cannot be read gets its error line (on stderr; in --json an object with "source" and "error"), the
+    others their full report; the exit status is 2 when any failed."""
     from loramix.formats import load_adapter
     from loramix.render.inspect import adapter_summary, inspect_json, inspect_text
 
-    summaries = [
-        adapter_summary(load_adapter(a, allow_nonfinite=allow_nonfinite, log_warnings=False, **load_options))
-        for a in adapters
-    ]
-    click.echo(inspect_json(summaries) if as_json else inspect_text(summaries))
+    summaries, failed = [], 0
+    for source in adapters:
+        try:
+            adapter = load_adapter(source, allow_nonfinite=allow_nonfinite, log_warnings=False, **load_options)
+        except LoramixError as exc:
+            failed += 1
+            click.echo(_error_line(exc), err=True)
+            summaries.append({"source": source, "error": _error_line(exc).removeprefix("error: ")})
+            continue
+        summaries.append(adapter_summary(adapter))
+        if not as_json:
+            click.echo(("\n" if len(summaries) - failed > 1 else "") + inspect_text(summaries[-1:]))
+    if as_json:
+        click.echo(inspect_json(summaries))
+    if failed:
+        sys.exit(2)
 
 
 @main.command()
@@ -159,10 +206,19 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Share of entries kept (ties, dare…).")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), help="TIES sign election [default: total].")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for random methods (dare_*) [default: 0].")
-@click.option("--space", type=click.Choice(["dense", "core"]), help="Where ties/dare_*/magnitude_prune work.")
-@click.option("--device", default=None, help="cpu, cuda or auto [default: cpu].")
+@click.option(
+    "--space",
+    type=click.Choice(["dense", "core"]),
+    help="Where ties/dare_*/magnitude_prune work: on each out×in ΔW, or on the small core matrices of the joint "
+    "factor bases (Core Space) [default: dense].",
+)
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--dtype", default=None, help="Output dtype: float32, float16, bfloat16 [default: the inputs'].")
-@click.option("--heads", type=click.Choice(["refuse", "average"]), default=None, help="Heads several adapters carry.")
+@click.option(
+    "--heads",
+    type=click.Choice(["refuse", "average"]),
+    help="Heads (modules_to_save) that several adapters carry: refuse, or their weighted average [default: refuse].",
+)
 @click.option("--allow-different-bases", is_flag=True, default=None, help="Combine adapters made for different bases.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf in the inputs.")
 @_state_dict_options
@@ -277,7 +333,12 @@ def methods() -> None:
 @click.argument("name", required=False)
 @_errors_as_one_line
 def examples(name: str | None) -> None:
-    """List the bundled example adapters and base, or print the folder of example NAME."""
+    """List the bundled examples, or print the folder of example NAME.
+
+    tiny-llama: a tiny random Llama with a character tokenizer; summarize, translate, formal: PEFT adapters made on
+    it; few-shot: formal.jsonl, examples for `loramix search`; minimind: a hand-made LoRA state dict (.pth) and
+    the module_map.yaml that renames its modules to tiny-llama's.
+    """
     from loramix import examples as bundled
 
     if name:
@@ -349,14 +410,18 @@ def _bounds(ctx, param, value: str) -> tuple[float, float]:
     return low, high
 
 
+_COMPOSITION = "lorahub: B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (LoRAHub, equal ranks); delta: exact Σwᵢsᵢ·BᵢAᵢ [default: lorahub]."
+_OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), adam (gradients) [default: cobyla]."
+
+
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--base", required=True, metavar="MODEL", help="Base model folder or Hub id (causal LM or seq2seq).")
 @click.option(
     "--examples", required=True, type=click.Path(dir_okay=False), help='JSON lines {"input": ..., "output": ...}.'
 )
-@click.option("--composition", type=click.Choice(["lorahub", "delta"]), default="lorahub", show_default=True)
-@click.option("--optimizer", type=click.Choice(["cobyla", "cma", "adam"]), default="cobyla", show_default=True)
+@click.option("--composition", type=click.Choice(["lorahub", "delta"]), default="lorahub", help=_COMPOSITION)
+@click.option("--optimizer", type=click.Choice(["cobyla", "cma", "adam"]), default="cobyla", help=_OPTIMIZER)
 @click.option(
     "--steps",
     type=click.IntRange(min=1),
@@ -366,8 +431,8 @@ def _bounds(ctx, param, value: str) -> tuple[float, float]:
 )
 @click.option("--l1", type=float, default=0.05, show_default=True, help="Weight of the mean|wᵢ| penalty.")
 @click.option("--bounds", default="-1.5,1.5", show_default=True, callback=_bounds, help="LOW,HIGH for every weight.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of CMA-ES and Adam.")
+@click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--init", callback=_weights, help="Starting weights, one per adapter [default: 0 each].")
 @click.option("--popsize", type=click.IntRange(min=2), help="CMA-ES candidates per generation [default: 4+3·ln n].")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")

@@ -11,14 +11,13 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from tqdm.auto import tqdm
 
 from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule, check_rank_layout, portable_rank
 from loramix.errors import IncompatibleAdaptersError, MethodError
 from loramix.formats import load_adapters
 from loramix.linalg import FactorSVD, RankRule, factor_svd, numerical_rank
 from loramix.methods import Method, Term, get_method
-from loramix.runtime import parse_dtype, resolve_device
+from loramix.runtime import parse_dtype, progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def combine(
     energy: float | None = None,
     rule: str | None = None,
     rule_value: float | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: torch.dtype | str | None = None,
     heads: str = "refuse",
     rank_layout: str = "portable",
@@ -125,7 +124,8 @@ def combine(
     every serving engine reads (one rank R for all modules, see `loramix.adapter.portable_layout`): where ``energy``
     or ``rule`` chose a module's rank for an exact method (svd), the module keeps its best rank-R approximation
     instead (more of its own singular directions, where it has them; never above ``rank``); ``"exact"`` keeps each
-    module at the rank the rule chose. ``load_options`` go to `load_adapter` for every source
+    module at the rank the rule chose. ``device``: ``cpu``, ``cuda[:N]`` or ``auto`` (a GPU when there is one: results
+    agree with the CPU's to float32 rounding). ``load_options`` go to `load_adapter` for every source
     (``scale``/``alpha``/``base_model``/``module_map`` for plain state dicts). Returns a new `LoraAdapter` (scale 1
     per module).
     """
@@ -179,7 +179,7 @@ def combine(
     workers = _GPU_WORKERS if target.type == "cuda" else 1
     with (
         ThreadPoolExecutor(workers) as pool,
-        tqdm(total=len(names), desc=f"combine ({method})", unit="module", disable=not progress) as bar,
+        progress_bar(enabled=progress, total=len(names), desc=f"combine ({method})", unit="module") as bar,
     ):
         modules = {}
         for name, module in zip(names, pool.map(merge_module, names)):

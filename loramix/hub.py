@@ -10,9 +10,11 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
+from safetensors import safe_open
 
 from loramix.errors import HubError
 from loramix.render.card import loramix_version
+from loramix.runtime import require_path
 from loramix.sources import parse_hub_id
 
 
@@ -35,13 +37,32 @@ def revisions(sources: list) -> dict[str, str]:
     return {s: revision(s) for s in sources if isinstance(s, str)}
 
 
-def _http_error() -> type[Exception]:
-    """The HTTP client's error base class (huggingface_hub 2.x talks through httpx2, older versions httpx)."""
+def _http_client():
+    """The HTTP client module (huggingface_hub 2.x talks through httpx2, older versions httpx)."""
     try:
         import httpx2 as client
     except ImportError:
         import httpx as client
-    return client.HTTPError
+    return client
+
+
+_MODEL_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def _holds_adapter_or_model(folder: Path) -> bool:
+    """A PEFT adapter, a kohya file loramix wrote (its metadata names loramix's base), or config.json + weights."""
+    if (folder / "adapter_config.json").is_file():
+        return True
+    if (folder / "config.json").is_file() and any(any(folder.glob(p)) for p in _MODEL_WEIGHTS):
+        return True
+    for file in folder.glob("*.safetensors"):
+        try:
+            with safe_open(str(file), "pt") as f:
+                if "loramix_base_model" in (f.metadata() or {}):
+                    return True
+        except Exception:  # noqa: BLE001 — an unreadable file is no adapter
+            continue
+    return False
 
 
 def push_to_hub(
@@ -59,22 +80,30 @@ def push_to_hub(
     ``token`` defaults to huggingface_hub's own lookup (``HF_TOKEN``, then the login cache); ``endpoint`` to
     ``HF_ENDPOINT`` / the public Hub. With ``revision`` the branch is created when missing and the upload goes there.
     """
-    folder = Path(folder)
+    folder = require_path(folder, "folder (the output folder to push)")
     if not folder.is_dir() or not any(folder.iterdir()):
         raise HubError(f"{folder}: not a folder with files to push")
+    if not _holds_adapter_or_model(folder):
+        raise HubError(
+            f"{folder}: holds no adapter or model (no adapter_config.json, no config.json with weights, no kohya "
+            "file that loramix wrote); not pushing it"
+        )
     if parse_hub_id(repo_id) is None or "@" in repo_id or ":" in repo_id:
         raise HubError(f"{repo_id}: not a Hub repository id (expected org/name)")
     token = token or get_token()
     if not token:
         raise HubError("not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN")
     api = HfApi(endpoint=endpoint, token=token)
+    client = _http_client()
     message = commit_message or f"Upload {folder.name} with loramix {loramix_version()}"
     try:
         api.create_repo(repo_id, private=private or None, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message)
-    except (HfHubHTTPError, _http_error(), OSError, ValueError) as exc:
+    except (HfHubHTTPError, client.HTTPError, OSError, ValueError) as exc:
         detail = (str(exc).splitlines() or [type(exc).__name__])[0].replace(token, "***")
+        if isinstance(exc, (client.TransportError, ConnectionError)):  # refused, DNS, timeouts: nothing answered
+            detail = f"cannot reach {api.endpoint} ({detail})"
         raise HubError(f"push of {folder} to {repo_id} failed: {detail}") from None
     return str(info.commit_url)

@@ -108,6 +108,13 @@ class RankRule:
     value: float | None = None
 
     def __post_init__(self) -> None:
+        for label, value, kinds in (
+            ("rank", self.rank, int),
+            ("energy", self.energy, float),
+            ("rule_value", self.value, float),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, kinds))):
+                raise MethodError(f"{label} must be {'an int' if kinds is int else 'a number'}, got {value!r}")
         if self.rank is not None and self.rank < 1:
             raise MethodError(f"rank must be at least 1, got {self.rank}")
         if self.energy is not None and not 0 < self.energy <= 1:

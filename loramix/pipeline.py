@@ -18,7 +18,7 @@ from loramix.adapter import LoraAdapter, portable_layout
 from loramix.analysis import Analysis, analyze
 from loramix.checkpoint import MergeReport, write_merged
 from loramix.combination import check_settings, combine
-from loramix.errors import IncompatibleAdaptersError
+from loramix.errors import IncompatibleAdaptersError, MethodError
 from loramix.formats import load_adapter, load_adapters, split_source_options, write_adapter
 from loramix.hub import revisions
 from loramix.io.base import open_base, resolve_base
@@ -28,7 +28,7 @@ from loramix.recipe import Plan
 from loramix.render.analysis import analysis_json
 from loramix.render.card import CARD_FILE, RECIPE_FILE, model_card, quantization_section
 from loramix.render.plots import analysis_plots
-from loramix.runtime import parse_dtype, resolve_device
+from loramix.runtime import parse_dtype, require_path, resolve_device
 from loramix.weight_search import SearchResult
 
 SEARCH_FILE = "search.json"
@@ -87,6 +87,10 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
     ``argv`` is the command line to record in the card (None: the card says the Python API made it). A single
     DoRA adapter is merged into a base as it is (DoRA is exact only there); DoRA adapters cannot be combined.
     """
+    if not isinstance(plan, Plan):
+        raise MethodError(
+            f"run takes a Plan (loramix.Plan(adapters=[...]) or a loaded recipe), got {type(plan).__name__}"
+        )
     if not plan.output:
         raise IncompatibleAdaptersError("the plan names no output folder (output)")
     protect = [*(split_source_options(a)[0] for a in plan.adapters), *([plan.merge_into] if plan.merge_into else [])]
@@ -190,6 +194,7 @@ def save_adapter(
     (PEFT and GGUF): "portable", one rank every engine reads, or "exact" (see `loramix.formats.peft.write`); other
     ``options`` go to the format's writer (GGUF: ``base``)."""
     adapter = load_adapter(adapter)
+    require_path(folder, "folder (the output folder)")
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
     files = {CARD_FILE: model_card(adapter, revisions=revisions(protect), output_format=format)} if card else {}
     with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:
@@ -205,7 +210,7 @@ def merge_into_base(
     *,
     dtype: torch.dtype | str = torch.bfloat16,
     shard_size: int | str = "5GB",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     overwrite: bool = False,
     progress: bool = False,
     workers: int | None = None,
@@ -226,6 +231,7 @@ def merge_into_base(
     quantize_4bit → dequantize_4bit round trip (``blocksize``, ``double_quant``: compress_statistics), then ΔW is
     added. ``round_trip="all"`` (the default) round-trips every such weight — the model the adapter was trained
     with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
+    require_path(out, "out (the output folder)")
     adapter = load_adapter(adapter)
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)
@@ -281,7 +287,7 @@ def write_search(
     overwrite: bool = False,
     merge_into: str | None = None,
     shard_size: int | str = "5GB",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = False,
     argv: list[str] | None = None,
 ) -> Path:

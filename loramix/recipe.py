@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class Plan:
     energy: float | None = None
     rule: str | None = None
     rule_value: float | None = None
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str | None = None
     heads: str = "refuse"
     rank_layout: str = "portable"
@@ -129,7 +130,7 @@ def load_recipe(path: str | Path) -> Plan:
     sources, weights = _adapters(path, data.get("adapters"))
     fields = {k: v for k, v in data.items() if k != "adapters" and v is not None}
     if isinstance(fields.get("module_map"), str):
-        fields["module_map"] = str(path.parent / fields["module_map"])
+        fields["module_map"] = _relative_path(path, fields["module_map"])
     for key in ("merge_into", "gguf_base"):
         if key in fields:
             fields[key] = _relative_source(path, fields[key])
@@ -158,8 +159,13 @@ def _adapters(path: Path, items) -> tuple[list[str], list[float] | None]:
     return sources, [float(w) for w in weights] if all(given) else None
 
 
+def _relative_path(recipe: Path, item: str) -> str:
+    """``item`` relative to the recipe's folder, normalised (``recipes/../x`` → ``x``) and kept relative."""
+    return os.path.normpath(recipe.parent / item)
+
+
 def _relative_source(recipe: Path, source: str) -> str:
     local = recipe.parent / source
     if Path(source).is_absolute() or (parse_hub_id(source) is not None and not local.exists()):
         return source
-    return str(local)
+    return _relative_path(recipe, source)

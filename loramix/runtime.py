@@ -9,10 +9,15 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from loramix.errors import MethodError
+
+# A bar appears only for work still running after this many seconds: short runs print nothing.
+PROGRESS_DELAY = 2.0
 
 DTYPES = {
     "float32": torch.float32,
@@ -55,6 +60,19 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if resolved.type not in ("cpu", "cuda"):
         raise MethodError(f"device {device!r} is not supported (use cpu, cuda or auto)")
     return resolved
+
+
+def progress_bar(*, enabled: bool, **options) -> tqdm:
+    """The one progress bar style: off unless ``enabled``, drawn only once the work has run `PROGRESS_DELAY`
+    seconds, and erased when done (the command's own output follows, with no bar or blank line left behind)."""
+    return tqdm(disable=not enabled, delay=PROGRESS_DELAY, leave=False, dynamic_ncols=True, **options)
+
+
+def require_path(value, what: str) -> Path:
+    """``value`` (a str or Path) as a Path; `MethodError` naming ``what`` it should be for anything else."""
+    if isinstance(value, (str, Path)) and str(value):
+        return Path(value)
+    raise MethodError(f"{what} must be a non-empty str or Path, got {type(value).__name__}")
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*")

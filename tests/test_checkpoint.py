@@ -167,9 +167,10 @@ def test_gpt2_bare_base_and_fan_in_fan_out_disagreement(tmp_path, caplog):
     made = make_peft_adapter(tiny_gpt2, tmp_path, "adapter", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     config_path = made.path / "adapter_config.json"  # as in several real GPT-2 adapters (PEFT fixes it on load)
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "fan_in_fan_out": False}))
-    with caplog.at_level(logging.WARNING, logger="loramix"):
+    with caplog.at_level(logging.INFO, logger="loramix"):
         merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, progress=False)
-    assert "fan_in_fan_out disagreed with the base" in caplog.text
+    assert "fan_in_fan_out disagreed with the base" in caplog.text  # a note (-v): the reader warned already
+    assert sum("fan_in_fan_out" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING) == 1
     merged = peft_merged(made).transformer  # PEFT too settles fan_in_fan_out from the Conv1D layers
     check_against_peft(tmp_path / "out", merged)
 

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.analysis.compute import factor_grams, merge_module, overlaps, pair, spectrum
@@ -25,6 +24,7 @@ from loramix.formats import load_adapters
 from loramix.io.base import BaseCheckpoint, open_base, resolve_base
 from loramix.linalg import RankRule, gram_svd
 from loramix.quantize import Quantization, below_step_share, is_quantized, quantization_settings
+from loramix.runtime import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def analyze(
     merged: dict[str, MergeModule] = {}
     names = list(dict.fromkeys(n for a in loaded for n in a.modules))
     buffers: dict = {}
-    for name in tqdm(names, desc="analyze", unit="module", disable=not progress):
+    for name in progress_bar(enabled=progress, iterable=names, desc="analyze", unit="module"):
         indices = [i for i, a in enumerate(loaded) if name in a.modules]
         modules = [loaded[i].modules[name] for i in indices]
         gram_b, gram_a, slices = factor_grams(modules, buffers)

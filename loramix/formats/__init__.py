@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 from loramix.adapter import LoraAdapter, check_compatible
@@ -43,10 +44,10 @@ def load_adapter(
     ``path::scale=0.5,alpha=16`` (see `split_source_options`).
 
     Formats: PEFT LoRA and AdaLoRA folders, kohya/A1111 and diffusers LoRA files (a file or a folder holding one),
-    and single-file hand-made LoRA state dicts, which hold no scale, base model or base names: ``scale``/``alpha``,
-    ``base_model`` and ``module_map`` supply them. Other formats carry their own scale and names (those options are
-    ignored with a warning); ``base_model`` fills in a base they do not name. What the reader noticed is in
-    ``adapter.warnings`` and, unless ``log_warnings`` is false, logged once.
+    and hand-made LoRA state dicts (a file, or a folder holding only it), which hold no scale, base model or base
+    names: ``scale``/``alpha``, ``base_model`` and ``module_map`` supply them. Other formats carry their own scale and
+    names (those options are ignored with a warning); ``base_model`` fills in a base they do not name. What the
+    reader noticed is in ``adapter.warnings`` and, unless ``log_warnings`` is false, logged once.
     """
     if isinstance(src, LoraAdapter):
         return src
@@ -64,12 +65,14 @@ def load_adapter(
     if reader is None:
         raise AdapterFormatError(
             f"{path}: not a recognised adapter (no adapter_config.json, and not a "
-            f"{'/'.join(statedict.SUFFIXES)} LoRA state dict file)"
+            f"{'/'.join(statedict.SUFFIXES)} LoRA state dict file or a folder holding exactly one)"
         )
     if reader is statedict:
         adapter = statedict.read(path, allow_nonfinite=allow_nonfinite, **options)
     else:
         adapter = _apply_options(reader.read(path, allow_nonfinite=allow_nonfinite), **options)
+    if allow_nonfinite:
+        _nonfinite_note(adapter)
     adapter.source = str(src)
     if not Path(src).expanduser().exists():  # a Hub id: named after the repository, not the snapshot's hash
         ref = parse_hub_id(str(src))
@@ -82,6 +85,17 @@ def _finish(adapter: LoraAdapter, log_warnings: bool) -> LoraAdapter:
         for note in adapter.warnings:
             log.warning("%s: %s", adapter.name, note)
     return adapter
+
+
+def _nonfinite_note(adapter: LoraAdapter) -> None:
+    """Say how many NaN/Inf values an adapter read with ``allow_nonfinite`` holds, and where."""
+    counts = adapter.nonfinite()
+    if counts:
+        total = sum(counts.values())
+        adapter.warnings.append(
+            f"{total:,} of {adapter.num_params():,} values are NaN/Inf, in {len(counts)} tensor(s) "
+            f"({_keys.sample([f'{n} ×{c:,}' for n, c in counts.items()])})"
+        )
 
 
 def split_source_options(src: str | Path) -> tuple[str | Path, dict]:
@@ -140,6 +154,8 @@ def load_adapters(
         raise MethodError(f"adapters must be a list of sources, not a single one (each source: {live.ACCEPTED})")
     if not isinstance(sources, (list, tuple)):
         raise MethodError(f"adapters must be a list of sources, not a {type(sources).__name__} (each: {live.ACCEPTED})")
+    if weights is not None and (not isinstance(weights, Iterable) or isinstance(weights, (str, bytes, dict))):
+        raise MethodError(f"weights must be a list of numbers, one per adapter, got {type(weights).__name__}")
     loaded = [
         load_adapter(s, allow_nonfinite=allow_nonfinite, log_warnings=log_warnings, **(load_options or {}))
         for s in sources

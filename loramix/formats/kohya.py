@@ -52,6 +52,10 @@ KEY_RULES = (
     (re.compile(_DIFFUSERS + r"\.(?P<side>lora_A|lora_B)\.weight$"), "diffusers"),
     (re.compile(_DIFFUSERS + r"\.(?P<side>alpha)$"), "diffusers"),
 )
+# LyCORIS (LoHa: Hadamard products of two low-rank pairs; LoKr: Kronecker factors) uses kohya's names with its own
+# factor keys: not a LoRA, refused by name until loramix reads them.
+LYCORIS = re.compile(r"\.(?P<kind>hada|lokr)_(?:w[12](?:_[ab])?|t[12])$")
+LYCORIS_KINDS = {"hada": "LoHa", "lokr": "LoKr"}
 SIDES = {"lora_down": "A", "down": "A", "lora_A": "A", "lora_up": "B", "up": "B", "lora_B": "B", "alpha": "alpha"}
 COMPONENTS = {
     "unet": "lora_unet_",
@@ -74,7 +78,7 @@ def is_kohya_file(path: Path) -> bool:
     if not path.is_file() or path.suffix not in SUFFIXES:
         return False
     keys = tensor_keys(path)
-    return bool(keys) and any(_match(k)[0] is not None for k in keys)
+    return bool(keys) and any(_match(k)[0] is not None or LYCORIS.search(k) for k in keys)
 
 
 def find_file(path: Path) -> Path | None:
@@ -98,6 +102,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     path = Path(path)
     file = find_file(path) or path
     tensors = read_tensors(file)
+    _refuse_lycoris(file, tensors)
     if not allow_nonfinite:
         check_finite(file, tensors)
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -127,6 +132,15 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
         file_bytes=file.stat().st_size,
         provenance={"format": "kohya", "key_style": "+".join(sorted(styles)), "file": file.name},
     )
+
+
+def _refuse_lycoris(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    kinds = sorted({LYCORIS_KINDS[m["kind"]] for k in tensors if (m := LYCORIS.search(k))})
+    if kinds:
+        example = next(k for k in tensors if LYCORIS.search(k))
+        raise AdapterFormatError(
+            f"{file}: a LyCORIS {'/'.join(kinds)} file ({example}), not a LoRA: loramix does not read LyCORIS yet"
+        )
 
 
 def _metadata(file: Path) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Plain torch LoRA state dicts from hand-written LoRA layers (MiniMind-style), one file each.
+"""Plain torch LoRA state dicts from hand-written LoRA layers (MiniMind-style), one file each (given as the file, or
+as a folder holding that one tensor file and no ``adapter_config.json``).
 
 A file is a ``.safetensors`` file or a ``.pt``/``.pth``/``.bin`` pickle (read only through
 ``torch.load(weights_only=True)``) whose keys end in a LoRA pair. The detection rules, in order, per key:
@@ -53,8 +54,19 @@ WRAPPERS = ("module.", "_orig_mod.")
 KOHYA = re.compile(r"(^lora_(unet|te\d?)_)|(\.alpha$)")
 
 
+def find_file(path: Path) -> Path | None:
+    """The state dict file ``path`` names: the file itself, or the only tensor file in a folder that is not a PEFT
+    adapter (``adapter_config.json``)."""
+    if path.is_file():
+        return path if path.suffix in SUFFIXES else None
+    if not path.is_dir() or (path / _keys.CONFIG_FILE).exists():
+        return None
+    found = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix in SUFFIXES]
+    return found[0] if len(found) == 1 else None
+
+
 def detect(path: Path) -> bool:
-    return path.is_file() and path.suffix in SUFFIXES
+    return find_file(path) is not None
 
 
 def read(
@@ -66,8 +78,10 @@ def read(
     module_map: dict | str | Path | None = None,
     allow_nonfinite: bool = False,
 ) -> LoraAdapter:
-    """Read one hand-made LoRA state dict file into a `LoraAdapter` (see the module docstring for the rules)."""
-    path = Path(path)
+    """Read one hand-made LoRA state dict file (or a folder holding only that one tensor file) into a `LoraAdapter`
+    (see the module docstring for the rules)."""
+    source = Path(path)
+    path = find_file(source) or source
     if scale is not None and alpha is not None:
         raise AdapterFormatError(f"{path}: give scale or alpha, not both (scale = alpha / rank)")
     for label, value in (("scale", scale), ("alpha", alpha)):
@@ -106,11 +120,11 @@ def read(
     return LoraAdapter(
         modules=modules,
         base_model=base_model,
-        source=str(path),
+        source=str(source),
         name=path.stem,
         warnings=notes,
         file_bytes=path.stat().st_size,
-        provenance={"format": "statedict", "key_style": style, "scale": scale, "alpha": alpha},
+        provenance={"format": "statedict", "key_style": style, "scale": scale, "alpha": alpha, "file": path.name},
     )
 
 

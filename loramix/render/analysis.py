@@ -81,6 +81,13 @@ def _num(value, spec: str = ".3f") -> str:
     return "-" if finite(value) is None else format(value, spec)
 
 
+def _column(values: list) -> list[str]:
+    """One fixed-point format for a whole column: four significant digits for its largest value."""
+    largest = max((abs(v) for v in values if finite(v) is not None and v != 0), default=1.0)
+    spec = f".{max(0, 3 - math.floor(math.log10(largest)))}f"
+    return [_num(v, spec) for v in values]
+
+
 def _pct(value) -> str:
     return "-" if finite(value) is None else f"{100 * value:.1f}%"
 
@@ -153,10 +160,11 @@ def analysis_text(analysis, *, top: int = 5) -> str:
                 _num(_mean(m.energy_rank["0.99"] for m in ms), ".1f"),
                 f"{_median(m.suggested_rank for m in ms)}/{a.suggested_rank}",
                 _pct(a.kept_energy),
-                _num(a.norm, ".4g"),
                 _num(a.relative_norm, ".2e"),
             ]
         )
+    norms = _column([a.norm for a in analysis.adapters])
+    rows = [[*row[:-1], norm, row[-1]] for row, norm in zip(rows, norms)]
     lines += _table(_RANK_HEADER, rows)
     if analysis.pairs:
         lines += [

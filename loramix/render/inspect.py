@@ -28,9 +28,11 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         )
         if present
     ]
+    nonfinite = adapter.nonfinite()
     return {
         "name": adapter.name,
         "source": adapter.source,
+        "file": adapter.provenance.get("file"),
         "base_model": adapter.base_model,
         "task_type": adapter.task_type,
         "dtype": _dtype_name(adapter.dtype),
@@ -43,6 +45,8 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         "features": features,
         "extra_tensors": sorted(adapter.extra),
         "extra_shapes": {n: list(e.tensor.shape) for n, e in sorted(adapter.extra.items())},
+        "nonfinite_values": sum(nonfinite.values()),
+        "nonfinite_tensors": nonfinite,
         "warnings": list(adapter.warnings),
     }
 
@@ -55,13 +59,19 @@ def _size(n: int) -> str:
     return ""
 
 
+def _source(summary: dict) -> str:
+    """The source, and the file read when the source is a folder holding one (kohya, state dict)."""
+    file = summary["file"]
+    return summary["source"] if not file or summary["source"].endswith(file) else f"{summary['source']} ({file})"
+
+
 def inspect_text(summaries: list[dict]) -> str:
     """A readable block per adapter."""
     blocks = []
     for s in summaries:
         types = ", ".join(f"{t} ×{n}" for t, n in s["module_types"].items())
         rows = [
-            ("source", s["source"]),
+            ("source", _source(s)),
             ("base model", s["base_model"] or "(unknown)"),
             ("task", s["task_type"] or "-"),
             ("dtype", s["dtype"]),

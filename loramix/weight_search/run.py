@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.combination import combine
 from loramix.errors import SearchError
 from loramix.formats import load_adapters
 from loramix.io.base import resolve_base
-from loramix.runtime import resolve_device
+from loramix.runtime import progress_bar, resolve_device
 from loramix.weight_search import optimizers
 from loramix.weight_search.evaluator import COMPOSITIONS, Evaluator
 from loramix.weight_search.objective import as_examples, build_batch, l1_penalty
@@ -201,7 +200,7 @@ def search(
         def loss_and_grad(W: torch.Tensor) -> torch.Tensor:
             return evaluator.cross_entropy(W).cpu() + l1_penalty(W, l1)
 
-        with tqdm(total=steps, desc=f"search ({optimizer})", unit="step", disable=not progress) as bar:
+        with progress_bar(enabled=progress, total=steps, desc=f"search ({optimizer})", unit="step") as bar:
             track = optimizers.Tracker(objective, bar=bar)
             getattr(optimizers, optimizer)(
                 track,
