@@ -165,6 +165,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     """
     from loramix.pipeline import run
     from loramix.recipe import Plan, load_recipe
+    from loramix.render.card import kept_summary, rank_span
     from loramix.runtime import torch_threads
 
     for key in ("density", "majority_sign", "seed", "space"):  # dedicated flags for method options
@@ -193,13 +194,13 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
             f"tensors in {len(merge.shards)} shard(s)" + (f"; least ΔW kept {low[1]:.2f} ({low[0]})" if low else "")
         )
     else:
-        ranks = report.adapter.ranks
         method = report.adapter.provenance.get("method", plan.method)
+        kept = kept_summary(report.adapter.provenance)
         click.echo(
-            f"wrote {plan.output}: {len(report.adapter.modules)} modules, rank {ranks[0]}"
-            + (f"–{ranks[-1]}" if len(ranks) > 1 else "")
+            f"wrote {plan.output}: {len(report.adapter.modules)} modules, {rank_span(report.adapter.ranks)}"
             + f", {method} of {report.sources} adapter{'s' if report.sources != 1 else ''}"
             + (" (kohya format)" if report.format == "kohya" else "")
+            + (f"; {kept}" if kept else "")
         )
     _push_output(plan.output, push_repo)
 

@@ -22,6 +22,8 @@ from loramix.runtime import parse_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
+LONG_DENSE_SECONDS = 60  # warn before a dense merge estimated to take longer
+LARGE_RANK_FACTOR = 4  # warn when a chosen rank exceeds this many times the sum of the sources' ranks
 _GPU_WORKERS = 4  # measured on an H100 host: 1 → 37.5, 2 → 22.7, 4 → 17.2, 6 → 21.6, 8 → 25.0 ms per 7B layer
 
 
@@ -85,7 +87,53 @@ def check_settings(
     chosen.check_options(options)
     if heads not in ("refuse", "average"):
         raise MethodError(f"heads must be 'refuse' or 'average', got {heads!r}")
-    return chosen, truncation
+    return chosen, chosen.rule_for(truncation, options)
+
+
+def _dense_seconds(shapes: list[tuple[int, int]], device: torch.device) -> float:
+    """A rough time for the full SVDs of a dense merge: out·in·min(out, in) at the rate measured on one CPU core
+    (about 1e9/s, 2 cores shared) or a GPU (about 2e10/s)."""
+    rate = 2e10 if device.type == "cuda" else 1e9
+    return sum(o * i * min(o, i) for o, i in shapes) / rate
+
+
+def _warn_dense(method: str, loaded: list[LoraAdapter], names: list[str], device: torch.device) -> None:
+    shapes = [next((m.out_features, m.in_features) for a in loaded if (m := a.modules.get(n))) for n in names]
+    seconds = _dense_seconds(shapes, device)
+    if seconds > LONG_DENSE_SECONDS:
+        log.warning(
+            "%s in dense space forms and decomposes %d full out×in matrices: about %.0f min on %s; space='core' "
+            "works on the small cores instead (seconds)",
+            method,
+            len(shapes),
+            seconds / 60,
+            device.type,
+        )
+
+
+def _warn_large_ranks(method: str, modules: dict[str, LoraModule], loaded: list[LoraAdapter], rule: RankRule) -> None:
+    """One line when the rule chose ranks above 4·Σrᵢ (the rank an exact sum would have)."""
+    large = []
+    for name, module in modules.items():
+        total = sum(a.modules[name].rank for a in loaded if name in a.modules)
+        if module.rank > LARGE_RANK_FACTOR * total:
+            large.append((module.rank, total, name))
+    if large:
+        rank, total, name = max(large)
+        params = sum(m.num_params() for m in modules.values())
+        log.warning(
+            "%s with %s chose ranks above %d·Σrᵢ in %d of %d modules (up to rank %d where Σrᵢ = %d, %s): the adapter "
+            "has %s parameters; give rank or energy to make it smaller",
+            method,
+            rule.describe(),
+            LARGE_RANK_FACTOR,
+            len(large),
+            len(modules),
+            rank,
+            total,
+            name,
+            f"{params:,}",
+        )
 
 
 def combine(
@@ -132,13 +180,18 @@ def combine(
     target = resolve_device(device)
     out_dtype = parse_dtype(dtype) or loaded[0].dtype
     names = list(dict.fromkeys(n for a in loaded for n in a.modules))
+    if chosen.dense and chosen.settings(options).get("space") == "dense":
+        _warn_dense(method, loaded, names, target)
+    kept: dict[str, float] = {}
 
     def merge_module(name: str) -> LoraModule:
         present = [(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
         with _worker_stream(target):
             terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
-            B, A = chosen.fn(terms, rule=truncation, **options)
-            B, A = B.to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype)
+            factors = chosen.fn(terms, rule=truncation, **options)
+            if factors.kept is not None:
+                kept[name] = factors.kept
+            B, A = factors.B.to(device="cpu", dtype=out_dtype), factors.A.to(device="cpu", dtype=out_dtype)
         first = present[0][1]
         bias = _combined_bias(present)
         return LoraModule(
@@ -160,6 +213,8 @@ def combine(
         for name, module in zip(names, pool.map(merge_module, names)):
             modules[name] = module
             bar.update()
+    if chosen.truncates:
+        _warn_large_ranks(method, modules, loaded, truncation)
     base = next((a.base_model for a in loaded if a.base_model), None)
     return LoraAdapter(
         modules=modules,
@@ -174,6 +229,7 @@ def combine(
             "sources": [a.source for a in loaded],
             "names": [a.name for a in loaded],
             "truncation": truncation.describe() if chosen.truncates else None,
-            "options": options,
+            "options": chosen.settings(options),
+            "kept_energy": {name: kept[name] for name in names if name in kept},
         },
     )

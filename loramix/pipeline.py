@@ -9,6 +9,7 @@ Every output is assembled in a temporary folder beside the target and renamed in
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from loramix.checkpoint import MergeReport, write_merged
 from loramix.combination import check_settings, combine
 from loramix.errors import IncompatibleAdaptersError
 from loramix.formats import load_adapter, load_adapters, write_adapter
-from loramix.hub import revisions
+from loramix.hub import pinned, revisions
 from loramix.io.base import open_base, resolve_base
 from loramix.io.files import atomic_output, check_output, refuse_inputs, write_text_atomic
+from loramix.linalg import RankRule
 from loramix.recipe import Plan
 from loramix.render.analysis import analysis_json
 from loramix.render.card import CARD_FILE, RECIPE_FILE, model_card
@@ -54,19 +56,33 @@ def _cheap_analysis(loaded: list[LoraAdapter], weights: list[float]) -> Analysis
     return analyze(loaded, weights=weights, allow_different_bases=True)
 
 
-def _repeatable(plan: Plan, adapter: LoraAdapter) -> Plan:
-    """``plan`` as a recipe that repeats the run from anywhere: local paths made absolute, the weights used."""
+def _repeatable(plan: Plan, adapter: LoraAdapter, rule: RankRule | None = None) -> Plan:
+    """``plan`` as a recipe to publish with its output: local paths relative to the output folder (where the recipe
+    lies; a recipe's paths are read relative to it), Hub ids pinned to the commit they resolved to, the weights,
+    rank rule, method options and dtype that were used, defaults included."""
+    folder = Path(plan.output).resolve()
 
-    def anchored(item):
-        return str(Path(item).resolve()) if isinstance(item, str) and Path(item).exists() else item
+    def portable(item):
+        if not isinstance(item, str):
+            return item
+        return os.path.relpath(Path(item).resolve(), folder) if Path(item).exists() else pinned(item)
 
-    weights = adapter.provenance.get("weights") or plan.weights
+    provenance = adapter.provenance
+    weights = provenance.get("weights") or plan.weights
+    rule = rule or RankRule(rank=plan.rank, energy=plan.energy, rule=plan.rule, value=plan.rule_value)
+    dtype = plan.dtype or ("bfloat16" if plan.merge_into else str(adapter.dtype).removeprefix("torch."))
     return replace(
         plan,
-        adapters=[anchored(a) for a in plan.adapters],
+        adapters=[portable(a) for a in plan.adapters],
         weights=list(weights) if weights else None,
-        module_map=anchored(plan.module_map),
-        merge_into=anchored(plan.merge_into),
+        rank=rule.rank,
+        energy=rule.energy,
+        rule=rule.rule,
+        rule_value=rule.value,
+        options=provenance.get("options", plan.options),
+        dtype=dtype,
+        module_map=portable(plan.module_map),
+        merge_into=portable(plan.merge_into),
         output=None,
     )
 
@@ -90,7 +106,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
     kwargs = plan.combine_kwargs()
     load_options = kwargs.pop("load_options")
     settings = ("method", "heads", "rank", "energy", "rule", "rule_value")
-    check_settings(options=plan.options, **{key: getattr(plan, key) for key in settings})
+    _, rule = check_settings(options=plan.options, **{key: getattr(plan, key) for key in settings})
     loaded, weights = load_adapters(
         plan.adapters,
         weights=plan.weights,
@@ -104,7 +120,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         adapter = loaded[0]
     else:
         adapter = combine(loaded, progress=progress, **{**kwargs, "weights": weights})
-    files = {RECIPE_FILE: _repeatable(plan, adapter).to_yaml()}
+    files = {RECIPE_FILE: _repeatable(plan, adapter, rule).to_yaml()}
     files[CARD_FILE] = model_card(
         adapter,
         argv=argv,

@@ -133,10 +133,30 @@ def test_dense_truncation_is_the_best_rank_k_of_the_merged_matrix():
     close(product(REGISTRY["ties"].fn(terms, rule=RankRule(rank=4), density=0.4)), best)
 
 
-def test_dense_default_rank_is_capped_at_the_sum_of_ranks():
+def test_dense_merge_without_a_rule_keeps_the_full_numerical_rank_and_says_so():
+    # no hidden cap at Σrᵢ = 3: the dense TIES matrix of sparsified ΔWs has full rank min(12, 10)
     terms = make_terms(2, ranks=[2, 1])
-    B, A = REGISTRY["ties"].fn(terms, rule=RankRule(), density=0.5)
-    assert B.shape[1] == A.shape[0] == 3
+    factors = REGISTRY["ties"].fn(terms, rule=RankRule(), density=0.5)
+    assert factors.B.shape[1] == factors.A.shape[0] == np.linalg.matrix_rank(
+        ties_reference(task_vectors(terms), [t.weight for t in terms], 0.5)
+    )
+    assert factors.kept == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("energy", [0.9, 0.99])
+def test_dense_energy_rule_keeps_that_share_and_reports_it(energy):
+    terms = make_terms(3)
+    merged = ties_reference(task_vectors(terms), [t.weight for t in terms], 0.4)
+    S = np.linalg.svd(merged, compute_uv=False)
+    shares = np.cumsum(S**2) / np.sum(S**2)
+    k = int(np.searchsorted(shares, energy - 1e-12) + 1)  # the smallest k holding the share (float64 oracle)
+    factors = REGISTRY["ties"].fn(terms, rule=RankRule(energy=energy), density=0.4)
+    assert factors.A.shape[0] == k
+    written = product(factors)
+    assert factors.kept == pytest.approx(np.sum(written**2) / np.sum(merged**2), rel=1e-9)
+    assert factors.kept >= energy
+    error = np.linalg.norm(merged - written) / np.linalg.norm(merged)
+    assert factors.relative_error == pytest.approx(error, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- DARE

@@ -11,7 +11,7 @@ import math
 
 from loramix.errors import IncompatibleAdaptersError
 from loramix.lazy import lazy
-from loramix.linalg import RankRule
+from loramix.linalg import Factors, RankRule
 from loramix.methods.base import method
 
 torch = lazy("torch")
@@ -24,7 +24,7 @@ def mixing_coefficients(coefs: list[float]) -> tuple[list[float], list[float]]:
 
 
 @method(name="linear", equal_ranks=True)
-def linear(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+def linear(terms, *, rule: RankRule) -> Factors:
     """PEFT's add_weighted_adapter A/B mixing; inexact: cross terms Bᵢ·Aⱼ."""
     ranks = {t.A.shape[0] for t in terms}
     if len(ranks) > 1:
@@ -32,4 +32,4 @@ def linear(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
     b_mult, a_mult = mixing_coefficients([t.coef for t in terms])
     B = sum(m * t.B.float() for m, t in zip(b_mult, terms))
     A = sum(m * t.A.float() for m, t in zip(a_mult, terms))
-    return B, A
+    return Factors(B, A)
