@@ -242,12 +242,31 @@ def write_search(
     argv: list[str] | None = None,
 ) -> Path:
     """Write a search's output folder atomically: the searched adapter (PEFT) — or, with ``merge_into``, that base
-    with it merged — plus ``search.json`` (weights, loss, history, settings) and a model card."""
+    with it merged — plus ``search.json`` (weights, loss, history, settings), a model card, and a recipe.
+
+    The recipe repeats the searched combination, not the search: the sources with the weights found and the method
+    of the search's composition (``lorahub``, or ``cat`` for ``delta``); `loramix combine --recipe` rebuilds the
+    same adapter (or merged checkpoint) bit for bit without the base, the examples or the optimiser."""
     adapter = result.adapter
+    plan = Plan(
+        adapters=list(adapter.provenance.get("sources", [])),
+        weights=list(result.weights),
+        method=adapter.provenance["method"],
+        device=str(device),
+        merge_into=merge_into,
+        shard_size=str(shard_size),
+        output=str(folder),
+    )
     files = {
         SEARCH_FILE: json.dumps(result.to_json(), indent=2) + "\n",
+        RECIPE_FILE: _repeatable(plan, adapter).to_yaml(),
         CARD_FILE: model_card(
-            adapter, argv=argv, merged_into=merge_into, revisions=revisions(adapter.provenance.get("sources", []))
+            adapter,
+            argv=argv,
+            merged_into=merge_into,
+            revisions=revisions(adapter.provenance.get("sources", [])),
+            recipe=True,
+            searched=True,
         ),
     }
     if merge_into:

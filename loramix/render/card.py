@@ -159,6 +159,7 @@ def model_card(
     revisions: dict[str, str] | None = None,
     output_format: str = "peft",
     recipe: bool = False,
+    searched: bool = False,
 ) -> str:
     """README.md text for an output folder holding ``adapter`` (or, with ``merged_into``, that base merged).
 
@@ -166,7 +167,8 @@ def model_card(
     says the Python API made it.
     ``analysis`` (of the sources, already computed) adds their pairwise overlap; ``revisions`` maps each Hub source
     to the revision and commit it resolved to (local sources say ``local``); ``recipe`` says a recipe file lies
-    beside the card. ``output_format``
+    beside the card (with ``searched``, it repeats the combination with the searched weights, not the search).
+    ``output_format``
     ``kohya`` describes a kohya/A1111 file (no library_name: neither PEFT nor transformers loads it).
     """
     merged = merged_into is not None
@@ -210,6 +212,7 @@ def model_card(
         body += ["Written through the loramix Python API (no command line).", ""]
     if recipe:
         body += [f"The recipe is saved beside this card as `{RECIPE_FILE}`: `loramix combine --recipe {RECIPE_FILE}`"]
-        body += ["repeats the run.", ""]
+        repeats = "the combination with the searched weights (the search is in search.json)" if searched else "the run"
+        body += [f"repeats {repeats}.", ""]
     body += [f"loramix version: {loramix_version()}; output: {kind}.", ""]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
