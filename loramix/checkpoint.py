@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements (4 MB in float32)
-LOW_SURVIVAL = 0.5
+LOW_SURVIVAL = 0.5  # ‖stored‖/‖ΔW‖ below this: most of the update is lost
+DISTORTED_ERROR = 0.5  # ‖stored − ΔW‖/‖ΔW‖ above this, or
+DISTORTED_COSINE = 0.9  # cos(stored, ΔW) below this: the update stored is not the one intended
 WORKERS = 4
 
 
@@ -102,16 +104,36 @@ class Job:
         return not self.updates and not self.bias and self.source.path is not None and self.dtype == self.source.dtype
 
 
+@dataclass(frozen=True)
+class StoredUpdate:
+    """How the update stored in the output dtype, stored = round(W+ΔW) − round(W), compares with the intended ΔW:
+    ``kept`` = ‖stored‖/‖ΔW‖ (below 1: lost to rounding; above 1: rounding noise added), ``error`` =
+    ‖stored − ΔW‖/‖ΔW‖ and ``cosine`` = ⟨stored, ΔW⟩/(‖stored‖·‖ΔW‖)."""
+
+    kept: float
+    error: float
+    cosine: float
+
+    @property
+    def lost(self) -> bool:
+        return self.kept < LOW_SURVIVAL
+
+    @property
+    def distorted(self) -> bool:
+        return not (self.error <= DISTORTED_ERROR and self.cosine >= DISTORTED_COSINE)
+
+
 @dataclass
 class MergeReport:
-    """What ``merge_into_base`` wrote: the folder, shard files, and per module the share of ΔW that survived."""
+    """What ``merge_into_base`` wrote: the folder, shard files, and per module how the stored update compares with
+    the intended ΔW (`StoredUpdate`)."""
 
     path: Path
     shards: list[str]
     total_size: int
     tensors: int
     dtype: torch.dtype
-    survival: dict[str, float] = field(default_factory=dict)
+    survival: dict[str, StoredUpdate] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -247,8 +269,18 @@ def _dora(W: torch.Tensor, update: Update, device: torch.device) -> torch.Tensor
 
 @dataclass
 class _Survival:
+    """Sums over a tensor's chunks: ‖stored‖², ‖ΔW‖² and ⟨stored, ΔW⟩ (float64)."""
+
     kept: float = 0.0
     total: float = 0.0
+    inner: float = 0.0
+
+    def measure(self) -> StoredUpdate:
+        if not self.total > 0:
+            return StoredUpdate(float("nan"), float("nan"), float("nan"))
+        error = math.sqrt(max(0.0, self.kept - 2 * self.inner + self.total) / self.total)
+        cosine = self.inner / math.sqrt(self.kept * self.total) if self.kept > 0 else 0.0
+        return StoredUpdate(math.sqrt(self.kept / self.total), error, cosine)
 
 
 def _add_delta(merged: torch.Tensor, update: Update, start: int, stop: int, device: torch.device) -> None:
@@ -280,14 +312,17 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
     for _, bias in job.bias:
         merged += bias.to(device=device, dtype=torch.float32)
     out = merged.to(job.dtype, copy=True)  # a copy even for float32 output: merged is reused below
-    total = float(torch.linalg.vector_norm(merged.sub_(W))) ** 2
+    intended = merged.sub_(W)
+    total = float(torch.linalg.vector_norm(intended, dtype=torch.float64)) ** 2
     if not math.isfinite(total):  # NaN/Inf anywhere in W + ΔW shows up here, without a pass of its own
         raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
-    del merged
-    rounded = out.float() if out.dtype != torch.float32 else out.clone()
+    stored = out.float() if out.dtype != torch.float32 else out.clone()
     base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
+    stored.sub_(base)
     stats.total += total
-    stats.kept += float(torch.linalg.vector_norm(rounded.sub_(base))) ** 2
+    stats.kept += float(torch.linalg.vector_norm(stored, dtype=torch.float64)) ** 2
+    stats.inner += float(torch.sum(stored.double() * intended.double()))
+    del merged, intended, stored
     return out.cpu()
 
 
@@ -382,17 +417,19 @@ def write_merged(
     return report
 
 
-def _survival_by_module(jobs: list[Job], stats: dict[str, _Survival]) -> dict[str, float]:
+def _survival_by_module(jobs: list[Job], stats: dict[str, _Survival]) -> dict[str, StoredUpdate]:
     survival = {}
     for job in jobs:
-        s = stats.get(job.name)
+        s = stats.get(job.name) or _Survival()
         for update in job.updates:
-            survival[update.name] = math.sqrt(s.kept / s.total) if s and s.total > 0 else float("nan")
+            survival[update.name] = s.measure()
     return dict(sorted(survival.items()))
 
 
 def _warn_low_survival(report: MergeReport, label: str) -> None:
-    low = sorted((v, k) for k, v in report.survival.items() if v < LOW_SURVIVAL)
+    """One warning for updates mostly lost to rounding, one for updates stored distorted (error or direction)."""
+    dtype = DTYPE_NAMES[report.dtype]
+    low = sorted((v.kept, k) for k, v in report.survival.items() if v.lost)
     if low:
         worst = ", ".join(f"{k} ({v:.2f})" for v, k in low[:3])
         log.warning(
@@ -400,8 +437,28 @@ def _warn_low_survival(report: MergeReport, label: str) -> None:
             label,
             len(low),
             len(report.survival),
-            DTYPE_NAMES[report.dtype],
+            dtype,
             LOW_SURVIVAL,
             worst,
             ", ..." if len(low) > 3 else "",
+        )
+    bent = sorted((-v.error, k) for k, v in report.survival.items() if v.distorted and not v.lost)
+    if bent:
+        worst = ", ".join(
+            f"{k} (error {report.survival[k].error:.2f}, cosine {report.survival[k].cosine:.2f}, "
+            f"kept {report.survival[k].kept:.2f})"
+            for _, k in bent[:3]
+        )
+        log.warning(
+            "%s: %d of %d module(s) are stored distorted in %s: round(W+ΔW)−round(W) is not ΔW (relative error > %.1f "
+            "or cosine < %.1f; ΔW is small against W's rounding step): %s%s; merge in float32 (dtype) or scale the "
+            "adapter up",
+            label,
+            len(bent),
+            len(report.survival),
+            dtype,
+            DISTORTED_ERROR,
+            DISTORTED_COSINE,
+            worst,
+            ", ..." if len(bent) > 3 else "",
         )

@@ -188,10 +188,15 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         report = run(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
     if report.merge is not None:
         merge = report.merge
-        low = min(merge.survival.items(), key=lambda kv: kv[1], default=None)
+        worst = max(merge.survival.items(), key=lambda kv: kv[1].error, default=None)
         click.echo(
             f"wrote {plan.output}: {plan.merge_into} with {len(merge.survival)} modules merged, {merge.tensors} "
-            f"tensors in {len(merge.shards)} shard(s)" + (f"; least ΔW kept {low[1]:.2f} ({low[0]})" if low else "")
+            f"tensors in {len(merge.shards)} shard(s)"
+            + (
+                f"; stored ΔW vs intended: error ≤ {worst[1].error:.3f}, cosine {worst[1].cosine:.3f} ({worst[0]})"
+                if worst
+                else ""
+            )
         )
     else:
         method = report.adapter.provenance.get("method", plan.method)
