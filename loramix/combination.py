@@ -103,7 +103,7 @@ def _warn_dense(method: str, loaded: list[LoraAdapter], names: list[str], device
     if seconds > LONG_DENSE_SECONDS:
         log.warning(
             "%s in dense space forms and decomposes %d full out×in matrices: about %.0f min on %s; space='core' "
-            "works on the small cores instead (seconds)",
+            "works on the small cores instead (CLI: --space core), in seconds",
             method,
             len(shapes),
             seconds / 60,

@@ -137,8 +137,10 @@ def test_dense_merge_without_a_rule_keeps_the_full_numerical_rank_and_says_so():
     # no hidden cap at Σrᵢ = 3: the dense TIES matrix of sparsified ΔWs has full rank min(12, 10)
     terms = make_terms(2, ranks=[2, 1])
     factors = REGISTRY["ties"].fn(terms, rule=RankRule(), density=0.5)
-    assert factors.B.shape[1] == factors.A.shape[0] == np.linalg.matrix_rank(
-        ties_reference(task_vectors(terms), [t.weight for t in terms], 0.5)
+    assert (
+        factors.B.shape[1]
+        == factors.A.shape[0]
+        == np.linalg.matrix_rank(ties_reference(task_vectors(terms), [t.weight for t in terms], 0.5))
     )
     assert factors.kept == pytest.approx(1.0, abs=1e-12)
 
@@ -352,3 +354,51 @@ def test_cli_flags_feed_method_options(tmp_path):
         close(written.modules[name].delta(dtype=torch.float64).numpy(), module.delta(dtype=torch.float64).numpy(), 1e-6)
     refused = CliRunner().invoke(main, ["combine", *args[:2], "-m", "ties", "--seed", "1", "-o", str(tmp_path / "x")])
     assert refused.exit_code == 2 and refused.output.count("\n") == 1 and "no option" in refused.output
+
+
+# ----------------------------------------------------------------------------------------------- warnings
+
+
+def small_adapters(out=96, inp=80, r=2, n=2):
+    from loramix import LoraAdapter, LoraModule
+
+    gen = torch.Generator().manual_seed(5)
+    return [
+        LoraAdapter(
+            modules={
+                "m": LoraModule(A=torch.randn(r, inp, generator=gen), B=torch.randn(out, r, generator=gen), scale=1)
+            },
+            name=f"a{i}",
+            base_model="test/base",
+        )
+        for i in range(n)
+    ]
+
+
+def test_ranks_above_four_times_the_sum_say_so_in_one_line(caplog):
+    with caplog.at_level("WARNING", logger="loramix"):
+        merged = combine(small_adapters(), method="ties", density=0.3)
+    rank = merged.modules["m"].rank
+    assert rank > 4 * 4  # dense TIES of two rank-2 ΔWs at 99% of its energy
+    lines = [r.getMessage() for r in caplog.records if "4·Σrᵢ" in r.getMessage()]
+    assert len(lines) == 1 and f"up to rank {rank} where Σrᵢ = 4" in lines[0]
+    assert f"{merged.num_params():,} parameters" in lines[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loramix"):
+        combine(small_adapters(), method="ties", density=0.3, rank=16)
+    assert "4·Σrᵢ" not in caplog.text
+
+
+def test_long_dense_merges_are_announced_with_the_core_space_alternative(caplog, monkeypatch):
+    import loramix.combination
+
+    # a Llama-7B attention module (4096×4096): the full SVD alone is estimated well over a minute on a CPU core
+    assert loramix.combination._dense_seconds([(4096, 4096)], torch.device("cpu")) > 60
+    monkeypatch.setattr(loramix.combination, "LONG_DENSE_SECONDS", 0.0)
+    with caplog.at_level("WARNING", logger="loramix"):
+        combine(small_adapters(), method="dare_ties", rank=4)
+    assert "space='core'" in caplog.text and "dense space" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loramix"):
+        combine(small_adapters(), method="dare_ties", space="core")
+    assert "dense space" not in caplog.text
