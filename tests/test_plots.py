@@ -1,4 +1,4 @@
-"""`loramix analyze --plot`: every figure renders for 2, 3 and 10 adapters (and 72 modules), at a sane size and
+"""`loramix analyze --plot`: every figure renders for 2, 3 (72 modules) and 10 adapters (24 modules), at a sane size and
 not blank, with the names written in full and the spectra starting at σ₂/σ₁.
 
 Oracle: the PNG files themselves, read back with matplotlib's reader: pixel size within bounds, and many distinct
@@ -20,7 +20,7 @@ pytest.importorskip("matplotlib")
 LAYERS, TYPES = 12, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")  # 72 modules
 
 
-def adapters(n: int) -> list[LoraAdapter]:
+def adapters(n: int, types: tuple[str, ...] = TYPES) -> list[LoraAdapter]:
     gen = torch.Generator().manual_seed(n)
     out = []
     for i in range(n):
@@ -29,7 +29,7 @@ def adapters(n: int) -> list[LoraAdapter]:
                 A=torch.randn(4, 24, generator=gen), B=torch.randn(16, 4, generator=gen), scale=1.0
             )
             for layer in range(LAYERS)
-            for kind in TYPES
+            for kind in types
         }
         out.append(LoraAdapter(modules=modules, name=f"an_adapter_with_a_long_descriptive_name_{i}", base_model="b"))
     return out
@@ -39,7 +39,7 @@ def adapters(n: int) -> list[LoraAdapter]:
 def test_every_plot_renders_at_a_sane_size_and_is_not_blank(tmp_path, n):
     from matplotlib.image import imread
 
-    analysis = analyze(adapters(n))
+    analysis = analyze(adapters(n, TYPES if n <= 3 else TYPES[:2]))  # 72 modules; 24 for 45 pairs (time)
     paths = write_plots(analysis, tmp_path)
     assert sorted(p.name for p in paths) == ["overlap_layers.png", "overlap_pairs.png", "spectra.png"]
     for path in paths:
