@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements (4 MB in float32)
-LOW_SURVIVAL = 0.5
+LOW_SURVIVAL = 0.5  # ‖stored‖/‖ΔW‖ below this: most of the update is lost
+DISTORTED_ERROR = 0.5  # ‖stored − ΔW‖/‖ΔW‖ above this, or
+DISTORTED_COSINE = 0.9  # cos(stored, ΔW) below this: the update stored is not the one intended
 WORKERS = 4
 
 
@@ -116,16 +118,36 @@ class Job:
         return untouched and self.source.path is not None and self.dtype == self.source.dtype
 
 
+@dataclass(frozen=True)
+class StoredUpdate:
+    """How the update stored in the output dtype, stored = round(W+ΔW) − round(W), compares with the intended ΔW:
+    ``kept`` = ‖stored‖/‖ΔW‖ (below 1: lost to rounding; above 1: rounding noise added), ``error`` =
+    ‖stored − ΔW‖/‖ΔW‖ and ``cosine`` = ⟨stored, ΔW⟩/(‖stored‖·‖ΔW‖)."""
+
+    kept: float
+    error: float
+    cosine: float
+
+    @property
+    def lost(self) -> bool:
+        return self.kept < LOW_SURVIVAL
+
+    @property
+    def distorted(self) -> bool:
+        return not (self.error <= DISTORTED_ERROR and self.cosine >= DISTORTED_COSINE)
+
+
 @dataclass
 class MergeReport:
-    """What ``merge_into_base`` wrote: the folder, shard files, and per module the share of ΔW that survived."""
+    """What ``merge_into_base`` wrote: the folder, shard files, and per module how the stored update compares with
+    the intended ΔW (`StoredUpdate`)."""
 
     path: Path
     shards: list[str]
     total_size: int
     tensors: int
     dtype: torch.dtype
-    survival: dict[str, float] = field(default_factory=dict)
+    survival: dict[str, StoredUpdate] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -275,9 +297,25 @@ def row_shape(layout: str, dim: int) -> tuple[int, ...]:
 
 
 @dataclass
-class _Survival:
+class Survival:
+    """Sums over a tensor's chunks: ‖stored‖², ‖ΔW‖² and ⟨stored, ΔW⟩ (float64)."""
+
     kept: float = 0.0
     total: float = 0.0
+    inner: float = 0.0
+
+    def add(self, stored: torch.Tensor, intended: torch.Tensor) -> None:
+        """One chunk: the update as stored, and as intended (float32, same shape)."""
+        self.total += float(torch.linalg.vector_norm(intended, dtype=torch.float64)) ** 2
+        self.kept += float(torch.linalg.vector_norm(stored, dtype=torch.float64)) ** 2
+        self.inner += float(torch.sum(stored.double() * intended.double()))
+
+    def measure(self) -> StoredUpdate:
+        if not self.total > 0:
+            return StoredUpdate(float("nan"), float("nan"), float("nan"))
+        error = math.sqrt(max(0.0, self.kept - 2 * self.inner + self.total) / self.total)
+        cosine = self.inner / math.sqrt(self.kept * self.total) if self.kept > 0 else 0.0
+        return StoredUpdate(math.sqrt(self.kept / self.total), error, cosine)
 
 
 def _add_delta(merged: torch.Tensor, update: Update, start: int, stop: int, device: torch.device) -> None:
@@ -294,7 +332,7 @@ def _add_delta(merged: torch.Tensor, update: Update, start: int, stop: int, devi
         merged.addmm_(A[:, start:stop].T, B.T, alpha=m.scale)
 
 
-def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: _Survival) -> torch.Tensor:
+def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: Survival) -> torch.Tensor:
     """The output values of rows [start, stop): W + ΔW (or DoRA) in float32, cast once to the output dtype."""
     chunk = job.source.rows(start, stop)
     if not job.updates and not job.bias:
@@ -309,14 +347,13 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
     for _, bias in job.bias:
         merged += bias.to(device=device, dtype=torch.float32)
     out = merged.to(job.dtype, copy=True)  # a copy even for float32 output: merged is reused below
-    total = float(torch.linalg.vector_norm(merged.sub_(W))) ** 2
-    if not math.isfinite(total):  # NaN/Inf anywhere in W + ΔW shows up here, without a pass of its own
+    intended = merged.sub_(W)
+    if not torch.isfinite(intended).all():  # NaN/Inf anywhere in W + ΔW shows up here, without a pass of its own
         raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
-    del merged
-    rounded = out.float() if out.dtype != torch.float32 else out.clone()
+    stored = out.float() if out.dtype != torch.float32 else out.clone()
     base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
-    stats.total += total
-    stats.kept += float(torch.linalg.vector_norm(rounded.sub_(base))) ** 2
+    stats.add(stored.sub_(base), intended)
+    del merged, intended, stored
     return out.cpu()
 
 
@@ -341,7 +378,7 @@ def _quantized_source(job: Job, device: torch.device) -> Job:
     return replace(job, source=source)
 
 
-def _produce(stats: dict[str, _Survival], device: torch.device):
+def _produce(stats: dict[str, Survival], device: torch.device):
     """The writer's ``produce``: a job's merged rows, chunk by chunk, with the survival figures collected."""
 
     def produce(job: Job) -> Iterator[torch.Tensor]:
@@ -411,7 +448,7 @@ def write_merged(
         log.warning("%s: %s", adapter.name, note)
     shards = plan_shards(jobs, parse_size(shard_size))
     names = shard_names(len(shards))
-    stats = {job.name: _Survival() for job in jobs if not job.raw_copy}
+    stats = {job.name: Survival() for job in jobs if not job.raw_copy}
     total = sum(j.nbytes for j in jobs)
     workers = workers or min(WORKERS, os.cpu_count() or 1)
     device = device or torch.device("cpu")
@@ -436,22 +473,23 @@ def write_merged(
         quantization=quantization,
         round_tripped=[j.name for j in jobs if j.quantization is not None],
     )
-    warn_low_survival(report.survival, dtype, adapter.name)
+    warn_stored(report.survival, dtype, adapter.name)
     return report
 
 
-def _survival_by_module(jobs: list[Job], stats: dict[str, _Survival]) -> dict[str, float]:
+def _survival_by_module(jobs: list[Job], stats: dict[str, Survival]) -> dict[str, StoredUpdate]:
     survival = {}
     for job in jobs:
-        s = stats.get(job.name)
+        s = stats.get(job.name) or Survival()
         for update in job.updates:
-            survival[update.name] = math.sqrt(s.kept / s.total) if s and s.total > 0 else float("nan")
+            survival[update.name] = s.measure()
     return dict(sorted(survival.items()))
 
 
-def warn_low_survival(survival: dict[str, float], dtype: torch.dtype, label: str) -> None:
-    """Log the modules whose ΔW mostly vanished in the rounding to ``dtype``."""
-    low = sorted((v, k) for k, v in survival.items() if v < LOW_SURVIVAL)
+def warn_stored(survival: dict[str, StoredUpdate], dtype: torch.dtype, label: str) -> None:
+    """One warning for updates mostly lost to rounding to ``dtype``, one for updates stored distorted."""
+    name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    low = sorted((v.kept, k) for k, v in survival.items() if v.lost)
     if low:
         worst = ", ".join(f"{k} ({v:.2f})" for v, k in low[:3])
         log.warning(
@@ -459,8 +497,27 @@ def warn_low_survival(survival: dict[str, float], dtype: torch.dtype, label: str
             label,
             len(low),
             len(survival),
-            DTYPE_NAMES[dtype],
+            name,
             LOW_SURVIVAL,
             worst,
             ", ..." if len(low) > 3 else "",
+        )
+    bent = sorted((-v.error, k) for k, v in survival.items() if v.distorted and not v.lost)
+    if bent:
+        worst = ", ".join(
+            f"{k} (error {survival[k].error:.2f}, cosine {survival[k].cosine:.2f}, kept {survival[k].kept:.2f})"
+            for _, k in bent[:3]
+        )
+        log.warning(
+            "%s: %d of %d module(s) are stored distorted in %s: round(W+ΔW)−round(W) is not ΔW (relative error > %.1f "
+            "or cosine < %.1f; ΔW is small against W's rounding step): %s%s; merge in float32 (dtype) or scale the "
+            "adapter up",
+            label,
+            len(bent),
+            len(survival),
+            name,
+            DISTORTED_ERROR,
+            DISTORTED_COSINE,
+            worst,
+            ", ..." if len(bent) > 3 else "",
         )

@@ -267,6 +267,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     """
     from loramix.pipeline import run
     from loramix.recipe import Plan, load_recipe
+    from loramix.render.card import kept_summary, rank_span
     from loramix.runtime import torch_threads
 
     for key in ("density", "majority_sign", "seed", "space"):  # dedicated flags for method options
@@ -289,19 +290,24 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         report = run(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
     if report.merge is not None:
         merge = report.merge
-        low = min(merge.survival.items(), key=lambda kv: kv[1], default=None)
+        worst = max(merge.survival.items(), key=lambda kv: kv[1].error, default=None)
         click.echo(
             f"wrote {plan.output}: {plan.merge_into} with {len(merge.survival)} modules merged, {merge.tensors} "
-            f"tensors in {len(merge.shards)} shard(s)" + (f"; least ΔW kept {low[1]:.2f} ({low[0]})" if low else "")
+            f"tensors in {len(merge.shards)} shard(s)"
+            + (
+                f"; stored ΔW vs intended: error ≤ {worst[1].error:.3f}, cosine {worst[1].cosine:.3f} ({worst[0]})"
+                if worst
+                else ""
+            )
         )
     else:
-        ranks = report.adapter.ranks
         method = report.adapter.provenance.get("method", plan.method)
+        kept = kept_summary(report.adapter.provenance)
         click.echo(
-            f"wrote {plan.output}: {len(report.adapter.modules)} modules, rank {ranks[0]}"
-            + (f"–{ranks[-1]}" if len(ranks) > 1 else "")
+            f"wrote {plan.output}: {len(report.adapter.modules)} modules, {rank_span(report.adapter.ranks)}"
             + f", {method} of {report.sources} adapter{'s' if report.sources != 1 else ''}"
             + (f" ({report.format} format)" if report.format in ("kohya", "gguf") else "")
+            + (f"; {kept}" if kept else "")
         )
     _push_output(plan.output, push_repo)
 

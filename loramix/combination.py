@@ -21,6 +21,8 @@ from loramix.runtime import parse_dtype, progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
 
+LONG_DENSE_SECONDS = 60  # warn before a dense merge estimated to take longer
+LARGE_RANK_FACTOR = 4  # warn when a chosen rank exceeds this many times the sum of the sources' ranks
 _GPU_WORKERS = 4  # measured on an H100 host: 1 → 37.5, 2 → 22.7, 4 → 17.2, 6 → 21.6, 8 → 25.0 ms per 7B layer
 
 
@@ -65,15 +67,20 @@ def _combined_bias(present: list[tuple[float, LoraModule]]) -> torch.Tensor | No
     return sum(w * b for w, b in biases) if biases else None
 
 
-def _widen(modules: dict[str, LoraModule], spectra: dict, rule: RankRule, dtype: torch.dtype) -> None:
+def _widen(modules: dict[str, LoraModule], spectra: dict, rule: RankRule, dtype: torch.dtype) -> dict[str, float]:
     """Each module's best rank-R approximation (R = `portable_rank` of the rule's ranks), within its numerical rank
-    and ``rule.rank``: at the layout's size anyway, the extra directions make each module closer to the exact sum."""
+    and ``rule.rank``: at the layout's size anyway, the extra directions make each module closer to the exact sum.
+    Returns the share of each module's energy (Σσ²) the written rank keeps."""
     rank = portable_rank(m.rank for m in modules.values())
+    kept = {}
     for name, spectrum in spectra.items():
         shape = (spectrum.U.shape[0], spectrum.Vh.shape[1])
         keep = min(rank, max(numerical_rank(spectrum.S, shape), modules[name].rank), rule.rank or rank)
         B, A = spectrum.factors(keep)
         modules[name].B, modules[name].A = B.to(device="cpu", dtype=dtype), A.to(device="cpu", dtype=dtype)
+        energy = spectrum.S.double().square()
+        kept[name] = float(energy[:keep].sum() / energy.sum()) if energy.sum() > 0 else 1.0
+    return kept
 
 
 def check_settings(
@@ -95,7 +102,54 @@ def check_settings(
     chosen.check_options(options)
     if heads not in ("refuse", "average"):
         raise MethodError(f"heads must be 'refuse' or 'average', got {heads!r}")
-    return chosen, truncation
+    return chosen, chosen.rule_for(truncation, options)
+
+
+def _dense_seconds(shapes: list[tuple[int, int]], device: torch.device) -> float:
+    """A rough time for the full SVDs of a dense merge: out·in·min(out, in) at the rate measured on one CPU core
+    (1.5e9/s: benchmarks/RESULTS.md measured 47 s for a 4096×4096 SVD and 89 s for 11008×4096 on 2 shared cores)
+    or a GPU (about 2e10/s)."""
+    rate = 2e10 if device.type == "cuda" else 1.5e9
+    return sum(o * i * min(o, i) for o, i in shapes) / rate
+
+
+def _warn_dense(method: str, loaded: list[LoraAdapter], names: list[str], device: torch.device) -> None:
+    shapes = [next((m.out_features, m.in_features) for a in loaded if (m := a.modules.get(n))) for n in names]
+    seconds = _dense_seconds(shapes, device)
+    if seconds > LONG_DENSE_SECONDS:
+        log.warning(
+            "%s in dense space forms and decomposes %d full out×in matrices: about %.0f min on %s; space='core' "
+            "works on the small cores instead (CLI: --space core), in seconds",
+            method,
+            len(shapes),
+            seconds / 60,
+            device.type,
+        )
+
+
+def _warn_large_ranks(method: str, modules: dict[str, LoraModule], loaded: list[LoraAdapter], rule: RankRule) -> None:
+    """One line when the rule chose ranks above 4·Σrᵢ (the rank an exact sum would have)."""
+    large = []
+    for name, module in modules.items():
+        total = sum(a.modules[name].rank for a in loaded if name in a.modules)
+        if module.rank > LARGE_RANK_FACTOR * total:
+            large.append((module.rank, total, name))
+    if large:
+        rank, total, name = max(large)
+        params = sum(m.num_params() for m in modules.values())
+        log.warning(
+            "%s with %s chose ranks above %d·Σrᵢ in %d of %d modules (up to rank %d where Σrᵢ = %d, %s): the adapter "
+            "has %s parameters; give rank or energy to make it smaller",
+            method,
+            rule.describe(),
+            LARGE_RANK_FACTOR,
+            len(large),
+            len(modules),
+            rank,
+            total,
+            name,
+            f"{params:,}",
+        )
 
 
 def combine(
@@ -153,12 +207,18 @@ def combine(
     spectral = truncation.energy is not None or truncation.rule is not None
     widen = rank_layout == "portable" and chosen.exact and chosen.truncates and spectral
     spectra: dict[str, FactorSVD] = {}
+    if chosen.dense and chosen.settings(options).get("space") == "dense":
+        _warn_dense(method, loaded, names, target)
+    kept: dict[str, float] = {}
 
     def merge_module(name: str) -> LoraModule:
         present = [(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
         with _worker_stream(target):
             terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
-            B, A = chosen.fn(terms, rule=RankRule(rank=truncation.rank) if widen else truncation, **options)
+            factors = chosen.apply(terms, rule=RankRule(rank=truncation.rank) if widen else truncation, **options)
+            if factors.kept is not None:
+                kept[name] = factors.kept
+            B, A = factors.B, factors.A
             if widen:
                 full = factor_svd(B, A)
                 B, A = full.factors(truncation.choose(full.S, (B.shape[0], A.shape[1])))
@@ -185,8 +245,10 @@ def combine(
         for name, module in zip(names, pool.map(merge_module, names)):
             modules[name] = module
             bar.update()
-    if widen:
-        _widen(modules, spectra, truncation, out_dtype)
+    if widen:  # the exact method kept everything the rank allows; what the written rank keeps is measured here
+        kept.update(_widen(modules, spectra, truncation, out_dtype))
+    if chosen.truncates:
+        _warn_large_ranks(method, modules, loaded, truncation)
     base = next((a.base_model for a in loaded if a.base_model), None)
     return LoraAdapter(
         modules=modules,
@@ -201,6 +263,7 @@ def combine(
             "sources": [a.source for a in loaded],
             "names": [a.name for a in loaded],
             "truncation": truncation.describe() if chosen.truncates else None,
-            "options": options,
+            "options": chosen.settings(options),
+            "kept_energy": {name: kept[name] for name in names if name in kept},
         },
     )

@@ -18,18 +18,37 @@ from loramix.runtime import require_path
 from loramix.sources import parse_hub_id
 
 
-def revision(source: str) -> str:
-    """``local`` for a path; for a Hub id the revision asked for and the commit the local cache resolved it to."""
+def _cached_commit(source: str):
+    """(the parsed Hub id, the revision asked for, the commit the local cache resolved it to or None); None for a
+    local path."""
     ref = parse_hub_id(source) if not Path(source).exists() else None
     if ref is None:
-        return "local"
+        return None
     asked = ref.revision or "main"
     try:  # the source was just fetched, so the cache answers without the network
         folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, local_files_only=True, allow_patterns=[]))
-    except Exception:  # noqa: BLE001 — the card then names the revision asked for only
-        return asked
-    commit = folder.name if folder.parent.name == "snapshots" else None
+    except Exception:  # noqa: BLE001 — the caller then names the revision asked for only
+        return ref, asked, None
+    return ref, asked, folder.name if folder.parent.name == "snapshots" else None
+
+
+def revision(source: str) -> str:
+    """``local`` for a path; for a Hub id the revision asked for and the commit the local cache resolved it to."""
+    found = _cached_commit(source)
+    if found is None:
+        return "local"
+    _, asked, commit = found
     return f"{asked} (commit {commit})" if commit and commit != asked else asked
+
+
+def pinned(source: str) -> str:
+    """A Hub id pinned to the commit its revision resolved to (``org/name@commit[:subfolder]``, from the local
+    cache); a local path or an id the cache does not know is returned as it is."""
+    found = _cached_commit(source)
+    if found is None or found[2] is None:
+        return source
+    ref, _, commit = found
+    return f"{ref.repo_id}@{commit}" + (f":{ref.subfolder}" if ref.subfolder else "")
 
 
 def revisions(sources: list) -> dict[str, str]:

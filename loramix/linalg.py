@@ -6,6 +6,7 @@ the R×R core R_B R_Aᵀ = U Σ Vᵀ; then ΔW = (Q_B U) Σ (Q_A V)ᵀ. Cost O((
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from loramix.errors import MethodError
@@ -17,6 +18,26 @@ KOHYA_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
 
 
 @dataclass
+class Factors:
+    """What every merge method returns: factors ``B`` (out×k) and ``A`` (k×in) whose product is the merged ΔW, and,
+    for a method that truncated a spectrum, ``kept`` — the share of the untruncated result's Σσ² that B·A holds
+    (then ‖ΔW_full − B·A‖/‖ΔW_full‖ = √(1 − kept), Eckart–Young). ``kept`` is None when nothing was truncated by a
+    rule (exact methods, mixing). Unpacks as ``B, A = factors``."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    kept: float | None = None
+
+    def __iter__(self):
+        return iter((self.B, self.A))
+
+    @property
+    def relative_error(self) -> float | None:
+        """‖ΔW_full − B·A‖_F / ‖ΔW_full‖_F of the truncation, from ``kept``."""
+        return None if self.kept is None else math.sqrt(max(0.0, 1.0 - self.kept))
+
+
+@dataclass
 class FactorSVD:
     """ΔW = U · diag(S) · Vh with orthonormal U (out×k) and Vh (k×in), S descending."""
 
@@ -24,10 +45,18 @@ class FactorSVD:
     S: torch.Tensor
     Vh: torch.Tensor
 
-    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Balanced rank-k factors (B, A) with B·A the best rank-k approximation (Eckart–Young)."""
+    def factors(self, k: int) -> Factors:
+        """Balanced rank-k factors (B, A) with B·A the best rank-k approximation (Eckart–Young), and the share of
+        Σσ² they keep."""
         root = self.S[:k].sqrt()
-        return self.U[:, :k] * root, root[:, None] * self.Vh[:k]
+        return Factors(self.U[:, :k] * root, root[:, None] * self.Vh[:k], kept=kept_share(self.S, k))
+
+
+def kept_share(S: torch.Tensor, k: int) -> float:
+    """Σ_{i<k} σᵢ² / Σ σᵢ² (1 for a zero spectrum), computed in float64."""
+    energy = S.to(torch.float64).square()
+    total = float(energy.sum())
+    return float(energy[:k].sum()) / total if total > 0 else 1.0
 
 
 def factor_svd(B: torch.Tensor, A: torch.Tensor, *, dtype: torch.dtype | None = None) -> FactorSVD:
@@ -292,23 +321,18 @@ def gram_svd(gram_b: torch.Tensor, gram_a: torch.Tensor, shape: tuple[int, int],
     )
 
 
-def truncated_factors(B: torch.Tensor, A: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+def truncated_factors(B: torch.Tensor, A: torch.Tensor, rule: RankRule) -> Factors:
     """Balanced factors of B·A re-factorised in factor space and truncated to ``rule.choose`` of its spectrum."""
     decomposition = factor_svd(B, A)
     return decomposition.factors(rule.choose(decomposition.S, (B.shape[0], A.shape[1])))
 
 
-def dense_factors(delta: torch.Tensor, rule: RankRule, *, cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced factors (B, A) of a dense out×in ΔW by its full SVD, truncated to ``rule.choose`` of its spectrum.
-
-    ``cap`` bounds the rank when the rule sets none (a dense merge of sparsified matrices is full-rank, and an
-    adapter of rank min(out, in) is rarely what anyone wants). Computes in ΔW's dtype.
-    """
+def dense_factors(delta: torch.Tensor, rule: RankRule) -> Factors:
+    """Balanced factors (B, A) of a dense out×in ΔW by its full SVD, truncated to ``rule.choose`` of its spectrum
+    (with an empty rule: the full numerical rank, which a dense merge of sparsified matrices makes large), with the
+    share of Σσ² kept. Computes in ΔW's dtype."""
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    k = rule.choose(S, (delta.shape[0], delta.shape[1]))
-    if cap is not None and rule.rank is None:
-        k = min(k, max(cap, 1))
-    return FactorSVD(U, S, Vh).factors(k)
+    return FactorSVD(U, S, Vh).factors(rule.choose(S, (delta.shape[0], delta.shape[1])))
 
 
 def stacked_factors(terms, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,6 @@ originals the report keeps.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -24,7 +23,16 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from loramix.adapter import LoraAdapter
-from loramix.checkpoint import Update, decide_layout, delta_rows, dora_merge, row_shape, warn_low_survival
+from loramix.checkpoint import (
+    StoredUpdate,
+    Survival,
+    Update,
+    decide_layout,
+    delta_rows,
+    dora_merge,
+    row_shape,
+    warn_stored,
+)
 from loramix.errors import CheckpointError, MethodError
 from loramix.formats import load_adapter
 from loramix.io.base import NameMatcher
@@ -34,12 +42,13 @@ from loramix.io.base import NameMatcher
 class ModelMergeReport:
     """What `merge_into` or `unmerge` did to a live model.
 
-    ``survival``: per module, the share of ΔW the weight's dtype kept, ‖round(W ± ΔW) − W‖ / ‖ΔW‖ (as
-    `loramix.checkpoint.MergeReport.survival`). ``replaced``: the original values of the parameters the adapter's
-    extra tensors (heads) replaced; ``dora_norms``: per DoRA module the row norms ‖W+ΔW‖. `unmerge` uses both.
+    ``survival``: per module, how the change stored in the weight's dtype compares with the intended ±ΔW
+    (`loramix.checkpoint.StoredUpdate`: kept share, relative error, cosine; as in a merged checkpoint's report).
+    ``replaced``: the original values of the parameters the adapter's extra tensors (heads) replaced;
+    ``dora_norms``: per DoRA module the row norms ‖W+ΔW‖. `unmerge` uses both.
     """
 
-    survival: dict[str, float] = field(default_factory=dict)
+    survival: dict[str, StoredUpdate] = field(default_factory=dict)
     replaced: dict[str, torch.Tensor] = field(default_factory=dict)
     dora_norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -103,14 +112,16 @@ def _extras(model: torch.nn.Module, adapter: LoraAdapter) -> dict[str, tuple[str
     return found
 
 
-def _store(weight: torch.Tensor, result: torch.Tensor, before: torch.Tensor, name: str) -> float:
-    """Write ``result`` (float32) into ``weight`` in its dtype; the share of the change that survived rounding."""
-    total = float(torch.linalg.vector_norm(result - before))
-    if not math.isfinite(total):
+def _store(weight: torch.Tensor, result: torch.Tensor, before: torch.Tensor, name: str) -> StoredUpdate:
+    """Write ``result`` (float32) into ``weight`` in its dtype; how the stored change compares with the intended one
+    (as in a checkpoint: `loramix.checkpoint.StoredUpdate`)."""
+    intended = result - before
+    if not torch.isfinite(intended).all():
         raise CheckpointError(f"adapter module {name}: W ± ΔW holds NaN/Inf (the adapter or the model is broken)")
     weight.copy_(result.to(weight.dtype))
-    kept = float(torch.linalg.vector_norm(weight.float() - before))
-    return kept / total if total > 0 else float("nan")
+    measure = Survival()
+    measure.add(weight.float() - before, intended)
+    return measure.measure()
 
 
 def merge_into(model: torch.nn.Module, adapter) -> ModelMergeReport:
@@ -187,4 +198,4 @@ def _add_bias(target: _Target, sign: float) -> None:
 def _warn(model: torch.nn.Module, report: ModelMergeReport, adapter: LoraAdapter) -> None:
     dtypes = Counter(p.dtype for p in model.parameters() if p.is_floating_point())
     if dtypes:
-        warn_low_survival(report.survival, dtypes.most_common(1)[0][0], adapter.name)
+        warn_stored(report.survival, dtypes.most_common(1)[0][0], adapter.name)

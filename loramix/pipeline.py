@@ -9,6 +9,7 @@ Every output is assembled in a temporary folder beside the target and renamed in
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from loramix.checkpoint import MergeReport, write_merged
 from loramix.combination import check_settings, combine
 from loramix.errors import IncompatibleAdaptersError, MethodError
 from loramix.formats import load_adapter, load_adapters, split_source_options, write_adapter
-from loramix.hub import revisions
+from loramix.hub import pinned, revisions
 from loramix.io.base import open_base, resolve_base
 from loramix.io.files import atomic_output, check_output, refuse_inputs, write_text_atomic
+from loramix.linalg import RankRule
 from loramix.quantize import quantization_settings
 from loramix.recipe import Plan
 from loramix.render.analysis import analysis_json
@@ -56,21 +58,37 @@ def _cheap_analysis(loaded: list[LoraAdapter], weights: list[float]) -> Analysis
     return analyze(loaded, weights=weights, allow_different_bases=True)
 
 
-def _repeatable(plan: Plan, adapter: LoraAdapter) -> Plan:
-    """``plan`` as a recipe that repeats the run from anywhere: local paths made absolute, the weights used."""
+def _repeatable(plan: Plan, adapter: LoraAdapter, rule: RankRule | None = None) -> Plan:
+    """``plan`` as a recipe to publish with its output: local paths relative to the output folder (where the recipe
+    lies; a recipe's paths are read relative to it), Hub ids pinned to the commit they resolved to, the weights,
+    rank rule, method options and dtype that were used, defaults included."""
+    folder = Path(plan.output).resolve()
 
-    def anchored(item):  # a source's own options (path::scale=0.5) stay with it
-        path, sep, options = item.partition("::") if isinstance(item, str) else (item, "", "")
-        return str(Path(path).resolve()) + sep + options if isinstance(item, str) and Path(path).exists() else item
+    def portable(item):  # a source's own options (path::scale=0.5) stay with it
+        if not isinstance(item, str):
+            return item
+        path, sep, options = item.partition("::")
+        if not Path(path).exists():
+            return pinned(path) + sep + options
+        return os.path.relpath(Path(path).resolve(), folder) + sep + options
 
-    weights = adapter.provenance.get("weights") or plan.weights
+    provenance = adapter.provenance
+    weights = provenance.get("weights") or plan.weights
+    rule = rule or RankRule(rank=plan.rank, energy=plan.energy, rule=plan.rule, value=plan.rule_value)
+    dtype = plan.dtype or ("bfloat16" if plan.merge_into else str(adapter.dtype).removeprefix("torch."))
     return replace(
         plan,
-        adapters=[anchored(a) for a in plan.adapters],
+        adapters=[portable(a) for a in plan.adapters],
         weights=list(weights) if weights else None,
-        module_map=anchored(plan.module_map),
-        merge_into=anchored(plan.merge_into),
-        gguf_base=anchored(plan.gguf_base),
+        rank=rule.rank,
+        energy=rule.energy,
+        rule=rule.rule,
+        rule_value=rule.value,
+        options=provenance.get("options", plan.options),
+        dtype=dtype,
+        module_map=portable(plan.module_map),
+        merge_into=portable(plan.merge_into),
+        gguf_base=portable(plan.gguf_base),
         output=None,
     )
 
@@ -102,7 +120,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
     kwargs = plan.combine_kwargs()
     load_options = kwargs.pop("load_options")
     settings = ("method", "heads", "rank", "energy", "rule", "rule_value")
-    check_settings(options=plan.options, **{key: getattr(plan, key) for key in settings})
+    _, rule = check_settings(options=plan.options, **{key: getattr(plan, key) for key in settings})
     loaded, weights = load_adapters(
         plan.adapters,
         weights=plan.weights,
@@ -119,7 +137,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         adapter = combine(loaded, progress=progress, **{**kwargs, "weights": weights})
     if plan.format in LAID_OUT and plan.rank_layout == "portable" and not plan.merge_into:
         adapter = portable_layout(adapter)  # what the file holds, for the card and the report
-    files = {RECIPE_FILE: _repeatable(plan, adapter).to_yaml()}
+    files = {RECIPE_FILE: _repeatable(plan, adapter, rule).to_yaml()}
     files[CARD_FILE] = model_card(
         adapter,
         argv=argv,
@@ -292,12 +310,31 @@ def write_search(
     argv: list[str] | None = None,
 ) -> Path:
     """Write a search's output folder atomically: the searched adapter (PEFT) — or, with ``merge_into``, that base
-    with it merged — plus ``search.json`` (weights, loss, history, settings) and a model card."""
+    with it merged — plus ``search.json`` (weights, loss, history, settings), a model card, and a recipe.
+
+    The recipe repeats the searched combination, not the search: the sources with the weights found and the method
+    of the search's composition (``lorahub``, or ``cat`` for ``delta``); `loramix combine --recipe` rebuilds the
+    same adapter (or merged checkpoint) bit for bit without the base, the examples or the optimiser."""
     adapter = result.adapter
+    plan = Plan(
+        adapters=list(adapter.provenance.get("sources", [])),
+        weights=list(result.weights),
+        method=adapter.provenance["method"],
+        device=str(device),
+        merge_into=merge_into,
+        shard_size=str(shard_size),
+        output=str(folder),
+    )
     files = {
         SEARCH_FILE: json.dumps(result.to_json(), indent=2) + "\n",
+        RECIPE_FILE: _repeatable(plan, adapter).to_yaml(),
         CARD_FILE: model_card(
-            adapter, argv=argv, merged_into=merge_into, revisions=revisions(adapter.provenance.get("sources", []))
+            adapter,
+            argv=argv,
+            merged_into=merge_into,
+            revisions=revisions(adapter.provenance.get("sources", [])),
+            recipe=True,
+            searched=True,
         ),
     }
     if merge_into:

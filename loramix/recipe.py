@@ -80,11 +80,15 @@ class Plan:
         return {**kwargs, **self.options, "dtype": parse_dtype(self.dtype), "load_options": load_options}
 
     def to_yaml(self) -> str:
-        data = {"adapters": [{"source": s, "weight": w} for s, w in zip(self.adapters, self.weights or [])]}
-        defaults = Plan(adapters=[])
+        """The plan as a recipe: every field that is set, defaults included, so that the recipe does not depend on
+        today's defaults."""
+        if self.weights:
+            data = {"adapters": [{"source": s, "weight": w} for s, w in zip(self.adapters, self.weights)]}
+        else:
+            data = {"adapters": [{"source": s} for s in self.adapters]}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name not in ("adapters", "weights") and value != getattr(defaults, f.name):
+            if f.name not in ("adapters", "weights") and value is not None:
                 data[f.name] = value
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 

@@ -438,3 +438,60 @@ def test_cli_base_may_be_a_hub_id(tmp_path, hub_cache):
         assert result.exit_code == 0, result.output
         shown.append(json.loads(result.output)["adapters"])
     assert shown[0] == shown[1] and "relative" in json.dumps(shown[0])
+
+
+# ----------------------------------------------------------------------------------------------- advice
+
+
+def suggestions(adapters, weights=None) -> list[str]:
+    from loramix.render.analysis import analysis_text
+
+    text = analysis_text(analyze(adapters, weights=weights))
+    return [line.strip()[2:] for line in text.split("Suggestions", 1)[1].splitlines() if line.strip().startswith("-")]
+
+
+def pair_line(lines: list[str], a: str, b: str) -> str:
+    found = [line for line in lines if line.startswith(f"{a} ~ {b}:")]
+    assert len(found) == 1, lines
+    return found[0]
+
+
+def nudged(m: LoraModule, seed: int, size: float, sign: float = 1.0) -> LoraModule:
+    g = torch.Generator().manual_seed(seed)
+    return LoraModule(A=m.A + size * torch.randn(m.A.shape, generator=g), B=sign * m.B, scale=m.scale)
+
+
+def test_advice_for_near_duplicates_at_weights_summing_to_one():
+    first = module(24, 20, 4, seed=1)
+    trio = [
+        adapter({"m": first}, "a"),
+        adapter({"m": nudged(first, 2, 0.01)}, "b"),
+        adapter({"m": nudged(first, 3, 0.01)}, "c"),
+    ]
+    lines = suggestions(trio)  # default weights 1/3 each
+    line = pair_line(lines, "a", "b")
+    assert "near-duplicates at weights 0.333 and 0.333" in line
+    assert "nothing is over-counted" in line and "ties/dare buy nothing" in line
+    assert "over-counts" not in " ".join(lines) and "lower their weights" not in " ".join(lines)
+    # the same pair at weights 1 each: the shared direction is applied 3×, and the advice says so
+    line = pair_line(suggestions(trio, weights=[1.0, 1.0, 1.0]), "a", "b")
+    assert "the weights sum to 3" in line and "applied about 3×" in line and "sum to 1" in line
+
+
+def test_advice_for_orthogonal_adapters():
+    # disjoint output rows and input columns: cosine exactly 0
+    first, second = module(24, 20, 2, seed=1), module(24, 20, 2, seed=2)
+    first.B[12:], second.B[:12] = 0, 0
+    line = pair_line(suggestions([adapter({"m": first}, "a"), adapter({"m": second}, "b")]), "a", "b")
+    assert line.startswith("a ~ b: cosine 0.00, nearly orthogonal: an exact sum (cat/svd) keeps both")
+    assert "weight 1 each keeps both at full strength" in line  # at 0.5/0.5 each keeps half its effect
+    line = pair_line(suggestions([adapter({"m": first}, "a"), adapter({"m": second}, "b")], weights=[1, 1]), "a", "b")
+    assert "full strength" not in line and "without interference" in line
+
+
+def test_advice_for_conflicting_adapters():
+    first = module(24, 20, 4, seed=1)
+    pair = [adapter({"m": first}, "a"), adapter({"m": nudged(first, 2, 0.3, sign=-1.0)}, "b")]
+    line = pair_line(suggestions(pair, weights=[0.6, 0.4]), "a", "b")
+    assert line.startswith("a ~ b: cosine -0.") and "conflicting updates at weights 0.6 and 0.4" in line
+    assert "cancels" in line and "ties/dare" in line

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,7 @@ def test_merge_matches_peft(case, tmp_path):
     logits_check(out, merged, factory, auto)
     assert folder_digest(base) == before
     assert set(report.survival) == set(load_adapter(made.path).modules)
-    assert all(0.9 < v < 1.1 for v in report.survival.values())  # PEFT's random init: ΔW far above bf16 noise
+    assert all(0.9 < v.kept < 1.1 for v in report.survival.values())  # PEFT's random init: ΔW far above bf16 noise
     if case == "bert_head":
         assert {"classifier.weight", "classifier.bias"} <= set(report.replaced)
 
@@ -156,7 +157,7 @@ def test_row_chunks_match_peft(case, tmp_path, monkeypatch):
     report = merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, progress=False)
     tied = ("lm_head.weight",) if "lm_head.weight" not in read_checkpoint(base) else ()
     check_against_peft(tmp_path / "out", peft_merged(made), tied_absent=tied)
-    assert all(0.9 < v < 1.1 for v in report.survival.values())
+    assert all(0.9 < v.kept < 1.1 for v in report.survival.values())
 
 
 def test_gpt2_bare_base_and_fan_in_fan_out_disagreement(tmp_path, caplog):
@@ -275,10 +276,40 @@ def test_low_survival_warns(tmp_path, caplog):
         tiny[name].B = tiny[name].B * 1e-6  # ΔW ~1e-7: far under half an ulp of W (~3e-5 at |W| ~ 0.01)
     with caplog.at_level(logging.WARNING, logger="loramix"):
         report = merge_into_base(adapter.with_modules(tiny), base, tmp_path / "out", progress=False)
-    low = [n for n, v in report.survival.items() if v < 0.5]
-    assert low == list(tiny)[:1] and report.survival[low[0]] < 0.2
-    assert all(v > 0.9 for n, v in report.survival.items() if n not in low)
+    low = [n for n, v in report.survival.items() if v.kept < 0.5]
+    assert low == list(tiny)[:1] and report.survival[low[0]].kept < 0.2
+    assert all(v.kept > 0.9 for n, v in report.survival.items() if n not in low)
     assert "lose most of their ΔW to bfloat16 rounding" in caplog.text and low[0] in caplog.text
+
+
+def test_distorted_update_is_measured_and_warned(tmp_path, caplog):
+    """The distilgpt2 case: large base weights, a ΔW about one bf16 step of W. Rounding keeps roughly its norm (kept
+    near or above 1) but not its entries: the stored update round(W+ΔW)−round(W) is far from ΔW.
+
+    Oracle: the written checkpoint itself, read back, against ΔW from the adapter's factors in float64.
+    """
+    model = tiny_llama()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(400.0)  # |W| ~ 8: a bf16 step of 0.03–0.06
+    base = save_base(model, tmp_path / "base")
+    made = make_peft_adapter(tiny_llama, tmp_path, "adapter", target_modules=["q_proj", "v_proj"])
+    adapter = load_adapter(made.path)
+    small = {n: replace(m, B=m.B * 0.2) for n, m in adapter.modules.items()}  # |ΔW| about half a bf16 step
+    with caplog.at_level(logging.WARNING, logger="loramix"):
+        report = merge_into_base(adapter.with_modules(small), base, tmp_path / "out", progress=False)
+    written, original = read_checkpoint(tmp_path / "out"), read_checkpoint(base)
+    for name, module in small.items():
+        key = name + ".weight"
+        stored = written[key].double() - original[key].to(torch.bfloat16).double()
+        intended = module.scale * (module.B.double() @ module.A.double())
+        error = float((stored - intended).norm() / intended.norm())
+        cosine = float((stored * intended).sum() / (stored.norm() * intended.norm()))
+        measured = report.survival[name]
+        assert measured.error == pytest.approx(error, abs=1e-3) and measured.cosine == pytest.approx(cosine, abs=1e-3)
+        assert measured.kept == pytest.approx(float(stored.norm() / intended.norm()), abs=1e-3)
+        assert error > 0.5 and cosine < 0.9 and measured.distorted and not measured.lost
+    assert "stored distorted in bfloat16" in caplog.text and "lose most" not in caplog.text
 
 
 def test_errors_name_module_and_base(tmp_path):
@@ -391,7 +422,7 @@ def test_real_qwen_two_layers(tmp_path, caplog):
     two = {n: m for n, m in adapter.modules.items() if n.split(".")[2] in ("0", "1")}
     assert len(two) == 4
     report = merge_into_base(adapter.with_modules(two), base, tmp_path / "out", shard_size="10MB", progress=False)
-    assert all(not math.isnan(v) for v in report.survival.values())
+    assert all(not math.isnan(v.kept) for v in report.survival.values())
     merged = PeftModel.from_pretrained(qwen(), str(source)).merge_and_unload()  # PEFT skips layers 2-23 itself
     check_against_peft(tmp_path / "out", merged, tied_absent=("lm_head.weight",))
 

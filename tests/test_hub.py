@@ -193,8 +193,9 @@ def test_combine_push_to_hub_writes_card_and_recipe_and_uploads_them(tmp_path, f
     assert {"loramix", "svd"} <= set(card.data.tags)
     assert "loramix combine " + " ".join(args[1:3]) in card.text  # the real argv, shlex-joined
     assert "| `" + str(example("summarize")) + "` | 0.6 | local |" in card.text
-    # the card describes the file: rank 4 written at 8, the portable layout (by design)
-    assert "rank 8–8" in card.text and "cosine" in card.text and "Eckart" in card.text
+    # the card describes the file: rank 4 written at 8, the portable layout (by design), said once ("rank 8")
+    assert "rank 8," in card.text and "rank 8–8" not in card.text
+    assert "cosine" in card.text and "Eckart" in card.text
     # the recipe beside it repeats the run
     again = CliRunner().invoke(main, ["combine", "--recipe", str(out / RECIPE), "-o", str(tmp_path / "again")])
     assert again.exit_code == 0, again.output

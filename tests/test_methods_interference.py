@@ -133,10 +133,32 @@ def test_dense_truncation_is_the_best_rank_k_of_the_merged_matrix():
     close(product(REGISTRY["ties"].fn(terms, rule=RankRule(rank=4), density=0.4)), best)
 
 
-def test_dense_default_rank_is_capped_at_the_sum_of_ranks():
+def test_dense_merge_without_a_rule_keeps_the_full_numerical_rank_and_says_so():
+    # no hidden cap at Σrᵢ = 3: the dense TIES matrix of sparsified ΔWs has full rank min(12, 10)
     terms = make_terms(2, ranks=[2, 1])
-    B, A = REGISTRY["ties"].fn(terms, rule=RankRule(), density=0.5)
-    assert B.shape[1] == A.shape[0] == 3
+    factors = REGISTRY["ties"].fn(terms, rule=RankRule(), density=0.5)
+    assert (
+        factors.B.shape[1]
+        == factors.A.shape[0]
+        == np.linalg.matrix_rank(ties_reference(task_vectors(terms), [t.weight for t in terms], 0.5))
+    )
+    assert factors.kept == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("energy", [0.9, 0.99])
+def test_dense_energy_rule_keeps_that_share_and_reports_it(energy):
+    terms = make_terms(3)
+    merged = ties_reference(task_vectors(terms), [t.weight for t in terms], 0.4)
+    S = np.linalg.svd(merged, compute_uv=False)
+    shares = np.cumsum(S**2) / np.sum(S**2)
+    k = int(np.searchsorted(shares, energy - 1e-12) + 1)  # the smallest k holding the share (float64 oracle)
+    factors = REGISTRY["ties"].fn(terms, rule=RankRule(energy=energy), density=0.4)
+    assert factors.A.shape[0] == k
+    written = product(factors)
+    assert factors.kept == pytest.approx(np.sum(written**2) / np.sum(merged**2), rel=1e-9)
+    assert factors.kept >= energy
+    error = np.linalg.norm(merged - written) / np.linalg.norm(merged)
+    assert factors.relative_error == pytest.approx(error, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- DARE
@@ -332,3 +354,55 @@ def test_cli_flags_feed_method_options(tmp_path):
         close(written.modules[name].delta(dtype=torch.float64).numpy(), module.delta(dtype=torch.float64).numpy(), 1e-6)
     refused = CliRunner().invoke(main, ["combine", *args[:2], "-m", "ties", "--seed", "1", "-o", str(tmp_path / "x")])
     assert refused.exit_code == 2 and refused.output.count("\n") == 1 and "no option" in refused.output
+
+
+# ----------------------------------------------------------------------------------------------- warnings
+
+
+def small_adapters(out=96, inp=80, r=2, n=2):
+    from loramix import LoraAdapter, LoraModule
+
+    gen = torch.Generator().manual_seed(5)
+    return [
+        LoraAdapter(
+            modules={
+                "m": LoraModule(A=torch.randn(r, inp, generator=gen), B=torch.randn(out, r, generator=gen), scale=1)
+            },
+            name=f"a{i}",
+            base_model="test/base",
+        )
+        for i in range(n)
+    ]
+
+
+def test_ranks_above_four_times_the_sum_say_so_in_one_line(caplog):
+    with caplog.at_level("WARNING", logger="loramix"):
+        merged = combine(small_adapters(), method="ties", density=0.3)
+    rank = merged.modules["m"].rank
+    assert rank > 4 * 4  # dense TIES of two rank-2 ΔWs at 99% of its energy
+    lines = [r.getMessage() for r in caplog.records if "4·Σrᵢ" in r.getMessage()]
+    assert len(lines) == 1 and f"up to rank {rank} where Σrᵢ = 4" in lines[0]
+    assert f"{merged.num_params():,} parameters" in lines[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loramix"):
+        combine(small_adapters(), method="ties", density=0.3, rank=16)
+    assert "4·Σrᵢ" not in caplog.text
+
+
+def test_long_dense_merges_are_announced_with_the_core_space_alternative(caplog, monkeypatch):
+    import loramix.combination
+
+    # one Llama-7B layer (four 4096×4096, three 11008×4096 modules): minutes of full SVDs on a CPU core (the
+    # benchmark measured 47 s and 89 s for one of each), but a fraction of the 60 s threshold for a 0.5B layer
+    llama = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]
+    assert 180 < loramix.combination._dense_seconds(llama, torch.device("cpu")) < 1200
+    qwen = [(896, 896), (128, 896), (128, 896), (896, 896), (4864, 896), (4864, 896), (896, 4864)]
+    assert loramix.combination._dense_seconds(qwen, torch.device("cpu")) < 20
+    monkeypatch.setattr(loramix.combination, "LONG_DENSE_SECONDS", 0.0)
+    with caplog.at_level("WARNING", logger="loramix"):
+        combine(small_adapters(), method="dare_ties", rank=4)
+    assert "space='core'" in caplog.text and "dense space" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loramix"):
+        combine(small_adapters(), method="dare_ties", space="core")
+    assert "dense space" not in caplog.text

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from helpers import make_peft_adapter, random_model
 from peft import PeftModel
@@ -220,10 +222,7 @@ def test_lorahub_composition_equals_peft_built_lorahubs_way(causal, tmp_path):
         with torch.no_grad():
             assert (other(**ids).logits - expected).abs().max() > 1e-2
     # What search writes for these weights reproduces LoRAHub's model when PEFT loads it.
-    from loramix.weight_search import lorahub_adapter
-
-    adapters = [loramix.load_adapter(a) for a in causal.adapters]
-    written = loramix.LoraAdapter(modules=lorahub_adapter(adapters, weights), base_model="tiny-base")
+    written = loramix.combine(causal.adapters, weights=weights, method="lorahub")
     save_adapter(written, tmp_path / "written")
     with torch.no_grad():
         loaded = PeftModel.from_pretrained(causal.factory(), str(tmp_path / "written")).eval()(**ids).logits
@@ -411,3 +410,33 @@ def test_cli_merge_into_writes_the_base_with_the_searched_adapter(causal, tmp_pa
     # well under 1% here, while the searched adapter moves it by far more than that (checked against the base).
     assert _peft_loss(causal, merged, EXAMPLES) == pytest.approx(expected, rel=1e-2)
     assert abs(_peft_loss(causal, causal.factory(), EXAMPLES) - expected) > 0.05
+
+
+@pytest.mark.parametrize(("composition", "merge"), [("lorahub", False), ("delta", True)])
+def test_search_output_carries_a_recipe_that_repeats_the_searched_combination(causal, tmp_path, composition, merge):
+    # "Repeats" means: the sources at the searched weights, combined by the composition's method, give the same
+    # adapter (or merged checkpoint) bit for bit; the search itself (base, examples, optimiser) is in search.json.
+    root = tmp_path / "project"
+    sources = [shutil.copytree(a, root / "src" / Path(a).name) for a in causal.adapters]
+    base = shutil.copytree(causal.base, root / "base")
+    examples = root / "ex.jsonl"
+    examples.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    args = ["-q", "search", "--base", base, "--examples", examples, *sources, "--steps", "4", "--device", "cpu"]
+    args += ["--composition", composition, *(["--merge-into", base] if merge else []), "-o", root / "out"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    recipe = yaml.safe_load((root / "out" / "loramix_recipe.yaml").read_text())
+    searched = json.loads((root / "out" / "search.json").read_text())["weights"]
+    assert recipe["method"] == ("lorahub" if composition == "lorahub" else "cat")
+    assert [a["weight"] for a in recipe["adapters"]] == searched
+    assert [a["source"] for a in recipe["adapters"]] == [f"../src/{Path(s).name}" for s in sources]
+    assert "searched weights" in (root / "out" / "README.md").read_text()
+    moved = tmp_path / "elsewhere"
+    shutil.move(root, moved)
+    again = CliRunner().invoke(main, ["-q", "combine", "--recipe", str(moved / "out" / "loramix_recipe.yaml"),
+                                      "-o", str(moved / "again")])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    written = sorted(p.name for p in (moved / "out").glob("*.safetensors"))
+    assert written
+    for name in written:
+        assert (moved / "again" / name).read_bytes() == (moved / "out" / name).read_bytes(), name

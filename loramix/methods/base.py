@@ -2,7 +2,8 @@
 defined by `@method`, its options read from its keyword-only parameters.
 
 A term is one adapter's contribution to a module, ``coef·B·A`` with ``coef = weight·scale``. A method returns
-factors ``(B, A)`` whose product (scale 1) is the merged ΔW. Methods know nothing of files, names or devices beyond
+`loramix.linalg.Factors`: ``B, A`` whose product (scale 1) is the merged ΔW, and the share of energy kept when it
+truncated a spectrum. Methods know nothing of files, names or devices beyond
 the tensors they are given. Every method takes ``rule`` (a `loramix.linalg.RankRule`, used by the methods that
 truncate); its other keyword-only parameters, with their defaults, are its options.
 """
@@ -15,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loramix.errors import MethodError
+from loramix.linalg import Factors, RankRule
+
+# The rank rule of a dense merge (space="dense") given none: the smallest rank holding 99% of each module's Σσ².
+DENSE_ENERGY = 0.99
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,22 @@ class Method:
     @property
     def options(self) -> tuple[str, ...]:
         return tuple(self.defaults)
+
+    def settings(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Every option the method runs with: ``options`` over its defaults."""
+        return {**self.defaults, **options}
+
+    def rule_for(self, rule: RankRule, options: dict[str, Any]) -> RankRule:
+        """The rank rule a combine applies: ``rule`` as given, or, when none is given to a dense merge (its
+        ``space`` is "dense"), the smallest rank holding `DENSE_ENERGY` of each module's Σσ²."""
+        if rule == RankRule() and self.dense and self.settings(options).get("space") == "dense":
+            return RankRule(energy=DENSE_ENERGY)
+        return rule
+
+    def apply(self, terms: list[Term], *, rule, **options) -> Factors:
+        """Run the method on one module's terms; a function returning a plain ``(B, A)`` counts as untruncated."""
+        result = self.fn(terms, rule=rule, **options)
+        return result if isinstance(result, Factors) else Factors(*result)
 
     def check_options(self, options: dict[str, Any]) -> None:
         unknown = sorted(set(options) - set(self.defaults))

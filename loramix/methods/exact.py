@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from loramix.lazy import lazy
-from loramix.linalg import RankRule, factor_svd, stacked_factors
+from loramix.linalg import Factors, RankRule, factor_svd, stacked_factors
 from loramix.methods.base import method
 
 torch = lazy("torch")
 
 
 @method(name="cat", exact=True)
-def cat(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+def cat(terms, *, rule: RankRule) -> Factors:
     """Exact Σ wᵢ·sᵢ·Bᵢ·Aᵢ as concatenated factors (rank Σ rᵢ)."""
-    return stacked_factors(terms, torch.float32)
+    return Factors(*stacked_factors(terms, torch.float32))
 
 
 @method(name="svd", paper="Eckart & Young 1936", exact=True, truncates=True)
-def svd(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+def svd(terms, *, rule: RankRule) -> Factors:
     """The exact sum re-factorised in factor space and truncated (Eckart–Young optimal rank k)."""
     B, A = stacked_factors(terms, torch.float64)
     decomposition = factor_svd(B, A)

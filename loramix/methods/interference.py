@@ -12,7 +12,7 @@ rule there is lossless.
 from __future__ import annotations
 
 from loramix.lazy import lazy
-from loramix.linalg import FactorSVD, RankRule, dense_factors
+from loramix.linalg import Factors, FactorSVD, RankRule, dense_factors
 from loramix.methods._elementwise import (
     MAJORITY_SIGNS,
     SPACES,
@@ -40,7 +40,7 @@ def _merge_terms(
     majority_sign: str = "total",
     seed: int = 0,
     space: str = "dense",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Factors:
     """Apply rule ``kind`` to the module's task vectors in ``space`` and return truncated balanced factors."""
     density = check_density(density)
     check_choice("majority_sign", majority_sign, MAJORITY_SIGNS)
@@ -54,16 +54,16 @@ def _merge_terms(
     tasks = [s * (t.B.to(dtype) @ t.A.to(dtype)) for s, t in zip(scales, terms)]
     merged = merge_elementwise(tasks, weights, **options)
     del tasks
-    return dense_factors(merged, rule, cap=sum(t.A.shape[0] for t in terms))
+    return dense_factors(merged, rule)
 
 
-def _core(terms, scales, weights, rule: RankRule, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _core(terms, scales, weights, rule: RankRule, options: dict) -> Factors:
     dtype = torch.float64
     U_B = joint_basis(torch.cat([t.B.to(dtype) for t in terms], dim=1))
     V_A = joint_basis(torch.cat([t.A.to(dtype) for t in terms], dim=0).T)
     out, inp = terms[0].B.shape[0], terms[0].A.shape[1]
     if U_B.shape[1] == 0 or V_A.shape[1] == 0:
-        return U_B.new_zeros(out, 1), U_B.new_zeros(1, inp)
+        return Factors(U_B.new_zeros(out, 1), U_B.new_zeros(1, inp))
     cores = [s * ((U_B.T @ t.B.to(dtype)) @ (t.A.to(dtype) @ V_A)) for s, t in zip(scales, terms)]
     merged = merge_elementwise(cores, weights, **options)
     u, S, vh = torch.linalg.svd(merged, full_matrices=False)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from loramix.errors import MethodError
 from loramix.lazy import lazy
-from loramix.linalg import RankRule, factor_svd, numerical_rank, stacked_factors, truncated_factors
+from loramix.linalg import Factors, RankRule, factor_svd, numerical_rank, stacked_factors, truncated_factors
 from loramix.methods._elementwise import (
     MAJORITY_SIGNS,
     check_choice,
@@ -59,18 +59,18 @@ def _top(d, k: int):
     return d.U[:, :k], d.S[:k], d.Vh[:k]
 
 
-def _zero(shape, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return like.new_zeros(shape[0], 1), like.new_zeros(1, shape[1])
+def _zero(shape, like: torch.Tensor) -> Factors:
+    return Factors(like.new_zeros(shape[0], 1), like.new_zeros(1, shape[1]))
 
 
-def _flat(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _flat(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> Factors:
     """Balanced factors of U·(mean σ)·I·Vh."""
     root = S.mean().sqrt() if S.numel() else S.new_zeros(())
-    return U * root, root * Vh
+    return Factors(U * root, root * Vh)
 
 
 @method(name="tsv", paper="Gargiulo et al. 2025, TSV-Merge, arXiv:2412.00081", truncates=True)
-def tsv(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+def tsv(terms, *, rule: RankRule) -> Factors:
     """Task Singular Vectors: each task's top singular vectors, decorrelated (orthonormalised)."""
     shape = _shape(terms)
     per_task = max(min(shape) // len(terms), 1)
@@ -86,7 +86,7 @@ def tsv(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @method(name="iso_c", paper="Marczak et al. 2025, Iso-C, arXiv:2502.04959", truncates=True)
-def iso_c(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
+def iso_c(terms, *, rule: RankRule) -> Factors:
     """Iso-C: SVD of the sum with a flat spectrum (mean σ) within its numerical rank."""
     B, A = stacked_factors(terms, torch.float64)
     d = factor_svd(B, A)
@@ -95,7 +95,7 @@ def iso_c(terms, *, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @method(name="iso_cts", paper="Marczak et al. 2025, Iso-CTS, arXiv:2502.04959", truncates=True)
-def iso_cts(terms, *, rule: RankRule, common_fraction: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+def iso_cts(terms, *, rule: RankRule, common_fraction: float = 0.8) -> Factors:
     """Iso-CTS: common subspace of the sum plus task-specific directions, flat spectrum."""
     if (
         isinstance(common_fraction, bool)
@@ -135,7 +135,7 @@ def knots(
     density: float = 0.2,
     majority_sign: str = "total",
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Factors:
     """KnOTS: SVD of the concatenated updates, TIES/DARE on the task-specific ΣVᵢᵀ."""
     check_choice("merge", merge, KNOTS_MERGES)
     density = check_density(density)

@@ -239,17 +239,11 @@ def _suggestions(analysis) -> list[str]:
             )
         elif a.suggested_rank:
             out.append(f"{a.name}: uses its full rank {largest} under the rule; no room to resize")
+    weights = dict(zip((a.name for a in analysis.adapters), analysis.merge.weights)) if analysis.merge else {}
     for p in analysis.pairs:
-        g = p.overall
-        if g.cosine is not None and abs(g.cosine) >= 0.3:
-            kind = "reinforce (a plain sum over-counts them)" if g.cosine > 0 else "cancel (a plain sum loses both)"
-            out.append(f"{p.a} ~ {p.b}: cosine {g.cosine:.2f}, they {kind}; lower their weights or use ties/dare")
-        elif g.phi_a is not None and g.phi_a_chance is not None and g.phi_a > max(0.5, 5 * g.phi_a_chance):
-            if g.phi_b is not None and g.phi_b < 0.5:
-                out.append(
-                    f"{p.a} ~ {p.b}: same input subspace (φ in {g.phi_a:.2f}; likely the same A initialisation) but "
-                    f"different outputs (φ out {g.phi_b:.2f}, cosine {g.cosine:.2f}): an exact sum keeps both"
-                )
+        advice = _pair_advice(p, weights.get(p.a), weights.get(p.b), sum(weights.values()) if weights else None)
+        if advice:
+            out.append(f"{p.a} ~ {p.b}: {advice}")
     if analysis.merge is not None:
         mg = analysis.merge
         kept = None if mg.truncation_loss is None else 1 - mg.truncation_loss
@@ -258,3 +252,50 @@ def _suggestions(analysis) -> list[str]:
             f"`--rank {mg.reference_rank}` keeps {_pct(kept)} of the sum"
         )
     return out
+
+
+# Overall cosine of two adapters' ΔWs: at or above NEAR_DUPLICATE they are nearly the same update; at or above
+# OVERLAPPING (or at or below −OVERLAPPING) they share a large part; below ORTHOGONAL in size they hardly interact.
+NEAR_DUPLICATE, OVERLAPPING, ORTHOGONAL = 0.9, 0.3, 0.1
+
+
+def _pair_advice(p, wa: float | None, wb: float | None, total: float | None) -> str | None:
+    """What the pair's overlap means for a merge at the analysed weights (``total``: the sum of all weights)."""
+    g = p.overall
+    if g.cosine is None:
+        return None
+    c = g.cosine
+    pair_weights = "" if wa is None else f" at weights {wa:.3g} and {wb:.3g}"
+    averaged = total is not None and abs(total - 1) <= 0.05
+    if c >= OVERLAPPING:
+        what = "near-duplicates" if c >= NEAR_DUPLICATE else "overlapping updates"
+        if averaged:
+            count = "nothing is over-counted: the sum is their weighted average"
+        else:
+            count = (
+                f"the weights sum to {total:g}, so their shared direction is applied about {total:g}× "
+                "(scale the weights to sum to 1 for an average)"
+            )
+        dup = "; ties/dare buy nothing here (their signs agree)" if c >= NEAR_DUPLICATE else ""
+        return f"cosine {c:.2f}, {what}{pair_weights}: {count}{dup}"
+    if c <= -OVERLAPPING:
+        return (
+            f"cosine {c:.2f}, conflicting updates{pair_weights}: a weighted sum cancels what they share (each loses "
+            "part of its effect); ties/dare elect one sign per entry, or lower the weight of the one that matters "
+            "less (`loramix search` finds weights from examples)"
+        )
+    if g.phi_a is not None and g.phi_a_chance is not None and g.phi_a > max(0.5, 5 * g.phi_a_chance):
+        if g.phi_b is not None and g.phi_b < 0.5:
+            return (
+                f"same input subspace (φ in {g.phi_a:.2f}; likely the same A initialisation) but different outputs "
+                f"(φ out {g.phi_b:.2f}, cosine {c:.2f}): an exact sum keeps both"
+            )
+    if abs(c) < ORTHOGONAL:
+        scaled = (
+            f";{pair_weights} (weights summing to 1) each keeps only that share of its effect, weight 1 each keeps "
+            "both at full strength"
+            if averaged
+            else ""
+        )
+        return f"cosine {c:.2f}, nearly orthogonal: an exact sum (cat/svd) keeps both without interference{scaled}"
+    return None

@@ -8,6 +8,7 @@ exact command line (or that the Python API made it) and the loramix version.
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 from importlib import metadata
@@ -55,6 +56,31 @@ def _hub_base(base: str | None) -> str | None:
     return ref.repo_id if ref is not None and not Path(base).exists() else None
 
 
+def rank_span(ranks: list[int]) -> str:
+    """``rank 24`` or ``rank 8–24`` for the sorted ranks of a result."""
+    return f"rank {ranks[0]}" + (f"–{ranks[-1]}" if ranks[-1] != ranks[0] else "")
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def kept_summary(provenance: dict) -> str | None:
+    """What the truncation kept: the least and median share of each module's energy (Σσ² of the untruncated
+    result) and the largest and median relative error √(1 − kept); None when nothing was truncated."""
+    kept = provenance.get("kept_energy") or {}
+    if not kept:
+        return None
+    worst = min(kept, key=kept.get)
+    errors = [math.sqrt(max(0.0, 1 - v)) for v in kept.values()]
+    return (
+        f"energy kept min {kept[worst]:.4f} ({worst}), median {_median(list(kept.values())):.4f}; "
+        f"relative error max {max(errors):.4f}, median {_median(errors):.4f}"
+    )
+
+
 def _method_section(provenance: dict) -> list[str]:
     method = provenance.get("method")
     if method is None:
@@ -73,6 +99,14 @@ def _method_section(provenance: dict) -> list[str]:
         details.append("options: " + ", ".join(f"{k}={v}" for k, v in sorted(provenance["options"].items())))
     if details:
         lines += ["", "; ".join(details)]
+    summary = kept_summary(provenance)
+    if summary:
+        lines += ["", "Truncation per module (share of the untruncated merge's Σσ² kept; ‖ΔW_full − ΔW‖/‖ΔW_full‖):"]
+        lines += [f"{summary}.", "", "<details><summary>Per module</summary>", ""]
+        lines += ["| module | energy kept | relative error |", "|---|---|---|"]
+        for name, share in provenance["kept_energy"].items():
+            lines.append(f"| `{name}` | {share:.6f} | {math.sqrt(max(0.0, 1 - share)):.6f} |")
+        lines += ["", "</details>"]
     return [*lines, ""]
 
 
@@ -92,8 +126,8 @@ def _rank_line(adapter: LoraAdapter) -> str:
     ranks = sorted(m.rank for m in adapter.modules.values())
     if not ranks:
         return "no LoRA modules"
-    median = ranks[len(ranks) // 2]
-    return f"{len(ranks)} modules, rank {ranks[0]}–{ranks[-1]} (median {median}), {adapter.num_params():,} parameters"
+    median = f" (median {ranks[len(ranks) // 2]})" if ranks[0] != ranks[-1] else ""
+    return f"{len(ranks)} modules, {rank_span(ranks)}{median}, {adapter.num_params():,} parameters"
 
 
 def _overlap_lines(analysis: Analysis) -> list[str]:
@@ -126,6 +160,7 @@ def model_card(
     revisions: dict[str, str] | None = None,
     output_format: str = "peft",
     recipe: bool = False,
+    searched: bool = False,
 ) -> str:
     """README.md text for an output folder holding ``adapter`` (or, with ``merged_into``, that base merged).
 
@@ -133,7 +168,8 @@ def model_card(
     says the Python API made it.
     ``analysis`` (of the sources, already computed) adds their pairwise overlap; ``revisions`` maps each Hub source
     to the revision and commit it resolved to (local sources say ``local``); ``recipe`` says a recipe file lies
-    beside the card. ``output_format``
+    beside the card (with ``searched``, it repeats the combination with the searched weights, not the search).
+    ``output_format``
     ``kohya`` describes a kohya/A1111 file (no library_name: neither PEFT nor transformers loads it).
     """
     merged = merged_into is not None
@@ -177,7 +213,8 @@ def model_card(
         body += ["Written through the loramix Python API (no command line).", ""]
     if recipe:
         body += [f"The recipe is saved beside this card as `{RECIPE_FILE}`: `loramix combine --recipe {RECIPE_FILE}`"]
-        body += ["repeats the run.", ""]
+        repeats = "the combination with the searched weights (the search is in search.json)" if searched else "the run"
+        body += [f"repeats {repeats}.", ""]
     body += [f"loramix version: {loramix_version()}; output: {kind}.", ""]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
 

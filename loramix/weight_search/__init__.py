@@ -1,5 +1,5 @@
 """LoRAHub-style weight search: `search` (in `run`), its batched evaluator, objective and optimizers."""
 
-from loramix.weight_search.run import SearchResult, load_base, lorahub_adapter, search
+from loramix.weight_search.run import SearchResult, load_base, search
 
-__all__ = ["SearchResult", "load_base", "lorahub_adapter", "search"]
+__all__ = ["SearchResult", "load_base", "search"]

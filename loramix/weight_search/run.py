@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loramix.adapter import LoraAdapter, LoraModule
+from loramix.adapter import LoraAdapter
 from loramix.combination import combine
 from loramix.errors import SearchError
 from loramix.formats import load_adapters
@@ -84,21 +84,6 @@ def load_base(base, *, device: torch.device, tokenizer=None):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, tokenizer, bool(getattr(model.config, "is_encoder_decoder", False))
-
-
-def lorahub_adapter(adapters: list[LoraAdapter], weights: list[float]) -> dict[str, LoraModule]:
-    """The modules of LoRAHub's composition, B = Σ wᵢ√sᵢBᵢ and A = Σ wᵢ√sᵢAᵢ (scale 1): exactly the searched ΔW."""
-    modules = {}
-    for name in dict.fromkeys(n for a in adapters for n in a.modules):
-        present = [(w, a.modules[name]) for a, w in zip(adapters, weights) if name in a.modules]
-        first = present[0][1]
-        B = sum(w * math.copysign(math.sqrt(abs(m.scale)), m.scale) * m.B.float() for w, m in present)
-        A = sum(w * math.sqrt(abs(m.scale)) * m.A.float() for w, m in present)
-        dtype = first.A.dtype
-        modules[name] = LoraModule(
-            A=A.to(dtype), B=B.to(dtype), scale=1.0, layout=first.layout, kernel_size=first.kernel_size
-        )
-    return modules
 
 
 def search(
@@ -216,17 +201,9 @@ def search(
         weights = [float(w) for w in track.best]
         cross_entropy = float(evaluator.cross_entropy([weights])[0])
     seconds = time.perf_counter() - start
-    if composition == "lorahub":
-        adapter = LoraAdapter(
-            modules=lorahub_adapter(loaded, weights),
-            base_model=next((a.base_model for a in loaded if a.base_model), None),
-            task_type=next((a.task_type for a in loaded if a.task_type), None),
-            source="<search>",
-            name="search",
-            provenance={"method": "lorahub", "weights": weights, "sources": [a.source for a in loaded]},
-        )
-    else:
-        adapter = combine(loaded, weights=weights, method="cat", device=str(target))
+    # the searched composition as an adapter: cat is the weighted sum of ΔWs, lorahub LoRAHub's factor mixing
+    method = "lorahub" if composition == "lorahub" else "cat"
+    adapter = combine(loaded, weights=weights, method=method, device=str(target))
     log.info("search: loss %.4f after %d evaluations in %.1f s", track.best_loss, track.evaluations, seconds)
     return SearchResult(
         weights=weights,
