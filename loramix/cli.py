@@ -13,16 +13,36 @@ import sys
 
 import click
 
-from loramix.errors import LoramixError
+from loramix.errors import LoramixError, shown
 
 
 class _OneLine(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+        return f"{record.levelname.lower()}: {shown(record.getMessage())}"
 
 
 # Python option names whose command-line flag is not simply --name-with-dashes.
 _FLAGS = {"overwrite": "--force", "merge_into": "--merge-into BASE"}
+
+
+class _OneLineGroup(click.Group):
+    """click's group, but a usage error (unknown option, bad value) is one line on stderr, like every error."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                exc.show()  # a bare command: its help, as click prints it
+            else:
+                click.echo(f"error: {shown(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def _errors_as_one_line(fn):
@@ -32,7 +52,7 @@ def _errors_as_one_line(fn):
             return fn(*args, **kwargs)
         except LoramixError as exc:
             flag = _FLAGS.get(exc.option or "", "--" + (exc.option or "").replace("_", "-"))
-            click.echo(f"error: {exc.hint(flag)}", err=True)
+            click.echo(f"error: {shown(exc.hint(flag))}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -55,7 +75,7 @@ def _rank_rule_options(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="loramix")
 @click.option("-q", "--quiet", is_flag=True, help="Hide warnings and progress bars.")
 @click.pass_context

@@ -3,6 +3,10 @@
 Real files repeat ``base_model.model.``, carry adapter names inside keys, wrap heads (``modules_to_save.``,
 ``original_module.``, ``base_layer.``): `split_keys` normalises them into LoRA parts per module and full extra
 tensors. `read_config` validates what the readers rely on; `pattern_key` is PEFT's rule for rank/alpha patterns.
+
+Patterns from a config are matched as PEFT matches them (the same expression, the same anchoring), but with a time
+limit (the ``regex`` module's ``timeout``): a key such as ``(a+)+b`` backtracks for minutes on a 30-character
+name, so one that runs out of time is refused with an error naming it instead of hanging the command.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import regex
 import torch
 
 from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule
@@ -24,6 +29,7 @@ WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 LORA_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 PARAM_NAMES = ("weight", "bias")
+MATCH_SECONDS = 1.0  # the most one config pattern may take to match one module name
 
 
 def load_folder(
@@ -96,8 +102,8 @@ def _is_names(value) -> bool:
 
 # What the reader relies on in a config, and what each field must be (a wrong type is an error, not a guess).
 _FIELDS = {
-    "r": (is_number, "a finite number"),
-    "lora_alpha": (is_number, "a finite number"),
+    "r": (lambda v: is_number(v) and v > 0, "a positive number"),
+    "lora_alpha": (lambda v: is_number(v) and v > 0, "a positive number"),
     "use_rslora": (_is_optional(bool), "true or false"),
     "use_dora": (_is_optional(bool), "true or false"),
     "fan_in_fan_out": (_is_optional(bool), "true or false"),
@@ -211,10 +217,23 @@ def plain_kind(name: str, config: dict) -> str:
     return "modules_to_save"
 
 
-def pattern_key(patterns: dict, module: str) -> str | None:
+def bounded_match(pattern: str, name: str, *, where: str | Path, what: str, full: bool = False) -> bool:
+    """Whether ``pattern`` matches ``name`` (at its start, or the whole of it with ``full``) as `re` would; an
+    `AdapterFormatError` naming ``where`` and ``what`` when that takes longer than ``MATCH_SECONDS``."""
+    try:
+        found = (regex.fullmatch if full else regex.match)(pattern, name, timeout=MATCH_SECONDS)
+    except TimeoutError:
+        raise AdapterFormatError(
+            f"{where}: {what} {short(pattern)} takes over {MATCH_SECONDS:g} s to match {short(name)} "
+            "(a pathological regex, e.g. a nested quantifier); refused"
+        ) from None
+    return found is not None
+
+
+def pattern_key(patterns: dict, module: str, *, where: str | Path = CONFIG_FILE) -> str | None:
     """PEFT's rule for rank_pattern/alpha_pattern: the first key matching the module name's tail."""
     for key in patterns:
-        if re.match(pattern_regex(key), module):
+        if bounded_match(pattern_regex(key), module, where=where, what="pattern key"):
             return key
     return None
 
@@ -223,8 +242,8 @@ def pattern_regex(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
-def pattern_value(patterns: dict, module: str, default):
-    key = pattern_key(patterns, module)
+def pattern_value(patterns: dict, module: str, default, *, where: str | Path = CONFIG_FILE):
+    key = pattern_key(patterns, module, where=where)
     return default if key is None else patterns[key]
 
 
@@ -281,7 +300,7 @@ def module_from_parts(weights: Path, name: str, found: dict, fan_in_fan_out: boo
 def targets_module(target_modules, name: str) -> bool:
     """PEFT's target_modules rule: a regex string must match the whole name; a list entry matches a suffix."""
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        return bounded_match(target_modules, name, where=CONFIG_FILE, what="target_modules", full=True)
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 

@@ -66,12 +66,13 @@ def _build_modules(weights: Path, parts: dict, config: dict, notes: list[str]) -
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     disagreements: dict[tuple[int, int], list[str]] = defaultdict(list)
     modules = {}
+    where = weights.parent / CONFIG_FILE
     for name in sorted(parts):
         module = module_from_parts(weights, name, parts[name], fan_in_fan_out)
-        r_config = pattern_value(rank_pattern, name, r_default)
+        r_config = pattern_value(rank_pattern, name, r_default, where=where)
         if r_config != module.rank:
             disagreements[(r_config, module.rank)].append(name)
-        alpha = pattern_value(alpha_pattern, name, alpha_default)
+        alpha = pattern_value(alpha_pattern, name, alpha_default, where=where)
         module.scale = float(alpha) / (math.sqrt(module.rank) if rslora else module.rank)
         modules[name] = module
     for (r_config, r_tensor), names in sorted(disagreements.items()):

@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from loramix.errors import AdapterFormatError, OutputError
+from loramix.errors import AdapterFormatError, OutputError, shown
 
 try:
     import fcntl
@@ -38,18 +39,42 @@ log = logging.getLogger(__name__)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a .safetensors file, or a legacy pickle only through ``torch.load(weights_only=True)``."""
+    """Load a .safetensors file, or a legacy pickle only through ``torch.load(weights_only=True)``; refuses tensor
+    names that cannot be printed on one line (control characters, lone surrogates)."""
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = load_pickle(path)
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, KeyError, TypeError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise AdapterFormatError(f"{path}: not a readable tensor file ({detail})") from None
+        raise AdapterFormatError(f"{path}: not a readable tensor file ({shown(detail)})") from None
     except Exception as exc:  # the unpickler raises anything at all on a crafted or damaged file
         raise AdapterFormatError(f"{path}: not a readable tensor file ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise AdapterFormatError(f"{path}: expected a flat mapping of names to tensors")
+    odd = next((k for k in state if shown(k) != k), None)
+    if odd is not None:
+        raise AdapterFormatError(f"{path}: tensor name {shown(odd)} holds control or unencodable characters")
+    return state
+
+
+def load_pickle(path: Path, *, mmap: bool = False, warn: bool = True):
+    """``torch.load(weights_only=True)`` on the CPU (memory-mapped when ``mmap`` and the file allows it); torch's
+    warnings about the file become loramix warnings (one line each, hidden by ``-q``), or are dropped without
+    ``warn``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            state = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy pickles cannot be mapped
+    for message in dict.fromkeys(str(w.message).splitlines()[0] for w in caught if str(w.message)) if warn else ():
+        log.warning(f"{path}: {shown(message)}")
     return state
 
 
@@ -60,10 +85,7 @@ def tensor_keys(path: Path) -> list[str]:
         if path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as f:
                 return list(f.keys())
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_pickle(path, mmap=True, warn=False)
     except Exception:  # noqa: BLE001 — the unpickler raises anything at all on a crafted or damaged file
         return []
     return [k for k in state if isinstance(k, str)] if isinstance(state, dict) else []
