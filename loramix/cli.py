@@ -143,7 +143,11 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
-        parsed[key.replace("-", "_")] = yaml.safe_load(raw)
+        try:
+            parsed[key.replace("-", "_")] = yaml.safe_load(raw)
+        except (yaml.YAMLError, RecursionError) as exc:
+            detail = str(exc).splitlines()[0] if isinstance(exc, yaml.YAMLError) else "nested too deeply"
+            raise click.BadParameter(f"{key}: not a valid YAML value ({detail})") from None
     return parsed
 
 

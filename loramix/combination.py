@@ -137,7 +137,13 @@ def combine(
         present = [(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
         with _worker_stream(target):
             terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
-            B, A = chosen.fn(terms, rule=truncation, **options)
+            try:
+                B, A = chosen.fn(terms, rule=truncation, **options)
+            except torch.linalg.LinAlgError as exc:  # NaN/Inf (allowed inputs, or an overflowing scale or weight)
+                raise MethodError(
+                    f"module {name}: method {method} cannot factorise it ({str(exc).splitlines()[0]}); "
+                    "its inputs, scales or weights hold or overflow to NaN/Inf"
+                ) from None
             B, A = B.to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype)
         first = present[0][1]
         bias = _combined_bias(present)

@@ -72,6 +72,8 @@ def read_config(folder: Path, *, peft_types: tuple[str, ...] = ("LORA",)) -> dic
         raise AdapterFormatError(f"{folder}: no {CONFIG_FILE} (not a PEFT adapter folder)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: not valid JSON (nested too deeply)") from None
     except OSError as exc:
         raise AdapterFormatError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     if not isinstance(config, dict):
@@ -181,7 +183,9 @@ def split_keys(
         prefix_counts[count] += 1
         tokens = name.split(".")
         kind_at = next((i for i, t in enumerate(tokens) if t in kinds), None)
-        if kind_at is not None and kind_at > 0:
+        if kind_at == 0:
+            raise AdapterFormatError(f"{where}: key {key} holds a LoRA factor but names no module")
+        if kind_at is not None:
             rest = tokens[kind_at + 1 :]
             param = rest[-1] if rest and rest[-1] in PARAM_NAMES else "weight"
             module, slot = ".".join(tokens[:kind_at]), (tokens[kind_at], param)
@@ -274,9 +278,10 @@ def module_from_parts(weights: Path, name: str, found: dict, fan_in_fan_out: boo
         raise AdapterFormatError(
             f"{weights}: module {name}: unsupported LoRA shapes A{tuple(A.shape)} B{tuple(B.shape)}"
         )
-    if B.shape[1] != A.shape[0] or A.shape[0] == 0:
+    if B.shape[1] != A.shape[0] or not A.numel() or not B.numel():
         raise AdapterFormatError(
-            f"{weights}: module {name}: {a_kind} {tuple(A.shape)} and {b_kind} {tuple(B.shape)} disagree on the rank"
+            f"{weights}: module {name}: {a_kind} {tuple(A.shape)} and {b_kind} {tuple(B.shape)} "
+            "disagree on the rank or are empty"
         )
     bias, magnitude = get("lora_B", "bias"), get("lora_magnitude_vector")
     for label, vector in (("lora_B.bias", bias), ("lora_magnitude_vector", magnitude)):

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a .safetensors file, or a legacy pickle only through ``torch.load(weights_only=True)``; refuses tensor
-    names that cannot be printed on one line (control characters, lone surrogates)."""
+    names that cannot be printed on one line (control characters, lone surrogates) or that read as a path (``../``)."""
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -55,9 +55,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise AdapterFormatError(f"{path}: expected a flat mapping of names to tensors")
-    odd = next((k for k in state if shown(k) != k), None)
+    odd = next((k for k in state if shown(k) != k or ".." in k.split("/")), None)
     if odd is not None:
-        raise AdapterFormatError(f"{path}: tensor name {shown(odd)} holds control or unencodable characters")
+        raise AdapterFormatError(f"{path}: tensor name {shown(odd)} holds control characters, lone surrogates or ../")
     return state
 
 
@@ -305,10 +305,19 @@ def atomic_output(
             if finite:
                 check_output_finite(tmp, target)
             (tmp / MARKER_FILE).write_text(_MARKER_TEXT)
+            _umask_modes(tmp)
             _place(tmp, target, overwrite)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask_modes(folder: Path) -> None:
+    """Give what writers put in ``folder`` the modes any new file gets (safetensors writes its files 0600); the
+    umask is read off ``folder`` itself, made with mode 0777 (reading it with os.umask would change it)."""
+    folder_mode = folder.stat().st_mode & 0o777
+    for path in folder.rglob("*"):
+        path.chmod(folder_mode if path.is_dir() else folder_mode & 0o666)
 
 
 def _place(tmp: Path, target: Path, overwrite: bool) -> None:
