@@ -105,7 +105,7 @@ def _is_names(value) -> bool:
 # What the reader relies on in a config, and what each field must be (a wrong type is an error, not a guess).
 _FIELDS = {
     "r": (lambda v: is_number(v) and v > 0, "a positive number"),
-    "lora_alpha": (lambda v: is_number(v) and v > 0, "a positive number"),
+    "lora_alpha": (lambda v: is_number(v) and v >= 0, "a number ≥ 0"),  # 0: AdaLoRA scales by the rank
     "use_rslora": (_is_optional(bool), "true or false"),
     "use_dora": (_is_optional(bool), "true or false"),
     "fan_in_fan_out": (_is_optional(bool), "true or false"),

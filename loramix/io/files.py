@@ -123,8 +123,8 @@ def check_output_finite(folder: Path, target: Path) -> None:
                     )
 
 
-# What marks a folder as one loramix wrote, which overwrite may replace: the marker every output gets, or (for
-# outputs written before it existed) the recipe, the search record or a model card tagged ``loramix``.
+# What marks a folder as one loramix wrote, which overwrite may replace: its recipe, search record or a model card
+# tagged ``loramix``, or for an output with none of those (``save_adapter(..., card=False)``) a small marker file.
 MARKER_FILE = ".loramix"
 _OLDER_MARKERS = ("loramix_recipe.yaml", "search.json")
 _MARKER_TEXT = "This folder was written by loramix; loramix may replace it when told to overwrite it.\n"
@@ -146,7 +146,7 @@ def is_loramix_output(folder: Path) -> bool:
         return False
     try:
         meta = yaml.safe_load(front[1])
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return False
     tags = meta.get("tags") if isinstance(meta, dict) else None
     return isinstance(tags, list) and "loramix" in tags
@@ -292,7 +292,8 @@ def atomic_output(
 
     Checks ``target`` with `check_output` first, and again at the end: a folder that appeared meanwhile (another run)
     is never replaced unless ``overwrite`` allows it. With ``finite`` the safetensors files written are checked for
-    NaN/Inf first (callers that check every value as they write pass False). The folder gets loramix's marker file.
+    NaN/Inf first (callers that check every value as they write pass False). A folder that carries no other mark of
+    loramix (a card, recipe or search record) gets its marker file.
     On failure the temporary folder is removed and ``target`` is untouched.
     """
     target = check_output(target, overwrite=overwrite, protect=protect)
@@ -304,7 +305,8 @@ def atomic_output(
             yield tmp
             if finite:
                 check_output_finite(tmp, target)
-            (tmp / MARKER_FILE).write_text(_MARKER_TEXT)
+            if not is_loramix_output(tmp):  # no card, recipe or search record says who wrote it
+                (tmp / MARKER_FILE).write_text(_MARKER_TEXT)
             _umask_modes(tmp)
             _place(tmp, target, overwrite)
         finally:
