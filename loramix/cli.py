@@ -13,12 +13,12 @@ import sys
 
 import click
 
-from loramix.errors import LoramixError
+from loramix.errors import LoramixError, shown
 
 
 class _OneLine(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+        return f"{record.levelname.lower()}: {shown(record.getMessage())}"
 
 
 # One default for every command: where there is a GPU, combining, merging and searching all run faster on it (a
@@ -30,9 +30,9 @@ _FLAGS = {"overwrite": "--force", "merge_into": "--merge-into BASE"}
 
 
 def _error_line(exc: LoramixError) -> str:
-    """The one line the CLI prints for an expected failure, its hint spelled as a flag."""
+    """The one line the CLI prints for an expected failure, its hint spelled as a flag, control characters shown."""
     flag = _FLAGS.get(exc.option or "", "--" + (exc.option or "").replace("_", "-"))
-    return f"error: {exc.hint(flag)}"
+    return f"error: {shown(exc.hint(flag))}"
 
 
 def _errors_as_one_line(fn):
@@ -101,7 +101,24 @@ def _verbosity_options() -> list[click.Option]:
 
 
 class _Group(click.Group):
-    """A group whose commands all take the verbosity options."""
+    """A group whose commands all take the verbosity options, and whose usage errors (unknown option, bad value) are
+    one line on stderr, like every error."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                exc.show()  # a bare command: its help, as click prints it
+            else:
+                click.echo(f"error: {shown(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         cmd.params += _verbosity_options()
@@ -190,7 +207,11 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
-        parsed[key.replace("-", "_")] = yaml.safe_load(raw)
+        try:
+            parsed[key.replace("-", "_")] = yaml.safe_load(raw)
+        except (yaml.YAMLError, RecursionError) as exc:
+            detail = str(exc).splitlines()[0] if isinstance(exc, yaml.YAMLError) else "nested too deeply"
+            raise click.BadParameter(f"{key}: not a valid YAML value ({detail})") from None
     return parsed
 
 

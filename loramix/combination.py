@@ -215,7 +215,13 @@ def combine(
         present = [(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
         with _worker_stream(target):
             terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
-            factors = chosen.apply(terms, rule=RankRule(rank=truncation.rank) if widen else truncation, **options)
+            try:
+                factors = chosen.apply(terms, rule=RankRule(rank=truncation.rank) if widen else truncation, **options)
+            except torch.linalg.LinAlgError as exc:  # NaN/Inf (allowed inputs, or an overflowing scale or weight)
+                raise MethodError(
+                    f"module {name}: method {method} cannot factorise it ({str(exc).splitlines()[0]}); "
+                    "its inputs, scales or weights hold or overflow to NaN/Inf"
+                ) from None
             if factors.kept is not None:
                 kept[name] = factors.kept
             B, A = factors.B, factors.A

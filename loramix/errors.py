@@ -10,6 +10,15 @@ a bad option value a ``ValueError``.
 from __future__ import annotations
 
 
+def shown(text: str) -> str:
+    """``text`` fit for one printed line: control characters (newline, ESC, NUL) and lone surrogates escaped."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text
+    )
+
+
 class LoramixError(Exception):
     """Base class: an expected failure with a message a user can act on.
 

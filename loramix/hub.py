@@ -120,9 +120,11 @@ def push_to_hub(
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message)
-    except (HfHubHTTPError, client.HTTPError, OSError, ValueError) as exc:
+    except (HfHubHTTPError, client.HTTPError, OSError, ValueError, KeyError, TypeError) as exc:
         detail = (str(exc).splitlines() or [type(exc).__name__])[0].replace(token, "***")
         if isinstance(exc, (client.TransportError, ConnectionError)):  # refused, DNS, timeouts: nothing answered
             detail = f"cannot reach {api.endpoint} ({detail})"
+        elif isinstance(exc, (KeyError, TypeError)):  # huggingface_hub reading an answer that lacks what it needs
+            detail = f"the endpoint gave an unexpected answer ({type(exc).__name__}: {detail})"
         raise HubError(f"push of {folder} to {repo_id} failed: {detail}") from None
     return str(info.commit_url)

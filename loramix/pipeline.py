@@ -265,7 +265,7 @@ def merge_into_base(
     if files is None:
         files = {CARD_FILE: model_card(adapter, merged_into=str(base))}
     protect = [folder, adapter.source, *adapter.provenance.get("sources", [])]
-    with atomic_output(out, overwrite=overwrite, protect=protect) as tmp:
+    with atomic_output(out, overwrite=overwrite, protect=protect, finite=False) as tmp:  # write_merged checks
         report = write_merged(
             adapter,
             checkpoint,

@@ -122,6 +122,8 @@ def load_recipe(path: str | Path) -> Plan:
         raise RecipeError(f"{path}: no such recipe file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with at least 'adapters'")
     known = [name for name in _HINTS if name not in ("adapters", "weights")]

@@ -386,7 +386,10 @@ def test_existing_non_empty_folder_needs_overwrite(template, tmp_path):
     with pytest.raises(OutputError, match="not an earlier output"):  # overwrite replaces outputs, not any folder
         save_adapter(adapter, target, overwrite=True)
     assert listing(target) == {"keep.txt": b"mine"}
-    (target / "adapter_config.json").write_text("{}")  # an earlier output: replaced as a whole
+    (target / "adapter_config.json").write_text("{}")  # an adapter folder loramix did not write: still refused
+    with pytest.raises(OutputError, match="not an earlier output"):
+        save_adapter(adapter, target, overwrite=True)
+    (target / "loramix_recipe.yaml").write_text("adapters: []\n")  # an earlier output: replaced as a whole
     save_adapter(adapter, target, overwrite=True)
     written = listing(target)
     assert "keep.txt" not in written and {"adapter_config.json", "adapter_model.safetensors"} <= set(written)

@@ -3,6 +3,10 @@
 Real files repeat ``base_model.model.``, carry adapter names inside keys, wrap heads (``modules_to_save.``,
 ``original_module.``, ``base_layer.``): `split_keys` normalises them into LoRA parts per module and full extra
 tensors. `read_config` validates what the readers rely on; `pattern_key` is PEFT's rule for rank/alpha patterns.
+
+Patterns from a config are matched as PEFT matches them (the same expression, the same anchoring), but with a time
+limit (the ``regex`` module's ``timeout``): a key such as ``(a+)+b`` backtracks for minutes on a 30-character
+name, so one that runs out of time is refused with an error naming it instead of hanging the command.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import regex
 import torch
 
 from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule
@@ -24,6 +29,7 @@ WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 LORA_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 PARAM_NAMES = ("weight", "bias")
+MATCH_SECONDS = 1.0  # the most one config pattern may take to match one module name
 
 
 def load_folder(
@@ -77,6 +83,8 @@ def read_config(folder: Path, *, peft_types: tuple[str, ...] = ("LORA",)) -> dic
         raise AdapterFormatError(f"{folder}: no {CONFIG_FILE} (not a PEFT adapter folder)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: not valid JSON (nested too deeply)") from None
     except OSError as exc:
         raise AdapterFormatError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     return check_config(config, path, peft_types=peft_types)
@@ -112,8 +120,8 @@ def _is_names(value) -> bool:
 
 # What the reader relies on in a config, and what each field must be (a wrong type is an error, not a guess).
 _FIELDS = {
-    "r": (is_number, "a finite number"),
-    "lora_alpha": (is_number, "a finite number"),
+    "r": (lambda v: is_number(v) and v > 0, "a positive number"),
+    "lora_alpha": (lambda v: is_number(v) and v >= 0, "a number ≥ 0"),  # 0: AdaLoRA scales by the rank
     "use_rslora": (_is_optional(bool), "true or false"),
     "use_dora": (_is_optional(bool), "true or false"),
     "fan_in_fan_out": (_is_optional(bool), "true or false"),
@@ -191,7 +199,9 @@ def split_keys(
         prefix_counts[count] += 1
         tokens = name.split(".")
         kind_at = next((i for i, t in enumerate(tokens) if t in kinds), None)
-        if kind_at is not None and kind_at > 0:
+        if kind_at == 0:
+            raise AdapterFormatError(f"{where}: key {key} holds a LoRA factor but names no module")
+        if kind_at is not None:
             rest = tokens[kind_at + 1 :]
             param = rest[-1] if rest and rest[-1] in PARAM_NAMES else "weight"
             module, slot = ".".join(tokens[:kind_at]), (tokens[kind_at], param)
@@ -227,10 +237,23 @@ def plain_kind(name: str, config: dict) -> str:
     return "modules_to_save"
 
 
-def pattern_key(patterns: dict, module: str) -> str | None:
+def bounded_match(pattern: str, name: str, *, where: str | Path, what: str, full: bool = False) -> bool:
+    """Whether ``pattern`` matches ``name`` (at its start, or the whole of it with ``full``) as `re` would; an
+    `AdapterFormatError` naming ``where`` and ``what`` when that takes longer than ``MATCH_SECONDS``."""
+    try:
+        found = (regex.fullmatch if full else regex.match)(pattern, name, timeout=MATCH_SECONDS)
+    except TimeoutError:
+        raise AdapterFormatError(
+            f"{where}: {what} {short(pattern)} takes over {MATCH_SECONDS:g} s to match {short(name)} "
+            "(a pathological regex, e.g. a nested quantifier); refused"
+        ) from None
+    return found is not None
+
+
+def pattern_key(patterns: dict, module: str, *, where: str | Path = CONFIG_FILE) -> str | None:
     """PEFT's rule for rank_pattern/alpha_pattern: the first key matching the module name's tail."""
     for key in patterns:
-        if re.match(pattern_regex(key), module):
+        if bounded_match(pattern_regex(key), module, where=where, what="pattern key"):
             return key
     return None
 
@@ -239,8 +262,8 @@ def pattern_regex(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
-def pattern_value(patterns: dict, module: str, default):
-    key = pattern_key(patterns, module)
+def pattern_value(patterns: dict, module: str, default, *, where: str | Path = CONFIG_FILE):
+    key = pattern_key(patterns, module, where=where)
     return default if key is None else patterns[key]
 
 
@@ -271,9 +294,10 @@ def module_from_parts(weights: Path, name: str, found: dict, fan_in_fan_out: boo
         raise AdapterFormatError(
             f"{weights}: module {name}: unsupported LoRA shapes A{tuple(A.shape)} B{tuple(B.shape)}"
         )
-    if B.shape[1] != A.shape[0] or A.shape[0] == 0:
+    if B.shape[1] != A.shape[0] or not A.numel() or not B.numel():
         raise AdapterFormatError(
-            f"{weights}: module {name}: {a_kind} {tuple(A.shape)} and {b_kind} {tuple(B.shape)} disagree on the rank"
+            f"{weights}: module {name}: {a_kind} {tuple(A.shape)} and {b_kind} {tuple(B.shape)} "
+            "disagree on the rank or are empty"
         )
     bias, magnitude = get("lora_B", "bias"), get("lora_magnitude_vector")
     for label, vector in (("lora_B.bias", bias), ("lora_magnitude_vector", magnitude)):
@@ -297,7 +321,7 @@ def module_from_parts(weights: Path, name: str, found: dict, fan_in_fan_out: boo
 def targets_module(target_modules, name: str) -> bool:
     """PEFT's target_modules rule: a regex string must match the whole name; a list entry matches a suffix."""
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        return bounded_match(target_modules, name, where=CONFIG_FILE, what="target_modules", full=True)
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 

@@ -44,7 +44,7 @@ def detect(path: Path) -> bool:
         return False
     try:
         config = json.loads((path / _keys.CONFIG_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(config, dict) and config.get("peft_type") == PEFT_TYPE
 

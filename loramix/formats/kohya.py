@@ -42,6 +42,7 @@ from loramix.io.files import check_finite, read_tensors, tensor_keys
 NAME = "kohya"
 SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+MAX_SCALE = 2.0**16  # alpha/rank beyond this is no trained LoRA (and overflows float16 outputs)
 KOHYA_PREFIX = re.compile(r"^lora_(unet|te\d?|transformer)_")
 # (key pattern, style): groups module, side (down/up/A/B/alpha)
 _DIFFUSERS = r"^(?P<module>(?:unet|text_encoder(?:_\d)?|transformer)\..+)"
@@ -155,15 +156,29 @@ def _module(file: Path, name: str, found: dict[str, torch.Tensor]) -> LoraModule
     if down is None or up is None:
         missing = "lora_down" if down is None else "lora_up"
         raise AdapterFormatError(f"{file}: module {name} has no {missing} weight")
-    rank = down.shape[0]
-    if up.ndim not in (2, 4) or down.ndim != up.ndim or up.shape[1] != rank or up.shape[2:] not in ((), (1, 1)):
+    if (
+        up.ndim not in (2, 4)
+        or down.ndim != up.ndim
+        or up.shape[1] != down.shape[0]
+        or up.shape[2:] not in ((), (1, 1))
+    ):
         raise AdapterFormatError(
             f"{file}: module {name}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not chain"
         )
+    rank = down.shape[0]
+    if rank == 0 or not down.numel() or not up.numel():
+        raise AdapterFormatError(f"{file}: module {name}: lora_down {tuple(down.shape)} has rank 0 or no values")
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise AdapterFormatError(f"{file}: module {name}: LoRA factors are not floating point ({down.dtype})")
     alpha = found.get("alpha")
     if alpha is not None and alpha.numel() != 1:
         raise AdapterFormatError(f"{file}: module {name}: alpha must be a scalar, got shape {tuple(alpha.shape)}")
     scale = float(alpha.item()) / rank if alpha is not None else 1.0
+    if not 0 < scale <= MAX_SCALE:
+        raise AdapterFormatError(
+            f"{file}: module {name}: alpha {float(alpha.item()):g} over rank {rank} gives scale {scale:g}; "
+            f"expected a positive scale of at most {MAX_SCALE:g}"
+        )
     conv = down.ndim == 4
     return LoraModule(
         A=down.reshape(rank, -1),

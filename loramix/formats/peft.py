@@ -63,13 +63,15 @@ def parse(
     parts, extra = split_keys(tensors, notes, config=config, where=where)
     if not parts:
         raise AdapterFormatError(f"{where}: holds no LoRA tensors (no lora_A / lora_B keys)")
-    modules = _build_modules(where, parts, config, notes)
+    modules = _build_modules(where, parts, config, notes, config_where)
     if config.get("bias", "none") != "none" and not any(n.endswith(".bias") for n in extra):
         notes.append(f"config says bias={config['bias']!r} but no bias tensors were saved: trained biases are absent")
     return modules, extra, notes
 
 
-def _build_modules(weights: Path, parts: dict, config: dict, notes: list[str]) -> dict[str, LoraModule]:
+def _build_modules(
+    weights: Path | str, parts: dict, config: dict, notes: list[str], where: Path | str
+) -> dict[str, LoraModule]:
     r_default = config.get("r", 8)
     alpha_default = config.get("lora_alpha", 8)
     rank_pattern = config.get("rank_pattern") or {}
@@ -80,10 +82,10 @@ def _build_modules(weights: Path, parts: dict, config: dict, notes: list[str]) -
     modules = {}
     for name in sorted(parts):
         module = module_from_parts(weights, name, parts[name], fan_in_fan_out)
-        r_config = pattern_value(rank_pattern, name, r_default)
+        r_config = pattern_value(rank_pattern, name, r_default, where=where)
         if r_config != module.rank:
             disagreements[(r_config, module.rank)].append(name)
-        alpha = pattern_value(alpha_pattern, name, alpha_default)
+        alpha = pattern_value(alpha_pattern, name, alpha_default, where=where)
         module.scale = float(alpha) / (math.sqrt(module.rank) if rslora else module.rank)
         modules[name] = module
     for (r_config, r_tensor), names in sorted(disagreements.items()):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from loramix.errors import CheckpointError, SourceError
+from loramix.errors import CheckpointError, SourceError, shown
+from loramix.io.files import load_pickle
 from loramix.sources import resolve
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -117,44 +118,67 @@ class BaseCheckpoint:
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """The JSON header of a safetensors file and the absolute offset where its data starts."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
+            if length > min(100_000_000, size - 8):
                 raise ValueError(f"header length {length} is implausible")
             header = json.loads(f.read(length))
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a readable safetensors file (header nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     return header, 8 + length
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _safetensors_entries(path: Path) -> list[BaseTensor]:
+    """The file's tensors in data order, validated as safetensors does: known dtypes, shapes of counts, offsets
+    that tile the data exactly (sorted, contiguous from 0, no overlap, ending at the end of the file), and each
+    tensor's byte length equal to its dtype's size times its element count."""
     header, start = read_safetensors_header(path)
-    size = path.stat().st_size
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: __metadata__ must map names to strings")
     found = []
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         try:
             dtype = SAFE_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+                raise ValueError
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name}: unsupported or malformed header entry {info}") from None
-        entry = BaseTensor(name, dtype, shape, path, start + begin)
-        if end - begin != entry.nbytes or start + end > size:
-            raise CheckpointError(f"{path}: tensor {name}: data offsets {begin}..{end} do not fit its shape or file")
-        found.append(entry)
-    return sorted(found, key=lambda t: t.offset)
+            raise CheckpointError(f"{path}: tensor {shown(name)}: unsupported or malformed header entry") from None
+        entry = BaseTensor(name, dtype, tuple(shape), path, start + offsets[0])
+        if offsets[1] - offsets[0] != entry.nbytes:
+            raise CheckpointError(
+                f"{path}: tensor {shown(name)}: data offsets {offsets[0]}..{offsets[1]} do not fit its dtype and shape"
+            )
+        found.append((offsets[0], offsets[1], entry))
+    found.sort(key=lambda item: (item[0], item[1]))
+    end = 0
+    for begin, stop, entry in found:
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {shown(entry.name)}: data offsets {begin}..{stop} {what}")
+        end = stop
+    if start + end != path.stat().st_size:
+        raise CheckpointError(
+            f"{path}: the tensors' data ends at byte {start + end}, the file at {path.stat().st_size}"
+        )
+    return [entry for _, _, entry in found]
 
 
 def _bin_entries(path: Path) -> list[BaseTensor]:
     try:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_pickle(path, mmap=True)
     except Exception as exc:  # the unpickler raises anything at all on a crafted or damaged file
         raise CheckpointError(f"{path}: not a readable weights file ({type(exc).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -163,15 +187,25 @@ def _bin_entries(path: Path) -> list[BaseTensor]:
 
 
 def _index_files(folder: Path, index_name: str) -> list[Path]:
+    """The shard files an index names: plain names of files inside ``folder`` (never ``..``, absolute or odd)."""
     path = folder / index_name
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable index ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a readable index (nested too deeply)") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: weight_map must map tensor names to shard file names")
     files = sorted(set(weight_map.values()))
+    for name in files:
+        odd = name.startswith("/") or "\\" in name or shown(name) != name
+        if odd or any(part in ("", ".", "..") for part in name.split("/")):
+            raise CheckpointError(f"{path}: shard name {shown(name)} is not a file inside {folder}")
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise CheckpointError(f"{path}: names shard(s) that are not there: {', '.join(missing)}")
+        raise CheckpointError(f"{path}: names shard(s) that are not there: {', '.join(map(shown, missing))}")
     return [folder / f for f in files]
 
 
@@ -184,6 +218,8 @@ def open_base(folder: str | Path) -> BaseCheckpoint:
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{config_path}: not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
     if (folder / SAFE_INDEX).is_file():
@@ -202,7 +238,7 @@ def open_base(folder: str | Path) -> BaseCheckpoint:
     for path in files:
         for entry in reader(path):
             if entry.name in tensors:
-                raise CheckpointError(f"{folder}: tensor {entry.name} is stored twice ({path.name})")
+                raise CheckpointError(f"{folder}: tensor {shown(entry.name)} is stored twice ({path.name})")
             tensors[entry.name] = entry
     return BaseCheckpoint(folder, config, tensors, files)
 

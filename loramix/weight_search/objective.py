@@ -40,6 +40,8 @@ def read_examples(path: str | Path) -> list[Example]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SearchError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise SearchError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
         if (
             not isinstance(item, dict)
             or not isinstance(item.get("input"), str)
