@@ -23,7 +23,10 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from loramix.adapter import LoraAdapter
-from loramix.checkpoint import (
+from loramix.errors import CheckpointError, MethodError
+from loramix.formats import load_adapter
+from loramix.io.base import NameMatcher
+from loramix.kernels import (
     StoredUpdate,
     Survival,
     Update,
@@ -33,9 +36,6 @@ from loramix.checkpoint import (
     row_shape,
     warn_stored,
 )
-from loramix.errors import CheckpointError, MethodError
-from loramix.formats import load_adapter
-from loramix.io.base import NameMatcher
 
 
 @dataclass

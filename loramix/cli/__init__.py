@@ -7,148 +7,37 @@ logger's handler and level, and torch's CPU threads for the length of a command.
 
 from __future__ import annotations
 
-import functools
-import logging
 import sys
 
 import click
 
-from loramix.errors import LoramixError, shown
-
-
-class _OneLine(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {shown(record.getMessage())}"
-
-
-# One default for every command: where there is a GPU, combining, merging and searching all run faster on it (a
-# search is forward passes through the whole base); results agree with the CPU's to float32 rounding.
-DEVICE_HELP = "cpu, cuda, cuda:N, or auto: a GPU when there is one, else the CPU [default: auto]."
-
-# Python option names whose command-line flag is not simply --name-with-dashes.
-_FLAGS = {"overwrite": "--force", "merge_into": "--merge-into BASE"}
-
-
-def _error_line(exc: LoramixError) -> str:
-    """The one line the CLI prints for an expected failure, its hint spelled as a flag, control characters shown."""
-    flag = _FLAGS.get(exc.option or "", "--" + (exc.option or "").replace("_", "-"))
-    return f"error: {shown(exc.hint(flag))}"
-
-
-def _errors_as_one_line(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LoramixError as exc:
-            click.echo(_error_line(exc), err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-def _option_group(*options):
-    """Several click options as one decorator, listed in --help in the order given."""
-
-    def apply(fn):
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return apply
-
-
-# --rank/--energy/--rule/--rule-value: one `RankRule` for combine (truncation) and analyze (suggestions).
-_rank_rule_options = _option_group(
-    click.option("--rank", type=click.IntRange(min=1), help="At most this rank per module."),
-    click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Smallest rank keeping this Σσ² share."),
-    click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule."),
-    click.option(
-        "--rule-value",
-        type=float,
-        metavar="V",
-        help="With --rule: sv_ratio keeps σᵢ > σ₁/V (V > 0, e.g. 10); sv_fro the smallest rank keeping V·‖ΔW‖_F "
-        "(V in (0, 1]; energy V²); sv_cumulative the smallest k with σ₁+…+σₖ ≥ V·Σσ (V in (0, 1]).",
-    ),
+from loramix.cli.options import (
+    DEVICE_HELP,
+    Group,
+    bounds,
+    error_line,
+    errors_as_one_line,
+    method_options,
+    rank_rule_options,
+    state_dict_options,
+    verbosity_options,
+    weights,
 )
+from loramix.errors import LoramixError
 
 
-def _verbosity(ctx: click.Context, param: click.Parameter, value) -> None:
-    """-q/-v (given so far, before or after the subcommand): the ``loramix`` logger's handler and level, and bars."""
-    state = ctx.find_root().ensure_object(dict)
-    if value:
-        state[param.name] = value
-    if state.get("quiet") and state.get("verbose"):
-        raise click.UsageError("give -q/--quiet or -v/--verbose, not both")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLine())
-    root = logging.getLogger("loramix")
-    root.handlers[:] = [handler]
-    levels = {0: logging.WARNING, 1: logging.INFO}
-    root.setLevel(logging.ERROR if state.get("quiet") else levels.get(state.get("verbose", 0), logging.DEBUG))
-    root.propagate = False
-    # Bars redraw a line with carriage returns: in a terminal only, never into a log file or a pipe.
-    state["progress"] = not state.get("quiet") and sys.stderr.isatty()
-
-
-def _verbosity_options() -> list[click.Option]:
-    """-q/-v, accepted before and after the subcommand: the group and each of its commands get a copy."""
-    common = {"expose_value": False, "callback": _verbosity}
-    return [
-        click.Option(["-q", "--quiet"], is_flag=True, help="Hide warnings and progress bars.", **common),
-        click.Option(["-v", "--verbose"], count=True, help="Say more (-v: notes, -vv: debugging details).", **common),
-    ]
-
-
-class _Group(click.Group):
-    """A group whose commands all take the verbosity options, and whose usage errors (unknown option, bad value) are
-    one line on stderr, like every error."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except click.ClickException as exc:
-            if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
-                exc.show()  # a bare command: its help, as click prints it
-            else:
-                click.echo(f"error: {shown(exc.format_message())}", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("error: aborted", err=True)
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
-    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
-        cmd.params += _verbosity_options()
-        super().add_command(cmd, name)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, params=_verbosity_options())
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]}, params=verbosity_options())
 @click.version_option(package_name="loramix")
 def main() -> None:
     """Load, analyse and combine LoRA adapters."""
-
-
-# --scale/--alpha/--base-model/--module-map: what a plain LoRA state dict file does not say, for every source (one
-# source takes its own as SOURCE::scale=0.5,alpha=16,module_map=FILE,base_model=ID).
-_state_dict_options = _option_group(
-    click.option(
-        "--scale", type=float, help="ΔW = scale·B·A for state dict LoRAs [default: 1]; one: SOURCE::scale=0.5."
-    ),
-    click.option("--alpha", type=float, help="Or their alpha (scale = alpha/rank per module)."),
-    click.option("--base-model", help="Base model of plain state dict LoRAs (a Hub id or path)."),
-    click.option("--module-map", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON regex → base name map."),
-)
 
 
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per adapter.")
 @click.option("--allow-nonfinite", is_flag=True, help="Load adapters holding NaN/Inf instead of refusing them.")
-@_state_dict_options
-@_errors_as_one_line
+@state_dict_options
+@errors_as_one_line
 def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool, **load_options) -> None:
     """Describe ADAPTERS (folders, state dict files or Hub ids): base, dtype, modules, ranks, scale, warnings.
 
@@ -163,8 +52,8 @@ def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool, **l
             adapter = load_adapter(source, allow_nonfinite=allow_nonfinite, log_warnings=False, **load_options)
         except LoramixError as exc:
             failed += 1
-            click.echo(_error_line(exc), err=True)
-            summaries.append({"source": source, "error": _error_line(exc).removeprefix("error: ")})
+            click.echo(error_line(exc), err=True)
+            summaries.append({"source": source, "error": error_line(exc).removeprefix("error: ")})
             continue
         summaries.append(adapter_summary(adapter))
         if not as_json:
@@ -178,8 +67,8 @@ def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool, **l
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per adapter.")
-@_state_dict_options
-@_errors_as_one_line
+@state_dict_options
+@errors_as_one_line
 def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
     """Which consumers (PEFT, transformers, vLLM, SGLang, LoRAX/TGI, llama.cpp, diffusers) load ADAPTERS and
     read every module's scale right; for each "no" or "wrong", why and the loramix command that fixes it."""
@@ -190,40 +79,15 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
     click.echo(check_json(reports) if as_json else check_text(reports))
 
 
-def _weights(ctx, param, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(w) for w in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
-
-
-def _options(ctx, param, values: tuple[str, ...]) -> dict:
-    import yaml
-
-    parsed = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
-        try:
-            parsed[key.replace("-", "_")] = yaml.safe_load(raw)
-        except (yaml.YAMLError, RecursionError) as exc:
-            detail = str(exc).splitlines()[0] if isinstance(exc, yaml.YAMLError) else "nested too deeply"
-            raise click.BadParameter(f"{key}: not a valid YAML value ({detail})") from None
-    return parsed
-
-
 @main.command()
 @click.argument("adapters", nargs=-1)
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Run a YAML recipe (see recipes/).")
-@click.option(
-    "-w", "--weights", callback=_weights, help="Comma-separated weights, one per adapter [default: 1/n each]."
-)
+@click.option("-w", "--weights", callback=weights, help="Comma-separated weights, one per adapter [default: 1/n each].")
 @click.option("-m", "--method", default=None, help="Merge method (see `loramix methods`) [default: svd].")
-@_rank_rule_options
-@click.option("--option", "options", multiple=True, callback=_options, metavar="KEY=VALUE", help="A method option.")
+@rank_rule_options
+@click.option(
+    "--option", "options", multiple=True, callback=method_options, metavar="KEY=VALUE", help="A method option."
+)
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Share of entries kept (ties, dare…).")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), help="TIES sign election [default: total].")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for random methods (dare_*) [default: 0].")
@@ -242,7 +106,7 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 )
 @click.option("--allow-different-bases", is_flag=True, default=None, help="Combine adapters made for different bases.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf in the inputs.")
-@_state_dict_options
+@state_dict_options
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (adapter or merged model).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE (a folder or Hub id) merged.")
@@ -280,7 +144,7 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict:
 )
 @click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repository.")
 @click.pass_context
-@_errors_as_one_line
+@errors_as_one_line
 def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **flags) -> None:
     """Combine ADAPTERS (folders, state dict files or Hub ids) into one PEFT adapter written to OUTPUT.
 
@@ -358,7 +222,7 @@ def methods() -> None:
 
 @main.command()
 @click.argument("name", required=False)
-@_errors_as_one_line
+@errors_as_one_line
 def examples(name: str | None) -> None:
     """List the bundled examples, or print the folder of example NAME.
 
@@ -387,9 +251,9 @@ def examples(name: str | None) -> None:
 )
 @click.option("--blocksize", type=click.IntRange(min=1), help="With --quantized-as: the block size [default: 64].")
 @click.option(
-    "-w", "--weights", callback=_weights, help="Weights of the merged sum, one per adapter [default: 1/n each]."
+    "-w", "--weights", callback=weights, help="Weights of the merged sum, one per adapter [default: 1/n each]."
 )
-@_rank_rule_options
+@rank_rule_options
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), help="Write JSON to FILE (- prints it)."
 )
@@ -398,9 +262,9 @@ def examples(name: str | None) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Intra-op CPU threads.")
 @click.option("--allow-different-bases", is_flag=True, help="Analyse adapters made for different bases.")
 @click.option("--allow-nonfinite", is_flag=True, help="Load adapters holding NaN/Inf instead of refusing them.")
-@_state_dict_options
+@state_dict_options
 @click.pass_context
-@_errors_as_one_line
+@errors_as_one_line
 def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, threads, **options) -> None:
     """Spectra, rank use and pairwise overlap of ADAPTERS (folders or Hub ids), computed in factor space.
 
@@ -427,16 +291,6 @@ def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, threads, **o
             click.echo(f"wrote {path}", err=json_path == "-")
 
 
-def _bounds(ctx, param, value: str) -> tuple[float, float]:
-    try:
-        low, high = (float(b) for b in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected LOW,HIGH, got {value!r}") from None
-    if not low < high:
-        raise click.BadParameter(f"LOW must be below HIGH, got {value!r}")
-    return low, high
-
-
 _COMPOSITION = "lorahub: B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (LoRAHub, equal ranks); delta: exact Σwᵢsᵢ·BᵢAᵢ [default: lorahub]."
 _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), adam (gradients) [default: cobyla]."
 
@@ -457,10 +311,10 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
     help="COBYLA evaluations, CMA-ES generations or Adam steps.",
 )
 @click.option("--l1", type=float, default=0.05, show_default=True, help="Weight of the mean|wᵢ| penalty.")
-@click.option("--bounds", default="-1.5,1.5", show_default=True, callback=_bounds, help="LOW,HIGH for every weight.")
+@click.option("--bounds", default="-1.5,1.5", show_default=True, callback=bounds, help="LOW,HIGH for every weight.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of CMA-ES and Adam.")
 @click.option("--device", default="auto", help=DEVICE_HELP)
-@click.option("--init", callback=_weights, help="Starting weights, one per adapter [default: 0 each].")
+@click.option("--init", callback=weights, help="Starting weights, one per adapter [default: 0 each].")
 @click.option("--popsize", type=click.IntRange(min=2), help="CMA-ES candidates per generation [default: 4+3·ln n].")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")
 @click.option("--max-candidates", type=click.IntRange(min=1), help="At most this many candidates per forward pass.")
@@ -471,7 +325,7 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
 @click.option("--shard-size", default="5GB", show_default=True, help="With --merge-into: the largest shard.")
 @click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repository.")
 @click.pass_context
-@_errors_as_one_line
+@errors_as_one_line
 def search(
     ctx: click.Context, adapters, base, examples, output, force, merge_into, shard_size, push_repo, **options
 ) -> None:
@@ -513,7 +367,7 @@ def search(
 @click.option("--private", is_flag=True, help="Create the repository private (when it does not exist yet).")
 @click.option("--revision", help="Branch to upload to (created when missing) [default: main].")
 @click.option("--commit-message", help="The commit message [default: Upload FOLDER with loramix VERSION].")
-@_errors_as_one_line
+@errors_as_one_line
 def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None) -> None:
     """Upload FOLDER (an adapter or merged checkpoint loramix wrote) to the Hub repository REPO_ID.
 

@@ -1,0 +1,169 @@
+"""What every `loramix` command shares: one-line errors (hints spelled as flags), the verbosity options accepted
+before and after a command, the group whose usage errors are one line, and the option groups and parsers several
+commands take. Imports only click and `loramix.errors`, so ``--help`` stays torch-free."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from loramix.errors import LoramixError, shown
+
+
+class OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {shown(record.getMessage())}"
+
+
+# One default for every command: where there is a GPU, combining, merging and searching all run faster on it (a
+# search is forward passes through the whole base); results agree with the CPU's to float32 rounding.
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto: a GPU when there is one, else the CPU [default: auto]."
+
+# Python option names whose command-line flag is not simply --name-with-dashes.
+_FLAGS = {"overwrite": "--force", "merge_into": "--merge-into BASE"}
+
+
+def error_line(exc: LoramixError) -> str:
+    """The one line the CLI prints for an expected failure, its hint spelled as a flag, control characters shown."""
+    flag = _FLAGS.get(exc.option or "", "--" + (exc.option or "").replace("_", "-"))
+    return f"error: {shown(exc.hint(flag))}"
+
+
+def errors_as_one_line(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoramixError as exc:
+            click.echo(error_line(exc), err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def option_group(*options):
+    """Several click options as one decorator, listed in --help in the order given."""
+
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+# --rank/--energy/--rule/--rule-value: one `RankRule` for combine (truncation) and analyze (suggestions).
+rank_rule_options = option_group(
+    click.option("--rank", type=click.IntRange(min=1), help="At most this rank per module."),
+    click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Smallest rank keeping this Σσ² share."),
+    click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule."),
+    click.option(
+        "--rule-value",
+        type=float,
+        metavar="V",
+        help="With --rule: sv_ratio keeps σᵢ > σ₁/V (V > 0, e.g. 10); sv_fro the smallest rank keeping V·‖ΔW‖_F "
+        "(V in (0, 1]; energy V²); sv_cumulative the smallest k with σ₁+…+σₖ ≥ V·Σσ (V in (0, 1]).",
+    ),
+)
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value) -> None:
+    """-q/-v (given so far, before or after the subcommand): the ``loramix`` logger's handler and level, and bars."""
+    state = ctx.find_root().ensure_object(dict)
+    if value:
+        state[param.name] = value
+    if state.get("quiet") and state.get("verbose"):
+        raise click.UsageError("give -q/--quiet or -v/--verbose, not both")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLine())
+    root = logging.getLogger("loramix")
+    root.handlers[:] = [handler]
+    levels = {0: logging.WARNING, 1: logging.INFO}
+    root.setLevel(logging.ERROR if state.get("quiet") else levels.get(state.get("verbose", 0), logging.DEBUG))
+    root.propagate = False
+    # Bars redraw a line with carriage returns: in a terminal only, never into a log file or a pipe.
+    state["progress"] = not state.get("quiet") and sys.stderr.isatty()
+
+
+def verbosity_options() -> list[click.Option]:
+    """-q/-v, accepted before and after the subcommand: the group and each of its commands get a copy."""
+    common = {"expose_value": False, "callback": _verbosity}
+    return [
+        click.Option(["-q", "--quiet"], is_flag=True, help="Hide warnings and progress bars.", **common),
+        click.Option(["-v", "--verbose"], count=True, help="Say more (-v: notes, -vv: debugging details).", **common),
+    ]
+
+
+class Group(click.Group):
+    """A group whose commands all take the verbosity options, and whose usage errors (unknown option, bad value) are
+    one line on stderr, like every error."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                exc.show()  # a bare command: its help, as click prints it
+            else:
+                click.echo(f"error: {shown(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params += verbosity_options()
+        super().add_command(cmd, name)
+
+
+# --scale/--alpha/--base-model/--module-map: what a plain LoRA state dict file does not say, for every source (one
+# source takes its own as SOURCE::scale=0.5,alpha=16,module_map=FILE,base_model=ID).
+state_dict_options = option_group(
+    click.option(
+        "--scale", type=float, help="ΔW = scale·B·A for state dict LoRAs [default: 1]; one: SOURCE::scale=0.5."
+    ),
+    click.option("--alpha", type=float, help="Or their alpha (scale = alpha/rank per module)."),
+    click.option("--base-model", help="Base model of plain state dict LoRAs (a Hub id or path)."),
+    click.option("--module-map", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON regex → base name map."),
+)
+
+
+def weights(ctx, param, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(w) for w in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
+
+
+def method_options(ctx, param, values: tuple[str, ...]) -> dict:
+    import yaml
+
+    parsed = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        try:
+            parsed[key.replace("-", "_")] = yaml.safe_load(raw)
+        except (yaml.YAMLError, RecursionError) as exc:
+            detail = str(exc).splitlines()[0] if isinstance(exc, yaml.YAMLError) else "nested too deeply"
+            raise click.BadParameter(f"{key}: not a valid YAML value ({detail})") from None
+    return parsed
+
+
+def bounds(ctx, param, value: str) -> tuple[float, float]:
+    try:
+        low, high = (float(b) for b in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected LOW,HIGH, got {value!r}") from None
+    if not low < high:
+        raise click.BadParameter(f"LOW must be below HIGH, got {value!r}")
+    return low, high

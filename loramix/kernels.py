@@ -1,0 +1,185 @@
+"""The ΔW kernels shared by merges into checkpoints (`loramix.checkpoint`) and into live models (`loramix.live`):
+how ΔW lies on a base weight (`decide_layout`), its rows (`delta_rows`), DoRA's exact merge (`dora_merge`), and how
+the update a weight stores after rounding compares with the intended one (`Survival`, `StoredUpdate`,
+`warn_stored`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from loramix.adapter import LoraModule
+from loramix.errors import CheckpointError
+from loramix.io.base import CONV1D_MODEL_TYPES, CONV1D_NAMES
+from loramix.runtime import DTYPE_NAMES
+
+log = logging.getLogger(__name__)
+
+LOW_SURVIVAL = 0.5  # ‖stored‖/‖ΔW‖ below this: most of the update is lost
+DISTORTED_ERROR = 0.5  # ‖stored − ΔW‖/‖ΔW‖ above this, or
+DISTORTED_COSINE = 0.9  # cos(stored, ΔW) below this: the update stored is not the one intended
+
+
+def decide_layout(
+    module: LoraModule,
+    name: str,
+    key: str,
+    shape: tuple[int, ...],
+    model_type: str | None,
+    *,
+    conv1d: bool | None = None,
+) -> str:
+    """How ΔW lies on base tensor ``key``: settled by the base (shape, then model type and name), as PEFT does.
+    ``conv1d`` settles a square weight when the base knows its layer's class (a live model)."""
+    out, inp = module.out_features, module.in_features
+    if module.layout in ("embedding", "conv2d"):
+        if tuple(shape) != module.base_shape:
+            raise CheckpointError(
+                f"adapter module {name} ({module.layout}, ΔW {module.base_shape}) does not fit base tensor {key} "
+                f"of shape {tuple(shape)}"
+            )
+        return module.layout
+    fits = [lay for lay, s in (("linear", (out, inp)), ("conv1d_fan_in_fan_out", (inp, out))) if tuple(shape) == s]
+    if not fits:
+        raise CheckpointError(
+            f"adapter module {name} (out {out} × in {inp}) does not fit base tensor {key} of shape {tuple(shape)}"
+        )
+    if len(fits) == 1:
+        return fits[0]
+    if conv1d is None:
+        conv1d = model_type in CONV1D_MODEL_TYPES and name.rsplit(".", 1)[-1] in CONV1D_NAMES
+    return "conv1d_fan_in_fan_out" if conv1d else "linear"
+
+
+@dataclass
+class Update:
+    """One adapter module applied to one base tensor, with the layout the base settled."""
+
+    name: str
+    module: LoraModule
+    layout: str
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """How the update stored in the output dtype, stored = round(W+ΔW) − round(W), compares with the intended ΔW:
+    ``kept`` = ‖stored‖/‖ΔW‖ (below 1: lost to rounding; above 1: rounding noise added), ``error`` =
+    ‖stored − ΔW‖/‖ΔW‖ and ``cosine`` = ⟨stored, ΔW⟩/(‖stored‖·‖ΔW‖)."""
+
+    kept: float
+    error: float
+    cosine: float
+
+    @property
+    def lost(self) -> bool:
+        return self.kept < LOW_SURVIVAL
+
+    @property
+    def distorted(self) -> bool:
+        return not (self.error <= DISTORTED_ERROR and self.cosine >= DISTORTED_COSINE)
+
+
+def delta_rows(module: LoraModule, layout: str, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Rows [start, stop) of ΔW in the base tensor's stored layout, float32 on ``device``."""
+    A = module.A.to(device=device, dtype=torch.float32)
+    B = module.B.to(device=device, dtype=torch.float32)
+    if layout == "linear":
+        return (B[start:stop] @ A) * module.scale
+    if layout in ("conv1d_fan_in_fan_out", "embedding"):
+        return (A[:, start:stop].T @ B.T) * module.scale
+    return (B @ A).mul_(module.scale).reshape(module.base_shape)  # conv2d: one chunk
+
+
+def dora_merge(W: torch.Tensor, update: Update, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's DoRA merge: m · (W + ΔW) / ‖W + ΔW‖, the norm per output row (taken in out×in orientation).
+    Returns the merged weight and that norm (what undoing the merge needs)."""
+    m = update.module
+    merged = W + delta_rows(m, update.layout, 0, W.shape[0], device)
+    math_view = merged.T if update.layout in ("conv1d_fan_in_fan_out", "embedding") else merged.reshape(len(merged), -1)
+    norm = torch.linalg.vector_norm(math_view, dim=1)
+    factor = m.magnitude.to(device=device, dtype=torch.float32) / norm
+    return merged * factor.reshape(row_shape(update.layout, merged.dim())), norm
+
+
+def row_shape(layout: str, dim: int) -> tuple[int, ...]:
+    """How a per-output-row vector broadcasts over a weight stored in ``layout`` (``dim`` dimensions)."""
+    if layout in ("conv1d_fan_in_fan_out", "embedding"):
+        return (1, -1)
+    return (-1, *([1] * (dim - 1)))
+
+
+@dataclass
+class Survival:
+    """Sums over a tensor's chunks: ‖stored‖², ‖ΔW‖² and ⟨stored, ΔW⟩ (float64)."""
+
+    kept: float = 0.0
+    total: float = 0.0
+    inner: float = 0.0
+
+    def add(self, stored: torch.Tensor, intended: torch.Tensor) -> None:
+        """One chunk: the update as stored, and as intended (float32, same shape)."""
+        self.total += float(torch.linalg.vector_norm(intended, dtype=torch.float64)) ** 2
+        self.kept += float(torch.linalg.vector_norm(stored, dtype=torch.float64)) ** 2
+        self.inner += float(torch.sum(stored.double() * intended.double()))
+
+    def measure(self) -> StoredUpdate:
+        if not self.total > 0:
+            return StoredUpdate(float("nan"), float("nan"), float("nan"))
+        error = math.sqrt(max(0.0, self.kept - 2 * self.inner + self.total) / self.total)
+        cosine = self.inner / math.sqrt(self.kept * self.total) if self.kept > 0 else 0.0
+        return StoredUpdate(math.sqrt(self.kept / self.total), error, cosine)
+
+
+def add_delta(merged: torch.Tensor, update: Update, start: int, stop: int, device: torch.device) -> None:
+    """``merged += ΔW[start:stop]`` in place (one fused multiply-add for Linear/Conv1D/embedding rows)."""
+    m = update.module
+    if update.layout == "conv2d" or merged.dim() != 2:
+        merged += delta_rows(m, update.layout, start, stop, device)
+        return
+    A = m.A.to(device=device, dtype=torch.float32)
+    B = m.B.to(device=device, dtype=torch.float32)
+    if update.layout == "linear":
+        merged.addmm_(B[start:stop], A, alpha=m.scale)
+    else:
+        merged.addmm_(A[:, start:stop].T, B.T, alpha=m.scale)
+
+
+def warn_stored(survival: dict[str, StoredUpdate], dtype: torch.dtype, label: str) -> None:
+    """One warning for updates mostly lost to rounding to ``dtype``, one for updates stored distorted."""
+    name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    low = sorted((v.kept, k) for k, v in survival.items() if v.lost)
+    if low:
+        worst = ", ".join(f"{k} ({v:.2f})" for v, k in low[:3])
+        log.warning(
+            "%s: %d of %d module(s) lose most of their ΔW to %s rounding (‖round(W+ΔW)−W‖/‖ΔW‖ < %.1f): %s%s",
+            label,
+            len(low),
+            len(survival),
+            name,
+            LOW_SURVIVAL,
+            worst,
+            ", ..." if len(low) > 3 else "",
+        )
+    bent = sorted((-v.error, k) for k, v in survival.items() if v.distorted and not v.lost)
+    if bent:
+        worst = ", ".join(
+            f"{k} (error {survival[k].error:.2f}, cosine {survival[k].cosine:.2f}, kept {survival[k].kept:.2f})"
+            for _, k in bent[:3]
+        )
+        log.warning(
+            "%s: %d of %d module(s) are stored distorted in %s: round(W+ΔW)−round(W) is not ΔW (relative error > %.1f "
+            "or cosine < %.1f; ΔW is small against W's rounding step): %s%s; merge in float32 (dtype) or scale the "
+            "adapter up",
+            label,
+            len(bent),
+            len(survival),
+            name,
+            DISTORTED_ERROR,
+            DISTORTED_COSINE,
+            worst,
+            ", ..." if len(bent) > 3 else "",
+        )
