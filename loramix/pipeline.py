@@ -146,6 +146,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         revisions=revisions(plan.adapters),
         output_format=plan.format,
         recipe=True,
+        dtype=(plan.dtype or "bfloat16") if plan.merge_into else None,
     )
     if plan.merge_into:
         merge = merge_into_base(

@@ -243,6 +243,7 @@ def test_run_is_what_the_cli_does(tmp_path):
     assert api.read_bytes() == cli.read_bytes()
     card = (tmp_path / "api" / "README.md").read_text()
     assert "github.com/loramix" not in card  # no invented link: only a URL the package's metadata declares
+    assert "stored in float32" in card  # the output's dtype is one of the settings the card records
 
 
 def test_every_command_loads_adapters_through_one_front_door():

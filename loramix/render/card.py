@@ -161,11 +161,12 @@ def model_card(
     output_format: str = "peft",
     recipe: bool = False,
     searched: bool = False,
+    dtype: str | None = None,
 ) -> str:
     """README.md text for an output folder holding ``adapter`` (or, with ``merged_into``, that base merged).
 
     ``argv`` is the command line that made it (``sys.argv``, the program shown by its name); without it the card
-    says the Python API made it.
+    says the Python API made it. ``dtype`` is the output's stored dtype (default: the adapter's factors').
     ``analysis`` (of the sources, already computed) adds their pairwise overlap; ``revisions`` maps each Hub source
     to the revision and commit it resolved to (local sources say ``local``); ``recipe`` says a recipe file lies
     beside the card (with ``searched``, it repeats the combination with the searched weights, not the search).
@@ -215,7 +216,8 @@ def model_card(
         body += [f"The recipe is saved beside this card as `{RECIPE_FILE}`: `loramix combine --recipe {RECIPE_FILE}`"]
         repeats = "the combination with the searched weights (the search is in search.json)" if searched else "the run"
         body += [f"repeats {repeats}.", ""]
-    body += [f"loramix version: {loramix_version()}; output: {kind}.", ""]
+    stored = dtype or str(adapter.dtype).removeprefix("torch.")
+    body += [f"loramix version: {loramix_version()}; output: {kind}, stored in {stored}.", ""]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
 
 
