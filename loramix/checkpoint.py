@@ -228,11 +228,10 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
         merged += bias.to(device=device, dtype=torch.float32)
     out = merged.to(job.dtype, copy=True)  # a copy even for float32 output: merged is reused below
     intended = merged.sub_(W)
-    if not torch.isfinite(intended).all():  # NaN/Inf anywhere in W + ΔW shows up here, without a pass of its own
-        raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
     stored = out.float() if out.dtype != torch.float32 else out.clone()
     base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
-    stats.add(stored.sub_(base), intended)
+    if not math.isfinite(stats.add(stored.sub_(base), intended)):  # NaN/Inf in W + ΔW shows in ‖ΔW‖: no extra pass
+        raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
     del merged, intended, stored
     return out.cpu()
 

@@ -120,11 +120,14 @@ class Survival:
     total: float = 0.0
     inner: float = 0.0
 
-    def add(self, stored: torch.Tensor, intended: torch.Tensor) -> None:
-        """One chunk: the update as stored, and as intended (float32, same shape)."""
-        self.total += float(torch.linalg.vector_norm(intended, dtype=torch.float64)) ** 2
+    def add(self, stored: torch.Tensor, intended: torch.Tensor) -> float:
+        """One chunk: the update as stored, and as intended (float32, same shape). Returns the chunk's ‖ΔW‖², which
+        is not finite when the chunk holds NaN/Inf."""
+        energy = float(torch.linalg.vector_norm(intended, dtype=torch.float64)) ** 2
+        self.total += energy
         self.kept += float(torch.linalg.vector_norm(stored, dtype=torch.float64)) ** 2
         self.inner += float(torch.sum(stored.double() * intended.double()))
+        return energy
 
     def measure(self) -> StoredUpdate:
         if not self.total > 0:
