@@ -196,3 +196,20 @@ def test_real_adapters_combined_are_portable(tmp_path):
     sources = [str(REAL / n) for n in ("qwen05__posttrain_v1", "qwen05__posttrain_v2", "qwen05__inference_engine")]
     folder = save_adapter(loramix.combine(sources, method="svd", energy=0.99), tmp_path / "out")
     assert " ".join(v.status for v in check_source(folder).verdicts) == "yes yes yes yes yes yes n/a"
+
+
+def test_peft_key_table_knows_the_installed_release():
+    """Every config field of the installed PEFT's LoraConfig/PeftConfig is in the key table, introduced no later than
+    the installed release: the table (read from PEFT's tags) cannot have missed a key this release reads."""
+    import dataclasses
+
+    import peft
+    from peft import LoraConfig
+
+    from loramix.compat.peft import PEFT_05_KEYS, PEFT_KEY_SINCE
+
+    installed = tuple(int(x) for x in peft.__version__.split(".")[:2])
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(k for k in fields if k not in PEFT_05_KEYS and k not in PEFT_KEY_SINCE)
+    assert not unknown, unknown
+    assert all(PEFT_KEY_SINCE[k] <= installed for k in fields - PEFT_05_KEYS)

@@ -29,8 +29,10 @@ PEFT_05_KEYS = {
     "layers_to_transform",
     "layers_pattern",
 }
-# The first release whose LoraConfig has each later key (git show vX:src/peft/tuners/lora/config.py). Keys not
-# listed here are newer than loramix knows, or not PEFT's: treated as unknown to every release checked.
+# The first release whose LoraConfig or PeftConfig has each later key: the dataclass fields of
+# src/peft/tuners/lora/config.py (LoraConfig) and src/peft/config.py (PeftConfigMixin, PeftConfig) at each tag
+# v0.5.0 … v0.20.0, and the 0.21 release. Keys not listed here are newer than loramix knows, or not PEFT's: treated
+# as unknown to every release checked.
 PEFT_KEY_SINCE = {
     "rank_pattern": (0, 6),
     "alpha_pattern": (0, 6),
@@ -47,12 +49,17 @@ PEFT_KEY_SINCE = {
     "trainable_token_indices": (0, 15),
     "corda_config": (0, 15),
     "target_parameters": (0, 17),
-    "use_qalora": (0, 17),
-    "qalora_group_size": (0, 17),
+    "use_qalora": (0, 16),
+    "qalora_group_size": (0, 16),
     "alora_invocation_tokens": (0, 18),
     "ensure_weight_tying": (0, 18),
     "arrow_config": (0, 18),
     "peft_version": (0, 18),
+    "lora_ga_config": (0, 19),
+    "use_bdlora": (0, 19),
+    "monteclora_config": (0, 20),
+    "velora_config": (0, 20),
+    "kasa_config": (0, 21),
 }
 
 # --------------------------------------------------------------------------------------------------------- PEFT
