@@ -167,21 +167,49 @@ def test_kohya_file_merged_into_pipeline_equals_diffusers_fuse(tmp_path, pipe_fo
 
 
 def test_diffusers_named_file_merged_into_pipeline_equals_diffusers_fuse(tmp_path, pipe_folder):
-    """A diffusers LoRA (PEFT lora_A/lora_B under unet./text_encoder., saved by diffusers), convs included; only the
-    UNet targeted, so the text encoder is copied unchanged."""
-    unet, _ = _components()
+    """A diffusers LoRA (PEFT lora_A/lora_B under unet./text_encoder., saved by diffusers' save_lora_weights with each
+    component's LoraConfig in the metadata: lora_alpha ≠ r, rank and alpha patterns), convs included."""
+    unet, text_encoder = _components()
     torch.manual_seed(3)
-    config = peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "conv1", "proj_in"])
-    unet = peft.inject_adapter_in_model(config, unet)
-    layers = peft.get_peft_model_state_dict(unet)
-    diffusers.StableDiffusionPipeline.save_lora_weights(str(tmp_path / "lora"), unet_lora_layers=layers)
+    unet_config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"conv1": 2},
+        alpha_pattern={"proj_in": 2},
+        init_lora_weights=False,
+        target_modules=["to_q", "conv1", "proj_in", "conv_shortcut"],
+    )
+    te_config = peft.LoraConfig(
+        r=2, lora_alpha=6, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    unet = peft.inject_adapter_in_model(unet_config, unet)
+    text_encoder = peft.inject_adapter_in_model(te_config, text_encoder)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "lora"),
+        unet_lora_layers=peft.get_peft_model_state_dict(unet),
+        text_encoder_lora_layers=peft.get_peft_model_state_dict(text_encoder),
+        unet_lora_adapter_metadata=unet_config.to_dict(),
+        text_encoder_lora_adapter_metadata=te_config.to_dict(),
+    )
     file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     assert any(k.startswith("unet.") and ".lora_A." in k for k in load_file(str(file)))
+    scales = {n: m.scale for n, m in load_adapter(str(file)).modules.items()}
+    assert scales["unet.down_blocks.0.resnets.0.conv1"] == 4.0 and scales["unet.mid_block.attentions.0.proj_in"] == 0.5
+    assert scales["text_encoder.encoder.layers.0.self_attn.q_proj"] == 3.0
     merge_into_base(str(file), pipe_folder, tmp_path / "out", dtype=torch.float32)
-    _check(tmp_path / "out", _fused(pipe_folder, file), {"unet"}, dtype=torch.float32)
-    assert (tmp_path / "out" / "text_encoder" / "model.safetensors").read_bytes() == (
-        pipe_folder / "text_encoder" / "model.safetensors"
-    ).read_bytes()
+    _check(tmp_path / "out", _fused(pipe_folder, file), {"unet", "text_encoder"}, dtype=torch.float32)
+
+
+def test_untouched_component_is_copied_as_it_was(tmp_path, pipe_folder):
+    file = tmp_path / "unet-only.safetensors"
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    save_file(
+        {f"{name}.lora_down.weight": torch.ones(1, 8, 3, 3), f"{name}.lora_up.weight": torch.ones(8, 1, 1, 1)},
+        str(file),
+    )
+    merge_into_base(str(file), pipe_folder, tmp_path / "out")
+    for part in ("text_encoder/model.safetensors", "text_encoder/config.json"):
+        assert (tmp_path / "out" / part).read_bytes() == (pipe_folder / part).read_bytes()
 
 
 def test_pipeline_name_errors_are_one_line(tmp_path, pipe_folder):

@@ -8,7 +8,9 @@ underscores behind a component prefix: ``lora_unet_down_blocks_0_attentions_0_pr
 
 diffusers saves ``unet.<dotted path>.lora.down.weight``/``.lora.up.weight`` (its old attention processors) or
 PEFT's ``lora_A``/``lora_B`` under ``unet.``/``text_encoder.``/``text_encoder_2.`` prefixes
-(``pytorch_lora_weights.safetensors``); ``.alpha`` keys are honoured when present, else the scale is 1.
+(``pytorch_lora_weights.safetensors``); ``.alpha`` keys are honoured when present, else the scale is 1 — unless the
+file's ``lora_adapter_metadata`` holds the component's LoraConfig (``lora_alpha``, ``alpha_pattern``, ``use_rslora``),
+which diffusers' loader then follows, and so does loramix.
 
 Module names. A flattened kohya name cannot be turned back into a dotted path by itself — ``down_blocks_0`` and
 ``proj_in`` hold underscores of their own, and only the base model's key list can say where the dots were — so a
@@ -32,6 +34,7 @@ format has no place for heads, lora_B biases, DoRA magnitudes or embedding LoRA:
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -42,11 +45,13 @@ from safetensors.torch import save_file
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import AdapterFormatError, OutputError
+from loramix.formats._keys import is_number, pattern_value
 from loramix.io.files import check_finite, read_tensors, tensor_keys
 
 NAME = "kohya"
 SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' LoRA_ADAPTER_METADATA_KEY: each component's LoraConfig
 MAX_SCALE = 2.0**16  # alpha/rank beyond this is no trained LoRA (and overflows float16 outputs)
 KOHYA_PREFIX = re.compile(r"^lora_(unet|te\d?|transformer)_")
 # (key pattern, style): groups module, side (down/up/A/B/alpha)
@@ -133,9 +138,10 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     if ignored:
         notes.append(f"{len(ignored)} key(s) are not LoRA factors and were dropped ({', '.join(ignored[:3])})")
     modules = {name: _module(file, name, found) for name, found in sorted(parts.items())}
+    metadata = _metadata(file)
+    _diffusers_scales(file, modules, metadata)
     if all(not m.B.any() for m in modules.values()):
         notes.append("every lora_up factor is zero: this adapter changes nothing")
-    metadata = _metadata(file)
     return LoraAdapter(
         modules=modules,
         base_model=metadata.get("loramix_base_model") or None,
@@ -161,6 +167,34 @@ def _metadata(file: Path) -> dict[str, str]:
         return {}
     with safe_open(str(file), "pt") as f:
         return f.metadata() or {}
+
+
+def _diffusers_scales(file: Path, modules: dict[str, LoraModule], metadata: dict[str, str]) -> None:
+    """diffusers' ``save_lora_weights`` may store each component's LoraConfig in the file's metadata
+    (``lora_adapter_metadata``: ``unet.lora_alpha``, ``unet.alpha_pattern``, ``unet.use_rslora``, …), and its loader
+    then builds the LoRA layers from it (over any ``.alpha`` keys): the scales follow it, with PEFT's pattern rule."""
+    raw = metadata.get(DIFFUSERS_METADATA)
+    if not raw:
+        return
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise AdapterFormatError(f"{file}: metadata {DIFFUSERS_METADATA} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{file}: metadata {DIFFUSERS_METADATA} is not a JSON object")
+    for name, module in modules.items():
+        component, _, path = name.partition(".")
+        alpha = config.get(f"{component}.lora_alpha")
+        if alpha is None or not path:
+            continue
+        patterns = config.get(f"{component}.alpha_pattern") or {}
+        if not (isinstance(patterns, dict) and all(is_number(v) for v in [alpha, *patterns.values()])):
+            raise AdapterFormatError(f"{file}: metadata {DIFFUSERS_METADATA}: {component}'s alphas are not numbers")
+        alpha = pattern_value(patterns, path, alpha, where=file)
+        rslora = config.get(f"{component}.use_rslora") is True
+        module.scale = float(alpha) / (math.sqrt(module.rank) if rslora else module.rank)
+        if not 0 < module.scale <= MAX_SCALE:
+            raise AdapterFormatError(f"{file}: module {name}: lora_alpha {alpha:g} gives scale {module.scale:g}")
 
 
 def _module(file: Path, name: str, found: dict[str, torch.Tensor]) -> LoraModule:
