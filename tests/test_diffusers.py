@@ -269,6 +269,39 @@ def test_sgm_names_map_to_diffusers_blocks():
         assert theirs.replace(".", "_") == expected, sgm
 
 
+def test_sgm_named_kohya_file_merges_like_its_diffusers_names(tmp_path, pipe_folder):
+    """The same factors under kohya's SDXL (Stability block) names and under diffusers' paths give the same pipeline
+    (the diffusers-path kohya names are checked against diffusers' fuse above); the tiny UNet has one layer per block,
+    an attention-free first up block with an upsampler."""
+    pairs = {
+        "input_blocks_1_1_proj_in": ("down_blocks_0_attentions_0_proj_in", (8, 8, (1, 1))),
+        "input_blocks_2_0_op": ("down_blocks_0_downsamplers_0_conv", (8, 8, (3, 3))),
+        "middle_block_1_transformer_blocks_0_attn1_to_q": (
+            "mid_block_attentions_0_transformer_blocks_0_attn1_to_q",
+            (16, 16, ()),
+        ),
+        "output_blocks_1_0_in_layers_2": ("up_blocks_0_resnets_1_conv1", (16, 24, (3, 3))),
+        "output_blocks_1_1_conv": ("up_blocks_0_upsamplers_0_conv", (16, 16, (3, 3))),
+        "output_blocks_3_1_proj_out": ("up_blocks_1_attentions_1_proj_out", (8, 8, (1, 1))),
+    }
+    gen = torch.Generator().manual_seed(9)
+    sgm, plain = {}, {}
+    for old, (new, (out, inp, kernel)) in pairs.items():
+        down = torch.randn(2, inp, *kernel, generator=gen)
+        up = torch.randn(out, 2, *((1, 1) if kernel else ()), generator=gen)
+        for tensors, name in ((sgm, f"lora_unet_{old}"), (plain, f"lora_unet_{new}")):
+            tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}
+    for label, tensors in (("sgm", sgm), ("plain", plain)):
+        save_file(tensors, str(tmp_path / f"{label}.safetensors"))
+        merge_into_base(str(tmp_path / f"{label}.safetensors"), pipe_folder, tmp_path / label, dtype=torch.float32)
+    ours, reference = _read_component(tmp_path / "sgm" / "unet"), _read_component(tmp_path / "plain" / "unet")
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    assert not torch.equal(
+        reference["up_blocks.0.upsamplers.0.conv.weight"],
+        _read_component(pipe_folder / "unet")["up_blocks.0.upsamplers.0.conv.weight"],
+    )
+
+
 def test_kohya_lora_of_a_transformers_model_merges_into_its_checkpoint(tmp_path):
     """A kohya file of a Llama model (written by loramix from a PEFT adapter) finds the checkpoint's dotted names
     again; the merge equals PEFT's merge_and_unload of the PEFT adapter."""
