@@ -29,6 +29,7 @@ from loramix.errors import CheckpointError
 from loramix.formats.peft import GPT2_CONV1D
 from loramix.io.base import (
     BIN_INDEX,
+    DIFFUSERS_WEIGHTS,
     SAFE_INDEX,
     BaseCheckpoint,
     BaseTensor,
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements (4 MB in float32)
 WORKERS = 4
+DIFFUSERS_CONFIG = "_diffusers_version"  # a key only diffusers' model configs have
 
 
 @dataclass
@@ -301,15 +303,17 @@ def write_merged(
     progress: bool = False,
     workers: int | None = None,
     quantization: Quantization | None = None,
+    keep_files: bool = False,
 ) -> MergeReport:
     """Write ``base`` with ``adapter`` merged into the existing folder ``folder``: sharded safetensors
     (``model-0000i-of-0000N.safetensors`` plus the index; one ``model.safetensors`` when everything fits one shard,
-    as transformers does), config.json with its dtype updated, and every other non-weight file (tokenizer,
-    generation config) copied. Heads (modules_to_save) replace the base tensors, lora_B biases are added to the base
-    biases, DoRA is merged exactly as PEFT does. ΔW is computed on ``device`` (default: the CPU); ``workers``
-    threads write at once (default: up to 4). With ``quantization`` (a QLoRA-faithful merge) each base weight it
-    selects goes through bitsandbytes' 4-bit round trip before ΔW is added, so the checkpoint is the model the
-    adapter was trained on.
+    as transformers does; diffusers' names for a diffusers model; with ``keep_files``, the base's own safetensors
+    files, each tensor in the file it was in), config.json with its dtype updated (a diffusers config, which has
+    none, as it was), and every other non-weight file (tokenizer, generation config) copied. Heads (modules_to_save)
+    replace the base tensors, lora_B biases are added to the base biases, DoRA is merged exactly as PEFT does. ΔW
+    is computed on ``device`` (default: the CPU); ``workers`` threads write at once (default: up to 4). With
+    ``quantization`` (a QLoRA-faithful merge) each base weight it selects goes through bitsandbytes' 4-bit round
+    trip before ΔW is added, so the checkpoint is the model the adapter was trained on.
 
     The `MergeReport` holds, per module, the share of ΔW that survives the rounding: ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖
     (for a base already in the output dtype round(W) = W; for a float32 base, comparing with round(W) keeps the
@@ -325,17 +329,21 @@ def write_merged(
         _mark_round_trips(jobs, quantization, base.model_type)
     for note in notes:
         log.warning("%s: %s", adapter.name, note)
-    shards = plan_shards(jobs, parse_size(shard_size))
-    names = shard_names(len(shards))
+    if keep_files and all(path.suffix == ".safetensors" for path in base.weight_files):
+        names, shards, index = _base_files(jobs, base)
+    else:  # diffusers' file names for a diffusers model, else transformers'
+        stem = DIFFUSERS_WEIGHTS if base.weight_files[0].name.startswith(DIFFUSERS_WEIGHTS) else "model"
+        shards = plan_shards(jobs, parse_size(shard_size))
+        names, index = shard_names(len(shards), stem), f"{stem}.safetensors.index.json"
     stats = {job.name: Survival() for job in jobs if not job.raw_copy}
     total = sum(j.nbytes for j in jobs)
     workers = workers or min(WORKERS, os.cpu_count() or 1)
     device = device or torch.device("cpu")
     with progress_bar(enabled=progress, total=total, unit="B", unit_scale=True, desc="merge") as bar:
         write_shards(folder, names, shards, produce=_produce(stats, device), bar=bar, workers=workers)
-    write_index(folder, names, shards)
+    write_index(folder, names, shards, index)
     config = dict(base.config)
-    for key in _config_dtype_keys(config):
+    for key in _config_dtype_keys(config) if DIFFUSERS_CONFIG not in config else ():
         config[key] = DTYPE_NAMES[dtype]
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_other_files(base, folder)
@@ -354,6 +362,17 @@ def write_merged(
     )
     warn_stored(report.survival, dtype, adapter.name)
     return report
+
+
+def _base_files(jobs: list[Job], base: BaseCheckpoint) -> tuple[list[str], list[list[Job]], str | None]:
+    """(file names, tensors per file, index name) of a safetensors base's own files: each tensor in the file it was
+    in (one the base does not have in the last)."""
+    files: dict[Path, list[Job]] = {path: [] for path in base.weight_files}
+    for job in jobs:
+        source = base.tensors.get(job.name)
+        files[source.path if source is not None and source.path in files else base.weight_files[-1]].append(job)
+    kept = [path for path, group in files.items() if group]
+    return [path.name for path in kept], [plan_shards(files[path], 0)[0] for path in kept], base.index or SAFE_INDEX
 
 
 def _survival_by_module(jobs: list[Job], stats: dict[str, Survival]) -> dict[str, StoredUpdate]:

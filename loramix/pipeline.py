@@ -19,10 +19,12 @@ from loramix.adapter import LoraAdapter, portable_layout
 from loramix.analysis import Analysis, analyze
 from loramix.checkpoint import MergeReport, write_merged
 from loramix.combination import check_settings, combine
-from loramix.errors import IncompatibleAdaptersError, MethodError
+from loramix.diffusers_merge import write_merged_pipeline
+from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
 from loramix.formats import load_adapter, load_adapters, split_source_options, write_adapter
 from loramix.hub import pinned, revisions
-from loramix.io.base import open_base, resolve_base
+from loramix.io.base import open_base, resolve_base, with_base_names
+from loramix.io.diffusers import is_pipeline, open_pipeline
 from loramix.io.files import atomic_output, check_output, refuse_inputs, write_text_atomic
 from loramix.linalg import RankRule
 from loramix.quantize import quantization_settings
@@ -241,8 +243,10 @@ def merge_into_base(
 ) -> MergeReport:
     """Merge ``adapter`` (a `LoraAdapter` or a source) into the ``base`` checkpoint (a folder or Hub id) and write the
     merged checkpoint to ``out``, atomically, without touching any input (see `loramix.checkpoint.write_merged` for
-    the layout and the report). ``files`` (name → text: card, recipe) go into the same folder; without them a
-    README.md model card says what is known.
+    the layout and the report). kohya module names (``lora_…``) are matched to the base's own module paths. A
+    diffusers pipeline folder (``model_index.json``) is written as a pipeline: each component the adapter changes
+    merged in its own files, the rest copied (see `loramix.diffusers_merge`). ``files`` (name → text: card, recipe)
+    go into the same folder; without them a README.md model card says what is known.
 
     QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
     the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
@@ -255,29 +259,31 @@ def merge_into_base(
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)
     folder = resolve_base(base)
-    checkpoint = open_base(folder)
-    quantization = quantization_settings(
-        [(str(folder), checkpoint.config), *_adapter_configs(adapter)],
-        quantized_as=quantized_as,
-        double_quant=double_quant,
-        blocksize=blocksize,
-        round_trip=round_trip,
-    )
+    pipeline = open_pipeline(folder) if is_pipeline(folder) else None
+    checkpoint = None if pipeline else open_base(folder)
+    if pipeline and quantized_as not in (None, "none"):
+        raise CheckpointError(f"{folder}: a diffusers pipeline; quantized_as applies to transformers bases only")
+    quantization = None
+    if checkpoint is not None:
+        adapter = with_base_names(adapter, checkpoint)  # kohya names → the base's own
+        quantization = quantization_settings(
+            [(str(folder), checkpoint.config), *_adapter_configs(adapter)],
+            quantized_as=quantized_as,
+            double_quant=double_quant,
+            blocksize=blocksize,
+            round_trip=round_trip,
+        )
     if files is None:
         files = {CARD_FILE: model_card(adapter, merged_into=str(base))}
     protect = [folder, adapter.source, *adapter.provenance.get("sources", [])]
     with atomic_output(out, overwrite=overwrite, protect=protect, finite=False) as tmp:  # write_merged checks
-        report = write_merged(
-            adapter,
-            checkpoint,
-            tmp,
-            dtype=target_dtype,
-            shard_size=shard_size,
-            device=target,
-            progress=progress,
-            workers=workers,
-            quantization=quantization,
-        )
+        options = {"dtype": target_dtype, "device": target, "progress": progress, "workers": workers}
+        if pipeline is not None:
+            report = write_merged_pipeline(adapter, pipeline, tmp, **options)
+        else:
+            report = write_merged(
+                adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, **options
+            )  # fmt: skip
         if quantization is not None:
             section = quantization_section(quantization, report.round_tripped, list(report.survival))
             files = {**files, CARD_FILE: files.get(CARD_FILE, "") + section}

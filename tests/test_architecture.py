@@ -34,6 +34,7 @@ LAYERS = [
     ["loramix.render"],
     ["loramix.weight_search"],
     ["loramix.live"],
+    ["loramix.diffusers_merge"],
     ["loramix.checkpoint"],
     ["loramix.kernels"],
     ["loramix.analysis"],

@@ -8,16 +8,23 @@ underscores behind a component prefix: ``lora_unet_down_blocks_0_attentions_0_pr
 
 diffusers saves ``unet.<dotted path>.lora.down.weight``/``.lora.up.weight`` (its old attention processors) or
 PEFT's ``lora_A``/``lora_B`` under ``unet.``/``text_encoder.``/``text_encoder_2.`` prefixes
-(``pytorch_lora_weights.safetensors``); ``.alpha`` keys are honoured when present, else the scale is 1.
+(``pytorch_lora_weights.safetensors``); ``.alpha`` keys are honoured when present, else the scale is 1 — unless the
+file's ``lora_adapter_metadata`` holds the component's LoraConfig (``lora_alpha``, ``alpha_pattern``, ``use_rslora``),
+which diffusers' loader then follows, and so does loramix.
 
-Module names. A flattened kohya name cannot be turned back into a dotted path reliably — ``down_blocks_0`` and
-``proj_in`` hold underscores of their own, and only the base model's key list could say where the dots were — so a
+Module names. A flattened kohya name cannot be turned back into a dotted path by itself — ``down_blocks_0`` and
+``proj_in`` hold underscores of their own, and only the base model's key list can say where the dots were — so a
 kohya module keeps its kohya name (``lora_unet_down_blocks_0_attentions_0_proj_in``) as its loramix module name.
 Two kohya files for the same base therefore line up with each other, and writing back to kohya restores every key
 exactly. A diffusers-named module keeps its dotted name with the component prefix (``unet.down_blocks.0…``); written
 as kohya it becomes the kohya key diffusers' own converter expects (``unet.`` → ``lora_unet_``, ``text_encoder.`` →
-``lora_te_``, ``text_encoder_2.`` → ``lora_te2_``, dots → underscores). Mixing kohya-named and diffusers-named
-adapters therefore does not line their modules up: convert one of them first.
+``lora_te_``, ``text_encoder_2.`` → ``lora_te2_``, dots → underscores). A PEFT adapter of SD's CLIP text encoder
+(``text_model.encoder.layers.0.self_attn.q_proj``, or ``encoder.layers.0…`` from transformers 5) is written as
+``lora_te_text_model_encoder_layers_0_self_attn_q_proj``, one of its UNet (``down_blocks.0.…``) with ``lora_unet_``
+(SDXL's second text encoder cannot be told from the first: its names come out as ``lora_te_``). Mixing kohya-named
+and diffusers-named adapters does not line their modules up: convert one of them first. Merged into a base
+(`loramix.io.base.with_base_names`; a diffusers pipeline: `loramix.io.diffusers`) a kohya name finds the base's
+dotted module path again, where that is unambiguous.
 
 Written files hold ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and a float32 ``<name>.alpha`` equal to
 scale·rank (so alpha/rank gives back the scale), plus kohya's ``ss_network_dim``/``ss_network_alpha`` metadata. The
@@ -27,6 +34,7 @@ format has no place for heads, lora_B biases, DoRA magnitudes or embedding LoRA:
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -37,11 +45,13 @@ from safetensors.torch import save_file
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import AdapterFormatError, OutputError
+from loramix.formats._keys import is_number, pattern_value
 from loramix.io.files import check_finite, read_tensors, tensor_keys
 
 NAME = "kohya"
 SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' LoRA_ADAPTER_METADATA_KEY: each component's LoraConfig
 MAX_SCALE = 2.0**16  # alpha/rank beyond this is no trained LoRA (and overflows float16 outputs)
 KOHYA_PREFIX = re.compile(r"^lora_(unet|te\d?|transformer)_")
 # (key pattern, style): groups module, side (down/up/A/B/alpha)
@@ -64,6 +74,13 @@ COMPONENTS = {
     "text_encoder_2": "lora_te2_",
     "transformer": "lora_transformer_",
 }
+# A PEFT adapter of one pipeline component names modules by their path inside it: a UNet's blocks get kohya's
+# lora_unet_ prefix, and an adapter all of whose modules are CLIP text-model layers (SD's text encoder; transformers 5
+# drops the text_model. level) gets lora_te_text_model_…, as kohya and A1111 name them.
+UNET_PARTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding")
+CLIP_TEXT = re.compile(
+    r"^(?:text_model\.)?(?:encoder\.layers\.\d+\.(?:self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12]))$"
+)
 
 
 def _match(key: str):
@@ -121,9 +138,10 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     if ignored:
         notes.append(f"{len(ignored)} key(s) are not LoRA factors and were dropped ({', '.join(ignored[:3])})")
     modules = {name: _module(file, name, found) for name, found in sorted(parts.items())}
+    metadata = _metadata(file)
+    _diffusers_scales(file, modules, metadata)
     if all(not m.B.any() for m in modules.values()):
         notes.append("every lora_up factor is zero: this adapter changes nothing")
-    metadata = _metadata(file)
     return LoraAdapter(
         modules=modules,
         base_model=metadata.get("loramix_base_model") or None,
@@ -149,6 +167,34 @@ def _metadata(file: Path) -> dict[str, str]:
         return {}
     with safe_open(str(file), "pt") as f:
         return f.metadata() or {}
+
+
+def _diffusers_scales(file: Path, modules: dict[str, LoraModule], metadata: dict[str, str]) -> None:
+    """diffusers' ``save_lora_weights`` may store each component's LoraConfig in the file's metadata
+    (``lora_adapter_metadata``: ``unet.lora_alpha``, ``unet.alpha_pattern``, ``unet.use_rslora``, …), and its loader
+    then builds the LoRA layers from it (over any ``.alpha`` keys): the scales follow it, with PEFT's pattern rule."""
+    raw = metadata.get(DIFFUSERS_METADATA)
+    if not raw:
+        return
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise AdapterFormatError(f"{file}: metadata {DIFFUSERS_METADATA} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{file}: metadata {DIFFUSERS_METADATA} is not a JSON object")
+    for name, module in modules.items():
+        component, _, path = name.partition(".")
+        alpha = config.get(f"{component}.lora_alpha")
+        if alpha is None or not path:
+            continue
+        patterns = config.get(f"{component}.alpha_pattern") or {}
+        if not (isinstance(patterns, dict) and all(is_number(v) for v in [alpha, *patterns.values()])):
+            raise AdapterFormatError(f"{file}: metadata {DIFFUSERS_METADATA}: {component}'s alphas are not numbers")
+        alpha = pattern_value(patterns, path, alpha, where=file)
+        rslora = config.get(f"{component}.use_rslora") is True
+        module.scale = float(alpha) / (math.sqrt(module.rank) if rslora else module.rank)
+        if not 0 < module.scale <= MAX_SCALE:
+            raise AdapterFormatError(f"{file}: module {name}: lora_alpha {alpha:g} gives scale {module.scale:g}")
 
 
 def _module(file: Path, name: str, found: dict[str, torch.Tensor]) -> LoraModule:
@@ -189,14 +235,23 @@ def _module(file: Path, name: str, found: dict[str, torch.Tensor]) -> LoraModule
     )
 
 
-def kohya_name(module: str) -> str:
-    """The kohya key stem of a loramix module name (kohya names pass through unchanged; see the module docstring)."""
+def kohya_name(module: str, *, clip_text: bool = False) -> str:
+    """The kohya key stem of a loramix module name (kohya names pass through unchanged; see the module docstring);
+    ``clip_text``: the module is a layer of SD's CLIP text encoder (see `is_clip_text`)."""
     if KOHYA_PREFIX.match(module):
         return module
     component, dot, rest = module.partition(".")
     if dot and component in COMPONENTS:
         return COMPONENTS[component] + rest.replace(".", "_")
-    return "lora_" + module.replace(".", "_")
+    if clip_text:
+        return "lora_te_text_model_" + module.removeprefix("text_model.").replace(".", "_")
+    return ("lora_unet_" if component in UNET_PARTS else "lora_") + module.replace(".", "_")
+
+
+def is_clip_text(names) -> bool:
+    """Whether every module name is a CLIP text-model layer (an adapter of SD's text encoder)."""
+    names = list(names)
+    return bool(names) and all(CLIP_TEXT.match(name) for name in names)
 
 
 def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -205,12 +260,13 @@ def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[s
         raise OutputError(f"kohya files cannot hold heads or saved layers ({', '.join(sorted(adapter.extra)[:3])})")
     out: dict[str, torch.Tensor] = {}
     seen: dict[str, str] = {}
+    clip_text = is_clip_text(adapter.modules)
     for name, m in adapter.modules.items():
         if m.bias is not None or m.magnitude is not None:
             raise OutputError(f"module {name}: kohya files cannot hold lora_B biases or DoRA magnitudes")
         if m.layout not in ("linear", "conv2d"):
             raise OutputError(f"module {name}: kohya files hold linear and conv2d LoRA only, not {m.layout}")
-        key = kohya_name(name)
+        key = kohya_name(name, clip_text=clip_text)
         if key in seen:
             raise OutputError(f"modules {seen[key]} and {name} both flatten to the kohya name {key}")
         seen[key] = name

@@ -13,6 +13,7 @@ is found as that embedding (`BaseCheckpoint.weight_key`). Both `loramix.analysis
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from loramix.adapter import LoraAdapter
 from loramix.errors import CheckpointError, SourceError, shown
 from loramix.io.files import load_pickle
 from loramix.sources import resolve
@@ -30,6 +32,14 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+# diffusers' names for a model's weights (a pipeline's unet/, vae/, transformer/ folders)
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+WEIGHT_LAYOUTS = (  # (index, single file, reader) in order of preference
+    (SAFE_INDEX, SAFE_SINGLE, "safetensors"),
+    (f"{DIFFUSERS_WEIGHTS}.safetensors.index.json", f"{DIFFUSERS_WEIGHTS}.safetensors", "safetensors"),
+    (BIN_INDEX, BIN_SINGLE, "bin"),
+    (f"{DIFFUSERS_WEIGHTS}.bin.index.json", f"{DIFFUSERS_WEIGHTS}.bin", "bin"),
+)
 BASE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "*.jinja")
 
 SAFE_DTYPES = {
@@ -95,6 +105,7 @@ class BaseCheckpoint:
     config: dict
     tensors: dict[str, BaseTensor]
     weight_files: list[Path]
+    index: str | None = None  # the index file's name, when the weights are sharded
 
     @property
     def model_type(self) -> str | None:
@@ -222,25 +233,26 @@ def open_base(folder: str | Path) -> BaseCheckpoint:
         raise CheckpointError(f"{config_path}: not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
-    if (folder / SAFE_INDEX).is_file():
-        files, reader = _index_files(folder, SAFE_INDEX), _safetensors_entries
-    elif (folder / SAFE_SINGLE).is_file():
-        files, reader = [folder / SAFE_SINGLE], _safetensors_entries
-    elif (folder / BIN_INDEX).is_file():
-        files, reader = _index_files(folder, BIN_INDEX), _bin_entries
-    elif (folder / BIN_SINGLE).is_file():
-        files, reader = [folder / BIN_SINGLE], _bin_entries
-    elif not config and sorted(folder.glob("*.safetensors")):  # bare weight files, no model config
-        files, reader = sorted(folder.glob("*.safetensors")), _safetensors_entries
+    files, reader, index_name = [], None, None
+    for index, single, kind in WEIGHT_LAYOUTS:
+        if (folder / index).is_file() or (folder / single).is_file():
+            sharded = (folder / index).is_file()
+            files = _index_files(folder, index) if sharded else [folder / single]
+            reader = _safetensors_entries if kind == "safetensors" else _bin_entries
+            index_name = index if sharded else None
+            break
     else:
-        raise CheckpointError(f"{folder}: no {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+        if not config and sorted(folder.glob("*.safetensors")):  # bare weight files, no model config
+            files, reader = sorted(folder.glob("*.safetensors")), _safetensors_entries
+        else:
+            raise CheckpointError(f"{folder}: no {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
     tensors: dict[str, BaseTensor] = {}
     for path in files:
         for entry in reader(path):
             if entry.name in tensors:
                 raise CheckpointError(f"{folder}: tensor {shown(entry.name)} is stored twice ({path.name})")
             tensors[entry.name] = entry
-    return BaseCheckpoint(folder, config, tensors, files)
+    return BaseCheckpoint(folder, config, tensors, files, index_name)
 
 
 def resolve_base(base: str | Path) -> Path:
@@ -286,6 +298,40 @@ class NameMatcher:
             raise CheckpointError(f"adapter tensor {name} matches several base tensors: {', '.join(candidates[:4])}")
         return candidates[0] if candidates else None
 
+    @functools.cached_property
+    def _flat(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """Module paths (keys ending in ``.weight``, without it) by their flat name (dots read as underscores), and
+        by every tail of that name that starts after an underscore."""
+        exact: dict[str, list[str]] = {}
+        tails: dict[str, list[str]] = {}
+        for key in sorted(self.keys):
+            if not key.endswith(".weight"):
+                continue
+            module = key.removesuffix(".weight")
+            flat = module.replace(".", "_")
+            exact.setdefault(flat, []).append(module)
+            for i, char in enumerate(flat):
+                if char == "_":
+                    tails.setdefault(flat[i + 1 :], []).append(module)
+        return exact, tails
+
+    def find_flat(self, flat: str) -> str | None:
+        """The base module whose dotted path, read with underscores for dots, is ``flat`` (a kohya name without its
+        ``lora_`` prefix), one side allowed a leading prefix the other lacks (``te_text_model_…`` finds
+        ``text_model.…``); None when none fits. A flat name loses where the dots were (``down_blocks_0`` holds
+        underscores of its own), so a name that several modules flatten to is an error, never a guess."""
+        exact, tails = self._flat
+        candidates = exact.get(flat) or tails.get(flat, [])
+        if not candidates:  # the adapter's name has a prefix more: the longest remaining name is the one meant
+            rests = (flat[i + 1 :] for i, char in enumerate(flat) if char == "_")
+            candidates = next((exact[rest] for rest in rests if rest in exact), [])
+        if len(candidates) > 1:
+            raise CheckpointError(
+                f"kohya module {flat} fits several base modules ({', '.join(candidates[:4])}): the underscores "
+                "cannot say which is meant"
+            )
+        return candidates[0] if candidates else None
+
 
 def tied_embedding(base: BaseCheckpoint, module_name: str) -> str | None:
     """The input embedding key an absent output head is tied to (None when ``module_name`` is not such a head)."""
@@ -304,3 +350,27 @@ def ties_output_head(base: BaseCheckpoint, key: str) -> bool:
     if not any(key == e or key.endswith("." + e) for e in INPUT_EMBEDDINGS):
         return False
     return not any(k.endswith(f"{h}.weight") for k in base.tensors for h in OUTPUT_HEADS)
+
+
+def is_kohya_name(module: str) -> bool:
+    """A kohya module name (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``): flat, behind ``lora_``."""
+    return module.startswith("lora_") and "." not in module
+
+
+def with_base_names(adapter: LoraAdapter, base: BaseCheckpoint, *, prefix: str = "lora_") -> LoraAdapter:
+    """``adapter`` with its kohya-named modules renamed to ``base``'s dotted module paths (`NameMatcher.find_flat`
+    on the name without ``prefix``), so they merge like any other; dotted names are kept. Raises `CheckpointError`
+    naming the module when a kohya name fits no base module, several, or one another module fits too."""
+    renamed: dict[str, str] = {}
+    modules = {}
+    for name, module in adapter.modules.items():
+        target = name
+        if is_kohya_name(name):
+            target = base.matcher.find_flat(name.removeprefix(prefix))
+            if target is None:
+                raise CheckpointError(f"kohya module {name} matches no module of base {base.folder}")
+        if target in renamed:
+            raise CheckpointError(f"adapter modules {renamed[target]} and {name} both name base module {target}")
+        renamed[target] = name
+        modules[target] = module
+    return dataclasses.replace(adapter, modules=modules)

@@ -140,11 +140,12 @@ def _run(task: _Task, produce: Produce, bar) -> None:
             bar.update(len(data))
 
 
-def shard_names(count: int) -> list[str]:
-    """transformers' file names: ``model.safetensors`` alone, else ``model-0000i-of-0000N.safetensors``."""
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    """transformers' file names: ``model.safetensors`` alone, else ``model-0000i-of-0000N.safetensors`` (diffusers':
+    the same with the stem ``diffusion_pytorch_model``)."""
     if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 def write_shards(folder: Path, names: list[str], shards: list[list], *, produce: Produce, bar, workers: int) -> None:
@@ -173,11 +174,11 @@ def write_shards(folder: Path, names: list[str], shards: list[list], *, produce:
                 raise
 
 
-def write_index(folder: Path, names: list[str], shards: list[list]) -> None:
-    """``model.safetensors.index.json`` for several shards (nothing for one)."""
+def write_index(folder: Path, names: list[str], shards: list[list], name: str = "model.safetensors.index.json") -> None:
+    """The index file ``name`` for several shards (nothing for one)."""
     if len(shards) < 2:
         return
-    weight_map = {job.name: name for name, shard in zip(names, shards) for job in shard}
+    weight_map = {job.name: file for file, shard in zip(names, shards) for job in shard}
     total = sum(job.nbytes for shard in shards for job in shard)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / name).write_text(json.dumps(index, indent=2) + "\n")

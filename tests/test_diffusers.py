@@ -1,0 +1,355 @@
+"""diffusers pipelines as bases (`merge_into_base` / `--merge-into` on a pipeline folder), kohya names found again in
+a transformers base, and PEFT → kohya names for SD's text encoder.
+
+Oracle: diffusers' own ``load_lora_weights`` + ``fuse_lora`` (+ ``unload_lora_weights``, which keeps the fused
+weights) on the same tiny pipeline, and PEFT's ``merge_and_unload`` for a transformers base. Tolerances: a float32
+merge equals the oracle to float32 rounding (rtol 1e-5, atol 1e-6: ΔW is formed in a different order); a bf16 merge is
+within one bf16 ulp of the oracle's float32 result and equals its rounding almost everywhere (`assert_bf16_close`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from loramix import load_adapter, merge_into_base, save_adapter
+from loramix.errors import CheckpointError
+from loramix.io.diffusers import sgm_to_diffusers
+from tests.helpers import assert_bf16_close, make_peft_adapter, tiny_llama
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+UNET = dict(
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16,
+    attention_head_dim=2,
+    norm_num_groups=4,
+)
+CLIP = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_attention_heads=2,
+    num_hidden_layers=2,
+    vocab_size=100,
+    max_position_embeddings=16,
+    projection_dim=16,
+)
+# kohya module (name → (out, in, kernel)): linear, 3×3 conv, 1×1 conv (proj_in, conv_shortcut), text attention and
+# MLP. diffusers 0.42 reads a text encoder's kohya attention modules only when out_proj is among them (it tells its
+# key styles apart by "to_out_lora"), as in every kohya file (kohya targets q, k, v, out_proj, fc1, fc2).
+KOHYA_MODULES = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (8, 8, ()),
+    "lora_unet_down_blocks_0_attentions_0_proj_in": (8, 8, (1, 1)),
+    "lora_unet_down_blocks_0_resnets_0_conv1": (8, 8, (3, 3)),
+    "lora_unet_down_blocks_1_resnets_0_conv_shortcut": (16, 8, (1, 1)),
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj": (128, 16, ()),
+    "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (8, 16, ()),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (16, 16, ()),
+    "lora_te_text_model_encoder_layers_0_self_attn_out_proj": (16, 16, ()),
+    "lora_te_text_model_encoder_layers_1_mlp_fc1": (32, 16, ()),
+}
+
+
+def _components(seed: int = 0):
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**UNET)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP))
+    return unet.eval(), text_encoder.eval()
+
+
+def _pipeline(unet, text_encoder):
+    return diffusers.StableDiffusionPipeline(
+        vae=None,
+        text_encoder=text_encoder,
+        tokenizer=None,
+        unet=unet,
+        scheduler=diffusers.DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def pipe_folder(tmp_path_factory) -> Path:
+    """A tiny SD pipeline saved as diffusers does; the UNet in several shards, the text encoder in one file."""
+    folder = tmp_path_factory.mktemp("pipe") / "sd"
+    unet, text_encoder = _components()
+    _pipeline(unet, text_encoder).save_pretrained(str(folder))
+    for stale in (folder / "unet").glob("diffusion_pytorch_model*"):
+        stale.unlink()
+    unet.save_pretrained(str(folder / "unet"), max_shard_size="40KB")
+    return folder
+
+
+def _fused(pipe_folder: Path, lora: Path | dict) -> dict[str, dict[str, torch.Tensor]]:
+    """diffusers' own merge: load_lora_weights + fuse_lora, then the LoRA layers unloaded (weights stay fused)."""
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(pipe_folder / "unet"))
+    text_encoder = transformers.CLIPTextModel.from_pretrained(str(pipe_folder / "text_encoder"))
+    pipe = _pipeline(unet, text_encoder)
+    pipe.load_lora_weights(dict(lora) if isinstance(lora, dict) else str(lora))
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    return {"unet": pipe.unet.state_dict(), "text_encoder": pipe.text_encoder.state_dict()}
+
+
+def _read_component(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def _kohya_file(path: Path) -> Path:
+    gen = torch.Generator().manual_seed(5)
+    tensors = {}
+    for i, (name, (out, inp, kernel)) in enumerate(KOHYA_MODULES.items()):
+        rank = 2 + i % 3
+        tensors[f"{name}.lora_down.weight"] = 0.3 * torch.randn(rank, inp, *kernel, generator=gen)
+        tensors[f"{name}.lora_up.weight"] = 0.3 * torch.randn(out, rank, *((1, 1) if kernel else ()), generator=gen)
+        # one alpha for every module, as kohya writes (network_alpha): scale alpha/rank ≠ 1 and different per module.
+        # Per-module alphas are not compared: diffusers 0.42 keys the alpha_pattern of attention and text-encoder MLP
+        # modules by its old processor names, which PEFT then ignores (it warns); loramix applies alpha/rank per module.
+        tensors[f"{name}.alpha"] = torch.tensor(3.0)
+    save_file(tensors, str(path))
+    return path
+
+
+def _check(out: Path, fused: dict, changed: set[str], *, dtype: torch.dtype) -> None:
+    for component, reference in fused.items():
+        ours = _read_component(out / component)
+        assert set(ours) == set(reference), component
+        for name, tensor in ours.items():
+            if component not in changed:  # copied as it was
+                torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0)
+            elif dtype == torch.float32:
+                torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6, msg=f"{component}.{name}")
+            else:
+                assert_bf16_close(tensor, reference[name], f"{component}.{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kohya_file_merged_into_pipeline_equals_diffusers_fuse(tmp_path, pipe_folder, dtype):
+    lora = _kohya_file(tmp_path / "kohya.safetensors")
+    report = merge_into_base(str(lora), pipe_folder, tmp_path / "out", dtype=dtype)
+    fused = _fused(pipe_folder, load_file(str(lora)))
+    out = tmp_path / "out"
+    _check(out, fused, {"unet", "text_encoder"}, dtype=dtype)
+    base = fused["unet"]["down_blocks.0.resnets.0.conv1.weight"]
+    assert not torch.equal(base, _read_component(pipe_folder / "unet")["down_blocks.0.resnets.0.conv1.weight"])
+    # the same layout: shard files and index of the UNet as the original, every other file copied
+    assert sorted(p.name for p in (out / "unet").iterdir()) == sorted(p.name for p in (pipe_folder / "unet").iterdir())
+    index = json.loads((out / "unet" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    original = json.loads((pipe_folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert index["weight_map"] == original["weight_map"]
+    assert (out / "model_index.json").read_bytes() == (pipe_folder / "model_index.json").read_bytes()
+    assert (out / "unet" / "config.json").read_bytes() == (pipe_folder / "unet" / "config.json").read_bytes()
+    assert (out / "scheduler" / "scheduler_config.json").is_file()
+    assert "unet.down_blocks.0.resnets.0.conv1" in report.survival and len(report.survival) == len(KOHYA_MODULES)
+    # diffusers loads the merged pipeline as it stands
+    loaded = diffusers.UNet2DConditionModel.from_pretrained(str(out / "unet"), torch_dtype=dtype)
+    assert loaded.down_blocks[0].resnets[0].conv1.weight.dtype == dtype
+
+
+def test_diffusers_named_file_merged_into_pipeline_equals_diffusers_fuse(tmp_path, pipe_folder):
+    """A diffusers LoRA (PEFT lora_A/lora_B under unet./text_encoder., saved by diffusers' save_lora_weights with each
+    component's LoraConfig in the metadata: lora_alpha ≠ r, rank and alpha patterns), convs included."""
+    unet, text_encoder = _components()
+    torch.manual_seed(3)
+    unet_config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"conv1": 2},
+        alpha_pattern={"proj_in": 2},
+        init_lora_weights=False,
+        target_modules=["to_q", "conv1", "proj_in", "conv_shortcut"],
+    )
+    te_config = peft.LoraConfig(
+        r=2, lora_alpha=6, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    unet = peft.inject_adapter_in_model(unet_config, unet)
+    text_encoder = peft.inject_adapter_in_model(te_config, text_encoder)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "lora"),
+        unet_lora_layers=peft.get_peft_model_state_dict(unet),
+        text_encoder_lora_layers=peft.get_peft_model_state_dict(text_encoder),
+        unet_lora_adapter_metadata=unet_config.to_dict(),
+        text_encoder_lora_adapter_metadata=te_config.to_dict(),
+    )
+    file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    assert any(k.startswith("unet.") and ".lora_A." in k for k in load_file(str(file)))
+    scales = {n: m.scale for n, m in load_adapter(str(file)).modules.items()}
+    assert scales["unet.down_blocks.0.resnets.0.conv1"] == 4.0 and scales["unet.mid_block.attentions.0.proj_in"] == 0.5
+    assert scales["text_encoder.encoder.layers.0.self_attn.q_proj"] == 3.0
+    merge_into_base(str(file), pipe_folder, tmp_path / "out", dtype=torch.float32)
+    _check(tmp_path / "out", _fused(pipe_folder, file), {"unet", "text_encoder"}, dtype=torch.float32)
+
+
+def test_untouched_component_is_copied_as_it_was(tmp_path, pipe_folder):
+    file = tmp_path / "unet-only.safetensors"
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    save_file(
+        {f"{name}.lora_down.weight": torch.ones(1, 8, 3, 3), f"{name}.lora_up.weight": torch.ones(8, 1, 1, 1)},
+        str(file),
+    )
+    merge_into_base(str(file), pipe_folder, tmp_path / "out")
+    for part in ("text_encoder/model.safetensors", "text_encoder/config.json"):
+        assert (tmp_path / "out" / part).read_bytes() == (pipe_folder / part).read_bytes()
+
+
+def test_pipeline_name_errors_are_one_line(tmp_path, pipe_folder):
+    save_file(
+        {
+            "lora_unet_no_such_block.lora_down.weight": torch.ones(1, 8),
+            "lora_unet_no_such_block.lora_up.weight": torch.ones(8, 1),
+        },
+        str(tmp_path / "bad.safetensors"),
+    )
+    with pytest.raises(CheckpointError, match="kohya module lora_unet_no_such_block matches no module of unet"):
+        merge_into_base(str(tmp_path / "bad.safetensors"), pipe_folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sgm_names_map_to_diffusers_blocks():
+    """kohya's SDXL names (Stability's UNet blocks) → diffusers' paths, checked against diffusers' own mapping for the
+    SDXL layout (layers_per_block 2; down blocks without attention first, up blocks without attention last)."""
+    config = {
+        "layers_per_block": 2,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    }
+    cases = {
+        "input_blocks_4_1_transformer_blocks_0_ff_net_2": "down_blocks_1_attentions_0_transformer_blocks_0_ff_net_2",
+        "input_blocks_7_1_proj_in": "down_blocks_2_attentions_0_proj_in",
+        "input_blocks_1_0_in_layers_2": "down_blocks_0_resnets_0_conv1",
+        "input_blocks_3_0_op": "down_blocks_0_downsamplers_0_conv",
+        "input_blocks_4_0_skip_connection": "down_blocks_1_resnets_0_conv_shortcut",
+        "middle_block_1_proj_in": "mid_block_attentions_0_proj_in",
+        "middle_block_2_emb_layers_1": "mid_block_resnets_1_time_emb_proj",
+        "output_blocks_2_2_conv": "up_blocks_0_upsamplers_0_conv",
+        "output_blocks_5_1_proj_out": "up_blocks_1_attentions_2_proj_out",
+        "output_blocks_8_0_out_layers_3": "up_blocks_2_resnets_2_conv2",
+        "time_embed_0": "time_embedding_linear_1",
+        "label_emb_0_2": "add_embedding_linear_2",
+        "input_blocks_0_0": "conv_in",
+        "out_2": "conv_out",
+    }
+    for sgm, expected in cases.items():
+        assert sgm_to_diffusers(sgm, config) == expected, sgm
+        # diffusers' own converter agrees (its dotted names, with its attention-processor spelling removed)
+        state = {
+            f"lora_unet_{sgm}.lora_down.weight": torch.zeros(1, 1),
+            f"lora_unet_{sgm}.lora_up.weight": torch.zeros(1, 1),
+        }
+        from diffusers.loaders.lora_conversion_utils import (
+            _convert_non_diffusers_lora_to_diffusers,
+            _maybe_map_sgm_blocks_to_diffusers,
+        )
+
+        unet_config = type("Config", (), config)
+        mapped, _ = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(state, unet_config))
+        theirs = re.sub(r"[._]lora\.down\.weight$", "", next(iter(mapped)).removeprefix("unet.")).replace(
+            ".processor", ""
+        )
+        assert theirs.replace(".", "_") == expected, sgm
+
+
+def test_sgm_named_kohya_file_merges_like_its_diffusers_names(tmp_path, pipe_folder):
+    """The same factors under kohya's SDXL (Stability block) names and under diffusers' paths give the same pipeline
+    (the diffusers-path kohya names are checked against diffusers' fuse above); the tiny UNet has one layer per block,
+    an attention-free first up block with an upsampler."""
+    pairs = {
+        "input_blocks_1_1_proj_in": ("down_blocks_0_attentions_0_proj_in", (8, 8, (1, 1))),
+        "input_blocks_2_0_op": ("down_blocks_0_downsamplers_0_conv", (8, 8, (3, 3))),
+        "middle_block_1_transformer_blocks_0_attn1_to_q": (
+            "mid_block_attentions_0_transformer_blocks_0_attn1_to_q",
+            (16, 16, ()),
+        ),
+        "output_blocks_1_0_in_layers_2": ("up_blocks_0_resnets_1_conv1", (16, 24, (3, 3))),
+        "output_blocks_1_1_conv": ("up_blocks_0_upsamplers_0_conv", (16, 16, (3, 3))),
+        "output_blocks_3_1_proj_out": ("up_blocks_1_attentions_1_proj_out", (8, 8, (1, 1))),
+    }
+    gen = torch.Generator().manual_seed(9)
+    sgm, plain = {}, {}
+    for old, (new, (out, inp, kernel)) in pairs.items():
+        down = torch.randn(2, inp, *kernel, generator=gen)
+        up = torch.randn(out, 2, *((1, 1) if kernel else ()), generator=gen)
+        for tensors, name in ((sgm, f"lora_unet_{old}"), (plain, f"lora_unet_{new}")):
+            tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}
+    for label, tensors in (("sgm", sgm), ("plain", plain)):
+        save_file(tensors, str(tmp_path / f"{label}.safetensors"))
+        merge_into_base(str(tmp_path / f"{label}.safetensors"), pipe_folder, tmp_path / label, dtype=torch.float32)
+    ours, reference = _read_component(tmp_path / "sgm" / "unet"), _read_component(tmp_path / "plain" / "unet")
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    assert not torch.equal(
+        reference["up_blocks.0.upsamplers.0.conv.weight"],
+        _read_component(pipe_folder / "unet")["up_blocks.0.upsamplers.0.conv.weight"],
+    )
+
+
+def test_kohya_lora_of_a_transformers_model_merges_into_its_checkpoint(tmp_path):
+    """A kohya file of a Llama model (written by loramix from a PEFT adapter) finds the checkpoint's dotted names
+    again; the merge equals PEFT's merge_and_unload of the PEFT adapter."""
+    made = make_peft_adapter(tiny_llama, tmp_path, "peft", target_modules=["q_proj", "v_proj", "down_proj"])
+    kohya = save_adapter(str(made.path), tmp_path / "kohya", format="kohya")
+    keys = set(load_file(str(kohya / "kohya.safetensors")))
+    assert "lora_model_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(str(base), max_shard_size="20KB")
+    report = merge_into_base(str(kohya / "kohya.safetensors"), base, tmp_path / "out")
+    assert "model.layers.0.self_attn.q_proj" in report.survival
+    merged = made.load_with_peft().merge_and_unload().state_dict()
+    ours = {}
+    for file in (tmp_path / "out").glob("*.safetensors"):
+        ours |= load_file(str(file))
+    assert set(ours) <= set(merged) and "model.layers.1.mlp.down_proj.weight" in ours
+    for name, tensor in ours.items():
+        assert_bf16_close(tensor, merged[name], name)
+
+
+def test_kohya_names_unmatched_or_ambiguous_are_one_line_errors(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "toy"}))
+    save_file({"a.b_c.weight": torch.zeros(2, 2), "a_b.c.weight": torch.zeros(2, 2)}, str(base / "model.safetensors"))
+    for name, message in (("lora_a_b_c", "fits several base modules"), ("lora_x_y", "matches no module of base")):
+        tensors = {f"{name}.lora_down.weight": torch.ones(1, 2), f"{name}.lora_up.weight": torch.ones(2, 1)}
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(CheckpointError, match=message) as caught:
+            merge_into_base(str(tmp_path / f"{name}.safetensors"), base, tmp_path / "out")
+        assert "\n" not in str(caught.value)
+
+
+def test_peft_text_encoder_written_as_kohya_loads_in_diffusers(tmp_path, pipe_folder):
+    """A PEFT adapter of SD's CLIP text encoder, written with --format kohya, has kohya/A1111's names, and diffusers'
+    load_lora_weights of that file on the pipeline reproduces PEFT's ΔW on the text encoder."""
+
+    def clip():
+        return transformers.CLIPTextModel.from_pretrained(str(pipe_folder / "text_encoder")).eval()
+
+    made = make_peft_adapter(clip, tmp_path, "te", target_modules=["q_proj", "out_proj", "fc1"], r=4, lora_alpha=8)
+    out = save_adapter(str(made.path), tmp_path / "te-kohya", format="kohya")
+    keys = set(load_file(str(out / "te-kohya.safetensors")))
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc1.alpha" in keys
+    fused = _fused(pipe_folder, out / "te-kohya.safetensors")["text_encoder"]
+    merged = made.load_with_peft().merge_and_unload().state_dict()
+    assert set(fused) == set(merged)
+    for name, tensor in fused.items():
+        torch.testing.assert_close(tensor, merged[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert len(load_adapter(str(out)).modules) == 6  # 3 kinds × 2 layers
