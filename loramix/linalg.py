@@ -200,7 +200,8 @@ class RankRule:
         if self.rank is not None:
             parts.append(f"rank ≤ {self.rank}" if parts else f"rank {self.rank}")
         if self.conv_rank is not None:
-            parts.append(f"conv rank ≤ {self.conv_rank}" if parts else f"conv rank {self.conv_rank}")
+            spectral = self.energy is not None or self.rule is not None
+            parts.append(f"conv rank ≤ {self.conv_rank}" if spectral else f"conv rank {self.conv_rank}")
         return ", ".join(parts) or "full numerical rank"
 
 
