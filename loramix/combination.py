@@ -195,16 +195,8 @@ def combine(
     (``scale``/``alpha``/``base_model``/``module_map`` for plain state dicts). Returns a new `LoraAdapter` (scale 1
     per module).
     """
-    chosen, truncation = check_settings(
-        method=method,
-        options=options,
-        heads=heads,
-        rank=rank,
-        energy=energy,
-        rule=rule,
-        rule_value=rule_value,
-        conv_rank=conv_rank,
-    )
+    rank_rule = {"rank": rank, "energy": energy, "rule": rule, "rule_value": rule_value, "conv_rank": conv_rank}
+    chosen, truncation = check_settings(method=method, options=options, heads=heads, **rank_rule)
     options = parse_options(options)
     loaded, weights = load_adapters(
         adapters,

@@ -105,7 +105,7 @@ def _mergekit_filters(items: list[dict], what: str) -> dict:
     for i, item in enumerate(items):
         if "value" not in item or set(item) - {"filter", "value"}:
             raise MethodError(f"{what}[{i}] must be {{filter: NAME, value: V}} or {{value: V}}, got {item!r}")
-        out[item.get("filter") or "default"] = item["value"]
+        out.setdefault(item.get("filter") or "default", item["value"])  # a repeated filter is never reached
     return out
 
 

@@ -147,6 +147,7 @@ def test_recipe_records_varying_weights_and_reruns_identically(pair, tmp_path):
     assert written.weights == WEIGHTS and written.options["density"] == [0.5, 1.0]
     card = (first / "README.md").read_text()
     assert "[0.25, 1.5] across layers" in card and "{q_proj: [0.9, 0.4], default: 0.6}" in card
+    assert "interpolate across 2 layers" in card and "density=[0.5, 1.0]" in card
     result = CliRunner().invoke(
         main, ["-q", "combine", "--recipe", str(first / "loramix_recipe.yaml"), "-o", str(second)]
     )

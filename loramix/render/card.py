@@ -120,10 +120,12 @@ def _sources_section(provenance: dict, revisions: dict[str, str]) -> list[str]:
     for source, weight in zip(sources, weights):
         shown = "-" if weight is None else describe(weight)
         lines.append(f"| `{source}` | {shown} | {revisions.get(source, 'local')} |")
-    if any(varies(w) for w in weights):
+    options = (provenance.get("options") or {}).values()
+    if any(varies(w) for w in weights) or any(varies(v) for v in options):
         lines += [
             "",
-            f"Weights vary by layer or module: gradients interpolate across {provenance.get('num_layers')} layers "
+            f"Weights or method options vary by layer or module: gradients interpolate across "
+            f"{provenance.get('num_layers')} layers "
             "as mergekit's do, name filters take the first match, `lbw` lists weight Stable Diffusion blocks as "
             "kohya's merge scripts do; `loramix analyze` with the same weights lists each module's weight.",
         ]
