@@ -207,7 +207,14 @@ def test_conv_rank_caps_kxk_convs_only(tmp_path):
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         k = module.rank
         assert rel(module.delta(dtype=torch.float64).reshape(delta.shape), (U[:, :k] * S[:k]) @ Vh[:k]) < REL, name
-    assert "conv rank ≤ 2" in merged.provenance["truncation"] or "conv rank 2" in merged.provenance["truncation"]
+    assert merged.provenance["truncation"] == "rank 4, conv rank 2"
+    # the CLI: a kohya file keeps each module's rank; the written recipe records conv_rank
+    out = tmp_path / "out"
+    flags = ["-m", "svd", "--rank", "4", "--conv-rank", "2", "--format", "kohya", "-o", str(out)]
+    result = CliRunner().invoke(main, ["-q", "combine", str(file), *flags])
+    assert result.exit_code == 0, result.output
+    assert sorted(m.rank for m in loramix.load_adapter(out).modules.values()) == [2, 4, 4]
+    assert load_recipe(out / "loramix_recipe.yaml").conv_rank == 2
 
 
 # sd-scripts' get_lbw_block_index, by hand: SD 1.x names (diffusers layout) and SDXL names (original UNet layout)
