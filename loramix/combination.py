@@ -18,6 +18,7 @@ from loramix.formats import load_adapters
 from loramix.linalg import FactorSVD, RankRule, factor_svd, numerical_rank
 from loramix.methods import Method, Term, get_method
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
+from loramix.schedule import count_layers, parse_options, resolve, resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,11 @@ def _worker_stream(device: torch.device):
     return torch.cuda.stream(torch.cuda.Stream(device=device))
 
 
-def _combine_extras(adapters: list[LoraAdapter], weights: list[float], heads: str) -> dict[str, ExtraTensor]:
+def _combine_extras(adapters: list[LoraAdapter], weights: list, heads: str, layers: int) -> dict[str, ExtraTensor]:
     owners: dict[str, list[tuple[float, ExtraTensor, LoraAdapter]]] = {}
     for a, w in zip(adapters, weights):
         for name, item in a.extra.items():
-            owners.setdefault(name, []).append((w, item, a))
+            owners.setdefault(name, []).append((resolve(w, name, layers), item, a))
     out = {}
     for name, found in owners.items():
         if len(found) == 1:
@@ -69,13 +70,15 @@ def _combined_bias(present: list[tuple[float, LoraModule]]) -> torch.Tensor | No
 
 def _widen(modules: dict[str, LoraModule], spectra: dict, rule: RankRule, dtype: torch.dtype) -> dict[str, float]:
     """Each module's best rank-R approximation (R = `portable_rank` of the rule's ranks), within its numerical rank
-    and ``rule.rank``: at the layout's size anyway, the extra directions make each module closer to the exact sum.
+    and the rank its rule caps it at (``rule.rank``, or ``rule.conv_rank`` for a k×k conv): at the layout's size
+    anyway, the extra directions make each module closer to the exact sum.
     Returns the share of each module's energy (Σσ²) the written rank keeps."""
     rank = portable_rank(m.rank for m in modules.values())
     kept = {}
     for name, spectrum in spectra.items():
         shape = (spectrum.U.shape[0], spectrum.Vh.shape[1])
-        keep = min(rank, max(numerical_rank(spectrum.S, shape), modules[name].rank), rule.rank or rank)
+        cap = rule.for_kernel(modules[name].kernel_size).rank or rank
+        keep = min(rank, max(numerical_rank(spectrum.S, shape), modules[name].rank), cap)
         B, A = spectrum.factors(keep)
         modules[name].B, modules[name].A = B.to(device="cpu", dtype=dtype), A.to(device="cpu", dtype=dtype)
         energy = spectrum.S.double().square()
@@ -92,14 +95,18 @@ def check_settings(
     energy: float | None = None,
     rule: str | None = None,
     rule_value: float | None = None,
+    conv_rank: int | None = None,
 ) -> tuple[Method, RankRule]:
-    """The method and rank rule of a combine, checked before anything is loaded (unknown method or option, a rank
-    rule for a method that does not truncate, an unknown heads policy)."""
+    """The method and rank rule of a combine, checked before anything is loaded (unknown method or option, a
+    malformed varying option, a rank rule for a method that does not truncate, an unknown heads policy)."""
     chosen = get_method(method)
-    truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
+    truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value, conv_rank=conv_rank)
     if truncation != RankRule() and not chosen.truncates:
-        raise MethodError(f"method {method} does not truncate; rank/energy/rule apply to re-factorising methods")
+        raise MethodError(
+            f"method {method} does not truncate; rank/energy/rule/conv_rank apply to re-factorising methods"
+        )
     chosen.check_options(options)
+    parse_options(options)
     if heads not in ("refuse", "average"):
         raise MethodError(f"heads must be 'refuse' or 'average', got {heads!r}")
     return chosen, chosen.rule_for(truncation, options)
@@ -155,9 +162,10 @@ def _warn_large_ranks(method: str, modules: dict[str, LoraModule], loaded: list[
 def combine(
     adapters: list,
     *,
-    weights: list[float] | None = None,
+    weights: list | None = None,
     method: str = "svd",
     rank: int | None = None,
+    conv_rank: int | None = None,
     energy: float | None = None,
     rule: str | None = None,
     rule_value: float | None = None,
@@ -173,7 +181,11 @@ def combine(
 ) -> LoraAdapter:
     """Combine ``adapters`` (paths, Hub ids or `LoraAdapter`s) with ``weights`` by ``method``.
 
-    ``rank``/``energy``/``rule`` truncate re-factorising methods (see `RankRule`); ``heads="average"`` takes the
+    Each weight, and each numeric method option, is a number or a value that varies by layer or module (a gradient
+    ``[0, 1]``, name filters ``{"self_attn": 1.0, "default": 0.2}``, SD block weights ``{"lbw": [...]}``; see
+    `loramix.schedule`): it is resolved per module, and the method runs on each module with plain numbers.
+    ``rank``/``energy``/``rule`` truncate re-factorising methods (see `RankRule`); ``conv_rank`` caps conv modules
+    with a kernel other than 1×1 instead of ``rank`` (kohya's ``--new_conv_rank``); ``heads="average"`` takes the
     weighted average of heads several adapters carry. ``rank_layout="portable"`` (the default) prepares the layout
     every serving engine reads (one rank R for all modules, see `loramix.adapter.portable_layout`): where ``energy``
     or ``rule`` chose a module's rank for an exact method (svd), the module keeps its best rank-R approximation
@@ -183,9 +195,9 @@ def combine(
     (``scale``/``alpha``/``base_model``/``module_map`` for plain state dicts). Returns a new `LoraAdapter` (scale 1
     per module).
     """
-    chosen, truncation = check_settings(
-        method=method, options=options, heads=heads, rank=rank, energy=energy, rule=rule, rule_value=rule_value
-    )
+    rank_rule = {"rank": rank, "energy": energy, "rule": rule, "rule_value": rule_value, "conv_rank": conv_rank}
+    chosen, truncation = check_settings(method=method, options=options, heads=heads, **rank_rule)
+    options = parse_options(options)
     loaded, weights = load_adapters(
         adapters,
         weights=weights,
@@ -203,6 +215,7 @@ def combine(
     target = resolve_device(device)
     out_dtype = parse_dtype(dtype) or loaded[0].dtype
     names = list(dict.fromkeys(n for a in loaded for n in a.modules))
+    layers = count_layers(names)
     # a rule-chosen rank below the layout's R: keep the untruncated spectrum, truncate once R is known
     spectral = truncation.energy is not None or truncation.rule is not None
     widen = rank_layout == "portable" and chosen.exact and chosen.truncates and spectral
@@ -212,11 +225,14 @@ def combine(
     kept: dict[str, float] = {}
 
     def merge_module(name: str) -> LoraModule:
-        present = [(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
+        present = [(resolve(w, name, layers), a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
+        rule = truncation.for_kernel(present[0][1].kernel_size)
         with _worker_stream(target):
             terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
             try:
-                factors = chosen.apply(terms, rule=RankRule(rank=truncation.rank) if widen else truncation, **options)
+                factors = chosen.apply(
+                    terms, rule=RankRule(rank=rule.rank) if widen else rule, **resolve_options(options, name, layers)
+                )
             except torch.linalg.LinAlgError as exc:  # NaN/Inf (allowed inputs, or an overflowing scale or weight)
                 raise MethodError(
                     f"module {name}: method {method} cannot factorise it ({str(exc).splitlines()[0]}); "
@@ -227,7 +243,7 @@ def combine(
             B, A = factors.B, factors.A
             if widen:
                 full = factor_svd(B, A)
-                B, A = full.factors(truncation.choose(full.S, (B.shape[0], A.shape[1])))
+                B, A = full.factors(rule.choose(full.S, (B.shape[0], A.shape[1])))
                 spectra[name] = FactorSVD(full.U.cpu(), full.S.cpu(), full.Vh.cpu())
             B, A = B.to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype)
         first = present[0][1]
@@ -259,13 +275,14 @@ def combine(
     return LoraAdapter(
         modules=modules,
         base_model=base,
-        extra=_combine_extras(loaded, weights, heads),
+        extra=_combine_extras(loaded, weights, heads, layers),
         task_type=next((a.task_type for a in loaded if a.task_type), None),
         source="<combined>",
         name="combined",
         provenance={
             "method": method,
             "weights": weights,
+            "num_layers": layers,
             "sources": [a.source for a in loaded],
             "names": [a.name for a in loaded],
             "truncation": truncation.describe() if chosen.truncates else None,

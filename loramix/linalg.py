@@ -128,24 +128,30 @@ class RankRule:
     Kohya rules (from kohya-ss resize_lora): ``sv_ratio`` keeps σᵢ > σ₁/value; ``sv_fro`` keeps the smallest k
     whose retained Frobenius norm is ≥ value·‖ΔW‖_F (i.e. energy value²); ``sv_cumulative`` keeps the smallest k
     with Σ_{i≤k} σᵢ ≥ value·Σσ. ``rank`` also caps the rule-chosen rank. With no rule and no rank, all nonzero
-    directions are kept (the numerical rank).
+    directions are kept (the numerical rank). ``conv_rank`` takes the place of ``rank`` in conv modules whose kernel
+    is not 1×1 (`for_kernel`), as kohya's ``--new_conv_rank`` does for 3×3 convs (sd-scripts networks/resize_lora.py;
+    its code tests for a 4-D lora_down, which also catches 1×1 convs, while its help and the trainer's ``conv_dim``
+    mean k×k convs only: loramix follows the latter).
     """
 
     rank: int | None = None
     energy: float | None = None
     rule: str | None = None
     value: float | None = None
+    conv_rank: int | None = None
 
     def __post_init__(self) -> None:
         for label, value, kinds in (
             ("rank", self.rank, int),
+            ("conv_rank", self.conv_rank, int),
             ("energy", self.energy, float),
             ("rule_value", self.value, float),
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, kinds))):
                 raise MethodError(f"{label} must be {'an int' if kinds is int else 'a number'}, got {value!r}")
-        if self.rank is not None and self.rank < 1:
-            raise MethodError(f"rank must be at least 1, got {self.rank}")
+        for label, rank in (("rank", self.rank), ("conv_rank", self.conv_rank)):
+            if rank is not None and rank < 1:
+                raise MethodError(f"{label} must be at least 1, got {rank}")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise MethodError(f"energy must be in (0, 1], got {self.energy}")
         if self.value is not None and self.rule is None:
@@ -161,6 +167,13 @@ class RankRule:
                 raise MethodError(f"rule {self.rule} needs a positive value")
             if self.rule != "sv_ratio" and self.value > 1:
                 raise MethodError(f"rule {self.rule} takes a value in (0, 1], got {self.value}")
+
+    def for_kernel(self, kernel_size: tuple[int, ...]) -> RankRule:
+        """The rule for a module with this conv ``kernel_size`` (() for a linear layer): ``conv_rank`` in place of
+        ``rank`` for a kernel other than 1×1 when one is given; else this rule. The result has no ``conv_rank``."""
+        conv = bool(kernel_size) and any(k != 1 for k in kernel_size)
+        rank = self.conv_rank if conv and self.conv_rank is not None else self.rank
+        return RankRule(rank=rank, energy=self.energy, rule=self.rule, value=self.value)
 
     def choose(self, S: torch.Tensor, shape: tuple[int, int]) -> int:
         """The rank to keep for spectrum ``S`` (descending) of a matrix of ``shape``; at least 1."""
@@ -186,6 +199,9 @@ class RankRule:
             parts.append(f"{self.rule} {self.value:g}")
         if self.rank is not None:
             parts.append(f"rank ≤ {self.rank}" if parts else f"rank {self.rank}")
+        if self.conv_rank is not None:
+            spectral = self.energy is not None or self.rule is not None
+            parts.append(f"conv rank ≤ {self.conv_rank}" if spectral else f"conv rank {self.conv_rank}")
         return ", ".join(parts) or "full numerical rank"
 
 

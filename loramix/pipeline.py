@@ -76,7 +76,9 @@ def _repeatable(plan: Plan, adapter: LoraAdapter, rule: RankRule | None = None) 
 
     provenance = adapter.provenance
     weights = provenance.get("weights") or plan.weights
-    rule = rule or RankRule(rank=plan.rank, energy=plan.energy, rule=plan.rule, value=plan.rule_value)
+    rule = rule or RankRule(
+        rank=plan.rank, energy=plan.energy, rule=plan.rule, value=plan.rule_value, conv_rank=plan.conv_rank
+    )
     dtype = plan.dtype or ("bfloat16" if plan.merge_into else str(adapter.dtype).removeprefix("torch."))
     return replace(
         plan,
@@ -86,6 +88,7 @@ def _repeatable(plan: Plan, adapter: LoraAdapter, rule: RankRule | None = None) 
         energy=rule.energy,
         rule=rule.rule,
         rule_value=rule.value,
+        conv_rank=rule.conv_rank,
         options=provenance.get("options", plan.options),
         dtype=dtype,
         module_map=portable(plan.module_map),
@@ -121,7 +124,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         )
     kwargs = plan.combine_kwargs()
     load_options = kwargs.pop("load_options")
-    settings = ("method", "heads", "rank", "energy", "rule", "rule_value")
+    settings = ("method", "heads", "rank", "energy", "rule", "rule_value", "conv_rank")
     _, rule = check_settings(options=plan.options, **{key: getattr(plan, key) for key in settings})
     loaded, weights = load_adapters(
         plan.adapters,

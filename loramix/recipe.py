@@ -4,8 +4,11 @@
 adapters:                     # sources: folders (relative to this file), Hub ids; weight per adapter
   - {source: ../loramix/examples/summarize, weight: 0.5}
   - {source: ../loramix/examples/translate, weight: 0.5}   # or a Hub id: org/name@revision
+# weight may vary: [0.0, 1.0] (a gradient across layers), {self_attn: 1.0, default: 0.2} (name filters, first
+# match wins), {lbw: [17 numbers], ratio: 1.0} (SD block weights); method options take the same forms
 method: svd                   # see `loramix methods`
 rank: 16                      # optional truncation: rank, energy, or rule + rule_value
+# conv_rank: 8                # the rank cap of k×k conv modules (kohya's --new_conv_rank); rank caps the others
 output: out/merged            # relative to the current directory; -o overrides
 # merge_into: ../loramix/examples/tiny-llama   # write this base (folder or Hub id) with the result merged
 # format: kohya               # write a kohya/A1111 file instead of a PEFT folder (or gguf: a llama.cpp LoRA)
@@ -30,8 +33,9 @@ from pathlib import Path
 
 import yaml
 
-from loramix.errors import RecipeError
+from loramix.errors import MethodError, RecipeError
 from loramix.runtime import parse_dtype
+from loramix.schedule import parse, parse_options
 from loramix.sources import parse_hub_id
 
 LOAD_OPTIONS = ("scale", "alpha", "base_model", "module_map")  # for `load_adapter`, not for the method
@@ -42,9 +46,10 @@ class Plan:
     """Everything a combine run needs: what the CLI's flags and a YAML recipe both build (`loramix.run` runs it)."""
 
     adapters: list[str]
-    weights: list[float] | None = None
+    weights: list | None = None  # per adapter: a number, or a value varying by layer/module (`loramix.schedule`)
     method: str = "svd"
     rank: int | None = None
+    conv_rank: int | None = None
     energy: float | None = None
     rule: str | None = None
     rule_value: float | None = None
@@ -133,6 +138,10 @@ def load_recipe(path: str | Path) -> Plan:
     for key in known:
         if data.get(key) is not None and not _fits(data[key], _HINTS[key]):
             raise RecipeError(f"{path}: {key} has the wrong type ({data[key]!r})")
+    try:
+        parse_options(data.get("options") or {})
+    except MethodError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     sources, weights = _adapters(path, data.get("adapters"))
     fields = {k: v for k, v in data.items() if k != "adapters" and v is not None}
     if isinstance(fields.get("module_map"), str):
@@ -143,7 +152,7 @@ def load_recipe(path: str | Path) -> Plan:
     return Plan(adapters=sources, weights=weights, **fields)
 
 
-def _adapters(path: Path, items) -> tuple[list[str], list[float] | None]:
+def _adapters(path: Path, items) -> tuple[list[str], list | None]:
     if not isinstance(items, list) or not items:
         raise RecipeError(f"{path}: 'adapters' must be a non-empty list")
     sources, weights = [], []
@@ -155,14 +164,17 @@ def _adapters(path: Path, items) -> tuple[list[str], list[float] | None]:
         if extra:
             raise RecipeError(f"{path}: adapters[{i}] has unknown key(s) {', '.join(sorted(extra))}")
         weight = entry.get("weight")
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
-            raise RecipeError(f"{path}: adapters[{i}].weight must be a number, got {weight!r}")
+        if weight is not None:
+            try:
+                weight = parse(weight, what=f"adapters[{i}].weight")
+            except MethodError as exc:
+                raise RecipeError(f"{path}: {exc}") from None
         sources.append(_relative_source(path, entry["source"]))
         weights.append(weight)
     given = [w is not None for w in weights]
     if any(given) and not all(given):
         raise RecipeError(f"{path}: give a weight for every adapter or for none")
-    return sources, [float(w) for w in weights] if all(given) else None
+    return sources, weights if all(given) else None
 
 
 def _relative_path(recipe: Path, item: str) -> str:

@@ -48,6 +48,7 @@ LAYERS = [
     ["loramix.sources"],
     ["loramix.runtime"],
     ["loramix.examples"],
+    ["loramix.schedule"],
     ["loramix.adapter"],
     ["loramix.lazy"],
     ["loramix.errors"],

@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard
 from loramix import load_adapter
 from loramix.cli import main
 from loramix.recipe import load_recipe
+from loramix.schedule import count_layers, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_BLOCKS = re.findall(r"^```python\n(.*?)^```$", (ROOT / "README.md").read_text(), re.S | re.M)
@@ -33,11 +34,14 @@ def test_readme_python_example_runs(index, tmp_path, monkeypatch):
 
 
 def _weighted_sum(plan, name: str) -> torch.Tensor:
+    """Σ wᵢ·ΔWᵢ in float64, each weight resolved for the module (`loramix.schedule`: numbers stay as they are)."""
+    adapters = [load_adapter(source) for source in plan.adapters]
+    layers = count_layers(n for a in adapters for n in a.modules)
     total = 0
-    for source, weight in zip(plan.adapters, plan.weights):
-        module = load_adapter(source).modules.get(name)
+    for adapter, weight in zip(adapters, plan.weights):
+        module = adapter.modules.get(name)
         if module is not None:
-            total = total + weight * module.delta(dtype=torch.float64)
+            total = total + resolve(weight, name, layers) * module.delta(dtype=torch.float64)
     return total
 
 

@@ -25,6 +25,7 @@ from loramix.io.base import BaseCheckpoint, open_base, resolve_base
 from loramix.linalg import RankRule, gram_svd
 from loramix.quantize import Quantization, below_step_share, is_quantized, quantization_settings
 from loramix.runtime import progress_bar
+from loramix.schedule import count_layers, resolve
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,9 @@ def analyze(
     """Spectra, ranks and pairwise overlap of ``adapters`` (paths, Hub ids or `LoraAdapter`s), in factor space.
 
     ``rank``/``energy``/``rule``/``rule_value`` form the `RankRule` behind the rank suggestions — the same rule
-    `combine(method="svd")` takes; with none given, energy 0.99. ``weights`` (default 1/n each, as in `combine`)
-    weight the merged sum in ``Analysis.merge``. ``base`` is a base model folder or Hub id; with it each module also
+    `combine(method="svd")` takes; with none given, energy 0.99. ``weights`` (default 1/n each, as in `combine`;
+    numbers or values that vary by layer or module) weight the merged sum in ``Analysis.merge``, whose modules show
+    each adapter's effective weight. ``base`` is a base model folder or Hub id; with it each module also
     gets ‖W‖_F of the base weight it updates, read one tensor at a time. ``load_options`` go to `load_adapter` for
     every source, as in `combine`. With a base and ``quantized_as`` ("nf4"/"fp4", ``blocksize`` default 64; or a
     4-bit ``quantization_config`` in the base's config.json) each module also gets ``below_step``: the share of
@@ -140,6 +142,7 @@ def analyze(
     found: dict[tuple[int, int], dict[str, ModuleOverlap]] = {p: {} for p in pairs}
     merged: dict[str, MergeModule] = {}
     names = list(dict.fromkeys(n for a in loaded for n in a.modules))
+    layers = count_layers(names)
     buffers: dict = {}
     for name in progress_bar(enabled=progress, iterable=names, desc="analyze", unit="module"):
         indices = [i for i, a in enumerate(loaded) if name in a.modules]
@@ -157,8 +160,10 @@ def analyze(
             shape = (modules[0].out_features, modules[0].in_features)
             for (x, y), overlap in overlaps(svds, gram_b, gram_a, slices, shape).items():
                 found[indices[x], indices[y]][name] = overlap
-        coefs = [weights[i] * m.scale for i, m in zip(indices, modules)]
+        effective = [resolve(w, name, layers) for w in weights]
+        coefs = [effective[i] * m.scale for i, m in zip(indices, modules)]
         merged[name] = merge_module(modules, coefs, gram_b, gram_a, truncation)
+        merged[name].weights = effective
 
     notes = []
     if checkpoint is not None:

@@ -174,7 +174,9 @@ class MergeModule:
     """The weighted sum Σ wᵢ·ΔWᵢ on one module, as `combine --method svd` sees it before truncating.
 
     ``reference_rank`` is the largest input rank; ``truncation_loss`` the share of the sum's Σσ² lost when cut to
-    it (what `--rank reference_rank` throws away); ``suggested_rank`` what the analysis' rule keeps.
+    it (what `--rank reference_rank` throws away); ``suggested_rank`` what the analysis' rule keeps. ``weights``: the
+    effective weight of each adapter (in input order) on this module, once weights that vary by layer or module are
+    resolved (`loramix.schedule`).
     """
 
     singular_values: list[float]
@@ -183,13 +185,15 @@ class MergeModule:
     reference_rank: int
     truncation_loss: float | None
     norm: float
+    weights: list[float] = field(default_factory=list)
 
 
 @dataclass
 class MergeAnalysis(_ModuleSet):
-    """The weighted sum of all adapters, module by module (only with two or more adapters)."""
+    """The weighted sum of all adapters, module by module (only with two or more adapters). ``weights`` as given:
+    numbers, or values that vary by layer or module (`loramix.schedule`; each module's own are in its ``weights``)."""
 
-    weights: list[float]
+    weights: list
     modules: dict[str, MergeModule]
 
     @property

@@ -13,7 +13,9 @@ import click
 
 from loramix.cli.options import (
     DEVICE_HELP,
+    WEIGHTS_HELP,
     Group,
+    block_weights,
     bounds,
     error_line,
     errors_as_one_line,
@@ -82,11 +84,29 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 @main.command()
 @click.argument("adapters", nargs=-1)
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Run a YAML recipe (see recipes/).")
-@click.option("-w", "--weights", callback=weights, help="Comma-separated weights, one per adapter [default: 1/n each].")
+@click.option("-w", "--weights", callback=weights, help=WEIGHTS_HELP)
+@click.option(
+    "--lbws",
+    callback=block_weights,
+    metavar="LISTS",
+    help="kohya/A1111 LoRA Block Weight: one list of 12/20 (SDXL) or 17/26 (SD 1.x) block weights per adapter "
+    "('[1,0,...],[1,1,...]'), in sd-scripts' block order; each multiplies that adapter's --weights number.",
+)
 @click.option("-m", "--method", default=None, help="Merge method (see `loramix methods`) [default: svd].")
 @rank_rule_options
 @click.option(
-    "--option", "options", multiple=True, callback=method_options, metavar="KEY=VALUE", help="A method option."
+    "--conv-rank",
+    type=click.IntRange(min=1),
+    help="At most this rank for conv modules with a kernel other than 1×1, in place of --rank (kohya's "
+    "--new_conv_rank).",
+)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    callback=method_options,
+    metavar="KEY=VALUE",
+    help="A method option; numeric ones take the forms of --weights too (density='[0.2,0.8]').",
 )
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Share of entries kept (ties, dare…).")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), help="TIES sign election [default: total].")
@@ -159,6 +179,9 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         if flags[key] is not None:
             flags["options"] = {**flags["options"], key: flags[key]}
         del flags[key]
+    lbws = flags.pop("lbws")
+    if lbws is not None:
+        flags["weights"] = _with_block_weights(lbws, flags["weights"], len(adapters))
     given = {k: v for k, v in flags.items() if v not in (None, {})}
     if recipe:
         if adapters or given:
@@ -195,6 +218,17 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
             + (f"; {kept}" if kept else "")
         )
     _push_output(plan.output, push_repo)
+
+
+def _with_block_weights(lbws: list, weights: list | None, count: int) -> list:
+    """--lbws with --weights: each adapter's weight becomes {lbw: its list, ratio: its number} (sd-scripts' ratio
+    times block weight)."""
+    ratios = [1.0] * len(lbws) if weights is None else weights
+    if len(lbws) != count or len(ratios) != count:
+        raise click.BadParameter(f"give one list per adapter ({count}), and as many --weights", param_hint="--lbws")
+    if not all(isinstance(r, (int, float)) for r in ratios):
+        raise click.BadParameter("with --lbws, each --weights item is a number (the ratio)", param_hint="--lbws")
+    return [{"lbw": lbw, "ratio": ratio} for lbw, ratio in zip(lbws, ratios)]
 
 
 def _push_output(folder: str, repo_id: str | None) -> None:
@@ -250,9 +284,7 @@ def examples(name: str | None) -> None:
     "[default: the base's quantization_config, else none].",
 )
 @click.option("--blocksize", type=click.IntRange(min=1), help="With --quantized-as: the block size [default: 64].")
-@click.option(
-    "-w", "--weights", callback=weights, help="Weights of the merged sum, one per adapter [default: 1/n each]."
-)
+@click.option("-w", "--weights", callback=weights, help="Weights of the merged sum: " + WEIGHTS_HELP)
 @rank_rule_options
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), help="Write JSON to FILE (- prints it)."

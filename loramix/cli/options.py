@@ -134,13 +134,47 @@ state_dict_options = option_group(
 )
 
 
-def weights(ctx, param, value: str | None) -> list[float] | None:
+# How -w/--weights reads: one item per adapter, in YAML flow syntax, so that a number, a gradient and name filters
+# all fit on one command line without ambiguity (the commas inside [..] and {..} belong to the item).
+WEIGHTS_HELP = (
+    "One weight per adapter, separated by commas [default: 1/n each]. Each is a number, a gradient across layers "
+    "in brackets ('[0,1],0.5': 0 in the first layer to 1 in the last), name filters in braces with a final default "
+    "('{self_attn: 1, default: 0.2},0.5': first match wins) or SD block weights ('{lbw: [...17 numbers], ratio: 1}')."
+)
+
+
+def weights(ctx, param, value: str | None) -> list | None:
+    """-w/--weights (and --init): ``value`` read as the items of a YAML flow sequence, one per adapter."""
     if value is None:
         return None
     try:
-        return [float(w) for w in value.split(",")]
+        return [float(w) for w in value.split(",")]  # plain numbers, "1e-3" included (YAML 1.1 reads it as text)
     except ValueError:
-        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
+        pass
+    items = _flow_items(value, "weights")
+    if not isinstance(items, list) or not items:
+        raise click.BadParameter(f"expected weights separated by commas, got {value!r}")
+    return items
+
+
+def _flow_items(value: str, what: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(f"[{value}]")
+    except (yaml.YAMLError, RecursionError) as exc:
+        detail = str(exc).splitlines()[0] if isinstance(exc, yaml.YAMLError) else "nested too deeply"
+        raise click.BadParameter(f"{what}: not a comma-separated YAML flow list ({detail}): {value!r}") from None
+
+
+def block_weights(ctx, param, value: str | None) -> list | None:
+    """--lbws: one list of SD block weights per adapter, in brackets, separated by commas."""
+    if value is None:
+        return None
+    items = _flow_items(value, "lbws")
+    if not items or not all(isinstance(item, list) for item in items):
+        raise click.BadParameter(f"expected one [..] list per adapter, separated by commas, got {value!r}")
+    return items
 
 
 def method_options(ctx, param, values: tuple[str, ...]) -> dict:

@@ -10,13 +10,13 @@ every command needs, `write_adapter` writes one adapter in a named format.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from pathlib import Path
 
 from loramix.adapter import LoraAdapter, check_compatible
 from loramix.errors import AdapterFormatError, MethodError
 from loramix.formats import _keys, adalora, gguf, kohya, live, peft, statedict
+from loramix.schedule import parse
 from loramix.sources import parse_hub_id, resolve
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,9 @@ def load_adapters(
     load_options: dict | None = None,
 ) -> tuple[list[LoraAdapter], list[float]]:
     """Load ``sources`` (as `load_adapter`, with ``load_options`` for each) and check them together: the weights
-    (default 1/n each; one finite number per adapter) and that the adapters fit one base (`check_compatible`).
-    Returns the adapters and the weights."""
+    (default 1/n each; one per adapter: a finite number or a value that varies by layer or module, see
+    `loramix.schedule`) and that the adapters fit one base (`check_compatible`). Returns the adapters and the weights
+    (`loramix.schedule.parse`d: floats, or their canonical varying form)."""
     if isinstance(sources, (str, Path, LoraAdapter)) or live.is_live(sources):
         raise MethodError(f"adapters must be a list of sources, not a single one (each source: {live.ACCEPTED})")
     if not isinstance(sources, (list, tuple)):
@@ -165,9 +166,7 @@ def load_adapters(
     weights = [1.0 / len(loaded)] * len(loaded) if weights is None else list(weights)
     if len(weights) != len(loaded):
         raise MethodError(f"{len(weights)} weight(s) for {len(loaded)} adapter(s)")
-    for i, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise MethodError(f"weight {i + 1} must be a finite number, got {w!r}")
+    weights = [parse(w, what=f"weight {i + 1}") for i, w in enumerate(weights)]
     check_compatible(loaded, allow_different_bases=allow_different_bases)
     if len(loaded) > 1 and log_warnings:  # said once, where the adapter was read (not for LoraAdapters passed in)
         for source, adapter in zip(sources, loaded):
@@ -175,7 +174,7 @@ def load_adapters(
                 log.warning(
                     "%s: base model unknown; only module shapes can be checked against the others", adapter.name
                 )
-    return loaded, [float(w) for w in weights]
+    return loaded, weights
 
 
 def write_adapter(adapter: LoraAdapter, folder: Path, *, format: str = "peft", **options) -> Path:

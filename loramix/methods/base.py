@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loramix.errors import MethodError
@@ -58,8 +58,9 @@ class Method:
     def rule_for(self, rule: RankRule, options: dict[str, Any]) -> RankRule:
         """The rank rule a combine applies: ``rule`` as given, or, when none is given to a dense merge (its
         ``space`` is "dense"), the smallest rank holding `DENSE_ENERGY` of each module's Σσ²."""
-        if rule == RankRule() and self.dense and self.settings(options).get("space") == "dense":
-            return RankRule(energy=DENSE_ENERGY)
+        unset = replace(rule, conv_rank=None) == RankRule()
+        if unset and self.dense and self.settings(options).get("space") == "dense":
+            return RankRule(energy=DENSE_ENERGY, conv_rank=rule.conv_rank)
         return rule
 
     def apply(self, terms: list[Term], *, rule, **options) -> Factors:

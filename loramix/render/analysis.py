@@ -6,6 +6,9 @@ import dataclasses
 import json
 import math
 
+from loramix.analysis.results import natural_key
+from loramix.schedule import describe, varies
+
 
 def finite(value):
     """None for None/NaN/Inf (JSON has no NaN), the value otherwise."""
@@ -190,13 +193,14 @@ def analysis_text(analysis, *, top: int = 5) -> str:
             lines += _table(_OVERLAP_HEADER, _overlap_rows(shown))
     if analysis.merge is not None:
         mg = analysis.merge
-        weights = ", ".join(f"{w:g}" for w in mg.weights)
+        weights = ", ".join(describe(w) for w in mg.weights)
         lines += [
             "",
             f"Merged sum (weights {weights}), as `combine --method svd` sees it before truncating",
             f"  cut to rank {mg.reference_rank} (the largest input rank) it loses {_pct(mg.truncation_loss)} of its "
             f"energy; the rule ({analysis.rule.describe()}) needs rank {mg.suggested_rank}",
         ]
+        lines += _effective_weights(analysis)
     lines += _below_step_lines(analysis, top)
     lines += ["", "Suggestions", *(f"  - {s}" for s in _suggestions(analysis))]
     lines += [f"note: {n}" for n in analysis.notes]
@@ -239,7 +243,8 @@ def _suggestions(analysis) -> list[str]:
             )
         elif a.suggested_rank:
             out.append(f"{a.name}: uses its full rank {largest} under the rule; no room to resize")
-    weights = dict(zip((a.name for a in analysis.adapters), analysis.merge.weights)) if analysis.merge else {}
+    given = analysis.merge.weights if analysis.merge else []
+    weights = {} if any(varies(w) for w in given) else dict(zip((a.name for a in analysis.adapters), given))
     for p in analysis.pairs:
         advice = _pair_advice(p, weights.get(p.a), weights.get(p.b), sum(weights.values()) if weights else None)
         if advice:
@@ -257,6 +262,16 @@ def _suggestions(analysis) -> list[str]:
 # Overall cosine of two adapters' ΔWs: at or above NEAR_DUPLICATE they are nearly the same update; at or above
 # OVERLAPPING (or at or below −OVERLAPPING) they share a large part; below ORTHOGONAL in size they hardly interact.
 NEAR_DUPLICATE, OVERLAPPING, ORTHOGONAL = 0.9, 0.3, 0.1
+
+
+def _effective_weights(analysis) -> list[str]:
+    """Every module's effective weights, when some weight varies by layer or module."""
+    mg = analysis.merge
+    if not any(varies(w) for w in mg.weights):
+        return []
+    header = ["effective weight", *(a.name for a in analysis.adapters)]
+    rows = [[name, *(f"{w:.4g}" for w in mg.modules[name].weights)] for name in sorted(mg.modules, key=natural_key)]
+    return ["", *_table(header, rows)]
 
 
 def _pair_advice(p, wa: float | None, wb: float | None, total: float | None) -> str | None:

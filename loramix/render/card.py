@@ -20,6 +20,7 @@ from loramix.adapter import LoraAdapter
 from loramix.analysis.results import Analysis
 from loramix.methods import REGISTRY
 from loramix.quantize import Quantization
+from loramix.schedule import describe, varies
 from loramix.sources import parse_hub_id
 
 CARD_FILE = "README.md"
@@ -117,8 +118,17 @@ def _sources_section(provenance: dict, revisions: dict[str, str]) -> list[str]:
     weights = provenance.get("weights") or [None] * len(sources)
     lines = ["## Source adapters", "", "| adapter | weight | revision |", "|---|---|---|"]
     for source, weight in zip(sources, weights):
-        shown = f"{weight:g}" if isinstance(weight, (int, float)) else "-"
+        shown = "-" if weight is None else describe(weight)
         lines.append(f"| `{source}` | {shown} | {revisions.get(source, 'local')} |")
+    options = (provenance.get("options") or {}).values()
+    if any(varies(w) for w in weights) or any(varies(v) for v in options):
+        lines += [
+            "",
+            f"Weights or method options vary by layer or module: gradients interpolate across "
+            f"{provenance.get('num_layers')} layers "
+            "as mergekit's do, name filters take the first match, `lbw` lists weight Stable Diffusion blocks as "
+            "kohya's merge scripts do; `loramix analyze` with the same weights lists each module's weight.",
+        ]
     return [*lines, ""]
 
 

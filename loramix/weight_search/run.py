@@ -24,6 +24,7 @@ from loramix.errors import SearchError
 from loramix.formats import load_adapters
 from loramix.io.base import resolve_base
 from loramix.runtime import progress_bar, resolve_device
+from loramix.schedule import parse, varies
 from loramix.weight_search import optimizers
 from loramix.weight_search.evaluator import COMPOSITIONS, Evaluator
 from loramix.weight_search.objective import as_examples, build_batch, l1_penalty
@@ -86,6 +87,17 @@ def load_base(base, *, device: torch.device, tokenizer=None):
     return model, tokenizer, bool(getattr(model.config, "is_encoder_decoder", False))
 
 
+def _initial(init) -> list[float]:
+    """The starting weights, read as every weight is (`loramix.schedule.parse`): numbers only."""
+    values = [parse(w, what=f"init {i + 1}") for i, w in enumerate(init)]
+    varying = [i + 1 for i, v in enumerate(values) if varies(v)]
+    if varying:
+        raise SearchError(
+            f"init {varying[0]} varies by layer or module; search finds one weight per adapter, so init takes numbers"
+        )
+    return values
+
+
 def search(
     base,
     adapters: list,
@@ -115,9 +127,10 @@ def search(
 
     The objective is the mean output-token cross-entropy (input tokens masked) plus ``l1·mean|wᵢ|``. ``steps``:
     COBYLA evaluations, CMA-ES generations (``popsize`` candidates each, one forward pass), or Adam steps (``lr``).
-    Starts at ``init`` (default 0, LoRAHub's); Adam with the lorahub composition adds seeded N(0, 0.1²) jitter,
-    since 0 is a stationary point there. ``max_candidates`` caps the candidates per forward pass. Adapters are
-    loaded as by `combine` (``allow_different_bases``, ``allow_nonfinite``, ``load_options``).
+    Starts at ``init`` (default 0, LoRAHub's; one number per adapter: a weight that varies by layer or module has
+    no place in a search over one weight per adapter, and is refused); Adam with the lorahub composition adds seeded
+    N(0, 0.1²) jitter, since 0 is a stationary point there. ``max_candidates`` caps the candidates per forward pass.
+    Adapters are loaded as by `combine` (``allow_different_bases``, ``allow_nonfinite``, ``load_options``).
     """
     if composition not in COMPOSITIONS:
         raise SearchError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
@@ -134,7 +147,7 @@ def search(
         allow_nonfinite=allow_nonfinite,
         load_options=load_options,
     )
-    x0 = np.zeros(len(loaded)) if init is None else np.asarray(init, dtype=np.float64)
+    x0 = np.zeros(len(loaded)) if init is None else np.asarray(_initial(init), dtype=np.float64)
     if x0.shape != (len(loaded),):
         raise SearchError(f"init has {x0.size} value(s) for {len(loaded)} adapter(s)")
     examples = as_examples(examples)

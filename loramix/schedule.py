@@ -1,0 +1,221 @@
+"""Values that vary by layer or module: adapter weights and method options (mergekit's gradients and name filters,
+kohya's SD block weights), written as plain YAML/JSON data and resolved to one float per module.
+
+A value is one of:
+
+- a number: the same in every module;
+- a list of numbers, a *gradient*: interpolated linearly across layer indices exactly as mergekit does
+  (mergekit/config.py ``evaluate_setting``, with the layer's ``t`` from mergekit/plan.py ``MergePlanner.plan_slice``:
+  ``t = i/(n-1)`` for layer ``i`` of ``n``, 1 when ``n == 1``; then ``scaled = t·(len-1)``, ``i0 = int(scaled)``,
+  ``i1 = min(len-1, i0+1)``, value ``(1-f)·v[i0] + f·v[i1]`` with ``f = scaled - i0``). ``[0, 1]`` goes from 0 in
+  the first layer to 1 in the last;
+- a mapping of name filters to values (numbers or gradients) that ends with ``default``:
+  ``{self_attn.q_proj: 1.0, default: 0.2}``. As in mergekit's ``evaluate_setting``, a filter matches when it is a
+  substring of the module name, and the first match in the order written wins; ``default`` (mergekit's filter-less
+  entry, also spelled ``*``) matches every module. kohya module names are flattened with underscores, so a filter
+  also matches with its dots read as underscores. mergekit's own list form, ``[{filter: self_attn, value: 1.0},
+  {value: 0.2}]``, is read as the same mapping;
+- ``{lbw: [...], ratio: r}``: kohya/A1111 "LoRA Block Weight" for Stable Diffusion — 12 or 20 values (SDXL) or 17
+  or 26 (SD 1.x/2.x) in the block order of sd-scripts' networks/svd_merge_lora.py (``LAYER12``…``LAYER26``: BASE =
+  the text encoders, IN00–IN11, MID, OUT00–OUT11, the shorter lists covering only the blocks that hold LoRA modules).
+  A module's weight is ``ratio`` (default 1) times its block's value, and ``ratio`` alone for a module in no listed
+  block, as sd-scripts' merge scripts do.
+
+Layer index: the number after a path component ``layers``, ``layer``, ``h`` or ``block`` (``model.layers.12.…``,
+``transformer.h.3.…``, ``encoder.layer.5.…``, T5's ``encoder.block.2.…``; with dots or kohya's underscores:
+``lora_te_text_model_encoder_layers_0_…``; SDXL's ``middle_block_1`` is a block name, not a layer). The number of
+layers is the largest index among the modules being combined, plus one (an adapter trained on the last layers only
+therefore spans fewer layers than its base). A module with no layer index (embeddings, heads, SD UNet modules: use
+``lbw`` for those) takes ``t = 0`` — the first value of a gradient — as mergekit plans the tensors outside its layer
+slices (``plan_module``'s pre/post weights, read at ``t=0``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from loramix.errors import MethodError
+
+DEFAULT = ("default", "*")
+_LAYER = re.compile(r"(?:^|[._])(?<!middle_)(?:layers|layer|h|block)[._](\d+)(?=[._]|$)")
+
+# sd-scripts networks/svd_merge_lora.py: which of the 26 blocks (BASE, IN00–IN11, MID, OUT00–OUT11) a list of each
+# length covers, as (first, last) ranges of block indices.
+_COVERED = {
+    12: [(0, 0), (5, 6), (8, 9), (13, 19)],
+    17: [(0, 0), (2, 3), (5, 6), (8, 9), (13, 13), (17, 25)],
+    20: [(0, 9), (13, 22)],
+    26: [(0, 25)],
+}
+_SD_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)_")
+
+
+def _number(value, what: str) -> float:
+    """A finite number; a numeric string counts (mergekit validates YAML strings like "1e-3" into numbers)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MethodError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _gradient(value: list, what: str) -> list[float]:
+    if not value:
+        raise MethodError(f"{what} is an empty list; a gradient needs at least one number")
+    return [_number(v, f"{what}[{i}]") for i, v in enumerate(value)]
+
+
+def varies(value) -> bool:
+    """Whether ``value`` is one of the varying forms (a list or a mapping) rather than one number or word."""
+    return isinstance(value, (list, dict))
+
+
+def parse(value, *, what: str = "weight"):
+    """``value`` checked and in its canonical form (numbers as floats, mergekit's filter list as a mapping), ready for
+    `resolve`, a recipe and a card. One-line `MethodError` naming ``what`` for a malformed value."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return parse(_mergekit_filters(value, what), what=what)
+    if isinstance(value, list):
+        return _gradient(value, what)
+    if not isinstance(value, dict):
+        return _number(value, what)
+    if "lbw" in value:
+        return _block_weights(value, what)
+    if not value:
+        raise MethodError(f"{what} is an empty mapping; give filters and a default")
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise MethodError(f"{what}: filter {key!r} must be a non-empty string")
+        if key in DEFAULT and key != list(value)[-1]:
+            raise MethodError(f"{what}: filters after {key} are never reached (the first match wins); put {key} last")
+        label = f"{what}[{key}]"
+        out[key] = _gradient(item, label) if isinstance(item, list) else _number(item, label)
+    if list(out)[-1] not in DEFAULT:
+        raise MethodError(f"{what}: filters {list(out)} need a final 'default' for the modules none of them matches")
+    return out
+
+
+def _mergekit_filters(items: list[dict], what: str) -> dict:
+    out = {}
+    for i, item in enumerate(items):
+        if "value" not in item or set(item) - {"filter", "value"}:
+            raise MethodError(f"{what}[{i}] must be {{filter: NAME, value: V}} or {{value: V}}, got {item!r}")
+        out.setdefault(item.get("filter") or "default", item["value"])  # a repeated filter is never reached
+    return out
+
+
+def _block_weights(value: dict, what: str) -> dict:
+    extra = set(value) - {"lbw", "ratio"}
+    if extra:
+        raise MethodError(f"{what}: an lbw mapping takes only lbw and ratio, got {', '.join(sorted(map(str, extra)))}")
+    blocks = value["lbw"]
+    if not isinstance(blocks, list) or len(blocks) not in _COVERED:
+        count = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
+        raise MethodError(f"{what}: lbw must be a list of 12 or 20 (SDXL), 17 or 26 (SD 1.x) numbers, got {count}")
+    return {"lbw": _gradient(blocks, f"{what}.lbw"), "ratio": _number(value.get("ratio", 1.0), f"{what}.ratio")}
+
+
+def layer_index(name: str) -> int | None:
+    """The layer a module belongs to (see the module docstring), or None outside numbered layers."""
+    found = _LAYER.search(name)
+    return None if found is None else int(found.group(1))
+
+
+def count_layers(names) -> int:
+    """The number of layers the modules ``names`` span: the largest layer index plus one (1 when there is none)."""
+    return max((i for n in names if (i := layer_index(n)) is not None), default=0) + 1
+
+
+def interpolate(values: list[float], t: float) -> float:
+    """mergekit's gradient at ``t`` in [0, 1] (mergekit/config.py ``evaluate_setting``, numeric branch)."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def layer_t(name: str, num_layers: int) -> float:
+    """mergekit's ``t`` for the module: i/(n-1) in layer i of n (1 when n == 1); 0 outside layers."""
+    index = layer_index(name)
+    if index is None:
+        return 0.0
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def sd_block(name: str) -> int | None:
+    """A Stable Diffusion module's block in sd-scripts' 26-block order (0 BASE = text encoders, 1–12 IN00–IN11,
+    13 MID, 14–25 OUT00–OUT11), as svd_merge_lora.py's ``get_lbw_block_index`` numbers it, for kohya and diffusers
+    names alike (dots read as underscores); None for a module in no block (conv_in, time embedding, …).
+
+    diffusers' ``down_blocks.i.{resnets,attentions}.j`` is IN(3i+j+1), ``down_blocks.i.downsamplers`` IN(3i+3),
+    ``up_blocks.i.{resnets,attentions}.j`` OUT(3i+j), ``up_blocks.i.upsamplers`` OUT(3i+2); the original UNet's
+    ``input_blocks.n`` is IN(n), ``output_blocks.n`` OUT(n). sd-scripts reads the first naming for SD 1.x lists and
+    the second for SDXL lists; both describe the same blocks, so loramix reads both for every list."""
+    flat = name.replace(".", "_")
+    if "text_model_encoder_" in flat:
+        return 0
+    found = _SD_UPDOWN.search(flat)
+    if found:
+        side, i, kind, j = found.group(1), int(found.group(2)), found.group(3), int(found.group(4))
+        if kind in ("downsamplers", "upsamplers"):
+            index = 3 * (i + 1) if side == "down" else 3 * i + 2
+        else:
+            index = 3 * i + j + (1 if side == "down" else 0)
+        return 1 + index if side == "down" else 14 + index
+    if "mid_block_" in flat or "middle_block_" in flat:
+        return 13
+    numbered = re.search(r"(input|output)_blocks_(\d+)_", flat)
+    if numbered:
+        return (1 if numbered.group(1) == "input" else 14) + int(numbered.group(2))
+    return None
+
+
+def _block_value(spec: dict, name: str) -> float:
+    block = sd_block(name)
+    covered = [b for first, last in _COVERED[len(spec["lbw"])] for b in range(first, last + 1)]
+    factor = spec["lbw"][covered.index(block)] if block in covered else 1.0
+    return spec["ratio"] * factor
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return pattern in DEFAULT or pattern in name or pattern.replace(".", "_") in name
+
+
+def resolve(spec, name: str, num_layers: int) -> float:
+    """The value of a `parse`d ``spec`` in module ``name`` of a model with ``num_layers`` layers."""
+    if isinstance(spec, list):
+        return float(interpolate(spec, layer_t(name, num_layers)))
+    if isinstance(spec, dict):
+        if "lbw" in spec:
+            return _block_value(spec, name)
+        return next(resolve(v, name, num_layers) for k, v in spec.items() if _matches(k, name))
+    return float(spec)
+
+
+def resolve_options(options: dict, name: str, num_layers: int) -> dict:
+    """Method options for one module: the varying ones resolved, the others (numbers, words, seeds) as given."""
+    return {k: resolve(v, name, num_layers) if varies(v) else v for k, v in options.items()}
+
+
+def parse_options(options: dict) -> dict:
+    """``options`` with their varying values checked and made canonical (numbers and words pass through)."""
+    return {k: parse(v, what=f"option {k}") if varies(v) else v for k, v in options.items()}
+
+
+def describe(spec) -> str:
+    """A `parse`d value in one short line: ``0.5``, ``[0, 1] across layers``, ``{self_attn: 1, default: 0.2}``,
+    ``lbw [17] × 0.8``."""
+    if isinstance(spec, list):
+        return "[" + ", ".join(f"{v:g}" for v in spec) + "] across layers"
+    if isinstance(spec, dict) and "lbw" in spec:
+        return f"lbw [{', '.join(f'{v:g}' for v in spec['lbw'])}] × {spec['ratio']:g}"
+    if isinstance(spec, dict):
+        shown = (f"[{', '.join(f'{x:g}' for x in v)}]" if isinstance(v, list) else f"{v:g}" for v in spec.values())
+        return "{" + ", ".join(f"{k}: {v}" for k, v in zip(spec, shown)) + "}"
+    return f"{spec:g}"
