@@ -16,12 +16,13 @@ from pathlib import Path
 
 from loramix.adapter import LoraAdapter, check_compatible
 from loramix.errors import AdapterFormatError, MethodError
-from loramix.formats import _keys, adalora, gguf, kohya, live, peft, statedict
+from loramix.formats import _keys, adalora, gguf, kohya, live, lycoris, peft, statedict
 from loramix.sources import parse_hub_id, resolve
 
 log = logging.getLogger(__name__)
 
-FORMATS = (kohya, statedict, adalora, peft)  # detection order: the first whose detect() says yes reads the source
+# detection order: the first whose detect() says yes reads the source (LyCORIS before kohya: same names, more keys)
+FORMATS = (lycoris, kohya, statedict, adalora, peft)
 WRITERS = {peft.NAME: peft, kohya.NAME: kohya, gguf.NAME: gguf}
 UNKNOWN_BASE = "base model unknown; only module shapes can be checked against the others"
 # path::key=value: the options a plain state dict needs, per source (numbers or text)
@@ -43,7 +44,8 @@ def load_adapter(
     see `loramix.formats.live`) or pass a `LoraAdapter` through. A path or Hub id may carry its own load options:
     ``path::scale=0.5,alpha=16`` (see `split_source_options`).
 
-    Formats: PEFT LoRA and AdaLoRA folders, kohya/A1111 and diffusers LoRA files (a file or a folder holding one),
+    Formats: PEFT LoRA and AdaLoRA folders, kohya/A1111 and diffusers LoRA files and LyCORIS LoCon/LoHa/LoKr files
+    (read as exact LoRAs; a file or a folder holding one),
     and hand-made LoRA state dicts (a file, or a folder holding only it), which hold no scale, base model or base
     names: ``scale``/``alpha``, ``base_model`` and ``module_map`` supply them. Other formats carry their own scale and
     names (those options are ignored with a warning); ``base_model`` fills in a base they do not name. What the

@@ -6,8 +6,9 @@ and reads row ranges on demand, so callers stream a checkpoint of any size one t
 
 Names: adapter module names are the task model's module paths (``transformer.h.0.attn.c_attn``); a checkpoint may
 store the same weight with a prefix more or less (``h.0.attn.c_attn.weight`` in a bare GPT2Model). `NameMatcher`
-tries the exact key, then base keys ending in the adapter's name, then the adapter's name without leading parts;
-more than one candidate is an error. An output head that the base ties to its input embedding and does not store
+tries the exact key, then base keys ending in the adapter's name, then the adapter's name without leading parts,
+then (for a kohya/LyCORIS name flattened with underscores) the base key whose flattened path ends the name; more
+than one candidate is an error. An output head that the base ties to its input embedding and does not store
 is found as that embedding (`BaseCheckpoint.weight_key`). Both `loramix.analysis` and `loramix.checkpoint` ask here.
 """
 
@@ -282,9 +283,28 @@ class NameMatcher:
             parts = name.split(".")
             candidates = [".".join(parts[i:]) for i in range(1, len(parts) - 1) if ".".join(parts[i:]) in self.keys]
             candidates = candidates[:1]  # the longest remaining name is the one meant
+        if not candidates and "." not in name.removesuffix(".weight"):
+            candidates = self._flat(name.replace(".", "_"))
         if len(candidates) > 1:
             raise CheckpointError(f"adapter tensor {name} matches several base tensors: {', '.join(candidates[:4])}")
         return candidates[0] if candidates else None
+
+    def _flat(self, name: str) -> list[str]:
+        """kohya/LyCORIS names flatten the module path with underscores behind a prefix (``lora_unet_…``,
+        ``lycoris_model_layers_0_…``): the keys whose flattened form is the longest ``_``-suffix of ``name``."""
+        parts = name.split("_")
+        for i in range(len(parts)):
+            found = self.by_flat.get("_".join(parts[i:]))
+            if found:
+                return found
+        return []
+
+    @functools.cached_property
+    def by_flat(self) -> dict[str, list[str]]:
+        flat: dict[str, list[str]] = {}
+        for key in sorted(self.keys):
+            flat.setdefault(key.replace(".", "_"), []).append(key)
+        return flat
 
 
 def tied_embedding(base: BaseCheckpoint, module_name: str) -> str | None:
