@@ -43,7 +43,6 @@ from loramix.kernels import (
     add_delta,
     decide_layout,
     dora_merge,
-    on_weight,
     warn_stored,
 )
 from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
@@ -132,7 +131,7 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype, n
         job = jobs[key]
         if not job.source.dtype.is_floating_point:
             raise CheckpointError(f"adapter module {name}: base tensor {key} is {job.source.dtype}, not floating point")
-        module = on_weight(module, job.shape)
+        module = module.on_weight(job.shape)
         layout = decide_layout(module, name, key, job.shape, base.model_type)
         if layout != module.layout:
             flipped.append(name)

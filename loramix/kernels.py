@@ -1,5 +1,5 @@
 """The ΔW kernels shared by merges into checkpoints (`loramix.checkpoint`) and into live models (`loramix.live`):
-how ΔW lies on a base weight (`on_weight`, `decide_layout`), its rows (`delta_rows`), DoRA's exact merge
+how ΔW lies on a base weight (`decide_layout`), its rows (`delta_rows`), DoRA's exact merge
 (`dora_merge`), and how the update a weight stores after rounding compares with the intended one (`Survival`,
 `StoredUpdate`, `warn_stored`).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -22,20 +22,6 @@ log = logging.getLogger(__name__)
 LOW_SURVIVAL = 0.5  # ‖stored‖/‖ΔW‖ below this: most of the update is lost
 DISTORTED_ERROR = 0.5  # ‖stored − ΔW‖/‖ΔW‖ above this, or
 DISTORTED_COSINE = 0.9  # cos(stored, ΔW) below this: the update stored is not the one intended
-
-
-def on_weight(module: LoraModule, shape: tuple[int, ...]) -> LoraModule:
-    """``module`` as it lies on a base weight of ``shape``: a module read flat, out × in·kh·kw (LyCORIS stores plain
-    conv LoHa/LoKr factors so, without the kernel), on a 4-D conv weight of that size takes the weight's kernel, as
-    LyCORIS's own ``get_weight(shape)`` reshapes it."""
-    if (
-        module.layout == "linear"
-        and len(shape) == 4
-        and shape[0] == module.out_features
-        and math.prod(shape[1:]) == module.in_features
-    ):
-        return replace(module, layout="conv2d", kernel_size=tuple(shape[2:]))
-    return module
 
 
 def decide_layout(

@@ -297,3 +297,16 @@ def test_flat_conv_loha_merges_into_a_live_conv_layer(tmp_path):
     loramix.merge_into(fresh, adapter)
     expected = before + _oracle(conv).reshape(before.shape)
     torch.testing.assert_close(fresh.conv.weight.detach().double(), expected, rtol=0, atol=1e-6)
+
+
+def test_flat_conv_loha_combines_with_a_kohya_conv_lora(tmp_path):
+    """A flat conv LoHa module takes the kernel of the same module in a kohya LoCon file it is combined with."""
+    loha = _randomise(LohaModule("x", _layer("conv"), lora_dim=2, alpha=1), seed=14)
+    locon = _randomise(LoConModule("x", _layer("conv"), lora_dim=3, alpha=3), seed=15)
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    files = [_save(tmp_path / f"{kind}.safetensors", {name: m}) for kind, m in (("loha", loha), ("locon", locon))]
+    merged = loramix.combine([str(f) for f in files], weights=[0.6, 0.4], method="cat")
+    m = merged.modules[name]
+    assert (m.layout, m.kernel_size) == ("conv2d", (3, 3))
+    expected = 0.6 * _oracle(loha) + 0.4 * _oracle(locon)
+    torch.testing.assert_close(m.B.double() @ m.A.double() * m.scale, expected, rtol=0, atol=TOL * expected.abs().max())

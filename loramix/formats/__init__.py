@@ -170,6 +170,7 @@ def load_adapters(
     for i, w in enumerate(weights):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise MethodError(f"weight {i + 1} must be a finite number, got {w!r}")
+    loaded = _align_flat_conv(loaded)
     check_compatible(loaded, allow_different_bases=allow_different_bases)
     if len(loaded) > 1 and log_warnings:  # said once, where the adapter was read (not for LoraAdapters passed in)
         for source, adapter in zip(sources, loaded):
@@ -178,6 +179,18 @@ def load_adapters(
                     "%s: base model unknown; only module shapes can be checked against the others", adapter.name
                 )
     return loaded, [float(w) for w in weights]
+
+
+def _align_flat_conv(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
+    """A module read flat (a plain LyCORIS conv LoHa/LoKr: out × in·kh·kw, no kernel in the file) takes the kernel of
+    the same module in another adapter (`LoraModule.on_weight`); the adapters given are left as they are."""
+    convs = {name: m.base_shape for a in adapters for name, m in a.modules.items() if m.layout == "conv2d"}
+    aligned = []
+    for a in adapters:
+        laid = {n: m.on_weight(convs[n]) for n, m in a.modules.items() if n in convs and m.layout == "linear"}
+        changed = {n: m for n, m in laid.items() if m.layout == "conv2d"}
+        aligned.append(a.with_modules({**a.modules, **changed}) if changed else a)
+    return aligned
 
 
 def write_adapter(adapter: LoraAdapter, folder: Path, *, format: str = "peft", **options) -> Path:
