@@ -187,6 +187,8 @@ def test_inspect_says_what_the_file_is(tmp_path):
     assert "LoKr full ⊗ rank 2 → exact LoRA rank 8 (1 module)" in result.output
     (item,) = json.loads(cli("inspect", "--json", file).stdout)
     assert item["ranks"] == [8, 9] and len(item["lycoris"]) == 2
+    checked = cli("check", file)  # diffusers reads kohya lora_down/lora_up files, not LoHa: the fix writes one
+    assert "a LyCORIS file" in checked.output and "--format kohya" in checked.output
 
 
 def test_combine_one_at_rank_k_is_the_truncated_svd(tmp_path):

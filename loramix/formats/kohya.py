@@ -84,11 +84,12 @@ def lycoris_key(key: str) -> bool:
 def is_kohya_file(path: Path) -> bool:
     """A single tensor file whose LoRA keys are kohya's (``lora_unet_…``, ``.alpha``) or diffusers' (``unet.…``)
     and that holds no LyCORIS key."""
-    keys = _file_keys(path)
+    keys = file_keys(path)
     return any(_match(k)[0] is not None for k in keys) and not any(lycoris_key(k) for k in keys)
 
 
-def _file_keys(path: Path) -> list[str]:
+def file_keys(path: Path) -> list[str]:
+    """The tensor keys of ``path`` when it is a tensor file of a suffix these formats use, else none."""
     return tensor_keys(path) if path.is_file() and path.suffix in SUFFIXES else []
 
 

@@ -65,7 +65,7 @@ OTHER_ALGOS = {
 
 def is_lycoris_file(path: Path) -> bool:
     """A single tensor file holding LyCORIS keys (see `loramix.formats.kohya.lycoris_key`)."""
-    return any(kohya.lycoris_key(k) for k in kohya._file_keys(path))
+    return any(kohya.lycoris_key(k) for k in kohya.file_keys(path))
 
 
 def detect(path: Path) -> bool:
@@ -106,9 +106,9 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     for name, found in sorted(parts.items()):
         modules[name], kind = _module(file, name, found)
         kinds[kind].append(modules[name].rank)
-    notes = [f"{len(ignored)} key(s) are not LyCORIS factors and were dropped ({', '.join(ignored[:3])})"] * bool(
-        ignored
-    )
+    notes = []
+    if ignored:
+        notes.append(f"{len(ignored)} key(s) are not LyCORIS factors and were dropped ({', '.join(ignored[:3])})")
     if all(not m.B.any() for m in modules.values()):
         notes.append("every module's update is zero: this adapter changes nothing")
     return LoraAdapter(
@@ -168,7 +168,8 @@ def _module(file: Path, name: str, found: dict[str, torch.Tensor]) -> tuple[Lora
     except RuntimeError as exc:  # shapes that do not chain
         raise AdapterFormatError(f"{where}: {kind} factors {_shapes(found)} do not chain ({exc})") from None
     scale = 1.0 if rank is None else kohya.alpha_scale(file, name, alpha, rank, zero_alpha_is_rank=True)
-    dtype = torch.promote_types(next(iter(found.values())).dtype, torch.float32)
+    stored = next(t.dtype for k, t in found.items() if k != "alpha")  # half-precision products are exact in float32
+    dtype = torch.promote_types(stored, torch.float32)
     B, A = _bounded(B, A)
     module = LoraModule(
         A=A.to(dtype), B=B.to(dtype), scale=scale, layout="conv2d" if kernel else "linear", kernel_size=kernel
