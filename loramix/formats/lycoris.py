@@ -4,7 +4,8 @@ LyCORIS (the ``lycoris-lora`` package, and kohya's sd-scripts with ``--network_m
 file with kohya's flattened names (``lora_unet_…``, ``lora_te_…``; ``lycoris_<module path>`` when it wraps any other
 torch model) and, per module, the keys of its algorithm. The conventions below are LyCORIS's own (modules/loha.py,
 modules/lokr.py, functional/), as its forward pass applies them (``get_weight`` times the multiplier: the scale once;
-its ``get_diff_weight`` multiplies the scale in a second time and is not what training or inference use).
+its ``get_diff_weight`` multiplies the scale in a second time and is not what training or inference use; rank and
+module dropout are training-only and off).
 
 LoHa: ΔW = γ·(W1a·W1b) ⊙ (W2a·W2b), with W1a, W2a out×r and W1b, W2b r×in, γ = alpha/r (r = rows of hada_w1_b;
 alpha missing or 0 means γ = 1). Element-wise, (B₁A₁)_{pq}(B₂A₂)_{pq} = Σ_{ij} (B₁_{pi}B₂_{pj})(A₁_{iq}A₂_{jq}), so
