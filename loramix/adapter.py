@@ -60,6 +60,16 @@ class LoraModule:
             return (out, inp // kernel, *self.kernel_size)
         return (out, inp)
 
+    def on_weight(self, shape: tuple[int, ...]) -> LoraModule:
+        """This module as it lies on a weight of ``shape``: a module read flat, out × in·kh·kw (LyCORIS stores plain
+        conv LoHa/LoKr factors so, without the kernel), on a 4-D conv weight of that size takes the weight's kernel,
+        as LyCORIS's own ``get_weight(shape)`` reshapes it; any other module is returned as it is."""
+        shape = tuple(shape)
+        flat = self.layout == "linear" and len(shape) == 4 and shape[0] == self.out_features
+        if flat and math.prod(shape[1:]) == self.in_features:
+            return replace(self, layout="conv2d", kernel_size=shape[2:])
+        return self
+
     def delta(self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
         """ΔW in the base weight's own layout. Code that needs a dense ΔW of a whole module calls this; the
         checkpoint writer forms row chunks of it instead (`loramix.checkpoint.delta_rows`), and element-wise

@@ -133,6 +133,7 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype, n
         job = jobs[key]
         if not job.source.dtype.is_floating_point:
             raise CheckpointError(f"adapter module {name}: base tensor {key} is {job.source.dtype}, not floating point")
+        module = module.on_weight(job.shape)
         layout = decide_layout(module, name, key, job.shape, base.model_type)
         if layout != module.layout:
             flipped.append(name)

@@ -82,6 +82,7 @@ def _plan(model: torch.nn.Module, adapter: LoraAdapter) -> list[_Target]:
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise CheckpointError(f"adapter module {name}: {label} module {key} has no floating-point weight")
         conv1d = isinstance(layer, Conv1D)
+        module = module.on_weight(tuple(weight.shape))
         layout = decide_layout(module, name, f"{key}.weight", tuple(weight.shape), None, conv1d=conv1d)
         if module.bias is not None and getattr(layer, "bias", None) is None:
             raise CheckpointError(f"adapter module {name} has a lora_B bias but {label} module {key} has no bias")

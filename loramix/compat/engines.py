@@ -182,6 +182,15 @@ def kohya_verdicts(adapter: LoraAdapter, src: str) -> list[Verdict]:
         if not layouts
         else Verdict("diffusers/ComfyUI", "no", f"layouts {layouts} have no kohya form", None)
     )
+    if adapter.provenance.get("format") == "lycoris":
+        # ComfyUI (comfy/weight_adapter) reads LoHa/LoKr; diffusers' converter reads lora_down/lora_up, and LoKr
+        # only for a few models (lora_conversion_utils.py, _convert_non_diffusers_lokr_to_diffusers)
+        reads = Verdict(
+            "diffusers/ComfyUI",
+            "no",
+            "a LyCORIS file: ComfyUI reads it, diffusers reads kohya lora_down/lora_up files",
+            f"loramix combine {src} --format kohya -o OUT (the exact LoRA; --rank K to truncate)",
+        )
     others = ("PEFT", "transformers", "vLLM", "SGLang", "LoRAX/TGI", "llama.cpp")
     reason = "reads PEFT folders, not kohya/diffusers files"
     return [*(Verdict(name, "no", reason, None) for name in others), reads]

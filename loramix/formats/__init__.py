@@ -15,13 +15,14 @@ from pathlib import Path
 
 from loramix.adapter import LoraAdapter, check_compatible
 from loramix.errors import AdapterFormatError, MethodError
-from loramix.formats import _keys, adalora, gguf, kohya, live, peft, statedict
+from loramix.formats import _keys, adalora, gguf, kohya, live, lycoris, peft, statedict
 from loramix.schedule import parse
 from loramix.sources import parse_hub_id, resolve
 
 log = logging.getLogger(__name__)
 
-FORMATS = (kohya, statedict, adalora, peft)  # detection order: the first whose detect() says yes reads the source
+# detection order: the first whose detect() says yes reads the source (LyCORIS before kohya: same names, more keys)
+FORMATS = (lycoris, kohya, statedict, adalora, peft)
 WRITERS = {peft.NAME: peft, kohya.NAME: kohya, gguf.NAME: gguf}
 UNKNOWN_BASE = "base model unknown; only module shapes can be checked against the others"
 # path::key=value: the options a plain state dict needs, per source (numbers or text)
@@ -43,7 +44,8 @@ def load_adapter(
     see `loramix.formats.live`) or pass a `LoraAdapter` through. A path or Hub id may carry its own load options:
     ``path::scale=0.5,alpha=16`` (see `split_source_options`).
 
-    Formats: PEFT LoRA and AdaLoRA folders, kohya/A1111 and diffusers LoRA files (a file or a folder holding one),
+    Formats: PEFT LoRA and AdaLoRA folders, kohya/A1111 and diffusers LoRA files and LyCORIS LoCon/LoHa/LoKr files
+    (read as exact LoRAs; a file or a folder holding one),
     and hand-made LoRA state dicts (a file, or a folder holding only it), which hold no scale, base model or base
     names: ``scale``/``alpha``, ``base_model`` and ``module_map`` supply them. Other formats carry their own scale and
     names (those options are ignored with a warning); ``base_model`` fills in a base they do not name. What the
@@ -167,6 +169,7 @@ def load_adapters(
     if len(weights) != len(loaded):
         raise MethodError(f"{len(weights)} weight(s) for {len(loaded)} adapter(s)")
     weights = [parse(w, what=f"weight {i + 1}") for i, w in enumerate(weights)]
+    loaded = _align_flat_conv(loaded)
     check_compatible(loaded, allow_different_bases=allow_different_bases)
     if len(loaded) > 1 and log_warnings:  # said once, where the adapter was read (not for LoraAdapters passed in)
         for source, adapter in zip(sources, loaded):
@@ -175,6 +178,18 @@ def load_adapters(
                     "%s: base model unknown; only module shapes can be checked against the others", adapter.name
                 )
     return loaded, weights
+
+
+def _align_flat_conv(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
+    """A module read flat (a plain LyCORIS conv LoHa/LoKr: out × in·kh·kw, no kernel in the file) takes the kernel of
+    the same module in another adapter (`LoraModule.on_weight`); the adapters given are left as they are."""
+    convs = {name: m.base_shape for a in adapters for name, m in a.modules.items() if m.layout == "conv2d"}
+    aligned = []
+    for a in adapters:
+        laid = {n: m.on_weight(convs[n]) for n, m in a.modules.items() if n in convs and m.layout == "linear"}
+        changed = {n: m for n, m in laid.items() if m.layout == "conv2d"}
+        aligned.append(a.with_modules({**a.modules, **changed}) if changed else a)
+    return aligned
 
 
 def write_adapter(adapter: LoraAdapter, folder: Path, *, format: str = "peft", **options) -> Path:

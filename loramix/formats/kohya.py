@@ -53,7 +53,7 @@ SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' LoRA_ADAPTER_METADATA_KEY: each component's LoraConfig
 MAX_SCALE = 2.0**16  # alpha/rank beyond this is no trained LoRA (and overflows float16 outputs)
-KOHYA_PREFIX = re.compile(r"^lora_(unet|te\d?|transformer)_")
+KOHYA_PREFIX = re.compile(r"^(?:lora_(?:unet|te\d?|transformer)|lycoris)_")  # lycoris_: LyCORIS on any torch model
 # (key pattern, style): groups module, side (down/up/A/B/alpha)
 _DIFFUSERS = r"^(?P<module>(?:unet|text_encoder(?:_\d)?|transformer)\..+)"
 KEY_RULES = (
@@ -63,10 +63,10 @@ KEY_RULES = (
     (re.compile(_DIFFUSERS + r"\.(?P<side>lora_A|lora_B)\.weight$"), "diffusers"),
     (re.compile(_DIFFUSERS + r"\.(?P<side>alpha)$"), "diffusers"),
 )
-# LyCORIS (LoHa: Hadamard products of two low-rank pairs; LoKr: Kronecker factors) uses kohya's names with its own
-# factor keys: not a LoRA, refused by name until loramix reads them.
-LYCORIS = re.compile(r"\.(?P<kind>hada|lokr)_(?:w[12](?:_[ab])?|t[12])$")
-LYCORIS_KINDS = {"hada": "LoHa", "lokr": "LoKr"}
+# LyCORIS files (`loramix.formats.lycoris`) use the same flattened names with factor keys of their own (hada_w1_a,
+# lokr_w1, lora_mid.weight, dora_scale, …) or the ``lycoris_`` prefix: any such key makes a file LyCORIS's, not kohya's.
+FLAT_KEY = re.compile(r"^(?P<module>(?:lora|lycoris)_[^.]+)\.(?P<part>.+)$")
+LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 SIDES = {"lora_down": "A", "down": "A", "lora_A": "A", "lora_up": "B", "up": "B", "lora_B": "B", "alpha": "alpha"}
 COMPONENTS = {
     "unet": "lora_unet_",
@@ -91,23 +91,35 @@ def _match(key: str):
     return None, None
 
 
+def lycoris_key(key: str) -> bool:
+    """Whether ``key`` is a LyCORIS key: a flattened kohya-style name with a part plain LoRA files do not have, or
+    LyCORIS's own ``lycoris_`` prefix."""
+    found = FLAT_KEY.match(key)
+    return found is not None and (found["part"] not in LORA_PARTS or found["module"].startswith("lycoris_"))
+
+
 def is_kohya_file(path: Path) -> bool:
-    """A single tensor file whose LoRA keys are kohya's (``lora_unet_…``, ``.alpha``) or diffusers' (``unet.…``)."""
-    if not path.is_file() or path.suffix not in SUFFIXES:
-        return False
-    keys = tensor_keys(path)
-    return bool(keys) and any(_match(k)[0] is not None or LYCORIS.search(k) for k in keys)
+    """A single tensor file whose LoRA keys are kohya's (``lora_unet_…``, ``.alpha``) or diffusers' (``unet.…``)
+    and that holds no LyCORIS key."""
+    keys = file_keys(path)
+    return any(_match(k)[0] is not None for k in keys) and not any(lycoris_key(k) for k in keys)
 
 
-def find_file(path: Path) -> Path | None:
-    """The kohya/diffusers file ``path`` names: the file itself, or a folder's only one (loramix writes one)."""
+def file_keys(path: Path) -> list[str]:
+    """The tensor keys of ``path`` when it is a tensor file of a suffix these formats use, else none."""
+    return tensor_keys(path) if path.is_file() and path.suffix in SUFFIXES else []
+
+
+def find_file(path: Path, accept=is_kohya_file) -> Path | None:
+    """The file ``path`` names that ``accept`` takes (default: a kohya/diffusers file): the file itself, or a
+    folder's only one (loramix writes one)."""
     if path.is_file():
-        return path if is_kohya_file(path) else None
+        return path if accept(path) else None
     if not path.is_dir() or (path / "adapter_config.json").exists():
         return None
-    if (path / DIFFUSERS_FILE).is_file() and is_kohya_file(path / DIFFUSERS_FILE):
+    if (path / DIFFUSERS_FILE).is_file() and accept(path / DIFFUSERS_FILE):
         return path / DIFFUSERS_FILE
-    found = [p for p in sorted(path.glob("*.safetensors")) if is_kohya_file(p)]
+    found = [p for p in sorted(path.glob("*.safetensors")) if accept(p)]
     return found[0] if len(found) == 1 else None
 
 
@@ -120,7 +132,8 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     path = Path(path)
     file = find_file(path) or path
     tensors = read_tensors(file)
-    _refuse_lycoris(file, tensors)
+    if any(lycoris_key(k) for k in tensors):
+        raise AdapterFormatError(f"{file}: a LyCORIS file, not a kohya LoRA: read it with loramix.load_adapter")
     if not allow_nonfinite:
         check_finite(file, tensors)
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -137,14 +150,14 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     notes = []
     if ignored:
         notes.append(f"{len(ignored)} key(s) are not LoRA factors and were dropped ({', '.join(ignored[:3])})")
-    modules = {name: _module(file, name, found) for name, found in sorted(parts.items())}
-    metadata = _metadata(file)
-    _diffusers_scales(file, modules, metadata)
+    modules = {name: lora_module(file, name, found) for name, found in sorted(parts.items())}
+    meta = metadata(file)
+    _diffusers_scales(file, modules, meta)
     if all(not m.B.any() for m in modules.values()):
         notes.append("every lora_up factor is zero: this adapter changes nothing")
     return LoraAdapter(
         modules=modules,
-        base_model=metadata.get("loramix_base_model") or None,
+        base_model=meta.get("loramix_base_model") or None,
         source=str(path),
         name=file.stem if file.name != DIFFUSERS_FILE else file.parent.name,
         warnings=notes,
@@ -153,16 +166,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     )
 
 
-def _refuse_lycoris(file: Path, tensors: dict[str, torch.Tensor]) -> None:
-    kinds = sorted({LYCORIS_KINDS[m["kind"]] for k in tensors if (m := LYCORIS.search(k))})
-    if kinds:
-        example = next(k for k in tensors if LYCORIS.search(k))
-        raise AdapterFormatError(
-            f"{file}: a LyCORIS {'/'.join(kinds)} file ({example}), not a LoRA: loramix does not read LyCORIS yet"
-        )
-
-
-def _metadata(file: Path) -> dict[str, str]:
+def metadata(file: Path) -> dict[str, str]:
     if file.suffix != ".safetensors":
         return {}
     with safe_open(str(file), "pt") as f:
@@ -197,7 +201,10 @@ def _diffusers_scales(file: Path, modules: dict[str, LoraModule], metadata: dict
             raise AdapterFormatError(f"{file}: module {name}: lora_alpha {alpha:g} gives scale {module.scale:g}")
 
 
-def _module(file: Path, name: str, found: dict[str, torch.Tensor]) -> LoraModule:
+def lora_module(
+    file: Path, name: str, found: dict[str, torch.Tensor], *, zero_alpha_is_rank: bool = False
+) -> LoraModule:
+    """One kohya module from its tensors ``{"A": lora_down, "B": lora_up, "alpha": …}`` (see `alpha_scale`)."""
     down, up = found.get("A"), found.get("B")
     if down is None or up is None:
         missing = "lora_down" if down is None else "lora_up"
@@ -216,23 +223,33 @@ def _module(file: Path, name: str, found: dict[str, torch.Tensor]) -> LoraModule
         raise AdapterFormatError(f"{file}: module {name}: lora_down {tuple(down.shape)} has rank 0 or no values")
     if not (down.is_floating_point() and up.is_floating_point()):
         raise AdapterFormatError(f"{file}: module {name}: LoRA factors are not floating point ({down.dtype})")
-    alpha = found.get("alpha")
-    if alpha is not None and alpha.numel() != 1:
-        raise AdapterFormatError(f"{file}: module {name}: alpha must be a scalar, got shape {tuple(alpha.shape)}")
-    scale = float(alpha.item()) / rank if alpha is not None else 1.0
-    if not 0 < scale <= MAX_SCALE:
-        raise AdapterFormatError(
-            f"{file}: module {name}: alpha {float(alpha.item()):g} over rank {rank} gives scale {scale:g}; "
-            f"expected a positive scale of at most {MAX_SCALE:g}"
-        )
     conv = down.ndim == 4
     return LoraModule(
         A=down.reshape(rank, -1),
         B=up.reshape(up.shape[0], rank),
-        scale=scale,
+        scale=alpha_scale(file, name, found.get("alpha"), rank, zero_alpha_is_rank=zero_alpha_is_rank),
         layout="conv2d" if conv else "linear",
         kernel_size=tuple(down.shape[2:]) if conv else (),
     )
+
+
+def alpha_scale(
+    file: Path, name: str, alpha: torch.Tensor | None, rank: int, *, zero_alpha_is_rank: bool = False
+) -> float:
+    """The scale alpha/rank of module ``name``: 1 without alpha (and, with ``zero_alpha_is_rank``, for alpha 0, as
+    LyCORIS reads it); refused unless positive and at most `MAX_SCALE`."""
+    if alpha is not None and alpha.numel() != 1:
+        raise AdapterFormatError(f"{file}: module {name}: alpha must be a scalar, got shape {tuple(alpha.shape)}")
+    value = None if alpha is None else float(alpha.item())
+    if value is None or (zero_alpha_is_rank and value == 0):
+        return 1.0
+    scale = value / rank
+    if not 0 < scale <= MAX_SCALE:
+        raise AdapterFormatError(
+            f"{file}: module {name}: alpha {value:g} over rank {rank} gives scale {scale:g}; "
+            f"expected a positive scale of at most {MAX_SCALE:g}"
+        )
+    return scale
 
 
 def kohya_name(module: str, *, clip_text: bool = False) -> str:

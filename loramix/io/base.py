@@ -6,8 +6,9 @@ and reads row ranges on demand, so callers stream a checkpoint of any size one t
 
 Names: adapter module names are the task model's module paths (``transformer.h.0.attn.c_attn``); a checkpoint may
 store the same weight with a prefix more or less (``h.0.attn.c_attn.weight`` in a bare GPT2Model). `NameMatcher`
-tries the exact key, then base keys ending in the adapter's name, then the adapter's name without leading parts;
-more than one candidate is an error. An output head that the base ties to its input embedding and does not store
+tries the exact key, then base keys ending in the adapter's name, then the adapter's name without leading parts,
+then (for a kohya/LyCORIS name flattened with underscores) the base key whose flattened path ends the name; more
+than one candidate is an error. An output head that the base ties to its input embedding and does not store
 is found as that embedding (`BaseCheckpoint.weight_key`). Both `loramix.analysis` and `loramix.checkpoint` ask here.
 """
 
@@ -294,19 +295,22 @@ class NameMatcher:
             parts = name.split(".")
             candidates = [".".join(parts[i:]) for i in range(1, len(parts) - 1) if ".".join(parts[i:]) in self.keys]
             candidates = candidates[:1]  # the longest remaining name is the one meant
+        module, dot, param = name.rpartition(".")
+        if not candidates and "." not in module:  # a kohya/LyCORIS name: the module path flattened (or a module)
+            found = self.find_flat(module or name)
+            wanted = f"{found}{dot}{param}" if module else found
+            candidates = [wanted] if found and wanted in self.keys else []
         if len(candidates) > 1:
             raise CheckpointError(f"adapter tensor {name} matches several base tensors: {', '.join(candidates[:4])}")
         return candidates[0] if candidates else None
 
     @functools.cached_property
     def _flat(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-        """Module paths (keys ending in ``.weight``, without it) by their flat name (dots read as underscores), and
-        by every tail of that name that starts after an underscore."""
+        """Module paths (a key without its ``.weight``; a matcher over module names holds them as they are) by their
+        flat name (dots read as underscores), and by every tail of that name that starts after an underscore."""
         exact: dict[str, list[str]] = {}
         tails: dict[str, list[str]] = {}
         for key in sorted(self.keys):
-            if not key.endswith(".weight"):
-                continue
             module = key.removesuffix(".weight")
             flat = module.replace(".", "_")
             exact.setdefault(flat, []).append(module)

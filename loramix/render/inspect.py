@@ -48,6 +48,7 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         "nonfinite_values": sum(nonfinite.values()),
         "nonfinite_tensors": nonfinite,
         "warnings": list(adapter.warnings),
+        "lycoris": list(adapter.provenance.get("lycoris") or []),
     }
 
 
@@ -83,6 +84,7 @@ def inspect_text(summaries: list[dict]) -> str:
             ("features", ", ".join(s["features"]) or "-"),
             ("extra tensors", ", ".join(f"{n} {s['extra_shapes'][n]}" for n in s["extra_tensors"]) or "-"),
         ]
+        rows += [("LyCORIS", kind) for kind in s.get("lycoris", [])]
         lines = [s["name"]] + [f"  {k:<14}{v}" for k, v in rows]
         lines += [f"  {'warning':<14}{w}" for w in s["warnings"]]
         blocks.append("\n".join(lines))
