@@ -313,7 +313,7 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
 @click.option("--l1", type=float, default=0.05, show_default=True, help="Weight of the mean|wᵢ| penalty.")
 @click.option("--bounds", default="-1.5,1.5", show_default=True, callback=bounds, help="LOW,HIGH for every weight.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of CMA-ES and Adam.")
-@click.option("--device", default="auto", help=DEVICE_HELP + " cuda:0,cuda:1,…: the base split over those GPUs.")
+@click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option(
     "--gpus",
     type=click.IntRange(min=1),
@@ -326,7 +326,7 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
     default=1,
     show_default=True,
     help="GPUs holding each process's copy of the base, split over them by layers (accelerate): for a base too "
-    "large for one GPU.",
+    "large for one GPU (--gpus 2 --gpus-per-base 2: one process, its base on 2 GPUs).",
 )
 @click.option("--init", callback=weights, help="Starting weights, one per adapter [default: 0 each].")
 @click.option("--popsize", type=click.IntRange(min=2), help="CMA-ES candidates per generation [default: 4+3·ln n].")

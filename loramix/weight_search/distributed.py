@@ -6,10 +6,11 @@ and the result is one process's. A population of P is cut into contiguous slices
 ones shorter or empty), which is exactly how one process cuts it with ``max_candidates = ⌈P/N⌉``: with that setting
 the forward passes have the same shapes and the losses the same bits.
 
-`launch` starts N processes on this machine (NCCL between GPUs, gloo on the CPU), each in its own process group, and
-turns a failure in any of them into one `SearchError` line (the others are stopped). `torchrun_rank` reads the place
-torchrun gives a process. `process_group` joins (and leaves) the group; it changes process-wide state, so only the
-CLI and `launch`'s children call it.
+`launch` starts N processes on this machine in one process group (NCCL between GPUs, gloo on the CPU) and turns a
+failure in any of them into one line (the others are stopped). Optimizers that score one candidate per step
+(COBYLA, Adam) gain nothing: rank 0 scores COBYLA's candidate, and every rank takes Adam's gradient step itself.
+`torchrun_rank` reads the place torchrun gives a process. `process_group` joins (and leaves) the group; it changes
+process-wide state, so only the CLI and `launch`'s children call it.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def rank_devices(device: str, local_rank: int, per_base: int) -> str:
     """The device(s) of the process at ``local_rank`` on this machine: ``per_base`` GPUs of its own (comma-joined),
     or the CPU. ``device`` is what was asked for all of them: auto, cuda or cpu."""
     if device not in ("auto", "cuda", "cpu"):
-        raise SearchError(f"device {device!r}: across processes give auto, cuda or cpu", option="device")
+        raise SearchError(f"device {device!r}: across processes give auto, cuda or cpu")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         if per_base != 1:
             raise SearchError("the base can be split only over GPUs (gpus_per_base > 1 needs CUDA)")

@@ -163,8 +163,10 @@ def search(
     `loramix.weight_search.distributed`); called inside a process group (torchrun), the search splits it among the
     group's ranks. Either way the result equals one process's with ``max_candidates = ⌈P/processes⌉``.
     """
-    if gpus is not None:
-        return _search_processes(base, adapters, examples, gpus=gpus, gpus_per_base=gpus_per_base, options=locals())
+    if gpus is not None or gpus_per_base != 1:  # gpus_per_base=K alone: one process, its base on K GPUs
+        options = locals()  # every argument (this is the first statement), passed on to each process's search
+        gpus = gpus if gpus is not None else gpus_per_base
+        return _search_processes(base, adapters, examples, gpus=gpus, gpus_per_base=gpus_per_base, options=options)
     if composition not in COMPOSITIONS:
         raise SearchError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
     if optimizer not in optimizers.OPTIMIZERS:
@@ -186,7 +188,7 @@ def search(
     examples = as_examples(examples)
     targets = [resolve_device(d) for d in str(device).split(",")]
     if len(targets) > 1 and any(t.type != "cuda" for t in targets):
-        raise SearchError(f"device {device!r}: a base is split only over GPUs (cuda:0,cuda:1,…)", option="device")
+        raise SearchError(f"device {device!r}: a base is split only over GPUs (cuda:0,cuda:1,…)")
     target = targets[0]
     model, tokenizer, encoder_decoder = load_base(base, device=targets, tokenizer=tokenizer)
     _, processes = distributed.rank_and_world()
@@ -271,7 +273,7 @@ def search(
 
 
 def _search_processes(base, adapters, examples, *, gpus: int, gpus_per_base: int, options: dict) -> SearchResult:
-    """`search` over ``gpus`` GPUs (or CPU processes): ⌈gpus/gpus_per_base⌉ processes, or this one alone."""
+    """`search` over ``gpus`` GPUs (or CPU processes): gpus/gpus_per_base processes, or this one alone."""
     if gpus < 1 or gpus_per_base < 1 or gpus % gpus_per_base:
         raise SearchError(f"gpus ({gpus}) must be a positive multiple of gpus_per_base ({gpus_per_base})")
     if distributed.rank_and_world()[1] > 1:
@@ -287,6 +289,10 @@ def _search_processes(base, adapters, examples, *, gpus: int, gpus_per_base: int
 
 
 def _search_rank(device: str, base, adapters, examples, options: dict) -> SearchResult:
-    """One process of `_search_processes` (started by `distributed.launch`): only rank 0 shows progress."""
+    """One process of `_search_processes` (started by `distributed.launch`): only rank 0 shows progress, and no
+    rank transformers' per-tensor loading bar (this process is ours to configure)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     progress = options["progress"] and distributed.rank_and_world()[0] == 0
     return search(base, adapters, examples, **{**options, "device": device, "progress": progress})
