@@ -84,7 +84,8 @@ def rank_devices(device: str, local_rank: int, per_base: int) -> str:
     first = local_rank * per_base
     if not torch.cuda.is_available() or first + per_base > torch.cuda.device_count():
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise SearchError(f"process {local_rank} needs GPUs {first}–{first + per_base - 1}, this machine has {have}")
+        wanted = f"GPU {first}" if per_base == 1 else f"GPUs {first}–{first + per_base - 1}"
+        raise SearchError(f"search process {local_rank} needs {wanted}, this machine has {have} GPU(s)")
     return ",".join(f"cuda:{first + j}" for j in range(per_base))
 
 
