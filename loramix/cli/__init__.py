@@ -346,6 +346,20 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
 @click.option("--bounds", default="-1.5,1.5", show_default=True, callback=bounds, help="LOW,HIGH for every weight.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of CMA-ES and Adam.")
 @click.option("--device", default="auto", help=DEVICE_HELP)
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    help="Search with this many GPUs of this machine (CPU processes where there is none): one process per "
+    "--gpus-per-base GPUs, each population split among them (gloo/NCCL). Under torchrun, give none.",
+)
+@click.option(
+    "--gpus-per-base",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="GPUs holding each process's copy of the base, split over them by layers (accelerate): for a base too "
+    "large for one GPU (--gpus 2 --gpus-per-base 2: one process, its base on 2 GPUs).",
+)
 @click.option("--init", callback=weights, help="Starting weights, one per adapter [default: 0 each].")
 @click.option("--popsize", type=click.IntRange(min=2), help="CMA-ES candidates per generation [default: 4+3·ln n].")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")
@@ -370,18 +384,39 @@ def search(
 
     from loramix.io.files import check_output
     from loramix.pipeline import write_search
+    from loramix.weight_search import distributed
     from loramix.weight_search import search as run_search
 
-    check_output(output, overwrite=force, protect=[*adapters, base, examples, *([merge_into] if merge_into else [])])
+    place = distributed.torchrun_rank()  # (rank, local rank, world) when torchrun started this process
+    if place is not None and options["gpus"] is not None:
+        raise click.UsageError("under torchrun give no --gpus: each process torchrun starts is one rank")
+    if place is None or place[0] == 0:
+        protect = [*adapters, base, examples, *([merge_into] if merge_into else [])]
+        check_output(output, overwrite=force, protect=protect)
     transformers_logging.disable_progress_bar()  # its per-tensor loading bar is noise here
-    result = run_search(base, list(adapters), examples, progress=ctx.obj["progress"], **options)
+    if place is None:
+        result = run_search(base, list(adapters), examples, progress=ctx.obj["progress"], **options)
+    else:
+        rank, local_rank, world = place
+        device = distributed.rank_devices(options["device"], local_rank, options.pop("gpus_per_base"))
+        del options["gpus"]
+        with distributed.process_group(device, rank=rank, world=world):
+            result = run_search(
+                base,
+                list(adapters),
+                examples,
+                progress=ctx.obj["progress"] and rank == 0,
+                **{**options, "device": device},
+            )
+        if rank != 0:
+            return  # rank 0 writes the output
     write_search(
         result,
         output,
         overwrite=force,
         merge_into=merge_into,
         shard_size=shard_size,
-        device=options["device"],
+        device=options["device"].split(",")[0],
         progress=ctx.obj["progress"],
         argv=sys.argv,
     )

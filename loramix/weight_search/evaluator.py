@@ -56,10 +56,9 @@ def _check_module(name: str, module: nn.Module | None, lora) -> None:
         )
 
 
-def build_factors(
-    model: nn.Module, adapters: list[LoraAdapter], composition: str, device: torch.device
-) -> dict[str, _Factors]:
-    """Per targeted module, the factors the hooks apply (checks names, layouts and, for lorahub, ranks)."""
+def build_factors(model: nn.Module, adapters: list[LoraAdapter], composition: str) -> dict[str, _Factors]:
+    """Per targeted module, the factors the hooks apply, on that module's device (a base split over GPUs keeps
+    each layer's factors beside it); checks names, layouts and, for lorahub, ranks."""
     if composition not in COMPOSITIONS:
         raise IncompatibleAdaptersError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
     for a in adapters:
@@ -73,6 +72,7 @@ def build_factors(
         present = [(i, a.modules[name]) for i, a in enumerate(adapters) if name in a.modules]
         for _, m in present:
             _check_module(name, named.get(name), m)
+        device = named[name].weight.device
         if composition == "lorahub":
             ranks = {m.rank for _, m in present}
             if len(ranks) > 1:
@@ -115,17 +115,18 @@ class Evaluator:
         max_candidates: int | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
-        self.device = next(model.parameters()).device
+        self.device = model.get_input_embeddings().weight.device  # where the batch goes in (first of several)
         self.dtype = next(model.parameters()).dtype
         self.composition = composition
         self.n = len(adapters)
-        self.factors = build_factors(model, adapters, composition, self.device)
+        self.factors = build_factors(model, adapters, composition)
+        self._devices = {f.A.device for f in self.factors.values()}
         self.batch = {k: v.to(self.device) for k, v in batch.items()}
         self.labels = self.batch.pop("labels")
         self.tokens = int((self.labels != -100).sum())
         self.shift = not encoder_decoder
         self.max_candidates = max_candidates
-        self._weights: torch.Tensor | None = None  # the candidates of the forward pass under way (P×n)
+        self._weights: dict[torch.device, torch.Tensor] | None = None  # the pass's candidates (P×n) per device
         named = dict(model.named_modules())
         self._handles = [named[name].register_forward_hook(self._hook(f)) for name, f in self.factors.items()]
 
@@ -143,9 +144,9 @@ class Evaluator:
 
     def _hook(self, f: _Factors):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            W = self._weights
-            if W is None:
+            if self._weights is None:
                 return output
+            W = self._weights[f.A.device]
             P = W.shape[0]
             x = args[0].reshape(P, -1, args[0].shape[-1])  # the batch is candidate-major: candidate p's rows
             if self.composition == "lorahub":
@@ -163,23 +164,26 @@ class Evaluator:
     def applied(self, weights) -> Iterator[None]:
         """Within the block, every forward pass of the model uses these candidates (P×n, or one n-vector)."""
         W = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
-        W = W.reshape(-1, self.n)
-        previous, self._weights = self._weights, W
+        previous, self._weights = self._weights, self._placed(W.reshape(-1, self.n))
         try:
             yield
         finally:
             self._weights = previous
 
+    def _placed(self, W: torch.Tensor) -> dict[torch.device, torch.Tensor]:
+        """The candidates on every device that holds hooked layers (copied once per pass, not once per layer)."""
+        return {device: W.to(device) for device in self._devices}
+
     def _forward(self, W: torch.Tensor) -> torch.Tensor:
         P = W.shape[0]
         inputs = {k: v.repeat(P, *([1] * (v.dim() - 1))) for k, v in self.batch.items()}
-        previous, self._weights = self._weights, W
+        previous, self._weights = self._weights, self._placed(W)
         try:
             logits = self.model(**inputs, use_cache=False).logits
         finally:
             self._weights = previous
-        sums = token_losses(logits, self.labels.repeat(P, 1), shift=self.shift)
-        return sums.reshape(P, -1).sum(dim=1) / self.tokens
+        sums = token_losses(logits, self.labels.to(logits.device).repeat(P, 1), shift=self.shift)
+        return sums.to(self.device).reshape(P, -1).sum(dim=1) / self.tokens
 
     def cross_entropy(self, weights) -> torch.Tensor:
         """Mean output-token cross-entropy of each candidate (P,), float32; differentiable when ``weights`` is."""
