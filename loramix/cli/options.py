@@ -201,3 +201,11 @@ def bounds(ctx, param, value: str) -> tuple[float, float]:
     if not low < high:
         raise click.BadParameter(f"LOW must be below HIGH, got {value!r}")
     return low, high
+
+
+def push_output(folder: str, repo_id: str | None) -> None:
+    """--push-to-hub: upload a finished output folder."""
+    if repo_id:
+        from loramix.hub import push_to_hub
+
+        click.echo(f"pushed {folder} to {repo_id}: {push_to_hub(folder, repo_id)}")
