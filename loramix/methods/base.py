@@ -5,12 +5,14 @@ A term is one adapter's contribution to a module, ``coef·B·A`` with ``coef = w
 `loramix.linalg.Factors`: ``B, A`` whose product (scale 1) is the merged ΔW, and the share of energy kept when it
 truncated a spectrum. Methods know nothing of files, names or devices beyond
 the tensors they are given. Every method takes ``rule`` (a `loramix.linalg.RankRule`, used by the methods that
-truncate); its other keyword-only parameters, with their defaults, are its options.
+truncate); its other keyword-only parameters, with their defaults, are its options. A parameter named after a Python
+keyword with a trailing underscore (``lambda_``) is the option without it (``lambda``, as mergekit spells it).
 """
 
 from __future__ import annotations
 
 import inspect
+import keyword
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +66,7 @@ class Method:
 
     def apply(self, terms: list[Term], *, rule, **options) -> Factors:
         """Run the method on one module's terms; a function returning a plain ``(B, A)`` counts as untruncated."""
-        result = self.fn(terms, rule=rule, **options)
+        result = self.fn(terms, rule=rule, **{_parameter(k): v for k, v in options.items()})
         return result if isinstance(result, Factors) else Factors(*result)
 
     def check_options(self, options: dict[str, Any]) -> None:
@@ -93,10 +95,10 @@ def method(
         if name in REGISTRY:
             raise MethodError(f"method {name} is registered twice")
         parameters = inspect.signature(fn).parameters.values()
-        keyword = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        if not any(p.name == "rule" for p in keyword):
+        named = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        if not any(p.name == "rule" for p in named):
             raise MethodError(f"method {name}: the function must take a keyword-only 'rule'")
-        missing = [p.name for p in keyword if p.name != "rule" and p.default is inspect.Parameter.empty]
+        missing = [p.name for p in named if p.name != "rule" and p.default is inspect.Parameter.empty]
         if missing:
             raise MethodError(f"method {name}: option(s) {', '.join(missing)} need a default")
         REGISTRY[name] = Method(
@@ -108,11 +110,22 @@ def method(
             equal_ranks=equal_ranks,
             dense=dense,
             truncates=truncates,
-            defaults={p.name: p.default for p in keyword if p.name != "rule"},
+            defaults={_option(p.name): p.default for p in named if p.name != "rule"},
         )
         return fn
 
     return register
+
+
+def _option(parameter: str) -> str:
+    """The option a keyword-only parameter stands for: ``lambda_`` → ``lambda``, any other name as it is."""
+    bare = parameter[:-1]
+    return bare if parameter.endswith("_") and keyword.iskeyword(bare) else parameter
+
+
+def _parameter(option: str) -> str:
+    """The parameter an option is passed as: ``lambda`` → ``lambda_``."""
+    return option + "_" if keyword.iskeyword(option) else option
 
 
 def get_method(name: str) -> Method:
