@@ -15,6 +15,7 @@ and sign election:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 
 from loramix.errors import MethodError
@@ -38,6 +39,20 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise MethodError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise MethodError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf) -> float:
+    """``value`` as a float when it is a number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        span = "" if (low, high) == (-math.inf, math.inf) else f" in [{low:g}, {high:g}]"
+        raise MethodError(f"{name} must be a number{span}, got {value!r}")
+    return float(value)
 
 
 def check_seed(seed) -> int:
