@@ -16,7 +16,7 @@ from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule, check_rank_lay
 from loramix.errors import IncompatibleAdaptersError, MethodError
 from loramix.formats import load_adapters
 from loramix.linalg import FactorSVD, RankRule, factor_svd, numerical_rank
-from loramix.methods import Method, Term, get_method
+from loramix.methods import Method, Term, absent_as_zero, get_method
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,8 @@ def combine(
         present = [(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
         with _worker_stream(target):
             terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
+            if chosen.every_adapter:
+                terms = absent_as_zero(terms, weights, [name in a.modules for a in loaded])
             try:
                 factors = chosen.apply(terms, rule=RankRule(rank=truncation.rank) if widen else truncation, **options)
             except torch.linalg.LinAlgError as exc:  # NaN/Inf (allowed inputs, or an overflowing scale or weight)

@@ -2,7 +2,8 @@
 
 A tiny random Llama (2 layers) is the base; three PEFT adapters (rank 4 on q_proj and v_proj, made with
 ``init_lora_weights=False``) are merged into it by PEFT (``merge_and_unload``) and saved as model folders — the
-"fine-tuned models" mergekit sees, each the base plus ΔWᵢ = sᵢ·Bᵢ·Aᵢ. mergekit's own ``run_merge`` (in-process,
+"fine-tuned models" mergekit sees, each the base plus ΔWᵢ = sᵢ·Bᵢ·Aᵢ. The third adapter has no v_proj, so mergekit
+sees that model leave v_proj alone (ΔW₃ = 0) — what loramix's methods take a module an adapter lacks to be. mergekit's own ``run_merge`` (in-process,
 CPU, float32, no tokenizer, nothing downloaded) merges them; its merged weight minus the base must equal the ΔW of the
 adapter ``loramix.combine`` writes, module by module.
 
@@ -56,7 +57,8 @@ def setting(tmp_path_factory):
     base_state = tiny_llama().state_dict()
     adapters, models, deltas = [], [], []
     for i in range(N):
-        made = make_peft_adapter(tiny_llama, root, f"adapter{i}", seed=10 + i, target_modules=TARGETS)
+        targets = TARGETS if i < 2 else TARGETS[:1]  # the third lacks v_proj: mergekit sees ΔW = 0 there
+        made = make_peft_adapter(tiny_llama, root, f"adapter{i}", seed=10 + i, target_modules=targets)
         merged = made.load_with_peft().merge_and_unload().state_dict()
         noise = torch.Generator().manual_seed(i)
         for key, value in merged.items():  # other tensors change too (mergekit's multislerp refuses unchanged ones)

@@ -47,6 +47,7 @@ class Method:
     equal_ranks: bool = False
     dense: bool = False
     truncates: bool = False
+    every_adapter: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -87,9 +88,11 @@ def method(
     truncates: bool = False,
     dense: bool = False,
     equal_ranks: bool = False,
+    every_adapter: bool = False,
 ) -> Callable:
     """Register the decorated function as merge method ``name``; its keyword-only parameters other than ``rule``
-    become the method's options, with their defaults."""
+    become the method's options, with their defaults. With ``every_adapter`` a combine gives it a term for every
+    adapter, in order, a zero one where an adapter lacks the module (`absent_as_zero`)."""
 
     def register(fn: Callable) -> Callable:
         if name in REGISTRY:
@@ -108,6 +111,7 @@ def method(
             paper=paper,
             exact=exact,
             equal_ranks=equal_ranks,
+            every_adapter=every_adapter,
             dense=dense,
             truncates=truncates,
             defaults={_option(p.name): p.default for p in named if p.name != "rule"},
@@ -115,6 +119,18 @@ def method(
         return fn
 
     return register
+
+
+def absent_as_zero(terms: list[Term], weights: list[float], has: list[bool]) -> list[Term]:
+    """One term per adapter, in order: ``terms`` (those of the adapters with ``has`` true) and, for the others, a zero
+    update (rank 1, zero factors) with the adapter's weight — what mergekit sees of a fine-tuned model that left the
+    weight alone: ΔWᵢ = 0, its weight still counted where a method normalises by the weights."""
+    given = iter(terms)
+    B, A = terms[0].B, terms[0].A
+    return [
+        next(given) if present else Term(w, B.new_zeros(B.shape[0], 1), A.new_zeros(1, A.shape[1]), weight=w)
+        for w, present in zip(weights, has)
+    ]
 
 
 def _option(parameter: str) -> str:

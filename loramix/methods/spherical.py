@@ -30,8 +30,8 @@ task vector is what mergekit computes as fine-tuned − base):
   ``filter_wise``; t = 0 where 1 + (N−1)·cos θ vanishes. mergekit clamps each norm product at 1e-6 (an absolute
   floor that bites for small LoRA updates); loramix only guards a zero product.
 
-Modules only some adapters carry: slerp and nuslerp need both adapters on every module and refuse otherwise;
-model_stock needs two; multislerp and karcher of a single task vector return it.
+A module some adapters lack enters as their zero task vector (``every_adapter``: mergekit's view of a fine-tuned
+model that left that weight alone), so slerp from a module only the second adapter has gives sin(tπ/2)·τ₁.
 """
 
 from __future__ import annotations
@@ -106,13 +106,12 @@ def _interpolation(cos: torch.Tensor, t: float, linear: torch.Tensor) -> torch.T
 
 def _pair(terms, name: str) -> None:
     if len(terms) != 2:
-        raise MethodError(
-            f"method {name} interpolates two adapters and this module has {len(terms)}; "
-            "give both adapters the same target modules"
-        )
+        raise MethodError(f"method {name} interpolates two adapters, got {len(terms)}")
 
 
-@method(name="slerp", paper="Shoemake 1985; mergekit nuslerp with a base", dense=True, truncates=True)
+@method(
+    name="slerp", paper="Shoemake 1985; mergekit nuslerp with a base", dense=True, truncates=True, every_adapter=True
+)
 def slerp(terms, *, rule: RankRule, t: float = 0.5, dot_threshold: float = 0.9995, space: str = "core") -> Factors:
     """Spherical interpolation from the first adapter's ΔW to the second's at t (exact in core space)."""
     _pair(terms, "slerp")
@@ -125,7 +124,13 @@ def slerp(terms, *, rule: RankRule, t: float = 0.5, dot_threshold: float = 0.999
     return vectors.combine(_interpolation(cos, t, cos.abs() > threshold), "matrix", rule)
 
 
-@method(name="nuslerp", paper="mergekit nuslerp (Goddard et al. 2024, arXiv:2403.13257)", dense=True, truncates=True)
+@method(
+    name="nuslerp",
+    paper="mergekit nuslerp (Goddard et al. 2024, arXiv:2403.13257)",
+    dense=True,
+    truncates=True,
+    every_adapter=True,
+)
 def nuslerp(
     terms,
     *,
@@ -160,7 +165,13 @@ def _length(a: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return (a @ G @ a).clamp(min=0).sqrt()
 
 
-@method(name="multislerp", paper="Goddard 2025, Multi-SLERP (mergekit multislerp)", dense=True, truncates=True)
+@method(
+    name="multislerp",
+    paper="Goddard 2025, Multi-SLERP (mergekit multislerp)",
+    dense=True,
+    truncates=True,
+    every_adapter=True,
+)
 def multislerp(
     terms, *, rule: RankRule, normalize_weights: bool = True, eps: float = 1e-8, space: str = "core"
 ) -> Factors:
@@ -190,7 +201,13 @@ def multislerp(
     return vectors.combine((unit * (w @ norms) / (norms + eps))[:, None], "matrix", rule)
 
 
-@method(name="karcher", paper="Karcher 1977, Riemannian centre of mass (mergekit karcher)", dense=True, truncates=True)
+@method(
+    name="karcher",
+    paper="Karcher 1977, Riemannian centre of mass (mergekit karcher)",
+    dense=True,
+    truncates=True,
+    every_adapter=True,
+)
 def karcher(terms, *, rule: RankRule, max_iter: int = 10, tol: float = 1e-5, space: str = "core") -> Factors:
     """Weighted Karcher mean of the ΔWᵢ directions on the sphere, scaled by the weighted mean norm."""
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
@@ -232,17 +249,18 @@ def karcher(terms, *, rule: RankRule, max_iter: int = 10, tol: float = 1e-5, spa
 
 
 @method(
-    name="model_stock", paper="Jang et al. 2024, Model Stock, arXiv:2403.19522; mergekit", dense=True, truncates=True
+    name="model_stock",
+    paper="Jang et al. 2024, Model Stock, arXiv:2403.19522; mergekit",
+    dense=True,
+    truncates=True,
+    every_adapter=True,
 )
 def model_stock(terms, *, rule: RankRule, filter_wise: bool = False, space: str = "core") -> Factors:
     """Model Stock: t·mean ΔWᵢ with t from the mean pairwise cosine of the ΔWᵢ (whole matrix or per row)."""
     axis = "row" if check_flag("filter_wise", filter_wise) else "matrix"
     n = len(terms)
     if n < 2:
-        raise MethodError(
-            f"method model_stock needs at least two adapters on every module and this module has {n}; "
-            "give the adapters the same target modules"
-        )
+        raise MethodError(f"method model_stock needs at least two adapters, got {n}")
     vectors = TaskVectors(terms, [term.coef for term in terms], space)
     gram = vectors.inner(axis)
     norms = gram.diagonal().T.clamp(min=0).sqrt()  # (n, m)

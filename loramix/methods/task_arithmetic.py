@@ -27,6 +27,9 @@ and average the rest with those weights. Weights wᵢ multiply the task vectors 
 none; with weights 1 it is mergekit's). mergekit falls back to equal task weights when the mean squares sum below
 1e-6, a threshold ordinary LoRA updates fall under; loramix only when they are all zero.
 
+A module some adapters lack enters as their zero task vector (``every_adapter``), as mergekit sees a model that
+left the weight alone: it takes no part in sign election, and its weight still counts in a linear ``normalize``.
+
 In ``space="core"`` every rule runs on the small cores U_Bᵀ·τᵢ·V_A instead of the out×in ΔWᵢ (`task_space`): linear
 steps are exact there, but which entries are kept is decided on different coordinates, so a core merge is a
 different (and much cheaper) merge, not an approximation of the dense one.
@@ -158,7 +161,7 @@ def _della(terms, rule, *, consensus, density, epsilon, normalize, rescale, scal
     )
 
 
-@method(name="breadcrumbs", paper=BREADCRUMBS, dense=True, truncates=True)
+@method(name="breadcrumbs", paper=BREADCRUMBS, dense=True, truncates=True, every_adapter=True)
 def breadcrumbs(
     terms,
     *,
@@ -184,7 +187,7 @@ def breadcrumbs(
     )
 
 
-@method(name="breadcrumbs_ties", paper=BREADCRUMBS, dense=True, truncates=True)
+@method(name="breadcrumbs_ties", paper=BREADCRUMBS, dense=True, truncates=True, every_adapter=True)
 def breadcrumbs_ties(
     terms,
     *,
@@ -210,7 +213,7 @@ def breadcrumbs_ties(
     )
 
 
-@method(name="della", paper=DELLA, dense=True, truncates=True)
+@method(name="della", paper=DELLA, dense=True, truncates=True, every_adapter=True)
 def della(
     terms,
     *,
@@ -238,7 +241,7 @@ def della(
     )
 
 
-@method(name="della_linear", paper=DELLA, dense=True, truncates=True)
+@method(name="della_linear", paper=DELLA, dense=True, truncates=True, every_adapter=True)
 def della_linear(
     terms,
     *,
@@ -285,7 +288,11 @@ def sce_merge(tasks: list[torch.Tensor], select_topk: float) -> torch.Tensor:
 
 
 @method(
-    name="sce", paper=f"Wan et al. 2024, FuseChat (SCE), arXiv:2408.07990; mergekit; {CORE}", dense=True, truncates=True
+    name="sce",
+    paper=f"Wan et al. 2024, FuseChat (SCE), arXiv:2408.07990; mergekit; {CORE}",
+    dense=True,
+    truncates=True,
+    every_adapter=True,
 )
 def sce(terms, *, rule: RankRule, select_topk: float = 1.0, space: str = "dense") -> Factors:
     """SCE: keep the top-variance entries, weight tasks by mean square, erase sign conflicts, weighted mean."""
