@@ -380,3 +380,21 @@ def test_methods_lists_mergekit_option_names():
     assert "lambda=1.0" in output and "lambda_" not in output
     assert "epsilon=0.15" in output and "nuslerp_flatten=True" in output and "select_topk=1.0" in output
     assert REGISTRY["della"].apply(_terms(), rule=FULL, **{"lambda": 0.0}).B.abs().max() == 0
+
+
+def test_a_module_one_adapter_lacks_is_its_zero_task_vector():
+    """summarize has no o_proj: slerp(0, τ) = sin(tπ/2)·τ there (cos θ = 0, θ = π/2), as mergekit computes for a model
+    that left the weight alone; where both have the module it is the two-vector slerp."""
+    import loramix
+    from loramix.examples import path
+
+    first, second = loramix.load_adapter(path("summarize")), loramix.load_adapter(path("formal"))
+    merged = loramix.combine([first, second], weights=[1.0, 1.0], method="slerp", t=0.3, device="cpu")
+    only = [n for n in second.modules if n not in first.modules]
+    assert only
+    for name in only:
+        expected = math.sin(0.3 * math.pi / 2) * second.modules[name].delta(dtype=torch.float64)
+        _close(merged.modules[name].delta(dtype=torch.float64), expected, 1e-6)
+    name = next(n for n in first.modules if n in second.modules)
+    pair = [a.modules[name].delta(dtype=torch.float64) for a in (first, second)]
+    _close(merged.modules[name].delta(dtype=torch.float64), ref_slerp(0.3, *pair), 1e-6)

@@ -3,9 +3,9 @@
 A tiny random Llama (2 layers) is the base; three PEFT adapters (rank 4 on q_proj and v_proj, made with
 ``init_lora_weights=False``) are merged into it by PEFT (``merge_and_unload``) and saved as model folders — the
 "fine-tuned models" mergekit sees, each the base plus ΔWᵢ = sᵢ·Bᵢ·Aᵢ. The third adapter has no v_proj, so mergekit
-sees that model leave v_proj alone (ΔW₃ = 0) — what loramix's methods take a module an adapter lacks to be. mergekit's own ``run_merge`` (in-process,
-CPU, float32, no tokenizer, nothing downloaded) merges them; its merged weight minus the base must equal the ΔW of the
-adapter ``loramix.combine`` writes, module by module.
+sees that model leave v_proj alone (ΔW₃ = 0) — what loramix's methods take a module an adapter lacks to be.
+mergekit's own ``run_merge`` (in-process, CPU, float32, no tokenizer, nothing downloaded) merges them; its merged
+weight minus the base must equal the ΔW of the adapter ``loramix.combine`` writes, module by module.
 
 Tolerance: 2e-6·max|ΔW| + 4e-6 absolute. mergekit works on W₀ + ΔWᵢ in float32, so each ΔWᵢ it sees carries the
 rounding of adding it to W₀ (|W₀| ≲ 0.1 here: ulp ≈ 1e-8) and its result another, and it sorts, ranks and divides in

@@ -120,45 +120,33 @@ def task_arithmetic(
     return merged * scale
 
 
-def _run(terms, rule: RankRule, space: str, keep_for, **settings) -> Factors:
+def _merge(terms, rule: RankRule, keep, *, consensus: bool, normalize, rescale, lambda_, space: str) -> Factors:
+    settings = dict(
+        consensus=consensus,
+        normalize=check_flag("normalize", normalize),
+        rescale=check_flag("rescale", rescale),
+        scale=check_number("lambda", lambda_),
+    )
     scales, weights = split_weights(terms)
     tasks, finish = task_space(terms, scales, space)
-    merged = task_arithmetic(tasks, weights, keep=keep_for, **settings)
+    merged = task_arithmetic(tasks, weights, keep=keep, **settings)
     del tasks
     return finish(merged, rule)
 
 
-def _breadcrumbs(terms, rule, *, consensus, density, gamma, normalize, rescale, scale, space) -> Factors:
+def _outliers(density, gamma):
     density, gamma = check_density(density), check_number("gamma", gamma, 0, 1)
-    flags = dict(normalize=check_flag("normalize", normalize), rescale=check_flag("rescale", rescale))
-    return _run(
-        terms,
-        rule,
-        space,
-        lambda task: outlier_mask(task, density, gamma),
-        consensus=consensus,
-        scale=check_number("lambda", scale),
-        **flags,
-    )
+    return lambda task: outlier_mask(task, density, gamma)
 
 
-def _della(terms, rule, *, consensus, density, epsilon, normalize, rescale, scale, seed, space) -> Factors:
+def _magprune(terms, density, epsilon, seed):
     density, epsilon = check_density(density), check_number("epsilon", epsilon, 0, 1)
     if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
         raise MethodError(
             f"epsilon must keep density ± epsilon inside (0, 1), got density {density}, epsilon {epsilon}"
         )
     generator = module_generator(check_seed(seed), terms)
-    flags = dict(normalize=check_flag("normalize", normalize), rescale=check_flag("rescale", rescale))
-    return _run(
-        terms,
-        rule,
-        space,
-        lambda task: magprune_mask(task, density, epsilon, generator),
-        consensus=consensus,
-        scale=check_number("lambda", scale),
-        **flags,
-    )
+    return lambda task: magprune_mask(task, density, epsilon, generator)
 
 
 @method(name="breadcrumbs", paper=BREADCRUMBS, dense=True, truncates=True, every_adapter=True)
@@ -174,17 +162,9 @@ def breadcrumbs(
     space: str = "dense",
 ) -> Factors:
     """Model Breadcrumbs: drop each ΔWᵢ's largest (gamma) and smallest entries, keep density, weighted sum."""
-    return _breadcrumbs(
-        terms,
-        rule,
-        consensus=False,
-        density=density,
-        gamma=gamma,
-        normalize=normalize,
-        rescale=rescale,
-        scale=lambda_,
-        space=space,
-    )
+    keep = _outliers(density, gamma)
+    flags = dict(normalize=normalize, rescale=rescale, lambda_=lambda_, space=space)
+    return _merge(terms, rule, keep, consensus=False, **flags)
 
 
 @method(name="breadcrumbs_ties", paper=BREADCRUMBS, dense=True, truncates=True, every_adapter=True)
@@ -200,17 +180,9 @@ def breadcrumbs_ties(
     space: str = "dense",
 ) -> Factors:
     """Breadcrumbs sparsification, then TIES sign consensus (mergekit breadcrumbs_ties)."""
-    return _breadcrumbs(
-        terms,
-        rule,
-        consensus=True,
-        density=density,
-        gamma=gamma,
-        normalize=normalize,
-        rescale=rescale,
-        scale=lambda_,
-        space=space,
-    )
+    keep = _outliers(density, gamma)
+    flags = dict(normalize=normalize, rescale=rescale, lambda_=lambda_, space=space)
+    return _merge(terms, rule, keep, consensus=True, **flags)
 
 
 @method(name="della", paper=DELLA, dense=True, truncates=True, every_adapter=True)
@@ -227,18 +199,9 @@ def della(
     space: str = "dense",
 ) -> Factors:
     """DELLA: magnitude-ranked random drop (MagPrune), L1 rescale, TIES sign consensus, normalised (seeded)."""
-    return _della(
-        terms,
-        rule,
-        consensus=True,
-        density=density,
-        epsilon=epsilon,
-        normalize=normalize,
-        rescale=rescale,
-        scale=lambda_,
-        seed=seed,
-        space=space,
-    )
+    keep = _magprune(terms, density, epsilon, seed)
+    flags = dict(normalize=normalize, rescale=rescale, lambda_=lambda_, space=space)
+    return _merge(terms, rule, keep, consensus=True, **flags)
 
 
 @method(name="della_linear", paper=DELLA, dense=True, truncates=True, every_adapter=True)
@@ -255,18 +218,9 @@ def della_linear(
     space: str = "dense",
 ) -> Factors:
     """DELLA's MagPrune and L1 rescale, then a weighted sum without sign consensus (seeded)."""
-    return _della(
-        terms,
-        rule,
-        consensus=False,
-        density=density,
-        epsilon=epsilon,
-        normalize=normalize,
-        rescale=rescale,
-        scale=lambda_,
-        seed=seed,
-        space=space,
-    )
+    keep = _magprune(terms, density, epsilon, seed)
+    flags = dict(normalize=normalize, rescale=rescale, lambda_=lambda_, space=space)
+    return _merge(terms, rule, keep, consensus=False, **flags)
 
 
 def sce_merge(tasks: list[torch.Tensor], select_topk: float) -> torch.Tensor:
