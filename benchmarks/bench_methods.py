@@ -5,8 +5,9 @@ lie mostly in a shared 8-dim subspace plus its own 8-dim subspace (x = S·z + P�
 from a teacher: the base with a random rank-4 update on every layer, plus noise (5% of the target sd). One LoRA
 per task (r=8, alpha=16 on fc1/fc2/fc3) is trained with PEFT (Adam, 300 steps), so each task's own adapter is the
 reference. For every method a uniform weight λ (and density — select_topk for SCE — for the pruning methods) is
-chosen on a validation split, as the papers tune their scaling coefficient (nuslerp and karcher normalise their
-weights, so λ does nothing there; slerp and nuslerp take two tasks only); the table reports test-split retention
+chosen on a validation split, as the papers tune their scaling coefficient (nuslerp, multislerp and karcher
+normalise their weights, so λ does nothing there; della divides by the weights it elects, so λ is its ``lambda``
+option; slerp and nuslerp take two tasks only); the table reports test-split retention
     retentionₜ = (L_base,t − L_merged,t) / (L_base,t − L_own,t)   (1 = as good as the task's own adapter,
                                                                  0 = no better than the base),
 its mean and its minimum over tasks, at T = 2, 4, 8 and two rank budgets: "full" (the method's default) and r=8
@@ -58,11 +59,12 @@ METHODS = {  # name: (loramix method, fixed options, option tuned over DENSITIES
     "sce": ("sce", {}, "select_topk", None),
     "slerp": ("slerp", {}, None, 2),
     "nuslerp": ("nuslerp", {}, None, 2),
-    # normalize_weights off so that λ scales the result, as it does for the other methods
-    "multislerp": ("multislerp", {"normalize_weights": False}, None, None),
+    "multislerp": ("multislerp", {}, None, None),
     "karcher": ("karcher", {}, None, None),
     "model_stock": ("model_stock", {}, None, None),
 }
+# methods that divide by the weights they elect (normalize): λ goes in as their `lambda` option, weights stay 1
+SCALED_BY_LAMBDA = {"della"}
 
 
 # ----------------------------------------------------------------------------------------------- retention
@@ -185,8 +187,10 @@ def run_retention(task_counts: list[int], methods: list[str]) -> None:
             best = None
             for lam, density in itertools.product(LAMBDAS, DENSITIES if tuned else (None,)):
                 options = dict(fixed, **({tuned: density} if density else {}))
+                weight = 1.0 if label in SCALED_BY_LAMBDA else lam
+                options.update({"lambda": lam} if label in SCALED_BY_LAMBDA else {})
                 t = time.perf_counter()
-                merged = combine(chosen, weights=[lam] * n, method=method, rank=rank, **options)
+                merged = combine(chosen, weights=[weight] * n, method=method, rank=rank, **options)
                 seconds = time.perf_counter() - t
                 score = statistics.mean(retention(base, merged, tasks[:n], own_losses, base_losses, "val"))
                 if best is None or score > best[0]:
