@@ -5,7 +5,7 @@ products alone: one scalar per task (the whole matrix as one vector), or one per
 input column. Inner products of low-rank matrices need no out×in matrix — ⟨τᵢ, τₖ⟩ = tr((BᵢᵀBₖ)(AₖAᵢᵀ)), row j's is
 (Bᵢ·AᵢAₖᵀ·Bₖᵀ)ⱼⱼ — and Σ diag(rᵢ)·sᵢBᵢAᵢ·diag(cᵢ) is the factor pair [r₁⊙s₁B₁ …]·[A₁⊙c₁; …] of rank ≤ Σ rᵢ. So
 ``space="core"`` (the default) is exact: it equals the dense path (each out×in τᵢ formed, ``space="dense"``) to
-rounding, and the result is re-factorised and truncated by the rank rule as `svd` does.
+rounding (and float64 references to 1e-10); the result is re-factorised and truncated by the rank rule as `svd` does.
 
 Definitions (mergekit 0.1, merge_methods/slerp.py, nuslerp.py, multislerp.py, karcher.py, model_stock.py; a LoRA's
 task vector is what mergekit computes as fine-tuned − base):
@@ -45,8 +45,6 @@ from loramix.methods._elementwise import SPACES, check_choice, check_flag, check
 from loramix.methods.base import method
 
 torch = lazy("torch")
-
-AXES = ("matrix", "row", "column")
 
 
 class TaskVectors:
