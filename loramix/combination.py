@@ -230,7 +230,8 @@ def combine(
         with _worker_stream(target):
             terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
             if chosen.every_adapter:
-                terms = absent_as_zero(terms, weights, [name in a.modules for a in loaded])
+                resolved = [resolve(w, name, layers) for w in weights]
+                terms = absent_as_zero(terms, resolved, [name in a.modules for a in loaded])
             try:
                 factors = chosen.apply(
                     terms, rule=RankRule(rank=rule.rank) if widen else rule, **resolve_options(options, name, layers)
