@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from loramix.adapter import LoraAdapter
+from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import CheckpointError
 from loramix.formats.peft import GPT2_CONV1D
 from loramix.io.base import (
@@ -35,13 +35,13 @@ from loramix.io.base import (
     tied_embedding,
     ties_output_head,
 )
-from loramix.io.shards import plan_shards, shard_names, write_index, write_shards
+from loramix.io.shards import base_layout, kept_header, plan_shards, shard_names, write_index, write_shards
 from loramix.kernels import (
     StoredUpdate,
     Survival,
     Update,
-    add_delta,
     decide_layout,
+    delta_rows,
     dora_merge,
     warn_stored,
 )
@@ -51,8 +51,11 @@ from loramix.runtime import DTYPE_NAMES, parse_size, progress_bar
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements (4 MB in float32)
-WORKERS = 4
+# Rows are processed in chunks of about this many elements: on the CPU small enough (512 KB in float32) that a
+# chunk's few float32 passes stay in the core's cache, on a GPU large enough to amortise each transfer.
+CHUNK_ELEMENTS = 1 << 17
+GPU_CHUNK_ELEMENTS = 1 << 24
+DEFAULT_SHARD_SIZE = "5GB"  # when the base's own shard files cannot be kept (.bin bases)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Job:
     replaced: str | None = None  # the kind of extra tensor that replaced the base tensor
     quantization: Quantization | None = None  # round-trip W through 4-bit first (QLoRA-faithful merge)
     transposed: bool = False  # a Conv1D weight stored in×out: quantized as out×in
+    home: Path | None = None  # the base safetensors file the tensor comes from (None: added, or a .bin base)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -110,7 +114,7 @@ def _memory_tensor(name: str, tensor: torch.Tensor) -> BaseTensor:
 
 def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype, notes: list[str]) -> list[Job]:
     """One job per output tensor, in the base's order; raises on any name or shape the base does not have."""
-    jobs = {name: Job(name, t, _out_dtype(t, dtype)) for name, t in base.tensors.items()}
+    jobs = {name: Job(name, t, _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
     where = f"base {base.folder}"
     _plan_extras(adapter, base, jobs, dtype, notes)
     flipped: list[str] = []
@@ -202,37 +206,40 @@ def _plan_extras(
         job.replaced = extra.kind
 
 
-def _chunks(job: Job) -> Iterator[tuple[int, int]]:
+def _chunks(job: Job, device: torch.device) -> Iterator[tuple[int, int]]:
     if len(job.shape) != 2 or any(u.layout == "conv2d" or u.module.magnitude is not None for u in job.updates):
         yield 0, job.shape[0] if job.shape else 0
         return
     rows, width = job.shape
-    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    step = max(1, (CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS) // max(width, 1))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
 
 def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: Survival) -> torch.Tensor:
-    """The output values of rows [start, stop): W + ΔW (or DoRA) in float32, cast once to the output dtype."""
+    """The output values of rows [start, stop): W + ΔW (or DoRA) in float32, cast once to the output dtype. A few
+    passes over the chunk, each new tensor made once: W in float32, ΔW (one product per update, its scale already in
+    B), W + ΔW, the cast, and the stored-update figures."""
     chunk = job.source.rows(start, stop)
     if not job.updates and not job.bias:
         return chunk.to(job.dtype)
     W = chunk.to(device=device, dtype=torch.float32)
-    merged = W.clone()
-    for update in job.updates:
-        if update.module.magnitude is not None:
-            merged, _ = dora_merge(merged, update, device)
-        else:
-            add_delta(merged, update, start, stop, device)
-    for _, bias in job.bias:
-        merged += bias.to(device=device, dtype=torch.float32)
-    out = merged.to(job.dtype, copy=True)  # a copy even for float32 output: merged is reused below
-    intended = merged.sub_(W)
-    stored = out.float() if out.dtype != torch.float32 else out.clone()
+    if any(u.module.magnitude is not None for u in job.updates):  # DoRA: the only update, on the whole tensor
+        merged, _ = dora_merge(W, job.updates[0], device)
+        intended = merged - W
+    else:
+        intended = None
+        for update in job.updates:
+            delta = delta_rows(update.module, update.layout, start, stop, device)
+            intended = delta if intended is None else intended.add_(delta)
+        for _, bias in job.bias:
+            intended = bias.clone() if intended is None else intended.add_(bias)
+        merged = W + intended
+    out = merged.to(job.dtype)
     base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
-    if not math.isfinite(stats.add(stored.sub_(base), intended)):  # NaN/Inf in W + ΔW shows in ‖ΔW‖: no extra pass
+    stored = out.float().sub_(base) if out.dtype != torch.float32 else out - base
+    if not math.isfinite(stats.add(stored, intended)):  # NaN/Inf in W + ΔW shows in ‖ΔW‖: no extra pass
         raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
-    del merged, intended, stored
     return out.cpu()
 
 
@@ -257,12 +264,27 @@ def _quantized_source(job: Job, device: torch.device) -> Job:
     return replace(job, source=source)
 
 
+def _on_device(job: Job, device: torch.device) -> Job:
+    """``job`` with its adapter factors (B scaled) and biases in float32 on ``device``, made once for all of its
+    chunks."""
+
+    def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(device=device, dtype=torch.float32)
+
+    def scaled(m: LoraModule) -> LoraModule:  # s·B once per tensor: each chunk's ΔW is then one product
+        B = moved(m.B)
+        return replace(m, A=moved(m.A), B=B if m.scale == 1 else B * m.scale, scale=1.0)
+
+    updates = [replace(u, module=scaled(u.module)) for u in job.updates]
+    return replace(job, updates=updates, bias=[(name, moved(b)) for name, b in job.bias])
+
+
 def _produce(stats: dict[str, Survival], device: torch.device):
     """The writer's ``produce``: a job's merged rows, chunk by chunk, with the survival figures collected."""
 
     def produce(job: Job) -> Iterator[torch.Tensor]:
-        job = _quantized_source(job, device)
-        for start, stop in _chunks(job):
+        job = _on_device(_quantized_source(job, device), device)
+        for start, stop in _chunks(job, device):
             yield _merged_chunk(job, start, stop, device, stats[job.name])
 
     return produce
@@ -296,20 +318,23 @@ def write_merged(
     folder: Path,
     *,
     dtype: torch.dtype = torch.bfloat16,
-    shard_size: int | str = "5GB",
+    shard_size: int | str | None = None,
     device: torch.device | None = None,
     progress: bool = False,
     workers: int | None = None,
     quantization: Quantization | None = None,
 ) -> MergeReport:
-    """Write ``base`` with ``adapter`` merged into the existing folder ``folder``: sharded safetensors
-    (``model-0000i-of-0000N.safetensors`` plus the index; one ``model.safetensors`` when everything fits one shard,
-    as transformers does), config.json with its dtype updated, and every other non-weight file (tokenizer,
-    generation config) copied. Heads (modules_to_save) replace the base tensors, lora_B biases are added to the base
-    biases, DoRA is merged exactly as PEFT does. ΔW is computed on ``device`` (default: the CPU); ``workers``
-    threads write at once (default: up to 4). With ``quantization`` (a QLoRA-faithful merge) each base weight it
-    selects goes through bitsandbytes' 4-bit round trip before ΔW is added, so the checkpoint is the model the
-    adapter was trained on.
+    """Write ``base`` with ``adapter`` merged into the existing folder ``folder``: sharded safetensors plus the
+    index, config.json with its dtype updated, and every other non-weight file (tokenizer, generation config)
+    copied. With ``shard_size`` None (the default) the output keeps a safetensors base's own files (names, which
+    tensor in which file, order); with a size (or for a .bin base, 5GB) the tensors are laid out anew as
+    transformers does (``model-0000i-of-0000N.safetensors``, one ``model.safetensors`` when everything fits).
+    Tensors the adapter leaves alone are copied byte for byte in the kernel; only updated tensors are read and
+    computed. Heads (modules_to_save) replace the base tensors, lora_B biases are added to the base biases, DoRA is
+    merged exactly as PEFT does. ΔW is computed on ``device`` (default: the CPU), ``workers`` tensors at once
+    (default: one per CPU); the bytes written do not depend on ``workers``. With ``quantization`` (a QLoRA-faithful
+    merge) each base weight it selects goes through bitsandbytes' 4-bit round trip before ΔW is added, so the
+    checkpoint is the model the adapter was trained on.
 
     The `MergeReport` holds, per module, the share of ΔW that survives the rounding: ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖
     (for a base already in the output dtype round(W) = W; for a float32 base, comparing with round(W) keeps the
@@ -325,14 +350,20 @@ def write_merged(
         _mark_round_trips(jobs, quantization, base.model_type)
     for note in notes:
         log.warning("%s: %s", adapter.name, note)
-    shards = plan_shards(jobs, parse_size(shard_size))
-    names = shard_names(len(shards))
+    kept = base_layout(jobs, base.weight_files) if shard_size is None else None
+    if kept is not None:
+        names, shards = kept
+        headers = [kept_header(shard) for shard in shards]
+    else:
+        shards = plan_shards(jobs, parse_size(shard_size or DEFAULT_SHARD_SIZE))
+        names, headers = shard_names(len(shards)), None
     stats = {job.name: Survival() for job in jobs if not job.raw_copy}
     total = sum(j.nbytes for j in jobs)
-    workers = workers or min(WORKERS, os.cpu_count() or 1)
+    workers = workers or os.cpu_count() or 1
     device = device or torch.device("cpu")
     with progress_bar(enabled=progress, total=total, unit="B", unit_scale=True, desc="merge") as bar:
-        write_shards(folder, names, shards, produce=_produce(stats, device), bar=bar, workers=workers)
+        produce = _produce(stats, device)
+        write_shards(folder, names, shards, produce=produce, bar=bar, workers=workers, headers=headers)
     write_index(folder, names, shards)
     config = dict(base.config)
     for key in _config_dtype_keys(config):
