@@ -156,6 +156,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
             dtype=parse_dtype(plan.dtype) or torch.bfloat16,
             shard_size=plan.shard_size,
             device=plan.device,
+            workers=plan.workers,
             overwrite=overwrite,
             progress=progress,
             files=files,
@@ -228,7 +229,7 @@ def merge_into_base(
     out: str | Path,
     *,
     dtype: torch.dtype | str = torch.bfloat16,
-    shard_size: int | str = "5GB",
+    shard_size: int | str | None = None,
     device: str | torch.device = "auto",
     overwrite: bool = False,
     progress: bool = False,
@@ -242,7 +243,9 @@ def merge_into_base(
     """Merge ``adapter`` (a `LoraAdapter` or a source) into the ``base`` checkpoint (a folder or Hub id) and write the
     merged checkpoint to ``out``, atomically, without touching any input (see `loramix.checkpoint.write_merged` for
     the layout and the report). ``files`` (name → text: card, recipe) go into the same folder; without them a
-    README.md model card says what is known.
+    README.md model card says what is known. ``shard_size`` None keeps a safetensors base's own shard files (a size
+    lays the tensors out anew); ``workers`` tensors are merged at once (default: one per CPU; the bytes written are
+    the same for any count).
 
     QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
     the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
@@ -251,6 +254,8 @@ def merge_into_base(
     added. ``round_trip="all"`` (the default) round-trips every such weight — the model the adapter was trained
     with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
     require_path(out, "out (the output folder)")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise MethodError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
     adapter = load_adapter(adapter)
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)
