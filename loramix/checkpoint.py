@@ -54,7 +54,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 # Rows are processed in chunks of about this many elements: on the CPU small enough (512 KB in float32) that a
 # chunk's few float32 passes stay in the core's cache, on a GPU large enough to amortise each transfer.
 CHUNK_ELEMENTS = 1 << 17
-GPU_CHUNK_ELEMENTS = 1 << 24
+GPU_CHUNK_ELEMENTS = 1 << 22
+GPU_WORKERS = 4  # threads feeding one GPU: each holds a few chunks in host memory
 DEFAULT_SHARD_SIZE = "5GB"  # when the base's own shard files cannot be kept (.bin bases)
 
 
@@ -332,9 +333,9 @@ def write_merged(
     Tensors the adapter leaves alone are copied byte for byte in the kernel; only updated tensors are read and
     computed. Heads (modules_to_save) replace the base tensors, lora_B biases are added to the base biases, DoRA is
     merged exactly as PEFT does. ΔW is computed on ``device`` (default: the CPU), ``workers`` tensors at once
-    (default: one per CPU); the bytes written do not depend on ``workers``. With ``quantization`` (a QLoRA-faithful
-    merge) each base weight it selects goes through bitsandbytes' 4-bit round trip before ΔW is added, so the
-    checkpoint is the model the adapter was trained on.
+    (default: one per CPU; on a GPU, 4); the bytes written do not depend on ``workers``. With ``quantization`` (a
+    QLoRA-faithful merge) each base weight it selects goes through bitsandbytes' 4-bit round trip before ΔW is added,
+    so the checkpoint is the model the adapter was trained on.
 
     The `MergeReport` holds, per module, the share of ΔW that survives the rounding: ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖
     (for a base already in the output dtype round(W) = W; for a float32 base, comparing with round(W) keeps the
@@ -359,8 +360,9 @@ def write_merged(
         names, headers = shard_names(len(shards)), None
     stats = {job.name: Survival() for job in jobs if not job.raw_copy}
     total = sum(j.nbytes for j in jobs)
-    workers = workers or os.cpu_count() or 1
     device = device or torch.device("cpu")
+    cpus = os.cpu_count() or 1
+    workers = workers or (cpus if device.type == "cpu" else min(GPU_WORKERS, cpus))
     with progress_bar(enabled=progress, total=total, unit="B", unit_scale=True, desc="merge") as bar:
         produce = _produce(stats, device)
         write_shards(folder, names, shards, produce=produce, bar=bar, workers=workers, headers=headers)

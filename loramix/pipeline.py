@@ -244,7 +244,7 @@ def merge_into_base(
     merged checkpoint to ``out``, atomically, without touching any input (see `loramix.checkpoint.write_merged` for
     the layout and the report). ``files`` (name → text: card, recipe) go into the same folder; without them a
     README.md model card says what is known. ``shard_size`` None keeps a safetensors base's own shard files (a size
-    lays the tensors out anew); ``workers`` tensors are merged at once (default: one per CPU; the bytes written are
+    lays the tensors out anew); ``workers`` tensors are merged at once (default: one per CPU, 4 on a GPU; the bytes are
     the same for any count).
 
     QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in

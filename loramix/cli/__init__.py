@@ -118,7 +118,7 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    help="With --merge-into: tensors merged at once (same bytes for any count) [default: one per CPU].",
+    help="With --merge-into: tensors merged at once (same bytes for any count) [default: one per CPU; 4 on a GPU].",
 )
 @click.option(
     "--quantized-as",
