@@ -55,7 +55,7 @@ def _unchanged_size(job) -> bool:
 def base_layout(jobs: list, files: list[Path]) -> tuple[list[str], list[list]] | None:
     """The base's own shard files as the output's (names and tensors per file): each tensor in the file it came
     from, in its order there (by size of element first when some tensor changes size, which keeps every tensor
-    aligned), tensors the base lacks in the last file. None when some tensor has no base file."""
+    aligned), tensors the base lacks in the last file. None when the base has no safetensors files (a .bin base)."""
     by_file: dict[Path, list] = {path: [] for path in files}
     extra = []
     for job in jobs:
