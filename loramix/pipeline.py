@@ -161,6 +161,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
             dtype=parse_dtype(plan.dtype) or torch.bfloat16,
             shard_size=plan.shard_size,
             device=plan.device,
+            workers=plan.workers,
             overwrite=overwrite,
             progress=progress,
             files=files,
@@ -233,7 +234,7 @@ def merge_into_base(
     out: str | Path,
     *,
     dtype: torch.dtype | str = torch.bfloat16,
-    shard_size: int | str = "5GB",
+    shard_size: int | str | None = None,
     device: str | torch.device = "auto",
     overwrite: bool = False,
     progress: bool = False,
@@ -249,7 +250,9 @@ def merge_into_base(
     the layout and the report). kohya module names (``lora_…``) are matched to the base's own module paths. A
     diffusers pipeline folder (``model_index.json``) is written as a pipeline: each component the adapter changes
     merged in its own files, the rest copied (see `loramix.diffusers_merge`). ``files`` (name → text: card, recipe)
-    go into the same folder; without them a README.md model card says what is known.
+    go into the same folder; without them a README.md model card says what is known. ``shard_size`` None keeps a
+    safetensors base's own shard files (a size lays the tensors out anew); ``workers`` tensors are merged at once
+    (default: one per CPU, 4 on a GPU; the bytes are the same for any count).
 
     QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
     the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
@@ -258,6 +261,8 @@ def merge_into_base(
     added. ``round_trip="all"`` (the default) round-trips every such weight — the model the adapter was trained
     with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
     require_path(out, "out (the output folder)")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise MethodError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
     adapter = load_adapter(adapter)
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)
@@ -314,7 +319,7 @@ def write_search(
     *,
     overwrite: bool = False,
     merge_into: str | None = None,
-    shard_size: int | str = "5GB",
+    shard_size: int | str | None = None,
     device: str | torch.device = "auto",
     progress: bool = False,
     argv: list[str] | None = None,
@@ -332,7 +337,7 @@ def write_search(
         method=adapter.provenance["method"],
         device=str(device),
         merge_into=merge_into,
-        shard_size=str(shard_size),
+        shard_size=None if shard_size is None else str(shard_size),
         output=str(folder),
     )
     files = {

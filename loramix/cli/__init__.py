@@ -13,6 +13,7 @@ import click
 
 from loramix.cli.options import (
     DEVICE_HELP,
+    SHARD_SIZE_HELP,
     WEIGHTS_HELP,
     Group,
     block_weights,
@@ -131,7 +132,15 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (adapter or merged model).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE (a folder or Hub id) merged.")
-@click.option("--shard-size", help="With --merge-into: the largest shard [default: 5GB].")
+@click.option(
+    "--shard-size",
+    help=SHARD_SIZE_HELP,
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="With --merge-into: tensors merged at once (same bytes for any count) [default: one per CPU; 4 on a GPU].",
+)
 @click.option(
     "--quantized-as",
     type=click.Choice(["nf4", "fp4", "none"]),

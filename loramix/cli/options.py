@@ -18,6 +18,10 @@ class OneLine(logging.Formatter):
         return f"{record.levelname.lower()}: {shown(record.getMessage())}"
 
 
+SHARD_SIZE_HELP = (
+    "With --merge-into: lay the tensors out anew in shards of at most this size [default: the base's own shard "
+    "files; 5GB for a .bin base]."
+)
 # One default for every command: where there is a GPU, combining, merging and searching all run faster on it (a
 # search is forward passes through the whole base); results agree with the CPU's to float32 rounding.
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto: a GPU when there is one, else the CPU [default: auto]."

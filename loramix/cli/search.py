@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from loramix.cli.options import DEVICE_HELP, bounds, errors_as_one_line, push_output, weights
+from loramix.cli.options import DEVICE_HELP, SHARD_SIZE_HELP, bounds, errors_as_one_line, push_output, weights
 
 _COMPOSITION = "lorahub: B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (LoRAHub, equal ranks); delta: exact Σwᵢsᵢ·BᵢAᵢ [default: lorahub]."
 _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), adam (gradients) [default: cobyla]."
@@ -54,7 +54,10 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE with the result merged instead.")
-@click.option("--shard-size", default="5GB", show_default=True, help="With --merge-into: the largest shard.")
+@click.option(
+    "--shard-size",
+    help=SHARD_SIZE_HELP,
+)
 @click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repository.")
 @click.pass_context
 @errors_as_one_line
