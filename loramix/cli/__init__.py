@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from loramix.cli.extract import extract
 from loramix.cli.options import (
     DEVICE_HELP,
     Group,
@@ -203,6 +204,9 @@ def _push_output(folder: str, repo_id: str | None) -> None:
         from loramix.hub import push_to_hub
 
         click.echo(f"pushed {folder} to {repo_id}: {push_to_hub(folder, repo_id)}")
+
+
+main.add_command(extract)
 
 
 @main.command()
