@@ -232,7 +232,8 @@ def examples(name: str | None) -> None:
 
     tiny-llama: a tiny random Llama with a character tokenizer; summarize, translate, formal: PEFT adapters made on
     it; few-shot: formal.jsonl, examples for `loramix search`; minimind: a hand-made LoRA state dict (.pth) and
-    the module_map.yaml that renames its modules to tiny-llama's.
+    the module_map.yaml that renames its modules to tiny-llama's; tiny-llama-tuned: a "fully fine-tuned" tiny-llama
+    for `loramix extract`.
     """
     from loramix import examples as bundled
 
