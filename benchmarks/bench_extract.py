@@ -119,15 +119,16 @@ def build(work: Path, layers: int, planted: int, noise: float) -> tuple[Path, Pa
     return base, tuned
 
 
-def _run(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of a child process."""
+def _run(command: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds (user + system), peak RSS in GB) of a child process. On a shared machine the CPU
+    time is the steadier measure: the wall time also counts the time other jobs held the cores."""
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if status:
         raise SystemExit(f"{command[0]} … failed with status {status}")
-    return seconds, usage.ru_maxrss / 1e6
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1e6
 
 
 def _errors(base: Path, tuned: Path, adapter: Path, device: str) -> dict[str, float]:
@@ -190,11 +191,12 @@ def main() -> None:
     first = [n for n in errors["loramix"] if ".layers.0." in n]
     best = _optimum(base, tuned, first, args.rank, args.device)
     print(f"\nmachine: {machine(args.device)}; model {size:.2f} GB bf16, {args.layers} layers, rank {args.rank}")
-    print("\n| tool | wall time | peak RSS |\n|---|---|---|")
-    for name, (seconds, rss) in runs.items():
-        print(f"| {name} | {seconds:.1f} s | {rss:.2f} GB |")
+    print("\n| tool | wall time | CPU time | peak RSS |\n|---|---|---|---|")
+    for name, (seconds, cpu, rss) in runs.items():
+        print(f"| {name} | {seconds:.1f} s | {cpu:.1f} s | {rss:.2f} GB |")
     if "mergekit" in runs:
-        print(f"\nmergekit / loramix wall time: {runs['mergekit'][0] / runs['loramix'][0]:.1f}×")
+        wall, cpu = (runs["mergekit"][i] / runs["loramix"][i] for i in (0, 1))
+        print(f"\nmergekit / loramix: wall time {wall:.1f}×, CPU time {cpu:.1f}×")
     header = " | ".join(f"{n} max | {n} median" for n in runs)
     print(f"\n| module | {header} |\n|---|" + "---|" * (2 * len(runs)))
     for kind in LINEAR:
