@@ -187,6 +187,8 @@ def main() -> None:
         mergekit += ["-j", str(args.threads), "-e", "embed_tokens", "-e", "lm_head", "--no-copy-tokenizer"]
         runs["mergekit"] = _run([*mergekit, "--out-path", str(outputs["mergekit"])])
     print(f"uptime after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print({name: [round(x, 1) for x in run] for name, run in runs.items()}, "(wall s, CPU s, peak RSS GB)", flush=True)
+    torch.set_num_threads(1)  # float64 checks on a shared 2-core machine: two threads contend badly
     errors = {name: _errors(base, tuned, outputs[name], args.device) for name in runs}
     first = [n for n in errors["loramix"] if ".layers.0." in n]
     best = _optimum(base, tuned, first, args.rank, args.device)
