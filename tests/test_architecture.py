@@ -34,7 +34,7 @@ LAYERS = [
     ["loramix.render"],
     ["loramix.weight_search"],
     ["loramix.live"],
-    ["loramix.diffusers_merge"],
+    ["loramix.diffusers_merge", "loramix.extraction"],
     ["loramix.checkpoint"],
     ["loramix.kernels"],
     ["loramix.analysis"],
@@ -135,7 +135,9 @@ def test_no_module_over_450_lines():
     assert not long, long
 
 
-@pytest.mark.parametrize("command", [["--help"], ["methods"], ["combine", "--help"], ["analyze", "--help"]])
+@pytest.mark.parametrize(
+    "command", [["--help"], ["methods"], ["combine", "--help"], ["analyze", "--help"], ["extract", "--help"]]
+)
 def test_cli_help_and_methods_do_not_import_torch(command):
     code = (
         "import sys\nfrom loramix.cli import main\n"

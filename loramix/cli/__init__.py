@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from loramix.cli.extract import extract
 from loramix.cli.options import (
     DEVICE_HELP,
     SHARD_SIZE_HELP,
@@ -241,6 +242,9 @@ def _with_block_weights(lbws: list, weights: list | None, count: int) -> list:
     return [{"lbw": lbw, "ratio": ratio} for lbw, ratio in zip(lbws, ratios)]
 
 
+main.add_command(extract)
+
+
 @main.command()
 def methods() -> None:
     """List the merge methods."""
@@ -264,7 +268,8 @@ def examples(name: str | None) -> None:
 
     tiny-llama: a tiny random Llama with a character tokenizer; summarize, translate, formal: PEFT adapters made on
     it; few-shot: formal.jsonl, examples for `loramix search`; minimind: a hand-made LoRA state dict (.pth) and
-    the module_map.yaml that renames its modules to tiny-llama's.
+    the module_map.yaml that renames its modules to tiny-llama's; tiny-llama-tuned: a "fully fine-tuned" tiny-llama
+    for `loramix extract`.
     """
     from loramix import examples as bundled
 
