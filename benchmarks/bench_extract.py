@@ -10,9 +10,10 @@ bfloat16 (its rounding adds more full-rank noise), and a changed final norm. Bot
 Contenders, each a fresh subprocess at the same --rank and --threads on the same --device, after a warm-up read of
 both models into the page cache:
   loramix   python -m loramix extract BASE TUNED --rank R --device D --threads T -o OUT
-  mergekit  mergekit-extract-lora --base-model BASE --model TUNED --max-rank R --device D -j T -e embed_tokens
-            -e lm_head --no-copy-tokenizer --out-path OUT (the embedding and its tied head are unchanged: excluded,
-            so neither tool writes them)
+  mergekit  python -m mergekit.scripts.extract_lora (= mergekit-extract-lora; found wherever mergekit is importable,
+            as wheels installed with --target too) --base-model BASE --model TUNED --max-rank R --device D -j T
+            -e embed_tokens -e lm_head --no-copy-tokenizer --out-path OUT (the embedding and its tied head are
+            unchanged: excluded, so neither tool writes them)
 Each module's relative reconstruction error ‖ΔW − ΔW_adapter‖_F/‖ΔW‖_F is then measured the same way for both
 adapters (loramix.load_adapter reads both; ΔW from the stored bf16 tensors in float64), with the optimum (the
 float64 truncated SVD) on the first layer. Peak RSS from wait4. Large files are deleted at the end unless --keep.
@@ -123,7 +124,11 @@ def _run(command: list[str]) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds (user + system), peak RSS in GB) of a child process. On a shared machine the CPU
     time is the steadier measure: the wall time also counts the time other jobs held the cores."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])},
+    )
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if status:
@@ -182,7 +187,7 @@ def main() -> None:
     runs = {"loramix": _run(loramix_cmd)}
     print(f"loramix: {runs['loramix'][0]:.1f} s", file=sys.stderr)
     if not args.skip_mergekit:
-        mergekit = [str(Path(sys.executable).with_name("mergekit-extract-lora")), "--base-model", str(base)]
+        mergekit = [sys.executable, "-m", "mergekit.scripts.extract_lora", "--base-model", str(base)]
         mergekit += ["--model", str(tuned), "--max-rank", str(args.rank), "--device", args.device, "--quiet"]
         mergekit += ["-j", str(args.threads), "-e", "embed_tokens", "-e", "lm_head", "--no-copy-tokenizer"]
         runs["mergekit"] = _run([*mergekit, "--out-path", str(outputs["mergekit"])])

@@ -381,7 +381,7 @@ def extract(
     finetuned: str | Path,
     output: str | Path,
     *,
-    format: str = "peft",
+    format: str | None = None,
     rank_layout: str = "portable",
     overwrite: bool = False,
     progress: bool = False,
@@ -393,10 +393,18 @@ def extract(
     (``rank_layout`` as `save_adapter`), or a kohya/GGUF file with ``format``, with a model card and
     `EXTRACTION_FILE`, the per-module account (rank, kept energy, measured relative error) that the returned
     `Extraction` holds too. Tensors carried whole (norms, biases, resized embeddings) go into PEFT's
-    modules_to_save; kohya and GGUF cannot hold them, so there they are listed as not carried, with a warning."""
+    modules_to_save; kohya and GGUF cannot hold them, so there they are listed as not carried, with a warning.
+
+    Two diffusers pipelines give one kohya file (read by diffusers' ``load_lora_weights`` and the pipeline merge), at
+    one rank with alpha = rank (diffusers misreads some per-module alphas); changed norms etc. are not carried."""
     require_path(output, "output (the output folder)")
+    pipelines = is_pipeline(Path(base)) and is_pipeline(Path(finetuned))
+    format = format or ("kohya" if pipelines else "peft")
     if format not in LAID_OUT + ("kohya",):
         raise MethodError(f"unknown output format {format!r}; choose from peft, kohya, gguf")
+    if pipelines and format != "kohya":
+        wrong = f"{finetuned}: a diffusers pipeline's LoRA is written as one kohya file, not {format}"
+        raise MethodError(wrong, option="format", value="kohya")
     protect = [base, finetuned]
     check_output(output, overwrite=overwrite, protect=protect)
     result = extract_lora(base, finetuned, progress=progress, **settings)
@@ -406,13 +414,12 @@ def extract(
         raise CheckpointError(f"{finetuned}: no linear, embedding or conv weight differs from {base}{carried}")
     if format != "peft" and adapter.extra:
         result.dropped = {name: f"{format} files cannot hold it" for name in adapter.extra}
-        log.warning(
-            "%s files cannot hold whole tensors: %d changed tensor(s) are not carried (%s); --format peft carries them",
-            format,
-            len(adapter.extra),
-            ", ".join(sorted(adapter.extra)[:3]),
-        )
+        hint = "" if pipelines else "; --format peft carries them"
+        text = "%s files cannot hold whole tensors: %d changed tensor(s) are not carried (%s)%s"
+        log.warning(text, format, len(adapter.extra), ", ".join(sorted(adapter.extra)[:3]), hint)
         adapter.extra = {}
+    if pipelines and rank_layout == "portable":
+        adapter = result.adapter = portable_layout(adapter)
     shown = portable_layout(adapter) if format in LAID_OUT and rank_layout == "portable" else adapter
     report = {**result.to_json(), "revisions": revisions(protect), "format": format, "rank_layout": rank_layout}
     files = {

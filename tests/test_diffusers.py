@@ -1,5 +1,6 @@
 """diffusers pipelines as bases (`merge_into_base` / `--merge-into` on a pipeline folder), kohya names found again in
-a transformers base, and PEFT → kohya names for SD's text encoder.
+a transformers base, PEFT → kohya names for SD's text encoder, and `extract` from two pipelines (one kohya file that
+diffusers loads and loramix merges back).
 
 Oracle: diffusers' own ``load_lora_weights`` + ``fuse_lora`` (+ ``unload_lora_weights``, which keeps the fused
 weights) on the same tiny pipeline, and PEFT's ``merge_and_unload`` for a transformers base. Tolerances: a float32
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -353,3 +355,111 @@ def test_peft_text_encoder_written_as_kohya_loads_in_diffusers(tmp_path, pipe_fo
     for name, tensor in fused.items():
         torch.testing.assert_close(tensor, merged[name], rtol=1e-5, atol=1e-6, msg=name)
     assert len(load_adapter(str(out)).modules) == 6  # 3 kinds × 2 layers
+
+
+# planted rank-2 updates (module → kind): UNet linear, 3×3 conv, 1×1 convs; the text encoder's attention projections
+# (diffusers reads a text encoder's kohya attention LoRA only with out_proj among its modules, see KOHYA_MODULES)
+PLANTED = {
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "linear",
+    "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": "linear",
+    "unet.down_blocks.0.resnets.0.conv1": "conv 3×3",
+    "unet.down_blocks.0.attentions.0.proj_in": "conv 1×1",
+    "unet.down_blocks.1.resnets.0.conv_shortcut": "conv 1×1",
+    "text_encoder.encoder.layers.0.self_attn.q_proj": "linear",
+    "text_encoder.encoder.layers.0.self_attn.out_proj": "linear",
+}
+CHANGED_NORM = "unet.down_blocks.0.resnets.0.norm1.weight"  # not a LoRA target: reported, not carried
+
+
+@pytest.fixture(scope="module")
+def tuned_pipe(pipe_folder, tmp_path_factory):
+    """A fine-tuned copy of `pipe_folder` (its UNet in one file): rank-2 ΔW planted on `PLANTED`, a changed norm."""
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(pipe_folder / "unet"))
+    text_encoder = transformers.CLIPTextModel.from_pretrained(str(pipe_folder / "text_encoder"))
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    gen = torch.Generator().manual_seed(11)
+    planted = {}
+    with torch.no_grad():
+        for name in PLANTED:
+            component, _, path = name.partition(".")
+            weight = modules[component].get_submodule(path).weight
+            flat = weight.reshape(weight.shape[0], -1)
+            delta = torch.randn(flat.shape[0], 2, generator=gen) @ torch.randn(2, flat.shape[1], generator=gen)
+            delta *= 0.1 * flat.norm() / delta.norm()
+            weight += delta.reshape(weight.shape)
+            planted[name] = delta
+        unet.get_submodule(CHANGED_NORM.removeprefix("unet.").removesuffix(".weight")).weight.mul_(1.5)
+    folder = tmp_path_factory.mktemp("tuned") / "sd-tuned"
+    _pipeline(unet, text_encoder).save_pretrained(str(folder))
+    state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()}
+    return folder, planted, state
+
+
+def test_extract_from_pipelines_loads_in_diffusers_and_merges_back(tmp_path, pipe_folder, tuned_pipe):
+    """`loramix extract BASE TUNED --rank 2` on two pipelines: one kohya file that recovers each planted ΔW to float32
+    rounding (the planted ΔW has rank 2, so the truncation is exact); diffusers' load_lora_weights + fuse_lora of it on
+    the base, and loramix's --merge-into, both give the fine-tuned weights (float32: rtol 1e-5, atol 1e-6 — ΔW is
+    rebuilt from factors, a few ulps of W) everywhere but the changed norm, which is reported as not carried."""
+    from click.testing import CliRunner
+
+    from loramix.cli import main
+
+    tuned, planted, state = tuned_pipe
+    out = tmp_path / "lora"
+    result = CliRunner().invoke(main, ["extract", str(pipe_folder), str(tuned), "--rank", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"1 changed tensor(s) are not carried ({CHANGED_NORM})" in result.output  # the warning (stderr)
+    assert "7 modules, rank 2" in result.output and "1 other changed tensor(s) not carried" in result.output
+    report = json.loads((out / "extraction.json").read_text())
+    assert report["format"] == "kohya" and list(report["not_carried"]) == [CHANGED_NORM]
+    file = out / "lora.safetensors"
+    keys = set(load_file(str(file)))
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    adapter = load_adapter(str(file))
+    assert len(adapter.modules) == len(PLANTED)
+    for name, delta in planted.items():
+        kohya = "lora_" + name.replace("text_encoder.", "te.text_model.").replace(".", "_")
+        ours = adapter.modules[kohya].delta(dtype=torch.float64).reshape(delta.shape)
+        assert float((ours - delta.double()).norm() / delta.norm()) < 1e-5, name
+    for label, merged in (
+        ("diffusers", _fused(pipe_folder, file)),
+        ("loramix", _merged_back(file, pipe_folder, tmp_path / "merged")),
+    ):
+        for component, reference in state.items():
+            for key, tensor in reference.items():
+                expected = (
+                    _read_component(pipe_folder / component)[key] if f"{component}.{key}" == CHANGED_NORM else tensor
+                )
+                torch.testing.assert_close(
+                    merged[component][key], expected, rtol=1e-5, atol=1e-6, msg=f"{label} {component}.{key}"
+                )
+
+
+def _merged_back(file: Path, base: Path, out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """`loramix combine FILE --merge-into BASE --dtype float32 -o OUT`, read back per component."""
+    from click.testing import CliRunner
+
+    from loramix.cli import main
+
+    args = ["combine", str(file), "--merge-into", str(base), "--dtype", "float32", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return {c: _read_component(out / c) for c in ("unet", "text_encoder")}
+
+
+def test_extract_pipeline_errors_are_one_line(tmp_path, pipe_folder, tuned_pipe):
+    from loramix import extract
+    from loramix.errors import MethodError
+
+    tuned = tuned_pipe[0]
+    with pytest.raises(CheckpointError, match="not a diffusers pipeline folder") as caught:
+        extract(pipe_folder / "unet", tuned, tmp_path / "a", rank=2)
+    assert str(pipe_folder / "unet") in str(caught.value)
+    partial = tmp_path / "partial"
+    shutil.copytree(tuned, partial, ignore=shutil.ignore_patterns("text_encoder"))
+    with pytest.raises(CheckpointError, match=r"components \(unet\) differ from the base .*\(text_encoder, unet\)"):
+        extract(pipe_folder, partial, tmp_path / "b", rank=2)
+    with pytest.raises(MethodError, match="one kohya file"):
+        extract(pipe_folder, tuned, tmp_path / "c", rank=2, format="peft")
+    assert not any((tmp_path / n).exists() for n in "abc")

@@ -20,9 +20,9 @@ from loramix.cli.options import DEVICE_HELP, errors_as_one_line, rank_rule_optio
 @click.option(
     "--format",
     type=click.Choice(["peft", "kohya", "gguf"]),
-    default="peft",
+    default=None,
     help="A PEFT folder (carries changed norms, biases and resized embeddings as modules_to_save), a kohya/A1111 "
-    ".safetensors or a llama.cpp LoRA .gguf (LoRA modules only) [default: peft].",
+    ".safetensors or a llama.cpp LoRA .gguf (LoRA modules only) [default: peft; kohya for diffusers pipelines].",
 )
 @click.option(
     "--rank-layout",
@@ -37,7 +37,8 @@ from loramix.cli.options import DEVICE_HELP, errors_as_one_line, rank_rule_optio
 @click.pass_context
 @errors_as_one_line
 def extract(ctx: click.Context, base, finetuned, output, as_json, threads, force, **options) -> None:
-    """Extract the LoRA that best reproduces FINETUNED on BASE (transformers model folders or Hub ids) into OUTPUT.
+    """Extract the LoRA that best reproduces FINETUNED on BASE (transformers model folders or Hub ids, or two diffusers
+    pipeline folders: one kohya file for all their UNet/transformer/text-encoder modules) into OUTPUT.
 
     Per linear, Conv1D, embedding and conv weight, ΔW = W_finetuned − W_base (float32) is truncated by --rank,
     --energy or --rule (the rules of combine; one is needed), with the top of its spectrum computed only as far as the

@@ -26,7 +26,7 @@ import torch
 from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule
 from loramix.errors import MethodError
 from loramix.extraction.spectrum import top_singular
-from loramix.extraction.tensors import TensorSource, open_model, pair, resized, target_layout
+from loramix.extraction.tensors import TensorSource, open_model, open_pair, pair, resized, target_layout
 from loramix.linalg import RankRule
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
 
@@ -205,7 +205,8 @@ def extract_lora(
     base_tensors: TensorSource | None = None,
     tuned_tensors: TensorSource | None = None,
 ) -> Extraction:
-    """The LoRA adapter that best reproduces ``finetuned`` on ``base`` (folders or Hub ids of one architecture) under
+    """The LoRA adapter that best reproduces ``finetuned`` on ``base`` (folders or Hub ids of one architecture, or two
+    diffusers pipeline folders: modules named ``unet.…``/``text_encoder.…``, see `tensors.open_pair`) under
     the rank rule (``rank``, ``energy``, kohya ``rule``/``rule_value``: see `loramix.linalg.RankRule`; at least one
     is needed), computed in float32 on ``device`` and stored in ``dtype`` (default: the fine-tuned model's). Returns
     the adapter (scale 1 per module, each at its own rank) with the per-module account. ``base_tensors`` /
@@ -215,6 +216,8 @@ def extract_lora(
     if truncation == RankRule():
         raise MethodError("give rank, energy or rule with rule_value: the rank rule of every module")
     target = resolve_device(device)
+    if base_tensors is None and tuned_tensors is None:
+        base_tensors, tuned_tensors = open_pair(base, finetuned)
     base_tensors = base_tensors or open_model(base)
     tuned_tensors = tuned_tensors or open_model(finetuned)
     names = pair(base_tensors, tuned_tensors)

@@ -4,7 +4,9 @@
 `CheckpointTensors` serves it from a transformers model folder or Hub id through the one streaming base reader
 (`loramix.io.base`: safetensors byte ranges, or ``.bin`` through ``torch.load(weights_only=True)``, memory-mapped),
 so only the tensor asked for is ever read. Another layout (a diffusers component folder) plugs in by serving the same
-five things. `pair` checks that two models hold the same tensors with the same shapes; `target_layout` says which
+five things: `PipelineTensors` serves the LoRA-bearing components of a diffusers pipeline folder as one model whose
+names carry the component (``unet.down_blocks.0.resnets.0.conv1.weight``), and `open_pair` picks the reader for two
+folders. `pair` checks that two models hold the same tensors with the same shapes; `target_layout` says which
 tensors get a LoRA and how ΔW lies on them, from names and shapes alone (as PEFT's targets are nn.Linear, Conv1D,
 nn.Embedding and nn.Conv2d).
 """
@@ -19,8 +21,11 @@ import torch
 
 from loramix.errors import CheckpointError
 from loramix.io.base import CONV1D_MODEL_TYPES, CONV1D_NAMES, OUTPUT_HEADS, BaseCheckpoint, open_base, resolve_base
+from loramix.io.diffusers import KOHYA_COMPONENTS, is_pipeline, open_pipeline
 
 EMBEDDING_NAMES = ("wte", "wpe", "shared")  # embeddings whose name does not say "embed"
+PIPELINE = "diffusers-pipeline"  # the model_type of `PipelineTensors`: its LoRA file holds linear and conv LoRA only
+LORA_COMPONENTS = tuple(dict.fromkeys(KOHYA_COMPONENTS.values()))  # the components a pipeline LoRA file can name
 
 
 class TensorSource(Protocol):
@@ -75,6 +80,69 @@ def open_model(source: str | Path) -> CheckpointTensors:
     return CheckpointTensors(open_base(resolve_base(source)))
 
 
+@dataclass
+class PipelineTensors:
+    """The components of a diffusers pipeline folder that a LoRA file can name (`LORA_COMPONENTS`) as one model:
+    each tensor named ``<component>.<name in the component>``, read through that component's `CheckpointTensors`."""
+
+    folder: Path
+    parts: dict[str, CheckpointTensors]
+
+    @property
+    def config(self) -> dict:
+        return {"model_type": PIPELINE}
+
+    def _split(self, name: str) -> tuple[CheckpointTensors, str]:
+        component, _, rest = name.partition(".")
+        return self.parts[component], rest
+
+    def names(self) -> list[str]:
+        return [f"{c}.{n}" for c, part in self.parts.items() for n in part.names()]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        part, rest = self._split(name)
+        return part.shape(rest)
+
+    def dtype(self, name: str) -> torch.dtype:
+        part, rest = self._split(name)
+        return part.dtype(rest)
+
+    def read(self, name: str) -> torch.Tensor:
+        part, rest = self._split(name)
+        return part.read(rest)
+
+    def where(self, name: str) -> str:
+        part, rest = self._split(name)
+        return part.where(rest)
+
+
+def open_pipeline_tensors(folder: str | Path) -> PipelineTensors:
+    pipeline = open_pipeline(folder)
+    parts = {c: CheckpointTensors(pipeline.components[c]) for c in LORA_COMPONENTS if c in pipeline.components}
+    if not parts:
+        raise CheckpointError(f"{folder}: a diffusers pipeline with none of {', '.join(LORA_COMPONENTS)}")
+    return PipelineTensors(Path(folder), parts)
+
+
+def open_pair(base: str | Path, finetuned: str | Path) -> tuple[TensorSource, TensorSource]:
+    """The readers of two models: two transformers models (`open_model`) or two diffusers pipeline folders
+    (`PipelineTensors`, which must hold the same LoRA-bearing components); `CheckpointError` naming the folder
+    otherwise."""
+    pipelines = [is_pipeline(Path(base)), is_pipeline(Path(finetuned))]
+    if not any(pipelines):
+        return open_model(base), open_model(finetuned)
+    if not all(pipelines):
+        one, other = (base, finetuned) if pipelines[0] else (finetuned, base)
+        raise CheckpointError(f"{other}: not a diffusers pipeline folder (no model_index.json), but {one} is one")
+    base_tensors, tuned_tensors = open_pipeline_tensors(base), open_pipeline_tensors(finetuned)
+    if set(base_tensors.parts) != set(tuned_tensors.parts):
+        raise CheckpointError(
+            f"{finetuned}: its components ({', '.join(sorted(tuned_tensors.parts))}) differ from the base {base}'s "
+            f"({', '.join(sorted(base_tensors.parts))})"
+        )
+    return base_tensors, tuned_tensors
+
+
 def is_embedding(module: str) -> bool:
     last = module.rsplit(".", 1)[-1]
     return last not in OUTPUT_HEADS and ("embed" in last or last in EMBEDDING_NAMES)
@@ -82,7 +150,7 @@ def is_embedding(module: str) -> bool:
 
 def target_layout(name: str, shape: tuple[int, ...], model_type: str | None) -> str | None:
     """How ΔW of tensor ``name`` lies on it when it gets a LoRA (`loramix.adapter.LAYOUTS`); None for tensors that
-    are carried whole when they change (norms, biases, 1-D and 3-D tensors)."""
+    are carried whole when they change (norms, biases, 1-D and 3-D tensors; a pipeline's embeddings)."""
     if not name.endswith(".weight"):
         return None
     module = name.removesuffix(".weight")
@@ -91,7 +159,7 @@ def target_layout(name: str, shape: tuple[int, ...], model_type: str | None) -> 
     if len(shape) != 2:
         return None
     if is_embedding(module):
-        return "embedding"
+        return None if model_type == PIPELINE else "embedding"
     if model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_NAMES:
         return "conv1d_fan_in_fan_out"
     return "linear"

@@ -18,7 +18,8 @@ kohya module keeps its kohya name (``lora_unet_down_blocks_0_attentions_0_proj_i
 Two kohya files for the same base therefore line up with each other, and writing back to kohya restores every key
 exactly. A diffusers-named module keeps its dotted name with the component prefix (``unet.down_blocks.0…``); written
 as kohya it becomes the kohya key diffusers' own converter expects (``unet.`` → ``lora_unet_``, ``text_encoder.`` →
-``lora_te_``, ``text_encoder_2.`` → ``lora_te2_``, dots → underscores). A PEFT adapter of SD's CLIP text encoder
+``lora_te_``, ``text_encoder_2.`` → ``lora_te2_``, dots → underscores; a CLIP layer's path always with kohya's
+``text_model_``, which transformers 5 no longer has in its module paths). A PEFT adapter of SD's CLIP text encoder
 (``text_model.encoder.layers.0.self_attn.q_proj``, or ``encoder.layers.0…`` from transformers 5) is written as
 ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``, one of its UNet (``down_blocks.0.…``) with ``lora_unet_``
 (SDXL's second text encoder cannot be told from the first: its names come out as ``lora_te_``). Mixing kohya-named
@@ -259,6 +260,8 @@ def kohya_name(module: str, *, clip_text: bool = False) -> str:
         return module
     component, dot, rest = module.partition(".")
     if dot and component in COMPONENTS:
+        if component.startswith("text_encoder") and CLIP_TEXT.match(rest):  # transformers 5 drops text_model.
+            rest = "text_model." + rest.removeprefix("text_model.")
         return COMPONENTS[component] + rest.replace(".", "_")
     if clip_text:
         return "lora_te_text_model_" + module.removeprefix("text_model.").replace(".", "_")
