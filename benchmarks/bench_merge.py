@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/loramix-bench-merge"))
     parser.add_argument("--repeat", type=int, default=1, help="measured runs per contender (best kept)")
     parser.add_argument("--peft-cap", default="12G", help="PEFT's address-space cap (prlimit --as); 'none' for none")
-    parser.add_argument("--skip", default="", help="comma-separated contenders not to run")
+    parser.add_argument("--skip", default="", help="comma-separated contenders not to run: cp -r, loramix, peft")
     parser.add_argument("--keep", action="store_true", help="keep the base and adapter afterwards")
     args = parser.parse_args()
     work = args.workdir
@@ -259,7 +259,7 @@ def main() -> None:
     results, checked = {}, ""
     load_before = os.getloadavg()
     for name, cmd in contenders.items():
-        if name in args.skip.split(","):
+        if name.lower() in args.skip.lower().split(","):
             continue
         runs = [measure(cmd, out) for _ in range(args.repeat)]
         ok = [r for r in runs if r["code"] == 0]
