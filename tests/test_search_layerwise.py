@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from helpers import random_model
 from peft import PeftModel
-from test_search import EXAMPLES, VOCAB, Setup, _peft_loss
+from test_search import EXAMPLES, Setup, _peft_loss, llama
 
 import loramix
 from loramix import save_adapter
@@ -27,28 +27,9 @@ FORMS = [[0.0, 0.0, 0.0], {"q_proj": [0.0, 0.0], "v_proj": 0.0, "default": 0.0},
 THETA = [0.4, -1.1, 0.9, 1.3, -0.2, 0.7, 0.3, -0.5]
 
 
-def llama4(seed: int = 0):
-    return random_model(
-        "llama",
-        seed=seed,
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.3,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-
-
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory):
-    return Setup(tmp_path_factory.mktemp("deep"), llama4, ["q_proj", "v_proj", "down_proj"])
+    return Setup(tmp_path_factory.mktemp("deep"), partial(llama, layers=4), ["q_proj", "v_proj", "down_proj"])
 
 
 def _forms(theta) -> list:
