@@ -198,7 +198,7 @@ class Linear:
         return _row(self.spec, name, num_layers)
 
     def form(self, values) -> object:
-        """The same form holding ``values`` (as many as `values`): ``[0, 1]`` with (0.3, 0.8) → ``[0.3, 0.8]``."""
+        """The same form holding ``values`` (as many as it holds): ``[0, 1]`` with (0.3, 0.8) → ``[0.3, 0.8]``."""
         values = [float(v) for v in values]
         if len(values) != len(self.values):
             raise MethodError(f"{describe(self.spec)} holds {len(self.values)} number(s), got {len(values)}")
