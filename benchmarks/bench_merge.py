@@ -1,19 +1,23 @@
-"""Merged-checkpoint benchmark: loramix.merge_into_base against PEFT and against a plain `cp -r` of the base.
+"""Merged-checkpoint benchmark: `loramix combine --merge-into` against `cp -r` of the base and against PEFT's
+merge_and_unload + save_pretrained, in one run, on the same base and adapter.
 
-Base: a Llama-3.2-1B-shaped model in bfloat16 with random weights (hidden 2048, 16 layers, intermediate 8192,
-32 heads, 8 KV heads, vocabulary 128256, tied embeddings; ~2.5 GB in 500 MB shards). Adapter: rank 8 on q_proj and
-v_proj, made by PEFT (init_lora_weights=False). Both are built once into --workdir and reused.
+Bases (bfloat16, random weights, written once by this script straight as safetensors, no model in memory):
+  8b  Llama-3-8B shapes: hidden 4096, 32 layers, intermediate 14336, 32 heads, 8 KV heads, vocabulary 128256,
+      untied head; 16.06 GB, sharded as the real checkpoint is (~5 GB shards: 4 files)
+  1b  Llama-3.2-1B shapes: hidden 2048, 16 layers, intermediate 8192, 32 heads, 8 KV heads, vocabulary 128256, tied
+      embeddings; 2.47 GB in one model.safetensors, as the real checkpoint
+Adapter: rank 16, alpha 32 on all seven linear modules of every layer (PEFT's config, random factors in float32).
 
-Contenders, each a fresh subprocess writing a fresh output folder:
-  loramix  merge_into_base(adapter, base, out, shard_size="500MB", device=...)
-  peft     AutoModelForCausalLM.from_pretrained(base, dtype=bfloat16) → PeftModel.from_pretrained → merge_and_unload
-           → save_pretrained(out, max_shard_size="500MB")
-  cp       cp -r base out
-The page cache cannot be dropped here, so every contender runs once to warm up and is then measured (--repeat
-times, best wall time kept): all read the base from the page cache. Peak RSS is the child's ru_maxrss (wait4 in a
-lean launcher). The Python contenders also report how long their imports took and how long the work after them.
+Contenders, each a fresh process writing a fresh output folder (deleted once measured: disk is short):
+  cp       cp -r BASE OUT
+  loramix  python -m loramix -q combine ADAPTER --method cat --merge-into BASE -o OUT [--device D] (the CLI, end to end)
+  peft     AutoModelForCausalLM.from_pretrained(BASE, dtype=bfloat16) → PeftModel.from_pretrained → merge_and_unload
+           → save_pretrained(OUT); under a hard address-space cap (prlimit --as, --peft-cap) so that it cannot take a
+           shared machine down: when it does not fit, the row says it failed and why
+Wall time is the command's; `sync` runs after each (timed apart: the dirty pages it leaves). Peak RSS is the
+child's ru_maxrss (wait4 from a lean launcher). The load average is printed before and after (a shared machine).
 
-    python benchmarks/bench_merge.py [--device cpu|cuda] [--workdir DIR] [--repeat N]
+    python benchmarks/bench_merge.py --shape 8b|1b [--device cpu|cuda] [--workdir DIR] [--repeat N] [--keep]
 """
 
 from __future__ import annotations
@@ -23,70 +27,155 @@ import json
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "8b": {"hidden": 4096, "layers": 32, "inter": 14336, "heads": 32, "kv": 8, "vocab": 128256, "tied": False},
+    "1b": {"hidden": 2048, "layers": 16, "inter": 8192, "heads": 32, "kv": 8, "vocab": 128256, "tied": True},
+}
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHARD = 5 * 10**9
 
 
-def build_inputs(work: Path) -> tuple[Path, Path]:
-    """The bf16 base (random weights, 500 MB shards) and the PEFT q/v adapter, built once."""
+def linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear module of one layer."""
+    kv = s["hidden"] // s["heads"] * s["kv"]
+    h, i = s["hidden"], s["inter"]
+    return {
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
+
+
+def base_tensors(s: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes in the order transformers saves a Llama (per layer: sorted names)."""
+    out = [("model.embed_tokens.weight", (s["vocab"], s["hidden"]))]
+    for n in range(s["layers"]):
+        layer = {f"model.layers.{n}.{k}.weight": v for k, v in linear_shapes(s).items()}
+        layer[f"model.layers.{n}.input_layernorm.weight"] = (s["hidden"],)
+        layer[f"model.layers.{n}.post_attention_layernorm.weight"] = (s["hidden"],)
+        out += sorted(layer.items())
+    out.append(("model.norm.weight", (s["hidden"],)))
+    if not s["tied"]:
+        out.append(("lm_head.weight", (s["vocab"], s["hidden"])))
+    return out
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], pool: bytes, dtype="BF16") -> None:
+    """A safetensors file whose tensors take their bytes from ``pool`` at varying offsets (random bf16 values)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in tensors:
+        size = 2 * _count(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for i, (name, shape) in enumerate(tensors):
+            size = 2 * _count(shape)
+            if name.endswith("norm.weight"):
+                f.write(b"\x80\x3f" * (size // 2))  # bf16 1.0
+                continue
+            start = (i * 7919 * 2) % (len(pool) // 2)
+            while size:
+                piece = pool[start : start + size]
+                f.write(piece)
+                size -= len(piece)
+                start = 0
+
+
+def _count(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def build_inputs(work: Path, shape: str) -> tuple[Path, Path]:
     import torch
-    from transformers import LlamaForCausalLM
+    from peft import LoraConfig
+    from safetensors.torch import save_file
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import LLAMA32_1B, random_model
-
-    base, adapter = work / "base", work / "adapter"
-    if not (base / "model.safetensors.index.json").exists():
-        print("building the base (random weights) ...", file=sys.stderr)
-        model = random_model("llama", device="meta", dtype="bfloat16", **LLAMA32_1B)
-        model = model.to_empty(device="cpu").to(torch.bfloat16)
+    s = SHAPES[shape]
+    base, adapter = work / f"base-{shape}", work / f"adapter-{shape}"
+    if not (base / "config.json").exists():
+        print(f"writing the {shape} base (random bf16) ...", file=sys.stderr)
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
         gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.fill_(1.0)
-                else:
-                    param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).mul_(0.02))
-        model.tie_weights()
-        model.save_pretrained(str(base), max_shard_size="500MB")
-        del model
+        pool = (torch.randn(1 << 27, generator=gen) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+        shards, size = [[]], 0
+        for name, shp in base_tensors(s):
+            if shards[-1] and size + 2 * _count(shp) > SHARD:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, shp))
+            size += 2 * _count(shp)
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        for name, shard in zip(names, shards):
+            write_safetensors(base / name, shard, pool)
+        if len(shards) > 1:
+            weight_map = {t: n for n, shard in zip(names, shards) for t, _ in shard}
+            total = sum(2 * _count(shp) for shard in shards for _, shp in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": s["hidden"],
+            "intermediate_size": s["inter"],
+            "num_hidden_layers": s["layers"],
+            "num_attention_heads": s["heads"],
+            "num_key_value_heads": s["kv"],
+            "vocab_size": s["vocab"],
+            "tie_word_embeddings": s["tied"],
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "max_position_embeddings": 8192,
+            "hidden_act": "silu",
+            "dtype": "bfloat16",
+        }
+        (base / "config.json").write_text(json.dumps(config, indent=2))
     if not (adapter / "adapter_config.json").exists():
-        print("building the adapter with PEFT ...", file=sys.stderr)
-        from peft import LoraConfig, get_peft_model
-
-        model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
-        torch.manual_seed(1)
-        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        peft_model = get_peft_model(model, lora)
-        peft_model.save_pretrained(str(adapter))
-        del model, peft_model
+        print(f"writing the {shape} adapter ...", file=sys.stderr)
+        adapter.mkdir(parents=True, exist_ok=True)
+        gen = torch.Generator().manual_seed(1)
+        tensors = {}
+        for n in range(s["layers"]):
+            for module, (o, i) in linear_shapes(s).items():
+                key = f"base_model.model.model.layers.{n}.{module}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(16, i, generator=gen) / i**0.5
+                tensors[f"{key}.lora_B.weight"] = torch.randn(o, 16, generator=gen) * 0.01
+        save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=MODULES, task_type="CAUSAL_LM")
+        config.base_model_name_or_path = str(base)
+        config.save_pretrained(str(adapter))
     return base, adapter
 
 
-LORAMIX = """
-import sys, time
-start = time.perf_counter()
-from loramix import merge_into_base
-ready = time.perf_counter()
-merge_into_base(sys.argv[1], sys.argv[2], sys.argv[3], shard_size="500MB", device=sys.argv[4], progress=False)
-open(sys.argv[5], "w").write(f"{ready - start} {time.perf_counter() - ready}")
-"""
-
 PEFT = """
-import sys, time
-start = time.perf_counter()
-import torch
+import sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-ready = time.perf_counter()
 extra = {} if sys.argv[4] == "cpu" else {"device_map": sys.argv[4]}
 model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.bfloat16, **extra)
 merged = PeftModel.from_pretrained(model, sys.argv[1]).merge_and_unload()
-merged.save_pretrained(sys.argv[3], max_shard_size="500MB")
-open(sys.argv[5], "w").write(f"{ready - start} {time.perf_counter() - ready}")
+merged.save_pretrained(sys.argv[3])
 """
 
 # A lean launcher (python -S, nothing imported) forks the command and reads its rusage: ru_maxrss of a forked child
@@ -102,85 +191,125 @@ print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(st
 """
 
 
-def measure(cmd: list[str], out: Path, timing: Path) -> dict:
-    """Wall seconds, peak RSS (MB) and, for Python contenders, import and work seconds of one run of ``cmd``."""
+def measure(cmd: list[str], out: Path) -> dict:
+    """Wall seconds, peak RSS (MB), exit code and error tail of one run of ``cmd``; then ``sync``, timed apart."""
     shutil.rmtree(out, ignore_errors=True)
-    timing.unlink(missing_ok=True)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run(["sync"])
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     line = subprocess.run([sys.executable, "-S", "-c", LAUNCH, *cmd], env=env, capture_output=True, text=True)
-    wall, rss_kb, code = line.stdout.split()
+    wall, rss_kb, code = line.stdout.split()[-3:]  # the command's own output comes first
+    start = time.perf_counter()
+    subprocess.run(["sync"])
+    result = {"wall": float(wall), "rss": int(rss_kb) / 1024, "code": int(code), "sync": time.perf_counter() - start}
     if int(code) != 0:
-        raise SystemExit(f"{cmd[:3]} failed with exit code {code}: {line.stderr[-2000:]}")
-    result = {"wall": float(wall), "rss": int(rss_kb) / 1024}  # ru_maxrss is in KiB on Linux
-    if timing.exists():
-        result["import"], result["work"] = (float(x) for x in timing.read_text().split())
+        result["error"] = " / ".join(x.strip() for x in line.stderr.strip().splitlines()[-3:])[-400:]
     return result
 
 
-def check_outputs(work: Path, base: Path) -> str:
-    """Max |loramix − PEFT| on one merged q_proj, in bf16 ulps of the value (both round W+ΔW to bf16)."""
+def check_output(out: Path, base: Path, adapter: Path) -> str:
+    """One merged q_proj against float64 W + s·B·A rounded to bf16 (in bf16 ulps), and a copied tensor's bytes."""
     import torch
     from safetensors import safe_open
 
     def read(folder: Path, key: str) -> torch.Tensor:
-        index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-        with safe_open(str(folder / index[key]), "pt") as f:
-            return f.get_tensor(key).float()
+        index = folder / "model.safetensors.index.json"
+        name = json.loads(index.read_text())["weight_map"][key] if index.exists() else "model.safetensors"
+        with safe_open(str(folder / name), "pt") as f:
+            return f.get_tensor(key)
 
-    key = "model.layers.3.self_attn.q_proj.weight"
-    ours, peft, w = read(work / "out-loramix", key), read(work / "out-peft", key), read(base, key)
-    ulp = torch.exp2(torch.floor(torch.log2(peft.abs().clamp_min(1e-30))) - 7)
-    changed = {name: float((t != w).float().mean()) for name, t in (("loramix", ours), ("PEFT", peft))}
-    return (
-        f"{key}: max |loramix − PEFT| = {float(((ours - peft).abs() / ulp).max()):.0f} bf16 ulp; "
-        f"share of entries changed vs base: loramix {changed['loramix']:.3f}, PEFT {changed['PEFT']:.3f}"
-    )
+    key = "model.layers.3.self_attn.q_proj"
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        A = f.get_tensor(f"base_model.model.{key}.lora_A.weight").double()
+        B = f.get_tensor(f"base_model.model.{key}.lora_B.weight").double()
+    W, ours = read(base, key + ".weight"), read(out, key + ".weight")
+    exact = (W.double() + 2.0 * (B @ A)).to(torch.bfloat16).float()
+    # the ulp at |W| + |ΔW|: float32 sums of terms that size err by ~1e-9 absolute, which is many bf16 ulps of a
+    # result that cancels to near zero
+    scale = W.double().abs() + 2.0 * (B @ A).abs()
+    ulp = torch.exp2(torch.floor(torch.log2(scale.float().clamp_min(1e-30))) - 7)
+    worst = float(((ours.float() - exact).abs() / ulp).max())
+    same = torch.equal(read(base, "model.embed_tokens.weight"), read(out, "model.embed_tokens.weight"))
+    return f"{key}.weight: max |loramix − exact| = {worst:.0f} bf16 ulp; embed_tokens copied unchanged: {same}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (for loramix's ΔW and PEFT's model)")
+    parser.add_argument("--shape", choices=list(SHAPES), default="1b")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (loramix's ΔW; PEFT's device_map)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/loramix-bench-merge"))
-    parser.add_argument("--repeat", type=int, default=1, help="measured runs per contender (after one warm-up)")
+    parser.add_argument("--repeat", type=int, default=1, help="measured runs per contender (best kept)")
+    parser.add_argument("--peft-cap", default="12G", help="PEFT's address-space cap (prlimit --as); 'none' for none")
+    parser.add_argument("--skip", default="", help="comma-separated contenders not to run")
+    parser.add_argument("--keep", action="store_true", help="keep the base and adapter afterwards")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    base, adapter = build_inputs(work)
+    start = time.perf_counter()
+    base, adapter = build_inputs(work, args.shape)
+    built = time.perf_counter() - start
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    out = work / "out"
     py = sys.executable
-    timing = work / "timing.txt"
-    contenders = {
-        "loramix": [py, "-c", LORAMIX, str(adapter), str(base), str(work / "out-loramix"), args.device, str(timing)],
-        "peft": [py, "-c", PEFT, str(adapter), str(base), str(work / "out-peft"), args.device, str(timing)],
-        "cp -r": ["cp", "-r", str(base), str(work / "out-cp")],
-    }
-    outs = {"loramix": "out-loramix", "peft": "out-peft", "cp -r": "out-cp"}
-    results = {}
-    load_before = os.getloadavg()[0]
+    loramix = [py, "-m", "loramix", "-q", "combine", str(adapter), "--method", "cat", "--merge-into", str(base)]
+    loramix += ["-o", str(out), "--device", args.device]
+    peft = [py, "-c", PEFT, str(adapter), str(base), str(out), args.device]
+    if args.peft_cap != "none":
+        peft = ["prlimit", f"--as={_bytes(args.peft_cap)}", *peft]
+    contenders = {"cp -r": ["cp", "-r", str(base), str(out)], "loramix": loramix, "PEFT": peft}
+    results, checked = {}, ""
+    load_before = os.getloadavg()
     for name, cmd in contenders.items():
-        measure(cmd, work / outs[name], timing)  # warm-up: the base is in the page cache for every measured run
-        runs = [measure(cmd, work / outs[name], timing) for _ in range(args.repeat)]
-        best = min(runs, key=lambda r: r["wall"])
-        results[name] = {**best, "rss": max(r["rss"] for r in runs)}
-        print(f"{name}: {results[name]}", file=sys.stderr)
-    print(f"\nbase: {size / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards; adapter r=8 q_proj,v_proj")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}")
-    print(f"device: {args.device}; best of {args.repeat} run(s) after one warm-up run each")
-    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (a shared machine)")
-    print("\n| contender | wall s | imports s | work s | peak RSS MB |\n|---|---|---|---|---|")
+        if name in args.skip.split(","):
+            continue
+        runs = [measure(cmd, out) for _ in range(args.repeat)]
+        ok = [r for r in runs if r["code"] == 0]
+        results[name] = {**min(ok or runs, key=lambda r: r["wall"]), "rss": max(r["rss"] for r in runs)}
+        print(f"{name}: {results[name]} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
+        if name == "loramix" and ok:
+            checked = check_output(out, base, adapter)
+        shutil.rmtree(out, ignore_errors=True)
+    load_after = os.getloadavg()
+    s = SHAPES[args.shape]
+    print(
+        f"\nbase: Llama {args.shape} shapes, {size / 1e9:.2f} GB bf16 in {len(list(base.glob('*.safetensors')))} "
+        f"file(s) (written in {built:.0f} s); adapter r=16 alpha 32 on {len(MODULES)} modules × {s['layers']} layers"
+    )
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {_ram()} RAM, {platform.system()} {platform.release()}")
+    print(f"device: {args.device}; best of {args.repeat} run(s); PEFT cap: address space {args.peft_cap}")
+    print(f"load average (1/5/15 min): before {_load(load_before)}, after {_load(load_after)}")
+    print("\n| contender | wall s | sync after s | peak RSS MB | result |\n|---|---|---|---|---|")
     for name, r in results.items():
-        imports, work_s = (f"{r[k]:.2f}" if k in r else "–" for k in ("import", "work"))
-        print(f"| {name} | {r['wall']:.2f} | {imports} | {work_s} | {r['rss']:.0f} |")
-    lm, pf, cp = results["loramix"], results["peft"], results["cp -r"]
-    print(
-        f"\nloramix vs PEFT: {pf['wall'] / lm['wall']:.2f}× faster end to end (goal ≥ 1.5), "
-        f"{pf['work'] / lm['work']:.2f}× after imports; peak RSS {lm['rss'] / pf['rss']:.0%} of PEFT's (goal ≤ 25%)"
-    )
-    print(
-        f"loramix vs cp -r: {lm['wall'] / cp['wall']:.2f}× cp's time end to end (goal ≤ 1.3), "
-        f"{lm['work'] / cp['wall']:.2f}× after imports (Python start and `import torch` take {lm['import']:.2f} s)"
-    )
-    print(check_outputs(work, base))
+        what = "ok" if r["code"] == 0 else f"failed (exit {r['code']}): {r.get('error', '')}"
+        print(f"| {name} | {r['wall']:.2f} | {r['sync']:.2f} | {r['rss']:.0f} | {what} |")
+    lm, cp, pf = results.get("loramix"), results.get("cp -r"), results.get("PEFT")
+    if lm and cp:
+        synced = (lm["wall"] + lm["sync"]) / (cp["wall"] + cp["sync"])
+        print(
+            f"\nloramix / cp -r: {lm['wall'] / cp['wall']:.2f}× (goal ≤ 1.3); with the sync after each: {synced:.2f}×; "
+            f"loramix {size / lm['wall'] / 1e6:.0f} MB/s"
+        )
+    if lm and pf and pf["code"] == 0:
+        print(f"PEFT / loramix: {pf['wall'] / lm['wall']:.2f}× (goal ≥ 5); RSS {lm['rss'] / pf['rss']:.0%} of PEFT's")
+    print(checked)
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(adapter, ignore_errors=True)
+
+
+def _bytes(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
+
+
+def _load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in load)
+
+
+def _ram() -> str:
+    try:
+        return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError):
+        return "?"
 
 
 def cpu_name() -> str:

@@ -4,8 +4,10 @@ retention — a tiny random-init MLP base (64→128→128→16, GELU) and T synt
 lie mostly in a shared 8-dim subspace plus its own 8-dim subspace (x = S·z + Pₜ·zₜ + 0.1·ε) and its targets come
 from a teacher: the base with a random rank-4 update on every layer, plus noise (5% of the target sd). One LoRA
 per task (r=8, alpha=16 on fc1/fc2/fc3) is trained with PEFT (Adam, 300 steps), so each task's own adapter is the
-reference. For every method a uniform weight λ (and density, for the pruning methods) is chosen on a validation
-split, as the papers tune their scaling coefficient; the table reports test-split retention
+reference. For every method a uniform weight λ (and density — select_topk for SCE — for the pruning methods) is
+chosen on a validation split, as the papers tune their scaling coefficient (nuslerp, multislerp and karcher
+normalise their weights, so λ does nothing there; della divides by the weights it elects, so λ is its ``lambda``
+option; slerp and nuslerp take two tasks only); the table reports test-split retention
     retentionₜ = (L_base,t − L_merged,t) / (L_base,t − L_own,t)   (1 = as good as the task's own adapter,
                                                                  0 = no better than the base),
 its mean and its minimum over tasks, at T = 2, 4, 8 and two rank budgets: "full" (the method's default) and r=8
@@ -15,7 +17,7 @@ timing — three rank-16 adapters on Llama-7B-shaped modules (q_proj 4096×4096,
 down_proj 4096×11008); ties at rank 16 dense (ΔW formed and SVD'd per module, PEFT's ties_svd route) against ties
 in core space, plus the factor-form methods, each on the same modules.
 
-    python benchmarks/bench_methods.py retention [--tasks 2 4 8]
+    python benchmarks/bench_methods.py retention [--tasks 2 4 8] [--methods cat svd ...]
     python benchmarks/bench_methods.py timing [--modules q_proj up_proj down_proj]
 """
 
@@ -40,17 +42,29 @@ LORA_R, LORA_ALPHA, STEPS = 8, 16, 300
 LAYERS = ("fc1", "fc2", "fc3")
 LAMBDAS = (0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
 DENSITIES = (0.2, 0.5, 0.8)
-METHODS = {  # name: (loramix method, fixed options, tuned densities?)
-    "cat": ("cat", {}, False),
-    "svd": ("svd", {}, False),
-    "ties": ("ties", {}, True),
-    "ties·core": ("ties", {"space": "core"}, True),
-    "dare_ties": ("dare_ties", {"seed": 0}, True),
-    "tsv": ("tsv", {}, False),
-    "iso_c": ("iso_c", {}, False),
-    "iso_cts": ("iso_cts", {}, False),
-    "knots": ("knots", {}, True),
+METHODS = {  # name: (loramix method, fixed options, option tuned over DENSITIES or None, most tasks it takes)
+    "cat": ("cat", {}, None, None),
+    "svd": ("svd", {}, None, None),
+    "ties": ("ties", {}, "density", None),
+    "ties·core": ("ties", {"space": "core"}, "density", None),
+    "dare_ties": ("dare_ties", {"seed": 0}, "density", None),
+    "tsv": ("tsv", {}, None, None),
+    "iso_c": ("iso_c", {}, None, None),
+    "iso_cts": ("iso_cts", {}, None, None),
+    "knots": ("knots", {}, "density", None),
+    "breadcrumbs": ("breadcrumbs", {}, "density", None),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {}, "density", None),
+    "della": ("della", {"seed": 0}, "density", None),
+    "della_linear": ("della_linear", {"seed": 0}, "density", None),
+    "sce": ("sce", {}, "select_topk", None),
+    "slerp": ("slerp", {}, None, 2),
+    "nuslerp": ("nuslerp", {}, None, 2),
+    "multislerp": ("multislerp", {}, None, None),
+    "karcher": ("karcher", {}, None, None),
+    "model_stock": ("model_stock", {}, None, None),
 }
+# methods that divide by the weights they elect (normalize): λ goes in as their `lambda` option, weights stay 1
+SCALED_BY_LAMBDA = {"della"}
 
 
 # ----------------------------------------------------------------------------------------------- retention
@@ -147,7 +161,7 @@ def retention(base, merged, tasks, own_losses, base_losses, split) -> list[float
     ]
 
 
-def run_retention(task_counts: list[int]) -> None:
+def run_retention(task_counts: list[int], methods: list[str]) -> None:
     torch.manual_seed(0)
     base = MLP().eval()
     shared = orthonormal(D_IN, SHARED_DIM, torch.Generator().manual_seed(7))
@@ -164,15 +178,19 @@ def run_retention(task_counts: list[int]) -> None:
     print(f"{n_max} LoRAs trained with PEFT in {train_s:.0f} s; own adapters cut test loss by {100 * own_gain:.0f}%\n")
     print("| tasks | method | budget | λ | density | mean retention | min retention | merge s |")
     print("|---:|---|---|---:|---:|---:|---:|---:|")
-    for n, (label, (method, fixed, tune_density)) in itertools.product(task_counts, METHODS.items()):
+    for n, (label, (method, fixed, tuned, most)) in itertools.product(task_counts, METHODS.items()):
+        if label not in methods or (most is not None and n > most):
+            continue
         chosen = adapters[:n]
         budgets = {"full": None} if method == "cat" else {"full": None, f"r={LORA_R}": LORA_R}
         for budget, rank in budgets.items():
             best = None
-            for lam, density in itertools.product(LAMBDAS, DENSITIES if tune_density else (None,)):
-                options = dict(fixed, **({"density": density} if density else {}))
+            for lam, density in itertools.product(LAMBDAS, DENSITIES if tuned else (None,)):
+                options = dict(fixed, **({tuned: density} if density else {}))
+                weight = 1.0 if label in SCALED_BY_LAMBDA else lam
+                options.update({"lambda": lam} if label in SCALED_BY_LAMBDA else {})
                 t = time.perf_counter()
-                merged = combine(chosen, weights=[lam] * n, method=method, rank=rank, **options)
+                merged = combine(chosen, weights=[weight] * n, method=method, rank=rank, **options)
                 seconds = time.perf_counter() - t
                 score = statistics.mean(retention(base, merged, tasks[:n], own_losses, base_losses, "val"))
                 if best is None or score > best[0]:
@@ -243,12 +261,13 @@ def main() -> None:
     sub = parser.add_subparsers(dest="part", required=True)
     r = sub.add_parser("retention")
     r.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    r.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     t = sub.add_parser("timing")
     t.add_argument("--modules", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     t.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.part == "retention":
-        run_retention(args.tasks)
+        run_retention(args.tasks, args.methods)
     else:
         run_timing(args.modules, args.repeats)
 

@@ -21,12 +21,21 @@ method), exact-match accuracy on the unseen examples, and candidate evaluations 
 
     PYTHONPATH=. python3 benchmarks/bench_search.py --device cuda      # one 10-minute GPU run
     PYTHONPATH=. python3 benchmarks/bench_search.py --small            # a few minutes on a 2-core CPU
+
+Across GPUs (--scale): CMA-ES, population 64, on a Llama-3-8B-shaped bf16 base with random weights built straight on
+the GPUs, with one process (one GPU) and two (`--gpus 2`: the population split, losses all-gathered over NCCL), both
+scoring chunks of 32 so that the same seed gives the same bits; then a Llama-3-70B-shaped base (~141 GB) split over
+both GPUs with accelerate in one process. Candidates per second, final loss, peak memory per GPU; rows in --out.
+
+    PYTHONPATH=. python3 benchmarks/bench_search.py --scale --shape 8b --split-shape 70b --out OUT   # 2 GPUs, 4 min
+    PYTHONPATH=. python3 benchmarks/bench_search.py --scale --shape tiny --popsize 8 --steps 2      # the path, CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import random
 import sys
@@ -259,6 +268,158 @@ def throughput(base: Path, adapters: list[Path], shots, tok, device, population:
     return population / float(np.median(times[1:]))
 
 
+SHAPES = {  # Llama-3 shapes (vocab 128256, GQA with 8 KV heads); "tiny" checks the path on a CPU
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def scale_model(shape: str, devices: list[torch.device], seed: int):
+    """A Llama-shaped bf16 model with random weights, built on the meta device and materialised straight on the
+    GPU(s): over several, accelerate places whole decoder blocks (balanced) and dispatches the model."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+
+    vocab = 128256 if shape != "tiny" else 512
+    config = dict(vocab_size=vocab, num_key_value_heads=8 if shape != "tiny" else 2, max_position_embeddings=8192)
+    model = random_model("llama", seed=None, device="meta", tie_word_embeddings=False, **config, **SHAPES[shape])
+    dtype = torch.bfloat16 if devices[0].type == "cuda" else torch.float32
+    model = model.to(dtype)
+    if len(devices) > 1:
+        memory = {d.index: torch.cuda.mem_get_info(d)[0] for d in devices}
+        balanced = get_balanced_memory(model, max_memory=memory, no_split_module_classes=["LlamaDecoderLayer"])
+        device_map = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=["LlamaDecoderLayer"])
+    else:
+        device_map = {"": devices[0].index if devices[0].type == "cuda" else "cpu"}
+    places = {name: place for name, place in device_map.items()}
+
+    def place(name: str):  # the device_map entry holding ``name`` (the first GPU for what it leaves out)
+        found = [k for k in places if k == "" or name == k or name.startswith(k + ".")]
+        return places[max(found, key=len)] if found else next(iter(places.values()))
+
+    generators = {}
+    for name, p in list(model.named_parameters()):
+        where = torch.device("cuda", place(name)) if isinstance(place(name), int) else torch.device(place(name))
+        if where not in generators:
+            generators[where] = torch.Generator(device=where).manual_seed(seed)
+        value = torch.empty(p.shape, dtype=dtype, device=where)
+        value.fill_(1.0) if name.endswith("norm.weight") else value.normal_(0, 0.02, generator=generators[where])
+        set_module_tensor_to_device(model, name, where, value=value)
+    rotary = model.model.rotary_emb
+    where = torch.device("cuda", place("model.rotary_emb")) if devices[0].type == "cuda" else devices[0]
+    model.model.rotary_emb = type(rotary)(config=model.config).to(where)
+    if len(devices) > 1:
+        model = dispatch_model(model, device_map=device_map)
+    return model.eval()
+
+
+def scale_adapters(model, count: int, rank: int, seed: int) -> list:
+    """``count`` random rank-``rank`` LoRAs on every projection of ``model`` (alpha = 2·rank), made on the CPU."""
+    from loramix.adapter import LoraAdapter, LoraModule
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(n, m.weight.shape) for n, m in model.named_modules() if n.endswith(PROJECTIONS)]
+    return [
+        LoraAdapter(
+            modules={
+                n: LoraModule(
+                    A=torch.randn(rank, s[1], generator=g) / s[1] ** 0.5,
+                    B=torch.randn(s[0], rank, generator=g) * 0.02,
+                    scale=2.0,
+                )
+                for n, s in shapes
+            },
+            source=f"random-{i}",
+        )
+        for i in range(count)
+    ]
+
+
+def scale_run(device: str, shape: str, popsize: int, steps: int, max_candidates: int | None, seed: int) -> dict:
+    """One process of the scale benchmark (run by `distributed.launch`): build the base and 8 rank-16 adapters on
+    every projection, warm up with one generation, then time a CMA-ES search of ``steps`` generations of ``popsize``
+    (4 examples padded to 94 tokens: 376 token positions per candidate). ``peak_gib``: the peak memory torch
+    allocated on each of rank 0's GPUs."""
+    import torch.distributed as dist
+
+    devices = [torch.device(d) for d in device.split(",")]
+    start = time.perf_counter()
+    model = scale_model(shape, devices, seed)
+    adapters = scale_adapters(model, 8, 16, seed)
+    built = time.perf_counter() - start
+    rng = random.Random(seed)
+    shots = examples(lambda s: s[::-1].upper(), 4, rng, alphabet=LETTERS)
+    shots = [{"input": e["input"] * 8, "output": e["output"] * 4} for e in shots]  # ~60 tokens each
+    settings = dict(optimizer="cma", popsize=popsize, seed=seed, device=device, max_candidates=max_candidates)
+    tok = tokenizer()
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d)
+    loramix.search(model, adapters, shots, tokenizer=tok, steps=1, **settings)  # warm-up: kernels, allocator
+    r = loramix.search(model, adapters, shots, tokenizer=tok, steps=steps, **settings)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    memory = [torch.cuda.max_memory_allocated(d) / 2**30 for d in devices if d.type == "cuda"]
+    return dict(
+        shape=shape,
+        processes=world,
+        devices=device,
+        machine=machine(devices[0]),
+        parameters=sum(p.numel() for p in model.parameters()),
+        build_s=built,
+        candidates=r.evaluations,
+        search_s=r.seconds,
+        rate=r.evaluations / r.seconds,
+        loss=r.loss,
+        weights=r.weights,
+        peak_gib=memory,
+        tokens=r.settings["output_tokens"],
+    )
+
+
+def scale(args) -> None:
+    """Candidates per second with 1 and 2 processes (one GPU each) on the --shape base, then the base split over
+    two GPUs in one process (--split-shape); every row written to --out as it comes."""
+    from loramix.weight_search.distributed import launch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    runs = []
+    if args.shape:
+        per = -(-args.popsize // 2)  # both runs score chunks of ⌈P/2⌉: the same forward shapes, the same losses
+        runs += [
+            ([("cuda:0" if cuda else "cpu")], args.shape, per),
+            ([f"cuda:{i}" if cuda else "cpu" for i in (0, 1)], args.shape, per),
+        ]
+    if args.split_shape:
+        runs.append(([",".join(f"cuda:{i}" for i in range(torch.cuda.device_count()))], args.split_shape, None))
+    rows = []
+    for devices, shape, chunk in runs:
+        start = time.perf_counter()
+        try:
+            row = launch(scale_run, devices, shape, args.popsize, args.steps, chunk, args.seed)
+        except Exception as exc:  # noqa: BLE001 — a failed row is recorded and the next one still runs
+            row = dict(shape=shape, devices=" ".join(devices), error=f"{type(exc).__name__}: {exc}")
+        row["wall_s"] = time.perf_counter() - start
+        row["devices"] = " + ".join(devices)  # every process's, not rank 0's alone
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (out / "scale.json").write_text(json.dumps(rows, indent=1))
+    one = next((r for r in rows if r.get("processes") == 1 and "," not in r.get("devices", ",")), None)
+    for r in rows:
+        if "rate" in r:
+            ratio = f"{r['rate'] / one['rate']:.2f}×" if one and "," not in r["devices"] else ""
+            same = "" if not one or r is one or "," in r["devices"] else f"same loss: {r['loss'] == one['loss']}"
+            memory = ", ".join(f"{m:.1f}" for m in r["peak_gib"])
+            print(
+                f"| {r['shape']} | {r['processes']} × {r['devices']} | {r['candidates']} | {r['search_s']:.2f} | "
+                f"{r['rate']:.1f} | {ratio} | {r['loss']:.6f} {same} | {memory} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -266,7 +427,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", nargs="*", default=list(HELD_OUT), choices=list(HELD_OUT))
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy 2-core box)")
+    parser.add_argument("--scale", action="store_true", help="search across GPUs on Llama-shaped random bases")
+    parser.add_argument("--shape", choices=list(SHAPES), default="8b", help="--scale: base for 1 vs 2 processes")
+    parser.add_argument("--split-shape", choices=list(SHAPES), help="--scale: base split over all GPUs")
+    parser.add_argument("--popsize", type=int, default=64, help="--scale: CMA-ES population")
+    parser.add_argument("--steps", type=int, default=6, help="--scale: timed CMA-ES generations")
+    parser.add_argument("--out", default="scale-out", help="--scale: folder for scale.json")
     args = parser.parse_args()
+    if args.scale:
+        scale(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -2,9 +2,10 @@
 
 The public API, imported on first use (so that ``loramix --help`` starts without importing torch):
 `load_adapter`, `load_adapters`, `save_adapter`, `combine`, `analyze`, `run` (a `Plan` end to end),
-`merge_into_base`, `search`, `push_to_hub`, the data model `LoraAdapter`, `LoraModule`, `ExtraTensor`, and for
-models loaded in a Python session `inject_adapter`, `to_peft_state_dict`, `lora_config` (adapters back into PEFT)
-and `merge_into`, `unmerge` (ΔW in and out of a loaded model's weights).
+`merge_into_base`, `extract` (a LoRA from a fine-tuned model), `search`, `push_to_hub`, the data model
+`LoraAdapter`, `LoraModule`, `ExtraTensor`, and for models loaded in a Python session `inject_adapter`,
+`to_peft_state_dict`, `lora_config` (adapters back into PEFT) and `merge_into`, `unmerge` (ΔW in and out of a
+loaded model's weights).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _EXPORTS = {
     "Plan": "loramix.recipe",
     "analyze": "loramix.analysis",
     "combine": "loramix.combination",
+    "extract": "loramix.pipeline",
     "inject_adapter": "loramix.formats.live",
     "load_adapter": "loramix.formats",
     "load_adapters": "loramix.formats",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from loramix.adapter import LoraAdapter
+from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import CheckpointError
 from loramix.formats.peft import GPT2_CONV1D
 from loramix.io.base import (
@@ -36,13 +36,13 @@ from loramix.io.base import (
     tied_embedding,
     ties_output_head,
 )
-from loramix.io.shards import plan_shards, shard_names, write_index, write_shards
+from loramix.io.shards import base_layout, kept_header, plan_shards, shard_names, write_index, write_shards
 from loramix.kernels import (
     StoredUpdate,
     Survival,
     Update,
-    add_delta,
     decide_layout,
+    delta_rows,
     dora_merge,
     warn_stored,
 )
@@ -52,8 +52,12 @@ from loramix.runtime import DTYPE_NAMES, parse_size, progress_bar
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements (4 MB in float32)
-WORKERS = 4
+# Rows are processed in chunks of about this many elements: on the CPU small enough (512 KB in float32) that a
+# chunk's few float32 passes stay in the core's cache, on a GPU large enough to amortise each transfer.
+CHUNK_ELEMENTS = 1 << 17
+GPU_CHUNK_ELEMENTS = 1 << 22
+GPU_WORKERS = 4  # threads feeding one GPU: each holds a few chunks in host memory
+DEFAULT_SHARD_SIZE = "5GB"  # when the base's own shard files cannot be kept (.bin bases)
 DIFFUSERS_CONFIG = "_diffusers_version"  # a key only diffusers' model configs have
 
 
@@ -69,6 +73,7 @@ class Job:
     replaced: str | None = None  # the kind of extra tensor that replaced the base tensor
     quantization: Quantization | None = None  # round-trip W through 4-bit first (QLoRA-faithful merge)
     transposed: bool = False  # a Conv1D weight stored in×out: quantized as out×in
+    home: Path | None = None  # the base safetensors file the tensor comes from (None: added, or a .bin base)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -112,7 +117,7 @@ def _memory_tensor(name: str, tensor: torch.Tensor) -> BaseTensor:
 
 def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype, notes: list[str]) -> list[Job]:
     """One job per output tensor, in the base's order; raises on any name or shape the base does not have."""
-    jobs = {name: Job(name, t, _out_dtype(t, dtype)) for name, t in base.tensors.items()}
+    jobs = {name: Job(name, t, _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
     where = f"base {base.folder}"
     _plan_extras(adapter, base, jobs, dtype, notes)
     flipped: list[str] = []
@@ -205,37 +210,40 @@ def _plan_extras(
         job.replaced = extra.kind
 
 
-def _chunks(job: Job) -> Iterator[tuple[int, int]]:
+def _chunks(job: Job, device: torch.device) -> Iterator[tuple[int, int]]:
     if len(job.shape) != 2 or any(u.layout == "conv2d" or u.module.magnitude is not None for u in job.updates):
         yield 0, job.shape[0] if job.shape else 0
         return
     rows, width = job.shape
-    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    step = max(1, (CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS) // max(width, 1))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
 
 def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: Survival) -> torch.Tensor:
-    """The output values of rows [start, stop): W + ΔW (or DoRA) in float32, cast once to the output dtype."""
+    """The output values of rows [start, stop): W + ΔW (or DoRA) in float32, cast once to the output dtype. A few
+    passes over the chunk, each new tensor made once: W in float32, ΔW (one product per update, its scale already in
+    B), W + ΔW, the cast, and the stored-update figures."""
     chunk = job.source.rows(start, stop)
     if not job.updates and not job.bias:
         return chunk.to(job.dtype)
     W = chunk.to(device=device, dtype=torch.float32)
-    merged = W.clone()
-    for update in job.updates:
-        if update.module.magnitude is not None:
-            merged, _ = dora_merge(merged, update, device)
-        else:
-            add_delta(merged, update, start, stop, device)
-    for _, bias in job.bias:
-        merged += bias.to(device=device, dtype=torch.float32)
-    out = merged.to(job.dtype, copy=True)  # a copy even for float32 output: merged is reused below
-    intended = merged.sub_(W)
-    stored = out.float() if out.dtype != torch.float32 else out.clone()
+    if any(u.module.magnitude is not None for u in job.updates):  # DoRA: the only update, on the whole tensor
+        merged, _ = dora_merge(W, job.updates[0], device)
+        intended = merged - W
+    else:
+        intended = None
+        for update in job.updates:
+            delta = delta_rows(update.module, update.layout, start, stop, device)
+            intended = delta if intended is None else intended.add_(delta)
+        for _, bias in job.bias:
+            intended = bias.clone() if intended is None else intended.add_(bias)
+        merged = W + intended
+    out = merged.to(job.dtype)
     base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
-    if not math.isfinite(stats.add(stored.sub_(base), intended)):  # NaN/Inf in W + ΔW shows in ‖ΔW‖: no extra pass
+    stored = out.float().sub_(base) if out.dtype != torch.float32 else out - base
+    if not math.isfinite(stats.add(stored, intended)):  # NaN/Inf in W + ΔW shows in the norms: no extra pass
         raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
-    del merged, intended, stored
     return out.cpu()
 
 
@@ -260,12 +268,27 @@ def _quantized_source(job: Job, device: torch.device) -> Job:
     return replace(job, source=source)
 
 
+def _on_device(job: Job, device: torch.device) -> Job:
+    """``job`` with its adapter factors (B scaled) and biases in float32 on ``device``, made once for all of its
+    chunks."""
+
+    def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(device=device, dtype=torch.float32)
+
+    def scaled(m: LoraModule) -> LoraModule:  # s·B once per tensor: each chunk's ΔW is then one product
+        B = moved(m.B)
+        return replace(m, A=moved(m.A), B=B if m.scale == 1 else B * m.scale, scale=1.0)
+
+    updates = [replace(u, module=scaled(u.module)) for u in job.updates]
+    return replace(job, updates=updates, bias=[(name, moved(b)) for name, b in job.bias])
+
+
 def _produce(stats: dict[str, Survival], device: torch.device):
     """The writer's ``produce``: a job's merged rows, chunk by chunk, with the survival figures collected."""
 
     def produce(job: Job) -> Iterator[torch.Tensor]:
-        job = _quantized_source(job, device)
-        for start, stop in _chunks(job):
+        job = _on_device(_quantized_source(job, device), device)
+        for start, stop in _chunks(job, device):
             yield _merged_chunk(job, start, stop, device, stats[job.name])
 
     return produce
@@ -299,22 +322,25 @@ def write_merged(
     folder: Path,
     *,
     dtype: torch.dtype = torch.bfloat16,
-    shard_size: int | str = "5GB",
+    shard_size: int | str | None = None,
     device: torch.device | None = None,
     progress: bool = False,
     workers: int | None = None,
     quantization: Quantization | None = None,
-    keep_files: bool = False,
 ) -> MergeReport:
-    """Write ``base`` with ``adapter`` merged into the existing folder ``folder``: sharded safetensors
-    (``model-0000i-of-0000N.safetensors`` plus the index; one ``model.safetensors`` when everything fits one shard,
-    as transformers does; diffusers' names for a diffusers model; with ``keep_files``, the base's own safetensors
-    files, each tensor in the file it was in), config.json with its dtype updated (a diffusers config, which has
-    none, as it was), and every other non-weight file (tokenizer, generation config) copied. Heads (modules_to_save)
-    replace the base tensors, lora_B biases are added to the base biases, DoRA is merged exactly as PEFT does. ΔW
-    is computed on ``device`` (default: the CPU); ``workers`` threads write at once (default: up to 4). With
-    ``quantization`` (a QLoRA-faithful merge) each base weight it selects goes through bitsandbytes' 4-bit round
-    trip before ΔW is added, so the checkpoint is the model the adapter was trained on.
+    """Write ``base`` with ``adapter`` merged into the existing folder ``folder``: sharded safetensors plus the
+    index, config.json with its dtype updated, and every other non-weight file (tokenizer, generation config)
+    copied (a diffusers config, which has no dtype, as it was). With ``shard_size`` None (the default) the output
+    keeps a safetensors base's own files (names, which tensor in which file, order, index); with a size (or for a
+    .bin base, 5GB) the tensors are laid out anew as transformers does (``model-0000i-of-0000N.safetensors``, one
+    ``model.safetensors`` when everything fits; diffusers' names, ``diffusion_pytorch_model…``, for a diffusers
+    model).
+    Tensors the adapter leaves alone are copied byte for byte in the kernel; only updated tensors are read and
+    computed. Heads (modules_to_save) replace the base tensors, lora_B biases are added to the base biases, DoRA is
+    merged exactly as PEFT does. ΔW is computed on ``device`` (default: the CPU), ``workers`` tensors at once
+    (default: one per CPU; on a GPU, 4); the bytes written do not depend on ``workers``. With ``quantization`` (a
+    QLoRA-faithful merge) each base weight it selects goes through bitsandbytes' 4-bit round trip before ΔW is added,
+    so the checkpoint is the model the adapter was trained on.
 
     The `MergeReport` holds, per module, the share of ΔW that survives the rounding: ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖
     (for a base already in the output dtype round(W) = W; for a float32 base, comparing with round(W) keeps the
@@ -330,18 +356,22 @@ def write_merged(
         _mark_round_trips(jobs, quantization, base.model_type)
     for note in notes:
         log.warning("%s: %s", adapter.name, note)
-    if keep_files and all(path.suffix == ".safetensors" for path in base.weight_files):
-        names, shards, index = _base_files(jobs, base)
-    else:  # diffusers' file names for a diffusers model, else transformers'
-        stem = DIFFUSERS_WEIGHTS if base.weight_files[0].name.startswith(DIFFUSERS_WEIGHTS) else "model"
-        shards = plan_shards(jobs, parse_size(shard_size))
-        names, index = shard_names(len(shards), stem), f"{stem}.safetensors.index.json"
+    stem = DIFFUSERS_WEIGHTS if base.weight_files[0].name.startswith(DIFFUSERS_WEIGHTS) else "model"
+    kept = base_layout(jobs, base.weight_files) if shard_size is None else None
+    if kept is not None:
+        (names, shards), index = kept, base.index or f"{stem}.safetensors.index.json"
+        headers = [kept_header(shard) for shard in shards]
+    else:  # laid out anew: diffusers' file names for a diffusers model, else transformers'
+        shards = plan_shards(jobs, parse_size(shard_size or DEFAULT_SHARD_SIZE))
+        names, headers, index = shard_names(len(shards), stem), None, f"{stem}.safetensors.index.json"
     stats = {job.name: Survival() for job in jobs if not job.raw_copy}
     total = sum(j.nbytes for j in jobs)
-    workers = workers or min(WORKERS, os.cpu_count() or 1)
     device = device or torch.device("cpu")
+    cpus = os.cpu_count() or 1
+    workers = workers or (cpus if device.type == "cpu" else min(GPU_WORKERS, cpus))
     with progress_bar(enabled=progress, total=total, unit="B", unit_scale=True, desc="merge") as bar:
-        write_shards(folder, names, shards, produce=_produce(stats, device), bar=bar, workers=workers)
+        produce = _produce(stats, device)
+        write_shards(folder, names, shards, produce=produce, bar=bar, workers=workers, headers=headers)
     write_index(folder, names, shards, index)
     config = dict(base.config)
     for key in _config_dtype_keys(config) if DIFFUSERS_CONFIG not in config else ():
@@ -363,17 +393,6 @@ def write_merged(
     )
     warn_stored(report.survival, dtype, adapter.name)
     return report
-
-
-def _base_files(jobs: list[Job], base: BaseCheckpoint) -> tuple[list[str], list[list[Job]], str | None]:
-    """(file names, tensors per file, index name) of a safetensors base's own files: each tensor in the file it was
-    in (one the base does not have in the last)."""
-    files: dict[Path, list[Job]] = {path: [] for path in base.weight_files}
-    for job in jobs:
-        source = base.tensors.get(job.name)
-        files[source.path if source is not None and source.path in files else base.weight_files[-1]].append(job)
-    kept = [path for path, group in files.items() if group]
-    return [path.name for path in kept], [plan_shards(files[path], 0)[0] for path in kept], base.index or SAFE_INDEX
 
 
 def _survival_by_module(jobs: list[Job], stats: dict[str, Survival]) -> dict[str, StoredUpdate]:

@@ -16,7 +16,7 @@ from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule, check_rank_lay
 from loramix.errors import IncompatibleAdaptersError, MethodError
 from loramix.formats import load_adapters
 from loramix.linalg import FactorSVD, RankRule, factor_svd, numerical_rank
-from loramix.methods import Method, Term, get_method
+from loramix.methods import Method, Term, absent_as_zero, get_method
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
 from loramix.schedule import count_layers, parse_options, resolve, resolve_options
 
@@ -229,6 +229,9 @@ def combine(
         rule = truncation.for_kernel(present[0][1].kernel_size)
         with _worker_stream(target):
             terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
+            if chosen.every_adapter:
+                resolved = [resolve(w, name, layers) for w in weights]
+                terms = absent_as_zero(terms, resolved, [name in a.modules for a in loaded])
             try:
                 factors = chosen.apply(
                     terms, rule=RankRule(rank=rule.rank) if widen else rule, **resolve_options(options, name, layers)

@@ -43,9 +43,8 @@ def write_merged_pipeline(
         (folder / component).mkdir()
         base = pipeline.components[component]
         merged = write_merged(
-            part, base, folder / component, dtype=dtype, device=device, progress=progress, workers=workers,
-            keep_files=True,
-        )  # fmt: skip
+            part, base, folder / component, dtype=dtype, device=device, progress=progress, workers=workers
+        )
         report.shards += [f"{component}/{name}" for name in merged.shards]
         report.total_size += merged.total_size
         report.tensors += merged.tensors

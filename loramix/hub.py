@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import HfApi, get_token, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError
 from safetensors import safe_open
 
 from loramix.errors import HubError
@@ -25,6 +23,8 @@ def _cached_commit(source: str):
     if ref is None:
         return None
     asked = ref.revision or "main"
+    from huggingface_hub import snapshot_download  # here: its client costs 0.25 s to import, local runs skip it
+
     try:  # the source was just fetched, so the cache answers without the network
         folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, local_files_only=True, allow_patterns=[]))
     except Exception:  # noqa: BLE001 — the caller then names the revision asked for only
@@ -109,6 +109,9 @@ def push_to_hub(
         )
     if parse_hub_id(repo_id) is None or "@" in repo_id or ":" in repo_id:
         raise HubError(f"{repo_id}: not a Hub repository id (expected org/name)")
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
     token = token or get_token()
     if not token:
         raise HubError("not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN")

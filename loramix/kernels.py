@@ -88,10 +88,12 @@ def delta_rows(module: LoraModule, layout: str, start: int, stop: int, device: t
     A = module.A.to(device=device, dtype=torch.float32)
     B = module.B.to(device=device, dtype=torch.float32)
     if layout == "linear":
-        return (B[start:stop] @ A) * module.scale
-    if layout in ("conv1d_fan_in_fan_out", "embedding"):
-        return (A[:, start:stop].T @ B.T) * module.scale
-    return (B @ A).mul_(module.scale).reshape(module.base_shape)  # conv2d: one chunk
+        rows = B[start:stop] @ A
+    elif layout in ("conv1d_fan_in_fan_out", "embedding"):
+        rows = A[:, start:stop].T @ B.T
+    else:
+        rows = (B @ A).reshape(module.base_shape)  # conv2d: one chunk
+    return rows if module.scale == 1 else rows.mul_(module.scale)
 
 
 def dora_merge(W: torch.Tensor, update: Update, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,41 +116,31 @@ def row_shape(layout: str, dim: int) -> tuple[int, ...]:
 
 @dataclass
 class Survival:
-    """Sums over a tensor's chunks: ‖stored‖², ‖ΔW‖² and ⟨stored, ΔW⟩ (float64)."""
+    """Sums over a tensor's chunks: ‖stored‖², ‖ΔW‖² and ‖stored − ΔW‖² (the last taken from the difference itself,
+    not from the other two, so that a small error is not lost to cancellation)."""
 
     kept: float = 0.0
     total: float = 0.0
-    inner: float = 0.0
+    diff: float = 0.0
 
     def add(self, stored: torch.Tensor, intended: torch.Tensor) -> float:
-        """One chunk: the update as stored, and as intended (float32, same shape). Returns the chunk's ‖ΔW‖², which
-        is not finite when the chunk holds NaN/Inf."""
-        energy = float(torch.linalg.vector_norm(intended, dtype=torch.float64)) ** 2
+        """One chunk: the update as stored, and as intended (float32, same shape; ``stored`` is used up: it is
+        overwritten). Returns ‖stored‖² + ‖ΔW‖², which is not finite when either holds NaN/Inf (a NaN/Inf in W or
+        in W + ΔW shows in the stored update)."""
+        energy = float(torch.linalg.vector_norm(intended)) ** 2
+        kept = float(torch.linalg.vector_norm(stored)) ** 2
         self.total += energy
-        self.kept += float(torch.linalg.vector_norm(stored, dtype=torch.float64)) ** 2
-        self.inner += float(torch.sum(stored.double() * intended.double()))
-        return energy
+        self.kept += kept
+        self.diff += float(torch.linalg.vector_norm(stored.sub_(intended))) ** 2
+        return kept + energy
 
     def measure(self) -> StoredUpdate:
         if not self.total > 0:
             return StoredUpdate(float("nan"), float("nan"), float("nan"))
-        error = math.sqrt(max(0.0, self.kept - 2 * self.inner + self.total) / self.total)
-        cosine = self.inner / math.sqrt(self.kept * self.total) if self.kept > 0 else 0.0
+        error = math.sqrt(self.diff / self.total)
+        inner = (self.kept + self.total - self.diff) / 2
+        cosine = inner / math.sqrt(self.kept * self.total) if self.kept > 0 else 0.0
         return StoredUpdate(math.sqrt(self.kept / self.total), error, cosine)
-
-
-def add_delta(merged: torch.Tensor, update: Update, start: int, stop: int, device: torch.device) -> None:
-    """``merged += ΔW[start:stop]`` in place (one fused multiply-add for Linear/Conv1D/embedding rows)."""
-    m = update.module
-    if update.layout == "conv2d" or merged.dim() != 2:
-        merged += delta_rows(m, update.layout, start, stop, device)
-        return
-    A = m.A.to(device=device, dtype=torch.float32)
-    B = m.B.to(device=device, dtype=torch.float32)
-    if update.layout == "linear":
-        merged.addmm_(B[start:stop], A, alpha=m.scale)
-    else:
-        merged.addmm_(A[:, start:stop].T, B.T, alpha=m.scale)
 
 
 def warn_stored(survival: dict[str, StoredUpdate], dtype: torch.dtype, label: str) -> None:

@@ -1,6 +1,6 @@
 """Runs end to end, each writing one atomic output folder: `run` (a `Plan`: combine, then write an adapter or a
-merged checkpoint with its card and recipe), `save_adapter`, `merge_into_base`, `write_search`, and the analysis
-outputs (`write_analysis_json`, `write_plots`).
+merged checkpoint with its card and recipe), `save_adapter`, `merge_into_base`, `extract` (a LoRA from a fine-tuned
+model, with its card and account), `write_search`, and the analysis outputs (`write_analysis_json`, `write_plots`).
 
 Every output is assembled in a temporary folder beside the target and renamed into place at the end
 (`loramix.io.files.atomic_output`): a failure leaves no partial output and never touches an input.
@@ -9,6 +9,7 @@ Every output is assembled in a temporary folder beside the target and renamed in
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from loramix.checkpoint import MergeReport, write_merged
 from loramix.combination import check_settings, combine
 from loramix.diffusers_merge import write_merged_pipeline
 from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
+from loramix.extraction import Extraction, extract_lora
 from loramix.formats import load_adapter, load_adapters, split_source_options, write_adapter
 from loramix.hub import pinned, revisions
 from loramix.io.base import open_base, resolve_base, with_base_names
@@ -30,12 +32,15 @@ from loramix.linalg import RankRule
 from loramix.quantize import quantization_settings
 from loramix.recipe import Plan
 from loramix.render.analysis import analysis_json
-from loramix.render.card import CARD_FILE, RECIPE_FILE, model_card, quantization_section
+from loramix.render.card import CARD_FILE, RECIPE_FILE, extraction_section, model_card, quantization_section
 from loramix.render.plots import analysis_plots
 from loramix.runtime import parse_dtype, require_path, resolve_device
 from loramix.weight_search import SearchResult
 
+log = logging.getLogger(__name__)
+
 SEARCH_FILE = "search.json"
+EXTRACTION_FILE = "extraction.json"
 LAID_OUT = ("peft", "gguf")  # formats written in one rank layout (kohya keeps every module's rank and alpha)
 # The sources' overlap goes into a card only when it is cheap: few sources, at most this many LoRA parameters.
 CHEAP_ANALYSIS_PARAMS = 5_000_000
@@ -161,6 +166,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
             dtype=parse_dtype(plan.dtype) or torch.bfloat16,
             shard_size=plan.shard_size,
             device=plan.device,
+            workers=plan.workers,
             overwrite=overwrite,
             progress=progress,
             files=files,
@@ -233,7 +239,7 @@ def merge_into_base(
     out: str | Path,
     *,
     dtype: torch.dtype | str = torch.bfloat16,
-    shard_size: int | str = "5GB",
+    shard_size: int | str | None = None,
     device: str | torch.device = "auto",
     overwrite: bool = False,
     progress: bool = False,
@@ -249,7 +255,9 @@ def merge_into_base(
     the layout and the report). kohya module names (``lora_…``) are matched to the base's own module paths. A
     diffusers pipeline folder (``model_index.json``) is written as a pipeline: each component the adapter changes
     merged in its own files, the rest copied (see `loramix.diffusers_merge`). ``files`` (name → text: card, recipe)
-    go into the same folder; without them a README.md model card says what is known.
+    go into the same folder; without them a README.md model card says what is known. ``shard_size`` None keeps a
+    safetensors base's own shard files (a size lays the tensors out anew); ``workers`` tensors are merged at once
+    (default: one per CPU, 4 on a GPU; the bytes are the same for any count).
 
     QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
     the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
@@ -258,6 +266,8 @@ def merge_into_base(
     added. ``round_trip="all"`` (the default) round-trips every such weight — the model the adapter was trained
     with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
     require_path(out, "out (the output folder)")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise MethodError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
     adapter = load_adapter(adapter)
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)
@@ -314,7 +324,7 @@ def write_search(
     *,
     overwrite: bool = False,
     merge_into: str | None = None,
-    shard_size: int | str = "5GB",
+    shard_size: int | str | None = None,
     device: str | torch.device = "auto",
     progress: bool = False,
     argv: list[str] | None = None,
@@ -332,7 +342,7 @@ def write_search(
         method=adapter.provenance["method"],
         device=str(device),
         merge_into=merge_into,
-        shard_size=str(shard_size),
+        shard_size=None if shard_size is None else str(shard_size),
         output=str(folder),
     )
     files = {
@@ -364,6 +374,55 @@ def write_search(
         write_adapter(adapter, tmp)
         _write_files(tmp, files)
     return Path(folder)
+
+
+def extract(
+    base: str | Path,
+    finetuned: str | Path,
+    output: str | Path,
+    *,
+    format: str = "peft",
+    rank_layout: str = "portable",
+    overwrite: bool = False,
+    progress: bool = False,
+    argv: list[str] | None = None,
+    **settings,
+) -> Extraction:
+    """Extract the LoRA that best reproduces ``finetuned`` on ``base`` (``settings``: the rank rule, ``device`` and
+    ``dtype`` of `loramix.extraction.extract_lora`) and write it to ``output``, atomically: a PEFT adapter
+    (``rank_layout`` as `save_adapter`), or a kohya/GGUF file with ``format``, with a model card and
+    `EXTRACTION_FILE`, the per-module account (rank, kept energy, measured relative error) that the returned
+    `Extraction` holds too. Tensors carried whole (norms, biases, resized embeddings) go into PEFT's
+    modules_to_save; kohya and GGUF cannot hold them, so there they are listed as not carried, with a warning."""
+    require_path(output, "output (the output folder)")
+    if format not in LAID_OUT + ("kohya",):
+        raise MethodError(f"unknown output format {format!r}; choose from peft, kohya, gguf")
+    protect = [base, finetuned]
+    check_output(output, overwrite=overwrite, protect=protect)
+    result = extract_lora(base, finetuned, progress=progress, **settings)
+    adapter = result.adapter
+    if not adapter.modules:
+        carried = f" (only {', '.join(sorted(adapter.extra)[:3])} changed)" if adapter.extra else ""
+        raise CheckpointError(f"{finetuned}: no linear, embedding or conv weight differs from {base}{carried}")
+    if format != "peft" and adapter.extra:
+        result.dropped = {name: f"{format} files cannot hold it" for name in adapter.extra}
+        log.warning(
+            "%s files cannot hold whole tensors: %d changed tensor(s) are not carried (%s); --format peft carries them",
+            format,
+            len(adapter.extra),
+            ", ".join(sorted(adapter.extra)[:3]),
+        )
+        adapter.extra = {}
+    shown = portable_layout(adapter) if format in LAID_OUT and rank_layout == "portable" else adapter
+    report = {**result.to_json(), "revisions": revisions(protect), "format": format, "rank_layout": rank_layout}
+    files = {
+        CARD_FILE: model_card(shown, argv=argv, output_format=format) + extraction_section(report),
+        EXTRACTION_FILE: json.dumps(report, indent=2) + "\n",
+    }
+    with atomic_output(output, overwrite=overwrite, protect=protect) as tmp:
+        write_adapter(adapter, tmp, **_format_options(format, output, rank_layout, str(base)))
+        _write_files(tmp, files)
+    return result
 
 
 def write_analysis_json(analysis: Analysis, path: str | Path) -> Path:

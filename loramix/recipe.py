@@ -66,7 +66,8 @@ class Plan:
     options: dict = field(default_factory=dict)
     output: str | None = None
     merge_into: str | None = None
-    shard_size: str = "5GB"
+    shard_size: str | None = None
+    workers: int | None = None
     quantized_as: str | None = None
     double_quant: bool | None = None
     blocksize: int | None = None
@@ -77,7 +78,7 @@ class Plan:
     def combine_kwargs(self) -> dict:
         """Keyword arguments for `loramix.combine`."""
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        merge_only = ("merge_into", "shard_size", "quantized_as", "double_quant", "blocksize", "round_trip")
+        merge_only = ("merge_into", "shard_size", "workers", "quantized_as", "double_quant", "blocksize", "round_trip")
         for key in ("adapters", "options", "output", "dtype", *merge_only, "format", "gguf_base"):
             kwargs.pop(key)
         loading = {key: kwargs.pop(key) for key in LOAD_OPTIONS}

@@ -1,6 +1,6 @@
 """Build the bundled examples in loramix/examples/: a tiny random-weight Llama with a character tokenizer, three PEFT
-adapters on it, a few-shot JSONL for ``loramix search`` and a hand-made (MiniMind-style) LoRA state dict with the
-module map that renames its modules to the tiny Llama's.
+adapters on it, a few-shot JSONL for ``loramix search``, a hand-made (MiniMind-style) LoRA state dict with the
+module map that renames its modules to the tiny Llama's, and a "fully fine-tuned" copy for ``loramix extract``.
 
 Run from the repository root: ``python tests/make_examples.py``. Deterministic: tests/test_project.py rebuilds
 them into a temporary folder and checks that the bundled files hold the same tensors, configs and texts.
@@ -113,6 +113,21 @@ def write_minimind(folder: Path) -> None:
     (folder / "module_map.yaml").write_text(MODULE_MAP)
 
 
+def write_tuned(folder: Path) -> None:
+    """The tiny Llama "fully fine-tuned", for ``loramix extract``: a rank-4 update on every attention and MLP
+    projection (about a fifth of the weight's norm) with a little full-rank noise, and a retrained final norm; bf16."""
+    model = base_model()
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                out, inp = param.shape
+                low = torch.randn(out, 4, generator=generator) @ torch.randn(4, inp, generator=generator)
+                param += 0.002 * low + 0.0004 * torch.randn(out, inp, generator=generator)
+        model.model.norm.weight *= 1.2
+    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
+
+
 def build(root: Path) -> None:
     base_model().to(torch.bfloat16).save_pretrained(root / "tiny-llama", max_shard_size="100KB")
     write_tokenizer(root / "tiny-llama")
@@ -124,6 +139,7 @@ def build(root: Path) -> None:
         (root / name / "README.md").unlink()  # PEFT's boilerplate card says nothing about these examples
     write_few_shot(root / "few-shot")
     write_minimind(root / "minimind")
+    write_tuned(root / "tiny-llama-tuned")
 
 
 if __name__ == "__main__":

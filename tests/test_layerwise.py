@@ -132,6 +132,19 @@ def test_options_per_layer_equal_the_method_with_plain_numbers(pair):
     assert varying.provenance["options"]["density"] == [0.3, 0.9]
 
 
+def test_weights_per_layer_reach_methods_that_count_absent_adapters(pair):
+    """karcher counts an adapter that lacks a module as a zero update whose weight still normalises the others':
+    that weight is the module's own (resolved per layer), as when the method runs with each layer's plain numbers."""
+    first = loramix.load_adapter(pair[0].path)
+    dropped = next(n for n in first.modules if ".layers.1." in n)
+    sources = [first.with_modules({n: m for n, m in first.modules.items() if n != dropped}), pair[1].path]
+    varying = loramix.combine(sources, weights=[[0.2, 0.7], 0.5], method="karcher", rank_layout="exact")
+    plain = loramix.combine(sources, weights=[0.7, 0.5], method="karcher", rank_layout="exact")
+    other = loramix.combine(sources, weights=[0.2, 0.5], method="karcher", rank_layout="exact")
+    torch.testing.assert_close(varying.modules[dropped].delta(), plain.modules[dropped].delta(), rtol=0, atol=0)
+    assert not torch.allclose(other.modules[dropped].delta(), plain.modules[dropped].delta())  # the weight counts
+
+
 def test_recipe_records_varying_weights_and_reruns_identically(pair, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(

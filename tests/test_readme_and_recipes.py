@@ -56,7 +56,11 @@ def test_recipe_runs_and_writes_card_and_recipe(recipe, tmp_path):
     assert load_recipe(out / "loramix_recipe.yaml").method == plan.method
     if plan.merge_into:
         assert card.data.to_dict()["base_model_relation"] == "merge"
-        assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+        # the base's own shard files and index (an unsharded base would give model.safetensors)
+        base = (recipe.parent / plan.merge_into).resolve()
+        shards = sorted(p.name for p in base.glob("*.safetensors"))
+        assert (out / "config.json").is_file() and shards and all((out / name).is_file() for name in shards)
+        assert (out / "model.safetensors.index.json").is_file() == (base / "model.safetensors.index.json").is_file()
         return
     assert card.data.to_dict()["base_model_relation"] == "adapter"
     adapter = load_adapter(out)

@@ -11,20 +11,23 @@ import sys
 
 import click
 
+from loramix.cli.extract import extract
 from loramix.cli.options import (
     DEVICE_HELP,
+    SHARD_SIZE_HELP,
     WEIGHTS_HELP,
     Group,
     block_weights,
-    bounds,
     error_line,
     errors_as_one_line,
     method_options,
+    push_output,
     rank_rule_options,
     state_dict_options,
     verbosity_options,
     weights,
 )
+from loramix.cli.search import search
 from loramix.errors import LoramixError
 
 
@@ -130,7 +133,15 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (adapter or merged model).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE (a folder or Hub id) merged.")
-@click.option("--shard-size", help="With --merge-into: the largest shard [default: 5GB].")
+@click.option(
+    "--shard-size",
+    help=SHARD_SIZE_HELP,
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="With --merge-into: tensors merged at once (same bytes for any count) [default: one per CPU; 4 on a GPU].",
+)
 @click.option(
     "--quantized-as",
     type=click.Choice(["nf4", "fp4", "none"]),
@@ -217,7 +228,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
             + (f" ({report.format} format)" if report.format in ("kohya", "gguf") else "")
             + (f"; {kept}" if kept else "")
         )
-    _push_output(plan.output, push_repo)
+    push_output(plan.output, push_repo)
 
 
 def _with_block_weights(lbws: list, weights: list | None, count: int) -> list:
@@ -231,12 +242,7 @@ def _with_block_weights(lbws: list, weights: list | None, count: int) -> list:
     return [{"lbw": lbw, "ratio": ratio} for lbw, ratio in zip(lbws, ratios)]
 
 
-def _push_output(folder: str, repo_id: str | None) -> None:
-    """--push-to-hub: upload a finished output folder."""
-    if repo_id:
-        from loramix.hub import push_to_hub
-
-        click.echo(f"pushed {folder} to {repo_id}: {push_to_hub(folder, repo_id)}")
+main.add_command(extract)
 
 
 @main.command()
@@ -262,7 +268,8 @@ def examples(name: str | None) -> None:
 
     tiny-llama: a tiny random Llama with a character tokenizer; summarize, translate, formal: PEFT adapters made on
     it; few-shot: formal.jsonl, examples for `loramix search`; minimind: a hand-made LoRA state dict (.pth) and
-    the module_map.yaml that renames its modules to tiny-llama's.
+    the module_map.yaml that renames its modules to tiny-llama's; tiny-llama-tuned: a "fully fine-tuned" tiny-llama
+    for `loramix extract`.
     """
     from loramix import examples as bundled
 
@@ -323,89 +330,7 @@ def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, threads, **o
             click.echo(f"wrote {path}", err=json_path == "-")
 
 
-_COMPOSITION = "lorahub: B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (LoRAHub, equal ranks); delta: exact Σwᵢsᵢ·BᵢAᵢ [default: lorahub]."
-_OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), adam (gradients) [default: cobyla]."
-
-
-@main.command()
-@click.argument("adapters", nargs=-1, required=True)
-@click.option("--base", required=True, metavar="MODEL", help="Base model folder or Hub id (causal LM or seq2seq).")
-@click.option(
-    "--examples", required=True, type=click.Path(dir_okay=False), help='JSON lines {"input": ..., "output": ...}.'
-)
-@click.option("--composition", type=click.Choice(["lorahub", "delta"]), default="lorahub", help=_COMPOSITION)
-@click.option("--optimizer", type=click.Choice(["cobyla", "cma", "adam"]), default="cobyla", help=_OPTIMIZER)
-@click.option(
-    "--steps",
-    type=click.IntRange(min=1),
-    default=40,
-    show_default=True,
-    help="COBYLA evaluations, CMA-ES generations or Adam steps.",
-)
-@click.option(
-    "--l1",
-    type=float,
-    default=0.05,
-    show_default=True,
-    help="Weight of the mean|wᵢ| penalty (over the searched numbers).",
-)
-@click.option(
-    "--bounds", default="-1.5,1.5", show_default=True, callback=bounds, help="LOW,HIGH for every searched number."
-)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of CMA-ES and Adam.")
-@click.option("--device", default="auto", help=DEVICE_HELP)
-@click.option(
-    "--init",
-    callback=weights,
-    help="Starting weights, one per adapter, as -w takes them [default: 0 each]; for a gradient, filters or lbw the "
-    "search finds that form's numbers.",
-)
-@click.option("--popsize", type=click.IntRange(min=2), help="CMA-ES candidates per generation [default: 4+3·ln n].")
-@click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")
-@click.option("--max-candidates", type=click.IntRange(min=1), help="At most this many candidates per forward pass.")
-@click.option("--chat-template", is_flag=True, help="Wrap each input as a user turn with the tokenizer's template.")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE with the result merged instead.")
-@click.option("--shard-size", default="5GB", show_default=True, help="With --merge-into: the largest shard.")
-@click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repository.")
-@click.pass_context
-@errors_as_one_line
-def search(
-    ctx: click.Context, adapters, base, examples, output, force, merge_into, shard_size, push_repo, **options
-) -> None:
-    """Search the weights of ADAPTERS whose combination fits the --examples best (LoRAHub, batched).
-
-    OUTPUT receives search.json (weights in the order given, loss, history, settings) and the combined PEFT adapter
-    (or, with --merge-into BASE, BASE with it merged). An --init weight that varies by layer or module (a gradient,
-    filters, lbw) keeps its form: the search finds its numbers, and reports and writes that form.
-    """
-    from transformers.utils import logging as transformers_logging
-
-    from loramix.io.files import check_output
-    from loramix.pipeline import write_search
-    from loramix.schedule import describe
-    from loramix.weight_search import search as run_search
-
-    check_output(output, overwrite=force, protect=[*adapters, base, examples, *([merge_into] if merge_into else [])])
-    transformers_logging.disable_progress_bar()  # its per-tensor loading bar is noise here
-    result = run_search(base, list(adapters), examples, progress=ctx.obj["progress"], **options)
-    write_search(
-        result,
-        output,
-        overwrite=force,
-        merge_into=merge_into,
-        shard_size=shard_size,
-        device=options["device"],
-        progress=ctx.obj["progress"],
-        argv=sys.argv,
-    )
-    weights = ", ".join(describe(w, "+.3f") for w in result.weights)
-    click.echo(
-        f"wrote {output}: weights [{weights}], loss {result.loss:.4f} (cross-entropy {result.cross_entropy:.4f}), "
-        f"{result.evaluations} evaluations in {result.seconds:.1f} s, {options['composition']} composition"
-    )
-    _push_output(output, push_repo)
+main.add_command(search)
 
 
 @main.command()

@@ -18,6 +18,10 @@ class OneLine(logging.Formatter):
         return f"{record.levelname.lower()}: {shown(record.getMessage())}"
 
 
+SHARD_SIZE_HELP = (
+    "With --merge-into: lay the tensors out anew in shards of at most this size [default: the base's own shard "
+    "files; 5GB for a .bin base]."
+)
 # One default for every command: where there is a GPU, combining, merging and searching all run faster on it (a
 # search is forward passes through the whole base); results agree with the CPU's to float32 rounding.
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto: a GPU when there is one, else the CPU [default: auto]."
@@ -201,3 +205,11 @@ def bounds(ctx, param, value: str) -> tuple[float, float]:
     if not low < high:
         raise click.BadParameter(f"LOW must be below HIGH, got {value!r}")
     return low, high
+
+
+def push_output(folder: str, repo_id: str | None) -> None:
+    """--push-to-hub: upload a finished output folder."""
+    if repo_id:
+        from loramix.hub import push_to_hub
+
+        click.echo(f"pushed {folder} to {repo_id}: {push_to_hub(folder, repo_id)}")

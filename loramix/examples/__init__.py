@@ -8,6 +8,8 @@
 - ``minimind``: ``minimind_lora.pth``, a hand-made LoRA state dict in MiniMind's naming
   (``layers.0.attention.wq.lora.A.weight``, rank 4 on wq/wv/w2), and ``module_map.yaml``, which renames its modules
   to the tiny Llama's (``--module-map``).
+- ``tiny-llama-tuned``: the tiny Llama "fully fine-tuned" (a rank-4 update plus a little noise on every projection,
+  a retrained final norm), for ``loramix extract``.
 
 Random weights: they demonstrate the mechanics, not skills.
 """

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,14 +89,17 @@ class BaseTensor:
         shape = (stop - start, *self.shape[1:]) if self.shape else ()
         count = math.prod(shape) * self.dtype.itemsize
         row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else 0
-        buffer = bytearray(count)
-        if count:
-            with open(self.path, "rb", buffering=0) as f:
-                f.seek(self.offset + start * row_bytes)
-                if f.readinto(buffer) != count:
+        if not count:
+            return torch.empty(shape, dtype=self.dtype)
+        buffer = torch.empty(count, dtype=torch.uint8)  # not zero-filled: read straight into it
+        view, at = memoryview(buffer.numpy()), self.offset + start * row_bytes
+        with open(self.path, "rb", buffering=0) as f:
+            while view:  # one read returns at most ~2 GB
+                got = os.preadv(f.fileno(), [view], at)
+                if got == 0:
                     raise CheckpointError(f"{self.path}: truncated file (tensor {self.name})")
-            return torch.frombuffer(buffer, dtype=self.dtype).reshape(shape)
-        return torch.empty(shape, dtype=self.dtype)
+                view, at = view[got:], at + got
+        return buffer.view(self.dtype).reshape(shape)
 
 
 @dataclass

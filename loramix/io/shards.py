@@ -1,16 +1,19 @@
-"""The sharded safetensors writer: shards planned in advance, headers written first, then every tensor written at
-its planned place by a few threads at once.
+"""The sharded safetensors writer: shards planned in advance (anew, or the base's own files), headers written first,
+then every tensor written at its planned place by a few threads at once.
 
-An output tensor is anything with ``name``, ``dtype``, ``shape``, ``nbytes`` and ``raw_copy`` (plus
-``source.path``/``source.offset``, a `loramix.io.base.BaseTensor`, when ``raw_copy``). Tensors that change neither
-value nor dtype are copied byte for byte, neighbours together, in the kernel where the OS allows
-(``copy_file_range``); the others are produced chunk by chunk by the caller's ``produce`` function and written as
-they come, so memory holds about one chunk per thread.
+An output tensor is anything with ``name``, ``dtype``, ``shape``, ``nbytes``, ``raw_copy`` and ``home`` (the base
+file it comes from, or None), plus ``source`` (a `loramix.io.base.BaseTensor`: its ``path``/``offset`` are where
+a ``raw_copy`` tensor's bytes lie). Tensors that change neither value nor dtype are copied byte for byte,
+neighbours together, in the kernel where the OS allows (``copy_file_range``, else ``sendfile``, else a buffered
+copy); the others are produced chunk by chunk by the caller's ``produce`` function and written as they come, so
+memory holds about one chunk per thread. When the output keeps the base's files and no tensor changes dtype or
+shape, every offset stays the same and the base's header is copied as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -22,9 +25,13 @@ from pathlib import Path
 import torch
 
 from loramix.errors import CheckpointError
-from loramix.io.base import DTYPE_NAMES
+from loramix.io.base import DTYPE_NAMES, read_safetensors_header
 
 COPY_PIECE = 1 << 28  # unchanged tensors are copied (in the kernel) in pieces of at most this many bytes
+# The kernel's copies, tried in this order before a buffered copy (a test empties it to force the fallback).
+ZERO_COPY = ("copy_file_range", "sendfile")
+# Errors that say "this copy cannot be done in the kernel here" (old kernel, other file system, special file).
+_UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
 
 
 def plan_shards(jobs: list, shard_size: int) -> list[list]:
@@ -39,6 +46,54 @@ def plan_shards(jobs: list, shard_size: int) -> list[list]:
         size += job.nbytes
     # within a file, larger items first keeps every tensor aligned to its element size (as safetensors does)
     return [sorted(shard, key=lambda j: -j.dtype.itemsize) for shard in shards if shard]
+
+
+def _unchanged_size(job) -> bool:
+    return job.home is not None and job.dtype == job.source.dtype and tuple(job.shape) == tuple(job.source.shape)
+
+
+def base_layout(jobs: list, files: list[Path]) -> tuple[list[str], list[list]] | None:
+    """The base's own shard files as the output's (names and tensors per file): each tensor in the file it came
+    from, in its order there (by size of element first when some tensor changes size, which keeps every tensor
+    aligned), tensors the base lacks in the last file. None when the base has no safetensors files (a .bin base)."""
+    by_file: dict[Path, list] = {path: [] for path in files}
+    extra = []
+    for job in jobs:
+        if job.home is None:
+            extra.append(job)
+        elif job.home in by_file:
+            by_file[job.home].append(job)
+        else:
+            return None
+    shards = [shard for shard in by_file.values() if shard]
+    if not shards:
+        return None
+    shards[-1] += extra
+    for i, shard in enumerate(shards):
+        if not all(_unchanged_size(job) for job in shard):
+            shards[i] = sorted(shard, key=lambda j: -j.dtype.itemsize)
+    names = [path.name for path in files if by_file[path]]
+    return names, shards
+
+
+def kept_header(shard: list) -> bytes | None:
+    """The base file's header bytes, when ``shard`` is that file's tensors in its order with unchanged dtypes and
+    shapes (every offset is then the same): the output file starts with the very same bytes."""
+    home = shard[0].home
+    if not all(job.home == home and _unchanged_size(job) for job in shard):
+        return None
+    header, start = read_safetensors_header(home)
+    header.pop("__metadata__", None)
+    if len(header) != len(shard):
+        return None
+    offset = 0
+    for job in shard:
+        entry = header.get(job.name)
+        if entry is None or entry["data_offsets"] != [offset, offset + job.nbytes]:
+            return None
+        offset += job.nbytes
+    with open(home, "rb") as f:
+        return f.read(start)
 
 
 def safetensors_header(jobs: list, metadata: dict[str, str]) -> bytes:
@@ -63,33 +118,52 @@ def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
         data, at = data[done:], at + done
 
 
-def _copy_range(src: Path, offset: int, count: int, fd: int, at: int) -> None:
-    """Copy ``count`` bytes at ``offset`` of ``src`` to position ``at`` of ``fd``: in the kernel where possible."""
+def _kernel_copy(way: str, src_fd: int, out: Path, offset: int, count: int, at: int) -> int:
+    """Copy up to ``count`` bytes in the kernel with ``way``; returns the bytes copied (0: the source ended).
+    Raises OSError when the kernel cannot do it here."""
+    if way == "copy_file_range":
+        with open(out, "r+b", buffering=0) as f:
+            return os.copy_file_range(src_fd, f.fileno(), count, offset, at)
+    with open(out, "r+b", buffering=0) as f:  # sendfile writes at the output's file position: a descriptor of its own
+        f.seek(at)
+        return os.sendfile(f.fileno(), src_fd, offset, count)
+
+
+def _copy_range(src: Path, offset: int, count: int, out: Path, at: int) -> None:
+    """Copy ``count`` bytes at ``offset`` of ``src`` to position ``at`` of ``out``: in the kernel where possible
+    (`ZERO_COPY` in order), else through a buffer; a way that fails part way hands the rest to the next."""
     with open(src, "rb", buffering=0) as f:
         src_fd = f.fileno()
-        try:
-            while count:
-                done = os.copy_file_range(src_fd, fd, count, offset, at)
-                if done == 0:
-                    raise CheckpointError(f"{src}: truncated file")
-                offset, at, count = offset + done, at + done, count - done
-            return
-        except (AttributeError, OSError):  # no copy_file_range here (or across these file systems): copy by hand
-            pass
+        for way in ZERO_COPY:
+            if not hasattr(os, way):
+                continue
+            try:
+                while count:
+                    done = _kernel_copy(way, src_fd, out, offset, min(count, COPY_PIECE), at)
+                    if done == 0:
+                        raise CheckpointError(f"{src}: truncated file")
+                    offset, at, count = offset + done, at + done, count - done
+                return
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
         buffer = bytearray(min(count, 1 << 24))
-        while count:
-            got = os.preadv(src_fd, [memoryview(buffer)[: min(count, len(buffer))]], offset)
-            if got == 0:
-                raise CheckpointError(f"{src}: truncated file")
-            _pwrite_all(fd, memoryview(buffer)[:got], at)
-            offset, at, count = offset + got, at + got, count - got
+        with open(out, "r+b", buffering=0) as o:
+            while count:
+                got = os.preadv(src_fd, [memoryview(buffer)[: min(count, len(buffer))]], offset)
+                if got == 0:
+                    raise CheckpointError(f"{src}: truncated file")
+                _pwrite_all(o.fileno(), memoryview(buffer)[:got], at)
+                offset, at, count = offset + got, at + got, count - got
 
 
 @dataclass
 class _Task:
-    """Work that writes to a known place of an output file: a computed tensor (``job``), or ``count`` bytes copied
-    from ``src`` at ``offset`` (one or several unchanged tensors lying end to end in both files)."""
+    """Work that writes to a known place of output file ``out`` (open as ``fd``): a computed tensor (``job``), or
+    ``count`` bytes copied from ``src`` at ``offset`` (one or several unchanged tensors lying end to end in both
+    files)."""
 
+    out: Path
     fd: int
     at: int
     job: object | None = None
@@ -98,17 +172,17 @@ class _Task:
     count: int = 0
 
 
-def _tasks(fd: int, at: int, jobs: list) -> list[_Task]:
+def _tasks(out: Path, fd: int, at: int, jobs: list) -> list[_Task]:
     """Tasks for ``jobs`` stored from ``at`` on; neighbouring unchanged tensors become one copy (in pieces)."""
     tasks: list[_Task] = []
     for job in jobs:
         last = tasks[-1] if tasks else None
         if not job.raw_copy:
-            tasks.append(_Task(fd, at, job))
+            tasks.append(_Task(out, fd, at, job))
         elif last and last.src == job.source.path and last.offset + last.count == job.source.offset:
             last.count += job.nbytes
         else:
-            tasks.append(_Task(fd, at, src=job.source.path, offset=job.source.offset, count=job.nbytes))
+            tasks.append(_Task(out, fd, at, src=job.source.path, offset=job.source.offset, count=job.nbytes))
         at += job.nbytes
     pieces = []
     for task in tasks:
@@ -117,7 +191,7 @@ def _tasks(fd: int, at: int, jobs: list) -> list[_Task]:
             continue
         for start in range(0, task.count, COPY_PIECE):
             count = min(COPY_PIECE, task.count - start)
-            pieces.append(_Task(fd, task.at + start, src=task.src, offset=task.offset + start, count=count))
+            pieces.append(_Task(out, fd, task.at + start, src=task.src, offset=task.offset + start, count=count))
     return pieces
 
 
@@ -127,7 +201,7 @@ Produce = Callable[[object], Iterator[torch.Tensor]]
 def _run(task: _Task, produce: Produce, bar) -> None:
     job = task.job
     if job is None:
-        _copy_range(task.src, task.offset, task.count, task.fd, task.at)
+        _copy_range(task.src, task.offset, task.count, task.out, task.at)
         bar.update(task.count)
         return
     at = task.at
@@ -148,21 +222,33 @@ def shard_names(count: int, stem: str = "model") -> list[str]:
     return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def write_shards(folder: Path, names: list[str], shards: list[list], *, produce: Produce, bar, workers: int) -> None:
-    """Write every shard into ``folder``: headers first (planned in advance), then every tensor at its planned
-    place; ``produce(job)`` yields a computed tensor's output rows in order, already in its output dtype."""
+def write_shards(
+    folder: Path,
+    names: list[str],
+    shards: list[list],
+    *,
+    produce: Produce,
+    bar,
+    workers: int,
+    headers: list[bytes | None] | None = None,
+) -> None:
+    """Write every shard into ``folder``: headers first (``headers[i]`` as given, else planned from the tensors),
+    then every tensor at its planned place; ``produce(job)`` yields a computed tensor's output rows in order,
+    already in its output dtype. One thread copies unchanged bytes (a second kernel copy at once gains nothing),
+    ``workers`` threads compute meanwhile."""
+    headers = headers or [None] * len(shards)
     with contextlib.ExitStack() as files:
         tasks: list[_Task] = []
-        for name, shard in zip(names, shards):
-            fd = files.enter_context(open(folder / name, "wb", buffering=0)).fileno()
-            header = safetensors_header(shard, {"format": "pt"})
+        for name, shard, header in zip(names, shards, headers):
+            path = folder / name
+            fd = files.enter_context(open(path, "wb", buffering=0)).fileno()
+            header = header or safetensors_header(shard, {"format": "pt"})
             _pwrite_all(fd, memoryview(header), 0)
-            tasks += _tasks(fd, len(header), shard)
+            tasks += _tasks(path, fd, len(header), shard)
             os.ftruncate(fd, len(header) + sum(job.nbytes for job in shard))
-        # one thread copies (a second kernel copy at once gains nothing), the others compute meanwhile
         copies = [t for t in tasks if t.job is None]
         computed = [t for t in tasks if t.job is not None]
-        with ThreadPoolExecutor(1) as copier, ThreadPoolExecutor(max(1, workers - 1)) as pool:
+        with ThreadPoolExecutor(1) as copier, ThreadPoolExecutor(max(1, workers)) as pool:
             futures = [copier.submit(_run, t, produce, bar) for t in copies]
             futures += [pool.submit(_run, t, produce, bar) for t in computed]
             try:

@@ -8,15 +8,19 @@ and sign election:
   ("frequency"), ties going to +; disjoint merge Σ wᵢ·τ̂ᵢ over the agreeing tasks / their count (at least 1).
 - dare_linear / dare_ties (Yu et al. 2023): drop each entry with probability 1 − density and rescale the kept
   ones by 1/density, then Σ wᵢ·τ̂ᵢ, or elect and disjoint-merge as TIES.
+
+`task_space` gives the task vectors in either space and the way back to factors, for every element-wise family.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Callable
 
 from loramix.errors import MethodError
 from loramix.lazy import lazy
-from loramix.linalg import numerical_rank
+from loramix.linalg import Factors, FactorSVD, RankRule, dense_factors, numerical_rank
 
 torch = lazy("torch")
 
@@ -35,6 +39,20 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise MethodError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise MethodError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf) -> float:
+    """``value`` as a float when it is a number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        span = "" if (low, high) == (-math.inf, math.inf) else f" in [{low:g}, {high:g}]"
+        raise MethodError(f"{name} must be a number{span}, got {value!r}")
+    return float(value)
 
 
 def check_seed(seed) -> int:
@@ -123,3 +141,31 @@ def column_signs(U: torch.Tensor) -> torch.Tensor:
     """±1 per column making each column's entry of largest magnitude positive (a canonical SVD sign)."""
     signs = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()
     return torch.where(signs == 0, 1.0, signs).to(U.dtype)
+
+
+def task_space(terms, scales: list[float], space: str) -> tuple[list, Callable[..., Factors]]:
+    """The module's task vectors τᵢ = sᵢ·Bᵢ·Aᵢ in ``space`` and ``finish(merged, rule)`` that turns a merged one into
+    truncated balanced factors.
+
+    ``dense``: each out×in ΔWᵢ (float32 or wider), finished by a full SVD (`dense_factors`). ``core`` (Panariello et
+    al. 2025): the cores Mᵢ = U_Bᵀ·τᵢ·V_A in float64, U_B and V_A orthonormal bases of the joint column space of the
+    Bᵢ and row space of the Aᵢ (`joint_basis`), finished as U_B·SVD(M)·V_Aᵀ without an out×in matrix.
+    """
+    check_choice("space", space, SPACES)
+    if space == "dense":
+        dtype = torch.promote_types(terms[0].B.dtype, torch.float32)
+        return [s * (t.B.to(dtype) @ t.A.to(dtype)) for s, t in zip(scales, terms)], dense_factors
+    dtype = torch.float64
+    U_B = joint_basis(torch.cat([t.B.to(dtype) for t in terms], dim=1))
+    V_A = joint_basis(torch.cat([t.A.to(dtype) for t in terms], dim=0).T)
+    shape = (U_B.shape[0], V_A.shape[0])
+    if U_B.shape[1] == 0 or V_A.shape[1] == 0:
+        zero = Factors(U_B.new_zeros(shape[0], 1), U_B.new_zeros(1, shape[1]))
+        return [U_B.new_zeros(1, 1) for _ in terms], lambda merged, rule: zero
+    cores = [s * ((U_B.T @ t.B.to(dtype)) @ (t.A.to(dtype) @ V_A)) for s, t in zip(scales, terms)]
+
+    def finish(merged: torch.Tensor, rule: RankRule) -> Factors:
+        u, S, vh = torch.linalg.svd(merged, full_matrices=False)
+        return FactorSVD(U_B @ u, S, vh @ V_A.T).factors(rule.choose(S, shape))
+
+    return cores, finish

@@ -5,12 +5,14 @@ A term is one adapter's contribution to a module, ``coef·B·A`` with ``coef = w
 `loramix.linalg.Factors`: ``B, A`` whose product (scale 1) is the merged ΔW, and the share of energy kept when it
 truncated a spectrum. Methods know nothing of files, names or devices beyond
 the tensors they are given. Every method takes ``rule`` (a `loramix.linalg.RankRule`, used by the methods that
-truncate); its other keyword-only parameters, with their defaults, are its options.
+truncate); its other keyword-only parameters, with their defaults, are its options. A parameter named after a Python
+keyword with a trailing underscore (``lambda_``) is the option without it (``lambda``, as mergekit spells it).
 """
 
 from __future__ import annotations
 
 import inspect
+import keyword
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -45,6 +47,7 @@ class Method:
     equal_ranks: bool = False
     dense: bool = False
     truncates: bool = False
+    every_adapter: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -65,7 +68,7 @@ class Method:
 
     def apply(self, terms: list[Term], *, rule, **options) -> Factors:
         """Run the method on one module's terms; a function returning a plain ``(B, A)`` counts as untruncated."""
-        result = self.fn(terms, rule=rule, **options)
+        result = self.fn(terms, rule=rule, **{_parameter(k): v for k, v in options.items()})
         return result if isinstance(result, Factors) else Factors(*result)
 
     def check_options(self, options: dict[str, Any]) -> None:
@@ -86,18 +89,20 @@ def method(
     truncates: bool = False,
     dense: bool = False,
     equal_ranks: bool = False,
+    every_adapter: bool = False,
 ) -> Callable:
     """Register the decorated function as merge method ``name``; its keyword-only parameters other than ``rule``
-    become the method's options, with their defaults."""
+    become the method's options, with their defaults. With ``every_adapter`` a combine gives it a term for every
+    adapter, in order, a zero one where an adapter lacks the module (`absent_as_zero`)."""
 
     def register(fn: Callable) -> Callable:
         if name in REGISTRY:
             raise MethodError(f"method {name} is registered twice")
         parameters = inspect.signature(fn).parameters.values()
-        keyword = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        if not any(p.name == "rule" for p in keyword):
+        named = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        if not any(p.name == "rule" for p in named):
             raise MethodError(f"method {name}: the function must take a keyword-only 'rule'")
-        missing = [p.name for p in keyword if p.name != "rule" and p.default is inspect.Parameter.empty]
+        missing = [p.name for p in named if p.name != "rule" and p.default is inspect.Parameter.empty]
         if missing:
             raise MethodError(f"method {name}: option(s) {', '.join(missing)} need a default")
         REGISTRY[name] = Method(
@@ -107,13 +112,37 @@ def method(
             paper=paper,
             exact=exact,
             equal_ranks=equal_ranks,
+            every_adapter=every_adapter,
             dense=dense,
             truncates=truncates,
-            defaults={p.name: p.default for p in keyword if p.name != "rule"},
+            defaults={_option(p.name): p.default for p in named if p.name != "rule"},
         )
         return fn
 
     return register
+
+
+def absent_as_zero(terms: list[Term], weights: list[float], has: list[bool]) -> list[Term]:
+    """One term per adapter, in order: ``terms`` (those of the adapters with ``has`` true) and, for the others, a zero
+    update (rank 1, zero factors) with the adapter's weight — what mergekit sees of a fine-tuned model that left the
+    weight alone: ΔWᵢ = 0, its weight still counted where a method normalises by the weights."""
+    given = iter(terms)
+    B, A = terms[0].B, terms[0].A
+    return [
+        next(given) if present else Term(w, B.new_zeros(B.shape[0], 1), A.new_zeros(1, A.shape[1]), weight=w)
+        for w, present in zip(weights, has)
+    ]
+
+
+def _option(parameter: str) -> str:
+    """The option a keyword-only parameter stands for: ``lambda_`` → ``lambda``, any other name as it is."""
+    bare = parameter[:-1]
+    return bare if parameter.endswith("_") and keyword.iskeyword(bare) else parameter
+
+
+def _parameter(option: str) -> str:
+    """The parameter an option is passed as: ``lambda`` → ``lambda_``."""
+    return option + "_" if keyword.iskeyword(option) else option
 
 
 def get_method(name: str) -> Method:

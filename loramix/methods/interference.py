@@ -11,22 +11,18 @@ rule there is lossless.
 
 from __future__ import annotations
 
-from loramix.lazy import lazy
-from loramix.linalg import Factors, FactorSVD, RankRule, dense_factors
+from loramix.linalg import Factors, RankRule
 from loramix.methods._elementwise import (
     MAJORITY_SIGNS,
-    SPACES,
     check_choice,
     check_density,
     check_seed,
-    joint_basis,
     merge_elementwise,
     module_generator,
     split_weights,
+    task_space,
 )
 from loramix.methods.base import method
-
-torch = lazy("torch")
 
 CORE = "core: Panariello et al. 2025, arXiv:2509.17786"
 
@@ -44,30 +40,14 @@ def _merge_terms(
     """Apply rule ``kind`` to the module's task vectors in ``space`` and return truncated balanced factors."""
     density = check_density(density)
     check_choice("majority_sign", majority_sign, MAJORITY_SIGNS)
-    check_choice("space", space, SPACES)
     generator = module_generator(check_seed(seed), terms) if kind.startswith("dare") else None
     scales, weights = split_weights(terms)
-    options = dict(kind=kind, density=density, majority_sign=majority_sign, generator=generator)
-    if space == "core":
-        return _core(terms, scales, weights, rule, options)
-    dtype = torch.promote_types(terms[0].B.dtype, torch.float32)
-    tasks = [s * (t.B.to(dtype) @ t.A.to(dtype)) for s, t in zip(scales, terms)]
-    merged = merge_elementwise(tasks, weights, **options)
+    tasks, finish = task_space(terms, scales, space)
+    merged = merge_elementwise(
+        tasks, weights, kind=kind, density=density, majority_sign=majority_sign, generator=generator
+    )
     del tasks
-    return dense_factors(merged, rule)
-
-
-def _core(terms, scales, weights, rule: RankRule, options: dict) -> Factors:
-    dtype = torch.float64
-    U_B = joint_basis(torch.cat([t.B.to(dtype) for t in terms], dim=1))
-    V_A = joint_basis(torch.cat([t.A.to(dtype) for t in terms], dim=0).T)
-    out, inp = terms[0].B.shape[0], terms[0].A.shape[1]
-    if U_B.shape[1] == 0 or V_A.shape[1] == 0:
-        return Factors(U_B.new_zeros(out, 1), U_B.new_zeros(1, inp))
-    cores = [s * ((U_B.T @ t.B.to(dtype)) @ (t.A.to(dtype) @ V_A)) for s, t in zip(scales, terms)]
-    merged = merge_elementwise(cores, weights, **options)
-    u, S, vh = torch.linalg.svd(merged, full_matrices=False)
-    return FactorSVD(U_B @ u, S, vh @ V_A.T).factors(rule.choose(S, (out, inp)))
+    return finish(merged, rule)
 
 
 @method(

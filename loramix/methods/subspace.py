@@ -18,13 +18,13 @@ of the small core). Results are re-factorised and truncated by the rank rule.
 
 from __future__ import annotations
 
-from loramix.errors import MethodError
 from loramix.lazy import lazy
 from loramix.linalg import Factors, RankRule, factor_svd, numerical_rank, stacked_factors, truncated_factors
 from loramix.methods._elementwise import (
     MAJORITY_SIGNS,
     check_choice,
     check_density,
+    check_number,
     check_seed,
     column_signs,
     merge_elementwise,
@@ -97,12 +97,7 @@ def iso_c(terms, *, rule: RankRule) -> Factors:
 @method(name="iso_cts", paper="Marczak et al. 2025, Iso-CTS, arXiv:2502.04959", truncates=True)
 def iso_cts(terms, *, rule: RankRule, common_fraction: float = 0.8) -> Factors:
     """Iso-CTS: common subspace of the sum plus task-specific directions, flat spectrum."""
-    if (
-        isinstance(common_fraction, bool)
-        or not isinstance(common_fraction, (int, float))
-        or not 0 <= common_fraction <= 1
-    ):
-        raise MethodError(f"common_fraction must be a number in [0, 1], got {common_fraction!r}")
+    common_fraction = check_number("common_fraction", common_fraction, 0, 1)
     shape = _shape(terms)
     B, A = stacked_factors(terms, torch.float64)
     d = factor_svd(B, A)

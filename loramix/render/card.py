@@ -231,6 +231,52 @@ def model_card(
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
 
 
+def extraction_section(report: dict) -> str:
+    """The card's account of an extraction (`loramix.pipeline.extract`'s report): the two models, the rule, and per
+    module the rank, the share of ‖ΔW‖² kept and the relative error measured with the stored factors; what was
+    carried whole, not carried, or unchanged."""
+    modules = report["modules"]
+    revisions = report.get("revisions", {})
+    lines = ["", "## Extraction", ""]
+    lines.append(
+        f"ΔW = W(`{report['finetuned']}`, revision {revisions.get(report['finetuned'], 'local')}) − "
+        f"W(`{report['base']}`, revision {revisions.get(report['base'], 'local')}) per module, truncated by "
+        f"{report['rule']} (computed in float32 on {report['device']})."
+    )
+    if modules:
+        kept = {name: m["kept_energy"] for name, m in modules.items()}
+        errors = [m["relative_error"] for m in modules.values()]
+        worst = max(modules, key=lambda name: modules[name]["relative_error"])
+        lines += [
+            "",
+            f"Energy kept (share of ‖ΔW‖²): min {min(kept.values()):.4f}, median {_median(list(kept.values())):.4f}; "
+            f"relative error ‖ΔW − B·A‖/‖ΔW‖ measured with the stored factors: max {max(errors):.4f} (`{worst}`), "
+            f"median {_median(errors):.4f}.",
+            "",
+            "<details><summary>Per module</summary>",
+            "",
+            "| module | rank | energy kept | relative error | ‖ΔW‖/‖W‖ |",
+            "|---|---|---|---|---|",
+        ]
+        for name, m in modules.items():
+            lines.append(
+                f"| `{name}` | {m['rank']} | {m['kept_energy']:.6f} | {m['relative_error']:.6f} | "
+                f"{m['relative_change']:.3g} |"
+            )
+        lines += ["", "</details>"]
+    for title, items in (
+        ("Carried whole (modules_to_save)", report["carried"]),
+        ("Not carried", report["not_carried"]),
+    ):
+        if items:
+            lines += ["", f"{title}:", "", *(f"- `{name}`: {why}" for name, why in items.items())]
+    lines += ["", f"Unchanged: {report['unchanged']} identical tensor(s)"]
+    if report["rounding_only"]:
+        lines[-1] += f"; {len(report['rounding_only'])} changed by no more than rounding, left out"
+    lines[-1] += "."
+    return "\n".join(lines) + "\n"
+
+
 def quantization_section(settings: Quantization, round_tripped: list[str], modules: list[str]) -> str:
     """The card's account of a QLoRA-faithful merge: the 4-bit settings and which base tensors (keys) were
     round-tripped, of them those of the adapter's ``modules`` (appended to the card once the merge has said which)."""

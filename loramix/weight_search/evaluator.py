@@ -18,7 +18,8 @@ Compositions, per module (sᵢ = adapter i's scale, wᵢ = candidate weights):
 Weights that vary by layer or module (``forms``: a gradient, name filters or SD block weights per adapter, see
 `loramix.schedule`): a candidate is then the vector θ of the numbers the forms hold (k of them, adapter by adapter),
 and module m's weights are w = L_m·θ + c_m, with L_m (n×k) and c_m from `loramix.schedule.linear` (precomputed on
-the device; gradients flow through this linear map). When every form is a number, θ is w and no map is applied.
+the module's device; gradients flow through this linear map). When every form is a number, θ is w and no map is
+applied.
 """
 
 from __future__ import annotations
@@ -64,10 +65,9 @@ def _check_module(name: str, module: nn.Module | None, lora) -> None:
         )
 
 
-def build_factors(
-    model: nn.Module, adapters: list[LoraAdapter], composition: str, device: torch.device
-) -> dict[str, _Factors]:
-    """Per targeted module, the factors the hooks apply (checks names, layouts and, for lorahub, ranks)."""
+def build_factors(model: nn.Module, adapters: list[LoraAdapter], composition: str) -> dict[str, _Factors]:
+    """Per targeted module, the factors the hooks apply, on that module's device (a base split over GPUs keeps
+    each layer's factors beside it); checks names, layouts and, for lorahub, ranks."""
     if composition not in COMPOSITIONS:
         raise IncompatibleAdaptersError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
     for a in adapters:
@@ -81,6 +81,7 @@ def build_factors(
         present = [(i, a.modules[name]) for i, a in enumerate(adapters) if name in a.modules]
         for _, m in present:
             _check_module(name, named.get(name), m)
+        device = named[name].weight.device
         if composition == "lorahub":
             ranks = {m.rank for _, m in present}
             if len(ranks) > 1:
@@ -105,9 +106,10 @@ def build_factors(
     return factors
 
 
-def _add_mixing(factors: dict[str, _Factors], forms: list, device: torch.device) -> int:
-    """Give each module its map from the forms' numbers θ to its n weights (see the module docstring); returns k,
-    the length of θ. Nothing is added when every form is a number (θ is then the weights themselves)."""
+def _add_mixing(factors: dict[str, _Factors], forms: list) -> int:
+    """Give each module its map from the forms' numbers θ to its n weights (see the module docstring), on the
+    module's device; returns k, the length of θ. Nothing is added when every form holds one number (θ is then the
+    weights themselves)."""
     maps = [linear(f) for f in forms]
     starts = [sum(len(m.values) for m in maps[:i]) for i in range(len(maps))]
     k = sum(len(m.values) for m in maps)
@@ -120,7 +122,7 @@ def _add_mixing(factors: dict[str, _Factors], forms: list, device: torch.device)
         for i, (m, start) in enumerate(zip(maps, starts)):
             row, offset[i] = m.row(name, layers)
             L[i, start : start + len(row)] = torch.tensor(row, dtype=torch.float64)
-        f.mix, f.offset = L.to(device, torch.float32), offset.to(device, torch.float32)
+        f.mix, f.offset = L.to(f.A.device, torch.float32), offset.to(f.A.device, torch.float32)
     return k
 
 
@@ -144,17 +146,18 @@ class Evaluator:
         forms: list | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
-        self.device = next(model.parameters()).device
+        self.device = model.get_input_embeddings().weight.device  # where the batch goes in (first of several)
         self.dtype = next(model.parameters()).dtype
         self.composition = composition
-        self.factors = build_factors(model, adapters, composition, self.device)
-        self.k = _add_mixing(self.factors, [0.0] * len(adapters) if forms is None else forms, self.device)
+        self.factors = build_factors(model, adapters, composition)
+        self.k = _add_mixing(self.factors, [0.0] * len(adapters) if forms is None else forms)
+        self._devices = {f.A.device for f in self.factors.values()}
         self.batch = {k: v.to(self.device) for k, v in batch.items()}
         self.labels = self.batch.pop("labels")
         self.tokens = int((self.labels != -100).sum())
         self.shift = not encoder_decoder
         self.max_candidates = max_candidates
-        self._weights: torch.Tensor | None = None  # the candidates of the forward pass under way (P×k)
+        self._weights: dict[torch.device, torch.Tensor] | None = None  # the pass's candidates (P×k) per device
         named = dict(model.named_modules())
         self._handles = [named[name].register_forward_hook(self._hook(f)) for name, f in self.factors.items()]
 
@@ -172,9 +175,9 @@ class Evaluator:
 
     def _hook(self, f: _Factors):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            W = self._weights
-            if W is None:
+            if self._weights is None:
                 return output
+            W = self._weights[f.A.device]
             P = W.shape[0]
             if f.mix is not None:
                 W = W @ f.mix.T + f.offset  # P×k → this module's P×n weights
@@ -194,23 +197,26 @@ class Evaluator:
     def applied(self, weights) -> Iterator[None]:
         """Within the block, every forward pass of the model uses these candidates (P×k, or one k-vector)."""
         W = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
-        W = W.reshape(-1, self.k)
-        previous, self._weights = self._weights, W
+        previous, self._weights = self._weights, self._placed(W.reshape(-1, self.k))
         try:
             yield
         finally:
             self._weights = previous
 
+    def _placed(self, W: torch.Tensor) -> dict[torch.device, torch.Tensor]:
+        """The candidates on every device that holds hooked layers (copied once per pass, not once per layer)."""
+        return {device: W.to(device) for device in self._devices}
+
     def _forward(self, W: torch.Tensor) -> torch.Tensor:
         P = W.shape[0]
         inputs = {k: v.repeat(P, *([1] * (v.dim() - 1))) for k, v in self.batch.items()}
-        previous, self._weights = self._weights, W
+        previous, self._weights = self._weights, self._placed(W)
         try:
             logits = self.model(**inputs, use_cache=False).logits
         finally:
             self._weights = previous
-        sums = token_losses(logits, self.labels.repeat(P, 1), shift=self.shift)
-        return sums.reshape(P, -1).sum(dim=1) / self.tokens
+        sums = token_losses(logits, self.labels.to(logits.device).repeat(P, 1), shift=self.shift)
+        return sums.to(self.device).reshape(P, -1).sum(dim=1) / self.tokens
 
     def cross_entropy(self, weights) -> torch.Tensor:
         """Mean output-token cross-entropy of each candidate (P,), float32; differentiable when ``weights`` is."""

@@ -25,7 +25,7 @@ from loramix.formats import load_adapters
 from loramix.io.base import resolve_base
 from loramix.runtime import progress_bar, resolve_device
 from loramix.schedule import linear, parse
-from loramix.weight_search import optimizers
+from loramix.weight_search import distributed, optimizers
 from loramix.weight_search.evaluator import COMPOSITIONS, Evaluator
 from loramix.weight_search.objective import as_examples, build_batch, l1_penalty
 
@@ -52,10 +52,39 @@ class SearchResult:
         return out
 
 
-def load_base(base, *, device: torch.device, tokenizer=None):
-    """(model, tokenizer, encoder_decoder) for a folder or Hub id (causal LM or seq2seq), or a model object."""
+def _split_memory(devices: list[torch.device]) -> dict[int, int]:
+    """The free memory of each GPU a base is split over (accelerate's ``max_memory``); needs accelerate."""
+    try:
+        import accelerate  # noqa: F401 — transformers' device_map and dispatch_model run on it
+    except ImportError:
+        raise SearchError("splitting the base over GPUs needs accelerate (pip install accelerate)") from None
+    return {d.index: torch.cuda.mem_get_info(d)[0] for d in devices}
+
+
+def _split_over(model: torch.nn.Module, devices: list[torch.device]) -> torch.nn.Module:
+    """``model`` dispatched by accelerate over ``devices``: whole blocks per GPU, balanced, the activations handed
+    from GPU to GPU by accelerate's hooks (a pipeline over the layers: one GPU busy at a time)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    memory = _split_memory(devices)
+    blocks = getattr(model, "_no_split_modules", None) or []
+    balanced = get_balanced_memory(model, max_memory=memory, no_split_module_classes=blocks)
+    return dispatch_model(
+        model, device_map=infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=blocks)
+    )
+
+
+def load_base(base, *, device: torch.device | list[torch.device], tokenizer=None):
+    """(model, tokenizer, encoder_decoder) for a folder or Hub id (causal LM or seq2seq), or a model object.
+
+    ``device`` may be several GPUs: the base is then split over them with accelerate (``device_map``, whole
+    decoder blocks per GPU). A model object that accelerate already dispatched (``hf_device_map``) stays where it is.
+    """
     import transformers
 
+    devices = device if isinstance(device, list) else [device]
+    device = devices[0]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(base, torch.nn.Module):
         model = base
@@ -78,13 +107,20 @@ def load_base(base, *, device: torch.device, tokenizer=None):
             except (OSError, ValueError, TypeError) as exc:
                 detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise SearchError(f"{base}: no usable tokenizer beside the model ({detail[:200]})") from None
+        split = {} if len(devices) == 1 else {"device_map": "balanced", "max_memory": _split_memory(devices)}
         try:
-            model = auto.from_pretrained(str(folder), dtype=dtype)
+            model = auto.from_pretrained(str(folder), dtype=dtype, **split)
         except (OSError, ValueError) as exc:
             raise SearchError(f"{base}: cannot load as {auto.__name__} ({str(exc).splitlines()[0]})") from None
     if isinstance(tokenizer, (str, Path)):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if getattr(model, "hf_device_map", None) is None:
+        model = model.to(dtype=dtype)  # on the CPU first when split: accelerate moves each block once
+        model = _split_over(model, devices) if len(devices) > 1 else model.to(device=device)
+    placed = set(getattr(model, "hf_device_map", {}).values())
+    if len(devices) > 1 and not placed <= {d.index for d in devices}:
+        raise SearchError(f"{base}: the base does not fit in the free memory of {', '.join(map(str, devices))}")
+    model = model.eval().requires_grad_(False)
     return model, tokenizer, bool(getattr(model.config, "is_encoder_decoder", False))
 
 
@@ -120,6 +156,8 @@ def search(
     allow_nonfinite: bool = False,
     load_options: dict | None = None,
     progress: bool = False,
+    gpus: int | None = None,
+    gpus_per_base: int = 1,
 ) -> SearchResult:
     """Search the weights of ``adapters`` (paths, Hub ids or `LoraAdapter`s) for ``examples`` (a JSONL path or a list
     of ``{"input", "output"}``) on ``base`` (a folder or Hub id with its tokenizer, or a model with ``tokenizer=``).
@@ -134,7 +172,17 @@ def search(
     forward pass), or Adam steps (``lr``). Adam with the lorahub composition adds seeded N(0, 0.1²) jitter to the
     start, since 0 is a stationary point there. ``max_candidates`` caps the candidates per forward pass.
     Adapters are loaded as by `combine` (``allow_different_bases``, ``allow_nonfinite``, ``load_options``).
+
+    Across GPUs: ``device="cuda:0,cuda:1"`` splits the base over those GPUs (accelerate's device_map, one process).
+    ``gpus=N`` starts N/``gpus_per_base`` processes on this machine (N CPU processes where there is no GPU), each
+    with its own copy of the base on ``gpus_per_base`` GPUs, and splits every population among them (see
+    `loramix.weight_search.distributed`); called inside a process group (torchrun), the search splits it among the
+    group's ranks. Either way the result equals one process's with ``max_candidates = ⌈P/processes⌉``.
     """
+    if gpus is not None or gpus_per_base != 1:  # gpus_per_base=K alone: one process, its base on K GPUs
+        options = locals()  # every argument (this is the first statement), passed on to each process's search
+        gpus = gpus if gpus is not None else gpus_per_base
+        return _search_processes(base, adapters, examples, gpus=gpus, gpus_per_base=gpus_per_base, options=options)
     if composition not in COMPOSITIONS:
         raise SearchError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
     if optimizer not in optimizers.OPTIMIZERS:
@@ -153,8 +201,12 @@ def search(
     forms = [linear(f) for f in _initial(init, len(loaded))]
     x0 = np.asarray([v for f in forms for v in f.values], dtype=np.float64)  # θ: the numbers the forms hold
     examples = as_examples(examples)
-    target = resolve_device(device)
-    model, tokenizer, encoder_decoder = load_base(base, device=target, tokenizer=tokenizer)
+    targets = [resolve_device(d) for d in str(device).split(",")]
+    if len(targets) > 1 and any(t.type != "cuda" for t in targets):
+        raise SearchError(f"device {device!r}: a base is split only over GPUs (cuda:0,cuda:1,…)")
+    target = targets[0]
+    model, tokenizer, encoder_decoder = load_base(base, device=targets, tokenizer=tokenizer)
+    _, processes = distributed.rank_and_world()
     batch = build_batch(
         examples,
         tokenizer,
@@ -175,7 +227,7 @@ def search(
         "bounds": [lo, hi],
         "seed": seed,
         "init": [f.spec for f in forms],
-        "device": str(target),
+        "device": ",".join(map(str, targets)),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "chat_template": chat_template,
     }
@@ -183,6 +235,8 @@ def search(
         settings["popsize"] = popsize or 4 + int(3 * math.log(x0.size))
     if optimizer == "adam":
         settings["lr"] = lr
+    if processes > 1:
+        settings["processes"] = processes
     start = time.perf_counter()
     with Evaluator(
         model,
@@ -196,9 +250,10 @@ def search(
 
         def objective(W: np.ndarray) -> np.ndarray:
             Wt = torch.as_tensor(W, dtype=torch.float32)
-            return (evaluator.cross_entropy(Wt).cpu() + l1_penalty(Wt, l1)).numpy()
+            losses = distributed.scatter_gather(Wt, evaluator.cross_entropy, evaluator.device)
+            return (losses + l1_penalty(Wt, l1)).numpy()
 
-        def loss_and_grad(W: torch.Tensor) -> torch.Tensor:
+        def loss_and_grad(W: torch.Tensor) -> torch.Tensor:  # one candidate: every rank computes it alike
             return evaluator.cross_entropy(W).cpu() + l1_penalty(W, l1)
 
         with progress_bar(enabled=progress, total=steps, desc=f"search ({optimizer})", unit="step") as bar:
@@ -233,3 +288,29 @@ def search(
         settings=settings,
         adapter=adapter,
     )
+
+
+def _search_processes(base, adapters, examples, *, gpus: int, gpus_per_base: int, options: dict) -> SearchResult:
+    """`search` over ``gpus`` GPUs (or CPU processes): gpus/gpus_per_base processes, or this one alone."""
+    if gpus < 1 or gpus_per_base < 1 or gpus % gpus_per_base:
+        raise SearchError(f"gpus ({gpus}) must be a positive multiple of gpus_per_base ({gpus_per_base})")
+    if distributed.rank_and_world()[1] > 1:
+        raise SearchError("already in a process group (torchrun): give no gpus, each rank is one process")
+    world = gpus // gpus_per_base
+    devices = [distributed.rank_devices(options["device"], rank, gpus_per_base) for rank in range(world)]
+    options = {k: v for k, v in options.items() if k not in ("base", "adapters", "examples", "gpus", "gpus_per_base")}
+    if world == 1:
+        return search(base, adapters, examples, **{**options, "device": devices[0]})
+    if isinstance(base, torch.nn.Module):
+        raise SearchError("across processes the base must be a folder or Hub id: each process loads its own copy")
+    return distributed.launch(_search_rank, devices, base, adapters, examples, options)
+
+
+def _search_rank(device: str, base, adapters, examples, options: dict) -> SearchResult:
+    """One process of `_search_processes` (started by `distributed.launch`): only rank 0 shows progress, and no
+    rank transformers' per-tensor loading bar (this process is ours to configure)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    progress = options["progress"] and distributed.rank_and_world()[0] == 0
+    return search(base, adapters, examples, **{**options, "device": device, "progress": progress})

@@ -1,0 +1,69 @@
+"""`loramix extract`: a LoRA from a fully fine-tuned model (flags → `loramix.pipeline.extract` → one printed line)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from loramix.cli.options import DEVICE_HELP, errors_as_one_line, rank_rule_options
+
+
+@click.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@rank_rule_options
+@click.option("--device", default="auto", help=DEVICE_HELP)
+@click.option("--dtype", default=None, help="Stored dtype: float32, float16, bfloat16 [default: the fine-tuned's].")
+@click.option(
+    "--format",
+    type=click.Choice(["peft", "kohya", "gguf"]),
+    default="peft",
+    help="A PEFT folder (carries changed norms, biases and resized embeddings as modules_to_save), a kohya/A1111 "
+    ".safetensors or a llama.cpp LoRA .gguf (LoRA modules only) [default: peft].",
+)
+@click.option(
+    "--rank-layout",
+    type=click.Choice(["portable", "exact"]),
+    default="portable",
+    help="portable: one rank for every module (zero-padded), read right by every engine; exact: per-module ranks "
+    "(PEFT only) [default: portable].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report (OUTPUT/extraction.json) instead of a line.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op CPU threads [default: torch's, all cores].")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.pass_context
+@errors_as_one_line
+def extract(ctx: click.Context, base, finetuned, output, as_json, threads, force, **options) -> None:
+    """Extract the LoRA that best reproduces FINETUNED on BASE (transformers model folders or Hub ids) into OUTPUT.
+
+    Per linear, Conv1D, embedding and conv weight, ΔW = W_finetuned − W_base (float32) is truncated by --rank,
+    --energy or --rule (the rules of combine; one is needed), with the top of its spectrum computed only as far as the
+    rule needs (equal to the truncated SVD). Both models are read one tensor at a time. The card and extraction.json
+    give each module's rank, kept energy and measured relative error; changed tensors that are not LoRA targets
+    (norms, biases, a resized embedding) are carried whole or listed; identical ones are skipped.
+    """
+    from loramix.pipeline import EXTRACTION_FILE, extract
+    from loramix.render.card import rank_span
+    from loramix.runtime import torch_threads
+
+    with torch_threads(threads):
+        result = extract(
+            base, finetuned, output, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv, **options
+        )
+    if as_json:
+        click.echo((Path(output) / EXTRACTION_FILE).read_text().rstrip())
+        return
+    modules = result.modules
+    errors = [m.error for m in modules.values()]
+    kept = min(m.kept for m in modules.values())
+    line = (
+        f"wrote {output}: {len(modules)} modules, {rank_span(sorted({m.rank for m in modules.values()}))}"
+        f", energy kept ≥ {kept:.4f}, relative error ≤ {max(errors):.4f}"
+    )
+    if result.carried:
+        where = "not carried" if result.dropped else "carried whole"
+        line += f"; {len(result.carried)} other changed tensor(s) {where}"
+    click.echo(line + f"; {result.unchanged} unchanged")

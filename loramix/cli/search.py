@@ -1,0 +1,132 @@
+"""`loramix search`: the weights of several adapters that fit a few examples best (LoRAHub), on one process, several
+processes (--gpus) or under torchrun."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from loramix.cli.options import DEVICE_HELP, SHARD_SIZE_HELP, bounds, errors_as_one_line, push_output, weights
+
+_COMPOSITION = "lorahub: B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (LoRAHub, equal ranks); delta: exact Σwᵢsᵢ·BᵢAᵢ [default: lorahub]."
+_OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), adam (gradients) [default: cobyla]."
+
+
+@click.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--base", required=True, metavar="MODEL", help="Base model folder or Hub id (causal LM or seq2seq).")
+@click.option(
+    "--examples", required=True, type=click.Path(dir_okay=False), help='JSON lines {"input": ..., "output": ...}.'
+)
+@click.option("--composition", type=click.Choice(["lorahub", "delta"]), default="lorahub", help=_COMPOSITION)
+@click.option("--optimizer", type=click.Choice(["cobyla", "cma", "adam"]), default="cobyla", help=_OPTIMIZER)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=40,
+    show_default=True,
+    help="COBYLA evaluations, CMA-ES generations or Adam steps.",
+)
+@click.option(
+    "--l1",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Weight of the mean|wᵢ| penalty (over the searched numbers).",
+)
+@click.option(
+    "--bounds", default="-1.5,1.5", show_default=True, callback=bounds, help="LOW,HIGH for every searched number."
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of CMA-ES and Adam.")
+@click.option("--device", default="auto", help=DEVICE_HELP)
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    help="Search with this many GPUs of this machine (CPU processes where there is none): one process per "
+    "--gpus-per-base GPUs, each population split among them (gloo/NCCL). Under torchrun, give none.",
+)
+@click.option(
+    "--gpus-per-base",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="GPUs holding each process's copy of the base, split over them by layers (accelerate): for a base too "
+    "large for one GPU (--gpus 2 --gpus-per-base 2: one process, its base on 2 GPUs).",
+)
+@click.option(
+    "--init",
+    callback=weights,
+    help="Starting weights, one per adapter, as -w takes them [default: 0 each]; for a gradient, filters or lbw the "
+    "search finds that form's numbers.",
+)
+@click.option("--popsize", type=click.IntRange(min=2), help="CMA-ES candidates per generation [default: 4+3·ln n].")
+@click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")
+@click.option("--max-candidates", type=click.IntRange(min=1), help="At most this many candidates per forward pass.")
+@click.option("--chat-template", is_flag=True, help="Wrap each input as a user turn with the tokenizer's template.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE with the result merged instead.")
+@click.option(
+    "--shard-size",
+    help=SHARD_SIZE_HELP,
+)
+@click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repository.")
+@click.pass_context
+@errors_as_one_line
+def search(
+    ctx: click.Context, adapters, base, examples, output, force, merge_into, shard_size, push_repo, **options
+) -> None:
+    """Search the weights of ADAPTERS whose combination fits the --examples best (LoRAHub, batched).
+
+    OUTPUT receives search.json (weights in the order given, loss, history, settings) and the combined PEFT adapter
+    (or, with --merge-into BASE, BASE with it merged). An --init weight that varies by layer or module (a gradient,
+    filters, lbw) keeps its form: the search finds its numbers, and reports and writes that form.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    from loramix.io.files import check_output
+    from loramix.pipeline import write_search
+    from loramix.schedule import describe
+    from loramix.weight_search import distributed
+    from loramix.weight_search import search as run_search
+
+    place = distributed.torchrun_rank()  # (rank, local rank, world) when torchrun started this process
+    if place is not None and options["gpus"] is not None:
+        raise click.UsageError("under torchrun give no --gpus: each process torchrun starts is one rank")
+    if place is None or place[0] == 0:
+        protect = [*adapters, base, examples, *([merge_into] if merge_into else [])]
+        check_output(output, overwrite=force, protect=protect)
+    transformers_logging.disable_progress_bar()  # its per-tensor loading bar is noise here
+    if place is None:
+        result = run_search(base, list(adapters), examples, progress=ctx.obj["progress"], **options)
+    else:
+        rank, local_rank, world = place
+        device = distributed.rank_devices(options["device"], local_rank, options.pop("gpus_per_base"))
+        del options["gpus"]
+        with distributed.process_group(device, rank=rank, world=world):
+            result = run_search(
+                base,
+                list(adapters),
+                examples,
+                progress=ctx.obj["progress"] and rank == 0,
+                **{**options, "device": device},
+            )
+        if rank != 0:
+            return  # rank 0 writes the output
+    write_search(
+        result,
+        output,
+        overwrite=force,
+        merge_into=merge_into,
+        shard_size=shard_size,
+        device=options["device"].split(",")[0],
+        progress=ctx.obj["progress"],
+        argv=sys.argv,
+    )
+    weights = ", ".join(describe(w, "+.3f") for w in result.weights)
+    click.echo(
+        f"wrote {output}: weights [{weights}], loss {result.loss:.4f} (cross-entropy {result.cross_entropy:.4f}), "
+        f"{result.evaluations} evaluations in {result.seconds:.1f} s, {options['composition']} composition"
+    )
+    push_output(output, push_repo)
