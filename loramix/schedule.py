@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 from loramix.errors import MethodError
 
@@ -131,13 +132,17 @@ def count_layers(names) -> int:
     return max((i for n in names if (i := layer_index(n)) is not None), default=0) + 1
 
 
-def interpolate(values: list[float], t: float) -> float:
-    """mergekit's gradient at ``t`` in [0, 1] (mergekit/config.py ``evaluate_setting``, numeric branch)."""
-    scaled = t * (len(values) - 1)
+def _interpolation(count: int, t: float) -> list[float]:
+    """The coefficients of a ``count``-value gradient at ``t`` in [0, 1] (mergekit/config.py ``evaluate_setting``,
+    numeric branch: ``(1-f)·v[i0] + f·v[i1]``)."""
+    scaled = t * (count - 1)
     i0 = int(scaled)
-    i1 = min(len(values) - 1, i0 + 1)
+    i1 = min(count - 1, i0 + 1)
     frac = scaled - i0
-    return (1 - frac) * values[i0] + frac * values[i1]
+    row = [0.0] * count
+    row[i0] += 1 - frac
+    row[i1] += frac
+    return row
 
 
 def layer_t(name: str, num_layers: int) -> float:
@@ -176,26 +181,87 @@ def sd_block(name: str) -> int | None:
     return None
 
 
-def _block_value(spec: dict, name: str) -> float:
-    block = sd_block(name)
-    covered = [b for first, last in _COVERED[len(spec["lbw"])] for b in range(first, last + 1)]
-    factor = spec["lbw"][covered.index(block)] if block in covered else 1.0
-    return spec["ratio"] * factor
-
-
 def _matches(pattern: str, name: str) -> bool:
     return pattern in DEFAULT or pattern in name or pattern.replace(".", "_") in name
 
 
-def resolve(spec, name: str, num_layers: int) -> float:
-    """The value of a `parse`d ``spec`` in module ``name`` of a model with ``num_layers`` layers."""
+@dataclass(frozen=True)
+class Linear:
+    """A `parse`d value as a linear function of the numbers it holds (see `linear`)."""
+
+    spec: object
+    values: list[float]  # the numbers the value holds, in the order written
+
+    def row(self, name: str, num_layers: int) -> tuple[list[float], float]:
+        """(coefficients, constant): the value in module ``name`` of a model with ``num_layers`` layers is
+        ``Σ coefficients[j]·values[j] + constant``."""
+        return _row(self.spec, name, num_layers)
+
+    def form(self, values) -> object:
+        """The same form holding ``values`` (as many as it holds): ``[0, 1]`` with (0.3, 0.8) → ``[0.3, 0.8]``."""
+        values = [float(v) for v in values]
+        if len(values) != len(self.values):
+            raise MethodError(f"{describe(self.spec)} holds {len(self.values)} number(s), got {len(values)}")
+        return _rebuild(self.spec, iter(values))
+
+
+def linear(spec) -> Linear:
+    """A `parse`d value as a linear function of its numbers: a number holds 1, a gradient its k values, name filters
+    their values in order (gradients inside included), ``lbw`` its block values (``ratio`` stays a fixed factor, and
+    is the constant term of a module in no listed block). Gradient interpolation and filter selection are linear in
+    these numbers, so every module's value is coefficients·numbers + constant (`Linear.row`); `resolve` is exactly
+    that, and a weight search can search the numbers of a form (`loramix.weight_search`)."""
+    return Linear(spec, _numbers(spec))
+
+
+def _numbers(spec) -> list[float]:
     if isinstance(spec, list):
-        return float(interpolate(spec, layer_t(name, num_layers)))
+        return list(spec)
     if isinstance(spec, dict):
-        if "lbw" in spec:
-            return _block_value(spec, name)
-        return next(resolve(v, name, num_layers) for k, v in spec.items() if _matches(k, name))
-    return float(spec)
+        return list(spec["lbw"]) if "lbw" in spec else [x for v in spec.values() for x in _numbers(v)]
+    return [float(spec)]
+
+
+def _row(spec, name: str, num_layers: int) -> tuple[list[float], float]:
+    if isinstance(spec, list):
+        return _interpolation(len(spec), layer_t(name, num_layers)), 0.0
+    if isinstance(spec, dict) and "lbw" in spec:
+        block = sd_block(name)
+        covered = [b for first, last in _COVERED[len(spec["lbw"])] for b in range(first, last + 1)]
+        row = [0.0] * len(spec["lbw"])
+        if block not in covered:
+            return row, spec["ratio"]
+        row[covered.index(block)] = spec["ratio"]
+        return row, 0.0
+    if isinstance(spec, dict):
+        row: list[float] = []
+        found = False
+        for key, value in spec.items():
+            size = len(_numbers(value))
+            if not found and _matches(key, name):
+                row += _row(value, name, num_layers)[0]
+                found = True
+            else:
+                row += [0.0] * size
+        return row, 0.0
+    return [1.0], 0.0
+
+
+def _rebuild(spec, numbers):
+    if isinstance(spec, list):
+        return [next(numbers) for _ in spec]
+    if isinstance(spec, dict) and "lbw" in spec:
+        return {"lbw": [next(numbers) for _ in spec["lbw"]], "ratio": spec["ratio"]}
+    if isinstance(spec, dict):
+        return {k: _rebuild(v, numbers) for k, v in spec.items()}
+    return next(numbers)
+
+
+def resolve(spec, name: str, num_layers: int) -> float:
+    """The value of a `parse`d ``spec`` in module ``name`` of a model with ``num_layers`` layers (`linear`'s row
+    applied to its numbers)."""
+    row, constant = _row(spec, name, num_layers)
+    return float(sum(c * v for c, v in zip(row, _numbers(spec)) if c) + constant)
 
 
 def resolve_options(options: dict, name: str, num_layers: int) -> dict:
@@ -208,14 +274,17 @@ def parse_options(options: dict) -> dict:
     return {k: parse(v, what=f"option {k}") if varies(v) else v for k, v in options.items()}
 
 
-def describe(spec) -> str:
+def describe(spec, number: str = "g") -> str:
     """A `parse`d value in one short line: ``0.5``, ``[0, 1] across layers``, ``{self_attn: 1, default: 0.2}``,
-    ``lbw [17] × 0.8``."""
+    ``lbw [17] × 0.8``; ``number`` is the format of each number."""
     if isinstance(spec, list):
-        return "[" + ", ".join(f"{v:g}" for v in spec) + "] across layers"
+        return "[" + ", ".join(f"{v:{number}}" for v in spec) + "] across layers"
     if isinstance(spec, dict) and "lbw" in spec:
-        return f"lbw [{', '.join(f'{v:g}' for v in spec['lbw'])}] × {spec['ratio']:g}"
+        return f"lbw [{', '.join(f'{v:{number}}' for v in spec['lbw'])}] × {spec['ratio']:g}"
     if isinstance(spec, dict):
-        shown = (f"[{', '.join(f'{x:g}' for x in v)}]" if isinstance(v, list) else f"{v:g}" for v in spec.values())
+        shown = (
+            f"[{', '.join(f'{x:{number}}' for x in v)}]" if isinstance(v, list) else f"{v:{number}}"
+            for v in spec.values()
+        )
         return "{" + ", ".join(f"{k}: {v}" for k, v in zip(spec, shown)) + "}"
-    return f"{spec:g}"
+    return f"{spec:{number}}"

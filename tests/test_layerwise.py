@@ -328,8 +328,14 @@ def test_recipe_errors_name_the_file(tmp_path):
         load_recipe(recipe)
 
 
-def test_search_init_refuses_a_varying_weight(pair):
-    from loramix.errors import SearchError
+def test_search_init_is_read_as_any_weight(pair):
+    # A varying init is searched in its form (tests/test_search_layerwise.py); a malformed one is refused as any
+    # weight is, and a wrong count names both counts, before the base is ever read.
+    from loramix.errors import MethodError, SearchError
 
-    with pytest.raises(SearchError, match="init 1 varies by layer or module"):
-        loramix.search("unused", [p.path for p in pair], [{"input": "a", "output": "b"}], init=[[0, 1], 0.5])
+    with pytest.raises(MethodError, match="init 1: filters after default are never reached"):
+        loramix.search(
+            "unused", [p.path for p in pair], [{"input": "a", "output": "b"}], init=[{"default": 0.2, "q": 1}, 0.5]
+        )
+    with pytest.raises(SearchError, match=r"init has 1 value\(s\) for 2 adapter\(s\)"):
+        loramix.search("unused", [p.path for p in pair], [{"input": "a", "output": "b"}], init=[[0, 1]])

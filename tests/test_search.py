@@ -49,14 +49,14 @@ def char_tokenizer(*, seq2seq: bool):
     )
 
 
-def llama(seed: int = 0):
+def llama(seed: int = 0, layers: int = 2):
     return random_model(
         "llama",
         seed=seed,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,

@@ -28,8 +28,16 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
     show_default=True,
     help="COBYLA evaluations, CMA-ES generations or Adam steps.",
 )
-@click.option("--l1", type=float, default=0.05, show_default=True, help="Weight of the mean|wᵢ| penalty.")
-@click.option("--bounds", default="-1.5,1.5", show_default=True, callback=bounds, help="LOW,HIGH for every weight.")
+@click.option(
+    "--l1",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Weight of the mean|wᵢ| penalty (over the searched numbers).",
+)
+@click.option(
+    "--bounds", default="-1.5,1.5", show_default=True, callback=bounds, help="LOW,HIGH for every searched number."
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of CMA-ES and Adam.")
 @click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option(
@@ -46,7 +54,12 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
     help="GPUs holding each process's copy of the base, split over them by layers (accelerate): for a base too "
     "large for one GPU (--gpus 2 --gpus-per-base 2: one process, its base on 2 GPUs).",
 )
-@click.option("--init", callback=weights, help="Starting weights, one per adapter [default: 0 each].")
+@click.option(
+    "--init",
+    callback=weights,
+    help="Starting weights, one per adapter, as -w takes them [default: 0 each]; for a gradient, filters or lbw the "
+    "search finds that form's numbers.",
+)
 @click.option("--popsize", type=click.IntRange(min=2), help="CMA-ES candidates per generation [default: 4+3·ln n].")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")
 @click.option("--max-candidates", type=click.IntRange(min=1), help="At most this many candidates per forward pass.")
@@ -67,12 +80,14 @@ def search(
     """Search the weights of ADAPTERS whose combination fits the --examples best (LoRAHub, batched).
 
     OUTPUT receives search.json (weights in the order given, loss, history, settings) and the combined PEFT adapter
-    (or, with --merge-into BASE, BASE with it merged).
+    (or, with --merge-into BASE, BASE with it merged). An --init weight that varies by layer or module (a gradient,
+    filters, lbw) keeps its form: the search finds its numbers, and reports and writes that form.
     """
     from transformers.utils import logging as transformers_logging
 
     from loramix.io.files import check_output
     from loramix.pipeline import write_search
+    from loramix.schedule import describe
     from loramix.weight_search import distributed
     from loramix.weight_search import search as run_search
 
@@ -109,7 +124,7 @@ def search(
         progress=ctx.obj["progress"],
         argv=sys.argv,
     )
-    weights = ", ".join(f"{w:+.3f}" for w in result.weights)
+    weights = ", ".join(describe(w, "+.3f") for w in result.weights)
     click.echo(
         f"wrote {output}: weights [{weights}], loss {result.loss:.4f} (cross-entropy {result.cross_entropy:.4f}), "
         f"{result.evaluations} evaluations in {result.seconds:.1f} s, {options['composition']} composition"

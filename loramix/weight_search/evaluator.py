@@ -14,6 +14,12 @@ Compositions, per module (sᵢ = adapter i's scale, wᵢ = candidate weights):
   √sᵢ is folded into each factor so that adapters of different alphas keep their own scale. Equal ranks needed.
   Not PEFT's ``linear`` (that mixes √wᵢ). ΔW contains the cross terms wᵢwⱼ·Bᵢ·Aⱼ and is quadratic in w.
 - ``delta``: ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ exactly (any ranks), linear in w.
+
+Weights that vary by layer or module (``forms``: a gradient, name filters or SD block weights per adapter, see
+`loramix.schedule`): a candidate is then the vector θ of the numbers the forms hold (k of them, adapter by adapter),
+and module m's weights are w = L_m·θ + c_m, with L_m (n×k) and c_m from `loramix.schedule.linear` (precomputed on
+the module's device; gradients flow through this linear map). When every form is a number, θ is w and no map is
+applied.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import nn
 
 from loramix.adapter import LoraAdapter
 from loramix.errors import IncompatibleAdaptersError
+from loramix.schedule import count_layers, linear
 from loramix.weight_search.objective import token_losses
 
 COMPOSITIONS = ("lorahub", "delta")
@@ -42,6 +49,8 @@ class _Factors:
     B: torch.Tensor  # lorahub: n×out×r; delta: out×R
     owner: torch.Tensor | None = None  # delta: adapter index of each of the R columns
     scale: torch.Tensor | None = None  # delta: sᵢ of each column
+    mix: torch.Tensor | None = None  # varying forms: L_m (n×k), the module's weights L_m·θ + offset
+    offset: torch.Tensor | None = None  # varying forms: c_m (n)
 
 
 def _check_module(name: str, module: nn.Module | None, lora) -> None:
@@ -97,11 +106,32 @@ def build_factors(model: nn.Module, adapters: list[LoraAdapter], composition: st
     return factors
 
 
+def _add_mixing(factors: dict[str, _Factors], forms: list) -> int:
+    """Give each module its map from the forms' numbers θ to its n weights (see the module docstring), on the
+    module's device; returns k, the length of θ. Nothing is added when every form holds one number (θ is then the
+    weights themselves)."""
+    maps = [linear(f) for f in forms]
+    starts = [sum(len(m.values) for m in maps[:i]) for i in range(len(maps))]
+    k = sum(len(m.values) for m in maps)
+    if k == len(forms):  # one number each: a form holding one number is that number in every module
+        return k
+    layers = count_layers(factors)
+    for name, f in factors.items():
+        L = torch.zeros(len(maps), k, dtype=torch.float64)
+        offset = torch.zeros(len(maps), dtype=torch.float64)
+        for i, (m, start) in enumerate(zip(maps, starts)):
+            row, offset[i] = m.row(name, layers)
+            L[i, start : start + len(row)] = torch.tensor(row, dtype=torch.float64)
+        f.mix, f.offset = L.to(f.A.device, torch.float32), offset.to(f.A.device, torch.float32)
+    return k
+
+
 class Evaluator:
-    """Scores candidate weightings (P×n) on a frozen model through hooks: one forward pass per population chunk.
+    """Scores candidate weightings (P×k) on a frozen model through hooks: one forward pass per population chunk.
 
     ``batch`` is the examples' token batch (`build_batch`); ``max_candidates`` caps how many candidates share one
-    forward pass (memory); ``None`` means the whole population.
+    forward pass (memory); ``None`` means the whole population. ``forms``: the `parse`d weight form of each adapter
+    (default: a number each); a candidate holds their numbers (k = n when all are numbers, see the module docstring).
     """
 
     def __init__(
@@ -113,20 +143,21 @@ class Evaluator:
         composition: str = "lorahub",
         encoder_decoder: bool = False,
         max_candidates: int | None = None,
+        forms: list | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.device = model.get_input_embeddings().weight.device  # where the batch goes in (first of several)
         self.dtype = next(model.parameters()).dtype
         self.composition = composition
-        self.n = len(adapters)
         self.factors = build_factors(model, adapters, composition)
+        self.k = _add_mixing(self.factors, [0.0] * len(adapters) if forms is None else forms)
         self._devices = {f.A.device for f in self.factors.values()}
         self.batch = {k: v.to(self.device) for k, v in batch.items()}
         self.labels = self.batch.pop("labels")
         self.tokens = int((self.labels != -100).sum())
         self.shift = not encoder_decoder
         self.max_candidates = max_candidates
-        self._weights: dict[torch.device, torch.Tensor] | None = None  # the pass's candidates (P×n) per device
+        self._weights: dict[torch.device, torch.Tensor] | None = None  # the pass's candidates (P×k) per device
         named = dict(model.named_modules())
         self._handles = [named[name].register_forward_hook(self._hook(f)) for name, f in self.factors.items()]
 
@@ -148,6 +179,8 @@ class Evaluator:
                 return output
             W = self._weights[f.A.device]
             P = W.shape[0]
+            if f.mix is not None:
+                W = W @ f.mix.T + f.offset  # P×k → this module's P×n weights
             x = args[0].reshape(P, -1, args[0].shape[-1])  # the batch is candidate-major: candidate p's rows
             if self.composition == "lorahub":
                 A = torch.einsum("pn,nri->pri", W, f.A).to(x.dtype)
@@ -162,9 +195,9 @@ class Evaluator:
 
     @contextlib.contextmanager
     def applied(self, weights) -> Iterator[None]:
-        """Within the block, every forward pass of the model uses these candidates (P×n, or one n-vector)."""
+        """Within the block, every forward pass of the model uses these candidates (P×k, or one k-vector)."""
         W = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
-        previous, self._weights = self._weights, self._placed(W.reshape(-1, self.n))
+        previous, self._weights = self._weights, self._placed(W.reshape(-1, self.k))
         try:
             yield
         finally:
@@ -188,7 +221,7 @@ class Evaluator:
     def cross_entropy(self, weights) -> torch.Tensor:
         """Mean output-token cross-entropy of each candidate (P,), float32; differentiable when ``weights`` is."""
         W = weights if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float32)
-        W = W.to(device=self.device, dtype=torch.float32).reshape(-1, self.n)
+        W = W.to(device=self.device, dtype=torch.float32).reshape(-1, self.k)
         chunk = self.max_candidates or W.shape[0]
         grad = torch.enable_grad() if W.requires_grad else torch.no_grad()
         with grad:

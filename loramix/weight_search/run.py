@@ -24,7 +24,7 @@ from loramix.errors import SearchError
 from loramix.formats import load_adapters
 from loramix.io.base import resolve_base
 from loramix.runtime import progress_bar, resolve_device
-from loramix.schedule import parse, varies
+from loramix.schedule import linear, parse
 from loramix.weight_search import distributed, optimizers
 from loramix.weight_search.evaluator import COMPOSITIONS, Evaluator
 from loramix.weight_search.objective import as_examples, build_batch, l1_penalty
@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SearchResult:
-    """The searched weights (in the adapters' order), the final objective and its parts, and the combined adapter."""
+    """The searched weights (in the adapters' order, each in the form of its init: a number, a gradient, filters, …),
+    the final objective and its parts, and the combined adapter."""
 
-    weights: list[float]
+    weights: list
     loss: float
     cross_entropy: float
     history: list[float]
@@ -123,15 +124,13 @@ def load_base(base, *, device: torch.device | list[torch.device], tokenizer=None
     return model, tokenizer, bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def _initial(init) -> list[float]:
-    """The starting weights, read as every weight is (`loramix.schedule.parse`): numbers only."""
-    values = [parse(w, what=f"init {i + 1}") for i, w in enumerate(init)]
-    varying = [i + 1 for i, v in enumerate(values) if varies(v)]
-    if varying:
-        raise SearchError(
-            f"init {varying[0]} varies by layer or module; search finds one weight per adapter, so init takes numbers"
-        )
-    return values
+def _initial(init, count: int) -> list:
+    """Each adapter's starting weight in its form (`loramix.schedule.parse`; default 0 each)."""
+    if init is None:
+        return [0.0] * count
+    if len(init) != count:
+        raise SearchError(f"init has {len(init)} value(s) for {count} adapter(s)")
+    return [parse(w, what=f"init {i + 1}") for i, w in enumerate(init)]
 
 
 def search(
@@ -146,7 +145,7 @@ def search(
     bounds: tuple[float, float] = (-1.5, 1.5),
     seed: int = 0,
     device: str = "auto",
-    init: list[float] | None = None,
+    init: list | None = None,
     tokenizer=None,
     chat_template: bool = False,
     add_eos: bool = True,
@@ -163,11 +162,15 @@ def search(
     """Search the weights of ``adapters`` (paths, Hub ids or `LoraAdapter`s) for ``examples`` (a JSONL path or a list
     of ``{"input", "output"}``) on ``base`` (a folder or Hub id with its tokenizer, or a model with ``tokenizer=``).
 
-    The objective is the mean output-token cross-entropy (input tokens masked) plus ``l1·mean|wᵢ|``. ``steps``:
-    COBYLA evaluations, CMA-ES generations (``popsize`` candidates each, one forward pass), or Adam steps (``lr``).
-    Starts at ``init`` (default 0, LoRAHub's; one number per adapter: a weight that varies by layer or module has
-    no place in a search over one weight per adapter, and is refused); Adam with the lorahub composition adds seeded
-    N(0, 0.1²) jitter, since 0 is a stationary point there. ``max_candidates`` caps the candidates per forward pass.
+    Starts at ``init``: one weight per adapter (default 0, LoRAHub's), each a number or a form that varies by layer
+    or module (a gradient ``[0, 1]``, name filters ``{"q_proj": 0.5, "default": 0}``, ``{"lbw": [...]}``; see
+    `loramix.schedule`). The search runs over θ, the numbers those forms hold (one per number: a gradient of k values
+    gives k; ``lbw``'s ``ratio`` stays fixed), every module's weights being linear in θ; ``bounds`` apply to each
+    number, and the result's ``weights`` are the init's forms holding the numbers found. The objective is the mean
+    output-token cross-entropy (input tokens masked) plus ``l1·mean|θⱼ|``, over the numbers (the weights themselves
+    when all are numbers). ``steps``: COBYLA evaluations, CMA-ES generations (``popsize`` candidates each, one
+    forward pass), or Adam steps (``lr``). Adam with the lorahub composition adds seeded N(0, 0.1²) jitter to the
+    start, since 0 is a stationary point there. ``max_candidates`` caps the candidates per forward pass.
     Adapters are loaded as by `combine` (``allow_different_bases``, ``allow_nonfinite``, ``load_options``).
 
     Across GPUs: ``device="cuda:0,cuda:1"`` splits the base over those GPUs (accelerate's device_map, one process).
@@ -195,9 +198,8 @@ def search(
         allow_nonfinite=allow_nonfinite,
         load_options=load_options,
     )
-    x0 = np.zeros(len(loaded)) if init is None else np.asarray(_initial(init), dtype=np.float64)
-    if x0.shape != (len(loaded),):
-        raise SearchError(f"init has {x0.size} value(s) for {len(loaded)} adapter(s)")
+    forms = [linear(f) for f in _initial(init, len(loaded))]
+    x0 = np.asarray([v for f in forms for v in f.values], dtype=np.float64)  # θ: the numbers the forms hold
     examples = as_examples(examples)
     targets = [resolve_device(d) for d in str(device).split(",")]
     if len(targets) > 1 and any(t.type != "cuda" for t in targets):
@@ -224,13 +226,13 @@ def search(
         "l1": l1,
         "bounds": [lo, hi],
         "seed": seed,
-        "init": x0.tolist(),
+        "init": [f.spec for f in forms],
         "device": ",".join(map(str, targets)),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "chat_template": chat_template,
     }
     if optimizer == "cma":
-        settings["popsize"] = popsize or 4 + int(3 * math.log(len(loaded)))
+        settings["popsize"] = popsize or 4 + int(3 * math.log(x0.size))
     if optimizer == "adam":
         settings["lr"] = lr
     if processes > 1:
@@ -243,6 +245,7 @@ def search(
         composition=composition,
         encoder_decoder=encoder_decoder,
         max_candidates=max_candidates,
+        forms=[f.spec for f in forms],
     ) as evaluator:
 
         def objective(W: np.ndarray) -> np.ndarray:
@@ -266,8 +269,10 @@ def search(
                 lr=lr,
                 jitter=0.1 if composition == "lorahub" else 0.0,
             )
-        weights = [float(w) for w in track.best]
-        cross_entropy = float(evaluator.cross_entropy([weights])[0])
+        theta = [float(w) for w in track.best]
+        cross_entropy = float(evaluator.cross_entropy([theta])[0])
+    starts = np.cumsum([0] + [len(f.values) for f in forms])
+    weights = [f.form(theta[a:b]) for f, a, b in zip(forms, starts[:-1], starts[1:])]
     seconds = time.perf_counter() - start
     # the searched composition as an adapter: cat is the weighted sum of ΔWs, lorahub LoRAHub's factor mixing
     method = "lorahub" if composition == "lorahub" else "cat"
@@ -275,7 +280,7 @@ def search(
     log.info("search: loss %.4f after %d evaluations in %.1f s", track.best_loss, track.evaluations, seconds)
     return SearchResult(
         weights=weights,
-        loss=cross_entropy + l1 * float(np.mean(np.abs(weights))),
+        loss=cross_entropy + l1 * float(np.mean(np.abs(theta))),
         cross_entropy=cross_entropy,
         history=track.history,
         evaluations=track.evaluations,
