@@ -14,7 +14,7 @@ import torch
 
 from loramix.adapter import LoraModule
 from loramix.errors import CheckpointError
-from loramix.io.base import CONV1D_MODEL_TYPES, CONV1D_NAMES
+from loramix.io.base import is_conv1d
 from loramix.runtime import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def decide_layout(
     if len(fits) == 1:
         return fits[0]
     if conv1d is None:
-        conv1d = model_type in CONV1D_MODEL_TYPES and name.rsplit(".", 1)[-1] in CONV1D_NAMES
+        conv1d = is_conv1d(model_type, name)
     return "conv1d_fan_in_fan_out" if conv1d else "linear"
 
 

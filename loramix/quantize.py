@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from loramix.errors import CheckpointError
-from loramix.io.base import CONV1D_MODEL_TYPES, CONV1D_NAMES, INPUT_EMBEDDINGS, OUTPUT_HEADS
+from loramix.io.base import INPUT_EMBEDDINGS, OUTPUT_HEADS, is_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,7 @@ def tensors_to_round_trip(
     chosen = {}
     for key, shape in shapes.items():
         if is_quantized(key, shape, settings) and (settings.round_trip == "all" or key in targeted):
-            last = key.removesuffix(".weight").rsplit(".", 1)[-1]
-            chosen[key] = model_type in CONV1D_MODEL_TYPES and last in CONV1D_NAMES
+            chosen[key] = is_conv1d(model_type, key.removesuffix(".weight"))
     return chosen
 
 

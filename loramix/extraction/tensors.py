@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from loramix.errors import CheckpointError
-from loramix.io.base import CONV1D_MODEL_TYPES, CONV1D_NAMES, OUTPUT_HEADS, BaseCheckpoint, open_base, resolve_base
+from loramix.io.base import OUTPUT_HEADS, BaseCheckpoint, is_conv1d, open_base, resolve_base
 from loramix.io.diffusers import KOHYA_COMPONENTS, is_pipeline, open_pipeline
 
 EMBEDDING_NAMES = ("wte", "wpe", "shared")  # embeddings whose name does not say "embed"
@@ -160,7 +160,7 @@ def target_layout(name: str, shape: tuple[int, ...], model_type: str | None) -> 
         return None
     if is_embedding(module):
         return None if model_type == PIPELINE else "embedding"
-    if model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_NAMES:
+    if is_conv1d(model_type, module):
         return "conv1d_fan_in_fan_out"
     return "linear"
 

@@ -67,6 +67,12 @@ OUTPUT_HEADS = ("lm_head", "embed_out", "cls.predictions.decoder", "vocab_projec
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight", "embed_in.weight")
 
 
+def is_conv1d(model_type: str | None, module: str) -> bool:
+    """Whether ``module`` (a dotted module path) of a ``model_type`` model is a transformers Conv1D, its weight
+    stored in×out."""
+    return model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_NAMES
+
+
 @dataclass
 class BaseTensor:
     """One tensor of the base: where its bytes are (a safetensors file and absolute offset) or the tensor itself."""
