@@ -225,12 +225,12 @@ def combine(
     kept: dict[str, float] = {}
 
     def merge_module(name: str) -> LoraModule:
-        present = [(resolve(w, name, layers), a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
+        resolved = [resolve(w, name, layers) for w in weights]  # each adapter's weight for this module
+        present = [(w, a.modules[name]) for a, w in zip(loaded, resolved) if name in a.modules]
         rule = truncation.for_kernel(present[0][1].kernel_size)
         with _worker_stream(target):
             terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
             if chosen.every_adapter:
-                resolved = [resolve(w, name, layers) for w in weights]
                 terms = absent_as_zero(terms, resolved, [name in a.modules for a in loaded])
             try:
                 factors = chosen.apply(
