@@ -9,6 +9,10 @@ a bad option value a ``ValueError``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+
 
 def shown(text: str) -> str:
     """``text`` fit for one printed line: control characters (newline, ESC, NUL) and lone surrogates escaped."""
@@ -75,3 +79,31 @@ class HubError(LoramixError):
 
 class SearchError(LoramixError):
     """A weight search cannot run as asked (examples, base model, tokenizer)."""
+
+
+class BackendError(LoramixError):
+    """An optional backend (bitsandbytes, gguf) failed inside its own code: its release or this machine's processor
+    is one it does not run on. The message names the package, its version and what to do."""
+
+
+@contextmanager
+def inside_backend(package: str, doing: str) -> Iterator[None]:
+    """Run a call into optional backend ``package`` (``doing``: what it was asked to do): an exception from inside
+    it becomes one `BackendError` line naming the package and version, never a traceback. loramix's own errors and
+    interrupts pass through unchanged."""
+    try:
+        yield
+    except (LoramixError, MemoryError):
+        raise
+    except Exception as exc:
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            version = "(version unknown)"
+        detail = shown(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        raise BackendError(
+            f"{package} {version} failed while {doing}: {type(exc).__name__}"
+            + (f": {detail}" if detail else "")
+            + f" (install the {package} release pinned in loramix's constraints.txt, the one it is tested with,"
+            " or report this with the version above)"
+        ) from exc

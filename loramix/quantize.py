@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramix.errors import CheckpointError
+from loramix.errors import CheckpointError, inside_backend
 from loramix.io.base import INPUT_EMBEDDINGS, OUTPUT_HEADS, is_conv1d
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,14 @@ def round_trip(weight: torch.Tensor, settings: Quantization, *, transposed: bool
     Conv1D weight stored in×out (quantized as out×in, as transformers does)."""
     F = _functional()
     math_view = weight.T.contiguous() if transposed else weight.contiguous()
-    packed, state = F.quantize_4bit(
-        math_view,
-        blocksize=settings.blocksize,
-        compress_statistics=settings.double_quant,
-        quant_type=settings.quant_type,
-    )
-    restored = F.dequantize_4bit(packed, state)
+    with inside_backend("bitsandbytes", f"round-tripping a {tuple(math_view.shape)} weight through 4-bit"):
+        packed, state = F.quantize_4bit(
+            math_view,
+            blocksize=settings.blocksize,
+            compress_statistics=settings.double_quant,
+            quant_type=settings.quant_type,
+        )
+        restored = F.dequantize_4bit(packed, state)
     return restored.T.contiguous() if transposed else restored
 
 
@@ -145,7 +146,8 @@ def quantization_step(weight: torch.Tensor, settings: Quantization) -> torch.Ten
     the entry's block (``blocksize`` consecutive entries of the flattened weight; bitsandbytes' scale before any
     double quantization) and c⁻ ≤ W/a ≤ c⁺ the neighbouring values of the NF4/FP4 code book,
     step = a·(c⁺ − c⁻). An all-zero block has step 0."""
-    codes = torch.unique(_functional().get_4bit_type(settings.quant_type, device="cpu").double())
+    with inside_backend("bitsandbytes", f"reading its {settings.quant_type} code book"):
+        codes = torch.unique(_functional().get_4bit_type(settings.quant_type, device="cpu").double())
     flat = weight.detach().to("cpu", torch.float64).reshape(-1)
     pad = (-flat.numel()) % settings.blocksize
     blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, settings.blocksize)

@@ -86,3 +86,23 @@ def test_gguf_refuses_what_it_cannot_hold(tmp_path):
         plain = make_peft_adapter(tiny_llama, tmp_path, "plain", target_modules=["q_proj"])
         save_adapter(load_adapter(plain.path), tmp_path / "out3", format="gguf", base={"model_type": "bert"})
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_failure_inside_gguf_is_one_error_naming_its_version(tmp_path, monkeypatch):
+    """An exception from the gguf package's own writer becomes one BackendError naming gguf and its version (the CLI
+    prints it as one line), and no output folder is left behind."""
+    from importlib.metadata import version
+
+    from loramix.errors import BackendError
+
+    made = make_peft_adapter(tiny_llama, tmp_path, "adapter", target_modules=["q_proj"])
+    config = made.base().config.to_dict()
+
+    def broken(self):
+        raise struct_error("required argument is not an integer")
+
+    struct_error = type("error", (Exception,), {})
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", broken)
+    with pytest.raises(BackendError, match=rf"^gguf {version('gguf')} failed while writing out\.gguf: error: required"):
+        save_adapter(load_adapter(made.path), tmp_path / "out", format="gguf", base=config, card=False)
+    assert not (tmp_path / "out").exists()

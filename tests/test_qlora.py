@@ -133,6 +133,11 @@ def test_logits_match_the_4bit_model_with_the_adapter(qlora, quant_type, double_
         tmp / "base-fp32", dtype=torch.float32, quantization_config=config, device_map="cpu"
     )
     assert type(four_bit.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    for module in four_bit.modules():
+        # On CPUs with AVX512-BF16, bitsandbytes ≥ 0.48 repacks Linear4bit weights for a bfloat16-only kernel at the
+        # first inference forward (and fails on in_features < blocksize): the oracle is its float32 path on every CPU.
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
     inputs = example_inputs(tiny_llama)
     trained = model_output(PeftModel.from_pretrained(four_bit, str(made.path)).eval(), inputs)
     logits = {}
@@ -170,6 +175,31 @@ def test_settings_come_from_the_base_config_and_flags_override(qlora, tmp_path):
     flagged = merge_into_base(made.path, base, tmp_path / "flags", quantized_as="nf4", double_quant=False)
     assert (flagged.quantization.quant_type, flagged.quantization.double_quant) == ("nf4", False)
     assert merge_into_base(made.path, base, tmp_path / "plain", quantized_as="none").quantization is None
+
+
+def test_a_failure_inside_bitsandbytes_is_one_line_naming_its_version(qlora, tmp_path, monkeypatch):
+    """What a user saw with a bitsandbytes release whose CPU kernel is missing: a traceback from the README's own
+    example. Now one line naming the package, its version and what to do, exit status 2, nothing written."""
+    from importlib.metadata import version
+
+    def missing_kernel(*args, **kwargs):
+        raise NotImplementedError(
+            "Could not run 'bitsandbytes::quantize_4bit' with arguments from the 'CPU' backend.\nThis could be..."
+        )
+
+    tmp, made = qlora
+    monkeypatch.setattr(bnb_functional, "quantize_4bit", missing_kernel)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["combine", str(made.path), "--merge-into", str(tmp / "base-bf16"), "--quantized-as", "nf4", "-o", str(out)],
+    )
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: bitsandbytes {version('bitsandbytes')} failed while ")
+    assert "NotImplementedError: Could not run 'bitsandbytes::quantize_4bit'" in lines[0]
+    assert "constraints.txt" in lines[0] and "Traceback" not in result.output
+    assert not out.exists() and not list(tmp_path.glob(".*"))
 
 
 def test_missing_bitsandbytes_names_the_extra(qlora, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter, check_rank_layout, portable_layout
-from loramix.errors import OutputError
+from loramix.errors import OutputError, inside_backend
 from loramix.lazy import lazy
 from loramix.sources import resolve
 
@@ -113,14 +113,16 @@ def write(
     first = next(iter(adapter.modules.values()))
     numpy_dtype = "float16" if (dtype or adapter.dtype) == torch.float16 else "float32"
     file = folder / (file_name or folder.name + ".gguf")
-    writer = gguf.GGUFWriter(str(file), config["model_type"])
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, first.scale * first.rank)
-    for name, tensor in gguf_tensors(adapter, config).items():
-        writer.add_tensor(name, tensor.float().numpy().astype(numpy_dtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    tensors = gguf_tensors(adapter, config)
+    with inside_backend("gguf", f"writing {file.name}"):
+        writer = gguf.GGUFWriter(str(file), config["model_type"])
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, first.scale * first.rank)
+        for name, tensor in tensors.items():
+            writer.add_tensor(name, tensor.float().numpy().astype(numpy_dtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return file
