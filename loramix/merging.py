@@ -21,7 +21,7 @@ from loramix.io.base import open_base, resolve_base, with_base_names
 from loramix.io.diffusers import is_pipeline, open_pipeline
 from loramix.io.files import atomic_output
 from loramix.quantize import quantization_settings
-from loramix.render.card import CARD_FILE, model_card, quantization_section
+from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
 from loramix.runtime import parse_dtype, require_path, resolve_device
 
 
@@ -30,7 +30,7 @@ def merge_into_base(
     base: str | Path,
     out: str | Path,
     *,
-    dtype: torch.dtype | str = torch.bfloat16,
+    dtype: torch.dtype | str | None = None,
     shard_size: int | str | None = None,
     device: str | torch.device = "auto",
     overwrite: bool = False,
@@ -49,7 +49,8 @@ def merge_into_base(
     merged in its own files, the rest copied (see `loramix.diffusers_merge`). ``files`` (name → text: card, recipe)
     go into the same folder; without them a README.md model card says what is known. ``shard_size`` None keeps a
     safetensors base's own shard files (a size lays the tensors out anew); ``workers`` tensors are merged at once
-    (default: one per CPU, 4 on a GPU; the bytes are the same for any count).
+    (default: one per CPU, 4 on a GPU; the bytes are the same for any count). The checkpoint keeps the base's dtype
+    (tensors the adapter leaves alone byte for byte) unless ``dtype`` asks for another, which the card then says.
 
     QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
     the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
@@ -92,6 +93,9 @@ def merge_into_base(
         if quantization is not None:
             section = quantization_section(quantization, report.round_tripped, list(report.survival))
             files = {**files, CARD_FILE: files.get(CARD_FILE, "") + section}
+        if report.dtype != report.base_dtype:
+            names = (str(d).removeprefix("torch.") for d in (report.base_dtype, report.dtype))
+            files = {**files, CARD_FILE: files.get(CARD_FILE, "") + dtype_section(*names)}
         write_files(tmp, files)
     report.path = Path(out)
     return report

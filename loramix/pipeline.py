@@ -83,7 +83,7 @@ def _repeatable(plan: Plan, adapter: LoraAdapter, rule: RankRule | None = None) 
     rule = rule or RankRule(
         rank=plan.rank, energy=plan.energy, rule=plan.rule, value=plan.rule_value, conv_rank=plan.conv_rank
     )
-    dtype = plan.dtype or ("bfloat16" if plan.merge_into else str(adapter.dtype).removeprefix("torch."))
+    dtype = plan.dtype or (None if plan.merge_into else str(adapter.dtype).removeprefix("torch."))  # None: the base's
     return replace(
         plan,
         adapters=[portable(a) for a in plan.adapters],
@@ -153,14 +153,14 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         revisions=revisions(plan.adapters),
         output_format=plan.format,
         recipe=True,
-        dtype=(plan.dtype or "bfloat16") if plan.merge_into else None,
+        dtype=(plan.dtype or "the base's dtype") if plan.merge_into else None,
     )
     if plan.merge_into:
         merge = merge_into_base(
             adapter,
             plan.merge_into,
             plan.output,
-            dtype=parse_dtype(plan.dtype) or torch.bfloat16,
+            dtype=parse_dtype(plan.dtype),
             shard_size=plan.shard_size,
             device=plan.device,
             workers=plan.workers,

@@ -344,7 +344,7 @@ def test_kohya_lora_of_a_transformers_model_merges_into_its_checkpoint(tmp_path)
     assert "lora_model_layers_0_self_attn_q_proj.lora_down.weight" in keys
     base = tmp_path / "base"
     tiny_llama().save_pretrained(str(base), max_shard_size="20KB")
-    report = merge_into_base(str(kohya / "kohya.safetensors"), base, tmp_path / "out")
+    report = merge_into_base(str(kohya / "kohya.safetensors"), base, tmp_path / "out", dtype="bfloat16")
     assert "model.layers.0.self_attn.q_proj" in report.survival
     merged = made.load_with_peft().merge_and_unload().state_dict()
     ours = {}
