@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
@@ -98,24 +99,35 @@ class MergeReport:
     shards: list[str]
     total_size: int
     tensors: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the output's: the base's own (`base_dtype`) unless a dtype was asked for
     survival: dict[str, StoredUpdate] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     quantization: Quantization | None = None
     round_tripped: list[str] = field(default_factory=list)
+    base_dtype: torch.dtype | None = None  # the base's (most of its floating-point bytes)
 
 
-def _out_dtype(source: BaseTensor, dtype: torch.dtype) -> torch.dtype:
-    return dtype if source.dtype.is_floating_point else source.dtype
+def _out_dtype(source: BaseTensor, dtype: torch.dtype | None) -> torch.dtype:
+    """A tensor's output dtype: ``dtype`` for floating-point tensors when one was asked for, else its own."""
+    return dtype if dtype is not None and source.dtype.is_floating_point else source.dtype
+
+
+def base_dtype(base: BaseCheckpoint) -> torch.dtype:
+    """The dtype of most of the base's floating-point bytes (a float32 norm in a bfloat16 model does not count)."""
+    sizes: Counter[torch.dtype] = Counter()
+    for tensor in base.tensors.values():
+        if tensor.dtype.is_floating_point:
+            sizes[tensor.dtype] += tensor.nbytes
+    return sizes.most_common(1)[0][0] if sizes else torch.float32
 
 
 def _memory_tensor(name: str, tensor: torch.Tensor) -> BaseTensor:
     return BaseTensor(name, tensor.dtype, tuple(tensor.shape), tensor=tensor.detach().cpu().contiguous())
 
 
-def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype, notes: list[str]) -> list[Job]:
+def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | None, notes: list[str]) -> list[Job]:
     """One job per output tensor, in the base's order; raises on any name or shape the base does not have."""
     jobs = {name: Job(name, t, _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
     where = f"base {base.folder}"
@@ -176,7 +188,7 @@ def _plan_extras(
     adapter: LoraAdapter,
     base: BaseCheckpoint,
     jobs: dict[str, Job],
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     notes: list[str],
 ) -> None:
     """Heads (modules_to_save) and saved base layers replace the base tensor of the same name, or are added."""
@@ -196,7 +208,7 @@ def _plan_extras(
                     "and does not store; set tie_word_embeddings=false in the base to keep both"
                 )
             source = _memory_tensor(name, tensor)
-            jobs[name] = Job(name, source, _out_dtype(source, dtype), replaced="added")
+            jobs[name] = Job(name, source, _out_dtype(source, dtype or base_dtype(base)), replaced="added")
             notes.append(f"{name} ({extra.kind}) is not in the base: added to the merged checkpoint")
             continue
         job = jobs[key]
@@ -321,7 +333,7 @@ def write_merged(
     base: BaseCheckpoint,
     folder: Path,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     shard_size: int | str | None = None,
     device: torch.device | None = None,
     progress: bool = False,
@@ -329,8 +341,10 @@ def write_merged(
     quantization: Quantization | None = None,
 ) -> MergeReport:
     """Write ``base`` with ``adapter`` merged into the existing folder ``folder``: sharded safetensors plus the
-    index, config.json with its dtype updated, and every other non-weight file (tokenizer, generation config)
-    copied (a diffusers config, which has no dtype, as it was). With ``shard_size`` None (the default) the output
+    index, config.json, and every other non-weight file (tokenizer, generation config) copied. Every tensor keeps
+    the base's dtype (its own: untouched tensors byte for byte, merged ones W+ΔW rounded once to it) unless
+    ``dtype`` asks for another: then every floating-point tensor is stored in ``dtype`` and config.json says so (a
+    diffusers config, which has no dtype, is copied as it was). With ``shard_size`` None (the default) the output
     keeps a safetensors base's own files (names, which tensor in which file, order, index); with a size (or for a
     .bin base, 5GB) the tensors are laid out anew as transformers does (``model-0000i-of-0000N.safetensors``, one
     ``model.safetensors`` when everything fits; diffusers' names, ``diffusion_pytorch_model…``, for a diffusers
@@ -374,7 +388,7 @@ def write_merged(
         write_shards(folder, names, shards, produce=produce, bar=bar, workers=workers, headers=headers)
     write_index(folder, names, shards, index)
     config = dict(base.config)
-    for key in _config_dtype_keys(config) if DIFFUSERS_CONFIG not in config else ():
+    for key in _config_dtype_keys(config) if DIFFUSERS_CONFIG not in config and dtype is not None else ():
         config[key] = DTYPE_NAMES[dtype]
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_other_files(base, folder)
@@ -383,15 +397,16 @@ def write_merged(
         shards=names,
         total_size=total,
         tensors=len(jobs),
-        dtype=dtype,
+        dtype=dtype or base_dtype(base),
         survival=_survival_by_module(jobs, stats),
         replaced=[j.name for j in jobs if j.replaced and j.replaced != "added"],
         added=[j.name for j in jobs if j.replaced == "added"],
         notes=notes,
         quantization=quantization,
         round_tripped=[j.name for j in jobs if j.quantization is not None],
+        base_dtype=base_dtype(base),
     )
-    warn_stored(report.survival, dtype, adapter.name)
+    warn_stored(report.survival, report.dtype, adapter.name)
     return report
 
 

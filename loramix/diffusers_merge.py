@@ -29,14 +29,15 @@ def write_merged_pipeline(
     pipeline: Pipeline,
     folder: Path,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     device: torch.device | None = None,
     progress: bool = False,
     workers: int | None = None,
 ) -> MergeReport:
     """Write ``pipeline`` with ``adapter`` merged into the existing folder ``folder`` (see the module docstring).
     The report's shards and module names carry their component (``unet/diffusion_pytorch_model.safetensors``,
-    ``unet.down_blocks.0.attentions.0.proj_in``)."""
+    ``unet.down_blocks.0.attentions.0.proj_in``); each changed component keeps its own dtype unless ``dtype`` asks
+    for another (the report's ``base_dtype`` and ``dtype``: the first changed component's)."""
     parts = split_adapter(adapter, pipeline)
     report = MergeReport(path=folder, shards=[], total_size=0, tensors=0, dtype=dtype)
     for component, part in parts.items():
@@ -50,6 +51,7 @@ def write_merged_pipeline(
         report.tensors += merged.tensors
         report.survival |= {f"{component}.{name}": value for name, value in merged.survival.items()}
         report.notes += [f"{component}: {note}" for note in merged.notes]
+        report.dtype, report.base_dtype = merged.dtype, report.base_dtype or merged.base_dtype
         kept = {path.name for path in base.weight_files}
         for item in sorted((pipeline.folder / component).iterdir()):
             if item.is_file() and item.name.endswith(WEIGHT_SUFFIXES) and item.name not in kept:

@@ -120,7 +120,7 @@ def test_merge_matches_peft(case, tmp_path):
     assert len(list(base.glob("model-*.safetensors"))) > 2
     before = folder_digest(base)
     made = make_peft_adapter(factory, tmp_path, "adapter", **lora)
-    report = merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, progress=False)
+    report = merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, dtype="bfloat16", progress=False)
 
     out = tmp_path / "out"
     assert len(report.shards) > 2 and sorted(p.name for p in out.glob("model-*")) == report.shards
@@ -154,7 +154,7 @@ def test_row_chunks_match_peft(case, tmp_path, monkeypatch):
     factory, lora = CASES[case]
     base = save_base(factory(), tmp_path / "base")
     made = make_peft_adapter(factory, tmp_path, "adapter", **lora)
-    report = merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, progress=False)
+    report = merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, dtype="bfloat16", progress=False)
     tied = ("lm_head.weight",) if "lm_head.weight" not in read_checkpoint(base) else ()
     check_against_peft(tmp_path / "out", peft_merged(made), tied_absent=tied)
     assert all(0.9 < v.kept < 1.1 for v in report.survival.values())
@@ -169,7 +169,7 @@ def test_gpt2_bare_base_and_fan_in_fan_out_disagreement(tmp_path, caplog):
     config_path = made.path / "adapter_config.json"  # as in several real GPT-2 adapters (PEFT fixes it on load)
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "fan_in_fan_out": False}))
     with caplog.at_level(logging.INFO, logger="loramix"):
-        merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, progress=False)
+        merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, dtype="bfloat16", progress=False)
     assert "fan_in_fan_out disagreed with the base" in caplog.text  # a note (-v): the reader warned already
     assert sum("fan_in_fan_out" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING) == 1
     merged = peft_merged(made).transformer  # PEFT too settles fan_in_fan_out from the Conv1D layers
@@ -184,7 +184,7 @@ def test_bare_adapter_on_prefixed_base(tmp_path):
 
     base = save_base(tiny_gpt2(), tmp_path / "base")
     made = make_peft_adapter(bare, tmp_path, "adapter", target_modules=["c_attn"], fan_in_fan_out=True)
-    merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, progress=False)
+    merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, dtype="bfloat16", progress=False)
     ours = read_checkpoint(tmp_path / "out")
     reference = peft_merged(made).state_dict()
     for name, tensor in reference.items():
@@ -197,7 +197,7 @@ def test_tied_head_and_embedding(tmp_path, caplog):
     assert "lm_head.weight" not in read_checkpoint(base)
     made = make_peft_adapter(tiny_gemma, tmp_path, "adapter", target_modules=["q_proj", "lm_head", "embed_tokens"])
     with caplog.at_level(logging.WARNING, logger="loramix"):
-        merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, progress=False)
+        merge_into_base(made.path, base, tmp_path / "out", shard_size=SHARD, dtype="bfloat16", progress=False)
     assert "tied to model.embed_tokens.weight" in caplog.text
     assert "changes the output head as well" in caplog.text  # the embedding's own ΔW reaches the head too
     check_against_peft(tmp_path / "out", peft_merged(made), tied_absent=("lm_head.weight",))
@@ -240,7 +240,9 @@ def test_hub_id_base_through_the_real_hub_client(tmp_path, hub_cache):
     base = save_base(tiny_llama(), tmp_path / "snapshot")
     publish(hub_cache, "someorg/tiny-llama", base)
     made = make_peft_adapter(tiny_llama, tmp_path, "adapter", target_modules=["q_proj"])
-    merge_into_base(made.path, "someorg/tiny-llama", tmp_path / "out", shard_size=SHARD, progress=False)
+    merge_into_base(
+        made.path, "someorg/tiny-llama", tmp_path / "out", shard_size=SHARD, dtype="bfloat16", progress=False
+    )
     check_against_peft(tmp_path / "out", peft_merged(made))
 
 
@@ -251,7 +253,7 @@ def test_header_is_aligned_and_offsets_contiguous(tmp_path):
     config["torch_dtype"] = config.pop("dtype")  # as transformers 4 writes it
     (base / "config.json").write_text(json.dumps(config))
     made = make_peft_adapter(tiny_llama, tmp_path, "adapter", target_modules=["q_proj"])
-    merge_into_base(made.path, base, tmp_path / "out", shard_size="30KB", progress=False)
+    merge_into_base(made.path, base, tmp_path / "out", shard_size="30KB", dtype="bfloat16", progress=False)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and "dtype" not in config
     for path in (tmp_path / "out").glob("model-*.safetensors"):
@@ -275,7 +277,7 @@ def test_low_survival_warns(tmp_path, caplog):
     for name in list(tiny)[:1]:
         tiny[name].B = tiny[name].B * 1e-6  # ΔW ~1e-7: far under half an ulp of W (~3e-5 at |W| ~ 0.01)
     with caplog.at_level(logging.WARNING, logger="loramix"):
-        report = merge_into_base(adapter.with_modules(tiny), base, tmp_path / "out", progress=False)
+        report = merge_into_base(adapter.with_modules(tiny), base, tmp_path / "out", dtype="bfloat16", progress=False)
     low = [n for n, v in report.survival.items() if v.kept < 0.5]
     assert low == list(tiny)[:1] and report.survival[low[0]].kept < 0.2
     assert all(v.kept > 0.9 for n, v in report.survival.items() if n not in low)
@@ -297,7 +299,7 @@ def test_distorted_update_is_measured_and_warned(tmp_path, caplog):
     adapter = load_adapter(made.path)
     small = {n: replace(m, B=m.B * 0.2) for n, m in adapter.modules.items()}  # |ΔW| about half a bf16 step
     with caplog.at_level(logging.WARNING, logger="loramix"):
-        report = merge_into_base(adapter.with_modules(small), base, tmp_path / "out", progress=False)
+        report = merge_into_base(adapter.with_modules(small), base, tmp_path / "out", dtype="bfloat16", progress=False)
     written, original = read_checkpoint(tmp_path / "out"), read_checkpoint(base)
     for name, module in small.items():
         key = name + ".weight"
@@ -317,21 +319,21 @@ def test_errors_name_module_and_base(tmp_path):
     before = folder_digest(base)
     missing = raw_lora_folder(tmp_path / "missing", shapes={"model.layers.7.self_attn.q_proj": (32, 4, 32)})
     with pytest.raises(CheckpointError, match=r"model\.layers\.7\.self_attn\.q_proj.*no matching tensor.*base"):
-        merge_into_base(missing, base, tmp_path / "out", progress=False)
+        merge_into_base(missing, base, tmp_path / "out", dtype="bfloat16", progress=False)
     wrong = raw_lora_folder(tmp_path / "wrong", shapes={"model.layers.0.self_attn.q_proj": (32, 4, 48)})
     with pytest.raises(
         CheckpointError, match=r"q_proj \(out 32 × in 48\).*model\.layers\.0\.self_attn\.q_proj\.weight"
     ):
-        merge_into_base(wrong, base, tmp_path / "out", progress=False)
+        merge_into_base(wrong, base, tmp_path / "out", dtype="bfloat16", progress=False)
     assert not (tmp_path / "out").exists() and folder_digest(base) == before
     assert not list(tmp_path.glob(".out.*"))  # no partial output left beside the target
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
     made = make_peft_adapter(tiny_llama, tmp_path, "adapter", target_modules=["q_proj"])
     with pytest.raises(OutputError):
-        merge_into_base(made.path, base, tmp_path / "taken", progress=False)
+        merge_into_base(made.path, base, tmp_path / "taken", dtype="bfloat16", progress=False)
     with pytest.raises(OutputError):
-        merge_into_base(made.path, base, base, overwrite=True, progress=False)
+        merge_into_base(made.path, base, base, overwrite=True, dtype="bfloat16", progress=False)
 
 
 def test_ambiguous_names_refused(tmp_path):
@@ -345,7 +347,7 @@ def test_ambiguous_names_refused(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"layers\.0\.q\.weight matches several.*encoder.*decoder|decoder.*encoder"
     ):
-        merge_into_base(adapter, base, tmp_path / "out", progress=False)
+        merge_into_base(adapter, base, tmp_path / "out", dtype="bfloat16", progress=False)
 
 
 def test_cli_merge_into(tmp_path):
@@ -355,9 +357,10 @@ def test_cli_merge_into(tmp_path):
     made = make_peft_adapter(tiny_qwen2, tmp_path, "adapter", target_modules=["q_proj", "v_proj"])
     out = tmp_path / "out"
     args = ["-q", "combine", str(made.path), "-m", "cat", "--merge-into", str(base), "--shard-size", SHARD]
-    result = CliRunner().invoke(main, [*args, "-o", str(out)])
+    result = CliRunner().invoke(main, [*args, "--dtype", "bfloat16", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "merged" in result.output and str(out) in result.output
+    assert "converted from float32 to bfloat16 (--dtype)" in result.output
     check_against_peft(out, peft_merged(made))
     result = CliRunner().invoke(main, [*args, "-o", str(out)])
     assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
@@ -371,7 +374,8 @@ def test_cli_merge_into_dora(factory, lora, tmp_path):
     base = save_base(factory(), tmp_path / "base")
     made = make_peft_adapter(factory, tmp_path, "dora", **lora)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["-q", "combine", str(made.path), "--merge-into", str(base), "-o", str(out)])
+    args = ["-q", "combine", str(made.path), "--merge-into", str(base), "--dtype", "bfloat16", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     tied = ("lm_head.weight",) if "lm_head.weight" not in read_checkpoint(base) else ()
     check_against_peft(out, peft_merged(made), tied_absent=tied)
@@ -397,7 +401,7 @@ def test_real_gpt2_tigrinya(tmp_path):
     for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(REAL / "base_gpt2_config_only" / name, base / name)
     adapter = REAL / "gpt2__tigrinya_clm"
-    report = merge_into_base(adapter, base, tmp_path / "out", shard_size="200MB", progress=False)
+    report = merge_into_base(adapter, base, tmp_path / "out", shard_size="200MB", dtype="bfloat16", progress=False)
     assert len(report.survival) == 36
     for name in ("tokenizer.json", "vocab.json", "merges.txt", "generation_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (base / name).read_bytes()
@@ -421,7 +425,9 @@ def test_real_qwen_two_layers(tmp_path, caplog):
     adapter = load_adapter(source)
     two = {n: m for n, m in adapter.modules.items() if n.split(".")[2] in ("0", "1")}
     assert len(two) == 4
-    report = merge_into_base(adapter.with_modules(two), base, tmp_path / "out", shard_size="10MB", progress=False)
+    report = merge_into_base(
+        adapter.with_modules(two), base, tmp_path / "out", shard_size="10MB", dtype="bfloat16", progress=False
+    )
     assert all(not math.isnan(v.kept) for v in report.survival.values())
     merged = PeftModel.from_pretrained(qwen(), str(source)).merge_and_unload()  # PEFT skips layers 2-23 itself
     check_against_peft(tmp_path / "out", merged, tied_absent=("lm_head.weight",))
@@ -435,7 +441,7 @@ def test_real_distilbert_heads_added_to_mlm_base(tmp_path):
 
     base = save_base(random_model("distilbert", task="masked-lm"), tmp_path / "base", max_shard_size="100MB")
     source = REAL / "distilbert__imdb_qv"
-    report = merge_into_base(source, base, tmp_path / "out", shard_size="100MB", progress=False)
+    report = merge_into_base(source, base, tmp_path / "out", shard_size="100MB", dtype="bfloat16", progress=False)
     assert {"classifier.weight", "pre_classifier.bias"} <= set(report.added) and len(report.survival) == 12
 
     def seqcls():

@@ -180,7 +180,7 @@ def test_base_layout_kept_when_dtype_changes_matches_peft(tmp_path):
     """A float32 base merged to bf16 keeps its files; the headers are rewritten (sizes halve). PEFT is the oracle."""
     made = make_peft_adapter(tiny_llama, tmp_path, "adapter", target_modules=["q_proj", "v_proj", "down_proj"])
     tiny_llama().save_pretrained(str(tmp_path / "base"), max_shard_size="20KB")
-    report = merge_into_base(made.path, tmp_path / "base", tmp_path / "out", progress=False)
+    report = merge_into_base(made.path, tmp_path / "base", tmp_path / "out", dtype="bfloat16", progress=False)
     assert report.shards == [p.name for p in sorted((tmp_path / "base").glob("*.safetensors"))]
     reference = PeftModel.from_pretrained(tiny_llama(), str(made.path)).merge_and_unload().state_dict()
     seen = set()
@@ -191,6 +191,48 @@ def test_base_layout_kept_when_dtype_changes_matches_peft(tmp_path):
                 seen.add(key)
     stored = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())["weight_map"]
     assert seen == set(stored) and seen <= set(reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_merge_keeps_the_bases_dtype_unless_asked(dtype, tmp_path):
+    """A float16 or float32 base merged with no --dtype stays in its dtype: untouched tensors are the base's bytes,
+    merged ones PEFT's float32 merge_and_unload rounded to the base's dtype (float32: rtol 1e-6, atol 1e-7, ΔW summed
+    in another order; float16: rtol 1e-3 = one fp16 ulp, atol 1e-6). --dtype converts, and the wrote line and the
+    card say so."""
+    made = make_peft_adapter(tiny_llama, tmp_path, "adapter", target_modules=["q_proj", "v_proj"])
+    base = tmp_path / "base"
+    tiny_llama().to(dtype).save_pretrained(str(base), max_shard_size="20KB")
+    out = tmp_path / "out"
+    args = ["combine", str(made.path), "-m", "cat", "--merge-into", str(base)]
+    result = CliRunner().invoke(main, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "converted" not in result.output
+    name = str(dtype).removeprefix("torch.")
+    assert json.loads((out / "config.json").read_text())["dtype"] == name
+    model = tiny_llama().to(dtype).float()  # the base as stored, merged in float32
+    reference = PeftModel.from_pretrained(model, str(made.path)).merge_and_unload().state_dict()
+    base_bytes = {k: v for f in sorted(base.glob("*.safetensors")) for k, v in tensor_bytes(f).items()}
+    merged = 0
+    for file in sorted(out.glob("*.safetensors")):
+        ours = tensor_bytes(file)
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                assert tensor.dtype == dtype, key
+                if key.endswith(("q_proj.weight", "v_proj.weight")):
+                    merged += 1
+                    tolerance = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-3, "atol": 1e-6}
+                    torch.testing.assert_close(tensor.float(), reference[key].to(dtype).float(), **tolerance, msg=key)
+                else:
+                    assert ours[key] == base_bytes[key], key  # byte for byte
+    assert merged == 4
+    converted = CliRunner().invoke(main, [*args, "--dtype", "bfloat16", "-o", str(tmp_path / "bf16")])
+    assert converted.exit_code == 0, converted.output
+    assert f"converted from {name} to bfloat16 (--dtype)" in converted.output
+    assert (
+        f"The base is stored in {name}; this checkpoint was converted to bfloat16"
+        in (tmp_path / "bf16" / "README.md").read_text()
+    )
 
 
 def _rss() -> int:

@@ -121,7 +121,11 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
     "factor bases (Core Space) [default: dense].",
 )
 @click.option("--device", default=None, help=DEVICE_HELP)
-@click.option("--dtype", default=None, help="Output dtype: float32, float16, bfloat16 [default: the inputs'].")
+@click.option(
+    "--dtype",
+    default=None,
+    help="Output dtype: float32, float16, bfloat16 [default: the inputs'; with --merge-into the base's].",
+)
 @click.option(
     "--heads",
     type=click.Choice(["refuse", "average"]),
@@ -159,7 +163,7 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
     "--format",
     type=click.Choice(["peft", "kohya", "gguf"]),
     help="Adapter output format: a PEFT folder, a kohya/A1111 .safetensors or a llama.cpp LoRA .gguf in the folder "
-    "[default: peft].",
+    "[default: kohya for kohya/diffusers/LyCORIS inputs, else peft].",
 )
 @click.option(
     "--gguf-base",
@@ -179,7 +183,7 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **flags) -> None:
     """Combine ADAPTERS (folders, state dict files or Hub ids) into one PEFT adapter written to OUTPUT.
 
-    With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, bf16 by default).
+    With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, in BASE's dtype).
     """
     from loramix.pipeline import run
     from loramix.recipe import Plan, load_recipe
@@ -210,9 +214,11 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     if report.merge is not None:
         merge = report.merge
         worst = max(merge.survival.items(), key=lambda kv: kv[1].error, default=None)
+        names = [str(d).removeprefix("torch.") for d in (merge.base_dtype, merge.dtype)]
         click.echo(
             f"wrote {plan.output}: {plan.merge_into} with {len(merge.survival)} modules merged, {merge.tensors} "
             f"tensors in {len(merge.shards)} shard(s)"
+            + (f", converted from {names[0]} to {names[1]} (--dtype)" if names[0] != names[1] else "")
             + (
                 f"; stored ΔW vs intended: error ≤ {worst[1].error:.3f}, cosine {worst[1].cosine:.3f} ({worst[0]})"
                 if worst

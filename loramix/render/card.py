@@ -298,3 +298,11 @@ def quantization_section(settings: Quantization, round_tripped: list[str], modul
         + (f", as were the skipped modules {', '.join(settings.skip)}." if settings.skip else "."),
     ]
     return "\n".join(lines) + "\n"
+
+
+def dtype_section(base: str, stored: str) -> str:
+    """The card's note that a merged checkpoint is stored in another dtype than its base (asked for with dtype)."""
+    return (
+        f"\nThe base is stored in {base}; this checkpoint was converted to {stored} as asked (`--dtype`): every "
+        f"floating-point tensor, the untouched ones included, is the base's rounded to {stored}.\n"
+    )
