@@ -182,6 +182,10 @@ def _spectra_figure(analysis):
     fig, axes = _figure((1.5 + 3.2 * cols, grid_rows * (1.5 + 0.14 * max(height, 8))), grid_rows, cols)
     image = None
     for k, (ax, a, (labels, rows)) in enumerate(zip(axes.flat, analysis.adapters, tables)):
+        if not rows:  # every module left out (NaN/Inf factors): nothing to draw
+            ax.set_axis_off()
+            ax.set_title(f"{fill(a.name, 30)}\nno module analysed", fontsize=9)
+            continue
         grid = [row + [None] * (width - len(row)) for row in rows] if width else [[None] for _ in rows]
         title = f"{fill(a.name, 30)}\nσᵢ/σ₁ per module (i ≥ 2)"
         image = _heatmap(ax, grid, labels, list(range(2, width + 2)) or [2], title, vmin=0.0, vmax=1.0, cmap="magma",
