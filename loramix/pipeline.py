@@ -1,6 +1,6 @@
 """Runs end to end, each writing one atomic output folder: `run` (a `Plan`: combine, then write an adapter or a
 merged checkpoint with its card and recipe), `save_adapter`, `merge_into_base`, `extract` (a LoRA from a fine-tuned
-model, with its card and account), `write_search`, and the analysis outputs (`write_analysis_json`, `write_plots`).
+model, with its card and account) and `write_search` (`loramix.analysis_files` writes the analysis' files).
 
 Every output is assembled in a temporary folder beside the target and renamed into place at the end
 (`loramix.io.files.atomic_output`): a failure leaves no partial output and never touches an input.
@@ -27,13 +27,11 @@ from loramix.formats import load_adapter, load_adapters, split_source_options, w
 from loramix.hub import pinned, revisions
 from loramix.io.base import open_base, resolve_base, with_base_names
 from loramix.io.diffusers import is_pipeline, open_pipeline
-from loramix.io.files import atomic_output, check_output, refuse_inputs, write_text_atomic
+from loramix.io.files import atomic_output, check_output
 from loramix.linalg import RankRule
 from loramix.quantize import quantization_settings
 from loramix.recipe import Plan
-from loramix.render.analysis import analysis_json
 from loramix.render.card import CARD_FILE, RECIPE_FILE, extraction_section, model_card, quantization_section
-from loramix.render.plots import analysis_plots
 from loramix.runtime import parse_dtype, require_path, resolve_device
 from loramix.weight_search import SearchResult
 
@@ -430,20 +428,3 @@ def extract(
         write_adapter(adapter, tmp, **_format_options(format, output, rank_layout, str(base)))
         _write_files(tmp, files)
     return result
-
-
-def write_analysis_json(analysis: Analysis, path: str | Path) -> Path:
-    """The analysis as JSON in the file ``path`` (atomically; never over one of the analysed adapters)."""
-    return write_text_atomic(path, analysis_json(analysis) + "\n", protect=[a.source for a in analysis.adapters])
-
-
-def write_plots(analysis: Analysis, folder: str | Path) -> list[Path]:
-    """The analysis' heatmaps as PNG files in ``folder`` (created if needed; never inside an input); returns their
-    paths."""
-    folder = refuse_inputs(folder, [a.source for a in analysis.adapters])
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, figure in analysis_plots(analysis).items():
-        figure.savefig(folder / name, dpi=110, bbox_inches="tight")
-        written.append(folder / name)
-    return written

@@ -334,7 +334,7 @@ def saved(tmp_path) -> list[str]:
 def test_cli_text_json_and_plots(saved, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "analysis.json"
-    result = CliRunner().invoke(main, ["-q", "analyze", *saved, "--json", str(out), "--plot", str(tmp_path / "p")])
+    result = CliRunner().invoke(main, ["-q", "analyze", *saved, "--json-file", str(out), "--plot", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
     assert "Rank use" in result.output and "Overlap, whole adapter" in result.output
     data = json.loads(out.read_text())
@@ -374,7 +374,7 @@ def test_cli_nonfinite_adapters_end_in_lines_not_a_trace(saved, tmp_path):
     half = _poisoned(saved[1], tmp_path / "half", ("layers.0.self_attn.q_proj",))
     out = tmp_path / "a.json"
     args = ["-q", "analyze", "--allow-nonfinite", nan, half, saved[2], "--plot", str(tmp_path / "p")]
-    result = CliRunner().invoke(main, [*args, "--json", str(out)])
+    result = CliRunner().invoke(main, [*args, "--json-file", str(out)])
     assert result.exit_code == 0, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "note: nan: 6 module(s) hold NaN/Inf" in result.output
@@ -393,6 +393,31 @@ def test_cli_nonfinite_adapters_end_in_lines_not_a_trace(saved, tmp_path):
                                                                   "spectra.png"]  # fmt: skip
     alone = CliRunner().invoke(main, ["-q", "analyze", "--allow-nonfinite", nan, "--plot", str(tmp_path / "q")])
     assert alone.exit_code == 0 and "note: nan: 6 module(s) hold NaN/Inf" in alone.output, alone.output
+
+
+def test_cli_json_is_a_flag_and_a_file_is_never_replaced_unasked(saved, tmp_path):
+    """--json prints (as for inspect and check); --json-file FILE writes, refusing an existing file before any work
+    unless --force; the earlier `--json FILE.json` still writes FILE, with a warning, and `--json -` still prints."""
+    cli = CliRunner()
+    printed = cli.invoke(main, ["-q", "analyze", *saved[:2], "--json"])
+    assert printed.exit_code == 0, printed.output
+    data = json.loads(printed.output)
+    assert [a["name"] for a in data["adapters"]] == ["ad0", "ad1"] and len(data["pairs"]) == 1
+    assert json.loads(cli.invoke(main, ["-q", "analyze", *saved[:2], "--json", "-"]).output) == data
+    out = tmp_path / "a.json"
+    out.write_text("mine\n")
+    refused = cli.invoke(main, ["-q", "analyze", *saved[:2], "--json-file", str(out)])
+    assert refused.exit_code == 2 and refused.output == f"error: {out}: file exists (pass --force)\n"
+    assert out.read_text() == "mine\n"
+    legacy = cli.invoke(main, ["analyze", *saved[:2], "--json", str(out)])
+    assert legacy.exit_code == 2 and out.read_text() == "mine\n"
+    assert "warning: --json FILE is now --json-file FILE" in legacy.output
+    forced = cli.invoke(main, ["-q", "analyze", *saved[:2], "--json-file", str(out), "--force"])
+    assert forced.exit_code == 0 and "Rank use" in forced.output and f"wrote {out}" in forced.output
+    assert json.loads(out.read_text()) == data
+    out.unlink()
+    legacy = cli.invoke(main, ["-q", "analyze", "--json", str(out), *saved[:2]])
+    assert legacy.exit_code == 0 and "Rank use" in legacy.output and json.loads(out.read_text()) == data
 
 
 def test_cli_plot_without_matplotlib(saved, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ logger's handler and level, and torch's CPU threads for the length of a command.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -293,9 +294,11 @@ def examples(name: str | None) -> None:
 @click.option("--blocksize", type=click.IntRange(min=1), help="With --quantized-as: the block size [default: 64].")
 @click.option("-w", "--weights", callback=weights, help="Weights of the merged sum: " + WEIGHTS_HELP)
 @rank_rule_options
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON instead of text.")
 @click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), help="Write JSON to FILE (- prints it)."
+    "--json-file", type=click.Path(dir_okay=False), help="Also write the JSON to FILE (one that exists: with --force)."
 )
+@click.option("--force", is_flag=True, help="Replace an existing --json-file.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG heatmaps into this folder.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Rows per most/least list.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Intra-op CPU threads.")
@@ -304,30 +307,43 @@ def examples(name: str | None) -> None:
 @state_dict_options
 @click.pass_context
 @errors_as_one_line
-def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, threads, **options) -> None:
+def analyze(ctx: click.Context, adapters, as_json, json_file, force, plot_dir, top, threads, **options) -> None:
     """Spectra, rank use and pairwise overlap of ADAPTERS (folders or Hub ids), computed in factor space.
 
     Rank suggestions follow --energy (default 0.99 when no --rule is given) or --rule, capped by --rank: the same
     rule `loramix combine --method svd` takes."""
     from loramix.analysis import analyze as run_analyze
-    from loramix.pipeline import write_analysis_json, write_plots
+    from loramix.analysis_files import write_analysis_json, write_plots
+    from loramix.io.files import check_file
     from loramix.recipe import LOAD_OPTIONS
     from loramix.render.analysis import analysis_json, analysis_text
     from loramix.runtime import torch_threads
 
+    if as_json:  # the earlier spellings `--json -` (printed) and `--json FILE` (written) read as this flag
+        adapters, named = _json_file_given([a for a in adapters if a != "-"], json_file)
+        json_file, as_json = named or json_file, not named
+    if json_file:
+        check_file(json_file, overwrite=force)  # before the long part
     loading = {key: options.pop(key) for key in LOAD_OPTIONS}
     load_options = {k: v for k, v in loading.items() if v is not None} or None
     with torch_threads(threads):
         result = run_analyze(list(adapters), progress=ctx.obj["progress"], load_options=load_options, **options)
-    if json_path == "-":
-        click.echo(analysis_json(result))
-    else:
-        click.echo(analysis_text(result, top=top))
-        if json_path:
-            click.echo(f"wrote {write_analysis_json(result, json_path)}")
+    click.echo(analysis_json(result) if as_json else analysis_text(result, top=top))
+    if json_file:
+        click.echo(f"wrote {write_analysis_json(result, json_file, overwrite=force)}", err=as_json)
     if plot_dir:
         for path in write_plots(result, plot_dir):
-            click.echo(f"wrote {path}", err=json_path == "-")
+            click.echo(f"wrote {path}", err=as_json)
+
+
+def _json_file_given(adapters: list[str], json_file: str | None) -> tuple[list[str], str | None]:
+    """``analyze --json FILE.json``, the earlier way to write the JSON: FILE (a .json is never an adapter) taken out
+    of the adapters and written as --json-file FILE, with a warning."""
+    named = [a for a in adapters if a.endswith(".json")]
+    if not named or json_file:
+        return adapters, None
+    logging.getLogger("loramix.cli").warning("--json FILE is now --json-file FILE: writing %s as that", named[0])
+    return [a for a in adapters if a != named[0]], named[0]
 
 
 main.add_command(search)

@@ -1,7 +1,7 @@
 """`loramix analyze --plot` rendered: heatmaps as matplotlib ``Figure`` objects (the plot extra).
 
 Figures are built with ``matplotlib.figure.Figure`` directly: never pyplot, never a backend switch, so rendering
-in a notebook leaves its plotting state alone. The caller saves them (`loramix.pipeline.write_plots`).
+in a notebook leaves its plotting state alone. The caller saves them (`loramix.analysis_files.write_plots`).
 
 Colour scales are fitted to the values shown (cosines on a scale symmetric about 0 up to the largest |cosine|
 off the diagonal; φ from its smallest to its largest value), so that 0.04 against 0.15, or 0.97 against 0.999, can
