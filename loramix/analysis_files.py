@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from loramix.analysis import Analysis
+from loramix.analysis.report import analysis_json
 from loramix.io.files import refuse_inputs, write_text_atomic
-from loramix.render.analysis import analysis_json
 from loramix.render.plots import analysis_plots
 
 

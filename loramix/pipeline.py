@@ -123,7 +123,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
     check_output(plan.output, overwrite=overwrite, protect=protect)
     if plan.quantized_as not in (None, "none") and not plan.merge_into:
         raise IncompatibleAdaptersError(
-            "quantized_as round-trips a base through 4-bit before merging: it needs merge_into", option="merge_into"
+            "`quantized_as` round-trips a base through 4-bit before merging: it needs a base", option="merge_into"
         )
     kwargs = plan.combine_kwargs()
     load_options = kwargs.pop("load_options")

@@ -377,9 +377,10 @@ def test_cli_nonfinite_adapters_end_in_lines_not_a_trace(saved, tmp_path):
     result = CliRunner().invoke(main, [*args, "--json-file", str(out)])
     assert result.exit_code == 0, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "note: nan: 6 module(s) hold NaN/Inf" in result.output
-    assert "note: half: 1 module(s) hold NaN/Inf" in result.output and "(e.g. model.layers.0.self_attn.q_proj)" in (
-        result.output
+    assert "note: nan: 6 modules with NaN/Inf factors" in result.output
+    assert (
+        "note: half: 1 module with NaN/Inf factors" in result.output
+        and "(e.g. model.layers.0.self_attn.q_proj)" in (result.output)
     )
     data = json.loads(out.read_text())
     assert data["adapters"][0]["modules"] == {}
@@ -392,7 +393,7 @@ def test_cli_nonfinite_adapters_end_in_lines_not_a_trace(saved, tmp_path):
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["overlap_layers.png", "overlap_pairs.png",
                                                                   "spectra.png"]  # fmt: skip
     alone = CliRunner().invoke(main, ["-q", "analyze", "--allow-nonfinite", nan, "--plot", str(tmp_path / "q")])
-    assert alone.exit_code == 0 and "note: nan: 6 module(s) hold NaN/Inf" in alone.output, alone.output
+    assert alone.exit_code == 0 and "note: nan: 6 modules with NaN/Inf factors" in alone.output, alone.output
 
 
 def test_cli_json_is_a_flag_and_a_file_is_never_replaced_unasked(saved, tmp_path):
@@ -513,7 +514,7 @@ def test_cli_base_may_be_a_hub_id(tmp_path, hub_cache):
 
 
 def suggestions(adapters, weights=None) -> list[str]:
-    from loramix.render.analysis import analysis_text
+    from loramix.analysis.report import analysis_text
 
     text = analysis_text(analyze(adapters, weights=weights))
     return [line.strip()[2:] for line in text.split("Suggestions", 1)[1].splitlines() if line.strip().startswith("-")]

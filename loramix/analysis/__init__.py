@@ -20,7 +20,7 @@ from loramix.analysis.results import (
     MergeModule,
     ModuleOverlap,
 )
-from loramix.errors import IncompatibleAdaptersError
+from loramix.errors import IncompatibleAdaptersError, counted
 from loramix.formats import load_adapters
 from loramix.io.base import BaseCheckpoint, open_base, resolve_base
 from loramix.linalg import RankRule, gram_svd
@@ -142,7 +142,7 @@ def analyze(
         configs = [(str(checkpoint.folder), checkpoint.config)]
         settings = quantization_settings(configs, quantized_as=quantized_as, blocksize=blocksize)
     elif quantized_as not in (None, "none"):
-        raise IncompatibleAdaptersError("quantized_as measures ΔW against a base's 4-bit grid: give base too")
+        raise IncompatibleAdaptersError("`quantized_as` measures ΔW against a base's 4-bit grid: give `base` too")
     labels = _unique_names(loaded)
     results = [AdapterAnalysis(label, a.source, a.base_model, {}) for label, a in zip(labels, loaded)]
     pairs = [(i, j) for i in range(len(loaded)) for j in range(i + 1, len(loaded))]
@@ -180,8 +180,8 @@ def analyze(
         merged[name].weights = effective
 
     notes = [
-        f"{labels[i]}: {len(left)} module(s) hold NaN/Inf, so their spectra, overlaps and merged sum were not "
-        f"computed (e.g. {', '.join(left[:3])})"
+        f"{labels[i]}: {counted(len(left), 'module')} with NaN/Inf factors, so their spectra, overlaps and merged sum "
+        f"were not computed (e.g. {', '.join(left[:3])})"
         for i, left in sorted(nonfinite.items())
     ]
     if checkpoint is not None:

@@ -29,7 +29,7 @@ from loramix.cli.options import (
     weights,
 )
 from loramix.cli.search import search
-from loramix.errors import LoramixError
+from loramix.errors import LoramixError, counted
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]}, params=verbosity_options())
@@ -122,7 +122,11 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
     "factor bases (Core Space) [default: dense].",
 )
 @click.option("--device", default=None, help=DEVICE_HELP)
-@click.option("--dtype", default=None, help="Output dtype: float32, float16, bfloat16 [default: the inputs'].")
+@click.option(
+    "--dtype",
+    default=None,
+    help="Output dtype: float32, float16, bfloat16 [default: the inputs'; with --merge-into, the base's].",
+)
 @click.option(
     "--heads",
     type=click.Choice(["refuse", "average"]),
@@ -178,9 +182,11 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 @click.pass_context
 @errors_as_one_line
 def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **flags) -> None:
-    """Combine ADAPTERS (folders, state dict files or Hub ids) into one PEFT adapter written to OUTPUT.
+    """Combine ADAPTERS (PEFT or AdaLoRA folders; kohya/A1111, diffusers or LyCORIS .safetensors files; LoRA state
+    dicts; Hub ids) into one PEFT adapter written to OUTPUT.
 
-    With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, bf16 by default).
+    With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, in the base's
+    dtype unless --dtype says otherwise).
     """
     from loramix.pipeline import run
     from loramix.recipe import Plan, load_recipe
@@ -212,8 +218,8 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         merge = report.merge
         worst = max(merge.survival.items(), key=lambda kv: kv[1].error, default=None)
         click.echo(
-            f"wrote {plan.output}: {plan.merge_into} with {len(merge.survival)} modules merged, {merge.tensors} "
-            f"tensors in {len(merge.shards)} shard(s)"
+            f"wrote {plan.output}: {plan.merge_into} with {counted(len(merge.survival), 'module')} merged, "
+            f"{counted(merge.tensors, 'tensor')} in {counted(len(merge.shards), 'shard')}"
             + (
                 f"; stored ΔW vs intended: error ≤ {worst[1].error:.3f}, cosine {worst[1].cosine:.3f} ({worst[0]})"
                 if worst
@@ -224,8 +230,8 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         method = report.adapter.provenance.get("method", plan.method)
         kept = kept_summary(report.adapter.provenance)
         click.echo(
-            f"wrote {plan.output}: {len(report.adapter.modules)} modules, {rank_span(report.adapter.ranks)}"
-            + f", {method} of {report.sources} adapter{'s' if report.sources != 1 else ''}"
+            f"wrote {plan.output}: {counted(len(report.adapter.modules), 'module')}, {rank_span(report.adapter.ranks)}"
+            + f", {method} of {counted(report.sources, 'adapter')}"
             + (f" ({report.format} format)" if report.format in ("kohya", "gguf") else "")
             + (f"; {kept}" if kept else "")
         )
@@ -253,8 +259,9 @@ def methods() -> None:
 
     width = max(len(n) for n in REGISTRY)
     for m in REGISTRY.values():
-        tags = ", ".join(t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks), ("dense", m.dense)) if on)
-        click.echo(f"{m.name:<{width}}  {m.description}" + (f" [{tags}]" if tags else ""))
+        tags = [t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks)) if on]
+        tags += [{"dense": "dense ΔW", "core": "core space"}[m.space]] if m.space else []
+        click.echo(f"{m.name:<{width}}  {m.description}" + (f" [{', '.join(tags)}]" if tags else ""))
         options = ", ".join(f"{k}={v}" for k, v in m.defaults.items())
         details = "; ".join(p for p in (m.paper, f"options (defaults): {options}" if options else "") if p)
         if details:
@@ -308,15 +315,15 @@ def examples(name: str | None) -> None:
 @click.pass_context
 @errors_as_one_line
 def analyze(ctx: click.Context, adapters, as_json, json_file, force, plot_dir, top, threads, **options) -> None:
-    """Spectra, rank use and pairwise overlap of ADAPTERS (folders or Hub ids), computed in factor space.
+    """Spectra, rank use and pairwise overlap of ADAPTERS (any input `combine` takes), computed in factor space.
 
     Rank suggestions follow --energy (default 0.99 when no --rule is given) or --rule, capped by --rank: the same
     rule `loramix combine --method svd` takes."""
     from loramix.analysis import analyze as run_analyze
+    from loramix.analysis.report import analysis_json, analysis_text
     from loramix.analysis_files import write_analysis_json, write_plots
     from loramix.io.files import check_file
     from loramix.recipe import LOAD_OPTIONS
-    from loramix.render.analysis import analysis_json, analysis_text
     from loramix.runtime import torch_threads
 
     if as_json:  # the earlier spellings `--json -` (printed) and `--json FILE` (written) read as this flag

@@ -191,7 +191,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
         if not is_loramix_output(target):
             raise OutputError(
                 f"{target}: was not written by loramix (no {MARKER_FILE}, {' or '.join(_OLDER_MARKERS)}, or "
-                f"{_CARD_FILE} tagged loramix), so it is not an earlier output; not replacing it even with overwrite"
+                f"{_CARD_FILE} tagged loramix), so it is not an earlier output; not replacing it even with `overwrite`"
             )
 
 

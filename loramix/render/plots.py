@@ -14,9 +14,9 @@ from __future__ import annotations
 import statistics
 from textwrap import fill
 
-from loramix.analysis.results import layer_of, natural_key, type_of
+from loramix.analysis.names import layer_of, natural_key, type_of
+from loramix.analysis.report import finite
 from loramix.errors import LoramixError
-from loramix.render.analysis import finite
 
 # Spectra: up to this many modules one row each, labelled; beyond it one row per module type (mean over layers).
 MAX_MODULE_ROWS = 72
