@@ -88,6 +88,12 @@ class LoraModule:
         extra = sum(t.numel() for t in (self.bias, self.magnitude) if t is not None)
         return self.A.numel() + self.B.numel() + extra
 
+    def __repr__(self) -> str:  # shapes and facts, not the tensors' values
+        parts = [f"{self.out_features}×{self.in_features}", f"rank {self.rank}", f"scale {self.scale:g}", self.layout]
+        parts += [f"kernel {self.kernel_size}"] * bool(self.kernel_size) + ["bias"] * (self.bias is not None)
+        parts += ["DoRA"] * (self.magnitude is not None) + [dtype_name(self.A.dtype)]
+        return f"LoraModule({', '.join(parts)})"
+
 
 @dataclass
 class ExtraTensor:
@@ -100,6 +106,9 @@ class ExtraTensor:
 
     tensor: torch.Tensor
     kind: str = "modules_to_save"
+
+    def __repr__(self) -> str:
+        return f"ExtraTensor({self.kind}, {tuple(self.tensor.shape)}, {dtype_name(self.tensor.dtype)})"
 
 
 @dataclass
@@ -157,6 +166,24 @@ class LoraAdapter:
 
     def with_modules(self, modules: dict[str, LoraModule], **changes) -> LoraAdapter:
         return replace(self, modules=modules, **changes)
+
+    def __repr__(self) -> str:  # a summary: print(adapter) on a large adapter must not dump every tensor
+        ranks = self.ranks
+        parts = [
+            f"{self.name!r}",
+            f"{len(self.modules)} module{'s' * (len(self.modules) != 1)}",
+            f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}" if ranks else "no rank",
+            dtype_name(self.dtype),
+            f"base {self.base_model or 'unknown'}",
+        ]
+        parts += [f"{len(self.extra)} extra tensor{'s' * (len(self.extra) != 1)}"] * bool(self.extra)
+        parts += [f"{len(self.warnings)} warning{'s' * (len(self.warnings) != 1)}"] * bool(self.warnings)
+        return f"LoraAdapter({', '.join(parts)}; source {self.source})"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32``."""
+    return str(dtype).removeprefix("torch.")
 
 
 # Canonical Hub models that moved under an organisation keep working under their old bare name.

@@ -103,7 +103,7 @@ def check_settings(
     truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value, conv_rank=conv_rank)
     if truncation != RankRule() and not chosen.truncates:
         raise MethodError(
-            f"method {method} does not truncate; rank/energy/rule/conv_rank apply to re-factorising methods"
+            f"method {method} does not truncate; `rank`/`energy`/`rule`/`conv_rank` apply to re-factorising methods"
         )
     chosen.check_options(options)
     parse_options(options)
@@ -146,7 +146,7 @@ def _warn_large_ranks(method: str, modules: dict[str, LoraModule], loaded: list[
         params = sum(m.num_params() for m in modules.values())
         log.warning(
             "%s with %s chose ranks above %d·Σrᵢ in %d of %d modules (up to rank %d where Σrᵢ = %d, %s): the adapter "
-            "has %s parameters; give rank or energy to make it smaller",
+            "has %s parameters; give `rank` or `energy` to make it smaller",
             method,
             rule.describe(),
             LARGE_RANK_FACTOR,
@@ -209,7 +209,7 @@ def combine(
         if a.has_dora:
             raise IncompatibleAdaptersError(
                 f"{a.source}: DoRA adapters cannot be combined into an adapter (the magnitude rescales W+ΔW, which is "
-                "not linear); merge them into a base instead (merge_into), where DoRA is exact"
+                "not linear); merge them into a base instead (`merge_into`), where DoRA is exact"
             )
     check_rank_layout(rank_layout)
     target = resolve_device(device)

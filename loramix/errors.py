@@ -2,7 +2,9 @@
 
 Messages speak Python: an error that a keyword option would avoid names it in ``option`` (and the value that avoids
 it in ``value``), and its text ends "(pass allow_different_bases=True)". The CLI turns that hint into its flag
-("(pass --allow-different-bases)"); nothing else in the message names a flag. Where users expect a standard
+("(pass --allow-different-bases)"). An option named in the text (errors and logged warnings alike) is in backticks,
+`rank` or `rank_layout='exact'`, which the CLI spells as its flag (--rank, --rank-layout exact); no message names a
+flag itself. Where users expect a standard
 exception, the class has it as a second base: a missing source is a ``FileNotFoundError``, a malformed file or
 a bad option value a ``ValueError``.
 """
@@ -21,6 +23,11 @@ def shown(text: str) -> str:
     return "".join(
         c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text
     )
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 module``, ``4 modules``: a count with its noun (plural by an added "s")."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 class LoramixError(Exception):

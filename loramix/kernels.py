@@ -167,8 +167,8 @@ def warn_stored(survival: dict[str, StoredUpdate], dtype: torch.dtype, label: st
         )
         log.warning(
             "%s: %d of %d module(s) are stored distorted in %s: round(W+ΔW)−round(W) is not ΔW (relative error > %.1f "
-            "or cosine < %.1f; ΔW is small against W's rounding step): %s%s; merge in float32 (dtype) or scale the "
-            "adapter up",
+            "or cosine < %.1f; ΔW is small against W's rounding step): %s%s; merge in float32 (`dtype=float32`) or "
+            "scale the adapter up",
             label,
             len(bent),
             len(survival),

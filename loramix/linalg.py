@@ -159,7 +159,7 @@ class RankRule:
                 f"a rule value ({self.value:g}) is given without a rule (sv_ratio, sv_fro, sv_cumulative)"
             )
         if self.energy is not None and self.rule is not None:
-            raise MethodError("give either energy or a kohya rule, not both")
+            raise MethodError("give either `energy` or a kohya `rule`, not both")
         if self.rule is not None:
             if self.rule not in KOHYA_RULES:
                 raise MethodError(f"unknown rank rule {self.rule!r}; choose from {', '.join(KOHYA_RULES)}")

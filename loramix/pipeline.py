@@ -1,7 +1,7 @@
 """Runs end to end, each writing one atomic output folder: `run` (a `Plan`: combine, then write an adapter or a
 merged checkpoint with its card and recipe; the merge is `loramix.merging.merge_into_base`), `save_adapter`, `extract`
-(a LoRA from a fine-tuned model, with its card and account), `write_search`, and the analysis outputs
-(`write_analysis_json`, `write_plots`).
+(a LoRA from a fine-tuned model, with its card and account) and `write_search` (`loramix.analysis_files` writes the
+analysis' files).
 
 Every output is assembled in a temporary folder beside the target and renamed into place at the end
 (`loramix.io.files.atomic_output`): a failure leaves no partial output and never touches an input.
@@ -26,13 +26,11 @@ from loramix.extraction import Extraction, extract_lora
 from loramix.formats import default_format, load_adapter, load_adapters, split_source_options, write_adapter
 from loramix.hub import pinned, revisions
 from loramix.io.diffusers import is_pipeline
-from loramix.io.files import atomic_output, check_output, refuse_inputs, write_text_atomic
+from loramix.io.files import atomic_output, check_output
 from loramix.linalg import RankRule
 from loramix.merging import merge_into_base, write_files
 from loramix.recipe import Plan
-from loramix.render.analysis import analysis_json
 from loramix.render.card import CARD_FILE, RECIPE_FILE, extraction_section, model_card
-from loramix.render.plots import analysis_plots
 from loramix.runtime import parse_dtype, require_path
 from loramix.weight_search import SearchResult
 
@@ -120,7 +118,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
     check_output(plan.output, overwrite=overwrite, protect=protect)
     if plan.quantized_as not in (None, "none") and not plan.merge_into:
         raise IncompatibleAdaptersError(
-            "quantized_as round-trips a base through 4-bit before merging: it needs merge_into", option="merge_into"
+            "`quantized_as` round-trips a base through 4-bit before merging: it needs a base", option="merge_into"
         )
     kwargs = plan.combine_kwargs()
     load_options = kwargs.pop("load_options")
@@ -344,20 +342,3 @@ def extract(
         write_adapter(adapter, tmp, **_format_options(format, output, rank_layout, str(base)))
         write_files(tmp, files)
     return result
-
-
-def write_analysis_json(analysis: Analysis, path: str | Path) -> Path:
-    """The analysis as JSON in the file ``path`` (atomically; never over one of the analysed adapters)."""
-    return write_text_atomic(path, analysis_json(analysis) + "\n", protect=[a.source for a in analysis.adapters])
-
-
-def write_plots(analysis: Analysis, folder: str | Path) -> list[Path]:
-    """The analysis' heatmaps as PNG files in ``folder`` (created if needed; never inside an input); returns their
-    paths."""
-    folder = refuse_inputs(folder, [a.source for a in analysis.adapters])
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, figure in analysis_plots(analysis).items():
-        figure.savefig(folder / name, dpi=110, bbox_inches="tight")
-        written.append(folder / name)
-    return written

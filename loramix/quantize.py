@@ -74,7 +74,7 @@ def quantization_settings(
         return None
     if quantized_as is None:
         log.warning(
-            "%s has a 4-bit quantization_config: the base is taken as 4-bit (pass quantized_as='none' not to)",
+            "%s has a 4-bit quantization_config: the base is taken as 4-bit (pass `quantized_as='none'` not to)",
             origin,
         )
     settings = Quantization(

@@ -22,7 +22,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from loramix import LoraAdapter, LoraModule, analyze, combine, save_adapter
+from loramix import LoraAdapter, LoraModule, analyze, combine, load_adapter, save_adapter
 from loramix.cli import main
 from loramix.errors import IncompatibleAdaptersError, LoramixError, SourceError
 from loramix.linalg import RankRule, factor_inner, factor_svd, gram_svd, principal_angles, subspace_similarity
@@ -334,7 +334,7 @@ def saved(tmp_path) -> list[str]:
 def test_cli_text_json_and_plots(saved, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "analysis.json"
-    result = CliRunner().invoke(main, ["-q", "analyze", *saved, "--json", str(out), "--plot", str(tmp_path / "p")])
+    result = CliRunner().invoke(main, ["-q", "analyze", *saved, "--json-file", str(out), "--plot", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
     assert "Rank use" in result.output and "Overlap, whole adapter" in result.output
     data = json.loads(out.read_text())
@@ -349,6 +349,76 @@ def test_cli_text_json_and_plots(saved, tmp_path):
     assert set(pair["modules"]["model.layers.0.self_attn.q_proj"]) >= {"cosine", "phi_a", "phi_b"}
     pngs = sorted(p.name for p in (tmp_path / "p").iterdir())
     assert pngs == ["overlap_layers.png", "overlap_pairs.png", "spectra.png"]
+
+
+def _poisoned(folder: str, to: Path, names: tuple[str, ...] | None = None) -> str:
+    """A copy of the PEFT folder ``folder`` whose factors are NaN (those of modules containing ``names``, or all)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(folder, to)
+    tensors = load_file(str(to / "adapter_model.safetensors"))
+    for key, value in tensors.items():
+        if names is None or any(n in key for n in names):
+            tensors[key] = torch.full_like(value, float("nan"))
+    save_file(tensors, str(to / "adapter_model.safetensors"))
+    return str(to)
+
+
+def test_cli_nonfinite_adapters_end_in_lines_not_a_trace(saved, tmp_path):
+    """--allow-nonfinite: an all-NaN adapter, and one with a NaN module, are analysed as far as they can be; the
+    modules left out are named, the rest matches the dense SVD of the clean adapter (float64, 1e-9·σ₁)."""
+    pytest.importorskip("matplotlib")
+    nan = _poisoned(saved[0], tmp_path / "nan")
+    half = _poisoned(saved[1], tmp_path / "half", ("layers.0.self_attn.q_proj",))
+    out = tmp_path / "a.json"
+    args = ["-q", "analyze", "--allow-nonfinite", nan, half, saved[2], "--plot", str(tmp_path / "p")]
+    result = CliRunner().invoke(main, [*args, "--json-file", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "note: nan: 6 modules with NaN/Inf factors" in result.output
+    assert (
+        "note: half: 1 module with NaN/Inf factors" in result.output
+        and "(e.g. model.layers.0.self_attn.q_proj)" in (result.output)
+    )
+    data = json.loads(out.read_text())
+    assert data["adapters"][0]["modules"] == {}
+    assert "model.layers.0.self_attn.q_proj" not in data["adapters"][1]["modules"]
+    clean = load_adapter(saved[2]).modules
+    for name, m in clean.items():
+        got = data["adapters"][2]["modules"][name]["singular_values"]
+        S = torch.linalg.svdvals(dense(m))[: len(got)]
+        assert torch.allclose(torch.tensor(got, dtype=torch.float64), S, atol=TIGHT * float(S[0]), rtol=0)
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["overlap_layers.png", "overlap_pairs.png",
+                                                                  "spectra.png"]  # fmt: skip
+    alone = CliRunner().invoke(main, ["-q", "analyze", "--allow-nonfinite", nan, "--plot", str(tmp_path / "q")])
+    assert alone.exit_code == 0 and "note: nan: 6 modules with NaN/Inf factors" in alone.output, alone.output
+
+
+def test_cli_json_is_a_flag_and_a_file_is_never_replaced_unasked(saved, tmp_path):
+    """--json prints (as for inspect and check); --json-file FILE writes, refusing an existing file before any work
+    unless --force; the earlier `--json FILE.json` still writes FILE, with a warning, and `--json -` still prints."""
+    cli = CliRunner()
+    printed = cli.invoke(main, ["-q", "analyze", *saved[:2], "--json"])
+    assert printed.exit_code == 0, printed.output
+    data = json.loads(printed.output)
+    assert [a["name"] for a in data["adapters"]] == ["ad0", "ad1"] and len(data["pairs"]) == 1
+    assert json.loads(cli.invoke(main, ["-q", "analyze", *saved[:2], "--json", "-"]).output) == data
+    out = tmp_path / "a.json"
+    out.write_text("mine\n")
+    refused = cli.invoke(main, ["-q", "analyze", *saved[:2], "--json-file", str(out)])
+    assert refused.exit_code == 2 and refused.output == f"error: {out}: file exists (pass --force)\n"
+    assert out.read_text() == "mine\n"
+    legacy = cli.invoke(main, ["analyze", *saved[:2], "--json", str(out)])
+    assert legacy.exit_code == 2 and out.read_text() == "mine\n"
+    assert "warning: --json FILE is now --json-file FILE" in legacy.output
+    forced = cli.invoke(main, ["-q", "analyze", *saved[:2], "--json-file", str(out), "--force"])
+    assert forced.exit_code == 0 and "Rank use" in forced.output and f"wrote {out}" in forced.output
+    assert json.loads(out.read_text()) == data
+    out.unlink()
+    legacy = cli.invoke(main, ["-q", "analyze", "--json", str(out), *saved[:2]])
+    assert legacy.exit_code == 0 and "Rank use" in legacy.output and json.loads(out.read_text()) == data
 
 
 def test_cli_plot_without_matplotlib(saved, tmp_path, monkeypatch):
@@ -444,7 +514,7 @@ def test_cli_base_may_be_a_hub_id(tmp_path, hub_cache):
 
 
 def suggestions(adapters, weights=None) -> list[str]:
-    from loramix.render.analysis import analysis_text
+    from loramix.analysis.report import analysis_text
 
     text = analysis_text(analyze(adapters, weights=weights))
     return [line.strip()[2:] for line in text.split("Suggestions", 1)[1].splitlines() if line.strip().startswith("-")]

@@ -28,7 +28,7 @@ PACKAGE = ROOT / "loramix"
 LAYERS = [
     ["loramix.__main__"],
     ["loramix.cli"],
-    ["loramix.pipeline", "loramix.merging"],
+    ["loramix.pipeline", "loramix.merging", "loramix.analysis_files"],
     ["loramix.recipe"],
     ["loramix.hub"],
     ["loramix.render"],
@@ -225,7 +225,7 @@ def test_library_calls_leave_process_wide_state_alone(tmp_path):
     assert logging.getLogger("loramix").level == level
     matplotlib = pytest.importorskip("matplotlib")
     backend = matplotlib.get_backend()
-    from loramix.pipeline import write_plots
+    from loramix.analysis_files import write_plots
 
     write_plots(loramix.analyze(sources), tmp_path / "plots")
     assert matplotlib.get_backend() == backend

@@ -320,7 +320,9 @@ def test_cli_writes_the_adapter_and_prints_the_report(tmp_path):
     loaded = loramix.load_adapter(tmp_path / "b")
     assert loaded.ranks == [8] and len(loaded.modules) == 14  # the portable layout: rank 4 zero-padded to 8
     result = runner.invoke(main, ["extract", str(base), str(tuned), "-o", str(tmp_path / "c")])
-    assert result.exit_code == 2 and result.output.startswith("error: give rank, energy or rule")
+    assert result.exit_code == 2 and result.output.startswith(
+        "error: give --rank, --energy or --rule with --rule-value"
+    )
     result = runner.invoke(
         main, ["extract", str(base), str(tuned), "--rank", "4", "--format", "gguf", "-o", str(tmp_path / "d")]
     )

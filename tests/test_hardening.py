@@ -177,7 +177,7 @@ CASES = {
         "not written by loramix",
     ),
     "analyze --json onto an input": (
-        lambda t, s, u: ["analyze", s, u, "--json", s / "adapter_config.json"],
+        lambda t, s, u: ["analyze", s, u, "--json-file", s / "adapter_config.json", "--force"],
         "the input",
     ),
     # configs and keys
@@ -376,7 +376,7 @@ def test_outputs_get_the_permissions_of_any_new_file(tmp_path, pair):
     try:
         out = save_adapter(load_adapter(pair[0]), tmp_path / "out")
         analysis = tmp_path / "a.json"
-        assert cli("-q", "analyze", *pair, "--json", analysis).exit_code == 0
+        assert cli("-q", "analyze", *pair, "--json-file", analysis).exit_code == 0
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
@@ -389,7 +389,7 @@ def test_analysis_outputs_never_replace_an_input(tmp_path, pair):
     """(3) --json onto an input file and --plot into an input folder are refused; main replaced the config."""
     s, t = pair
     before = digest(tmp_path)
-    one_line_error(cli("-q", "analyze", s, t, "--json", s / "adapter_config.json"), "the input")
+    one_line_error(cli("-q", "analyze", s, t, "--json-file", s / "adapter_config.json", "--force"), "the input")
     one_line_error(cli("-q", "analyze", s, t, "--plot", s), "input")
     assert digest(tmp_path) == before
 

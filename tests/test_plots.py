@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loramix import LoraAdapter, LoraModule, analyze
-from loramix.pipeline import write_plots
+from loramix.analysis_files import write_plots
 from loramix.render.plots import analysis_plots
 
 pytest.importorskip("matplotlib")

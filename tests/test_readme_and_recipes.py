@@ -69,3 +69,28 @@ def test_recipe_runs_and_writes_card_and_recipe(recipe, tmp_path):
         for name, module in adapter.modules.items():
             expected = _weighted_sum(plan, name)
             assert (module.delta(dtype=torch.float64) - expected).norm() <= 1e-5 * expected.norm(), name
+
+
+def test_readme_names_only_api_that_exists():
+    """Every `Name.attr` the README gives for a public loramix name (and every `loramix.module.name`) exists: a
+    field or attribute of the class, a function of the module."""
+    import dataclasses
+    import importlib
+
+    import loramix
+
+    refs = set(re.findall(r"`((?:loramix|[A-Z]\w*)(?:\.\w+)+)`", (ROOT / "README.md").read_text()))
+    checked = 0
+    for ref in sorted(refs):
+        head, *rest = ref.split(".")
+        if head == "loramix":
+            module, name = ".".join([head, *rest[:-1]]), rest[-1]
+            assert hasattr(importlib.import_module(module), name), ref
+        elif head in loramix.__all__:
+            owner = getattr(loramix, head)
+            fields = {f.name for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else set()
+            assert rest[0] in fields or hasattr(owner, rest[0]), f"README names {ref}, which does not exist"
+        else:
+            continue
+        checked += 1
+    assert checked >= 2

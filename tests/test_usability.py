@@ -25,13 +25,13 @@ from safetensors.torch import load_file, save_file
 
 import loramix
 from loramix import runtime
+from loramix.analysis.report import analysis_text
 from loramix.cli import main
 from loramix.errors import AdapterFormatError, HubError, LoramixError, MethodError
 from loramix.examples import names as example_names
 from loramix.examples import path as example
 from loramix.linalg import RankRule
 from loramix.recipe import Plan, load_recipe
-from loramix.render.analysis import analysis_text
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "real-adapters"

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from loramix.analysis.results import (
     MergeModule,
     ModuleOverlap,
 )
-from loramix.errors import IncompatibleAdaptersError
+from loramix.errors import IncompatibleAdaptersError, counted
 from loramix.formats import load_adapters
 from loramix.io.base import BaseCheckpoint, open_base, resolve_base
 from loramix.linalg import RankRule, gram_svd
@@ -88,6 +89,10 @@ def below_step_shares(base: BaseCheckpoint, modules: dict[str, LoraModule], sett
     return shares
 
 
+def _finite(module: LoraModule) -> bool:
+    return bool(torch.isfinite(module.A).all() and torch.isfinite(module.B).all() and math.isfinite(module.scale))
+
+
 def _rule(rank: int | None, energy: float | None, rule: str | None, rule_value: float | None) -> RankRule:
     if rank is None and energy is None and rule is None:
         return DEFAULT_RULE
@@ -120,6 +125,8 @@ def analyze(
     every source, as in `combine`. With a base and ``quantized_as`` ("nf4"/"fp4", ``blocksize`` default 64; or a
     4-bit ``quantization_config`` in the base's config.json) each module also gets ``below_step``: the share of
     ‖ΔW‖² in entries smaller than half the base's local 4-bit quantization step (needs ``loramix[qlora]``).
+    With ``allow_nonfinite``, a module whose factors hold NaN/Inf has no spectrum: it is left out of its adapter's
+    figures, the overlaps and the merged sum, and ``notes`` name it.
     """
     truncation = _rule(rank, energy, rule, rule_value)
     loaded, weights = load_adapters(
@@ -135,7 +142,7 @@ def analyze(
         configs = [(str(checkpoint.folder), checkpoint.config)]
         settings = quantization_settings(configs, quantized_as=quantized_as, blocksize=blocksize)
     elif quantized_as not in (None, "none"):
-        raise IncompatibleAdaptersError("quantized_as measures ΔW against a base's 4-bit grid: give base too")
+        raise IncompatibleAdaptersError("`quantized_as` measures ΔW against a base's 4-bit grid: give `base` too")
     labels = _unique_names(loaded)
     results = [AdapterAnalysis(label, a.source, a.base_model, {}) for label, a in zip(labels, loaded)]
     pairs = [(i, j) for i in range(len(loaded)) for j in range(i + 1, len(loaded))]
@@ -144,8 +151,15 @@ def analyze(
     names = list(dict.fromkeys(n for a in loaded for n in a.modules))
     layers = count_layers(names)
     buffers: dict = {}
+    nonfinite: dict[int, list[str]] = {}
     for name in progress_bar(enabled=progress, iterable=names, desc="analyze", unit="module"):
         indices = [i for i, a in enumerate(loaded) if name in a.modules]
+        if allow_nonfinite:  # NaN/Inf factors have no spectrum: such a module is left out, and said so
+            for i in [i for i in indices if not _finite(loaded[i].modules[name])]:
+                nonfinite.setdefault(i, []).append(name)
+                indices.remove(i)
+            if not indices:
+                continue
         modules = [loaded[i].modules[name] for i in indices]
         gram_b, gram_a, slices = factor_grams(modules, buffers)
         svds = [
@@ -165,7 +179,11 @@ def analyze(
         merged[name] = merge_module(modules, coefs, gram_b, gram_a, truncation)
         merged[name].weights = effective
 
-    notes = []
+    notes = [
+        f"{labels[i]}: {counted(len(left), 'module')} with NaN/Inf factors, so their spectra, overlaps and merged sum "
+        f"were not computed (e.g. {', '.join(left[:3])})"
+        for i, left in sorted(nonfinite.items())
+    ]
     if checkpoint is not None:
         shapes = {n: m.base_shape for a in loaded for n, m in a.modules.items()}
         norms = base_norms(checkpoint, shapes)

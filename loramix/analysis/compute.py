@@ -12,6 +12,7 @@ import math
 import torch
 
 from loramix.adapter import LoraModule
+from loramix.analysis.names import layer_of, natural_key, type_of
 from loramix.analysis.results import (
     ENERGIES,
     AdapterAnalysis,
@@ -21,9 +22,6 @@ from loramix.analysis.results import (
     ModuleSpectrum,
     PairAnalysis,
     energy_key,
-    layer_of,
-    natural_key,
-    type_of,
 )
 from loramix.linalg import (
     GramSVD,

@@ -1,17 +1,16 @@
-"""What `loramix.analysis.analyze` returns: plain dataclasses (spectra, overlaps, the merged sum) and the naming
-rules that group modules by layer and by type. Renderers read these; nothing here computes."""
+"""What `loramix.analysis.analyze` returns: plain dataclasses (spectra, overlaps, the merged sum); `str()` of an
+`Analysis` is its terminal summary (`loramix.analysis.report`). Nothing here computes."""
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
+from loramix.analysis.report import analysis_text
 from loramix.linalg import RankRule
 
 ENERGIES = (0.9, 0.99)
 DEFAULT_RULE = RankRule(energy=0.99)
-NO_LAYER = "(no layer)"
 
 
 def energy_key(share: float) -> str:
@@ -220,21 +219,5 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     quantization: str | None = None  # the base's 4-bit quantization the below-step shares measure against
 
-
-_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
-
-
-def layer_of(name: str) -> str:
-    """The module path up to its first numeric component (``model.layers.3``), or ``(no layer)``."""
-    match = _LAYER.match(name)
-    return match.group(1) if match else NO_LAYER
-
-
-def type_of(name: str) -> str:
-    """The module's last path component (``q_proj``)."""
-    return name.rsplit(".", 1)[-1]
-
-
-def natural_key(text: str) -> list:
-    """Sort key that orders embedded numbers numerically (layer 2 before layer 10)."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part]
+    def __str__(self) -> str:
+        return analysis_text(self)

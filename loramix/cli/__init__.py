@@ -7,6 +7,7 @@ logger's handler and level, and torch's CPU threads for the length of a command.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -28,7 +29,7 @@ from loramix.cli.options import (
     weights,
 )
 from loramix.cli.search import search
-from loramix.errors import LoramixError
+from loramix.errors import LoramixError, counted
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]}, params=verbosity_options())
@@ -124,7 +125,7 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 @click.option(
     "--dtype",
     default=None,
-    help="Output dtype: float32, float16, bfloat16 [default: the inputs'; with --merge-into the base's].",
+    help="Output dtype: float32, float16, bfloat16 [default: the inputs'; with --merge-into, the base's].",
 )
 @click.option(
     "--heads",
@@ -181,9 +182,11 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 @click.pass_context
 @errors_as_one_line
 def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **flags) -> None:
-    """Combine ADAPTERS (folders, state dict files or Hub ids) into one PEFT adapter written to OUTPUT.
+    """Combine ADAPTERS (PEFT or AdaLoRA folders; kohya/A1111, diffusers or LyCORIS .safetensors files; LoRA state
+    dicts; Hub ids) into one PEFT adapter written to OUTPUT.
 
-    With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, in BASE's dtype).
+    With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, in the base's
+    dtype unless --dtype says otherwise).
     """
     from loramix.pipeline import run
     from loramix.recipe import Plan, load_recipe
@@ -216,8 +219,8 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         worst = max(merge.survival.items(), key=lambda kv: kv[1].error, default=None)
         names = [str(d).removeprefix("torch.") for d in (merge.base_dtype, merge.dtype)]
         click.echo(
-            f"wrote {plan.output}: {plan.merge_into} with {len(merge.survival)} modules merged, {merge.tensors} "
-            f"tensors in {len(merge.shards)} shard(s)"
+            f"wrote {plan.output}: {plan.merge_into} with {counted(len(merge.survival), 'module')} merged, "
+            f"{counted(merge.tensors, 'tensor')} in {counted(len(merge.shards), 'shard')}"
             + (f", converted from {names[0]} to {names[1]} (--dtype)" if names[0] != names[1] else "")
             + (
                 f"; stored ΔW vs intended: error ≤ {worst[1].error:.3f}, cosine {worst[1].cosine:.3f} ({worst[0]})"
@@ -229,8 +232,8 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         method = report.adapter.provenance.get("method", plan.method)
         kept = kept_summary(report.adapter.provenance)
         click.echo(
-            f"wrote {plan.output}: {len(report.adapter.modules)} modules, {rank_span(report.adapter.ranks)}"
-            + f", {method} of {report.sources} adapter{'s' if report.sources != 1 else ''}"
+            f"wrote {plan.output}: {counted(len(report.adapter.modules), 'module')}, {rank_span(report.adapter.ranks)}"
+            + f", {method} of {counted(report.sources, 'adapter')}"
             + (f" ({report.format} format)" if report.format in ("kohya", "gguf") else "")
             + (f"; {kept}" if kept else "")
         )
@@ -258,8 +261,9 @@ def methods() -> None:
 
     width = max(len(n) for n in REGISTRY)
     for m in REGISTRY.values():
-        tags = ", ".join(t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks), ("dense", m.dense)) if on)
-        click.echo(f"{m.name:<{width}}  {m.description}" + (f" [{tags}]" if tags else ""))
+        tags = [t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks)) if on]
+        tags += [{"dense": "dense ΔW", "core": "core space"}[m.space]] if m.space else []
+        click.echo(f"{m.name:<{width}}  {m.description}" + (f" [{', '.join(tags)}]" if tags else ""))
         options = ", ".join(f"{k}={v}" for k, v in m.defaults.items())
         details = "; ".join(p for p in (m.paper, f"options (defaults): {options}" if options else "") if p)
         if details:
@@ -299,9 +303,11 @@ def examples(name: str | None) -> None:
 @click.option("--blocksize", type=click.IntRange(min=1), help="With --quantized-as: the block size [default: 64].")
 @click.option("-w", "--weights", callback=weights, help="Weights of the merged sum: " + WEIGHTS_HELP)
 @rank_rule_options
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON instead of text.")
 @click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), help="Write JSON to FILE (- prints it)."
+    "--json-file", type=click.Path(dir_okay=False), help="Also write the JSON to FILE (one that exists: with --force)."
 )
+@click.option("--force", is_flag=True, help="Replace an existing --json-file.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG heatmaps into this folder.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Rows per most/least list.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Intra-op CPU threads.")
@@ -310,30 +316,43 @@ def examples(name: str | None) -> None:
 @state_dict_options
 @click.pass_context
 @errors_as_one_line
-def analyze(ctx: click.Context, adapters, json_path, plot_dir, top, threads, **options) -> None:
-    """Spectra, rank use and pairwise overlap of ADAPTERS (folders or Hub ids), computed in factor space.
+def analyze(ctx: click.Context, adapters, as_json, json_file, force, plot_dir, top, threads, **options) -> None:
+    """Spectra, rank use and pairwise overlap of ADAPTERS (any input `combine` takes), computed in factor space.
 
     Rank suggestions follow --energy (default 0.99 when no --rule is given) or --rule, capped by --rank: the same
     rule `loramix combine --method svd` takes."""
     from loramix.analysis import analyze as run_analyze
-    from loramix.pipeline import write_analysis_json, write_plots
+    from loramix.analysis.report import analysis_json, analysis_text
+    from loramix.analysis_files import write_analysis_json, write_plots
+    from loramix.io.files import check_file
     from loramix.recipe import LOAD_OPTIONS
-    from loramix.render.analysis import analysis_json, analysis_text
     from loramix.runtime import torch_threads
 
+    if as_json:  # the earlier spellings `--json -` (printed) and `--json FILE` (written) read as this flag
+        adapters, named = _json_file_given([a for a in adapters if a != "-"], json_file)
+        json_file, as_json = named or json_file, not named
+    if json_file:
+        check_file(json_file, overwrite=force)  # before the long part
     loading = {key: options.pop(key) for key in LOAD_OPTIONS}
     load_options = {k: v for k, v in loading.items() if v is not None} or None
     with torch_threads(threads):
         result = run_analyze(list(adapters), progress=ctx.obj["progress"], load_options=load_options, **options)
-    if json_path == "-":
-        click.echo(analysis_json(result))
-    else:
-        click.echo(analysis_text(result, top=top))
-        if json_path:
-            click.echo(f"wrote {write_analysis_json(result, json_path)}")
+    click.echo(analysis_json(result) if as_json else analysis_text(result, top=top))
+    if json_file:
+        click.echo(f"wrote {write_analysis_json(result, json_file, overwrite=force)}", err=as_json)
     if plot_dir:
         for path in write_plots(result, plot_dir):
-            click.echo(f"wrote {path}", err=json_path == "-")
+            click.echo(f"wrote {path}", err=as_json)
+
+
+def _json_file_given(adapters: list[str], json_file: str | None) -> tuple[list[str], str | None]:
+    """``analyze --json FILE.json``, the earlier way to write the JSON: FILE (a .json is never an adapter) taken out
+    of the adapters and written as --json-file FILE, with a warning."""
+    named = [a for a in adapters if a.endswith(".json")]
+    if not named or json_file:
+        return adapters, None
+    logging.getLogger("loramix.cli").warning("--json FILE is now --json-file FILE: writing %s as that", named[0])
+    return [a for a in adapters if a != named[0]], named[0]
 
 
 main.add_command(search)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from loramix.cli.options import DEVICE_HELP, errors_as_one_line, rank_rule_options
+from loramix.errors import counted
 
 
 @click.command()
@@ -61,10 +62,10 @@ def extract(ctx: click.Context, base, finetuned, output, as_json, threads, force
     errors = [m.error for m in modules.values()]
     kept = min(m.kept for m in modules.values())
     line = (
-        f"wrote {output}: {len(modules)} modules, {rank_span(sorted({m.rank for m in modules.values()}))}"
+        f"wrote {output}: {counted(len(modules), 'module')}, {rank_span(sorted({m.rank for m in modules.values()}))}"
         f", energy kept ≥ {kept:.4f}, relative error ≤ {max(errors):.4f}"
     )
     if result.carried:
         where = "not carried" if result.dropped else "carried whole"
-        line += f"; {len(result.carried)} other changed tensor(s) {where}"
+        line += f"; {counted(len(result.carried), 'other changed tensor')} {where}"
     click.echo(line + f"; {result.unchanged} unchanged")

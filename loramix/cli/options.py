@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
+import warnings
+from pathlib import Path
 
 import click
 
@@ -15,7 +18,7 @@ from loramix.errors import LoramixError, shown
 
 class OneLine(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {shown(record.getMessage())}"
+        return f"{record.levelname.lower()}: {shown(as_flags(record.getMessage()))}"
 
 
 SHARD_SIZE_HELP = (
@@ -28,12 +31,36 @@ DEVICE_HELP = "cpu, cuda, cuda:N, or auto: a GPU when there is one, else the CPU
 
 # Python option names whose command-line flag is not simply --name-with-dashes.
 _FLAGS = {"overwrite": "--force", "merge_into": "--merge-into BASE"}
+# An option named in a message, as the API spells it: `rank`, `rank_layout='exact'` (see `loramix.errors`).
+_NAMED = re.compile(r"`([a-z][a-z0-9_]*)(?:=('?)([^`']*)\2)?`")
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def as_flags(text: str) -> str:
+    """``text`` with the options it names in backticks spelled as the command line's flags: `merge_into` →
+    --merge-into BASE, `overwrite` → --force, `rank_layout='exact'` → --rank-layout exact. Other backticked text
+    (a command, a file) is kept."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root().command if ctx else None
+    commands = [root, *getattr(root, "commands", {}).values()] if root else []
+    known = set(_FLAGS) | {p.name for c in commands for p in c.params if isinstance(p, click.Option)}
+
+    def spelled(match: re.Match) -> str:
+        name, value = match.group(1), match.group(3)
+        if name not in known:
+            return match.group(0)
+        flag = _flag(name)
+        return flag if value is None else f"{flag.split()[0]} {value}"
+
+    return _NAMED.sub(spelled, text)
 
 
 def error_line(exc: LoramixError) -> str:
-    """The one line the CLI prints for an expected failure, its hint spelled as a flag, control characters shown."""
-    flag = _FLAGS.get(exc.option or "", "--" + (exc.option or "").replace("_", "-"))
-    return f"error: {shown(exc.hint(flag))}"
+    """The one line the CLI prints for an expected failure, options spelled as flags, control characters shown."""
+    return f"error: {shown(as_flags(exc.hint(_flag(exc.option or ''))))}"
 
 
 def errors_as_one_line(fn):
@@ -101,6 +128,12 @@ def verbosity_options() -> list[click.Option]:
     ]
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as the CLI's one line (``warning: ...``), through the logger that -q and -v set."""
+    origin = category.__module__ if category.__module__ != "builtins" else Path(filename).stem
+    logging.getLogger("loramix.cli").warning("%s (%s from %s)", str(message).strip(), category.__name__, origin)
+
+
 class Group(click.Group):
     """A group whose commands all take the verbosity options, and whose usage errors (unknown option, bad value) are
     one line on stderr, like every error."""
@@ -109,7 +142,9 @@ class Group(click.Group):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            with warnings.catch_warnings():  # Python warnings (matplotlib's, torch's) as lines -q hides
+                warnings.showwarning = _warning_line
+                code = super().main(*args, standalone_mode=False, **kwargs)
         except click.ClickException as exc:
             if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
                 exc.show()  # a bare command: its help, as click prints it

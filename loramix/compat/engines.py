@@ -121,15 +121,15 @@ def lorax(facts: Facts, src: str) -> Verdict:
     # adapters/lora.py, LoraWeights.__init__: torch.stack of every layer's padded factors
     mixed = sorted(t for t, ranks in by_type.items() if len(ranks) > 1)
     if mixed:
-        return Verdict("LoRAX/TGI", "no", f"padded ranks differ across layers of {', '.join(mixed)} (stack fails)", fix)
+        return Verdict("LoRAX/TGI", "no", f"padded ranks differ across layers of {_some(mixed)} (stack fails)", fix)
     problems = []
     # adapters/lora.py, LoraWeights.load: a type missing from any layer is dropped for all layers
     partial = sorted(t for t, layers in layers_of.items() if layers != all_layers)
     if partial:
-        problems.append(f"drops {', '.join(partial)} (not in every layer)")
+        problems.append(f"drops {_some(partial)} (not in every layer)")
     ignored = sorted(t for t in by_type if t not in LORAX_TYPES)
     if ignored:
-        problems.append(f"ignores module type(s) {', '.join(ignored)}")
+        problems.append(f"ignores module type{'s' * (len(ignored) != 1)} {_some(ignored)}")
     # LoraWeights.load: scale = lora_alpha / config.r (use_rslora: TGI honours it, LoRAX's peft 0.4.0 has no such
     # field), then config.r = the padded rank, which scales every later layer type by alpha / padded r
     padded = portable_rank([facts.r])
@@ -147,6 +147,11 @@ def lorax(facts: Facts, src: str) -> Verdict:
             "LoRAX/TGI", "wrong", "; ".join(problems), FIX_MERGE.format(src=src) if parts else fix if scaled else None
         )
     return Verdict("LoRAX/TGI", "yes")
+
+
+def _some(types: list[str]) -> str:
+    """Names for one line: all of a few, or the first three and the count."""
+    return sample(types) + (f" ({len(types)} in all)" if len(types) > 3 else "")
 
 
 # ---------------------------------------------------------------------------------------------------- llama.cpp

@@ -214,7 +214,7 @@ def extract_lora(
     started = time.perf_counter()
     truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
     if truncation == RankRule():
-        raise MethodError("give rank, energy or rule with rule_value: the rank rule of every module")
+        raise MethodError("give `rank`, `energy` or `rule` with `rule_value`: the rank rule of every module")
     target = resolve_device(device)
     if base_tensors is None and tuned_tensors is None:
         base_tensors, tuned_tensors = open_pair(base, finetuned)

@@ -102,7 +102,9 @@ def write(
         raise OutputError("GGUF output needs the gguf package: pip install 'loramix[gguf]'") from None
     check_rank_layout(rank_layout)
     if rank_layout != "portable":
-        raise OutputError("GGUF LoRA files hold one lora_alpha for all modules: write them with rank_layout='portable'")
+        raise OutputError(
+            "GGUF LoRA files hold one lora_alpha for all modules: write them with `rank_layout='portable'`"
+        )
     if not adapter.modules:
         raise OutputError(f"{folder}: the adapter has no LoRA modules, so there is no GGUF adapter to write")
     _check(adapter)

@@ -226,7 +226,7 @@ def write(
         adapter = portable_layout(adapter)
     elif not is_portable(adapter):
         log.warning(
-            "rank_layout='exact' writes per-module ranks/scales (rank_pattern, alpha_pattern, use_rslora), which %s "
+            "`rank_layout='exact'` writes per-module ranks/scales (rank_pattern, alpha_pattern, use_rslora), which %s "
             "misread; the default portable layout does not",
             MISREADERS,
         )

@@ -191,7 +191,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
         if not is_loramix_output(target):
             raise OutputError(
                 f"{target}: was not written by loramix (no {MARKER_FILE}, {' or '.join(_OLDER_MARKERS)}, or "
-                f"{_CARD_FILE} tagged loramix), so it is not an earlier output; not replacing it even with overwrite"
+                f"{_CARD_FILE} tagged loramix), so it is not an earlier output; not replacing it even with `overwrite`"
             )
 
 
@@ -351,14 +351,25 @@ def _place(tmp: Path, target: Path, overwrite: bool) -> None:
         os.close(fd)
 
 
-def write_text_atomic(target: str | Path, text: str, *, protect: Iterable[str | Path] = ()) -> Path:
+def check_file(target: str | Path, overwrite: bool) -> None:
+    """Refuse a folder as a file output, and an existing file unless ``overwrite``."""
+    target = Path(target)
+    with _os_errors(target):
+        if target.is_dir():
+            raise OutputError(f"{target}: is a folder, not a file")
+        if target.exists() and not overwrite:
+            raise OutputError(f"{target}: file exists", option="overwrite")
+
+
+def write_text_atomic(
+    target: str | Path, text: str, *, protect: Iterable[str | Path] = (), overwrite: bool = False
+) -> Path:
     """Write ``text`` to the file ``target`` through a temporary file renamed into place; never over a ``protect``
-    path (the inputs) or a folder."""
+    path (the inputs) or a folder, and over an existing file only with ``overwrite``."""
     target = refuse_inputs(target, protect)
     with _os_errors(target):
         recover(target)
-        if target.is_dir():
-            raise OutputError(f"{target}: is a folder, not a file")
+        check_file(target, overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         with _fresh(target, folder=False) as tmp:
             try:

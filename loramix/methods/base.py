@@ -54,6 +54,12 @@ class Method:
     def options(self) -> tuple[str, ...]:
         return tuple(self.defaults)
 
+    @property
+    def space(self) -> str | None:
+        """Where the method works by default: "dense" (each out×in ΔW) or "core" (the small core matrices of the
+        joint factor bases); None for a method in factor space alone (cat, svd, tsv, ...)."""
+        return self.defaults.get("space", "dense") if self.dense else None
+
     def settings(self, options: dict[str, Any]) -> dict[str, Any]:
         """Every option the method runs with: ``options`` over its defaults."""
         return {**self.defaults, **options}

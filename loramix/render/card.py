@@ -18,6 +18,7 @@ from huggingface_hub import ModelCardData
 
 from loramix.adapter import LoraAdapter
 from loramix.analysis.results import Analysis
+from loramix.errors import counted
 from loramix.methods import REGISTRY
 from loramix.quantize import Quantization
 from loramix.schedule import describe, varies
@@ -137,7 +138,7 @@ def _rank_line(adapter: LoraAdapter) -> str:
     if not ranks:
         return "no LoRA modules"
     median = f" (median {ranks[len(ranks) // 2]})" if ranks[0] != ranks[-1] else ""
-    return f"{len(ranks)} modules, {rank_span(ranks)}{median}, {adapter.num_params():,} parameters"
+    return f"{counted(len(ranks), 'module')}, {rank_span(ranks)}{median}, {adapter.num_params():,} parameters"
 
 
 def _overlap_lines(analysis: Analysis) -> list[str]:

@@ -5,11 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from loramix.adapter import LoraAdapter
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+from loramix.adapter import LoraAdapter, dtype_name
 
 
 def adapter_summary(adapter: LoraAdapter) -> dict:
@@ -35,7 +31,7 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         "file": adapter.provenance.get("file"),
         "base_model": adapter.base_model,
         "task_type": adapter.task_type,
-        "dtype": _dtype_name(adapter.dtype),
+        "dtype": dtype_name(adapter.dtype),
         "num_modules": len(adapter.modules),
         "module_types": dict(sorted(Counter(n.rsplit(".", 1)[-1] for n in adapter.modules).items())),
         "ranks": adapter.ranks,

@@ -1,7 +1,7 @@
 """`loramix analyze --plot` rendered: heatmaps as matplotlib ``Figure`` objects (the plot extra).
 
 Figures are built with ``matplotlib.figure.Figure`` directly: never pyplot, never a backend switch, so rendering
-in a notebook leaves its plotting state alone. The caller saves them (`loramix.pipeline.write_plots`).
+in a notebook leaves its plotting state alone. The caller saves them (`loramix.analysis_files.write_plots`).
 
 Colour scales are fitted to the values shown (cosines on a scale symmetric about 0 up to the largest |cosine|
 off the diagonal; φ from its smallest to its largest value), so that 0.04 against 0.15, or 0.97 against 0.999, can
@@ -14,9 +14,9 @@ from __future__ import annotations
 import statistics
 from textwrap import fill
 
-from loramix.analysis.results import layer_of, natural_key, type_of
+from loramix.analysis.names import layer_of, natural_key, type_of
+from loramix.analysis.report import finite
 from loramix.errors import LoramixError
-from loramix.render.analysis import finite
 
 # Spectra: up to this many modules one row each, labelled; beyond it one row per module type (mean over layers).
 MAX_MODULE_ROWS = 72
@@ -182,6 +182,10 @@ def _spectra_figure(analysis):
     fig, axes = _figure((1.5 + 3.2 * cols, grid_rows * (1.5 + 0.14 * max(height, 8))), grid_rows, cols)
     image = None
     for k, (ax, a, (labels, rows)) in enumerate(zip(axes.flat, analysis.adapters, tables)):
+        if not rows:  # every module left out (NaN/Inf factors): nothing to draw
+            ax.set_axis_off()
+            ax.set_title(f"{fill(a.name, 30)}\nno module analysed", fontsize=9)
+            continue
         grid = [row + [None] * (width - len(row)) for row in rows] if width else [[None] for _ in rows]
         title = f"{fill(a.name, 30)}\nσᵢ/σ₁ per module (i ≥ 2)"
         image = _heatmap(ax, grid, labels, list(range(2, width + 2)) or [2], title, vmin=0.0, vmax=1.0, cmap="magma",

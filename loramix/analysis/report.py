@@ -1,4 +1,5 @@
-"""`loramix analyze` rendered: an `Analysis` as JSON-ready data and as the terminal summary with suggestions."""
+"""`loramix analyze` rendered: an `Analysis` as JSON-ready data and as the terminal summary with suggestions (also
+its ``str()``). Pure: the analysis in, text out."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import dataclasses
 import json
 import math
 
-from loramix.analysis.results import natural_key
+from loramix.analysis.names import natural_key
+from loramix.errors import counted
 from loramix.schedule import describe, varies
 
 
@@ -143,7 +145,8 @@ def analysis_text(analysis, *, top: int = 5) -> str:
     """The terminal summary: rank use, overlap (pairs, module types, layers), merge figures, suggestions."""
     modules = {n for a in analysis.adapters for n in a.modules}
     lines = [
-        f"{len(analysis.adapters)} adapter(s), {len(modules)} module(s); rank rule: {analysis.rule.describe()}",
+        f"{counted(len(analysis.adapters), 'adapter')}, {counted(len(modules), 'module')}; rank rule: "
+        f"{analysis.rule.describe()}",
         "",
         "Rank use (means over modules; suggest = the rank the rule keeps: median module / largest module,",
         "  the largest being one --rank that satisfies the rule everywhere; keeps = energy kept by the rule)",
@@ -220,7 +223,8 @@ def _below_step_lines(analysis, top: int) -> list[str]:
         measured = sorted(((m.below_step, n) for n, m in a.modules.items() if finite(m.below_step) is not None))
         worst = ", ".join(f"{n} {_pct(v)}" for v, n in measured[::-1][:top])
         lines.append(
-            f"  {a.name}: {_pct(a.below_step)} over {len(measured)} module(s)" + (f"; most: {worst}" if worst else "")
+            f"  {a.name}: {_pct(a.below_step)} over {counted(len(measured), 'module')}"
+            + (f"; most: {worst}" if worst else "")
         )
     return lines
 
