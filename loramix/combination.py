@@ -258,6 +258,7 @@ def combine(
             layout=first.layout,
             kernel_size=first.kernel_size,
             bias=None if bias is None else bias.to(out_dtype),
+            expert=first.expert,
         )
 
     # On a GPU a module's merge is mostly launch and small-solver latency: overlap a few modules at a time.

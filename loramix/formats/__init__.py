@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from loramix import experts
 from loramix.adapter import LoraAdapter, check_compatible
 from loramix.errors import AdapterFormatError, MethodError
 from loramix.formats import _keys, adalora, gguf, kohya, live, lycoris, peft, statedict
@@ -199,4 +200,6 @@ def write_adapter(adapter: LoraAdapter, folder: Path, *, format: str = "peft", *
         writer = WRITERS[format]
     except KeyError:
         raise MethodError(f"unknown output format {format!r}; choose from {', '.join(WRITERS)}") from None
+    if writer is not peft:
+        experts.refuse(adapter, f"the {format} format")
     return writer.write(adapter, folder, **options)
