@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 from helpers import read_folder, write_folder
-from moe_models import EXPERTS, expert_adapter, peft_deltas, peft_logits, reference_logits
+from llm_layouts import EXPERTS, expert_adapter, peft_deltas, peft_logits, reference_logits, tiny_qwen3_moe
+from peft import PeftModel
 from safetensors.torch import load_file
 
-from loramix import combine, load_adapter, save_adapter
+from loramix import combine, load_adapter, merge_into_base, save_adapter
 from loramix.errors import ExpertLayoutError
 from loramix.formats import write_adapter
 
@@ -138,12 +139,18 @@ def test_unknown_parameter_order_is_refused(adapters, tmp_path):
         load_adapter(write_folder(tmp_path / "x", config, tensors))
 
 
-def test_merge_into_refuses_until_supported(adapters, tmp_path):
-    from moe_models import tiny_qwen3_moe
-
-    from loramix import merge_into_base
-
+def test_merge_into_equals_peft_merge_and_save(adapters, tmp_path):
+    """The fused experts' ΔW lands on the per-expert tensors the checkpoint stores (gate_up split into gate_proj and
+    up_proj, through transformers' own conversion mapping): equal to PEFT merge_and_unload + save_pretrained, tensor
+    for tensor (float32; 1e-6)."""
     tiny_qwen3_moe().save_pretrained(tmp_path / "base")
-    with pytest.raises(ExpertLayoutError, match="merging into a base checkpoint does not support expert adapters"):
-        merge_into_base(adapters[0], tmp_path / "base", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    merge_into_base(adapters[0], tmp_path / "base", tmp_path / "ours", dtype="float32")
+    PeftModel.from_pretrained(tiny_qwen3_moe(), adapters[0]).merge_and_unload().save_pretrained(tmp_path / "peft")
+    ours, theirs = (load_file(tmp_path / d / "model.safetensors") for d in ("ours", "peft"))
+    assert ours.keys() == theirs.keys() and "model.layers.1.mlp.experts.3.up_proj.weight" in ours
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    assert not torch.equal(
+        ours["model.layers.1.mlp.experts.3.up_proj.weight"], base["model.layers.1.mlp.experts.3.up_proj.weight"]
+    )

@@ -1,14 +1,15 @@
-"""Tiny mixture-of-experts models (random weights, from transformers configs) and PEFT expert adapters on them,
-shared by the expert tests. Sizes are all different (H 16, expert I 6, E 4) so that a transposed or swapped block
-cannot pass by its shape."""
+"""Tiny models of today's LLM layouts (random weights, from transformers configs): a Qwen3-MoE (fused 3-D experts)
+and a Qwen2-VL (text layers renamed in memory), and PEFT adapters on them, shared by the expert and naming tests.
+Sizes are all different (H 16, expert I 6, E 4) so that a transposed or swapped block cannot pass by its shape."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 EXPERTS = 4
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -79,3 +80,46 @@ def reference_logits(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
         for name, delta in deltas.items():
             params[name] += delta
         return model(input_ids=INPUT_IDS).logits
+
+
+def tiny_qwen2_vl(seed: int = 0) -> Qwen2VLForConditionalGeneration:
+    """Text layers ``model.language_model.layers.N`` in memory, ``model.layers.N`` in its saved checkpoint."""
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    }
+    vision = {"depth": 1, "embed_dim": 16, "hidden_size": 16, "num_heads": 2, "patch_size": 2, "spatial_merge_size": 1}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, bos_token_id=0, eos_token_id=1)
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def vl_adapter(folder: Path, seed: int, *, old_names: bool = False) -> Path:
+    """A PEFT adapter on the tiny Qwen2-VL's text attention, under today's names or (``old_names``) the checkpoint's
+    names, as adapters trained with transformers 4 carry them."""
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        tiny_qwen2_vl(), LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    if old_names:
+        from safetensors.torch import load_file, save_file
+
+        weights = folder / "adapter_model.safetensors"
+        tensors = load_file(weights)
+        save_file({k.replace("model.language_model.", "model."): v for k, v in tensors.items()}, weights)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["target_modules"] = ["q_proj", "v_proj"]  # as transformers 4's PEFT wrote it
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
