@@ -9,7 +9,16 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    GptOssConfig,
+    GptOssForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 EXPERTS = 4
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -36,9 +45,36 @@ def tiny_qwen3_moe(seed: int = 0, dtype: torch.dtype = torch.float32) -> Qwen3Mo
     return Qwen3MoeForCausalLM(config).to(dtype).eval()
 
 
-def expert_adapter(folder: Path, seed: int, *, r: int = 4, alpha: float = 8, **config) -> Path:
-    """A PEFT adapter on the tiny Qwen3-MoE made as PEFT documents it for MoE models (random, non-zero B)."""
-    model = tiny_qwen3_moe()
+_SMALL = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 6, "num_hidden_layers": 2, "head_dim": 8}
+_ATTENTION = {
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "num_local_experts": EXPERTS,
+    "num_experts_per_tok": 2,
+}
+
+
+def tiny_mixtral(seed: int = 0, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
+    """Fused experts in memory; stored as block_sparse_moe.experts.{e}.w1/w3/w2."""
+    torch.manual_seed(seed)
+    config = MixtralConfig(**_SMALL, **_ATTENTION, experts_implementation="eager")
+    return MixtralForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt_oss(seed: int = 0, dtype: torch.dtype = torch.float32) -> GptOssForCausalLM:
+    """Experts transposed in memory, (E, in, out), and stored fused as they are."""
+    torch.manual_seed(seed)
+    config = GptOssConfig(**_SMALL, **_ATTENTION, layer_types=["full_attention"] * 2, experts_implementation="eager")
+    return GptOssForCausalLM(config).to(dtype).eval()
+
+
+MOE = {"qwen3_moe": tiny_qwen3_moe, "mixtral": tiny_mixtral, "gpt_oss": tiny_gpt_oss}
+
+
+def expert_adapter(folder: Path, seed: int, *, r: int = 4, alpha: float = 8, kind: str = "qwen3_moe", **config) -> Path:
+    """A PEFT adapter on a tiny MoE model (``kind``: a key of `MOE`) made as PEFT documents it for MoE models
+    (random, non-zero B)."""
+    model = MOE[kind]()
     settings = {"target_modules": ["q_proj", "v_proj"], "target_parameters": EXPERT_PARAMS} | config
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, **settings))
@@ -57,10 +93,10 @@ def peft_logits(folder: Path, dtype: torch.dtype = torch.float64) -> torch.Tenso
         return model(input_ids=INPUT_IDS).logits
 
 
-def peft_deltas(folder: Path) -> dict[str, torch.Tensor]:
+def peft_deltas(folder: Path, kind: str = "qwen3_moe") -> dict[str, torch.Tensor]:
     """Every ΔW PEFT itself computes for the adapter in ``folder``, by base parameter name, in float64
     (``get_delta_weight``: the fused expert parameters in their in-memory layout)."""
-    model = PeftModel.from_pretrained(tiny_qwen3_moe(dtype=torch.float64), folder)
+    model = PeftModel.from_pretrained(MOE[kind](dtype=torch.float64), folder)
     out = {}
     for name, module in model.base_model.model.named_modules():
         if not hasattr(module, "get_delta_weight") or "default" not in getattr(module, "lora_A", {}):
