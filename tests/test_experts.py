@@ -171,3 +171,17 @@ def test_merge_into_a_fused_checkpoint_is_refused(tmp_path):
     folder = expert_adapter(tmp_path / "a", 1, kind="gpt_oss")
     with pytest.raises(ExpertLayoutError, match="stores model.layers.0.mlp.experts.gate_up_proj fused"):
         merge_into_base(folder, tmp_path / "base", tmp_path / "out")
+
+
+def test_check_verdicts(adapters, tmp_path):
+    """PEFT loads it from 0.20 (0.17–0.19 read (E, out, in) experts as (E, in, out)); vLLM, SGLang and LoRAX drop
+    the expert pairs, llama.cpp's converter cannot map them: each names --merge-into as the fix."""
+    from loramix.compat import check_source
+
+    verdicts = {v.consumer: v for v in check_source(adapters[0]).verdicts}
+    assert verdicts["PEFT"].status == "yes" and verdicts["PEFT"].note.startswith("PEFT 0.20+")
+    for name, status in (("vLLM", "wrong"), ("SGLang", "wrong"), ("LoRAX/TGI", "wrong"), ("llama.cpp", "no")):
+        assert verdicts[name].status == status and "--merge-into BASE" in verdicts[name].fix
+    out = tmp_path / "out"
+    save_adapter(combine(list(adapters), method="cat"), out)
+    assert {v.consumer: v.status for v in check_source(out).verdicts}["PEFT"] == "yes"

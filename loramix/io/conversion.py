@@ -185,7 +185,14 @@ def _expert_blocks(adapter: LoraAdapter, names: ModelNames, param: str, sample: 
     if names.is_transposed(param):
         expected = (expected[0], expected[2], expected[1])
     if shape != expected:
-        raise ExpertLayoutError(f"{adapter.source}: {param} is {shape} in the base, the adapter's experts {expected}")
+        why = (
+            " (transposed: PEFT 0.17–0.19 read (E, out, in) experts as (E, in, out))"
+            if shape[1:] == expected[:0:-1]
+            else ""
+        )
+        raise ExpertLayoutError(
+            f"{adapter.source}: {param} is {shape} in the base, the adapter's experts {expected}{why}"
+        )
     return names.blocks(param)
 
 
