@@ -15,7 +15,7 @@ from llm_layouts import EXPERTS, MOE, expert_adapter, peft_deltas, peft_logits, 
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from loramix import combine, load_adapter, merge_into_base, save_adapter
+from loramix import combine, extract, load_adapter, merge_into_base, save_adapter
 from loramix.errors import ExpertLayoutError
 from loramix.formats import write_adapter
 
@@ -185,3 +185,25 @@ def test_check_verdicts(adapters, tmp_path):
     out = tmp_path / "out"
     save_adapter(combine(list(adapters), method="cat"), out)
     assert {v.consumer: v.status for v in check_source(out).verdicts}["PEFT"] == "yes"
+
+
+def test_extract_from_a_finetuned_moe_checkpoint(adapters, tmp_path):
+    """The fine-tuned checkpoint stores its experts one by one (experts.{e}.gate_proj …): extraction reads them as the
+    fused parameters transformers builds and writes target_parameters pairs (one LoRA per expert, rank 4): PEFT's
+    logits with the extracted adapter are the fine-tuned model's (float32; 1e-5)."""
+    from llm_layouts import INPUT_IDS, tiny_qwen3_moe
+    from transformers import Qwen3MoeForCausalLM
+
+    tiny_qwen3_moe().save_pretrained(tmp_path / "base")
+    PeftModel.from_pretrained(tiny_qwen3_moe(), adapters[0]).merge_and_unload().save_pretrained(tmp_path / "tuned")
+    extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "out", rank=4, device="cpu")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == sorted(
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")
+    )
+    tuned = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "tuned", experts_implementation="eager").eval()
+    extracted = PeftModel.from_pretrained(tiny_qwen3_moe(), tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            extracted(input_ids=INPUT_IDS).logits, tuned(input_ids=INPUT_IDS).logits, rtol=0, atol=1e-5
+        )
