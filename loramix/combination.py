@@ -276,6 +276,7 @@ def combine(
     if chosen.truncates:
         _warn_large_ranks(method, modules, loaded, truncation)
     base = next((a.base_model for a in loaded if a.base_model), None)
+    renamed = next((a.provenance["renamed"] for a in loaded if a.provenance.get("renamed")), None)
     return LoraAdapter(
         modules=modules,
         base_model=base,
@@ -292,5 +293,6 @@ def combine(
             "truncation": truncation.describe() if chosen.truncates else None,
             "options": chosen.settings(options),
             "kept_energy": {name: kept[name] for name in names if name in kept},
+            **({"renamed": renamed} if renamed else {}),
         },
     )

@@ -70,6 +70,7 @@ def test_combine_per_expert_equals_float64_sum(adapters, tmp_path, options):
     total = {name: sum(w * d[name] for w, d in zip(weights, deltas)) for name in deltas[0]}
     torch.testing.assert_close(peft_logits(out), reference_logits(total), rtol=0, atol=1e-5)
     assert json.loads((out / "adapter_config.json").read_text())["target_parameters"][0].endswith("down_proj")
+    assert "Experts: 4 fused expert parameters with 4 experts each" in (out / "README.md").read_text()
 
 
 def test_svd_truncates_each_expert_on_its_own(adapters, tmp_path):

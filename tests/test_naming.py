@@ -55,6 +55,7 @@ def test_old_and_new_names_combine_as_one_module(vl, tmp_path):
     assert len(combined.modules) == 4 and all(n.startswith("model.language_model.") for n in combined.modules)
     save_adapter(combined, tmp_path / "out")
     torch.testing.assert_close(_logits(tmp_path / "out"), _logits(vl / "new"), rtol=0, atol=1e-5)
+    assert "Module names: transformers' in-memory naming" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_two_namings_without_the_base_config_are_refused(vl, tmp_path):

@@ -200,7 +200,7 @@ def _one_naming(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
     renamed = [in_memory(a, names) for a in adapters]
     for before, after in zip(adapters, renamed):
         if after is not before:
-            after.provenance = {**after.provenance, "renamed": f"in-memory names of {folder}"}
+            after.provenance = {**after.provenance, "renamed": str(folder)}
             log.info("%s: module names mapped onto transformers' in-memory names (%s)", before.name, folder)
     return renamed
 
