@@ -208,3 +208,28 @@ def test_extract_from_a_finetuned_moe_checkpoint(adapters, tmp_path):
         torch.testing.assert_close(
             extracted(input_ids=INPUT_IDS).logits, tuned(input_ids=INPUT_IDS).logits, rtol=0, atol=1e-5
         )
+
+
+def test_analyze_reports_per_expert(adapters):
+    """Which experts each adapter changes most and how alike two adapters' updates of one expert are, each expert
+    over its gate_up and down ΔW: the cosines against float64 ones of PEFT's per-expert updates (printed to 3
+    decimals: 1e-3)."""
+    from loramix import analyze
+    from loramix.render.experts import expert_lines
+
+    deltas = [peft_deltas(path) for path in adapters]
+    lines = expert_lines(analyze(list(adapters)), top=8)
+    shown = {line.split()[0]: float(line.split()[1].rstrip("%")) for line in lines if line.startswith("  ")}
+    for layer in range(2):
+        for e in range(EXPERTS):
+            parts = [
+                (d[f"model.layers.{layer}.mlp.experts.{p}"][e]) for d in deltas for p in ("gate_up_proj", "down_proj")
+            ]
+            a, b = (
+                torch.cat([parts[0].flatten(), parts[1].flatten()]),
+                torch.cat([parts[2].flatten(), parts[3].flatten()]),
+            )
+            cosine = float(a @ b / (a.norm() * b.norm()))
+            assert shown[f"model.layers.{layer}.mlp.experts.{e}"] == pytest.approx(cosine, abs=1e-3)
+    first = [line for line in lines if line.startswith("Experts a changes most")]
+    assert first and "8 experts" in first[0]

@@ -7,6 +7,7 @@ import json
 import math
 
 from loramix.analysis.results import natural_key
+from loramix.render.experts import expert_lines
 from loramix.schedule import describe, varies
 
 
@@ -202,6 +203,7 @@ def analysis_text(analysis, *, top: int = 5) -> str:
         ]
         lines += _effective_weights(analysis)
     lines += _below_step_lines(analysis, top)
+    lines += expert_lines(analysis, top=top)
     lines += ["", "Suggestions", *(f"  - {s}" for s in _suggestions(analysis))]
     lines += [f"note: {n}" for n in analysis.notes]
     return "\n".join(lines)
