@@ -21,12 +21,24 @@ LAYOUTS = ("linear", "conv1d_fan_in_fan_out", "embedding", "conv2d")
 _PARTS = ("A", "B", "bias", "magnitude")  # a module's tensors
 
 
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Where a module lies inside a fused mixture-of-experts parameter: expert ``index`` of ``count`` in ``param``
+    (the parameter's in-memory name, ``model.layers.0.mlp.experts.gate_up_proj``). Each expert is its own module
+    (ΔW of that expert, ``out × in``); `loramix.experts` owns the layouts around it."""
+
+    param: str
+    index: int
+    count: int
+
+
 @dataclass
 class LoraModule:
     """One target module: ΔW = scale · B · A (B out×r, A r×in), laid on the base weight per ``layout``.
 
     ``kernel_size`` is the conv2d kernel (A then holds in·kh·kw columns). ``bias`` is PEFT's ``lora_B.bias``
     (its effect on the output is ``scale·bias``); ``magnitude`` is DoRA's per-output-row magnitude vector.
+    ``expert`` says which expert of a fused expert parameter the module is (None for an ordinary module).
     """
 
     A: torch.Tensor
@@ -36,6 +48,7 @@ class LoraModule:
     kernel_size: tuple[int, ...] = ()
     bias: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
+    expert: ExpertSlot | None = None
 
     @property
     def rank(self) -> int:
@@ -234,6 +247,11 @@ def check_compatible(adapters: list[LoraAdapter], *, allow_different_bases: bool
                 seen[name] = (a, m)
                 continue
             first, other = seen[name]
+            if m.expert != other.expert:
+                raise IncompatibleAdaptersError(
+                    f"module {name}: {first.name} has it as {describe_slot(other.expert)} but {a.name} as "
+                    f"{describe_slot(m.expert)}"
+                )
             if (m.out_features, m.in_features, m.kernel_size) != (
                 other.out_features,
                 other.in_features,
@@ -242,6 +260,10 @@ def check_compatible(adapters: list[LoraAdapter], *, allow_different_bases: bool
                 raise IncompatibleAdaptersError(
                     f"module {name}: {first.name} has ΔW {other.base_shape} but {a.name} has {m.base_shape}"
                 )
+
+
+def describe_slot(slot: ExpertSlot | None) -> str:
+    return "an ordinary module" if slot is None else f"expert {slot.index} of {slot.count} in {slot.param}"
 
 
 # ----------------------------------------------------------------------------------------------- rank layout
@@ -289,15 +311,19 @@ def portable_layout(adapter: LoraAdapter) -> LoraAdapter:
     if is_portable(adapter):
         return adapter
     rank, scale = portable_rank(adapter.ranks), common_scale(adapter)
-    modules = {}
-    for name, m in adapter.modules.items():
-        A, B, bias = m.A, m.B, m.bias
-        if m.scale != scale:
-            ratio = m.scale / scale
-            B = (B.float() * ratio).to(B.dtype)
-            bias = None if bias is None else (bias.float() * ratio).to(bias.dtype)
-        if m.rank < rank:
-            A = torch.cat([A, A.new_zeros(rank - m.rank, A.shape[1])])
-            B = torch.cat([B, B.new_zeros(B.shape[0], rank - m.rank)], dim=1)
-        modules[name] = replace(m, A=A, B=B, scale=scale, bias=bias)
+    modules = {name: refit(m, rank, scale) for name, m in adapter.modules.items()}
     return adapter.with_modules(modules, use_rslora=False)
+
+
+def refit(m: LoraModule, rank: int, scale: float) -> LoraModule:
+    """``m`` at ``rank`` (≥ its own: zero-padded) and ``scale`` (the ratio folded into B and its bias, computed in
+    float32 and cast back), describing the same ΔW; ``m`` itself when it already is."""
+    A, B, bias = m.A, m.B, m.bias
+    if m.scale != scale:
+        ratio = m.scale / scale
+        B = (B.float() * ratio).to(B.dtype)
+        bias = None if bias is None else (bias.float() * ratio).to(bias.dtype)
+    if m.rank < rank:
+        A = torch.cat([A, A.new_zeros(rank - m.rank, A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - m.rank)], dim=1)
+    return m if (A is m.A and B is m.B and m.scale == scale) else replace(m, A=A, B=B, scale=scale, bias=bias)

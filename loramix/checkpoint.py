@@ -37,6 +37,7 @@ from loramix.io.base import (
     tied_embedding,
     ties_output_head,
 )
+from loramix.io.conversion import for_checkpoint
 from loramix.io.shards import base_layout, kept_header, plan_shards, shard_names, write_index, write_shards
 from loramix.kernels import (
     StoredUpdate,
@@ -129,6 +130,7 @@ def _memory_tensor(name: str, tensor: torch.Tensor) -> BaseTensor:
 
 def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | None, notes: list[str]) -> list[Job]:
     """One job per output tensor, in the base's order; raises on any name or shape the base does not have."""
+    adapter = for_checkpoint(adapter, base)
     jobs = {name: Job(name, t, _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
     where = f"base {base.folder}"
     _plan_extras(adapter, base, jobs, dtype, notes)

@@ -258,6 +258,7 @@ def combine(
             layout=first.layout,
             kernel_size=first.kernel_size,
             bias=None if bias is None else bias.to(out_dtype),
+            expert=first.expert,
         )
 
     # On a GPU a module's merge is mostly launch and small-solver latency: overlap a few modules at a time.
@@ -275,6 +276,7 @@ def combine(
     if chosen.truncates:
         _warn_large_ranks(method, modules, loaded, truncation)
     base = next((a.base_model for a in loaded if a.base_model), None)
+    renamed = next((a.provenance["renamed"] for a in loaded if a.provenance.get("renamed")), None)
     return LoraAdapter(
         modules=modules,
         base_model=base,
@@ -292,5 +294,6 @@ def combine(
             "truncation": truncation.describe() if chosen.truncates else None,
             "options": chosen.settings(options),
             "kept_energy": {name: kept[name] for name in names if name in kept},
+            **({"renamed": renamed} if renamed else {}),
         },
     )

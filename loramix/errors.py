@@ -56,6 +56,11 @@ class AdapterFormatError(LoramixError, ValueError):
     """A file or folder is not a readable adapter (missing, truncated, corrupt, mis-shaped, non-finite)."""
 
 
+class ExpertLayoutError(AdapterFormatError):
+    """A mixture-of-experts layout loramix does not recognise, or an operation that does not handle expert adapters
+    yet: refused rather than read as a dense LoRA."""
+
+
 class SourceError(LoramixError, FileNotFoundError):
     """A source (path or Hub id) cannot be resolved to a local file or folder."""
 

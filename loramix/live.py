@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from loramix import experts
 from loramix.adapter import LoraAdapter
 from loramix.errors import CheckpointError, MethodError
 from loramix.formats import load_adapter
@@ -69,6 +70,7 @@ def _check_model(model, what: str) -> None:
 
 def _plan(model: torch.nn.Module, adapter: LoraAdapter) -> list[_Target]:
     """Every module's layer and layout, checked before any weight changes."""
+    experts.refuse(adapter, "merge_into / unmerge (a loaded model)")
     matcher = NameMatcher([name for name, _ in model.named_modules() if name])
     label = type(model).__name__
     targets, owners = [], {}

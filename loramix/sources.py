@@ -77,3 +77,18 @@ def _download(ref: HubRef, files: tuple[str, ...]) -> Path:
             f"{label}: the repository has none of {', '.join(files)}" + (f" in {prefix}" if prefix else "")
         )
     return folder
+
+
+def local_config(base: str) -> Path | None:
+    """A folder holding ``base``'s config.json without fetching anything: a local folder, or the snapshot of a Hub
+    id in the local cache; None when there is neither."""
+    path = Path(base).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    ref = parse_hub_id(base)
+    if ref is None or ref.subfolder:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(ref.repo_id, "config.json", revision=ref.revision)
+    return Path(found).parent if isinstance(found, str) else None

@@ -49,6 +49,7 @@ LAYERS = [
     ["loramix.runtime"],
     ["loramix.examples"],
     ["loramix.schedule"],
+    ["loramix.experts"],
     ["loramix.adapter"],
     ["loramix.lazy"],
     ["loramix.errors"],

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 
+from loramix.analysis.experts import expert_lines
 from loramix.analysis.names import natural_key
 from loramix.errors import counted
 from loramix.schedule import describe, varies
@@ -205,6 +206,7 @@ def analysis_text(analysis, *, top: int = 5) -> str:
         ]
         lines += _effective_weights(analysis)
     lines += _below_step_lines(analysis, top)
+    lines += expert_lines(analysis, top=top)
     lines += ["", "Suggestions", *(f"  - {s}" for s in _suggestions(analysis))]
     lines += [f"note: {n}" for n in analysis.notes]
     return "\n".join(lines)

@@ -24,6 +24,7 @@ from loramix.compat.engines import (
     sglang,
     vllm,
 )
+from loramix.compat.experts import expert_verdicts
 from loramix.compat.facts import Facts, Verdict
 from loramix.compat.peft import peft, transformers
 from loramix.formats import load_adapter
@@ -74,4 +75,7 @@ def check(adapter: LoraAdapter, config: dict | None) -> Report:
             llama_cpp(facts, src),
             Verdict("diffusers/ComfyUI", "n/a", "checked for kohya/diffusers files (write one with --format kohya)"),
         ]
+        if facts.experts:
+            engines = expert_verdicts(src)
+            verdicts = [engines.get(v.consumer, v) for v in verdicts]
     return Report(adapter.name, adapter.source, verdicts)

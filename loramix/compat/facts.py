@@ -32,7 +32,9 @@ class Facts:
 
     def __init__(self, adapter: LoraAdapter, config: dict) -> None:
         self.adapter, self.config = adapter, config
-        self.modules = adapter.modules
+        # the rules for ordinary modules; expert modules (PEFT target_parameters) have rules of their own
+        self.modules = {n: m for n, m in adapter.modules.items() if m.expert is None}
+        self.experts = len(self.modules) < len(adapter.modules)
         self.r = config.get("r", 8)
         self.alpha = config.get("lora_alpha", 8)
         self.rslora = bool(config.get("use_rslora"))
@@ -40,7 +42,7 @@ class Facts:
         self.alpha_pattern = config.get("alpha_pattern") or {}
         self.heads = sorted(n for n, e in adapter.extra.items() if e.kind in ("modules_to_save", "bias"))
         self.saved_layers = sorted(n for n, e in adapter.extra.items() if e.kind == "base_layer")
-        self.max_rank = max(m.rank for m in self.modules.values())
+        self.max_rank = max((m.rank for m in adapter.modules.values()), default=0)
         self.adalora = config.get("peft_type", "LORA") == "ADALORA"
 
     def true_alpha(self, name: str) -> float:

@@ -62,6 +62,16 @@ PEFT_KEY_SINCE = {
     "kasa_config": (0, 21),
 }
 
+# PEFT's ParamWrapper (target_parameters, since 0.17) reads a fused expert parameter (E, a, b) as (E, in=a, out=b)
+# in 0.17 and 0.18 (peft/tuners/lora/layer.py, ParamWrapper._get_in_out_features), swaps only where the experts
+# module says is_transposed in 0.19, and from 0.20 on swaps unless it says so (ParamWrapper.update_layer): so the
+# (E, out, in) experts of transformers 5 (Qwen3-MoE, Mixtral, DeepSeek, ...) are read as they are written only by 0.20+.
+EXPERTS_IN_OUT = (0, 20)
+EXPERTS_IN_OUT_REASON = (
+    "reads fused (E, out, in) expert parameters as (E, in, out) before 0.20 (size mismatch; a transposed ΔW where "
+    "square)"
+)
+
 # --------------------------------------------------------------------------------------------------------- PEFT
 
 
@@ -114,6 +124,8 @@ def _peft_problem(facts: Facts, version: tuple[int, int]) -> tuple[str, str] | N
             return "wrong", f"ignores {key}"
     if version < (0, 6):
         return None if not (facts.rank_pattern or facts.alpha_pattern) else ("wrong", "ignores the patterns")
+    if facts.experts and (0, 17) <= version < EXPERTS_IN_OUT:
+        return "no", EXPERTS_IN_OUT_REASON
     for name, m in facts.modules.items():
         r, alpha = _peft_resolved(facts, version, name)
         if r != m.rank:

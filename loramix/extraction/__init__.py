@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
-from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule
+from loramix import experts
+from loramix.adapter import ExpertSlot, ExtraTensor, LoraAdapter, LoraModule
 from loramix.errors import MethodError
+from loramix.extraction.fused import FusedTensors, fused_view
 from loramix.extraction.spectrum import top_singular
 from loramix.extraction.tensors import TensorSource, open_model, open_pair, pair, resized, target_layout
 from loramix.linalg import RankRule
@@ -104,6 +106,7 @@ class _Pending:
     delta: torch.Tensor  # out×in (math orientation), float32, on the device
     total: float  # ‖ΔW‖²_F (float64)
     change: float
+    expert: ExpertSlot | None = None
 
 
 def _math_view(delta: torch.Tensor, layout: str) -> torch.Tensor:
@@ -119,8 +122,11 @@ def _task_type(config: dict) -> str | None:
 
 
 class _Extractor:
-    def __init__(self, result: Extraction, device: torch.device, dtype: torch.dtype, batch: int) -> None:
+    def __init__(
+        self, result: Extraction, device: torch.device, dtype: torch.dtype, batch: int, fused: dict[str, bool]
+    ) -> None:
         self.result, self.device, self.dtype, self.batch = result, device, dtype, batch
+        self.fused = fused  # fused expert parameter → whether it is stored (E, in, out)
         self.pending: dict[tuple[int, int], list[_Pending]] = defaultdict(list)
 
     def add(self, item: _Pending) -> None:
@@ -143,7 +149,7 @@ class _Extractor:
             error = float(torch.linalg.vector_norm(residual)) / math.sqrt(item.total)
             kept = float(spectrum.S.double().square().sum()) / item.total
             self.result.adapter.modules[item.name] = LoraModule(
-                A=A.cpu(), B=B.cpu(), scale=1.0, layout=item.layout, kernel_size=item.kernel
+                A=A.cpu(), B=B.cpu(), scale=1.0, layout=item.layout, kernel_size=item.kernel, expert=item.expert
             )
             self.result.modules[item.name] = ModuleExtraction(
                 rank=int(spectrum.S.numel()),
@@ -173,11 +179,26 @@ class _Extractor:
         layout = target_layout(name, tuple(old.shape), model_type)
         if change <= noise_floor(old.dtype, new.dtype):
             result.noise.append(name)
+        elif name in self.fused:
+            self._experts(name, old, delta)
         elif layout is None:
             _carry(result, name, new, f"changed (‖ΔW‖/‖W‖ {change:.3g}), not a LoRA target", targets)
         else:
             kernel = tuple(old.shape[2:]) if layout == "conv2d" else ()
             self.add(_Pending(name.removesuffix(".weight"), layout, kernel, _math_view(delta, layout), total, change))
+
+    def _experts(self, param: str, old: torch.Tensor, delta: torch.Tensor) -> None:
+        """Each changed expert of a fused parameter as its own module (out × in), on the parameter's slot."""
+        count = delta.shape[0]
+        for e in range(count):
+            update = delta[e].T if self.fused[param] else delta[e]
+            total = float(torch.linalg.vector_norm(update)) ** 2
+            if total == 0:
+                continue
+            scale = float(torch.linalg.vector_norm(old[e].float()))
+            change = math.sqrt(total) / scale if scale > 0 else math.inf
+            slot = ExpertSlot(param, e, count)
+            self.add(_Pending(experts.module_name(param, e), "linear", (), update.contiguous(), total, change, slot))
 
     def finish(self) -> None:
         for shape in list(self.pending):
@@ -220,6 +241,7 @@ def extract_lora(
         base_tensors, tuned_tensors = open_pair(base, finetuned)
     base_tensors = base_tensors or open_model(base)
     tuned_tensors = tuned_tensors or open_model(finetuned)
+    base_tensors, tuned_tensors = fused_view(base_tensors, tuned_tensors)
     names = pair(base_tensors, tuned_tensors)
     model_type = tuned_tensors.config.get("model_type") or base_tensors.config.get("model_type")
     floats = [tuned_tensors.dtype(n) for n in names if tuned_tensors.dtype(n).is_floating_point]
@@ -232,7 +254,12 @@ def extract_lora(
         name=f"LoRA extracted from {finetuned}",
     )
     result = Extraction(adapter, str(base), str(finetuned), truncation, str(target))
-    extractor = _Extractor(result, target, out_dtype, GPU_BATCH if target.type == "cuda" else 1)
+    fused = (
+        {n: base_tensors.is_transposed(n) for n in base_tensors.blocks}
+        if isinstance(base_tensors, FusedTensors)
+        else {}
+    )
+    extractor = _Extractor(result, target, out_dtype, GPU_BATCH if target.type == "cuda" else 1, fused)
     targets = {n.removesuffix(".weight") for n in names if target_layout(n, base_tensors.shape(n), model_type)}
     with progress_bar(enabled=progress, total=len(names), desc="extract", unit="tensor") as bar:
         for name in names:  # one pair of tensors alive at a time: take() drops them when it returns

@@ -10,14 +10,17 @@ every command needs, `write_adapter` writes one adapter in a named format.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from loramix import experts
 from loramix.adapter import LoraAdapter, check_compatible
-from loramix.errors import AdapterFormatError, MethodError
+from loramix.errors import AdapterFormatError, IncompatibleAdaptersError, MethodError
 from loramix.formats import _keys, adalora, gguf, kohya, live, lycoris, peft, statedict
+from loramix.io.conversion import in_memory, model_names
 from loramix.schedule import parse
-from loramix.sources import parse_hub_id, resolve
+from loramix.sources import local_config, parse_hub_id, resolve
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +173,7 @@ def load_adapters(
     if len(weights) != len(loaded):
         raise MethodError(f"{len(weights)} weight(s) for {len(loaded)} adapter(s)")
     weights = [parse(w, what=f"weight {i + 1}") for i, w in enumerate(weights)]
-    loaded = _align_flat_conv(loaded)
+    loaded = _one_naming(_align_flat_conv(loaded))
     check_compatible(loaded, allow_different_bases=allow_different_bases)
     if len(loaded) > 1 and log_warnings:  # said once, where the adapter was read (not for LoraAdapters passed in)
         for source, adapter in zip(sources, loaded):
@@ -179,6 +182,44 @@ def load_adapters(
                     "%s: base model unknown; only module shapes can be checked against the others", adapter.name
                 )
     return loaded, weights
+
+
+_LAYER_TAIL = re.compile(r"(?:^|\.)(layers\.\d+\..*)$")
+
+
+def _one_naming(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
+    """Adapters whose module names differ, under transformers' in-memory names of their base's architecture (its
+    checkpoint conversion mapping: a module named as the checkpoint stores it and as the model holds it is one
+    module). Without the base's config.json at hand, names that look like two namings of one module are refused."""
+    if len(adapters) < 2 or all(a.modules.keys() == adapters[0].modules.keys() for a in adapters):
+        return adapters
+    folder = next((f for a in adapters if a.base_model for f in [local_config(a.base_model)] if f), None)
+    names = model_names(folder) if folder is not None else None
+    if names is None:
+        _refuse_two_namings(adapters)
+        return adapters
+    renamed = [in_memory(a, names) for a in adapters]
+    for before, after in zip(adapters, renamed):
+        if after is not before:
+            after.provenance = {**after.provenance, "renamed": str(folder)}
+            log.info("%s: module names mapped onto transformers' in-memory names (%s)", before.name, folder)
+    return renamed
+
+
+def _refuse_two_namings(adapters: list[LoraAdapter]) -> None:
+    tails: dict[str, tuple[LoraAdapter, str]] = {}
+    for a in adapters:
+        for name in a.modules:
+            found = _LAYER_TAIL.search(name)
+            if found is None:
+                continue
+            other = tails.setdefault(found.group(1), (a, name))
+            if other[1] != name:
+                raise IncompatibleAdaptersError(
+                    f"{other[0].name} names {other[1]} and {a.name} names {name}: two namings of one module? loramix "
+                    "maps them through transformers' conversion mapping of the base, whose config.json is not at hand "
+                    "(give base_model as a local folder or a Hub id in the local cache)"
+                )
 
 
 def _align_flat_conv(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
@@ -212,4 +253,6 @@ def write_adapter(adapter: LoraAdapter, folder: Path, *, format: str = "peft", *
         writer = WRITERS[format]
     except KeyError:
         raise MethodError(f"unknown output format {format!r}; choose from {', '.join(WRITERS)}") from None
+    if writer is not peft:
+        experts.refuse(adapter, f"the {format} format")
     return writer.write(adapter, folder, **options)

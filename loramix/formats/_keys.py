@@ -129,6 +129,7 @@ _FIELDS = {
     "task_type": (_is_optional(str), "a string"),
     "target_modules": (lambda v: v is None or isinstance(v, str) or _is_names(v), "a regex or a list of names"),
     "modules_to_save": (lambda v: v is None or _is_names(v), "a list of names"),
+    "target_parameters": (lambda v: v is None or _is_names(v), "a list of parameter names"),
 }
 
 
@@ -336,13 +337,13 @@ def check_targets(config: dict, modules: dict[str, LoraModule], notes: list[str]
         except re.error:
             notes.append(f"target_modules {targets!r} is not a valid regex; ignored")
             return
-    untargeted = [n for n in modules if not targets_module(targets, n)]
+    untargeted = [n for n, m in modules.items() if m.expert is None and not targets_module(targets, n)]
     if untargeted:
         notes.append(
             f"the tensors hold LoRA factors for {len(untargeted)} module(s) that target_modules {targets!r} "
             f"does not name ({sample(untargeted)}): kept"
         )
     if isinstance(targets, list):
-        idle = [t for t in targets if not any(targets_module([t], n) for n in modules)]
+        idle = [t for t in targets if not any(targets_module([t], n) for n, m in modules.items() if m.expert is None)]
         if idle:
             notes.append(f"target_modules names {idle} but the file has no LoRA factors for them")

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
+from loramix import experts
 from loramix.adapter import LoraAdapter
 from loramix.errors import AdapterFormatError, MethodError
 from loramix.formats import _keys, peft
@@ -162,6 +163,7 @@ def inject_adapter(model: torch.nn.Module, adapter: LoraAdapter, *, adapter_name
     """Add ``adapter`` to ``model`` (a ``PeftModel``, or a transformers model: PEFT's transformers integration) as
     the PEFT adapter ``adapter_name`` and return the model; ``model.set_adapter(adapter_name)`` then uses it."""
     _check_adapter(adapter, "inject_adapter")
+    experts.refuse(adapter, "inject_adapter (PEFT injects target_parameters only from a config, not a state dict)")
     if not isinstance(adapter_name, str) or not adapter_name:
         raise MethodError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
     takes_adapters = hasattr(model, "get_base_model") or hasattr(model, "add_adapter")

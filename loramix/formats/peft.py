@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from loramix import experts
 from loramix.adapter import MISREADERS, LoraAdapter, LoraModule, check_rank_layout, is_portable, portable_layout
 from loramix.errors import AdapterFormatError, OutputError
+from loramix.formats import peft_experts
 from loramix.formats._keys import (
     CONFIG_FILE,
     PREFIX,
@@ -64,7 +66,8 @@ def parse(
     parts, extra = split_keys(tensors, notes, config=config, where=where)
     if not parts:
         raise AdapterFormatError(f"{where}: holds no LoRA tensors (no lora_A / lora_B keys)")
-    modules = _build_modules(where, parts, config, notes, config_where)
+    fused = peft_experts.pop_params(parts, config, where=where, config_where=config_where)
+    modules = _build_modules(where, parts, config, notes, config_where) | fused
     if config.get("bias", "none") != "none" and not any(n.endswith(".bias") for n in extra):
         notes.append(f"config says bias={config['bias']!r} but no bias tensors were saved: trained biases are absent")
     return modules, extra, notes
@@ -108,8 +111,10 @@ def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[s
     def cast(t: torch.Tensor) -> torch.Tensor:
         return (t if dtype is None else t.to(dtype)).contiguous()
 
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = peft_experts.state_items(adapter, cast)
     for name, m in adapter.modules.items():
+        if m.expert is not None:
+            continue
         key = PREFIX + name
         if m.layout == "embedding":
             out[f"{key}.lora_embedding_A"] = cast(m.A)
@@ -173,10 +178,11 @@ def config_dict(adapter: LoraAdapter) -> dict:
     r is the largest rank (an engine that sizes its buffers by r then fits every module), lora_alpha the most common
     one; the modules off those get pattern entries. Keys at their default value are left out (`CONFIG_DEFAULTS`).
     """
-    ranks = {n: m.rank for n, m in adapter.modules.items()}
-    alphas = {
-        n: _number(m.scale * (math.sqrt(m.rank) if adapter.use_rslora else m.rank)) for n, m in adapter.modules.items()
-    }
+    plain = {n: m for n, m in adapter.modules.items() if m.expert is None}
+    param_ranks, param_alphas = peft_experts.config_items(adapter)
+    ranks = {n: m.rank for n, m in plain.items()} | param_ranks
+    alphas = {n: m.scale * (math.sqrt(m.rank) if adapter.use_rslora else m.rank) for n, m in plain.items()}
+    alphas = {n: _number(a) for n, a in (alphas | param_alphas).items()}
     r = max(ranks.values())
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     heads = sorted({n.rpartition(".")[0] for n, e in adapter.extra.items() if e.kind == "modules_to_save"})
@@ -196,7 +202,8 @@ def config_dict(adapter: LoraAdapter) -> dict:
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": sorted(adapter.modules),
+        "target_modules": sorted(plain),
+        **({"target_parameters": sorted(param_ranks)} if param_ranks else {}),
         "inference_mode": True,
         **{key: value for key, value in optional.items() if value != CONFIG_DEFAULTS[key]},
     }
@@ -230,6 +237,7 @@ def write(
             "misread; the default portable layout does not",
             MISREADERS,
         )
+    adapter = experts.uniform_adapter(adapter)
     tensors = state_dict(adapter, dtype)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(config_dict(adapter), indent=2) + "\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCardData
 
+from loramix import experts
 from loramix.adapter import LoraAdapter
 from loramix.analysis.results import Analysis
 from loramix.errors import counted
@@ -151,8 +152,30 @@ def _overlap_lines(analysis: Analysis) -> list[str]:
     return lines
 
 
+def _layout_lines(adapter: LoraAdapter) -> list[str]:
+    """What the card says about expert modules and module names the inputs held under another naming."""
+    lines = []
+    found = experts.groups(adapter.modules)
+    if found:
+        counts = "/".join(map(str, sorted({m.expert.count for ms in found.values() for m in ms.values()})))
+        lines += [
+            "",
+            f"Experts: {len(found)} fused expert parameters with {counts} experts each, one LoRA per expert, written "
+            "as PEFT `target_parameters` pairs (PEFT 0.20+ loads them; vLLM, SGLang and LoRAX do not apply them: "
+            "serve the model merged, `--merge-into`).",
+        ]
+    if adapter.provenance.get("renamed"):
+        lines += [
+            "",
+            "Module names: transformers' in-memory naming of the base's architecture (its checkpoint conversion "
+            f"mapping, from {adapter.provenance['renamed']}), the naming the installed transformers and PEFT load; "
+            "sources named as the checkpoint stores them were mapped onto it.",
+        ]
+    return lines
+
+
 def _analysis_section(adapter: LoraAdapter, analysis: Analysis | None) -> list[str]:
-    lines = ["## Analysis", "", f"Result: {_rank_line(adapter)}."]
+    lines = ["## Analysis", "", f"Result: {_rank_line(adapter)}.", *_layout_lines(adapter)]
     if analysis is not None and analysis.pairs:
         overlap = _overlap_lines(analysis)
         if overlap:

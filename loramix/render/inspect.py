@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from loramix import experts
 from loramix.adapter import LoraAdapter, dtype_name
 
 
@@ -45,6 +46,20 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         "nonfinite_tensors": nonfinite,
         "warnings": list(adapter.warnings),
         "lycoris": list(adapter.provenance.get("lycoris") or []),
+        "experts": _experts(adapter),
+    }
+
+
+def _experts(adapter: LoraAdapter) -> dict | None:
+    """The fused expert parameters (PEFT target_parameters): how many, their expert counts, the ranks per expert."""
+    found = experts.groups(adapter.modules)
+    if not found:
+        return None
+    return {
+        "parameters": len(found),
+        "kinds": dict(sorted(Counter(p.rsplit(".", 1)[-1] for p in found).items())),
+        "experts": sorted({m.expert.count for ms in found.values() for m in ms.values()}),
+        "ranks_per_expert": sorted({m.rank for ms in found.values() for m in ms.values()}),
     }
 
 
@@ -81,10 +96,19 @@ def inspect_text(summaries: list[dict]) -> str:
             ("extra tensors", ", ".join(f"{n} {s['extra_shapes'][n]}" for n in s["extra_tensors"]) or "-"),
         ]
         rows += [("LyCORIS", kind) for kind in s.get("lycoris", [])]
+        if s.get("experts"):
+            rows.append(("experts", _experts_text(s["experts"])))
         lines = [s["name"]] + [f"  {k:<14}{v}" for k, v in rows]
         lines += [f"  {'warning':<14}{w}" for w in s["warnings"]]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _experts_text(found: dict) -> str:
+    kinds = ", ".join(f"{k} ×{n}" for k, n in found["kinds"].items())
+    counts = "/".join(map(str, found["experts"]))
+    ranks = ", ".join(map(str, found["ranks_per_expert"]))
+    return f"{found['parameters']} fused parameters ({kinds}): {counts} experts each, rank {ranks} per expert"
 
 
 def inspect_json(summaries: list[dict]) -> str:

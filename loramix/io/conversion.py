@@ -1,0 +1,217 @@
+"""One module identity across the names transformers maps between: a model's in-memory names and its checkpoint's.
+
+transformers 5 loads many checkpoints under other names than they are stored with (Qwen2-VL's text layers are
+``model.language_model.layers.N`` in memory, ``model.layers.N`` on disk) and fuses per-expert tensors into 3-D
+parameters (``mlp.experts.{e}.gate_proj.weight`` + ``up_proj`` on disk → ``mlp.experts.gate_up_proj`` (E, 2I, H)).
+Its checkpoint conversion mapping says how; ``save_pretrained`` reverses it (``revert_weight_conversion``).
+`model_names` asks transformers itself, on a meta-device instance of the base's architecture (no weights):
+
+- renamed parameters: the reverse conversion of every in-memory parameter, matched by identity;
+- fused parameters: the reverse conversion of coordinate probes (expanded views: no memory) gives, for every
+  on-disk tensor, which expert, rows and columns of the fused parameter it holds, and whether it is transposed.
+  An on-disk tensor whose probe is not such a block is refused, never guessed.
+
+No table per model: what transformers' installed version does is what loramix does (and the tests compare the
+result with PEFT's ``merge_and_unload`` + ``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loramix import experts
+from loramix.adapter import LoraAdapter, LoraModule
+from loramix.errors import CheckpointError, ExpertLayoutError
+from loramix.io.base import BaseCheckpoint
+
+
+@dataclass(frozen=True)
+class DiskBlock:
+    """An on-disk tensor that holds part of a fused parameter: ``disk[i, j] = param[expert, rows[0]+i, cols[0]+j]``,
+    or ``param[expert, rows[0]+j, cols[0]+i]`` when ``transposed``."""
+
+    param: str
+    expert: int
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    transposed: bool
+
+
+@dataclass
+class ModelNames:
+    """The names of one architecture in memory and on disk (see the module docstring)."""
+
+    model: torch.nn.Module  # on the meta device
+    to_disk: dict[str, str]  # in-memory parameter name → checkpoint name (renamed parameters, and unchanged ones)
+    fused: set[str]  # in-memory parameters that transformers stores as other tensors (fused experts)
+
+    @functools.cached_property
+    def to_memory(self) -> dict[str, str]:
+        return {disk: memory for memory, disk in self.to_disk.items()}
+
+    def memory_name(self, module: str) -> str | None:
+        """The in-memory name of the module (``…q_proj``) an adapter names under either naming; None if neither."""
+        weight = f"{module}.weight"
+        if weight in self.to_disk:
+            return module
+        found = self.to_memory.get(weight)
+        return None if found is None else found.removesuffix(".weight")
+
+    def is_transposed(self, param: str) -> bool:
+        """Whether the experts module holding ``param`` keeps it as (E, in, out) (transformers' ``is_transposed``)."""
+        owner = self.model.get_submodule(param.rpartition(".")[0])
+        return bool(getattr(owner, "is_transposed", False))
+
+    def shape(self, param: str) -> tuple[int, ...]:
+        return tuple(self.model.get_parameter(param).shape)
+
+    def blocks(self, param: str) -> list[tuple[str, DiskBlock]]:
+        """The checkpoint tensors of the fused parameter ``param`` and the block of it each holds."""
+        shape = self.shape(param)
+        if len(shape) != 3:
+            raise ExpertLayoutError(f"{param}: a fused expert parameter of shape {shape}, expected 3-D (E, ·, ·)")
+        probes = [_coordinate(shape, axis) for axis in range(3)]
+        outputs = [_revert(self.model, {param: probe}) for probe in probes]
+        names = sorted(outputs[0])
+        if any(sorted(out) != names for out in outputs):
+            raise ExpertLayoutError(f"{param}: transformers' reverse conversion names different tensors per probe")
+        return [(name, _decode(param, name, *(out[name] for out in outputs))) for name in names]
+
+
+def _coordinate(shape: tuple[int, ...], axis: int) -> torch.Tensor:
+    """A tensor of ``shape`` whose every element holds its index along ``axis`` (a view: no memory)."""
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return torch.arange(shape[axis]).reshape(view).expand(shape)
+
+
+def _decode(param: str, name: str, expert: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> DiskBlock:
+    if expert.dim() != 2 or int(expert.min()) != int(expert.max()):
+        raise ExpertLayoutError(
+            f"{name}: transformers stores part of {param} in it, but not one 2-D block of one expert; not supported"
+        )
+    transposed = _along(row, 1) or _along(col, 0)  # the fused parameter's rows run along the tensor's columns
+    if transposed:
+        row, col = row.T, col.T
+    r0, c0 = int(row[0, 0]), int(col[0, 0])
+    grid_r = torch.arange(r0, r0 + row.shape[0]).unsqueeze(1).expand(row.shape)
+    grid_c = torch.arange(c0, c0 + col.shape[1]).unsqueeze(0).expand(col.shape)
+    if not (torch.equal(row, grid_r) and torch.equal(col, grid_c)):
+        raise ExpertLayoutError(f"{name}: transformers stores a part of {param} in it that is not a block of rows")
+    return DiskBlock(param, int(expert[0, 0]), (r0, r0 + row.shape[0]), (c0, c0 + col.shape[1]), transposed)
+
+
+def _along(coordinate: torch.Tensor, dim: int) -> bool:
+    """Whether ``coordinate`` changes along ``dim``."""
+    return coordinate.shape[dim] > 1 and bool(coordinate.narrow(dim, 1, 1).flatten()[0] != coordinate.flatten()[0])
+
+
+def _revert(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from transformers.core_model_loading import revert_weight_conversion  # transformers ≥ 5
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
+@functools.lru_cache(maxsize=4)
+def model_names(folder: Path) -> ModelNames | None:
+    """The names of the architecture in ``folder``'s config.json (None when transformers has no class for it)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{folder}: transformers cannot read its config.json ({exc})") from None
+    architecture = next(iter(getattr(config, "architectures", None) or []), None)
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    if model_class is None:
+        return None
+    with torch.device("meta"):
+        model = model_class._from_config(config)
+    params = dict(model.named_parameters())
+    reverted = _revert(model, params)
+    by_id = {id(tensor): name for name, tensor in params.items()}
+    to_disk = {by_id[id(t)]: disk for disk, t in reverted.items() if id(t) in by_id}
+    fused = {name for name in params if name not in to_disk and math.prod(params[name].shape) > 0}
+    return ModelNames(model, to_disk, fused)
+
+
+def in_memory(adapter: LoraAdapter, names: ModelNames) -> LoraAdapter:
+    """``adapter`` with every module under its in-memory name (the naming transformers 5 and PEFT use); modules
+    the model has under neither naming keep their names."""
+    renamed = {(names.memory_name(n) or n) if m.expert is None else n: m for n, m in adapter.modules.items()}
+    if len(renamed) < len(adapter.modules):
+        raise CheckpointError(f"{adapter.source}: names one module twice, under its old and its new name")
+    return adapter if renamed.keys() == adapter.modules.keys() else adapter.with_modules(renamed)
+
+
+def on_disk(adapter: LoraAdapter, names: ModelNames) -> LoraAdapter:
+    """``adapter`` with its modules under the checkpoint's names: renamed modules renamed, and each expert of a
+    fused parameter split onto the tensors the checkpoint stores it in (rows and columns of its ΔW, transposed
+    where the tensor is), as plain modules on those tensors."""
+    modules: dict[str, LoraModule] = {}
+
+    def put(name: str, module: LoraModule) -> None:
+        if name in modules:
+            raise CheckpointError(f"{adapter.source}: two adapter modules change checkpoint tensor {name}.weight")
+        modules[name] = module
+
+    for name, m in adapter.modules.items():
+        if m.expert is None:
+            memory = names.memory_name(name)
+            put(names.to_disk[f"{memory}.weight"].removesuffix(".weight") if memory else name, m)
+    for param, found in experts.groups(adapter.modules).items():
+        for disk, block in _expert_blocks(adapter, names, param, next(iter(found.values()))):
+            m = found.get(block.expert)
+            if m is not None:
+                put(disk.removesuffix(".weight"), _on_block(m, block, names.is_transposed(param)))
+    return adapter.with_modules(modules)
+
+
+def _expert_blocks(adapter: LoraAdapter, names: ModelNames, param: str, sample: LoraModule):
+    if param in names.to_disk:
+        raise ExpertLayoutError(
+            f"{adapter.source}: the checkpoint stores {param} fused (as in memory); merging expert adapters into "
+            "fused checkpoint tensors is not supported yet"
+        )
+    if param not in names.fused:
+        raise ExpertLayoutError(f"{adapter.source}: the base model has no fused expert parameter {param}")
+    shape = names.shape(param)
+    expected = (sample.expert.count, sample.out_features, sample.in_features)
+    if names.is_transposed(param):
+        expected = (expected[0], expected[2], expected[1])
+    if shape != expected:
+        why = (
+            " (transposed: PEFT 0.17–0.19 read (E, out, in) experts as (E, in, out))"
+            if shape[1:] == expected[:0:-1]
+            else ""
+        )
+        raise ExpertLayoutError(
+            f"{adapter.source}: {param} is {shape} in the base, the adapter's experts {expected}{why}"
+        )
+    return names.blocks(param)
+
+
+def _on_block(m: LoraModule, block: DiskBlock, param_transposed: bool) -> LoraModule:
+    """Expert ``m``'s ΔW on one checkpoint tensor, as a plain module laid on it as it is (out × in of the tensor)."""
+    rows, cols = (block.cols, block.rows) if param_transposed else (block.rows, block.cols)
+    A, B = m.A[:, slice(*cols)], m.B[slice(*rows)]
+    if block.transposed != param_transposed:  # the tensor holds ΔWᵀ = s·Aᵀ·Bᵀ
+        A, B = B.T, A.T
+    return LoraModule(A=A.contiguous(), B=B.contiguous(), scale=m.scale)
+
+
+def for_checkpoint(adapter: LoraAdapter, base: BaseCheckpoint) -> LoraAdapter:
+    """``adapter`` as it applies to ``base``'s stored tensors: as it is when every module finds its tensor, else
+    through transformers' names for the base's architecture (`on_disk`)."""
+    if not experts.is_expert_adapter(adapter) and all(base.weight_key(n)[0] is not None for n in adapter.modules):
+        return adapter
+    names = model_names(base.folder) if base.config.get("architectures") else None
+    if names is None:
+        experts.refuse(adapter, f"merging into {base.folder} (an architecture transformers does not know)")
+        return adapter
+    return on_disk(adapter, names)

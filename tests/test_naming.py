@@ -1,0 +1,69 @@
+"""One module identity across the names transformers maps between: a Qwen2-VL's text layers are
+``model.language_model.layers.N`` in memory (adapters trained today) and ``model.layers.N`` in its checkpoint (and
+in adapters trained with transformers 4). Oracle: PEFT 0.21 (forward, merge_and_unload + save_pretrained)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from llm_layouts import tiny_qwen2_vl, vl_adapter
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from loramix import combine, merge_into_base, save_adapter
+from loramix.errors import IncompatibleAdaptersError
+
+INPUT_IDS = torch.tensor([[2, 3, 4, 5, 6]])
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vl")
+    tiny_qwen2_vl().save_pretrained(root / "base")
+    tiny_qwen2_vl().save_pretrained(root / "base")
+    PeftModel.from_pretrained(tiny_qwen2_vl(), vl_adapter(root / "new", 1)).merge_and_unload().save_pretrained(
+        root / "peft"
+    )
+    vl_adapter(root / "old", 1, old_names=True)
+    return root
+
+
+def _logits(adapter) -> torch.Tensor:
+    with torch.no_grad():
+        return PeftModel.from_pretrained(tiny_qwen2_vl(), adapter)(input_ids=INPUT_IDS).logits
+
+
+@pytest.mark.parametrize("naming", ["new", "old"])
+def test_merge_into_under_either_naming_equals_peft(vl, tmp_path, naming):
+    """Today's names (model.language_model.…) and the checkpoint's (model.…) both land on the stored tensors:
+    equal to PEFT's merged save_pretrained of today's adapter, tensor for tensor (float32; 1e-6)."""
+    merge_into_base(vl / naming, vl / "base", tmp_path / "out", dtype="float32")
+    ours, theirs = load_file(tmp_path / "out" / "model.safetensors"), load_file(vl / "peft" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_old_and_new_names_combine_as_one_module(vl, tmp_path):
+    """0.5·A + 0.5·A under its two namings is A: 4 modules in today's naming, PEFT's logits those of A (1e-5)."""
+    combined = combine(
+        [vl / "new", vl / "old"], weights=[0.5, 0.5], method="cat", load_options={"base_model": str(vl / "base")}
+    )
+    assert len(combined.modules) == 4 and all(n.startswith("model.language_model.") for n in combined.modules)
+    save_adapter(combined, tmp_path / "out")
+    torch.testing.assert_close(_logits(tmp_path / "out"), _logits(vl / "new"), rtol=0, atol=1e-5)
+    assert "Module names: transformers' in-memory naming" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_two_namings_without_the_base_config_are_refused(vl, tmp_path):
+    with pytest.raises(IncompatibleAdaptersError, match="two namings of one module"):
+        combine([vl / "new", vl / "old"], weights=[0.5, 0.5], method="cat")
+    run = subprocess.run(
+        [sys.executable, "-m", "loramix", "combine", str(vl / "new"), str(vl / "old"), "-o", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "two namings" in run.stderr
