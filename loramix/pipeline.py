@@ -84,7 +84,7 @@ def _repeatable(plan: Plan, adapter: LoraAdapter, rule: RankRule | None = None) 
     rule = rule or RankRule(
         rank=plan.rank, energy=plan.energy, rule=plan.rule, value=plan.rule_value, conv_rank=plan.conv_rank
     )
-    dtype = plan.dtype or ("bfloat16" if plan.merge_into else str(adapter.dtype).removeprefix("torch."))
+    dtype = plan.dtype or (None if plan.merge_into else str(adapter.dtype).removeprefix("torch."))
     return replace(
         plan,
         adapters=[portable(a) for a in plan.adapters],
@@ -163,7 +163,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
             adapter,
             plan.merge_into,
             plan.output,
-            dtype=parse_dtype(plan.dtype) or torch.bfloat16,
+            dtype=plan.dtype,
             shard_size=plan.shard_size,
             device=plan.device,
             workers=plan.workers,
@@ -238,7 +238,7 @@ def merge_into_base(
     base: str | Path,
     out: str | Path,
     *,
-    dtype: torch.dtype | str = torch.bfloat16,
+    dtype: torch.dtype | str | None = None,
     shard_size: int | str | None = None,
     device: str | torch.device = "auto",
     overwrite: bool = False,
@@ -297,8 +297,8 @@ def merge_into_base(
             report = write_merged(
                 adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, **options
             )  # fmt: skip
-        if quantization is not None:
-            section = quantization_section(quantization, report.round_tripped, list(report.survival))
+        section = quantization_section(report)  # "" unless the base was or is taken as quantized
+        if section:
             files = {**files, CARD_FILE: files.get(CARD_FILE, "") + section}
         _write_files(tmp, files)
     report.path = Path(out)

@@ -28,6 +28,7 @@ import torch
 from loramix.adapter import LoraAdapter
 from loramix.errors import CheckpointError, SourceError, shown
 from loramix.io.files import load_pickle
+from loramix.io.quantized import DequantizedTensor, QuantizedBase, recognise
 from loramix.sources import resolve
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -117,6 +118,7 @@ class BaseCheckpoint:
     tensors: dict[str, BaseTensor]
     weight_files: list[Path]
     index: str | None = None  # the index file's name, when the weights are sharded
+    quantized: QuantizedBase | None = None  # the recognised quantized layout (`loramix.io.quantized`), if any
 
     @property
     def model_type(self) -> str | None:
@@ -134,7 +136,20 @@ class BaseCheckpoint:
 
     @functools.cached_property
     def matcher(self) -> NameMatcher:
-        return NameMatcher(list(self.tensors))
+        return NameMatcher(self.weight_names())
+
+    def weight_names(self) -> list[str]:
+        """The base's tensors as a dense model holds them: a quantized base's scale tensors left out."""
+        scales = set(self.quantized.scales.values()) if self.quantized else set()
+        return [name for name in self.tensors if name not in scales]
+
+    def dense(self, key: str) -> BaseTensor | DequantizedTensor:
+        """Tensor ``key`` as W: a quantized weight read dequantized (float32), any other as stored."""
+        if self.quantized is None or key not in self.quantized.scales:
+            return self.tensors[key]
+        return DequantizedTensor(
+            key, self.tensors[key], self.tensors[self.quantized.scales[key]], self.quantized.scheme
+        )
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -255,6 +270,11 @@ def open_base(folder: str | Path) -> BaseCheckpoint:
     else:
         if not config and sorted(folder.glob("*.safetensors")):  # bare weight files, no model config
             files, reader = sorted(folder.glob("*.safetensors")), _safetensors_entries
+        elif sorted(folder.glob("*.gguf")):
+            raise CheckpointError(
+                f"{sorted(folder.glob('*.gguf'))[0]}: a GGUF base file; loramix merges into "
+                "safetensors or .bin model folders"
+            )
         else:
             raise CheckpointError(f"{folder}: no {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
     tensors: dict[str, BaseTensor] = {}
@@ -263,7 +283,7 @@ def open_base(folder: str | Path) -> BaseCheckpoint:
             if entry.name in tensors:
                 raise CheckpointError(f"{folder}: tensor {shown(entry.name)} is stored twice ({path.name})")
             tensors[entry.name] = entry
-    return BaseCheckpoint(folder, config, tensors, files, index_name)
+    return BaseCheckpoint(folder, config, tensors, files, index_name, recognise(config, tensors, folder))
 
 
 def resolve_base(base: str | Path) -> Path:

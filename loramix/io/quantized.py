@@ -1,0 +1,283 @@
+"""Quantized base checkpoints: recognise the layout or refuse it, and the maths of the formats loramix supports.
+
+A base whose ``config.json`` has a ``quantization_config``, or whose tensors look quantized (float8 dtypes, scale,
+zero-point, packed-code or block tensors), is positively recognised here from the config, the tensor names, dtypes
+and shapes together — or refused in one line naming the tensor and the format. Nothing downstream ever reads codes
+as weights. Supported:
+
+- **block FP8** (``quant_method: fp8`` with ``weight_block_size``, as DeepSeek-V3/R1 and the Qwen3-FP8 releases
+  store it, transformers' fine-grained FP8): ``<m>.weight`` in float8_e4m3fn and ``<m>.weight_scale_inv`` (float32
+  or bfloat16), one per b₀×b₁ block (``ceil(rows/b₀) × ceil(cols/b₁)``); W = codes · scale. Re-quantized as
+  transformers' ``Fp8Quantize`` does: per block a = max |W|, scale s = 448 / a (1 for an all-zero block; with
+  ``scale_fmt: ue8m0`` 1/s rounded up to a power of two), codes = clamp(W·s, ±448) cast to float8_e4m3fn (round to
+  nearest even), ``weight_scale_inv`` = 1/s.
+
+A base with a 4-bit bitsandbytes ``quantization_config`` but dense tensors is the QLoRA case of `loramix.quantize`
+(not quantized here); one holding bitsandbytes' packed tensors is refused like any other unsupported layout.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from loramix.errors import CheckpointError, shown
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+SCALE_DTYPES = (torch.float32, torch.bfloat16)
+# Tensor name endings only quantized checkpoints have (GPTQ/AWQ, compressed-tensors, FP8, MXFP4, bitsandbytes).
+QUANT_ENDINGS = (
+    ".weight_scale_inv",
+    ".weight_scale",
+    ".weight_zero_point",
+    ".weight_packed",
+    ".weight_global_scale",
+    ".input_scale",
+    ".qweight",
+    ".qzeros",
+    ".g_idx",
+    "_blocks",
+    "_scales",
+    ".absmax",
+    ".quant_map",
+    ".SCB",
+    ".nested_absmax",
+)
+FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+SUPPORTED = "block FP8 (quant_method fp8 with weight_block_size)"
+
+
+class Stored(Protocol):
+    """What the reader knows of a stored tensor (`loramix.io.base.BaseTensor`)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class BlockFP8:
+    """Block FP8: float8_e4m3fn codes, one float scale per ``block`` (rows × columns) in ``weight_scale_inv``."""
+
+    block: tuple[int, int]
+    scale_fmt: str = "float"  # "ue8m0": every scale a power of two
+    suffix: str = "_scale_inv"  # the scale tensor's name: the weight's name plus this
+
+    def describe(self) -> str:
+        fmt = ", power-of-two scales" if self.scale_fmt == "ue8m0" else ""
+        return f"block FP8 (float8_e4m3fn, {self.block[0]}×{self.block[1]} blocks{fmt})"
+
+    def grid(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return math.ceil(shape[0] / self.block[0]), math.ceil(shape[1] / self.block[1])
+
+    def expand(self, scale: torch.Tensor, rows: int, cols: int, first: int = 0) -> torch.Tensor:
+        """Per-entry scales for ``rows`` rows from row ``first`` (``scale``'s first row is that of ``first``'s
+        block) and ``cols`` columns."""
+        b0, b1 = self.block
+        skip = first % b0
+        full = scale.repeat_interleave(b0, dim=0)[skip : skip + rows]
+        return full.repeat_interleave(b1, dim=1)[:, :cols]
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """W (float32) of rows ``first`` … of ``codes`` whose blocks' scales are ``scale``."""
+        return codes.float() * self.expand(scale.float(), codes.shape[0], codes.shape[1], first)
+
+    def quantize(self, weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, weight_scale_inv) of a float32 weight, with transformers' rounding (see the module docstring)."""
+        rows, cols = weight.shape
+        r, c = self.grid(weight.shape)
+        padded = torch.nn.functional.pad(weight, (0, c * self.block[1] - cols, 0, r * self.block[0] - rows))
+        amax = padded.reshape(r, self.block[0], c, self.block[1]).abs().amax(dim=(1, 3))
+        scales = torch.where(amax > 0, FP8_MAX / torch.where(amax > 0, amax, 1.0), 1.0)
+        inverse = 1.0 / scales
+        if self.scale_fmt == "ue8m0":
+            inverse = torch.exp2(torch.ceil(torch.log2(inverse.clamp(min=torch.finfo(torch.float32).tiny))))
+            scales = 1.0 / inverse
+        codes = (weight * self.expand(scales, rows, cols)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        return codes, inverse.to(scale_dtype)
+
+    def step(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The local quantization step of each entry (float64): the FP8 grid's spacing at the code (2^(e−3) for
+        |code| in [2^e, 2^(e+1)), 2^−9 below 2^−6), times the block's scale."""
+        magnitude = codes.double().abs()
+        exponent = torch.floor(torch.log2(magnitude.clamp(min=2.0**-6)))
+        spacing = torch.exp2(exponent - 3)
+        return spacing * self.expand(scale.double(), codes.shape[0], codes.shape[1])
+
+
+Scheme = BlockFP8
+
+
+@dataclass(frozen=True)
+class QuantizedBase:
+    """A recognised quantized base: its scheme and, per quantized weight key, the key of its scale tensor."""
+
+    scheme: Scheme
+    scales: dict[str, str]
+
+    def describe(self) -> str:
+        return self.scheme.describe()
+
+
+@dataclass
+class DequantizedTensor:
+    """A quantized weight read as float32 W (a `loramix.io.base.BaseTensor` stand-in: ``rows`` dequantizes)."""
+
+    name: str
+    codes: Stored
+    scale: Stored
+    scheme: Scheme
+    dtype: torch.dtype = torch.float32
+    path: None = None
+    offset: int = 0
+    tensor: None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        b0 = self.scheme.block[0]
+        scale = self.scale.rows(start // b0, -(-stop // b0)) if stop > start else self.scale.rows(0, 0)
+        return self.scheme.dequantize(self.codes.rows(start, stop), scale, start)
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) as stored."""
+        return self.codes.rows(0, self.shape[0]), self.scale.rows(0, self.scale.shape[0])
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _looks_quantized(name: str, tensor: Stored) -> bool:
+    return tensor.dtype in FLOAT8 or name.endswith(QUANT_ENDINGS)
+
+
+def _refuse(where: Path, name: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{where}: tensor {shown(name)}: {what}; loramix merges into dense bases and {SUPPORTED} (dequantize the "
+        "base first)"
+    )
+
+
+def recognise(config: dict, tensors: dict[str, Stored], where: Path) -> QuantizedBase | None:
+    """The quantized layout of a base (None for a dense one), or `CheckpointError` naming the tensor and format for
+    a layout loramix does not support or a damaged one (missing, misshapen or non-finite scales)."""
+    qc = config.get("quantization_config")
+    suspects = [name for name, t in tensors.items() if _looks_quantized(name, t)]
+    first = suspects[0] if suspects else next(iter(tensors), "?")
+    if qc is None:
+        if suspects:
+            t = tensors[first]
+            raise _refuse(
+                where, first, f"a quantized tensor ({_name(t.dtype)}) but config.json has no quantization_config"
+            )
+        return None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{where}: quantization_config must be a JSON object")
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "bitsandbytes" or qc.get("load_in_4bit") or qc.get("load_in_8bit"):
+        if suspects or any(t.dtype == torch.uint8 for t in tensors.values()):
+            raise _refuse(where, first, "bitsandbytes' packed 4/8-bit tensors")
+        return None  # a dense base with QLoRA's config: loramix.quantize's round trip
+    if method == "fp8":
+        return _block_fp8(qc, tensors, where)
+    raise _refuse(where, first, f"a {method or 'unnamed'} quantized base (quantization_config quant_method)")
+
+
+def _block_fp8(qc: dict, tensors: dict[str, Stored], where: Path) -> QuantizedBase:
+    block = qc.get("weight_block_size")
+    first = next((n for n, t in tensors.items() if t.dtype in FLOAT8), next(iter(tensors), "?"))
+    ok = isinstance(block, list) and len(block) == 2
+    if not (ok and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise _refuse(where, first, f"fp8 quantization_config with weight_block_size {block!r} (per-tensor FP8)")
+    if str(qc.get("activation_scheme", "dynamic")).lower() != "dynamic":
+        raise _refuse(where, first, "fp8 with static activation scales (activation_scheme static)")
+    scale_fmt = str(qc.get("scale_fmt", "float"))
+    if scale_fmt not in ("float", "ue8m0"):
+        raise _refuse(where, first, f"fp8 scale_fmt {scale_fmt!r}")
+    scheme = BlockFP8((block[0], block[1]), scale_fmt)
+    scales: dict[str, str] = {}
+    for name, t in tensors.items():
+        if t.dtype == FP8:
+            scales[name] = _fp8_scale(name, t, tensors, scheme, where)
+        elif _looks_quantized(name, t) and not (
+            name.endswith(".weight_scale_inv") and name.removesuffix("_scale_inv") in tensors
+        ):
+            raise _refuse(where, name, f"{_name(t.dtype)} {list(t.shape)} has no place in a {scheme.describe()} base")
+    for name in tensors:
+        if name.endswith(".weight_scale_inv") and name.removesuffix("_scale_inv") not in scales:
+            raise _refuse(where, name, "a block FP8 scale whose weight is not float8_e4m3fn")
+    return QuantizedBase(scheme, scales)
+
+
+def _fp8_scale(name: str, t: Stored, tensors: dict[str, Stored], scheme: BlockFP8, where: Path) -> str:
+    """The scale key of FP8 weight ``name``, checked: present, float, its grid's shape, finite and positive."""
+    key = name + scheme.suffix
+    scale = tensors.get(key)
+    what = scheme.describe()
+    if len(t.shape) != 2 or not name.endswith(".weight"):
+        raise _refuse(where, name, f"float8_e4m3fn {list(t.shape)}, not a 2-D .weight of {what}")
+    if scale is None:
+        raise _refuse(where, name, f"float8_e4m3fn weight without its scale tensor {key} ({what})")
+    grid = scheme.grid(t.shape)
+    if scale.dtype not in SCALE_DTYPES or tuple(scale.shape) != grid:
+        raise _refuse(
+            where,
+            key,
+            f"{_name(scale.dtype)} {list(scale.shape)}, expected float32 or bfloat16 {list(grid)} for {what} "
+            f"of {list(t.shape)}",
+        )
+    values = scale.rows(0, grid[0])
+    if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+        raise _refuse(where, key, f"scales that are NaN, infinite or not positive ({what})")
+    return key
+
+
+def share_below(delta: torch.Tensor, step: torch.Tensor) -> float:
+    """The share of ΔW's energy (Σ ΔW², float64) in entries with |ΔW| < step/2: the part of the update smaller than
+    the quantization grid around W (it only moves W within its cell). NaN for ΔW = 0."""
+    d = delta.detach().to("cpu", torch.float64)
+    energy = d.square()
+    total = float(energy.sum())
+    if total == 0:
+        return float("nan")
+    return float(energy[d.abs() < step / 2].sum()) / total
+
+
+@dataclass
+class Requantized:
+    """A merged weight's parts, made once and handed to the two output tensors that hold them (codes and scales),
+    whichever is written first; thread-safe (the writer's threads ask for both)."""
+
+    compute: Callable[[str], dict[str, torch.Tensor]]
+    done: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    locks: dict[str, threading.Lock] = field(default_factory=dict)
+    guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, weight: str, part: str) -> torch.Tensor:
+        """Output tensor ``part`` of merged weight ``weight`` (computed on first request, then forgotten)."""
+        with self.guard:
+            lock = self.locks.setdefault(weight, threading.Lock())
+        with lock:
+            if weight not in self.done:
+                self.done[weight] = self.compute(weight)
+            parts = self.done[weight]
+            tensor = parts.pop(part)
+            if not parts:
+                del self.done[weight]
+        return tensor

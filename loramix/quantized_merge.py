@@ -1,0 +1,71 @@
+"""Merging into a quantized base (`loramix.io.quantized` recognises it): which output tensors change and how a
+merged weight is re-quantized.
+
+By default the checkpoint keeps the base's format: each weight an adapter changes is read as W = dequant(codes,
+scales), W + ΔW is formed in float32 and quantized again with fresh scales (the format's own rounding), its codes and
+scale tensor both written from that; every other tensor is copied byte for byte. Asked for a dtype, the checkpoint
+is written dense: every quantized weight dequantized and cast, the scale tensors dropped. What survives the
+re-quantization is measured as the QLoRA path measures it: stored = dequant(requant(W + ΔW)) − W against ΔW, and
+the share of ‖ΔW‖² in entries below half the base's local quantization step (`share_below`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from loramix.errors import CheckpointError
+from loramix.io.base import BaseCheckpoint
+from loramix.io.quantized import QuantizedBase, share_below
+from loramix.kernels import Survival, delta_rows, dora_merge
+from loramix.runtime import DTYPE_NAMES
+
+
+def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, *, dense: bool) -> list:
+    """A quantized base's output jobs (`loramix.checkpoint.Job`): ``dense``, every quantized weight read
+    dequantized (cast to the job's dtype) and the scale tensors dropped; else each weight an adapter changes marked
+    for re-quantization (its codes and its scales, both from W + ΔW), the others left to be copied as they are."""
+    by_name = {j.name: j for j in jobs}
+    for key, scale in quantized.scales.items():
+        job = by_name[key]
+        if job.replaced:
+            raise CheckpointError(
+                f"adapter tensor {key} ({job.replaced}) would replace a {quantized.describe()} weight"
+            )
+        if dense or job.updates:
+            job.source = base.dense(key)
+        if not dense and job.updates:
+            job.requantized, by_name[scale].requantized = (key, "codes"), (key, "scale")
+    return [j for j in jobs if not (dense and j.name in quantized.scales.values())]
+
+
+def requantize(job, device: torch.device, stats: Survival, shares: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The parts of a merged quantized weight (``job.source`` a `DequantizedTensor`, its factors on ``device`` with
+    B scaled): W + ΔW (or DoRA's merge) quantized with fresh scales. ``stats`` gets the stored update
+    dequant(requant(W + ΔW)) − W against ΔW; ``shares[job.name]`` the share of ‖ΔW‖² below half W's local step."""
+    source = job.source
+    W = source.rows(0, job.shape[0])
+    on_device = W.to(device)
+    if any(u.module.magnitude is not None for u in job.updates):
+        merged, _ = dora_merge(on_device, job.updates[0], device)
+    else:
+        merged = on_device.clone()
+        for update in job.updates:
+            merged += delta_rows(update.module, update.layout, 0, job.shape[0], device)
+    merged = merged.cpu()
+    codes, scale = source.scheme.quantize(merged, source.scale.dtype)
+    intended = merged - W
+    if not math.isfinite(stats.add(source.scheme.dequantize(codes, scale).sub_(W), intended)):
+        raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
+    shares[job.name] = share_below(intended, source.scheme.step(*source.parts()))
+    return {"codes": codes, "scale": scale}
+
+
+def written_as(quantized: QuantizedBase | None, dtype: torch.dtype | None) -> str | None:
+    """How a merge wrote a quantized base (None for a dense base)."""
+    if quantized is None:
+        return None
+    if dtype is None:
+        return f"{quantized.describe()}, the merged weights re-quantized with fresh scales"
+    return f"dense {DTYPE_NAMES[dtype]}, dequantized from {quantized.describe()}"
