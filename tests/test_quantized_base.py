@@ -29,7 +29,7 @@ from helpers import assert_bf16_close, make_peft_adapter, random_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loramix import analyze, merge_into_base
+from loramix import analyze, extract, load_adapter, merge_into_base
 from loramix.cli import main
 from loramix.errors import CheckpointError
 
@@ -181,6 +181,20 @@ def test_fp8_analyze_base_norms_are_of_dequantized_weights(made):
     for key in made.deltas:
         W = _dequantize(made.tensors[key], made.tensors[key + "_scale_inv"]).double()
         assert norms[key.removesuffix(".weight")] == pytest.approx(float(W.norm()), rel=1e-6)
+
+
+def test_fp8_extract_against_a_quantized_base(made):
+    """extract reads the FP8 base dequantized (scales are no tensors of their own): from the dense merge of the
+    adapter, the rank-4 extraction gives back PEFT's ΔW up to the bf16 rounding of the merged weights."""
+    dense = made.tmp / "for-extract"
+    merge_into_base(made.adapter, made.base, dense, dtype="float32")
+    extraction = extract(made.base, dense, made.tmp / "extracted", rank=4)
+    adapter = load_adapter(made.tmp / "extracted")
+    assert {f"{m}.weight" for m in adapter.modules} >= set(made.deltas)
+    for key, delta in made.deltas.items():
+        ours = adapter.modules[key.removesuffix(".weight")].delta(dtype=torch.float64)
+        assert float((ours - delta.double()).norm() / delta.double().norm()) < 1e-5, key
+    assert extraction.modules
 
 
 def test_fp8_ragged_blocks_match_float64_reference(tmp_path):
