@@ -44,22 +44,22 @@ def requantize(job, device: torch.device, stats: Survival, shares: dict[str, flo
     """The parts of a merged quantized weight (``job.source`` a `DequantizedTensor`, its factors on ``device`` with
     B scaled): W + ΔW (or DoRA's merge) quantized with fresh scales. ``stats`` gets the stored update
     dequant(requant(W + ΔW)) − W against ΔW; ``shares[job.name]`` the share of ‖ΔW‖² below half W's local step."""
-    source = job.source
-    W = source.rows(0, job.shape[0])
-    on_device = W.to(device)
+    source, scheme = job.source, job.source.scheme
+    stored_codes, stored_scale = (part.to(device) for part in source.parts())
+    stored_codes = stored_codes.float()  # once: float8 → float32 is slow on a CPU
+    W = scheme.dequantize(stored_codes, stored_scale)
     if any(u.module.magnitude is not None for u in job.updates):
-        merged, _ = dora_merge(on_device, job.updates[0], device)
+        merged, _ = dora_merge(W, job.updates[0], device)
     else:
-        merged = on_device.clone()
+        merged = W.clone()
         for update in job.updates:
             merged += delta_rows(update.module, update.layout, 0, job.shape[0], device)
-    merged = merged.cpu()
-    codes, scale = source.scheme.quantize(merged, source.scale.dtype)
-    intended = merged - W
-    if not math.isfinite(stats.add(source.scheme.dequantize(codes, scale).sub_(W), intended)):
+    codes, scale = scheme.quantize(merged, stored_scale.dtype)
+    intended = merged.sub_(W)
+    if not math.isfinite(stats.add(scheme.dequantize(codes, scale).sub_(W), intended)):
         raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
-    shares[job.name] = share_below(intended, source.scheme.step(*source.parts()))
-    return {"codes": codes, "scale": scale}
+    shares[job.name] = share_below(intended, scheme.step(stored_codes, stored_scale))
+    return {"codes": codes.cpu(), "scale": scale.cpu()}
 
 
 def written_as(quantized: QuantizedBase | None, dtype: torch.dtype | None) -> str | None:

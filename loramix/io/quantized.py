@@ -79,17 +79,19 @@ class BlockFP8:
     def grid(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return math.ceil(shape[0] / self.block[0]), math.ceil(shape[1] / self.block[1])
 
-    def expand(self, scale: torch.Tensor, rows: int, cols: int, first: int = 0) -> torch.Tensor:
-        """Per-entry scales for ``rows`` rows from row ``first`` (``scale``'s first row is that of ``first``'s
-        block) and ``cols`` columns."""
+    def scaled(self, values: torch.Tensor, factors: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """``values`` (rows × cols, from row ``first``) times each entry's block factor (``factors``: the grid rows
+        from ``first``'s block on), one float32 product per entry, as transformers' ops compute it."""
         b0, b1 = self.block
-        skip = first % b0
-        full = scale.repeat_interleave(b0, dim=0)[skip : skip + rows]
-        return full.repeat_interleave(b1, dim=1)[:, :cols]
+        (rows, cols), (r, c), skip = values.shape, factors.shape, first % b0
+        pads = (0, c * b1 - cols, skip, r * b0 - rows - skip)
+        padded = torch.nn.functional.pad(values, pads) if any(pads) else values
+        out = (padded.reshape(r, b0, c, b1) * factors[:, None, :, None]).reshape(r * b0, c * b1)
+        return out[skip : skip + rows, :cols].contiguous() if any(pads) else out
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, first: int = 0) -> torch.Tensor:
         """W (float32) of rows ``first`` … of ``codes`` whose blocks' scales are ``scale``."""
-        return codes.float() * self.expand(scale.float(), codes.shape[0], codes.shape[1], first)
+        return self.scaled(codes.float(), scale.float(), first)
 
     def quantize(self, weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, weight_scale_inv) of a float32 weight, with transformers' rounding (see the module docstring)."""
@@ -102,16 +104,16 @@ class BlockFP8:
         if self.scale_fmt == "ue8m0":
             inverse = torch.exp2(torch.ceil(torch.log2(inverse.clamp(min=torch.finfo(torch.float32).tiny))))
             scales = 1.0 / inverse
-        codes = (weight * self.expand(scales, rows, cols)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        codes = self.scaled(weight, scales).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
         return codes, inverse.to(scale_dtype)
 
     def step(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The local quantization step of each entry (float64): the FP8 grid's spacing at the code (2^(e−3) for
-        |code| in [2^e, 2^(e+1)), 2^−9 below 2^−6), times the block's scale."""
-        magnitude = codes.double().abs()
-        exponent = torch.floor(torch.log2(magnitude.clamp(min=2.0**-6)))
-        spacing = torch.exp2(exponent - 3)
-        return spacing * self.expand(scale.double(), codes.shape[0], codes.shape[1])
+        """The local quantization step of each entry (float32, exact: a power of two times the scale): the FP8
+        grid's spacing at the code (2^(e−3) for |code| in [2^e, 2^(e+1)), 2^−9 below 2^−6), times its block's
+        scale."""
+        bits = codes.float().abs().clamp_(min=2.0**-6).view(torch.int32)  # float32: sign 0, exponent, mantissa
+        spacing = (((bits >> 23) - 3) << 23).view(torch.float32)  # 2^(e−3): the exponent less 3, mantissa 0
+        return self.scaled(spacing, scale.float())
 
 
 Scheme = BlockFP8
@@ -251,12 +253,12 @@ def _fp8_scale(name: str, t: Stored, tensors: dict[str, Stored], scheme: BlockFP
 def share_below(delta: torch.Tensor, step: torch.Tensor) -> float:
     """The share of ΔW's energy (Σ ΔW², float64) in entries with |ΔW| < step/2: the part of the update smaller than
     the quantization grid around W (it only moves W within its cell). NaN for ΔW = 0."""
-    d = delta.detach().to("cpu", torch.float64)
-    energy = d.square()
-    total = float(energy.sum())
+    d = delta.detach()
+    total = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
     if total == 0:
         return float("nan")
-    return float(energy[d.abs() < step / 2].sum()) / total
+    below = torch.where(d.abs() < step.to(d.device) / 2, d, 0)
+    return float(torch.linalg.vector_norm(below, dtype=torch.float64)) ** 2 / total
 
 
 @dataclass
