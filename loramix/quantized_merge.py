@@ -37,7 +37,8 @@ def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, *
             job.source = base.dense(key)
         if not dense and job.updates:
             job.requantized, by_name[scale].requantized = (key, "codes"), (key, "scale")
-    return [j for j in jobs if not (dense and j.name in quantized.scales.values())]
+    dropped = {*quantized.scales.values(), *quantized.activation_scales} if dense else set()
+    return [j for j in jobs if j.name not in dropped]
 
 
 def requantize(job, device: torch.device, stats: Survival, shares: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -59,7 +60,7 @@ def requantize(job, device: torch.device, stats: Survival, shares: dict[str, flo
     if not math.isfinite(stats.add(scheme.dequantize(codes, scale).sub_(W), intended)):
         raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
     shares[job.name] = share_below(intended, scheme.step(stored_codes, stored_scale))
-    return {"codes": codes.cpu(), "scale": scale.cpu()}
+    return {"codes": codes.cpu(), "scale": scale.reshape(source.scale.shape).cpu()}
 
 
 def written_as(quantized: QuantizedBase | None, dtype: torch.dtype | None) -> str | None:

@@ -219,6 +219,85 @@ def test_fp8_ragged_blocks_match_float64_reference(tmp_path):
     assert base.weight_names() == ["model.layers.0.mlp.up_proj.weight"]
 
 
+# ----------------------------------------------------------------------------------------------- compressed-tensors
+
+
+def ct_config(strategy: str, static: bool) -> dict:
+    """A compressed-tensors ``float-quantized`` config as llm-compressor writes it (FP8 / FP8_DYNAMIC schemes)."""
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor" if static else "token"}
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": {**acts, "dynamic": not static}}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": ["lm_head"],
+    }
+
+
+def ct_quantize(W: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' symmetric FP8 in float64 (its calculate_qparams and quantize, from the source): scale =
+    max(amax / 448, float32 eps) per tensor ([1]) or output channel ([out, 1]), stored in bfloat16; codes =
+    clamp(W / scale, ±448) cast to float8_e4m3fn."""
+    W = W.double()
+    amax = W.abs().amax(dim=1, keepdim=True) if strategy == "channel" else W.abs().amax().reshape(1)
+    scale = (amax / 448).clamp(min=torch.finfo(torch.float32).eps).to(torch.bfloat16)
+    codes = (W / scale.double().reshape(-1, 1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def ct_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.double() * scale.double().reshape(-1, 1)
+
+
+def write_ct_base(folder: Path, model: torch.nn.Module, strategy: str, static: bool) -> Path:
+    folder.mkdir(parents=True)
+    tensors = {}
+    for name, value in model.state_dict().items():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS:
+            codes, scale = ct_quantize(value, strategy)
+            tensors |= {name: codes, name + "_scale": scale}
+            if static:
+                tensors[name.removesuffix("weight") + "input_scale"] = torch.rand(1) + 0.5
+        else:
+            tensors[name] = value.to(torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = {**model.config.to_dict(), "quantization_config": ct_config(strategy, static), "dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("strategy, static", [("channel", False), ("tensor", True)])
+def test_compressed_tensors_fp8_same_format_and_dense(made, strategy, static):
+    base = write_ct_base(made.tmp / f"ct-{strategy}", tiny(), strategy, static)
+    tensors = load_file(base / "model.safetensors")
+    out = made.tmp / f"ct-{strategy}-same"
+    report = merge_into_base(made.adapter, base, out)
+    written = load_file(out / "model.safetensors")
+    assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    assert f"per-{strategy} weight_scale" in report.written_as
+    for key, delta in made.deltas.items():
+        codes, scale = ct_quantize(ct_dequantize(tensors[key], tensors[key + "_scale"]) + delta.double(), strategy)
+        ours = written[key + "_scale"]
+        assert ours.shape == scale.shape and ours.dtype == torch.bfloat16, key
+        assert torch.allclose(ours.float(), scale.float(), rtol=2**-8, atol=0), key  # one bf16 step at most
+        assert (ours == scale).float().mean() >= 0.95, key
+        same = (written[key].float() == codes.float()).float().mean()
+        assert same >= 0.999, key
+    raw_in, raw_out = _raw(base / "model.safetensors"), _raw(out / "model.safetensors")
+    changed = {k for key in made.deltas for k in (key, key + "_scale")}
+    assert all(raw_out[k] == raw_in[k] for k in raw_in if k not in changed)
+    dense = made.tmp / f"ct-{strategy}-dense"
+    merge_into_base(made.adapter, base, dense, dtype="bfloat16")
+    written = load_file(dense / "model.safetensors")
+    assert not [k for k in written if k.endswith(("_scale", "input_scale"))]
+    assert "quantization_config" not in json.loads((dense / "config.json").read_text())
+    for key, delta in made.deltas.items():
+        assert_bf16_close(written[key], ct_dequantize(tensors[key], tensors[key + "_scale"]) + delta.double(), key)
+    AutoModelForCausalLM.from_pretrained(dense)  # a plain dense Llama
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 
@@ -265,16 +344,26 @@ def _per_tensor(tensors, config):
     del config["quantization_config"]["weight_block_size"]
 
 
+def _ct_int4(tensors, config):
+    config["quantization_config"] = {**ct_config("channel", False), "format": "pack-quantized"}
+
+
+def _ct_missing_scale(tensors, config):
+    config["quantization_config"] = ct_config("channel", False)  # its weights' scales are named _scale_inv
+
+
 @pytest.mark.parametrize(
     "edit, says",
     [
         (_drop_scale, f"tensor {Q}: float8_e4m3fn weight without its scale tensor"),
         (_nan_scale, f"tensor {Q}_scale_inv: scales that are NaN"),
-        (_wrong_block, "[2, 3], expected float32 or bfloat16 [4, 6] for block FP8 (float8_e4m3fn, 16×16 blocks)"),
+        (_wrong_block, "[2, 3], expected a float [4, 6] for block FP8 (float8_e4m3fn, 16×16 blocks)"),
         (_no_config, "config.json has no quantization_config"),
         (_gptq, "a gptq quantized base"),
         (_static, "static activation scales"),
         (_per_tensor, "weight_block_size None (per-tensor FP8)"),
+        (_ct_int4, "compressed-tensors format 'pack-quantized'"),
+        (_ct_missing_scale, "float8_e4m3fn weight without its scale tensor"),
     ],
 )
 def test_unsupported_or_damaged_quantized_base_is_one_line_and_writes_nothing(made, edit, says):

@@ -148,7 +148,10 @@ class BaseCheckpoint:
         if self.quantized is None or key not in self.quantized.scales:
             return self.tensors[key]
         return DequantizedTensor(
-            key, self.tensors[key], self.tensors[self.quantized.scales[key]], self.quantized.scheme
+            key,
+            self.tensors[key],
+            self.tensors[self.quantized.scales[key]],
+            self.quantized.scheme.for_shape(self.tensors[key].shape),
         )
 
 

@@ -11,6 +11,11 @@ as weights. Supported:
   transformers' ``Fp8Quantize`` does: per block a = max |W|, scale s = 448 / a (1 for an all-zero block; with
   ``scale_fmt: ue8m0`` 1/s rounded up to a power of two), codes = clamp(W·s, ±448) cast to float8_e4m3fn (round to
   nearest even), ``weight_scale_inv`` = 1/s.
+- **compressed-tensors FP8** (``quant_method: compressed-tensors``, ``format: float-quantized``, llm-compressor's
+  FP8 and FP8_DYNAMIC schemes): ``<m>.weight`` in float8_e4m3fn and ``<m>.weight_scale`` per tensor ([1] or []),
+  output channel ([rows, 1]) or block; W = codes · scale. Re-quantized as compressed-tensors' ``calculate_qparams``
+  and ``quantize`` do: s = max(a / 448, float32 eps) per tensor, channel or block, stored in the scale's dtype,
+  codes = clamp(W / s, ±448) cast to float8_e4m3fn. Static activation scales (``input_scale``) are kept as they are.
 
 A base with a 4-bit bitsandbytes ``quantization_config`` but dense tensors is the QLoRA case of `loramix.quantize`
 (not quantized here); one holding bitsandbytes' packed tensors is refused like any other unsupported layout.
@@ -21,7 +26,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -29,9 +34,9 @@ import torch
 
 from loramix.errors import CheckpointError, shown
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
-SCALE_DTYPES = (torch.float32, torch.bfloat16)
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tensor name endings only quantized checkpoints have (GPTQ/AWQ, compressed-tensors, FP8, MXFP4, bitsandbytes).
 QUANT_ENDINGS = (
     ".weight_scale_inv",
@@ -51,7 +56,7 @@ QUANT_ENDINGS = (
     ".nested_absmax",
 )
 FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
-SUPPORTED = "block FP8 (quant_method fp8 with weight_block_size)"
+SUPPORTED = "FP8 (block FP8 with weight_block_size, or compressed-tensors float-quantized)"
 
 
 class Stored(Protocol):
@@ -65,28 +70,41 @@ class Stored(Protocol):
 
 
 @dataclass(frozen=True)
-class BlockFP8:
-    """Block FP8: float8_e4m3fn codes, one float scale per ``block`` (rows × columns) in ``weight_scale_inv``."""
+class FP8:
+    """FP8 weights: float8_e4m3fn codes, one float scale per ``block`` (rows × columns; for ``granularity``
+    "channel" a row, for "tensor" the whole weight: `for_shape` makes the block concrete), W = codes · scale.
+    ``divide``: codes = W / scale (compressed-tensors), else codes = W · (1/scale) (transformers' block FP8)."""
 
     block: tuple[int, int]
     scale_fmt: str = "float"  # "ue8m0": every scale a power of two
     suffix: str = "_scale_inv"  # the scale tensor's name: the weight's name plus this
+    granularity: str = "block"  # "block", "channel" or "tensor"
+    divide: bool = False
 
     def describe(self) -> str:
         fmt = ", power-of-two scales" if self.scale_fmt == "ue8m0" else ""
-        return f"block FP8 (float8_e4m3fn, {self.block[0]}×{self.block[1]} blocks{fmt})"
+        if self.granularity == "block":
+            return f"block FP8 (float8_e4m3fn, {self.block[0]}×{self.block[1]} blocks{fmt})"
+        return f"compressed-tensors FP8 (float8_e4m3fn, per-{self.granularity} weight_scale)"
+
+    def for_shape(self, shape: tuple[int, ...]) -> FP8:
+        """This scheme with the block of a ``shape`` weight (per-channel: one row; per-tensor: all of it)."""
+        if self.granularity == "block":
+            return self
+        return replace(self, block=(1 if self.granularity == "channel" else shape[0], shape[1]))
 
     def grid(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return math.ceil(shape[0] / self.block[0]), math.ceil(shape[1] / self.block[1])
 
-    def scaled(self, values: torch.Tensor, factors: torch.Tensor, first: int = 0) -> torch.Tensor:
+    def scaled(self, values: torch.Tensor, factors: torch.Tensor, first: int = 0, divide: bool = False) -> torch.Tensor:
         """``values`` (rows × cols, from row ``first``) times each entry's block factor (``factors``: the grid rows
         from ``first``'s block on), one float32 product per entry, as transformers' ops compute it."""
         b0, b1 = self.block
         (rows, cols), (r, c), skip = values.shape, factors.shape, first % b0
         pads = (0, c * b1 - cols, skip, r * b0 - rows - skip)
         padded = torch.nn.functional.pad(values, pads) if any(pads) else values
-        out = (padded.reshape(r, b0, c, b1) * factors[:, None, :, None]).reshape(r * b0, c * b1)
+        blocks, factors = padded.reshape(r, b0, c, b1), factors[:, None, :, None]
+        out = (blocks / factors if divide else blocks * factors).reshape(r * b0, c * b1)
         return out[skip : skip + rows, :cols].contiguous() if any(pads) else out
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -99,12 +117,16 @@ class BlockFP8:
         r, c = self.grid(weight.shape)
         padded = torch.nn.functional.pad(weight, (0, c * self.block[1] - cols, 0, r * self.block[0] - rows))
         amax = padded.reshape(r, self.block[0], c, self.block[1]).abs().amax(dim=(1, 3))
+        if self.divide:  # compressed-tensors: scale = max(a/448, eps), stored, and W divided by the stored scale
+            stored = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).eps).to(scale_dtype)
+            codes = self.scaled(weight, stored.float(), divide=True).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            return codes, stored
         scales = torch.where(amax > 0, FP8_MAX / torch.where(amax > 0, amax, 1.0), 1.0)
         inverse = 1.0 / scales
         if self.scale_fmt == "ue8m0":
             inverse = torch.exp2(torch.ceil(torch.log2(inverse.clamp(min=torch.finfo(torch.float32).tiny))))
             scales = 1.0 / inverse
-        codes = self.scaled(weight, scales).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        codes = self.scaled(weight, scales).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         return codes, inverse.to(scale_dtype)
 
     def step(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -116,7 +138,7 @@ class BlockFP8:
         return self.scaled(spacing, scale.float())
 
 
-Scheme = BlockFP8
+Scheme = FP8
 
 
 @dataclass(frozen=True)
@@ -125,6 +147,7 @@ class QuantizedBase:
 
     scheme: Scheme
     scales: dict[str, str]
+    activation_scales: tuple[str, ...] = ()  # static input scales: kept with the format, dropped when dense
 
     def describe(self) -> str:
         return self.scheme.describe()
@@ -152,13 +175,15 @@ class DequantizedTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        b0 = self.scheme.block[0]
-        scale = self.scale.rows(start // b0, -(-stop // b0)) if stop > start else self.scale.rows(0, 0)
-        return self.scheme.dequantize(self.codes.rows(start, stop), scale, start)
+        b0, grid = self.scheme.block[0], self.scheme.grid(self.shape)
+        first, last = (start // b0, -(-stop // b0)) if stop > start else (0, 0)
+        scale = self.scale.rows(first, last) if self.scale.shape else self.scale.rows(0, 0)
+        return self.scheme.dequantize(self.codes.rows(start, stop), scale.reshape(-1, grid[1]), start)
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, scales) as stored."""
-        return self.codes.rows(0, self.shape[0]), self.scale.rows(0, self.scale.shape[0])
+        """(codes, scales), the scales on their grid (a per-tensor scale stored as [] or [1] read as [1, 1])."""
+        scale = self.scale.rows(0, self.scale.shape[0] if self.scale.shape else 0)
+        return self.codes.rows(0, self.shape[0]), scale.reshape(self.scheme.grid(self.shape))
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -198,37 +223,71 @@ def recognise(config: dict, tensors: dict[str, Stored], where: Path) -> Quantize
         return None  # a dense base with QLoRA's config: loramix.quantize's round trip
     if method == "fp8":
         return _block_fp8(qc, tensors, where)
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc, tensors, where, first)
     raise _refuse(where, first, f"a {method or 'unnamed'} quantized base (quantization_config quant_method)")
 
 
 def _block_fp8(qc: dict, tensors: dict[str, Stored], where: Path) -> QuantizedBase:
     block = qc.get("weight_block_size")
     first = next((n for n, t in tensors.items() if t.dtype in FLOAT8), next(iter(tensors), "?"))
-    ok = isinstance(block, list) and len(block) == 2
-    if not (ok and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+    if not _pair(block):
         raise _refuse(where, first, f"fp8 quantization_config with weight_block_size {block!r} (per-tensor FP8)")
     if str(qc.get("activation_scheme", "dynamic")).lower() != "dynamic":
         raise _refuse(where, first, "fp8 with static activation scales (activation_scheme static)")
     scale_fmt = str(qc.get("scale_fmt", "float"))
     if scale_fmt not in ("float", "ue8m0"):
         raise _refuse(where, first, f"fp8 scale_fmt {scale_fmt!r}")
-    scheme = BlockFP8((block[0], block[1]), scale_fmt)
+    return _fp8_layout(FP8((block[0], block[1]), scale_fmt), tensors, where, static=False)
+
+
+def _pair(block) -> bool:
+    ok = isinstance(block, list) and len(block) == 2
+    return ok and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+
+
+def _compressed_tensors(qc: dict, tensors: dict[str, Stored], where: Path, first: str) -> QuantizedBase:
+    """compressed-tensors ``float-quantized`` FP8 (llm-compressor's FP8 and FP8_DYNAMIC schemes): one weights
+    setting across config_groups, symmetric 8-bit float, per tensor, channel or block; input activations dynamic
+    (nothing stored) or static (``input_scale``, kept as it is)."""
+    fmt, groups = qc.get("format"), qc.get("config_groups")
+    if fmt != "float-quantized" or qc.get("quantization_status", "compressed") != "compressed":
+        raise _refuse(where, first, f"compressed-tensors format {fmt!r} ({qc.get('quantization_status')})")
+    if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
+        raise _refuse(where, first, "compressed-tensors without config_groups")
+    weights = [g.get("weights") for g in groups.values()]
+    w = weights[0] if all(x == weights[0] for x in weights) and isinstance(weights[0], dict) else {}
+    strategy, block = w.get("strategy"), w.get("block_structure")
+    fp8 = w.get("type") == "float" and w.get("num_bits") == 8 and w.get("symmetric", True) and not w.get("dynamic")
+    if not fp8 or strategy not in ("tensor", "channel", "block") or (strategy == "block" and not _pair(block)):
+        raise _refuse(where, first, f"compressed-tensors weights {weights[0]!r} (not one static FP8 setting)")
+    acts = [g.get("input_activations") for g in groups.values()]
+    if any(a is not None and not (isinstance(a, dict) and a.get("type") == "float") for a in acts):
+        raise _refuse(where, first, f"compressed-tensors input activations {acts[0]!r}")
+    static = any(a is not None and not a.get("dynamic") for a in acts)
+    shape = (block[0], block[1]) if strategy == "block" else (1, 1)
+    scheme = FP8(shape, suffix="_scale", granularity=strategy, divide=True)
+    return _fp8_layout(scheme, tensors, where, static=static)
+
+
+def _fp8_layout(scheme: FP8, tensors: dict[str, Stored], where: Path, *, static: bool) -> QuantizedBase:
+    """Every float8 weight with its checked scale; static activation scales (``input_scale``) where the config
+    says so; anything else quantized-looking refused."""
     scales: dict[str, str] = {}
     for name, t in tensors.items():
-        if t.dtype == FP8:
-            scales[name] = _fp8_scale(name, t, tensors, scheme, where)
-        elif _looks_quantized(name, t) and not (
-            name.endswith(".weight_scale_inv") and name.removesuffix("_scale_inv") in tensors
-        ):
+        if t.dtype == FP8_DTYPE:
+            scales[name] = _fp8_scale(name, t, tensors, scheme.for_shape(t.shape), where)
+    activations = tuple(n for n in tensors if static and n.endswith(".input_scale"))
+    known = set(scales.values()) | set(activations)
+    for name, t in tensors.items():
+        if name not in scales and name not in known and _looks_quantized(name, t):
             raise _refuse(where, name, f"{_name(t.dtype)} {list(t.shape)} has no place in a {scheme.describe()} base")
-    for name in tensors:
-        if name.endswith(".weight_scale_inv") and name.removesuffix("_scale_inv") not in scales:
-            raise _refuse(where, name, "a block FP8 scale whose weight is not float8_e4m3fn")
-    return QuantizedBase(scheme, scales)
+    return QuantizedBase(scheme, scales, activations)
 
 
-def _fp8_scale(name: str, t: Stored, tensors: dict[str, Stored], scheme: BlockFP8, where: Path) -> str:
-    """The scale key of FP8 weight ``name``, checked: present, float, its grid's shape, finite and positive."""
+def _fp8_scale(name: str, t: Stored, tensors: dict[str, Stored], scheme: FP8, where: Path) -> str:
+    """The scale key of FP8 weight ``name``, checked: present, float, its grid's shape (a per-tensor scale may be
+    stored as [] or [1], a per-channel one as [rows]), finite and positive."""
     key = name + scheme.suffix
     scale = tensors.get(key)
     what = scheme.describe()
@@ -237,14 +296,14 @@ def _fp8_scale(name: str, t: Stored, tensors: dict[str, Stored], scheme: BlockFP
     if scale is None:
         raise _refuse(where, name, f"float8_e4m3fn weight without its scale tensor {key} ({what})")
     grid = scheme.grid(t.shape)
-    if scale.dtype not in SCALE_DTYPES or tuple(scale.shape) != grid:
+    shapes = {grid, (grid[0],)} | ({(), (1,)} if scheme.granularity == "tensor" else set())
+    if scale.dtype not in SCALE_DTYPES or tuple(scale.shape) not in shapes:
         raise _refuse(
             where,
             key,
-            f"{_name(scale.dtype)} {list(scale.shape)}, expected float32 or bfloat16 {list(grid)} for {what} "
-            f"of {list(t.shape)}",
+            f"{_name(scale.dtype)} {list(scale.shape)}, expected a float {list(grid)} for {what} of {list(t.shape)}",
         )
-    values = scale.rows(0, grid[0])
+    values = scale.rows(0, grid[0] if scale.shape else 0)
     if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
         raise _refuse(where, key, f"scales that are NaN, infinite or not positive ({what})")
     return key
