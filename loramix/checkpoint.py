@@ -372,7 +372,7 @@ def write_merged(
     if quantization is not None:
         _mark_round_trips(jobs, quantization, base.model_type)
     if quantized is not None:
-        jobs = mark_quantized(jobs, base, quantized, dense=dtype is not None)
+        jobs = mark_quantized(jobs, base, quantized, dtype)
     for note in notes:
         log.warning("%s: %s", adapter.name, note)
     stem = DIFFUSERS_WEIGHTS if base.weight_files[0].name.startswith(DIFFUSERS_WEIGHTS) else "model"

@@ -22,10 +22,11 @@ from loramix.kernels import Survival, delta_rows, dora_merge
 from loramix.runtime import DTYPE_NAMES
 
 
-def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, *, dense: bool) -> list:
-    """A quantized base's output jobs (`loramix.checkpoint.Job`): ``dense``, every quantized weight read
-    dequantized (cast to the job's dtype) and the scale tensors dropped; else each weight an adapter changes marked
-    for re-quantization (its codes and its scales, both from W + ΔW), the others left to be copied as they are."""
+def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, dtype: torch.dtype | None) -> list:
+    """A quantized base's output jobs (`loramix.checkpoint.Job`): with a ``dtype``, every quantized weight read
+    dequantized (under the dense model's name, cast to ``dtype``) and the scale tensors dropped; else each weight an
+    adapter changes marked for re-quantization (its codes and its scales, both from W + ΔW), the others left to be
+    copied as they are."""
     by_name = {j.name: j for j in jobs}
     for key, scale in quantized.scales.items():
         job = by_name[key]
@@ -33,11 +34,16 @@ def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, *
             raise CheckpointError(
                 f"adapter tensor {key} ({job.replaced}) would replace a {quantized.describe()} weight"
             )
-        if dense or job.updates:
-            job.source = base.dense(key)
-        if not dense and job.updates:
+        if dtype is not None or job.updates:
+            job.source = base.dense(quantized.dense_names.get(key, key))
+            job.name = job.source.name
+        if dtype is not None:
+            job.dtype = dtype
+        elif job.updates and not hasattr(quantized.scheme, "quantize"):
+            raise CheckpointError(f"{key}: re-quantizing {quantized.describe()} is not supported; pass a dtype")
+        elif job.updates:
             job.requantized, by_name[scale].requantized = (key, "codes"), (key, "scale")
-    dropped = {*quantized.scales.values(), *quantized.activation_scales} if dense else set()
+    dropped = {*quantized.scales.values(), *quantized.activation_scales} if dtype is not None else set()
     return [j for j in jobs if j.name not in dropped]
 
 

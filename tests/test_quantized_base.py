@@ -298,6 +298,113 @@ def test_compressed_tensors_fp8_same_format_and_dense(made, strategy, static):
     AutoModelForCausalLM.from_pretrained(dense)  # a plain dense Llama
 
 
+# ----------------------------------------------------------------------------------------------- MXFP4 (gpt-oss)
+
+
+def tiny_gpt_oss() -> torch.nn.Module:
+    return random_model(
+        "gpt_oss",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+
+
+def write_mxfp4_base(folder: Path, model: torch.nn.Module) -> Path:
+    """``model`` stored as gpt-oss ships it: each expert parameter [E, in, out] as ``_blocks`` [E, out, in/32, 16]
+    (random E2M1 codes) and ``_scales`` [E, out, in/32] (E8M0 near 2^-6), everything else in bfloat16."""
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(3)
+    tensors = {}
+    for name, value in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, inputs, outputs = value.shape
+            grid = (experts, outputs, inputs // 32)
+            tensors[name + "_blocks"] = torch.randint(0, 256, (*grid, 16), generator=gen, dtype=torch.uint8)
+            tensors[name + "_scales"] = torch.randint(119, 124, grid, generator=gen, dtype=torch.uint8)
+        else:
+            tensors[name] = value.to(torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    qc = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"]}
+    config = {**model.config.to_dict(), "quantization_config": qc, "dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def oss(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mxfp4")
+    adapter = make_peft_adapter(tiny_gpt_oss, tmp, "adapter", target_modules=["q_proj", "v_proj"])
+    base = write_mxfp4_base(tmp / "base", tiny_gpt_oss())
+    return SimpleNamespace(tmp=tmp, adapter=adapter, base=base, tensors=load_file(base / "model.safetensors"))
+
+
+def test_mxfp4_experts_kept_and_attention_merged(oss):
+    """An attention LoRA on gpt-oss: the MXFP4 experts are copied byte for byte, config.json kept; transformers
+    loads the result on CPU (dequantizing the experts) and its attention weights are the PEFT merge's."""
+    out = oss.tmp / "same"
+    report = merge_into_base(oss.adapter.path, oss.base, out)
+    assert report.written_as.startswith("MXFP4")
+    raw_in, raw_out = _raw(oss.base / "model.safetensors"), _raw(out / "model.safetensors")
+    assert all(raw_out[k] == raw_in[k] for k in raw_in if k.endswith(("_blocks", "_scales")))
+    assert json.loads((out / "config.json").read_text()) == json.loads((oss.base / "config.json").read_text())
+    written = load_file(out / "model.safetensors")
+    for name, module in oss.adapter.peft_model.named_modules():
+        if name.endswith(("q_proj", "v_proj")) and hasattr(module, "get_delta_weight"):
+            key = name.removeprefix("base_model.model.") + ".weight"
+            reference = oss.tensors[key].float() + module.get_delta_weight("default").detach()
+            assert_bf16_close(written[key], reference, key)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    experts = model.model.layers[1].mlp.experts.down_proj.detach()
+    key = "model.layers.1.mlp.experts.down_proj"
+    ours = load_file_dense(oss.base, key)
+    assert torch.equal(experts, ours), "transformers' dequantization of the kept experts"
+
+
+def load_file_dense(base: Path, key: str) -> torch.Tensor:
+    from loramix.io.base import open_base
+
+    tensor = open_base(base).dense(key)
+    return tensor.rows(0, tensor.shape[0])
+
+
+def test_mxfp4_dense_output_is_transformers_dequantization(oss):
+    mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+    out = oss.tmp / "dense"
+    merge_into_base(oss.adapter.path, oss.base, out, dtype="bfloat16")
+    written = load_file(out / "model.safetensors")
+    assert not [k for k in written if k.endswith(("_blocks", "_scales"))]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    for proj in ("gate_up_proj", "down_proj"):
+        key = f"model.layers.0.mlp.experts.{proj}"
+        blocks, scales = oss.tensors[key + "_blocks"], oss.tensors[key + "_scales"]
+        expected = mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+        assert torch.equal(written[key], expected), key
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(
+        model.model.layers[0].mlp.experts.gate_up_proj, written["model.layers.0.mlp.experts.gate_up_proj"]
+    )
+
+
+def test_mxfp4_damaged_scales_are_refused(oss, tmp_path):
+    folder = tmp_path / "damaged"
+    shutil.copytree(oss.base, folder)
+    tensors = dict(oss.tensors)
+    key = "model.layers.0.mlp.experts.down_proj_scales"
+    tensors[key] = tensors[key][:, :, :1].contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"tensor {key}: uint8 \\[4, 64, 1\\], expected uint8 \\[4, 64, 2\\]"):
+        merge_into_base(oss.adapter.path, folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 

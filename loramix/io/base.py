@@ -136,23 +136,25 @@ class BaseCheckpoint:
 
     @functools.cached_property
     def matcher(self) -> NameMatcher:
-        return NameMatcher(self.weight_names())
+        scales = set(self.quantized.scales.values()) if self.quantized else set()
+        return NameMatcher([name for name in self.tensors if name not in scales])
 
     def weight_names(self) -> list[str]:
-        """The base's tensors as a dense model holds them: a quantized base's scale tensors left out."""
-        scales = set(self.quantized.scales.values()) if self.quantized else set()
-        return [name for name in self.tensors if name not in scales]
+        """The base's tensors as a dense model holds them: a quantized base's scale tensors left out, its codes
+        under the dense weight's name."""
+        if self.quantized is None:
+            return list(self.tensors)
+        scales, names = set(self.quantized.scales.values()), self.quantized.dense_names
+        return [names.get(name, name) for name in self.tensors if name not in scales]
 
     def dense(self, key: str) -> BaseTensor | DequantizedTensor:
-        """Tensor ``key`` as W: a quantized weight read dequantized (float32), any other as stored."""
-        if self.quantized is None or key not in self.quantized.scales:
+        """Tensor ``key`` (a name of `weight_names`) as W: a quantized weight read dequantized (float32), any other
+        as stored."""
+        stored = self.quantized.stored(key) if self.quantized else key
+        if self.quantized is None or stored not in self.quantized.scales:
             return self.tensors[key]
-        return DequantizedTensor(
-            key,
-            self.tensors[key],
-            self.tensors[self.quantized.scales[key]],
-            self.quantized.scheme.for_shape(self.tensors[key].shape),
-        )
+        codes, scale = self.tensors[stored], self.tensors[self.quantized.scales[stored]]
+        return DequantizedTensor(key, codes, scale, self.quantized.scheme.for_shape(codes.shape))
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:

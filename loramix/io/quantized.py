@@ -16,6 +16,8 @@ as weights. Supported:
   output channel ([rows, 1]) or block; W = codes · scale. Re-quantized as compressed-tensors' ``calculate_qparams``
   and ``quantize`` do: s = max(a / 448, float32 eps) per tensor, channel or block, stored in the scale's dtype,
   codes = clamp(W / s, ±448) cast to float8_e4m3fn. Static activation scales (``input_scale``) are kept as they are.
+- **MXFP4** (``quant_method: mxfp4``, gpt-oss's experts): ``<p>_blocks`` and ``<p>_scales`` read as the dense
+  expert parameter ``<p>``, as transformers' ``convert_moe_packed_tensors`` does. Read and copied, not re-quantized.
 
 A base with a 4-bit bitsandbytes ``quantization_config`` but dense tensors is the QLoRA case of `loramix.quantize`
 (not quantized here); one holding bitsandbytes' packed tensors is refused like any other unsupported layout.
@@ -56,7 +58,7 @@ QUANT_ENDINGS = (
     ".nested_absmax",
 )
 FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
-SUPPORTED = "FP8 (block FP8 with weight_block_size, or compressed-tensors float-quantized)"
+SUPPORTED = "FP8 (block FP8 with weight_block_size, or compressed-tensors float-quantized) and gpt-oss MXFP4"
 
 
 class Stored(Protocol):
@@ -137,20 +139,70 @@ class FP8:
         spacing = (((bits >> 23) - 3) << 23).view(torch.float32)  # 2^(e−3): the exponent less 3, mantissa 0
         return self.scaled(spacing, scale.float())
 
+    def dense_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape
 
-Scheme = FP8
+    def scale_rows(self, start: int, stop: int) -> tuple[int, int]:
+        """The scale rows that rows [start, stop) of the weight use."""
+        return (start // self.block[0], -(-stop // self.block[0])) if stop > start else (0, 0)
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@dataclass(frozen=True)
+class MXFP4:
+    """gpt-oss's MXFP4 experts: ``<p>_blocks`` [E, out, G, 16] uint8 (two E2M1 codes a byte, low nibble first;
+    a block is 32 codes along the input) and ``<p>_scales`` [E, out, G] uint8 (E8M0: 2^(s − 127)). Read as the dense
+    expert parameter ``<p>`` [E, in, out] (transformers' GptOssExperts layout), W = code · 2^(s − 127)."""
+
+    suffix: str = "_scales"
+    block: tuple[int, int] = (1, 1)  # whole experts per scale row
+    granularity: str = "mxfp4"
+
+    def describe(self) -> str:
+        return "MXFP4 (E2M1 codes, 32-entry blocks with E8M0 scales, gpt-oss experts)"
+
+    def for_shape(self, shape: tuple[int, ...]) -> MXFP4:
+        return self
+
+    def grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape[:-1])
+
+    def dense_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        experts, out, groups, width = shape
+        return experts, groups * width * 2, out
+
+    def scale_rows(self, start: int, stop: int) -> tuple[int, int]:
+        return start, stop
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """W (float32, [experts, in, out]) of packed ``codes`` and their E8M0 ``scale``."""
+        table = torch.tensor(E2M1, dtype=torch.float32, device=codes.device)
+        values = torch.stack((table[(codes & 0x0F).int()], table[(codes >> 4).int()]), dim=-1)
+        values = torch.ldexp(values.flatten(-2), (scale.int() - 127)[..., None])
+        return values.flatten(-2).transpose(1, 2).contiguous()
+
+
+Scheme = FP8 | MXFP4
 
 
 @dataclass(frozen=True)
 class QuantizedBase:
-    """A recognised quantized base: its scheme and, per quantized weight key, the key of its scale tensor."""
+    """A recognised quantized base: its scheme and, per quantized weight key, the key of its scale tensor (and,
+    where the dense model names the weight otherwise, that name: MXFP4's ``<p>_blocks`` is ``<p>``)."""
 
     scheme: Scheme
     scales: dict[str, str]
     activation_scales: tuple[str, ...] = ()  # static input scales: kept with the format, dropped when dense
+    dense_names: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         return self.scheme.describe()
+
+    def stored(self, name: str) -> str:
+        """The stored (codes) key of a dense weight name (itself for any other)."""
+        return next((k for k, v in self.dense_names.items() if v == name), name)
 
 
 @dataclass
@@ -168,22 +220,21 @@ class DequantizedTensor:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.codes.shape
+        return self.scheme.dense_shape(self.codes.shape)
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        b0, grid = self.scheme.block[0], self.scheme.grid(self.shape)
-        first, last = (start // b0, -(-stop // b0)) if stop > start else (0, 0)
-        scale = self.scale.rows(first, last) if self.scale.shape else self.scale.rows(0, 0)
-        return self.scheme.dequantize(self.codes.rows(start, stop), scale.reshape(-1, grid[1]), start)
+        grid = self.scheme.grid(self.codes.shape)
+        scale = self.scale.rows(*self.scheme.scale_rows(start, stop)) if self.scale.shape else self.scale.rows(0, 0)
+        return self.scheme.dequantize(self.codes.rows(start, stop), scale.reshape(-1, *grid[1:]), start)
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scales), the scales on their grid (a per-tensor scale stored as [] or [1] read as [1, 1])."""
         scale = self.scale.rows(0, self.scale.shape[0] if self.scale.shape else 0)
-        return self.codes.rows(0, self.shape[0]), scale.reshape(self.scheme.grid(self.shape))
+        return self.codes.rows(0, self.codes.shape[0]), scale.reshape(self.scheme.grid(self.codes.shape))
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -225,6 +276,8 @@ def recognise(config: dict, tensors: dict[str, Stored], where: Path) -> Quantize
         return _block_fp8(qc, tensors, where)
     if method == "compressed-tensors":
         return _compressed_tensors(qc, tensors, where, first)
+    if method == "mxfp4":
+        return _mxfp4(tensors, where)
     raise _refuse(where, first, f"a {method or 'unnamed'} quantized base (quantization_config quant_method)")
 
 
@@ -283,6 +336,28 @@ def _fp8_layout(scheme: FP8, tensors: dict[str, Stored], where: Path, *, static:
         if name not in scales and name not in known and _looks_quantized(name, t):
             raise _refuse(where, name, f"{_name(t.dtype)} {list(t.shape)} has no place in a {scheme.describe()} base")
     return QuantizedBase(scheme, scales, activations)
+
+
+def _mxfp4(tensors: dict[str, Stored], where: Path) -> QuantizedBase:
+    """gpt-oss MXFP4: every ``*_blocks`` uint8 [E, out, G, 16] with its ``*_scales`` uint8 [E, out, G]."""
+    scheme, scales = MXFP4(), {}
+    for name, t in tensors.items():
+        if name.endswith("_blocks"):
+            key = name.removesuffix("_blocks") + "_scales"
+            scale = tensors.get(key)
+            if t.dtype != torch.uint8 or len(t.shape) != 4 or t.shape[-1] != 16:
+                raise _refuse(where, name, f"{_name(t.dtype)} {list(t.shape)}, expected uint8 [E, out, G, 16] (MXFP4)")
+            if scale is None or scale.dtype != torch.uint8 or tuple(scale.shape) != tuple(t.shape[:-1]):
+                found = "missing" if scale is None else f"{_name(scale.dtype)} {list(scale.shape)}"
+                raise _refuse(where, key, f"{found}, expected uint8 {list(t.shape[:-1])} (MXFP4 scales of {name})")
+            if bool((scale.rows(0, scale.shape[0]) == 255).any()):
+                raise _refuse(where, key, "NaN scales (E8M0 255) (MXFP4)")
+            scales[name] = key
+    known = set(scales.values())
+    for name, t in tensors.items():
+        if name not in scales and name not in known and _looks_quantized(name, t):
+            raise _refuse(where, name, f"{_name(t.dtype)} {list(t.shape)} has no place in an {scheme.describe()} base")
+    return QuantizedBase(scheme, scales, dense_names={k: k.removesuffix("_blocks") for k in scales})
 
 
 def _fp8_scale(name: str, t: Stored, tensors: dict[str, Stored], scheme: FP8, where: Path) -> str:
