@@ -6,7 +6,13 @@ Bases (bfloat16, random weights, written once by this script straight as safeten
       untied head; 16.06 GB, sharded as the real checkpoint is (~5 GB shards: 4 files)
   1b  Llama-3.2-1B shapes: hidden 2048, 16 layers, intermediate 8192, 32 heads, 8 KV heads, vocabulary 128256, tied
       embeddings; 2.47 GB in one model.safetensors, as the real checkpoint
+  small  hidden 1024, 4 layers, intermediate 2816, vocabulary 32000 (a quick check on a CPU)
 Adapter: rank 16, alpha 32 on all seven linear modules of every layer (PEFT's config, random factors in float32).
+With --fp8 the base is block FP8 instead, as DeepSeek-V3 and Qwen3-FP8 ship it: the seven linear weights of every
+layer in float8_e4m3fn (random valid codes) with a float32 weight_scale_inv per 128×128 block, quantization_config
+{"quant_method": "fp8", "weight_block_size": [128, 128]}, the rest bf16 (8b: 8.6 GB). loramix then writes the same
+format, the merged weights re-quantized with fresh scales; PEFT is not run (transformers loads block FP8 dequantized
+on a CPU and as FP8Linear on a GPU, neither of which merge_and_unload writes back as FP8).
 
 Contenders, each a fresh process writing a fresh output folder (deleted once measured: disk is short):
   cp       cp -r BASE OUT
@@ -17,7 +23,7 @@ Contenders, each a fresh process writing a fresh output folder (deleted once mea
 Wall time is the command's; `sync` runs after each (timed apart: the dirty pages it leaves). Peak RSS is the
 child's ru_maxrss (wait4 from a lean launcher). The load average is printed before and after (a shared machine).
 
-    python benchmarks/bench_merge.py --shape 8b|1b [--device cpu|cuda] [--workdir DIR] [--repeat N] [--keep]
+    python benchmarks/bench_merge.py --shape 8b|1b|small [--fp8] [--device cpu|cuda] [--workdir DIR] [--repeat N]
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     "8b": {"hidden": 4096, "layers": 32, "inter": 14336, "heads": 32, "kv": 8, "vocab": 128256, "tied": False},
     "1b": {"hidden": 2048, "layers": 16, "inter": 8192, "heads": 32, "kv": 8, "vocab": 128256, "tied": True},
+    "small": {"hidden": 1024, "layers": 4, "inter": 2816, "heads": 16, "kv": 4, "vocab": 32000, "tied": False},
 }
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARD = 5 * 10**9
@@ -71,23 +78,39 @@ def base_tensors(s: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], pool: bytes, dtype="BF16") -> None:
-    """A safetensors file whose tensors take their bytes from ``pool`` at varying offsets (random bf16 values)."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+ITEMSIZE = {"BF16": 2, "F8_E4M3": 1, "F32": 4}
+FP8_BLOCK = 128
+
+
+def fp8_layout(tensors: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of the block-FP8 base: each linear weight in F8_E4M3 followed by its F32 scale grid."""
+    out = []
     for name, shape in tensors:
-        size = 2 * _count(shape)
+        if name.rsplit(".", 2)[-2] in MODULES:
+            grid = tuple(-(-d // FP8_BLOCK) for d in shape)
+            out += [(name, shape, "F8_E4M3"), (name + "_scale_inv", grid, "F32")]
+        else:
+            out.append((name, shape, "BF16"))
+    return out
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], str]], pools: dict[str, bytes]) -> None:
+    """A safetensors file whose tensors take their bytes from ``pools[dtype]`` at varying offsets (random values)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in tensors:
+        size = ITEMSIZE[dtype] * _count(shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
-        for i, (name, shape) in enumerate(tensors):
-            size = 2 * _count(shape)
+        for i, (name, shape, dtype) in enumerate(tensors):
+            size, pool = ITEMSIZE[dtype] * _count(shape), pools[dtype]
             if name.endswith("norm.weight"):
                 f.write(b"\x80\x3f" * (size // 2))  # bf16 1.0
                 continue
-            start = (i * 7919 * 2) % (len(pool) // 2)
+            start = (i * 7919 * ITEMSIZE[dtype]) % (len(pool) // 2)
             while size:
                 piece = pool[start : start + size]
                 f.write(piece)
@@ -102,36 +125,50 @@ def _count(shape) -> int:
     return n
 
 
-def build_inputs(work: Path, shape: str) -> tuple[Path, Path]:
+def _pools(torch) -> dict[str, bytes]:
+    """Random bytes per dtype: bf16 weights ~N(0, 0.02²), valid FP8 codes (no NaN byte), FP8 scales ~0.02/448."""
+    gen = torch.Generator().manual_seed(0)
+
+    def raw(tensor) -> bytes:
+        return tensor.view(torch.uint8).numpy().tobytes()
+
+    return {
+        "BF16": raw((torch.randn(1 << 27, generator=gen) * 0.02).to(torch.bfloat16)),
+        "F8_E4M3": raw((torch.randn(1 << 27, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)),
+        "F32": raw(torch.rand(1 << 20, generator=gen) * 1e-4 + 2e-5),
+    }
+
+
+def build_inputs(work: Path, shape: str, fp8: bool = False) -> tuple[Path, Path]:
     import torch
     from peft import LoraConfig
     from safetensors.torch import save_file
 
     s = SHAPES[shape]
-    base, adapter = work / f"base-{shape}", work / f"adapter-{shape}"
+    base, adapter = work / f"base-{shape}{'-fp8' if fp8 else ''}", work / f"adapter-{shape}"
     if not (base / "config.json").exists():
-        print(f"writing the {shape} base (random bf16) ...", file=sys.stderr)
+        print(f"writing the {shape} base (random {'block FP8' if fp8 else 'bf16'}) ...", file=sys.stderr)
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
-        gen = torch.Generator().manual_seed(0)
-        pool = (torch.randn(1 << 27, generator=gen) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+        pools = _pools(torch)
+        layout = fp8_layout(base_tensors(s)) if fp8 else [(n, shp, "BF16") for n, shp in base_tensors(s)]
         shards, size = [[]], 0
-        for name, shp in base_tensors(s):
-            if shards[-1] and size + 2 * _count(shp) > SHARD:
+        for name, shp, dtype in layout:
+            if shards[-1] and size + ITEMSIZE[dtype] * _count(shp) > SHARD:
                 shards.append([])
                 size = 0
-            shards[-1].append((name, shp))
-            size += 2 * _count(shp)
+            shards[-1].append((name, shp, dtype))
+            size += ITEMSIZE[dtype] * _count(shp)
         names = (
             ["model.safetensors"]
             if len(shards) == 1
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
         for name, shard in zip(names, shards):
-            write_safetensors(base / name, shard, pool)
+            write_safetensors(base / name, shard, pools)
         if len(shards) > 1:
-            weight_map = {t: n for n, shard in zip(names, shards) for t, _ in shard}
-            total = sum(2 * _count(shp) for shard in shards for _, shp in shard)
+            weight_map = {t: n for n, shard in zip(names, shards) for t, _, _ in shard}
+            total = sum(ITEMSIZE[dt] * _count(shp) for shard in shards for _, shp, dt in shard)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = {
@@ -150,6 +187,13 @@ def build_inputs(work: Path, shape: str) -> tuple[Path, Path]:
             "hidden_act": "silu",
             "dtype": "bfloat16",
         }
+        if fp8:
+            block = [FP8_BLOCK, FP8_BLOCK]
+            config["quantization_config"] = {
+                "quant_method": "fp8",
+                "weight_block_size": block,
+                "activation_scheme": "dynamic",
+            }
         (base / "config.json").write_text(json.dumps(config, indent=2))
     if not (adapter / "adapter_config.json").exists():
         print(f"writing the {shape} adapter ...", file=sys.stderr)
@@ -222,13 +266,31 @@ def check_output(out: Path, base: Path, adapter: Path) -> str:
         A = f.get_tensor(f"base_model.model.{key}.lora_A.weight").double()
         B = f.get_tensor(f"base_model.model.{key}.lora_B.weight").double()
     W, ours = read(base, key + ".weight"), read(out, key + ".weight")
+    same = torch.equal(read(base, "model.embed_tokens.weight"), read(out, "model.embed_tokens.weight"))
+    if W.dtype == torch.float8_e4m3fn:  # against transformers' own FP8 dequantization and re-quantization
+        from types import SimpleNamespace
+
+        from transformers import FineGrainedFP8Config
+        from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
+
+        dense = Fp8Dequantize(None)._dequantize_one(W, read(base, key + ".weight_scale_inv"), torch.float32)
+        settings = FineGrainedFP8Config(weight_block_size=[FP8_BLOCK, FP8_BLOCK])
+        name = key + ".weight"
+        expected = Fp8Quantize(SimpleNamespace(quantization_config=settings)).convert(
+            {name: dense + 2.0 * (B @ A).float()}
+        )
+        codes = float((ours.float() == expected[name].float()).float().mean())
+        scales = torch.allclose(read(out, name + "_scale_inv"), expected[name + "_scale_inv"], rtol=1e-6, atol=0)
+        return (
+            f"{name}: {codes:.4%} of FP8 codes as transformers' Fp8Quantize(dequant(W) + ΔW) gives, scales equal: "
+            f"{scales}; embed_tokens copied unchanged: {same}"
+        )
     exact = (W.double() + 2.0 * (B @ A)).to(torch.bfloat16).float()
     # the ulp at |W| + |ΔW|: float32 sums of terms that size err by ~1e-9 absolute, which is many bf16 ulps of a
     # result that cancels to near zero
     scale = W.double().abs() + 2.0 * (B @ A).abs()
     ulp = torch.exp2(torch.floor(torch.log2(scale.float().clamp_min(1e-30))) - 7)
     worst = float(((ours.float() - exact).abs() / ulp).max())
-    same = torch.equal(read(base, "model.embed_tokens.weight"), read(out, "model.embed_tokens.weight"))
     return f"{key}.weight: max |loramix − exact| = {worst:.0f} bf16 ulp; embed_tokens copied unchanged: {same}"
 
 
@@ -241,11 +303,12 @@ def main() -> None:
     parser.add_argument("--peft-cap", default="12G", help="PEFT's address-space cap (prlimit --as); 'none' for none")
     parser.add_argument("--skip", default="", help="comma-separated contenders not to run: cp -r, loramix, peft")
     parser.add_argument("--keep", action="store_true", help="keep the base and adapter afterwards")
+    parser.add_argument("--fp8", action="store_true", help="a block-FP8 base (128×128 scales); PEFT is not run")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    base, adapter = build_inputs(work, args.shape)
+    base, adapter = build_inputs(work, args.shape, args.fp8)
     built = time.perf_counter() - start
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     out = work / "out"
@@ -255,7 +318,11 @@ def main() -> None:
     peft = [py, "-c", PEFT, str(adapter), str(base), str(out), args.device]
     if args.peft_cap != "none":
         peft = ["prlimit", f"--as={_bytes(args.peft_cap)}", *peft]
-    contenders = {"cp -r": ["cp", "-r", str(base), str(out)], "loramix": loramix, "PEFT": peft}
+    contenders = {
+        "cp -r": ["cp", "-r", str(base), str(out)],
+        "loramix": loramix,
+        **({} if args.fp8 else {"PEFT": peft}),
+    }
     results, checked = {}, ""
     load_before = os.getloadavg()
     for name, cmd in contenders.items():
@@ -271,7 +338,8 @@ def main() -> None:
     load_after = os.getloadavg()
     s = SHAPES[args.shape]
     print(
-        f"\nbase: Llama {args.shape} shapes, {size / 1e9:.2f} GB bf16 in {len(list(base.glob('*.safetensors')))} "
+        f"\nbase: Llama {args.shape} shapes, {size / 1e9:.2f} GB {'block FP8' if args.fp8 else 'bf16'} in "
+        f"{len(list(base.glob('*.safetensors')))} "
         f"file(s) (written in {built:.0f} s); adapter r=16 alpha 32 on {len(MODULES)} modules × {s['layers']} layers"
     )
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {_ram()} RAM, {platform.system()} {platform.release()}")

@@ -38,6 +38,7 @@ from loramix.io.base import (
     ties_output_head,
 )
 from loramix.io.conversion import for_checkpoint
+from loramix.io.quantized import DequantizedTensor, Requantized
 from loramix.io.shards import base_layout, kept_header, plan_shards, shard_names, write_index, write_shards
 from loramix.kernels import (
     StoredUpdate,
@@ -49,6 +50,7 @@ from loramix.kernels import (
     warn_stored,
 )
 from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
+from loramix.quantized_merge import mark_quantized, requantize, written_as
 from loramix.runtime import DTYPE_NAMES, parse_size, progress_bar
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class Job:
     """One output tensor: where it comes from, what is added to it, and its output dtype."""
 
     name: str
-    source: BaseTensor
+    source: BaseTensor | DequantizedTensor  # a quantized weight read dequantized
     dtype: torch.dtype
     updates: list[Update] = field(default_factory=list)
     bias: list[tuple[str, torch.Tensor]] = field(default_factory=list)
@@ -76,6 +78,7 @@ class Job:
     quantization: Quantization | None = None  # round-trip W through 4-bit first (QLoRA-faithful merge)
     transposed: bool = False  # a Conv1D weight stored in×out: quantized as out×in
     home: Path | None = None  # the base safetensors file the tensor comes from (None: added, or a .bin base)
+    requantized: tuple[str, str] | None = None  # (weight, "codes" or "scale"): a part of a re-quantized merged weight
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -87,7 +90,7 @@ class Job:
 
     @property
     def raw_copy(self) -> bool:
-        untouched = not self.updates and not self.bias and self.quantization is None
+        untouched = not self.updates and not self.bias and self.quantization is None and self.requantized is None
         return untouched and self.source.path is not None and self.dtype == self.source.dtype
 
 
@@ -107,6 +110,8 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)
     quantization: Quantization | None = None
     round_tripped: list[str] = field(default_factory=list)
+    written_as: str | None = None  # for a quantized base: its format re-quantized, or the dense dtype
+    below_step: dict[str, float] = field(default_factory=dict)  # share of ‖ΔW‖² below half a quantization step
     base_dtype: torch.dtype | None = None  # the base's (most of its floating-point bytes)
 
 
@@ -129,7 +134,8 @@ def _memory_tensor(name: str, tensor: torch.Tensor) -> BaseTensor:
 
 
 def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | None, notes: list[str]) -> list[Job]:
-    """One job per output tensor, in the base's order; raises on any name or shape the base does not have."""
+    """One job per output tensor, in the base's order (``dtype`` None: each in its stored dtype); raises on any name
+    or shape the base does not have."""
     adapter = for_checkpoint(adapter, base)
     jobs = {name: Job(name, t, _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
     where = f"base {base.folder}"
@@ -297,10 +303,14 @@ def _on_device(job: Job, device: torch.device) -> Job:
     return replace(job, updates=updates, bias=[(name, moved(b)) for name, b in job.bias])
 
 
-def _produce(stats: dict[str, Survival], device: torch.device):
-    """The writer's ``produce``: a job's merged rows, chunk by chunk, with the survival figures collected."""
+def _produce(stats: dict[str, Survival], device: torch.device, requantized: Requantized | None = None):
+    """The writer's ``produce``: a job's merged rows, chunk by chunk, with the survival figures collected (a part
+    of a re-quantized weight: from ``requantized``)."""
 
     def produce(job: Job) -> Iterator[torch.Tensor]:
+        if job.requantized is not None:
+            yield requantized.take(*job.requantized)
+            return
         job = _on_device(_quantized_source(job, device), device)
         for start, stop in _chunks(job, device):
             yield _merged_chunk(job, start, stop, device, stats[job.name])
@@ -356,7 +366,10 @@ def write_merged(
     merged exactly as PEFT does. ΔW is computed on ``device`` (default: the CPU), ``workers`` tensors at once
     (default: one per CPU; on a GPU, 4); the bytes written do not depend on ``workers``. With ``quantization`` (a
     QLoRA-faithful merge) each base weight it selects goes through bitsandbytes' 4-bit round trip before ΔW is added,
-    so the checkpoint is the model the adapter was trained on.
+    so the checkpoint is the model the adapter was trained on. With ``dtype`` None a quantized base (see
+    `loramix.io.quantized`) is written in its own format, each weight an adapter changes re-quantized with fresh
+    scales from W + ΔW, everything else byte for byte and config.json as it was; with a ``dtype`` a quantized base
+    is written dense (dequantized, scale tensors and ``quantization_config`` dropped).
 
     The `MergeReport` holds, per module, the share of ΔW that survives the rounding: ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖
     (for a base already in the output dtype round(W) = W; for a float32 base, comparing with round(W) keeps the
@@ -367,9 +380,14 @@ def write_merged(
     if not base.config:
         raise CheckpointError(f"{base.folder}: no config.json (not a model folder)")
     notes: list[str] = []
+    quantized = base.quantized
+    if quantized is not None and quantization is not None:
+        raise CheckpointError(f"{base.folder}: a {quantized.describe()} base; quantized_as is for dense bases")
     jobs = plan_merge(adapter, base, dtype, notes)
     if quantization is not None:
         _mark_round_trips(jobs, quantization, base.model_type)
+    if quantized is not None:
+        jobs = mark_quantized(jobs, base, quantized, dtype)
     for note in notes:
         log.warning("%s: %s", adapter.name, note)
     stem = DIFFUSERS_WEIGHTS if base.weight_files[0].name.startswith(DIFFUSERS_WEIGHTS) else "model"
@@ -385,11 +403,16 @@ def write_merged(
     device = device or torch.device("cpu")
     cpus = os.cpu_count() or 1
     workers = workers or (cpus if device.type == "cpu" else min(GPU_WORKERS, cpus))
+    shares: dict[str, float] = {}
+    by_name = {j.name: j for j in jobs}
+    again = Requantized(lambda key: requantize(_on_device(by_name[key], device), device, stats[key], shares))
     with progress_bar(enabled=progress, total=total, unit="B", unit_scale=True, desc="merge") as bar:
-        produce = _produce(stats, device)
+        produce = _produce(stats, device, again)
         write_shards(folder, names, shards, produce=produce, bar=bar, workers=workers, headers=headers)
     write_index(folder, names, shards, index)
     config = dict(base.config)
+    if quantized is not None and dtype is not None:
+        config.pop("quantization_config")
     for key in _config_dtype_keys(config) if DIFFUSERS_CONFIG not in config and dtype is not None else ():
         config[key] = DTYPE_NAMES[dtype]
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -407,8 +430,11 @@ def write_merged(
         quantization=quantization,
         round_tripped=[j.name for j in jobs if j.quantization is not None],
         base_dtype=base_dtype(base),
+        written_as=written_as(quantized, dtype),
+        below_step={u.name: shares[j.name] for j in jobs for u in j.updates if j.name in shares},
     )
-    warn_stored(report.survival, report.dtype, adapter.name)
+    # a quantized base written in its own format: the rounding that matters is its codes' (FP8's grid at most)
+    warn_stored(report.survival, torch.float8_e4m3fn if quantized and dtype is None else report.dtype, adapter.name)
     return report
 
 

@@ -90,8 +90,8 @@ def merge_into_base(
             report = write_merged(
                 adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, **options
             )  # fmt: skip
-        if quantization is not None:
-            section = quantization_section(quantization, report.round_tripped, list(report.survival))
+        section = quantization_section(report)  # "" unless the base was or is taken as quantized
+        if section:
             files = {**files, CARD_FILE: files.get(CARD_FILE, "") + section}
         if report.dtype != report.base_dtype:
             names = (str(d).removeprefix("torch.") for d in (report.base_dtype, report.dtype))

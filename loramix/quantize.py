@@ -24,6 +24,7 @@ import torch
 
 from loramix.errors import CheckpointError, inside_backend
 from loramix.io.base import INPUT_EMBEDDINGS, OUTPUT_HEADS, is_conv1d
+from loramix.io.quantized import share_below
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +160,6 @@ def quantization_step(weight: torch.Tensor, settings: Quantization) -> torch.Ten
 
 
 def below_step_share(delta: torch.Tensor, weight: torch.Tensor, settings: Quantization) -> float:
-    """The share of ΔW's energy (Σ ΔW², float64) in entries with |ΔW| < step/2 of `quantization_step`: the part of
-    the update smaller than the 4-bit grid around W (it only moves W within its quantization cell). NaN for ΔW = 0."""
-    d = delta.detach().to("cpu", torch.float64)
-    energy = d.square()
-    total = float(energy.sum())
-    if total == 0:
-        return float("nan")
-    return float(energy[d.abs() < quantization_step(weight, settings) / 2].sum()) / total
+    """The share of ΔW's energy below half the 4-bit grid around W (`loramix.io.quantized.share_below` with
+    `quantization_step`). NaN for ΔW = 0."""
+    return share_below(delta, quantization_step(weight, settings))

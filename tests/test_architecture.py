@@ -35,7 +35,7 @@ LAYERS = [
     ["loramix.weight_search"],
     ["loramix.live"],
     ["loramix.diffusers_merge", "loramix.extraction"],
-    ["loramix.checkpoint"],
+    ["loramix.checkpoint", "loramix.quantized_merge"],
     ["loramix.kernels"],
     ["loramix.analysis"],
     ["loramix.combination"],

@@ -61,7 +61,7 @@ def _base_weights(base: BaseCheckpoint, modules: dict[str, tuple[int, ...]]):
         if key is None:
             missing.append(name)
             continue
-        stored = base.tensors[key]
+        stored = base.dense(key)  # a quantized weight dequantized
         if tuple(stored.shape) != tuple(shape):
             raise IncompatibleAdaptersError(
                 f"module {name}: base weight {key} in {stored.path or base.folder} has shape {tuple(stored.shape)}, "

@@ -190,7 +190,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     """
     from loramix.pipeline import run
     from loramix.recipe import Plan, load_recipe
-    from loramix.render.card import kept_summary, rank_span
+    from loramix.render.card import kept_summary, quantized_summary, rank_span
     from loramix.runtime import torch_threads
 
     for key in ("density", "majority_sign", "seed", "space"):  # dedicated flags for method options
@@ -227,6 +227,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
                 if worst
                 else ""
             )
+            + quantized_summary(merge)
         )
     else:
         method = report.adapter.provenance.get("method", plan.method)

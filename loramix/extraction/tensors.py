@@ -58,16 +58,16 @@ class CheckpointTensors:
         return self.checkpoint.config
 
     def names(self) -> list[str]:
-        return list(self.checkpoint.tensors)
+        return self.checkpoint.weight_names()  # a quantized base's scales are part of its weights
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.checkpoint.tensors[name].shape
+        return self.checkpoint.dense(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.checkpoint.tensors[name].dtype
+        return self.checkpoint.dense(name).dtype
 
     def read(self, name: str) -> torch.Tensor:
-        entry = self.checkpoint.tensors[name]
+        entry = self.checkpoint.dense(name)  # a quantized weight dequantized
         return entry.rows(0, entry.shape[0] if entry.shape else 0)
 
     def where(self, name: str) -> str:

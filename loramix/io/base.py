@@ -28,6 +28,7 @@ import torch
 from loramix.adapter import LoraAdapter
 from loramix.errors import CheckpointError, SourceError, shown
 from loramix.io.files import load_pickle
+from loramix.io.quantized import DequantizedTensor, QuantizedBase, recognise
 from loramix.sources import resolve
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -117,6 +118,7 @@ class BaseCheckpoint:
     tensors: dict[str, BaseTensor]
     weight_files: list[Path]
     index: str | None = None  # the index file's name, when the weights are sharded
+    quantized: QuantizedBase | None = None  # the recognised quantized layout (`loramix.io.quantized`), if any
 
     @property
     def model_type(self) -> str | None:
@@ -134,7 +136,25 @@ class BaseCheckpoint:
 
     @functools.cached_property
     def matcher(self) -> NameMatcher:
-        return NameMatcher(list(self.tensors))
+        scales = set(self.quantized.scales.values()) if self.quantized else set()
+        return NameMatcher([name for name in self.tensors if name not in scales])
+
+    def weight_names(self) -> list[str]:
+        """The base's tensors as a dense model holds them: a quantized base's scale tensors left out, its codes
+        under the dense weight's name."""
+        if self.quantized is None:
+            return list(self.tensors)
+        scales, names = set(self.quantized.scales.values()), self.quantized.dense_names
+        return [names.get(name, name) for name in self.tensors if name not in scales]
+
+    def dense(self, key: str) -> BaseTensor | DequantizedTensor:
+        """Tensor ``key`` (a name of `weight_names`) as W: a quantized weight read dequantized (float32), any other
+        as stored."""
+        stored = self.quantized.stored(key) if self.quantized else key
+        if self.quantized is None or stored not in self.quantized.scales:
+            return self.tensors[key]
+        codes, scale = self.tensors[stored], self.tensors[self.quantized.scales[stored]]
+        return DequantizedTensor(key, codes, scale, self.quantized.scheme.for_shape(codes.shape))
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -255,6 +275,11 @@ def open_base(folder: str | Path) -> BaseCheckpoint:
     else:
         if not config and sorted(folder.glob("*.safetensors")):  # bare weight files, no model config
             files, reader = sorted(folder.glob("*.safetensors")), _safetensors_entries
+        elif sorted(folder.glob("*.gguf")):
+            raise CheckpointError(
+                f"{sorted(folder.glob('*.gguf'))[0]}: a GGUF base file; loramix merges into "
+                "safetensors or .bin model folders"
+            )
         else:
             raise CheckpointError(f"{folder}: no {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
     tensors: dict[str, BaseTensor] = {}
@@ -263,7 +288,7 @@ def open_base(folder: str | Path) -> BaseCheckpoint:
             if entry.name in tensors:
                 raise CheckpointError(f"{folder}: tensor {shown(entry.name)} is stored twice ({path.name})")
             tensors[entry.name] = entry
-    return BaseCheckpoint(folder, config, tensors, files, index_name)
+    return BaseCheckpoint(folder, config, tensors, files, index_name, recognise(config, tensors, folder))
 
 
 def resolve_base(base: str | Path) -> Path:

@@ -19,6 +19,7 @@ from huggingface_hub import ModelCardData
 from loramix import experts
 from loramix.adapter import LoraAdapter
 from loramix.analysis.results import Analysis
+from loramix.checkpoint import MergeReport
 from loramix.errors import counted
 from loramix.methods import REGISTRY
 from loramix.quantize import Quantization
@@ -301,7 +302,47 @@ def extraction_section(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def quantization_section(settings: Quantization, round_tripped: list[str], modules: list[str]) -> str:
+def quantization_section(report: MergeReport) -> str:
+    """The card's account of a merge into a quantized base or a QLoRA-faithful one ("" for neither)."""
+    if report.written_as is not None:
+        return quantized_base_section(report)
+    if report.quantization is None:
+        return ""
+    return qlora_section(report.quantization, report.round_tripped, list(report.survival))
+
+
+def quantized_summary(report: MergeReport) -> str:
+    """The "wrote" line's account of a merge into a quantized base ("" for a dense base)."""
+    if report.written_as is None:
+        return ""
+    shares = [v for v in report.below_step.values() if not math.isnan(v)]
+    below = f"; ΔW below half a quantization step: {min(shares):.1%}–{max(shares):.1%}" if shares else ""
+    return f"; written as {report.written_as}{below}"
+
+
+def quantized_base_section(report: MergeReport) -> str:
+    """The card's account of a merge into a quantized base: how it was written and how much of ΔW survived."""
+    shares = [v for v in report.below_step.values() if not math.isnan(v)]
+    lines = [
+        "",
+        "## Quantized base",
+        "",
+        f"The base is quantized; the adapter was merged onto its dequantized weights (the weights a model loaded "
+        f"from it computes with) and the checkpoint is written as {report.written_as}.",
+    ]
+    if shares:
+        lines += [
+            "",
+            f"Of ΔW's energy, {min(shares):.1%}–{max(shares):.1%} per module lies below half the base's "
+            "local quantization step (it only moves a weight within its cell, so re-quantization may drop it).",
+        ]
+    kept = [v.kept for v in report.survival.values() if not math.isnan(v.kept)]
+    if kept:
+        lines += ["", f"Stored update vs ΔW: ‖stored‖/‖ΔW‖ from {min(kept):.3f} to {max(kept):.3f} per module."]
+    return "\n".join(lines) + "\n"
+
+
+def qlora_section(settings: Quantization, round_tripped: list[str], modules: list[str]) -> str:
     """The card's account of a QLoRA-faithful merge: the 4-bit settings and which base tensors (keys) were
     round-tripped, of them those of the adapter's ``modules`` (appended to the card once the merge has said which)."""
     targeted = set(modules)

@@ -1,0 +1,130 @@
+"""The maths of the quantized formats loramix reads and writes: dequantize (codes and scales → float32 W),
+quantize again with the format's own rounding, and the local quantization step; one frozen dataclass per format,
+recognised and checked by `loramix.io.quantized` (which documents each layout).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+
+
+@dataclass(frozen=True)
+class FP8:
+    """FP8 weights: float8_e4m3fn codes, one float scale per ``block`` (rows × columns; for ``granularity``
+    "channel" a row, for "tensor" the whole weight: `for_shape` makes the block concrete), W = codes · scale.
+    ``divide``: codes = W / scale (compressed-tensors), else codes = W · (1/scale) (transformers' block FP8)."""
+
+    block: tuple[int, int]
+    scale_fmt: str = "float"  # "ue8m0": every scale a power of two
+    suffix: str = "_scale_inv"  # the scale tensor's name: the weight's name plus this
+    granularity: str = "block"  # "block", "channel" or "tensor"
+    divide: bool = False
+
+    def describe(self) -> str:
+        fmt = ", power-of-two scales" if self.scale_fmt == "ue8m0" else ""
+        if self.granularity == "block":
+            return f"block FP8 (float8_e4m3fn, {self.block[0]}×{self.block[1]} blocks{fmt})"
+        return f"compressed-tensors FP8 (float8_e4m3fn, per-{self.granularity} weight_scale)"
+
+    def for_shape(self, shape: tuple[int, ...]) -> FP8:
+        """This scheme with the block of a ``shape`` weight (per-channel: one row; per-tensor: all of it)."""
+        if self.granularity == "block":
+            return self
+        return replace(self, block=(1 if self.granularity == "channel" else shape[0], shape[1]))
+
+    def grid(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return math.ceil(shape[0] / self.block[0]), math.ceil(shape[1] / self.block[1])
+
+    def scaled(self, values: torch.Tensor, factors: torch.Tensor, first: int = 0, divide: bool = False) -> torch.Tensor:
+        """``values`` (rows × cols, from row ``first``) times each entry's block factor (``factors``: the grid rows
+        from ``first``'s block on), one float32 product per entry, as transformers' ops compute it."""
+        b0, b1 = self.block
+        (rows, cols), (r, c), skip = values.shape, factors.shape, first % b0
+        pads = (0, c * b1 - cols, skip, r * b0 - rows - skip)
+        padded = torch.nn.functional.pad(values, pads) if any(pads) else values
+        blocks, factors = padded.reshape(r, b0, c, b1), factors[:, None, :, None]
+        out = (blocks / factors if divide else blocks * factors).reshape(r * b0, c * b1)
+        return out[skip : skip + rows, :cols].contiguous() if any(pads) else out
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """W (float32) of rows ``first`` … of ``codes`` whose blocks' scales are ``scale``."""
+        return self.scaled(codes.float(), scale.float(), first)
+
+    def quantize(self, weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, weight_scale_inv) of a float32 weight, with transformers' rounding (see the module docstring)."""
+        rows, cols = weight.shape
+        r, c = self.grid(weight.shape)
+        padded = torch.nn.functional.pad(weight, (0, c * self.block[1] - cols, 0, r * self.block[0] - rows))
+        amax = padded.reshape(r, self.block[0], c, self.block[1]).abs().amax(dim=(1, 3))
+        if self.divide:  # compressed-tensors: scale = max(a/448, eps), stored, and W divided by the stored scale
+            stored = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).eps).to(scale_dtype)
+            codes = self.scaled(weight, stored.float(), divide=True).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            return codes, stored
+        scales = torch.where(amax > 0, FP8_MAX / torch.where(amax > 0, amax, 1.0), 1.0)
+        inverse = 1.0 / scales
+        if self.scale_fmt == "ue8m0":
+            inverse = torch.exp2(torch.ceil(torch.log2(inverse.clamp(min=torch.finfo(torch.float32).tiny))))
+            scales = 1.0 / inverse
+        codes = self.scaled(weight, scales).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        return codes, inverse.to(scale_dtype)
+
+    def step(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The local quantization step of each entry (float32, exact: a power of two times the scale): the FP8
+        grid's spacing at the code (2^(e−3) for |code| in [2^e, 2^(e+1)), 2^−9 below 2^−6), times its block's
+        scale."""
+        bits = codes.float().abs().clamp_(min=2.0**-6).view(torch.int32)  # float32: sign 0, exponent, mantissa
+        spacing = (((bits >> 23) - 3) << 23).view(torch.float32)  # 2^(e−3): the exponent less 3, mantissa 0
+        return self.scaled(spacing, scale.float())
+
+    def dense_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape
+
+    def scale_rows(self, start: int, stop: int) -> tuple[int, int]:
+        """The scale rows that rows [start, stop) of the weight use."""
+        return (start // self.block[0], -(-stop // self.block[0])) if stop > start else (0, 0)
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@dataclass(frozen=True)
+class MXFP4:
+    """gpt-oss's MXFP4 experts: ``<p>_blocks`` [E, out, G, 16] uint8 (two E2M1 codes a byte, low nibble first;
+    a block is 32 codes along the input) and ``<p>_scales`` [E, out, G] uint8 (E8M0: 2^(s − 127)). Read as the dense
+    expert parameter ``<p>`` [E, in, out] (transformers' GptOssExperts layout), W = code · 2^(s − 127)."""
+
+    suffix: str = "_scales"
+    block: tuple[int, int] = (1, 1)  # whole experts per scale row
+    granularity: str = "mxfp4"
+
+    def describe(self) -> str:
+        return "MXFP4 (E2M1 codes, 32-entry blocks with E8M0 scales, gpt-oss experts)"
+
+    def for_shape(self, shape: tuple[int, ...]) -> MXFP4:
+        return self
+
+    def grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape[:-1])
+
+    def dense_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        experts, out, groups, width = shape
+        return experts, groups * width * 2, out
+
+    def scale_rows(self, start: int, stop: int) -> tuple[int, int]:
+        return start, stop
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """W (float32, [experts, in, out]) of packed ``codes`` and their E8M0 ``scale``."""
+        table = torch.tensor(E2M1, dtype=torch.float32, device=codes.device)
+        values = torch.stack((table[(codes & 0x0F).int()], table[(codes >> 4).int()]), dim=-1)
+        values = torch.ldexp(values.flatten(-2), (scale.int() - 127)[..., None])
+        return values.flatten(-2).transpose(1, 2).contiguous()
+
+
+Scheme = FP8 | MXFP4

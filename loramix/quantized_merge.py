@@ -1,0 +1,78 @@
+"""Merging into a quantized base (`loramix.io.quantized` recognises it): which output tensors change and how a
+merged weight is re-quantized.
+
+By default the checkpoint keeps the base's format: each weight an adapter changes is read as W = dequant(codes,
+scales), W + ΔW is formed in float32 and quantized again with fresh scales (the format's own rounding), its codes and
+scale tensor both written from that; every other tensor is copied byte for byte. Asked for a dtype, the checkpoint
+is written dense: every quantized weight dequantized and cast, the scale tensors dropped. What survives the
+re-quantization is measured as the QLoRA path measures it: stored = dequant(requant(W + ΔW)) − W against ΔW, and
+the share of ‖ΔW‖² in entries below half the base's local quantization step (`share_below`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from loramix.errors import CheckpointError
+from loramix.io.base import BaseCheckpoint
+from loramix.io.quantized import QuantizedBase, share_below
+from loramix.kernels import Survival, delta_rows, dora_merge
+from loramix.runtime import DTYPE_NAMES
+
+
+def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, dtype: torch.dtype | None) -> list:
+    """A quantized base's output jobs (`loramix.checkpoint.Job`): with a ``dtype``, every quantized weight read
+    dequantized (under the dense model's name, cast to ``dtype``) and the scale tensors dropped; else each weight an
+    adapter changes marked for re-quantization (its codes and its scales, both from W + ΔW), the others left to be
+    copied as they are."""
+    by_name = {j.name: j for j in jobs}
+    for key, scale in quantized.scales.items():
+        job = by_name[key]
+        if job.replaced:
+            raise CheckpointError(
+                f"adapter tensor {key} ({job.replaced}) would replace a {quantized.describe()} weight"
+            )
+        if dtype is not None or job.updates:
+            job.source = base.dense(quantized.dense_names.get(key, key))
+            job.name = job.source.name
+        if dtype is not None:
+            job.dtype = dtype
+        elif job.updates and not hasattr(quantized.scheme, "quantize"):
+            raise CheckpointError(f"{key}: re-quantizing {quantized.describe()} is not supported; pass a dtype")
+        elif job.updates:
+            job.requantized, by_name[scale].requantized = (key, "codes"), (key, "scale")
+    dropped = {*quantized.scales.values(), *quantized.activation_scales} if dtype is not None else set()
+    return [j for j in jobs if j.name not in dropped]
+
+
+def requantize(job, device: torch.device, stats: Survival, shares: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The parts of a merged quantized weight (``job.source`` a `DequantizedTensor`, its factors on ``device`` with
+    B scaled): W + ΔW (or DoRA's merge) quantized with fresh scales. ``stats`` gets the stored update
+    dequant(requant(W + ΔW)) − W against ΔW; ``shares[job.name]`` the share of ‖ΔW‖² below half W's local step."""
+    source, scheme = job.source, job.source.scheme
+    stored_codes, stored_scale = (part.to(device) for part in source.parts())
+    stored_codes = stored_codes.float()  # once: float8 → float32 is slow on a CPU
+    W = scheme.dequantize(stored_codes, stored_scale)
+    if any(u.module.magnitude is not None for u in job.updates):
+        merged, _ = dora_merge(W, job.updates[0], device)
+    else:
+        merged = W.clone()
+        for update in job.updates:
+            merged += delta_rows(update.module, update.layout, 0, job.shape[0], device)
+    codes, scale = scheme.quantize(merged, stored_scale.dtype)
+    intended = merged.sub_(W)
+    if not math.isfinite(stats.add(scheme.dequantize(codes, scale).sub_(W), intended)):
+        raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
+    shares[job.name] = share_below(intended, scheme.step(stored_codes, stored_scale))
+    return {"codes": codes.cpu(), "scale": scale.reshape(source.scale.shape).cpu()}
+
+
+def written_as(quantized: QuantizedBase | None, dtype: torch.dtype | None) -> str | None:
+    """How a merge wrote a quantized base (None for a dense base)."""
+    if quantized is None:
+        return None
+    if dtype is None:
+        return f"{quantized.describe()}, the merged weights re-quantized with fresh scales"
+    return f"dense {DTYPE_NAMES[dtype]}, dequantized from {quantized.describe()}"

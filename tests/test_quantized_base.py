@@ -1,0 +1,492 @@
+"""Merging into quantized bases (`loramix.io.quantized`, `loramix.quantized_merge`): block FP8 recognised, merged
+onto its dequantized weights and written in its own format or dense; every other or damaged quantized layout
+refused in one line with nothing written.
+
+Oracles: transformers' fine-grained FP8 integration itself — ``Fp8Quantize`` (which quantizes the test bases and
+re-quantizes the expected merge) and ``Fp8Dequantize`` (its CPU dequantization) — and transformers loading the
+written checkpoint on CPU (without a GPU it loads fine-grained FP8 dequantized). ΔW from PEFT's own
+``get_delta_weight``. Tolerances:
+
+- same format: the expected checkpoint is Fp8Quantize(Fp8Dequantize(W) + ΔW). loramix forms W + ΔW with its own
+  float32 products, so a sum can differ by a float32 ulp and a value lying on a rounding boundary may land in the
+  neighbouring FP8 code: scales must agree to 1e-6 relative, ≥ 99.9% of codes exactly and all within one FP8 step.
+  A missing dequantization (ΔW added to codes) or a kept old scale fails by orders of magnitude. Tensors no adapter
+  changes (their codes and scales among them) are compared byte for byte, config.json as parsed JSON.
+- dense bf16: within one bf16 step of Fp8Dequantize(W) + ΔW, ≥ 99% equal to its bf16 rounding (`assert_bf16_close`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import assert_bf16_close, make_peft_adapter, random_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from loramix import analyze, extract, load_adapter, merge_into_base
+from loramix.cli import main
+from loramix.errors import CheckpointError
+
+fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config  # noqa: E402
+
+BLOCK = [32, 32]
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QC = {"quant_method": "fp8", "weight_block_size": BLOCK, "activation_scheme": "dynamic"}
+
+
+def tiny() -> torch.nn.Module:
+    return random_model(
+        "llama",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def _quantizer(block=BLOCK):
+    return fp8.Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block)))
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """transformers' own CPU dequantization (float32)."""
+    return fp8.Fp8Dequantize(None)._dequantize_one(codes, scale, torch.float32)
+
+
+def write_fp8_base(folder: Path, model: torch.nn.Module, qc: dict = QC) -> Path:
+    """``model`` stored as transformers' fine-grained FP8 checkpoint: every decoder Linear quantized by
+    ``Fp8Quantize`` (codes + weight_scale_inv), the rest in bfloat16."""
+    folder.mkdir(parents=True)
+    quantize = _quantizer(qc["weight_block_size"])
+    tensors = {}
+    for name, value in model.state_dict().items():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS:
+            tensors.update(quantize.convert({name: value.float()}))
+        else:
+            tensors[name] = value.to(torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    config = {**model.config.to_dict(), "quantization_config": qc, "dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fp8")
+    adapter = make_peft_adapter(tiny, tmp, "adapter", target_modules=TARGETS)
+    base = write_fp8_base(tmp / "base", tiny())
+    deltas = {}
+    for name, module in adapter.peft_model.named_modules():
+        if hasattr(module, "get_delta_weight") and name.rsplit(".", 1)[-1] in TARGETS:
+            key = name.removeprefix("base_model.model.") + ".weight"
+            deltas[key] = module.get_delta_weight("default").detach().float()
+    return SimpleNamespace(
+        tmp=tmp, adapter=adapter.path, base=base, deltas=deltas, tensors=load_file(base / "model.safetensors")
+    )
+
+
+def _raw(path: Path) -> dict[str, bytes]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes() for k in f.keys()}
+
+
+def test_fp8_same_format_is_transformers_requantization(made):
+    out = made.tmp / "same"
+    report = merge_into_base(made.adapter, made.base, out)
+    written = load_file(out / "model.safetensors")
+    assert set(written) == set(made.tensors)
+    assert json.loads((out / "config.json").read_text()) == json.loads((made.base / "config.json").read_text())
+    for key, delta in made.deltas.items():
+        scale_key = key + "_scale_inv"
+        W = _dequantize(made.tensors[key], made.tensors[scale_key])
+        expected = _quantizer().convert({key: W + delta})
+        codes, scale = written[key], written[scale_key]
+        assert codes.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+        assert torch.allclose(scale, expected[scale_key], rtol=1e-6, atol=0), key
+        ours, theirs = codes.float(), expected[key].float()
+        assert (ours == theirs).float().mean() >= 0.999, key
+        spacing = torch.exp2(torch.floor(torch.log2(theirs.abs().clamp(min=2.0**-6))) - 3)
+        assert bool(((ours - theirs).abs() <= spacing).all()), key
+    raw_in, raw_out = _raw(made.base / "model.safetensors"), _raw(out / "model.safetensors")
+    changed = {k for key in made.deltas for k in (key, key + "_scale_inv")}
+    assert all(raw_out[k] == raw_in[k] for k in raw_in if k not in changed)
+    assert "re-quantized" in report.written_as and "32×32" in report.written_as
+    assert set(report.below_step) == {k.removesuffix(".weight") for k in made.deltas}
+    assert all(0 <= v <= 1 for v in report.below_step.values())
+    assert "## Quantized base" in (out / "README.md").read_text()
+
+
+def test_fp8_written_checkpoint_loads_in_transformers(made):
+    """transformers loads the re-quantized checkpoint on CPU (dequantized, as it does without a GPU): its weights
+    are transformers' dequantization of what was written, and that is dequant(W) + ΔW to within half an FP8 step."""
+    out = made.tmp / "loaded"
+    merge_into_base(made.adapter, made.base, out)
+    written = load_file(out / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    for key, delta in made.deltas.items():
+        theirs = _dequantize(written[key], written[key + "_scale_inv"])
+        assert torch.equal(params[key].detach().float(), theirs), key
+        intended = _dequantize(made.tensors[key], made.tensors[key + "_scale_inv"]) + delta
+        scale = written[key + "_scale_inv"].repeat_interleave(32, 0).repeat_interleave(32, 1)
+        assert float(((theirs - intended).abs() / scale).max()) <= 16.001, key  # half the FP8 step at codes ≥ 256
+    assert torch.isfinite(model(torch.arange(8)[None]).logits).all()
+
+
+def test_fp8_dense_output(made):
+    out = made.tmp / "dense"
+    report = merge_into_base(made.adapter, made.base, out, dtype="bfloat16")
+    written = load_file(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    assert not [k for k in written if k.endswith("_scale_inv")]
+    for key, codes in made.tensors.items():
+        if codes.dtype != torch.float8_e4m3fn:
+            continue
+        W = _dequantize(codes, made.tensors[key + "_scale_inv"])
+        if key in made.deltas:
+            assert_bf16_close(written[key], W + made.deltas[key], key)
+        else:
+            assert torch.equal(written[key], W.to(torch.bfloat16)), key
+    assert report.written_as.startswith("dense bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, written["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_fp8_cli_says_how_it_was_written(made):
+    out = made.tmp / "cli"
+    result = CliRunner().invoke(
+        main, ["-q", "combine", str(made.adapter), "--merge-into", str(made.base), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "written as block FP8 (float8_e4m3fn, 32×32 blocks)" in result.output
+    assert "ΔW below half a quantization step" in result.output
+
+
+def test_fp8_analyze_base_norms_are_of_dequantized_weights(made):
+    result = analyze([str(made.adapter)], base=str(made.base))
+    norms = {name: m.base_norm for name, m in result.adapters[0].modules.items()}
+    for key in made.deltas:
+        W = _dequantize(made.tensors[key], made.tensors[key + "_scale_inv"]).double()
+        assert norms[key.removesuffix(".weight")] == pytest.approx(float(W.norm()), rel=1e-6)
+
+
+def test_fp8_extract_against_a_quantized_base(made):
+    """extract reads the FP8 base dequantized (scales are no tensors of their own): from the dense merge of the
+    adapter, the rank-4 extraction gives back PEFT's ΔW up to the bf16 rounding of the merged weights."""
+    dense = made.tmp / "for-extract"
+    merge_into_base(made.adapter, made.base, dense, dtype="float32")
+    extraction = extract(made.base, dense, made.tmp / "extracted", rank=4)
+    adapter = load_adapter(made.tmp / "extracted")
+    assert {f"{m}.weight" for m in adapter.modules} >= set(made.deltas)
+    for key, delta in made.deltas.items():
+        ours = adapter.modules[key.removesuffix(".weight")].delta(dtype=torch.float64)
+        assert float((ours - delta.double()).norm() / delta.double().norm()) < 1e-5, key
+    assert extraction.modules
+
+
+def test_fp8_ragged_blocks_match_float64_reference(tmp_path):
+    """Shapes that are no multiple of the block (scale grid ceil(rows/b) × ceil(cols/b)): transformers dequantizes
+    only whole blocks, so the reference here is float64 codes · scale per block."""
+    qc = {**QC, "weight_block_size": [48, 40]}
+    folder = tmp_path / "base"
+    folder.mkdir()
+    codes = (torch.randn(64, 96) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(2, 3) + 0.01
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": codes, "model.layers.0.mlp.up_proj.weight_scale_inv": scale},
+        str(folder / "model.safetensors"),
+    )
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}))
+    from loramix.io.base import open_base
+
+    base = open_base(folder)
+    ours = base.dense("model.layers.0.mlp.up_proj.weight").rows(17, 61)
+    expanded = scale.double().repeat_interleave(48, 0)[:64].repeat_interleave(40, 1)[:, :96]
+    assert torch.equal(ours, (codes.double() * expanded)[17:61].float())  # one correctly rounded product
+    assert base.weight_names() == ["model.layers.0.mlp.up_proj.weight"]
+
+
+# ----------------------------------------------------------------------------------------------- compressed-tensors
+
+
+def ct_config(strategy: str, static: bool) -> dict:
+    """A compressed-tensors ``float-quantized`` config as llm-compressor writes it (FP8 / FP8_DYNAMIC schemes)."""
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor" if static else "token"}
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": {**acts, "dynamic": not static}}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": ["lm_head"],
+    }
+
+
+def ct_quantize(W: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' symmetric FP8 in float64 (its calculate_qparams and quantize, from the source): scale =
+    max(amax / 448, float32 eps) per tensor ([1]) or output channel ([out, 1]), stored in bfloat16; codes =
+    clamp(W / scale, ±448) cast to float8_e4m3fn."""
+    W = W.double()
+    amax = W.abs().amax(dim=1, keepdim=True) if strategy == "channel" else W.abs().amax().reshape(1)
+    scale = (amax / 448).clamp(min=torch.finfo(torch.float32).eps).to(torch.bfloat16)
+    codes = (W / scale.double().reshape(-1, 1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def ct_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.double() * scale.double().reshape(-1, 1)
+
+
+def write_ct_base(folder: Path, model: torch.nn.Module, strategy: str, static: bool) -> Path:
+    folder.mkdir(parents=True)
+    tensors = {}
+    for name, value in model.state_dict().items():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS:
+            codes, scale = ct_quantize(value, strategy)
+            tensors |= {name: codes, name + "_scale": scale}
+            if static:
+                tensors[name.removesuffix("weight") + "input_scale"] = torch.rand(1) + 0.5
+        else:
+            tensors[name] = value.to(torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = {**model.config.to_dict(), "quantization_config": ct_config(strategy, static), "dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("strategy, static", [("channel", False), ("tensor", True)])
+def test_compressed_tensors_fp8_same_format_and_dense(made, strategy, static):
+    base = write_ct_base(made.tmp / f"ct-{strategy}", tiny(), strategy, static)
+    tensors = load_file(base / "model.safetensors")
+    out = made.tmp / f"ct-{strategy}-same"
+    report = merge_into_base(made.adapter, base, out)
+    written = load_file(out / "model.safetensors")
+    assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    assert f"per-{strategy} weight_scale" in report.written_as
+    for key, delta in made.deltas.items():
+        codes, scale = ct_quantize(ct_dequantize(tensors[key], tensors[key + "_scale"]) + delta.double(), strategy)
+        ours = written[key + "_scale"]
+        assert ours.shape == scale.shape and ours.dtype == torch.bfloat16, key
+        assert torch.allclose(ours.float(), scale.float(), rtol=2**-8, atol=0), key  # one bf16 step at most
+        assert (ours == scale).float().mean() >= 0.95, key
+        same = (written[key].float() == codes.float()).float().mean()
+        assert same >= 0.999, key
+    raw_in, raw_out = _raw(base / "model.safetensors"), _raw(out / "model.safetensors")
+    changed = {k for key in made.deltas for k in (key, key + "_scale")}
+    assert all(raw_out[k] == raw_in[k] for k in raw_in if k not in changed)
+    dense = made.tmp / f"ct-{strategy}-dense"
+    merge_into_base(made.adapter, base, dense, dtype="bfloat16")
+    written = load_file(dense / "model.safetensors")
+    assert not [k for k in written if k.endswith(("_scale", "input_scale"))]
+    assert "quantization_config" not in json.loads((dense / "config.json").read_text())
+    for key, delta in made.deltas.items():
+        assert_bf16_close(written[key], ct_dequantize(tensors[key], tensors[key + "_scale"]) + delta.double(), key)
+    AutoModelForCausalLM.from_pretrained(dense)  # a plain dense Llama
+
+
+# ----------------------------------------------------------------------------------------------- MXFP4 (gpt-oss)
+
+
+def tiny_gpt_oss() -> torch.nn.Module:
+    return random_model(
+        "gpt_oss",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+
+
+def write_mxfp4_base(folder: Path, model: torch.nn.Module) -> Path:
+    """``model`` stored as gpt-oss ships it: each expert parameter [E, in, out] as ``_blocks`` [E, out, in/32, 16]
+    (random E2M1 codes) and ``_scales`` [E, out, in/32] (E8M0 near 2^-6), everything else in bfloat16."""
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(3)
+    tensors = {}
+    for name, value in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, inputs, outputs = value.shape
+            grid = (experts, outputs, inputs // 32)
+            tensors[name + "_blocks"] = torch.randint(0, 256, (*grid, 16), generator=gen, dtype=torch.uint8)
+            tensors[name + "_scales"] = torch.randint(119, 124, grid, generator=gen, dtype=torch.uint8)
+        else:
+            tensors[name] = value.to(torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    qc = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"]}
+    config = {**model.config.to_dict(), "quantization_config": qc, "dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def oss(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mxfp4")
+    adapter = make_peft_adapter(tiny_gpt_oss, tmp, "adapter", target_modules=["q_proj", "v_proj"])
+    base = write_mxfp4_base(tmp / "base", tiny_gpt_oss())
+    return SimpleNamespace(tmp=tmp, adapter=adapter, base=base, tensors=load_file(base / "model.safetensors"))
+
+
+def test_mxfp4_experts_kept_and_attention_merged(oss):
+    """An attention LoRA on gpt-oss: the MXFP4 experts are copied byte for byte, config.json kept; transformers
+    loads the result on CPU (dequantizing the experts) and its attention weights are the PEFT merge's."""
+    out = oss.tmp / "same"
+    report = merge_into_base(oss.adapter.path, oss.base, out)
+    assert report.written_as.startswith("MXFP4")
+    raw_in, raw_out = _raw(oss.base / "model.safetensors"), _raw(out / "model.safetensors")
+    assert all(raw_out[k] == raw_in[k] for k in raw_in if k.endswith(("_blocks", "_scales")))
+    assert json.loads((out / "config.json").read_text()) == json.loads((oss.base / "config.json").read_text())
+    written = load_file(out / "model.safetensors")
+    for name, module in oss.adapter.peft_model.named_modules():
+        if name.endswith(("q_proj", "v_proj")) and hasattr(module, "get_delta_weight"):
+            key = name.removeprefix("base_model.model.") + ".weight"
+            reference = oss.tensors[key].float() + module.get_delta_weight("default").detach()
+            assert_bf16_close(written[key], reference, key)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    experts = model.model.layers[1].mlp.experts.down_proj.detach()
+    key = "model.layers.1.mlp.experts.down_proj"
+    ours = load_file_dense(oss.base, key)
+    assert torch.equal(experts, ours), "transformers' dequantization of the kept experts"
+
+
+def load_file_dense(base: Path, key: str) -> torch.Tensor:
+    from loramix.io.base import open_base
+
+    tensor = open_base(base).dense(key)
+    return tensor.rows(0, tensor.shape[0])
+
+
+def test_mxfp4_dense_output_is_transformers_dequantization(oss):
+    mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+    out = oss.tmp / "dense"
+    merge_into_base(oss.adapter.path, oss.base, out, dtype="bfloat16")
+    written = load_file(out / "model.safetensors")
+    assert not [k for k in written if k.endswith(("_blocks", "_scales"))]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    for proj in ("gate_up_proj", "down_proj"):
+        key = f"model.layers.0.mlp.experts.{proj}"
+        blocks, scales = oss.tensors[key + "_blocks"], oss.tensors[key + "_scales"]
+        expected = mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+        assert torch.equal(written[key], expected), key
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(
+        model.model.layers[0].mlp.experts.gate_up_proj, written["model.layers.0.mlp.experts.gate_up_proj"]
+    )
+
+
+def test_mxfp4_damaged_scales_are_refused(oss, tmp_path):
+    folder = tmp_path / "damaged"
+    shutil.copytree(oss.base, folder)
+    tensors = dict(oss.tensors)
+    key = "model.layers.0.mlp.experts.down_proj_scales"
+    tensors[key] = tensors[key][:, :, :1].contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"tensor {key}: uint8 \\[4, 64, 1\\], expected uint8 \\[4, 64, 2\\]"):
+        merge_into_base(oss.adapter.path, folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+
+def _damaged(made, name: str, edit) -> Path:
+    folder = made.tmp / name
+    shutil.copytree(made.base, folder)
+    tensors = dict(made.tensors)
+    config = json.loads((folder / "config.json").read_text())
+    edit(tensors, config)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _drop_scale(tensors, config):
+    del tensors[Q + "_scale_inv"]
+
+
+def _nan_scale(tensors, config):
+    tensors[Q + "_scale_inv"] = tensors[Q + "_scale_inv"].clone().fill_(float("nan"))
+
+
+def _wrong_block(tensors, config):
+    config["quantization_config"]["weight_block_size"] = [16, 16]
+
+
+def _no_config(tensors, config):
+    del config["quantization_config"]
+
+
+def _gptq(tensors, config):
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    tensors["model.layers.0.mlp.up_proj.qweight"] = torch.zeros(8, 96, dtype=torch.int32)
+
+
+def _static(tensors, config):
+    config["quantization_config"]["activation_scheme"] = "static"
+
+
+def _per_tensor(tensors, config):
+    del config["quantization_config"]["weight_block_size"]
+
+
+def _ct_int4(tensors, config):
+    config["quantization_config"] = {**ct_config("channel", False), "format": "pack-quantized"}
+
+
+def _ct_missing_scale(tensors, config):
+    config["quantization_config"] = ct_config("channel", False)  # its weights' scales are named _scale_inv
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (_drop_scale, f"tensor {Q}: float8_e4m3fn weight without its scale tensor"),
+        (_nan_scale, f"tensor {Q}_scale_inv: scales that are NaN"),
+        (_wrong_block, "[2, 3], expected a float [4, 6] for block FP8 (float8_e4m3fn, 16×16 blocks)"),
+        (_no_config, "config.json has no quantization_config"),
+        (_gptq, "a gptq quantized base"),
+        (_static, "static activation scales"),
+        (_per_tensor, "weight_block_size None (per-tensor FP8)"),
+        (_ct_int4, "compressed-tensors format 'pack-quantized'"),
+        (_ct_missing_scale, "float8_e4m3fn weight without its scale tensor"),
+    ],
+)
+def test_unsupported_or_damaged_quantized_base_is_one_line_and_writes_nothing(made, edit, says):
+    folder = _damaged(made, edit.__name__, edit)
+    out = made.tmp / f"out{edit.__name__}"
+    result = CliRunner().invoke(main, ["combine", str(made.adapter), "--merge-into", str(folder), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], result.output
+    assert not out.exists()
+    with pytest.raises(CheckpointError, match="dequantize the base first"):
+        analyze([str(made.adapter)], base=str(folder))
+
+
+def test_gguf_base_file_is_refused(tmp_path, made):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match="a GGUF base file"):
+        merge_into_base(made.adapter, tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
