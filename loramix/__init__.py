@@ -26,7 +26,7 @@ _EXPORTS = {
     "load_adapters": "loramix.formats",
     "lora_config": "loramix.formats.live",
     "merge_into": "loramix.live",
-    "merge_into_base": "loramix.pipeline",
+    "merge_into_base": "loramix.merging",
     "push_to_hub": "loramix.hub",
     "run": "loramix.pipeline",
     "save_adapter": "loramix.pipeline",

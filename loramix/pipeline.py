@@ -1,6 +1,7 @@
 """Runs end to end, each writing one atomic output folder: `run` (a `Plan`: combine, then write an adapter or a
-merged checkpoint with its card and recipe), `save_adapter`, `merge_into_base`, `extract` (a LoRA from a fine-tuned
-model, with its card and account), `write_search`, and the analysis outputs (`write_analysis_json`, `write_plots`).
+merged checkpoint with its card and recipe; the merge is `loramix.merging.merge_into_base`), `save_adapter`, `extract`
+(a LoRA from a fine-tuned model, with its card and account), `write_search`, and the analysis outputs
+(`write_analysis_json`, `write_plots`).
 
 Every output is assembled in a temporary folder beside the target and renamed into place at the end
 (`loramix.io.files.atomic_output`): a failure leaves no partial output and never touches an input.
@@ -18,23 +19,21 @@ import torch
 
 from loramix.adapter import LoraAdapter, portable_layout
 from loramix.analysis import Analysis, analyze
-from loramix.checkpoint import MergeReport, write_merged
+from loramix.checkpoint import MergeReport
 from loramix.combination import check_settings, combine
-from loramix.diffusers_merge import write_merged_pipeline
 from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
 from loramix.extraction import Extraction, extract_lora
 from loramix.formats import load_adapter, load_adapters, split_source_options, write_adapter
 from loramix.hub import pinned, revisions
-from loramix.io.base import open_base, resolve_base, with_base_names
-from loramix.io.diffusers import is_pipeline, open_pipeline
+from loramix.io.diffusers import is_pipeline
 from loramix.io.files import atomic_output, check_output, refuse_inputs, write_text_atomic
 from loramix.linalg import RankRule
-from loramix.quantize import quantization_settings
+from loramix.merging import merge_into_base, write_files
 from loramix.recipe import Plan
 from loramix.render.analysis import analysis_json
-from loramix.render.card import CARD_FILE, RECIPE_FILE, extraction_section, model_card, quantization_section
+from loramix.render.card import CARD_FILE, RECIPE_FILE, extraction_section, model_card
 from loramix.render.plots import analysis_plots
-from loramix.runtime import parse_dtype, require_path, resolve_device
+from loramix.runtime import parse_dtype, require_path
 from loramix.weight_search import SearchResult
 
 log = logging.getLogger(__name__)
@@ -101,11 +100,6 @@ def _repeatable(plan: Plan, adapter: LoraAdapter, rule: RankRule | None = None) 
         gguf_base=portable(plan.gguf_base),
         output=None,
     )
-
-
-def _write_files(folder: Path, files: dict[str, str]) -> None:
-    for name, text in files.items():
-        (folder / name).write_text(text)
 
 
 def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: list[str] | None = None) -> RunReport:
@@ -178,7 +172,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         return RunReport(Path(plan.output), adapter, len(loaded), "checkpoint", merge)
     with atomic_output(plan.output, overwrite=overwrite, protect=[*protect, adapter.source]) as tmp:
         write_adapter(adapter, tmp, **_format_options(plan.format, plan.output, plan.rank_layout, plan.gguf_base))
-        _write_files(tmp, files)
+        write_files(tmp, files)
     return RunReport(Path(plan.output), adapter, len(loaded), plan.format)
 
 
@@ -229,93 +223,8 @@ def save_adapter(
     files = {CARD_FILE: model_card(adapter, revisions=revisions(protect), output_format=format)} if card else {}
     with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:
         write_adapter(adapter, tmp, dtype=parse_dtype(dtype), **_format_options(format, folder, rank_layout), **options)
-        _write_files(tmp, files)
+        write_files(tmp, files)
     return Path(folder)
-
-
-def merge_into_base(
-    adapter: LoraAdapter | str | Path,
-    base: str | Path,
-    out: str | Path,
-    *,
-    dtype: torch.dtype | str = torch.bfloat16,
-    shard_size: int | str | None = None,
-    device: str | torch.device = "auto",
-    overwrite: bool = False,
-    progress: bool = False,
-    workers: int | None = None,
-    files: dict[str, str] | None = None,
-    quantized_as: str | None = None,
-    double_quant: bool | None = None,
-    blocksize: int | None = None,
-    round_trip: str = "all",
-) -> MergeReport:
-    """Merge ``adapter`` (a `LoraAdapter` or a source) into the ``base`` checkpoint (a folder or Hub id) and write the
-    merged checkpoint to ``out``, atomically, without touching any input (see `loramix.checkpoint.write_merged` for
-    the layout and the report). kohya module names (``lora_…``) are matched to the base's own module paths. A
-    diffusers pipeline folder (``model_index.json``) is written as a pipeline: each component the adapter changes
-    merged in its own files, the rest copied (see `loramix.diffusers_merge`). ``files`` (name → text: card, recipe)
-    go into the same folder; without them a README.md model card says what is known. ``shard_size`` None keeps a
-    safetensors base's own shard files (a size lays the tensors out anew); ``workers`` tensors are merged at once
-    (default: one per CPU, 4 on a GPU; the bytes are the same for any count).
-
-    QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
-    the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
-    ``quantized_as="none"`` turns it off), each base weight a 4-bit model quantizes first goes through bitsandbytes'
-    quantize_4bit → dequantize_4bit round trip (``blocksize``, ``double_quant``: compress_statistics), then ΔW is
-    added. ``round_trip="all"`` (the default) round-trips every such weight — the model the adapter was trained
-    with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
-    require_path(out, "out (the output folder)")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise MethodError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
-    adapter = load_adapter(adapter)
-    target_dtype = parse_dtype(dtype)
-    target = resolve_device(device)
-    folder = resolve_base(base)
-    pipeline = open_pipeline(folder) if is_pipeline(folder) else None
-    checkpoint = None if pipeline else open_base(folder)
-    if pipeline and quantized_as not in (None, "none"):
-        raise CheckpointError(f"{folder}: a diffusers pipeline; quantized_as applies to transformers bases only")
-    quantization = None
-    if checkpoint is not None:
-        adapter = with_base_names(adapter, checkpoint)  # kohya names → the base's own
-        quantization = quantization_settings(
-            [(str(folder), checkpoint.config), *_adapter_configs(adapter)],
-            quantized_as=quantized_as,
-            double_quant=double_quant,
-            blocksize=blocksize,
-            round_trip=round_trip,
-        )
-    if files is None:
-        files = {CARD_FILE: model_card(adapter, merged_into=str(base))}
-    protect = [folder, adapter.source, *adapter.provenance.get("sources", [])]
-    with atomic_output(out, overwrite=overwrite, protect=protect, finite=False) as tmp:  # write_merged checks
-        options = {"dtype": target_dtype, "device": target, "progress": progress, "workers": workers}
-        if pipeline is not None:
-            report = write_merged_pipeline(adapter, pipeline, tmp, **options)
-        else:
-            report = write_merged(
-                adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, **options
-            )  # fmt: skip
-        if quantization is not None:
-            section = quantization_section(quantization, report.round_tripped, list(report.survival))
-            files = {**files, CARD_FILE: files.get(CARD_FILE, "") + section}
-        _write_files(tmp, files)
-    report.path = Path(out)
-    return report
-
-
-def _adapter_configs(adapter: LoraAdapter) -> list[tuple[str, dict]]:
-    """The adapter_config.json of the adapter's folder and its sources' folders, where they have one (for a
-    ``quantization_config``)."""
-    found = []
-    for source in dict.fromkeys([adapter.source, *adapter.provenance.get("sources", [])]):
-        path = Path(source) / "adapter_config.json"
-        try:
-            found.append((str(source), json.loads(path.read_text())))
-        except (OSError, ValueError):
-            continue
-    return found
 
 
 def write_search(
@@ -372,7 +281,7 @@ def write_search(
     protect = [*adapter.provenance.get("sources", []), result.settings.get("base", "")]
     with atomic_output(folder, overwrite=overwrite, protect=[p for p in protect if p]) as tmp:
         write_adapter(adapter, tmp)
-        _write_files(tmp, files)
+        write_files(tmp, files)
     return Path(folder)
 
 
@@ -428,7 +337,7 @@ def extract(
     }
     with atomic_output(output, overwrite=overwrite, protect=protect) as tmp:
         write_adapter(adapter, tmp, **_format_options(format, output, rank_layout, str(base)))
-        _write_files(tmp, files)
+        write_files(tmp, files)
     return result
 
 

@@ -28,7 +28,7 @@ PACKAGE = ROOT / "loramix"
 LAYERS = [
     ["loramix.__main__"],
     ["loramix.cli"],
-    ["loramix.pipeline"],
+    ["loramix.pipeline", "loramix.merging"],
     ["loramix.recipe"],
     ["loramix.hub"],
     ["loramix.render"],

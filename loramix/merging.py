@@ -1,0 +1,115 @@
+"""`merge_into_base`: an adapter merged into a base checkpoint (a transformers folder or a diffusers pipeline), written
+as one atomic output folder with its card, the QLoRA-faithful round trip where the base was trained in 4 bit.
+
+`loramix.pipeline.run` calls it for ``--merge-into``; the merge itself is `loramix.checkpoint.write_merged` (or
+`loramix.diffusers_merge.write_merged_pipeline`), this module only opens the base and assembles the output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from loramix.adapter import LoraAdapter
+from loramix.checkpoint import MergeReport, write_merged
+from loramix.diffusers_merge import write_merged_pipeline
+from loramix.errors import CheckpointError, MethodError
+from loramix.formats import load_adapter
+from loramix.io.base import open_base, resolve_base, with_base_names
+from loramix.io.diffusers import is_pipeline, open_pipeline
+from loramix.io.files import atomic_output
+from loramix.quantize import quantization_settings
+from loramix.render.card import CARD_FILE, model_card, quantization_section
+from loramix.runtime import parse_dtype, require_path, resolve_device
+
+
+def merge_into_base(
+    adapter: LoraAdapter | str | Path,
+    base: str | Path,
+    out: str | Path,
+    *,
+    dtype: torch.dtype | str = torch.bfloat16,
+    shard_size: int | str | None = None,
+    device: str | torch.device = "auto",
+    overwrite: bool = False,
+    progress: bool = False,
+    workers: int | None = None,
+    files: dict[str, str] | None = None,
+    quantized_as: str | None = None,
+    double_quant: bool | None = None,
+    blocksize: int | None = None,
+    round_trip: str = "all",
+) -> MergeReport:
+    """Merge ``adapter`` (a `LoraAdapter` or a source) into the ``base`` checkpoint (a folder or Hub id) and write the
+    merged checkpoint to ``out``, atomically, without touching any input (see `loramix.checkpoint.write_merged` for
+    the layout and the report). kohya module names (``lora_…``) are matched to the base's own module paths. A
+    diffusers pipeline folder (``model_index.json``) is written as a pipeline: each component the adapter changes
+    merged in its own files, the rest copied (see `loramix.diffusers_merge`). ``files`` (name → text: card, recipe)
+    go into the same folder; without them a README.md model card says what is known. ``shard_size`` None keeps a
+    safetensors base's own shard files (a size lays the tensors out anew); ``workers`` tensors are merged at once
+    (default: one per CPU, 4 on a GPU; the bytes are the same for any count).
+
+    QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
+    the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
+    ``quantized_as="none"`` turns it off), each base weight a 4-bit model quantizes first goes through bitsandbytes'
+    quantize_4bit → dequantize_4bit round trip (``blocksize``, ``double_quant``: compress_statistics), then ΔW is
+    added. ``round_trip="all"`` (the default) round-trips every such weight — the model the adapter was trained
+    with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
+    require_path(out, "out (the output folder)")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise MethodError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
+    adapter = load_adapter(adapter)
+    target_dtype = parse_dtype(dtype)
+    target = resolve_device(device)
+    folder = resolve_base(base)
+    pipeline = open_pipeline(folder) if is_pipeline(folder) else None
+    checkpoint = None if pipeline else open_base(folder)
+    if pipeline and quantized_as not in (None, "none"):
+        raise CheckpointError(f"{folder}: a diffusers pipeline; quantized_as applies to transformers bases only")
+    quantization = None
+    if checkpoint is not None:
+        adapter = with_base_names(adapter, checkpoint)  # kohya names → the base's own
+        quantization = quantization_settings(
+            [(str(folder), checkpoint.config), *_adapter_configs(adapter)],
+            quantized_as=quantized_as,
+            double_quant=double_quant,
+            blocksize=blocksize,
+            round_trip=round_trip,
+        )
+    if files is None:
+        files = {CARD_FILE: model_card(adapter, merged_into=str(base))}
+    protect = [folder, adapter.source, *adapter.provenance.get("sources", [])]
+    with atomic_output(out, overwrite=overwrite, protect=protect, finite=False) as tmp:  # write_merged checks
+        options = {"dtype": target_dtype, "device": target, "progress": progress, "workers": workers}
+        if pipeline is not None:
+            report = write_merged_pipeline(adapter, pipeline, tmp, **options)
+        else:
+            report = write_merged(
+                adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, **options
+            )  # fmt: skip
+        if quantization is not None:
+            section = quantization_section(quantization, report.round_tripped, list(report.survival))
+            files = {**files, CARD_FILE: files.get(CARD_FILE, "") + section}
+        write_files(tmp, files)
+    report.path = Path(out)
+    return report
+
+
+def _adapter_configs(adapter: LoraAdapter) -> list[tuple[str, dict]]:
+    """The adapter_config.json of the adapter's folder and its sources' folders, where they have one (for a
+    ``quantization_config``)."""
+    found = []
+    for source in dict.fromkeys([adapter.source, *adapter.provenance.get("sources", [])]):
+        path = Path(source) / "adapter_config.json"
+        try:
+            found.append((str(source), json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def write_files(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (folder / name).write_text(text)
