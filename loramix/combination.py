@@ -288,6 +288,7 @@ def combine(
             "num_layers": layers,
             "sources": [a.source for a in loaded],
             "names": [a.name for a in loaded],
+            "formats": [a.provenance.get("format") for a in loaded],
             "truncation": truncation.describe() if chosen.truncates else None,
             "options": chosen.settings(options),
             "kept_energy": {name: kept[name] for name in names if name in kept},

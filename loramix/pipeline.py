@@ -23,7 +23,7 @@ from loramix.checkpoint import MergeReport
 from loramix.combination import check_settings, combine
 from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
 from loramix.extraction import Extraction, extract_lora
-from loramix.formats import load_adapter, load_adapters, split_source_options, write_adapter
+from loramix.formats import default_format, load_adapter, load_adapters, split_source_options, write_adapter
 from loramix.hub import pinned, revisions
 from loramix.io.diffusers import is_pipeline
 from loramix.io.files import atomic_output, check_output, refuse_inputs, write_text_atomic
@@ -103,7 +103,8 @@ def _repeatable(plan: Plan, adapter: LoraAdapter, rule: RankRule | None = None) 
 
 
 def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: list[str] | None = None) -> RunReport:
-    """Run ``plan``: combine its adapters, then write ``plan.output`` — a PEFT or kohya adapter, or with
+    """Run ``plan``: combine its adapters, then write ``plan.output`` — a PEFT or kohya adapter (``plan.format``;
+    None: kohya when every input is a kohya, diffusers or LyCORIS file, else PEFT), or with
     ``plan.merge_into`` that base with the result merged — with a model card and the recipe that repeats the run.
 
     ``argv`` is the command line to record in the card (None: the card says the Python API made it). A single
@@ -132,6 +133,8 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         allow_nonfinite=plan.allow_nonfinite,
         load_options=load_options,
     )
+    if not plan.merge_into:  # the format the inputs' own ecosystem loads unless one was asked for
+        plan = replace(plan, format=plan.format or default_format(loaded))
     if plan.merge_into:  # keep the factors' precision; plan.dtype is the checkpoint's; no file layout to prepare
         kwargs["dtype"] = None
         kwargs["rank_layout"] = "exact"
@@ -205,19 +208,21 @@ def save_adapter(
     adapter: LoraAdapter,
     folder: str | Path,
     *,
-    format: str = "peft",
+    format: str | None = None,
     dtype: torch.dtype | str | None = None,
     rank_layout: str = "portable",
     overwrite: bool = False,
     card: bool = True,
     **options,
 ) -> Path:
-    """Write ``adapter`` to ``folder`` (atomically) as a PEFT folder, a kohya file or a llama.cpp GGUF, with a
+    """Write ``adapter`` to ``folder`` (atomically) as a PEFT folder, a kohya file or a llama.cpp GGUF (``format``;
+    default: a kohya file for what was read from kohya, diffusers or LyCORIS files, else PEFT), with a
     README.md model card unless ``card`` is false; refuses to replace any of the adapter's own inputs. Returns the
     folder. ``adapter`` may also be any source `load_adapter` takes (a live PeftModel, for one). ``rank_layout``
     (PEFT and GGUF): "portable", one rank every engine reads, or "exact" (see `loramix.formats.peft.write`); other
     ``options`` go to the format's writer (GGUF: ``base``)."""
     adapter = load_adapter(adapter)
+    format = format or default_format([adapter])
     require_path(folder, "folder (the output folder)")
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
     files = {CARD_FILE: model_card(adapter, revisions=revisions(protect), output_format=format)} if card else {}

@@ -11,7 +11,8 @@ rank: 16                      # optional truncation: rank, energy, or rule + rul
 # conv_rank: 8                # the rank cap of k×k conv modules (kohya's --new_conv_rank); rank caps the others
 output: out/merged            # relative to the current directory; -o overrides
 # merge_into: ../loramix/examples/tiny-llama   # write this base (folder or Hub id) with the result merged
-# format: kohya               # write a kohya/A1111 file instead of a PEFT folder (or gguf: a llama.cpp LoRA)
+# format: kohya               # a kohya/A1111 file, a PEFT folder (peft) or a llama.cpp LoRA (gguf); default:
+#                             # kohya for kohya/diffusers/LyCORIS inputs, else peft
 # gguf_base: ../loramix/examples/tiny-llama   # format gguf: the base whose config.json names the architecture
 # rank_layout: exact          # per-module ranks and scales (PEFT only) instead of one rank every engine reads
 # quantized_as: nf4           # QLoRA-faithful merge: round-trip the base through 4-bit first (nf4 or fp4;
@@ -72,7 +73,7 @@ class Plan:
     double_quant: bool | None = None
     blocksize: int | None = None
     round_trip: str = "all"
-    format: str = "peft"
+    format: str | None = None  # None: what the inputs' ecosystem loads (`loramix.formats.default_format`)
     gguf_base: str | None = None
 
     def combine_kwargs(self) -> dict:

@@ -198,6 +198,29 @@ def test_real_adapters_combined_are_portable(tmp_path):
     assert " ".join(v.status for v in check_source(folder).verdicts) == "yes yes yes yes yes yes n/a"
 
 
+def test_peft_folder_of_kohya_names_loads_nowhere(tmp_path):
+    """A PEFT folder whose target modules are kohya names (what loramix once wrote for kohya inputs): PEFT itself
+    finds none of them in a model (the oracle), and `check` says "no" for every PEFT consumer, with the fix."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    folder = tmp_path / "kohya-as-peft"
+    folder.mkdir()
+    config = {**CONFIG_DEFAULTS, "peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": [name]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    tensors = {
+        f"base_model.model.{name}.lora_A.weight": torch.ones(2, 32),
+        f"base_model.model.{name}.lora_B.weight": torch.ones(32, 2),
+    }
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="not found in the base model"):
+        PeftModel.from_pretrained(tiny_llama(), str(folder))
+    verdicts = {v.consumer: v for v in check_source(str(folder)).verdicts}
+    assert set(verdicts) == set(CONSUMERS) and all(v.status == "no" for v in verdicts.values()), verdicts
+    assert "kohya names no model has" in verdicts["vLLM"].reason and "--format kohya" in verdicts["PEFT"].fix
+
+
 def test_peft_key_table_knows_the_installed_release():
     """Every config field of the installed PEFT's LoraConfig/PeftConfig is in the key table, introduced no later than
     the installed release: the table (read from PEFT's tags) cannot have missed a key this release reads."""

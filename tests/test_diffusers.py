@@ -117,11 +117,12 @@ def _read_component(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _kohya_file(path: Path) -> Path:
-    gen = torch.Generator().manual_seed(5)
+def _kohya_file(path: Path, seed: int = 5, network_dim: int | None = None) -> Path:
+    """A kohya file of `KOHYA_MODULES`; ranks 2–4 by module, or ``network_dim`` for all (as kohya trains)."""
+    gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for i, (name, (out, inp, kernel)) in enumerate(KOHYA_MODULES.items()):
-        rank = 2 + i % 3
+        rank = network_dim or 2 + i % 3
         tensors[f"{name}.lora_down.weight"] = 0.3 * torch.randn(rank, inp, *kernel, generator=gen)
         tensors[f"{name}.lora_up.weight"] = 0.3 * torch.randn(out, rank, *((1, 1) if kernel else ()), generator=gen)
         # one alpha for every module, as kohya writes (network_alpha): scale alpha/rank ≠ 1 and different per module.
@@ -200,6 +201,36 @@ def test_diffusers_named_file_merged_into_pipeline_equals_diffusers_fuse(tmp_pat
     assert scales["text_encoder.encoder.layers.0.self_attn.q_proj"] == 3.0
     merge_into_base(str(file), pipe_folder, tmp_path / "out", dtype=torch.float32)
     _check(tmp_path / "out", _fused(pipe_folder, file), {"unet", "text_encoder"}, dtype=torch.float32)
+
+
+def test_kohya_inputs_combine_by_default_into_a_kohya_file_diffusers_loads(tmp_path, pipe_folder):
+    """Two SD kohya files combined with no --format give the file diffusers reads (not a PEFT folder of kohya names);
+    oracle: diffusers' load_lora_weights + fuse_lora of the output equals the sum of each input's fused ΔW (float32
+    rounding: rtol 1e-5, atol 1e-5). One network_dim per file, as kohya trains: diffusers 0.42 misreads per-module
+    alphas of attention modules (see `_kohya_file`), in the inputs as in any output."""
+    from click.testing import CliRunner
+
+    from loramix.cli import main
+
+    style = _kohya_file(tmp_path / "style.safetensors", seed=5, network_dim=4)
+    detail = _kohya_file(tmp_path / "detail.safetensors", seed=6, network_dim=4)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["combine", str(style), str(detail), "-m", "cat", "-w", "1,1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "(kohya format)" in result.output
+    assert not (out / "adapter_config.json").exists() and (out / "out.safetensors").is_file()
+    state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(out / "out.safetensors"))
+    assert state and alphas is not None
+    base = {
+        "unet": _read_component(pipe_folder / "unet"),
+        "text_encoder": _read_component(pipe_folder / "text_encoder"),
+    }
+    ours, one, two = (_fused(pipe_folder, path) for path in (out / "out.safetensors", style, detail))
+    for component, tensors in ours.items():
+        for name, tensor in tensors.items():
+            expected = one[component][name] + two[component][name] - base[component][name]
+            torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-5, msg=f"{component}.{name}")
+    assert "\nformat: kohya\n" in (out / "loramix_recipe.yaml").read_text()
 
 
 def test_untouched_component_is_copied_as_it_was(tmp_path, pipe_folder):

@@ -143,13 +143,19 @@ def test_diffusers_names_read_and_write_as_kohya_keys(tmp_path):
     assert out[f"{TE_Q}.alpha"].item() == 8.0 and out[f"{PROJ_IN}.alpha"].item() == 2.0
 
 
-def test_kohya_inputs_combine_into_a_peft_folder(tmp_path):
+def test_kohya_inputs_are_saved_as_a_kohya_file_and_never_as_peft(tmp_path):
+    """save_adapter's default for kohya inputs is their own format; a PEFT folder of kohya names is refused (PEFT
+    itself finds none of them in any model: NoMatchingPeftModuleError/ValueError, checked in test_compat)."""
     one = _kohya_file(tmp_path / "one.safetensors", rank=4, seed=6)
     merged = combine([tmp_path / "one.safetensors"], weights=[2.0], method="cat")
-    save_adapter(merged, tmp_path / "peft")
-    back = load_adapter(tmp_path / "peft")
+    save_adapter(merged, tmp_path / "default")
+    assert not (tmp_path / "default" / "adapter_config.json").exists()
+    back = load_adapter(tmp_path / "default" / "default.safetensors")
     got = back.modules[TO_Q].delta(dtype=torch.float64)
     assert (got - 2.0 * _delta64(one, TO_Q)).norm() <= 1e-5 * got.norm()
+    with pytest.raises(OutputError, match=r"kohya name, which no model has.*\(pass format='kohya'\)"):
+        save_adapter(merged, tmp_path / "peft", format="peft")
+    assert not (tmp_path / "peft").exists()
 
 
 def test_what_kohya_cannot_hold_is_refused(tmp_path):

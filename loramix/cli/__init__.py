@@ -159,7 +159,7 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
     "--format",
     type=click.Choice(["peft", "kohya", "gguf"]),
     help="Adapter output format: a PEFT folder, a kohya/A1111 .safetensors or a llama.cpp LoRA .gguf in the folder "
-    "[default: peft].",
+    "[default: kohya for kohya/diffusers/LyCORIS inputs, else peft].",
 )
 @click.option(
     "--gguf-base",

@@ -15,11 +15,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loramix.adapter import LoraAdapter
-from loramix.compat.engines import VLLM_MAX_RANKS, kohya_verdicts, llama_cpp, lorax, sglang, vllm
+from loramix.compat.engines import (
+    VLLM_MAX_RANKS,
+    kohya_named_folder,
+    kohya_verdicts,
+    llama_cpp,
+    lorax,
+    sglang,
+    vllm,
+)
 from loramix.compat.facts import Facts, Verdict
 from loramix.compat.peft import peft, transformers
 from loramix.formats import load_adapter
 from loramix.formats._keys import CONFIG_FILE, read_config
+from loramix.formats.kohya import KOHYA_PREFIX
 from loramix.sources import resolve
 
 __all__ = ["VLLM_MAX_RANKS", "Report", "Verdict", "check", "check_source"]
@@ -52,6 +61,8 @@ def check(adapter: LoraAdapter, config: dict | None) -> Report:
     src = adapter.source if " " not in adapter.source else repr(adapter.source)
     if config is None:
         verdicts = kohya_verdicts(adapter, src)
+    elif any(KOHYA_PREFIX.match(name) for name in adapter.modules):
+        verdicts = kohya_named_folder(adapter, src)
     else:
         facts = Facts(adapter, config)
         verdicts = [

@@ -9,6 +9,7 @@ from collections import defaultdict
 from loramix.adapter import LoraAdapter, portable_rank
 from loramix.compat.facts import FIX_GGUF, FIX_LAYOUT, FIX_MERGE, Facts, Verdict, global_scale, scale_reason
 from loramix.formats._keys import sample
+from loramix.formats.kohya import KOHYA_PREFIX
 
 # vLLM: vllm/config/lora.py, MaxLoRARanks (older: vllm/config.py, LoRAConfig.__post_init__, possible_max_ranks).
 VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -26,6 +27,7 @@ LORAX_TYPES = {
     "c_fc",
 }
 LORAX_TYPES |= {"lm_head"}
+PEFT_CONSUMERS = ("PEFT", "transformers", "vLLM", "SGLang", "LoRAX/TGI", "llama.cpp")  # readers of PEFT folders
 
 # --------------------------------------------------------------------------------------------------------- vLLM
 
@@ -191,6 +193,16 @@ def kohya_verdicts(adapter: LoraAdapter, src: str) -> list[Verdict]:
             "a LyCORIS file: ComfyUI reads it, diffusers reads kohya lora_down/lora_up files",
             f"loramix combine {src} --format kohya -o OUT (the exact LoRA; --rank K to truncate)",
         )
-    others = ("PEFT", "transformers", "vLLM", "SGLang", "LoRAX/TGI", "llama.cpp")
     reason = "reads PEFT folders, not kohya/diffusers files"
-    return [*(Verdict(name, "no", reason, None) for name in others), reads]
+    return [*(Verdict(name, "no", reason, None) for name in PEFT_CONSUMERS), reads]
+
+
+def kohya_named_folder(adapter: LoraAdapter, src: str) -> list[Verdict]:
+    """A PEFT folder whose target modules are flattened kohya names (``lora_unet_…``): no model has such a module, so
+    PEFT finds none (peft/tuners/tuners_utils.py, inject_adapter: NoMatchingPeftModuleError "Target modules … not
+    found in the base model") and the engines map none onto the model; diffusers reads kohya files, not this folder."""
+    name = next(n for n in adapter.modules if KOHYA_PREFIX.match(n))
+    reason = f"target modules are kohya names no model has (e.g. {name})"
+    fix = f"loramix combine {src} -m cat --format kohya -o OUT"
+    folder = Verdict("diffusers/ComfyUI", "no", "reads kohya/diffusers files, not a PEFT folder of kohya names", fix)
+    return [*(Verdict(consumer, "no", reason, fix) for consumer in PEFT_CONSUMERS), folder]

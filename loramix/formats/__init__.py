@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # detection order: the first whose detect() says yes reads the source (LyCORIS before kohya: same names, more keys)
 FORMATS = (lycoris, kohya, statedict, adalora, peft)
 WRITERS = {peft.NAME: peft, kohya.NAME: kohya, gguf.NAME: gguf}
+DIFFUSION_FORMATS = (kohya.NAME, lycoris.NAME)  # files diffusion pipelines' loaders read
 UNKNOWN_BASE = "base model unknown; only module shapes can be checked against the others"
 # path::key=value: the options a plain state dict needs, per source (numbers or text)
 SOURCE_OPTIONS = {key: float if key in ("scale", "alpha") else str for key in statedict.LOAD_OPTIONS}
@@ -190,6 +191,18 @@ def _align_flat_conv(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
         changed = {n: m for n, m in laid.items() if m.layout == "conv2d"}
         aligned.append(a.with_modules({**a.modules, **changed}) if changed else a)
     return aligned
+
+
+def default_format(adapters: list[LoraAdapter]) -> str:
+    """The output format the inputs' own ecosystem loads: a kohya file (what diffusers, ComfyUI and A1111 read) when
+    every input was read from a kohya, diffusers or LyCORIS file or is named as one (a combination of such files
+    included), else a PEFT folder."""
+    return "kohya" if adapters and all(_diffusion_lora(a) for a in adapters) else "peft"
+
+
+def _diffusion_lora(adapter: LoraAdapter) -> bool:
+    formats = adapter.provenance.get("formats") or [adapter.provenance.get("format")]
+    return all(f in DIFFUSION_FORMATS for f in formats) or kohya.kohya_named(adapter.modules)
 
 
 def write_adapter(adapter: LoraAdapter, folder: Path, *, format: str = "peft", **options) -> Path:

@@ -268,6 +268,13 @@ def kohya_name(module: str, *, clip_text: bool = False) -> str:
     return ("lora_unet_" if component in UNET_PARTS else "lora_") + module.replace(".", "_")
 
 
+def kohya_named(names) -> bool:
+    """Whether every module name is a flattened kohya name (``lora_unet_…``): a name no torch model has, which only
+    kohya-file readers map onto a model."""
+    names = list(names)
+    return bool(names) and all(KOHYA_PREFIX.match(name) for name in names)
+
+
 def is_clip_text(names) -> bool:
     """Whether every module name is a CLIP text-model layer (an adapter of SD's text encoder)."""
     names = list(names)

@@ -31,6 +31,7 @@ from loramix.formats._keys import (
     sample,
     split_keys,
 )
+from loramix.formats.kohya import KOHYA_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,14 @@ def write(
     """
     if not adapter.modules:
         raise OutputError(f"{folder}: the adapter has no LoRA modules, so there is no PEFT adapter to write")
+    flat = next((name for name in adapter.modules if KOHYA_PREFIX.match(name)), None)
+    if flat is not None:
+        raise OutputError(
+            f"{folder}: module {flat} has a kohya name, which no model has: a PEFT folder of it loads nowhere; "
+            "write a kohya file, which diffusers, ComfyUI and A1111 read",
+            option="format",
+            value="kohya",
+        )
     check_rank_layout(rank_layout)
     if rank_layout == "portable":
         adapter = portable_layout(adapter)
