@@ -16,14 +16,16 @@ from pathlib import Path
 from loramix.adapter import LoraAdapter, check_compatible
 from loramix.errors import AdapterFormatError, MethodError
 from loramix.formats import _keys, adalora, gguf, kohya, live, lycoris, peft, statedict
+from loramix.formats.diffusion import files as diffusion_files
+from loramix.formats.diffusion import writer as diffusers_writer
 from loramix.schedule import parse
 from loramix.sources import parse_hub_id, resolve
 
 log = logging.getLogger(__name__)
 
 # detection order: the first whose detect() says yes reads the source (LyCORIS before kohya: same names, more keys)
-FORMATS = (lycoris, kohya, statedict, adalora, peft)
-WRITERS = {peft.NAME: peft, kohya.NAME: kohya, gguf.NAME: gguf}
+FORMATS = (lycoris, kohya, diffusion_files, statedict, adalora, peft)
+WRITERS = {peft.NAME: peft, kohya.NAME: kohya, gguf.NAME: gguf, diffusers_writer.NAME: diffusers_writer}
 DIFFUSION_FORMATS = (kohya.NAME, lycoris.NAME)  # files diffusion pipelines' loaders read
 UNKNOWN_BASE = "base model unknown; only module shapes can be checked against the others"
 # path::key=value: the options a plain state dict needs, per source (numbers or text)

@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import AdapterFormatError, OutputError
 from loramix.formats._keys import is_number, pattern_value
+from loramix.formats.diffusion import identify, to_kohya
 from loramix.io.files import check_finite, read_tensors, tensor_keys
 
 NAME = "kohya"
@@ -156,7 +157,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     _diffusers_scales(file, modules, meta)
     if all(not m.B.any() for m in modules.values()):
         notes.append("every lora_up factor is zero: this adapter changes nothing")
-    return LoraAdapter(
+    adapter = LoraAdapter(
         modules=modules,
         base_model=meta.get("loramix_base_model") or None,
         source=str(path),
@@ -165,6 +166,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
         file_bytes=file.stat().st_size,
         provenance={"format": "kohya", "key_style": "+".join(sorted(styles)), "file": file.name},
     )
+    return identify(adapter, str(file))
 
 
 def metadata(file: Path) -> dict[str, str]:
@@ -282,7 +284,9 @@ def is_clip_text(names) -> bool:
 
 
 def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """kohya's key layout for ``adapter``; refuses what the format cannot hold."""
+    """kohya's key layout for ``adapter`` (a diffusion transformer's modules under sd-scripts' names:
+    `loramix.formats.diffusion.to_kohya`); refuses what the format cannot hold."""
+    adapter = to_kohya(adapter)
     if adapter.extra:
         raise OutputError(f"kohya files cannot hold heads or saved layers ({', '.join(sorted(adapter.extra)[:3])})")
     out: dict[str, torch.Tensor] = {}
