@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 import loramix
 from loramix.adapter import LoraAdapter, LoraModule
+from loramix.compat import check_source
 from loramix.errors import AdapterFormatError
 from loramix.formats.diffusion import identify
 from loramix.formats.kohya import state_dict as kohya_state_dict
@@ -306,3 +307,20 @@ def test_unknown_flux_names_are_one_line_errors(tmp_path):
     wrong = {"double_blocks.0.img_attn.qkv": (2 * H, H)}  # not q, k, v of equal rows
     with pytest.raises(AdapterFormatError, match="not Flux.1's thirds layout"):
         loramix.load_adapter(kohya_file(tmp_path / "shape.safetensors", modules=wrong))
+
+
+def test_check_says_what_diffusers_and_comfyui_make_of_flux_files(tmp_path):
+    """Verdicts follow diffusers' converters (checked here by loading: modules outside the blocks are dropped) and
+    ComfyUI's key maps."""
+
+    def verdicts(path):
+        return {v.consumer: v.status for v in check_source(path).verdicts if v.consumer in ("diffusers", "ComfyUI")}
+
+    assert verdicts(kohya_file(tmp_path / "k.safetensors")) == {"diffusers": "yes", "ComfyUI": "yes"}
+    top = kohya_file(tmp_path / "top.safetensors", modules={**KOHYA, **TOP}, alpha=float(R))
+    assert verdicts(top) == {"diffusers": "wrong", "ComfyUI": "yes"}
+    base = _tiny_pipeline().transformer.state_dict()
+    fused = _fused(top, base)
+    torch.testing.assert_close(fused["x_embedder.weight"], base["x_embedder.weight"])  # what "wrong" means
+    assert verdicts(xlabs_file(tmp_path / "x.safetensors")) == {"diffusers": "yes", "ComfyUI": "no"}
+    assert verdicts(diffusers_file(tmp_path / "d.safetensors")) == {"diffusers": "yes", "ComfyUI": "yes"}

@@ -14,7 +14,7 @@ and Black Forest Labs' ``diffusion_model.<module>`` keys, and XLabs' attention-p
 Modules are named by their original dotted path (``double_blocks.0.img_attn.qkv``), which
 `loramix.formats.diffusion.identify` then maps onto diffusers' modules. Such a file is a diffusion LoRA file like a
 kohya one: its adapter's ``provenance["format"]`` is ``kohya`` (written back as a kohya file by default), its
-``key_style`` ``comfyui`` or ``xlabs``.
+``key_style`` ``comfyui`` (``comfyui-peft`` with lora_A/lora_B keys) or ``xlabs``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def _place(key: str) -> tuple[str, str, str] | None:
         return (f"{found['block']}.{module}", SIDES[found["side"]], "xlabs") if module else None
     found = COMFY.match(key) or COMFY_ALPHA.match(key)
     if found is not None:
-        return found["module"], SIDES[found.groupdict().get("side") or "alpha"], "comfyui"
+        side = found.groupdict().get("side") or "alpha"
+        return found["module"], SIDES[side], "comfyui-peft" if side in ("lora_A", "lora_B") else "comfyui"
     found = COMFY_TEXT.match(key)
     if found is not None and found["side"] in SIDES:
         return f"text_encoder.{found['module']}", SIDES[found["side"]], "comfyui"
