@@ -1,11 +1,13 @@
-"""Diffusion-transformer LoRAs (Flux.1 today): every naming read onto one module identity, and written back out.
+"""Diffusion-transformer LoRAs (Flux.1, Wan 2.x, Qwen-Image): every naming read onto one module identity, and
+written back out.
 
 The identity is diffusers' module path inside the pipeline's ``transformer`` component, with the component prefix
 loramix uses for diffusers names: ``transformer.transformer_blocks.0.attn.to_q``. `identify` recognises a family
 from an adapter's module names (and checks the shapes against its map, `loramix.formats.diffusion.family`) and
 renames every transformer module onto that identity, whatever naming the file used:
 
-- kohya/sd-scripts: ``lora_unet_double_blocks_0_img_attn_qkv`` (the original module, flattened);
+- kohya/sd-scripts and musubi-tuner: ``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_blocks_0_self_attn_q``
+  (the original module, flattened);
 - ComfyUI/BFL: ``diffusion_model.double_blocks.0.img_attn.qkv`` (read by `loramix.formats.diffusion.files`);
 - XLabs: ``double_blocks.0.processor.qkv_lora1`` (also read there);
 - diffusers/PEFT (ai-toolkit, SimpleTuner, diffusers' trainers): ``transformer.transformer_blocks.0.attn.to_q``, and
@@ -29,8 +31,10 @@ from loramix.formats._keys import sample
 from loramix.formats.diffusion.family import Family, Rule
 from loramix.formats.diffusion.flux import FLUX
 from loramix.formats.diffusion.fused import Piece, join, split
+from loramix.formats.diffusion.qwen import QWEN_IMAGE
+from loramix.formats.diffusion.wan import WAN
 
-FAMILIES = (FLUX,)
+FAMILIES = (FLUX, WAN, QWEN_IMAGE)
 COMPONENT = "transformer."
 KOHYA = "lora_unet_"  # sd-scripts' prefix for the denoiser, whatever its kind
 DIFFUSERS_FLAT = "lora_transformer_"  # diffusers' own flattened names (its "mixture" kohya files)
@@ -48,22 +52,31 @@ def reading(family: Family, name: str) -> tuple[Rule, str | None, int] | None:
     return family.match(name, flat=False, original=True)
 
 
-def recognise(names) -> Family | None:
-    """The family whose module names ``names`` use: one name must be an original module of it, or a diffusers
-    module only it has (see `Family.markers`)."""
-    names = list(names)
+def recognise(names, where: str = "the adapter") -> Family | None:
+    """The family whose module names ``names`` use: the one that reads most of the transformer's names, one of
+    them an original module of it or a diffusers module only it has (see `Family.markers`); None when no family
+    has such a name. Names two families read equally well (``img_in`` alone: Flux.1's and Qwen-Image's) are
+    refused, naming ``where``."""
+    names = [n for n in names if not n.startswith(TEXT)]
+    scores = []
     for family in FAMILIES:
-        for name in names:
-            found = reading(family, name)
-            if found is not None and (found[2] == -1 or family.marked(found[0])):
-                return family
-    return None
+        found = [f for n in names if (f := reading(family, n)) is not None]
+        if any(f[2] == -1 or family.marked(f[0]) for f in found):
+            scores.append((len(found), family))
+    if not scores:
+        return None
+    top = max(count for count, _ in scores)
+    best = [family for count, family in scores if count == top]
+    if len(best) > 1:
+        labels = " and ".join(f.label for f in best)
+        raise AdapterFormatError(f"{where}: its module names fit {labels} alike ({sample(names)}); cannot tell which")
+    return best[0]
 
 
 def identify(adapter: LoraAdapter, where: str) -> LoraAdapter:
     """``adapter`` with its transformer modules under diffusers' names (see the module docstring); an adapter of no
     known family comes back as it is. ``where`` names the file in errors."""
-    family = recognise(adapter.modules)
+    family = recognise(adapter.modules, where)
     if family is None:
         return adapter
     modules: dict[str, LoraModule] = {}
