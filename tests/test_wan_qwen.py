@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import loramix
+from loramix.compat import check_source
 from loramix.errors import AdapterFormatError
 
 diffusers = pytest.importorskip("diffusers")
@@ -179,3 +180,19 @@ def test_unknown_wan_name_is_a_one_line_error(tmp_path):
     case = Case(**{**WAN.__dict__, "original": {**WAN.original, "blocks.0.self_attn.norm_q": (H, H)}})
     with pytest.raises(AdapterFormatError, match=r"1 module name\(s\) fit no Wan 2.x transformer module"):
         loramix.load_adapter(write(case, tmp_path / "bad.safetensors", "kohya"))
+
+
+def test_check_a_partial_musubi_wan_file_says_diffusers_no(tmp_path):
+    """diffusers' musubi converter pops every block's ten modules (a KeyError otherwise): check says no for a file
+    without them, and its --format diffusers fix loads."""
+    partial = {n: s for n, s in WAN.original.items() if n.startswith("blocks.0.self_attn")}
+    path = write(Case(**{**WAN.__dict__, "original": partial}), tmp_path / "partial.safetensors", "kohya")
+    verdicts = {v.consumer: v for v in check_source(path).verdicts}
+    assert verdicts["diffusers"].status == "no" and "blocks.0.attn2.to_q" in verdicts["diffusers"].reason
+    with pytest.raises(KeyError):
+        diffusers.WanPipeline.lora_state_dict(str(path))
+    assert {v.consumer: v.status for v in check_source(write(WAN, tmp_path / "k.safetensors", "kohya")).verdicts}[
+        "diffusers"
+    ] == "yes"
+    loramix.run(loramix.Plan(adapters=[str(path)], method="cat", format="diffusers", output=str(tmp_path / "out")))
+    assert len(oracle(WAN, tmp_path / "out" / "pytorch_lora_weights.safetensors")) == 4

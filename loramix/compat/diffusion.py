@@ -1,5 +1,6 @@
-"""`loramix check` for diffusion-transformer LoRA files (Flux.1): what diffusers' ``FluxPipeline.load_lora_weights``
-and ComfyUI's LoRA loader make of the file as written, by its naming (``provenance["key_style"]``) and modules.
+"""`loramix check` for diffusion-transformer LoRA files (Flux.1, Wan 2.x, Qwen-Image): what diffusers' pipelines'
+``load_lora_weights`` and ComfyUI's LoRA loader make of the file as written, by its naming
+(``provenance["key_style"]``) and modules.
 
 Each rule cites the code it follows:
 
@@ -10,6 +11,10 @@ Each rule cites the code it follows:
   ``vector_in``, ``guidance_in`` and ``final_layer`` keyed without ``transformer.``, which ``load_lora_weights``
   then leaves out (their ΔW is lost; ``final_layer``'s alpha is also ignored). ``lora_state_dict`` sends a file to
   that converter only when a key holds ``.lora_down.weight``: ComfyUI files with PEFT's ``lora_A`` keys reach none.
+- diffusers 0.42, ``_convert_musubi_wan_lora_to_diffusers`` (Wan files in musubi-tuner's ``lora_unet_`` names):
+  every block from 0 to the last must hold all of ``self_attn``/``cross_attn`` ``q``, ``k``, ``v``, ``o`` and
+  ``ffn_0``/``ffn_2`` (it pops each one; a missing one is a KeyError). Its ``diffusion_model.`` converter and
+  the Qwen-Image converters read any subset.
 - ComfyUI, ``comfy/lora.py`` (``model_lora_keys_unet``: kohya ``lora_unet_``, ``diffusion_model.`` and diffusers
   ``transformer.`` names of Flux) and ``comfy/lora_convert.py`` (``convert_lora``: XLabs processor keys only in a
   file that holds both ``double_blocks.18.processor.qkv_lora2`` and ``single_blocks.37.processor.qkv_lora``).
@@ -29,9 +34,39 @@ BLOCK = re.compile(r"^transformer\.(?P<kind>single_transformer_blocks|transforme
 KOHYA_STYLES = ("kohya", "comfyui")  # names diffusers' kohya converter reads (ComfyUI's renamed to kohya's first)
 
 
-def flux_verdicts(adapter: LoraAdapter, src: str) -> list[Verdict]:
-    """diffusers' and ComfyUI's verdicts on a Flux.1 LoRA file (see the module docstring)."""
-    return [_diffusers(adapter, src), _comfyui(adapter, src)]
+WAN_BLOCK = tuple(f"attn{n}.{p}" for n in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")) + (
+    "ffn.net.0.proj",
+    "ffn.net.2",
+)
+
+
+def family_verdicts(adapter: LoraAdapter, src: str) -> list[Verdict]:
+    """diffusers' and ComfyUI's verdicts on a recognised diffusion-transformer LoRA file (see the module docstring)."""
+    family = adapter.provenance.get("family")
+    if family == "flux":
+        return [_diffusers(adapter, src), _comfyui(adapter, src)]
+    if family == "wan":
+        return [_wan_diffusers(adapter, src), Verdict("ComfyUI", "yes")]
+    return [Verdict("diffusers", "yes"), Verdict("ComfyUI", "yes")]
+
+
+def _wan_diffusers(adapter: LoraAdapter, src: str) -> Verdict:
+    if "kohya" not in adapter.provenance.get("key_style", ""):
+        return Verdict("diffusers", "yes")
+    blocks = {int(b["i"]) for n in adapter.modules if (b := re.match(r"^transformer\.blocks\.(?P<i>\d+)\.", n))}
+    missing = [
+        f"blocks.{i}.{p}"
+        for i in range(max(blocks, default=-1) + 1)
+        for p in WAN_BLOCK
+        if f"transformer.blocks.{i}.{p}" not in adapter.modules
+    ]
+    if missing:
+        fix = f"loramix combine {src} -m cat --format diffusers -o OUT"
+        reason = (
+            f"its musubi-tuner converter needs every block's attention and FFN modules (missing: {sample(missing)})"
+        )
+        return Verdict("diffusers", "no", reason, fix)
+    return Verdict("diffusers", "yes")
 
 
 def _diffusers(adapter: LoraAdapter, src: str) -> Verdict:
