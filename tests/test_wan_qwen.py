@@ -152,10 +152,11 @@ def _fused(case: Case, source, base_state) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("case", [WAN, QWEN], ids=lambda c: c.name)
-@pytest.mark.parametrize("fmt", [None, "diffusers"])
+@pytest.mark.parametrize("fmt", [None, "kohya", "comfyui", "diffusers"])
 def test_combined_across_namings_and_written_loads_in_diffusers(tmp_path, case, fmt):
     """A kohya (musubi) and a ComfyUI LoRA combine module by module into the float64 weighted sum; the default
-    (kohya, musubi's names) and --format diffusers outputs load in diffusers to that ΔW."""
+    (a kohya file: in ComfyUI's names for Wan, musubi's for Qwen-Image), kohya, comfyui and diffusers outputs load
+    in diffusers to that ΔW."""
     paths = [write(case, tmp_path / "k.safetensors", "kohya"), write(case, tmp_path / "c.safetensors", "comfyui", 1)]
     plan = loramix.Plan(adapters=[str(p) for p in paths], weights=[0.7, 0.3], method="cat", format=fmt)
     report = loramix.run(loramix.Plan(**{**plan.__dict__, "output": str(tmp_path / "out")}))
@@ -165,9 +166,11 @@ def test_combined_across_namings_and_written_loads_in_diffusers(tmp_path, case, 
             expected[name] = expected.get(name, 0) + w * delta
     assert_deltas(report.adapter, expected)
     (written,) = (tmp_path / "out").glob("*.safetensors")
-    if fmt is None:
+    naming = fmt or ("comfyui" if case is WAN else "kohya")
+    if naming != "diffusers":
         with safe_open(str(written), "pt") as f:
-            assert all(k.startswith("lora_unet_") for k in f.keys())  # musubi-tuner's names
+            prefix = "diffusion_model." if naming == "comfyui" else "lora_unet_"  # ComfyUI's or musubi-tuner's names
+            assert all(k.startswith(prefix) for k in f.keys())
     torch.manual_seed(0)
     base = getattr(diffusers, case.model)(**case.config).state_dict()
     fused = _fused(case, written, base)
@@ -196,3 +199,17 @@ def test_check_a_partial_musubi_wan_file_says_diffusers_no(tmp_path):
     ] == "yes"
     loramix.run(loramix.Plan(adapters=[str(path)], method="cat", format="diffusers", output=str(tmp_path / "out")))
     assert len(oracle(WAN, tmp_path / "out" / "pytorch_lora_weights.safetensors")) == 4
+    loramix.run(loramix.Plan(adapters=[str(path)], method="cat", output=str(tmp_path / "default")))  # ComfyUI names
+    assert len(oracle(WAN, tmp_path / "default" / "default.safetensors")) == 4
+
+
+@pytest.mark.parametrize("case", [WAN, QWEN], ids=lambda c: c.name)
+def test_check_verdicts_by_naming(tmp_path, case):
+    """ComfyUI maps lora_unet_ and diffusion_model. names of any model, diffusers' transformer. names of Flux and SD3
+    only (comfy/lora.py); diffusers reads all three for Wan (complete musubi blocks) and Qwen-Image."""
+    expected = {"kohya": ("yes", "yes"), "comfyui": ("yes", "yes"), "diffusers": ("yes", "no")}
+    for style, (in_diffusers, in_comfyui) in expected.items():
+        verdicts = {
+            v.consumer: v.status for v in check_source(write(case, tmp_path / f"{style}.safetensors", style)).verdicts
+        }
+        assert (verdicts["diffusers"], verdicts["ComfyUI"]) == (in_diffusers, in_comfyui), style

@@ -15,8 +15,9 @@ Each rule cites the code it follows:
   every block from 0 to the last must hold all of ``self_attn``/``cross_attn`` ``q``, ``k``, ``v``, ``o`` and
   ``ffn_0``/``ffn_2`` (it pops each one; a missing one is a KeyError). Its ``diffusion_model.`` converter and
   the Qwen-Image converters read any subset.
-- ComfyUI, ``comfy/lora.py`` (``model_lora_keys_unet``: kohya ``lora_unet_``, ``diffusion_model.`` and diffusers
-  ``transformer.`` names of Flux) and ``comfy/lora_convert.py`` (``convert_lora``: XLabs processor keys only in a
+- ComfyUI, ``comfy/lora.py`` (``model_lora_keys_unet``: kohya ``lora_unet_`` and ``diffusion_model.`` names of
+  every model, diffusers ``transformer.`` names of Flux and SD3 only, at the commit these rules were read from,
+  41444b5) and ``comfy/lora_convert.py`` (``convert_lora``: XLabs processor keys only in a
   file that holds both ``double_blocks.18.processor.qkv_lora2`` and ``single_blocks.37.processor.qkv_lora``).
 """
 
@@ -45,9 +46,13 @@ def family_verdicts(adapter: LoraAdapter, src: str) -> list[Verdict]:
     family = adapter.provenance.get("family")
     if family == "flux":
         return [_diffusers(adapter, src), _comfyui(adapter, src)]
+    comfy = Verdict("ComfyUI", "yes")
+    if "diffusers" in adapter.provenance.get("key_style", ""):
+        reason = "its key map names diffusers' transformer.… modules for Flux and SD3 only"
+        comfy = Verdict("ComfyUI", "no", reason, f"loramix combine {src} -m cat --format comfyui -o OUT")
     if family == "wan":
-        return [_wan_diffusers(adapter, src), Verdict("ComfyUI", "yes")]
-    return [Verdict("diffusers", "yes"), Verdict("ComfyUI", "yes")]
+        return [_wan_diffusers(adapter, src), comfy]
+    return [Verdict("diffusers", "yes"), comfy]
 
 
 def _wan_diffusers(adapter: LoraAdapter, src: str) -> Verdict:

@@ -17,8 +17,8 @@ A fused original module (``img_attn.qkv``, ``linear1``) becomes its diffusers pa
 with the same A (`loramix.formats.diffusion.fused.split`), so LoRAs from any two namings line up module by module
 and every method works on them. Text-encoder modules (``lora_te…``, ``text_encoder.…``) keep their names. Once a
 family is recognised, a transformer module name its map does not know is an error naming the first few — never
-dropped, never kept beside the identity. `to_kohya` is the way back for kohya files: the parts joined into the
-original fused module (`fused.join`) under sd-scripts' names.
+dropped, never kept beside the identity. `to_original` is the way back for kohya and ComfyUI files: the parts
+joined into the original fused module (`fused.join`) under sd-scripts' or ComfyUI's names.
 """
 
 from __future__ import annotations
@@ -115,10 +115,21 @@ def _parts(family: Family, found, name: str, module: LoraModule, where: str) -> 
     return {COMPONENT + n: m for n, m in split(module, pieces).items()}
 
 
-def to_kohya(adapter: LoraAdapter) -> LoraAdapter:
+NAMINGS = ("kohya", "comfyui")
+COMFY = "diffusion_model."  # ComfyUI's and BFL's prefix for the denoiser's own module names
+
+
+def original_name(path: str, naming: str) -> str:
+    """An original module path under ``naming``: kohya's ``lora_unet_…`` (flattened) or ComfyUI's
+    ``diffusion_model.…`` (dotted)."""
+    return COMFY + path if naming == "comfyui" else KOHYA + path.replace(".", "_")
+
+
+def to_original(adapter: LoraAdapter, naming: str = "kohya") -> LoraAdapter:
     """``adapter`` with a recognised family's diffusers-named transformer modules joined back into the original
-    modules under sd-scripts' names (``lora_unet_double_blocks_0_img_attn_qkv``), what kohya, ComfyUI and diffusers'
-    kohya converter read; any other adapter as it is. A transformer module outside the family's map is refused."""
+    modules under sd-scripts'/musubi-tuner's names (``lora_unet_double_blocks_0_img_attn_qkv``) or, with ``naming``
+    ``comfyui``, ComfyUI's (``diffusion_model.double_blocks.0.img_attn.qkv``); any other adapter as it is. A
+    transformer module outside the family's map is refused."""
     family = recognise(adapter.modules)
     if family is None:
         return adapter
@@ -127,16 +138,26 @@ def to_kohya(adapter: LoraAdapter) -> LoraAdapter:
     for name, module in adapter.modules.items():
         found = reading(family, name)
         if found is None and not name.startswith(TEXT):
-            raise OutputError(f"module {name} is no {family.label} transformer module, so it has no kohya name")
-        if found is None or found[2] == -1:  # a text encoder's, or an original module's already
-            out[name if found is None or name.startswith(KOHYA) else KOHYA + name.replace(".", "_")] = module
-            continue
-        rule, block, _ = found
-        groups[(rule, block)][COMPONENT + rule.name(rule.targets[found[2]], block)] = module
+            raise OutputError(f"module {name} is no {family.label} transformer module, so it has no {naming} name")
+        if found is None:  # a text encoder's: kohya's names, which ComfyUI reads too
+            out[name] = module
+        elif found[2] == -1:  # an original module's already
+            out[original_name(found[0].name(found[0].original, found[1]), naming)] = module
+        else:
+            rule, block, index = found
+            groups[(rule, block)][COMPONENT + rule.name(rule.targets[index], block)] = module
     mlp = _mlp_rows(family, adapter.modules)
     for (rule, block), parts in groups.items():
-        out[KOHYA + rule.name(rule.original, block).replace(".", "_")] = _joined(family, rule, block, parts, mlp)
+        out[original_name(rule.name(rule.original, block), naming)] = _joined(family, rule, block, parts, mlp)
     return adapter.with_modules(out)
+
+
+def file_naming(adapters: list[LoraAdapter]) -> str:
+    """The naming of a diffusion LoRA file that diffusers and ComfyUI both load for ``adapters``' family: ComfyUI's
+    for Wan (diffusers reads musubi-tuner's names only when every block holds all ten attention and FFN modules, its
+    ``diffusion_model.`` names in any subset), kohya's otherwise."""
+    families = {f.name if (f := recognise(a.modules)) else None for a in adapters}
+    return "comfyui" if families == {"wan"} else "kohya"
 
 
 def _joined(family: Family, rule: Rule, block, parts: dict[str, LoraModule], mlp) -> LoraModule:
