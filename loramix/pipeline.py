@@ -195,8 +195,8 @@ def _format_options(fmt: str, output: str | Path, rank_layout: str = "portable",
     options: dict = {"format": fmt}
     if fmt in LAID_OUT:
         options["rank_layout"] = rank_layout
-    if fmt in ("kohya", "gguf"):
-        options["file_name"] = Path(output).resolve().name + (".safetensors" if fmt == "kohya" else ".gguf")
+    if fmt in ("kohya", "comfyui", "gguf"):
+        options["file_name"] = Path(output).resolve().name + (".gguf" if fmt == "gguf" else ".safetensors")
     if fmt == "gguf" and base is not None:
         options["base"] = base
     return options

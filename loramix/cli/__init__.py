@@ -162,9 +162,10 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 )
 @click.option(
     "--format",
-    type=click.Choice(["peft", "kohya", "gguf"]),
-    help="Adapter output format: a PEFT folder, a kohya/A1111 .safetensors or a llama.cpp LoRA .gguf in the folder "
-    "[default: kohya for kohya/diffusers/LyCORIS inputs, else peft].",
+    type=click.Choice(["peft", "kohya", "comfyui", "diffusers", "gguf"]),
+    help="Adapter output format: a PEFT folder, a kohya/A1111 .safetensors (comfyui: in ComfyUI's diffusion_model. "
+    "names), a diffusers pytorch_lora_weights.safetensors or a llama.cpp LoRA .gguf in the folder [default: kohya for "
+    "kohya/diffusers/LyCORIS inputs (comfyui for Wan), else peft].",
 )
 @click.option(
     "--gguf-base",
@@ -235,7 +236,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         click.echo(
             f"wrote {plan.output}: {counted(len(report.adapter.modules), 'module')}, {rank_span(report.adapter.ranks)}"
             + f", {method} of {counted(report.sources, 'adapter')}"
-            + (f" ({report.format} format)" if report.format in ("kohya", "gguf") else "")
+            + (f" ({report.format} format)" if report.format in ("kohya", "comfyui", "diffusers", "gguf") else "")
             + (f"; {kept}" if kept else "")
         )
     push_output(plan.output, push_repo)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loramix.adapter import LoraAdapter
+from loramix.compat.diffusion import family_verdicts
 from loramix.compat.engines import (
     VLLM_MAX_RANKS,
     kohya_named_folder,
@@ -60,7 +61,9 @@ def check(adapter: LoraAdapter, config: dict | None) -> Report:
     """The verdict of every consumer on ``adapter``; ``config`` is its raw adapter_config.json (None: not a PEFT
     folder, e.g. a kohya file)."""
     src = adapter.source if " " not in adapter.source else repr(adapter.source)
-    if config is None:
+    if config is None and adapter.provenance.get("family") and adapter.provenance.get("format") == "kohya":
+        verdicts = kohya_verdicts(adapter, src)[:-1] + family_verdicts(adapter, src)  # diffusers, ComfyUI apart
+    elif config is None:
         verdicts = kohya_verdicts(adapter, src)
     elif any(KOHYA_PREFIX.match(name) for name in adapter.modules):
         verdicts = kohya_named_folder(adapter, src)

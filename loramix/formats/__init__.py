@@ -18,6 +18,9 @@ from loramix import experts
 from loramix.adapter import LoraAdapter, check_compatible
 from loramix.errors import AdapterFormatError, IncompatibleAdaptersError, MethodError
 from loramix.formats import _keys, adalora, gguf, kohya, live, lycoris, peft, statedict
+from loramix.formats.diffusion import comfyui, file_naming
+from loramix.formats.diffusion import files as diffusion_files
+from loramix.formats.diffusion import writer as diffusers_writer
 from loramix.io.conversion import in_memory, model_names
 from loramix.schedule import parse
 from loramix.sources import local_config, parse_hub_id, resolve
@@ -25,8 +28,14 @@ from loramix.sources import local_config, parse_hub_id, resolve
 log = logging.getLogger(__name__)
 
 # detection order: the first whose detect() says yes reads the source (LyCORIS before kohya: same names, more keys)
-FORMATS = (lycoris, kohya, statedict, adalora, peft)
-WRITERS = {peft.NAME: peft, kohya.NAME: kohya, gguf.NAME: gguf}
+FORMATS = (lycoris, kohya, diffusion_files, statedict, adalora, peft)
+WRITERS = {
+    peft.NAME: peft,
+    kohya.NAME: kohya,
+    gguf.NAME: gguf,
+    diffusers_writer.NAME: diffusers_writer,
+    comfyui.NAME: comfyui,
+}
 DIFFUSION_FORMATS = (kohya.NAME, lycoris.NAME)  # files diffusion pipelines' loaders read
 UNKNOWN_BASE = "base model unknown; only module shapes can be checked against the others"
 # path::key=value: the options a plain state dict needs, per source (numbers or text)
@@ -235,10 +244,10 @@ def _align_flat_conv(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
 
 
 def default_format(adapters: list[LoraAdapter]) -> str:
-    """The output format the inputs' own ecosystem loads: a kohya file (what diffusers, ComfyUI and A1111 read) when
-    every input was read from a kohya, diffusers or LyCORIS file or is named as one (a combination of such files
-    included), else a PEFT folder."""
-    return "kohya" if adapters and all(_diffusion_lora(a) for a in adapters) else "peft"
+    """The output format the inputs' own ecosystem loads: a kohya file (what diffusers, ComfyUI and A1111 read; in
+    ComfyUI's names for Wan, `loramix.formats.diffusion.file_naming`) when every input was read from a kohya,
+    diffusers or LyCORIS file or is named as one (a combination of such files included), else a PEFT folder."""
+    return file_naming(adapters) if adapters and all(_diffusion_lora(a) for a in adapters) else "peft"
 
 
 def _diffusion_lora(adapter: LoraAdapter) -> bool:

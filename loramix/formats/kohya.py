@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import AdapterFormatError, OutputError
 from loramix.formats._keys import is_number, pattern_value
+from loramix.formats.diffusion import COMFY, identify, to_original
 from loramix.io.files import check_finite, read_tensors, tensor_keys
 
 NAME = "kohya"
@@ -156,7 +157,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     _diffusers_scales(file, modules, meta)
     if all(not m.B.any() for m in modules.values()):
         notes.append("every lora_up factor is zero: this adapter changes nothing")
-    return LoraAdapter(
+    adapter = LoraAdapter(
         modules=modules,
         base_model=meta.get("loramix_base_model") or None,
         source=str(path),
@@ -165,6 +166,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
         file_bytes=file.stat().st_size,
         provenance={"format": "kohya", "key_style": "+".join(sorted(styles)), "file": file.name},
     )
+    return identify(adapter, str(file))
 
 
 def metadata(file: Path) -> dict[str, str]:
@@ -281,8 +283,13 @@ def is_clip_text(names) -> bool:
     return bool(names) and all(CLIP_TEXT.match(name) for name in names)
 
 
-def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """kohya's key layout for ``adapter``; refuses what the format cannot hold."""
+def state_dict(
+    adapter: LoraAdapter, dtype: torch.dtype | None = None, *, naming: str = "kohya"
+) -> dict[str, torch.Tensor]:
+    """kohya's key layout for ``adapter`` (a diffusion transformer's modules under sd-scripts'/musubi-tuner's names,
+    or ComfyUI's ``diffusion_model.…`` with ``naming="comfyui"``: `loramix.formats.diffusion.to_original`); refuses
+    what the format cannot hold."""
+    adapter = to_original(adapter, naming)
     if adapter.extra:
         raise OutputError(f"kohya files cannot hold heads or saved layers ({', '.join(sorted(adapter.extra)[:3])})")
     out: dict[str, torch.Tensor] = {}
@@ -293,7 +300,7 @@ def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[s
             raise OutputError(f"module {name}: kohya files cannot hold lora_B biases or DoRA magnitudes")
         if m.layout not in ("linear", "conv2d"):
             raise OutputError(f"module {name}: kohya files hold linear and conv2d LoRA only, not {m.layout}")
-        key = kohya_name(name, clip_text=clip_text)
+        key = name if name.startswith(COMFY) else kohya_name(name, clip_text=clip_text)
         if key in seen:
             raise OutputError(f"modules {seen[key]} and {name} both flatten to the kohya name {key}")
         seen[key] = name
@@ -310,13 +317,19 @@ def state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[s
 
 
 def write(
-    adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None = None, file_name: str | None = None
+    adapter: LoraAdapter,
+    folder: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    file_name: str | None = None,
+    naming: str = "kohya",
 ) -> Path:
     """Write ``adapter`` as a kohya/A1111 file ``FOLDER/<file_name>`` (default: the folder's name +
-    ``.safetensors``) into the existing ``folder``; returns the file."""
+    ``.safetensors``) into the existing ``folder``, a diffusion transformer's modules in ``naming`` (see
+    `state_dict`); returns the file."""
     if not adapter.modules:
         raise OutputError(f"{folder}: the adapter has no LoRA modules, so there is no kohya file to write")
-    tensors = state_dict(adapter, dtype)
+    tensors = state_dict(adapter, dtype, naming=naming)
     ranks = sorted({m.rank for m in adapter.modules.values()})
     alphas = sorted({float(t) for k, t in tensors.items() if k.endswith(".alpha")})
     metadata = {

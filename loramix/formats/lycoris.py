@@ -38,6 +38,7 @@ import torch
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import AdapterFormatError
 from loramix.formats import kohya
+from loramix.formats.diffusion import identify
 from loramix.io.files import check_finite, read_tensors
 
 NAME = "lycoris"
@@ -112,7 +113,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
         notes.append(f"{len(ignored)} key(s) are not LyCORIS factors and were dropped ({', '.join(ignored[:3])})")
     if all(not m.B.any() for m in modules.values()):
         notes.append("every module's update is zero: this adapter changes nothing")
-    return LoraAdapter(
+    adapter = LoraAdapter(
         modules=modules,
         base_model=kohya.metadata(file).get("loramix_base_model") or None,
         source=str(path),
@@ -121,6 +122,7 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
         file_bytes=file.stat().st_size,
         provenance={"format": NAME, "file": file.name, "lycoris": _summary(kinds)},
     )
+    return identify(adapter, str(file))  # a diffusion transformer's modules onto diffusers' names
 
 
 def _summary(kinds: dict[str, list[int]]) -> list[str]:

@@ -31,6 +31,7 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         "source": adapter.source,
         "file": adapter.provenance.get("file"),
         "base_model": adapter.base_model,
+        "architecture": adapter.provenance.get("architecture"),
         "task_type": adapter.task_type,
         "dtype": dtype_name(adapter.dtype),
         "num_modules": len(adapter.modules),
@@ -85,6 +86,7 @@ def inspect_text(summaries: list[dict]) -> str:
         rows = [
             ("source", _source(s)),
             ("base model", s["base_model"] or "(unknown)"),
+            *([("architecture", s["architecture"])] if s.get("architecture") else []),
             ("task", s["task_type"] or "-"),
             ("dtype", s["dtype"]),
             ("modules", f"{s['num_modules']} ({types})"),

@@ -1,0 +1,114 @@
+"""`loramix check` for diffusion-transformer LoRA files (Flux.1, Wan 2.x, Qwen-Image): what diffusers' pipelines'
+``load_lora_weights`` and ComfyUI's LoRA loader make of the file as written, by its naming
+(``provenance["key_style"]``) and modules.
+
+Each rule cites the code it follows:
+
+- diffusers 0.42, ``loaders/lora_conversion_utils.py``, ``_convert_kohya_flux_lora_to_diffusers`` (kohya files, and
+  ComfyUI's ``diffusion_model.`` files with ``lora_down`` keys, which it renames to kohya's first): double blocks
+  0–18 and single blocks 0–37 only (any other key is "Incompatible keys"); ``linear1`` split at ``dims=[3072, 3072,
+  3072, 12288]`` (Flux.1's sizes; another hidden size fails its assert); ``img_in``, ``txt_in``, ``time_in``,
+  ``vector_in``, ``guidance_in`` and ``final_layer`` keyed without ``transformer.``, which ``load_lora_weights``
+  then leaves out (their ΔW is lost; ``final_layer``'s alpha is also ignored). ``lora_state_dict`` sends a file to
+  that converter only when a key holds ``.lora_down.weight``: ComfyUI files with PEFT's ``lora_A`` keys reach none.
+- diffusers 0.42, ``_convert_musubi_wan_lora_to_diffusers`` (Wan files in musubi-tuner's ``lora_unet_`` names):
+  every block from 0 to the last must hold all of ``self_attn``/``cross_attn`` ``q``, ``k``, ``v``, ``o`` and
+  ``ffn_0``/``ffn_2`` (it pops each one; a missing one is a KeyError). Its ``diffusion_model.`` converter and
+  the Qwen-Image converters read any subset.
+- ComfyUI, ``comfy/lora.py`` (``model_lora_keys_unet``: kohya ``lora_unet_`` and ``diffusion_model.`` names of
+  every model, diffusers ``transformer.`` names of Flux and SD3 only, at the commit these rules were read from,
+  41444b5) and ``comfy/lora_convert.py`` (``convert_lora``: XLabs processor keys only in a
+  file that holds both ``double_blocks.18.processor.qkv_lora2`` and ``single_blocks.37.processor.qkv_lora``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from loramix.adapter import LoraAdapter
+from loramix.compat.facts import Verdict
+from loramix.formats._keys import sample
+
+FLUX_BLOCKS = {"transformer_blocks": 19, "single_transformer_blocks": 38}  # the converter's range(19), range(38)
+FLUX_HIDDEN = 3072  # the converter's linear1 dims: 3 × 3072 + 12288
+BLOCK = re.compile(r"^transformer\.(?P<kind>single_transformer_blocks|transformer_blocks)\.(?P<i>\d+)\.")
+KOHYA_STYLES = ("kohya", "comfyui")  # names diffusers' kohya converter reads (ComfyUI's renamed to kohya's first)
+
+
+WAN_BLOCK = tuple(f"attn{n}.{p}" for n in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")) + (
+    "ffn.net.0.proj",
+    "ffn.net.2",
+)
+
+
+def family_verdicts(adapter: LoraAdapter, src: str) -> list[Verdict]:
+    """diffusers' and ComfyUI's verdicts on a recognised diffusion-transformer LoRA file (see the module docstring)."""
+    family = adapter.provenance.get("family")
+    if family == "flux":
+        return [_diffusers(adapter, src), _comfyui(adapter, src)]
+    comfy = Verdict("ComfyUI", "yes")
+    if "diffusers" in adapter.provenance.get("key_style", ""):
+        reason = "its key map names diffusers' transformer.… modules for Flux and SD3 only"
+        comfy = Verdict("ComfyUI", "no", reason, f"loramix combine {src} -m cat --format comfyui -o OUT")
+    if family == "wan":
+        return [_wan_diffusers(adapter, src), comfy]
+    return [Verdict("diffusers", "yes"), comfy]
+
+
+def _wan_diffusers(adapter: LoraAdapter, src: str) -> Verdict:
+    if "kohya" not in adapter.provenance.get("key_style", ""):
+        return Verdict("diffusers", "yes")
+    blocks = {int(b["i"]) for n in adapter.modules if (b := re.match(r"^transformer\.blocks\.(?P<i>\d+)\.", n))}
+    missing = [
+        f"blocks.{i}.{p}"
+        for i in range(max(blocks, default=-1) + 1)
+        for p in WAN_BLOCK
+        if f"transformer.blocks.{i}.{p}" not in adapter.modules
+    ]
+    if missing:
+        fix = f"loramix combine {src} -m cat --format diffusers -o OUT"
+        reason = (
+            f"its musubi-tuner converter needs every block's attention and FFN modules (missing: {sample(missing)})"
+        )
+        return Verdict("diffusers", "no", reason, fix)
+    return Verdict("diffusers", "yes")
+
+
+def _diffusers(adapter: LoraAdapter, src: str) -> Verdict:
+    name, style = "diffusers", adapter.provenance.get("key_style", "")
+    fix = f"loramix combine {src} -m cat --format diffusers -o OUT"
+    modules = [n for n in adapter.modules if n.startswith("transformer.")]
+    if "comfyui-peft" in style:
+        return Verdict(name, "no", "ComfyUI names with lora_A/lora_B keys reach none of its Flux converters", fix)
+    if not any(s in style for s in KOHYA_STYLES):
+        return Verdict(name, "yes")
+    beyond = [n for n in modules if (b := BLOCK.match(n)) and int(b["i"]) >= FLUX_BLOCKS[b["kind"]]]
+    if beyond:
+        return Verdict(name, "no", f"its kohya converter reads Flux.1's 19+38 blocks only ({sample(beyond)})", fix)
+    wide = [
+        n
+        for n, m in adapter.modules.items()
+        if n.startswith("transformer.single_transformer_blocks.") and n.endswith(".attn.to_q")
+        if m.in_features != FLUX_HIDDEN
+    ]
+    if wide:
+        return Verdict(
+            name, "no", f"its kohya converter splits linear1 at hidden {FLUX_HIDDEN} only ({sample(wide)})", fix
+        )
+    top = [n for n in modules if not BLOCK.match(n)]
+    if top:
+        reason = f"its kohya converter drops {len(top)} module(s) outside the blocks ({sample(top)})"
+        return Verdict(name, "wrong", reason, fix)
+    return Verdict(name, "yes")
+
+
+def _comfyui(adapter: LoraAdapter, src: str) -> Verdict:
+    style = adapter.provenance.get("key_style", "")
+    full_uso = {
+        "transformer.transformer_blocks.18.attn.add_q_proj",
+        "transformer.single_transformer_blocks.37.attn.to_q",
+    }
+    if "xlabs" in style and not full_uso <= set(adapter.modules):
+        fix = f"loramix combine {src} -m cat --format kohya -o OUT"
+        return Verdict("ComfyUI", "no", "it converts XLabs keys only in a file with every block's", fix)
+    return Verdict("ComfyUI", "yes")

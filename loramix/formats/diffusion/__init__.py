@@ -1,0 +1,188 @@
+"""Diffusion-transformer LoRAs (Flux.1, Wan 2.x, Qwen-Image): every naming read onto one module identity, and
+written back out.
+
+The identity is diffusers' module path inside the pipeline's ``transformer`` component, with the component prefix
+loramix uses for diffusers names: ``transformer.transformer_blocks.0.attn.to_q``. `identify` recognises a family
+from an adapter's module names (and checks the shapes against its map, `loramix.formats.diffusion.family`) and
+renames every transformer module onto that identity, whatever naming the file used:
+
+- kohya/sd-scripts and musubi-tuner: ``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_blocks_0_self_attn_q``
+  (the original module, flattened);
+- ComfyUI/BFL: ``diffusion_model.double_blocks.0.img_attn.qkv`` (read by `loramix.formats.diffusion.files`);
+- XLabs: ``double_blocks.0.processor.qkv_lora1`` (also read there);
+- diffusers/PEFT (ai-toolkit, SimpleTuner, diffusers' trainers): ``transformer.transformer_blocks.0.attn.to_q``, and
+  diffusers' flattened ``lora_transformer_transformer_blocks_0_attn_to_q``.
+
+A fused original module (``img_attn.qkv``, ``linear1``) becomes its diffusers parts, each the fused LoRA's rows of B
+with the same A (`loramix.formats.diffusion.fused.split`), so LoRAs from any two namings line up module by module
+and every method works on them. Text-encoder modules (``lora_te…``, ``text_encoder.…``) keep their names. Once a
+family is recognised, a transformer module name its map does not know is an error naming the first few — never
+dropped, never kept beside the identity. `to_original` is the way back for kohya and ComfyUI files: the parts
+joined into the original fused module (`fused.join`) under sd-scripts' or ComfyUI's names.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from loramix.adapter import LoraAdapter, LoraModule
+from loramix.errors import AdapterFormatError, OutputError
+from loramix.formats._keys import sample
+from loramix.formats.diffusion.family import Family, Rule
+from loramix.formats.diffusion.flux import FLUX
+from loramix.formats.diffusion.fused import Piece, join, split
+from loramix.formats.diffusion.qwen import QWEN_IMAGE
+from loramix.formats.diffusion.wan import WAN
+
+FAMILIES = (FLUX, WAN, QWEN_IMAGE)
+COMPONENT = "transformer."
+KOHYA = "lora_unet_"  # sd-scripts' prefix for the denoiser, whatever its kind
+DIFFUSERS_FLAT = "lora_transformer_"  # diffusers' own flattened names (its "mixture" kohya files)
+TEXT = ("lora_te", "text_encoder", "text_encoders.")  # text-encoder modules: not the transformer's
+
+
+def reading(family: Family, name: str) -> tuple[Rule, str | None, int] | None:
+    """How ``name`` reads in ``family``: (rule, block, target index; -1 for an original module), or None."""
+    if name.startswith(KOHYA):
+        return family.match(name.removeprefix(KOHYA), flat=True, original=True)
+    if name.startswith(DIFFUSERS_FLAT):
+        return family.match(name.removeprefix(DIFFUSERS_FLAT), flat=True, original=False)
+    if name.startswith(COMPONENT):
+        return family.match(name.removeprefix(COMPONENT), flat=False, original=False)
+    return family.match(name, flat=False, original=True)
+
+
+def recognise(names, where: str = "the adapter") -> Family | None:
+    """The family whose module names ``names`` use: the one that reads most of the transformer's names, one of
+    them an original module of it or a diffusers module only it has (see `Family.markers`); None when no family
+    has such a name. Names two families read equally well (``img_in`` alone: Flux.1's and Qwen-Image's) are
+    refused, naming ``where``."""
+    names = [n for n in names if not n.startswith(TEXT)]
+    scores = []
+    for family in FAMILIES:
+        found = [f for n in names if (f := reading(family, n)) is not None]
+        if any(f[2] == -1 or family.marked(f[0]) for f in found):
+            scores.append((len(found), family))
+    if not scores:
+        return None
+    top = max(count for count, _ in scores)
+    best = [family for count, family in scores if count == top]
+    if len(best) > 1:
+        labels = " and ".join(f.label for f in best)
+        raise AdapterFormatError(f"{where}: its module names fit {labels} alike ({sample(names)}); cannot tell which")
+    return best[0]
+
+
+def identify(adapter: LoraAdapter, where: str) -> LoraAdapter:
+    """``adapter`` with its transformer modules under diffusers' names (see the module docstring); an adapter of no
+    known family comes back as it is. ``where`` names the file in errors."""
+    family = recognise(adapter.modules, where)
+    if family is None:
+        return adapter
+    modules: dict[str, LoraModule] = {}
+    origin: dict[str, str] = {}
+    unknown = []
+    for name, module in adapter.modules.items():
+        if name.startswith(TEXT):
+            parts = {name: module}
+        elif (found := reading(family, name)) is None:
+            unknown.append(name)
+            continue
+        else:
+            parts = _parts(family, found, name, module, where)
+        for target, part in parts.items():
+            if target in modules:
+                raise AdapterFormatError(f"{where}: modules {origin[target]} and {name} both change {target}")
+            modules[target], origin[target] = part, name
+    if unknown:
+        raise AdapterFormatError(
+            f"{where}: {len(unknown)} module name(s) fit no {family.label} transformer module ({sample(unknown)}); "
+            f"expected its kohya (lora_unet_…), ComfyUI/BFL, XLabs or diffusers (transformer.…) names"
+        )
+    hidden = Counter(m.in_features for n, m in modules.items() if n.startswith(COMPONENT)).most_common(1)
+    architecture = f"{family.label} ({family.model_class}, hidden {hidden[0][0]})" if hidden else family.label
+    provenance = {**adapter.provenance, "family": family.name, "architecture": architecture}
+    return adapter.with_modules(modules, provenance=provenance)
+
+
+def _parts(family: Family, found, name: str, module: LoraModule, where: str) -> dict[str, LoraModule]:
+    rule, block, index = found
+    if index >= 0:
+        return {COMPONENT + rule.name(rule.targets[index], block): module}
+    if module.layout != "linear":
+        raise AdapterFormatError(f"{where}: module {name} is a {module.layout} LoRA; {family.label}'s are linear")
+    pieces = family.pieces(rule, block, module.in_features, module.out_features, f"{where}: {name}")
+    return {COMPONENT + n: m for n, m in split(module, pieces).items()}
+
+
+NAMINGS = ("kohya", "comfyui")
+COMFY = "diffusion_model."  # ComfyUI's and BFL's prefix for the denoiser's own module names
+
+
+def original_name(path: str, naming: str) -> str:
+    """An original module path under ``naming``: kohya's ``lora_unet_…`` (flattened) or ComfyUI's
+    ``diffusion_model.…`` (dotted)."""
+    return COMFY + path if naming == "comfyui" else KOHYA + path.replace(".", "_")
+
+
+def to_original(adapter: LoraAdapter, naming: str = "kohya") -> LoraAdapter:
+    """``adapter`` with a recognised family's diffusers-named transformer modules joined back into the original
+    modules under sd-scripts'/musubi-tuner's names (``lora_unet_double_blocks_0_img_attn_qkv``) or, with ``naming``
+    ``comfyui``, ComfyUI's (``diffusion_model.double_blocks.0.img_attn.qkv``); any other adapter as it is. A
+    transformer module outside the family's map is refused."""
+    family = recognise(adapter.modules)
+    if family is None:
+        return adapter
+    out: dict[str, LoraModule] = {}
+    groups: dict[tuple[Rule, str | None], dict[str, LoraModule]] = defaultdict(dict)
+    for name, module in adapter.modules.items():
+        found = reading(family, name)
+        if found is None and not name.startswith(TEXT):
+            raise OutputError(f"module {name} is no {family.label} transformer module, so it has no {naming} name")
+        if found is None:  # a text encoder's: kohya's names, which ComfyUI reads too
+            out[name] = module
+        elif found[2] == -1:  # an original module's already
+            out[original_name(found[0].name(found[0].original, found[1]), naming)] = module
+        else:
+            rule, block, index = found
+            groups[(rule, block)][COMPONENT + rule.name(rule.targets[index], block)] = module
+    mlp = _mlp_rows(family, adapter.modules)
+    for (rule, block), parts in groups.items():
+        out[original_name(rule.name(rule.original, block), naming)] = _joined(family, rule, block, parts, mlp)
+    return adapter.with_modules(out)
+
+
+def file_naming(adapters: list[LoraAdapter]) -> str:
+    """The naming of a diffusion LoRA file that diffusers and ComfyUI both load for ``adapters``' family: ComfyUI's
+    for Wan (diffusers reads musubi-tuner's names only when every block holds all ten attention and FFN modules, its
+    ``diffusion_model.`` names in any subset), kohya's otherwise."""
+    families = {f.name if (f := recognise(a.modules)) else None for a in adapters}
+    return "comfyui" if families == {"wan"} else "kohya"
+
+
+def _joined(family: Family, rule: Rule, block, parts: dict[str, LoraModule], mlp) -> LoraModule:
+    first = next(iter(parts.values()))
+    for name, module in parts.items():
+        if module.layout != "linear" or module.bias is not None or module.magnitude is not None:
+            raise OutputError(f"module {name}: kohya files hold a plain linear LoRA for {family.label}")
+    if rule.split == "one":
+        return first
+    hidden = first.in_features
+    rows = {"thirds": 3 * hidden, "qkv_rest": 3 * hidden + mlp(hidden), "swap": first.out_features}[rule.split]
+    pieces = [Piece(COMPONENT + p.name, p.segments) for p in family.pieces(rule, block, hidden, rows, "the output")]
+    return join(parts, pieces, rows)
+
+
+def _mlp_rows(family: Family, modules: dict[str, LoraModule]):
+    """The MLP rows of a fused q,k,v,MLP module, from a module that shows them (an MLP projection's rows, or the
+    output projection's columns past the hidden size), else the family's MLP ratio."""
+
+    def rows(hidden: int) -> int:
+        for name, m in modules.items():
+            if name.endswith(".proj_mlp"):
+                return m.out_features
+            if name.startswith(COMPONENT + "single_transformer_blocks.") and name.endswith(".proj_out"):
+                return m.in_features - hidden
+        return family.mlp_ratio * hidden
+
+    return rows
