@@ -103,7 +103,7 @@ def _repeatable(plan: Plan, adapter: LoraAdapter, rule: RankRule | None = None) 
     )
 
 
-def _write_files(folder: Path, files: dict[str, str]) -> None:
+def write_files(folder: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         (folder / name).write_text(text)
 
@@ -177,8 +177,8 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         )
         return RunReport(Path(plan.output), adapter, len(loaded), "checkpoint", merge)
     with atomic_output(plan.output, overwrite=overwrite, protect=[*protect, adapter.source]) as tmp:
-        write_adapter(adapter, tmp, **_format_options(plan.format, plan.output, plan.rank_layout, plan.gguf_base))
-        _write_files(tmp, files)
+        write_adapter(adapter, tmp, **format_options(plan.format, plan.output, plan.rank_layout, plan.gguf_base))
+        write_files(tmp, files)
     return RunReport(Path(plan.output), adapter, len(loaded), plan.format)
 
 
@@ -196,7 +196,7 @@ def _is_single_dora(loaded: list[LoraAdapter], weights: list[float], plan: Plan)
     )
 
 
-def _format_options(fmt: str, output: str | Path, rank_layout: str = "portable", base: str | None = None) -> dict:
+def format_options(fmt: str, output: str | Path, rank_layout: str = "portable", base: str | None = None) -> dict:
     options: dict = {"format": fmt}
     if fmt in LAID_OUT:
         options["rank_layout"] = rank_layout
@@ -228,8 +228,8 @@ def save_adapter(
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
     files = {CARD_FILE: model_card(adapter, revisions=revisions(protect), output_format=format)} if card else {}
     with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:
-        write_adapter(adapter, tmp, dtype=parse_dtype(dtype), **_format_options(format, folder, rank_layout), **options)
-        _write_files(tmp, files)
+        write_adapter(adapter, tmp, dtype=parse_dtype(dtype), **format_options(format, folder, rank_layout), **options)
+        write_files(tmp, files)
     return Path(folder)
 
 
@@ -300,7 +300,7 @@ def merge_into_base(
         if quantization is not None:
             section = quantization_section(quantization, report.round_tripped, list(report.survival))
             files = {**files, CARD_FILE: files.get(CARD_FILE, "") + section}
-        _write_files(tmp, files)
+        write_files(tmp, files)
     report.path = Path(out)
     return report
 
@@ -372,7 +372,7 @@ def write_search(
     protect = [*adapter.provenance.get("sources", []), result.settings.get("base", "")]
     with atomic_output(folder, overwrite=overwrite, protect=[p for p in protect if p]) as tmp:
         write_adapter(adapter, tmp)
-        _write_files(tmp, files)
+        write_files(tmp, files)
     return Path(folder)
 
 
@@ -427,8 +427,8 @@ def extract(
         EXTRACTION_FILE: json.dumps(report, indent=2) + "\n",
     }
     with atomic_output(output, overwrite=overwrite, protect=protect) as tmp:
-        write_adapter(adapter, tmp, **_format_options(format, output, rank_layout, str(base)))
-        _write_files(tmp, files)
+        write_adapter(adapter, tmp, **format_options(format, output, rank_layout, str(base)))
+        write_files(tmp, files)
     return result
 
 

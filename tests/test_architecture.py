@@ -28,6 +28,7 @@ PACKAGE = ROOT / "loramix"
 LAYERS = [
     ["loramix.__main__"],
     ["loramix.cli"],
+    ["loramix.convert"],
     ["loramix.pipeline"],
     ["loramix.recipe"],
     ["loramix.hub"],

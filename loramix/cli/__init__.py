@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from loramix.cli.convert import convert
 from loramix.cli.extract import extract
 from loramix.cli.options import (
     DEVICE_HELP,
@@ -243,6 +244,7 @@ def _with_block_weights(lbws: list, weights: list | None, count: int) -> list:
 
 
 main.add_command(extract)
+main.add_command(convert)
 
 
 @main.command()
@@ -267,9 +269,9 @@ def examples(name: str | None) -> None:
     """List the bundled examples, or print the folder of example NAME.
 
     tiny-llama: a tiny random Llama with a character tokenizer; summarize, translate, formal: PEFT adapters made on
-    it; few-shot: formal.jsonl, examples for `loramix search`; minimind: a hand-made LoRA state dict (.pth) and
-    the module_map.yaml that renames its modules to tiny-llama's; tiny-llama-tuned: a "fully fine-tuned" tiny-llama
-    for `loramix extract`.
+    it; dora: a PEFT DoRA adapter on it, for `loramix convert`; few-shot: formal.jsonl, examples for `loramix
+    search`; minimind: a hand-made LoRA state dict (.pth) and the module_map.yaml that renames its modules to
+    tiny-llama's; tiny-llama-tuned: a "fully fine-tuned" tiny-llama for `loramix extract`.
     """
     from loramix import examples as bundled
 

@@ -50,7 +50,7 @@ class ModuleExtraction:
     rank: int
     kept: float
     error: float
-    change: float
+    change: float | None  # None: no base weight was read (a conversion in factor space)
     shape: tuple[int, ...]
     solver: str
 
@@ -97,7 +97,9 @@ class Extraction:
 
 
 @dataclass
-class _Pending:
+class Pending:
+    """One module's ΔW waiting for its decomposition (`Extractor` batches same-shaped ones on a GPU)."""
+
     name: str
     layout: str
     kernel: tuple[int, ...]
@@ -106,24 +108,26 @@ class _Pending:
     change: float
 
 
-def _math_view(delta: torch.Tensor, layout: str) -> torch.Tensor:
+def math_view(delta: torch.Tensor, layout: str) -> torch.Tensor:
     """ΔW as out×in from its stored layout (Conv1D and embeddings are stored in×out; conv kernels flattened)."""
     if layout in ("conv1d_fan_in_fan_out", "embedding"):
         return delta.T
     return delta.reshape(delta.shape[0], -1)
 
 
-def _task_type(config: dict) -> str | None:
+def task_type_of(config: dict) -> str | None:
     architectures = config.get("architectures") or []
     return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
 
 
-class _Extractor:
+class Extractor:
+    """Decomposes queued ΔWs under the result's rank rule into the result's adapter, with each module's account."""
+
     def __init__(self, result: Extraction, device: torch.device, dtype: torch.dtype, batch: int) -> None:
         self.result, self.device, self.dtype, self.batch = result, device, dtype, batch
-        self.pending: dict[tuple[int, int], list[_Pending]] = defaultdict(list)
+        self.pending: dict[tuple[int, int], list[Pending]] = defaultdict(list)
 
-    def add(self, item: _Pending) -> None:
+    def add(self, item: Pending) -> None:
         group = self.pending[tuple(item.delta.shape)]
         group.append(item)
         if len(group) >= self.batch:
@@ -177,7 +181,7 @@ class _Extractor:
             _carry(result, name, new, f"changed (‖ΔW‖/‖W‖ {change:.3g}), not a LoRA target", targets)
         else:
             kernel = tuple(old.shape[2:]) if layout == "conv2d" else ()
-            self.add(_Pending(name.removesuffix(".weight"), layout, kernel, _math_view(delta, layout), total, change))
+            self.add(Pending(name.removesuffix(".weight"), layout, kernel, math_view(delta, layout), total, change))
 
     def finish(self) -> None:
         for shape in list(self.pending):
@@ -227,12 +231,12 @@ def extract_lora(
     adapter = LoraAdapter(
         modules={},
         base_model=str(base),
-        task_type=_task_type(tuned_tensors.config),
+        task_type=task_type_of(tuned_tensors.config),
         source="<extracted>",
         name=f"LoRA extracted from {finetuned}",
     )
     result = Extraction(adapter, str(base), str(finetuned), truncation, str(target))
-    extractor = _Extractor(result, target, out_dtype, GPU_BATCH if target.type == "cuda" else 1)
+    extractor = Extractor(result, target, out_dtype, GPU_BATCH if target.type == "cuda" else 1)
     targets = {n.removesuffix(".weight") for n in names if target_layout(n, base_tensors.shape(n), model_type)}
     with progress_bar(enabled=progress, total=len(names), desc="extract", unit="tensor") as bar:
         for name in names:  # one pair of tensors alive at a time: take() drops them when it returns

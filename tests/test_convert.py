@@ -1,0 +1,96 @@
+"""`loramix convert`: adapters engines refuse, as the plain LoRA closest to them, against PEFT as the oracle.
+
+- DoRA: the base with the converted LoRA at full rank gives PEFT's DoRA logits to float32 rounding (GPT-2's Conv1D
+  with fan_in_fan_out too; within 1e-6 + 1e-5·|logit|, a few float32 ulps); at a smaller rank, each module's
+  reported relative error is the one measured against PEFT's merged weights (‖W_dora − W − B·A‖/‖W_dora − W‖,
+  float64, to 1e-4 relative).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import example_inputs, make_peft_adapter, model_output, tiny_gpt2, tiny_llama
+from peft import PeftModel
+
+from loramix.cli import main
+from loramix.convert import CONVERSION_FILE, convert
+
+DORA = {"target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True, "r": 4, "lora_alpha": 8}
+GPT2_DORA = {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True, "use_dora": True}
+
+
+def _base(factory, folder):
+    factory().save_pretrained(str(folder))
+    return folder
+
+
+def _dora_merged(made) -> dict[str, torch.Tensor]:
+    """PEFT's merge_and_unload of the adapter: the base weights with each DoRA update merged (float64 differences)."""
+    merged = made.load_with_peft().merge_and_unload()
+    return {k: v.double() for k, v in merged.state_dict().items()}
+
+
+@pytest.mark.parametrize("factory, lora", [(tiny_llama, DORA), (tiny_gpt2, GPT2_DORA)], ids=["llama", "gpt2"])
+def test_dora_at_full_rank_gives_peft_dora_logits(factory, lora, tmp_path):
+    base = _base(factory, tmp_path / "base")
+    made = make_peft_adapter(factory, tmp_path, "dora", **lora)
+    out = tmp_path / "lora"
+    result = CliRunner().invoke(main, ["convert", str(made.path), "--base", str(base), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"wrote {out}: ")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert not config.get("use_dora")
+    inputs = example_inputs(factory)
+    expected = model_output(made.load_with_peft(), inputs)
+    converted = PeftModel.from_pretrained(factory(), str(out)).eval()
+    got = model_output(converted, inputs)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), float((got - expected).abs().max())
+    assert not torch.allclose(expected, model_output(factory(), inputs), atol=1e-3)  # DoRA changed the logits
+    report = json.loads((out / CONVERSION_FILE).read_text())
+    assert report["kinds"] == {"DoRA": len(report["modules"])}
+    assert all(m["relative_error"] < 1e-5 for m in report["modules"].values())
+    card = (out / "README.md").read_text()
+    assert "## Conversion" in card and "exact to float rounding" in card
+
+
+def test_dora_at_smaller_rank_reports_the_measured_error(tmp_path):
+    base = _base(tiny_llama, tmp_path / "base")
+    made = make_peft_adapter(tiny_llama, tmp_path, "dora", **DORA)
+    result = convert(made.path, tmp_path / "lora", base=base, rank=3, rank_layout="exact")
+    merged, original = _dora_merged(made), {k: v.double() for k, v in tiny_llama().state_dict().items()}
+    assert len(result.modules) == 2 * 3
+    for name, account in result.modules.items():
+        key = name + ".weight"
+        effective = merged[key] - original[key]
+        module = result.adapter.modules[name]
+        stored = module.B.double() @ module.A.double() * module.scale
+        measured = float(torch.linalg.norm(effective - stored) / torch.linalg.norm(effective))
+        assert account.rank == 3
+        assert measured > 1e-3  # truncated: the error is real
+        assert math.isclose(account.error, measured, rel_tol=1e-4), (name, account.error, measured)
+        singular = torch.linalg.svdvals(effective)
+        kept = float(singular[:3].square().sum() / singular.square().sum())
+        assert math.isclose(account.kept, kept, rel_tol=1e-5)
+
+
+def test_dora_without_base_is_one_line(tmp_path):
+    made = make_peft_adapter(tiny_llama, tmp_path, "dora", **DORA)
+    result = CliRunner().invoke(main, ["convert", str(made.path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert "DoRA" in result.output and "--base" in result.output
+
+
+def test_check_sends_dora_to_convert():
+    """`check` on a DoRA adapter: the engines that refuse it get `loramix convert` as the fix (not a merged model)."""
+    from loramix.compat import check_source
+    from loramix.examples import path
+
+    report = check_source(str(path("dora")))
+    fixes = {v.consumer: v.fix for v in report.verdicts if v.status != "yes"}
+    assert all(fixes[c].startswith("loramix convert ") for c in ("vLLM", "SGLang", "llama.cpp")), fixes
