@@ -4,6 +4,8 @@
   with fan_in_fan_out too; within 1e-6 + 1e-5·|logit|, a few float32 ulps); at a smaller rank, each module's
   reported relative error is the one measured against PEFT's merged weights (‖W_dora − W − B·A‖/‖W_dora − W‖,
   float64, to 1e-4 relative).
+- PEFT LoHa/LoKr (rank/alpha patterns, LoKr full and decomposed halves): converted with no base, PEFT's merged
+  weights of the LoRA equal PEFT's merged LoHa/LoKr to 1e-6 relative (float32 weights).
 """
 
 from __future__ import annotations
@@ -94,3 +96,45 @@ def test_check_sends_dora_to_convert():
     report = check_source(str(path("dora")))
     fixes = {v.consumer: v.fix for v in report.verdicts if v.status != "yes"}
     assert all(fixes[c].startswith("loramix convert ") for c in ("vLLM", "SGLang", "llama.cpp")), fixes
+
+
+# ----------------------------------------------------------------------------------------------- PEFT LoHa / LoKr
+
+LYCORIS_CONFIGS = {
+    "loha": ("LoHaConfig", dict(r=4, alpha=8, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3})),
+    "lokr": ("LoKrConfig", dict(r=4, alpha=6)),
+    "lokr_decomposed": ("LoKrConfig", dict(r=1, alpha=3, decompose_both=True)),
+}
+
+
+def _merged_delta(model, base) -> dict[str, torch.Tensor]:
+    """ΔW per weight of a merged PEFT model against its base (float64), the weights that changed."""
+    merged = {k: v.double() for k, v in model.merge_and_unload().state_dict().items()}
+    original = {k: v.double() for k, v in base.state_dict().items()}
+    return {k: merged[k] - original[k] for k in merged if not torch.equal(merged[k], original[k])}
+
+
+@pytest.mark.parametrize("case", list(LYCORIS_CONFIGS))
+def test_peft_loha_lokr_convert_exactly_without_a_base(case, tmp_path):
+    import peft
+
+    config_class, options = LYCORIS_CONFIGS[case]
+    config = getattr(peft, config_class)(
+        target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False, **options
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = peft.get_peft_model(tiny_llama(), config).eval()
+    model.save_pretrained(str(tmp_path / case))
+    expected = _merged_delta(model, tiny_llama())
+    out = tmp_path / "lora"
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / case), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    converted = PeftModel.from_pretrained(tiny_llama(), str(out)).eval()
+    got = _merged_delta(converted, tiny_llama())
+    assert sorted(got) == sorted(expected) and len(expected) == 3 * 2
+    for key, delta in expected.items():
+        error = float(torch.linalg.norm(got[key] - delta) / torch.linalg.norm(delta))
+        assert error < 1e-6, (key, error)
+    kind = "LoHa" if case == "loha" else "LoKr"
+    assert json.loads((out / CONVERSION_FILE).read_text())["kinds"] == {kind: 6}
