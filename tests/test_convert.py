@@ -138,3 +138,66 @@ def test_peft_loha_lokr_convert_exactly_without_a_base(case, tmp_path):
         assert error < 1e-6, (key, error)
     kind = "LoHa" if case == "loha" else "LoKr"
     assert json.loads((out / CONVERSION_FILE).read_text())["kinds"] == {kind: 6}
+
+
+# ----------------------------------------------------------------------------------------------- VeRA, (IA)³
+
+
+def _vera():
+    from peft import VeraConfig
+
+    return VeraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)
+
+
+def _ia3():
+    from peft import IA3Config
+
+    return IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
+
+
+def _gpt2_ia3():
+    from peft import IA3Config
+
+    return IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"], fan_in_fan_out=True)
+
+
+@pytest.mark.parametrize(
+    "factory, make", [(tiny_llama, _vera), (tiny_llama, _ia3), (tiny_gpt2, _gpt2_ia3)], ids=["vera", "ia3", "gpt2_ia3"]
+)
+def test_vera_ia3_at_full_rank_equal_peft_merged_weights(factory, make, tmp_path):
+    """VeRA (targets of different input widths) and (IA)³ (output and input side; GPT-2's Conv1D with biases, which
+    (IA)³ rescales: a lora_B bias) converted at full rank: PEFT's merged LoRA equals PEFT's merged adapter."""
+    import peft
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = peft.get_peft_model(factory(), make()).eval()
+        with torch.no_grad():  # (IA)³ starts at ones: move the vectors, as training does
+            for key, param in model.named_parameters():
+                if "ia3_l" in key:
+                    param.add_(0.2 * torch.randn(param.shape))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    expected = _merged_delta(model, factory())
+    base = _base(factory, tmp_path / "base")
+    out = tmp_path / "lora"
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "adapter"), "--base", str(base), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    got = _merged_delta(PeftModel.from_pretrained(factory(), str(out)).eval(), factory())
+    assert sorted(got) == sorted(expected) and len(expected) >= 4
+    for key, delta in expected.items():
+        error = float(torch.linalg.norm(got[key] - delta) / torch.linalg.norm(delta))
+        assert error < 1e-5, (key, error)
+
+
+def test_types_that_cannot_be_converted_are_named_in_one_line(tmp_path):
+    import peft
+
+    for name, config in {
+        "oft": peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj"]),
+        "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+    }.items():
+        peft.get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path / name))
+        result = CliRunner().invoke(main, ["convert", str(tmp_path / name), "-o", str(tmp_path / "out")])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith("error: ")
+        assert ("'OFT'" if name == "oft" else "'PROMPT_TUNING'") in result.output

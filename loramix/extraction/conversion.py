@@ -4,12 +4,15 @@ Every module's effective update ΔW — what the source adapter adds to the base
 `RankRule` (none: its full numerical rank, an exact conversion to float rounding), with each module's kept share of
 ‖ΔW‖² and relative error ‖ΔW − B·A‖/‖ΔW‖ measured with the stored factors:
 
-- a module whose update depends on the base weight (a `BaseUpdate`: DoRA's m·(W + ΔW)/‖W + ΔW‖ − W, from
-  `loramix.kernels.dora_delta`) is formed in float64 from the base weight, read one tensor at a time in the base's
-  storage order (one streaming pass), and decomposed by the extraction's machinery (`loramix.extraction.Extractor`:
-  the top of its spectrum as far as the rule needs it);
+- a module whose update depends on the base weight (DoRA's m·(W + ΔW)/‖W + ΔW‖ − W, from
+  `loramix.kernels.dora_delta`; a `WeightUpdate`: VeRA, whose input width only the base says, and (IA)³) is formed
+  in float64 from the base weight, read one tensor at a time in the base's storage order (one streaming pass), and
+  decomposed by the extraction's machinery (`loramix.extraction.Extractor`: the top of its spectrum as far as the
+  rule needs it);
 - a module that already is a product of factors (a plain LoRA module, or one that a reader turned into its exact
   LoRA, as LoHa/LoKr) is re-factorised in factor space (`loramix.linalg.truncated_factors`), no base needed.
+
+The converted modules have scale 1 and their own ranks; an (IA)³ change of a base bias becomes a lora_B bias.
 """
 
 from __future__ import annotations
@@ -17,51 +20,69 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import CheckpointError, MethodError
-from loramix.extraction import Extraction, Extractor, ModuleExtraction, Pending, math_view
-from loramix.io.base import open_base, resolve_base
+from loramix.extraction import GPU_BATCH, Extraction, Extractor, ModuleExtraction, Pending, math_view
+from loramix.io.base import is_conv1d, open_base, resolve_base
 from loramix.kernels import Update, decide_layout, dora_delta
 from loramix.linalg import RankRule, factor_inner, truncated_factors
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
 
-GPU_BATCH = 8
+
+class WeightUpdate(Protocol):
+    """A module whose effective ΔW is a function of the base weight (`loramix.formats.peft_other`: VeRA, (IA)³)."""
+
+    kind: str
+
+    def math_delta(self, W: torch.Tensor) -> torch.Tensor: ...
+
+    def bias_delta(self, bias: torch.Tensor) -> torch.Tensor | None: ...
 
 
 @dataclass(frozen=True)
-class BaseUpdate:
-    """A module whose effective ΔW depends on the base weight: ``kind`` names what it is (``DoRA``), ``module`` is
-    its data (a DoRA `LoraModule`, magnitude included)."""
+class DoraUpdate:
+    """A DoRA `LoraModule` (magnitude included): ΔW = m·(W + sBA)/‖W + sBA‖ − W (`loramix.kernels.dora_delta`)."""
 
-    kind: str
     module: LoraModule
-
-    def delta(self, W: torch.Tensor, name: str, key: str, model_type: str | None) -> tuple[torch.Tensor, str]:
-        """(ΔW in W's stored layout and dtype, that layout) for the base weight ``W`` stored under ``key``."""
-        module = self.module.on_weight(tuple(W.shape))
-        layout = decide_layout(module, name, key, tuple(W.shape), model_type)
-        return dora_delta(W, Update(name, module, layout)), layout
+    kind: str = "DoRA"
 
 
-def base_updates(adapter: LoraAdapter) -> dict[str, BaseUpdate]:
-    """The modules of ``adapter`` whose update depends on the base weight (DoRA's, for now)."""
+def base_updates(adapter: LoraAdapter) -> dict[str, DoraUpdate]:
+    """The modules of ``adapter`` whose update depends on the base weight: DoRA's."""
     found = {}
     for name, module in adapter.modules.items():
         if module.magnitude is None:
             continue
         if module.bias is not None:
             raise MethodError(f"{adapter.source}: DoRA module {name} has a lora_B bias, which conversion does not take")
-        found[name] = BaseUpdate("DoRA", module)
+        found[name] = DoraUpdate(module)
     return found
+
+
+def _delta(update: DoraUpdate | WeightUpdate, W: torch.Tensor, name: str, key: str, model_type: str | None):
+    """(ΔW in W's stored layout and dtype, that layout) of ``update`` on the base weight ``W`` stored under ``key``."""
+    if isinstance(update, DoraUpdate):
+        module = update.module.on_weight(tuple(W.shape))
+        layout = decide_layout(module, name, key, tuple(W.shape), model_type)
+        return dora_delta(W, Update(name, module, layout)), layout
+    if W.dim() != 2:
+        raise CheckpointError(
+            f"{update.kind} module {name}: base tensor {key} is {W.dim()}-D; converted are 2-D weights"
+        )
+    conv1d = is_conv1d(model_type, name)
+    delta = update.math_delta(W.T if conv1d else W)
+    return (delta.T, "conv1d_fan_in_fan_out") if conv1d else (delta, "linear")
 
 
 def convert_lora(
     adapter: LoraAdapter,
     base: str | None = None,
     *,
+    updates: dict[str, WeightUpdate] | None = None,
     rank: int | None = None,
     energy: float | None = None,
     rule: str | None = None,
@@ -74,11 +95,12 @@ def convert_lora(
     update depends on the base weight, as DoRA's does) under the rank rule (none: the full numerical rank, exact to
     float rounding), stored in ``dtype`` (default: the adapter's). Returns the adapter (scale 1 per module, each at
     its own rank; heads carried as they are) with each module's account, as `loramix.extraction.extract_lora`
-    does (``finetuned`` is the source adapter; ``solver`` says how the module was converted)."""
+    does (``finetuned`` is the source adapter; ``solver`` says how the module was converted). ``updates`` are
+    modules of another kind (VeRA, (IA)³) whose ΔW is a function of the base weight."""
     started = time.perf_counter()
     truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
     target = resolve_device(device)
-    dependent = base_updates(adapter)
+    dependent = {**base_updates(adapter), **(updates or {})}
     if dependent and base is None:
         kinds = sorted({u.kind for u in dependent.values()})
         raise MethodError(
@@ -111,8 +133,9 @@ def convert_lora(
     return result
 
 
-def _stream_base(extractor: Extractor, dependent: dict[str, BaseUpdate], base: str, bar) -> None:
-    """Each base weight a `BaseUpdate` applies to, read once in the base's storage order; its ΔW (float64) queued."""
+def _stream_base(extractor: Extractor, dependent: dict, base: str, bar) -> None:
+    """Each base weight an update applies to, read once in the base's storage order; its ΔW (float64) queued; the
+    base bias changes of (IA)³ become the converted modules' lora_B biases."""
     checkpoint = open_base(resolve_base(base))
     keys: dict[str, str] = {}
     for name in dependent:
@@ -123,19 +146,26 @@ def _stream_base(extractor: Extractor, dependent: dict[str, BaseUpdate], base: s
             raise CheckpointError(f"adapter modules {keys[key]} and {name} both apply to base tensor {key}")
         keys[key] = name
     device = extractor.device
+    biases = {}
     for key, entry in checkpoint.tensors.items():
         if key not in keys:
             continue
         name = keys[key]
         W = entry.rows(0, entry.shape[0]).to(device=device, dtype=torch.float64)
-        delta, layout = dependent[name].delta(W, name, key, checkpoint.model_type)
+        delta, layout = _delta(dependent[name], W, name, key, checkpoint.model_type)
         total = float(torch.linalg.vector_norm(delta)) ** 2
         weight = float(torch.linalg.vector_norm(W))
         change = math.sqrt(total) / weight if weight > 0 else math.inf
         kernel = tuple(W.shape[2:]) if layout == "conv2d" else ()
         extractor.add(Pending(name, layout, kernel, math_view(delta, layout).float(), total, change))
+        bias = checkpoint.tensors.get(key.removesuffix("weight") + "bias")
+        if bias is not None and not isinstance(dependent[name], DoraUpdate):
+            biases[name] = dependent[name].bias_delta(bias.rows(0, bias.shape[0]).to(torch.float64))
         bar.update()
     extractor.finish()
+    for name, bias in biases.items():  # the converted module's scale is 1
+        if bias is not None:
+            extractor.result.adapter.modules[name].bias = bias.to(extractor.dtype).cpu()
 
 
 def _refactor(result: Extraction, name: str, module: LoraModule, rule: RankRule, dtype: torch.dtype) -> None:

@@ -256,6 +256,17 @@ def extraction_section(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# How `loramix convert` forms each kind's ΔW (the kinds of module `loramix.convert.convert` reports)
+CONVERSIONS = {
+    "DoRA": "DoRA: ΔW = m·(W + sBA)/‖W + sBA‖ − W with PEFT's weight norm per output row, in float64 from the base "
+    "weight.",
+    "VeRA": "VeRA: ΔW = (λ_b ⊙ B)(λ_d ⊙ A) with the shared projections cut to the base weight's shape, in float64.",
+    "(IA)³": "(IA)³: ΔW = W ⊙ (l − 1), in float64 from the base weight; an output-side vector's change of the base "
+    "bias is a lora_B bias.",
+}
+FACTORED = "Products of factors (LoRA, LoHa, LoKr: their exact LoRAs) are re-factorised in factor space, with no base."
+
+
 def conversion_section(report: dict) -> str:
     """The card's account of a conversion (`loramix.convert.convert`'s report): that this LoRA is a conversion, of
     what (the kinds of module), how exact (the rule; kept energy and relative error per module, measured with the
@@ -268,14 +279,13 @@ def conversion_section(report: dict) -> str:
     exact = (
         "full numerical rank: exact to float rounding" if report["rule"] == "full numerical rank" else report["rule"]
     )
+    how = [CONVERSIONS.get(kind, FACTORED) for kind in report["kinds"]]
     lines = [
         "",
         "## Conversion",
         "",
         f"This LoRA is a conversion of `{report['source']}` ({kinds}): each module's effective update ΔW{base} "
-        f"re-factorised as B·A, truncated by {exact}. DoRA modules: ΔW = m·(W + sBA)/‖W + sBA‖ − W with PEFT's "
-        "weight norm per output row, formed in float64 from the base weight; modules that are products of factors "
-        "(LoRA, LoHa, LoKr) are re-factorised in factor space, with no base.",
+        f"re-factorised as B·A, truncated by {exact}. {' '.join(dict.fromkeys(how))}",
     ]
     lines += _module_account(report["modules"])
     if report["carried"]:
