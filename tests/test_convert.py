@@ -201,3 +201,34 @@ def test_types_that_cannot_be_converted_are_named_in_one_line(tmp_path):
         assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
         assert result.output.startswith("error: ")
         assert ("'OFT'" if name == "oft" else "'PROMPT_TUNING'") in result.output
+
+
+# ----------------------------------------------------------------------------------------------- DoRA in combine
+
+
+def test_two_dora_adapters_combined_on_a_base_equal_the_weighted_sum_of_their_effective_updates(tmp_path):
+    """combine --base: each DoRA adapter is its effective update (PEFT's merge_and_unload − W, float64), and the
+    exact methods sum those with their weights (to 1e-6 relative, float32 factors)."""
+    import loramix
+
+    base = _base(tiny_llama, tmp_path / "base")
+    first = make_peft_adapter(tiny_llama, tmp_path, "a", seed=1, **DORA)
+    second = make_peft_adapter(tiny_llama, tmp_path, "b", seed=2, **{**DORA, "target_modules": ["q_proj", "o_proj"]})
+    weights = [0.7, -0.4]
+    updates = [_merged_delta(made.load_with_peft(), tiny_llama()) for made in (first, second)]
+    expected = {}
+    for weight, update in zip(weights, updates):
+        for key, delta in update.items():
+            expected[key] = expected.get(key, 0) + weight * delta
+    out = tmp_path / "sum"
+    args = ["combine", str(first.path), str(second.path), "-w", "0.7,-0.4", "-m", "cat", "--base", str(base)]
+    result = CliRunner().invoke(main, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    combined = loramix.load_adapter(out)
+    assert sorted(n + ".weight" for n in combined.modules) == sorted(expected)
+    for name, module in combined.modules.items():
+        got = module.B.double() @ module.A.double() * module.scale
+        want = expected[name + ".weight"]
+        assert float(torch.linalg.norm(got - want) / torch.linalg.norm(want)) < 1e-6, name
+    refused = CliRunner().invoke(main, ["-q", *args[:-2], "-o", str(tmp_path / "never")])
+    assert refused.exit_code == 2 and "--base BASE" in refused.output and refused.output.count("\n") == 1

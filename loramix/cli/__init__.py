@@ -135,6 +135,12 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE (a folder or Hub id) merged.")
 @click.option(
+    "--base",
+    metavar="MODEL",
+    help="Base model folder or Hub id on which DoRA adapters become their effective updates, so that they combine "
+    "[default: the --merge-into base].",
+)
+@click.option(
     "--shard-size",
     help=SHARD_SIZE_HELP,
 )

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
 from loramix.adapter import LoraAdapter, LoraModule
-from loramix.errors import CheckpointError, MethodError
+from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
 from loramix.extraction import GPU_BATCH, Extraction, Extractor, ModuleExtraction, Pending, math_view
 from loramix.io.base import is_conv1d, open_base, resolve_base
 from loramix.kernels import Update, decide_layout, dora_delta
@@ -195,3 +195,26 @@ def _bias(module: LoraModule, dtype: torch.dtype) -> torch.Tensor | None:
     """The lora_B bias at scale 1 (the converted module's scale)."""
     delta = module.bias_delta()
     return None if delta is None else delta.to(dtype)
+
+
+def effective_adapters(
+    adapters: list[LoraAdapter], base: str | None, *, device: str | torch.device = "auto", progress: bool = False
+) -> list[LoraAdapter]:
+    """``adapters`` with each one that holds DoRA modules replaced by its effective update on ``base`` as a plain
+    LoRA at full numerical rank (exact to float rounding; `convert_lora`), in float32, so that methods combine
+    those; the others as they are. `IncompatibleAdaptersError` when a DoRA adapter comes without a base."""
+    converted = []
+    for adapter in adapters:
+        if not adapter.has_dora:
+            converted.append(adapter)
+            continue
+        if base is None:
+            raise IncompatibleAdaptersError(
+                f"{adapter.source}: a DoRA adapter's update depends on the base weight (its magnitude rescales W+ΔW), "
+                "so it combines only as its effective update on a base: give base, or merge_into",
+                option="base",
+                value="BASE",
+            )
+        lora = convert_lora(adapter, str(base), device=device, dtype=torch.float32, progress=progress).adapter
+        converted.append(replace(adapter, modules=lora.modules, warnings=[]))
+    return converted
