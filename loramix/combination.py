@@ -208,8 +208,9 @@ def combine(
     for a in loaded:
         if a.has_dora:
             raise IncompatibleAdaptersError(
-                f"{a.source}: DoRA adapters cannot be combined into an adapter (the magnitude rescales W+ΔW, which is "
-                "not linear); merge them into a base instead (`merge_into`), where DoRA is exact"
+                f"{a.source}: DoRA adapters combine only as their effective updates on a base (the magnitude "
+                "rescales W+ΔW, which is not linear): give the base (loramix.run with Plan.base / --base BASE, or "
+                "merge_into), or convert each first (loramix convert)"
             )
     check_rank_layout(rank_layout)
     target = resolve_device(device)

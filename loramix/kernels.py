@@ -1,7 +1,7 @@
 """The ΔW kernels shared by merges into checkpoints (`loramix.checkpoint`) and into live models (`loramix.live`):
-how ΔW lies on a base weight (`decide_layout`), its rows (`delta_rows`), DoRA's exact merge
-(`dora_merge`), and how the update a weight stores after rounding compares with the intended one (`Survival`,
-`StoredUpdate`, `warn_stored`).
+how ΔW lies on a base weight (`decide_layout`), its rows (`delta_rows`), DoRA's exact merge (`dora_merge`) and
+effective update (`dora_delta`), and how the update a weight stores after rounding compares with the intended one
+(`Survival`, `StoredUpdate`, `warn_stored`).
 """
 
 from __future__ import annotations
@@ -83,10 +83,12 @@ class StoredUpdate:
         return not (self.error <= DISTORTED_ERROR and self.cosine >= DISTORTED_COSINE)
 
 
-def delta_rows(module: LoraModule, layout: str, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """Rows [start, stop) of ΔW in the base tensor's stored layout, float32 on ``device``."""
-    A = module.A.to(device=device, dtype=torch.float32)
-    B = module.B.to(device=device, dtype=torch.float32)
+def delta_rows(
+    module: LoraModule, layout: str, start: int, stop: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Rows [start, stop) of ΔW in the base tensor's stored layout, in ``dtype`` (float32) on ``device``."""
+    A = module.A.to(device=device, dtype=dtype)
+    B = module.B.to(device=device, dtype=dtype)
     if layout == "linear":
         rows = B[start:stop] @ A
     elif layout in ("conv1d_fan_in_fan_out", "embedding"):
@@ -99,12 +101,26 @@ def delta_rows(module: LoraModule, layout: str, start: int, stop: int, device: t
 def dora_merge(W: torch.Tensor, update: Update, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's DoRA merge: m · (W + ΔW) / ‖W + ΔW‖, the norm per output row (taken in out×in orientation).
     Returns the merged weight and that norm (what undoing the merge needs)."""
-    m = update.module
-    merged = W + delta_rows(m, update.layout, 0, W.shape[0], device)
+    merged = W + delta_rows(update.module, update.layout, 0, W.shape[0], device)
+    factor, norm = _dora_factor(merged, update)
+    return merged * factor, norm
+
+
+def dora_delta(W: torch.Tensor, update: Update) -> torch.Tensor:
+    """DoRA's effective update, what its merge adds to W: (m/‖W + ΔW‖ − 1)·W + (m/‖W + ΔW‖)·ΔW, the norm per output
+    row as in `dora_merge`, computed in W's dtype (float64 for a conversion) on W's device."""
+    lora = delta_rows(update.module, update.layout, 0, W.shape[0], W.device, W.dtype)
+    factor, _ = _dora_factor(W + lora, update)
+    return W * (factor - 1) + lora * factor
+
+
+def _dora_factor(merged: torch.Tensor, update: Update) -> tuple[torch.Tensor, torch.Tensor]:
+    """m/‖W + ΔW‖ shaped to broadcast over the weight, and the norm: PEFT's weight norm is taken over the weight in
+    out×in orientation (it transposes a fan_in_fan_out weight; an embedding's DoRA layer is fan_in_fan_out)."""
     math_view = merged.T if update.layout in ("conv1d_fan_in_fan_out", "embedding") else merged.reshape(len(merged), -1)
     norm = torch.linalg.vector_norm(math_view, dim=1)
-    factor = m.magnitude.to(device=device, dtype=torch.float32) / norm
-    return merged * factor.reshape(row_shape(update.layout, merged.dim())), norm
+    factor = update.module.magnitude.to(device=merged.device, dtype=merged.dtype) / norm
+    return factor.reshape(row_shape(update.layout, merged.dim())), norm
 
 
 def row_shape(layout: str, dim: int) -> tuple[int, ...]:

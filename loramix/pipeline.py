@@ -23,6 +23,7 @@ from loramix.checkpoint import MergeReport
 from loramix.combination import check_settings, combine
 from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
 from loramix.extraction import Extraction, extract_lora
+from loramix.extraction.conversion import effective_adapters
 from loramix.formats import default_format, load_adapter, load_adapters, split_source_options, write_adapter
 from loramix.hub import pinned, revisions
 from loramix.io.diffusers import is_pipeline
@@ -95,6 +96,7 @@ def _repeatable(plan: Plan, adapter: LoraAdapter, rule: RankRule | None = None) 
         dtype=dtype,
         module_map=portable(plan.module_map),
         merge_into=portable(plan.merge_into),
+        base=portable(plan.base),
         gguf_base=portable(plan.gguf_base),
         output=None,
     )
@@ -106,7 +108,8 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
     ``plan.merge_into`` that base with the result merged — with a model card and the recipe that repeats the run.
 
     ``argv`` is the command line to record in the card (None: the card says the Python API made it). A single
-    DoRA adapter is merged into a base as it is (DoRA is exact only there); DoRA adapters cannot be combined.
+    DoRA adapter is merged into a base as it is; otherwise each DoRA adapter is its effective update on ``plan.base``
+    (or ``plan.merge_into``), exact at full rank (`loramix.extraction.conversion.effective_adapters`).
     """
     if not isinstance(plan, Plan):
         raise MethodError(
@@ -138,7 +141,8 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         kwargs["rank_layout"] = "exact"
     if plan.merge_into and _is_single_dora(loaded, weights, plan):
         adapter = loaded[0]
-    else:
+    else:  # DoRA adapters become their effective updates on the base, which combine as LoRAs do
+        loaded = effective_adapters(loaded, plan.base or plan.merge_into, device=plan.device, progress=progress)
         adapter = combine(loaded, progress=progress, **{**kwargs, "weights": weights})
     if plan.format in LAID_OUT and plan.rank_layout == "portable" and not plan.merge_into:
         adapter = portable_layout(adapter)  # what the file holds, for the card and the report
@@ -172,26 +176,19 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         )
         return RunReport(Path(plan.output), adapter, len(loaded), "checkpoint", merge)
     with atomic_output(plan.output, overwrite=overwrite, protect=[*protect, adapter.source]) as tmp:
-        write_adapter(adapter, tmp, **_format_options(plan.format, plan.output, plan.rank_layout, plan.gguf_base))
+        write_adapter(adapter, tmp, **format_options(plan.format, plan.output, plan.rank_layout, plan.gguf_base))
         write_files(tmp, files)
     return RunReport(Path(plan.output), adapter, len(loaded), plan.format)
 
 
 def _is_single_dora(loaded: list[LoraAdapter], weights: list[float], plan: Plan) -> bool:
     """One DoRA adapter at weight 1 with nothing to re-factorise: merged into the base exactly as it is."""
-    if not any(a.has_dora for a in loaded):
-        return False
     untouched = plan.rank is None and plan.energy is None and plan.rule is None and not plan.options
-    if len(loaded) == 1 and weights == [1.0] and plan.method in ("cat", "svd") and untouched:
-        return True
-    raise IncompatibleAdaptersError(
-        f"{next(a.source for a in loaded if a.has_dora)}: a DoRA adapter can be merged into a base only alone, at "
-        "weight 1, with method cat or svd and no truncation (its magnitude rescales W+ΔW, so it cannot be combined "
-        "with other adapters or re-weighted)"
-    )
+    alone = len(loaded) == 1 and loaded[0].has_dora and weights == [1.0]
+    return alone and plan.method in ("cat", "svd") and untouched
 
 
-def _format_options(fmt: str, output: str | Path, rank_layout: str = "portable", base: str | None = None) -> dict:
+def format_options(fmt: str, output: str | Path, rank_layout: str = "portable", base: str | None = None) -> dict:
     options: dict = {"format": fmt}
     if fmt in LAID_OUT:
         options["rank_layout"] = rank_layout
@@ -225,7 +222,7 @@ def save_adapter(
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
     files = {CARD_FILE: model_card(adapter, revisions=revisions(protect), output_format=format)} if card else {}
     with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:
-        write_adapter(adapter, tmp, dtype=parse_dtype(dtype), **_format_options(format, folder, rank_layout), **options)
+        write_adapter(adapter, tmp, dtype=parse_dtype(dtype), **format_options(format, folder, rank_layout), **options)
         write_files(tmp, files)
     return Path(folder)
 
@@ -339,6 +336,6 @@ def extract(
         EXTRACTION_FILE: json.dumps(report, indent=2) + "\n",
     }
     with atomic_output(output, overwrite=overwrite, protect=protect) as tmp:
-        write_adapter(adapter, tmp, **_format_options(format, output, rank_layout, str(base)))
+        write_adapter(adapter, tmp, **format_options(format, output, rank_layout, str(base)))
         write_files(tmp, files)
     return result

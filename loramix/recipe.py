@@ -11,6 +11,7 @@ rank: 16                      # optional truncation: rank, energy, or rule + rul
 # conv_rank: 8                # the rank cap of k×k conv modules (kohya's --new_conv_rank); rank caps the others
 output: out/merged            # relative to the current directory; -o overrides
 # merge_into: ../loramix/examples/tiny-llama   # write this base (folder or Hub id) with the result merged
+# base: ../loramix/examples/tiny-llama   # DoRA adapters combine as their effective updates on this base
 # format: kohya               # a kohya/A1111 file, a PEFT folder (peft) or a llama.cpp LoRA (gguf); default:
 #                             # kohya for kohya/diffusers/LyCORIS inputs, else peft
 # gguf_base: ../loramix/examples/tiny-llama   # format gguf: the base whose config.json names the architecture
@@ -75,12 +76,13 @@ class Plan:
     round_trip: str = "all"
     format: str | None = None  # None: what the inputs' ecosystem loads (`loramix.formats.default_format`)
     gguf_base: str | None = None
+    base: str | None = None  # DoRA adapters become their effective updates on it (merge_into serves when absent)
 
     def combine_kwargs(self) -> dict:
         """Keyword arguments for `loramix.combine`."""
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         merge_only = ("merge_into", "shard_size", "workers", "quantized_as", "double_quant", "blocksize", "round_trip")
-        for key in ("adapters", "options", "output", "dtype", *merge_only, "format", "gguf_base"):
+        for key in ("adapters", "options", "output", "dtype", *merge_only, "format", "gguf_base", "base"):
             kwargs.pop(key)
         loading = {key: kwargs.pop(key) for key in LOAD_OPTIONS}
         load_options = {k: v for k, v in loading.items() if v is not None} or None
@@ -148,7 +150,7 @@ def load_recipe(path: str | Path) -> Plan:
     fields = {k: v for k, v in data.items() if k != "adapters" and v is not None}
     if isinstance(fields.get("module_map"), str):
         fields["module_map"] = _relative_path(path, fields["module_map"])
-    for key in ("merge_into", "gguf_base"):
+    for key in ("merge_into", "gguf_base", "base"):
         if key in fields:
             fields[key] = _relative_source(path, fields[key])
     return Plan(adapters=sources, weights=weights, **fields)

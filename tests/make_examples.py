@@ -1,6 +1,7 @@
 """Build the bundled examples in loramix/examples/: a tiny random-weight Llama with a character tokenizer, three PEFT
-adapters on it, a few-shot JSONL for ``loramix search``, a hand-made (MiniMind-style) LoRA state dict with the
-module map that renames its modules to the tiny Llama's, and a "fully fine-tuned" copy for ``loramix extract``.
+LoRA adapters and a DoRA one (for ``loramix convert``) on it, a few-shot JSONL for ``loramix search``, a hand-made
+(MiniMind-style) LoRA state dict with the module map that renames its modules to the tiny Llama's, and a "fully
+fine-tuned" copy for ``loramix extract``.
 
 Run from the repository root: ``python tests/make_examples.py``. Deterministic: tests/test_project.py rebuilds
 them into a temporary folder and checks that the bundled files hold the same tensors, configs and texts.
@@ -27,6 +28,7 @@ ADAPTERS = {
         rank_pattern={"o_proj": 4},
         alpha_pattern={"o_proj": 4},
     ),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 # The tokenizer: one token per printable ASCII character, after four special tokens whose ids are the ones the
@@ -135,6 +137,10 @@ def build(root: Path) -> None:
         torch.manual_seed(seed)
         model = get_peft_model(base_model(), LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **options))
         model.peft_config["default"].base_model_name_or_path = BASE_ID
+        with torch.no_grad():  # DoRA magnitudes start at ‖W + sBA‖ (the update is then sBA): moved, as by training
+            for key, param in model.named_parameters():
+                if "lora_magnitude_vector" in key:
+                    param.mul_(1 + 0.1 * torch.randn(param.shape))
         model.save_pretrained(root / name)
         (root / name / "README.md").unlink()  # PEFT's boilerplate card says nothing about these examples
     write_few_shot(root / "few-shot")

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from loramix.cli.convert import convert
 from loramix.cli.extract import extract
 from loramix.cli.options import (
     DEVICE_HELP,
@@ -139,6 +140,12 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE (a folder or Hub id) merged.")
 @click.option(
+    "--base",
+    metavar="MODEL",
+    help="Base model folder or Hub id on which DoRA adapters become their effective updates, so that they combine "
+    "[default: the --merge-into base].",
+)
+@click.option(
     "--shard-size",
     help=SHARD_SIZE_HELP,
 )
@@ -254,6 +261,7 @@ def _with_block_weights(lbws: list, weights: list | None, count: int) -> list:
 
 
 main.add_command(extract)
+main.add_command(convert)
 
 
 @main.command()
@@ -279,9 +287,9 @@ def examples(name: str | None) -> None:
     """List the bundled examples, or print the folder of example NAME.
 
     tiny-llama: a tiny random Llama with a character tokenizer; summarize, translate, formal: PEFT adapters made on
-    it; few-shot: formal.jsonl, examples for `loramix search`; minimind: a hand-made LoRA state dict (.pth) and
-    the module_map.yaml that renames its modules to tiny-llama's; tiny-llama-tuned: a "fully fine-tuned" tiny-llama
-    for `loramix extract`.
+    it; dora: a PEFT DoRA adapter on it, for `loramix convert`; few-shot: formal.jsonl, examples for `loramix
+    search`; minimind: a hand-made LoRA state dict (.pth) and the module_map.yaml that renames its modules to
+    tiny-llama's; tiny-llama-tuned: a "fully fine-tuned" tiny-llama for `loramix extract`.
     """
     from loramix import examples as bundled
 

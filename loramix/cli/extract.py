@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from loramix.cli.options import DEVICE_HELP, errors_as_one_line, rank_rule_options
+from loramix.cli.options import errors_as_one_line, rank_rule_options, written_lora_options
 from loramix.errors import counted
 
 
@@ -16,7 +16,7 @@ from loramix.errors import counted
 @click.argument("finetuned")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @rank_rule_options
-@click.option("--device", default="auto", help=DEVICE_HELP)
+@written_lora_options
 @click.option("--dtype", default=None, help="Stored dtype: float32, float16, bfloat16 [default: the fine-tuned's].")
 @click.option(
     "--format",
@@ -24,13 +24,6 @@ from loramix.errors import counted
     default=None,
     help="A PEFT folder (carries changed norms, biases and resized embeddings as modules_to_save), a kohya/A1111 "
     ".safetensors or a llama.cpp LoRA .gguf (LoRA modules only) [default: peft; kohya for diffusers pipelines].",
-)
-@click.option(
-    "--rank-layout",
-    type=click.Choice(["portable", "exact"]),
-    default="portable",
-    help="portable: one rank for every module (zero-padded), read right by every engine; exact: per-module ranks "
-    "(PEFT only) [default: portable].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report (OUTPUT/extraction.json) instead of a line.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op CPU threads [default: torch's, all cores].")

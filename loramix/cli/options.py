@@ -101,6 +101,19 @@ rank_rule_options = option_group(
 )
 
 
+# What `extract` and `convert` share: a device to compute on and the one rank layout of the output adapter.
+written_lora_options = option_group(
+    click.option("--device", default="auto", help=DEVICE_HELP),
+    click.option(
+        "--rank-layout",
+        type=click.Choice(["portable", "exact"]),
+        default="portable",
+        help="portable: one rank for every module (zero-padded), read right by every engine; exact: per-module ranks "
+        "(PEFT only) [default: portable].",
+    ),
+)
+
+
 def _verbosity(ctx: click.Context, param: click.Parameter, value) -> None:
     """-q/-v (given so far, before or after the subcommand): the ``loramix`` logger's handler and level, and bars."""
     state = ctx.find_root().ensure_object(dict)

@@ -42,7 +42,7 @@ def vllm(facts: Facts, src: str) -> Verdict:
     if saved:
         parts.append(f"saved base layers ({sample(saved, 2)})")
     if parts:
-        return Verdict("vLLM", "no", f"refuses {', '.join(parts)}", FIX_MERGE.format(src=src))
+        return Verdict("vLLM", "no", f"refuses {', '.join(parts)}", facts.fix_unsupported(src))
     # PEFTHelper.__post_init__: one vllm_lora_scaling_factor = lora_alpha/r (or /√r with use_rslora) for every
     # module; rank_pattern/alpha_pattern are dropped by PEFTHelper.from_dict
     wrong = facts.wrong_scales(lambda n: global_scale(facts, rslora=facts.rslora))
@@ -79,7 +79,9 @@ def sglang(facts: Facts, src: str) -> Verdict:
             "SGLang", "no", f"module ranks {off} differ from config r {facts.r} (buffer shape mismatch)", fix
         )
     if facts.adapter.has_dora:  # lora_manager.py, validate_new_adapter (recent): DoRA refused; older: ignored
-        return Verdict("SGLang", "no", "refuses DoRA (older releases ignore the magnitudes)", FIX_MERGE.format(src=src))
+        return Verdict(
+            "SGLang", "no", "refuses DoRA (older releases ignore the magnitudes)", facts.fix_unsupported(src)
+        )
     if isinstance(facts.config.get("target_modules"), str):  # utils.py, get_normalized_target_modules (older)
         return Verdict("SGLang", "no", "target_modules is a regex string (older releases iterate its letters)", fix)
     # lora.py, normalize_qkv_proj: q_proj and v_proj must both be there once either is
@@ -144,7 +146,7 @@ def lorax(facts: Facts, src: str) -> Verdict:
     if problems:
         scaled = padded != facts.r or wrong
         return Verdict(
-            "LoRAX/TGI", "wrong", "; ".join(problems), FIX_MERGE.format(src=src) if parts else fix if scaled else None
+            "LoRAX/TGI", "wrong", "; ".join(problems), facts.fix_unsupported(src) if parts else fix if scaled else None
         )
     return Verdict("LoRAX/TGI", "yes")
 
@@ -168,7 +170,7 @@ def llama_cpp(facts: Facts, src: str) -> Verdict:
     if facts.adalora:
         parts.append("AdaLoRA lora_E")
     if parts:
-        return Verdict("llama.cpp", "no", f"the converter exits on {', '.join(parts)}", FIX_MERGE.format(src=src))
+        return Verdict("llama.cpp", "no", f"the converter exits on {', '.join(parts)}", facts.fix_unsupported(src))
     # src/llama-adapter.h, llama_adapter_lora_weight::get_scale: alpha / each tensor pair's own rank (b->ne[0])
     wrong = facts.wrong_scales(lambda n: facts.alpha / facts.modules[n].rank)
     if wrong:

@@ -12,6 +12,7 @@ REL = 1e-6  # a scale within this relative error is right (float32 rounding of a
 FIX_LAYOUT = "loramix combine {src} -m cat -o OUT"
 FIX_MERGE = "loramix combine {src} -m cat --merge-into BASE -o OUT (serve the merged model)"
 FIX_GGUF = "loramix combine {src} -m cat --format gguf --gguf-base BASE -o OUT"
+FIX_CONVERT = "loramix convert {src} --base BASE -o OUT (the plain LoRA closest to it)"
 
 
 @dataclass
@@ -63,6 +64,11 @@ class Facts:
         if self.heads:
             parts.append(f"full tensors ({sample(self.heads, 2)})")
         return parts
+
+    def fix_unsupported(self, src: str) -> str:
+        """The command that makes `unsupported_parts` servable: a conversion when DoRA is all of them, else a merge."""
+        only_dora = self.adapter.has_dora and not (self.adapter.has_lora_bias or self.heads)
+        return (FIX_CONVERT if only_dora else FIX_MERGE).format(src=src)
 
 
 def global_scale(facts: Facts, *, rslora: bool) -> float:

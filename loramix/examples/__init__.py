@@ -3,7 +3,8 @@
 - ``tiny-llama``: a tiny random-weight Llama (vocab 256, 2 layers, bf16) with a character-level tokenizer
   (``tokenizer.json``: one token per printable ASCII character after ``<pad>``, ``<s>``, ``</s>``, ``<unk>``).
 - ``summarize`` (r=8, q/v), ``translate`` (r=4, rsLoRA, q/k/v/o) and ``formal`` (r=8 with
-  rank_pattern/alpha_pattern r=4 on o_proj): PEFT adapters made on it.
+  rank_pattern/alpha_pattern r=4 on o_proj): PEFT adapters made on it; ``dora`` (r=4, DoRA on q/v/down_proj, its
+  magnitudes moved off their start), for ``loramix convert``.
 - ``few-shot``: ``formal.jsonl``, six ``{"input": ..., "output": ...}`` pairs for ``loramix search``.
 - ``minimind``: ``minimind_lora.pth``, a hand-made LoRA state dict in MiniMind's naming
   (``layers.0.attention.wq.lora.A.weight``, rank 4 on wq/wv/w2), and ``module_map.yaml``, which renames its modules

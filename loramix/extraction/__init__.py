@@ -52,7 +52,7 @@ class ModuleExtraction:
     rank: int
     kept: float
     error: float
-    change: float
+    change: float | None  # None: no base weight was read (a conversion in factor space)
     shape: tuple[int, ...]
     solver: str
 
@@ -99,7 +99,9 @@ class Extraction:
 
 
 @dataclass
-class _Pending:
+class Pending:
+    """One module's ΔW waiting for its decomposition (`Extractor` batches same-shaped ones on a GPU)."""
+
     name: str
     layout: str
     kernel: tuple[int, ...]
@@ -109,27 +111,34 @@ class _Pending:
     expert: ExpertSlot | None = None
 
 
-def _math_view(delta: torch.Tensor, layout: str) -> torch.Tensor:
+def math_view(delta: torch.Tensor, layout: str) -> torch.Tensor:
     """ΔW as out×in from its stored layout (Conv1D and embeddings are stored in×out; conv kernels flattened)."""
     if layout in ("conv1d_fan_in_fan_out", "embedding"):
         return delta.T
     return delta.reshape(delta.shape[0], -1)
 
 
-def _task_type(config: dict) -> str | None:
+def task_type_of(config: dict) -> str | None:
     architectures = config.get("architectures") or []
     return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
 
 
-class _Extractor:
+class Extractor:
+    """Decomposes queued ΔWs under the result's rank rule into the result's adapter, with each module's account."""
+
     def __init__(
-        self, result: Extraction, device: torch.device, dtype: torch.dtype, batch: int, fused: dict[str, bool]
+        self,
+        result: Extraction,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch: int,
+        fused: dict[str, bool] | None = None,
     ) -> None:
         self.result, self.device, self.dtype, self.batch = result, device, dtype, batch
-        self.fused = fused  # fused expert parameter → whether it is stored (E, in, out)
-        self.pending: dict[tuple[int, int], list[_Pending]] = defaultdict(list)
+        self.fused = fused or {}  # fused expert parameter → whether it is stored (E, in, out)
+        self.pending: dict[tuple[int, int], list[Pending]] = defaultdict(list)
 
-    def add(self, item: _Pending) -> None:
+    def add(self, item: Pending) -> None:
         group = self.pending[tuple(item.delta.shape)]
         group.append(item)
         if len(group) >= self.batch:
@@ -185,7 +194,7 @@ class _Extractor:
             _carry(result, name, new, f"changed (‖ΔW‖/‖W‖ {change:.3g}), not a LoRA target", targets)
         else:
             kernel = tuple(old.shape[2:]) if layout == "conv2d" else ()
-            self.add(_Pending(name.removesuffix(".weight"), layout, kernel, _math_view(delta, layout), total, change))
+            self.add(Pending(name.removesuffix(".weight"), layout, kernel, math_view(delta, layout), total, change))
 
     def _experts(self, param: str, old: torch.Tensor, delta: torch.Tensor) -> None:
         """Each changed expert of a fused parameter as its own module (out × in), on the parameter's slot."""
@@ -198,7 +207,7 @@ class _Extractor:
             scale = float(torch.linalg.vector_norm(old[e].float()))
             change = math.sqrt(total) / scale if scale > 0 else math.inf
             slot = ExpertSlot(param, e, count)
-            self.add(_Pending(experts.module_name(param, e), "linear", (), update.contiguous(), total, change, slot))
+            self.add(Pending(experts.module_name(param, e), "linear", (), update.contiguous(), total, change, slot))
 
     def finish(self) -> None:
         for shape in list(self.pending):
@@ -249,7 +258,7 @@ def extract_lora(
     adapter = LoraAdapter(
         modules={},
         base_model=str(base),
-        task_type=_task_type(tuned_tensors.config),
+        task_type=task_type_of(tuned_tensors.config),
         source="<extracted>",
         name=f"LoRA extracted from {finetuned}",
     )
@@ -259,7 +268,7 @@ def extract_lora(
         if isinstance(base_tensors, FusedTensors)
         else {}
     )
-    extractor = _Extractor(result, target, out_dtype, GPU_BATCH if target.type == "cuda" else 1, fused)
+    extractor = Extractor(result, target, out_dtype, GPU_BATCH if target.type == "cuda" else 1, fused)
     targets = {n.removesuffix(".weight") for n in names if target_layout(n, base_tensors.shape(n), model_type)}
     with progress_bar(enabled=progress, total=len(names), desc="extract", unit="tensor") as bar:
         for name in names:  # one pair of tensors alive at a time: take() drops them when it returns

@@ -17,7 +17,7 @@ from pathlib import Path
 from loramix import experts
 from loramix.adapter import LoraAdapter, check_compatible
 from loramix.errors import AdapterFormatError, IncompatibleAdaptersError, MethodError
-from loramix.formats import _keys, adalora, gguf, kohya, live, lycoris, peft, statedict
+from loramix.formats import _keys, adalora, gguf, kohya, live, lycoris, peft, peft_lycoris, statedict
 from loramix.formats.diffusion import comfyui, file_naming
 from loramix.formats.diffusion import files as diffusion_files
 from loramix.formats.diffusion import writer as diffusers_writer
@@ -28,7 +28,7 @@ from loramix.sources import local_config, parse_hub_id, resolve
 log = logging.getLogger(__name__)
 
 # detection order: the first whose detect() says yes reads the source (LyCORIS before kohya: same names, more keys)
-FORMATS = (lycoris, kohya, diffusion_files, statedict, adalora, peft)
+FORMATS = (lycoris, kohya, diffusion_files, statedict, adalora, peft_lycoris, peft)
 WRITERS = {
     peft.NAME: peft,
     kohya.NAME: kohya,
@@ -57,10 +57,10 @@ def load_adapter(
     see `loramix.formats.live`) or pass a `LoraAdapter` through. A path or Hub id may carry its own load options:
     ``path::scale=0.5,alpha=16`` (see `split_source_options`).
 
-    Formats: PEFT LoRA and AdaLoRA folders, kohya/A1111 and diffusers LoRA files and LyCORIS LoCon/LoHa/LoKr files
-    (read as exact LoRAs; a file or a folder holding one),
-    and hand-made LoRA state dicts (a file, or a folder holding only it), which hold no scale, base model or base
-    names: ``scale``/``alpha``, ``base_model`` and ``module_map`` supply them. Other formats carry their own scale and
+    Formats: PEFT LoRA, AdaLoRA, LoHa and LoKr folders, kohya/A1111 and diffusers LoRA files and LyCORIS
+    LoCon/LoHa/LoKr files (LoHa and LoKr read as exact LoRAs; a file or a folder holding one), and hand-made LoRA
+    state dicts (a file, or a folder holding only it), which hold no scale, base model or base names:
+    ``scale``/``alpha``, ``base_model`` and ``module_map`` supply them. Other formats carry their own scale and
     names (those options are ignored with a warning); ``base_model`` fills in a base they do not name. What the
     reader noticed is in ``adapter.warnings`` and, unless ``log_warnings`` is false, logged once.
     """

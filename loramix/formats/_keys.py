@@ -89,6 +89,19 @@ def read_config(folder: Path, *, peft_types: tuple[str, ...] = ("LORA",)) -> dic
     return check_config(config, path, peft_types=peft_types)
 
 
+def folder_peft_type(path: Path) -> str | None:
+    """The ``peft_type`` of a folder's adapter_config.json (LORA when it names none); None when there is no readable
+    config (the PEFT reader then says what is wrong with it)."""
+    if not (path.is_dir() and (path / CONFIG_FILE).is_file()):
+        return None
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    peft_type = config.get("peft_type", "LORA") if isinstance(config, dict) else None
+    return peft_type if isinstance(peft_type, str) else None
+
+
 def check_config(config, path: str | Path, *, peft_types: tuple[str, ...] = ("LORA",)) -> dict:
     """``config`` (an adapter_config.json's content, from ``path``) if it holds what the readers rely on."""
     if not isinstance(config, dict):

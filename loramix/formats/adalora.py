@@ -21,7 +21,6 @@ from the file; such modules are read as linear ones of that width.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -40,13 +39,7 @@ _PATTERN_SUFFIX = re.compile(r"\.lora_E(\.[^.]+)?$")
 
 def detect(path: Path) -> bool:
     """A folder whose adapter_config.json says ``peft_type: ADALORA`` (unreadable configs are the PEFT reader's)."""
-    if not (path.is_dir() and (path / _keys.CONFIG_FILE).is_file()):
-        return False
-    try:
-        config = json.loads((path / _keys.CONFIG_FILE).read_text())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(config, dict) and config.get("peft_type") == PEFT_TYPE
+    return _keys.folder_peft_type(path) == PEFT_TYPE
 
 
 def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:

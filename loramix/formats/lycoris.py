@@ -159,6 +159,17 @@ def _module(file: Path, name: str, found: dict[str, torch.Tensor]) -> tuple[Lora
             file, name, {k: v for k, v in sides.items() if v is not None}, zero_alpha_is_rank=True
         )
         return module, f"LoCon rank {module.rank}"
+    module, label, rank = exact_lora(where, kind, found)
+    if rank is not None:
+        module.scale = kohya.alpha_scale(file, name, alpha, rank, zero_alpha_is_rank=True)
+    return module, label
+
+
+def exact_lora(where: str, kind: str, found: dict[str, torch.Tensor]) -> tuple[LoraModule, str, int | None]:
+    """(the exact LoRA of one ``kind`` module — LoHa, LoKr or LoCon with a Tucker core — at scale 1, what it was,
+    the rank its alpha divides: None when it has none, a LoKr of two full halves) from its LyCORIS-named parts;
+    `AdapterFormatError` naming ``where`` for missing parts or shapes that do not chain. PEFT's LoHa/LoKr layers
+    name and lay out their parameters the same way."""
     try:
         if kind == "LoHa":
             (B, A), label, rank, kernel = _loha(found)
@@ -170,14 +181,13 @@ def _module(file: Path, name: str, found: dict[str, torch.Tensor]) -> tuple[Lora
         raise AdapterFormatError(f"{where}: {kind} without {missing.args[0]}") from None
     except RuntimeError as exc:  # shapes that do not chain
         raise AdapterFormatError(f"{where}: {kind} factors {_shapes(found)} do not chain ({exc})") from None
-    scale = 1.0 if rank is None else kohya.alpha_scale(file, name, alpha, rank, zero_alpha_is_rank=True)
     stored = next(t.dtype for k, t in found.items() if k != "alpha")  # half-precision products are exact in float32
     dtype = torch.promote_types(stored, torch.float32)
     B, A = _bounded(B, A)
     module = LoraModule(
-        A=A.to(dtype), B=B.to(dtype), scale=scale, layout="conv2d" if kernel else "linear", kernel_size=kernel
+        A=A.to(dtype), B=B.to(dtype), scale=1.0, layout="conv2d" if kernel else "linear", kernel_size=kernel
     )
-    return module, label
+    return module, label, rank
 
 
 def _shapes(found: dict[str, torch.Tensor]) -> str:

@@ -260,7 +260,6 @@ def extraction_section(report: dict) -> str:
     """The card's account of an extraction (`loramix.pipeline.extract`'s report): the two models, the rule, and per
     module the rank, the share of ‖ΔW‖² kept and the relative error measured with the stored factors; what was
     carried whole, not carried, or unchanged."""
-    modules = report["modules"]
     revisions = report.get("revisions", {})
     lines = ["", "## Extraction", ""]
     lines.append(
@@ -268,27 +267,7 @@ def extraction_section(report: dict) -> str:
         f"W(`{report['base']}`, revision {revisions.get(report['base'], 'local')}) per module, truncated by "
         f"{report['rule']} (computed in float32 on {report['device']})."
     )
-    if modules:
-        kept = {name: m["kept_energy"] for name, m in modules.items()}
-        errors = [m["relative_error"] for m in modules.values()]
-        worst = max(modules, key=lambda name: modules[name]["relative_error"])
-        lines += [
-            "",
-            f"Energy kept (share of ‖ΔW‖²): min {min(kept.values()):.4f}, median {_median(list(kept.values())):.4f}; "
-            f"relative error ‖ΔW − B·A‖/‖ΔW‖ measured with the stored factors: max {max(errors):.4f} (`{worst}`), "
-            f"median {_median(errors):.4f}.",
-            "",
-            "<details><summary>Per module</summary>",
-            "",
-            "| module | rank | energy kept | relative error | ‖ΔW‖/‖W‖ |",
-            "|---|---|---|---|---|",
-        ]
-        for name, m in modules.items():
-            lines.append(
-                f"| `{name}` | {m['rank']} | {m['kept_energy']:.6f} | {m['relative_error']:.6f} | "
-                f"{m['relative_change']:.3g} |"
-            )
-        lines += ["", "</details>"]
+    lines += _module_account(report["modules"])
     for title, items in (
         ("Carried whole (modules_to_save)", report["carried"]),
         ("Not carried", report["not_carried"]),
@@ -300,6 +279,67 @@ def extraction_section(report: dict) -> str:
         lines[-1] += f"; {len(report['rounding_only'])} changed by no more than rounding, left out"
     lines[-1] += "."
     return "\n".join(lines) + "\n"
+
+
+# How `loramix convert` forms each kind's ΔW (the kinds of module `loramix.convert.convert` reports)
+CONVERSIONS = {
+    "DoRA": "DoRA: ΔW = m·(W + sBA)/‖W + sBA‖ − W with PEFT's weight norm per output row, in float64 from the base "
+    "weight.",
+    "VeRA": "VeRA: ΔW = (λ_b ⊙ B)(λ_d ⊙ A) with the shared projections cut to the base weight's shape, in float64.",
+    "(IA)³": "(IA)³: ΔW = W ⊙ (l − 1), in float64 from the base weight; an output-side vector's change of the base "
+    "bias is a lora_B bias.",
+}
+FACTORED = "Products of factors (LoRA, LoHa, LoKr: their exact LoRAs) are re-factorised in factor space, with no base."
+
+
+def conversion_section(report: dict) -> str:
+    """The card's account of a conversion (`loramix.convert.convert`'s report): that this LoRA is a conversion, of
+    what (the kinds of module), how exact (the rule; kept energy and relative error per module, measured with the
+    stored factors)."""
+    revisions = report.get("revisions", {})
+    kinds = ", ".join(f"{kind} ×{count}" for kind, count in report["kinds"].items())
+    base = (
+        f" on the base `{report['base']}` (revision {revisions.get(report['base'], 'local')})" if report["base"] else ""
+    )
+    exact = (
+        "full numerical rank: exact to float rounding" if report["rule"] == "full numerical rank" else report["rule"]
+    )
+    how = [CONVERSIONS.get(kind, FACTORED) for kind in report["kinds"]]
+    lines = [
+        "",
+        "## Conversion",
+        "",
+        f"This LoRA is a conversion of `{report['source']}` ({kinds}): each module's effective update ΔW{base} "
+        f"re-factorised as B·A, truncated by {exact}. {' '.join(dict.fromkeys(how))}",
+    ]
+    lines += _module_account(report["modules"])
+    if report["carried"]:
+        lines += ["", "Carried as they are (modules_to_save):", "", *(f"- `{name}`" for name in report["carried"])]
+    return "\n".join(lines) + "\n"
+
+
+def _module_account(modules: dict) -> list[str]:
+    """Energy kept and measured relative error: the summary, and per module a table."""
+    if not modules:
+        return []
+    kept = [m["kept_energy"] for m in modules.values()]
+    errors = [m["relative_error"] for m in modules.values()]
+    worst = max(modules, key=lambda name: modules[name]["relative_error"])
+    lines = [
+        "",
+        f"Energy kept (share of ‖ΔW‖²): min {min(kept):.4f}, median {_median(kept):.4f}; "
+        f"relative error ‖ΔW − B·A‖/‖ΔW‖ measured with the stored factors: max {max(errors):.4f} (`{worst}`), "
+        f"median {_median(errors):.4f}.",
+        "",
+        "<details><summary>Per module</summary>",
+        "",
+        "| module | rank | energy kept | relative error | ‖ΔW‖/‖W‖ |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in modules.items():
+        change = "–" if m["relative_change"] is None else f"{m['relative_change']:.3g}"
+        lines.append(f"| `{name}` | {m['rank']} | {m['kept_energy']:.6f} | {m['relative_error']:.6f} | {change} |")
+    return [*lines, "", "</details>"]
 
 
 def quantization_section(report: MergeReport) -> str:
