@@ -19,7 +19,7 @@ import torch
 from loramix.adapter import LoraAdapter, portable_layout
 from loramix.analysis import Analysis, analyze
 from loramix.checkpoint import MergeReport, write_merged
-from loramix.combination import check_settings, combine
+from loramix.combination import check_settings
 from loramix.diffusers_merge import write_merged_pipeline
 from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
 from loramix.extraction import Extraction, extract_lora
@@ -35,7 +35,7 @@ from loramix.render.analysis import analysis_json
 from loramix.render.card import CARD_FILE, RECIPE_FILE, extraction_section, model_card, quantization_section
 from loramix.render.plots import analysis_plots
 from loramix.runtime import parse_dtype, require_path, resolve_device
-from loramix.weight_search import SearchResult
+from loramix.weight_search import SearchResult, combine
 
 log = logging.getLogger(__name__)
 

@@ -120,6 +120,14 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
     help="Where ties/dare_*/magnitude_prune work: on each out×in ΔW, or on the small core matrices of the joint "
     "factor bases (Core Space) [default: dense].",
 )
+@click.option(
+    "--base", metavar="MODEL", help="Methods that need data (regmean): the base model (folder or Hub id) run forward."
+)
+@click.option(
+    "--examples",
+    type=click.Path(dir_okay=False),
+    help='Methods that need data (regmean): JSON lines {"input": ..., "output": ...}, as search reads (labels unused).',
+)
 @click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--dtype", default=None, help="Output dtype: float32, float16, bfloat16 [default: the inputs'].")
 @click.option(
@@ -186,7 +194,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     from loramix.render.card import kept_summary, rank_span
     from loramix.runtime import torch_threads
 
-    for key in ("density", "majority_sign", "seed", "space"):  # dedicated flags for method options
+    for key in ("density", "majority_sign", "seed", "space", "base", "examples"):  # flags for method options
         if flags[key] is not None:
             flags["options"] = {**flags["options"], key: flags[key]}
         del flags[key]
@@ -252,7 +260,8 @@ def methods() -> None:
 
     width = max(len(n) for n in REGISTRY)
     for m in REGISTRY.values():
-        tags = ", ".join(t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks), ("dense", m.dense)) if on)
+        flags = (("exact", m.exact), ("equal ranks", m.equal_ranks), ("dense", m.dense), ("needs data", m.data))
+        tags = ", ".join(t for t, on in flags if on)
         click.echo(f"{m.name:<{width}}  {m.description}" + (f" [{tags}]" if tags else ""))
         options = ", ".join(f"{k}={v}" for k, v in m.defaults.items())
         details = "; ".join(p for p in (m.paper, f"options (defaults): {options}" if options else "") if p)

@@ -1,4 +1,4 @@
-"""Subspace merges in factor form: TSV, Iso-C, Iso-CTS and KnOTS. None forms an out×in matrix.
+"""Subspace merges in factor form: TSV, Iso-C, Iso-CTS, KnOTS and STAR. None forms an out×in matrix.
 
 Each term is cᵢ·Bᵢ·Aᵢ (cᵢ = wᵢ·sᵢ); SVDs of sums and of single terms come from `factor_svd` (QR both factors, SVD
 of the small core). Results are re-factorised and truncated by the rank rule.
@@ -14,6 +14,11 @@ of the small core). Results are re-factorised and truncated by the rank rule.
 - knots (Stoica et al. 2025, arXiv:2410.19735): SVD of the concatenation [τ₁ … τ_T] = U·Σ·[V₁ᵀ … V_Tᵀ]; the
   task-specific ΣVᵢᵀ are merged element-wise (TIES by default, as the paper's KnOTS-TIES) and ΔW = U·merged.
   Singular vectors get canonical signs (largest entry of each uᵢ positive) so the merge is reproducible.
+- star (Lee et al. 2025, STAR, NAACL 2025): each task's spectrum truncated to the smallest k whose σ's sum to at
+  least ``eta`` of its nuclear norm Σσ (the authors' ``searchsorted(cumsum(σ), eta·Σσ) + 1``, their ``--eta 40``
+  being eta 0.4), the kept σ's rescaled by Σσ/Σ_{j<k}σⱼ so that the nuclear norm is unchanged, then the weighted sum
+  (the authors average: weights 1/n, combine's default). Compress each task, then merge: exact in core space (each
+  task's SVD from its factors), the sum then cut by the rank rule.
 """
 
 from __future__ import annotations
@@ -154,3 +159,22 @@ def knots(
         reps, weights, kind=merge, density=density, majority_sign=majority_sign, generator=generator
     )
     return truncated_factors(U * signs, merged, rule)
+
+
+@method(name="star", paper="Lee et al. 2025, STAR: Spectral Truncation and Rescale, arXiv:2502.10339", truncates=True)
+def star(terms, *, rule: RankRule, eta: float = 0.4) -> Factors:
+    """STAR: each task cut to eta of its nuclear norm, the kept σ's rescaled to the whole norm, then summed."""
+    eta = check_number("eta", eta, 0, 1)
+    shape = _shape(terms)
+    cut = RankRule(rule="sv_cumulative", value=eta) if eta > 0 else RankRule(rank=1)
+    Bs, As = [], []
+    for t in terms:
+        d = factor_svd(t.B * t.coef, t.A)
+        if numerical_rank(d.S, shape) == 0:
+            continue
+        k = cut.choose(d.S, shape)
+        Bs.append(d.U[:, :k] * (d.S[:k] * (d.S.sum() / d.S[:k].sum())))
+        As.append(d.Vh[:k])
+    if not Bs:
+        return _zero(shape, terms[0].B.double())
+    return truncated_factors(torch.cat(Bs, dim=1), torch.cat(As, dim=0), rule)
