@@ -213,6 +213,10 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     plan.output = output or plan.output
     if not plan.output:
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
+    if plan.options.get("base"):  # a method that runs the base forward: transformers' per-tensor loading bar is noise
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     with torch_threads(1):
         report = run(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
     if report.merge is not None:

@@ -14,11 +14,12 @@ of the small core). Results are re-factorised and truncated by the rank rule.
 - knots (Stoica et al. 2025, arXiv:2410.19735): SVD of the concatenation [τ₁ … τ_T] = U·Σ·[V₁ᵀ … V_Tᵀ]; the
   task-specific ΣVᵢᵀ are merged element-wise (TIES by default, as the paper's KnOTS-TIES) and ΔW = U·merged.
   Singular vectors get canonical signs (largest entry of each uᵢ positive) so the merge is reproducible.
-- star (Lee et al. 2025, STAR, NAACL 2025): each task's spectrum truncated to the smallest k whose σ's sum to at
-  least ``eta`` of its nuclear norm Σσ (the authors' ``searchsorted(cumsum(σ), eta·Σσ) + 1``, their ``--eta 40``
-  being eta 0.4), the kept σ's rescaled by Σσ/Σ_{j<k}σⱼ so that the nuclear norm is unchanged, then the weighted sum
-  (the authors average: weights 1/n, combine's default). Compress each task, then merge: exact in core space (each
-  task's SVD from its factors), the sum then cut by the rank rule.
+- star (Lee et al. 2025, STAR, NAACL 2025; the authors' code: IBM/STAR, merger/STAR.py): each task's spectrum cut
+  to the smallest k whose σ's sum to at least ``eta`` of its nuclear norm Σσ (the authors'
+  ``searchsorted(cumsum(σ), eta·Σσ) + 1``, their ``--eta 40`` being eta 0.4), the kept σ's rescaled by
+  Σσ/Σ_{j<k}σⱼ so that the nuclear norm is unchanged, then the weighted sum (the authors average: weights 1/n,
+  combine's default). Compress each task, then merge: exact in core space (each task's SVD from its factors), the
+  sum then cut by the rank rule.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def knots(
     return truncated_factors(U * signs, merged, rule)
 
 
-@method(name="star", paper="Lee et al. 2025, STAR: Spectral Truncation and Rescale, arXiv:2502.10339", truncates=True)
+@method(name="star", paper="Lee et al. 2025, STAR: Spectral Truncation and Rescale, NAACL 2025", truncates=True)
 def star(terms, *, rule: RankRule, eta: float = 0.4) -> Factors:
     """STAR: each task cut to eta of its nuclear norm, the kept σ's rescaled to the whole norm, then summed."""
     eta = check_number("eta", eta, 0, 1)
