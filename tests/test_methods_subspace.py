@@ -189,12 +189,12 @@ def test_bad_options(method, options):
 
 def test_all_zero_inputs_give_a_zero_adapter():
     zero = [Term(1.0, torch.zeros(6, 2, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64), 1.0)] * 2
-    for name in ("tsv", "iso_c", "iso_cts", "knots", "star", "wudi", "ties", "dare_ties"):
+    for name in ("tsv", "iso_c", "iso_cts", "knots", "star", "wudi", "compressed_sum", "ties", "dare_ties"):
         assert np.abs(product(REGISTRY[name].fn(zero, rule=RankRule()))).max() == 0, name
     assert np.abs(product(REGISTRY["ties"].fn(zero, rule=RankRule(), space="core"))).max() == 0
 
 
-@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "knots", "star", "wudi"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "knots", "star", "wudi", "compressed_sum"])
 def test_through_combine(tmp_path, method):
     first = make_peft_adapter(tiny_llama, tmp_path, "a", seed=1, target_modules=["q_proj", "v_proj"])
     second = make_peft_adapter(tiny_llama, tmp_path, "b", seed=2, target_modules=["q_proj"], r=6)
@@ -250,3 +250,42 @@ def test_star_keeps_each_task_nuclear_norm_and_is_exact_in_core_space(monkeypatc
 def test_star_rejects_an_eta_outside_0_1():
     with pytest.raises(MethodError, match="eta must be a number in"):
         REGISTRY["star"].fn(make_terms(2), rule=RankRule(), eta=40)
+
+
+# ----------------------------------------------------------------------------------------------- compressed_sum
+
+
+def truncated(M: np.ndarray, k: int) -> np.ndarray:
+    U, S, Vt = np.linalg.svd(M, full_matrices=False)
+    return (U[:, :k] * S[:k]) @ Vt[:k]
+
+
+def test_compressed_sum_truncates_each_task_before_the_sum(monkeypatch):
+    """rank 7 over 3 tasks: each keeps its best rank 2 (Eckart–Young, numpy's SVD), the sum has rank ≤ 6; energy
+    0.9: each keeps the smallest rank holding 90% of its own Σσ². No out×in matrix is formed."""
+    terms = make_terms(3, ranks=[4, 4, 5])
+    mats = dense(terms)
+    original = torch.Tensor.__matmul__
+
+    def guarded(a, b):
+        result = original(a, b)
+        assert tuple(result.shape[-2:]) != (12, 10), "an out×in matrix was formed"
+        return result
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", guarded)
+    by_rank = REGISTRY["compressed_sum"].fn(terms, rule=RankRule(rank=7))
+    by_energy = REGISTRY["compressed_sum"].fn(terms, rule=RankRule(energy=0.9))
+    monkeypatch.undo()
+    close(product(by_rank), sum(truncated(M, 2) for M in mats))
+    assert rank_of(product(by_rank)) == 6
+
+    def energy_rank(M):
+        S = np.linalg.svd(M, compute_uv=False)
+        return int(np.searchsorted(np.cumsum(S**2) / np.sum(S**2), 0.9 - 1e-12)) + 1
+
+    close(product(by_energy), sum(truncated(M, energy_rank(M)) for M in mats))
+
+
+def test_compressed_sum_without_a_rule_is_the_exact_sum():
+    terms = make_terms(3, ranks=[4, 4, 5])
+    close(product(REGISTRY["compressed_sum"].fn(terms, rule=RankRule())), exact_sum(terms))
