@@ -199,6 +199,9 @@ def test_regmean_end_to_end_matches_the_paper_on_peft_grams(tmp_path):
         expected = regmean_reference(W0, own, [g[name] for g in grams], weights, 0.9)
         close(module.delta(dtype=torch.float64).numpy(), expected, 1e-4)
     assert merged.provenance["options"] == {"base": str(example("tiny-llama")), "examples": str(jsonl), "alpha": 0.9}
+    given = loramix.combine([example(n) for n in NAMES], weights=weights, method="regmean", grams=ours, device="cpu")
+    for name, module in merged.modules.items():
+        torch.testing.assert_close(given.modules[name].delta(), module.delta())
 
 
 def test_regmean_on_the_command_line(tmp_path):

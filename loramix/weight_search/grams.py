@@ -90,9 +90,9 @@ def combine(
     **settings,
 ) -> LoraAdapter:
     """`loramix.combination.combine`; for a method that needs data (``regmean``), each adapter's input Gram matrices
-    are first collected from its options ``base`` and ``examples`` (`input_grams`)."""
+    are first collected from its options ``base`` and ``examples`` (`input_grams`), unless ``grams`` gives them."""
     loading = {"allow_different_bases": allow_different_bases, "allow_nonfinite": allow_nonfinite}
-    if not get_method(method).data:
+    if not get_method(method).data or settings.get("grams") is not None:  # or the Grams are given
         return combination.combine(
             adapters, method=method, device=device, load_options=load_options, **loading, **settings
         )
