@@ -2,7 +2,8 @@
 
 The public API, imported on first use (so that ``loramix --help`` starts without importing torch):
 `load_adapter`, `load_adapters`, `save_adapter`, `combine`, `analyze`, `run` (a `Plan` end to end),
-`merge_into_base`, `extract` (a LoRA from a fine-tuned model), `search`, `push_to_hub`, the data model
+`merge_into_base`, `extract` (a LoRA from a fine-tuned model), `search`, `input_grams` (what data-aware merges
+fit to), `push_to_hub`, the data model
 `LoraAdapter`, `LoraModule`, `ExtraTensor`, and for models loaded in a Python session `inject_adapter`,
 `to_peft_state_dict`, `lora_config` (adapters back into PEFT) and `merge_into`, `unmerge` (ΔW in and out of a
 loaded model's weights).
@@ -19,9 +20,10 @@ _EXPORTS = {
     "LoramixError": "loramix.errors",
     "Plan": "loramix.recipe",
     "analyze": "loramix.analysis",
-    "combine": "loramix.combination",
+    "combine": "loramix.weight_search",
     "extract": "loramix.pipeline",
     "inject_adapter": "loramix.formats.live",
+    "input_grams": "loramix.weight_search",
     "load_adapter": "loramix.formats",
     "load_adapters": "loramix.formats",
     "lora_config": "loramix.formats.live",

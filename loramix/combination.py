@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
@@ -177,6 +178,7 @@ def combine(
     allow_nonfinite: bool = False,
     progress: bool = False,
     load_options: dict | None = None,
+    grams: list[dict] | None = None,
     **options,
 ) -> LoraAdapter:
     """Combine ``adapters`` (paths, Hub ids or `LoraAdapter`s) with ``weights`` by ``method``.
@@ -192,8 +194,10 @@ def combine(
     instead (more of its own singular directions, where it has them; never above ``rank``); ``"exact"`` keeps each
     module at the rank the rule chose. ``device``: ``cpu``, ``cuda[:N]`` or ``auto`` (a GPU when there is one: results
     agree with the CPU's to float32 rounding). ``load_options`` go to `load_adapter` for every source
-    (``scale``/``alpha``/``base_model``/``module_map`` for plain state dicts). Returns a new `LoraAdapter` (scale 1
-    per module).
+    (``scale``/``alpha``/``base_model``/``module_map`` for plain state dicts). A method that needs data (``regmean``)
+    takes ``grams``: per adapter, each module's input Gram matrix (`loramix.weight_search.grams.input_grams`;
+    `loramix.combine` collects them from the method's ``base`` and ``examples``). Returns a new `LoraAdapter`
+    (scale 1 per module).
     """
     rank_rule = {"rank": rank, "energy": energy, "rule": rule, "rule_value": rule_value, "conv_rank": conv_rank}
     chosen, truncation = check_settings(method=method, options=options, heads=heads, **rank_rule)
@@ -212,6 +216,11 @@ def combine(
                 "rescales W+ΔW, which is not linear): give the base (loramix.run with Plan.base / --base BASE, or "
                 "merge_into), or convert each first (loramix convert)"
             )
+    if chosen.data and (grams is None or len(grams) != len(loaded)):
+        raise MethodError(
+            f"method {method} needs each adapter's input Gram matrices (grams); loramix.combine with "
+            "the options base and examples collects them"
+        )
     check_rank_layout(rank_layout)
     target = resolve_device(device)
     out_dtype = parse_dtype(dtype) or loaded[0].dtype
@@ -233,6 +242,8 @@ def combine(
             terms = [Term(w * m.scale, m.B.to(target), m.A.to(target), weight=w) for w, m in present]
             if chosen.every_adapter:
                 terms = absent_as_zero(terms, resolved, [name in a.modules for a in loaded])
+            if chosen.data:  # every adapter's term, and its model's Gram (a data method takes every adapter)
+                terms = [replace(t, gram=g[name]) for t, g in zip(terms, grams)]
             try:
                 factors = chosen.apply(
                     terms, rule=RankRule(rank=rule.rank) if widen else rule, **resolve_options(options, name, layers)

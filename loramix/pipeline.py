@@ -20,7 +20,7 @@ import torch
 from loramix.adapter import LoraAdapter, portable_layout
 from loramix.analysis import Analysis, analyze
 from loramix.checkpoint import MergeReport
-from loramix.combination import check_settings, combine
+from loramix.combination import check_settings
 from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
 from loramix.extraction import Extraction, extract_lora
 from loramix.extraction.conversion import effective_adapters
@@ -33,7 +33,7 @@ from loramix.merging import merge_into_base, write_files
 from loramix.recipe import Plan
 from loramix.render.card import CARD_FILE, RECIPE_FILE, extraction_section, model_card
 from loramix.runtime import parse_dtype, require_path
-from loramix.weight_search import SearchResult
+from loramix.weight_search import SearchResult, combine
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from loramix.errors import MethodError, RecipeError
+from loramix.methods import get_method
 from loramix.runtime import parse_dtype
 from loramix.schedule import parse, parse_options
 from loramix.sources import parse_hub_id
@@ -86,7 +87,10 @@ class Plan:
             kwargs.pop(key)
         loading = {key: kwargs.pop(key) for key in LOAD_OPTIONS}
         load_options = {k: v for k, v in loading.items() if v is not None} or None
-        return {**kwargs, **self.options, "dtype": parse_dtype(self.dtype), "load_options": load_options}
+        options = dict(self.options)
+        if self.base and "base" not in options and get_method(self.method).data:
+            options["base"] = self.base  # a method that needs data runs the run's base forward
+        return {**kwargs, **options, "dtype": parse_dtype(self.dtype), "load_options": load_options}
 
     def to_yaml(self) -> str:
         """The plan as a recipe: every field that is set, defaults included, so that the recipe does not depend on

@@ -189,12 +189,12 @@ def test_bad_options(method, options):
 
 def test_all_zero_inputs_give_a_zero_adapter():
     zero = [Term(1.0, torch.zeros(6, 2, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64), 1.0)] * 2
-    for name in ("tsv", "iso_c", "iso_cts", "knots", "ties", "dare_ties"):
+    for name in ("tsv", "iso_c", "iso_cts", "knots", "star", "wudi", "compressed_sum", "ties", "dare_ties"):
         assert np.abs(product(REGISTRY[name].fn(zero, rule=RankRule()))).max() == 0, name
     assert np.abs(product(REGISTRY["ties"].fn(zero, rule=RankRule(), space="core"))).max() == 0
 
 
-@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "knots"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "knots", "star", "wudi", "compressed_sum"])
 def test_through_combine(tmp_path, method):
     first = make_peft_adapter(tiny_llama, tmp_path, "a", seed=1, target_modules=["q_proj", "v_proj"])
     second = make_peft_adapter(tiny_llama, tmp_path, "b", seed=2, target_modules=["q_proj"], r=6)
@@ -202,3 +202,90 @@ def test_through_combine(tmp_path, method):
     assert len(merged.modules) == 4  # q_proj and v_proj of both layers; v_proj from the first adapter alone
     assert all(m.rank <= 5 for m in merged.modules.values())
     assert merged.provenance["method"] == method
+
+
+# ----------------------------------------------------------------------------------------------- STAR
+
+
+def star_reference(mats, weights, eta: float) -> np.ndarray:
+    """The authors' `star` (merger/STAR.py) per task in numpy — k = searchsorted(cumsum σ, eta·Σσ) + 1, kept σ
+    times Σσ/Σ kept σ — then their weighted_merge Σ αᵢ·STAR(τᵢ)."""
+    total = np.zeros_like(mats[0])
+    for w, M in zip(weights, mats):
+        U, S, Vt = np.linalg.svd(M, full_matrices=False)
+        k = int(np.searchsorted(np.cumsum(S), S.sum() * eta)) + 1
+        total += w * (U[:, :k] * (S[:k] * S.sum() / S[:k].sum())) @ Vt[:k]
+    return total
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.4, 0.8, 1.0])
+def test_star_matches_the_authors_algorithm(eta):
+    """Rank 4, 4, 5 tasks: the truncation point and nuclear-norm rescale of each, then the weighted sum (weights
+    0.5, 0.75, 1.0 applied after STAR, as the authors' alphas are)."""
+    terms = make_terms(3, ranks=[4, 4, 5])
+    weights = [t.weight for t in terms]
+    tasks = [(t.coef / t.weight) * (t.B.numpy() @ t.A.numpy()) for t in terms]
+    close(product(REGISTRY["star"].fn(terms, rule=RankRule(), eta=eta)), star_reference(tasks, weights, eta))
+
+
+def test_star_keeps_each_task_nuclear_norm_and_is_exact_in_core_space(monkeypatch):
+    """One task: the result has the task's nuclear norm at a lower rank; and no out×in matrix is ever formed."""
+    (term,) = make_terms(1, ranks=[5])
+    original = torch.Tensor.__matmul__
+
+    def guarded(a, b):
+        result = original(a, b)
+        assert tuple(result.shape[-2:]) != (12, 10), "an out×in matrix was formed"
+        return result
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", guarded)
+    factors = REGISTRY["star"].fn([term], rule=RankRule(), eta=0.5)
+    monkeypatch.undo()
+    merged = product(factors)
+    task = dense([term])[0]
+    assert np.linalg.svd(merged, compute_uv=False).sum() == pytest.approx(np.linalg.svd(task, compute_uv=False).sum())
+    assert rank_of(merged) < rank_of(task)
+
+
+def test_star_rejects_an_eta_outside_0_1():
+    with pytest.raises(MethodError, match="eta must be a number in"):
+        REGISTRY["star"].fn(make_terms(2), rule=RankRule(), eta=40)
+
+
+# ----------------------------------------------------------------------------------------------- compressed_sum
+
+
+def truncated(M: np.ndarray, k: int) -> np.ndarray:
+    U, S, Vt = np.linalg.svd(M, full_matrices=False)
+    return (U[:, :k] * S[:k]) @ Vt[:k]
+
+
+def test_compressed_sum_truncates_each_task_before_the_sum(monkeypatch):
+    """rank 7 over 3 tasks: each keeps its best rank 2 (Eckart–Young, numpy's SVD), the sum has rank ≤ 6; energy
+    0.9: each keeps the smallest rank holding 90% of its own Σσ². No out×in matrix is formed."""
+    terms = make_terms(3, ranks=[4, 4, 5])
+    mats = dense(terms)
+    original = torch.Tensor.__matmul__
+
+    def guarded(a, b):
+        result = original(a, b)
+        assert tuple(result.shape[-2:]) != (12, 10), "an out×in matrix was formed"
+        return result
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", guarded)
+    by_rank = REGISTRY["compressed_sum"].fn(terms, rule=RankRule(rank=7))
+    by_energy = REGISTRY["compressed_sum"].fn(terms, rule=RankRule(energy=0.9))
+    monkeypatch.undo()
+    close(product(by_rank), sum(truncated(M, 2) for M in mats))
+    assert rank_of(product(by_rank)) == 6
+
+    def energy_rank(M):
+        S = np.linalg.svd(M, compute_uv=False)
+        return int(np.searchsorted(np.cumsum(S**2) / np.sum(S**2), 0.9 - 1e-12)) + 1
+
+    close(product(by_energy), sum(truncated(M, energy_rank(M)) for M in mats))
+
+
+def test_compressed_sum_without_a_rule_is_the_exact_sum():
+    terms = make_terms(3, ranks=[4, 4, 5])
+    close(product(REGISTRY["compressed_sum"].fn(terms, rule=RankRule())), exact_sum(terms))

@@ -440,3 +440,40 @@ def test_search_output_carries_a_recipe_that_repeats_the_searched_combination(ca
     assert written
     for name in written:
         assert (moved / "again" / name).read_bytes() == (moved / "out" / name).read_bytes(), name
+
+
+def test_entropy_objective_is_the_entropy_of_peft_predictions(causal, tmp_path):
+    """AdaMerging's unlabeled objective: the mean entropy (float64, from PEFT's logits) of the next-token
+    distribution at the output positions; the output text is context only (1e-4 relative, as TOL)."""
+    w = [0.5, -1.0, 0.25]
+    with causal.evaluator(EXAMPLES, "delta", objective="entropy") as ev:
+        ours = float(ev.cross_entropy(torch.tensor([w]))[0])
+    model = causal.delta_peft(w, tmp_path / "d")
+    batch = build_batch(as_examples(EXAMPLES), causal.tokenizer, encoder_decoder=False)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    scored = batch["labels"][:, 1:] != -100
+    expected = torch.distributions.Categorical(logits=logits[:, :-1]).entropy()[scored].mean()
+    assert ours == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_entropy_search_with_a_layer_gradient(causal):
+    """The entropy objective with CMA-ES and a weight that varies by layer: the result's score is the entropy at
+    the weights found (not a cross-entropy), and it is recorded in the settings."""
+    result = search(
+        causal.base,
+        causal.adapters,
+        EXAMPLES,
+        composition="delta",
+        optimizer="cma",
+        objective="entropy",
+        steps=2,
+        init=[[0.0, 0.0], 0.0, 0.0],
+        device="cpu",
+    )
+    assert result.settings["objective"] == "entropy"
+    theta = [*result.weights[0], result.weights[1], result.weights[2]]
+    with causal.evaluator(EXAMPLES, "delta", objective="entropy", forms=[[0.0, 0.0], 0.0, 0.0]) as ev:
+        assert result.cross_entropy == pytest.approx(float(ev.cross_entropy([theta])[0]), rel=1e-5)
+    with pytest.raises(SearchError, match="unknown objective"):
+        search(causal.base, causal.adapters, EXAMPLES, objective="likelihood", device="cpu")

@@ -122,6 +122,11 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
     help="Where ties/dare_*/magnitude_prune work: on each out×in ΔW, or on the small core matrices of the joint "
     "factor bases (Core Space) [default: dense].",
 )
+@click.option(
+    "--examples",
+    type=click.Path(dir_okay=False),
+    help='Methods that need data (regmean): JSON lines {"input": ..., "output": ...}, as search reads (labels unused).',
+)
 @click.option("--device", default=None, help=DEVICE_HELP)
 @click.option(
     "--dtype",
@@ -142,8 +147,8 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 @click.option(
     "--base",
     metavar="MODEL",
-    help="Base model folder or Hub id on which DoRA adapters become their effective updates, so that they combine "
-    "[default: the --merge-into base].",
+    help="Base model folder or Hub id: DoRA adapters become their effective updates on it, so that they combine "
+    "[default: the --merge-into base]; methods that need data (regmean) run it forward on --examples.",
 )
 @click.option(
     "--shard-size",
@@ -201,7 +206,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     from loramix.render.card import kept_summary, quantized_summary, rank_span
     from loramix.runtime import torch_threads
 
-    for key in ("density", "majority_sign", "seed", "space"):  # dedicated flags for method options
+    for key in ("density", "majority_sign", "seed", "space", "examples"):  # flags for method options
         if flags[key] is not None:
             flags["options"] = {**flags["options"], key: flags[key]}
         del flags[key]
@@ -220,6 +225,12 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     plan.output = output or plan.output
     if not plan.output:
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
+    if plan.base or plan.options.get(
+        "base"
+    ):  # a method that runs the base forward: transformers' per-tensor loading bar is noise
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     with torch_threads(1):
         report = run(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
     if report.merge is not None:
@@ -271,7 +282,7 @@ def methods() -> None:
 
     width = max(len(n) for n in REGISTRY)
     for m in REGISTRY.values():
-        tags = [t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks)) if on]
+        tags = [t for t, on in (("exact", m.exact), ("equal ranks", m.equal_ranks), ("needs data", m.data)) if on]
         tags += [{"dense": "dense ΔW", "core": "core space"}[m.space]] if m.space else []
         click.echo(f"{m.name:<{width}}  {m.description}" + (f" [{', '.join(tags)}]" if tags else ""))
         options = ", ".join(f"{k}={v}" for k, v in m.defaults.items())

@@ -22,6 +22,13 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
 @click.option("--composition", type=click.Choice(["lorahub", "delta"]), default="lorahub", help=_COMPOSITION)
 @click.option("--optimizer", type=click.Choice(["cobyla", "cma", "adam"]), default="cobyla", help=_OPTIMIZER)
 @click.option(
+    "--objective",
+    type=click.Choice(["cross-entropy", "entropy"]),
+    default="cross-entropy",
+    show_default=True,
+    help="cross-entropy of the outputs, or (AdaMerging, unlabeled) the entropy of the predictions at those positions.",
+)
+@click.option(
     "--steps",
     type=click.IntRange(min=1),
     default=40,
@@ -125,8 +132,9 @@ def search(
         argv=sys.argv,
     )
     weights = ", ".join(describe(w, "+.3f") for w in result.weights)
+    scored = f"{options['objective']} {result.cross_entropy:.4f}"
     click.echo(
-        f"wrote {output}: weights [{weights}], loss {result.loss:.4f} (cross-entropy {result.cross_entropy:.4f}), "
+        f"wrote {output}: weights [{weights}], loss {result.loss:.4f} ({scored}), "
         f"{result.evaluations} evaluations in {result.seconds:.1f} s, {options['composition']} composition"
     )
     push_output(output, push_repo)

@@ -32,6 +32,7 @@ class Term:
     B: Any  # torch.Tensor, out×r
     A: Any  # torch.Tensor, r×in
     weight: float | None = None  # the weight alone (coef = weight·scale), for methods that apply it apart
+    gram: Any = None  # data-aware methods: the module's input Gram matrix XᵀX/N (in×in) in this adapter's model
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Method:
     dense: bool = False
     truncates: bool = False
     every_adapter: bool = False
+    data: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -96,14 +98,19 @@ def method(
     dense: bool = False,
     equal_ranks: bool = False,
     every_adapter: bool = False,
+    data: bool = False,
 ) -> Callable:
     """Register the decorated function as merge method ``name``; its keyword-only parameters other than ``rule``
     become the method's options, with their defaults. With ``every_adapter`` a combine gives it a term for every
-    adapter, in order, a zero one where an adapter lacks the module (`absent_as_zero`)."""
+    adapter, in order, a zero one where an adapter lacks the module (`absent_as_zero`). A ``data`` method needs each
+    term's ``gram``, the module's input Gram matrix collected from forward passes over examples: its options name
+    the ``base`` and the ``examples`` (`loramix.weight_search.grams` collects them)."""
 
     def register(fn: Callable) -> Callable:
         if name in REGISTRY:
             raise MethodError(f"method {name} is registered twice")
+        if data and not every_adapter:
+            raise MethodError(f"method {name}: a data method fits every adapter's model, so it takes every_adapter")
         parameters = inspect.signature(fn).parameters.values()
         named = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
         if not any(p.name == "rule" for p in named):
@@ -119,6 +126,7 @@ def method(
             exact=exact,
             equal_ranks=equal_ranks,
             every_adapter=every_adapter,
+            data=data,
             dense=dense,
             truncates=truncates,
             defaults={_option(p.name): p.default for p in named if p.name != "rule"},

@@ -1,4 +1,5 @@
-"""Subspace merges in factor form: TSV, Iso-C, Iso-CTS and KnOTS. None forms an out×in matrix.
+"""Subspace merges in factor form: TSV, Iso-C, Iso-CTS, KnOTS, STAR and the compress-then-merge sum. None forms an
+out×in matrix.
 
 Each term is cᵢ·Bᵢ·Aᵢ (cᵢ = wᵢ·sᵢ); SVDs of sums and of single terms come from `factor_svd` (QR both factors, SVD
 of the small core). Results are re-factorised and truncated by the rank rule.
@@ -14,9 +15,23 @@ of the small core). Results are re-factorised and truncated by the rank rule.
 - knots (Stoica et al. 2025, arXiv:2410.19735): SVD of the concatenation [τ₁ … τ_T] = U·Σ·[V₁ᵀ … V_Tᵀ]; the
   task-specific ΣVᵢᵀ are merged element-wise (TIES by default, as the paper's KnOTS-TIES) and ΔW = U·merged.
   Singular vectors get canonical signs (largest entry of each uᵢ positive) so the merge is reproducible.
+- star (Lee et al. 2025, STAR, NAACL 2025; the authors' code: IBM/STAR, merger/STAR.py): each task's spectrum cut
+  to the smallest k whose σ's sum to at least ``eta`` of its nuclear norm Σσ (the authors'
+  ``searchsorted(cumsum(σ), eta·Σσ) + 1``, their ``--eta 40`` being eta 0.4), the kept σ's rescaled by
+  Σσ/Σ_{j<k}σⱼ so that the nuclear norm is unchanged, then the weighted sum (the authors average: weights 1/n,
+  combine's default). Compress each task, then merge: exact in core space (each task's SVD from its factors), the
+  sum then cut by the rank rule.
+- compressed_sum (the per-task low-rank compression of Gargiulo et al. 2025's TSV-C, arXiv:2412.00081, summed
+  without their decorrelation): the rank rule compresses each task before the sum instead of the sum after it.
+  With a rank r each task keeps its best rank ⌊r/T⌋ (at least 1), so the sum has rank ≤ r and every task keeps a
+  share of it, where `svd --rank r` keeps the sum's own top r directions (Eckart–Young best for the sum, which a
+  task of small norm may lose entirely); with energy or a kohya rule each task keeps what the rule keeps of its own
+  spectrum. Exact in core space.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from loramix.lazy import lazy
 from loramix.linalg import Factors, RankRule, factor_svd, numerical_rank, stacked_factors, truncated_factors
@@ -154,3 +169,34 @@ def knots(
         reps, weights, kind=merge, density=density, majority_sign=majority_sign, generator=generator
     )
     return truncated_factors(U * signs, merged, rule)
+
+
+@method(name="star", paper="Lee et al. 2025, STAR: Spectral Truncation and Rescale, NAACL 2025", truncates=True)
+def star(terms, *, rule: RankRule, eta: float = 0.4) -> Factors:
+    """STAR: each task cut to eta of its nuclear norm, the kept σ's rescaled to the whole norm, then summed."""
+    eta = check_number("eta", eta, 0, 1)
+    shape = _shape(terms)
+    cut = RankRule(rule="sv_cumulative", value=eta) if eta > 0 else RankRule(rank=1)
+    Bs, As = [], []
+    for t in terms:
+        d = factor_svd(t.B * t.coef, t.A)
+        if numerical_rank(d.S, shape) == 0:
+            continue
+        k = cut.choose(d.S, shape)
+        Bs.append(d.U[:, :k] * (d.S[:k] * (d.S.sum() / d.S[:k].sum())))
+        As.append(d.Vh[:k])
+    if not Bs:
+        return _zero(shape, terms[0].B.double())
+    return truncated_factors(torch.cat(Bs, dim=1), torch.cat(As, dim=0), rule)
+
+
+@method(name="compressed_sum", paper="Gargiulo et al. 2025, TSV-C compression, arXiv:2412.00081", truncates=True)
+def compressed_sum(terms, *, rule: RankRule) -> Factors:
+    """Compress, then merge: each task cut by the rank rule (a rank r: r/T each), then the exact sum."""
+    shape = _shape(terms)
+    each = rule if rule.rank is None else replace(rule, rank=max(rule.rank // len(terms), 1))
+    kept = [factor_svd(t.B * t.coef, t.A) for t in terms]
+    kept = [d.factors(each.choose(d.S, shape)) for d in kept if numerical_rank(d.S, shape)]
+    if not kept:
+        return _zero(shape, terms[0].B.double())
+    return Factors(torch.cat([f.B for f in kept], dim=1), torch.cat([f.A for f in kept], dim=0))

@@ -1,5 +1,7 @@
-"""LoRAHub-style weight search: `search` (in `run`), its batched evaluator, objective and optimizers."""
+"""LoRAHub-style weight search: `search` (in `run`), its batched evaluator, objective and optimizers; and the input
+Gram matrices data-aware merges need (`grams`: `input_grams`, and `combine`, which collects them when asked)."""
 
+from loramix.weight_search.grams import combine, input_grams
 from loramix.weight_search.run import SearchResult, load_base, search
 
-__all__ = ["SearchResult", "load_base", "search"]
+__all__ = ["SearchResult", "combine", "input_grams", "load_base", "search"]

@@ -73,7 +73,9 @@ def build_factors(model: nn.Module, adapters: list[LoraAdapter], composition: st
     for a in adapters:
         if a.has_dora or a.has_lora_bias or a.extra:
             what = "DoRA magnitudes" if a.has_dora else "lora_B biases" if a.has_lora_bias else "extra tensors (heads)"
-            raise IncompatibleAdaptersError(f"{a.source}: search cannot compose adapters carrying {what}")
+            raise IncompatibleAdaptersError(
+                f"{a.source}: search and the data-aware merges (regmean) cannot run adapters carrying {what}"
+            )
     named = dict(model.named_modules())
     names = list(dict.fromkeys(n for a in adapters for n in a.modules))
     factors = {}
@@ -130,8 +132,9 @@ class Evaluator:
     """Scores candidate weightings (P×k) on a frozen model through hooks: one forward pass per population chunk.
 
     ``batch`` is the examples' token batch (`build_batch`); ``max_candidates`` caps how many candidates share one
-    forward pass (memory); ``None`` means the whole population. ``forms``: the `parse`d weight form of each adapter
-    (default: a number each); a candidate holds their numbers (k = n when all are numbers, see the module docstring).
+    forward pass (memory); ``None`` means the whole population; ``objective``: see `token_losses`. ``forms``: the
+    `parse`d weight form of each adapter (default: a number each); a candidate holds their numbers (k = n when all are
+    numbers, see the module docstring).
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class Evaluator:
         encoder_decoder: bool = False,
         max_candidates: int | None = None,
         forms: list | None = None,
+        objective: str = "cross-entropy",
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.device = model.get_input_embeddings().weight.device  # where the batch goes in (first of several)
@@ -157,6 +161,7 @@ class Evaluator:
         self.tokens = int((self.labels != -100).sum())
         self.shift = not encoder_decoder
         self.max_candidates = max_candidates
+        self.objective = objective
         self._weights: dict[torch.device, torch.Tensor] | None = None  # the pass's candidates (P×k) per device
         named = dict(model.named_modules())
         self._handles = [named[name].register_forward_hook(self._hook(f)) for name, f in self.factors.items()]
@@ -215,11 +220,13 @@ class Evaluator:
             logits = self.model(**inputs, use_cache=False).logits
         finally:
             self._weights = previous
-        sums = token_losses(logits, self.labels.to(logits.device).repeat(P, 1), shift=self.shift)
+        labels = self.labels.to(logits.device).repeat(P, 1)
+        sums = token_losses(logits, labels, shift=self.shift, objective=self.objective)
         return sums.to(self.device).reshape(P, -1).sum(dim=1) / self.tokens
 
     def cross_entropy(self, weights) -> torch.Tensor:
-        """Mean output-token cross-entropy of each candidate (P,), float32; differentiable when ``weights`` is."""
+        """Mean output-token cross-entropy of each candidate (P,), float32, or with ``objective="entropy"`` the mean
+        entropy of the predictions at those positions (`token_losses`); differentiable when ``weights`` is."""
         W = weights if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float32)
         W = W.to(device=self.device, dtype=torch.float32).reshape(-1, self.k)
         chunk = self.max_candidates or W.shape[0]

@@ -3,7 +3,10 @@
 An example is ``{"input": ..., "output": ...}``. Causal LMs see ``input ⧺ output (⧺ eos)`` with the input tokens
 masked out of the labels; seq2seq models see ``input`` on the encoder and ``output`` as labels. The loss of one
 candidate is the mean cross-entropy over all output tokens of all examples (token-weighted, as transformers'
-``outputs.loss`` with ``-100`` labels), plus ``l1 · mean|wᵢ|`` (LoRAHub's regulariser).
+``outputs.loss`` with ``-100`` labels), plus ``l1 · mean|wᵢ|`` (LoRAHub's regulariser). The ``entropy`` objective
+(AdaMerging's, Yang et al. 2024, ICLR 2024, arXiv:2310.02575: minimise the entropy of the merged model's
+predictions on unlabeled inputs) scores the same positions by the Shannon entropy of the predicted next-token
+distribution instead: the output text is then only read as context, never as a target.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from loramix.errors import SearchError
 
 IGNORE = -100
+OBJECTIVES = ("cross-entropy", "entropy")
 
 
 @dataclass
@@ -136,12 +140,17 @@ def build_batch(
     }
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> torch.Tensor:
-    """Summed cross-entropy per row (float32) and, for causal LMs, with the usual next-token shift."""
+def token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool, objective: str = "cross-entropy"
+) -> torch.Tensor:
+    """Summed per row (float32), over the positions with a label (for causal LMs with the usual next-token shift):
+    the cross-entropy of the labels, or with ``objective="entropy"`` the entropy of the predicted distribution."""
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     logp = torch.log_softmax(logits.float(), dim=-1)
     mask = labels != IGNORE
+    if objective == "entropy":
+        return -((logp.exp() * logp).sum(-1) * mask).sum(dim=1)
     picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return -(picked * mask).sum(dim=1)
 

@@ -27,7 +27,7 @@ from loramix.runtime import progress_bar, resolve_device
 from loramix.schedule import linear, parse
 from loramix.weight_search import distributed, optimizers
 from loramix.weight_search.evaluator import COMPOSITIONS, Evaluator
-from loramix.weight_search.objective import as_examples, build_batch, l1_penalty
+from loramix.weight_search.objective import OBJECTIVES, as_examples, build_batch, l1_penalty
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ def search(
     *,
     composition: str = "lorahub",
     optimizer: str = "cobyla",
+    objective: str = "cross-entropy",
     steps: int = 40,
     l1: float = 0.05,
     bounds: tuple[float, float] = (-1.5, 1.5),
@@ -168,7 +169,9 @@ def search(
     gives k; ``lbw``'s ``ratio`` stays fixed), every module's weights being linear in θ; ``bounds`` apply to each
     number, and the result's ``weights`` are the init's forms holding the numbers found. The objective is the mean
     output-token cross-entropy (input tokens masked) plus ``l1·mean|θⱼ|``, over the numbers (the weights themselves
-    when all are numbers). ``steps``: COBYLA evaluations, CMA-ES generations (``popsize`` candidates each, one
+    when all are numbers); ``objective="entropy"`` (AdaMerging's, unlabeled) puts the mean entropy of the predicted
+    next-token distribution at those positions in the cross-entropy's place (the result's ``cross_entropy`` then
+    holds it). ``steps``: COBYLA evaluations, CMA-ES generations (``popsize`` candidates each, one
     forward pass), or Adam steps (``lr``). Adam with the lorahub composition adds seeded N(0, 0.1²) jitter to the
     start, since 0 is a stationary point there. ``max_candidates`` caps the candidates per forward pass.
     Adapters are loaded as by `combine` (``allow_different_bases``, ``allow_nonfinite``, ``load_options``).
@@ -185,6 +188,8 @@ def search(
         return _search_processes(base, adapters, examples, gpus=gpus, gpus_per_base=gpus_per_base, options=options)
     if composition not in COMPOSITIONS:
         raise SearchError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
+    if objective not in OBJECTIVES:
+        raise SearchError(f"unknown objective {objective!r} (use {' or '.join(OBJECTIVES)})")
     if optimizer not in optimizers.OPTIMIZERS:
         raise SearchError(f"unknown optimizer {optimizer!r} (use {', '.join(optimizers.OPTIMIZERS)})")
     lo, hi = (float(b) for b in bounds)
@@ -221,6 +226,7 @@ def search(
         "examples": len(examples),
         "output_tokens": int((batch["labels"] != -100).sum()),
         "composition": composition,
+        "objective": objective,
         "optimizer": optimizer,
         "steps": steps,
         "l1": l1,
@@ -246,6 +252,7 @@ def search(
         encoder_decoder=encoder_decoder,
         max_candidates=max_candidates,
         forms=[f.spec for f in forms],
+        objective=objective,
     ) as evaluator:
 
         def objective(W: np.ndarray) -> np.ndarray:
