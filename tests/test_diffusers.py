@@ -409,7 +409,7 @@ def test_extract_from_pipelines_loads_in_diffusers_and_merges_back(tmp_path, pip
     result = CliRunner().invoke(main, ["extract", str(pipe_folder), str(tuned), "--rank", "2", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert f"1 changed tensor(s) are not carried ({CHANGED_NORM})" in result.output  # the warning (stderr)
-    assert "7 modules, rank 2" in result.output and "1 other changed tensor(s) not carried" in result.output
+    assert "7 modules, rank 2" in result.output and "1 other changed tensor not carried" in result.output
     report = json.loads((out / "extraction.json").read_text())
     assert report["format"] == "kohya" and list(report["not_carried"]) == [CHANGED_NORM]
     file = out / "lora.safetensors"

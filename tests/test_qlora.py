@@ -252,7 +252,7 @@ def test_cli_end_to_end(qlora, tmp_path):
     alone = CliRunner().invoke(
         main, ["-q", "combine", str(made.path), "--quantized-as", "nf4", "-o", str(tmp_path / "x")]
     )
-    assert alone.exit_code == 2 and "it needs merge_into (pass --merge-into BASE)" in alone.output
+    assert alone.exit_code == 2 and "it needs a base (pass --merge-into BASE)" in alone.output
     assert not (tmp_path / "x").exists()
 
 
