@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 from loramix import experts
 from loramix.adapter import LoraAdapter, dtype_name
+from loramix.analysis.names import type_counts, type_summary
 
 
 def adapter_summary(adapter: LoraAdapter) -> dict:
@@ -35,7 +35,7 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         "task_type": adapter.task_type,
         "dtype": dtype_name(adapter.dtype),
         "num_modules": len(adapter.modules),
-        "module_types": dict(sorted(Counter(n.rsplit(".", 1)[-1] for n in adapter.modules).items())),
+        "module_types": type_counts(adapter.modules),
         "ranks": adapter.ranks,
         "scales": scales,
         "num_params": adapter.num_params(),
@@ -82,7 +82,7 @@ def inspect_text(summaries: list[dict]) -> str:
     """A readable block per adapter."""
     blocks = []
     for s in summaries:
-        types = ", ".join(f"{t} ×{n}" for t, n in s["module_types"].items())
+        types = type_summary(s["module_types"])
         rows = [
             ("source", _source(s)),
             ("base model", s["base_model"] or "(unknown)"),

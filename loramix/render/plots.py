@@ -3,10 +3,12 @@
 Figures are built with ``matplotlib.figure.Figure`` directly: never pyplot, never a backend switch, so rendering
 in a notebook leaves its plotting state alone. The caller saves them (`loramix.analysis_files.write_plots`).
 
-Colour scales are fitted to the values shown (cosines on a scale symmetric about 0 up to the largest |cosine|
-off the diagonal; φ from its smallest to its largest value), so that 0.04 against 0.15, or 0.97 against 0.999, can
-be told apart. φ is shown against chance (the φ of random subspaces of the same sizes, which the text output prints
-in brackets): a line on the colour bar, and cells at or below chance hatched. Adapter names are written in full.
+Colour scales are fixed, so that a colour means the same in every figure: cosines on [−1, 1] (white is 0, an
+unrelated pair; a cosine of 0.002 is not deep red), φ on [0, 1]. φ is shown against chance (the φ of random subspaces
+of the same sizes, which the text output prints in brackets): a line on the colour bar, and cells at or below chance
+hatched, as the legend under the figure says. Small pairwise figures write each value in its cell. Adapter names are
+written in full; modules are labelled by layer and type, and grouped by block and type where their names have no
+layer numbers of their own (a Stable Diffusion LoRA's kohya names).
 """
 
 from __future__ import annotations
@@ -14,34 +16,18 @@ from __future__ import annotations
 import statistics
 from textwrap import fill
 
-from loramix.analysis.names import layer_of, natural_key, type_of
+from loramix.analysis.names import layer_of, natural_key, type_of, typed
 from loramix.analysis.report import finite
 from loramix.errors import LoramixError
 
 # Spectra: up to this many modules one row each, labelled; beyond it one row per module type (mean over layers).
 MAX_MODULE_ROWS = 72
-PANELS = (  # attribute, title, colour map, attribute of its chance level
-    ("cosine", "cosine of ΔW", "RdBu_r", None),
-    ("phi_a", "φ input side", "viridis", "phi_a_chance"),
-    ("phi_b", "φ output side", "viridis", "phi_b_chance"),
+PANELS = (  # attribute, title, colour map, attribute of its chance level, colour scale
+    ("cosine", "cosine of ΔW", "RdBu_r", None, (-1.0, 1.0)),
+    ("phi_a", "φ input side", "viridis", "phi_a_chance", (0.0, 1.0)),
+    ("phi_b", "φ output side", "viridis", "phi_b_chance", (0.0, 1.0)),
 )
-
-
-def _limits(values: list, *, symmetric: bool, floor: float | None = None) -> tuple[float, float]:
-    """A colour range fitted to the finite ``values``: ±max|v| when ``symmetric``, else [min, max] (widened to
-    include ``floor``, the chance level, and to a span of at least 1e-3 so that equal values still draw)."""
-    finite_values = [v for v in values if finite(v) is not None]
-    if not finite_values:
-        return (-1.0, 1.0) if symmetric else (0.0, 1.0)
-    if symmetric:
-        top = max(max(abs(v) for v in finite_values), 1e-3)
-        return -top, top
-    low, high = min(finite_values), max(finite_values)
-    if floor is not None:
-        low = min(low, floor)
-    if high - low < 1e-3:
-        low, high = low - 5e-4, high + 5e-4
-    return low, high
+HATCH_NOTE = "φ at or below chance: the φ of random subspaces of the same ranks (the line on the colour bar)"
 
 
 def _heatmap(ax, values, rows, cols, title, *, vmin, vmax, cmap, annotate=False, chance=None, fontsize=7):
@@ -72,6 +58,14 @@ def _hatch(cell: tuple[int, int]):
 
     x, y = cell
     return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.5", linewidth=0)
+
+
+def _hatch_legend(fig) -> None:
+    """What hatching means, under the figure (saved with ``bbox_inches="tight"``, so never cut off)."""
+    from matplotlib.patches import Patch
+
+    swatch = Patch(facecolor="none", hatch="///", edgecolor="0.5", label=HATCH_NOTE)
+    fig.legend(handles=[swatch], loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7, frameon=False)
 
 
 def _colorbar(fig, image, ax, *, fraction: float, chance: list | None = None):
@@ -113,14 +107,13 @@ def _pairs_figure(analysis, names: list[str]):
     n = len(names)
     width = max(len(name) for name in names)
     fig, axes = _figure((6 + 3.2 * min(n, 12) + 0.15 * width, 2.5 + 0.7 * min(n, 12) + 0.08 * width), 1, 3)
-    for ax, (key, title, cmap, chance_key) in zip(axes[0], PANELS):
+    for ax, (key, title, cmap, chance_key, (vmin, vmax)) in zip(axes[0], PANELS):
         grid, chance = _pair_grids(analysis, names, key, chance_key)
-        floor = min((c for row in chance for c in row if c is not None), default=None) if chance else None
-        vmin, vmax = _limits([v for row in grid for v in row], symmetric=key == "cosine", floor=floor)
         image = _heatmap(ax, grid, names, names, title, vmin=vmin, vmax=vmax, cmap=cmap, annotate=n <= 6,
                          chance=chance)  # fmt: skip
         _colorbar(fig, image, ax, fraction=0.046, chance=chance)
     fig.tight_layout()
+    _hatch_legend(fig)
     return fig
 
 
@@ -129,48 +122,44 @@ def _layers_figure(analysis, names: list[str]):
     labels = [f"{p.a} ~ {p.b}" for p in analysis.pairs]
     height = 1.2 + 0.22 * len(labels)
     fig, axes = _figure((4 + 0.07 * max(map(len, labels)) + 0.28 * len(layers), 3 * height), 3, 1)
-    for ax, (key, title, cmap, chance_key) in zip(axes[:, 0], PANELS):
+    for ax, (key, title, cmap, chance_key, (vmin, vmax)) in zip(axes[:, 0], PANELS):
         grid = [[finite(getattr(p.by_layer[k], key)) if k in p.by_layer else None for k in layers]
                 for p in analysis.pairs]  # fmt: skip
         chance = None
         if chance_key:
             chance = [[finite(getattr(p.by_layer[k], chance_key)) if k in p.by_layer else None for k in layers]
                       for p in analysis.pairs]  # fmt: skip
-        floor = min((c for row in chance for c in row if c is not None), default=None) if chance else None
-        vmin, vmax = _limits([v for row in grid for v in row], symmetric=key == "cosine", floor=floor)
         image = _heatmap(ax, grid, labels, [k.rsplit(".", 1)[-1] for k in layers], f"{title} per layer",
                          vmin=vmin, vmax=vmax, cmap=cmap, chance=chance)  # fmt: skip
         ax.set_xlabel("layer", fontsize=7)
         _colorbar(fig, image, ax, fraction=0.02, chance=chance)
     fig.tight_layout()
+    _hatch_legend(fig)
     return fig
 
 
 def _spectrum_rows(adapter) -> tuple[list[str], list[list[float | None]]]:
-    """Per module (or, beyond `MAX_MODULE_ROWS` modules, per module type: the mean over its layers) the spectrum
-    σᵢ/σ₁ from i = 2 (σ₁/σ₁ is always 1)."""
+    """The spectrum σᵢ/σ₁ from i = 2 (σ₁/σ₁ is always 1) per module, labelled ``12 q_proj``; where modules have no
+    layer number (kohya names) or beyond `MAX_MODULE_ROWS` of them, the mean per block and type, or per type."""
     names = sorted(adapter.modules, key=natural_key)
     spectra = {}
     for n in names:
         s = adapter.modules[n].singular_values
         spectra[n] = [v / s[0] for v in s[1:]] if s and s[0] > 0 else []
-    if len(names) <= MAX_MODULE_ROWS:
-        return [_short_module(n) for n in names], [spectra[n] for n in names]
+    numbered = all(layer_of(n).rsplit(".", 1)[-1].isdigit() for n in names)
+    if numbered and len(names) <= MAX_MODULE_ROWS:
+        return [f"{layer_of(n).rsplit('.', 1)[-1]} {type_of(n)}" for n in names], [spectra[n] for n in names]
+    blocks = {f"{layer_of(n)} {type_of(n)}" for n in names}
+    key = (lambda n: f"{layer_of(n)} {type_of(n)}") if not numbered and len(blocks) <= MAX_MODULE_ROWS else typed
     groups: dict[str, list[list[float]]] = {}
     for n in names:
-        groups.setdefault(type_of(n), []).append(spectra[n])
+        groups.setdefault(key(n), []).append(spectra[n])
     labels, rows = [], []
-    for kind, members in sorted(groups.items()):
+    for kind, members in sorted(groups.items(), key=lambda kv: natural_key(kv[0])):
         width = max(map(len, members), default=0)
         rows.append([statistics.fmean(m[i] for m in members if i < len(m)) for i in range(width)])
-        labels.append(f"{kind} (mean of {len(members)})")
+        labels.append(kind if len(members) == 1 else f"{kind} (mean of {len(members)})")
     return labels, rows
-
-
-def _short_module(name: str) -> str:
-    """``12 q_proj`` for ``model.layers.12.self_attn.q_proj``: the layer number and the module type."""
-    layer = layer_of(name).rsplit(".", 1)[-1]
-    return f"{layer} {type_of(name)}" if layer.isdigit() else name
 
 
 def _spectra_figure(analysis):
