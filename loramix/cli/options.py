@@ -141,6 +141,15 @@ def verbosity_options() -> list[click.Option]:
     ]
 
 
+class _OtherLibraries(logging.Handler):
+    """Other libraries' log records that reach the root logger (bitsandbytes' kernel notices, ...): the CLI's lines,
+    through the logger that -q and -v set, instead of logging's bare last-resort output."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        origin = record.name.split(".")[0]
+        logging.getLogger("loramix.cli").log(record.levelno, "%s (from %s)", record.getMessage().strip(), origin)
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     """A Python warning as the CLI's one line (``warning: ...``), through the logger that -q and -v set."""
     origin = category.__module__ if category.__module__ != "builtins" else Path(filename).stem
@@ -154,6 +163,8 @@ class Group(click.Group):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        others = _OtherLibraries(logging.WARNING)
+        logging.getLogger().addHandler(others)  # for the length of the command, as the warnings below
         try:
             with warnings.catch_warnings():  # Python warnings (matplotlib's, torch's) as lines -q hides
                 warnings.showwarning = _warning_line
@@ -167,6 +178,8 @@ class Group(click.Group):
         except click.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(1)
+        finally:
+            logging.getLogger().removeHandler(others)
         sys.exit(code if isinstance(code, int) else 0)
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:

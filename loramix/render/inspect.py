@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from loramix import experts
 from loramix.adapter import LoraAdapter, dtype_name
