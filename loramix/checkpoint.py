@@ -118,9 +118,13 @@ def _memory_tensor(name: str, tensor: torch.Tensor) -> BaseTensor:
 
 def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype, notes: list[str]) -> list[Job]:
     """One job per output tensor, in the base's order; raises on any name or shape the base does not have."""
-    adapter = for_checkpoint(adapter, base)
+    adapter, stacked = for_checkpoint(adapter, base)
     jobs = {name: Job(name, t, _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
     where = f"base {base.folder}"
+    for key, slabs in stacked.items():
+        if key not in jobs:
+            raise CheckpointError(f"{where} has no tensor {key} (the experts of {slabs[0][0]})")
+        jobs[key].updates += [Update(name, module, "linear", rows) for name, module, rows in slabs]
     _plan_extras(adapter, base, jobs, dtype, notes)
     flipped: list[str] = []
     for name, module in adapter.modules.items():
@@ -233,6 +237,13 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
     if any(u.module.magnitude is not None for u in job.updates):  # DoRA: the only update, on the whole tensor
         merged, _ = dora_merge(W, job.updates[0], device)
         intended = merged - W
+    elif job.updates and job.updates[0].rows is not None:  # experts stored fused: one whole chunk, W as (E·a, b)
+        intended = torch.zeros_like(W).reshape(-1, W.shape[-1])
+        for update in job.updates:
+            first, last = update.rows
+            intended[first:last] += delta_rows(update.module, update.layout, 0, last - first, device)
+        intended = intended.reshape(W.shape)
+        merged = W + intended
     else:
         intended = None
         for update in job.updates:

@@ -166,12 +166,19 @@ def test_merge_into_equals_peft_merge_and_save(adapters, tmp_path, kind, stored)
     assert not torch.equal(ours[stored], load_file(tmp_path / "base" / "model.safetensors")[stored])
 
 
-def test_merge_into_a_fused_checkpoint_is_refused(tmp_path):
-    """gpt-oss stores its experts fused, as in memory: not supported yet, said in one line."""
+def test_merge_into_a_fused_checkpoint_equals_peft(tmp_path):
+    """gpt-oss keeps its experts transposed, (E, in, out), and stores them fused as they are: each expert's ΔWᵀ
+    lands on its slab, equal to PEFT merge_and_unload + save_pretrained tensor for tensor (float32; 1e-6)."""
     tiny_gpt_oss().save_pretrained(tmp_path / "base")
     folder = expert_adapter(tmp_path / "a", 1, kind="gpt_oss")
-    with pytest.raises(ExpertLayoutError, match="stores model.layers.0.mlp.experts.gate_up_proj fused"):
-        merge_into_base(folder, tmp_path / "base", tmp_path / "out")
+    merge_into_base(folder, tmp_path / "base", tmp_path / "ours", dtype="float32")
+    PeftModel.from_pretrained(tiny_gpt_oss(), folder).merge_and_unload().save_pretrained(tmp_path / "peft")
+    ours, theirs = (load_file(tmp_path / d / "model.safetensors") for d in ("ours", "peft"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+    stored = "model.layers.1.mlp.experts.gate_up_proj"
+    assert not torch.equal(ours[stored], load_file(tmp_path / "base" / "model.safetensors")[stored])
 
 
 def test_check_verdicts(adapters, tmp_path):

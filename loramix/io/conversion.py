@@ -149,11 +149,17 @@ def in_memory(adapter: LoraAdapter, names: ModelNames) -> LoraAdapter:
     return adapter if renamed.keys() == adapter.modules.keys() else adapter.with_modules(renamed)
 
 
-def on_disk(adapter: LoraAdapter, names: ModelNames) -> LoraAdapter:
+# Experts a checkpoint stores fused (as in memory): by stored tensor, each expert's module as it lies on its slab
+# (out × in of that slab) and the rows of the tensor flattened to 2-D, (E·a, b), that the slab holds.
+Stacked = dict[str, list[tuple[str, LoraModule, tuple[int, int]]]]
+
+
+def on_disk(adapter: LoraAdapter, names: ModelNames) -> tuple[LoraAdapter, Stacked]:
     """``adapter`` with its modules under the checkpoint's names: renamed modules renamed, and each expert of a
     fused parameter split onto the tensors the checkpoint stores it in (rows and columns of its ΔW, transposed
-    where the tensor is), as plain modules on those tensors."""
+    where the tensor is), as plain modules on those tensors; experts the checkpoint stores fused as `Stacked`."""
     modules: dict[str, LoraModule] = {}
+    stacked: Stacked = {}
 
     def put(name: str, module: LoraModule) -> None:
         if name in modules:
@@ -165,20 +171,28 @@ def on_disk(adapter: LoraAdapter, names: ModelNames) -> LoraAdapter:
             memory = names.memory_name(name)
             put(names.to_disk[f"{memory}.weight"].removesuffix(".weight") if memory else name, m)
     for param, found in experts.groups(adapter.modules).items():
-        for disk, block in _expert_blocks(adapter, names, param, next(iter(found.values()))):
+        transposed = names.is_transposed(param)
+        _check_shape(adapter, names, param, next(iter(found.values())))
+        if param in names.to_disk:  # stored fused: each expert is a slab of the stored tensor
+            count, rows, cols = names.shape(param)
+            stacked[names.to_disk[param]] = [
+                (
+                    name,
+                    _on_block(m, DiskBlock(param, m.expert.index, (0, rows), (0, cols), False), transposed),
+                    (m.expert.index * rows, (m.expert.index + 1) * rows),
+                )
+                for name, m in ((experts.module_name(param, e), found[e]) for e in sorted(found))
+            ]
+            continue
+        for disk, block in names.blocks(param):
             m = found.get(block.expert)
             if m is not None:
-                put(disk.removesuffix(".weight"), _on_block(m, block, names.is_transposed(param)))
-    return adapter.with_modules(modules)
+                put(disk.removesuffix(".weight"), _on_block(m, block, transposed))
+    return adapter.with_modules(modules), stacked
 
 
-def _expert_blocks(adapter: LoraAdapter, names: ModelNames, param: str, sample: LoraModule):
-    if param in names.to_disk:
-        raise ExpertLayoutError(
-            f"{adapter.source}: the checkpoint stores {param} fused (as in memory); merging expert adapters into "
-            "fused checkpoint tensors is not supported yet"
-        )
-    if param not in names.fused:
+def _check_shape(adapter: LoraAdapter, names: ModelNames, param: str, sample: LoraModule) -> None:
+    if param not in names.to_disk and param not in names.fused:
         raise ExpertLayoutError(f"{adapter.source}: the base model has no fused expert parameter {param}")
     shape = names.shape(param)
     expected = (sample.expert.count, sample.out_features, sample.in_features)
@@ -193,7 +207,6 @@ def _expert_blocks(adapter: LoraAdapter, names: ModelNames, param: str, sample: 
         raise ExpertLayoutError(
             f"{adapter.source}: {param} is {shape} in the base, the adapter's experts {expected}{why}"
         )
-    return names.blocks(param)
 
 
 def _on_block(m: LoraModule, block: DiskBlock, param_transposed: bool) -> LoraModule:
@@ -205,13 +218,13 @@ def _on_block(m: LoraModule, block: DiskBlock, param_transposed: bool) -> LoraMo
     return LoraModule(A=A.contiguous(), B=B.contiguous(), scale=m.scale)
 
 
-def for_checkpoint(adapter: LoraAdapter, base: BaseCheckpoint) -> LoraAdapter:
+def for_checkpoint(adapter: LoraAdapter, base: BaseCheckpoint) -> tuple[LoraAdapter, Stacked]:
     """``adapter`` as it applies to ``base``'s stored tensors: as it is when every module finds its tensor, else
     through transformers' names for the base's architecture (`on_disk`)."""
     if not experts.is_expert_adapter(adapter) and all(base.weight_key(n)[0] is not None for n in adapter.modules):
-        return adapter
+        return adapter, {}
     names = model_names(base.folder) if base.config.get("architectures") else None
     if names is None:
         experts.refuse(adapter, f"merging into {base.folder} (an architecture transformers does not know)")
-        return adapter
+        return adapter, {}
     return on_disk(adapter, names)
