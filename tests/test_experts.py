@@ -240,3 +240,18 @@ def test_analyze_reports_per_expert(adapters):
             assert shown[f"model.layers.{layer}.mlp.experts.{e}"] == pytest.approx(cosine, abs=1e-3)
     first = [line for line in lines if line.startswith("Experts a changes most")]
     assert first and "8 experts" in first[0]
+
+
+def test_ties_runs_on_each_expert(adapters):
+    """An element-wise method sees each expert's ΔW on its own: TIES on the expert adapters equals PEFT's own
+    merge_utils.ties on each expert's pair of float64 updates (rank 16 keeps the result whole; 1e-5)."""
+    from peft.utils.merge_utils import ties
+
+    weights = [0.6, 0.9]
+    combined = combine(list(adapters), weights=weights, method="ties", density=0.5, rank=16)
+    deltas = [peft_deltas(path) for path in adapters]
+    for e in range(EXPERTS):
+        tasks = torch.stack([d[GATE_UP][e] for d in deltas])
+        expected = ties(tasks, torch.tensor(weights, dtype=torch.float64), density=0.5, majority_sign_method="total")
+        got = combined.modules[f"model.layers.0.mlp.experts.{e}.gate_up_proj"].delta(dtype=torch.float64)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
