@@ -172,7 +172,7 @@ def load_adapters(
     if len(weights) != len(loaded):
         raise MethodError(f"{len(weights)} weight(s) for {len(loaded)} adapter(s)")
     weights = [parse(w, what=f"weight {i + 1}") for i, w in enumerate(weights)]
-    loaded = _one_naming(_align_flat_conv(loaded))
+    loaded = _one_naming(_align_flat_conv(loaded), (load_options or {}).get("base_model"))
     check_compatible(loaded, allow_different_bases=allow_different_bases)
     if len(loaded) > 1 and log_warnings:  # said once, where the adapter was read (not for LoraAdapters passed in)
         for source, adapter in zip(sources, loaded):
@@ -186,13 +186,15 @@ def load_adapters(
 _LAYER_TAIL = re.compile(r"(?:^|\.)(layers\.\d+\..*)$")
 
 
-def _one_naming(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
+def _one_naming(adapters: list[LoraAdapter], base_model: str | None) -> list[LoraAdapter]:
     """Adapters whose module names differ, under transformers' in-memory names of their base's architecture (its
     checkpoint conversion mapping: a module named as the checkpoint stores it and as the model holds it is one
-    module). Without the base's config.json at hand, names that look like two namings of one module are refused."""
+    module), from the config.json of ``base_model`` or of a base an adapter names. Without one at hand, names that
+    look like two namings of one module are refused."""
     if len(adapters) < 2 or all(a.modules.keys() == adapters[0].modules.keys() for a in adapters):
         return adapters
-    folder = next((f for a in adapters if a.base_model for f in [local_config(a.base_model)] if f), None)
+    bases = [base_model, *(a.base_model for a in adapters)]
+    folder = next((f for base in bases if base for f in [local_config(base)] if f), None)
     names = model_names(folder) if folder is not None else None
     if names is None:
         _refuse_two_namings(adapters)
