@@ -184,6 +184,7 @@ def load_adapters(
 
 
 _LAYER_TAIL = re.compile(r"(?:^|\.)(layers\.\d+\..*)$")
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def _one_naming(adapters: list[LoraAdapter], base_model: str | None) -> list[LoraAdapter]:
@@ -208,6 +209,16 @@ def _one_naming(adapters: list[LoraAdapter], base_model: str | None) -> list[Lor
 
 
 def _refuse_two_namings(adapters: list[LoraAdapter]) -> None:
+    fused = next((a for a in adapters if experts.is_expert_adapter(a)), None)
+    listed = next(
+        ((a, n) for a in adapters for n, m in a.modules.items() if m.expert is None and _PER_EXPERT.search(n)), None
+    )
+    if fused is not None and listed is not None:
+        raise IncompatibleAdaptersError(
+            f"{fused.name} adapts fused expert parameters and {listed[0].name} per-expert modules ({listed[1]}): "
+            "loramix maps one onto the other through transformers' conversion mapping of the base, whose config.json "
+            "is not at hand (give base_model as a local folder or a Hub id in the local cache)"
+        )
     tails: dict[str, tuple[LoraAdapter, str]] = {}
     for a in adapters:
         for name in a.modules:
