@@ -80,7 +80,7 @@ def expert_adapter(folder: Path, seed: int, *, r: int = 4, alpha: float = 8, kin
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, **settings))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "modules_to_save" in name:  # heads (a router) trained too
                 p.normal_(0, 0.3)
     peft_model.save_pretrained(folder)
     return folder

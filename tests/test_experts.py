@@ -11,7 +11,16 @@ import sys
 import pytest
 import torch
 from helpers import read_folder, write_folder
-from llm_layouts import EXPERTS, MOE, expert_adapter, peft_deltas, peft_logits, reference_logits, tiny_gpt_oss
+from llm_layouts import (
+    EXPERTS,
+    MOE,
+    expert_adapter,
+    peft_deltas,
+    peft_logits,
+    reference_logits,
+    tiny_gpt_oss,
+    tiny_qwen3_moe,
+)
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -142,6 +151,19 @@ def test_unknown_parameter_order_is_refused(adapters, tmp_path):
     config["target_parameters"] = ["mlp.experts.w_in", "mlp.experts.w_out"]
     with pytest.raises(ExpertLayoutError, match="nests them in the order the module registers them"):
         load_adapter(write_folder(tmp_path / "x", config, tensors))
+
+
+def test_router_as_modules_to_save_is_merged(tmp_path):
+    """A router trained whole (modules_to_save=["gate"]) replaces the base's: equal to PEFT's merged save."""
+    folder = expert_adapter(tmp_path / "a", 3, modules_to_save=["gate"])
+    tiny_qwen3_moe().save_pretrained(tmp_path / "base")
+    merge_into_base(folder, tmp_path / "base", tmp_path / "ours", dtype="float32")
+    PeftModel.from_pretrained(tiny_qwen3_moe(), folder).merge_and_unload().save_pretrained(tmp_path / "peft")
+    ours, theirs = (load_file(tmp_path / d / "model.safetensors") for d in ("ours", "peft"))
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+    router = "model.layers.0.mlp.gate.weight"
+    assert not torch.equal(ours[router], load_file(tmp_path / "base" / "model.safetensors")[router])
 
 
 @pytest.mark.parametrize(
