@@ -94,3 +94,25 @@ def test_per_expert_and_fused_without_the_base_config_are_refused(tmp_path):
     new = expert_adapter(tmp_path / "new", 1, kind="mixtral")
     with pytest.raises(IncompatibleAdaptersError, match="adapts fused expert parameters and old per-expert modules"):
         combine([new, old], method="cat")
+
+
+def test_check_says_peft_ignores_old_names_and_the_fix_renames(vl, tmp_path):
+    """With transformers 5, PEFT loads a Qwen2-VL adapter named model.layers.N as a no-op (its logits are the base's:
+    the oracle); check says so when the base's config is at hand, and its fix writes today's names (PEFT's logits
+    then those of the adapter trained under them; 1e-5)."""
+    import json
+
+    from loramix.compat import check_source
+
+    old = tmp_path / "old"
+    vl_adapter(old, 1, old_names=True)
+    config = json.loads((old / "adapter_config.json").read_text())
+    (old / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(vl / "base")}))
+    with torch.no_grad():
+        base = tiny_qwen2_vl()(input_ids=INPUT_IDS).logits
+    assert torch.equal(_logits(old), base)
+    verdicts = {v.consumer: v for v in check_source(old).verdicts}
+    assert verdicts["PEFT"].status == "wrong" and "loads the adapter as a no-op" in verdicts["PEFT"].reason
+    save_adapter(combine([old], method="cat", load_options={"base_model": str(vl / "base")}), tmp_path / "fixed")
+    torch.testing.assert_close(_logits(tmp_path / "fixed"), _logits(vl / "new"), rtol=0, atol=1e-5)
+    assert check_source(tmp_path / "fixed").verdicts[0].status == "yes"

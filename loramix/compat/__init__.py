@@ -18,6 +18,7 @@ from loramix.adapter import LoraAdapter
 from loramix.compat.engines import VLLM_MAX_RANKS, kohya_verdicts, llama_cpp, lorax, sglang, vllm
 from loramix.compat.experts import expert_verdicts
 from loramix.compat.facts import Facts, Verdict
+from loramix.compat.naming import renamed_verdicts
 from loramix.compat.peft import peft, transformers
 from loramix.formats import load_adapter
 from loramix.formats._keys import CONFIG_FILE, read_config
@@ -64,7 +65,6 @@ def check(adapter: LoraAdapter, config: dict | None) -> Report:
             llama_cpp(facts, src),
             Verdict("diffusers/ComfyUI", "n/a", "checked for kohya/diffusers files (write one with --format kohya)"),
         ]
-        if facts.experts:
-            engines = expert_verdicts(src)
-            verdicts = [engines.get(v.consumer, v) for v in verdicts]
+        replaced = (expert_verdicts(src) if facts.experts else {}) | renamed_verdicts(adapter, src)
+        verdicts = [replaced.get(v.consumer, v) for v in verdicts]
     return Report(adapter.name, adapter.source, verdicts)

@@ -188,14 +188,15 @@ _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def _one_naming(adapters: list[LoraAdapter], base_model: str | None) -> list[LoraAdapter]:
-    """Adapters whose module names differ, under transformers' in-memory names of their base's architecture (its
-    checkpoint conversion mapping: a module named as the checkpoint stores it and as the model holds it is one
-    module), from the config.json of ``base_model`` or of a base an adapter names. Without one at hand, names that
-    look like two namings of one module are refused."""
-    if len(adapters) < 2 or all(a.modules.keys() == adapters[0].modules.keys() for a in adapters):
+    """Adapters under transformers' in-memory names of their base's architecture (its checkpoint conversion mapping:
+    a module named as the checkpoint stores it and as the model holds it is one module): always when ``base_model``
+    is given and its config.json is at hand, else when the adapters' module names differ (from the config of a base
+    an adapter names). Without one at hand, names that look like two namings of one module are refused."""
+    given = local_config(base_model) if base_model else None
+    if given is None and (len(adapters) < 2 or all(a.modules.keys() == adapters[0].modules.keys() for a in adapters)):
         return adapters
-    bases = [base_model, *(a.base_model for a in adapters)]
-    folder = next((f for base in bases if base for f in [local_config(base)] if f), None)
+    bases = [a.base_model for a in adapters]
+    folder = given or next((f for base in bases if base for f in [local_config(base)] if f), None)
     names = model_names(folder) if folder is not None else None
     if names is None:
         _refuse_two_namings(adapters)
