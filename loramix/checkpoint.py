@@ -15,12 +15,10 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -29,9 +27,7 @@ from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import CheckpointError
 from loramix.formats.peft import GPT2_CONV1D
 from loramix.io.base import (
-    BIN_INDEX,
     DIFFUSERS_WEIGHTS,
-    SAFE_INDEX,
     BaseCheckpoint,
     BaseTensor,
     tied_embedding,
@@ -39,7 +35,16 @@ from loramix.io.base import (
 )
 from loramix.io.conversion import for_checkpoint
 from loramix.io.quantized import DequantizedTensor, Requantized
-from loramix.io.shards import base_layout, kept_header, plan_shards, shard_names, write_index, write_shards
+from loramix.io.shards import (
+    base_layout,
+    config_dtype_keys,
+    copy_other_files,
+    kept_header,
+    plan_shards,
+    shard_names,
+    write_index,
+    write_shards,
+)
 from loramix.kernels import (
     StoredUpdate,
     Survival,
@@ -55,7 +60,6 @@ from loramix.runtime import DTYPE_NAMES, parse_size, progress_bar
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 # Rows are processed in chunks of about this many elements: on the CPU small enough (512 KB in float32) that a
 # chunk's few float32 passes stay in the core's cache, on a GPU large enough to amortise each transfer.
 CHUNK_ELEMENTS = 1 << 17
@@ -136,9 +140,13 @@ def _memory_tensor(name: str, tensor: torch.Tensor) -> BaseTensor:
 def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | None, notes: list[str]) -> list[Job]:
     """One job per output tensor, in the base's order (``dtype`` None: each in its stored dtype); raises on any name
     or shape the base does not have."""
-    adapter = for_checkpoint(adapter, base)
+    adapter, stacked = for_checkpoint(adapter, base)
     jobs = {name: Job(name, t, _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
     where = f"base {base.folder}"
+    for key, slabs in stacked.items():
+        if key not in jobs:
+            raise CheckpointError(f"{where} has no tensor {key} (the experts of {slabs[0][0]})")
+        jobs[key].updates += [Update(name, module, "linear", rows) for name, module, rows in slabs]
     _plan_extras(adapter, base, jobs, dtype, notes)
     flipped: list[str] = []
     for name, module in adapter.modules.items():
@@ -251,6 +259,13 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
     if any(u.module.magnitude is not None for u in job.updates):  # DoRA: the only update, on the whole tensor
         merged, _ = dora_merge(W, job.updates[0], device)
         intended = merged - W
+    elif job.updates and job.updates[0].rows is not None:  # experts stored fused: one whole chunk, W as (E·a, b)
+        intended = torch.zeros_like(W).reshape(-1, W.shape[-1])
+        for update in job.updates:
+            first, last = update.rows
+            intended[first:last] += delta_rows(update.module, update.layout, 0, last - first, device)
+        intended = intended.reshape(W.shape)
+        merged = W + intended
     else:
         intended = None
         for update in job.updates:
@@ -316,28 +331,6 @@ def _produce(stats: dict[str, Survival], device: torch.device, requantized: Requ
             yield _merged_chunk(job, start, stop, device, stats[job.name])
 
     return produce
-
-
-def _config_dtype_keys(config: dict) -> list[str]:
-    keys = [k for k in ("dtype", "torch_dtype") if k in config]
-    if keys:
-        return keys
-    try:
-        major = int(version("transformers").split(".")[0])
-    except (PackageNotFoundError, ValueError):
-        major = 5
-    return ["dtype"] if major >= 5 else ["torch_dtype"]
-
-
-def _copy_other_files(base: BaseCheckpoint, target: Path) -> None:
-    weight_names = {p.name for p in base.weight_files} | {SAFE_INDEX, BIN_INDEX, "config.json"}
-    for item in sorted(base.folder.iterdir()):
-        if item.name.startswith(".") or not item.is_file() or item.name in weight_names:
-            continue
-        if item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith(".index.json"):
-            log.debug("not copying %s (weights)", item)
-            continue
-        shutil.copyfile(item, target / item.name)
 
 
 def write_merged(
@@ -413,10 +406,10 @@ def write_merged(
     config = dict(base.config)
     if quantized is not None and dtype is not None:
         config.pop("quantization_config")
-    for key in _config_dtype_keys(config) if DIFFUSERS_CONFIG not in config and dtype is not None else ():
+    for key in config_dtype_keys(config) if DIFFUSERS_CONFIG not in config and dtype is not None else ():
         config[key] = DTYPE_NAMES[dtype]
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _copy_other_files(base, folder)
+    copy_other_files(base, folder)
     report = MergeReport(
         path=folder,
         shards=names,

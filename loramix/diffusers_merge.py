@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter
-from loramix.checkpoint import WEIGHT_SUFFIXES, MergeReport, write_merged
+from loramix.checkpoint import MergeReport, write_merged
 from loramix.io.diffusers import Pipeline, split_adapter
+from loramix.io.shards import WEIGHT_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -62,6 +62,7 @@ class Update:
     name: str
     module: LoraModule
     layout: str
+    rows: tuple[int, int] | None = None  # an expert's slab of a fused 3-D tensor: its rows of the tensor as (E·a, b)
 
 
 @dataclass(frozen=True)

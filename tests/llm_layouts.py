@@ -80,7 +80,7 @@ def expert_adapter(folder: Path, seed: int, *, r: int = 4, alpha: float = 8, kin
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, **settings))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "modules_to_save" in name:  # heads (a router) trained too
                 p.normal_(0, 0.3)
     peft_model.save_pretrained(folder)
     return folder
@@ -158,4 +158,25 @@ def vl_adapter(folder: Path, seed: int, *, old_names: bool = False) -> Path:
         config = json.loads((folder / "adapter_config.json").read_text())
         config["target_modules"] = ["q_proj", "v_proj"]  # as transformers 4's PEFT wrote it
         (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def old_mixtral_adapter(folder: Path, seed: int, r: int = 2) -> Path:
+    """A Mixtral adapter as PEFT wrote it with transformers 4: a LoRA on each expert's own w1/w3/w2 Linear
+    (``block_sparse_moe.experts.{e}.w1``), which PEFT 0.21 converts to target_parameters when it loads it."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inner = _SMALL["hidden_size"], _SMALL["intermediate_size"]
+    tensors = {}
+    for layer in range(_SMALL["num_hidden_layers"]):
+        for e in range(EXPERTS):
+            for w, (out, inp) in {"w1": (inner, hidden), "w3": (inner, hidden), "w2": (hidden, inner)}.items():
+                key = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts.{e}.{w}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(r, inp, generator=generator) * 0.3
+                tensors[f"{key}.lora_B.weight"] = torch.randn(out, r, generator=generator) * 0.3
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 4, "target_modules": ["w1", "w2", "w3"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder

@@ -11,7 +11,16 @@ import sys
 import pytest
 import torch
 from helpers import read_folder, write_folder
-from llm_layouts import EXPERTS, MOE, expert_adapter, peft_deltas, peft_logits, reference_logits, tiny_gpt_oss
+from llm_layouts import (
+    EXPERTS,
+    MOE,
+    expert_adapter,
+    peft_deltas,
+    peft_logits,
+    reference_logits,
+    tiny_gpt_oss,
+    tiny_qwen3_moe,
+)
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -144,6 +153,19 @@ def test_unknown_parameter_order_is_refused(adapters, tmp_path):
         load_adapter(write_folder(tmp_path / "x", config, tensors))
 
 
+def test_router_as_modules_to_save_is_merged(tmp_path):
+    """A router trained whole (modules_to_save=["gate"]) replaces the base's: equal to PEFT's merged save."""
+    folder = expert_adapter(tmp_path / "a", 3, modules_to_save=["gate"])
+    tiny_qwen3_moe().save_pretrained(tmp_path / "base")
+    merge_into_base(folder, tmp_path / "base", tmp_path / "ours", dtype="float32")
+    PeftModel.from_pretrained(tiny_qwen3_moe(), folder).merge_and_unload().save_pretrained(tmp_path / "peft")
+    ours, theirs = (load_file(tmp_path / d / "model.safetensors") for d in ("ours", "peft"))
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+    router = "model.layers.0.mlp.gate.weight"
+    assert not torch.equal(ours[router], load_file(tmp_path / "base" / "model.safetensors")[router])
+
+
 @pytest.mark.parametrize(
     ("kind", "stored"),
     [
@@ -166,12 +188,19 @@ def test_merge_into_equals_peft_merge_and_save(adapters, tmp_path, kind, stored)
     assert not torch.equal(ours[stored], load_file(tmp_path / "base" / "model.safetensors")[stored])
 
 
-def test_merge_into_a_fused_checkpoint_is_refused(tmp_path):
-    """gpt-oss stores its experts fused, as in memory: not supported yet, said in one line."""
+def test_merge_into_a_fused_checkpoint_equals_peft(tmp_path):
+    """gpt-oss keeps its experts transposed, (E, in, out), and stores them fused as they are: each expert's ΔWᵀ
+    lands on its slab, equal to PEFT merge_and_unload + save_pretrained tensor for tensor (float32; 1e-6)."""
     tiny_gpt_oss().save_pretrained(tmp_path / "base")
     folder = expert_adapter(tmp_path / "a", 1, kind="gpt_oss")
-    with pytest.raises(ExpertLayoutError, match="stores model.layers.0.mlp.experts.gate_up_proj fused"):
-        merge_into_base(folder, tmp_path / "base", tmp_path / "out")
+    merge_into_base(folder, tmp_path / "base", tmp_path / "ours", dtype="float32")
+    PeftModel.from_pretrained(tiny_gpt_oss(), folder).merge_and_unload().save_pretrained(tmp_path / "peft")
+    ours, theirs = (load_file(tmp_path / d / "model.safetensors") for d in ("ours", "peft"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+    stored = "model.layers.1.mlp.experts.gate_up_proj"
+    assert not torch.equal(ours[stored], load_file(tmp_path / "base" / "model.safetensors")[stored])
 
 
 def test_check_verdicts(adapters, tmp_path):
@@ -233,3 +262,18 @@ def test_analyze_reports_per_expert(adapters):
             assert shown[f"model.layers.{layer}.mlp.experts.{e}"] == pytest.approx(cosine, abs=1e-3)
     first = [line for line in lines if line.startswith("Experts a changes most")]
     assert first and "8 experts" in first[0]
+
+
+def test_ties_runs_on_each_expert(adapters):
+    """An element-wise method sees each expert's ΔW on its own: TIES on the expert adapters equals PEFT's own
+    merge_utils.ties on each expert's pair of float64 updates (rank 16 keeps the result whole; 1e-5)."""
+    from peft.utils.merge_utils import ties
+
+    weights = [0.6, 0.9]
+    combined = combine(list(adapters), weights=weights, method="ties", density=0.5, rank=16)
+    deltas = [peft_deltas(path) for path in adapters]
+    for e in range(EXPERTS):
+        tasks = torch.stack([d[GATE_UP][e] for d in deltas])
+        expected = ties(tasks, torch.tensor(weights, dtype=torch.float64), density=0.5, majority_sign_method="total")
+        got = combined.modules[f"model.layers.0.mlp.experts.{e}.gate_up_proj"].delta(dtype=torch.float64)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

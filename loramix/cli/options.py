@@ -194,7 +194,11 @@ state_dict_options = option_group(
         "--scale", type=float, help="ΔW = scale·B·A for state dict LoRAs [default: 1]; one: SOURCE::scale=0.5."
     ),
     click.option("--alpha", type=float, help="Or their alpha (scale = alpha/rank per module)."),
-    click.option("--base-model", help="Base model of plain state dict LoRAs (a Hub id or path)."),
+    click.option(
+        "--base-model",
+        help="Base model of plain state dict LoRAs (a Hub id or path); with its config.json at hand, adapters are "
+        "written under its in-memory module names.",
+    ),
     click.option("--module-map", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON regex → base name map."),
 )
 

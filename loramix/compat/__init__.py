@@ -27,6 +27,7 @@ from loramix.compat.engines import (
 )
 from loramix.compat.experts import expert_verdicts
 from loramix.compat.facts import Facts, Verdict
+from loramix.compat.naming import renamed_verdicts
 from loramix.compat.peft import peft, transformers
 from loramix.formats import load_adapter
 from loramix.formats._keys import CONFIG_FILE, read_config
@@ -78,7 +79,6 @@ def check(adapter: LoraAdapter, config: dict | None) -> Report:
             llama_cpp(facts, src),
             Verdict("diffusers/ComfyUI", "n/a", "checked for kohya/diffusers files (write one with --format kohya)"),
         ]
-        if facts.experts:
-            engines = expert_verdicts(src)
-            verdicts = [engines.get(v.consumer, v) for v in verdicts]
+        replaced = (expert_verdicts(src) if facts.experts else {}) | renamed_verdicts(adapter, src)
+        verdicts = [replaced.get(v.consumer, v) for v in verdicts]
     return Report(adapter.name, adapter.source, verdicts)

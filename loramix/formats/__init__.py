@@ -182,7 +182,7 @@ def load_adapters(
     if len(weights) != len(loaded):
         raise MethodError(f"{len(weights)} weight(s) for {len(loaded)} adapter(s)")
     weights = [parse(w, what=f"weight {i + 1}") for i, w in enumerate(weights)]
-    loaded = _one_naming(_align_flat_conv(loaded))
+    loaded = _one_naming(_align_flat_conv(loaded), (load_options or {}).get("base_model"))
     check_compatible(loaded, allow_different_bases=allow_different_bases)
     if len(loaded) > 1 and log_warnings:  # said once, where the adapter was read (not for LoraAdapters passed in)
         for source, adapter in zip(sources, loaded):
@@ -194,15 +194,19 @@ def load_adapters(
 
 
 _LAYER_TAIL = re.compile(r"(?:^|\.)(layers\.\d+\..*)$")
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
-def _one_naming(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
-    """Adapters whose module names differ, under transformers' in-memory names of their base's architecture (its
-    checkpoint conversion mapping: a module named as the checkpoint stores it and as the model holds it is one
-    module). Without the base's config.json at hand, names that look like two namings of one module are refused."""
-    if len(adapters) < 2 or all(a.modules.keys() == adapters[0].modules.keys() for a in adapters):
+def _one_naming(adapters: list[LoraAdapter], base_model: str | None) -> list[LoraAdapter]:
+    """Adapters under transformers' in-memory names of their base's architecture (its checkpoint conversion mapping:
+    a module named as the checkpoint stores it and as the model holds it is one module): always when ``base_model``
+    is given and its config.json is at hand, else when the adapters' module names differ (from the config of a base
+    an adapter names). Without one at hand, names that look like two namings of one module are refused."""
+    given = local_config(base_model) if base_model else None
+    if given is None and (len(adapters) < 2 or all(a.modules.keys() == adapters[0].modules.keys() for a in adapters)):
         return adapters
-    folder = next((f for a in adapters if a.base_model for f in [local_config(a.base_model)] if f), None)
+    bases = [a.base_model for a in adapters]
+    folder = given or next((f for base in bases if base for f in [local_config(base)] if f), None)
     names = model_names(folder) if folder is not None else None
     if names is None:
         _refuse_two_namings(adapters)
@@ -216,6 +220,16 @@ def _one_naming(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
 
 
 def _refuse_two_namings(adapters: list[LoraAdapter]) -> None:
+    fused = next((a for a in adapters if experts.is_expert_adapter(a)), None)
+    listed = next(
+        ((a, n) for a in adapters for n, m in a.modules.items() if m.expert is None and _PER_EXPERT.search(n)), None
+    )
+    if fused is not None and listed is not None:
+        raise IncompatibleAdaptersError(
+            f"{fused.name} adapts fused expert parameters and {listed[0].name} per-expert modules ({listed[1]}): "
+            "loramix maps one onto the other through transformers' conversion mapping of the base, whose config.json "
+            "is not at hand (give base_model as a local folder or a Hub id in the local cache)"
+        )
     tails: dict[str, tuple[LoraAdapter, str]] = {}
     for a in adapters:
         for name in a.modules:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from loramix import experts
-from loramix.adapter import LoraAdapter, LoraModule
+from loramix.adapter import ExpertSlot, LoraAdapter, LoraModule
 from loramix.errors import CheckpointError, ExpertLayoutError
 from loramix.io.base import BaseCheckpoint
 
@@ -49,6 +49,11 @@ class ModelNames:
     model: torch.nn.Module  # on the meta device
     to_disk: dict[str, str]  # in-memory parameter name → checkpoint name (renamed parameters, and unchanged ones)
     fused: set[str]  # in-memory parameters that transformers stores as other tensors (fused experts)
+
+    @functools.cached_property
+    def stored_blocks(self) -> dict[str, DiskBlock]:
+        """Every stored tensor that holds a block of a fused parameter, and that block."""
+        return {name: block for param in sorted(self.fused) for name, block in self.blocks(param)}
 
     @functools.cached_property
     def to_memory(self) -> dict[str, str]:
@@ -141,19 +146,58 @@ def model_names(folder: Path) -> ModelNames | None:
 
 
 def in_memory(adapter: LoraAdapter, names: ModelNames) -> LoraAdapter:
-    """``adapter`` with every module under its in-memory name (the naming transformers 5 and PEFT use); modules
-    the model has under neither naming keep their names."""
-    renamed = {(names.memory_name(n) or n) if m.expert is None else n: m for n, m in adapter.modules.items()}
-    if len(renamed) < len(adapter.modules):
-        raise CheckpointError(f"{adapter.source}: names one module twice, under its old and its new name")
+    """``adapter`` with every module under its in-memory name (the naming transformers 5 and PEFT use): a module on
+    a stored per-expert tensor (transformers 4's ``experts.{e}.w1``, ``gate_proj`` …) becomes its block of that
+    expert's module on the fused parameter (blocks of one expert joined along the rank: exact); modules the model
+    has under neither naming keep their names."""
+    renamed: dict[str, LoraModule] = {}
+    pieces: dict[tuple[str, int], list[tuple[DiskBlock, LoraModule]]] = {}
+    for name, m in adapter.modules.items():
+        block = names.stored_blocks.get(f"{name}.weight") if m.expert is None else None
+        if block is not None:
+            pieces.setdefault((block.param, block.expert), []).append((block, m))
+            continue
+        key = (names.memory_name(name) or name) if m.expert is None else name
+        if key in renamed:
+            raise CheckpointError(f"{adapter.source}: names module {key} twice, under its old and its new name")
+        renamed[key] = m
+    for (param, e), found in pieces.items():
+        key = experts.module_name(param, e)
+        if key in renamed:
+            raise CheckpointError(f"{adapter.source}: holds {key} both fused and as per-expert modules")
+        renamed[key] = _joined(names, param, e, found)
     return adapter if renamed.keys() == adapter.modules.keys() else adapter.with_modules(renamed)
 
 
-def on_disk(adapter: LoraAdapter, names: ModelNames) -> LoraAdapter:
+def _joined(names: ModelNames, param: str, e: int, found: list[tuple[DiskBlock, LoraModule]]) -> LoraModule:
+    """Expert ``e``'s module on fused ``param`` from modules on the stored tensors that hold blocks of it."""
+    shape, transposed = names.shape(param), names.is_transposed(param)
+    out, inp = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
+    As, Bs = [], []
+    for block, m in found:
+        A, B = m.A.float(), m.B.float() * m.scale
+        if block.transposed != transposed:  # the stored tensor holds this block of ΔWᵀ
+            A, B = B.T, A.T
+        rows, cols = (block.cols, block.rows) if transposed else (block.rows, block.cols)
+        full_a, full_b = A.new_zeros(A.shape[0], inp), B.new_zeros(out, B.shape[1])
+        full_a[:, slice(*cols)], full_b[slice(*rows)] = A, B
+        As.append(full_a.to(m.A.dtype))
+        Bs.append(full_b.to(m.B.dtype))
+    slot = ExpertSlot(param, e, shape[0])
+    return LoraModule(A=torch.cat(As), B=torch.cat(Bs, dim=1), scale=1.0, expert=slot)
+
+
+# Experts a checkpoint stores fused (as in memory): by stored tensor, each expert's module as it lies on its slab
+# (out × in of that slab) and the rows of the tensor flattened to 2-D, (E·a, b), that the slab holds.
+Stacked = dict[str, list[tuple[str, LoraModule, tuple[int, int]]]]
+
+
+def on_disk(adapter: LoraAdapter, names: ModelNames) -> tuple[LoraAdapter, Stacked]:
     """``adapter`` with its modules under the checkpoint's names: renamed modules renamed, and each expert of a
     fused parameter split onto the tensors the checkpoint stores it in (rows and columns of its ΔW, transposed
-    where the tensor is), as plain modules on those tensors."""
+    where the tensor is), as plain modules on those tensors; experts the checkpoint stores fused as `Stacked`."""
     modules: dict[str, LoraModule] = {}
+    stacked: Stacked = {}
 
     def put(name: str, module: LoraModule) -> None:
         if name in modules:
@@ -165,20 +209,28 @@ def on_disk(adapter: LoraAdapter, names: ModelNames) -> LoraAdapter:
             memory = names.memory_name(name)
             put(names.to_disk[f"{memory}.weight"].removesuffix(".weight") if memory else name, m)
     for param, found in experts.groups(adapter.modules).items():
-        for disk, block in _expert_blocks(adapter, names, param, next(iter(found.values()))):
+        transposed = names.is_transposed(param)
+        _check_shape(adapter, names, param, next(iter(found.values())))
+        if param in names.to_disk:  # stored fused: each expert is a slab of the stored tensor
+            count, rows, cols = names.shape(param)
+            stacked[names.to_disk[param]] = [
+                (
+                    name,
+                    _on_block(m, DiskBlock(param, m.expert.index, (0, rows), (0, cols), False), transposed),
+                    (m.expert.index * rows, (m.expert.index + 1) * rows),
+                )
+                for name, m in ((experts.module_name(param, e), found[e]) for e in sorted(found))
+            ]
+            continue
+        for disk, block in names.blocks(param):
             m = found.get(block.expert)
             if m is not None:
-                put(disk.removesuffix(".weight"), _on_block(m, block, names.is_transposed(param)))
-    return adapter.with_modules(modules)
+                put(disk.removesuffix(".weight"), _on_block(m, block, transposed))
+    return adapter.with_modules(modules), stacked
 
 
-def _expert_blocks(adapter: LoraAdapter, names: ModelNames, param: str, sample: LoraModule):
-    if param in names.to_disk:
-        raise ExpertLayoutError(
-            f"{adapter.source}: the checkpoint stores {param} fused (as in memory); merging expert adapters into "
-            "fused checkpoint tensors is not supported yet"
-        )
-    if param not in names.fused:
+def _check_shape(adapter: LoraAdapter, names: ModelNames, param: str, sample: LoraModule) -> None:
+    if param not in names.to_disk and param not in names.fused:
         raise ExpertLayoutError(f"{adapter.source}: the base model has no fused expert parameter {param}")
     shape = names.shape(param)
     expected = (sample.expert.count, sample.out_features, sample.in_features)
@@ -193,7 +245,6 @@ def _expert_blocks(adapter: LoraAdapter, names: ModelNames, param: str, sample: 
         raise ExpertLayoutError(
             f"{adapter.source}: {param} is {shape} in the base, the adapter's experts {expected}{why}"
         )
-    return names.blocks(param)
 
 
 def _on_block(m: LoraModule, block: DiskBlock, param_transposed: bool) -> LoraModule:
@@ -205,13 +256,13 @@ def _on_block(m: LoraModule, block: DiskBlock, param_transposed: bool) -> LoraMo
     return LoraModule(A=A.contiguous(), B=B.contiguous(), scale=m.scale)
 
 
-def for_checkpoint(adapter: LoraAdapter, base: BaseCheckpoint) -> LoraAdapter:
+def for_checkpoint(adapter: LoraAdapter, base: BaseCheckpoint) -> tuple[LoraAdapter, Stacked]:
     """``adapter`` as it applies to ``base``'s stored tensors: as it is when every module finds its tensor, else
     through transformers' names for the base's architecture (`on_disk`)."""
     if not experts.is_expert_adapter(adapter) and all(base.weight_key(n)[0] is not None for n in adapter.modules):
-        return adapter
+        return adapter, {}
     names = model_names(base.folder) if base.config.get("architectures") else None
     if names is None:
         experts.refuse(adapter, f"merging into {base.folder} (an architecture transformers does not know)")
-        return adapter
+        return adapter, {}
     return on_disk(adapter, names)

@@ -15,17 +15,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
 from loramix.errors import CheckpointError
-from loramix.io.base import DTYPE_NAMES, read_safetensors_header
+from loramix.io.base import BIN_INDEX, DTYPE_NAMES, SAFE_INDEX, BaseCheckpoint, read_safetensors_header
+
+log = logging.getLogger(__name__)
+# Files a model folder holds weights in (never copied beside a merged checkpoint's own shards).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 
 COPY_PIECE = 1 << 28  # unchanged tensors are copied (in the kernel) in pieces of at most this many bytes
 # The kernel's copies, tried in this order before a buffered copy (a test empties it to force the fallback).
@@ -268,3 +275,27 @@ def write_index(folder: Path, names: list[str], shards: list[list], name: str = 
     total = sum(job.nbytes for shard in shards for job in shard)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / name).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def config_dtype_keys(config: dict) -> list[str]:
+    """The keys of a transformers config.json that name its dtype (``torch_dtype`` before transformers 5)."""
+    keys = [k for k in ("dtype", "torch_dtype") if k in config]
+    if keys:
+        return keys
+    try:
+        major = int(version("transformers").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        major = 5
+    return ["dtype"] if major >= 5 else ["torch_dtype"]
+
+
+def copy_other_files(base: BaseCheckpoint, target: Path) -> None:
+    """Every file of the base's folder that is no weight file (tokenizer, generation config, ...) into ``target``."""
+    weight_names = {p.name for p in base.weight_files} | {SAFE_INDEX, BIN_INDEX, "config.json"}
+    for item in sorted(base.folder.iterdir()):
+        if item.name.startswith(".") or not item.is_file() or item.name in weight_names:
+            continue
+        if item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith(".index.json"):
+            log.debug("not copying %s (weights)", item)
+            continue
+        shutil.copyfile(item, target / item.name)
