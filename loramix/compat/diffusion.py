@@ -66,7 +66,7 @@ def _wan_diffusers(adapter: LoraAdapter, src: str) -> Verdict:
         if f"transformer.blocks.{i}.{p}" not in adapter.modules
     ]
     if missing:
-        fix = f"loramix combine {src} -m cat --format diffusers -o OUT"
+        fix = f"loramix combine {src} -m cat --format comfyui -o OUT"
         reason = (
             f"its musubi-tuner converter needs every block's attention and FFN modules (missing: {sample(missing)})"
         )
