@@ -324,3 +324,17 @@ def test_check_says_what_diffusers_and_comfyui_make_of_flux_files(tmp_path):
     torch.testing.assert_close(fused["x_embedder.weight"], base["x_embedder.weight"])  # what "wrong" means
     assert verdicts(xlabs_file(tmp_path / "x.safetensors")) == {"diffusers": "yes", "ComfyUI": "no"}
     assert verdicts(diffusers_file(tmp_path / "d.safetensors")) == {"diffusers": "yes", "ComfyUI": "yes"}
+
+
+def test_default_output_keeps_modules_outside_the_blocks(tmp_path):
+    """diffusers' kohya converter drops img_in/final_layer & co., so a Flux LoRA holding them is written by default
+    in diffusers' names, which load_lora_weights reads whole (norm_out.linear's halves swapped back)."""
+    path = kohya_file(tmp_path / "top.safetensors", modules={**KOHYA, **TOP}, alpha=float(R))
+    report = loramix.run(loramix.Plan(adapters=[str(path)], method="cat", output=str(tmp_path / "out")))
+    assert report.format == "diffusers"
+    base = _tiny_pipeline().transformer.state_dict()
+    fused = _fused(tmp_path / "out" / "pytorch_lora_weights.safetensors", base)
+    expected = _expected(base, report.adapter)
+    assert not torch.equal(expected["x_embedder.weight"], base["x_embedder.weight"])
+    for key in expected:
+        torch.testing.assert_close(fused[key], expected[key], rtol=1e-5, atol=1e-5)

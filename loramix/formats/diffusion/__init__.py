@@ -153,11 +153,21 @@ def to_original(adapter: LoraAdapter, naming: str = "kohya") -> LoraAdapter:
 
 
 def file_naming(adapters: list[LoraAdapter]) -> str:
-    """The naming of a diffusion LoRA file that diffusers and ComfyUI both load for ``adapters``' family: ComfyUI's
-    for Wan (diffusers reads musubi-tuner's names only when every block holds all ten attention and FFN modules, its
-    ``diffusion_model.`` names in any subset), kohya's otherwise."""
+    """The format of a diffusion LoRA file that diffusers and ComfyUI both load for ``adapters``' family: ComfyUI's
+    names for Wan (diffusers reads musubi-tuner's names only when every block holds all ten attention and FFN
+    modules, its ``diffusion_model.`` names in any subset); diffusers' for Flux.1 with modules outside the blocks
+    (diffusers' kohya converter drops those: see `loramix.compat.diffusion`); kohya's otherwise."""
     families = {f.name if (f := recognise(a.modules)) else None for a in adapters}
-    return "comfyui" if families == {"wan"} else "kohya"
+    if families == {"wan"}:
+        return "comfyui"
+    outside = any(_outside_blocks(n) for a in adapters for n in a.modules)
+    return "diffusers" if families == {"flux"} and outside else "kohya"
+
+
+def _outside_blocks(name: str) -> bool:
+    """A Flux.1 transformer module outside its double and single blocks (by any of its namings)."""
+    found = reading(FLUX, name)
+    return found is not None and found[1] is None
 
 
 def _joined(family: Family, rule: Rule, block, parts: dict[str, LoraModule], mlp) -> LoraModule:
