@@ -338,3 +338,20 @@ def test_default_output_keeps_modules_outside_the_blocks(tmp_path):
     assert not torch.equal(expected["x_embedder.weight"], base["x_embedder.weight"])
     for key in expected:
         torch.testing.assert_close(fused[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+def test_lycoris_loha_on_flux_reads_onto_the_split_modules(tmp_path):
+    """A LoHa on kohya's fused qkv name: each diffusers part is its rows of the exact ΔW = (α/r)(B₁A₁)⊙(B₂A₂)
+    (float64 reference from LyCORIS's formula)."""
+    g = torch.Generator().manual_seed(5)
+    key, r, alpha = "lora_unet_double_blocks_0_img_attn_qkv", 2, 1.0
+    w = {n: torch.randn(*s, generator=g) for n, s in (("1_a", (3 * H, r)), ("1_b", (r, H)), ("2_a", (3 * H, r)))}
+    w["2_b"] = torch.randn(r, H, generator=g)
+    save_file(
+        {f"{key}.hada_w{n}": t for n, t in w.items()} | {f"{key}.alpha": torch.tensor(alpha)},
+        str(tmp_path / "l.safetensors"),
+    )
+    d = (alpha / r) * (w["1_a"].double() @ w["1_b"].double()) * (w["2_a"].double() @ w["2_b"].double())
+    adapter = loramix.load_adapter(tmp_path / "l.safetensors")
+    parts = [f"transformer.transformer_blocks.0.attn.to_{x}" for x in "qkv"]
+    assert_deltas(adapter, {p: d[i * H : (i + 1) * H] for i, p in enumerate(parts)})
