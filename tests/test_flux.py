@@ -307,6 +307,9 @@ def test_unknown_flux_names_are_one_line_errors(tmp_path):
     wrong = {"double_blocks.0.img_attn.qkv": (2 * H, H)}  # not q, k, v of equal rows
     with pytest.raises(AdapterFormatError, match="not Flux.1's thirds layout"):
         loramix.load_adapter(kohya_file(tmp_path / "shape.safetensors", modules=wrong))
+    flux2 = {"single_blocks.0.linear1": (9 * H, H)}  # Flux.2: q, k, v and a gated MLP of 2·3·hidden rows
+    with pytest.raises(AdapterFormatError, match="not Flux.1's qkv_rest layout"):
+        loramix.load_adapter(kohya_file(tmp_path / "flux2.safetensors", modules=flux2))
 
 
 def test_check_says_what_diffusers_and_comfyui_make_of_flux_files(tmp_path):
