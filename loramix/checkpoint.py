@@ -348,8 +348,8 @@ def write_merged(
     """
     if sys.byteorder != "little":
         raise CheckpointError("merging into a checkpoint needs a little-endian machine (safetensors byte order)")
-    if not base.config:
-        raise CheckpointError(f"{base.folder}: no config.json (not a model folder)")
+    if not base.config and not all(p.suffix == ".safetensors" for p in base.weight_files):
+        raise CheckpointError(f"{base.folder}: no config.json (not a model folder)")  # bare .safetensors: ComfyUI's
     notes: list[str] = []
     jobs = plan_merge(adapter, base, dtype, notes)
     if quantization is not None:
@@ -376,7 +376,8 @@ def write_merged(
     config = dict(base.config)
     for key in _config_dtype_keys(config) if DIFFUSERS_CONFIG not in config else ():
         config[key] = DTYPE_NAMES[dtype]
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if base.config:  # a single-file checkpoint (ComfyUI's, BFL's) has none
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_other_files(base, folder)
     report = MergeReport(
         path=folder,

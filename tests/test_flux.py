@@ -358,3 +358,49 @@ def test_lycoris_loha_on_flux_reads_onto_the_split_modules(tmp_path):
     adapter = loramix.load_adapter(tmp_path / "l.safetensors")
     parts = [f"transformer.transformer_blocks.0.attn.to_{x}" for x in "qkv"]
     assert_deltas(adapter, {p: d[i * H : (i + 1) * H] for i, p in enumerate(parts)})
+
+
+def _bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers Flux transformer's weights in Black Forest Labs' single-file layout (the modules the tests use),
+    under ComfyUI's ``model.diffusion_model.`` prefix: q, k, v (and the MLP) stacked by rows, norm_out's halves
+    swapped — written here from the checkpoint layout, not from loramix's map."""
+
+    def cat(*names):
+        return torch.cat([state[f"{n}.weight"] for n in names])
+
+    out = {}
+    same = {"img_attn.proj": "attn.to_out.0", "img_mlp.0": "ff.net.0.proj", "img_mod.lin": "norm1.linear"}
+    same |= {"txt_mlp.2": "ff_context.net.2"}
+    for i in range(2):
+        d, s = f"transformer_blocks.{i}", f"single_transformer_blocks.{i}"
+        out[f"double_blocks.{i}.img_attn.qkv"] = cat(*(f"{d}.attn.to_{x}" for x in "qkv"))
+        out[f"double_blocks.{i}.txt_attn.qkv"] = cat(*(f"{d}.attn.add_{x}_proj" for x in "qkv"))
+        out |= {f"double_blocks.{i}.{bfl}": cat(f"{d}.{name}") for bfl, name in same.items()}
+        out[f"single_blocks.{i}.linear1"] = cat(*(f"{s}.attn.to_{x}" for x in "qkv"), f"{s}.proj_mlp")
+        out[f"single_blocks.{i}.linear2"] = cat(f"{s}.proj_out")
+        out[f"single_blocks.{i}.modulation.lin"] = cat(f"{s}.norm.linear")
+    out["img_in"] = cat("x_embedder")
+    out["final_layer.adaLN_modulation.1"] = torch.cat(list(cat("norm_out.linear").chunk(2))[::-1])
+    out["double_blocks.0.img_attn.norm.query_norm"] = state["transformer_blocks.0.attn.norm_q.weight"]  # untouched
+    return {f"model.diffusion_model.{k}.weight": v.contiguous() for k, v in out.items()}
+
+
+def test_merge_into_a_bfl_single_file_checkpoint(tmp_path):
+    """kohya + diffusers Flux LoRAs merged into a ComfyUI/BFL single file (fused qkv/linear1 keys, no config.json):
+    each fused weight gets its parts' ΔW in its rows — the diffusers model's weights plus ΔW, laid out again."""
+    base = _tiny_pipeline().transformer.state_dict()
+    (tmp_path / "flux1").mkdir()
+    save_file(_bfl(base), str(tmp_path / "flux1" / "flux1-dev.safetensors"))
+    paths = [
+        kohya_file(tmp_path / "k.safetensors", modules={**KOHYA, **TOP}, alpha=float(R)),
+        diffusers_file(tmp_path / "d.safetensors"),
+    ]
+    adapter = loramix.combine(paths, weights=[1.0, 1.0], method="cat")
+    loramix.merge_into_base(adapter, tmp_path / "flux1", tmp_path / "merged", dtype=torch.float32)
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["README.md", "flux1-dev.safetensors"]
+    with safe_open(str(tmp_path / "merged" / "flux1-dev.safetensors"), "pt") as f:
+        merged = {k: f.get_tensor(k) for k in f.keys()}
+    expected = _bfl(_expected(base, adapter))
+    assert merged.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-5)

@@ -170,6 +170,25 @@ def _outside_blocks(name: str) -> bool:
     return found is not None and found[1] is None
 
 
+def onto_base(adapter: LoraAdapter, keys) -> LoraAdapter:
+    """``adapter`` in the names of a base checkpoint whose tensor ``keys`` are the family's original modules (a
+    ComfyUI/BFL single file such as ``flux1-dev.safetensors``, keys ``double_blocks.0.img_attn.qkv.weight``, with or
+    without ``model.diffusion_model.``): the parts joined into the original modules (`to_original`), each named by
+    the base's own module path; any other adapter or base as is (a module the base lacks is named by the merge)."""
+    family = recognise(adapter.modules)
+    if family is None:
+        return adapter
+    paths = {}
+    for key in keys:
+        if key.endswith(".weight"):
+            path = key.removesuffix(".weight")
+            paths[path.rpartition(COMFY)[2]] = path
+    if not any(family.match(p, flat=False, original=True) for p in paths):
+        return adapter
+    joined = to_original(adapter, "comfyui")
+    return joined.with_modules({paths.get(n.removeprefix(COMFY), n): m for n, m in joined.modules.items()})
+
+
 def _joined(family: Family, rule: Rule, block, parts: dict[str, LoraModule], mlp) -> LoraModule:
     first = next(iter(parts.values()))
     for name, module in parts.items():
