@@ -404,3 +404,32 @@ def test_merge_into_a_bfl_single_file_checkpoint(tmp_path):
     assert merged.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_flat_names_read_and_check_as_diffusers_does(tmp_path):
+    """diffusers' own flattened names (``lora_transformer_…``, OneTrainer's; diffusers' "mixture" converter) read the
+    ΔW diffusers gets, modules outside the blocks included, and check says diffusers reads them."""
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    attention = {n: shape for n, shape in DIFFUSERS.items() if ".attn." in n}
+    modules = {**attention, "x_embedder": (H, 4), "norm_out.linear": (2 * H, H)}
+    for name, (out, inp) in modules.items():
+        key = "lora_transformer_" + name.replace(".", "_")
+        down, up = _factors(g, out, inp)
+        sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(1.0)}
+    save_file(sd, str(tmp_path / "flat.safetensors"))
+    adapter = loramix.load_adapter(tmp_path / "flat.safetensors")
+    assert_deltas(adapter, oracle_deltas(tmp_path / "flat.safetensors"))
+    verdicts = {v.consumer: v.status for v in check_source(tmp_path / "flat.safetensors").verdicts}
+    assert verdicts["diffusers"] == "yes"
+    base = _tiny_pipeline().transformer.state_dict()
+    fused, expected = _fused(tmp_path / "flat.safetensors", base), _expected(base, adapter)
+    for key in expected:
+        torch.testing.assert_close(fused[key], expected[key], rtol=1e-5, atol=1e-5)
+    # a block module other than attention: diffusers keys it by its block alone, and check says no
+    key = "lora_transformer_single_transformer_blocks_1_proj_out"
+    sd |= {f"{key}.lora_down.weight": torch.ones(R, 5 * H), f"{key}.lora_up.weight": torch.ones(H, R)}
+    save_file(sd | {f"{key}.alpha": torch.tensor(1.0)}, str(tmp_path / "block.safetensors"))
+    assert "transformer.single_transformer_blocks.1" in oracle_deltas(tmp_path / "block.safetensors")
+    verdicts = {v.consumer: v.status for v in check_source(tmp_path / "block.safetensors").verdicts}
+    assert verdicts["diffusers"] == "no"

@@ -101,8 +101,18 @@ def identify(adapter: LoraAdapter, where: str) -> LoraAdapter:
         )
     hidden = Counter(m.in_features for n, m in modules.items() if n.startswith(COMPONENT)).most_common(1)
     architecture = f"{family.label} ({family.model_class}, hidden {hidden[0][0]})" if hidden else family.label
-    provenance = {**adapter.provenance, "family": family.name, "architecture": architecture}
+    namings = sorted({naming(n) for n in adapter.modules if not n.startswith(TEXT)})
+    provenance = {**adapter.provenance, "family": family.name, "architecture": architecture, "namings": namings}
     return adapter.with_modules(modules, provenance=provenance)
+
+
+def naming(name: str) -> str:
+    """Which naming a transformer module name is in: ``kohya`` (``lora_unet_``), ``diffusers-flat``
+    (``lora_transformer_``), ``diffusers`` (``transformer.``) or ``original`` (dotted, from ComfyUI/BFL or XLabs)."""
+    for prefix, label in ((KOHYA, "kohya"), (DIFFUSERS_FLAT, "diffusers-flat"), (COMPONENT, "diffusers")):
+        if name.startswith(prefix):
+            return label
+    return "original"
 
 
 def _parts(family: Family, found, name: str, module: LoraModule, where: str) -> dict[str, LoraModule]:
