@@ -370,8 +370,8 @@ def write_merged(
     """
     if sys.byteorder != "little":
         raise CheckpointError("merging into a checkpoint needs a little-endian machine (safetensors byte order)")
-    if not base.config:
-        raise CheckpointError(f"{base.folder}: no config.json (not a model folder)")
+    if not base.config and not all(p.suffix == ".safetensors" for p in base.weight_files):
+        raise CheckpointError(f"{base.folder}: no config.json (not a model folder)")  # bare .safetensors: ComfyUI's
     notes: list[str] = []
     quantized = base.quantized
     if quantized is not None and quantization is not None:
@@ -408,7 +408,8 @@ def write_merged(
         config.pop("quantization_config")
     for key in config_dtype_keys(config) if DIFFUSERS_CONFIG not in config and dtype is not None else ():
         config[key] = DTYPE_NAMES[dtype]
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if base.config:  # a single-file checkpoint (ComfyUI's, BFL's) has none
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_other_files(base, folder)
     report = MergeReport(
         path=folder,

@@ -17,6 +17,7 @@ from loramix.checkpoint import MergeReport, write_merged
 from loramix.diffusers_merge import write_merged_pipeline
 from loramix.errors import CheckpointError, MethodError
 from loramix.formats import load_adapter
+from loramix.formats.diffusion import onto_base
 from loramix.io.base import open_base, resolve_base, with_base_names
 from loramix.io.diffusers import is_pipeline, open_pipeline
 from loramix.io.files import atomic_output
@@ -71,7 +72,7 @@ def merge_into_base(
         raise CheckpointError(f"{folder}: a diffusers pipeline; quantized_as applies to transformers bases only")
     quantization = None
     if checkpoint is not None:
-        adapter = with_base_names(adapter, checkpoint)  # kohya names → the base's own
+        adapter = with_base_names(onto_base(adapter, checkpoint.tensors), checkpoint)  # kohya, DiT names → base's
         quantization = quantization_settings(
             [(str(folder), checkpoint.config), *_adapter_configs(adapter)],
             quantized_as=quantized_as,

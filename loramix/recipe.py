@@ -12,8 +12,9 @@ rank: 16                      # optional truncation: rank, energy, or rule + rul
 output: out/merged            # relative to the current directory; -o overrides
 # merge_into: ../loramix/examples/tiny-llama   # write this base (folder or Hub id) with the result merged
 # base: ../loramix/examples/tiny-llama   # DoRA adapters combine as their effective updates on this base
-# format: kohya               # a kohya/A1111 file, a PEFT folder (peft) or a llama.cpp LoRA (gguf); default:
-#                             # kohya for kohya/diffusers/LyCORIS inputs, else peft
+# format: kohya               # a kohya/A1111 file, a PEFT folder (peft), a llama.cpp LoRA (gguf), a diffusion
+#                             # LoRA in ComfyUI's or diffusers' names (comfyui, diffusers); default: the file
+#                             # diffusers and ComfyUI load for kohya/diffusers/LyCORIS inputs, else peft
 # gguf_base: ../loramix/examples/tiny-llama   # format gguf: the base whose config.json names the architecture
 # rank_layout: exact          # per-module ranks and scales (PEFT only) instead of one rank every engine reads
 # quantized_as: nf4           # QLoRA-faithful merge: round-trip the base through 4-bit first (nf4 or fp4;

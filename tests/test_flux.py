@@ -307,6 +307,9 @@ def test_unknown_flux_names_are_one_line_errors(tmp_path):
     wrong = {"double_blocks.0.img_attn.qkv": (2 * H, H)}  # not q, k, v of equal rows
     with pytest.raises(AdapterFormatError, match="not Flux.1's thirds layout"):
         loramix.load_adapter(kohya_file(tmp_path / "shape.safetensors", modules=wrong))
+    flux2 = {"single_blocks.0.linear1": (9 * H, H)}  # Flux.2: q, k, v and a gated MLP of 2·3·hidden rows
+    with pytest.raises(AdapterFormatError, match="not Flux.1's qkv_rest layout"):
+        loramix.load_adapter(kohya_file(tmp_path / "flux2.safetensors", modules=flux2))
 
 
 def test_check_says_what_diffusers_and_comfyui_make_of_flux_files(tmp_path):
@@ -324,3 +327,109 @@ def test_check_says_what_diffusers_and_comfyui_make_of_flux_files(tmp_path):
     torch.testing.assert_close(fused["x_embedder.weight"], base["x_embedder.weight"])  # what "wrong" means
     assert verdicts(xlabs_file(tmp_path / "x.safetensors")) == {"diffusers": "yes", "ComfyUI": "no"}
     assert verdicts(diffusers_file(tmp_path / "d.safetensors")) == {"diffusers": "yes", "ComfyUI": "yes"}
+
+
+def test_default_output_keeps_modules_outside_the_blocks(tmp_path):
+    """diffusers' kohya converter drops img_in/final_layer & co., so a Flux LoRA holding them is written by default
+    in diffusers' names, which load_lora_weights reads whole (norm_out.linear's halves swapped back)."""
+    path = kohya_file(tmp_path / "top.safetensors", modules={**KOHYA, **TOP}, alpha=float(R))
+    report = loramix.run(loramix.Plan(adapters=[str(path)], method="cat", output=str(tmp_path / "out")))
+    assert report.format == "diffusers"
+    base = _tiny_pipeline().transformer.state_dict()
+    fused = _fused(tmp_path / "out" / "pytorch_lora_weights.safetensors", base)
+    expected = _expected(base, report.adapter)
+    assert not torch.equal(expected["x_embedder.weight"], base["x_embedder.weight"])
+    for key in expected:
+        torch.testing.assert_close(fused[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+def test_lycoris_loha_on_flux_reads_onto_the_split_modules(tmp_path):
+    """A LoHa on kohya's fused qkv name: each diffusers part is its rows of the exact ΔW = (α/r)(B₁A₁)⊙(B₂A₂)
+    (float64 reference from LyCORIS's formula)."""
+    g = torch.Generator().manual_seed(5)
+    key, r, alpha = "lora_unet_double_blocks_0_img_attn_qkv", 2, 1.0
+    w = {n: torch.randn(*s, generator=g) for n, s in (("1_a", (3 * H, r)), ("1_b", (r, H)), ("2_a", (3 * H, r)))}
+    w["2_b"] = torch.randn(r, H, generator=g)
+    save_file(
+        {f"{key}.hada_w{n}": t for n, t in w.items()} | {f"{key}.alpha": torch.tensor(alpha)},
+        str(tmp_path / "l.safetensors"),
+    )
+    d = (alpha / r) * (w["1_a"].double() @ w["1_b"].double()) * (w["2_a"].double() @ w["2_b"].double())
+    adapter = loramix.load_adapter(tmp_path / "l.safetensors")
+    parts = [f"transformer.transformer_blocks.0.attn.to_{x}" for x in "qkv"]
+    assert_deltas(adapter, {p: d[i * H : (i + 1) * H] for i, p in enumerate(parts)})
+
+
+def _bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers Flux transformer's weights in Black Forest Labs' single-file layout (the modules the tests use),
+    under ComfyUI's ``model.diffusion_model.`` prefix: q, k, v (and the MLP) stacked by rows, norm_out's halves
+    swapped — written here from the checkpoint layout, not from loramix's map."""
+
+    def cat(*names):
+        return torch.cat([state[f"{n}.weight"] for n in names])
+
+    out = {}
+    same = {"img_attn.proj": "attn.to_out.0", "img_mlp.0": "ff.net.0.proj", "img_mod.lin": "norm1.linear"}
+    same |= {"txt_mlp.2": "ff_context.net.2"}
+    for i in range(2):
+        d, s = f"transformer_blocks.{i}", f"single_transformer_blocks.{i}"
+        out[f"double_blocks.{i}.img_attn.qkv"] = cat(*(f"{d}.attn.to_{x}" for x in "qkv"))
+        out[f"double_blocks.{i}.txt_attn.qkv"] = cat(*(f"{d}.attn.add_{x}_proj" for x in "qkv"))
+        out |= {f"double_blocks.{i}.{bfl}": cat(f"{d}.{name}") for bfl, name in same.items()}
+        out[f"single_blocks.{i}.linear1"] = cat(*(f"{s}.attn.to_{x}" for x in "qkv"), f"{s}.proj_mlp")
+        out[f"single_blocks.{i}.linear2"] = cat(f"{s}.proj_out")
+        out[f"single_blocks.{i}.modulation.lin"] = cat(f"{s}.norm.linear")
+    out["img_in"] = cat("x_embedder")
+    out["final_layer.adaLN_modulation.1"] = torch.cat(list(cat("norm_out.linear").chunk(2))[::-1])
+    out["double_blocks.0.img_attn.norm.query_norm"] = state["transformer_blocks.0.attn.norm_q.weight"]  # untouched
+    return {f"model.diffusion_model.{k}.weight": v.contiguous() for k, v in out.items()}
+
+
+def test_merge_into_a_bfl_single_file_checkpoint(tmp_path):
+    """kohya + diffusers Flux LoRAs merged into a ComfyUI/BFL single file (fused qkv/linear1 keys, no config.json):
+    each fused weight gets its parts' ΔW in its rows — the diffusers model's weights plus ΔW, laid out again."""
+    base = _tiny_pipeline().transformer.state_dict()
+    (tmp_path / "flux1").mkdir()
+    save_file(_bfl(base), str(tmp_path / "flux1" / "flux1-dev.safetensors"))
+    paths = [
+        kohya_file(tmp_path / "k.safetensors", modules={**KOHYA, **TOP}, alpha=float(R)),
+        diffusers_file(tmp_path / "d.safetensors"),
+    ]
+    adapter = loramix.combine(paths, weights=[1.0, 1.0], method="cat")
+    loramix.merge_into_base(adapter, tmp_path / "flux1", tmp_path / "merged", dtype=torch.float32)
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["README.md", "flux1-dev.safetensors"]
+    with safe_open(str(tmp_path / "merged" / "flux1-dev.safetensors"), "pt") as f:
+        merged = {k: f.get_tensor(k) for k in f.keys()}
+    expected = _bfl(_expected(base, adapter))
+    assert merged.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_flat_names_read_and_check_as_diffusers_does(tmp_path):
+    """diffusers' own flattened names (``lora_transformer_…``, OneTrainer's; diffusers' "mixture" converter) read the
+    ΔW diffusers gets, modules outside the blocks included, and check says diffusers reads them."""
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    attention = {n: shape for n, shape in DIFFUSERS.items() if ".attn." in n}
+    modules = {**attention, "x_embedder": (H, 4), "norm_out.linear": (2 * H, H)}
+    for name, (out, inp) in modules.items():
+        key = "lora_transformer_" + name.replace(".", "_")
+        down, up = _factors(g, out, inp)
+        sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(1.0)}
+    save_file(sd, str(tmp_path / "flat.safetensors"))
+    adapter = loramix.load_adapter(tmp_path / "flat.safetensors")
+    assert_deltas(adapter, oracle_deltas(tmp_path / "flat.safetensors"))
+    verdicts = {v.consumer: v.status for v in check_source(tmp_path / "flat.safetensors").verdicts}
+    assert verdicts["diffusers"] == "yes"
+    base = _tiny_pipeline().transformer.state_dict()
+    fused, expected = _fused(tmp_path / "flat.safetensors", base), _expected(base, adapter)
+    for key in expected:
+        torch.testing.assert_close(fused[key], expected[key], rtol=1e-5, atol=1e-5)
+    # a block module other than attention: diffusers keys it by its block alone, and check says no
+    key = "lora_transformer_single_transformer_blocks_1_proj_out"
+    sd |= {f"{key}.lora_down.weight": torch.ones(R, 5 * H), f"{key}.lora_up.weight": torch.ones(H, R)}
+    save_file(sd | {f"{key}.alpha": torch.tensor(1.0)}, str(tmp_path / "block.safetensors"))
+    assert "transformer.single_transformer_blocks.1" in oracle_deltas(tmp_path / "block.safetensors")
+    verdicts = {v.consumer: v.status for v in check_source(tmp_path / "block.safetensors").verdicts}
+    assert verdicts["diffusers"] == "no"

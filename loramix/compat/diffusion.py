@@ -9,7 +9,10 @@ Each rule cites the code it follows:
   0–18 and single blocks 0–37 only (any other key is "Incompatible keys"); ``linear1`` split at ``dims=[3072, 3072,
   3072, 12288]`` (Flux.1's sizes; another hidden size fails its assert); ``img_in``, ``txt_in``, ``time_in``,
   ``vector_in``, ``guidance_in`` and ``final_layer`` keyed without ``transformer.``, which ``load_lora_weights``
-  then leaves out (their ΔW is lost; ``final_layer``'s alpha is also ignored). ``lora_state_dict`` sends a file to
+  then leaves out (their ΔW is lost; ``final_layer``'s alpha is also ignored). Its branch for diffusers' own flat
+  names (``lora_transformer_…``, ``_convert_mixture_state_dict_to_diffusers``) keys a block's attention modules and
+  drops the rest of the name for any other block module (``single_transformer_blocks.1.proj_out`` becomes
+  ``single_transformer_blocks.1``). ``lora_state_dict`` sends a file to
   that converter only when a key holds ``.lora_down.weight``: ComfyUI files with PEFT's ``lora_A`` keys reach none.
 - diffusers 0.42, ``_convert_musubi_wan_lora_to_diffusers`` (Wan files in musubi-tuner's ``lora_unet_`` names):
   every block from 0 to the last must hold all of ``self_attn``/``cross_attn`` ``q``, ``k``, ``v``, ``o`` and
@@ -32,7 +35,6 @@ from loramix.formats._keys import sample
 FLUX_BLOCKS = {"transformer_blocks": 19, "single_transformer_blocks": 38}  # the converter's range(19), range(38)
 FLUX_HIDDEN = 3072  # the converter's linear1 dims: 3 × 3072 + 12288
 BLOCK = re.compile(r"^transformer\.(?P<kind>single_transformer_blocks|transformer_blocks)\.(?P<i>\d+)\.")
-KOHYA_STYLES = ("kohya", "comfyui")  # names diffusers' kohya converter reads (ComfyUI's renamed to kohya's first)
 
 
 WAN_BLOCK = tuple(f"attn{n}.{p}" for n in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")) + (
@@ -66,7 +68,7 @@ def _wan_diffusers(adapter: LoraAdapter, src: str) -> Verdict:
         if f"transformer.blocks.{i}.{p}" not in adapter.modules
     ]
     if missing:
-        fix = f"loramix combine {src} -m cat --format diffusers -o OUT"
+        fix = f"loramix combine {src} -m cat --format comfyui -o OUT"
         reason = (
             f"its musubi-tuner converter needs every block's attention and FFN modules (missing: {sample(missing)})"
         )
@@ -80,7 +82,14 @@ def _diffusers(adapter: LoraAdapter, src: str) -> Verdict:
     modules = [n for n in adapter.modules if n.startswith("transformer.")]
     if "comfyui-peft" in style:
         return Verdict(name, "no", "ComfyUI names with lora_A/lora_B keys reach none of its Flux converters", fix)
-    if not any(s in style for s in KOHYA_STYLES):
+    namings = adapter.provenance.get("namings", [])
+    if "diffusers-flat" in namings:  # its "mixture" converter: attention is all it keys inside a block
+        lost = [n for n in modules if BLOCK.match(n) and ".attn." not in n]
+        if lost:
+            reason = f"its converter of diffusers' flat names keys only attention inside the blocks ({sample(lost)})"
+            return Verdict(name, "no", reason, fix)
+    kohya_names = "kohya" in namings or "comfyui" in style
+    if not kohya_names:  # diffusers' own names, flat (its "mixture" converter) or dotted, and XLabs': read whole
         return Verdict(name, "yes")
     beyond = [n for n in modules if (b := BLOCK.match(n)) and int(b["i"]) >= FLUX_BLOCKS[b["kind"]]]
     if beyond:

@@ -258,9 +258,10 @@ def _align_flat_conv(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
 
 
 def default_format(adapters: list[LoraAdapter]) -> str:
-    """The output format the inputs' own ecosystem loads: a kohya file (what diffusers, ComfyUI and A1111 read; in
-    ComfyUI's names for Wan, `loramix.formats.diffusion.file_naming`) when every input was read from a kohya,
-    diffusers or LyCORIS file or is named as one (a combination of such files included), else a PEFT folder."""
+    """The output format the inputs' own ecosystem loads: a kohya file (what diffusers, ComfyUI and A1111 read; for
+    a diffusion transformer the file both load, `loramix.formats.diffusion.file_naming`) when every input was read
+    from a kohya, diffusers or LyCORIS file or is named as one (a combination of such files included), else a PEFT
+    folder."""
     return file_naming(adapters) if adapters and all(_diffusion_lora(a) for a in adapters) else "peft"
 
 

@@ -101,8 +101,18 @@ def identify(adapter: LoraAdapter, where: str) -> LoraAdapter:
         )
     hidden = Counter(m.in_features for n, m in modules.items() if n.startswith(COMPONENT)).most_common(1)
     architecture = f"{family.label} ({family.model_class}, hidden {hidden[0][0]})" if hidden else family.label
-    provenance = {**adapter.provenance, "family": family.name, "architecture": architecture}
+    namings = sorted({naming(n) for n in adapter.modules if not n.startswith(TEXT)})
+    provenance = {**adapter.provenance, "family": family.name, "architecture": architecture, "namings": namings}
     return adapter.with_modules(modules, provenance=provenance)
+
+
+def naming(name: str) -> str:
+    """Which naming a transformer module name is in: ``kohya`` (``lora_unet_``), ``diffusers-flat``
+    (``lora_transformer_``), ``diffusers`` (``transformer.``) or ``original`` (dotted, from ComfyUI/BFL or XLabs)."""
+    for prefix, label in ((KOHYA, "kohya"), (DIFFUSERS_FLAT, "diffusers-flat"), (COMPONENT, "diffusers")):
+        if name.startswith(prefix):
+            return label
+    return "original"
 
 
 def _parts(family: Family, found, name: str, module: LoraModule, where: str) -> dict[str, LoraModule]:
@@ -153,11 +163,40 @@ def to_original(adapter: LoraAdapter, naming: str = "kohya") -> LoraAdapter:
 
 
 def file_naming(adapters: list[LoraAdapter]) -> str:
-    """The naming of a diffusion LoRA file that diffusers and ComfyUI both load for ``adapters``' family: ComfyUI's
-    for Wan (diffusers reads musubi-tuner's names only when every block holds all ten attention and FFN modules, its
-    ``diffusion_model.`` names in any subset), kohya's otherwise."""
+    """The format of a diffusion LoRA file that diffusers and ComfyUI both load for ``adapters``' family: ComfyUI's
+    names for Wan (diffusers reads musubi-tuner's names only when every block holds all ten attention and FFN
+    modules, its ``diffusion_model.`` names in any subset); diffusers' for Flux.1 with modules outside the blocks
+    (diffusers' kohya converter drops those: see `loramix.compat.diffusion`); kohya's otherwise."""
     families = {f.name if (f := recognise(a.modules)) else None for a in adapters}
-    return "comfyui" if families == {"wan"} else "kohya"
+    if families == {"wan"}:
+        return "comfyui"
+    outside = any(_outside_blocks(n) for a in adapters for n in a.modules)
+    return "diffusers" if families == {"flux"} and outside else "kohya"
+
+
+def _outside_blocks(name: str) -> bool:
+    """A Flux.1 transformer module outside its double and single blocks (by any of its namings)."""
+    found = reading(FLUX, name)
+    return found is not None and found[1] is None
+
+
+def onto_base(adapter: LoraAdapter, keys) -> LoraAdapter:
+    """``adapter`` in the names of a base checkpoint whose tensor ``keys`` are the family's original modules (a
+    ComfyUI/BFL single file such as ``flux1-dev.safetensors``, keys ``double_blocks.0.img_attn.qkv.weight``, with or
+    without ``model.diffusion_model.``): the parts joined into the original modules (`to_original`), each named by
+    the base's own module path; any other adapter or base as is (a module the base lacks is named by the merge)."""
+    family = recognise(adapter.modules)
+    if family is None:
+        return adapter
+    paths = {}
+    for key in keys:
+        if key.endswith(".weight"):
+            path = key.removesuffix(".weight")
+            paths[path.rpartition(COMFY)[2]] = path
+    if not any(family.match(p, flat=False, original=True) for p in paths):
+        return adapter
+    joined = to_original(adapter, "comfyui")
+    return joined.with_modules({paths.get(n.removeprefix(COMFY), n): m for n, m in joined.modules.items()})
 
 
 def _joined(family: Family, rule: Rule, block, parts: dict[str, LoraModule], mlp) -> LoraModule:

@@ -3,7 +3,8 @@ diffusers' module names, and the `Family` that holds them with what recognises i
 
 A rule's names are templates with ``{i}`` for a block number. ``split`` says how the original module's rows lie on
 its diffusers modules: ``one`` (the same weight), ``thirds`` (q, k, v of equal rows: out = 3·in), ``qkv_rest``
-(q, k, v of ``in`` rows each, then the rest: Flux's single-block ``linear1``, whose rest is the MLP), ``swap`` (one
+(q, k, v of ``in`` rows each, then the MLP's ``mlp_ratio``·in rows: Flux.1's single-block ``linear1``; Flux.2's,
+whose gated MLP has other sizes, is refused), ``swap`` (one
 module with the two row halves exchanged: shift/scale against scale/shift). Names are matched dotted (ComfyUI/BFL,
 diffusers) or flattened with underscores (kohya ``lora_unet_…``, diffusers' ``lora_transformer_…``): a template
 fixes where the dots are, so a flat name has one reading.
@@ -64,7 +65,8 @@ class Family:
         shape does not fit the split."""
         targets = [rule.name(t, block) for t in rule.targets]
         h, out = in_features, out_features
-        fits = {"one": True, "thirds": out == 3 * h, "qkv_rest": out >= 3 * h, "swap": out % 2 == 0}[rule.split]
+        mlp = (3 + self.mlp_ratio) * h  # q, k, v and the MLP; q, k, v alone for XLabs' single-block qkv
+        fits = {"one": True, "thirds": out == 3 * h, "qkv_rest": out in (3 * h, mlp), "swap": out % 2 == 0}[rule.split]
         if not fits:
             raise AdapterFormatError(
                 f"{where}: module {rule.name(rule.original, block)} has ΔW {out}×{in_features}, which is not "
