@@ -1,5 +1,5 @@
 """PEFT adapter types other than LoRA whose update needs the base weight (its values, or only its shape), read for
-`loramix convert`: VeRA, (IA)³ and OFT (`read_updates`), each module as an object with ``math_delta(W)`` and
+`loramix convert`: VeRA, (IA)³, OFT and FourierFT (`read_updates`), each module as an object with ``math_delta(W)`` and
 ``bias_delta(bias)``, which `loramix.extraction.conversion` applies to the base weights it streams.
 
 VeRA (PEFT ``tuners/vera``, ``peft_type: VERA``): every module shares two frozen random matrices, saved once as
@@ -18,6 +18,10 @@ Conv1D weight). PEFT's merge is W' = W ⊙ l, and for an output-side vector the 
 OFT (``tuners/oft``, ``peft_type: OFT``, PEFT ≥ 0.15's ``oft_R.weight``): the input is rotated block by block,
 x ↦ x·blockdiag(R), so W' = W·blockdiag(R)ᵀ and ΔW = W·(blockdiag(R)ᵀ − I) (`Rotation`, R as PEFT's
 ``_cayley_batch`` computes it); constrained OFT (coft) and conv layers are refused.
+
+FourierFT (``tuners/fourierft``, ``peft_type: FOURIERFT``): ``fourierft_spectrum`` holds n coefficients placed at
+n entries of an out×in spectrum drawn by ``torch.randperm`` from ``random_loc_seed``; ΔW = Re(ifft2)·scaling
+(`Spectrum`), of full rank in general.
 """
 
 from __future__ import annotations
@@ -32,8 +36,13 @@ from loramix.adapter import ExtraTensor
 from loramix.errors import AdapterFormatError
 from loramix.formats import _keys
 
-KINDS = {"VERA": "VeRA", "IA3": "(IA)³", "OFT": "OFT"}
-PARTS = {"VERA": ("vera_lambda_b", "vera_lambda_d"), "IA3": ("ia3_l",), "OFT": ("oft_R",)}
+KINDS = {"VERA": "VeRA", "IA3": "(IA)³", "OFT": "OFT", "FOURIERFT": "FourierFT"}
+PARTS = {
+    "VERA": ("vera_lambda_b", "vera_lambda_d"),
+    "IA3": ("ia3_l",),
+    "OFT": ("oft_R",),
+    "FOURIERFT": ("fourierft_spectrum",),
+}
 PROJECTIONS = ("vera_A", "vera_B")
 
 
@@ -142,6 +151,33 @@ class Rotation:
         return None
 
 
+@dataclass(frozen=True)
+class Spectrum:
+    """FourierFT on one module: ``coefficients`` at the entries ``torch.randperm(out·in, seed)[:n]`` (row-major) of an
+    out×in spectrum, zero elsewhere; ΔW = Re(ifft2(spectrum))·``scaling``. The entries depend on the base weight's
+    shape, so the base settles them, with PEFT's generator call repeated (a seeded CPU ``torch.Generator``)."""
+
+    kind: str
+    coefficients: torch.Tensor
+    seed: int
+    scaling: float
+
+    def math_delta(self, W: torch.Tensor) -> torch.Tensor:
+        """ΔW (out×in, W's dtype) for a base weight ``W`` in out×in orientation (only its shape is used)."""
+        out, inp = W.shape
+        count = self.coefficients.numel()
+        if count > out * inp:
+            raise AdapterFormatError(f"FourierFT: {count} coefficients do not fit a base weight of {out}×{inp}")
+        chosen = torch.randperm(out * inp, generator=torch.Generator().manual_seed(self.seed))[:count]
+        spectrum = torch.zeros(out * inp, dtype=torch.float64)
+        spectrum[chosen] = self.coefficients.to(torch.float64)
+        delta = torch.fft.ifft2(spectrum.reshape(out, inp)).real * self.scaling
+        return delta.to(device=W.device, dtype=W.dtype)
+
+    def bias_delta(self, bias: torch.Tensor) -> None:
+        return None
+
+
 def read_updates(
     path: str | Path, *, allow_nonfinite: bool = False
 ) -> tuple[dict, dict[str, Projection | Rescale], dict[str, ExtraTensor]]:
@@ -166,8 +202,10 @@ def read_updates(
             modules[name] = _vera(where, found, shared)
         elif peft_type == "IA3":
             modules[name] = _ia3(where, found)
-        else:
+        elif peft_type == "OFT":
             modules[name] = _oft(where, found, config)
+        else:
+            modules[name] = _fourier(where, found, config)
     return config, modules, extra
 
 
@@ -194,6 +232,15 @@ def _oft(where: str, found: dict, config: dict) -> Rotation:
         raise AdapterFormatError(f"{where}: oft_R.weight {tuple(params.shape)} is not blocks × k(k−1)/2 parameters")
     return Rotation(
         "OFT", params, config.get("num_cayley_neumann_terms", 5) if config.get("use_cayley_neumann") else None
+    )
+
+
+def _fourier(where: str, found: dict, config: dict) -> Spectrum:
+    coefficients = found["fourierft_spectrum"]
+    if coefficients.dim() != 1 or not coefficients.is_floating_point():
+        raise AdapterFormatError(f"{where}: fourierft_spectrum {tuple(coefficients.shape)} is not a vector")
+    return Spectrum(
+        "FourierFT", coefficients, int(config.get("random_loc_seed", 777)), float(config.get("scaling", 150.0))
     )
 
 
