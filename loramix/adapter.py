@@ -327,3 +327,44 @@ def refit(m: LoraModule, rank: int, scale: float) -> LoraModule:
         A = torch.cat([A, A.new_zeros(rank - m.rank, A.shape[1])])
         B = torch.cat([B, B.new_zeros(B.shape[0], rank - m.rank)], dim=1)
     return m if (A is m.A and B is m.B and m.scale == scale) else replace(m, A=A, B=B, scale=scale, bias=bias)
+
+
+def _laid_out(adapter: LoraAdapter, shapes: dict[str, LoraModule], rank: int, scale: float) -> LoraAdapter:
+    """``adapter`` on the modules of ``shapes`` at one ``rank`` and ``scale`` (`refit`); a module of ``shapes`` the
+    adapter lacks is zero factors of that module's shape."""
+    modules = {}
+    for name, shape in shapes.items():
+        m = adapter.modules.get(name)
+        if m is None:
+            zero_A, zero_B = shape.A.new_zeros(rank, shape.in_features), shape.B.new_zeros(shape.out_features, rank)
+            modules[name] = replace(shape, A=zero_A, B=zero_B, scale=scale, bias=None, magnitude=None)
+        else:
+            modules[name] = refit(m, rank, scale)
+    return adapter.with_modules(modules, use_rslora=False)
+
+
+def serving_set(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
+    """``adapters`` (of one base) as a serving set: every one on the union of their modules (zero factors where it
+    has none), at one rank R = `portable_rank` of all their ranks and one scale (the most common of all their
+    modules'; others folded into B), so that each describes its own ΔW unchanged and all have the same tensor names
+    and shapes and the same config (what PEFT's ``hotswap_adapter`` under ``torch.compile`` and the engines' fixed
+    adapter slots need). `IncompatibleAdaptersError` for DoRA, lora_B biases and full tensors, which no slot holds."""
+    for a in adapters:
+        held = [
+            what
+            for what, has in (("DoRA", a.has_dora), ("lora_B biases", a.has_lora_bias), ("full tensors", a.extra))
+            if has
+        ]
+        if held:
+            raise IncompatibleAdaptersError(
+                f"{a.source}: holds {', '.join(held)}, which a serving set's adapter slots do not hold "
+                "(loramix convert makes DoRA a plain LoRA)"
+            )
+    shapes: dict[str, LoraModule] = {}
+    for a in adapters:
+        for name, m in a.modules.items():
+            shapes.setdefault(name, m)
+    shapes = dict(sorted(shapes.items()))
+    rank = portable_rank([r for a in adapters for r in a.ranks])
+    scale = Counter(m.scale for a in adapters for m in a.modules.values()).most_common(1)[0][0]
+    return [_laid_out(a, shapes, rank, scale) for a in adapters]

@@ -1,6 +1,6 @@
-"""`loramix convert`: the plain LoRA closest to an adapter that serving engines refuse (DoRA; PEFT LoHa/LoKr),
-written in one atomic output folder with a card that says it is a conversion and how exact, and `CONVERSION_FILE`,
-the per-module account (`loramix.extraction.conversion.convert_lora` does the work)."""
+"""`loramix convert`: the plain LoRA closest to an adapter that serving engines refuse (DoRA; PEFT LoHa/LoKr, VeRA,
+(IA)³, OFT, FourierFT), written in one atomic output folder with a card that says it is a conversion and how exact, and
+`CONVERSION_FILE`, the per-module account (`loramix.extraction.conversion.convert_lora` does the work)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 CONVERSION_FILE = "conversion.json"
 # PEFT types that are not a change of weights at all (virtual tokens, prompts): nothing a LoRA could hold
 PROMPTS = ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "CPT")
-CONVERTED = "LORA (DoRA too), ADALORA, LOHA, LOKR, VERA, IA3"
+CONVERTED = "LORA (DoRA too), ADALORA, LOHA, LOKR, VERA, IA3, OFT, FOURIERFT"
 
 
 def convert(

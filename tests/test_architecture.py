@@ -28,7 +28,7 @@ PACKAGE = ROOT / "loramix"
 LAYERS = [
     ["loramix.__main__"],
     ["loramix.cli"],
-    ["loramix.convert"],
+    ["loramix.convert", "loramix.align"],
     ["loramix.pipeline", "loramix.merging", "loramix.analysis_files"],
     ["loramix.recipe"],
     ["loramix.hub"],

@@ -155,6 +155,26 @@ def _ia3():
     return IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
 
 
+def _oft():
+    from peft import OFTConfig
+
+    return OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "down_proj"], init_weights=False)
+
+
+def _oft_exact_shared():
+    from peft import OFTConfig
+
+    config = dict(use_cayley_neumann=False, block_share=True, init_weights=False)
+    return OFTConfig(r=0, oft_block_size=4, target_modules=["v_proj", "up_proj"], **config)
+
+
+def _fourierft():
+    from peft import FourierFTConfig
+
+    config = dict(n_frequency=50, scaling=20.0, random_loc_seed=11, init_weights=False)
+    return FourierFTConfig(target_modules=["q_proj", "v_proj", "down_proj"], **config)
+
+
 def _gpt2_ia3():
     from peft import IA3Config
 
@@ -162,11 +182,22 @@ def _gpt2_ia3():
 
 
 @pytest.mark.parametrize(
-    "factory, make", [(tiny_llama, _vera), (tiny_llama, _ia3), (tiny_gpt2, _gpt2_ia3)], ids=["vera", "ia3", "gpt2_ia3"]
+    "factory, make",
+    [
+        (tiny_llama, _vera),
+        (tiny_llama, _ia3),
+        (tiny_gpt2, _gpt2_ia3),
+        (tiny_llama, _oft),
+        (tiny_llama, _oft_exact_shared),
+        (tiny_llama, _fourierft),
+    ],
+    ids=["vera", "ia3", "gpt2_ia3", "oft", "oft_exact_shared", "fourierft"],
 )
-def test_vera_ia3_at_full_rank_equal_peft_merged_weights(factory, make, tmp_path):
-    """VeRA (targets of different input widths) and (IA)³ (output and input side; GPT-2's Conv1D with biases, which
-    (IA)³ rescales: a lora_B bias) converted at full rank: PEFT's merged LoRA equals PEFT's merged adapter."""
+def test_vera_ia3_oft_at_full_rank_equal_peft_merged_weights(factory, make, tmp_path):
+    """VeRA (targets of different input widths), (IA)³ (output and input side; GPT-2's Conv1D with biases, which
+    (IA)³ rescales: a lora_B bias) and OFT (Cayley–Neumann; exact Cayley with one block shared) converted at full
+    rank, and FourierFT (targets of different shapes, so different entries): PEFT's merged LoRA equals PEFT's merged
+    adapter."""
     import peft
 
     with torch.random.fork_rng(devices=[]):
@@ -193,14 +224,14 @@ def test_types_that_cannot_be_converted_are_named_in_one_line(tmp_path):
     import peft
 
     for name, config in {
-        "oft": peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj"]),
+        "boft": peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj"]),
         "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
     }.items():
         peft.get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path / name))
         result = CliRunner().invoke(main, ["convert", str(tmp_path / name), "-o", str(tmp_path / "out")])
         assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
         assert result.output.startswith("error: ")
-        assert ("'OFT'" if name == "oft" else "'PROMPT_TUNING'") in result.output
+        assert ("'BOFT'" if name == "boft" else "'PROMPT_TUNING'") in result.output
 
 
 # ----------------------------------------------------------------------------------------------- DoRA in combine

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from loramix.cli.align import align
 from loramix.cli.convert import convert
 from loramix.cli.extract import extract
 from loramix.cli.options import (
@@ -273,6 +274,7 @@ def _with_block_weights(lbws: list, weights: list | None, count: int) -> list:
 
 main.add_command(extract)
 main.add_command(convert)
+main.add_command(align)
 
 
 @main.command()

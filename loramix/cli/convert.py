@@ -31,8 +31,8 @@ from loramix.cli.options import errors_as_one_line, rank_rule_options, written_l
 @click.pass_context
 @errors_as_one_line
 def convert(ctx: click.Context, source, output, as_json, threads, force, **options) -> None:
-    """Convert SOURCE (a DoRA adapter, with --base; a PEFT LoHa/LoKr adapter) into the plain LoRA closest to what it
-    does, in OUTPUT.
+    """Convert SOURCE (a DoRA, VeRA, (IA)³, OFT or FourierFT adapter, with --base; a PEFT LoHa/LoKr adapter) into
+    the plain LoRA closest to what it does, in OUTPUT.
 
     Each module's effective update (DoRA: m·(W + sBA)/‖W + sBA‖ − W on the base weight, in float64) is
     re-factorised as B·A, truncated by --rank, --energy or --rule (none: its full numerical rank, exact to float

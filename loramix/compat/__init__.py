@@ -6,7 +6,8 @@ from) and compares the scale that consumer gives each module with the module's t
 rules give, which is what loramix reads). `check` returns one `Verdict` per consumer: ``"yes"`` (loads, every module
 right), ``"wrong"`` (loads, but some module is scaled wrong or some part is silently dropped), ``"no"`` (refused)
 or ``"n/a"`` (the consumer reads another kind of file),
-with the reason and the loramix command that fixes it. `check_source` loads a source and its raw config first.
+with the reason and the loramix command that fixes it. `check_source` loads a source and its raw config first; a
+folder of adapter folders is checked as a serving set instead (`loramix.compat.sets`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from loramix.compat.experts import expert_verdicts
 from loramix.compat.facts import Facts, Verdict
 from loramix.compat.naming import renamed_verdicts
 from loramix.compat.peft import peft, transformers
+from loramix.compat.sets import set_verdicts
 from loramix.formats import load_adapter
 from loramix.formats._keys import CONFIG_FILE, read_config
 from loramix.formats.kohya import KOHYA_PREFIX
@@ -50,12 +52,24 @@ class Report:
 
 
 def check_source(src: str | Path, **load_options) -> Report:
-    """Load ``src`` (as `load_adapter`) and its raw adapter_config.json (when a PEFT folder) and `check` it."""
+    """Load ``src`` (as `load_adapter`) and its raw adapter_config.json (when a PEFT folder) and `check` it; a folder
+    of adapter folders (and no adapter of its own) is checked as a serving set (`loramix.compat.sets`)."""
+    members = adapter_folders(Path(src))
+    if members:
+        adapters = {p.name: load_adapter(p, log_warnings=False, **load_options) for p in members}
+        return Report(f"set {Path(src).name}", str(src), set_verdicts(adapters, str(src)))
     adapter = load_adapter(src, log_warnings=False, **load_options)
     path = resolve(src)
     folder = path if path.is_dir() else path.parent
     config = read_config(folder, peft_types=("LORA", "ADALORA")) if (folder / CONFIG_FILE).is_file() else None
     return check(adapter, config)
+
+
+def adapter_folders(path: Path) -> list[Path]:
+    """The PEFT adapter folders inside ``path`` when it is a folder holding no adapter or tensor file itself."""
+    if not path.is_dir() or (path / CONFIG_FILE).exists() or any(path.glob("*.safetensors")):
+        return []
+    return sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
 
 
 def check(adapter: LoraAdapter, config: dict | None) -> Report:

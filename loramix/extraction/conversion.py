@@ -5,10 +5,10 @@ Every module's effective update ΔW — what the source adapter adds to the base
 ‖ΔW‖² and relative error ‖ΔW − B·A‖/‖ΔW‖ measured with the stored factors:
 
 - a module whose update depends on the base weight (DoRA's m·(W + ΔW)/‖W + ΔW‖ − W, from
-  `loramix.kernels.dora_delta`; a `WeightUpdate`: VeRA, whose input width only the base says, and (IA)³) is formed
-  in float64 from the base weight, read one tensor at a time in the base's storage order (one streaming pass), and
-  decomposed by the extraction's machinery (`loramix.extraction.Extractor`: the top of its spectrum as far as the
-  rule needs it);
+  `loramix.kernels.dora_delta`; a `WeightUpdate`: VeRA, whose input width only the base says, (IA)³, OFT and
+  FourierFT) is formed in float64 from the base weight, read one tensor at a time in the base's storage order (one
+  streaming pass), and decomposed by the extraction's machinery (`loramix.extraction.Extractor`: the top of its
+  spectrum as far as the rule needs it);
 - a module that already is a product of factors (a plain LoRA module, or one that a reader turned into its exact
   LoRA, as LoHa/LoKr) is re-factorised in factor space (`loramix.linalg.truncated_factors`), no base needed.
 
@@ -34,7 +34,8 @@ from loramix.runtime import parse_dtype, progress_bar, resolve_device
 
 
 class WeightUpdate(Protocol):
-    """A module whose effective ΔW is a function of the base weight (`loramix.formats.peft_other`: VeRA, (IA)³)."""
+    """A module whose effective ΔW is a function of the base weight (`loramix.formats.peft_other`: VeRA, (IA)³,
+    OFT, FourierFT)."""
 
     kind: str
 
@@ -96,7 +97,7 @@ def convert_lora(
     float rounding), stored in ``dtype`` (default: the adapter's). Returns the adapter (scale 1 per module, each at
     its own rank; heads carried as they are) with each module's account, as `loramix.extraction.extract_lora`
     does (``finetuned`` is the source adapter; ``solver`` says how the module was converted). ``updates`` are
-    modules of another kind (VeRA, (IA)³) whose ΔW is a function of the base weight."""
+    modules of another kind (VeRA, (IA)³, OFT, FourierFT) whose ΔW is a function of the base weight."""
     started = time.perf_counter()
     truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
     target = resolve_device(device)

@@ -110,6 +110,8 @@ def check_config(config, path: str | Path, *, peft_types: tuple[str, ...] = ("LO
     if peft_type not in peft_types:
         raise AdapterFormatError(f"{path}: peft_type {peft_type!r} is not supported (only {', '.join(peft_types)})")
     for key, (valid, expected) in _FIELDS.items():
+        if key == "r" and peft_type == "OFT":  # OFT's r is its block count, 0 when the block size sets it
+            continue
         if key in config and not valid(config[key]):
             raise AdapterFormatError(f"{path}: {key} must be {expected}, got {short(config[key])}")
     for key in ("rank_pattern", "alpha_pattern"):

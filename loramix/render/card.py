@@ -288,6 +288,10 @@ CONVERSIONS = {
     "VeRA": "VeRA: ΔW = (λ_b ⊙ B)(λ_d ⊙ A) with the shared projections cut to the base weight's shape, in float64.",
     "(IA)³": "(IA)³: ΔW = W ⊙ (l − 1), in float64 from the base weight; an output-side vector's change of the base "
     "bias is a lora_B bias.",
+    "OFT": "OFT: ΔW = W·(blockdiag(R)ᵀ − I), R the Cayley transform of its skew-symmetric blocks as PEFT computes it, "
+    "in float64 from the base weight.",
+    "FourierFT": "FourierFT: ΔW = Re(ifft2(S))·scaling, S its coefficients at the entries PEFT draws for the base "
+    "weight's shape, in float64.",
 }
 FACTORED = "Products of factors (LoRA, LoHa, LoKr: their exact LoRAs) are re-factorised in factor space, with no base."
 
