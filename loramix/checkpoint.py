@@ -123,7 +123,8 @@ def _memory_tensor(name: str, tensor: torch.Tensor) -> BaseTensor:
 def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | None, notes: list[str]) -> list[Job]:
     """One job per output tensor, in the base's order (``dtype`` None: each in its stored dtype); raises on any name
     or shape the base does not have."""
-    jobs = {name: Job(name, t, _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
+    # a quantized weight as its dense view (shape, dtype): `mark_quantized` settles what is written
+    jobs = {name: Job(name, base.dense(name), _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
     where = f"base {base.folder}"
     _plan_extras(adapter, base, jobs, dtype, notes)
     flipped: list[str] = []
@@ -187,7 +188,7 @@ def _plan_extras(
 ) -> None:
     """Heads (modules_to_save) and saved base layers replace the base tensor of the same name, or are added."""
     for name, extra in adapter.extra.items():
-        key = base.matcher.find(name)
+        key = base.find(name)
         tensor = extra.tensor
         if key is None and extra.kind == "base_layer":
             key = tied_embedding(base, name.rpartition(".")[0])  # PEFT saves a tied head's weight under its name

@@ -34,7 +34,10 @@ def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, d
             raise CheckpointError(
                 f"adapter tensor {key} ({job.replaced}) would replace a {quantized.describe()} weight"
             )
-        if dtype is not None or job.updates:
+        if dtype is None and not job.updates:  # copied as stored
+            job.source = base.tensors[key]
+            job.dtype = job.source.dtype
+        else:
             job.source = base.dense(quantized.dense_names.get(key, key))
             job.name = job.source.name
         if dtype is not None:
@@ -43,7 +46,7 @@ def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, d
             raise CheckpointError(f"{key}: re-quantizing {quantized.describe()} is not supported; pass a dtype")
         elif job.updates:
             job.requantized, by_name[scale].requantized = (key, "codes"), (key, "scale")
-    dropped = {*quantized.scales.values(), *quantized.activation_scales} if dtype is not None else set()
+    dropped = {*quantized.parts_of_weights(), *quantized.activation_scales} if dtype is not None else set()
     return [j for j in jobs if j.name not in dropped]
 
 

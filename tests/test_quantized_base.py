@@ -405,6 +405,95 @@ def test_mxfp4_damaged_scales_are_refused(oss, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# ----------------------------------------------------------------------------------------------- GPTQ / AWQ int4
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds output column 8j + AWQ_ORDER[i]
+
+
+def pack_columns(values: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """[n, 8m] 4-bit ints → [n, m] int32, nibble i of word j holding column 8j + order[i] (qzeros; AWQ)."""
+    words = torch.zeros(values.shape[0], values.shape[1] // 8, dtype=torch.int64)
+    for i, column in enumerate(order):
+        words |= values[:, column::8].long() << (4 * i)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def int4_module(out: int, inputs: int, group: int, method: str, act_order: bool, gen) -> tuple[dict, torch.Tensor]:
+    """One module's GPTQ/AWQ tensors, packed here from the formats' descriptions, and W (float64) they encode:
+    W[o, i] = (q[i, o] − z[g(i), o]) · s[g(i), o], GPTQ v1 storing z − 1."""
+    q = torch.randint(0, 16, (inputs, out), generator=gen)
+    zeros = torch.randint(1, 16, (inputs // group, out), generator=gen)
+    scales = (torch.rand(inputs // group, out, generator=gen) * 0.01 + 0.001).to(torch.float16)
+    g_idx = torch.arange(inputs) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(inputs, generator=gen)]
+    W = ((q - zeros[g_idx]).double() * scales.double()[g_idx]).T
+    if method == "gptq":
+        qweight = torch.where((words := pack_rows_int64(q)) >= 2**31, words - 2**32, words).to(torch.int32)
+        parts = {"qweight": qweight, "qzeros": pack_columns(zeros - 1, list(range(8))), "scales": scales}
+        parts["g_idx"] = g_idx.to(torch.int32)
+    else:
+        parts = {"qweight": pack_columns(q, AWQ_ORDER), "qzeros": pack_columns(zeros, AWQ_ORDER), "scales": scales}
+    return parts, W
+
+
+def pack_rows_int64(values: torch.Tensor) -> torch.Tensor:
+    words = torch.zeros(values.shape[0] // 8, values.shape[1], dtype=torch.int64)
+    for j in range(8):
+        words |= values[j::8].long() << (4 * j)
+    return words
+
+
+def write_int4_base(folder: Path, model: torch.nn.Module, method: str, act_order: bool) -> tuple[Path, dict]:
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(5)
+    tensors, dense = {}, {}
+    for name, value in model.state_dict().items():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS:
+            parts, W = int4_module(*value.shape, 32, method, act_order, gen)
+            module = name.removesuffix(".weight")
+            tensors |= {f"{module}.{k}": v for k, v in parts.items()}
+            dense[name] = W
+        else:
+            tensors[name] = value.to(torch.float16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    if method == "gptq":
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": act_order, "sym": False}
+    else:
+        qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    config = {**model.config.to_dict(), "quantization_config": qc, "dtype": "float16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, dense
+
+
+@pytest.mark.parametrize("method, act_order", [("gptq", True), ("awq", False)])
+def test_int4_bases_read_against_float64_reference_and_written_dense(made, method, act_order):
+    base, dense = write_int4_base(made.tmp / f"{method}-base", tiny(), method, act_order)
+    from loramix.io.base import open_base
+
+    opened = open_base(base)
+    for key, W in dense.items():
+        ours = opened.dense(key)
+        assert ours.shape == tuple(W.shape)
+        assert torch.equal(ours.rows(0, ours.shape[0]).double(), W), key  # (q − z)·s is exact in float32
+    out = made.tmp / f"{method}-dense"
+    report = merge_into_base(made.adapter, base, out, dtype="bfloat16")
+    assert report.written_as.startswith(f"dense bfloat16, dequantized from {method.upper()} int4")
+    written = load_file(out / "model.safetensors")
+    assert not [k for k in written if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    for key, W in dense.items():
+        if key in made.deltas:
+            assert_bf16_close(written[key], W + made.deltas[key].double(), key)
+        else:
+            assert torch.equal(written[key], W.to(torch.bfloat16)), key
+    AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(CheckpointError, match=f"re-quantizing {method.upper()} int4 .* is not supported; pass a dtype"):
+        merge_into_base(made.adapter, base, made.tmp / f"{method}-same")
+    assert not (made.tmp / f"{method}-same").exists()
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 
@@ -443,6 +532,10 @@ def _gptq(tensors, config):
     tensors["model.layers.0.mlp.up_proj.qweight"] = torch.zeros(8, 96, dtype=torch.int32)
 
 
+def _gptq_8bit(tensors, config):
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 8, "group_size": 32}
+
+
 def _static(tensors, config):
     config["quantization_config"]["activation_scheme"] = "static"
 
@@ -466,7 +559,8 @@ def _ct_missing_scale(tensors, config):
         (_nan_scale, f"tensor {Q}_scale_inv: scales that are NaN"),
         (_wrong_block, "[2, 3], expected a float [4, 6] for block FP8 (float8_e4m3fn, 16×16 blocks)"),
         (_no_config, "config.json has no quantization_config"),
-        (_gptq, "a gptq quantized base"),
+        (_gptq, "tensor model.layers.0.mlp.up_proj.qzeros: missing, expected [2, 12] (GPTQ int4 (groups of 32)"),
+        (_gptq_8bit, "gptq with bits 8, group_size 32, format gptq (loramix reads 4-bit)"),
         (_static, "static activation scales"),
         (_per_tensor, "weight_block_size None (per-tensor FP8)"),
         (_ct_int4, "compressed-tensors format 'pack-quantized'"),
@@ -490,3 +584,30 @@ def test_gguf_base_file_is_refused(tmp_path, made):
     with pytest.raises(CheckpointError, match="a GGUF base file"):
         merge_into_base(made.adapter, tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- check
+
+
+def test_check_on_written_checkpoints_names_the_engines(made):
+    """`loramix check` on a model folder: the format as recognised, each engine's verdict citing its reader; a
+    damaged checkpoint is the reader's one-line error."""
+    same, dense = made.tmp / "check-same", made.tmp / "check-dense"
+    merge_into_base(made.adapter, made.base, same)
+    merge_into_base(made.adapter, made.base, dense, dtype="bfloat16")
+    result = CliRunner().invoke(main, ["check", str(same), str(dense)])
+    assert result.exit_code == 0, result.output
+    blocks = result.output.split("\n\n")
+    assert (
+        "vLLM          yes    block FP8 (float8_e4m3fn, 32×32 blocks): vllm/model_executor/layers/quantization/fp8.py"
+        in blocks[0]
+    )
+    assert "transformers  yes    block FP8" in blocks[0] and "quantizer_finegrained_fp8.py" in blocks[0]
+    assert "llama.cpp     n/a    reads GGUF files; llama.cpp's convert_hf_to_gguf.py converts this folder" in blocks[0]
+    assert "  SGLang        yes\n" in blocks[1] + "\n"
+    awq, _ = write_int4_base(made.tmp / "check-awq", tiny(), "awq", False)
+    result = CliRunner().invoke(main, ["check", str(awq)])
+    assert "llama.cpp     no     reads GGUF files" in result.output and "no path for awq" in result.output
+    damaged = _damaged(made, "check-damaged", _nan_scale)
+    result = CliRunner().invoke(main, ["check", str(damaged)])
+    assert result.exit_code == 2 and "scales that are NaN" in result.output

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loramix.adapter import LoraAdapter
+from loramix.compat.checkpoint import check_checkpoint
 from loramix.compat.engines import VLLM_MAX_RANKS, kohya_verdicts, llama_cpp, lorax, sglang, vllm
 from loramix.compat.facts import Facts, Verdict
 from loramix.compat.peft import peft, transformers
@@ -38,7 +39,11 @@ class Report:
 
 
 def check_source(src: str | Path, **load_options) -> Report:
-    """Load ``src`` (as `load_adapter`) and its raw adapter_config.json (when a PEFT folder) and `check` it."""
+    """Load ``src`` (as `load_adapter`) and its raw adapter_config.json (when a PEFT folder) and `check` it; a model
+    folder (config.json and weights, no adapter_config.json: a merged checkpoint) gets `check_checkpoint`."""
+    local = Path(src).expanduser()
+    if local.is_dir() and (local / "config.json").is_file() and not (local / CONFIG_FILE).is_file():
+        return Report(local.name, str(src), check_checkpoint(local))
     adapter = load_adapter(src, log_warnings=False, **load_options)
     path = resolve(src)
     folder = path if path.is_dir() else path.parent
