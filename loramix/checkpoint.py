@@ -101,7 +101,7 @@ class MergeReport:
     shards: list[str]
     total_size: int
     tensors: int
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None: a quantized base written in its own format
     survival: dict[str, StoredUpdate] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)

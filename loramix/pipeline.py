@@ -297,9 +297,8 @@ def merge_into_base(
             report = write_merged(
                 adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, **options
             )  # fmt: skip
-        section = quantization_section(report)  # "" unless the base was or is taken as quantized
-        if section:
-            files = {**files, CARD_FILE: files.get(CARD_FILE, "") + section}
+        if CARD_FILE in files:  # a quantized base or a QLoRA-faithful merge: what was done, in the card
+            files = {**files, CARD_FILE: quantization_section(files[CARD_FILE], report)}
         _write_files(tmp, files)
     report.path = Path(out)
     return report

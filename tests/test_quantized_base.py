@@ -125,7 +125,9 @@ def test_fp8_same_format_is_transformers_requantization(made):
     assert "re-quantized" in report.written_as and "32×32" in report.written_as
     assert set(report.below_step) == {k.removesuffix(".weight") for k in made.deltas}
     assert all(0 <= v <= 1 for v in report.below_step.values())
-    assert "## Quantized base" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "## Quantized base" in card and "stored as block FP8 (float8_e4m3fn, 32×32 blocks), the merged" in card
+    assert "stored in bfloat16" not in card
 
 
 def test_fp8_written_checkpoint_loads_in_transformers(made):
@@ -173,6 +175,12 @@ def test_fp8_cli_says_how_it_was_written(made):
     assert result.exit_code == 0, result.output
     assert "written as block FP8 (float8_e4m3fn, 32×32 blocks)" in result.output
     assert "ΔW below half a quantization step" in result.output
+
+
+def test_fp8_base_with_quantized_as_is_refused(made):
+    with pytest.raises(CheckpointError, match="a block FP8 .* base; quantized_as is for dense bases"):
+        merge_into_base(made.adapter, made.base, made.tmp / "nf4-on-fp8", quantized_as="nf4")
+    assert not (made.tmp / "nf4-on-fp8").exists()
 
 
 def test_fp8_analyze_base_norms_are_of_dequantized_weights(made):
