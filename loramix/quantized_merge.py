@@ -56,7 +56,6 @@ def requantize(job, device: torch.device, stats: Survival, shares: dict[str, flo
     dequant(requant(W + ΔW)) − W against ΔW; ``shares[job.name]`` the share of ‖ΔW‖² below half W's local step."""
     source, scheme = job.source, job.source.scheme
     stored_codes, stored_scale = (part.to(device) for part in source.parts())
-    stored_codes = stored_codes.float()  # once: float8 → float32 is slow on a CPU
     W = scheme.dequantize(stored_codes, stored_scale)
     if any(u.module.magnitude is not None for u in job.updates):
         merged, _ = dora_merge(W, job.updates[0], device)

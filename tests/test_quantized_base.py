@@ -225,6 +225,11 @@ def test_fp8_ragged_blocks_match_float64_reference(tmp_path):
     expanded = scale.double().repeat_interleave(48, 0)[:64].repeat_interleave(40, 1)[:, :96]
     assert torch.equal(ours, (codes.double() * expanded)[17:61].float())  # one correctly rounded product
     assert base.weight_names() == ["model.layers.0.mlp.up_proj.weight"]
+    # the local step behind the "below half a step" share: the e4m3 grid's spacing at the code (2^(e−3) for
+    # |code| in [2^e, 2^(e+1)), 2^−9 below 2^−6) times the block's scale, here from log2 in float64
+    step = base.dense("model.layers.0.mlp.up_proj.weight").scheme.step(codes, scale)
+    spacing = torch.exp2(torch.floor(torch.log2(codes.double().abs().clamp(min=2.0**-6))) - 3)
+    assert torch.equal(step.double(), spacing * expanded)
 
 
 # ----------------------------------------------------------------------------------------------- compressed-tensors

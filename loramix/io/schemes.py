@@ -75,11 +75,11 @@ class FP8:
         return codes, inverse.to(scale_dtype)
 
     def step(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The local quantization step of each entry (float32, exact: a power of two times the scale): the FP8
-        grid's spacing at the code (2^(e−3) for |code| in [2^e, 2^(e+1)), 2^−9 below 2^−6), times its block's
-        scale."""
-        bits = codes.float().abs().clamp_(min=2.0**-6).view(torch.int32)  # float32: sign 0, exponent, mantissa
-        spacing = (((bits >> 23) - 3) << 23).view(torch.float32)  # 2^(e−3): the exponent less 3, mantissa 0
+        """The local quantization step of each entry (float32, exact: a power of two times the scale): the
+        float8_e4m3fn grid's spacing at the code, 2^(max(E, 1) − 10) for the code's exponent field E (bias 7, three
+        mantissa bits; subnormals share E = 1's spacing), times its block's scale."""
+        exponent = ((codes.view(torch.uint8) >> 3) & 0xF).clamp_(min=1).int()
+        spacing = ((exponent + (127 - 10)) << 23).view(torch.float32)  # 2^(E − 10) as float32 bits
         return self.scaled(spacing, scale.float())
 
     def dense_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
