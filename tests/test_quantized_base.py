@@ -56,8 +56,9 @@ def tiny() -> torch.nn.Module:
     )
 
 
-def _quantizer(block=BLOCK):
-    return fp8.Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block)))
+def _quantizer(block=BLOCK, scale_fmt: str = "float"):
+    settings = FineGrainedFP8Config(weight_block_size=block, scale_fmt=scale_fmt)
+    return fp8.Fp8Quantize(SimpleNamespace(quantization_config=settings))
 
 
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -67,13 +68,19 @@ def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def write_fp8_base(folder: Path, model: torch.nn.Module, qc: dict = QC) -> Path:
     """``model`` stored as transformers' fine-grained FP8 checkpoint: every decoder Linear quantized by
-    ``Fp8Quantize`` (codes + weight_scale_inv), the rest in bfloat16."""
+    ``Fp8Quantize`` (codes + weight_scale_inv; power-of-two scales stored as float32 for ``scale_fmt: ue8m0``, as
+    DeepSeek-V3.1 ships them), the rest in bfloat16."""
     folder.mkdir(parents=True)
-    quantize = _quantizer(qc["weight_block_size"])
+    quantize = _quantizer(qc["weight_block_size"], qc.get("scale_fmt", "float"))
     tensors = {}
     for name, value in model.state_dict().items():
         if name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS:
-            tensors.update(quantize.convert({name: value.float()}))
+            tensors.update(
+                {
+                    k: v.float() if v.dim() and k.endswith("_inv") else v
+                    for k, v in quantize.convert({name: value.float()}).items()
+                }
+            )
         else:
             tensors[name] = value.to(torch.bfloat16)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
@@ -128,6 +135,22 @@ def test_fp8_same_format_is_transformers_requantization(made):
     card = (out / "README.md").read_text()
     assert "## Quantized base" in card and "stored as block FP8 (float8_e4m3fn, 32×32 blocks), the merged" in card
     assert "stored in bfloat16" not in card
+
+
+def test_fp8_power_of_two_scales_requantized_as_transformers_does(made):
+    """scale_fmt ue8m0: every 1/s rounded up to a power of two before quantizing; the oracle is Fp8Quantize with
+    that setting (its float8_e8m0fnu scales compared as float32, the dtype the base stores)."""
+    base = write_fp8_base(made.tmp / "ue8m0", tiny(), {**QC, "scale_fmt": "ue8m0"})
+    tensors = load_file(base / "model.safetensors")
+    out = made.tmp / "ue8m0-out"
+    report = merge_into_base(made.adapter, base, out)
+    assert "power-of-two scales" in report.written_as
+    written = load_file(out / "model.safetensors")
+    for key, delta in made.deltas.items():
+        W = _dequantize(tensors[key], tensors[key + "_scale_inv"])
+        expected = _quantizer(scale_fmt="ue8m0").convert({key: W + delta})
+        assert torch.equal(written[key + "_scale_inv"], expected[key + "_scale_inv"].float()), key
+        assert (written[key].float() == expected[key].float()).float().mean() >= 0.999, key
 
 
 def test_fp8_written_checkpoint_loads_in_transformers(made):
@@ -239,6 +262,8 @@ def ct_config(strategy: str, static: bool) -> dict:
     """A compressed-tensors ``float-quantized`` config as llm-compressor writes it (FP8 / FP8_DYNAMIC schemes)."""
     acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor" if static else "token"}
     weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
+    if strategy == "block":
+        weights["block_structure"] = BLOCK
     group = {"targets": ["Linear"], "weights": weights, "input_activations": {**acts, "dynamic": not static}}
     return {
         "quant_method": "compressed-tensors",
@@ -254,14 +279,23 @@ def ct_quantize(W: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Ten
     max(amax / 448, float32 eps) per tensor ([1]) or output channel ([out, 1]), stored in bfloat16; codes =
     clamp(W / scale, ±448) cast to float8_e4m3fn."""
     W = W.double()
-    amax = W.abs().amax(dim=1, keepdim=True) if strategy == "channel" else W.abs().amax().reshape(1)
+    if strategy == "block":  # 32×32 blocks of a weight whose sides are multiples of 32
+        amax = W.reshape(W.shape[0] // 32, 32, W.shape[1] // 32, 32).abs().amax(dim=(1, 3))
+    else:
+        amax = W.abs().amax(dim=1, keepdim=True) if strategy == "channel" else W.abs().amax().reshape(1)
     scale = (amax / 448).clamp(min=torch.finfo(torch.float32).eps).to(torch.bfloat16)
-    codes = (W / scale.double().reshape(-1, 1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    codes = (W / _per_entry(scale.double(), W.shape)).clamp(-448, 448).to(torch.float8_e4m3fn)
     return codes, scale
 
 
+def _per_entry(scale: torch.Tensor, shape) -> torch.Tensor:
+    if scale.dim() == 2 and scale.shape[1] > 1:  # blocks
+        return scale.repeat_interleave(32, 0).repeat_interleave(32, 1)
+    return scale.reshape(-1, 1).expand(shape)
+
+
 def ct_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return codes.double() * scale.double().reshape(-1, 1)
+    return codes.double() * _per_entry(scale.double(), codes.shape)
 
 
 def write_ct_base(folder: Path, model: torch.nn.Module, strategy: str, static: bool) -> Path:
@@ -281,7 +315,7 @@ def write_ct_base(folder: Path, model: torch.nn.Module, strategy: str, static: b
     return folder
 
 
-@pytest.mark.parametrize("strategy, static", [("channel", False), ("tensor", True)])
+@pytest.mark.parametrize("strategy, static", [("channel", False), ("tensor", True), ("block", False)])
 def test_compressed_tensors_fp8_same_format_and_dense(made, strategy, static):
     base = write_ct_base(made.tmp / f"ct-{strategy}", tiny(), strategy, static)
     tensors = load_file(base / "model.safetensors")
@@ -289,7 +323,8 @@ def test_compressed_tensors_fp8_same_format_and_dense(made, strategy, static):
     report = merge_into_base(made.adapter, base, out)
     written = load_file(out / "model.safetensors")
     assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
-    assert f"per-{strategy} weight_scale" in report.written_as
+    what = "32×32 blocks" if strategy == "block" else f"per-{strategy}"
+    assert report.written_as.startswith(f"compressed-tensors FP8 (float8_e4m3fn, {what} weight_scale)")
     for key, delta in made.deltas.items():
         codes, scale = ct_quantize(ct_dequantize(tensors[key], tensors[key + "_scale"]) + delta.double(), strategy)
         ours = written[key + "_scale"]

@@ -28,9 +28,10 @@ class FP8:
 
     def describe(self) -> str:
         fmt = ", power-of-two scales" if self.scale_fmt == "ue8m0" else ""
-        if self.granularity == "block":
-            return f"block FP8 (float8_e4m3fn, {self.block[0]}×{self.block[1]} blocks{fmt})"
-        return f"compressed-tensors FP8 (float8_e4m3fn, per-{self.granularity} weight_scale)"
+        blocks = f"{self.block[0]}×{self.block[1]} blocks" if self.granularity == "block" else ""
+        if not self.divide:
+            return f"block FP8 (float8_e4m3fn, {blocks}{fmt})"
+        return f"compressed-tensors FP8 (float8_e4m3fn, {blocks or 'per-' + self.granularity} weight_scale)"
 
     def for_shape(self, shape: tuple[int, ...]) -> FP8:
         """This scheme with the block of a ``shape`` weight (per-channel: one row; per-tensor: all of it)."""
