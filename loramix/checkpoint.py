@@ -418,7 +418,8 @@ def write_merged(
         written_as=written_as(quantized, dtype),
         below_step={u.name: shares[j.name] for j in jobs for u in j.updates if j.name in shares},
     )
-    warn_stored(report.survival, dtype or torch.float8_e4m3fn, adapter.name)
+    rounded = next((j.dtype for j in jobs if j.updates), torch.bfloat16)  # the base's format: its weights' dtype
+    warn_stored(report.survival, dtype or rounded, adapter.name)
     return report
 
 
