@@ -257,7 +257,8 @@ def merge_into_base(
     merged in its own files, the rest copied (see `loramix.diffusers_merge`). ``files`` (name → text: card, recipe)
     go into the same folder; without them a README.md model card says what is known. ``shard_size`` None keeps a
     safetensors base's own shard files (a size lays the tensors out anew); ``workers`` tensors are merged at once
-    (default: one per CPU, 4 on a GPU; the bytes are the same for any count).
+    (default: one per CPU, 4 on a GPU; the bytes are the same for any count). ``dtype`` None: bfloat16, or for a
+    quantized base its own format, re-quantized where ΔW changes it (`loramix.quantized_merge`).
 
     QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
     the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
