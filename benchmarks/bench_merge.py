@@ -10,7 +10,7 @@ Bases (bfloat16, random weights, written once by this script straight as safeten
 Adapter: rank 16, alpha 32 on all seven linear modules of every layer (PEFT's config, random factors in float32).
 With --fp8 the base is block FP8 instead, as DeepSeek-V3 and Qwen3-FP8 ship it: the seven linear weights of every
 layer in float8_e4m3fn (random valid codes) with a float32 weight_scale_inv per 128×128 block, quantization_config
-{"quant_method": "fp8", "weight_block_size": [128, 128]}, the rest bf16 (8b: 8.6 GB). loramix then writes the same
+{"quant_method": "fp8", "weight_block_size": [128, 128]}, the rest bf16 (8b: 9.08 GB). loramix then writes the same
 format, the merged weights re-quantized with fresh scales; PEFT is not run (transformers loads block FP8 dequantized
 on a CPU and as FP8Linear on a GPU, neither of which merge_and_unload writes back as FP8).
 

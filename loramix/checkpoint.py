@@ -108,6 +108,7 @@ class MergeReport:
     total_size: int
     tensors: int
     dtype: torch.dtype  # the output's: the base's own (`base_dtype`) unless a dtype was asked for
+    in_own_format: bool = False  # a quantized base written in its own format (re-quantized)
     survival: dict[str, StoredUpdate] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
@@ -141,7 +142,8 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | 
     """One job per output tensor, in the base's order (``dtype`` None: each in its stored dtype); raises on any name
     or shape the base does not have."""
     adapter, stacked = for_checkpoint(adapter, base)
-    jobs = {name: Job(name, t, _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
+    # a quantized weight as its dense view (shape, dtype): `mark_quantized` settles what is written
+    jobs = {name: Job(name, base.dense(name), _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
     where = f"base {base.folder}"
     for key, slabs in stacked.items():
         if key not in jobs:
@@ -209,7 +211,7 @@ def _plan_extras(
 ) -> None:
     """Heads (modules_to_save) and saved base layers replace the base tensor of the same name, or are added."""
     for name, extra in adapter.extra.items():
-        key = base.matcher.find(name)
+        key = base.find(name)
         tensor = extra.tensor
         if key is None and extra.kind == "base_layer":
             key = tied_embedding(base, name.rpartition(".")[0])  # PEFT saves a tied head's weight under its name
@@ -425,10 +427,11 @@ def write_merged(
         round_tripped=[j.name for j in jobs if j.quantization is not None],
         base_dtype=base_dtype(base),
         written_as=written_as(quantized, dtype),
+        in_own_format=quantized is not None and dtype is None,
         below_step={u.name: shares[j.name] for j in jobs for u in j.updates if j.name in shares},
     )
-    # a quantized base written in its own format: the rounding that matters is its codes' (FP8's grid at most)
-    warn_stored(report.survival, torch.float8_e4m3fn if quantized and dtype is None else report.dtype, adapter.name)
+    rounded = next((j.dtype for j in jobs if j.updates), torch.bfloat16)  # the base's format: its weights' dtype
+    warn_stored(report.survival, dtype or rounded, adapter.name)
     return report
 
 

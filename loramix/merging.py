@@ -51,7 +51,8 @@ def merge_into_base(
     go into the same folder; without them a README.md model card says what is known. ``shard_size`` None keeps a
     safetensors base's own shard files (a size lays the tensors out anew); ``workers`` tensors are merged at once
     (default: one per CPU, 4 on a GPU; the bytes are the same for any count). The checkpoint keeps the base's dtype
-    (tensors the adapter leaves alone byte for byte) unless ``dtype`` asks for another, which the card then says.
+    (tensors the adapter leaves alone byte for byte) unless ``dtype`` asks for another, which the card then says; a
+    quantized base keeps its own format, re-quantized where ΔW changes it (`loramix.quantized_merge`).
 
     QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
     the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
@@ -91,9 +92,8 @@ def merge_into_base(
             report = write_merged(
                 adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, **options
             )  # fmt: skip
-        section = quantization_section(report)  # "" unless the base was or is taken as quantized
-        if section:
-            files = {**files, CARD_FILE: files.get(CARD_FILE, "") + section}
+        if CARD_FILE in files:  # a quantized base or a QLoRA-faithful merge: what was done, in the card
+            files = {**files, CARD_FILE: quantization_section(files[CARD_FILE], report)}
         if report.dtype != report.base_dtype:
             names = (str(d).removeprefix("torch.") for d in (report.base_dtype, report.dtype))
             files = {**files, CARD_FILE: files.get(CARD_FILE, "") + dtype_section(*names)}

@@ -34,7 +34,10 @@ def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, d
             raise CheckpointError(
                 f"adapter tensor {key} ({job.replaced}) would replace a {quantized.describe()} weight"
             )
-        if dtype is not None or job.updates:
+        if dtype is None and not job.updates:  # copied as stored
+            job.source = base.tensors[key]
+            job.dtype = job.source.dtype
+        else:
             job.source = base.dense(quantized.dense_names.get(key, key))
             job.name = job.source.name
         if dtype is not None:
@@ -43,7 +46,7 @@ def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, d
             raise CheckpointError(f"{key}: re-quantizing {quantized.describe()} is not supported; pass a dtype")
         elif job.updates:
             job.requantized, by_name[scale].requantized = (key, "codes"), (key, "scale")
-    dropped = {*quantized.scales.values(), *quantized.activation_scales} if dtype is not None else set()
+    dropped = {*quantized.parts_of_weights(), *quantized.activation_scales} if dtype is not None else set()
     return [j for j in jobs if j.name not in dropped]
 
 
@@ -53,7 +56,6 @@ def requantize(job, device: torch.device, stats: Survival, shares: dict[str, flo
     dequant(requant(W + ΔW)) − W against ΔW; ``shares[job.name]`` the share of ‖ΔW‖² below half W's local step."""
     source, scheme = job.source, job.source.scheme
     stored_codes, stored_scale = (part.to(device) for part in source.parts())
-    stored_codes = stored_codes.float()  # once: float8 → float32 is slow on a CPU
     W = scheme.dequantize(stored_codes, stored_scale)
     if any(u.module.magnitude is not None for u in job.updates):
         merged, _ = dora_merge(W, job.updates[0], device)

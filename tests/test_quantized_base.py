@@ -56,8 +56,9 @@ def tiny() -> torch.nn.Module:
     )
 
 
-def _quantizer(block=BLOCK):
-    return fp8.Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block)))
+def _quantizer(block=BLOCK, scale_fmt: str = "float"):
+    settings = FineGrainedFP8Config(weight_block_size=block, scale_fmt=scale_fmt)
+    return fp8.Fp8Quantize(SimpleNamespace(quantization_config=settings))
 
 
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -67,13 +68,19 @@ def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def write_fp8_base(folder: Path, model: torch.nn.Module, qc: dict = QC) -> Path:
     """``model`` stored as transformers' fine-grained FP8 checkpoint: every decoder Linear quantized by
-    ``Fp8Quantize`` (codes + weight_scale_inv), the rest in bfloat16."""
+    ``Fp8Quantize`` (codes + weight_scale_inv; power-of-two scales stored as float32 for ``scale_fmt: ue8m0``, as
+    DeepSeek-V3.1 ships them), the rest in bfloat16."""
     folder.mkdir(parents=True)
-    quantize = _quantizer(qc["weight_block_size"])
+    quantize = _quantizer(qc["weight_block_size"], qc.get("scale_fmt", "float"))
     tensors = {}
     for name, value in model.state_dict().items():
         if name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS:
-            tensors.update(quantize.convert({name: value.float()}))
+            tensors.update(
+                {
+                    k: v.float() if v.dim() and k.endswith("_inv") else v
+                    for k, v in quantize.convert({name: value.float()}).items()
+                }
+            )
         else:
             tensors[name] = value.to(torch.bfloat16)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
@@ -125,7 +132,25 @@ def test_fp8_same_format_is_transformers_requantization(made):
     assert "re-quantized" in report.written_as and "32×32" in report.written_as
     assert set(report.below_step) == {k.removesuffix(".weight") for k in made.deltas}
     assert all(0 <= v <= 1 for v in report.below_step.values())
-    assert "## Quantized base" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "## Quantized base" in card and "stored as block FP8 (float8_e4m3fn, 32×32 blocks), the merged" in card
+    assert "stored in bfloat16" not in card
+
+
+def test_fp8_power_of_two_scales_requantized_as_transformers_does(made):
+    """scale_fmt ue8m0: every 1/s rounded up to a power of two before quantizing; the oracle is Fp8Quantize with
+    that setting (its float8_e8m0fnu scales compared as float32, the dtype the base stores)."""
+    base = write_fp8_base(made.tmp / "ue8m0", tiny(), {**QC, "scale_fmt": "ue8m0"})
+    tensors = load_file(base / "model.safetensors")
+    out = made.tmp / "ue8m0-out"
+    report = merge_into_base(made.adapter, base, out)
+    assert "power-of-two scales" in report.written_as
+    written = load_file(out / "model.safetensors")
+    for key, delta in made.deltas.items():
+        W = _dequantize(tensors[key], tensors[key + "_scale_inv"])
+        expected = _quantizer(scale_fmt="ue8m0").convert({key: W + delta})
+        assert torch.equal(written[key + "_scale_inv"], expected[key + "_scale_inv"].float()), key
+        assert (written[key].float() == expected[key].float()).float().mean() >= 0.999, key
 
 
 def test_fp8_written_checkpoint_loads_in_transformers(made):
@@ -175,6 +200,12 @@ def test_fp8_cli_says_how_it_was_written(made):
     assert "ΔW below half a quantization step" in result.output
 
 
+def test_fp8_base_with_quantized_as_is_refused(made):
+    with pytest.raises(CheckpointError, match="a block FP8 .* base; quantized_as is for dense bases"):
+        merge_into_base(made.adapter, made.base, made.tmp / "nf4-on-fp8", quantized_as="nf4")
+    assert not (made.tmp / "nf4-on-fp8").exists()
+
+
 def test_fp8_analyze_base_norms_are_of_dequantized_weights(made):
     result = analyze([str(made.adapter)], base=str(made.base))
     norms = {name: m.base_norm for name, m in result.adapters[0].modules.items()}
@@ -217,6 +248,11 @@ def test_fp8_ragged_blocks_match_float64_reference(tmp_path):
     expanded = scale.double().repeat_interleave(48, 0)[:64].repeat_interleave(40, 1)[:, :96]
     assert torch.equal(ours, (codes.double() * expanded)[17:61].float())  # one correctly rounded product
     assert base.weight_names() == ["model.layers.0.mlp.up_proj.weight"]
+    # the local step behind the "below half a step" share: the e4m3 grid's spacing at the code (2^(e−3) for
+    # |code| in [2^e, 2^(e+1)), 2^−9 below 2^−6) times the block's scale, here from log2 in float64
+    step = base.dense("model.layers.0.mlp.up_proj.weight").scheme.step(codes, scale)
+    spacing = torch.exp2(torch.floor(torch.log2(codes.double().abs().clamp(min=2.0**-6))) - 3)
+    assert torch.equal(step.double(), spacing * expanded)
 
 
 # ----------------------------------------------------------------------------------------------- compressed-tensors
@@ -226,6 +262,8 @@ def ct_config(strategy: str, static: bool) -> dict:
     """A compressed-tensors ``float-quantized`` config as llm-compressor writes it (FP8 / FP8_DYNAMIC schemes)."""
     acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor" if static else "token"}
     weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
+    if strategy == "block":
+        weights["block_structure"] = BLOCK
     group = {"targets": ["Linear"], "weights": weights, "input_activations": {**acts, "dynamic": not static}}
     return {
         "quant_method": "compressed-tensors",
@@ -241,14 +279,23 @@ def ct_quantize(W: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Ten
     max(amax / 448, float32 eps) per tensor ([1]) or output channel ([out, 1]), stored in bfloat16; codes =
     clamp(W / scale, ±448) cast to float8_e4m3fn."""
     W = W.double()
-    amax = W.abs().amax(dim=1, keepdim=True) if strategy == "channel" else W.abs().amax().reshape(1)
+    if strategy == "block":  # 32×32 blocks of a weight whose sides are multiples of 32
+        amax = W.reshape(W.shape[0] // 32, 32, W.shape[1] // 32, 32).abs().amax(dim=(1, 3))
+    else:
+        amax = W.abs().amax(dim=1, keepdim=True) if strategy == "channel" else W.abs().amax().reshape(1)
     scale = (amax / 448).clamp(min=torch.finfo(torch.float32).eps).to(torch.bfloat16)
-    codes = (W / scale.double().reshape(-1, 1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    codes = (W / _per_entry(scale.double(), W.shape)).clamp(-448, 448).to(torch.float8_e4m3fn)
     return codes, scale
 
 
+def _per_entry(scale: torch.Tensor, shape) -> torch.Tensor:
+    if scale.dim() == 2 and scale.shape[1] > 1:  # blocks
+        return scale.repeat_interleave(32, 0).repeat_interleave(32, 1)
+    return scale.reshape(-1, 1).expand(shape)
+
+
 def ct_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return codes.double() * scale.double().reshape(-1, 1)
+    return codes.double() * _per_entry(scale.double(), codes.shape)
 
 
 def write_ct_base(folder: Path, model: torch.nn.Module, strategy: str, static: bool) -> Path:
@@ -268,7 +315,7 @@ def write_ct_base(folder: Path, model: torch.nn.Module, strategy: str, static: b
     return folder
 
 
-@pytest.mark.parametrize("strategy, static", [("channel", False), ("tensor", True)])
+@pytest.mark.parametrize("strategy, static", [("channel", False), ("tensor", True), ("block", False)])
 def test_compressed_tensors_fp8_same_format_and_dense(made, strategy, static):
     base = write_ct_base(made.tmp / f"ct-{strategy}", tiny(), strategy, static)
     tensors = load_file(base / "model.safetensors")
@@ -276,7 +323,8 @@ def test_compressed_tensors_fp8_same_format_and_dense(made, strategy, static):
     report = merge_into_base(made.adapter, base, out)
     written = load_file(out / "model.safetensors")
     assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
-    assert f"per-{strategy} weight_scale" in report.written_as
+    what = "32×32 blocks" if strategy == "block" else f"per-{strategy}"
+    assert report.written_as.startswith(f"compressed-tensors FP8 (float8_e4m3fn, {what} weight_scale)")
     for key, delta in made.deltas.items():
         codes, scale = ct_quantize(ct_dequantize(tensors[key], tensors[key + "_scale"]) + delta.double(), strategy)
         ours = written[key + "_scale"]
@@ -405,6 +453,95 @@ def test_mxfp4_damaged_scales_are_refused(oss, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# ----------------------------------------------------------------------------------------------- GPTQ / AWQ int4
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds output column 8j + AWQ_ORDER[i]
+
+
+def pack_columns(values: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """[n, 8m] 4-bit ints → [n, m] int32, nibble i of word j holding column 8j + order[i] (qzeros; AWQ)."""
+    words = torch.zeros(values.shape[0], values.shape[1] // 8, dtype=torch.int64)
+    for i, column in enumerate(order):
+        words |= values[:, column::8].long() << (4 * i)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def int4_module(out: int, inputs: int, group: int, method: str, act_order: bool, gen) -> tuple[dict, torch.Tensor]:
+    """One module's GPTQ/AWQ tensors, packed here from the formats' descriptions, and W (float64) they encode:
+    W[o, i] = (q[i, o] − z[g(i), o]) · s[g(i), o], GPTQ v1 storing z − 1."""
+    q = torch.randint(0, 16, (inputs, out), generator=gen)
+    zeros = torch.randint(1, 16, (inputs // group, out), generator=gen)
+    scales = (torch.rand(inputs // group, out, generator=gen) * 0.01 + 0.001).to(torch.float16)
+    g_idx = torch.arange(inputs) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(inputs, generator=gen)]
+    W = ((q - zeros[g_idx]).double() * scales.double()[g_idx]).T
+    if method == "gptq":
+        qweight = torch.where((words := pack_rows_int64(q)) >= 2**31, words - 2**32, words).to(torch.int32)
+        parts = {"qweight": qweight, "qzeros": pack_columns(zeros - 1, list(range(8))), "scales": scales}
+        parts["g_idx"] = g_idx.to(torch.int32)
+    else:
+        parts = {"qweight": pack_columns(q, AWQ_ORDER), "qzeros": pack_columns(zeros, AWQ_ORDER), "scales": scales}
+    return parts, W
+
+
+def pack_rows_int64(values: torch.Tensor) -> torch.Tensor:
+    words = torch.zeros(values.shape[0] // 8, values.shape[1], dtype=torch.int64)
+    for j in range(8):
+        words |= values[j::8].long() << (4 * j)
+    return words
+
+
+def write_int4_base(folder: Path, model: torch.nn.Module, method: str, act_order: bool) -> tuple[Path, dict]:
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(5)
+    tensors, dense = {}, {}
+    for name, value in model.state_dict().items():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS:
+            parts, W = int4_module(*value.shape, 32, method, act_order, gen)
+            module = name.removesuffix(".weight")
+            tensors |= {f"{module}.{k}": v for k, v in parts.items()}
+            dense[name] = W
+        else:
+            tensors[name] = value.to(torch.float16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    if method == "gptq":
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": act_order, "sym": False}
+    else:
+        qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    config = {**model.config.to_dict(), "quantization_config": qc, "dtype": "float16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, dense
+
+
+@pytest.mark.parametrize("method, act_order", [("gptq", True), ("awq", False)])
+def test_int4_bases_read_against_float64_reference_and_written_dense(made, method, act_order):
+    base, dense = write_int4_base(made.tmp / f"{method}-base", tiny(), method, act_order)
+    from loramix.io.base import open_base
+
+    opened = open_base(base)
+    for key, W in dense.items():
+        ours = opened.dense(key)
+        assert ours.shape == tuple(W.shape)
+        assert torch.equal(ours.rows(0, ours.shape[0]).double(), W), key  # (q − z)·s is exact in float32
+    out = made.tmp / f"{method}-dense"
+    report = merge_into_base(made.adapter, base, out, dtype="bfloat16")
+    assert report.written_as.startswith(f"dense bfloat16, dequantized from {method.upper()} int4")
+    written = load_file(out / "model.safetensors")
+    assert not [k for k in written if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    for key, W in dense.items():
+        if key in made.deltas:
+            assert_bf16_close(written[key], W + made.deltas[key].double(), key)
+        else:
+            assert torch.equal(written[key], W.to(torch.bfloat16)), key
+    AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(CheckpointError, match=f"re-quantizing {method.upper()} int4 .* is not supported; pass a dtype"):
+        merge_into_base(made.adapter, base, made.tmp / f"{method}-same")
+    assert not (made.tmp / f"{method}-same").exists()
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 
@@ -443,6 +580,10 @@ def _gptq(tensors, config):
     tensors["model.layers.0.mlp.up_proj.qweight"] = torch.zeros(8, 96, dtype=torch.int32)
 
 
+def _gptq_8bit(tensors, config):
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 8, "group_size": 32}
+
+
 def _static(tensors, config):
     config["quantization_config"]["activation_scheme"] = "static"
 
@@ -466,7 +607,8 @@ def _ct_missing_scale(tensors, config):
         (_nan_scale, f"tensor {Q}_scale_inv: scales that are NaN"),
         (_wrong_block, "[2, 3], expected a float [4, 6] for block FP8 (float8_e4m3fn, 16×16 blocks)"),
         (_no_config, "config.json has no quantization_config"),
-        (_gptq, "a gptq quantized base"),
+        (_gptq, "tensor model.layers.0.mlp.up_proj.qzeros: missing, expected [2, 12] (GPTQ int4 (groups of 32)"),
+        (_gptq_8bit, "gptq with bits 8, group_size 32, format gptq (loramix reads 4-bit)"),
         (_static, "static activation scales"),
         (_per_tensor, "weight_block_size None (per-tensor FP8)"),
         (_ct_int4, "compressed-tensors format 'pack-quantized'"),
@@ -490,3 +632,30 @@ def test_gguf_base_file_is_refused(tmp_path, made):
     with pytest.raises(CheckpointError, match="a GGUF base file"):
         merge_into_base(made.adapter, tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- check
+
+
+def test_check_on_written_checkpoints_names_the_engines(made):
+    """`loramix check` on a model folder: the format as recognised, each engine's verdict citing its reader; a
+    damaged checkpoint is the reader's one-line error."""
+    same, dense = made.tmp / "check-same", made.tmp / "check-dense"
+    merge_into_base(made.adapter, made.base, same)
+    merge_into_base(made.adapter, made.base, dense, dtype="bfloat16")
+    result = CliRunner().invoke(main, ["check", str(same), str(dense)])
+    assert result.exit_code == 0, result.output
+    blocks = result.output.split("\n\n")
+    assert (
+        "vLLM          yes    block FP8 (float8_e4m3fn, 32×32 blocks): vllm/model_executor/layers/quantization/fp8.py"
+        in blocks[0]
+    )
+    assert "transformers  yes    block FP8" in blocks[0] and "quantizer_finegrained_fp8.py" in blocks[0]
+    assert "llama.cpp     n/a    reads GGUF files; llama.cpp's convert_hf_to_gguf.py converts this folder" in blocks[0]
+    assert "  SGLang        yes\n" in blocks[1] + "\n"
+    awq, _ = write_int4_base(made.tmp / "check-awq", tiny(), "awq", False)
+    result = CliRunner().invoke(main, ["check", str(awq)])
+    assert "llama.cpp     no     reads GGUF files" in result.output and "no path for awq" in result.output
+    damaged = _damaged(made, "check-damaged", _nan_scale)
+    result = CliRunner().invoke(main, ["check", str(damaged)])
+    assert result.exit_code == 2 and "scales that are NaN" in result.output

@@ -79,7 +79,8 @@ def inspect(adapters: tuple[str, ...], as_json: bool, allow_nonfinite: bool, **l
 @errors_as_one_line
 def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
     """Which consumers (PEFT, transformers, vLLM, SGLang, LoRAX/TGI, llama.cpp, diffusers) load ADAPTERS and
-    read every module's scale right; for each "no" or "wrong", why and the loramix command that fixes it."""
+    read every module's scale right; for each "no" or "wrong", why and the loramix command that fixes it. A model
+    folder (a merged checkpoint) gets which engines load it as stored, its quantized format included."""
     from loramix.compat import check_source
     from loramix.render.compat import check_json, check_text
 

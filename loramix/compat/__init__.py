@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loramix.adapter import LoraAdapter
+from loramix.compat.checkpoint import check_checkpoint
 from loramix.compat.diffusion import family_verdicts
 from loramix.compat.engines import (
     VLLM_MAX_RANKS,
@@ -53,11 +54,15 @@ class Report:
 
 def check_source(src: str | Path, **load_options) -> Report:
     """Load ``src`` (as `load_adapter`) and its raw adapter_config.json (when a PEFT folder) and `check` it; a folder
-    of adapter folders (and no adapter of its own) is checked as a serving set (`loramix.compat.sets`)."""
+    of adapter folders (and no adapter of its own) is checked as a serving set (`loramix.compat.sets`), a model
+    folder (config.json and weights, no adapter_config.json: a merged checkpoint) gets `check_checkpoint`."""
     members = adapter_folders(Path(src))
     if members:
         adapters = {p.name: load_adapter(p, log_warnings=False, **load_options) for p in members}
         return Report(f"set {Path(src).name}", str(src), set_verdicts(adapters, str(src)))
+    local = Path(src).expanduser()
+    if local.is_dir() and (local / "config.json").is_file() and not (local / CONFIG_FILE).is_file():
+        return Report(local.name, str(src), check_checkpoint(local))
     adapter = load_adapter(src, log_warnings=False, **load_options)
     path = resolve(src)
     folder = path if path.is_dir() else path.parent

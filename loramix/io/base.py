@@ -128,7 +128,7 @@ class BaseCheckpoint:
         """(the key of ``module``'s weight, the input embedding it is tied to): the key is the stored tensor the
         module updates (None when the base has none); the second item is set when that is an embedding standing in
         for an unstored tied output head. Raises `CheckpointError` when several tensors fit."""
-        key = self.matcher.find(f"{module}.weight")
+        key = self.find(f"{module}.weight")
         if key is not None:
             return key, None
         tied = tied_embedding(self, module)
@@ -136,16 +136,21 @@ class BaseCheckpoint:
 
     @functools.cached_property
     def matcher(self) -> NameMatcher:
-        scales = set(self.quantized.scales.values()) if self.quantized else set()
-        return NameMatcher([name for name in self.tensors if name not in scales])
+        return NameMatcher(self.weight_names())
+
+    def find(self, name: str) -> str | None:
+        """The stored key of the base tensor ``name`` names (`NameMatcher.find` over the dense model's names; a
+        quantized weight's codes key for its dense name, GPTQ's ``qweight`` for ``weight``)."""
+        key = self.matcher.find(name)
+        return self.quantized.stored(key) if key is not None and self.quantized else key
 
     def weight_names(self) -> list[str]:
         """The base's tensors as a dense model holds them: a quantized base's scale tensors left out, its codes
         under the dense weight's name."""
         if self.quantized is None:
             return list(self.tensors)
-        scales, names = set(self.quantized.scales.values()), self.quantized.dense_names
-        return [names.get(name, name) for name in self.tensors if name not in scales]
+        parts, names = self.quantized.parts_of_weights(), self.quantized.dense_names
+        return [names.get(name, name) for name in self.tensors if name not in parts]
 
     def dense(self, key: str) -> BaseTensor | DequantizedTensor:
         """Tensor ``key`` (a name of `weight_names`) as W: a quantized weight read dequantized (float32), any other
@@ -154,7 +159,8 @@ class BaseCheckpoint:
         if self.quantized is None or stored not in self.quantized.scales:
             return self.tensors[key]
         codes, scale = self.tensors[stored], self.tensors[self.quantized.scales[stored]]
-        return DequantizedTensor(key, codes, scale, self.quantized.scheme.for_shape(codes.shape))
+        extra = tuple(self.tensors[k] for k in self.quantized.extras.get(stored, ()))
+        return DequantizedTensor(key, codes, scale, self.quantized.scheme.for_shape(codes.shape), extra)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:

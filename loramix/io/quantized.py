@@ -18,6 +18,9 @@ as weights. Supported:
   codes = clamp(W / s, ±448) cast to float8_e4m3fn. Static activation scales (``input_scale``) are kept as they are.
 - **MXFP4** (``quant_method: mxfp4``, gpt-oss's experts): ``<p>_blocks`` and ``<p>_scales`` read as the dense
   expert parameter ``<p>``, as transformers' ``convert_moe_packed_tensors`` does. Read and copied, not re-quantized.
+- **GPTQ / AWQ int4** (``quant_method: gptq`` or ``awq``, 4 bits, GEMM packing; `loramix.io.schemes.Int4`):
+  ``<m>.qweight``, ``qzeros``, ``scales`` (and GPTQ's ``g_idx``) read as ``<m>.weight`` = (q − z)·s. Read and
+  copied, not re-quantized.
 
 A base with a 4-bit bitsandbytes ``quantization_config`` but dense tensors is the QLoRA case of `loramix.quantize`
 (not quantized here); one holding bitsandbytes' packed tensors is refused like any other unsupported layout.
@@ -25,6 +28,7 @@ A base with a 4-bit bitsandbytes ``quantization_config`` but dense tensors is th
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable
@@ -35,7 +39,7 @@ from typing import Protocol
 import torch
 
 from loramix.errors import CheckpointError, shown
-from loramix.io.schemes import FP8, FP8_DTYPE, MXFP4, Scheme
+from loramix.io.schemes import FP8, FP8_DTYPE, MXFP4, Int4, Scheme
 
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tensor name endings only quantized checkpoints have (GPTQ/AWQ, compressed-tensors, FP8, MXFP4, bitsandbytes).
@@ -57,7 +61,7 @@ QUANT_ENDINGS = (
     ".nested_absmax",
 )
 FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
-SUPPORTED = "FP8 (block FP8 with weight_block_size, or compressed-tensors float-quantized) and gpt-oss MXFP4"
+SUPPORTED = "FP8 (block FP8, compressed-tensors float-quantized), gpt-oss MXFP4 and GPTQ/AWQ int4"
 
 
 class Stored(Protocol):
@@ -79,6 +83,11 @@ class QuantizedBase:
     scales: dict[str, str]
     activation_scales: tuple[str, ...] = ()  # static input scales: kept with the format, dropped when dense
     dense_names: dict[str, str] = field(default_factory=dict)
+    extras: dict[str, tuple[str, ...]] = field(default_factory=dict)  # more parts of a weight (GPTQ qzeros, g_idx)
+
+    def parts_of_weights(self) -> set[str]:
+        """Every stored key that is part of a quantized weight but not its codes (scales, zeros, group indices)."""
+        return {*self.scales.values(), *(k for keys in self.extras.values() for k in keys)}
 
     def describe(self) -> str:
         return self.scheme.describe()
@@ -96,6 +105,7 @@ class DequantizedTensor:
     codes: Stored
     scale: Stored
     scheme: Scheme
+    extra: tuple[Stored, ...] = ()
     dtype: torch.dtype = torch.float32
     path: None = None
     offset: int = 0
@@ -110,9 +120,16 @@ class DequantizedTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
+        if getattr(self.scheme, "whole", False):  # packed across rows: the whole weight, once
+            return self._whole[start:stop]
         grid = self.scheme.grid(self.codes.shape)
         scale = self.scale.rows(*self.scheme.scale_rows(start, stop)) if self.scale.shape else self.scale.rows(0, 0)
         return self.scheme.dequantize(self.codes.rows(start, stop), scale.reshape(-1, *grid[1:]), start)
+
+    @functools.cached_property
+    def _whole(self) -> torch.Tensor:
+        parts = [t.rows(0, t.shape[0]) for t in (self.codes, self.extra[0], self.scale, *self.extra[1:])]
+        return self.scheme.dequantize_parts(*parts)
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scales), the scales on their grid (a per-tensor scale stored as [] or [1] read as [1, 1])."""
@@ -161,6 +178,8 @@ def recognise(config: dict, tensors: dict[str, Stored], where: Path) -> Quantize
         return _compressed_tensors(qc, tensors, where, first)
     if method == "mxfp4":
         return _mxfp4(tensors, where)
+    if method in ("gptq", "awq"):
+        return _int4(method, qc, tensors, where, first)
     raise _refuse(where, first, f"a {method or 'unnamed'} quantized base (quantization_config quant_method)")
 
 
@@ -241,6 +260,55 @@ def _mxfp4(tensors: dict[str, Stored], where: Path) -> QuantizedBase:
         if name not in scales and name not in known and _looks_quantized(name, t):
             raise _refuse(where, name, f"{_name(t.dtype)} {list(t.shape)} has no place in an {scheme.describe()} base")
     return QuantizedBase(scheme, scales, dense_names={k: k.removesuffix("_blocks") for k in scales})
+
+
+def _int4(method: str, qc: dict, tensors: dict[str, Stored], where: Path, first: str) -> QuantizedBase:
+    """GPTQ or AWQ (GEMM) 4-bit: each ``<m>.qweight`` int32 with its ``qzeros``, ``scales`` (and GPTQ's optional
+    ``g_idx``), shapes checked against the config's group size."""
+    bits, group = qc.get("bits", qc.get("w_bit")), qc.get("group_size", qc.get("q_group_size"))
+    fmt = str(qc.get("checkpoint_format", "gptq") if method == "gptq" else qc.get("version", "gemm")).lower()
+    ok = bits == 4 and isinstance(group, int) and (group == -1 or group > 0) and fmt in ("gptq", "gptq_v2", "gemm")
+    if not ok or (method == "awq" and qc.get("zero_point") is False):
+        raise _refuse(
+            where, first, f"{method} with bits {bits}, group_size {group}, format {fmt} (loramix reads 4-bit)"
+        )
+    scheme = Int4(method, group, zero_offset=1 if fmt == "gptq" else 0)
+    scales, extras = {}, {}
+    for name, t in tensors.items():
+        if name.endswith(".qweight"):
+            scales[name], extras[name] = _int4_parts(name, t, tensors, scheme, where)
+    known = {*scales, *scales.values(), *(k for keys in extras.values() for k in keys)}
+    for name, t in tensors.items():
+        if name not in known and _looks_quantized(name, t):
+            raise _refuse(where, name, f"{_name(t.dtype)} {list(t.shape)} has no place in a {scheme.describe()} base")
+    names = {k: k.removesuffix(".qweight") + ".weight" for k in scales}
+    return QuantizedBase(scheme, scales, dense_names=names, extras=extras)
+
+
+def _int4_parts(name: str, t: Stored, tensors: dict[str, Stored], scheme: Int4, where: Path):
+    module = name.removesuffix(".qweight")
+    if t.dtype != torch.int32 or len(t.shape) != 2:
+        raise _refuse(
+            where, name, f"{_name(t.dtype)} {list(t.shape)}, expected a 2-D int32 qweight ({scheme.describe()})"
+        )
+    out, inputs = scheme.dense_shape(t.shape)
+    groups = scheme.groups(inputs)
+    expected = {".qzeros": ((groups, out // 8), (torch.int32,)), ".scales": ((groups, out), SCALE_DTYPES)}
+    if scheme.method == "gptq" and f"{module}.g_idx" in tensors:
+        expected[".g_idx"] = ((inputs,), (torch.int32, torch.int64))
+    for suffix, (shape, dtypes) in expected.items():
+        part = tensors.get(module + suffix)
+        if part is None or part.dtype not in dtypes or tuple(part.shape) != shape:
+            found = "missing" if part is None else f"{_name(part.dtype)} {list(part.shape)}"
+            raise _refuse(where, module + suffix, f"{found}, expected {list(shape)} ({scheme.describe()} of {name})")
+    values = tensors[module + ".scales"].rows(0, groups)
+    if not bool(torch.isfinite(values).all()):
+        raise _refuse(where, module + ".scales", f"NaN or infinite scales ({scheme.describe()})")
+    if ".g_idx" in expected:
+        g_idx = tensors[module + ".g_idx"].rows(0, inputs)
+        if bool((g_idx < 0).any() or (g_idx >= groups).any()):
+            raise _refuse(where, module + ".g_idx", f"group indices outside 0..{groups - 1} ({scheme.describe()})")
+    return module + ".scales", tuple(module + s for s in (".qzeros", ".g_idx") if s in expected)
 
 
 def _fp8_scale(name: str, t: Stored, tensors: dict[str, Stored], scheme: FP8, where: Path) -> str:

@@ -28,9 +28,10 @@ class FP8:
 
     def describe(self) -> str:
         fmt = ", power-of-two scales" if self.scale_fmt == "ue8m0" else ""
-        if self.granularity == "block":
-            return f"block FP8 (float8_e4m3fn, {self.block[0]}×{self.block[1]} blocks{fmt})"
-        return f"compressed-tensors FP8 (float8_e4m3fn, per-{self.granularity} weight_scale)"
+        blocks = f"{self.block[0]}×{self.block[1]} blocks" if self.granularity == "block" else ""
+        if not self.divide:
+            return f"block FP8 (float8_e4m3fn, {blocks}{fmt})"
+        return f"compressed-tensors FP8 (float8_e4m3fn, {blocks or 'per-' + self.granularity} weight_scale)"
 
     def for_shape(self, shape: tuple[int, ...]) -> FP8:
         """This scheme with the block of a ``shape`` weight (per-channel: one row; per-tensor: all of it)."""
@@ -75,11 +76,11 @@ class FP8:
         return codes, inverse.to(scale_dtype)
 
     def step(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The local quantization step of each entry (float32, exact: a power of two times the scale): the FP8
-        grid's spacing at the code (2^(e−3) for |code| in [2^e, 2^(e+1)), 2^−9 below 2^−6), times its block's
-        scale."""
-        bits = codes.float().abs().clamp_(min=2.0**-6).view(torch.int32)  # float32: sign 0, exponent, mantissa
-        spacing = (((bits >> 23) - 3) << 23).view(torch.float32)  # 2^(e−3): the exponent less 3, mantissa 0
+        """The local quantization step of each entry (float32, exact: a power of two times the scale): the
+        float8_e4m3fn grid's spacing at the code, 2^(max(E, 1) − 10) for the code's exponent field E (bias 7, three
+        mantissa bits; subnormals share E = 1's spacing), times its block's scale."""
+        exponent = ((codes.view(torch.uint8) >> 3) & 0xF).clamp_(min=1).int()
+        spacing = ((exponent + (127 - 10)) << 23).view(torch.float32)  # 2^(E − 10) as float32 bits
         return self.scaled(spacing, scale.float())
 
     def dense_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -127,4 +128,62 @@ class MXFP4:
         return values.flatten(-2).transpose(1, 2).contiguous()
 
 
-Scheme = FP8 | MXFP4
+AWQ_COLUMNS = (0, 4, 1, 5, 2, 6, 3, 7)  # AutoAWQ's GEMM packing: output column 8j + k sits in nibble AWQ_COLUMNS[k]
+
+
+@dataclass(frozen=True)
+class Int4:
+    """GPTQ and AWQ (GEMM) 4-bit weights: eight 4-bit codes per int32 (nibble i at bits 4i), zero points packed the
+    same way, one float scale and zero per group of ``group_size`` input channels; W = (q − z) · s.
+
+    GPTQ: ``qweight`` [in/8, out] packed along the input, ``qzeros`` [G, out/8], ``scales`` [G, out], ``g_idx``
+    [in] (each input channel's group; act-order models permute it), zeros stored less one (``zero_offset`` 1) in
+    the original ("gptq", v1) checkpoint format. AWQ: ``qweight`` [in, out/8] packed along the output in AutoAWQ's
+    column order, ``qzeros`` [G, out/8], ``scales`` [G, out], input channel i in group i // group_size."""
+
+    method: str  # "gptq" or "awq"
+    group_size: int  # input channels per group (the whole input for -1)
+    zero_offset: int = 0
+    suffix: str = ".scales"
+    block: tuple[int, int] = (1, 1)
+    granularity: str = "group"
+    whole: bool = True  # packed along the input (GPTQ) or the output (AWQ): dequantized whole, then sliced
+
+    def describe(self) -> str:
+        return f"{self.method.upper()} int4 (groups of {self.group_size})"
+
+    def for_shape(self, shape: tuple[int, ...]) -> Int4:
+        return self
+
+    def dense_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(out, in) of a ``qweight`` of ``shape``."""
+        return (shape[1], shape[0] * 8) if self.method == "gptq" else (shape[1] * 8, shape[0])
+
+    def groups(self, inputs: int) -> int:
+        return 1 if self.group_size == -1 else math.ceil(inputs / self.group_size)
+
+    def dequantize_parts(self, qweight, qzeros, scales, g_idx=None) -> torch.Tensor:
+        """W (float32, out × in) of a module's packed parts."""
+        out, inputs = self.dense_shape(tuple(qweight.shape))
+        q = _nibbles(qweight)  # GPTQ [in/8, out, 8]; AWQ [in, out/8, 8]
+        q = q.permute(0, 2, 1).reshape(inputs, out) if self.method == "gptq" else _awq_columns(q).reshape(inputs, out)
+        zeros = _nibbles(qzeros)
+        zeros = (zeros if self.method == "gptq" else _awq_columns(zeros)).reshape(len(qzeros), out) + self.zero_offset
+        if g_idx is None:
+            size = inputs if self.group_size == -1 else self.group_size
+            g_idx = torch.arange(inputs, device=qweight.device) // size
+        g_idx = g_idx.long()
+        return ((q - zeros[g_idx]).float() * scales.float()[g_idx]).T.contiguous()
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """[..., n] int32 → [..., n, 8] of its 4-bit fields, nibble i from bits 4i."""
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    return (packed[..., None] >> shifts) & 0xF
+
+
+def _awq_columns(nibbles: torch.Tensor) -> torch.Tensor:
+    return nibbles[..., list(AWQ_COLUMNS)]
+
+
+Scheme = FP8 | MXFP4 | Int4

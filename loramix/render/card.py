@@ -346,13 +346,16 @@ def _module_account(modules: dict) -> list[str]:
     return [*lines, "", "</details>"]
 
 
-def quantization_section(report: MergeReport) -> str:
-    """The card's account of a merge into a quantized base or a QLoRA-faithful one ("" for neither)."""
+def quantization_section(card: str, report: MergeReport) -> str:
+    """``card`` with the account of a merge into a quantized base or a QLoRA-faithful one (as it was for neither);
+    a quantized base written in its own format is "stored as" that format, not in the dense dtype."""
     if report.written_as is not None:
-        return quantized_base_section(report)
+        if report.in_own_format:
+            card = re.sub(r", stored in \S+\.$", f", stored as {report.written_as}.", card, count=1, flags=re.M)
+        return card + quantized_base_section(report)
     if report.quantization is None:
-        return ""
-    return qlora_section(report.quantization, report.round_tripped, list(report.survival))
+        return card
+    return card + qlora_section(report.quantization, report.round_tripped, list(report.survival))
 
 
 def quantized_summary(report: MergeReport) -> str:
