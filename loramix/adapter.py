@@ -295,6 +295,13 @@ def is_portable(adapter: LoraAdapter) -> bool:
     return not adapter.use_rslora and adapter.ranks == [rank] and len({m.scale for m in adapter.modules.values()}) == 1
 
 
+def unpadded_rank(module: LoraModule) -> int:
+    """The module's rank without its trailing all-zero components (a row of A and a column of B both zero): the zero
+    padding `portable_layout` adds, seen in the stored tensors (a module of zeros keeps its rank)."""
+    used = (module.A.ne(0).any(dim=1) | module.B.ne(0).any(dim=0)).nonzero()
+    return int(used[-1]) + 1 if len(used) else module.rank
+
+
 def check_rank_layout(rank_layout: str) -> None:
     if rank_layout not in RANK_LAYOUTS:
         raise MethodError(f"rank_layout must be {' or '.join(map(repr, RANK_LAYOUTS))}, got {rank_layout!r}")

@@ -363,6 +363,27 @@ def test_cli_flags_and_recipe_build_the_same_plan(trio, tmp_path):
         assert torch.equal(module.delta(), b.modules[name].delta())
 
 
+def test_an_asked_rank_below_the_portable_one_is_reported_as_padded(trio, tmp_path):
+    """--rank 4 in the portable layout stores rank 8 (zero-padded): the wrote line, inspect and the card say both;
+    --rank-layout exact stores 4. Oracle: the files themselves (PEFT's config r and the tensors' shapes)."""
+    source = str(trio[1].path)
+    padded = CliRunner().invoke(main, ["combine", source, "--rank", "4", "-o", str(tmp_path / "padded")])
+    assert padded.exit_code == 0, padded.output
+    said = "rank 4, stored as 8 for engines that need it (--rank-layout exact for 4)"
+    assert said in padded.output
+    config = json.loads((tmp_path / "padded" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and said in (tmp_path / "padded" / "README.md").read_text()
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "padded")])
+    assert "4, stored as 8 (zero-padded for engines that need one rank; --rank-layout exact for 4)" in shown.output
+    exact = CliRunner().invoke(
+        main, ["combine", source, "--rank", "4", "--rank-layout", "exact", "-o", str(tmp_path / "exact")]
+    )
+    assert exact.exit_code == 0 and "modules, rank 4, svd" in exact.output, exact.output
+    assert json.loads((tmp_path / "exact" / "adapter_config.json").read_text())["r"] == 4
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "exact")])
+    assert "  ranks         4\n" in shown.output
+
+
 def test_cli_errors_are_one_line_and_inputs_are_safe(trio, tmp_path):
     runner = CliRunner()
     target = trio[0].path

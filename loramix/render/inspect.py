@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 from loramix import experts
-from loramix.adapter import LoraAdapter, dtype_name
+from loramix.adapter import LoraAdapter, dtype_name, unpadded_rank
 from loramix.analysis.names import type_counts, type_summary
 
 
@@ -38,6 +38,7 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         "num_modules": len(adapter.modules),
         "module_types": type_counts(adapter.modules),
         "ranks": adapter.ranks,
+        "unpadded_ranks": sorted({unpadded_rank(m) for m in modules}),  # without portable_layout's zero padding
         "scales": scales,
         "num_params": adapter.num_params(),
         "file_bytes": adapter.file_bytes,
@@ -79,6 +80,13 @@ def _source(summary: dict) -> str:
     return summary["source"] if not file or summary["source"].endswith(file) else f"{summary['source']} ({file})"
 
 
+def _ranks(summary: dict) -> str:
+    stored, used = (", ".join(map(str, summary[key])) for key in ("ranks", "unpadded_ranks"))
+    if stored == used:
+        return stored
+    return f"{used}, stored as {stored} (zero-padded for engines that need one rank; --rank-layout exact for {used})"
+
+
 def inspect_text(summaries: list[dict]) -> str:
     """A readable block per adapter."""
     blocks = []
@@ -91,7 +99,7 @@ def inspect_text(summaries: list[dict]) -> str:
             ("task", s["task_type"] or "-"),
             ("dtype", s["dtype"]),
             ("modules", f"{s['num_modules']} ({types})"),
-            ("ranks", ", ".join(map(str, s["ranks"]))),
+            ("ranks", _ranks(s)),
             ("scale", ", ".join(f"{v:g}" for v in s["scales"])),
             ("parameters", f"{s['num_params']:,}"),
             ("file size", _size(s["file_bytes"]) if s["file_bytes"] else "-"),
