@@ -343,10 +343,15 @@ def _place(tmp: Path, target: Path, overwrite: bool) -> None:
         os.replace(target, old)
         try:
             os.replace(tmp, target)
-        except OSError:
-            os.replace(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        except (OSError, KeyboardInterrupt):
+            if tmp.exists():  # not in place: the earlier output goes back
+                os.replace(old, target)
+                raise
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except KeyboardInterrupt:  # the new output is complete and in place: finish removing the earlier one
+            shutil.rmtree(old, ignore_errors=True)
+            log.warning("%s: written; an interrupt while the earlier output was being removed was ignored", target)
     finally:
         os.close(fd)
 
