@@ -228,7 +228,7 @@ def test_lora_bias_combines_exactly(tmp_path):
             assert rel(got.detach(), expected.detach()) < REL, name
 
 
-def test_heads_carried_refused_or_averaged(tmp_path):
+def test_heads_carried_refused_averaged_or_dropped(tmp_path):
     from helpers import tiny_bert_seqcls
 
     heads = [
@@ -241,8 +241,14 @@ def test_heads_carried_refused_or_averaged(tmp_path):
     assert carried.extra.keys() == first.extra.keys()
     for name, item in first.extra.items():
         assert torch.equal(carried.extra[name].tensor, item.tensor)
-    with pytest.raises(IncompatibleAdaptersError, match="heads='average'"):
+    with pytest.raises(IncompatibleAdaptersError, match=r"leave them out .* or average them .*\(pass heads='drop'\)"):
         loramix.combine([h.path for h in heads], weights=[1.0, 1.0], method="cat")
+    result = CliRunner().invoke(
+        main, ["combine", *(str(h.path) for h in heads), "-m", "cat", "-o", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and "(pass --heads drop)" in result.output  # the advice is a flag that exists
+    dropped = loramix.combine([h.path for h in heads], weights=[1.0, 1.0], method="cat", heads="drop")
+    assert not dropped.extra and dropped.modules.keys() == first.modules.keys()
     averaged = loramix.combine([h.path for h in heads], weights=[3.0, 1.0], method="cat", heads="average")
     second = loramix.load_adapter(heads[1].path)
     for name in first.extra:

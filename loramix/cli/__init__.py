@@ -135,8 +135,9 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 )
 @click.option(
     "--heads",
-    type=click.Choice(["refuse", "average"]),
-    help="Heads (modules_to_save) that several adapters carry: refuse, or their weighted average [default: refuse].",
+    type=click.Choice(["refuse", "average", "drop"]),
+    help="Heads (modules_to_save) that several adapters carry: refuse, their weighted average, or drop them (the "
+    "base's own stay) [default: refuse].",
 )
 @click.option("--allow-different-bases", is_flag=True, default=None, help="Combine adapters made for different bases.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf in the inputs.")
