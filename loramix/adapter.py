@@ -10,8 +10,10 @@ Tensors keep the dtype they were read in; computation casts them up.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -225,8 +227,13 @@ _LEGACY_NAMESPACES = {
 
 
 def canonical_base(base: str) -> str:
-    """A Hub id with legacy bare names mapped to their organisation (``gpt2`` → ``openai-community/gpt2``)."""
+    """A Hub id with legacy bare names mapped to their organisation (``gpt2`` → ``openai-community/gpt2``); a local
+    folder by its resolved path, so that ``base``, ``./base`` and its absolute path are one base."""
     name = base.strip().rstrip("/")
+    local = Path(name).expanduser()
+    if name and local.exists():
+        return str(local.resolve())
+    name = os.path.normpath(name) if name else name
     namespace = _LEGACY_NAMESPACES.get(name)
     return f"{namespace}/{name}".lower() if namespace else name.lower()
 

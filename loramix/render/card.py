@@ -263,9 +263,9 @@ def model_card(
     else:
         body += ["Written through the loramix Python API (no command line).", ""]
     if recipe:
-        body += [f"The recipe is saved beside this card as `{RECIPE_FILE}`: `loramix combine --recipe {RECIPE_FILE}`"]
+        body += [f"The recipe is saved beside this card as `{RECIPE_FILE}`: in this folder,"]
         repeats = "the combination with the searched weights (the search is in search.json)" if searched else "the run"
-        body += [f"repeats {repeats}.", ""]
+        body += [f"`loramix combine --recipe {RECIPE_FILE} -o OUT` repeats {repeats} into a new folder OUT.", ""]
     stored = dtype or str(adapter.dtype).removeprefix("torch.")
     ranks = "" if merged or not adapter.modules else f"; {rank_text(adapter)}"
     body += [f"loramix version: {loramix_version()}; output: {kind}, stored in {stored}{ranks}.", ""]

@@ -33,6 +33,7 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         "file": adapter.provenance.get("file"),
         "base_model": adapter.base_model,
         "architecture": adapter.provenance.get("architecture"),
+        "trained_on": adapter.provenance.get("sd_model_name"),  # the checkpoint file kohya's metadata names
         "task_type": adapter.task_type,
         "dtype": dtype_name(adapter.dtype),
         "num_modules": len(adapter.modules),
@@ -94,7 +95,10 @@ def inspect_text(summaries: list[dict]) -> str:
         types = type_summary(s["module_types"])
         rows = [
             ("source", _source(s)),
-            ("base model", s["base_model"] or "(unknown)"),
+            (
+                "base model",
+                (s["base_model"] or "(unknown)") + (f" (trained on {s['trained_on']})" if s.get("trained_on") else ""),
+            ),
             *([("architecture", s["architecture"])] if s.get("architecture") else []),
             ("task", s["task_type"] or "-"),
             ("dtype", s["dtype"]),
