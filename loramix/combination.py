@@ -55,7 +55,7 @@ def _combine_extras(adapters: list[LoraAdapter], weights: list, heads: str, laye
         if heads != "average":
             raise IncompatibleAdaptersError(
                 f"extra tensor {name} (a head or saved layer) is in several adapters ({names}); leave them out (the "
-                "base's own is kept) or average them (heads 'average')",
+                "base's own is kept) or average them (`heads='average'`)",
                 option="heads",
                 value="drop",
             )
@@ -68,7 +68,9 @@ def _combine_extras(adapters: list[LoraAdapter], weights: list, heads: str, laye
         mean = sum(w * item.tensor.float() for w, item, _ in found) / total
         out[name] = ExtraTensor(mean.to(found[0][1].tensor.dtype), found[0][1].kind)
     if dropped:
-        log.warning("%d extra tensor(s) in several adapters left out (heads 'drop'): %s", len(dropped), sample(dropped))
+        log.warning(
+            "%d extra tensor(s) in several adapters left out (`heads='drop'`): %s", len(dropped), sample(dropped)
+        )
     return out
 
 

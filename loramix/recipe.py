@@ -86,15 +86,17 @@ class Plan:
             unused = [key for key in ("format", "rank_layout", "gguf_base") if getattr(self, key) is not None]
             if unused:
                 raise MethodError(
-                    f"{unused[0]} sets the adapter file written; with merge_into a merged checkpoint is written: "
-                    f"leave {unused[0]} out"
+                    f"`{unused[0]}` sets the adapter file written; with `merge_into` a merged checkpoint is written: "
+                    f"leave `{unused[0]}` out"
                 )
         elif any(getattr(self, key) is not None for key in ("shard_size", "workers")):
             key = "shard_size" if self.shard_size is not None else "workers"
-            raise MethodError(f"{key} applies to a merged checkpoint: it needs merge_into", option="merge_into")
+            raise MethodError(f"`{key}` applies to a merged checkpoint: it needs `merge_into`", option="merge_into")
         if self.gguf_base is not None and not self.merge_into and self.format != "gguf":
             raise MethodError(
-                "gguf_base names the architecture of a GGUF file: it needs format gguf", option="format", value="gguf"
+                "`gguf_base` names the architecture of a GGUF file: it needs `format='gguf'`",
+                option="format",
+                value="gguf",
             )
 
     def combine_kwargs(self) -> dict:

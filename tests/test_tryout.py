@@ -74,11 +74,11 @@ def test_the_cards_recipe_command_runs_as_printed(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "flags, named",
     [
-        (["--merge-into", "BASE", "--format", "kohya"], "format sets the adapter file written"),
-        (["--merge-into", "BASE", "--rank-layout", "exact"], "rank_layout sets the adapter file written"),
-        (["--gguf-base", "BASE"], "gguf_base names the architecture of a GGUF file: it needs format gguf"),
-        (["--format", "peft", "--gguf-base", "BASE"], "it needs format gguf"),
-        (["--shard-size", "1GB"], "shard_size applies to a merged checkpoint"),
+        (["--merge-into", "BASE", "--format", "kohya"], "--format sets the adapter file written; with --merge-into"),
+        (["--merge-into", "BASE", "--rank-layout", "exact"], "leave --rank-layout out"),
+        (["--gguf-base", "BASE"], "--gguf-base names the architecture of a GGUF file: it needs --format gguf"),
+        (["--format", "peft", "--gguf-base", "BASE"], "it needs --format gguf"),
+        (["--shard-size", "1GB"], "--shard-size applies to a merged checkpoint: it needs --merge-into BASE"),
     ],
 )
 def test_flags_that_do_not_apply_are_refused_in_one_line(flags, named, tmp_path):
