@@ -231,7 +231,7 @@ def canonical_base(base: str) -> str:
     folder by its resolved path, so that ``base``, ``./base`` and its absolute path are one base."""
     name = base.strip().rstrip("/")
     local = Path(name).expanduser()
-    if name and local.exists():
+    if name and name not in _LEGACY_NAMESPACES and local.exists():
         return str(local.resolve())
     name = os.path.normpath(name) if name else name
     namespace = _LEGACY_NAMESPACES.get(name)

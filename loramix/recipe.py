@@ -178,6 +178,10 @@ def load_recipe(path: str | Path) -> Plan:
     for key in ("merge_into", "gguf_base", "base"):
         if key in fields:
             fields[key] = _relative_source(path, fields[key])
+    if fields.get("merge_into"):  # earlier recipes of merges recorded the adapter file's defaults: no setting
+        for key, default in (("format", "peft"), ("rank_layout", "portable")):
+            if fields.get(key) == default:
+                del fields[key]
     return Plan(adapters=sources, weights=weights, **fields)
 
 

@@ -108,3 +108,19 @@ def test_merge_into_warns_when_the_adapter_names_another_base(tmp_path, caplog):
                 f"{name}: made for {declared}, but merged into {base}: check that this is the model it was trained on"
             ]
         )
+
+
+def test_an_earlier_merge_recipe_with_the_adapter_files_defaults_still_runs(tmp_path):
+    """Recipes of merges written before these settings were refused with merge_into recorded format: peft and
+    rank_layout: portable (their defaults then): they load as no setting, while a kohya format is refused."""
+    from loramix.recipe import load_recipe
+
+    sources = f"adapters: [{example('summarize')}]\nmerge_into: {example('tiny-llama')}\n"
+    text = sources + "format: peft\nrank_layout: portable\n"
+    (tmp_path / "old.yaml").write_text(text)
+    plan = load_recipe(tmp_path / "old.yaml")
+    assert plan.format is None and plan.rank_layout is None
+    plan.check_settings_apply()
+    (tmp_path / "kohya.yaml").write_text(text.replace("format: peft", "format: kohya"))
+    with pytest.raises(loramix.LoramixError, match="`format` sets the adapter file written"):
+        load_recipe(tmp_path / "kohya.yaml").check_settings_apply()
