@@ -10,8 +10,10 @@ Tensors keep the dtype they were read in; computation casts them up.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -225,8 +227,13 @@ _LEGACY_NAMESPACES = {
 
 
 def canonical_base(base: str) -> str:
-    """A Hub id with legacy bare names mapped to their organisation (``gpt2`` → ``openai-community/gpt2``)."""
+    """A Hub id with legacy bare names mapped to their organisation (``gpt2`` → ``openai-community/gpt2``); a local
+    folder by its resolved path, so that ``base``, ``./base`` and its absolute path are one base."""
     name = base.strip().rstrip("/")
+    local = Path(name).expanduser()
+    if name and name not in _LEGACY_NAMESPACES and local.exists():
+        return str(local.resolve())
+    name = os.path.normpath(name) if name else name
     namespace = _LEGACY_NAMESPACES.get(name)
     return f"{namespace}/{name}".lower() if namespace else name.lower()
 
@@ -293,6 +300,13 @@ def is_portable(adapter: LoraAdapter) -> bool:
         return True
     rank = portable_rank(adapter.ranks)
     return not adapter.use_rslora and adapter.ranks == [rank] and len({m.scale for m in adapter.modules.values()}) == 1
+
+
+def unpadded_rank(module: LoraModule) -> int:
+    """The module's rank without its trailing all-zero components (a row of A and a column of B both zero): the zero
+    padding `portable_layout` adds, seen in the stored tensors (a module of zeros keeps its rank)."""
+    used = (module.A.ne(0).any(dim=1) | module.B.ne(0).any(dim=0)).nonzero()
+    return int(used[-1]) + 1 if len(used) else module.rank
 
 
 def check_rank_layout(rank_layout: str) -> None:

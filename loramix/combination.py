@@ -1,7 +1,8 @@
 """Combine adapters: walk the union of module names, apply a merge method per module on a device.
 
 A module missing from an adapter contributes zero. lora_B biases are summed exactly (they are linear);
-full extra tensors (heads) are carried when one adapter has them and averaged only when asked.
+full extra tensors (heads) are carried when one adapter has them; several adapters' are refused, averaged or left
+out, as asked (``heads``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule, check_rank_layout, portable_rank
 from loramix.errors import IncompatibleAdaptersError, MethodError
 from loramix.formats import load_adapters
+from loramix.formats._keys import sample
 from loramix.linalg import FactorSVD, RankRule, factor_svd, numerical_rank
 from loramix.methods import Method, Term, absent_as_zero, get_method
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 LONG_DENSE_SECONDS = 60  # warn before a dense merge estimated to take longer
 LARGE_RANK_FACTOR = 4  # warn when a chosen rank exceeds this many times the sum of the sources' ranks
+HEADS = ("refuse", "average", "drop")  # what to do with an extra tensor several adapters carry
 _GPU_WORKERS = 4  # measured on an H100 host: 1 → 37.5, 2 → 22.7, 4 → 17.2, 6 → 21.6, 8 → 25.0 ms per 7B layer
 
 
@@ -40,18 +43,21 @@ def _combine_extras(adapters: list[LoraAdapter], weights: list, heads: str, laye
     for a, w in zip(adapters, weights):
         for name, item in a.extra.items():
             owners.setdefault(name, []).append((resolve(w, name, layers), item, a))
-    out = {}
+    out, dropped = {}, []
     for name, found in owners.items():
         if len(found) == 1:
             out[name] = found[0][1]
             continue
         names = ", ".join(a.name for _, _, a in found)
+        if heads == "drop":
+            dropped.append(name)
+            continue
         if heads != "average":
             raise IncompatibleAdaptersError(
-                f"extra tensor {name} (a head or saved layer) is in several adapters ({names}); "
-                "combine without them, or average them",
+                f"extra tensor {name} (a head or saved layer) is in several adapters ({names}); leave them out (the "
+                "base's own is kept) or average them (`heads='average'`)",
                 option="heads",
-                value="average",
+                value="drop",
             )
         shapes = {tuple(item.tensor.shape) for _, item, _ in found}
         if len(shapes) > 1:
@@ -61,6 +67,10 @@ def _combine_extras(adapters: list[LoraAdapter], weights: list, heads: str, laye
             raise IncompatibleAdaptersError(f"extra tensor {name}: the weights of {names} sum to 0, no average exists")
         mean = sum(w * item.tensor.float() for w, item, _ in found) / total
         out[name] = ExtraTensor(mean.to(found[0][1].tensor.dtype), found[0][1].kind)
+    if dropped:
+        log.warning(
+            "%d extra tensor(s) in several adapters left out (`heads='drop'`): %s", len(dropped), sample(dropped)
+        )
     return out
 
 
@@ -108,8 +118,8 @@ def check_settings(
         )
     chosen.check_options(options)
     parse_options(options)
-    if heads not in ("refuse", "average"):
-        raise MethodError(f"heads must be 'refuse' or 'average', got {heads!r}")
+    if heads not in HEADS:
+        raise MethodError(f"heads must be {', '.join(map(repr, HEADS))}, got {heads!r}")
     return chosen, chosen.rule_for(truncation, options)
 
 
@@ -188,16 +198,16 @@ def combine(
     `loramix.schedule`): it is resolved per module, and the method runs on each module with plain numbers.
     ``rank``/``energy``/``rule`` truncate re-factorising methods (see `RankRule`); ``conv_rank`` caps conv modules
     with a kernel other than 1×1 instead of ``rank`` (kohya's ``--new_conv_rank``); ``heads="average"`` takes the
-    weighted average of heads several adapters carry. ``rank_layout="portable"`` (the default) prepares the layout
-    every serving engine reads (one rank R for all modules, see `loramix.adapter.portable_layout`): where ``energy``
-    or ``rule`` chose a module's rank for an exact method (svd), the module keeps its best rank-R approximation
-    instead (more of its own singular directions, where it has them; never above ``rank``); ``"exact"`` keeps each
-    module at the rank the rule chose. ``device``: ``cpu``, ``cuda[:N]`` or ``auto`` (a GPU when there is one: results
-    agree with the CPU's to float32 rounding). ``load_options`` go to `load_adapter` for every source
-    (``scale``/``alpha``/``base_model``/``module_map`` for plain state dicts). A method that needs data (``regmean``)
-    takes ``grams``: per adapter, each module's input Gram matrix (`loramix.weight_search.grams.input_grams`;
-    `loramix.combine` collects them from the method's ``base`` and ``examples``). Returns a new `LoraAdapter`
-    (scale 1 per module).
+    weighted average of heads several adapters carry, ``heads="drop"`` leaves them out (the base's own stay).
+    ``rank_layout="portable"`` (the default) prepares the layout every serving engine reads (one rank R for all
+    modules, see `loramix.adapter.portable_layout`): where ``energy`` or ``rule`` chose a module's rank for an exact
+    method (svd), the module keeps its best rank-R approximation instead (more of its own singular directions, where
+    it has them; never above ``rank``); ``"exact"`` keeps each module at the rank the rule chose. ``device``:
+    ``cpu``, ``cuda[:N]`` or ``auto`` (a GPU when there is one: results agree with the CPU's to float32 rounding).
+    ``load_options`` go to `load_adapter` for every source (``scale``/``alpha``/``base_model``/``module_map`` for
+    plain state dicts). A method that needs data (``regmean``) takes ``grams``: per adapter, each module's input Gram
+    matrix (`loramix.weight_search.grams.input_grams`; `loramix.combine` collects them from the method's ``base`` and
+    ``examples``). Returns a new `LoraAdapter` (scale 1 per module).
     """
     rank_rule = {"rank": rank, "energy": energy, "rule": rule, "rule_value": rule_value, "conv_rank": conv_rank}
     chosen, truncation = check_settings(method=method, options=options, heads=heads, **rank_rule)

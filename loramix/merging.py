@@ -8,11 +8,12 @@ as one atomic output folder with its card, the QLoRA-faithful round trip where t
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
-from loramix.adapter import LoraAdapter
+from loramix.adapter import LoraAdapter, canonical_base
 from loramix.checkpoint import MergeReport, write_merged
 from loramix.diffusers_merge import write_merged_pipeline
 from loramix.errors import CheckpointError, MethodError
@@ -24,6 +25,8 @@ from loramix.io.files import atomic_output
 from loramix.quantize import quantization_settings
 from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
 from loramix.runtime import parse_dtype, require_path, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 def merge_into_base(
@@ -73,6 +76,7 @@ def merge_into_base(
         raise CheckpointError(f"{folder}: a diffusers pipeline; quantized_as applies to transformers bases only")
     quantization = None
     if checkpoint is not None:
+        _warn_other_base(adapter, str(base), folder, checkpoint.config)
         adapter = with_base_names(onto_base(adapter, checkpoint.tensors), checkpoint)  # kohya, DiT names → base's
         quantization = quantization_settings(
             [(str(folder), checkpoint.config), *_adapter_configs(adapter)],
@@ -100,6 +104,28 @@ def merge_into_base(
         write_files(tmp, files)
     report.path = Path(out)
     return report
+
+
+def _warn_other_base(adapter: LoraAdapter, base: str, folder: Path, config: dict | None) -> None:
+    """Warn when the base the adapter names is clearly not ``base``: neither the same Hub id or folder, nor the same
+    last name (``org/gpt2`` and ``./models/gpt2``), nor the ``_name_or_path`` its config.json records. (A diffusers
+    pipeline is not checked: kohya files name a model family, ``sd_v1``, not a model.)"""
+    if not adapter.base_model:
+        return
+    names = [base, str(folder), *([config["_name_or_path"]] if (config or {}).get("_name_or_path") else [])]
+    known = {canonical_base(n) for n in names} | {_last_name(n) for n in names}
+    declared = canonical_base(adapter.base_model)
+    if declared not in known and _last_name(declared) not in known:
+        log.warning(
+            "%s: made for %s, but merged into %s: check that this is the model it was trained on",
+            adapter.name,
+            adapter.base_model,
+            base,
+        )
+
+
+def _last_name(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
 def _adapter_configs(adapter: LoraAdapter) -> list[tuple[str, dict]]:

@@ -123,6 +123,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         raise IncompatibleAdaptersError(
             "`quantized_as` round-trips a base through 4-bit before merging: it needs a base", option="merge_into"
         )
+    plan.check_settings_apply()
     kwargs = plan.combine_kwargs()
     load_options = kwargs.pop("load_options")
     settings = ("method", "heads", "rank", "energy", "rule", "rule_value", "conv_rank")
@@ -135,7 +136,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         load_options=load_options,
     )
     if not plan.merge_into:  # the format the inputs' own ecosystem loads unless one was asked for
-        plan = replace(plan, format=plan.format or default_format(loaded))
+        plan = replace(plan, format=plan.format or default_format(loaded), rank_layout=plan.rank_layout or "portable")
     if plan.merge_into:  # keep the factors' precision; plan.dtype is the checkpoint's; no file layout to prepare
         kwargs["dtype"] = None
         kwargs["rank_layout"] = "exact"

@@ -60,7 +60,7 @@ class Plan:
     device: str = "auto"
     dtype: str | None = None
     heads: str = "refuse"
-    rank_layout: str = "portable"
+    rank_layout: str | None = None  # None: "portable" for an adapter output
     allow_different_bases: bool = False
     allow_nonfinite: bool = False
     scale: float | None = None
@@ -80,6 +80,26 @@ class Plan:
     gguf_base: str | None = None
     base: str | None = None  # DoRA adapters become their effective updates on it (merge_into serves when absent)
 
+    def check_settings_apply(self) -> None:
+        """Refuse a setting that does not apply to this output (silently ignored, it would mislead): the adapter
+        file's format and layout with merge_into, gguf_base without format gguf, the checkpoint's with no merge_into."""
+        if self.merge_into:
+            unused = [key for key in ("format", "rank_layout", "gguf_base") if getattr(self, key) is not None]
+            if unused:
+                raise MethodError(
+                    f"`{unused[0]}` sets the adapter file written; with `merge_into` a merged checkpoint is written: "
+                    f"leave `{unused[0]}` out"
+                )
+        elif any(getattr(self, key) is not None for key in ("shard_size", "workers")):
+            key = "shard_size" if self.shard_size is not None else "workers"
+            raise MethodError(f"`{key}` applies to a merged checkpoint: it needs `merge_into`", option="merge_into")
+        if self.gguf_base is not None and not self.merge_into and self.format != "gguf":
+            raise MethodError(
+                "`gguf_base` names the architecture of a GGUF file: it needs `format='gguf'`",
+                option="format",
+                value="gguf",
+            )
+
     def combine_kwargs(self) -> dict:
         """Keyword arguments for `loramix.combine`."""
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -91,6 +111,7 @@ class Plan:
         options = dict(self.options)
         if self.base and "base" not in options and get_method(self.method).data:
             options["base"] = self.base  # a method that needs data runs the run's base forward
+        kwargs["rank_layout"] = self.rank_layout or "portable"
         return {**kwargs, **options, "dtype": parse_dtype(self.dtype), "load_options": load_options}
 
     def to_yaml(self) -> str:
@@ -158,6 +179,10 @@ def load_recipe(path: str | Path) -> Plan:
     for key in ("merge_into", "gguf_base", "base"):
         if key in fields:
             fields[key] = _relative_source(path, fields[key])
+    if fields.get("merge_into"):  # earlier recipes of merges recorded the adapter file's defaults: no setting
+        for key, default in (("format", "peft"), ("rank_layout", "portable")):
+            if fields.get(key) == default:
+                del fields[key]
     return Plan(adapters=sources, weights=weights, **fields)
 
 

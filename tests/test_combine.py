@@ -228,7 +228,7 @@ def test_lora_bias_combines_exactly(tmp_path):
             assert rel(got.detach(), expected.detach()) < REL, name
 
 
-def test_heads_carried_refused_or_averaged(tmp_path):
+def test_heads_carried_refused_averaged_or_dropped(tmp_path):
     from helpers import tiny_bert_seqcls
 
     heads = [
@@ -241,8 +241,14 @@ def test_heads_carried_refused_or_averaged(tmp_path):
     assert carried.extra.keys() == first.extra.keys()
     for name, item in first.extra.items():
         assert torch.equal(carried.extra[name].tensor, item.tensor)
-    with pytest.raises(IncompatibleAdaptersError, match="heads='average'"):
+    with pytest.raises(IncompatibleAdaptersError, match=r"leave them out .* or average them .*\(pass heads='drop'\)"):
         loramix.combine([h.path for h in heads], weights=[1.0, 1.0], method="cat")
+    result = CliRunner().invoke(
+        main, ["combine", *(str(h.path) for h in heads), "-m", "cat", "-o", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and "(pass --heads drop)" in result.output  # the advice is a flag that exists
+    dropped = loramix.combine([h.path for h in heads], weights=[1.0, 1.0], method="cat", heads="drop")
+    assert not dropped.extra and dropped.modules.keys() == first.modules.keys()
     averaged = loramix.combine([h.path for h in heads], weights=[3.0, 1.0], method="cat", heads="average")
     second = loramix.load_adapter(heads[1].path)
     for name in first.extra:
@@ -361,6 +367,27 @@ def test_cli_flags_and_recipe_build_the_same_plan(trio, tmp_path):
     a, b = loramix.load_adapter(tmp_path / "f"), loramix.load_adapter(tmp_path / "r")
     for name, module in a.modules.items():
         assert torch.equal(module.delta(), b.modules[name].delta())
+
+
+def test_an_asked_rank_below_the_portable_one_is_reported_as_padded(trio, tmp_path):
+    """--rank 4 in the portable layout stores rank 8 (zero-padded): the wrote line, inspect and the card say both;
+    --rank-layout exact stores 4. Oracle: the files themselves (PEFT's config r and the tensors' shapes)."""
+    source = str(trio[1].path)
+    padded = CliRunner().invoke(main, ["combine", source, "--rank", "4", "-o", str(tmp_path / "padded")])
+    assert padded.exit_code == 0, padded.output
+    said = "rank 4, stored as 8 for engines that need it (--rank-layout exact for 4)"
+    assert said in padded.output
+    config = json.loads((tmp_path / "padded" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and said in (tmp_path / "padded" / "README.md").read_text()
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "padded")])
+    assert "4, stored as 8 (zero-padded for engines that need one rank; --rank-layout exact for 4)" in shown.output
+    exact = CliRunner().invoke(
+        main, ["combine", source, "--rank", "4", "--rank-layout", "exact", "-o", str(tmp_path / "exact")]
+    )
+    assert exact.exit_code == 0 and "modules, rank 4, svd" in exact.output, exact.output
+    assert json.loads((tmp_path / "exact" / "adapter_config.json").read_text())["r"] == 4
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "exact")])
+    assert "  ranks         4\n" in shown.output
 
 
 def test_cli_errors_are_one_line_and_inputs_are_safe(trio, tmp_path):

@@ -166,3 +166,42 @@ def test_what_kohya_cannot_hold_is_refused(tmp_path):
     with pytest.raises(OutputError, match="linear and conv2d"):
         _kohya_write(LoraAdapter(modules={"e": embedding}), tmp_path / "emb")
     assert not (tmp_path / "bias").exists() and not (tmp_path / "emb").exists()
+
+
+def test_kohya_metadata_names_the_base_and_is_carried(tmp_path):
+    """sd-scripts' ss_base_model_version (older files: ss_v2) is the base, ss_sd_model_name the checkpoint trained on:
+    inspect shows them, combine no longer warns "base model unknown", the card names the base and the kohya output's
+    metadata (read back with safetensors) carries it; one sd_v1 and one SDXL LoRA are different bases."""
+    tensors = _kohya_file(tmp_path / "style.safetensors", rank=4, seed=7)
+    meta = {"ss_base_model_version": "sd_v1", "ss_sd_model_name": "v1-5-pruned-emaonly.safetensors"}
+    save_file(tensors, str(tmp_path / "style.safetensors"), metadata=meta)
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"ss_v2": "False"})
+    shown = CliRunner().invoke(
+        main, ["inspect", str(tmp_path / "style.safetensors"), str(tmp_path / "old.safetensors")]
+    )
+    assert "base model    sd_v1 (trained on v1-5-pruned-emaonly.safetensors)" in shown.output
+    assert shown.output.count("base model    sd_v1\n") == 1, shown.output  # old.safetensors, from ss_v2
+    inputs = [str(tmp_path / "style.safetensors"), str(tmp_path / "old.safetensors")]
+    result = CliRunner().invoke(main, ["combine", *inputs, "-m", "cat", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    assert "LoRA adapter for `sd_v1`" in (tmp_path / "out" / "README.md").read_text()
+    with safe_open(str(tmp_path / "out" / "out.safetensors"), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sd_v1"
+    save_file(tensors, str(tmp_path / "xl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    refused = CliRunner().invoke(
+        main, ["combine", inputs[0], str(tmp_path / "xl.safetensors"), "-o", str(tmp_path / "x")]
+    )
+    assert refused.exit_code == 2 and "different base models" in refused.output
+
+
+def test_a_kohya_file_without_metadata_is_warned_about_once(tmp_path):
+    for name, seed in (("one", 8), ("two", 9)):
+        _kohya_file(tmp_path / f"{name}.safetensors", rank=2, seed=seed)
+    files = [str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")]
+    result = CliRunner().invoke(main, ["combine", *files, "-m", "cat", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert sorted(warnings) == [
+        f"warning: {n}: base model unknown; only module shapes can be checked against the others"
+        for n in ("one", "two")
+    ]

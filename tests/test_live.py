@@ -12,6 +12,8 @@ equals PEFT's own merge_adapter/unmerge_adapter bit for bit, and lies within 1 f
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import (
@@ -82,6 +84,30 @@ def test_peft_model_round_trip_equals_files(method, options, tmp_path):
     assert not torch.allclose(model_output(model, inputs), ours)  # "first" is still there, unchanged
     loramix.save_adapter(combined, tmp_path / "live-mix")  # the card names the live sources
     assert "`PeftModel(LlamaForCausalLM):second`" in (tmp_path / "live-mix" / "README.md").read_text()
+
+
+def test_injected_then_saved_by_peft_is_read_right_by_every_engine(tmp_path, caplog):
+    """inject_adapter + PEFT's own save_pretrained: the folder holds one rank and one scale (no rank_pattern /
+    alpha_pattern), which `check` finds every engine reads right, and PEFT reloads it to the injected model's logits;
+    rank_layout="exact" injects per-module ranks and warns that engines misread them once saved."""
+    from loramix.compat import check_source
+
+    model = two_adapter_model()
+    combined = loramix.combine([(model, "first"), (model, "second")], weights=[0.7, -0.4], method="cat")
+    assert combined.ranks == [2, 4, 6]  # per-module ranks: the exact layout needs rank_pattern
+    loramix.inject_adapter(model, combined, adapter_name="mix")
+    model.set_adapter("mix")
+    inputs = example_inputs(tiny_llama)
+    ours = model_output(model, inputs)
+    model.save_pretrained(str(tmp_path / "saved"), selected_adapters=["mix"])
+    config = json.loads((tmp_path / "saved" / "mix" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and not config.get("rank_pattern") and not config.get("alpha_pattern")
+    verdicts = {v.consumer: v.status for v in check_source(str(tmp_path / "saved" / "mix")).verdicts}
+    assert all(verdicts[c] == "yes" for c in ("PEFT", "vLLM", "SGLang", "LoRAX/TGI", "llama.cpp")), verdicts
+    reloaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "saved" / "mix")).eval()
+    torch.testing.assert_close(model_output(reloaded, inputs), ours, **F32)
+    loramix.inject_adapter(model, combined, adapter_name="exact", rank_layout="exact")
+    assert "misread" in caplog.text
 
 
 def test_live_sources_equal_their_files(tmp_path):

@@ -12,6 +12,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import loramix.checkpoint
+import loramix.io.files
 import loramix.io.shards
 from loramix import load_adapter, merge_into_base
 from loramix.cli import main
@@ -233,6 +237,50 @@ def test_merge_keeps_the_bases_dtype_unless_asked(dtype, tmp_path):
         f"The base is stored in {name}; this checkpoint was converted to bfloat16"
         in (tmp_path / "bf16" / "README.md").read_text()
     )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_mid_merge_leaves_nothing_and_exits_130(sig, tmp_path):
+    """SIGTERM (timeout, kill, Docker, Slurm) is handled as SIGINT: the hidden temporary copy of the checkpoint being
+    written is removed, the target never appears, and the exit status is 130 with one line on stderr."""
+    sizes = {"layers": 3, "hidden": 512, "inter": 2048}  # about 15 MB: the merge takes a while
+    base, adapter = make_base(tmp_path / "base", **sizes), make_adapter(tmp_path / "adapter", **sizes)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "loramix", "combine", str(adapter), "-m", "cat", "--merge-into", str(base)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([*args, "--workers", "1", "-o", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*.tmp")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert child.poll() is None, "the merge ended before it could be interrupted"
+    child.send_signal(sig)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted"), stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*")), sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_an_interrupt_once_the_new_output_is_in_place_finishes_the_replace(tmp_path, monkeypatch, caplog):
+    """--force: an interrupt while the earlier output is being removed (the new one already in place) finishes the
+    removal and lets the run end as written, instead of saying it was interrupted."""
+    from loramix.io.files import atomic_output
+
+    target = tmp_path / "out"
+    with atomic_output(target) as tmp:
+        (tmp / "README.md").write_text("old\n")
+    real, calls = loramix.io.files.shutil.rmtree, []
+
+    def interrupted(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(loramix.io.files.shutil, "rmtree", interrupted)
+    with atomic_output(target, overwrite=True) as tmp:
+        (tmp / "README.md").write_text("new\n")
+    assert (target / "README.md").read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert "interrupt while the earlier output was being removed was ignored" in caplog.text
 
 
 def _rss() -> int:

@@ -137,8 +137,9 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 )
 @click.option(
     "--heads",
-    type=click.Choice(["refuse", "average"]),
-    help="Heads (modules_to_save) that several adapters carry: refuse, or their weighted average [default: refuse].",
+    type=click.Choice(["refuse", "average", "drop"]),
+    help="Heads (modules_to_save) that several adapters carry: refuse, their weighted average, or drop them (the "
+    "base's own stay) [default: refuse].",
 )
 @click.option("--allow-different-bases", is_flag=True, default=None, help="Combine adapters made for different bases.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf in the inputs.")
@@ -205,7 +206,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     """
     from loramix.pipeline import run
     from loramix.recipe import Plan, load_recipe
-    from loramix.render.card import kept_summary, quantized_summary, rank_span
+    from loramix.render.card import kept_summary, quantized_summary, rank_text
     from loramix.runtime import torch_threads
 
     for key in ("density", "majority_sign", "seed", "space", "examples"):  # flags for method options
@@ -254,7 +255,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         method = report.adapter.provenance.get("method", plan.method)
         kept = kept_summary(report.adapter.provenance)
         click.echo(
-            f"wrote {plan.output}: {counted(len(report.adapter.modules), 'module')}, {rank_span(report.adapter.ranks)}"
+            f"wrote {plan.output}: {counted(len(report.adapter.modules), 'module')}, {rank_text(report.adapter)}"
             + f", {method} of {counted(report.sources, 'adapter')}"
             + (f" ({report.format} format)" if report.format in ("kohya", "comfyui", "diffusers", "gguf") else "")
             + (f"; {kept}" if kept else "")

@@ -40,8 +40,9 @@ def extract(ctx: click.Context, base, finetuned, output, as_json, threads, force
     give each module's rank, kept energy and measured relative error; changed tensors that are not LoRA targets
     (norms, biases, a resized embedding) are carried whole or listed; identical ones are skipped.
     """
+    from loramix.adapter import portable_layout
     from loramix.pipeline import EXTRACTION_FILE, extract
-    from loramix.render.card import rank_span
+    from loramix.render.card import rank_text
     from loramix.runtime import torch_threads
 
     with torch_threads(threads):
@@ -54,8 +55,10 @@ def extract(ctx: click.Context, base, finetuned, output, as_json, threads, force
     modules = result.modules
     errors = [m.error for m in modules.values()]
     kept = min(m.kept for m in modules.values())
+    exact = options["format"] == "kohya" or options["rank_layout"] == "exact"  # else zero-padded to one rank
+    written = result.adapter if exact else portable_layout(result.adapter)
     line = (
-        f"wrote {output}: {counted(len(modules), 'module')}, {rank_span(sorted({m.rank for m in modules.values()}))}"
+        f"wrote {output}: {counted(len(modules), 'module')}, {rank_text(written)}"
         f", energy kept ≥ {kept:.4f}, relative error ≤ {max(errors):.4f}"
     )
     if result.carried:

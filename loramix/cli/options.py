@@ -4,10 +4,13 @@ commands take. Imports only click and `loramix.errors`, so ``--help`` stays torc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -156,6 +159,27 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     logging.getLogger("loramix.cli").warning("%s (%s from %s)", str(message).strip(), category.__name__, origin)
 
 
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what timeout, kill, Docker and Slurm send) raises KeyboardInterrupt like SIGINT, so that an output
+    being written is cleaned up (`loramix.io.files.atomic_output`) instead of the process dying mid-write."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Group(click.Group):
     """A group whose commands all take the verbosity options, and whose usage errors (unknown option, bad value) are
     one line on stderr, like every error."""
@@ -166,7 +190,7 @@ class Group(click.Group):
         others = _OtherLibraries(logging.WARNING)
         logging.getLogger().addHandler(others)  # for the length of the command, as the warnings below
         try:
-            with warnings.catch_warnings():  # Python warnings (matplotlib's, torch's) as lines -q hides
+            with warnings.catch_warnings(), _sigterm_as_interrupt():  # Python warnings as lines -q hides
                 warnings.showwarning = _warning_line
                 code = super().main(*args, standalone_mode=False, **kwargs)
         except click.ClickException as exc:
@@ -175,9 +199,9 @@ class Group(click.Group):
             else:
                 click.echo(f"error: {shown(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("error: aborted", err=True)
-            sys.exit(1)
+        except click.Abort:  # click's form of KeyboardInterrupt (SIGINT, and SIGTERM here)
+            click.echo("error: interrupted; no partial output is left behind", err=True)
+            sys.exit(INTERRUPTED)
         finally:
             logging.getLogger().removeHandler(others)
         sys.exit(code if isinstance(code, int) else 0)

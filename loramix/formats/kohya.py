@@ -28,8 +28,10 @@ and diffusers-named adapters does not line their modules up: convert one of them
 dotted module path again, where that is unambiguous.
 
 Written files hold ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and a float32 ``<name>.alpha`` equal to
-scale·rank (so alpha/rank gives back the scale), plus kohya's ``ss_network_dim``/``ss_network_alpha`` metadata. The
-format has no place for heads, lora_B biases, DoRA magnitudes or embedding LoRA: those are refused on write.
+scale·rank (so alpha/rank gives back the scale), plus kohya's ``ss_network_dim``/``ss_network_alpha`` metadata and
+the base kohya's trainers record (``ss_base_model_version``, ``ss_sd_model_name``; read as the adapter's base, see
+`file_base`). The format has no place for heads, lora_B biases, DoRA magnitudes or embedding LoRA: those are refused
+on write.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ NAME = "kohya"
 SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' LoRA_ADAPTER_METADATA_KEY: each component's LoraConfig
+BASE_VERSION, MODEL_NAME = "ss_base_model_version", "ss_sd_model_name"  # sd-scripts' metadata of the base
 MAX_SCALE = 2.0**16  # alpha/rank beyond this is no trained LoRA (and overflows float16 outputs)
 KOHYA_PREFIX = re.compile(r"^(?:lora_(?:unet|te\d?|transformer)|lycoris)_")  # lycoris_: LyCORIS on any torch model
 # (key pattern, style): groups module, side (down/up/A/B/alpha)
@@ -159,14 +162,30 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
         notes.append("every lora_up factor is zero: this adapter changes nothing")
     adapter = LoraAdapter(
         modules=modules,
-        base_model=meta.get("loramix_base_model") or None,
+        base_model=file_base(meta),
         source=str(path),
-        name=file.stem if file.name != DIFFUSERS_FILE else file.parent.name,
+        name=file.stem if file.name != DIFFUSERS_FILE else file.resolve().parent.name,  # diffusers' one name
         warnings=notes,
         file_bytes=file.stat().st_size,
-        provenance={"format": "kohya", "key_style": "+".join(sorted(styles)), "file": file.name},
+        provenance={"format": "kohya", "key_style": "+".join(sorted(styles)), "file": file.name, **trained_on(meta)},
     )
     return identify(adapter, str(file))
+
+
+def file_base(meta: dict[str, str]) -> str | None:
+    """The base a kohya/LyCORIS file's metadata names: loramix's own key, else kohya's ``ss_base_model_version``
+    (``sd_v1``, ``sdxl_base_v1-0``, …; older sd-scripts wrote only ``ss_v2``), the model family its LoRAs fit — not
+    ``ss_sd_model_name``, the checkpoint file it was trained on, which two LoRAs of one family rarely share."""
+    if meta.get("loramix_base_model"):
+        return meta["loramix_base_model"]
+    if meta.get(BASE_VERSION):
+        return meta[BASE_VERSION]
+    return {"True": "sd_v2", "False": "sd_v1"}.get(meta.get("ss_v2", ""))
+
+
+def trained_on(meta: dict[str, str]) -> dict[str, str]:
+    """``{"sd_model_name": …}``: the checkpoint kohya's metadata says the LoRA was trained on, when it says."""
+    return {"sd_model_name": meta[MODEL_NAME]} if meta.get(MODEL_NAME) else {}
 
 
 def metadata(file: Path) -> dict[str, str]:
@@ -339,6 +358,10 @@ def write(
         "ss_network_args": json.dumps({"loramix_ranks": ranks}),
         "loramix_base_model": adapter.base_model or "",
     }
+    if adapter.base_model and "/" not in adapter.base_model and kohya_named(adapter.modules):  # a kohya family name
+        metadata[BASE_VERSION] = adapter.base_model
+    if adapter.provenance.get("sd_model_name"):
+        metadata[MODEL_NAME] = adapter.provenance["sd_model_name"]
     file = folder / (file_name or folder.name + ".safetensors")
     save_file(tensors, str(file), metadata=metadata)
     return file

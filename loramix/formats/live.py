@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from loramix import experts
-from loramix.adapter import LoraAdapter
+from loramix.adapter import LoraAdapter, check_rank_layout, is_portable, portable_layout
 from loramix.errors import AdapterFormatError, MethodError
 from loramix.formats import _keys, peft
 from loramix.io.files import check_finite
@@ -159,11 +159,23 @@ def _check_adapter(adapter, what: str) -> None:
         raise MethodError(f"{what} takes a LoraAdapter (from load_adapter or combine), not a {type(adapter).__name__}")
 
 
-def inject_adapter(model: torch.nn.Module, adapter: LoraAdapter, *, adapter_name: str) -> torch.nn.Module:
+def inject_adapter(
+    model: torch.nn.Module, adapter: LoraAdapter, *, adapter_name: str, rank_layout: str = "portable"
+) -> torch.nn.Module:
     """Add ``adapter`` to ``model`` (a ``PeftModel``, or a transformers model: PEFT's transformers integration) as
-    the PEFT adapter ``adapter_name`` and return the model; ``model.set_adapter(adapter_name)`` then uses it."""
+    the PEFT adapter ``adapter_name`` and return the model; ``model.set_adapter(adapter_name)`` then uses it.
+
+    ``rank_layout`` as `loramix.save_adapter`: "portable" (the default) injects the same ΔW in one rank and one
+    scale (`loramix.adapter.portable_layout`), so that PEFT's own ``save_pretrained`` then writes a folder every
+    serving engine reads right; "exact" keeps per-module ranks and scales (rank_pattern, alpha_pattern), which those
+    engines misread once saved (a warning says so)."""
     _check_adapter(adapter, "inject_adapter")
     experts.refuse(adapter, "inject_adapter (PEFT injects target_parameters only from a config, not a state dict)")
+    check_rank_layout(rank_layout)
+    if rank_layout == "portable":
+        adapter = portable_layout(adapter)
+    elif not is_portable(adapter):
+        peft.warn_exact_layout()
     if not isinstance(adapter_name, str) or not adapter_name:
         raise MethodError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
     takes_adapters = hasattr(model, "get_base_model") or hasattr(model, "add_adapter")

@@ -115,12 +115,17 @@ def read(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
         notes.append("every module's update is zero: this adapter changes nothing")
     adapter = LoraAdapter(
         modules=modules,
-        base_model=kohya.metadata(file).get("loramix_base_model") or None,
+        base_model=kohya.file_base(kohya.metadata(file)),
         source=str(path),
         name=file.stem,
         warnings=notes,
         file_bytes=file.stat().st_size,
-        provenance={"format": NAME, "file": file.name, "lycoris": _summary(kinds)},
+        provenance={
+            "format": NAME,
+            "file": file.name,
+            "lycoris": _summary(kinds),
+            **kohya.trained_on(kohya.metadata(file)),
+        },
     )
     return identify(adapter, str(file))  # a diffusion transformer's modules onto diffusers' names
 

@@ -209,6 +209,14 @@ def config_dict(adapter: LoraAdapter) -> dict:
     }
 
 
+def warn_exact_layout() -> None:
+    log.warning(
+        "`rank_layout='exact'` writes per-module ranks/scales (rank_pattern, alpha_pattern, use_rslora), which %s "
+        "misread; the default portable layout does not",
+        MISREADERS,
+    )
+
+
 def write(
     adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None = None, rank_layout: str = "portable"
 ) -> Path:
@@ -232,11 +240,7 @@ def write(
     if rank_layout == "portable":
         adapter = portable_layout(adapter)
     elif not is_portable(adapter):
-        log.warning(
-            "`rank_layout='exact'` writes per-module ranks/scales (rank_pattern, alpha_pattern, use_rslora), which %s "
-            "misread; the default portable layout does not",
-            MISREADERS,
-        )
+        warn_exact_layout()
     adapter = experts.uniform_adapter(adapter)
     tensors = state_dict(adapter, dtype)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -248,6 +248,9 @@ def _fresh(target: Path, *, folder: bool) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)
+        if folder:  # not renamed into place (a failure, an interrupt at any point): nothing is left behind
+            for leftover in (new, path):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def recover(target: Path) -> None:
@@ -301,17 +304,13 @@ def atomic_output(
         with _os_errors(target):
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = stack.enter_context(_fresh(target, folder=True))
-        try:
-            yield tmp
-            if finite:
-                check_output_finite(tmp, target)
-            if not is_loramix_output(tmp):  # no card, recipe or search record says who wrote it
-                (tmp / MARKER_FILE).write_text(_MARKER_TEXT)
-            _umask_modes(tmp)
-            _place(tmp, target, overwrite)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        yield tmp  # on any failure or interrupt, leaving the stack removes tmp (see `_fresh`)
+        if finite:
+            check_output_finite(tmp, target)
+        if not is_loramix_output(tmp):  # no card, recipe or search record says who wrote it
+            (tmp / MARKER_FILE).write_text(_MARKER_TEXT)
+        _umask_modes(tmp)
+        _place(tmp, target, overwrite)
 
 
 def _umask_modes(folder: Path) -> None:
@@ -343,10 +342,15 @@ def _place(tmp: Path, target: Path, overwrite: bool) -> None:
         os.replace(target, old)
         try:
             os.replace(tmp, target)
-        except OSError:
-            os.replace(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        except (OSError, KeyboardInterrupt):
+            if tmp.exists():  # not in place: the earlier output goes back
+                os.replace(old, target)
+                raise
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except KeyboardInterrupt:  # the new output is complete and in place: finish removing the earlier one
+            shutil.rmtree(old, ignore_errors=True)
+            log.warning("%s: written; an interrupt while the earlier output was being removed was ignored", target)
     finally:
         os.close(fd)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from huggingface_hub import ModelCardData
 
 from loramix import experts
-from loramix.adapter import LoraAdapter
+from loramix.adapter import LoraAdapter, unpadded_rank
 from loramix.analysis.results import Analysis
 from loramix.checkpoint import MergeReport
 from loramix.errors import counted
@@ -63,6 +63,21 @@ def _hub_base(base: str | None) -> str | None:
 def rank_span(ranks: list[int]) -> str:
     """``rank 24`` or ``rank 8–24`` for the sorted ranks of a result."""
     return f"rank {ranks[0]}" + (f"–{ranks[-1]}" if ranks[-1] != ranks[0] else "")
+
+
+def rank_text(adapter: LoraAdapter) -> str:
+    """``rank 8``, or where the stored factors are zero-padded to one rank (`loramix.adapter.portable_layout`) the rank
+    without the padding and the rank stored: ``rank 4, stored as 8 for engines that need it (--rank-layout exact for
+    4)``."""
+    stored = adapter.ranks
+    used = sorted({unpadded_rank(m) for m in adapter.modules.values()})
+    if used == stored:
+        return rank_span(stored)
+    shown = rank_span(used)
+    return (
+        f"{shown}, stored as {rank_span(stored).removeprefix('rank ')} for engines that need it "
+        f"(--rank-layout exact for {shown.removeprefix('rank ')})"
+    )
 
 
 def _median(values: list[float]) -> float:
@@ -248,11 +263,12 @@ def model_card(
     else:
         body += ["Written through the loramix Python API (no command line).", ""]
     if recipe:
-        body += [f"The recipe is saved beside this card as `{RECIPE_FILE}`: `loramix combine --recipe {RECIPE_FILE}`"]
+        body += [f"The recipe is saved beside this card as `{RECIPE_FILE}`: in this folder,"]
         repeats = "the combination with the searched weights (the search is in search.json)" if searched else "the run"
-        body += [f"repeats {repeats}.", ""]
+        body += [f"`loramix combine --recipe {RECIPE_FILE} -o OUT` repeats {repeats} into a new folder OUT.", ""]
     stored = dtype or str(adapter.dtype).removeprefix("torch.")
-    body += [f"loramix version: {loramix_version()}; output: {kind}, stored in {stored}.", ""]
+    ranks = "" if merged or not adapter.modules else f"; {rank_text(adapter)}"
+    body += [f"loramix version: {loramix_version()}; output: {kind}, stored in {stored}{ranks}.", ""]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
 
 

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 from loramix import experts
-from loramix.adapter import LoraAdapter, dtype_name
+from loramix.adapter import LoraAdapter, dtype_name, unpadded_rank
 from loramix.analysis.names import type_counts, type_summary
 
 
@@ -33,11 +33,13 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         "file": adapter.provenance.get("file"),
         "base_model": adapter.base_model,
         "architecture": adapter.provenance.get("architecture"),
+        "trained_on": adapter.provenance.get("sd_model_name"),  # the checkpoint file kohya's metadata names
         "task_type": adapter.task_type,
         "dtype": dtype_name(adapter.dtype),
         "num_modules": len(adapter.modules),
         "module_types": type_counts(adapter.modules),
         "ranks": adapter.ranks,
+        "unpadded_ranks": sorted({unpadded_rank(m) for m in modules}),  # without portable_layout's zero padding
         "scales": scales,
         "num_params": adapter.num_params(),
         "file_bytes": adapter.file_bytes,
@@ -79,6 +81,13 @@ def _source(summary: dict) -> str:
     return summary["source"] if not file or summary["source"].endswith(file) else f"{summary['source']} ({file})"
 
 
+def _ranks(summary: dict) -> str:
+    stored, used = (", ".join(map(str, summary[key])) for key in ("ranks", "unpadded_ranks"))
+    if stored == used:
+        return stored
+    return f"{used}, stored as {stored} (zero-padded for engines that need one rank; --rank-layout exact for {used})"
+
+
 def inspect_text(summaries: list[dict]) -> str:
     """A readable block per adapter."""
     blocks = []
@@ -86,12 +95,15 @@ def inspect_text(summaries: list[dict]) -> str:
         types = type_summary(s["module_types"])
         rows = [
             ("source", _source(s)),
-            ("base model", s["base_model"] or "(unknown)"),
+            (
+                "base model",
+                (s["base_model"] or "(unknown)") + (f" (trained on {s['trained_on']})" if s.get("trained_on") else ""),
+            ),
             *([("architecture", s["architecture"])] if s.get("architecture") else []),
             ("task", s["task_type"] or "-"),
             ("dtype", s["dtype"]),
             ("modules", f"{s['num_modules']} ({types})"),
-            ("ranks", ", ".join(map(str, s["ranks"]))),
+            ("ranks", _ranks(s)),
             ("scale", ", ".join(f"{v:g}" for v in s["scales"])),
             ("parameters", f"{s['num_params']:,}"),
             ("file size", _size(s["file_bytes"]) if s["file_bytes"] else "-"),
