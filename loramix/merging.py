@@ -98,7 +98,7 @@ def merge_into_base(
             )  # fmt: skip
         if CARD_FILE in files:  # a quantized base or a QLoRA-faithful merge: what was done, in the card
             files = {**files, CARD_FILE: quantization_section(files[CARD_FILE], report)}
-        if report.dtype != report.base_dtype:
+        if report.dtype != report.base_dtype and report.written_as is None:  # else quantization_section says
             names = (str(d).removeprefix("torch.") for d in (report.base_dtype, report.dtype))
             files = {**files, CARD_FILE: files.get(CARD_FILE, "") + dtype_section(*names)}
         write_files(tmp, files)

@@ -64,8 +64,11 @@ def typed(name: str) -> str:
 
 
 def type_counts(names) -> dict[str, int]:
-    """How many modules of each `typed` type ``names`` hold, in natural order (components after plain types)."""
-    counts = Counter(map(typed, names))
+    """How many modules of each `typed` type ``names`` hold, in natural order (components after plain types); the
+    component is named only where the names span several (a GPT-2's ``transformer.h.0`` is no pipeline's part)."""
+    names = list(names)
+    several = len({component_of(n) for n in names}) > 1
+    counts = Counter(map(typed if several else type_of, names))
     return {key: counts[key] for key in sorted(counts, key=lambda k: (":" in k, natural_key(k)))}
 
 

@@ -240,10 +240,11 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         merge = report.merge
         worst = max(merge.survival.items(), key=lambda kv: kv[1].error, default=None)
         names = [str(d).removeprefix("torch.") for d in (merge.base_dtype, merge.dtype)]
+        converted = names[0] != names[1] and merge.written_as is None  # else quantized_summary says how it was
         click.echo(
             f"wrote {plan.output}: {plan.merge_into} with {counted(len(merge.survival), 'module')} merged, "
             f"{counted(merge.tensors, 'tensor')} in {counted(len(merge.shards), 'shard')}"
-            + (f", converted from {names[0]} to {names[1]} (--dtype)" if names[0] != names[1] else "")
+            + (f", converted from {names[0]} to {names[1]} (--dtype)" if converted else "")
             + (
                 f"; stored ΔW vs intended: error ≤ {worst[1].error:.3f}, cosine {worst[1].cosine:.3f} ({worst[0]})"
                 if worst
