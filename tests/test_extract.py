@@ -340,7 +340,7 @@ def test_kohya_output_lists_the_tensors_it_cannot_carry(tmp_path, caplog):
 
 def test_mismatched_models_are_one_line_errors_naming_the_file(tmp_path):
     base, tuned, _ = _pair(tmp_path)
-    state = load_file(str(tuned / "model.safetensors"))
+    state = {k: v.clone() for k, v in load_file(str(tuned / "model.safetensors")).items()}  # not views of the file
     state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:, :64].contiguous()
     save_file(state, str(tuned / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(
