@@ -413,19 +413,20 @@ def write_merged(
     if base.config:  # a single-file checkpoint (ComfyUI's, BFL's) has none
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_other_files(base, folder)
+    stored = base_dtype(base)
     report = MergeReport(
         path=folder,
         shards=names,
         total_size=total,
         tensors=len(jobs),
-        dtype=dtype or base_dtype(base),
+        dtype=dtype or stored,
         survival=_survival_by_module(jobs, stats),
         replaced=[j.name for j in jobs if j.replaced and j.replaced != "added"],
         added=[j.name for j in jobs if j.replaced == "added"],
         notes=notes,
         quantization=quantization,
         round_tripped=[j.name for j in jobs if j.quantization is not None],
-        base_dtype=base_dtype(base),
+        base_dtype=stored,
         written_as=written_as(quantized, dtype),
         in_own_format=quantized is not None and dtype is None,
         below_step={u.name: shares[j.name] for j in jobs for u in j.updates if j.name in shares},
