@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter, canonical_base
-from loramix.checkpoint import MergeReport, write_merged
-from loramix.diffusers_merge import write_merged_pipeline
+from loramix.merge.checkpoint import MergeReport, write_merged
+from loramix.merge.diffusers_pipeline import write_merged_pipeline
 from loramix.errors import CheckpointError, MethodError
 from loramix.formats import load_adapter
 from loramix.formats.diffusion import onto_base

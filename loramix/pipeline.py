@@ -19,7 +19,7 @@ import torch
 
 from loramix.adapter import LoraAdapter, portable_layout
 from loramix.analysis import Analysis, analyze
-from loramix.checkpoint import MergeReport
+from loramix.merge.checkpoint import MergeReport
 from loramix.combination import check_settings
 from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
 from loramix.extraction import Extraction, extract_lora

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loramix.adapter import LoraAdapter
-from loramix.compat.checkpoint import check_checkpoint
+from loramix.compat.model_checkpoint import check_checkpoint
 from loramix.compat.diffusion import family_verdicts
 from loramix.compat.engines import (
     VLLM_MAX_RANKS,
@@ -30,7 +30,7 @@ from loramix.compat.engines import (
 from loramix.compat.experts import expert_verdicts
 from loramix.compat.facts import Facts, Verdict
 from loramix.compat.naming import renamed_verdicts
-from loramix.compat.peft import peft, transformers
+from loramix.compat.peft_versions import peft, transformers
 from loramix.compat.sets import set_verdicts
 from loramix.formats import load_adapter
 from loramix.formats._keys import CONFIG_FILE, read_config

@@ -26,7 +26,7 @@ import torch
 from loramix import experts
 from loramix.adapter import ExpertSlot, ExtraTensor, LoraAdapter, LoraModule
 from loramix.errors import MethodError
-from loramix.extraction.fused import FusedTensors, fused_view
+from loramix.extraction.fused_experts import FusedTensors, fused_view
 from loramix.extraction.spectrum import top_singular
 from loramix.extraction.tensors import TensorSource, open_model, open_pair, pair, resized, target_layout
 from loramix.linalg import RankRule

@@ -28,7 +28,7 @@ from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
 from loramix.extraction import GPU_BATCH, Extraction, Extractor, ModuleExtraction, Pending, math_view
 from loramix.io.base import is_conv1d, open_base, resolve_base
-from loramix.kernels import Update, decide_layout, dora_delta
+from loramix.merge.kernels import Update, decide_layout, dora_delta
 from loramix.linalg import RankRule, factor_inner, truncated_factors
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
 

@@ -19,9 +19,9 @@ from loramix.adapter import LoraAdapter, check_compatible
 from loramix.errors import AdapterFormatError, IncompatibleAdaptersError, MethodError
 from loramix.formats import _keys, adalora, gguf, kohya, live, lycoris, peft, peft_lycoris, statedict
 from loramix.formats.diffusion import comfyui, file_naming
-from loramix.formats.diffusion import files as diffusion_files
+from loramix.formats.diffusion import reference_names as diffusion_files
 from loramix.formats.diffusion import writer as diffusers_writer
-from loramix.io.conversion import in_memory, model_names
+from loramix.io.conversion_mapping import in_memory, model_names
 from loramix.schedule import parse
 from loramix.sources import local_config, parse_hub_id, resolve
 

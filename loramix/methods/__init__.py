@@ -14,6 +14,6 @@ from loramix.methods import (  # noqa: F401 — each registers its methods
     subspace,
     task_arithmetic,
 )
-from loramix.methods.base import REGISTRY, Method, Term, absent_as_zero, get_method, method
+from loramix.methods.registry import REGISTRY, Method, Term, absent_as_zero, get_method, method
 
 __all__ = ["REGISTRY", "Method", "Term", "absent_as_zero", "get_method", "method"]

@@ -19,7 +19,7 @@ from huggingface_hub import ModelCardData
 from loramix import experts
 from loramix.adapter import LoraAdapter, unpadded_rank
 from loramix.analysis.results import Analysis
-from loramix.checkpoint import MergeReport
+from loramix.merge.checkpoint import MergeReport
 from loramix.errors import counted
 from loramix.methods import REGISTRY
 from loramix.quantize import Quantization

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter
-from loramix.checkpoint import MergeReport, write_merged
+from loramix.merge.checkpoint import MergeReport, write_merged
 from loramix.io.diffusers import Pipeline, split_adapter
 from loramix.io.shards import WEIGHT_SUFFIXES
 

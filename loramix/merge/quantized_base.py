@@ -18,7 +18,7 @@ import torch
 from loramix.errors import CheckpointError
 from loramix.io.base import BaseCheckpoint
 from loramix.io.quantized import QuantizedBase, share_below
-from loramix.kernels import Survival, delta_rows, dora_merge
+from loramix.merge.kernels import Survival, delta_rows, dora_merge
 from loramix.runtime import DTYPE_NAMES
 
 

@@ -33,7 +33,7 @@ from loramix.io.base import (
     tied_embedding,
     ties_output_head,
 )
-from loramix.io.conversion import for_checkpoint
+from loramix.io.conversion_mapping import for_checkpoint
 from loramix.io.quantized import DequantizedTensor, Requantized
 from loramix.io.shards import (
     base_layout,
@@ -45,7 +45,7 @@ from loramix.io.shards import (
     write_index,
     write_shards,
 )
-from loramix.kernels import (
+from loramix.merge.kernels import (
     StoredUpdate,
     Survival,
     Update,
@@ -55,7 +55,7 @@ from loramix.kernels import (
     warn_stored,
 )
 from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
-from loramix.quantized_merge import mark_quantized, requantize, written_as
+from loramix.merge.quantized_base import mark_quantized, requantize, written_as
 from loramix.runtime import DTYPE_NAMES, parse_size, progress_bar
 
 log = logging.getLogger(__name__)

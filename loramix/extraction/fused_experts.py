@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from loramix.extraction.tensors import TensorSource
-from loramix.io.conversion import DiskBlock, ModelNames, model_names
+from loramix.io.conversion_mapping import DiskBlock, ModelNames, model_names
 
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 

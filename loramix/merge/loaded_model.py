@@ -27,7 +27,7 @@ from loramix.adapter import LoraAdapter
 from loramix.errors import CheckpointError, MethodError
 from loramix.formats import load_adapter
 from loramix.io.base import NameMatcher
-from loramix.kernels import (
+from loramix.merge.kernels import (
     StoredUpdate,
     Survival,
     Update,
