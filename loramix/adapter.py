@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from loramix.errors import IncompatibleAdaptersError, MethodError
+from loramix.errors import IncompatibleAdaptersError, SettingError
 
 LAYOUTS = ("linear", "conv1d_fan_in_fan_out", "embedding", "conv2d")
 _PARTS = ("A", "B", "bias", "magnitude")  # a module's tensors
@@ -311,7 +311,7 @@ def unpadded_rank(module: LoraModule) -> int:
 
 def check_rank_layout(rank_layout: str) -> None:
     if rank_layout not in RANK_LAYOUTS:
-        raise MethodError(f"rank_layout must be {' or '.join(map(repr, RANK_LAYOUTS))}, got {rank_layout!r}")
+        raise SettingError(f"rank_layout must be {' or '.join(map(repr, RANK_LAYOUTS))}, got {rank_layout!r}")
 
 
 def portable_layout(adapter: LoraAdapter) -> LoraAdapter:

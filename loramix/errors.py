@@ -70,7 +70,27 @@ class IncompatibleAdaptersError(LoramixError, ValueError):
 
 
 class MethodError(LoramixError, ValueError):
-    """A merge method, its options or a run setting (device, dtype, weights) was misused."""
+    """A merge method was misused: an unknown method, an option it does not take or a bad option value, or what it
+    needs (data, a second adapter) missing. The kinds below are its subclasses, so ``except MethodError`` still
+    catches every misuse of a call's options."""
+
+
+class SettingError(MethodError):
+    """A setting of a run has a value loramix cannot use: a rank rule, weights, a schedule, a dtype, a shard size, a
+    rank layout, a count of workers, or a setting that needs another one."""
+
+
+class DeviceError(SettingError):
+    """The device asked for is unknown, or not available on this machine."""
+
+
+class OutputFormatError(SettingError):
+    """An output format that does not exist, or one that does not fit what is written."""
+
+
+class ArgumentError(MethodError, TypeError):
+    """A Python call got the wrong kind of object (a model where an adapter was expected, a single source where a
+    list was): a mistake in the calling code, not in a value."""
 
 
 class OutputError(LoramixError):

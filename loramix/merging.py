@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter, canonical_base
-from loramix.merge.checkpoint import MergeReport, write_merged
-from loramix.merge.diffusers_pipeline import write_merged_pipeline
-from loramix.errors import CheckpointError, MethodError
+from loramix.errors import CheckpointError, SettingError
 from loramix.formats import load_adapter
 from loramix.formats.diffusion import onto_base
 from loramix.io.base import open_base, resolve_base, with_base_names
 from loramix.io.diffusers import is_pipeline, open_pipeline
 from loramix.io.files import atomic_output
+from loramix.merge.checkpoint import MergeReport, write_merged
+from loramix.merge.diffusers_pipeline import write_merged_pipeline
 from loramix.quantize import quantization_settings
 from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
 from loramix.runtime import parse_dtype, require_path, resolve_device
@@ -65,7 +65,7 @@ def merge_into_base(
     with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
     require_path(out, "out (the output folder)")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise MethodError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
+        raise SettingError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
     adapter = load_adapter(adapter)
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)

@@ -52,6 +52,7 @@ LAYERS = [
     ["loramix.schedule"],
     ["loramix.experts"],
     ["loramix.adapter"],
+    ["loramix.architecture"],
     ["loramix.lazy"],
     ["loramix.errors"],
 ]

@@ -28,8 +28,8 @@ from helpers import example_inputs, make_peft_adapter, model_output, tiny_llama
 from safetensors.torch import load_file
 
 from loramix import analyze, load_adapter, merge_into_base
-from loramix.merge.checkpoint import CheckpointError
 from loramix.cli import main
+from loramix.merge.checkpoint import CheckpointError
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 

@@ -25,11 +25,12 @@ from typing import Protocol
 import torch
 
 from loramix.adapter import LoraAdapter, LoraModule
-from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
+from loramix.architecture import is_conv1d
+from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError, SettingError
 from loramix.extraction import GPU_BATCH, Extraction, Extractor, ModuleExtraction, Pending, math_view
-from loramix.io.base import is_conv1d, open_base, resolve_base
-from loramix.merge.kernels import Update, decide_layout, dora_delta
+from loramix.io.base import open_base, resolve_base
 from loramix.linalg import RankRule, factor_inner, truncated_factors
+from loramix.merge.kernels import Update, decide_layout, dora_delta
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
 
 
@@ -104,7 +105,7 @@ def convert_lora(
     dependent = {**base_updates(adapter), **(updates or {})}
     if dependent and base is None:
         kinds = sorted({u.kind for u in dependent.values()})
-        raise MethodError(
+        raise SettingError(
             f"{adapter.source}: {len(dependent)} {'/'.join(kinds)} module(s) ({next(iter(dependent))}, ...) change "
             "with the base weight, so converting them needs the base model",
             option="base",

@@ -24,15 +24,9 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter, LoraModule
+from loramix.architecture import GPT2_CONV1D, tied_embedding, ties_output_head
 from loramix.errors import CheckpointError
-from loramix.formats.peft import GPT2_CONV1D
-from loramix.io.base import (
-    DIFFUSERS_WEIGHTS,
-    BaseCheckpoint,
-    BaseTensor,
-    tied_embedding,
-    ties_output_head,
-)
+from loramix.io.base import DIFFUSERS_WEIGHTS, BaseCheckpoint, BaseTensor
 from loramix.io.conversion_mapping import for_checkpoint
 from loramix.io.quantized import DequantizedTensor, Requantized
 from loramix.io.shards import (
@@ -54,9 +48,9 @@ from loramix.merge.kernels import (
     dora_merge,
     warn_stored,
 )
-from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
 from loramix.merge.quantized_base import mark_quantized, requantize, written_as
-from loramix.runtime import DTYPE_NAMES, parse_size, progress_bar
+from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
+from loramix.runtime import OUTPUT_DTYPE_NAMES, parse_size, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +154,7 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | 
                 f"{name}.weight is not stored in the base: {name} is tied to {key} (tie_word_embeddings), so its ΔW "
                 f"is merged into {key} and the input embeddings change with it (as PEFT's merge_and_unload does)"
             )
-        elif ties_output_head(base, key):
+        elif ties_output_head(base.config, base.tensors, key):
             notes.append(
                 f"{key} is the input embedding and the base ties its output head to it (tie_word_embeddings, no head "
                 f"stored): merging {name} changes the output head as well (as PEFT's merge_and_unload does)"
@@ -214,13 +208,14 @@ def _plan_extras(
         key = base.find(name)
         tensor = extra.tensor
         if key is None and extra.kind == "base_layer":
-            key = tied_embedding(base, name.rpartition(".")[0])  # PEFT saves a tied head's weight under its name
+            # PEFT saves a tied head's weight under its name
+            key = tied_embedding(base.config, base.tensors, name.rpartition(".")[0])
             if key is None:
                 raise CheckpointError(f"adapter tensor {name} (a saved base layer) has no match in base {base.folder}")
             if jobs[key].replaced == "base_layer" and not torch.equal(jobs[key].source.tensor, tensor):
                 raise CheckpointError(f"adapter tensors {name} and {key} are tied in the base but saved different")
         if key is None:
-            if tied_embedding(base, name.rpartition(".")[0]) is not None:
+            if tied_embedding(base.config, base.tensors, name.rpartition(".")[0]) is not None:
                 raise CheckpointError(
                     f"adapter tensor {name} would replace an output head that the base ties to its input embedding "
                     "and does not store; set tie_word_embeddings=false in the base to keep both"
@@ -409,7 +404,7 @@ def write_merged(
     if quantized is not None and dtype is not None:
         config.pop("quantization_config")
     for key in config_dtype_keys(config) if DIFFUSERS_CONFIG not in config and dtype is not None else ():
-        config[key] = DTYPE_NAMES[dtype]
+        config[key] = OUTPUT_DTYPE_NAMES[dtype]
     if base.config:  # a single-file checkpoint (ComfyUI's, BFL's) has none
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_other_files(base, folder)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter
-from loramix.merge.checkpoint import MergeReport, write_merged
 from loramix.io.diffusers import Pipeline, split_adapter
 from loramix.io.shards import WEIGHT_SUFFIXES
+from loramix.merge.checkpoint import MergeReport, write_merged
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loramix import experts
 from loramix.adapter import LoraAdapter
-from loramix.errors import CheckpointError, MethodError
+from loramix.errors import ArgumentError, CheckpointError, SettingError
 from loramix.formats import load_adapter
 from loramix.io.base import NameMatcher
 from loramix.merge.kernels import (
@@ -62,7 +62,7 @@ class _Target:
 
 def _check_model(model, what: str) -> None:
     if not isinstance(model, torch.nn.Module):
-        raise MethodError(
+        raise ArgumentError(
             f"{what} takes a loaded torch model (a transformers model or PeftModel), not a {type(model).__name__}; "
             "for a model folder or Hub id use merge_into_base"
         )
@@ -167,7 +167,7 @@ def unmerge(model: torch.nn.Module, adapter, *, merged: ModelMergeReport | None 
     lacking = [n for n in needs if merged is None or n not in merged.dora_norms]
     lacking += [key for key, _ in extras.values() if merged is None or key not in merged.replaced]
     if lacking:
-        raise MethodError(
+        raise SettingError(
             f"{lacking[0]}: a DoRA module or replaced head cannot be taken out of the weights alone; pass the report "
             "merge_into returned as merged="
         )
