@@ -87,7 +87,7 @@ class LoraModule:
 
     def delta(self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
         """ΔW in the base weight's own layout. Code that needs a dense ΔW of a whole module calls this; the
-        checkpoint writer forms row chunks of it instead (`loramix.checkpoint.delta_rows`), and element-wise
+        checkpoint writer forms row chunks of it instead (`loramix.merge.kernels.delta_rows`), and element-wise
         methods form each term's s·B·A in their own working dtype."""
         product = self.B.to(device=device, dtype=dtype) @ self.A.to(device=device, dtype=dtype)
         product = product * self.scale

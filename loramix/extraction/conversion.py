@@ -5,7 +5,7 @@ Every module's effective update ΔW — what the source adapter adds to the base
 ‖ΔW‖² and relative error ‖ΔW − B·A‖/‖ΔW‖ measured with the stored factors:
 
 - a module whose update depends on the base weight (DoRA's m·(W + ΔW)/‖W + ΔW‖ − W, from
-  `loramix.kernels.dora_delta`; a `WeightUpdate`: VeRA, whose input width only the base says, (IA)³, OFT and
+  `loramix.merge.kernels.dora_delta`; a `WeightUpdate`: VeRA, whose input width only the base says, (IA)³, OFT and
   FourierFT) is formed in float64 from the base weight, read one tensor at a time in the base's storage order (one
   streaming pass), and decomposed by the extraction's machinery (`loramix.extraction.Extractor`: the top of its
   spectrum as far as the rule needs it);
@@ -47,7 +47,7 @@ class WeightUpdate(Protocol):
 
 @dataclass(frozen=True)
 class DoraUpdate:
-    """A DoRA `LoraModule` (magnitude included): ΔW = m·(W + sBA)/‖W + sBA‖ − W (`loramix.kernels.dora_delta`)."""
+    """A DoRA `LoraModule` (magnitude included): ΔW = m·(W + sBA)/‖W + sBA‖ − W (`loramix.merge.kernels.dora_delta`)."""
 
     module: LoraModule
     kind: str = "DoRA"

@@ -9,7 +9,8 @@ store the same weight with a prefix more or less (``h.0.attn.c_attn.weight`` in 
 tries the exact key, then base keys ending in the adapter's name, then the adapter's name without leading parts,
 then (for a kohya/LyCORIS name flattened with underscores) the base key whose flattened path ends the name; more
 than one candidate is an error. An output head that the base ties to its input embedding and does not store
-is found as that embedding (`BaseCheckpoint.weight_key`). Both `loramix.analysis` and `loramix.checkpoint` ask here.
+is found as that embedding (`BaseCheckpoint.weight_key`). Both `loramix.analysis` and `loramix.merge.checkpoint` ask
+here.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The ΔW kernels shared by merges into checkpoints (`loramix.checkpoint`) and into live models (`loramix.live`):
-how ΔW lies on a base weight (`decide_layout`), its rows (`delta_rows`), DoRA's exact merge (`dora_merge`) and
-effective update (`dora_delta`), and how the update a weight stores after rounding compares with the intended one
-(`Survival`, `StoredUpdate`, `warn_stored`).
+"""The ΔW kernels shared by merges into checkpoints (`loramix.merge.checkpoint`) and into loaded models
+(`loramix.merge.loaded_model`): how ΔW lies on a base weight (`decide_layout`), its rows (`delta_rows`), DoRA's exact
+merge (`dora_merge`) and effective update (`dora_delta`), and how the update a weight stores after rounding compares
+with the intended one (`Survival`, `StoredUpdate`, `warn_stored`).
 """
 
 from __future__ import annotations

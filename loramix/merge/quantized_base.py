@@ -23,7 +23,7 @@ from loramix.runtime import OUTPUT_DTYPE_NAMES
 
 
 def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, dtype: torch.dtype | None) -> list:
-    """A quantized base's output jobs (`loramix.checkpoint.Job`): with a ``dtype``, every quantized weight read
+    """A quantized base's output jobs (`loramix.merge.checkpoint.Job`): with a ``dtype``, every quantized weight read
     dequantized (under the dense model's name, cast to ``dtype``) and the scale tensors dropped; else each weight an
     adapter changes marked for re-quantization (its codes and its scales, both from W + ΔW), the others left to be
     copied as they are."""
