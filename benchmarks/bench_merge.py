@@ -24,7 +24,7 @@ Wall time is the command's; `sync` runs after each (timed apart: the dirty pages
 child's ru_maxrss (wait4 from a lean launcher). The load average is printed before and after (a shared machine).
 
   loramix ×N  with --processes N: the same command under `torchrun --standalone --nproc-per-node N` (the merge split
-           over N processes by shard, `loramix.merge_processes`)
+           over N processes by shard, `loramix.merge.processes`)
 
     python benchmarks/bench_merge.py --shape 8b|1b|small [--fp8] [--device cpu|cuda] [--workdir DIR] [--repeat N]
                                      [--processes N]

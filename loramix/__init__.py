@@ -27,14 +27,14 @@ _EXPORTS = {
     "load_adapter": "loramix.formats",
     "load_adapters": "loramix.formats",
     "lora_config": "loramix.formats.live",
-    "merge_into": "loramix.live",
+    "merge_into": "loramix.merge.loaded_model",
     "merge_into_base": "loramix.merging",
     "push_to_hub": "loramix.hub",
     "run": "loramix.pipeline",
     "save_adapter": "loramix.pipeline",
     "search": "loramix.weight_search",
     "to_peft_state_dict": "loramix.formats.live",
-    "unmerge": "loramix.live",
+    "unmerge": "loramix.merge.loaded_model",
 }
 
 __all__ = sorted(_EXPORTS)

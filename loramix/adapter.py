@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from loramix.errors import IncompatibleAdaptersError, MethodError
+from loramix.errors import IncompatibleAdaptersError, SettingError
 
 LAYOUTS = ("linear", "conv1d_fan_in_fan_out", "embedding", "conv2d")
 _PARTS = ("A", "B", "bias", "magnitude")  # a module's tensors
@@ -87,7 +87,7 @@ class LoraModule:
 
     def delta(self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
         """ΔW in the base weight's own layout. Code that needs a dense ΔW of a whole module calls this; the
-        checkpoint writer forms row chunks of it instead (`loramix.checkpoint.delta_rows`), and element-wise
+        checkpoint writer forms row chunks of it instead (`loramix.merge.kernels.delta_rows`), and element-wise
         methods form each term's s·B·A in their own working dtype."""
         product = self.B.to(device=device, dtype=dtype) @ self.A.to(device=device, dtype=dtype)
         product = product * self.scale
@@ -311,7 +311,7 @@ def unpadded_rank(module: LoraModule) -> int:
 
 def check_rank_layout(rank_layout: str) -> None:
     if rank_layout not in RANK_LAYOUTS:
-        raise MethodError(f"rank_layout must be {' or '.join(map(repr, RANK_LAYOUTS))}, got {rank_layout!r}")
+        raise SettingError(f"rank_layout must be {' or '.join(map(repr, RANK_LAYOUTS))}, got {rank_layout!r}")
 
 
 def portable_layout(adapter: LoraAdapter) -> LoraAdapter:

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule, check_rank_layout, portable_rank
-from loramix.errors import IncompatibleAdaptersError, MethodError
+from loramix.errors import IncompatibleAdaptersError, MethodError, SettingError
 from loramix.formats import load_adapters
 from loramix.formats._keys import sample
 from loramix.linalg import FactorSVD, RankRule, factor_svd, numerical_rank
@@ -119,7 +119,7 @@ def check_settings(
     chosen.check_options(options)
     parse_options(options)
     if heads not in HEADS:
-        raise MethodError(f"heads must be {', '.join(map(repr, HEADS))}, got {heads!r}")
+        raise SettingError(f"heads must be {', '.join(map(repr, HEADS))}, got {heads!r}")
     return chosen, chosen.rule_for(truncation, options)
 
 

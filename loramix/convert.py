@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from loramix.adapter import LoraAdapter
-from loramix.errors import AdapterFormatError, MethodError
+from loramix.errors import AdapterFormatError, OutputFormatError
 from loramix.extraction import Extraction
 from loramix.extraction.conversion import WeightUpdate, base_updates, convert_lora
 from loramix.formats import load_adapter, peft_other, write_adapter
@@ -49,7 +49,7 @@ def convert(
     exact to float rounding), ``device`` and ``dtype`` of `convert_lora`; ``base`` is needed for DoRA."""
     require_path(output, "output (the output folder)")
     if format not in LAID_OUT + ("kohya",):
-        raise MethodError(f"unknown output format {format!r}; choose from peft, kohya, gguf")
+        raise OutputFormatError(f"unknown output format {format!r}; choose from peft, kohya, gguf")
     adapter, updates = read_source(source, allow_nonfinite=allow_nonfinite)
     protect = [str(source), *([str(base)] if base else [])]
     check_output(output, overwrite=overwrite, protect=protect)

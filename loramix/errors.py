@@ -6,7 +6,9 @@ it in ``value``), and its text ends "(pass allow_different_bases=True)". The CLI
 `rank` or `rank_layout='exact'`, which the CLI spells as its flag (--rank, --rank-layout exact); no message names a
 flag itself. Where users expect a standard
 exception, the class has it as a second base: a missing source is a ``FileNotFoundError``, a malformed file or
-a bad option value a ``ValueError``.
+a bad option value a ``ValueError``, a wrong kind of object a ``TypeError``, a missing optional package an
+``ImportError``. Each class names a kind of mistake; the kinds of a misused option (`SettingError`, `DeviceError`,
+`OutputFormatError`, `ArgumentError`) are `MethodError` subclasses, the one class they all were before.
 """
 
 from __future__ import annotations
@@ -70,7 +72,27 @@ class IncompatibleAdaptersError(LoramixError, ValueError):
 
 
 class MethodError(LoramixError, ValueError):
-    """A merge method, its options or a run setting (device, dtype, weights) was misused."""
+    """A merge method was misused: an unknown method, an option it does not take or a bad option value, or what it
+    needs (data, a second adapter) missing. The kinds below are its subclasses, so ``except MethodError`` still
+    catches every misuse of a call's options."""
+
+
+class SettingError(MethodError):
+    """A setting of a run has a value loramix cannot use: a rank rule, weights, a schedule, a dtype, a shard size, a
+    rank layout, a count of workers, or a setting that needs another one."""
+
+
+class DeviceError(SettingError):
+    """The device asked for is unknown, or not available on this machine."""
+
+
+class OutputFormatError(SettingError):
+    """An output format that does not exist, or one that does not fit what is written."""
+
+
+class ArgumentError(MethodError, TypeError):
+    """A Python call got the wrong kind of object (a model where an adapter was expected, a single source where a
+    list was): a mistake in the calling code, not in a value."""
 
 
 class OutputError(LoramixError):
@@ -91,6 +113,10 @@ class HubError(LoramixError):
 
 class SearchError(LoramixError):
     """A weight search cannot run as asked (examples, base model, tokenizer)."""
+
+
+class MissingPackageError(LoramixError, ImportError):
+    """An optional package that a feature needs is not installed; the message says what to ``pip install``."""
 
 
 class BackendError(LoramixError):

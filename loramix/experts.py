@@ -9,8 +9,9 @@ to (out, r, E)), and ΔW_e = s·B_e·A_e. loramix keeps each expert as its own `
 method, rank rule and analysis applies to each expert's ΔW on its own; this module splits and fuses the blocks.
 
 Two parameters of one module are targeted by nesting: PEFT wraps the module's parameters in the order the module
-registers them, so the first registered is innermost (its keys carry the most ``base_layer.``). `PARAM_ORDER` is
-that order for transformers' expert modules (all of them register the input projections before ``down_proj``).
+registers them, so the first registered is innermost (its keys carry the most ``base_layer.``).
+`loramix.architecture.EXPERT_PARAM_ORDER` is that order for transformers' expert modules (all of them register the
+input projections before ``down_proj``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from collections import Counter, defaultdict
 import torch
 
 from loramix.adapter import ExpertSlot, LoraAdapter, LoraModule, refit
+from loramix.architecture import EXPERT_PARAM_ORDER
 from loramix.errors import ExpertLayoutError
-
-# The order transformers' expert modules register their parameters in (checked against PEFT in the tests).
-PARAM_ORDER = ("gate_up_proj", "gate_up_proj_bias", "gate_proj", "up_proj", "down_proj", "down_proj_bias")
 
 
 def module_name(param: str, index: int) -> str:
@@ -50,14 +49,14 @@ def fuse(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, 
 def nesting(params: list[str]) -> dict[str, int]:
     """How deep PEFT nests each targeted parameter of one module (0: outermost, keys without ``base_layer``).
 
-    ``params`` are short names (``gate_up_proj``); more than one must all be in `PARAM_ORDER`."""
-    unknown = [p for p in params if p not in PARAM_ORDER]
+    ``params`` are short names (``gate_up_proj``); more than one must all be in `EXPERT_PARAM_ORDER`."""
+    unknown = [p for p in params if p not in EXPERT_PARAM_ORDER]
     if len(params) > 1 and unknown:
         raise ExpertLayoutError(
             f"target_parameters {sorted(params)} on one module: PEFT nests them in the order the module registers "
-            f"them, known only for {', '.join(PARAM_ORDER)}; {', '.join(unknown)} is not"
+            f"them, known only for {', '.join(EXPERT_PARAM_ORDER)}; {', '.join(unknown)} is not"
         )
-    ordered = sorted(params, key=lambda p: PARAM_ORDER.index(p) if p in PARAM_ORDER else 0)
+    ordered = sorted(params, key=lambda p: EXPERT_PARAM_ORDER.index(p) if p in EXPERT_PARAM_ORDER else 0)
     return {p: len(ordered) - 1 - i for i, p in enumerate(ordered)}
 
 

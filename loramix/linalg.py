@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loramix.errors import MethodError
+from loramix.errors import SettingError
 from loramix.lazy import lazy
 
 torch = lazy("torch")
@@ -148,25 +148,25 @@ class RankRule:
             ("rule_value", self.value, float),
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, kinds))):
-                raise MethodError(f"{label} must be {'an int' if kinds is int else 'a number'}, got {value!r}")
+                raise SettingError(f"{label} must be {'an int' if kinds is int else 'a number'}, got {value!r}")
         for label, rank in (("rank", self.rank), ("conv_rank", self.conv_rank)):
             if rank is not None and rank < 1:
-                raise MethodError(f"{label} must be at least 1, got {rank}")
+                raise SettingError(f"{label} must be at least 1, got {rank}")
         if self.energy is not None and not 0 < self.energy <= 1:
-            raise MethodError(f"energy must be in (0, 1], got {self.energy}")
+            raise SettingError(f"energy must be in (0, 1], got {self.energy}")
         if self.value is not None and self.rule is None:
-            raise MethodError(
+            raise SettingError(
                 f"a rule value ({self.value:g}) is given without a rule (sv_ratio, sv_fro, sv_cumulative)"
             )
         if self.energy is not None and self.rule is not None:
-            raise MethodError("give either `energy` or a kohya `rule`, not both")
+            raise SettingError("give either `energy` or a kohya `rule`, not both")
         if self.rule is not None:
             if self.rule not in KOHYA_RULES:
-                raise MethodError(f"unknown rank rule {self.rule!r}; choose from {', '.join(KOHYA_RULES)}")
+                raise SettingError(f"unknown rank rule {self.rule!r}; choose from {', '.join(KOHYA_RULES)}")
             if self.value is None or self.value <= 0:
-                raise MethodError(f"rule {self.rule} needs a positive value")
+                raise SettingError(f"rule {self.rule} needs a positive value")
             if self.rule != "sv_ratio" and self.value > 1:
-                raise MethodError(f"rule {self.rule} takes a value in (0, 1], got {self.value}")
+                raise SettingError(f"rule {self.rule} takes a value in (0, 1], got {self.value}")
 
     def for_kernel(self, kernel_size: tuple[int, ...]) -> RankRule:
         """The rule for a module with this conv ``kernel_size`` (() for a linear layer): ``conv_rank`` in place of

@@ -1,8 +1,8 @@
 """`merge_into_base`: an adapter merged into a base checkpoint (a transformers folder or a diffusers pipeline), written
 as one atomic output folder with its card, the QLoRA-faithful round trip where the base was trained in 4 bit.
 
-`loramix.pipeline.run` calls it for ``--merge-into``; the merge itself is `loramix.checkpoint.write_merged` (or
-`loramix.diffusers_merge.write_merged_pipeline`), this module only opens the base and assembles the output.
+`loramix.pipeline.run` calls it for ``--merge-into``; the merge itself is `loramix.merge.checkpoint.write_merged` (or
+`loramix.merge.diffusers_pipeline.write_merged_pipeline`), this module only opens the base and assembles the output.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter, canonical_base
-from loramix.checkpoint import MergeReport, write_merged
-from loramix.diffusers_merge import write_merged_pipeline
-from loramix.errors import CheckpointError, MethodError
+from loramix.errors import CheckpointError, SettingError
 from loramix.formats import load_adapter
 from loramix.formats.diffusion import onto_base
 from loramix.io.base import open_base, resolve_base, with_base_names
 from loramix.io.diffusers import is_pipeline, open_pipeline
-from loramix.merge_processes import place, shared, shared_output, write_in_parts
+from loramix.merge.checkpoint import MergeReport, write_merged
+from loramix.merge.diffusers_pipeline import write_merged_pipeline
+from loramix.merge.processes import place, shared, shared_output, write_in_parts
 from loramix.quantize import quantization_settings
 from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
 from loramix.runtime import parse_dtype, require_path, resolve_device
@@ -47,15 +47,15 @@ def merge_into_base(
     round_trip: str = "all",
 ) -> MergeReport:
     """Merge ``adapter`` (a `LoraAdapter` or a source) into the ``base`` checkpoint (a folder or Hub id) and write the
-    merged checkpoint to ``out``, atomically, without touching any input (see `loramix.checkpoint.write_merged` for
-    the layout and the report). kohya module names (``lora_…``) are matched to the base's own module paths. A
-    diffusers pipeline folder (``model_index.json``) is written as a pipeline: each component the adapter changes
-    merged in its own files, the rest copied (see `loramix.diffusers_merge`). ``files`` (name → text: card, recipe)
-    go into the same folder; without them a README.md model card says what is known. ``shard_size`` None keeps a
+    merged checkpoint to ``out``, atomically, without touching any input (see `loramix.merge.checkpoint.write_merged`
+    for the layout and the report). kohya module names (``lora_…``) are matched to the base's own module paths. A
+    diffusers pipeline folder (``model_index.json``) is written as a pipeline: each component the adapter changes merged
+    in its own files, the rest copied (see `loramix.merge.diffusers_pipeline`). ``files`` (name → text: card, recipe) go
+    into the same folder; without them a README.md model card says what is known. ``shard_size`` None keeps a
     safetensors base's own shard files (a size lays the tensors out anew); ``workers`` tensors are merged at once
     (default: one per CPU, 4 on a GPU; the bytes are the same for any count). The checkpoint keeps the base's dtype
     (tensors the adapter leaves alone byte for byte) unless ``dtype`` asks for another, which the card then says; a
-    quantized base keeps its own format, re-quantized where ΔW changes it (`loramix.quantized_merge`).
+    quantized base keeps its own format, re-quantized where ΔW changes it (`loramix.merge.quantized_base`).
 
     QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
     the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
@@ -65,7 +65,7 @@ def merge_into_base(
     with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
     require_path(out, "out (the output folder)")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise MethodError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
+        raise SettingError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
     adapter = load_adapter(adapter)
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)
@@ -88,7 +88,7 @@ def merge_into_base(
     if files is None:
         files = {CARD_FILE: model_card(adapter, merged_into=str(base))}
     protect = [folder, adapter.source, *adapter.provenance.get("sources", [])]
-    rank, world = place()  # under torchrun: this process's share of the shards (`loramix.merge_processes`)
+    rank, world = place()  # under torchrun: this process's share of the shards (`loramix.merge.processes`)
     if world > 1 and pipeline is not None:
         raise CheckpointError(f"{folder}: a diffusers pipeline is merged in one process (not under torchrun)")
     adapter = shared(adapter)

@@ -19,7 +19,6 @@ import torch
 
 from loramix.adapter import LoraAdapter, portable_layout
 from loramix.analysis import Analysis, analyze
-from loramix.checkpoint import MergeReport
 from loramix.combination import check_settings
 from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
 from loramix.extraction import Extraction, extract_lora
@@ -29,6 +28,7 @@ from loramix.hub import pinned, revisions
 from loramix.io.diffusers import is_pipeline
 from loramix.io.files import atomic_output, check_output
 from loramix.linalg import RankRule
+from loramix.merge.checkpoint import MergeReport
 from loramix.merging import merge_into_base, write_files
 from loramix.recipe import Plan
 from loramix.render.card import CARD_FILE, RECIPE_FILE, extraction_section, model_card

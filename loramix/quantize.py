@@ -22,16 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from loramix.errors import CheckpointError, inside_backend
-from loramix.io.base import INPUT_EMBEDDINGS, OUTPUT_HEADS, is_conv1d
+from loramix.architecture import EMBEDDINGS, is_conv1d, is_output_head
+from loramix.errors import CheckpointError, MissingPackageError, inside_backend
 from loramix.io.quantized import share_below
 
 log = logging.getLogger(__name__)
 
 QUANT_TYPES = ("nf4", "fp4")
 ROUND_TRIPS = ("all", "targeted")
-# Module names (last part) that transformers' bitsandbytes integration never quantizes: they are no Linear.
-NOT_LINEAR = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "embed_positions", "shared")
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,7 @@ def _functional():
     try:
         return importlib.import_module("bitsandbytes.functional")
     except ImportError:
-        raise CheckpointError("4-bit quantization needs bitsandbytes: pip install 'loramix[qlora]'") from None
+        raise MissingPackageError("4-bit quantization needs bitsandbytes: pip install 'loramix[qlora]'") from None
 
 
 def is_quantized(key: str, shape: tuple[int, ...], settings: Quantization) -> bool:
@@ -108,7 +106,7 @@ def is_quantized(key: str, shape: tuple[int, ...], settings: Quantization) -> bo
         return False
     module = key.removesuffix(".weight")
     last = module.rsplit(".", 1)[-1]
-    if last in NOT_LINEAR or any(key.endswith(e) for e in INPUT_EMBEDDINGS) or last in OUTPUT_HEADS:
+    if last in EMBEDDINGS or is_output_head(module):  # no Linear: transformers' bitsandbytes never quantizes them
         return False
     return not any(s == module or s == last or module.endswith("." + s) for s in settings.skip)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from loramix.errors import MethodError
+from loramix.errors import ArgumentError, DeviceError, SettingError
 
 # A bar appears only for work still running after this many seconds: short runs print nothing.
 PROGRESS_DELAY = 2.0
@@ -27,8 +27,8 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-# The dtype names transformers writes into config.json.
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# The dtypes loramix writes, by the names transformers writes into config.json.
+OUTPUT_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -36,13 +36,13 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None:
         return None
     if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPE_NAMES:
-            raise MethodError(f"dtype {dtype} is not supported (float32, float16, bfloat16)")
+        if dtype not in OUTPUT_DTYPE_NAMES:
+            raise SettingError(f"dtype {dtype} is not supported (float32, float16, bfloat16)")
         return dtype
     try:
         return DTYPES[dtype]
     except (KeyError, TypeError):
-        raise MethodError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}") from None
+        raise SettingError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}") from None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -54,11 +54,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise MethodError(f"unknown device {device!r} (use cpu, cuda or auto)") from None
+        raise DeviceError(f"unknown device {device!r} (use cpu, cuda or auto)") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise MethodError(f"device {device!r} asked for but no CUDA GPU is available (use cpu or auto)")
+        raise DeviceError(f"device {device!r} asked for but no CUDA GPU is available (use cpu or auto)")
     if resolved.type not in ("cpu", "cuda"):
-        raise MethodError(f"device {device!r} is not supported (use cpu, cuda or auto)")
+        raise DeviceError(f"device {device!r} is not supported (use cpu, cuda or auto)")
     return resolved
 
 
@@ -69,10 +69,10 @@ def progress_bar(*, enabled: bool, **options) -> tqdm:
 
 
 def require_path(value, what: str) -> Path:
-    """``value`` (a str or Path) as a Path; `MethodError` naming ``what`` it should be for anything else."""
+    """``value`` (a str or Path) as a Path; `ArgumentError` naming ``what`` it should be for anything else."""
     if isinstance(value, (str, Path)) and str(value):
         return Path(value)
-    raise MethodError(f"{what} must be a non-empty str or Path, got {type(value).__name__}")
+    raise ArgumentError(f"{what} must be a non-empty str or Path, got {type(value).__name__}")
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*")
@@ -86,7 +86,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = _SIZE.fullmatch(str(size).upper())
     if not match:
-        raise MethodError(f"shard size {size!r}: expected bytes or a number with KB, MB, GB (or KiB, MiB, GiB)")
+        raise SettingError(f"shard size {size!r}: expected bytes or a number with KB, MB, GB (or KiB, MiB, GiB)")
     return int(float(match[1]) * _UNITS[match[2] or "B"])
 
 

@@ -36,7 +36,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from loramix.errors import MethodError
+from loramix.errors import SettingError
 
 DEFAULT = ("default", "*")
 _LAYER = re.compile(r"(?:^|[._])(?<!middle_)(?:layers|layer|h|block)[._](\d+)(?=[._]|$)")
@@ -60,13 +60,13 @@ def _number(value, what: str) -> float:
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise MethodError(f"{what} must be a finite number, got {value!r}")
+        raise SettingError(f"{what} must be a finite number, got {value!r}")
     return float(value)
 
 
 def _gradient(value: list, what: str) -> list[float]:
     if not value:
-        raise MethodError(f"{what} is an empty list; a gradient needs at least one number")
+        raise SettingError(f"{what} is an empty list; a gradient needs at least one number")
     return [_number(v, f"{what}[{i}]") for i, v in enumerate(value)]
 
 
@@ -77,7 +77,7 @@ def varies(value) -> bool:
 
 def parse(value, *, what: str = "weight"):
     """``value`` checked and in its canonical form (numbers as floats, mergekit's filter list as a mapping), ready for
-    `resolve`, a recipe and a card. One-line `MethodError` naming ``what`` for a malformed value."""
+    `resolve`, a recipe and a card. One-line `SettingError` naming ``what`` for a malformed value."""
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         return parse(_mergekit_filters(value, what), what=what)
     if isinstance(value, list):
@@ -87,17 +87,17 @@ def parse(value, *, what: str = "weight"):
     if "lbw" in value:
         return _block_weights(value, what)
     if not value:
-        raise MethodError(f"{what} is an empty mapping; give filters and a default")
+        raise SettingError(f"{what} is an empty mapping; give filters and a default")
     out = {}
     for key, item in value.items():
         if not isinstance(key, str) or not key:
-            raise MethodError(f"{what}: filter {key!r} must be a non-empty string")
+            raise SettingError(f"{what}: filter {key!r} must be a non-empty string")
         if key in DEFAULT and key != list(value)[-1]:
-            raise MethodError(f"{what}: filters after {key} are never reached (the first match wins); put {key} last")
+            raise SettingError(f"{what}: filters after {key} are never reached (the first match wins); put {key} last")
         label = f"{what}[{key}]"
         out[key] = _gradient(item, label) if isinstance(item, list) else _number(item, label)
     if list(out)[-1] not in DEFAULT:
-        raise MethodError(f"{what}: filters {list(out)} need a final 'default' for the modules none of them matches")
+        raise SettingError(f"{what}: filters {list(out)} need a final 'default' for the modules none of them matches")
     return out
 
 
@@ -105,7 +105,7 @@ def _mergekit_filters(items: list[dict], what: str) -> dict:
     out = {}
     for i, item in enumerate(items):
         if "value" not in item or set(item) - {"filter", "value"}:
-            raise MethodError(f"{what}[{i}] must be {{filter: NAME, value: V}} or {{value: V}}, got {item!r}")
+            raise SettingError(f"{what}[{i}] must be {{filter: NAME, value: V}} or {{value: V}}, got {item!r}")
         out.setdefault(item.get("filter") or "default", item["value"])  # a repeated filter is never reached
     return out
 
@@ -113,11 +113,11 @@ def _mergekit_filters(items: list[dict], what: str) -> dict:
 def _block_weights(value: dict, what: str) -> dict:
     extra = set(value) - {"lbw", "ratio"}
     if extra:
-        raise MethodError(f"{what}: an lbw mapping takes only lbw and ratio, got {', '.join(sorted(map(str, extra)))}")
+        raise SettingError(f"{what}: an lbw mapping takes only lbw and ratio, got {', '.join(sorted(map(str, extra)))}")
     blocks = value["lbw"]
     if not isinstance(blocks, list) or len(blocks) not in _COVERED:
         count = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
-        raise MethodError(f"{what}: lbw must be a list of 12 or 20 (SDXL), 17 or 26 (SD 1.x) numbers, got {count}")
+        raise SettingError(f"{what}: lbw must be a list of 12 or 20 (SDXL), 17 or 26 (SD 1.x) numbers, got {count}")
     return {"lbw": _gradient(blocks, f"{what}.lbw"), "ratio": _number(value.get("ratio", 1.0), f"{what}.ratio")}
 
 
@@ -201,7 +201,7 @@ class Linear:
         """The same form holding ``values`` (as many as it holds): ``[0, 1]`` with (0.3, 0.8) → ``[0.3, 0.8]``."""
         values = [float(v) for v in values]
         if len(values) != len(self.values):
-            raise MethodError(f"{describe(self.spec)} holds {len(self.values)} number(s), got {len(values)}")
+            raise SettingError(f"{describe(self.spec)} holds {len(self.values)} number(s), got {len(values)}")
         return _rebuild(self.spec, iter(values))
 
 

@@ -1,14 +1,17 @@
-"""The house rules of the code (README "How the code is laid out"): one-way imports, no circle, small modules, a
-torch-free CLI start, methods whose options are their signatures, one base-name rule, library calls that leave
-process-wide state alone, and the CLI's one call (`loramix.run`) usable from Python."""
+"""The house rules of the code (README "How the code is laid out"): layers whose packages import only downward,
+no circle between modules or between packages, a size budget per package, module names that say what they are, a
+torch-free CLI start, methods and compatibility rules registered where they are defined, one base-name rule, library
+calls that leave process-wide state alone, and the CLI's one call (`loramix.run`) usable from Python."""
 
 from __future__ import annotations
 
 import ast
 import json
 import logging
+import re
 import subprocess
 import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -24,37 +27,36 @@ from loramix.recipe import Plan, load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "loramix"
 
-# The layers from the top down (README's map): a module may import only from its own layer's package or below.
-LAYERS = [
-    ["loramix.__main__"],
-    ["loramix.cli"],
-    ["loramix.convert", "loramix.align"],
-    ["loramix.pipeline", "loramix.merging", "loramix.analysis_files"],
-    ["loramix.recipe"],
-    ["loramix.hub"],
-    ["loramix.render"],
-    ["loramix.weight_search"],
-    ["loramix.live"],
-    ["loramix.diffusers_merge", "loramix.extraction", "loramix.merge_processes"],
-    ["loramix.checkpoint", "loramix.quantized_merge"],
-    ["loramix.kernels"],
-    ["loramix.analysis"],
-    ["loramix.combination"],
-    ["loramix.methods"],
-    ["loramix.compat"],
-    ["loramix.formats"],
-    ["loramix.linalg"],
-    ["loramix.quantize"],
-    ["loramix.io"],
-    ["loramix.sources"],
-    ["loramix.runtime"],
-    ["loramix.examples"],
-    ["loramix.schedule"],
-    ["loramix.experts"],
-    ["loramix.adapter"],
-    ["loramix.lazy"],
-    ["loramix.errors"],
-]
+# The layers from the bottom up (README's map), each a list of units: a top-level module or a package (everything
+# under it, so a new module in a package needs no entry here). A module imports only from its own layer or below.
+LAYERS = {
+    "core": [
+        "errors",
+        "lazy",
+        "architecture",
+        "adapter",
+        "experts",
+        "schedule",
+        "examples",
+        "runtime",
+        "sources",
+        "linalg",
+    ],
+    "io and formats": ["io", "formats", "quantize"],
+    "engines": ["methods", "compat", "combination", "analysis", "extraction", "merge", "weight_search"],
+    "surfaces": ["render", "hub", "recipe", "pipeline", "merging", "analysis_files", "convert", "align"],
+    "cli": ["cli", "__main__"],
+}
+# The lines a unit's modules may hold together. Past it, a package is split by concern into subpackages (as
+# formats/diffusion), never a file by its length; a top-level module past the default becomes a package.
+DEFAULT_BUDGET = 2500
+BUDGETS = {"formats": 3500, "io": 3000}
+MODULE_SANITY_CAP = 1000  # one module read top to bottom; the budget per package is the rule that shapes the code
+# Module names that may repeat because they mean the same subject in each place: a command's module in cli/ or
+# pipeline/ and the engine behind it; the experts' structure, checks and analysis; a file format read in one package
+# and written in another (gguf); running one engine's work across processes (distributed).
+SAME_SUBJECT = {"experts", "gguf", "distributed"}
+PER_COMMAND = ("loramix.cli", "loramix.pipeline")
 
 
 def _module_name(path: Path) -> str:
@@ -81,48 +83,63 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     return found
 
 
-GRAPH = {
-    _module_name(p): _imports(p)
-    for p in sorted(PACKAGE.rglob("*.py"))
-    if "examples" not in p.parts or p.stem == "__init__"
-}
+SOURCES = [p for p in sorted(PACKAGE.rglob("*.py")) if "examples" not in p.parts or p.stem == "__init__"]
+GRAPH = {_module_name(p): _imports(p) for p in SOURCES}
+
+
+def _unit(module: str) -> str:
+    """The top-level module or package ``module`` belongs to (``loramix.formats.diffusion.flux`` → ``formats``)."""
+    return module.split(".")[1]
 
 
 def _layer(module: str) -> int:
-    for index, prefixes in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
+    for index, units in enumerate(LAYERS.values()):
+        if _unit(module) in units:
             return index
-    raise AssertionError(f"{module} is in no layer of the map")
+    raise AssertionError(f"{module} is in no layer: add {_unit(module)} to LAYERS and to the README's map")
 
 
-def test_every_module_is_on_the_map_and_imports_point_down():
+def test_every_module_is_in_a_layer_and_imports_point_down():
     upward = []
     for module, imports in GRAPH.items():
         if module == "loramix":
             continue  # the package's lazy re-exports name modules as strings only
         for target, _ in imports:
-            same_package = target.split(".")[:2] == module.split(".")[:2]
-            if not same_package and _layer(target) < _layer(module):
-                upward.append(f"{module} -> {target}")
+            if _layer(target) > _layer(module):
+                upward.append(f"{module} ({list(LAYERS)[_layer(module)]}) -> {target} ({list(LAYERS)[_layer(target)]})")
     assert not upward, upward
 
 
-def test_no_import_circle():
-    edges = {m: {t for t, _ in imports if t in GRAPH and t != m} for m, imports in GRAPH.items()}
+def _circle(edges: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}
 
-    def visit(node: str, trail: list[str]) -> None:
+    def visit(node: str, trail: list[str]) -> list[str] | None:
         state[node] = 1
-        for nxt in edges[node]:
+        for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                raise AssertionError("import circle: " + " -> ".join([*trail, node, nxt]))
-            if nxt not in state:
-                visit(nxt, [*trail, node])
+                return [*trail, node, nxt]
+            if nxt not in state and (found := visit(nxt, [*trail, node])):
+                return found
         state[node] = 2
+        return None
 
-    for node in edges:
-        if node not in state:
-            visit(node, [])
+    return next((c for node in sorted(edges) if node not in state and (c := visit(node, []))), None)
+
+
+def test_no_import_circle_between_modules():
+    edges = {m: {t for t, _ in imports if t in GRAPH and t != m} for m, imports in GRAPH.items()}
+    circle = _circle(edges)
+    assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+def test_no_import_circle_between_packages():
+    """Within a layer, packages may import each other in one direction only: the layer stays a ladder of its own."""
+    edges = defaultdict(set)
+    for module, imports in GRAPH.items():
+        if module != "loramix":
+            edges[_unit(module)] |= {_unit(t) for t, _ in imports if _unit(t) != _unit(module)}
+    circle = _circle(edges)
+    assert circle is None, "packages import each other: " + " -> ".join(circle)
 
 
 def test_no_function_local_loramix_import_outside_the_cli():
@@ -132,9 +149,46 @@ def test_no_function_local_loramix_import_outside_the_cli():
     assert not local, local
 
 
-def test_no_module_over_450_lines():
-    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
+def test_each_package_keeps_to_its_size_budget():
+    """A package's own modules (a subpackage counts apart) and each top-level module keep to their budget."""
+    lines = Counter()
+    for path in SOURCES:
+        folder = path.parent.relative_to(ROOT).parts
+        unit = ".".join(folder[1:]) if len(folder) > 1 else path.stem
+        lines[unit] += len(path.read_text().splitlines())
+    lines.pop("__init__")  # the package's lazy re-exports
+    over = {
+        u: f"{n} lines > {BUDGETS.get(u, DEFAULT_BUDGET)}"
+        for u, n in lines.items()
+        if n > BUDGETS.get(u, DEFAULT_BUDGET)
+    }
+    assert not over, over
+    long = {str(p.relative_to(ROOT)): n for p in SOURCES if (n := len(p.read_text().splitlines())) > MODULE_SANITY_CAP}
     assert not long, long
+
+
+def test_module_names_say_what_they_are():
+    """No two modules share a name unless they mean the same subject (a command's module in cli/ or pipeline/ and
+    the module behind it; `SAME_SUBJECT`)."""
+    places = defaultdict(list)
+    for module in GRAPH:
+        if module != "loramix" and not (PACKAGE / Path(*module.split(".")[1:])).is_dir():
+            places[module.rsplit(".", 1)[-1]].append(module)
+    clashes = {
+        name: found
+        for name, found in places.items()
+        if name not in SAME_SUBJECT and len([m for m in found if not m.startswith(PER_COMMAND)]) > 1
+    }
+    assert not clashes, clashes
+
+
+def test_the_readme_map_names_every_package_and_top_level_module():
+    section = (ROOT / "README.md").read_text().split("## How the code is laid out", 1)[1]
+    rows = [line.split("|")[1] for line in section.split("\n\n")[2].splitlines() if line.startswith("| `")]
+    mapped = {name for row in rows for name in re.findall(r"`(\w+)(?:/|\.py)`", row)}
+    units = {_unit(m) for m in GRAPH if m != "loramix"} - {"__main__", "examples", "lazy"}
+    assert units <= mapped, f"not in the README's map: {sorted(units - mapped)}"
+    assert mapped <= units, f"in the README's map but not in the code: {sorted(mapped - units)}"
 
 
 @pytest.mark.parametrize(
@@ -188,6 +242,25 @@ def test_a_new_method_is_one_decorated_function():
         assert REGISTRY["_scaled_cat_for_test"].description == "Twice the exact sum (a test method)"
     finally:
         del REGISTRY["_scaled_cat_for_test"]
+
+
+def test_a_new_consumer_is_one_decorated_function():
+    """A compatibility rule for PEFT folders registers where it is defined, as a method does; `check` then lists its
+    verdict after the documented consumers, and a kohya file gets its "no" like every reader of PEFT folders."""
+    from loramix.compat import check_source
+    from loramix.compat.facts import RULES, Verdict, consumer
+
+    @consumer("_engine for test")
+    def reads(facts, src):
+        return Verdict("_engine for test", "yes" if facts.max_rank <= 8 else "no")
+
+    try:
+        verdicts = check_source(str(example("summarize"))).verdicts
+        names = [v.consumer for v in verdicts]
+        assert names[:6] == ["PEFT", "transformers", "vLLM", "SGLang", "LoRAX/TGI", "llama.cpp"]
+        assert names[6:] == ["_engine for test", "diffusers/ComfyUI"] and verdicts[6].status == "yes"
+    finally:
+        del RULES["_engine for test"]
 
 
 def test_analyze_base_and_merge_use_the_same_base_tensor(tmp_path):

@@ -148,9 +148,9 @@ def test_merge_matches_peft(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama_rslora", "qwen2_lora_bias", "gpt2_conv1d"])
 def test_row_chunks_match_peft(case, tmp_path, monkeypatch):
     """Large tensors are merged in row chunks: with chunks of a few rows, Linear and Conv1D ΔW rows still line up."""
-    import loramix.checkpoint
+    import loramix.merge.checkpoint
 
-    monkeypatch.setattr(loramix.checkpoint, "CHUNK_ELEMENTS", 100)  # 3 rows of 32 per chunk
+    monkeypatch.setattr(loramix.merge.checkpoint, "CHUNK_ELEMENTS", 100)  # 3 rows of 32 per chunk
     factory, lora = CASES[case]
     base = save_base(factory(), tmp_path / "base")
     made = make_peft_adapter(factory, tmp_path, "adapter", **lora)

@@ -229,7 +229,7 @@ def test_peft_key_table_knows_the_installed_release():
     import peft
     from peft import LoraConfig
 
-    from loramix.compat.peft import PEFT_05_KEYS, PEFT_KEY_SINCE
+    from loramix.compat.peft_versions import PEFT_05_KEYS, PEFT_KEY_SINCE
 
     installed = tuple(int(x) for x in peft.__version__.split(".")[:2])
     fields = {f.name for f in dataclasses.fields(LoraConfig)}

@@ -678,7 +678,7 @@ _DRIVER = textwrap.dedent(
     r"""
     import hashlib, json, os, random, signal, sys, time
     from pathlib import Path
-    import loramix.checkpoint, loramix.pipeline, loramix.recipe  # imported once here: children start at the work
+    import loramix.merge.checkpoint, loramix.pipeline, loramix.recipe  # imported once here: children start at the work
     from loramix.cli import main
     from loramix.io.files import check_output
 

@@ -1,4 +1,4 @@
-"""Live models in and out (`loramix.formats.live`, `loramix.live`), with PEFT itself as the oracle.
+"""Live models in and out (`loramix.formats.live`, `loramix.merge.loaded_model`), with PEFT itself as the oracle.
 
 Tolerances: an adapter read from a live model equals the one read from the folder PEFT saved, tensor for tensor.
 A combination injected into a PeftModel gives the logits of the same combination written to files and loaded with

@@ -27,9 +27,9 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import loramix.checkpoint
 import loramix.io.files
 import loramix.io.shards
+import loramix.merge.checkpoint
 from loramix import load_adapter, merge_into_base
 from loramix.cli import main
 from loramix.io.base import read_safetensors_header
@@ -168,7 +168,8 @@ def test_other_kernel_errors_are_not_swallowed(small, tmp_path, monkeypatch):
 
 def test_workers_1_and_4_write_the_same_bytes(small, tmp_path, monkeypatch):
     base, adapter = small
-    monkeypatch.setattr(loramix.checkpoint, "CHUNK_ELEMENTS", 200)  # many chunks per tensor, interleaved by threads
+    # many chunks per tensor, interleaved by threads
+    monkeypatch.setattr(loramix.merge.checkpoint, "CHUNK_ELEMENTS", 200)
     runner = CliRunner()
     for n in (1, 4):
         args = ["combine", str(adapter), "--method", "cat", "--merge-into", str(base), "-o", str(tmp_path / f"w{n}")]

@@ -28,8 +28,8 @@ from helpers import example_inputs, make_peft_adapter, model_output, tiny_llama
 from safetensors.torch import load_file
 
 from loramix import analyze, load_adapter, merge_into_base
-from loramix.checkpoint import CheckpointError
 from loramix.cli import main
+from loramix.merge.checkpoint import CheckpointError
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -107,11 +107,11 @@ def test_targeted_round_trip_leaves_other_weights_alone(qlora):
 def test_row_chunks_give_the_same_checkpoint(qlora, monkeypatch):
     """The round trip takes the whole tensor (blocks and double quantization's mean span rows): chunks of one row
     (32 entries, half a block) must write the same bytes as one chunk per tensor."""
-    import loramix.checkpoint
+    import loramix.merge.checkpoint
 
     tmp, made = qlora
     merge_into_base(made.path, tmp / "base-bf16", tmp / "whole", quantized_as="nf4", double_quant=True)
-    monkeypatch.setattr(loramix.checkpoint, "CHUNK_ELEMENTS", 32)
+    monkeypatch.setattr(loramix.merge.checkpoint, "CHUNK_ELEMENTS", 32)
     merge_into_base(made.path, tmp / "base-bf16", tmp / "rows", quantized_as="nf4", double_quant=True)
     whole, rows = (load_file(tmp / d / "model.safetensors") for d in ("whole", "rows"))
     assert whole.keys() == rows.keys() and all(torch.equal(whole[k], rows[k]) for k in whole)

@@ -1,4 +1,4 @@
-"""Merging into quantized bases (`loramix.io.quantized`, `loramix.quantized_merge`): block FP8 recognised, merged
+"""Merging into quantized bases (`loramix.io.quantized`, `loramix.merge.quantized_base`): block FP8 recognised, merged
 onto its dequantized weights and written in its own format or dense; every other or damaged quantized layout
 refused in one line with nothing written.
 

@@ -265,7 +265,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
 
 def _run_combine(plan, *, overwrite: bool, progress: bool):
     """`loramix.pipeline.run` in this process, or under torchrun as one rank of a merge split over the processes
-    (`loramix.merge_processes`; gloo, which carries only the ranks' reports); None on ranks other than 0."""
+    (`loramix.merge.processes`; gloo, which carries only the ranks' reports); None on ranks other than 0."""
     from dataclasses import replace
 
     from loramix.pipeline import run

@@ -16,21 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loramix.adapter import LoraAdapter
-from loramix.compat.checkpoint import check_checkpoint
+from loramix.compat import engines, peft_versions  # noqa: F401 — each registers its consumers' rules
 from loramix.compat.diffusion import family_verdicts
-from loramix.compat.engines import (
-    VLLM_MAX_RANKS,
-    kohya_named_folder,
-    kohya_verdicts,
-    llama_cpp,
-    lorax,
-    sglang,
-    vllm,
-)
+from loramix.compat.engines import VLLM_MAX_RANKS, kohya_named_folder, kohya_verdicts
 from loramix.compat.experts import expert_verdicts
-from loramix.compat.facts import Facts, Verdict
+from loramix.compat.facts import RULES, Facts, Verdict, peft_consumers
+from loramix.compat.model_checkpoint import check_checkpoint
 from loramix.compat.naming import renamed_verdicts
-from loramix.compat.peft import peft, transformers
 from loramix.compat.sets import set_verdicts
 from loramix.formats import load_adapter
 from loramix.formats._keys import CONFIG_FILE, read_config
@@ -89,15 +81,10 @@ def check(adapter: LoraAdapter, config: dict | None) -> Report:
         verdicts = kohya_named_folder(adapter, src)
     else:
         facts = Facts(adapter, config)
-        verdicts = [
-            peft(facts, src),
-            transformers(facts, src),
-            vllm(facts, src),
-            sglang(facts, src),
-            lorax(facts, src),
-            llama_cpp(facts, src),
-            Verdict("diffusers/ComfyUI", "n/a", "checked for kohya/diffusers files (write one with --format kohya)"),
-        ]
+        verdicts = [RULES[name](facts, src) for name in peft_consumers()]
+        verdicts.append(
+            Verdict("diffusers/ComfyUI", "n/a", "checked for kohya/diffusers files (write one with --format kohya)")
+        )
         replaced = (expert_verdicts(src) if facts.experts else {}) | renamed_verdicts(adapter, src)
         verdicts = [replaced.get(v.consumer, v) for v in verdicts]
     return Report(adapter.name, adapter.source, verdicts)

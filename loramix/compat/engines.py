@@ -7,7 +7,17 @@ import re
 from collections import defaultdict
 
 from loramix.adapter import LoraAdapter, portable_rank
-from loramix.compat.facts import FIX_GGUF, FIX_LAYOUT, FIX_MERGE, Facts, Verdict, global_scale, scale_reason
+from loramix.compat.facts import (
+    FIX_GGUF,
+    FIX_LAYOUT,
+    FIX_MERGE,
+    Facts,
+    Verdict,
+    consumer,
+    global_scale,
+    peft_consumers,
+    scale_reason,
+)
 from loramix.formats._keys import sample
 from loramix.formats.kohya import KOHYA_PREFIX
 
@@ -27,11 +37,11 @@ LORAX_TYPES = {
     "c_fc",
 }
 LORAX_TYPES |= {"lm_head"}
-PEFT_CONSUMERS = ("PEFT", "transformers", "vLLM", "SGLang", "LoRAX/TGI", "llama.cpp")  # readers of PEFT folders
 
 # --------------------------------------------------------------------------------------------------------- vLLM
 
 
+@consumer("vLLM")
 def vllm(facts: Facts, src: str) -> Verdict:
     if facts.adalora:
         return Verdict("vLLM", "no", "AdaLoRA (lora_E) keys are unsupported LoRA weights", FIX_LAYOUT.format(src=src))
@@ -64,6 +74,7 @@ def vllm(facts: Facts, src: str) -> Verdict:
 # ------------------------------------------------------------------------------------------------------- SGLang
 
 
+@consumer("SGLang")
 def sglang(facts: Facts, src: str) -> Verdict:
     fix = FIX_LAYOUT.format(src=src)
     if facts.adalora:
@@ -105,6 +116,7 @@ def sglang(facts: Facts, src: str) -> Verdict:
 # ---------------------------------------------------------------------------------------------------- LoRAX/TGI
 
 
+@consumer("LoRAX/TGI")
 def lorax(facts: Facts, src: str) -> Verdict:
     fix = FIX_LAYOUT.format(src=src)
     if facts.adalora:
@@ -159,6 +171,7 @@ def _some(types: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------- llama.cpp
 
 
+@consumer("llama.cpp")
 def llama_cpp(facts: Facts, src: str) -> Verdict:
     fix = FIX_GGUF.format(src=src)
     # convert_lora_to_gguf.py, __main__: alpha = lparams["lora_alpha"]
@@ -201,7 +214,7 @@ def kohya_verdicts(adapter: LoraAdapter, src: str) -> list[Verdict]:
             f"loramix combine {src} --format kohya -o OUT (the exact LoRA; --rank K to truncate)",
         )
     reason = "reads PEFT folders, not kohya/diffusers files"
-    return [*(Verdict(name, "no", reason, None) for name in PEFT_CONSUMERS), reads]
+    return [*(Verdict(name, "no", reason, None) for name in peft_consumers()), reads]
 
 
 def kohya_named_folder(adapter: LoraAdapter, src: str) -> list[Verdict]:
@@ -212,4 +225,4 @@ def kohya_named_folder(adapter: LoraAdapter, src: str) -> list[Verdict]:
     reason = f"target modules are kohya names no model has (e.g. {name})"
     fix = f"loramix combine {src} -m cat --format kohya -o OUT"
     folder = Verdict("diffusers/ComfyUI", "no", "reads kohya/diffusers files, not a PEFT folder of kohya names", fix)
-    return [*(Verdict(consumer, "no", reason, fix) for consumer in PEFT_CONSUMERS), folder]
+    return [*(Verdict(name, "no", reason, fix) for name in peft_consumers()), folder]

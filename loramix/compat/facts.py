@@ -1,8 +1,11 @@
-"""What every compatibility rule looks at (`Facts`), the verdict it gives (`Verdict`), and the shared fixes."""
+"""What every compatibility rule looks at (`Facts`), the verdict it gives (`Verdict`), the shared fixes, and the
+registry of the consumers that read PEFT folders: a consumer's rule is one function ``rule(facts, src) -> Verdict``
+decorated with `@consumer("name")` where it is defined, as merge methods are with `@method`."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loramix.adapter import LoraAdapter
@@ -13,6 +16,8 @@ FIX_LAYOUT = "loramix combine {src} -m cat -o OUT"
 FIX_MERGE = "loramix combine {src} -m cat --merge-into BASE -o OUT (serve the merged model)"
 FIX_GGUF = "loramix combine {src} -m cat --format gguf --gguf-base BASE -o OUT"
 FIX_CONVERT = "loramix convert {src} --base BASE -o OUT (the plain LoRA closest to it)"
+# The readers of PEFT folders in the order reports list them; a consumer registered beyond these is listed after.
+LISTED = ("PEFT", "transformers", "vLLM", "SGLang", "LoRAX/TGI", "llama.cpp")
 
 
 @dataclass
@@ -81,3 +86,24 @@ def scale_reason(facts: Facts, wrong: list[str], rule: str) -> str:
         f"{len(wrong)} of {len(facts.modules)} module(s) scaled wrong ({rule}; e.g. {name}: true scale "
         f"{facts.modules[name].scale:.6g})"
     )
+
+
+Rule = Callable[[Facts, str], Verdict]
+RULES: dict[str, Rule] = {}  # consumer name → its rule for a PEFT folder
+
+
+def consumer(name: str) -> Callable[[Rule], Rule]:
+    """Register the decorated ``rule(facts, src) -> Verdict`` as how consumer ``name`` reads a PEFT folder."""
+
+    def register(rule: Rule) -> Rule:
+        if name in RULES:
+            raise ValueError(f"consumer {name} is registered twice")
+        RULES[name] = rule
+        return rule
+
+    return register
+
+
+def peft_consumers() -> list[str]:
+    """The registered readers of PEFT folders, in the order reports list them."""
+    return sorted(RULES, key=lambda name: LISTED.index(name) if name in LISTED else len(LISTED))

@@ -9,7 +9,7 @@ from importlib.metadata import version
 
 from loramix.adapter import LoraAdapter
 from loramix.compat.facts import Verdict
-from loramix.io.conversion import model_names
+from loramix.io.conversion_mapping import model_names
 from loramix.sources import local_config
 
 

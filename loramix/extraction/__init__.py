@@ -25,8 +25,8 @@ import torch
 
 from loramix import experts
 from loramix.adapter import ExpertSlot, ExtraTensor, LoraAdapter, LoraModule
-from loramix.errors import MethodError
-from loramix.extraction.fused import FusedTensors, fused_view
+from loramix.errors import SettingError
+from loramix.extraction.fused_experts import FusedTensors, fused_view
 from loramix.extraction.spectrum import top_singular
 from loramix.extraction.tensors import TensorSource, open_model, open_pair, pair, resized, target_layout
 from loramix.linalg import RankRule
@@ -244,7 +244,7 @@ def extract_lora(
     started = time.perf_counter()
     truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
     if truncation == RankRule():
-        raise MethodError("give `rank`, `energy` or `rule` with `rule_value`: the rank rule of every module")
+        raise SettingError("give `rank`, `energy` or `rule` with `rule_value`: the rank rule of every module")
     target = resolve_device(device)
     if base_tensors is None and tuned_tensors is None:
         base_tensors, tuned_tensors = open_pair(base, finetuned)

@@ -5,7 +5,7 @@ Every module's effective update ΔW — what the source adapter adds to the base
 ‖ΔW‖² and relative error ‖ΔW − B·A‖/‖ΔW‖ measured with the stored factors:
 
 - a module whose update depends on the base weight (DoRA's m·(W + ΔW)/‖W + ΔW‖ − W, from
-  `loramix.kernels.dora_delta`; a `WeightUpdate`: VeRA, whose input width only the base says, (IA)³, OFT and
+  `loramix.merge.kernels.dora_delta`; a `WeightUpdate`: VeRA, whose input width only the base says, (IA)³, OFT and
   FourierFT) is formed in float64 from the base weight, read one tensor at a time in the base's storage order (one
   streaming pass), and decomposed by the extraction's machinery (`loramix.extraction.Extractor`: the top of its
   spectrum as far as the rule needs it);
@@ -25,11 +25,12 @@ from typing import Protocol
 import torch
 
 from loramix.adapter import LoraAdapter, LoraModule
-from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError
+from loramix.architecture import is_conv1d
+from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError, SettingError
 from loramix.extraction import GPU_BATCH, Extraction, Extractor, ModuleExtraction, Pending, math_view
-from loramix.io.base import is_conv1d, open_base, resolve_base
-from loramix.kernels import Update, decide_layout, dora_delta
+from loramix.io.base import open_base, resolve_base
 from loramix.linalg import RankRule, factor_inner, truncated_factors
+from loramix.merge.kernels import Update, decide_layout, dora_delta
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
 
 
@@ -46,7 +47,7 @@ class WeightUpdate(Protocol):
 
 @dataclass(frozen=True)
 class DoraUpdate:
-    """A DoRA `LoraModule` (magnitude included): ΔW = m·(W + sBA)/‖W + sBA‖ − W (`loramix.kernels.dora_delta`)."""
+    """A DoRA `LoraModule` (magnitude included): ΔW = m·(W + sBA)/‖W + sBA‖ − W (`loramix.merge.kernels.dora_delta`)."""
 
     module: LoraModule
     kind: str = "DoRA"
@@ -104,7 +105,7 @@ def convert_lora(
     dependent = {**base_updates(adapter), **(updates or {})}
     if dependent and base is None:
         kinds = sorted({u.kind for u in dependent.values()})
-        raise MethodError(
+        raise SettingError(
             f"{adapter.source}: {len(dependent)} {'/'.join(kinds)} module(s) ({next(iter(dependent))}, ...) change "
             "with the base weight, so converting them needs the base model",
             option="base",

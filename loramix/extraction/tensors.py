@@ -19,11 +19,11 @@ from typing import Protocol
 
 import torch
 
+from loramix.architecture import is_conv1d, is_embedding, is_output_head
 from loramix.errors import CheckpointError
-from loramix.io.base import OUTPUT_HEADS, BaseCheckpoint, is_conv1d, open_base, resolve_base
+from loramix.io.base import BaseCheckpoint, open_base, resolve_base
 from loramix.io.diffusers import KOHYA_COMPONENTS, is_pipeline, open_pipeline
 
-EMBEDDING_NAMES = ("wte", "wpe", "shared")  # embeddings whose name does not say "embed"
 PIPELINE = "diffusers-pipeline"  # the model_type of `PipelineTensors`: its LoRA file holds linear and conv LoRA only
 LORA_COMPONENTS = tuple(dict.fromkeys(KOHYA_COMPONENTS.values()))  # the components a pipeline LoRA file can name
 
@@ -143,11 +143,6 @@ def open_pair(base: str | Path, finetuned: str | Path) -> tuple[TensorSource, Te
     return base_tensors, tuned_tensors
 
 
-def is_embedding(module: str) -> bool:
-    last = module.rsplit(".", 1)[-1]
-    return last not in OUTPUT_HEADS and ("embed" in last or last in EMBEDDING_NAMES)
-
-
 def target_layout(name: str, shape: tuple[int, ...], model_type: str | None) -> str | None:
     """How ΔW of tensor ``name`` lies on it when it gets a LoRA (`loramix.adapter.LAYOUTS`); None for tensors that
     are carried whole when they change (norms, biases, 1-D and 3-D tensors; a pipeline's embeddings)."""
@@ -168,7 +163,7 @@ def target_layout(name: str, shape: tuple[int, ...], model_type: str | None) -> 
 def resized(name: str, base_shape: tuple[int, ...], tuned_shape: tuple[int, ...]) -> bool:
     """An embedding or output head whose vocabulary (first axis) changed and nothing else."""
     module = name.rsplit(".", 1)[0]
-    vocabulary = is_embedding(module) or module.rsplit(".", 1)[-1] in OUTPUT_HEADS
+    vocabulary = is_embedding(module) or is_output_head(module)
     same_rest = len(base_shape) == len(tuned_shape) and base_shape[1:] == tuned_shape[1:]
     return vocabulary and same_rest and base_shape[0] != tuned_shape[0]
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from loramix import experts
 from loramix.adapter import LoraAdapter, check_compatible
-from loramix.errors import AdapterFormatError, IncompatibleAdaptersError, MethodError
+from loramix.errors import AdapterFormatError, ArgumentError, IncompatibleAdaptersError, OutputFormatError, SettingError
 from loramix.formats import _keys, adalora, gguf, kohya, live, lycoris, peft, peft_lycoris, statedict
 from loramix.formats.diffusion import comfyui, file_naming
-from loramix.formats.diffusion import files as diffusion_files
+from loramix.formats.diffusion import reference_names as diffusion_files
 from loramix.formats.diffusion import writer as diffusers_writer
-from loramix.io.conversion import in_memory, model_names
+from loramix.io.conversion_mapping import in_memory, model_names
 from loramix.schedule import parse
 from loramix.sources import local_config, parse_hub_id, resolve
 
@@ -167,20 +167,22 @@ def load_adapters(
     `loramix.schedule`) and that the adapters fit one base (`check_compatible`). Returns the adapters and the weights
     (`loramix.schedule.parse`d: floats, or their canonical varying form)."""
     if isinstance(sources, (str, Path, LoraAdapter)) or live.is_live(sources):
-        raise MethodError(f"adapters must be a list of sources, not a single one (each source: {live.ACCEPTED})")
+        raise ArgumentError(f"adapters must be a list of sources, not a single one (each source: {live.ACCEPTED})")
     if not isinstance(sources, (list, tuple)):
-        raise MethodError(f"adapters must be a list of sources, not a {type(sources).__name__} (each: {live.ACCEPTED})")
+        raise ArgumentError(
+            f"adapters must be a list of sources, not a {type(sources).__name__} (each: {live.ACCEPTED})"
+        )
     if weights is not None and (not isinstance(weights, Iterable) or isinstance(weights, (str, bytes, dict))):
-        raise MethodError(f"weights must be a list of numbers, one per adapter, got {type(weights).__name__}")
+        raise ArgumentError(f"weights must be a list of numbers, one per adapter, got {type(weights).__name__}")
     loaded = [
         load_adapter(s, allow_nonfinite=allow_nonfinite, log_warnings=log_warnings, **(load_options or {}))
         for s in sources
     ]
     if not loaded:
-        raise MethodError("no adapters given")
+        raise SettingError("no adapters given")
     weights = [1.0 / len(loaded)] * len(loaded) if weights is None else list(weights)
     if len(weights) != len(loaded):
-        raise MethodError(f"{len(weights)} weight(s) for {len(loaded)} adapter(s)")
+        raise SettingError(f"{len(weights)} weight(s) for {len(loaded)} adapter(s)")
     weights = [parse(w, what=f"weight {i + 1}") for i, w in enumerate(weights)]
     loaded = _one_naming(_align_flat_conv(loaded), (load_options or {}).get("base_model"))
     check_compatible(loaded, allow_different_bases=allow_different_bases)
@@ -276,7 +278,7 @@ def write_adapter(adapter: LoraAdapter, folder: Path, *, format: str = "peft", *
     try:
         writer = WRITERS[format]
     except KeyError:
-        raise MethodError(f"unknown output format {format!r}; choose from {', '.join(WRITERS)}") from None
+        raise OutputFormatError(f"unknown output format {format!r}; choose from {', '.join(WRITERS)}") from None
     if writer is not peft:
         experts.refuse(adapter, f"the {format} format")
     return writer.write(adapter, folder, **options)

@@ -23,7 +23,7 @@ import torch
 
 from loramix import experts
 from loramix.adapter import LoraAdapter, check_rank_layout, is_portable, portable_layout
-from loramix.errors import AdapterFormatError, MethodError
+from loramix.errors import AdapterFormatError, ArgumentError, MethodError, MissingPackageError, SettingError
 from loramix.formats import _keys, peft
 from loramix.io.files import check_finite
 
@@ -47,7 +47,7 @@ def _peft():
     try:
         return importlib.import_module("peft")
     except ImportError:
-        raise MethodError("this needs PEFT, which is not installed (pip install peft)") from None
+        raise MissingPackageError("this needs PEFT, which is not installed (pip install peft)") from None
 
 
 def read(src, *, allow_nonfinite: bool = False) -> LoraAdapter:
@@ -156,7 +156,9 @@ def lora_config(adapter: LoraAdapter):
 
 def _check_adapter(adapter, what: str) -> None:
     if not isinstance(adapter, LoraAdapter):
-        raise MethodError(f"{what} takes a LoraAdapter (from load_adapter or combine), not a {type(adapter).__name__}")
+        raise ArgumentError(
+            f"{what} takes a LoraAdapter (from load_adapter or combine), not a {type(adapter).__name__}"
+        )
 
 
 def inject_adapter(
@@ -177,14 +179,16 @@ def inject_adapter(
     elif not is_portable(adapter):
         peft.warn_exact_layout()
     if not isinstance(adapter_name, str) or not adapter_name:
-        raise MethodError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+        raise SettingError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
     takes_adapters = hasattr(model, "get_base_model") or hasattr(model, "add_adapter")
     if not isinstance(model, torch.nn.Module) or not takes_adapters:
-        raise MethodError(
+        raise ArgumentError(
             f"inject_adapter puts adapters into a PeftModel or a transformers model, not a {type(model).__name__}"
         )
     if adapter_name in (getattr(model, "peft_config", None) or {}):
-        raise MethodError(f"{_model_label(model)} already has an adapter {adapter_name!r}: choose another adapter_name")
+        raise SettingError(
+            f"{_model_label(model)} already has an adapter {adapter_name!r}: choose another adapter_name"
+        )
     config = lora_config(adapter)
     tensors = to_peft_state_dict(adapter)
     if hasattr(model, "get_base_model"):  # a PeftModel: keys keep PEFT's base_model.model. prefix

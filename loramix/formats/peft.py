@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from loramix import experts
 from loramix.adapter import MISREADERS, LoraAdapter, LoraModule, check_rank_layout, is_portable, portable_layout
+from loramix.architecture import GPT2_CONV1D
 from loramix.errors import AdapterFormatError, OutputError
 from loramix.formats import peft_experts
 from loramix.formats._keys import (
@@ -38,7 +39,6 @@ from loramix.formats.kohya import KOHYA_PREFIX
 log = logging.getLogger(__name__)
 
 NAME = "peft"
-GPT2_CONV1D = re.compile(r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$")
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 

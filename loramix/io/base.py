@@ -9,7 +9,8 @@ store the same weight with a prefix more or less (``h.0.attn.c_attn.weight`` in 
 tries the exact key, then base keys ending in the adapter's name, then the adapter's name without leading parts,
 then (for a kohya/LyCORIS name flattened with underscores) the base key whose flattened path ends the name; more
 than one candidate is an error. An output head that the base ties to its input embedding and does not store
-is found as that embedding (`BaseCheckpoint.weight_key`). Both `loramix.analysis` and `loramix.checkpoint` ask here.
+is found as that embedding (`BaseCheckpoint.weight_key`). Both `loramix.analysis` and `loramix.merge.checkpoint` ask
+here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter
+from loramix.architecture import tied_embedding
 from loramix.errors import CheckpointError, SourceError, shown
 from loramix.io.files import load_pickle
 from loramix.io.quantized import DequantizedTensor, QuantizedBase, recognise
@@ -59,19 +61,7 @@ SAFE_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-DTYPE_NAMES = {v: k for k, v in SAFE_DTYPES.items()}
-# Model types whose attention/MLP layers are transformers' Conv1D (weight stored in×out), and those layers' names.
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
-CONV1D_NAMES = {"c_attn", "c_proj", "c_fc", "q_attn"}
-# Output heads that transformers ties to the input embedding (and then does not store), and embedding keys.
-OUTPUT_HEADS = ("lm_head", "embed_out", "cls.predictions.decoder", "vocab_projector", "output")
-INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight", "embed_in.weight")
-
-
-def is_conv1d(model_type: str | None, module: str) -> bool:
-    """Whether ``module`` (a dotted module path) of a ``model_type`` model is a transformers Conv1D, its weight
-    stored in×out."""
-    return model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_NAMES
+SAFETENSORS_CODES = {v: k for k, v in SAFE_DTYPES.items()}  # torch dtype → its safetensors header code
 
 
 @dataclass
@@ -131,7 +121,7 @@ class BaseCheckpoint:
         key = self.find(f"{module}.weight")
         if key is not None:
             return key, None
-        tied = tied_embedding(self, module)
+        tied = tied_embedding(self.config, self.tensors, module)
         return tied, tied
 
     @functools.cached_property
@@ -376,25 +366,6 @@ class NameMatcher:
                 "cannot say which is meant"
             )
         return candidates[0] if candidates else None
-
-
-def tied_embedding(base: BaseCheckpoint, module_name: str) -> str | None:
-    """The input embedding key an absent output head is tied to (None when ``module_name`` is not such a head)."""
-    if not any(module_name == h or module_name.endswith("." + h) for h in OUTPUT_HEADS):
-        return None
-    if base.config.get("tie_word_embeddings") is False:
-        return None
-    found = [k for k in base.tensors if any(k == e or k.endswith("." + e) for e in INPUT_EMBEDDINGS)]
-    return found[0] if len(found) == 1 else None
-
-
-def ties_output_head(base: BaseCheckpoint, key: str) -> bool:
-    """Whether ``key`` is an input embedding that the base's (unstored) output head is tied to."""
-    if base.config.get("tie_word_embeddings") is not True:
-        return False
-    if not any(key == e or key.endswith("." + e) for e in INPUT_EMBEDDINGS):
-        return False
-    return not any(k.endswith(f"{h}.weight") for k in base.tensors for h in OUTPUT_HEADS)
 
 
 def is_kohya_name(module: str) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from loramix.errors import CheckpointError
-from loramix.io.base import BIN_INDEX, DTYPE_NAMES, SAFE_INDEX, BaseCheckpoint, read_safetensors_header
+from loramix.io.base import BIN_INDEX, SAFE_INDEX, SAFETENSORS_CODES, BaseCheckpoint, read_safetensors_header
 
 log = logging.getLogger(__name__)
 DIFFUSERS_CONFIG = "_diffusers_version"  # a key only diffusers' model configs have
@@ -110,7 +110,7 @@ def safetensors_header(jobs: list, metadata: dict[str, str]) -> bytes:
     offset = 0
     for job in jobs:
         header[job.name] = {
-            "dtype": DTYPE_NAMES[job.dtype],
+            "dtype": SAFETENSORS_CODES[job.dtype],
             "shape": list(job.shape),
             "data_offsets": [offset, offset + job.nbytes],
         }

@@ -1,4 +1,4 @@
-"""Merge methods. Each is one function decorated with `@method` in its family's module (see `methods.base`);
+"""Merge methods. Each is one function decorated with `@method` in its family's module (see `methods.registry`);
 importing this package registers them all. Families: exact (`cat`, `svd`), mixing (`linear`), interference
 (`ties`, `magnitude_prune`, `dare_linear`, `dare_ties`), subspace (`tsv`, `iso_c`, `iso_cts`, `knots`, `star`),
 regression (`regmean`, `wudi`), mergekit's task arithmetic (`breadcrumbs`, `breadcrumbs_ties`, `della`,
@@ -14,6 +14,6 @@ from loramix.methods import (  # noqa: F401 — each registers its methods
     subspace,
     task_arithmetic,
 )
-from loramix.methods.base import REGISTRY, Method, Term, absent_as_zero, get_method, method
+from loramix.methods.registry import REGISTRY, Method, Term, absent_as_zero, get_method, method
 
 __all__ = ["REGISTRY", "Method", "Term", "absent_as_zero", "get_method", "method"]

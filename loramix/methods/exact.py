@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loramix.lazy import lazy
 from loramix.linalg import Factors, RankRule, factor_svd, stacked_factors
-from loramix.methods.base import method
+from loramix.methods.registry import method
 
 torch = lazy("torch")
 

@@ -22,7 +22,7 @@ from loramix.methods._elementwise import (
     split_weights,
     task_space,
 )
-from loramix.methods.base import method
+from loramix.methods.registry import method
 
 CORE = "core: Panariello et al. 2025, arXiv:2509.17786"
 

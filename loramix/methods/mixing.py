@@ -13,7 +13,7 @@ from loramix.errors import IncompatibleAdaptersError
 from loramix.lazy import lazy
 from loramix.linalg import Factors, RankRule
 from loramix.methods._elementwise import split_weights
-from loramix.methods.base import method
+from loramix.methods.registry import method
 
 torch = lazy("torch")
 

@@ -27,7 +27,7 @@ from loramix.errors import MethodError
 from loramix.lazy import lazy
 from loramix.linalg import Factors, RankRule, factor_inner, orthonormal_bases, truncated_factors
 from loramix.methods._elementwise import check_number, split_weights
-from loramix.methods.base import method
+from loramix.methods.registry import method
 
 torch = lazy("torch")
 

@@ -42,7 +42,7 @@ from loramix.errors import MethodError
 from loramix.lazy import lazy
 from loramix.linalg import Factors, RankRule, dense_factors, truncated_factors
 from loramix.methods._elementwise import SPACES, check_choice, check_flag, check_number, split_weights
-from loramix.methods.base import method
+from loramix.methods.registry import method
 
 torch = lazy("torch")
 

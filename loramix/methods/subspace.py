@@ -46,7 +46,7 @@ from loramix.methods._elementwise import (
     module_generator,
     split_weights,
 )
-from loramix.methods.base import method
+from loramix.methods.registry import method
 
 torch = lazy("torch")
 

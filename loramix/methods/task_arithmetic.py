@@ -50,7 +50,7 @@ from loramix.methods._elementwise import (
     split_weights,
     task_space,
 )
-from loramix.methods.base import method
+from loramix.methods.registry import method
 
 torch = lazy("torch")
 

@@ -19,8 +19,8 @@ from huggingface_hub import ModelCardData
 from loramix import experts
 from loramix.adapter import LoraAdapter, unpadded_rank
 from loramix.analysis.results import Analysis
-from loramix.checkpoint import MergeReport
 from loramix.errors import counted
+from loramix.merge.checkpoint import MergeReport
 from loramix.methods import REGISTRY
 from loramix.quantize import Quantization
 from loramix.schedule import describe, varies

@@ -8,7 +8,7 @@ renames every transformer module onto that identity, whatever naming the file us
 
 - kohya/sd-scripts and musubi-tuner: ``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_blocks_0_self_attn_q``
   (the original module, flattened);
-- ComfyUI/BFL: ``diffusion_model.double_blocks.0.img_attn.qkv`` (read by `loramix.formats.diffusion.files`);
+- ComfyUI/BFL: ``diffusion_model.double_blocks.0.img_attn.qkv`` (read by `loramix.formats.diffusion.reference_names`);
 - XLabs: ``double_blocks.0.processor.qkv_lora1`` (also read there);
 - diffusers/PEFT (ai-toolkit, SimpleTuner, diffusers' trainers): ``transformer.transformer_blocks.0.attn.to_q``, and
   diffusers' flattened ``lora_transformer_transformer_blocks_0_attn_to_q``.

@@ -1,8 +1,8 @@
 """Merging an adapter into a diffusers pipeline folder (what kohya's ``merge_lora.py`` and diffusers' ``fuse_lora``
-do, streamed like any `loramix.checkpoint` merge).
+do, streamed like any `loramix.merge.checkpoint` merge).
 
 The adapter's modules are split by component (`loramix.io.diffusers.split_adapter`: kohya and diffusers names);
-each component it changes is written by `loramix.checkpoint.write_merged` into the output's folder of the same
+each component it changes is written by `loramix.merge.checkpoint.write_merged` into the output's folder of the same
 name, in its own files (the same file names, each tensor in the file it was in, the same index); every other file
 and component folder (model_index.json, scheduler, tokenizer, vae, an untouched text encoder) is copied unchanged.
 A changed component's other weight files (a ``diffusion_pytorch_model.fp16.safetensors`` variant) would hold the
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter
-from loramix.checkpoint import MergeReport, write_merged
 from loramix.io.diffusers import Pipeline, split_adapter
 from loramix.io.shards import WEIGHT_SUFFIXES
+from loramix.merge.checkpoint import MergeReport, write_merged
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The ΔW kernels shared by merges into checkpoints (`loramix.checkpoint`) and into live models (`loramix.live`):
-how ΔW lies on a base weight (`decide_layout`), its rows (`delta_rows`), DoRA's exact merge (`dora_merge`) and
-effective update (`dora_delta`), and how the update a weight stores after rounding compares with the intended one
-(`Survival`, `StoredUpdate`, `warn_stored`).
+"""The ΔW kernels shared by merges into checkpoints (`loramix.merge.checkpoint`) and into loaded models
+(`loramix.merge.loaded_model`): how ΔW lies on a base weight (`decide_layout`), its rows (`delta_rows`), DoRA's exact
+merge (`dora_merge`) and effective update (`dora_delta`), and how the update a weight stores after rounding compares
+with the intended one (`Survival`, `StoredUpdate`, `warn_stored`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from loramix.adapter import LoraModule
+from loramix.architecture import is_conv1d
 from loramix.errors import CheckpointError
-from loramix.io.base import is_conv1d
-from loramix.runtime import DTYPE_NAMES
+from loramix.runtime import OUTPUT_DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Survival:
 
 def warn_stored(survival: dict[str, StoredUpdate], dtype: torch.dtype, label: str) -> None:
     """One warning for updates mostly lost to rounding to ``dtype``, one for updates stored distorted."""
-    name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    name = OUTPUT_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     low = sorted((v.kept, k) for k, v in survival.items() if v.lost)
     if low:
         worst = ", ".join(f"{k} ({v:.2f})" for v, k in low[:3])

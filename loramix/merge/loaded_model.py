@@ -1,6 +1,6 @@
 """Merge an adapter into a loaded model's weights in place (`merge_into`) and take it out again (`unmerge`).
 
-The in-memory twin of `loramix.checkpoint.write_merged`, with its kernels (`delta_rows`, `dora_merge`,
+The in-memory twin of `loramix.merge.checkpoint.write_merged`, with its kernels (`delta_rows`, `dora_merge`,
 `decide_layout`), its name rule (`loramix.io.base.NameMatcher`, here over the model's module names) and its survival
 measure. Each weight is updated on its own device: W + ΔW in float32, cast once to the weight's dtype. The layout
 comes from the model itself: transformers' ``Conv1D`` layers hold their weight in×out. An adapter module is found as
@@ -24,10 +24,10 @@ from transformers.pytorch_utils import Conv1D
 
 from loramix import experts
 from loramix.adapter import LoraAdapter
-from loramix.errors import CheckpointError, MethodError
+from loramix.errors import ArgumentError, CheckpointError, SettingError
 from loramix.formats import load_adapter
 from loramix.io.base import NameMatcher
-from loramix.kernels import (
+from loramix.merge.kernels import (
     StoredUpdate,
     Survival,
     Update,
@@ -44,7 +44,7 @@ class ModelMergeReport:
     """What `merge_into` or `unmerge` did to a live model.
 
     ``survival``: per module, how the change stored in the weight's dtype compares with the intended ±ΔW
-    (`loramix.checkpoint.StoredUpdate`: kept share, relative error, cosine; as in a merged checkpoint's report).
+    (`loramix.merge.kernels.StoredUpdate`: kept share, relative error, cosine; as in a merged checkpoint's report).
     ``replaced``: the original values of the parameters the adapter's extra tensors (heads) replaced;
     ``dora_norms``: per DoRA module the row norms ‖W+ΔW‖. `unmerge` uses both.
     """
@@ -62,7 +62,7 @@ class _Target:
 
 def _check_model(model, what: str) -> None:
     if not isinstance(model, torch.nn.Module):
-        raise MethodError(
+        raise ArgumentError(
             f"{what} takes a loaded torch model (a transformers model or PeftModel), not a {type(model).__name__}; "
             "for a model folder or Hub id use merge_into_base"
         )
@@ -117,7 +117,7 @@ def _extras(model: torch.nn.Module, adapter: LoraAdapter) -> dict[str, tuple[str
 
 def _store(weight: torch.Tensor, result: torch.Tensor, before: torch.Tensor, name: str) -> StoredUpdate:
     """Write ``result`` (float32) into ``weight`` in its dtype; how the stored change compares with the intended one
-    (as in a checkpoint: `loramix.checkpoint.StoredUpdate`)."""
+    (as in a checkpoint: `loramix.merge.kernels.StoredUpdate`)."""
     intended = result - before
     if not torch.isfinite(intended).all():
         raise CheckpointError(f"adapter module {name}: W ± ΔW holds NaN/Inf (the adapter or the model is broken)")
@@ -167,7 +167,7 @@ def unmerge(model: torch.nn.Module, adapter, *, merged: ModelMergeReport | None 
     lacking = [n for n in needs if merged is None or n not in merged.dora_norms]
     lacking += [key for key, _ in extras.values() if merged is None or key not in merged.replaced]
     if lacking:
-        raise MethodError(
+        raise SettingError(
             f"{lacking[0]}: a DoRA module or replaced head cannot be taken out of the weights alone; pass the report "
             "merge_into returned as merged="
         )

@@ -1,8 +1,8 @@
 """A mixture-of-experts checkpoint read as the model holds it: its per-expert tensors (``mlp.experts.{e}.gate_proj``,
 ``up_proj``, ``down_proj``) assembled into the fused 3-D parameters transformers 5 builds
-(``mlp.experts.gate_up_proj`` (E, 2I, H)), through the blocks transformers' own conversion mapping says each stored
-tensor holds (`loramix.io.conversion`). Extraction then gives each expert its own LoRA on the fused parameter, which
-PEFT loads as ``target_parameters``."""
+(``mlp.experts.gate_up_proj`` (E, 2I, H)), through the blocks transformers' own conversion mapping says each
+stored tensor holds (`loramix.io.conversion_mapping`). Extraction then gives each expert its own LoRA on the fused
+parameter, which PEFT loads as ``target_parameters``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from loramix.extraction.tensors import TensorSource
-from loramix.io.conversion import DiskBlock, ModelNames, model_names
+from loramix.io.conversion_mapping import DiskBlock, ModelNames, model_names
 
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 

@@ -18,12 +18,12 @@ import torch
 from loramix.errors import CheckpointError
 from loramix.io.base import BaseCheckpoint
 from loramix.io.quantized import QuantizedBase, share_below
-from loramix.kernels import Survival, delta_rows, dora_merge
-from loramix.runtime import DTYPE_NAMES
+from loramix.merge.kernels import Survival, delta_rows, dora_merge
+from loramix.runtime import OUTPUT_DTYPE_NAMES
 
 
 def mark_quantized(jobs: list, base: BaseCheckpoint, quantized: QuantizedBase, dtype: torch.dtype | None) -> list:
-    """A quantized base's output jobs (`loramix.checkpoint.Job`): with a ``dtype``, every quantized weight read
+    """A quantized base's output jobs (`loramix.merge.checkpoint.Job`): with a ``dtype``, every quantized weight read
     dequantized (under the dense model's name, cast to ``dtype``) and the scale tensors dropped; else each weight an
     adapter changes marked for re-quantization (its codes and its scales, both from W + ΔW), the others left to be
     copied as they are."""
@@ -77,4 +77,4 @@ def written_as(quantized: QuantizedBase | None, dtype: torch.dtype | None) -> st
         return None
     if dtype is None:
         return f"{quantized.describe()}, the merged weights re-quantized with fresh scales"
-    return f"dense {DTYPE_NAMES[dtype]}, dequantized from {quantized.describe()}"
+    return f"dense {OUTPUT_DTYPE_NAMES[dtype]}, dequantized from {quantized.describe()}"

@@ -23,16 +23,10 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter, LoraModule
+from loramix.architecture import GPT2_CONV1D, tied_embedding, ties_output_head
 from loramix.errors import CheckpointError
-from loramix.formats.peft import GPT2_CONV1D
-from loramix.io.base import (
-    DIFFUSERS_WEIGHTS,
-    BaseCheckpoint,
-    BaseTensor,
-    tied_embedding,
-    ties_output_head,
-)
-from loramix.io.conversion import for_checkpoint
+from loramix.io.base import DIFFUSERS_WEIGHTS, BaseCheckpoint, BaseTensor
+from loramix.io.conversion_mapping import for_checkpoint
 from loramix.io.quantized import DequantizedTensor, Requantized
 from loramix.io.shards import (
     base_layout,
@@ -42,7 +36,7 @@ from loramix.io.shards import (
     write_beside,
     write_shards,
 )
-from loramix.kernels import (
+from loramix.merge.kernels import (
     StoredUpdate,
     Survival,
     Update,
@@ -51,9 +45,9 @@ from loramix.kernels import (
     dora_merge,
     warn_stored,
 )
+from loramix.merge.quantized_base import mark_quantized, requantize, written_as
 from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
-from loramix.quantized_merge import mark_quantized, requantize, written_as
-from loramix.runtime import DTYPE_NAMES, parse_size, progress_bar
+from loramix.runtime import OUTPUT_DTYPE_NAMES, parse_size, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +150,7 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | 
                 f"{name}.weight is not stored in the base: {name} is tied to {key} (tie_word_embeddings), so its ΔW "
                 f"is merged into {key} and the input embeddings change with it (as PEFT's merge_and_unload does)"
             )
-        elif ties_output_head(base, key):
+        elif ties_output_head(base.config, base.tensors, key):
             notes.append(
                 f"{key} is the input embedding and the base ties its output head to it (tie_word_embeddings, no head "
                 f"stored): merging {name} changes the output head as well (as PEFT's merge_and_unload does)"
@@ -210,13 +204,14 @@ def _plan_extras(
         key = base.find(name)
         tensor = extra.tensor
         if key is None and extra.kind == "base_layer":
-            key = tied_embedding(base, name.rpartition(".")[0])  # PEFT saves a tied head's weight under its name
+            # PEFT saves a tied head's weight under its name
+            key = tied_embedding(base.config, base.tensors, name.rpartition(".")[0])
             if key is None:
                 raise CheckpointError(f"adapter tensor {name} (a saved base layer) has no match in base {base.folder}")
             if jobs[key].replaced == "base_layer" and not torch.equal(jobs[key].source.tensor, tensor):
                 raise CheckpointError(f"adapter tensors {name} and {key} are tied in the base but saved different")
         if key is None:
-            if tied_embedding(base, name.rpartition(".")[0]) is not None:
+            if tied_embedding(base.config, base.tensors, name.rpartition(".")[0]) is not None:
                 raise CheckpointError(
                     f"adapter tensor {name} would replace an output head that the base ties to its input embedding "
                     "and does not store; set tie_word_embeddings=false in the base to keep both"
@@ -364,7 +359,7 @@ def write_merged(
     is written dense (dequantized, scale tensors and ``quantization_config`` dropped).
 
     ``part`` (rank, world) writes only the shards i ≡ rank (mod world), and only rank 0 the index, config and other
-    files (`loramix.merge_processes` splits one merge over processes this way).
+    files (`loramix.merge.processes` splits one merge over processes this way).
 
     The `MergeReport` holds, per module of the shards written, the share of ΔW that survives the rounding:
     ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖ (for a base in the output dtype round(W) = W; for a float32 base, comparing
@@ -417,7 +412,7 @@ def write_merged(
         )
     if rank == 0:
         dense = quantized is not None and dtype is not None
-        write_beside(base, folder, names, shards, index, dtype_name=dtype and DTYPE_NAMES[dtype], dense=dense)
+        write_beside(base, folder, names, shards, index, dtype_name=dtype and OUTPUT_DTYPE_NAMES[dtype], dense=dense)
     stored = base_dtype(base)
     report = MergeReport(
         path=folder,

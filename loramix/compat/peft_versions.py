@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 
-from loramix.compat.facts import FIX_LAYOUT, REL, Facts, Verdict
+from loramix.compat.facts import FIX_LAYOUT, REL, Facts, Verdict, consumer
 
 # PEFT releases checked, oldest to newest (minor versions); the newest rules also stand for later releases.
 PEFT_VERSIONS = tuple((0, minor) for minor in range(5, 22))
@@ -156,6 +156,7 @@ def _ranges(versions: list[tuple[int, int]]) -> str:
     return ", ".join(parts)
 
 
+@consumer("PEFT")
 def peft(facts: Facts, src: str) -> Verdict:
     problems = {v: _peft_problem(facts, v) for v in PEFT_VERSIONS}
     good = [v for v, p in problems.items() if p is None]
@@ -171,6 +172,7 @@ def peft(facts: Facts, src: str) -> Verdict:
     return Verdict("PEFT", "yes", note=f"{note} (not {reason})", fix=FIX_LAYOUT.format(src=src))
 
 
+@consumer("transformers")
 def transformers(facts: Facts, src: str) -> Verdict:
     # transformers/integrations/peft.py, PeftAdapterMixin.load_adapter: PEFT's LoraConfig and set_peft_model_state_dict
     peft = _peft_problem(facts, PEFT_VERSIONS[-1])

@@ -20,9 +20,9 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from loramix.checkpoint import MergeReport
 from loramix.errors import CheckpointError, LoramixError
 from loramix.io.files import atomic_output
+from loramix.merge.checkpoint import MergeReport
 
 T = TypeVar("T")
 

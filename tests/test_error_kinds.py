@@ -1,0 +1,43 @@
+"""Errors name the kind of mistake: a device, an output format, a setting's value or a wrong kind of object each
+has its class, and every one of them is still a `MethodError` (what callers caught before)."""
+
+from __future__ import annotations
+
+import pytest
+
+import loramix
+from loramix.errors import ArgumentError, DeviceError, MethodError, OutputFormatError, SettingError
+from loramix.examples import path as example
+from loramix.runtime import resolve_device
+
+
+def test_each_kind_is_its_own_class_and_still_a_method_error(tmp_path):
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu9")
+    with pytest.raises(OutputFormatError, match="unknown output format"):
+        loramix.save_adapter(loramix.load_adapter(example("summarize")), tmp_path / "x", format="onnx")
+    with pytest.raises(SettingError, match="energy must be in"):
+        loramix.combine([example("summarize"), example("formal")], method="svd", energy=2.0)
+    with pytest.raises(ArgumentError, match="not a single one"):
+        loramix.combine(example("summarize"))
+    with pytest.raises(MethodError, match="unknown method"):
+        loramix.combine([example("summarize"), example("formal")], method="nonesuch")
+    for kind in (DeviceError, OutputFormatError, SettingError, ArgumentError):
+        assert issubclass(kind, MethodError) and issubclass(kind, ValueError)
+    assert issubclass(ArgumentError, TypeError)
+    assert not issubclass(SettingError, ArgumentError)
+
+
+def test_a_missing_optional_package_is_one_kind_of_error(monkeypatch, tmp_path):
+    """bitsandbytes, matplotlib, gguf, PEFT or accelerate missing is one `MissingPackageError` naming what to
+    install: an ImportError, and a LoramixError (so the CLI prints one line)."""
+    import sys
+
+    from loramix.analysis_files import write_plots
+    from loramix.errors import LoramixError, MissingPackageError
+
+    analysis = loramix.analyze([example("summarize"), example("formal")])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingPackageError, match=r"pip install 'loramix\[plot\]'") as info:
+        write_plots(analysis, tmp_path / "plots")
+    assert isinstance(info.value, ImportError) and isinstance(info.value, LoramixError)
