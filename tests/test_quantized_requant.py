@@ -268,3 +268,78 @@ def test_int4_same_format_is_the_quantizers_rounding(llama_adapter, case):
     assert set(report.below_step) == {k.removesuffix(".weight") for k in made.deltas}
     assert all(0 <= v <= 1 for v in report.below_step.values())
     assert any(k.rsplit(".", 2)[-2] in LINEARS for k in made.deltas)
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
+UP = "model.layers.0.mlp.up_proj"
+
+
+def _mxfp4_nan_scale(tensors, qc):
+    tensors[GATE_UP + "_scales"] = tensors[GATE_UP + "_scales"].clone().fill_(255)
+
+
+def _mxfp4_no_scales(tensors, qc):
+    del tensors[GATE_UP + "_scales"]
+
+
+def _mxfp4_block_of_16(tensors, qc):
+    tensors[GATE_UP + "_blocks"] = tensors[GATE_UP + "_blocks"][..., :8].contiguous()
+
+
+def _int4_nan_scales(tensors, qc):
+    tensors[UP + ".scales"] = tensors[UP + ".scales"].clone().fill_(float("nan"))
+
+
+def _int4_wrong_group(tensors, qc):
+    qc["group_size"] = 16
+
+
+def _int4_no_zeros(tensors, qc):
+    del tensors[UP + ".qzeros"]
+
+
+def _unknown_method(tensors, qc):
+    qc["quant_method"] = "hqq"
+
+
+REFUSALS = [
+    ("mxfp4", _mxfp4_nan_scale, f"tensor {GATE_UP}_scales: NaN scales (E8M0 255) (MXFP4)"),
+    ("mxfp4", _mxfp4_no_scales, f"tensor {GATE_UP}_scales: missing, expected uint8 [4, 128, 2]"),
+    ("mxfp4", _mxfp4_block_of_16, f"tensor {GATE_UP}_blocks: uint8 [4, 128, 2, 8], expected uint8 [E, out, G, 16]"),
+    ("awq", _int4_nan_scales, f"tensor {UP}.scales: NaN or infinite scales (AWQ int4 (groups of 32))"),
+    (
+        "gptq-v1-act-order",
+        _int4_wrong_group,
+        "down_proj.qzeros: int32 [3, 8], expected [6, 8] (GPTQ int4 (groups of 16)",
+    ),
+    ("gptq-v2-sym", _int4_no_zeros, f"tensor {UP}.qzeros: missing, expected [2, 12]"),
+    ("awq", _unknown_method, "a hqq quantized base (quantization_config quant_method)"),
+]
+
+
+@pytest.mark.parametrize("kind, edit, says", REFUSALS, ids=[r[1].__name__ for r in REFUSALS])
+def test_damaged_or_unknown_mxfp4_and_int4_bases_are_one_line_and_write_nothing(oss, llama_adapter, kind, edit, says):
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from loramix.cli import main
+
+    folder = llama_adapter.tmp / f"damaged-{edit.__name__}"
+    if kind == "mxfp4":
+        base, adapter = write_mxfp4_base(folder, tiny_gpt_oss()), oss.adapter
+    else:
+        method, act_order, qc = INT4_CASES[kind]
+        base, adapter = write_int4_base(folder, tiny(), method, act_order, dict(qc))[0], llama_adapter.adapter
+    tensors = load_file(base / "model.safetensors")
+    config = json.loads((base / "config.json").read_text())
+    edit(tensors, config["quantization_config"])
+    save_file(tensors, str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps(config))
+    out = folder.parent / f"out-{edit.__name__}"
+    result = CliRunner().invoke(main, ["combine", str(adapter), "--merge-into", str(base), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], result.output
+    assert not out.exists()
