@@ -19,9 +19,11 @@ from loramix.diffusers_merge import write_merged_pipeline
 from loramix.errors import CheckpointError, MethodError
 from loramix.formats import load_adapter
 from loramix.formats.diffusion import onto_base
+from loramix.gguf_merge import write_merged_gguf
 from loramix.io.base import open_base, resolve_base, with_base_names
 from loramix.io.diffusers import is_pipeline, open_pipeline
 from loramix.io.files import atomic_output
+from loramix.io.gguf_base import gguf_base_file, open_gguf
 from loramix.quantize import quantization_settings
 from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
 from loramix.runtime import parse_dtype, require_path, resolve_device
@@ -69,6 +71,19 @@ def merge_into_base(
     adapter = load_adapter(adapter)
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)
+    gguf_file = gguf_base_file(base) if isinstance(base, (str, Path)) else None
+    if gguf_file is not None:  # a llama.cpp model file: merged into a GGUF file (`loramix.gguf_merge`)
+        if quantized_as not in (None, "none") or shard_size is not None:
+            raise CheckpointError(f"{gguf_file}: a GGUF base; quantized_as and shard_size do not apply to it")
+        gguf_base = open_gguf(gguf_file)
+        files = files if files is not None else {CARD_FILE: model_card(adapter, merged_into=str(base))}
+        with atomic_output(out, overwrite=overwrite, protect=[gguf_file, adapter.source], finite=False) as tmp:
+            report = write_merged_gguf(adapter, gguf_base, tmp, target_dtype)
+            if CARD_FILE in files:
+                files = {**files, CARD_FILE: quantization_section(files[CARD_FILE], report)}
+            write_files(tmp, files)
+        report.path = Path(out)
+        return report
     folder = resolve_base(base)
     pipeline = open_pipeline(folder) if is_pipeline(folder) else None
     checkpoint = None if pipeline else open_base(folder)

@@ -36,7 +36,7 @@ LAYERS = [
     ["loramix.weight_search"],
     ["loramix.live"],
     ["loramix.diffusers_merge", "loramix.extraction"],
-    ["loramix.checkpoint", "loramix.quantized_merge"],
+    ["loramix.checkpoint", "loramix.quantized_merge", "loramix.gguf_merge"],
     ["loramix.kernels"],
     ["loramix.analysis"],
     ["loramix.combination"],

@@ -632,9 +632,9 @@ def test_unsupported_or_damaged_quantized_base_is_one_line_and_writes_nothing(ma
         analyze([str(made.adapter)], base=str(folder))
 
 
-def test_gguf_base_file_is_refused(tmp_path, made):
+def test_damaged_gguf_base_file_is_refused(tmp_path, made):
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    with pytest.raises(CheckpointError, match="a GGUF base file"):
+    with pytest.raises(CheckpointError, match="model.gguf: not a readable GGUF file"):
         merge_into_base(made.adapter, tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
