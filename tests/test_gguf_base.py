@@ -280,3 +280,26 @@ def test_transformers_loads_the_merged_gguf_with_peft_delta(made):
         stored = (theirs[key] - before[key]).detach().double()
         assert float((stored - delta).norm() / delta.norm()) < 0.2, key
     assert torch.isfinite(merged(torch.arange(8)[None]).logits).all()
+
+
+def test_check_on_the_merged_gguf_names_the_engines(made):
+    out = made.tmp / "check"
+    merge_into_base(made.adapter, made.base, out)
+    result = CliRunner().invoke(main, ["check", str(out)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert (
+        "llama.cpp     yes    GGUF llama (BF16, F16, F32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): src/llama-model-loader.cpp"
+        in text
+    )
+    assert "transformers  yes" in text and "load_gguf_checkpoint" in text
+    assert "vLLM          yes" in text and "SGLang        yes" in text
+    tq = made.tmp / "check-tq"
+    tq.mkdir()
+    write_gguf_base(tq / "tq.gguf", tiny(), {**TYPES, "ffn_down": "TQ2_0"})
+    verdicts = {
+        line.split()[0]: line
+        for line in CliRunner().invoke(main, ["check", str(tq)]).output.splitlines()
+        if line.strip()
+    }
+    assert "no kernel for TQ2_0" in verdicts["vLLM"] and "no kernel for TQ2_0" in verdicts["SGLang"]
