@@ -234,10 +234,8 @@ class Int4:
         out, inputs = weight.shape
         g_idx = self.group_of(inputs, parts[3] if len(parts) > 3 else None, weight.device)
         groups = self.groups(inputs)
-        index = g_idx[:, None].expand(inputs, out)
         columns = weight.T
-        low = torch.full((groups, out), math.inf, device=weight.device).scatter_reduce(0, index, columns, "amin")
-        high = torch.full((groups, out), -math.inf, device=weight.device).scatter_reduce(0, index, columns, "amax")
+        low, high = _group_range(columns, g_idx, groups)
         if self.method == "gptq":
             low, high = low.clamp(max=0), high.clamp(min=0)
             if self.sym:
@@ -275,6 +273,18 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def _awq_columns(nibbles: torch.Tensor) -> torch.Tensor:
     return nibbles[..., list(AWQ_COLUMNS)]
+
+
+def _group_range(columns: torch.Tensor, g_idx: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) over each group's input channels (rows of ``columns``, [in, out]): the channels sorted by group;
+    equal groups (GPTQ act-order permutes whole groups) reduced as one view, others by scatter."""
+    counts = torch.bincount(g_idx, minlength=groups)
+    if bool((counts == counts[0]).all()):
+        grouped = columns[torch.argsort(g_idx, stable=True)].reshape(groups, -1, columns.shape[1])
+        return grouped.amin(dim=1), grouped.amax(dim=1)
+    index, shape = g_idx[:, None].expand_as(columns), (groups, columns.shape[1])
+    low = torch.full(shape, math.inf, device=columns.device).scatter_reduce(0, index, columns, "amin")
+    return low, torch.full(shape, -math.inf, device=columns.device).scatter_reduce(0, index, columns, "amax")
 
 
 def _awq_order(values: torch.Tensor) -> torch.Tensor:
