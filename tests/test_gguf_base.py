@@ -303,3 +303,14 @@ def test_check_on_the_merged_gguf_names_the_engines(made):
         if line.strip()
     }
     assert "no kernel for TQ2_0" in verdicts["vLLM"] and "no kernel for TQ2_0" in verdicts["SGLang"]
+
+
+def test_a_gguf_adapter_is_no_base(made, tmp_path):
+    """loramix's own GGUF LoRA (general.type adapter) given as the base: one line, nothing written."""
+    from loramix import load_adapter, save_adapter
+
+    config = {"model_type": "llama", "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS}
+    save_adapter(load_adapter(made.adapter), tmp_path / "lora", format="gguf", base=config, card=False)
+    with pytest.raises(CheckpointError, match="lora.gguf: a GGUF adapter file \\(general.type adapter\\), not a model"):
+        merge_into_base(made.adapter, tmp_path / "lora" / "lora.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -343,3 +343,20 @@ def test_damaged_or_unknown_mxfp4_and_int4_bases_are_one_line_and_write_nothing(
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_int4_ragged_groups_match_the_reference(method):
+    """An input width the group size does not divide (40 inputs in groups of 32: 32 and 8 channels): each group's
+    range over its own channels, as the float64 reference computes it."""
+    from loramix.io.schemes import Int4
+
+    W = torch.randn(16, 40, generator=torch.Generator().manual_seed(1)) * 0.05
+    g_idx = torch.arange(40) // 32
+    scheme = Int4(method, 32, zero_offset=1 if method == "gptq" else 0)
+    stored = (None, torch.empty(2, 16, dtype=torch.float16), None, *((g_idx.int(),) if method == "gptq" else ()))
+    parts = scheme.quantize_parts(W, stored)
+    q, z, s = int4_parts(dict(zip(("qweight", "scales", "qzeros"), parts)), method, scheme.zero_offset)
+    q_ref, z_ref, s_ref = int4_reference(W.double(), method, False, g_idx, scheme.zero_offset, torch.float16)
+    assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
+    assert (q == q_ref).double().mean() >= 0.99 and bool(((q - q_ref).abs() <= 1).all())

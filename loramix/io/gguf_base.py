@@ -92,7 +92,7 @@ def open_gguf(path: Path) -> GgufBase:
         arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
         kind = _field(reader, gguf.Keys.General.TYPE)
     if kind not in (None, "model"):
-        raise CheckpointError(f"{path}: a GGUF {kind} file (general.type), not a model to merge into")
+        raise CheckpointError(f"{path}: a GGUF {kind} file (general.type {kind}), not a model")
     if arch not in gguf.MODEL_ARCH_NAMES.values():
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} (general.architecture) is not one gguf knows")
     heads = _field(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch))
