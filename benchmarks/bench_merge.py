@@ -23,7 +23,11 @@ Contenders, each a fresh process writing a fresh output folder (deleted once mea
 Wall time is the command's; `sync` runs after each (timed apart: the dirty pages it leaves). Peak RSS is the
 child's ru_maxrss (wait4 from a lean launcher). The load average is printed before and after (a shared machine).
 
+  loramix ×N  with --processes N: the same command under `torchrun --standalone --nproc-per-node N` (the merge split
+           over N processes by shard, `loramix.merge_processes`)
+
     python benchmarks/bench_merge.py --shape 8b|1b|small [--fp8] [--device cpu|cuda] [--workdir DIR] [--repeat N]
+                                     [--processes N]
 """
 
 from __future__ import annotations
@@ -304,6 +308,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated contenders not to run: cp -r, loramix, peft")
     parser.add_argument("--keep", action="store_true", help="keep the base and adapter afterwards")
     parser.add_argument("--fp8", action="store_true", help="a block-FP8 base (128×128 scales); PEFT is not run")
+    parser.add_argument("--processes", type=int, default=1, help="also run loramix under torchrun with N processes")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -321,6 +326,7 @@ def main() -> None:
     contenders = {
         "cp -r": ["cp", "-r", str(base), str(out)],
         "loramix": loramix,
+        **({} if args.processes < 2 else {f"loramix ×{args.processes}": _under_torchrun(loramix, args.processes)}),
         **({} if args.fp8 else {"PEFT": peft}),
     }
     results, checked = {}, ""
@@ -332,7 +338,7 @@ def main() -> None:
         ok = [r for r in runs if r["code"] == 0]
         results[name] = {**min(ok or runs, key=lambda r: r["wall"]), "rss": max(r["rss"] for r in runs)}
         print(f"{name}: {results[name]} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
-        if name == "loramix" and ok:
+        if name.startswith("loramix") and ok:
             checked = check_output(out, base, adapter)
         shutil.rmtree(out, ignore_errors=True)
     load_after = os.getloadavg()
@@ -356,12 +362,21 @@ def main() -> None:
             f"\nloramix / cp -r: {lm['wall'] / cp['wall']:.2f}× (goal ≤ 1.3); with the sync after each: {synced:.2f}×; "
             f"loramix {size / lm['wall'] / 1e6:.0f} MB/s"
         )
+    many = results.get(f"loramix ×{args.processes}")
+    if lm and many and many["code"] == 0:
+        print(f"loramix ×{args.processes} / loramix: {many['wall'] / lm['wall']:.2f}×")
     if lm and pf and pf["code"] == 0:
         print(f"PEFT / loramix: {pf['wall'] / lm['wall']:.2f}× (goal ≥ 5); RSS {lm['rss'] / pf['rss']:.0%} of PEFT's")
     print(checked)
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(adapter, ignore_errors=True)
+
+
+def _under_torchrun(command: list[str], processes: int) -> list[str]:
+    """``python -m loramix …`` as torchrun's N processes on this machine."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return [str(torchrun), "--standalone", "--nproc-per-node", str(processes), *command[1:]]
 
 
 def _bytes(text: str) -> int:

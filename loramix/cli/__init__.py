@@ -207,10 +207,8 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, in the base's
     dtype unless --dtype says otherwise).
     """
-    from loramix.pipeline import run
     from loramix.recipe import Plan, load_recipe
     from loramix.render.card import kept_summary, quantized_summary, rank_text
-    from loramix.runtime import torch_threads
 
     for key in ("density", "majority_sign", "seed", "space", "examples"):  # flags for method options
         if flags[key] is not None:
@@ -237,8 +235,9 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    with torch_threads(1):
-        report = run(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
+    report = _run_combine(plan, overwrite=force, progress=ctx.obj["progress"])
+    if report is None:
+        return  # a torchrun rank other than 0: rank 0 reports
     if report.merge is not None:
         merge = report.merge
         worst = max(merge.survival.items(), key=lambda kv: kv[1].error, default=None)
@@ -265,6 +264,29 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
             + (f"; {kept}" if kept else "")
         )
     push_output(plan.output, push_repo)
+
+
+def _run_combine(plan, *, overwrite: bool, progress: bool):
+    """`loramix.pipeline.run` in this process, or under torchrun as one rank of a merge split over the processes
+    (`loramix.merge_processes`; gloo, which carries only the ranks' reports); None on ranks other than 0."""
+    from dataclasses import replace
+
+    from loramix.pipeline import run
+    from loramix.runtime import torch_threads
+    from loramix.weight_search import distributed
+
+    place = distributed.torchrun_rank()  # (rank, local rank, world) when torchrun started this process
+    with torch_threads(1):
+        if place is None:
+            return run(plan, overwrite=overwrite, progress=progress, argv=sys.argv)
+        if not plan.merge_into:
+            raise click.UsageError("under torchrun, combine splits a --merge-into over the processes: give one")
+        rank, local_rank, world = place
+        if plan.device in ("auto", "cuda") and distributed.rank_devices(plan.device, local_rank, 1) != "cpu":
+            plan = replace(plan, device=f"cuda:{local_rank}")  # one GPU per process
+        with distributed.process_group("cpu", rank=rank, world=world):
+            report = run(plan, overwrite=overwrite, progress=progress and rank == 0, argv=sys.argv)
+    return report if rank == 0 else None
 
 
 def _with_block_weights(lbws: list, weights: list | None, count: int) -> list:
