@@ -314,3 +314,12 @@ def test_a_gguf_adapter_is_no_base(made, tmp_path):
     with pytest.raises(CheckpointError, match="lora.gguf: a GGUF adapter file \\(general.type adapter\\), not a model"):
         merge_into_base(made.adapter, tmp_path / "lora" / "lora.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_base_is_merged_in_one_process(made, monkeypatch):
+    import loramix.merging
+
+    monkeypatch.setattr(loramix.merging, "place", lambda: (0, 2))  # as under torchrun with two processes
+    with pytest.raises(CheckpointError, match="a GGUF base is merged in one process"):
+        merge_into_base(made.adapter, made.base, made.tmp / "torchrun")
+    assert not (made.tmp / "torchrun").exists()
