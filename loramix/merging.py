@@ -19,8 +19,11 @@ from loramix.formats import load_adapter
 from loramix.formats.diffusion import onto_base
 from loramix.io.base import open_base, resolve_base, with_base_names
 from loramix.io.diffusers import is_pipeline, open_pipeline
+from loramix.io.files import atomic_output
+from loramix.io.gguf_base import gguf_base_file, open_gguf
 from loramix.merge.checkpoint import MergeReport, write_merged
 from loramix.merge.diffusers_pipeline import write_merged_pipeline
+from loramix.merge.gguf import write_merged_gguf
 from loramix.merge.processes import place, shared, shared_output, write_in_parts
 from loramix.quantize import quantization_settings
 from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
@@ -57,7 +60,8 @@ def merge_into_base(
     (tensors the adapter leaves alone byte for byte) unless ``dtype`` asks for another, which the card then says; a
     quantized base keeps its own format, re-quantized where ΔW changes it (`loramix.merge.quantized_base`).
 
-    QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"), or a ``quantization_config`` loading in 4 bit in
+    QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"; "fp8": transformers' block FP8, see
+    `loramix.quantize`), or a ``quantization_config`` loading in 4 bit in
     the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
     ``quantized_as="none"`` turns it off), each base weight a 4-bit model quantizes first goes through bitsandbytes'
     quantize_4bit → dequantize_4bit round trip (``blocksize``, ``double_quant``: compress_statistics), then ΔW is
@@ -69,6 +73,21 @@ def merge_into_base(
     adapter = load_adapter(adapter)
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)
+    gguf_file = gguf_base_file(base) if isinstance(base, (str, Path)) else None
+    if gguf_file is not None:  # a llama.cpp model file: merged into a GGUF file (`loramix.merge.gguf`)
+        if quantized_as not in (None, "none") or shard_size is not None:
+            raise CheckpointError(f"{gguf_file}: a GGUF base; quantized_as and shard_size do not apply to it")
+        if place()[1] > 1:
+            raise CheckpointError(f"{gguf_file}: a GGUF base is merged in one process (not under torchrun)")
+        gguf_base = open_gguf(gguf_file)
+        files = files if files is not None else {CARD_FILE: model_card(adapter, merged_into=str(base))}
+        with atomic_output(out, overwrite=overwrite, protect=[gguf_file, adapter.source], finite=False) as tmp:
+            report = write_merged_gguf(adapter, gguf_base, tmp, target_dtype)
+            if CARD_FILE in files:
+                files = {**files, CARD_FILE: quantization_section(files[CARD_FILE], report)}
+            write_files(tmp, files)
+        report.path = Path(out)
+        return report
     folder = resolve_base(base)
     pipeline = open_pipeline(folder) if is_pipeline(folder) else None
     checkpoint = None if pipeline else open_base(folder)

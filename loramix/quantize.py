@@ -12,6 +12,12 @@ its load dtype and dequantizes back to it; ``bnb_4bit_compute_dtype`` (the matmu
 dequantized bf16 weight) and ``bnb_4bit_quant_storage`` (how the packed 4-bit codes are stored) change no value.
 
 bitsandbytes is the optional extra ``loramix[qlora]``; it is imported here only, when a round trip is asked for.
+
+The same idea for an adapter trained on a dense base loaded in block FP8 (transformers' ``FineGrainedFP8Config``,
+``quant_type="fp8"``): each nn.Linear weight (not GPT-2's Conv1D, which that integration leaves alone; not the
+embeddings or the output head; not a weight the block does not tile, which ``Fp8Quantize`` passes through) goes
+through ``Fp8Quantize``'s rounding in ``blocksize``×``blocksize`` blocks (default 128, transformers' default
+``weight_block_size``) and back (`loramix.io.schemes.FP8`), in its own dtype.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ import torch
 from loramix.architecture import EMBEDDINGS, is_conv1d, is_output_head
 from loramix.errors import CheckpointError, MissingPackageError, inside_backend
 from loramix.io.quantized import share_below
+from loramix.io.schemes import FP8
 
 log = logging.getLogger(__name__)
 
-QUANT_TYPES = ("nf4", "fp4")
+QUANT_TYPES = ("nf4", "fp4", "fp8")
 ROUND_TRIPS = ("all", "targeted")
 
 
@@ -45,8 +52,17 @@ class Quantization:
     skip: tuple[str, ...] = ()
 
     def describe(self) -> str:
+        if self.fp8:
+            return f"block FP8, {self.blocksize}×{self.blocksize} blocks (transformers' FineGrainedFP8)"
         double = "double-quantized scales" if self.double_quant else "float scales"
         return f"{self.quant_type.upper()}, block {self.blocksize}, {double}"
+
+    @property
+    def fp8(self) -> bool:
+        return self.quant_type == "fp8"
+
+    def scheme(self) -> FP8:
+        return FP8((self.blocksize, self.blocksize))
 
 
 def quantization_settings(
@@ -79,7 +95,7 @@ def quantization_settings(
     settings = Quantization(
         quant_type=quantized_as or str(found.get("bnb_4bit_quant_type", "fp4")).lower(),  # transformers' default
         double_quant=bool(found.get("bnb_4bit_use_double_quant", False)) if double_quant is None else double_quant,
-        blocksize=blocksize or 64,  # transformers always quantizes with bitsandbytes' block of 64
+        blocksize=blocksize or (128 if quantized_as == "fp8" else 64),  # transformers' defaults for each
         round_trip=round_trip,
         skip=tuple(found.get("llm_int8_skip_modules") or ()),
     )
@@ -87,7 +103,7 @@ def quantization_settings(
         raise CheckpointError(f"quantization type {settings.quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
     if settings.round_trip not in ROUND_TRIPS:
         raise CheckpointError(f"round_trip must be one of {', '.join(ROUND_TRIPS)}, got {settings.round_trip!r}")
-    if settings.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+    if not settings.fp8 and settings.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         raise CheckpointError(f"blocksize {settings.blocksize} is not one bitsandbytes uses (a power of two, 32–4096)")
     return settings
 
@@ -119,14 +135,21 @@ def tensors_to_round_trip(
     ``round_trip="targeted"`` only those in ``targeted`` (the ones the adapter changes)."""
     chosen = {}
     for key, shape in shapes.items():
+        conv1d = is_conv1d(model_type, key.removesuffix(".weight"))
+        if settings.fp8 and (conv1d or any(n % settings.blocksize for n in shape)):
+            continue  # transformers' FP8 replaces nn.Linear only, and passes through shapes the block does not tile
         if is_quantized(key, shape, settings) and (settings.round_trip == "all" or key in targeted):
-            chosen[key] = is_conv1d(model_type, key.removesuffix(".weight"))
+            chosen[key] = conv1d
     return chosen
 
 
 def round_trip(weight: torch.Tensor, settings: Quantization, *, transposed: bool = False) -> torch.Tensor:
     """dequantize_4bit(quantize_4bit(W)) by bitsandbytes, in W's own dtype and on its device; ``transposed`` for a
-    Conv1D weight stored in×out (quantized as out×in, as transformers does)."""
+    Conv1D weight stored in×out (quantized as out×in, as transformers does). FP8: codes · scales of Fp8Quantize's
+    rounding of W (float32), cast back to W's dtype."""
+    if settings.fp8:
+        codes, inverse = settings.scheme().quantize(weight.float(), torch.float32)
+        return settings.scheme().dequantize(codes, inverse).to(weight.dtype)
     F = _functional()
     math_view = weight.T.contiguous() if transposed else weight.contiguous()
     with inside_backend("bitsandbytes", f"round-tripping a {tuple(math_view.shape)} weight through 4-bit"):
@@ -144,7 +167,11 @@ def quantization_step(weight: torch.Tensor, settings: Quantization) -> torch.Ten
     """The local 4-bit quantization step of every entry of ``weight`` (out×in), in float64: with a = max |W| over
     the entry's block (``blocksize`` consecutive entries of the flattened weight; bitsandbytes' scale before any
     double quantization) and c⁻ ≤ W/a ≤ c⁺ the neighbouring values of the NF4/FP4 code book,
-    step = a·(c⁺ − c⁻). An all-zero block has step 0."""
+    step = a·(c⁺ − c⁻). An all-zero block has step 0. FP8: the float8_e4m3fn grid's spacing at each code times its
+    block's scale (`loramix.io.schemes.FP8.step`)."""
+    if settings.fp8:
+        codes, inverse = settings.scheme().quantize(weight.detach().float().cpu(), torch.float32)
+        return settings.scheme().step(codes, inverse).double()
     with inside_backend("bitsandbytes", f"reading its {settings.quant_type} code book"):
         codes = torch.unique(_functional().get_4bit_type(settings.quant_type, device="cpu").double())
     flat = weight.detach().to("cpu", torch.float64).reshape(-1)

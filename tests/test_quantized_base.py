@@ -382,6 +382,7 @@ def write_mxfp4_base(folder: Path, model: torch.nn.Module) -> Path:
     save_file(tensors, str(folder / "model.safetensors"))
     qc = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"]}
     config = {**model.config.to_dict(), "quantization_config": qc, "dtype": "bfloat16"}
+    config["architectures"] = [type(model).__name__]
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -467,9 +468,11 @@ def pack_columns(values: torch.Tensor, order: list[int]) -> torch.Tensor:
     return words.to(torch.int32)
 
 
-def int4_module(out: int, inputs: int, group: int, method: str, act_order: bool, gen) -> tuple[dict, torch.Tensor]:
+def int4_module(
+    out: int, inputs: int, group: int, method: str, act_order: bool, gen, offset: int = 1
+) -> tuple[dict, torch.Tensor]:
     """One module's GPTQ/AWQ tensors, packed here from the formats' descriptions, and W (float64) they encode:
-    W[o, i] = (q[i, o] − z[g(i), o]) · s[g(i), o], GPTQ v1 storing z − 1."""
+    W[o, i] = (q[i, o] − z[g(i), o]) · s[g(i), o], GPTQ v1 storing z − 1 (``offset`` 0: v2, z as it is)."""
     q = torch.randint(0, 16, (inputs, out), generator=gen)
     zeros = torch.randint(1, 16, (inputs // group, out), generator=gen)
     scales = (torch.rand(inputs // group, out, generator=gen) * 0.01 + 0.001).to(torch.float16)
@@ -479,7 +482,7 @@ def int4_module(out: int, inputs: int, group: int, method: str, act_order: bool,
     W = ((q - zeros[g_idx]).double() * scales.double()[g_idx]).T
     if method == "gptq":
         qweight = torch.where((words := pack_rows_int64(q)) >= 2**31, words - 2**32, words).to(torch.int32)
-        parts = {"qweight": qweight, "qzeros": pack_columns(zeros - 1, list(range(8))), "scales": scales}
+        parts = {"qweight": qweight, "qzeros": pack_columns(zeros - offset, list(range(8))), "scales": scales}
         parts["g_idx"] = g_idx.to(torch.int32)
     else:
         parts = {"qweight": pack_columns(q, AWQ_ORDER), "qzeros": pack_columns(zeros, AWQ_ORDER), "scales": scales}
@@ -493,22 +496,27 @@ def pack_rows_int64(values: torch.Tensor) -> torch.Tensor:
     return words
 
 
-def write_int4_base(folder: Path, model: torch.nn.Module, method: str, act_order: bool) -> tuple[Path, dict]:
+def write_int4_base(
+    folder: Path, model: torch.nn.Module, method: str, act_order: bool, qc: dict | None = None
+) -> tuple[Path, dict]:
+    """``model``'s decoder Linears as GPTQ (v1 zeros unless ``qc`` says checkpoint_format gptq_v2) or AWQ tensors;
+    ``qc`` replaces the default quantization_config."""
     folder.mkdir(parents=True)
     gen = torch.Generator().manual_seed(5)
     tensors, dense = {}, {}
+    offset = 0 if (qc or {}).get("checkpoint_format") == "gptq_v2" else 1
     for name, value in model.state_dict().items():
         if name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS:
-            parts, W = int4_module(*value.shape, 32, method, act_order, gen)
+            parts, W = int4_module(*value.shape, 32, method, act_order, gen, offset)
             module = name.removesuffix(".weight")
             tensors |= {f"{module}.{k}": v for k, v in parts.items()}
             dense[name] = W
         else:
             tensors[name] = value.to(torch.float16)
     save_file(tensors, str(folder / "model.safetensors"))
-    if method == "gptq":
+    if qc is None and method == "gptq":
         qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": act_order, "sym": False}
-    else:
+    elif qc is None:
         qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
     config = {**model.config.to_dict(), "quantization_config": qc, "dtype": "float16"}
     (folder / "config.json").write_text(json.dumps(config))
@@ -537,9 +545,6 @@ def test_int4_bases_read_against_float64_reference_and_written_dense(made, metho
         else:
             assert torch.equal(written[key], W.to(torch.bfloat16)), key
     AutoModelForCausalLM.from_pretrained(out)
-    with pytest.raises(CheckpointError, match=f"re-quantizing {method.upper()} int4 .* is not supported; pass a dtype"):
-        merge_into_base(made.adapter, base, made.tmp / f"{method}-same")
-    assert not (made.tmp / f"{method}-same").exists()
 
 
 # ----------------------------------------------------------------------------------------------- refusals
@@ -627,9 +632,9 @@ def test_unsupported_or_damaged_quantized_base_is_one_line_and_writes_nothing(ma
         analyze([str(made.adapter)], base=str(folder))
 
 
-def test_gguf_base_file_is_refused(tmp_path, made):
+def test_damaged_gguf_base_file_is_refused(tmp_path, made):
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    with pytest.raises(CheckpointError, match="a GGUF base file"):
+    with pytest.raises(CheckpointError, match="model.gguf: not a readable GGUF file"):
         merge_into_base(made.adapter, tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -164,12 +164,15 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 )
 @click.option(
     "--quantized-as",
-    type=click.Choice(["nf4", "fp4", "none"]),
-    help="With --merge-into: the adapter is a QLoRA trained on this 4-bit base; round-trip the base through "
-    "bitsandbytes' 4-bit quantization before adding ΔW [default: the base's/adapter's quantization_config, else none].",
+    type=click.Choice(["nf4", "fp4", "fp8", "none"]),
+    help="With --merge-into: the adapter is a QLoRA trained on this quantized base; round-trip the base through "
+    "bitsandbytes' 4-bit quantization (nf4, fp4) or transformers' block FP8 (fp8) before adding ΔW [default: the "
+    "base's/adapter's quantization_config, else none].",
 )
 @click.option("--double-quant/--no-double-quant", default=None, help="QLoRA's double quantization of block scales.")
-@click.option("--blocksize", type=click.IntRange(min=1), help="4-bit quantization block size [default: 64].")
+@click.option(
+    "--blocksize", type=click.IntRange(min=1), help="Quantization block size [default: 64; fp8: 128 (128×128)]."
+)
 @click.option(
     "--round-trip",
     type=click.Choice(["all", "targeted"]),

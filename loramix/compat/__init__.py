@@ -21,12 +21,13 @@ from loramix.compat.diffusion import family_verdicts
 from loramix.compat.engines import VLLM_MAX_RANKS, kohya_named_folder, kohya_verdicts
 from loramix.compat.experts import expert_verdicts
 from loramix.compat.facts import RULES, Facts, Verdict, peft_consumers
-from loramix.compat.model_checkpoint import check_checkpoint
+from loramix.compat.model_checkpoint import check_checkpoint, check_gguf
 from loramix.compat.naming import renamed_verdicts
 from loramix.compat.sets import set_verdicts
 from loramix.formats import load_adapter
 from loramix.formats._keys import CONFIG_FILE, read_config
 from loramix.formats.kohya import KOHYA_PREFIX
+from loramix.io.gguf_base import gguf_base_file
 from loramix.sources import resolve
 
 __all__ = ["VLLM_MAX_RANKS", "Report", "Verdict", "check", "check_source"]
@@ -47,12 +48,16 @@ class Report:
 def check_source(src: str | Path, **load_options) -> Report:
     """Load ``src`` (as `load_adapter`) and its raw adapter_config.json (when a PEFT folder) and `check` it; a folder
     of adapter folders (and no adapter of its own) is checked as a serving set (`loramix.compat.sets`), a model
-    folder (config.json and weights, no adapter_config.json: a merged checkpoint) gets `check_checkpoint`."""
+    folder (config.json and weights, no adapter_config.json: a merged checkpoint) gets `check_checkpoint`, a GGUF
+    model file (or a folder holding one) `check_gguf`."""
     members = adapter_folders(Path(src))
     if members:
         adapters = {p.name: load_adapter(p, log_warnings=False, **load_options) for p in members}
         return Report(f"set {Path(src).name}", str(src), set_verdicts(adapters, str(src)))
     local = Path(src).expanduser()
+    gguf_model = gguf_base_file(local) if local.exists() and not (local / CONFIG_FILE).is_file() else None
+    if gguf_model is not None:  # a GGUF model file (a merge into a GGUF base)
+        return Report(local.name, str(src), check_gguf(gguf_model))
     if local.is_dir() and (local / "config.json").is_file() and not (local / CONFIG_FILE).is_file():
         return Report(local.name, str(src), check_checkpoint(local))
     adapter = load_adapter(src, log_warnings=False, **load_options)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from loramix.compat.facts import Verdict
+from loramix.errors import inside_backend
 from loramix.io.base import BaseCheckpoint, open_base
+from loramix.io.gguf_base import open_gguf
 from loramix.io.schemes import FP8, MXFP4, Int4
 
 DENSE_FIX = "loramix combine ADAPTER --merge-into BASE --dtype bfloat16 -o OUT (a dense checkpoint)"
@@ -81,3 +83,40 @@ def check_checkpoint(folder: str | Path) -> list[Verdict]:
         readers = READERS["ct-fp8" if fmt.startswith("ct-fp8") else fmt]
         engines = [Verdict(n, "yes", note=f"{what}: {r}") for n, r in zip(("transformers", "vLLM", "SGLang"), readers)]
     return [*engines, llama_cpp_checkpoint(fmt, base)]
+
+
+# vLLM's and SGLang's GGUF linear methods (vllm/model_executor/layers/quantization/gguf.py and
+# python/sglang/srt/layers/quantization/gguf.py): UNQUANTIZED_TYPES plus DEQUANT_TYPES, the same sets in both.
+SERVED_GGUF_TYPES = frozenset(
+    "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q8_1 Q2_K Q3_K Q4_K Q5_K Q6_K "
+    "IQ1_M IQ1_S IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S IQ4_XS IQ4_NL".split()
+)
+ENGINE_GGUF = {
+    "vLLM": "vllm/model_executor/model_loader/gguf_loader.py, layers/quantization/gguf.py",
+    "SGLang": "python/sglang/srt/model_loader/loader.py (GGUFModelLoader), layers/quantization/gguf.py",
+}
+
+
+def check_gguf(path: Path) -> list[Verdict]:
+    """The verdict of llama.cpp, transformers, vLLM and SGLang on GGUF model file ``path`` (a merge loramix wrote
+    into a GGUF base, or any GGUF model), as stored: its architecture and every tensor's type."""
+    base = open_gguf(path)
+    types = sorted({base.type_name(n) for n in base.tensors})
+    what = f"GGUF {base.architecture} ({', '.join(types)})"
+    # llama.cpp reads every ggml type of an architecture it knows (src/llama-model-loader.cpp); gguf's
+    # MODEL_ARCH_NAMES, which open_gguf checked, mirrors llama.cpp's own list (src/llama-arch.cpp)
+    verdicts = [Verdict("llama.cpp", "yes", note=f"{what}: src/llama-model-loader.cpp")]
+    with inside_backend("transformers", "listing the GGUF architectures it loads"):
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    reader = "transformers/modeling_gguf_pytorch_utils.py, load_gguf_checkpoint (from_pretrained(..., gguf_file=))"
+    if base.architecture in GGUF_SUPPORTED_ARCHITECTURES:
+        verdicts.append(Verdict("transformers", "yes", note=f"{what}, dequantized by gguf: {reader}"))
+    else:
+        verdicts.append(Verdict("transformers", "no", f"{reader} has no {base.architecture} architecture"))
+    unserved = [t for t in types if t not in SERVED_GGUF_TYPES]
+    for engine, source in ENGINE_GGUF.items():
+        if unserved:
+            verdicts.append(Verdict(engine, "no", f"{source} has no kernel for {', '.join(unserved)}"))
+        else:
+            verdicts.append(Verdict(engine, "yes", note=f"{what}: {source} (pass the original model's tokenizer)"))
+    return verdicts

@@ -59,8 +59,9 @@ def _check(adapter: LoraAdapter) -> None:
             raise OutputError(f"module {name}: GGUF LoRA files hold linear LoRA only, not {m.layout}")
 
 
-def gguf_tensors(adapter: LoraAdapter, config: dict) -> dict[str, torch.Tensor]:
-    """``{gguf name: tensor}`` (``….weight.lora_a``/``lora_b``) for ``adapter`` on a base with ``config``."""
+def gguf_targets(adapter: LoraAdapter, config: dict) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
+    """``{module: (gguf weight name, A, B in llama.cpp's row order)}`` for ``adapter`` on a base with ``config``
+    (``model_type`` the GGUF architecture, head counts for Llama's q/k permutation); scales left to the caller."""
     arch_name = config.get("model_type")
     if arch_name not in ARCHITECTURES:
         raise OutputError(f"GGUF output supports the architectures {', '.join(ARCHITECTURES)}, not {arch_name!r}")
@@ -77,7 +78,15 @@ def gguf_tensors(adapter: LoraAdapter, config: dict) -> dict[str, torch.Tensor]:
         B = m.B
         if arch_name == "llama" and name.endswith(("q_proj", "k_proj")):
             B = _permute(B, heads if name.endswith("q_proj") else kv_heads)
-        out[f"{target}.lora_a"], out[f"{target}.lora_b"] = m.A, B
+        out[name] = target, m.A, B
+    return out
+
+
+def gguf_tensors(adapter: LoraAdapter, config: dict) -> dict[str, torch.Tensor]:
+    """``{gguf name: tensor}`` (``….weight.lora_a``/``lora_b``) for ``adapter`` on a base with ``config``."""
+    out = {}
+    for target, A, B in gguf_targets(adapter, config).values():
+        out[f"{target}.lora_a"], out[f"{target}.lora_b"] = A, B
     return out
 
 

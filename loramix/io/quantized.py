@@ -17,10 +17,12 @@ as weights. Supported:
   and ``quantize`` do: s = max(a / 448, float32 eps) per tensor, channel or block, stored in the scale's dtype,
   codes = clamp(W / s, ±448) cast to float8_e4m3fn. Static activation scales (``input_scale``) are kept as they are.
 - **MXFP4** (``quant_method: mxfp4``, gpt-oss's experts): ``<p>_blocks`` and ``<p>_scales`` read as the dense
-  expert parameter ``<p>``, as transformers' ``convert_moe_packed_tensors`` does. Read and copied, not re-quantized.
+  expert parameter ``<p>``, as transformers' ``convert_moe_packed_tensors`` does; re-quantized as triton_kernels'
+  ``downcast_to_mxfp_torch`` rounds (`loramix.io.schemes.MXFP4.quantize`).
 - **GPTQ / AWQ int4** (``quant_method: gptq`` or ``awq``, 4 bits, GEMM packing; `loramix.io.schemes.Int4`):
-  ``<m>.qweight``, ``qzeros``, ``scales`` (and GPTQ's ``g_idx``) read as ``<m>.weight`` = (q − z)·s. Read and
-  copied, not re-quantized.
+  ``<m>.qweight``, ``qzeros``, ``scales`` (and GPTQ's ``g_idx``) read as ``<m>.weight`` = (q − z)·s; re-quantized
+  round-to-nearest with fresh scales and zeros per group, as GPTQ's and AutoAWQ's own quantizers compute them
+  (GPTQ's Hessian-guided rounding needs calibration data loramix does not have), ``g_idx`` kept.
 
 A base with a 4-bit bitsandbytes ``quantization_config`` but dense tensors is the QLoRA case of `loramix.quantize`
 (not quantized here); one holding bitsandbytes' packed tensors is refused like any other unsupported layout.
@@ -128,13 +130,14 @@ class DequantizedTensor:
 
     @functools.cached_property
     def _whole(self) -> torch.Tensor:
-        parts = [t.rows(0, t.shape[0]) for t in (self.codes, self.extra[0], self.scale, *self.extra[1:])]
-        return self.scheme.dequantize_parts(*parts)
+        return self.scheme.dequantize_parts(*self.parts())
 
-    def parts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, scales), the scales on their grid (a per-tensor scale stored as [] or [1] read as [1, 1])."""
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """(codes, scales, *the other parts: GPTQ/AWQ's qzeros and g_idx), the scales on their grid (a per-tensor
+        scale stored as [] or [1] read as [1, 1])."""
         scale = self.scale.rows(0, self.scale.shape[0] if self.scale.shape else 0)
-        return self.codes.rows(0, self.codes.shape[0]), scale.reshape(self.scheme.grid(self.codes.shape))
+        rest = tuple(t.rows(0, t.shape[0]) for t in self.extra)
+        return self.codes.rows(0, self.codes.shape[0]), scale.reshape(self.scheme.grid(self.codes.shape)), *rest
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -272,7 +275,8 @@ def _int4(method: str, qc: dict, tensors: dict[str, Stored], where: Path, first:
         raise _refuse(
             where, first, f"{method} with bits {bits}, group_size {group}, format {fmt} (loramix reads 4-bit)"
         )
-    scheme = Int4(method, group, zero_offset=1 if fmt == "gptq" else 0)
+    sym = method == "gptq" and qc.get("sym", True) is not False  # GPTQConfig's default
+    scheme = Int4(method, group, zero_offset=1 if fmt == "gptq" else 0, sym=sym)
     scales, extras = {}, {}
     for name, t in tensors.items():
         if name.endswith(".qweight"):
@@ -348,15 +352,15 @@ def share_below(delta: torch.Tensor, step: torch.Tensor) -> float:
 
 @dataclass
 class Requantized:
-    """A merged weight's parts, made once and handed to the two output tensors that hold them (codes and scales),
+    """A merged weight's parts, made once and handed to the output tensors that hold them (codes, scales, zeros),
     whichever is written first; thread-safe (the writer's threads ask for both)."""
 
-    compute: Callable[[str], dict[str, torch.Tensor]]
-    done: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    compute: Callable[[str], dict[int, torch.Tensor]]
+    done: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     locks: dict[str, threading.Lock] = field(default_factory=dict)
     guard: threading.Lock = field(default_factory=threading.Lock)
 
-    def take(self, weight: str, part: str) -> torch.Tensor:
+    def take(self, weight: str, part: int) -> torch.Tensor:
         """Output tensor ``part`` of merged weight ``weight`` (computed on first request, then forgotten)."""
         with self.guard:
             lock = self.locks.setdefault(weight, threading.Lock())

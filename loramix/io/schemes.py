@@ -75,6 +75,13 @@ class FP8:
         codes = self.scaled(weight, scales).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         return codes, inverse.to(scale_dtype)
 
+    def dequantize_parts(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(codes, scale)
+
+    def quantize_parts(self, weight: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """(codes, scales) of ``weight`` with fresh scales, stored in the dtype of the old ones (``parts``)."""
+        return self.quantize(weight, parts[1].dtype)
+
     def step(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The local quantization step of each entry (float32, exact: a power of two times the scale): the
         float8_e4m3fn grid's spacing at the code, 2^(max(E, 1) − 10) for the code's exponent field E (bias 7, three
@@ -122,10 +129,41 @@ class MXFP4:
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, first: int = 0) -> torch.Tensor:
         """W (float32, [experts, in, out]) of packed ``codes`` and their E8M0 ``scale``."""
-        table = torch.tensor(E2M1, dtype=torch.float32, device=codes.device)
+        return self._per_code(E2M1, codes, scale)
+
+    @staticmethod
+    def _per_code(table: tuple[float, ...], codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``table``'s value of each packed code times its block's 2^(s − 127), in the dense layout."""
+        table = torch.tensor(table, dtype=torch.float32, device=codes.device)
         values = torch.stack((table[(codes & 0x0F).int()], table[(codes >> 4).int()]), dim=-1)
         values = torch.ldexp(values.flatten(-2), (scale.int() - 127)[..., None])
         return values.flatten(-2).transpose(1, 2).contiguous()
+
+    def dequantize_parts(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(codes, scale)
+
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(blocks, scales) of a float32 expert parameter [experts, in, out], rounded as triton_kernels'
+        ``downcast_to_mxfp_torch`` (what gpt-oss, vLLM and transformers quantize with) does: per 32 inputs a =
+        max |W|, the scale a / 6 rounded up to a power of two 2^(s − 127) (s = 0 for an all-zero block), each
+        W / 2^(s − 127) to the nearest E2M1 value, ties away from zero (a sign kept on zero), at most 6."""
+        experts, inputs, out = weight.shape
+        x = weight.transpose(1, 2).contiguous().reshape(experts, out, inputs // 32, 32)
+        scale_bits = ((x.abs().amax(dim=-1) / 6).view(torch.int32) + 0x7FFFFF) & 0x7F800000
+        power = scale_bits.view(torch.float32)
+        q = x * torch.where(power == 0, 0.0, 1.0 / torch.where(power == 0, 1.0, power))[..., None]
+        midpoints = torch.tensor(E2M1[1:8], device=x.device).add(torch.tensor(E2M1[:7], device=x.device)).div(2)
+        codes = torch.bucketize(q.abs(), midpoints, right=True).to(torch.uint8) | torch.signbit(q).to(torch.uint8) << 3
+        pairs = codes.reshape(experts, out, inputs // 32, 16, 2)
+        return pairs[..., 0] | (pairs[..., 1] << 4), (scale_bits >> 23).to(torch.uint8)
+
+    def quantize_parts(self, weight: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return self.quantize(weight)
+
+    def step(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The local quantization step of each entry in the dense layout [experts, in, out]: the E2M1 grid's
+        spacing at the code (0.5 below 2, 1 below 4, 2 above) times its block's 2^(s − 127)."""
+        return self._per_code((0.5,) * 4 + (1.0,) * 2 + (2.0,) * 2 + (0.5,) * 4 + (1.0,) * 2 + (2.0,) * 2, codes, scale)
 
 
 AWQ_COLUMNS = (0, 4, 1, 5, 2, 6, 3, 7)  # AutoAWQ's GEMM packing: output column 8j + k sits in nibble AWQ_COLUMNS[k]
@@ -144,6 +182,7 @@ class Int4:
     method: str  # "gptq" or "awq"
     group_size: int  # input channels per group (the whole input for -1)
     zero_offset: int = 0
+    sym: bool = False  # GPTQ's symmetric quantizer (zero 8), re-quantizing as the base was
     suffix: str = ".scales"
     block: tuple[int, int] = (1, 1)
     granularity: str = "group"
@@ -162,18 +201,68 @@ class Int4:
     def groups(self, inputs: int) -> int:
         return 1 if self.group_size == -1 else math.ceil(inputs / self.group_size)
 
-    def dequantize_parts(self, qweight, qzeros, scales, g_idx=None) -> torch.Tensor:
+    def grid(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(groups, out) of a ``qweight`` of ``shape``: the shape of its scales and unpacked zeros."""
+        out, inputs = self.dense_shape(shape)
+        return self.groups(inputs), out
+
+    def group_of(self, inputs: int, g_idx: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """Each input channel's group: ``g_idx`` where stored (GPTQ act-order permutes it), else i // group_size."""
+        if g_idx is not None:
+            return g_idx.long()
+        return torch.arange(inputs, device=device) // (inputs if self.group_size == -1 else self.group_size)
+
+    def dequantize_parts(self, qweight, scales, qzeros, g_idx=None) -> torch.Tensor:
         """W (float32, out × in) of a module's packed parts."""
         out, inputs = self.dense_shape(tuple(qweight.shape))
         q = _nibbles(qweight)  # GPTQ [in/8, out, 8]; AWQ [in, out/8, 8]
         q = q.permute(0, 2, 1).reshape(inputs, out) if self.method == "gptq" else _awq_columns(q).reshape(inputs, out)
         zeros = _nibbles(qzeros)
         zeros = (zeros if self.method == "gptq" else _awq_columns(zeros)).reshape(len(qzeros), out) + self.zero_offset
-        if g_idx is None:
-            size = inputs if self.group_size == -1 else self.group_size
-            g_idx = torch.arange(inputs, device=qweight.device) // size
-        g_idx = g_idx.long()
+        g_idx = self.group_of(inputs, g_idx, qweight.device)
         return ((q - zeros[g_idx]).float() * scales.float()[g_idx]).T.contiguous()
+
+    def quantize_parts(self, weight: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """(qweight, scales, qzeros[, g_idx]) of a float32 ``weight`` (out × in) with fresh scales and zeros per
+        group (``parts``: the stored ones, for the scales' dtype and GPTQ's g_idx, kept), round to nearest as the
+        formats' own quantizers do. GPTQ (its ``Quantizer.find_params``): the group's range widened to hold 0,
+        scale = (max − min) / 15, zero = round(−min / scale) (asymmetric) or 8 (``sym``; the range made symmetric);
+        an all-zero group gets the range ±1. AWQ (AutoAWQ's ``pseudo_quantize_tensor``): scale = max(max − min,
+        1e-5) / 15, zero = clamp(−round(min / scale), 0, 15). Then, as their packers do, the scale is stored in the
+        dtype of the base's scales and q = clamp(round(W / stored scale) + zero, 0, 15) (half to even); a GPTQ v1
+        zero, stored less one, is at least 1."""
+        out, inputs = weight.shape
+        g_idx = self.group_of(inputs, parts[3] if len(parts) > 3 else None, weight.device)
+        groups = self.groups(inputs)
+        columns = weight.T
+        low, high = _group_range(columns, g_idx, groups)
+        if self.method == "gptq":
+            low, high = low.clamp(max=0), high.clamp(min=0)
+            if self.sym:
+                high = torch.maximum(low.abs(), high)
+                low = torch.where(low < 0, -high, low)
+            empty = (low == 0) & (high == 0)
+            low, high = torch.where(empty, -1.0, low), torch.where(empty, 1.0, high)
+            scale = (high - low) / 15
+            zeros = torch.full_like(scale, 8.0) if self.sym else torch.round(-low / scale)
+        else:
+            scale = (high - low).clamp(min=1e-5) / 15
+            zeros = (-torch.round(low / scale)).clamp(0, 15)
+        zeros = zeros.clamp(self.zero_offset, 15)
+        stored = scale.to(parts[1].dtype)
+        q = torch.round(columns / stored.float()[g_idx]) + zeros[g_idx]
+        q = q.clamp_(0, 15).int()  # [in, out]
+        z = zeros.int() - self.zero_offset
+        if self.method == "gptq":
+            qweight, qzeros = _pack(q.T.reshape(out, inputs // 8, 8)).T.contiguous(), _pack(z.reshape(groups, -1, 8))
+        else:
+            qweight, qzeros = _pack(_awq_order(q)), _pack(_awq_order(z))
+        return qweight, stored, qzeros, *parts[3:]
+
+    def step(self, qweight: torch.Tensor, scales: torch.Tensor, qzeros=None, g_idx=None) -> torch.Tensor:
+        """The local quantization step of each entry (out × in): its group's scale (the grid is uniform)."""
+        inputs = self.dense_shape(tuple(qweight.shape))[1]
+        return scales.float()[self.group_of(inputs, g_idx, qweight.device)].T.contiguous()
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -184,6 +273,31 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def _awq_columns(nibbles: torch.Tensor) -> torch.Tensor:
     return nibbles[..., list(AWQ_COLUMNS)]
+
+
+def _group_range(columns: torch.Tensor, g_idx: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) over each group's input channels (rows of ``columns``, [in, out]): the channels sorted by group;
+    equal groups (GPTQ act-order permutes whole groups) reduced as one view, others by scatter."""
+    counts = torch.bincount(g_idx, minlength=groups)
+    if bool((counts == counts[0]).all()):
+        grouped = columns[torch.argsort(g_idx, stable=True)].reshape(groups, -1, columns.shape[1])
+        return grouped.amin(dim=1), grouped.amax(dim=1)
+    index, shape = g_idx[:, None].expand_as(columns), (groups, columns.shape[1])
+    low = torch.full(shape, math.inf, device=columns.device).scatter_reduce(0, index, columns, "amin")
+    return low, torch.full(shape, -math.inf, device=columns.device).scatter_reduce(0, index, columns, "amax")
+
+
+def _awq_order(values: torch.Tensor) -> torch.Tensor:
+    """[n, 8m] 4-bit ints → [n, m, 8], word j's nibble AWQ_COLUMNS[k] holding column 8j + k."""
+    grouped = values.reshape(values.shape[0], -1, 8)
+    return torch.empty_like(grouped).index_copy_(-1, torch.tensor(AWQ_COLUMNS, device=values.device), grouped)
+
+
+def _pack(nibbles: torch.Tensor) -> torch.Tensor:
+    """[..., 8] 4-bit ints → [...] int32, field i at bits 4i (the bit pattern of an unsigned word)."""
+    shifts = torch.arange(0, 32, 4, device=nibbles.device, dtype=torch.int64)
+    words = (nibbles.long() << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 Scheme = FP8 | MXFP4 | Int4

@@ -45,7 +45,7 @@ from loramix.merge.kernels import (
     dora_merge,
     warn_stored,
 )
-from loramix.merge.quantized_base import mark_quantized, requantize, written_as
+from loramix.merge.quantized_base import mark_quantized, requantize, whole_delta, written_as
 from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
 from loramix.runtime import OUTPUT_DTYPE_NAMES, parse_size, progress_bar
 
@@ -72,7 +72,7 @@ class Job:
     quantization: Quantization | None = None  # round-trip W through 4-bit first (QLoRA-faithful merge)
     transposed: bool = False  # a Conv1D weight stored in×out: quantized as out×in
     home: Path | None = None  # the base safetensors file the tensor comes from (None: added, or a .bin base)
-    requantized: tuple[str, str] | None = None  # (weight, "codes" or "scale"): a part of a re-quantized merged weight
+    requantized: tuple[str, int] | None = None  # (weight, part: 0 codes, 1 scales, 2 zeros) of a re-quantized weight
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -136,6 +136,7 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | 
     jobs = {name: Job(name, base.dense(name), _out_dtype(t, dtype), home=t.path) for name, t in base.tensors.items()}
     where = f"base {base.folder}"
     for key, slabs in stacked.items():
+        key = base.quantized.stored(key) if base.quantized else key  # MXFP4 experts: their _blocks
         if key not in jobs:
             raise CheckpointError(f"{where} has no tensor {key} (the experts of {slabs[0][0]})")
         jobs[key].updates += [Update(name, module, "linear", rows) for name, module, rows in slabs]
@@ -253,11 +254,7 @@ def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: 
         merged, _ = dora_merge(W, job.updates[0], device)
         intended = merged - W
     elif job.updates and job.updates[0].rows is not None:  # experts stored fused: one whole chunk, W as (E·a, b)
-        intended = torch.zeros_like(W).reshape(-1, W.shape[-1])
-        for update in job.updates:
-            first, last = update.rows
-            intended[first:last] += delta_rows(update.module, update.layout, 0, last - first, device)
-        intended = intended.reshape(W.shape)
+        intended = whole_delta(job.updates, W.shape, device)
         merged = W + intended
     else:
         intended = None
@@ -398,7 +395,7 @@ def write_merged(
     workers = workers or (cpus if device.type == "cpu" else min(GPU_WORKERS, cpus))
     shares: dict[str, float] = {}
     by_name = {j.name: j for j in jobs}
-    again = Requantized(lambda key: requantize(_on_device(by_name[key], device), device, stats[key], shares))
+    again = Requantized(lambda key: requantize(_on_device(by_name[key], device), base, device, stats[key], shares))
     with progress_bar(enabled=progress, total=total, unit="B", unit_scale=True, desc="merge") as bar:
         produce = _produce(stats, device, again)
         write_shards(

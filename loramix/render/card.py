@@ -415,14 +415,15 @@ def qlora_section(settings: Quantization, round_tripped: list[str], modules: lis
         "",
         "## QLoRA-faithful merge",
         "",
-        f"The adapter was trained on a 4-bit base ({settings.describe()}; bitsandbytes). Before ΔW was added, "
-        f"{len(round_tripped)} base weight(s) went through bitsandbytes' quantize_4bit → dequantize_4bit round trip, "
+        f"The adapter was trained on a quantized base ({settings.describe()}{'' if settings.fp8 else '; bitsandbytes'})"
+        ". Before ΔW was added, "
+        f"{len(round_tripped)} base weight(s) went through that quantization's round trip (quantize → dequantize), "
         "so this checkpoint is the model the adapter was trained with, not the bf16 base plus ΔW:",
         "",
         f"- {len(changed)} weight(s) the adapter changes"
         + (f" (e.g. `{changed[0]}`)" if changed else "")
-        + f", and {others} other weight(s) a 4-bit model quantizes (round trip `{settings.round_trip}`);",
-        "- embeddings, norms and the output head were left as they are (a 4-bit model keeps them unquantized)"
+        + f", and {others} other weight(s) the quantized model quantizes (round trip `{settings.round_trip}`);",
+        "- embeddings, norms and the output head were left as they are (the quantized model keeps them unquantized)"
         + (f", as were the skipped modules {', '.join(settings.skip)}." if settings.skip else "."),
     ]
     return "\n".join(lines) + "\n"
