@@ -137,6 +137,16 @@ def test_fp8_same_format_is_transformers_requantization(made):
     assert "stored in bfloat16" not in card
 
 
+def test_the_cli_card_says_the_quantized_format_not_the_base_dtype(made):
+    """The CLI's card says "stored in the base's dtype" for a merge; a quantized base written in its own format is
+    "stored as" that format instead (the API's card names a dtype, checked above)."""
+    out = made.tmp / "cli-card"
+    result = CliRunner().invoke(main, ["combine", str(made.adapter), "--merge-into", str(made.base), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert "stored as block FP8 (float8_e4m3fn, 32×32 blocks)" in card and "stored in the base's dtype" not in card
+
+
 def test_fp8_power_of_two_scales_requantized_as_transformers_does(made):
     """scale_fmt ue8m0: every 1/s rounded up to a power of two before quantizing; the oracle is Fp8Quantize with
     that setting (its float8_e8m0fnu scales compared as float32, the dtype the base stores)."""

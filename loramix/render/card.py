@@ -367,7 +367,8 @@ def quantization_section(card: str, report: MergeReport) -> str:
     a quantized base written in its own format is "stored as" that format, not in the dense dtype."""
     if report.written_as is not None:
         if report.in_own_format:
-            card = re.sub(r", stored in \S+\.$", f", stored as {report.written_as}.", card, count=1, flags=re.M)
+            stored = r", stored in (?:the base's dtype|\S+)\.$"  # the CLI's card names no dtype for a merge
+            card = re.sub(stored, f", stored as {report.written_as}.", card, count=1, flags=re.M)
         return card + quantized_base_section(report)
     if report.quantization is None:
         return card
