@@ -22,12 +22,12 @@ from loramix.linalg import FactorSVD, RankRule, factor_svd, numerical_rank
 from loramix.methods import Method, Term, absent_as_zero, get_method
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
 from loramix.schedule import count_layers, parse_options, resolve, resolve_options
+from loramix.settings import HEADS
 
 log = logging.getLogger(__name__)
 
 LONG_DENSE_SECONDS = 60  # warn before a dense merge estimated to take longer
 LARGE_RANK_FACTOR = 4  # warn when a chosen rank exceeds this many times the sum of the sources' ranks
-HEADS = ("refuse", "average", "drop")  # what to do with an extra tensor several adapters carry
 _GPU_WORKERS = 4  # measured on an H100 host: 1 → 37.5, 2 → 22.7, 4 → 17.2, 6 → 21.6, 8 → 25.0 ms per 7B layer
 
 

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from loramix.adapter import LoraAdapter
-from loramix.errors import AdapterFormatError, MethodError
+from loramix.errors import AdapterFormatError
 from loramix.extraction import Extraction
 from loramix.extraction.conversion import WeightUpdate, base_updates, convert_lora
 from loramix.formats import load_adapter, peft_other, write_adapter
@@ -18,9 +18,10 @@ from loramix.formats._keys import folder_peft_type
 from loramix.hub import revisions
 from loramix.io.files import atomic_output, check_output
 from loramix.merging import write_files
-from loramix.pipeline import LAID_OUT, format_options
 from loramix.render.card import CARD_FILE, conversion_section, model_card
 from loramix.runtime import require_path
+from loramix.settings import AdapterOutput
+from loramix.writers import check_model_format
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ def convert(
     `CONVERSION_FILE`. ``settings``: the rank rule (``rank``, ``energy``, ``rule``/``rule_value``; none: full rank,
     exact to float rounding), ``device`` and ``dtype`` of `convert_lora`; ``base`` is needed for DoRA."""
     require_path(output, "output (the output folder)")
-    if format not in LAID_OUT + ("kohya",):
-        raise MethodError(f"unknown output format {format!r}; choose from peft, kohya, gguf")
+    check_model_format(format)
     adapter, updates = read_source(source, allow_nonfinite=allow_nonfinite)
     protect = [str(source), *([str(base)] if base else [])]
     check_output(output, overwrite=overwrite, protect=protect)
@@ -72,7 +72,7 @@ def convert(
         CONVERSION_FILE: json.dumps(report, indent=2) + "\n",
     }
     with atomic_output(output, overwrite=overwrite, protect=protect) as tmp:
-        write_adapter(converted, tmp, **format_options(format, output, rank_layout, base))
+        write_adapter(converted, tmp, **AdapterOutput(str(output), format, rank_layout, base=base).write_options())
         write_files(tmp, files)
     return result
 

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 from loramix.errors import MethodError
 from loramix.lazy import lazy
+from loramix.settings import KOHYA_RULES
 
 torch = lazy("torch")
-
-KOHYA_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
 
 
 @dataclass

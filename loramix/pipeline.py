@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from loramix import writers
 from loramix.adapter import LoraAdapter, portable_layout
 from loramix.analysis import Analysis, analyze
 from loramix.checkpoint import MergeReport
@@ -33,13 +34,13 @@ from loramix.merging import merge_into_base, write_files
 from loramix.recipe import Plan
 from loramix.render.card import CARD_FILE, RECIPE_FILE, extraction_section, model_card
 from loramix.runtime import parse_dtype, require_path
+from loramix.settings import AdapterOutput
 from loramix.weight_search import SearchResult, combine
 
 log = logging.getLogger(__name__)
 
 SEARCH_FILE = "search.json"
 EXTRACTION_FILE = "extraction.json"
-LAID_OUT = ("peft", "gguf")  # formats written in one rank layout (kohya keeps every module's rank and alpha)
 # The sources' overlap goes into a card only when it is cheap: few sources, at most this many LoRA parameters.
 CHEAP_ANALYSIS_PARAMS = 5_000_000
 CHEAP_ANALYSIS_SOURCES = 8
@@ -145,7 +146,7 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
     else:  # DoRA adapters become their effective updates on the base, which combine as LoRAs do
         loaded = effective_adapters(loaded, plan.base or plan.merge_into, device=plan.device, progress=progress)
         adapter = combine(loaded, progress=progress, **{**kwargs, "weights": weights})
-    if plan.format in LAID_OUT and plan.rank_layout == "portable" and not plan.merge_into:
+    if not plan.merge_into and writers.get(plan.format).laid_out and plan.rank_layout == "portable":
         adapter = portable_layout(adapter)  # what the file holds, for the card and the report
     files = {RECIPE_FILE: _repeatable(plan, adapter, rule).to_yaml()}
     files[CARD_FILE] = model_card(
@@ -177,7 +178,8 @@ def run(plan: Plan, *, overwrite: bool = False, progress: bool = False, argv: li
         )
         return RunReport(Path(plan.output), adapter, len(loaded), "checkpoint", merge)
     with atomic_output(plan.output, overwrite=overwrite, protect=[*protect, adapter.source]) as tmp:
-        write_adapter(adapter, tmp, **format_options(plan.format, plan.output, plan.rank_layout, plan.gguf_base))
+        written = AdapterOutput(plan.output, plan.format, plan.rank_layout, base=plan.gguf_base)
+        write_adapter(adapter, tmp, **written.write_options())
         write_files(tmp, files)
     return RunReport(Path(plan.output), adapter, len(loaded), plan.format)
 
@@ -187,17 +189,6 @@ def _is_single_dora(loaded: list[LoraAdapter], weights: list[float], plan: Plan)
     untouched = plan.rank is None and plan.energy is None and plan.rule is None and not plan.options
     alone = len(loaded) == 1 and loaded[0].has_dora and weights == [1.0]
     return alone and plan.method in ("cat", "svd") and untouched
-
-
-def format_options(fmt: str, output: str | Path, rank_layout: str = "portable", base: str | None = None) -> dict:
-    options: dict = {"format": fmt}
-    if fmt in LAID_OUT:
-        options["rank_layout"] = rank_layout
-    if fmt in ("kohya", "comfyui", "gguf"):
-        options["file_name"] = Path(output).resolve().name + (".gguf" if fmt == "gguf" else ".safetensors")
-    if fmt == "gguf" and base is not None:
-        options["base"] = base
-    return options
 
 
 def save_adapter(
@@ -223,7 +214,8 @@ def save_adapter(
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
     files = {CARD_FILE: model_card(adapter, revisions=revisions(protect), output_format=format)} if card else {}
     with atomic_output(folder, overwrite=overwrite, protect=protect) as tmp:
-        write_adapter(adapter, tmp, dtype=parse_dtype(dtype), **format_options(format, folder, rank_layout), **options)
+        written = AdapterOutput(str(folder), format, rank_layout).write_options()
+        write_adapter(adapter, tmp, dtype=parse_dtype(dtype), **written, **options)
         write_files(tmp, files)
     return Path(folder)
 
@@ -310,8 +302,7 @@ def extract(
     require_path(output, "output (the output folder)")
     pipelines = is_pipeline(Path(base)) and is_pipeline(Path(finetuned))
     format = format or ("kohya" if pipelines else "peft")
-    if format not in LAID_OUT + ("kohya",):
-        raise MethodError(f"unknown output format {format!r}; choose from peft, kohya, gguf")
+    writers.check_model_format(format)
     if pipelines and format != "kohya":
         wrong = f"{finetuned}: a diffusers pipeline's LoRA is written as one kohya file, not {format}"
         raise MethodError(wrong, option="format", value="kohya")
@@ -330,13 +321,14 @@ def extract(
         adapter.extra = {}
     if pipelines and rank_layout == "portable":
         adapter = result.adapter = portable_layout(adapter)
-    shown = portable_layout(adapter) if format in LAID_OUT and rank_layout == "portable" else adapter
+    written = AdapterOutput(str(output), format, rank_layout, base=str(base))
+    shown = portable_layout(adapter) if written.writer.laid_out and rank_layout == "portable" else adapter
     report = {**result.to_json(), "revisions": revisions(protect), "format": format, "rank_layout": rank_layout}
     files = {
         CARD_FILE: model_card(shown, argv=argv, output_format=format) + extraction_section(report),
         EXTRACTION_FILE: json.dumps(report, indent=2) + "\n",
     }
     with atomic_output(output, overwrite=overwrite, protect=protect) as tmp:
-        write_adapter(adapter, tmp, **format_options(format, output, rank_layout, str(base)))
+        write_adapter(adapter, tmp, **written.write_options())
         write_files(tmp, files)
     return result

@@ -25,11 +25,11 @@ import torch
 from loramix.errors import CheckpointError, inside_backend
 from loramix.io.base import INPUT_EMBEDDINGS, OUTPUT_HEADS, is_conv1d
 from loramix.io.quantized import share_below
+from loramix.settings import QUANTIZED_AS, ROUND_TRIPS
 
 log = logging.getLogger(__name__)
 
-QUANT_TYPES = ("nf4", "fp4")
-ROUND_TRIPS = ("all", "targeted")
+QUANT_TYPES = tuple(q for q in QUANTIZED_AS if q != "none")
 # Module names (last part) that transformers' bitsandbytes integration never quantizes: they are no Linear.
 NOT_LINEAR = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "embed_positions", "shared")
 

@@ -52,6 +52,8 @@ LAYERS = [
     ["loramix.schedule"],
     ["loramix.experts"],
     ["loramix.adapter"],
+    ["loramix.settings"],
+    ["loramix.writers"],
     ["loramix.lazy"],
     ["loramix.errors"],
 ]

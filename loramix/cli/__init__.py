@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from loramix import settings
 from loramix.cli.align import align
 from loramix.cli.convert import convert
 from loramix.cli.extract import extract
@@ -21,6 +22,7 @@ from loramix.cli.options import (
     WEIGHTS_HELP,
     Group,
     block_weights,
+    choice,
     error_line,
     errors_as_one_line,
     method_options,
@@ -116,11 +118,11 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
     help="A method option; numeric ones take the forms of --weights too (density='[0.2,0.8]').",
 )
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Share of entries kept (ties, dare…).")
-@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), help="TIES sign election [default: total].")
+@click.option("--majority-sign", type=choice(settings.MajoritySign), help="TIES sign election [default: total].")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for random methods (dare_*) [default: 0].")
 @click.option(
     "--space",
-    type=click.Choice(["dense", "core"]),
+    type=choice(settings.Space),
     help="Where ties/dare_*/magnitude_prune work: on each out×in ΔW, or on the small core matrices of the joint "
     "factor bases (Core Space) [default: dense].",
 )
@@ -137,7 +139,7 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 )
 @click.option(
     "--heads",
-    type=click.Choice(["refuse", "average", "drop"]),
+    type=choice(settings.Heads),
     help="Heads (modules_to_save) that several adapters carry: refuse, their weighted average, or drop them (the "
     "base's own stay) [default: refuse].",
 )
@@ -164,7 +166,7 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 )
 @click.option(
     "--quantized-as",
-    type=click.Choice(["nf4", "fp4", "none"]),
+    type=choice(settings.QuantizedAs),
     help="With --merge-into: the adapter is a QLoRA trained on this 4-bit base; round-trip the base through "
     "bitsandbytes' 4-bit quantization before adding ΔW [default: the base's/adapter's quantization_config, else none].",
 )
@@ -172,12 +174,12 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 @click.option("--blocksize", type=click.IntRange(min=1), help="4-bit quantization block size [default: 64].")
 @click.option(
     "--round-trip",
-    type=click.Choice(["all", "targeted"]),
+    type=choice(settings.RoundTrip),
     help="Round-trip every weight a 4-bit model quantizes (the model trained) or only targeted ones [default: all].",
 )
 @click.option(
     "--format",
-    type=click.Choice(["peft", "kohya", "comfyui", "diffusers", "gguf"]),
+    type=choice(settings.Format),
     help="Adapter output format: a PEFT folder, a kohya/A1111 .safetensors (comfyui: in ComfyUI's diffusion_model. "
     "names), a diffusers pytorch_lora_weights.safetensors or a llama.cpp LoRA .gguf in the folder [default: kohya for "
     "kohya/diffusers/LyCORIS inputs (comfyui for Wan), else peft].",
@@ -190,7 +192,7 @@ def check(adapters: tuple[str, ...], as_json: bool, **load_options) -> None:
 )
 @click.option(
     "--rank-layout",
-    type=click.Choice(["portable", "exact"]),
+    type=choice(settings.RankLayout),
     help="portable: one rank for every module, read right by every engine; exact: per-module ranks and scales "
     "(PEFT only) [default: portable].",
 )
@@ -321,7 +323,7 @@ def examples(name: str | None) -> None:
 @click.option("--base", metavar="MODEL", help="Base model folder or Hub id (its weights give ‖ΔW‖/‖W‖).")
 @click.option(
     "--quantized-as",
-    type=click.Choice(["nf4", "fp4", "none"]),
+    type=choice(settings.QuantizedAs),
     help="With --base: also the share of ‖ΔW‖² (float64) in entries with |ΔW| < step/2, step = the base weight's "
     "block absmax × the gap between the NF4/FP4 code values around W/absmax "
     "[default: the base's quantization_config, else none].",

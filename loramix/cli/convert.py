@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from loramix.cli.options import errors_as_one_line, rank_rule_options, written_lora_options
+from loramix import settings
+from loramix.cli.options import choice, errors_as_one_line, rank_rule_options, written_lora_options
 
 
 @click.command()
@@ -20,7 +21,7 @@ from loramix.cli.options import errors_as_one_line, rank_rule_options, written_l
 @click.option("--dtype", default=None, help="Stored dtype: float32, float16, bfloat16 [default: the source's].")
 @click.option(
     "--format",
-    type=click.Choice(["peft", "kohya", "gguf"]),
+    type=choice(settings.ModelFormat),
     default="peft",
     help="A PEFT folder, a kohya/A1111 .safetensors or a llama.cpp LoRA .gguf [default: peft].",
 )

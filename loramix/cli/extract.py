@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from loramix.cli.options import errors_as_one_line, rank_rule_options, written_lora_options
+from loramix import settings
+from loramix.cli.options import choice, errors_as_one_line, rank_rule_options, written_lora_options
 from loramix.errors import counted
 
 
@@ -20,7 +21,7 @@ from loramix.errors import counted
 @click.option("--dtype", default=None, help="Stored dtype: float32, float16, bfloat16 [default: the fine-tuned's].")
 @click.option(
     "--format",
-    type=click.Choice(["peft", "kohya", "gguf"]),
+    type=choice(settings.ModelFormat),
     default=None,
     help="A PEFT folder (carries changed norms, biases and resized embeddings as modules_to_save), a kohya/A1111 "
     ".safetensors or a llama.cpp LoRA .gguf (LoRA modules only) [default: peft; kohya for diffusers pipelines].",

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from loramix.cli.options import DEVICE_HELP, SHARD_SIZE_HELP, bounds, errors_as_one_line, push_output, weights
+from loramix import settings
+from loramix.cli.options import DEVICE_HELP, SHARD_SIZE_HELP, bounds, choice, errors_as_one_line, push_output, weights
 
 _COMPOSITION = "lorahub: B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (LoRAHub, equal ranks); delta: exact Σwᵢsᵢ·BᵢAᵢ [default: lorahub]."
 _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), adam (gradients) [default: cobyla]."
@@ -19,11 +20,11 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
 @click.option(
     "--examples", required=True, type=click.Path(dir_okay=False), help='JSON lines {"input": ..., "output": ...}.'
 )
-@click.option("--composition", type=click.Choice(["lorahub", "delta"]), default="lorahub", help=_COMPOSITION)
-@click.option("--optimizer", type=click.Choice(["cobyla", "cma", "adam"]), default="cobyla", help=_OPTIMIZER)
+@click.option("--composition", type=choice(settings.Composition), default="lorahub", help=_COMPOSITION)
+@click.option("--optimizer", type=choice(settings.Optimizer), default="cobyla", help=_OPTIMIZER)
 @click.option(
     "--objective",
-    type=click.Choice(["cross-entropy", "entropy"]),
+    type=choice(settings.Objective),
     default="cross-entropy",
     show_default=True,
     help="cross-entropy of the outputs, or (AdaMerging, unlabeled) the entropy of the predictions at those positions.",

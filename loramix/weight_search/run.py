@@ -25,9 +25,10 @@ from loramix.formats import load_adapters
 from loramix.io.base import resolve_base
 from loramix.runtime import progress_bar, resolve_device
 from loramix.schedule import linear, parse
+from loramix.settings import COMPOSITIONS, OBJECTIVES, OPTIMIZERS
 from loramix.weight_search import distributed, optimizers
-from loramix.weight_search.evaluator import COMPOSITIONS, Evaluator
-from loramix.weight_search.objective import OBJECTIVES, as_examples, build_batch, l1_penalty
+from loramix.weight_search.evaluator import Evaluator
+from loramix.weight_search.objective import as_examples, build_batch, l1_penalty
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,8 @@ def search(
         raise SearchError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
     if objective not in OBJECTIVES:
         raise SearchError(f"unknown objective {objective!r} (use {' or '.join(OBJECTIVES)})")
-    if optimizer not in optimizers.OPTIMIZERS:
-        raise SearchError(f"unknown optimizer {optimizer!r} (use {', '.join(optimizers.OPTIMIZERS)})")
+    if optimizer not in OPTIMIZERS:
+        raise SearchError(f"unknown optimizer {optimizer!r} (use {', '.join(OPTIMIZERS)})")
     lo, hi = (float(b) for b in bounds)
     if not lo < hi:
         raise SearchError(f"bounds must be LOW,HIGH with LOW < HIGH, got {lo},{hi}")
