@@ -87,8 +87,15 @@ def wrong(name: str, value, hint) -> str:
     """The one-line reason ``value`` does not fit field ``name``: its choices when it has some, else its type."""
     named = choices(hint)
     if named is not None:
-        return f"`{name}` must be one of {', '.join(named)}, got {value!r}"
-    return f"`{name}` has the wrong type ({value!r})"
+        return f"{name} must be one of {', '.join(named)}, got {value!r}"
+    return f"{name} has the wrong type ({value!r})"
+
+
+def named(value):
+    """A dtype or device object as the name a plan and its recipe hold (torch.float16 → "float16"); plain values
+    (text, numbers, lists, mappings, None) as they are."""
+    plain = (str, int, float, bool, list, dict, type(None))
+    return value if isinstance(value, plain) else str(value).removeprefix("torch.")
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,11 @@ PACKAGE = ROOT / "loramix"
 LAYERS = [
     ["loramix.__main__"],
     ["loramix.cli"],
+    ["loramix.pipeline"],
     ["loramix.convert", "loramix.align"],
-    ["loramix.pipeline", "loramix.merging", "loramix.analysis_files"],
+    ["loramix.outputs", "loramix.merging", "loramix.analysis_files"],
     ["loramix.recipe"],
+    ["loramix.plans"],
     ["loramix.hub"],
     ["loramix.render"],
     ["loramix.weight_search"],
