@@ -2,7 +2,7 @@
 
 The public API, imported on first use (so that ``loramix --help`` starts without importing torch):
 `load_adapter`, `load_adapters`, `save_adapter`, `combine`, `analyze`, `run` (a plan end to end: `Plan` for combine,
-`ExtractPlan`, `ConvertPlan`, `AlignPlan`, `SearchPlan`),
+`ExtractPlan`, `ConvertPlan`, `AlignPlan`, `SearchPlan`, `AnalyzePlan`),
 `merge_into_base`, `extract` (a LoRA from a fine-tuned model), `search`, `input_grams` (what data-aware merges
 fit to), `push_to_hub`, the data model
 `LoraAdapter`, `LoraModule`, `ExtraTensor`, and for models loaded in a Python session `inject_adapter`,
@@ -20,6 +20,7 @@ _EXPORTS = {
     "LoraModule": "loramix.adapter",
     "LoramixError": "loramix.errors",
     "AlignPlan": "loramix.plans",
+    "AnalyzePlan": "loramix.plans",
     "ConvertPlan": "loramix.plans",
     "ExtractPlan": "loramix.plans",
     "Plan": "loramix.plans",

@@ -44,6 +44,7 @@ class Settings:
     """What every plan shares: its command name, its fields' hints, its sources, its rank rule."""
 
     command: ClassVar[str]
+    writes_folder: ClassVar[bool] = True  # its output is a folder (analyze's, an optional JSON file)
     output: str | None
 
     @classmethod
@@ -82,6 +83,11 @@ class Settings:
             if value is not None and (f.name not in ("adapters", "weights") or not isinstance(self, Plan)):
                 data[f.name] = value
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+    def load_options(self) -> LoadOptions:
+        """How the plan's sources are loaded (the `LoadOptions` fields it has; the others at their defaults)."""
+        fields = dataclasses.fields(LoadOptions)
+        return LoadOptions(**{f.name: getattr(self, f.name, f.default) for f in fields})
 
     def rank_rule(self) -> RankRule:
         """The plan's truncation as one `RankRule` (checked when built)."""
@@ -153,9 +159,6 @@ class Plan(Settings):
                 option="format",
                 value="gguf",
             )
-
-    def load_options(self) -> LoadOptions:
-        return LoadOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoadOptions)})
 
     def target(self) -> MergeTarget | None:
         """The base merged into and how its checkpoint is written (None: an adapter is written)."""
@@ -260,4 +263,31 @@ class SearchPlan(Settings):
         return {**options, "bounds": tuple(self.bounds)}
 
 
-PLANS: dict[str, type[Settings]] = {p.command: p for p in (Plan, ExtractPlan, ConvertPlan, AlignPlan, SearchPlan)}
+@dataclass(kw_only=True)
+class AnalyzePlan(Settings):
+    """`loramix analyze`: spectra, rank use and overlap of ``adapters``; ``output``: a JSON file to write (optional)."""
+
+    command: ClassVar[str] = "analyze"
+    writes_folder: ClassVar[bool] = False
+
+    adapters: list[str] = input_field()
+    output: str | None = None
+    weights: list | None = None
+    rank: int | None = None
+    energy: float | None = None
+    rule: KohyaRule | None = None
+    rule_value: float | None = None
+    base: str | None = input_field(None)
+    quantized_as: QuantizedAs | None = None
+    blocksize: int | None = None
+    allow_different_bases: bool = False
+    allow_nonfinite: bool = False
+    scale: float | None = None
+    alpha: float | None = None
+    base_model: str | None = None
+    module_map: dict | str | None = input_field(None)
+
+
+PLANS: dict[str, type[Settings]] = {
+    p.command: p for p in (Plan, ExtractPlan, ConvertPlan, AlignPlan, SearchPlan, AnalyzePlan)
+}

@@ -197,3 +197,14 @@ def test_a_registered_writer_is_a_format_everywhere(tmp_path, toy_format):
     assert written == {k: v for k, v in expected.items() if not k.endswith("lora_B.weight")}
     again = yaml.safe_load((tmp_path / "toy" / RECIPE).read_text())
     assert again["format"] == "toy"
+
+
+def test_an_analyze_recipe_is_what_analyze_prints_and_writes(tmp_path):
+    sources = [str(example("summarize")), str(example("translate"))]
+    recipe = tmp_path / "analyze.yaml"
+    recipe.write_text(yaml.safe_dump({"command": "analyze", "adapters": sources, "rank": 4}))
+    printed = _invoke("run", recipe, "-o", tmp_path / "run.json")
+    assert printed == _invoke("analyze", *sources, "--rank", "4", "--json-file", tmp_path / "cli.json").replace(
+        "cli.json", "run.json"
+    )
+    assert (tmp_path / "run.json").read_text() == (tmp_path / "cli.json").read_text()

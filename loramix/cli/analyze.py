@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import click
 
@@ -15,7 +16,6 @@ from loramix.cli.options import (
     state_dict_options,
     weights,
 )
-from loramix.settings import LoadOptions
 
 
 @click.command()
@@ -49,27 +49,31 @@ def analyze(ctx: click.Context, adapters, as_json, json_file, force, plot_dir, t
 
     Rank suggestions follow --energy (default 0.99 when no --rule is given) or --rule, capped by --rank: the same
     rule `loramix combine --method svd` takes."""
-    from loramix.analysis import analyze as run_analyze
-    from loramix.analysis.report import analysis_json, analysis_text
-    from loramix.analysis_files import write_analysis_json, write_plots
-    from loramix.io.files import check_file
+    from loramix.pipeline import run
+    from loramix.plans import AnalyzePlan
     from loramix.runtime import torch_threads
 
     if as_json:  # the earlier spellings `--json -` (printed) and `--json FILE` (written) read as this flag
         adapters, named = _json_file_given([a for a in adapters if a != "-"], json_file)
         json_file, as_json = named or json_file, not named
-    if json_file:
-        check_file(json_file, overwrite=force)  # before the long part
-    loading = LoadOptions(**{key: options.pop(key) for key in ("scale", "alpha", "base_model", "module_map")})
-    load_options = loading.per_source()
+    plan = AnalyzePlan(adapters=list(adapters), output=json_file, **options)
     with torch_threads(threads):
-        result = run_analyze(list(adapters), progress=ctx.obj["progress"], load_options=load_options, **options)
-    click.echo(analysis_json(result) if as_json else analysis_text(result, top=top))
-    if json_file:
-        click.echo(f"wrote {write_analysis_json(result, json_file, overwrite=force)}", err=as_json)
+        result = run(plan, overwrite=force, progress=ctx.obj["progress"])
+    echo_analysis(plan, result, as_json=as_json, top=top)
     if plot_dir:
+        from loramix.analysis_files import write_plots
+
         for path in write_plots(result, plot_dir):
             click.echo(f"wrote {path}", err=as_json)
+
+
+def echo_analysis(plan, result, *, as_json: bool = False, top: int = 5) -> None:
+    """The analysis as text (or JSON), and the JSON file written when the plan names one."""
+    from loramix.analysis.report import analysis_json, analysis_text
+
+    click.echo(analysis_json(result) if as_json else analysis_text(result, top=top))
+    if plan.output:
+        click.echo(f"wrote {Path(plan.output).resolve()}", err=as_json)
 
 
 def _json_file_given(adapters: list[str], json_file: str | None) -> tuple[list[str], str | None]:

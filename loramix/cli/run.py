@@ -8,6 +8,7 @@ import sys
 import click
 
 from loramix.cli.align import echo_aligned
+from loramix.cli.analyze import echo_analysis
 from loramix.cli.combine import echo_combined
 from loramix.cli.convert import echo_converted
 from loramix.cli.extract import echo_extracted
@@ -20,6 +21,7 @@ ECHO = {
     "convert": echo_converted,
     "align": echo_aligned,
     "search": echo_searched,
+    "analyze": echo_analysis,
 }
 
 
@@ -30,15 +32,16 @@ ECHO = {
 @click.pass_context
 @errors_as_one_line
 def run(ctx: click.Context, recipe: str, output: str | None, force: bool) -> None:
-    """Run RECIPE: a YAML plan of any command (combine, extract, convert, align, search; its `command` key, none:
-    combine), such as the loramix_recipe.yaml written beside every output, which repeats that output bit for bit."""
+    """Run RECIPE: a YAML plan of any command (combine, extract, convert, align, search, analyze; its `command` key,
+    none: combine), such as the loramix_recipe.yaml written beside every output, which repeats that output bit for
+    bit. An analyze recipe prints the analysis (and writes its JSON file with -o)."""
     from loramix.pipeline import run as run_plan
     from loramix.recipe import load_recipe
     from loramix.runtime import torch_threads
 
     plan = load_recipe(recipe)
     plan.output = output or plan.output
-    if not plan.output:
+    if not plan.output and plan.writes_folder:
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
     with torch_threads(1 if plan.command == "combine" else None):
         result = run_plan(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
