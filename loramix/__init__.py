@@ -1,7 +1,8 @@
 """loramix: load, analyse and combine LoRA adapters in factor space.
 
 The public API, imported on first use (so that ``loramix --help`` starts without importing torch):
-`load_adapter`, `load_adapters`, `save_adapter`, `combine`, `analyze`, `run` (a `Plan` end to end),
+`load_adapter`, `load_adapters`, `save_adapter`, `combine`, `analyze`, `run` (a plan end to end: `Plan` for combine,
+`ExtractPlan`, `ConvertPlan`, `AlignPlan`, `SearchPlan`, `AnalyzePlan`),
 `merge_into_base`, `extract` (a LoRA from a fine-tuned model), `search`, `input_grams` (what data-aware merges
 fit to), `push_to_hub`, the data model
 `LoraAdapter`, `LoraModule`, `ExtraTensor`, and for models loaded in a Python session `inject_adapter`,
@@ -18,7 +19,12 @@ _EXPORTS = {
     "LoraAdapter": "loramix.adapter",
     "LoraModule": "loramix.adapter",
     "LoramixError": "loramix.errors",
-    "Plan": "loramix.recipe",
+    "AlignPlan": "loramix.plans",
+    "AnalyzePlan": "loramix.plans",
+    "ConvertPlan": "loramix.plans",
+    "ExtractPlan": "loramix.plans",
+    "Plan": "loramix.plans",
+    "SearchPlan": "loramix.plans",
     "analyze": "loramix.analysis",
     "combine": "loramix.weight_search",
     "extract": "loramix.pipeline",

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from loramix.errors import IncompatibleAdaptersError, SettingError
+from loramix.settings import RANK_LAYOUTS
 
 LAYOUTS = ("linear", "conv1d_fan_in_fan_out", "embedding", "conv2d")
 _PARTS = ("A", "B", "bias", "magnitude")  # a module's tensors
@@ -275,7 +276,6 @@ def describe_slot(slot: ExpertSlot | None) -> str:
 
 # ----------------------------------------------------------------------------------------------- rank layout
 
-RANK_LAYOUTS = ("portable", "exact")
 # Who misreads an adapter whose ranks or scales differ per module (rank_pattern / alpha_pattern / rsLoRA).
 MISREADERS = "vLLM, SGLang, LoRAX/TGI and llama.cpp"
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from loramix.adapter import LoraAdapter, serving_set
 from loramix.formats import load_adapters, write_adapter
-from loramix.io.files import atomic_output, check_output
-from loramix.pipeline import write_files
+from loramix.merging import write_files
+from loramix.outputs import Output, recipe_file
+from loramix.plans import AlignPlan
 from loramix.render.card import CARD_FILE, model_card
 from loramix.runtime import require_path
 
@@ -29,26 +30,35 @@ def align(
 ) -> dict[str, LoraAdapter]:
     """Write ``sources`` (adapters of one base) into ``output`` as a serving set: ``output/<name>/``, one PEFT folder
     per adapter (named after its source; repeats numbered), each describing its own ΔW unchanged at the set's one
-    rank and scale on the union of the set's modules, with a model card; and `SET_FILE`. Returns the aligned adapters
-    by folder name."""
+    rank and scale on the union of the set's modules, with a model card; `SET_FILE`; and the recipe that repeats it.
+    Returns the aligned adapters by folder name."""
     require_path(output, "output (the output folder)")
-    protect = [str(s) for s in sources]
-    check_output(output, overwrite=overwrite, protect=protect)
-    loaded, _ = load_adapters(list(sources), allow_nonfinite=allow_nonfinite)
+    plan = AlignPlan(adapters=[str(s) for s in sources], output=str(output), allow_nonfinite=allow_nonfinite)
+    return run_align(plan, overwrite=overwrite, argv=argv)
+
+
+def run_align(
+    plan: AlignPlan, *, overwrite: bool = False, progress: bool = False, argv: list[str] | None = None
+) -> dict[str, LoraAdapter]:
+    """Run an `AlignPlan` (see `align`; nothing here shows progress)."""
+    out = Output.of(plan, overwrite=overwrite)
+    loaded, _ = load_adapters(list(plan.adapters), allow_nonfinite=plan.allow_nonfinite)
     aligned = dict(zip(_folder_names(loaded), serving_set(loaded)))
     first = next(iter(aligned.values()))
     description = {
         "rank": first.ranks[0],
         "scale": next(iter(first.modules.values())).scale,
         "modules": sorted(first.modules),
-        "adapters": {name: str(source) for name, source in zip(aligned, sources)},
+        "adapters": {name: str(source) for name, source in zip(aligned, plan.adapters)},
     }
-    with atomic_output(output, overwrite=overwrite, protect=protect) as tmp:
+
+    def fill(tmp: Path) -> None:
         for name, adapter in aligned.items():
             (tmp / name).mkdir()
             write_adapter(adapter, tmp / name)
             write_files(tmp / name, {CARD_FILE: model_card(adapter, argv=argv, output_format="peft")})
-        write_files(tmp, {SET_FILE: json.dumps(description, indent=2) + "\n"})
+
+    out.write({SET_FILE: json.dumps(description, indent=2) + "\n", **recipe_file(plan)}, fill)
     return aligned
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,12 +22,12 @@ from loramix.linalg import FactorSVD, RankRule, factor_svd, numerical_rank
 from loramix.methods import Method, Term, absent_as_zero, get_method
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
 from loramix.schedule import count_layers, parse_options, resolve, resolve_options
+from loramix.settings import HEADS, Heads, RankLayout
 
 log = logging.getLogger(__name__)
 
 LONG_DENSE_SECONDS = 60  # warn before a dense merge estimated to take longer
 LARGE_RANK_FACTOR = 4  # warn when a chosen rank exceeds this many times the sum of the sources' ranks
-HEADS = ("refuse", "average", "drop")  # what to do with an extra tensor several adapters carry
 _GPU_WORKERS = 4  # measured on an H100 host: 1 → 37.5, 2 → 22.7, 4 → 17.2, 6 → 21.6, 8 → 25.0 ms per 7B layer
 
 
@@ -97,30 +97,46 @@ def _widen(modules: dict[str, LoraModule], spectra: dict, rule: RankRule, dtype:
     return kept
 
 
+@dataclass(frozen=True)
+class CombineSettings:
+    """A combine's settings, checked: the method, the rank rule as the method applies it, its options (parsed), what
+    to do with heads several adapters carry, the rank layout prepared, the device, the output dtype (None: the first
+    input's)."""
+
+    method: Method
+    rule: RankRule
+    options: dict
+    heads: Heads = "refuse"
+    rank_layout: RankLayout = "portable"
+    device: str = "auto"
+    dtype: torch.dtype | None = None
+
+
 def check_settings(
     *,
     method: str,
     options: dict,
     heads: str = "refuse",
-    rank: int | None = None,
-    energy: float | None = None,
-    rule: str | None = None,
-    rule_value: float | None = None,
-    conv_rank: int | None = None,
-) -> tuple[Method, RankRule]:
-    """The method and rank rule of a combine, checked before anything is loaded (unknown method or option, a
-    malformed varying option, a rank rule for a method that does not truncate, an unknown heads policy)."""
+    rule: RankRule | None = None,
+    rank_layout: str = "portable",
+    device: str = "auto",
+    dtype: torch.dtype | str | None = None,
+) -> CombineSettings:
+    """The settings of a combine, checked before anything is loaded (unknown method or option, a malformed varying
+    option, a rank rule for a method that does not truncate, an unknown heads policy or rank layout, a bad dtype)."""
     chosen = get_method(method)
-    truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value, conv_rank=conv_rank)
-    if truncation != RankRule() and not chosen.truncates:
+    rule = rule or RankRule()
+    if rule != RankRule() and not chosen.truncates:
         raise MethodError(
             f"method {method} does not truncate; `rank`/`energy`/`rule`/`conv_rank` apply to re-factorising methods"
         )
     chosen.check_options(options)
-    parse_options(options)
+    parsed = parse_options(options)
     if heads not in HEADS:
         raise SettingError(f"heads must be {', '.join(map(repr, HEADS))}, got {heads!r}")
-    return chosen, chosen.rule_for(truncation, options)
+    check_rank_layout(rank_layout)
+    truncation = chosen.rule_for(rule, options)
+    return CombineSettings(chosen, truncation, parsed, heads, rank_layout, device, parse_dtype(dtype))
 
 
 def _dense_seconds(shapes: list[tuple[int, int]], device: torch.device) -> float:
@@ -170,7 +186,7 @@ def _warn_large_ranks(method: str, modules: dict[str, LoraModule], loaded: list[
         )
 
 
-def combine(
+def accept(
     adapters: list,
     *,
     weights: list | None = None,
@@ -186,32 +202,22 @@ def combine(
     rank_layout: str = "portable",
     allow_different_bases: bool = False,
     allow_nonfinite: bool = False,
-    progress: bool = False,
     load_options: dict | None = None,
-    grams: list[dict] | None = None,
     **options,
-) -> LoraAdapter:
-    """Combine ``adapters`` (paths, Hub ids or `LoraAdapter`s) with ``weights`` by ``method``.
-
-    Each weight, and each numeric method option, is a number or a value that varies by layer or module (a gradient
-    ``[0, 1]``, name filters ``{"self_attn": 1.0, "default": 0.2}``, SD block weights ``{"lbw": [...]}``; see
-    `loramix.schedule`): it is resolved per module, and the method runs on each module with plain numbers.
-    ``rank``/``energy``/``rule`` truncate re-factorising methods (see `RankRule`); ``conv_rank`` caps conv modules
-    with a kernel other than 1×1 instead of ``rank`` (kohya's ``--new_conv_rank``); ``heads="average"`` takes the
-    weighted average of heads several adapters carry, ``heads="drop"`` leaves them out (the base's own stay).
-    ``rank_layout="portable"`` (the default) prepares the layout every serving engine reads (one rank R for all
-    modules, see `loramix.adapter.portable_layout`): where ``energy`` or ``rule`` chose a module's rank for an exact
-    method (svd), the module keeps its best rank-R approximation instead (more of its own singular directions, where
-    it has them; never above ``rank``); ``"exact"`` keeps each module at the rank the rule chose. ``device``:
-    ``cpu``, ``cuda[:N]`` or ``auto`` (a GPU when there is one: results agree with the CPU's to float32 rounding).
-    ``load_options`` go to `load_adapter` for every source (``scale``/``alpha``/``base_model``/``module_map`` for
-    plain state dicts). A method that needs data (``regmean``) takes ``grams``: per adapter, each module's input Gram
-    matrix (`loramix.weight_search.grams.input_grams`; `loramix.combine` collects them from the method's ``base`` and
-    ``examples``). Returns a new `LoraAdapter` (scale 1 per module).
-    """
-    rank_rule = {"rank": rank, "energy": energy, "rule": rule, "rule_value": rule_value, "conv_rank": conv_rank}
-    chosen, truncation = check_settings(method=method, options=options, heads=heads, **rank_rule)
-    options = parse_options(options)
+) -> tuple[list[LoraAdapter], list, CombineSettings]:
+    """What `loramix.combine` takes, accepted once: the settings checked (`check_settings`), then the sources loaded
+    and checked together (`load_adapters`). Returns the adapters, their parsed weights and the settings, which
+    `combine_loaded` takes as they are."""
+    truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value, conv_rank=conv_rank)
+    settings = check_settings(
+        method=method,
+        options=options,
+        heads=heads,
+        rule=truncation,
+        rank_layout=rank_layout,
+        device=device,
+        dtype=dtype,
+    )
     loaded, weights = load_adapters(
         adapters,
         weights=weights,
@@ -219,6 +225,21 @@ def combine(
         allow_nonfinite=allow_nonfinite,
         load_options=load_options,
     )
+    return loaded, weights, settings
+
+
+def combine_loaded(
+    loaded: list[LoraAdapter],
+    weights: list,
+    settings: CombineSettings,
+    *,
+    grams: list[dict] | None = None,
+    progress: bool = False,
+) -> LoraAdapter:
+    """The core of `combine`: ``loaded`` adapters (checked together by `load_adapters`) with their parsed
+    ``weights``, by checked ``settings``; nothing here loads or re-checks them."""
+    chosen, truncation, options, method = settings.method, settings.rule, settings.options, settings.method.name
+    heads, rank_layout = settings.heads, settings.rank_layout
     for a in loaded:
         if a.has_dora:
             raise IncompatibleAdaptersError(
@@ -231,9 +252,8 @@ def combine(
             f"method {method} needs each adapter's input Gram matrices (grams); loramix.combine with "
             "the options base and examples collects them"
         )
-    check_rank_layout(rank_layout)
-    target = resolve_device(device)
-    out_dtype = parse_dtype(dtype) or loaded[0].dtype
+    target = resolve_device(settings.device)
+    out_dtype = settings.dtype or loaded[0].dtype
     names = list(dict.fromkeys(n for a in loaded for n in a.modules))
     layers = count_layers(names)
     # a rule-chosen rank below the layout's R: keep the untruncated spectrum, truncate once R is known

@@ -10,17 +10,18 @@ from collections import Counter
 from pathlib import Path
 
 from loramix.adapter import LoraAdapter
-from loramix.errors import AdapterFormatError, OutputFormatError
+from loramix.errors import AdapterFormatError
 from loramix.extraction import Extraction
 from loramix.extraction.conversion import WeightUpdate, base_updates, convert_lora
 from loramix.formats import load_adapter, peft_other, write_adapter
 from loramix.formats._keys import folder_peft_type
 from loramix.hub import revisions
-from loramix.io.files import atomic_output, check_output
-from loramix.merging import write_files
-from loramix.pipeline import LAID_OUT, format_options
+from loramix.outputs import Output, recipe_file
+from loramix.plans import ConvertPlan
 from loramix.render.card import CARD_FILE, conversion_section, model_card
 from loramix.runtime import require_path
+from loramix.settings import AdapterOutput, named
+from loramix.writers import check_model_format
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +45,36 @@ def convert(
     **settings,
 ) -> Extraction:
     """Convert the adapter ``source`` into a plain LoRA and write it to ``output`` (a PEFT folder, or a kohya/GGUF
-    file with ``format``; ``rank_layout`` as `loramix.pipeline.save_adapter`), with a model card and
-    `CONVERSION_FILE`. ``settings``: the rank rule (``rank``, ``energy``, ``rule``/``rule_value``; none: full rank,
-    exact to float rounding), ``device`` and ``dtype`` of `convert_lora`; ``base`` is needed for DoRA."""
+    file with ``format``; ``rank_layout`` as `loramix.pipeline.save_adapter`), with a model card, `CONVERSION_FILE`
+    and the recipe that repeats it. ``settings``: the rank rule (``rank``, ``energy``, ``rule``/``rule_value``; none:
+    full rank, exact to float rounding), ``device`` and ``dtype`` of `convert_lora`; ``base`` is needed for DoRA."""
     require_path(output, "output (the output folder)")
-    if format not in LAID_OUT + ("kohya",):
-        raise OutputFormatError(f"unknown output format {format!r}; choose from peft, kohya, gguf")
-    adapter, updates = read_source(source, allow_nonfinite=allow_nonfinite)
-    protect = [str(source), *([str(base)] if base else [])]
-    check_output(output, overwrite=overwrite, protect=protect)
+    plan = ConvertPlan(
+        source=str(source),
+        output=str(output),
+        base=None if base is None else str(base),
+        format=format,
+        rank_layout=rank_layout,
+        allow_nonfinite=allow_nonfinite,
+        **{key: named(value) for key, value in settings.items()},
+    )
+    return run_convert(plan, overwrite=overwrite, progress=progress, argv=argv)
+
+
+def run_convert(
+    plan: ConvertPlan, *, overwrite: bool = False, progress: bool = False, argv: list[str] | None = None
+) -> Extraction:
+    """Run a `ConvertPlan` (see `convert`)."""
+    check_model_format(plan.format)
+    adapter, updates = read_source(plan.source, allow_nonfinite=plan.allow_nonfinite)
+    out = Output.of(plan, overwrite=overwrite)
     kinds = Counter(u.kind for u in [*base_updates(adapter).values(), *updates.values()])
     kinds[adapter.provenance.get("peft_type", "LoRA")] += len(adapter.modules) + len(updates) - sum(kinds.values())
-    base = None if base is None else str(base)
-    result = convert_lora(adapter, base, updates=updates, progress=progress, **settings)
-    converted = result.adapter
+    rule = plan.rank_rule().keywords()
+    result = convert_lora(
+        adapter, plan.base, updates=updates, **rule, device=plan.device, dtype=plan.dtype, progress=progress
+    )
+    converted, format = result.adapter, plan.format
     if format != "peft" and converted.extra:
         log.warning(
             "%s files cannot hold whole tensors: %d head(s) are not carried (%s); --format peft carries them",
@@ -66,14 +83,14 @@ def convert(
             ", ".join(sorted(converted.extra)[:3]),
         )
         converted.extra = {}
-    report = conversion_report(result, dict(kinds), revisions(protect), format, rank_layout)
+    report = conversion_report(result, dict(kinds), revisions(out.protect), format, plan.rank_layout)
     files = {
         CARD_FILE: model_card(converted, argv=argv, output_format=format) + conversion_section(report),
         CONVERSION_FILE: json.dumps(report, indent=2) + "\n",
+        **recipe_file(plan),
     }
-    with atomic_output(output, overwrite=overwrite, protect=protect) as tmp:
-        write_adapter(converted, tmp, **format_options(format, output, rank_layout, base))
-        write_files(tmp, files)
+    written = AdapterOutput(str(plan.output), format, plan.rank_layout, base=plan.base)
+    out.write(files, lambda tmp: write_adapter(converted, tmp, **written.write_options()))
     return result
 
 

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 from loramix.errors import SettingError
 from loramix.lazy import lazy
+from loramix.settings import KOHYA_RULES
 
 torch = lazy("torch")
-
-KOHYA_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
 
 
 @dataclass
@@ -167,6 +166,12 @@ class RankRule:
                 raise SettingError(f"rule {self.rule} needs a positive value")
             if self.rule != "sv_ratio" and self.value > 1:
                 raise SettingError(f"rule {self.rule} takes a value in (0, 1], got {self.value}")
+
+    def keywords(self, conv: bool = False) -> dict:
+        """The rule as the keyword options the API's functions take (``rank``, ``energy``, ``rule``, ``rule_value``;
+        with ``conv``, ``conv_rank`` too): what a recipe records and `loramix.extraction.extract_lora` takes."""
+        named = {"rank": self.rank, "energy": self.energy, "rule": self.rule, "rule_value": self.value}
+        return {**named, "conv_rank": self.conv_rank} if conv else named
 
     def for_kernel(self, kernel_size: tuple[int, ...]) -> RankRule:
         """The rule for a module with this conv ``kernel_size`` (() for a linear layer): ``conv_rank`` in place of

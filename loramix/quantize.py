@@ -32,11 +32,11 @@ from loramix.architecture import EMBEDDINGS, is_conv1d, is_output_head
 from loramix.errors import CheckpointError, MissingPackageError, inside_backend
 from loramix.io.quantized import share_below
 from loramix.io.schemes import FP8
+from loramix.settings import QUANTIZED_AS, ROUND_TRIPS
 
 log = logging.getLogger(__name__)
 
-QUANT_TYPES = ("nf4", "fp4", "fp8")
-ROUND_TRIPS = ("all", "targeted")
+QUANT_TYPES = tuple(q for q in QUANTIZED_AS if q != "none")
 
 
 @dataclass(frozen=True)

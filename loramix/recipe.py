@@ -1,4 +1,6 @@
-"""YAML recipes: a validated combine plan, the same plan the CLI flags build.
+"""YAML recipes: a validated plan (`loramix.plans`), the same plan the CLI flags build, read (`load_recipe`) and
+written beside an output (`repeatable`, then the plan's ``to_yaml``) so that `loramix run RECIPE` re-runs the
+command. A recipe's ``command`` names its plan (none: ``combine``); a combine recipe looks like this:
 
 ```yaml
 adapters:                     # sources: folders (relative to this file), Hub ids; weight per adapter
@@ -27,129 +29,36 @@ output: out/merged            # relative to the current directory; -o overrides
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from loramix.errors import MethodError, RecipeError
-from loramix.methods import get_method
-from loramix.runtime import parse_dtype
+from loramix.errors import LoramixError, MethodError, RecipeError
+from loramix.hub import pinned
+from loramix.plans import PLANS, Plan, Settings
 from loramix.schedule import parse, parse_options
+from loramix.settings import fits, wrong
 from loramix.sources import parse_hub_id
 
-LOAD_OPTIONS = ("scale", "alpha", "base_model", "module_map")  # for `load_adapter`, not for the method
+__all__ = ["Plan", "check_plan", "load_recipe", "repeatable"]
 
 
-@dataclass
-class Plan:
-    """Everything a combine run needs: what the CLI's flags and a YAML recipe both build (`loramix.run` runs it)."""
-
-    adapters: list[str]
-    weights: list | None = None  # per adapter: a number, or a value varying by layer/module (`loramix.schedule`)
-    method: str = "svd"
-    rank: int | None = None
-    conv_rank: int | None = None
-    energy: float | None = None
-    rule: str | None = None
-    rule_value: float | None = None
-    device: str = "auto"
-    dtype: str | None = None
-    heads: str = "refuse"
-    rank_layout: str | None = None  # None: "portable" for an adapter output
-    allow_different_bases: bool = False
-    allow_nonfinite: bool = False
-    scale: float | None = None
-    alpha: float | None = None
-    base_model: str | None = None
-    module_map: dict | str | None = None
-    options: dict = field(default_factory=dict)
-    output: str | None = None
-    merge_into: str | None = None
-    shard_size: str | None = None
-    workers: int | None = None
-    quantized_as: str | None = None
-    double_quant: bool | None = None
-    blocksize: int | None = None
-    round_trip: str = "all"
-    format: str | None = None  # None: what the inputs' ecosystem loads (`loramix.formats.default_format`)
-    gguf_base: str | None = None
-    base: str | None = None  # DoRA adapters become their effective updates on it (merge_into serves when absent)
-
-    def check_settings_apply(self) -> None:
-        """Refuse a setting that does not apply to this output (silently ignored, it would mislead): the adapter
-        file's format and layout with merge_into, gguf_base without format gguf, the checkpoint's with no merge_into."""
-        if self.merge_into:
-            unused = [key for key in ("format", "rank_layout", "gguf_base") if getattr(self, key) is not None]
-            if unused:
-                raise MethodError(
-                    f"`{unused[0]}` sets the adapter file written; with `merge_into` a merged checkpoint is written: "
-                    f"leave `{unused[0]}` out"
-                )
-        elif any(getattr(self, key) is not None for key in ("shard_size", "workers")):
-            key = "shard_size" if self.shard_size is not None else "workers"
-            raise MethodError(f"`{key}` applies to a merged checkpoint: it needs `merge_into`", option="merge_into")
-        if self.gguf_base is not None and not self.merge_into and self.format != "gguf":
-            raise MethodError(
-                "`gguf_base` names the architecture of a GGUF file: it needs `format='gguf'`",
-                option="format",
-                value="gguf",
-            )
-
-    def combine_kwargs(self) -> dict:
-        """Keyword arguments for `loramix.combine`."""
-        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        merge_only = ("merge_into", "shard_size", "workers", "quantized_as", "double_quant", "blocksize", "round_trip")
-        for key in ("adapters", "options", "output", "dtype", *merge_only, "format", "gguf_base", "base"):
-            kwargs.pop(key)
-        loading = {key: kwargs.pop(key) for key in LOAD_OPTIONS}
-        load_options = {k: v for k, v in loading.items() if v is not None} or None
-        options = dict(self.options)
-        if self.base and "base" not in options and get_method(self.method).data:
-            options["base"] = self.base  # a method that needs data runs the run's base forward
-        kwargs["rank_layout"] = self.rank_layout or "portable"
-        return {**kwargs, **options, "dtype": parse_dtype(self.dtype), "load_options": load_options}
-
-    def to_yaml(self) -> str:
-        """The plan as a recipe: every field that is set, defaults included, so that the recipe does not depend on
-        today's defaults."""
-        if self.weights:
-            data = {"adapters": [{"source": s, "weight": w} for s, w in zip(self.adapters, self.weights)]}
-        else:
-            data = {"adapters": [{"source": s} for s in self.adapters]}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name not in ("adapters", "weights") and value is not None:
-                data[f.name] = value
-        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+def check_plan(plan: Settings) -> None:
+    """Refuse a plan a setting of which does not fit its field (a format no writer has, a rule that is no rule, a
+    bool where a number goes): a one-line `MethodError` naming the field, before anything is loaded."""
+    for name, hint in plan.hints().items():
+        value = getattr(plan, name)
+        if value is not None and not fits(value, hint):
+            raise MethodError(wrong(name, value, hint))
+    if isinstance(plan, Plan):
+        parse_options(plan.options)
+        plan.check_settings_apply()
 
 
-_HINTS = typing.get_type_hints(Plan)
-
-
-def _fits(value, hint) -> bool:
-    """Whether a YAML value fits a `Plan` field's type hint (bool is no number; numbers are finite)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_fits(v, item) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or hint)
-
-
-def load_recipe(path: str | Path) -> Plan:
-    """Read and validate a recipe; adapter paths are taken relative to the recipe's folder."""
+def load_recipe(path: str | Path) -> Settings:
+    """Read and validate a recipe (a `Plan` unless its ``command`` names another plan); its sources are taken
+    relative to the recipe's folder. Every value is checked against its field before anything is loaded."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -161,29 +70,69 @@ def load_recipe(path: str | Path) -> Plan:
         raise RecipeError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with at least 'adapters'")
-    known = [name for name in _HINTS if name not in ("adapters", "weights")]
-    unknown = sorted(set(data) - set(known) - {"adapters"})
+    command = data.pop("command", "combine")
+    if command not in PLANS:
+        raise RecipeError(f"{path}: `command` must be one of {', '.join(PLANS)}, got {command!r}")
+    kind = PLANS[command]
+    hints = kind.hints()
+    known = [name for name in hints if name != "weights" or kind is not Plan]
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise RecipeError(f"{path}: unknown key(s) {', '.join(unknown)}; known: adapters, {', '.join(known)}")
-    for key in known:
-        if data.get(key) is not None and not _fits(data[key], _HINTS[key]):
-            raise RecipeError(f"{path}: {key} has the wrong type ({data[key]!r})")
-    try:
-        parse_options(data.get("options") or {})
-    except MethodError as exc:
-        raise RecipeError(f"{path}: {exc}") from None
-    sources, weights = _adapters(path, data.get("adapters"))
-    fields = {k: v for k, v in data.items() if k != "adapters" and v is not None}
-    if isinstance(fields.get("module_map"), str):
-        fields["module_map"] = _relative_path(path, fields["module_map"])
-    for key in ("merge_into", "gguf_base", "base"):
-        if key in fields:
-            fields[key] = _relative_source(path, fields[key])
-    if fields.get("merge_into"):  # earlier recipes of merges recorded the adapter file's defaults: no setting
+        raise RecipeError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    fields = {k: v for k, v in data.items() if v is not None}
+    if kind is Plan:
+        fields["adapters"], fields["weights"] = _adapters(path, data.get("adapters"))
+    for name in kind.sources():
+        value = fields.get(name)
+        if name == "module_map" and isinstance(value, str):  # a file, never a Hub id
+            fields[name] = _relative_path(path, value)
+        elif isinstance(value, str):
+            fields[name] = _relative_source(path, value)
+        elif isinstance(value, list) and kind is not Plan:  # a combine recipe's adapters are read above
+            fields[name] = [_relative_source(path, s) if isinstance(s, str) else s for s in value]
+    if kind is Plan and fields.get("merge_into"):  # earlier recipes of merges recorded the adapter file's defaults
         for key, default in (("format", "peft"), ("rank_layout", "portable")):
             if fields.get(key) == default:
                 del fields[key]
-    return Plan(adapters=sources, weights=weights, **fields)
+    missing = [f.name for f in dataclasses.fields(kind) if f.name not in fields and _required(f)]
+    if missing:
+        raise RecipeError(f"{path}: a {command} recipe needs {', '.join(missing)}")
+    try:
+        plan = kind(**fields)
+        for name, hint in hints.items():
+            value = getattr(plan, name)
+            if value is not None and name not in ("adapters", "weights") and not fits(value, hint):
+                raise RecipeError(wrong(name, value, hint))
+        if kind is Plan:
+            parse_options(plan.options)
+    except LoramixError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+    return plan
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def repeatable(plan: Settings, **used) -> Settings:
+    """``plan`` as a recipe to publish with its output: its sources relative to the output folder (where the recipe
+    lies; a recipe's paths are read relative to it), Hub ids pinned to the commit they resolved to, ``used`` (the
+    settings a run settled: weights, method options, dtype, ...) in place of what was asked, no output."""
+    folder = Path(plan.output).resolve()
+
+    def portable(item):  # a source's own options (path::scale=0.5) stay with it
+        if not isinstance(item, str):
+            return item
+        path, sep, options = item.partition("::")
+        if not Path(path).exists():
+            return pinned(path) + sep + options
+        return os.path.relpath(Path(path).resolve(), folder) + sep + options
+
+    moved = {}
+    for name in plan.sources():
+        value = getattr(plan, name)
+        moved[name] = [portable(v) for v in value] if isinstance(value, list) else portable(value)
+    return dataclasses.replace(plan, **moved, **used, output=None)
 
 
 def _adapters(path: Path, items) -> tuple[list[str], list | None]:

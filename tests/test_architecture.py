@@ -33,6 +33,8 @@ LAYERS = {
     "core": [
         "errors",
         "lazy",
+        "writers",
+        "settings",
         "architecture",
         "adapter",
         "experts",
@@ -44,7 +46,18 @@ LAYERS = {
     ],
     "io and formats": ["io", "formats", "quantize"],
     "engines": ["methods", "compat", "combination", "analysis", "extraction", "merge", "weight_search"],
-    "surfaces": ["render", "hub", "recipe", "pipeline", "merging", "analysis_files", "convert", "align"],
+    "surfaces": [
+        "render",
+        "hub",
+        "plans",
+        "recipe",
+        "outputs",
+        "pipeline",
+        "merging",
+        "analysis_files",
+        "convert",
+        "align",
+    ],
     "cli": ["cli", "__main__"],
 }
 # The lines a unit's modules may hold together. Past it, a package is split by concern into subpackages (as

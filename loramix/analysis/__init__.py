@@ -136,6 +136,32 @@ def analyze(
         allow_nonfinite=allow_nonfinite,
         load_options=load_options,
     )
+    return analyze_loaded(
+        loaded,
+        weights,
+        rule=truncation,
+        base=base,
+        allow_nonfinite=allow_nonfinite,
+        progress=progress,
+        quantized_as=quantized_as,
+        blocksize=blocksize,
+    )
+
+
+def analyze_loaded(
+    loaded: list[LoraAdapter],
+    weights: list,
+    *,
+    rule: RankRule = DEFAULT_RULE,
+    base: str | Path | None = None,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+    quantized_as: str | None = None,
+    blocksize: int | None = None,
+) -> Analysis:
+    """The core of `analyze`: ``loaded`` adapters (checked together by `load_adapters`) with their parsed
+    ``weights``, under ``rule``; nothing here loads or re-checks them."""
+    truncation = rule
     checkpoint = None if base is None else open_base(resolve_base(base))  # fail before the long part
     settings = None
     if checkpoint is not None:

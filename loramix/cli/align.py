@@ -20,14 +20,21 @@ def align(adapters: tuple[str, ...], output: str, allow_nonfinite: bool, force: 
     at one rank and one scale on the union of their target modules (zero factors where an adapter has none), each
     describing its own ΔW unchanged. PEFT's hotswap_adapter swaps them into one torch.compile'd model, and vLLM's and
     SGLang's adapter slots take all of them; `loramix check OUTPUT` says so."""
-    from loramix.align import align as write_set
+    from loramix.pipeline import run
+    from loramix.plans import AlignPlan
+
+    plan = AlignPlan(adapters=list(adapters), output=output, allow_nonfinite=allow_nonfinite)
+    echo_aligned(plan, run(plan, overwrite=force, argv=sys.argv))
+
+
+def echo_aligned(plan, aligned: dict) -> None:
+    """The line `align` prints: the set's adapters, rank and modules, and the vLLM slot rank that takes them."""
     from loramix.compat import VLLM_MAX_RANKS
 
-    aligned = write_set(list(adapters), output, allow_nonfinite=allow_nonfinite, overwrite=force, argv=sys.argv)
     first = next(iter(aligned.values()))
     rank = first.ranks[0]
     served = next((r for r in VLLM_MAX_RANKS if r >= rank), None)
     click.echo(
-        f"wrote {output}: {len(aligned)} adapters ({', '.join(aligned)}), rank {rank}, the same {len(first.modules)} "
-        f"modules" + (f"; vLLM --max-lora-rank {served}" if served else "")
+        f"wrote {plan.output}: {len(aligned)} adapters ({', '.join(aligned)}), rank {rank}, the same "
+        f"{len(first.modules)} modules" + (f"; vLLM --max-lora-rank {served}" if served else "")
     )

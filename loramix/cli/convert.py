@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from loramix.cli.options import errors_as_one_line, rank_rule_options, written_lora_options
+from loramix import settings
+from loramix.cli.options import choice, errors_as_one_line, rank_rule_options, written_lora_options
 
 
 @click.command()
@@ -20,7 +21,7 @@ from loramix.cli.options import errors_as_one_line, rank_rule_options, written_l
 @click.option("--dtype", default=None, help="Stored dtype: float32, float16, bfloat16 [default: the source's].")
 @click.option(
     "--format",
-    type=click.Choice(["peft", "kohya", "gguf"]),
+    type=choice(settings.ModelFormat),
     default="peft",
     help="A PEFT folder, a kohya/A1111 .safetensors or a llama.cpp LoRA .gguf [default: peft].",
 )
@@ -39,19 +40,28 @@ def convert(ctx: click.Context, source, output, as_json, threads, force, **optio
     rounding). The base is read one tensor at a time. The card and conversion.json give each module's rank, kept
     energy and measured relative error.
     """
-    from loramix.convert import CONVERSION_FILE, convert
-    from loramix.render.card import rank_span
+    from loramix.pipeline import run
+    from loramix.plans import ConvertPlan
     from loramix.runtime import torch_threads
 
+    plan = ConvertPlan(source=source, output=output, **options)
     with torch_threads(threads):
-        result = convert(source, output, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv, **options)
+        result = run(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
+    echo_converted(plan, result, as_json)
+
+
+def echo_converted(plan, result, as_json: bool = False) -> None:
+    """The line `convert` prints for its `Extraction` (or, ``as_json``, the report it wrote)."""
+    from loramix.convert import CONVERSION_FILE
+    from loramix.render.card import rank_span
+
     if as_json:
-        click.echo((Path(output) / CONVERSION_FILE).read_text().rstrip())
+        click.echo((Path(plan.output) / CONVERSION_FILE).read_text().rstrip())
         return
     modules = result.modules
     kept = min(m.kept for m in modules.values())
     error = max(m.error for m in modules.values())
     ranks = rank_span(sorted({m.rank for m in modules.values()}))
     click.echo(
-        f"wrote {output}: {len(modules)} modules, {ranks}, energy kept ≥ {kept:.4f}, relative error ≤ {error:.4f}"
+        f"wrote {plan.output}: {len(modules)} modules, {ranks}, energy kept ≥ {kept:.4f}, relative error ≤ {error:.4f}"
     )

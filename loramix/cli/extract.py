@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from loramix.cli.options import errors_as_one_line, rank_rule_options, written_lora_options
+from loramix import settings
+from loramix.cli.options import choice, errors_as_one_line, rank_rule_options, written_lora_options
 from loramix.errors import counted
 
 
@@ -20,7 +21,7 @@ from loramix.errors import counted
 @click.option("--dtype", default=None, help="Stored dtype: float32, float16, bfloat16 [default: the fine-tuned's].")
 @click.option(
     "--format",
-    type=click.Choice(["peft", "kohya", "gguf"]),
+    type=choice(settings.ModelFormat),
     default=None,
     help="A PEFT folder (carries changed norms, biases and resized embeddings as modules_to_save), a kohya/A1111 "
     ".safetensors or a llama.cpp LoRA .gguf (LoRA modules only) [default: peft; kohya for diffusers pipelines].",
@@ -40,25 +41,32 @@ def extract(ctx: click.Context, base, finetuned, output, as_json, threads, force
     give each module's rank, kept energy and measured relative error; changed tensors that are not LoRA targets
     (norms, biases, a resized embedding) are carried whole or listed; identical ones are skipped.
     """
-    from loramix.adapter import portable_layout
-    from loramix.pipeline import EXTRACTION_FILE, extract
-    from loramix.render.card import rank_text
+    from loramix.pipeline import run
+    from loramix.plans import ExtractPlan
     from loramix.runtime import torch_threads
 
+    plan = ExtractPlan(base=base, finetuned=finetuned, output=output, **options)
     with torch_threads(threads):
-        result = extract(
-            base, finetuned, output, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv, **options
-        )
+        result = run(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
+    echo_extracted(plan, result, as_json)
+
+
+def echo_extracted(plan, result, as_json: bool = False) -> None:
+    """The line `extract` prints for an `Extraction` (or, ``as_json``, the report it wrote)."""
+    from loramix.adapter import portable_layout
+    from loramix.pipeline import EXTRACTION_FILE
+    from loramix.render.card import rank_text
+
     if as_json:
-        click.echo((Path(output) / EXTRACTION_FILE).read_text().rstrip())
+        click.echo((Path(plan.output) / EXTRACTION_FILE).read_text().rstrip())
         return
     modules = result.modules
     errors = [m.error for m in modules.values()]
     kept = min(m.kept for m in modules.values())
-    exact = options["format"] == "kohya" or options["rank_layout"] == "exact"  # else zero-padded to one rank
+    exact = plan.format == "kohya" or plan.rank_layout == "exact"  # else zero-padded to one rank
     written = result.adapter if exact else portable_layout(result.adapter)
     line = (
-        f"wrote {output}: {counted(len(modules), 'module')}, {rank_text(written)}"
+        f"wrote {plan.output}: {counted(len(modules), 'module')}, {rank_text(written)}"
         f", energy kept ≥ {kept:.4f}, relative error ≤ {max(errors):.4f}"
     )
     if result.carried:

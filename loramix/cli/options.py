@@ -16,7 +16,30 @@ from pathlib import Path
 
 import click
 
+from loramix import settings
 from loramix.errors import LoramixError, shown
+
+
+class RegisteredChoice(click.Choice):
+    """A choice read from a registry each time it is asked (output formats a module may add after import)."""
+
+    def __init__(self, names) -> None:
+        self.names = names
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self.names()
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ sets it; the registry holds them
+        pass
+
+
+def choice(hint) -> click.Choice:
+    """The click type of a closed setting (`loramix.settings`): its `Literal`'s values, or a registry's names."""
+    oneof = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, settings.OneOf)), None)
+    return RegisteredChoice(oneof.names) if oneof else click.Choice(settings.choices(hint))
 
 
 class OneLine(logging.Formatter):
@@ -93,7 +116,7 @@ def option_group(*options):
 rank_rule_options = option_group(
     click.option("--rank", type=click.IntRange(min=1), help="At most this rank per module."),
     click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Smallest rank keeping this Σσ² share."),
-    click.option("--rule", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="Kohya's rank rule."),
+    click.option("--rule", type=choice(settings.KohyaRule), help="Kohya's rank rule."),
     click.option(
         "--rule-value",
         type=float,
@@ -109,7 +132,7 @@ written_lora_options = option_group(
     click.option("--device", default="auto", help=DEVICE_HELP),
     click.option(
         "--rank-layout",
-        type=click.Choice(["portable", "exact"]),
+        type=choice(settings.RankLayout),
         default="portable",
         help="portable: one rank for every module (zero-padded), read right by every engine; exact: per-module ranks "
         "(PEFT only) [default: portable].",

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from loramix.cli.options import DEVICE_HELP, SHARD_SIZE_HELP, bounds, errors_as_one_line, push_output, weights
+from loramix import settings
+from loramix.cli.options import DEVICE_HELP, SHARD_SIZE_HELP, bounds, choice, errors_as_one_line, push_output, weights
 
 _COMPOSITION = "lorahub: B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (LoRAHub, equal ranks); delta: exact Σwᵢsᵢ·BᵢAᵢ [default: lorahub]."
 _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), adam (gradients) [default: cobyla]."
@@ -19,11 +20,11 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
 @click.option(
     "--examples", required=True, type=click.Path(dir_okay=False), help='JSON lines {"input": ..., "output": ...}.'
 )
-@click.option("--composition", type=click.Choice(["lorahub", "delta"]), default="lorahub", help=_COMPOSITION)
-@click.option("--optimizer", type=click.Choice(["cobyla", "cma", "adam"]), default="cobyla", help=_OPTIMIZER)
+@click.option("--composition", type=choice(settings.Composition), default="lorahub", help=_COMPOSITION)
+@click.option("--optimizer", type=choice(settings.Optimizer), default="cobyla", help=_OPTIMIZER)
 @click.option(
     "--objective",
-    type=click.Choice(["cross-entropy", "entropy"]),
+    type=choice(settings.Objective),
     default="cross-entropy",
     show_default=True,
     help="cross-entropy of the outputs, or (AdaMerging, unlabeled) the entropy of the predictions at those positions.",
@@ -92,49 +93,40 @@ def search(
     """
     from transformers.utils import logging as transformers_logging
 
-    from loramix.io.files import check_output
-    from loramix.pipeline import write_search
-    from loramix.schedule import describe
-    from loramix.weight_search import distributed
-    from loramix.weight_search import search as run_search
+    from loramix.pipeline import run
+    from loramix.plans import SearchPlan
 
-    place = distributed.torchrun_rank()  # (rank, local rank, world) when torchrun started this process
-    if place is not None and options["gpus"] is not None:
-        raise click.UsageError("under torchrun give no --gpus: each process torchrun starts is one rank")
-    if place is None or place[0] == 0:
-        protect = [*adapters, base, examples, *([merge_into] if merge_into else [])]
-        check_output(output, overwrite=force, protect=protect)
     transformers_logging.disable_progress_bar()  # its per-tensor loading bar is noise here
-    if place is None:
-        result = run_search(base, list(adapters), examples, progress=ctx.obj["progress"], **options)
-    else:
-        rank, local_rank, world = place
-        device = distributed.rank_devices(options["device"], local_rank, options.pop("gpus_per_base"))
-        del options["gpus"]
-        with distributed.process_group(device, rank=rank, world=world):
-            result = run_search(
-                base,
-                list(adapters),
-                examples,
-                progress=ctx.obj["progress"] and rank == 0,
-                **{**options, "device": device},
-            )
-        if rank != 0:
-            return  # rank 0 writes the output
-    write_search(
-        result,
-        output,
-        overwrite=force,
+    plan = SearchPlan(
+        base=base,
+        adapters=list(adapters),
+        examples=examples,
+        output=output,
         merge_into=merge_into,
         shard_size=shard_size,
-        device=options["device"].split(",")[0],
-        progress=ctx.obj["progress"],
-        argv=sys.argv,
+        **{**options, "bounds": list(options["bounds"])},
     )
+    result = run(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
+    if distributed_rank() == 0:  # under torchrun, rank 0 wrote the output and says so
+        echo_searched(plan, result)
+        push_output(output, push_repo)
+
+
+def distributed_rank() -> int:
+    """This process's rank under torchrun (0 when torchrun did not start it)."""
+    from loramix.weight_search import distributed
+
+    place = distributed.torchrun_rank()
+    return 0 if place is None else place[0]
+
+
+def echo_searched(plan, result) -> None:
+    """The line `search` prints: the weights found, the loss, the evaluations and the time."""
+    from loramix.schedule import describe
+
     weights = ", ".join(describe(w, "+.3f") for w in result.weights)
-    scored = f"{options['objective']} {result.cross_entropy:.4f}"
+    scored = f"{plan.objective} {result.cross_entropy:.4f}"
     click.echo(
-        f"wrote {output}: weights [{weights}], loss {result.loss:.4f} ({scored}), "
-        f"{result.evaluations} evaluations in {result.seconds:.1f} s, {options['composition']} composition"
+        f"wrote {plan.output}: weights [{weights}], loss {result.loss:.4f} ({scored}), "
+        f"{result.evaluations} evaluations in {result.seconds:.1f} s, {plan.composition} composition"
     )
-    push_output(output, push_repo)

@@ -14,13 +14,12 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from loramix import experts
+from loramix import experts, writers
 from loramix.adapter import LoraAdapter, check_compatible
-from loramix.errors import AdapterFormatError, ArgumentError, IncompatibleAdaptersError, OutputFormatError, SettingError
-from loramix.formats import _keys, adalora, gguf, kohya, live, lycoris, peft, peft_lycoris, statedict
-from loramix.formats.diffusion import comfyui, file_naming
+from loramix.errors import AdapterFormatError, ArgumentError, IncompatibleAdaptersError, SettingError
+from loramix.formats import _keys, adalora, kohya, live, lycoris, peft, peft_lycoris, statedict
+from loramix.formats.diffusion import file_naming
 from loramix.formats.diffusion import reference_names as diffusion_files
-from loramix.formats.diffusion import writer as diffusers_writer
 from loramix.io.conversion_mapping import in_memory, model_names
 from loramix.schedule import parse
 from loramix.sources import local_config, parse_hub_id, resolve
@@ -29,13 +28,6 @@ log = logging.getLogger(__name__)
 
 # detection order: the first whose detect() says yes reads the source (LyCORIS before kohya: same names, more keys)
 FORMATS = (lycoris, kohya, diffusion_files, statedict, adalora, peft_lycoris, peft)
-WRITERS = {
-    peft.NAME: peft,
-    kohya.NAME: kohya,
-    gguf.NAME: gguf,
-    diffusers_writer.NAME: diffusers_writer,
-    comfyui.NAME: comfyui,
-}
 DIFFUSION_FORMATS = (kohya.NAME, lycoris.NAME)  # files diffusion pipelines' loaders read
 UNKNOWN_BASE = "base model unknown; only module shapes can be checked against the others"
 # path::key=value: the options a plain state dict needs, per source (numbers or text)
@@ -273,12 +265,9 @@ def _diffusion_lora(adapter: LoraAdapter) -> bool:
 
 
 def write_adapter(adapter: LoraAdapter, folder: Path, *, format: str = "peft", **options) -> Path:
-    """Write ``adapter`` into the existing ``folder`` in ``format`` (``peft``, ``kohya`` or ``gguf``); returns the
-    main file."""
-    try:
-        writer = WRITERS[format]
-    except KeyError:
-        raise OutputFormatError(f"unknown output format {format!r}; choose from {', '.join(WRITERS)}") from None
-    if writer is not peft:
+    """Write ``adapter`` into the existing ``folder`` in ``format`` (a registered `loramix.writers.Writer`: peft,
+    kohya, comfyui, diffusers, gguf, ...); returns the main file."""
+    writer = writers.get(format)
+    if not writer.experts:
         experts.refuse(adapter, f"the {format} format")
-    return writer.write(adapter, folder, **options)
+    return writer.function()(adapter, folder, **options)

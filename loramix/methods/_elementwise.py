@@ -21,12 +21,11 @@ from collections.abc import Callable
 from loramix.errors import MethodError
 from loramix.lazy import lazy
 from loramix.linalg import Factors, FactorSVD, RankRule, dense_factors, numerical_rank
+from loramix.settings import SPACES
 
 torch = lazy("torch")
 
 KINDS = ("ties", "magnitude_prune", "dare_linear", "dare_ties", "linear")
-MAJORITY_SIGNS = ("total", "frequency")
-SPACES = ("dense", "core")
 
 
 def check_density(density) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from loramix.linalg import Factors, RankRule
 from loramix.methods._elementwise import (
-    MAJORITY_SIGNS,
     check_choice,
     check_density,
     check_seed,
@@ -23,6 +22,7 @@ from loramix.methods._elementwise import (
     task_space,
 )
 from loramix.methods.registry import method
+from loramix.settings import MAJORITY_SIGNS
 
 CORE = "core: Panariello et al. 2025, arXiv:2509.17786"
 

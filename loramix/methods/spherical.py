@@ -41,8 +41,9 @@ import math
 from loramix.errors import MethodError
 from loramix.lazy import lazy
 from loramix.linalg import Factors, RankRule, dense_factors, truncated_factors
-from loramix.methods._elementwise import SPACES, check_choice, check_flag, check_number, split_weights
+from loramix.methods._elementwise import check_choice, check_flag, check_number, split_weights
 from loramix.methods.registry import method
+from loramix.settings import SPACES
 
 torch = lazy("torch")
 

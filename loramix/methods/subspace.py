@@ -36,7 +36,6 @@ from dataclasses import replace
 from loramix.lazy import lazy
 from loramix.linalg import Factors, RankRule, factor_svd, numerical_rank, stacked_factors, truncated_factors
 from loramix.methods._elementwise import (
-    MAJORITY_SIGNS,
     check_choice,
     check_density,
     check_number,
@@ -47,6 +46,7 @@ from loramix.methods._elementwise import (
     split_weights,
 )
 from loramix.methods.registry import method
+from loramix.settings import MAJORITY_SIGNS
 
 torch = lazy("torch")
 

@@ -35,9 +35,9 @@ from torch import nn
 from loramix.adapter import LoraAdapter
 from loramix.errors import IncompatibleAdaptersError
 from loramix.schedule import count_layers, linear
+from loramix.settings import COMPOSITIONS
 from loramix.weight_search.objective import token_losses
 
-COMPOSITIONS = ("lorahub", "delta")
 _LAYOUTS = ("linear", "conv1d_fan_in_fan_out")  # factors are kept in math orientation: both are x·Aᵀ·Bᵀ
 
 

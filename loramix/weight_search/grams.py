@@ -15,8 +15,6 @@ import torch
 from loramix import combination
 from loramix.adapter import LoraAdapter
 from loramix.errors import MethodError
-from loramix.formats import load_adapters
-from loramix.methods import get_method
 from loramix.runtime import resolve_device
 from loramix.weight_search.evaluator import Evaluator
 from loramix.weight_search.objective import as_examples, build_batch
@@ -87,21 +85,45 @@ def combine(
     allow_different_bases: bool = False,
     allow_nonfinite: bool = False,
     load_options: dict | None = None,
+    progress: bool = False,
+    grams: list[dict] | None = None,
     **settings,
 ) -> LoraAdapter:
-    """`loramix.combination.combine`; for a method that needs data (``regmean``), each adapter's input Gram matrices
-    are first collected from its options ``base`` and ``examples`` (`input_grams`), unless ``grams`` gives them."""
+    """Combine ``adapters`` (paths, Hub ids or `LoraAdapter`s) with ``weights`` by ``method``.
+
+    Each weight, and each numeric method option, is a number or a value that varies by layer or module (a gradient
+    ``[0, 1]``, name filters ``{"self_attn": 1.0, "default": 0.2}``, SD block weights ``{"lbw": [...]}``; see
+    `loramix.schedule`): it is resolved per module, and the method runs on each module with plain numbers.
+    ``rank``/``energy``/``rule`` truncate re-factorising methods (see `RankRule`); ``conv_rank`` caps conv modules
+    with a kernel other than 1×1 instead of ``rank`` (kohya's ``--new_conv_rank``); ``heads="average"`` takes the
+    weighted average of heads several adapters carry, ``heads="drop"`` leaves them out (the base's own stay).
+    ``rank_layout="portable"`` (the default) prepares the layout every serving engine reads (one rank R for all
+    modules, see `loramix.adapter.portable_layout`): where ``energy`` or ``rule`` chose a module's rank for an exact
+    method (svd), the module keeps its best rank-R approximation instead (more of its own singular directions, where
+    it has them; never above ``rank``); ``"exact"`` keeps each module at the rank the rule chose. ``device``:
+    ``cpu``, ``cuda[:N]`` or ``auto`` (a GPU when there is one: results agree with the CPU's to float32 rounding).
+    ``load_options`` go to `load_adapter` for every source (``scale``/``alpha``/``base_model``/``module_map`` for
+    plain state dicts). A method that needs data (``regmean``) takes ``grams``: per adapter, each module's input Gram
+    matrix (`input_grams`), collected here from the method's options ``base`` and ``examples`` unless given.
+    Returns a new `LoraAdapter` (scale 1 per module).
+    """
     loading = {"allow_different_bases": allow_different_bases, "allow_nonfinite": allow_nonfinite}
-    if not get_method(method).data or settings.get("grams") is not None:  # or the Grams are given
-        return combination.combine(
-            adapters, method=method, device=device, load_options=load_options, **loading, **settings
-        )
-    base, examples = settings.get("base"), settings.get("examples")
+    loaded, weights, checked = combination.accept(
+        adapters, method=method, device=device, load_options=load_options, **loading, **settings
+    )
+    grams = grams if grams is not None else method_grams(checked, loaded)
+    return combination.combine_loaded(loaded, weights, checked, grams=grams, progress=progress)
+
+
+def method_grams(settings: combination.CombineSettings, loaded: list[LoraAdapter]) -> list[dict] | None:
+    """The input Gram matrices a method that needs data (``regmean``) fits to, from its options ``base`` and
+    ``examples`` (None for other methods)."""
+    if not settings.method.data:
+        return None
+    base, examples = settings.options.get("base"), settings.options.get("examples")
     if not base or not examples:
         raise MethodError(
-            f"method {method} fits each module to the inputs it sees: give base (a model folder or Hub id) and "
-            'examples (a JSONL file of {"input": ..., "output": ...}); CLI: --base BASE --examples FILE'
+            f"method {settings.method.name} fits each module to the inputs it sees: give base (a model folder or Hub "
+            'id) and examples (a JSONL file of {"input": ..., "output": ...}); CLI: --base BASE --examples FILE'
         )
-    loaded, _ = load_adapters(adapters, load_options=load_options, **loading)
-    grams = input_grams(base, loaded, examples, device=device)
-    return combination.combine(loaded, method=method, device=device, grams=grams, **loading, **settings)
+    return input_grams(base, loaded, examples, device=settings.device)

@@ -20,7 +20,6 @@ import torch
 from loramix.errors import SearchError
 
 IGNORE = -100
-OBJECTIVES = ("cross-entropy", "entropy")
 
 
 @dataclass

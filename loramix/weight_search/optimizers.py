@@ -15,8 +15,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-OPTIMIZERS = ("cobyla", "cma", "adam")
-
 
 @dataclass
 class Tracker:

@@ -19,15 +19,16 @@ import numpy as np
 import torch
 
 from loramix.adapter import LoraAdapter
-from loramix.combination import combine
+from loramix.combination import check_settings, combine_loaded
 from loramix.errors import MissingPackageError, SearchError
 from loramix.formats import load_adapters
 from loramix.io.base import resolve_base
 from loramix.runtime import progress_bar, resolve_device
 from loramix.schedule import linear, parse
+from loramix.settings import COMPOSITIONS, OBJECTIVES, OPTIMIZERS
 from loramix.weight_search import distributed, optimizers
-from loramix.weight_search.evaluator import COMPOSITIONS, Evaluator
-from loramix.weight_search.objective import OBJECTIVES, as_examples, build_batch, l1_penalty
+from loramix.weight_search.evaluator import Evaluator
+from loramix.weight_search.objective import as_examples, build_batch, l1_penalty
 
 log = logging.getLogger(__name__)
 
@@ -179,19 +180,78 @@ def search(
     Across GPUs: ``device="cuda:0,cuda:1"`` splits the base over those GPUs (accelerate's device_map, one process).
     ``gpus=N`` starts N/``gpus_per_base`` processes on this machine (N CPU processes where there is no GPU), each
     with its own copy of the base on ``gpus_per_base`` GPUs, and splits every population among them (see
-    `loramix.weight_search.distributed`); called inside a process group (torchrun), the search splits it among the
-    group's ranks. Either way the result equals one process's with ``max_candidates = ⌈P/processes⌉``.
+    `loramix.weight_search.distributed`); called inside a process group, the search splits it among the group's
+    ranks; in a process torchrun started (give no ``gpus``), it joins torchrun's group as its rank for the search,
+    on its local GPU(s) — the CLI and the API alike. Either way the result equals one process's with
+    ``max_candidates = ⌈P/processes⌉``.
     """
+    options = {
+        "composition": composition,
+        "optimizer": optimizer,
+        "objective": objective,
+        "steps": steps,
+        "l1": l1,
+        "bounds": bounds,
+        "seed": seed,
+        "device": device,
+        "init": init,
+        "tokenizer": tokenizer,
+        "chat_template": chat_template,
+        "add_eos": add_eos,
+        "popsize": popsize,
+        "lr": lr,
+        "max_candidates": max_candidates,
+        "allow_different_bases": allow_different_bases,
+        "allow_nonfinite": allow_nonfinite,
+        "load_options": load_options,
+        "progress": progress,
+    }
+    place = distributed.torchrun_rank()  # (rank, local rank, world) when torchrun started this process
+    if place is not None and distributed.rank_and_world()[1] == 1:  # no process group yet: one rank of torchrun's
+        if gpus is not None:
+            raise SearchError("under torchrun give no `gpus`: each process torchrun starts is one rank")
+        rank, local_rank, world = place
+        options["device"] = distributed.rank_devices(device, local_rank, gpus_per_base)
+        with distributed.process_group(options["device"], rank=rank, world=world):
+            return _search(base, adapters, examples, **{**options, "progress": progress and rank == 0})
     if gpus is not None or gpus_per_base != 1:  # gpus_per_base=K alone: one process, its base on K GPUs
-        options = locals()  # every argument (this is the first statement), passed on to each process's search
         gpus = gpus if gpus is not None else gpus_per_base
         return _search_processes(base, adapters, examples, gpus=gpus, gpus_per_base=gpus_per_base, options=options)
+    return _search(base, adapters, examples, **options)
+
+
+def _search(
+    base,
+    adapters: list,
+    examples,
+    *,
+    composition: str,
+    optimizer: str,
+    objective: str,
+    steps: int,
+    l1: float,
+    bounds: tuple[float, float],
+    seed: int,
+    device: str,
+    init: list | None,
+    tokenizer,
+    chat_template: bool,
+    add_eos: bool,
+    popsize: int | None,
+    lr: float,
+    max_candidates: int | None,
+    allow_different_bases: bool,
+    allow_nonfinite: bool,
+    load_options: dict | None,
+    progress: bool,
+) -> SearchResult:
+    """`search` in this process (or in this rank of a process group)."""
     if composition not in COMPOSITIONS:
         raise SearchError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
     if objective not in OBJECTIVES:
         raise SearchError(f"unknown objective {objective!r} (use {' or '.join(OBJECTIVES)})")
-    if optimizer not in optimizers.OPTIMIZERS:
-        raise SearchError(f"unknown optimizer {optimizer!r} (use {', '.join(optimizers.OPTIMIZERS)})")
+    if optimizer not in OPTIMIZERS:
+        raise SearchError(f"unknown optimizer {optimizer!r} (use {', '.join(OPTIMIZERS)})")
     lo, hi = (float(b) for b in bounds)
     if not lo < hi:
         raise SearchError(f"bounds must be LOW,HIGH with LOW < HIGH, got {lo},{hi}")
@@ -283,7 +343,8 @@ def search(
     seconds = time.perf_counter() - start
     # the searched composition as an adapter: cat is the weighted sum of ΔWs, lorahub LoRAHub's factor mixing
     method = "lorahub" if composition == "lorahub" else "cat"
-    adapter = combine(loaded, weights=weights, method=method, device=str(target))
+    checked = check_settings(method=method, options={}, device=str(target))
+    adapter = combine_loaded(loaded, [parse(w, what="weight") for w in weights], checked)
     log.info("search: loss %.4f after %d evaluations in %.1f s", track.best_loss, track.evaluations, seconds)
     return SearchResult(
         weights=weights,
@@ -305,9 +366,8 @@ def _search_processes(base, adapters, examples, *, gpus: int, gpus_per_base: int
         raise SearchError("already in a process group (torchrun): give no gpus, each rank is one process")
     world = gpus // gpus_per_base
     devices = [distributed.rank_devices(options["device"], rank, gpus_per_base) for rank in range(world)]
-    options = {k: v for k, v in options.items() if k not in ("base", "adapters", "examples", "gpus", "gpus_per_base")}
     if world == 1:
-        return search(base, adapters, examples, **{**options, "device": devices[0]})
+        return _search(base, adapters, examples, **{**options, "device": devices[0]})
     if isinstance(base, torch.nn.Module):
         raise SearchError("across processes the base must be a folder or Hub id: each process loads its own copy")
     return distributed.launch(_search_rank, devices, base, adapters, examples, options)
@@ -320,4 +380,4 @@ def _search_rank(device: str, base, adapters, examples, options: dict) -> Search
 
     transformers_logging.disable_progress_bar()
     progress = options["progress"] and distributed.rank_and_world()[0] == 0
-    return search(base, adapters, examples, **{**options, "device": device, "progress": progress})
+    return _search(base, adapters, examples, **{**options, "device": device, "progress": progress})
