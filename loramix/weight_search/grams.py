@@ -1,4 +1,5 @@
-"""Input Gram matrices for data-aware merges (`regmean`), and `combine` that collects them when the method needs them.
+"""Input Gram matrices for data-aware merges (`regmean`, `lot`), and `combine` that collects them when the method
+needs them.
 
 For adapter i and each module any of the adapters targets, Gᵢ = XᵢᵀXᵢ / Nᵢ (in×in, float64): the rows of Xᵢ are
 the module's inputs at every token of every example (input and output text together, as the model reads them;
