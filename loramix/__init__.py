@@ -2,8 +2,8 @@
 
 The public API, imported on first use (so that ``loramix --help`` starts without importing torch):
 `load_adapter`, `load_adapters`, `save_adapter`, `combine`, `analyze`, `run` (a `Plan` end to end),
-`merge_into_base`, `extract` (a LoRA from a fine-tuned model), `search`, `input_grams` (what data-aware merges
-fit to), `push_to_hub`, the data model
+`merge_into_base`, `extract` (a LoRA from a fine-tuned model), `search`, `search_subset` (which modules of each
+adapter to keep before a merge), `input_grams` (what data-aware merges fit to), `push_to_hub`, the data model
 `LoraAdapter`, `LoraModule`, `ExtraTensor`, and for models loaded in a Python session `inject_adapter`,
 `to_peft_state_dict`, `lora_config` (adapters back into PEFT) and `merge_into`, `unmerge` (ΔW in and out of a
 loaded model's weights).
@@ -33,6 +33,7 @@ _EXPORTS = {
     "run": "loramix.pipeline",
     "save_adapter": "loramix.pipeline",
     "search": "loramix.weight_search",
+    "search_subset": "loramix.weight_search",
     "to_peft_state_dict": "loramix.formats.live",
     "unmerge": "loramix.live",
 }

@@ -250,6 +250,7 @@ def write_search(
         adapters=list(adapter.provenance.get("sources", [])),
         weights=list(result.weights),
         method=adapter.provenance["method"],
+        **result.settings.get("rank_rule", {}),  # a subset search's merge: its rank rule
         device=str(device),
         merge_into=merge_into,
         shard_size=None if shard_size is None else str(shard_size),

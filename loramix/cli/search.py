@@ -8,6 +8,7 @@ import sys
 import click
 
 from loramix.cli.options import DEVICE_HELP, SHARD_SIZE_HELP, bounds, errors_as_one_line, push_output, weights
+from loramix.cli.search_subset import run_subset, split_subset, subset_options, summary
 
 _COMPOSITION = "lorahub: B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (LoRAHub, equal ranks); delta: exact Σwᵢsᵢ·BᵢAᵢ [default: lorahub]."
 _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), adam (gradients) [default: cobyla]."
@@ -71,6 +72,7 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")
 @click.option("--max-candidates", type=click.IntRange(min=1), help="At most this many candidates per forward pass.")
 @click.option("--chat-template", is_flag=True, help="Wrap each input as a user turn with the tokenizer's template.")
+@subset_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE with the result merged instead.")
@@ -88,7 +90,8 @@ def search(
 
     OUTPUT receives search.json (weights in the order given, loss, history, settings) and the combined PEFT adapter
     (or, with --merge-into BASE, BASE with it merged). An --init weight that varies by layer or module (a gradient,
-    filters, lbw) keeps its form: the search finds its numbers, and reports and writes that form.
+    filters, lbw) keeps its form: the search finds its numbers, and reports and writes that form. With --subset,
+    the search instead keeps or drops each module (or layer) of each adapter before merging them with -m.
     """
     from transformers.utils import logging as transformers_logging
 
@@ -98,14 +101,17 @@ def search(
     from loramix.weight_search import distributed
     from loramix.weight_search import search as run_search
 
+    subset = split_subset(ctx, options)
     place = distributed.torchrun_rank()  # (rank, local rank, world) when torchrun started this process
-    if place is not None and options["gpus"] is not None:
-        raise click.UsageError("under torchrun give no --gpus: each process torchrun starts is one rank")
+    if place is not None and (options["gpus"] is not None or subset["subset"]):
+        raise click.UsageError("under torchrun give no --gpus (each process torchrun starts is one rank) nor --subset")
     if place is None or place[0] == 0:
         protect = [*adapters, base, examples, *([merge_into] if merge_into else [])]
         check_output(output, overwrite=force, protect=protect)
     transformers_logging.disable_progress_bar()  # its per-tensor loading bar is noise here
-    if place is None:
+    if subset["subset"]:
+        result = run_subset(base, list(adapters), examples, subset, options, progress=ctx.obj["progress"])
+    elif place is None:
         result = run_search(base, list(adapters), examples, progress=ctx.obj["progress"], **options)
     else:
         rank, local_rank, world = place
@@ -131,6 +137,9 @@ def search(
         progress=ctx.obj["progress"],
         argv=sys.argv,
     )
+    if subset["subset"]:
+        click.echo(summary(output, result))
+        return push_output(output, push_repo)
     weights = ", ".join(describe(w, "+.3f") for w in result.weights)
     scored = f"{options['objective']} {result.cross_entropy:.4f}"
     click.echo(

@@ -20,7 +20,7 @@ from loramix.formats import load_adapters
 from loramix.methods import get_method
 from loramix.runtime import resolve_device
 from loramix.weight_search.evaluator import Evaluator
-from loramix.weight_search.objective import as_examples, build_batch
+from loramix.weight_search.objective import as_examples, model_batch
 from loramix.weight_search.run import load_base
 
 
@@ -40,11 +40,8 @@ def input_grams(
     a list of ``{"input", "output"}`` (the file `search` reads)."""
     examples = as_examples(examples)
     model, tokenizer, encoder_decoder = load_base(base, device=resolve_device(device), tokenizer=tokenizer)
-    start = getattr(model.config, "decoder_start_token_id", None)
     batches = [
-        build_batch(
-            [e], tokenizer, encoder_decoder=encoder_decoder, chat_template=chat_template, decoder_start_token_id=start
-        )
+        model_batch(model, tokenizer, [e], encoder_decoder=encoder_decoder, chat_template=chat_template)
         for e in examples
     ]
     names = list(dict.fromkeys(n for a in adapters for n in a.modules))

@@ -27,7 +27,7 @@ from loramix.runtime import progress_bar, resolve_device
 from loramix.schedule import linear, parse
 from loramix.weight_search import distributed, optimizers
 from loramix.weight_search.evaluator import COMPOSITIONS, Evaluator
-from loramix.weight_search.objective import OBJECTIVES, as_examples, build_batch, l1_penalty
+from loramix.weight_search.objective import as_examples, check_search, l1_penalty, model_batch
 
 log = logging.getLogger(__name__)
 
@@ -188,15 +188,10 @@ def search(
         return _search_processes(base, adapters, examples, gpus=gpus, gpus_per_base=gpus_per_base, options=options)
     if composition not in COMPOSITIONS:
         raise SearchError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
-    if objective not in OBJECTIVES:
-        raise SearchError(f"unknown objective {objective!r} (use {' or '.join(OBJECTIVES)})")
-    if optimizer not in optimizers.OPTIMIZERS:
-        raise SearchError(f"unknown optimizer {optimizer!r} (use {', '.join(optimizers.OPTIMIZERS)})")
+    check_search(objective, optimizer, steps)
     lo, hi = (float(b) for b in bounds)
     if not lo < hi:
         raise SearchError(f"bounds must be LOW,HIGH with LOW < HIGH, got {lo},{hi}")
-    if steps < 1:
-        raise SearchError(f"steps must be at least 1, got {steps}")
     loaded, _ = load_adapters(
         adapters,
         allow_different_bases=allow_different_bases,
@@ -212,13 +207,8 @@ def search(
     target = targets[0]
     model, tokenizer, encoder_decoder = load_base(base, device=targets, tokenizer=tokenizer)
     _, processes = distributed.rank_and_world()
-    batch = build_batch(
-        examples,
-        tokenizer,
-        encoder_decoder=encoder_decoder,
-        chat_template=chat_template,
-        add_eos=add_eos,
-        decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
+    batch = model_batch(
+        model, tokenizer, examples, encoder_decoder=encoder_decoder, chat_template=chat_template, add_eos=add_eos
     )
     settings = {
         "base": str(getattr(model, "name_or_path", "")) if isinstance(base, torch.nn.Module) else str(base),
