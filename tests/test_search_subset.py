@@ -22,7 +22,7 @@ from test_search import Setup, _peft_loss, char_tokenizer, llama
 
 import loramix
 from loramix.cli import main
-from loramix.errors import SearchError
+from loramix.errors import MethodError, SearchError
 from loramix.schedule import resolve
 from loramix.weight_search import search_subset
 from loramix.weight_search.objective import as_examples, build_batch
@@ -207,6 +207,8 @@ def test_library_refusals_are_one_line(planted):
     assert "\n" not in str(info.value)
     with pytest.raises(SearchError, match="one number per adapter"):
         search_subset(planted.base, planted.adapters, planted.examples, weights=[[0, 1], 1.0])
+    with pytest.raises(MethodError, match="does not truncate"):  # the method's own refusal, before any loading
+        search_subset("no-such-base", planted.adapters, planted.examples, method="cat", rank_rule={"rank": 4})
 
 
 def test_help_describes_the_subset_mode():

@@ -36,10 +36,9 @@ import numpy as np
 import torch
 
 from loramix.adapter import LoraAdapter
-from loramix.combination import combine
+from loramix.combination import check_settings, combine
 from loramix.errors import SearchError
 from loramix.formats import load_adapters
-from loramix.methods import get_method
 from loramix.runtime import progress_bar, resolve_device
 from loramix.schedule import count_layers, layer_index, resolve, varies
 from loramix.weight_search import optimizers
@@ -51,6 +50,7 @@ from loramix.weight_search.run import SearchResult, load_base
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("module", "layer")
+RANK_RULE = ("rank", "energy", "rule", "rule_value", "conv_rank")  # `combine`'s rank-rule settings
 START = 0.25  # every group kept; COBYLA's first step (+1/2) drops one group
 
 
@@ -144,7 +144,10 @@ def search_subset(
     if granularity not in GRANULARITIES:
         raise SearchError(f"unknown granularity {granularity!r} (use {' or '.join(GRANULARITIES)})")
     check_search(objective, optimizer, steps)
-    chosen = get_method(method)
+    unknown = sorted(set(rank_rule or {}) - set(RANK_RULE))
+    if unknown:
+        raise SearchError(f"rank_rule takes {', '.join(RANK_RULE)}, not {', '.join(unknown)}")
+    chosen, _ = check_settings(method=method, options=dict(options or {}), **(rank_rule or {}))  # before loading
     loaded, numbers = load_adapters(
         adapters,
         weights=weights,
