@@ -144,6 +144,23 @@ def test_any_method_reports_the_loss_of_the_merge_it_writes(planted, tmp_path, m
     assert _peft_loss(planted, written, planted.examples) == pytest.approx(result.loss, abs=1e-4)
 
 
+def test_the_entropy_objective_scores_the_written_merge(planted, tmp_path):
+    """AdaMerging's unlabeled objective in a subset search (CMA-ES): the loss reported is the mean entropy (float64,
+    from PEFT's logits of the adapter written) of the next-token distribution at the output positions (1e-4)."""
+    result = search_subset(
+        planted.base, planted.adapters, planted.examples, optimizer="cma", objective="entropy", steps=2, device="cpu"
+    )
+    assert result.settings["objective"] == "entropy"
+    loramix.save_adapter(result.adapter, tmp_path / "written")
+    model = PeftModel.from_pretrained(planted.factory(), str(tmp_path / "written")).eval()
+    batch = build_batch(as_examples(planted.examples), planted.tokenizer, encoder_decoder=False)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    scored = batch["labels"][:, 1:] != -100
+    expected = torch.distributions.Categorical(logits=logits[:, :-1]).entropy()[scored].mean()
+    assert result.loss == pytest.approx(float(expected), rel=1e-4)
+
+
 def test_a_dropped_name_inside_another_leaves_that_one_alone():
     """Filters match substrings: a module named like a dropped one plus more keeps its weight."""
 
