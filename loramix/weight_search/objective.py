@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from loramix.errors import SearchError
+from loramix.weight_search.optimizers import OPTIMIZERS
 
 IGNORE = -100
 OBJECTIVES = ("cross-entropy", "entropy")
@@ -162,8 +163,6 @@ def model_batch(
 
 def check_search(objective: str, optimizer: str, steps: int) -> None:
     """The settings every search takes, each refused in one line when it is not one it knows."""
-    from loramix.weight_search.optimizers import OPTIMIZERS
-
     if objective not in OBJECTIVES:
         raise SearchError(f"unknown objective {objective!r} (use {' or '.join(OBJECTIVES)})")
     if optimizer not in OPTIMIZERS:
