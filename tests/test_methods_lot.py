@@ -1,5 +1,6 @@
 """LOT Merging (Sun et al. 2025, arXiv:2505.23859) against a float64 reference written from its linear-layer closed
-form, T = (Σₖ XₖᵀXₖ)⁺ Σₖ XₖᵀXₖTₖ (the paper's eq. 9, in its inputs-by-outputs orientation: Tₖ = ΔWₖᵀ), with numpy's
+form, T = (Σₖ XₖᵀXₖ)⁺ Σₖ XₖᵀXₖTₖ (its eq. 9 as described, in its inputs-by-outputs orientation: Tₖ = ΔWₖᵀ; the
+minimum-norm minimiser of its feature drift Σₖ ‖Xₖ(T − Tₖ)‖², which the test also checks directly), with numpy's
 Moore–Penrose pseudo-inverse on rank-deficient Grams (fewer tokens than inputs), and end to end on the bundled tiny
 Llama with Grams hooked through PEFT. Float64 comparisons allow 1e-9 relative; the end-to-end test compares a float32
 adapter with 1e-4 of the largest entry. LOT is not exact in core space (its solve is in×in, like RegMean's): no

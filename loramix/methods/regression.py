@@ -17,8 +17,10 @@ adapters' own B's: the result is a LoRA of rank Σrᵢ, exact, then cut by the r
 - lot (Sun et al. 2025, "Towards Minimizing Feature Drift in Model Merging: Layer-wise Task Vector Fusion for
   Adaptive Knowledge Integration" — LOT Merging, NeurIPS 2025, arXiv:2505.23859): the task vector of least feature
   drift, T = argmin Σₖ ‖Xₖ(W₀ + T) − Xₖ(W₀ + Tₖ)‖²_F with Xₖ the module's inputs in expert k's model, solved for the
-  task vector with the Moore–Penrose pseudo-inverse: T = (Σₖ XₖᵀXₖ)⁺ Σₖ XₖᵀXₖTₖ (the paper's eq. 9, in its
-  inputs-by-outputs orientation; here ΔW = Σ wₖΔWₖGₖ (Σ wⱼGⱼ)⁺, weights 1 in the paper). Unlike RegMean's paper it
+  task vector with the Moore–Penrose pseudo-inverse: T = (Σₖ XₖᵀXₖ)⁺ Σₖ XₖᵀXₖTₖ in the paper's inputs-by-outputs
+  orientation (here ΔW = Σ wₖΔWₖGₖ (Σ wⱼGⱼ)⁺, weights 1 in the paper). Written from the objective (its abstract and
+  CAT Merging's, arXiv:2505.06977, whose feature drift it takes) and a third-party description of its eq. 9 as this
+  pseudo-inverse solve: the paper's full text and the authors' code were not at hand to check. Unlike RegMean's paper it
   neither shrinks the Grams' off-diagonals nor solves for the full weights: where the examples leave an input
   direction unseen (Σ Gⱼ singular, e.g. fewer tokens than inputs) the merged ΔW is zero along it, so the base
   weight stays there (the minimum-norm solution). In loramix's task-vector form this is ``regmean`` with
