@@ -3,7 +3,8 @@
 The public API, imported on first use (so that ``loramix --help`` starts without importing torch):
 `load_adapter`, `load_adapters`, `save_adapter`, `combine`, `analyze`, `run` (a plan end to end: `Plan` for combine,
 `ExtractPlan`, `ConvertPlan`, `AlignPlan`, `SearchPlan`, `AnalyzePlan`),
-`merge_into_base`, `extract` (a LoRA from a fine-tuned model), `search`, `input_grams` (what data-aware merges
+`merge_into_base`, `extract` (a LoRA from a fine-tuned model), `search`, `search_subset` (which modules of each
+adapter to keep before a merge), `input_grams` (what data-aware merges
 fit to), `push_to_hub`, the data model
 `LoraAdapter`, `LoraModule`, `ExtraTensor`, and for models loaded in a Python session `inject_adapter`,
 `to_peft_state_dict`, `lora_config` (adapters back into PEFT) and `merge_into`, `unmerge` (ΔW in and out of a
@@ -39,6 +40,7 @@ _EXPORTS = {
     "run": "loramix.pipeline",
     "save_adapter": "loramix.pipeline",
     "search": "loramix.weight_search",
+    "search_subset": "loramix.weight_search",
     "to_peft_state_dict": "loramix.formats.live",
     "unmerge": "loramix.merge.loaded_model",
 }

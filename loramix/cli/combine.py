@@ -62,7 +62,8 @@ from loramix.errors import counted
 @click.option(
     "--examples",
     type=click.Path(dir_okay=False),
-    help='Methods that need data (regmean): JSON lines {"input": ..., "output": ...}, as search reads (labels unused).',
+    help='Methods that need data (regmean, lot): JSON lines {"input": ..., "output": ...}, as search reads (labels '
+    "unused).",
 )
 @click.option("--device", default=None, help=DEVICE_HELP)
 @click.option(
@@ -86,7 +87,7 @@ from loramix.errors import counted
     "--base",
     metavar="MODEL",
     help="Base model folder or Hub id: DoRA adapters become their effective updates on it, so that they combine "
-    "[default: the --merge-into base]; methods that need data (regmean) run it forward on --examples.",
+    "[default: the --merge-into base]; methods that need data (regmean, lot) run it forward on --examples.",
 )
 @click.option(
     "--shard-size",

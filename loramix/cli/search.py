@@ -9,6 +9,7 @@ import click
 
 from loramix import settings
 from loramix.cli.options import DEVICE_HELP, SHARD_SIZE_HELP, bounds, choice, errors_as_one_line, push_output, weights
+from loramix.cli.search_subset import run_subset, split_subset, subset_options, summary
 
 _COMPOSITION = "lorahub: B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (LoRAHub, equal ranks); delta: exact Σwᵢsᵢ·BᵢAᵢ [default: lorahub]."
 _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), adam (gradients) [default: cobyla]."
@@ -72,6 +73,7 @@ _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), 
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")
 @click.option("--max-candidates", type=click.IntRange(min=1), help="At most this many candidates per forward pass.")
 @click.option("--chat-template", is_flag=True, help="Wrap each input as a user turn with the tokenizer's template.")
+@subset_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--merge-into", "merge_into", metavar="BASE", help="Write BASE with the result merged instead.")
@@ -89,14 +91,20 @@ def search(
 
     OUTPUT receives search.json (weights in the order given, loss, history, settings) and the combined PEFT adapter
     (or, with --merge-into BASE, BASE with it merged). An --init weight that varies by layer or module (a gradient,
-    filters, lbw) keeps its form: the search finds its numbers, and reports and writes that form.
+    filters, lbw) keeps its form: the search finds its numbers, and reports and writes that form. With --subset,
+    the search instead keeps or drops each module (or layer) of each adapter before merging them with -m.
     """
     from transformers.utils import logging as transformers_logging
 
     from loramix.pipeline import run
     from loramix.plans import SearchPlan
 
+    subset = split_subset(ctx, options)
     transformers_logging.disable_progress_bar()  # its per-tensor loading bar is noise here
+    if subset["subset"]:
+        return _subset_search(
+            ctx, adapters, base, examples, output, force, merge_into, shard_size, push_repo, subset, options
+        )
     plan = SearchPlan(
         base=base,
         adapters=list(adapters),
@@ -110,6 +118,31 @@ def search(
     if distributed_rank() == 0:  # under torchrun, rank 0 wrote the output and says so
         echo_searched(plan, result)
         push_output(output, push_repo)
+
+
+def _subset_search(ctx, adapters, base, examples, output, force, merge_into, shard_size, push_repo, subset, options):
+    """`search --subset`, on one process: the modules kept, the merge written with its recipe (`write_search`)."""
+    from loramix.io.files import check_output
+    from loramix.pipeline.search import write_search
+    from loramix.weight_search import distributed
+
+    if distributed.torchrun_rank() is not None:
+        raise click.UsageError("--subset runs on one process, not under torchrun")
+    check_output(output, overwrite=force, protect=[*adapters, base, examples, *([merge_into] if merge_into else [])])
+    result = run_subset(base, list(adapters), examples, subset, options, progress=ctx.obj["progress"])
+    device = options["device"].split(",")[0]
+    write_search(
+        result,
+        output,
+        overwrite=force,
+        merge_into=merge_into,
+        shard_size=shard_size,
+        device=device,
+        progress=ctx.obj["progress"],
+        argv=sys.argv,
+    )
+    click.echo(summary(output, result))
+    push_output(output, push_repo)
 
 
 def distributed_rank() -> int:

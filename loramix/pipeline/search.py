@@ -79,6 +79,7 @@ def _write(
         adapters=list(adapter.provenance.get("sources", [])),
         weights=list(result.weights),
         method=adapter.provenance["method"],
+        **result.settings.get("rank_rule", {}),  # a subset search's merge: its rank rule
         device=str(device),
         merge_into=merge_into,
         shard_size=shard_size,

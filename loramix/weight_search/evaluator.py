@@ -74,7 +74,7 @@ def build_factors(model: nn.Module, adapters: list[LoraAdapter], composition: st
         if a.has_dora or a.has_lora_bias or a.extra:
             what = "DoRA magnitudes" if a.has_dora else "lora_B biases" if a.has_lora_bias else "extra tensors (heads)"
             raise IncompatibleAdaptersError(
-                f"{a.source}: search and the data-aware merges (regmean) cannot run adapters carrying {what}"
+                f"{a.source}: search and the data-aware merges (regmean, lot) cannot run adapters carrying {what}"
             )
     named = dict(model.named_modules())
     names = list(dict.fromkeys(n for a in adapters for n in a.modules))

@@ -1,4 +1,5 @@
-"""Input Gram matrices for data-aware merges (`regmean`), and `combine` that collects them when the method needs them.
+"""Input Gram matrices for data-aware merges (`regmean`, `lot`), and `combine` that collects them when the method
+needs them.
 
 For adapter i and each module any of the adapters targets, Gᵢ = XᵢᵀXᵢ / Nᵢ (in×in, float64): the rows of Xᵢ are
 the module's inputs at every token of every example (input and output text together, as the model reads them;
@@ -17,7 +18,7 @@ from loramix.adapter import LoraAdapter
 from loramix.errors import MethodError
 from loramix.runtime import resolve_device
 from loramix.weight_search.evaluator import Evaluator
-from loramix.weight_search.objective import as_examples, build_batch
+from loramix.weight_search.objective import as_examples, model_batch
 from loramix.weight_search.run import load_base
 
 
@@ -37,11 +38,8 @@ def input_grams(
     a list of ``{"input", "output"}`` (the file `search` reads)."""
     examples = as_examples(examples)
     model, tokenizer, encoder_decoder = load_base(base, device=resolve_device(device), tokenizer=tokenizer)
-    start = getattr(model.config, "decoder_start_token_id", None)
     batches = [
-        build_batch(
-            [e], tokenizer, encoder_decoder=encoder_decoder, chat_template=chat_template, decoder_start_token_id=start
-        )
+        model_batch(model, tokenizer, [e], encoder_decoder=encoder_decoder, chat_template=chat_template)
         for e in examples
     ]
     names = list(dict.fromkeys(n for a in adapters for n in a.modules))

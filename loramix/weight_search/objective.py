@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from loramix.errors import SearchError
+from loramix.settings import OBJECTIVES, OPTIMIZERS
 
 IGNORE = -100
 
@@ -137,6 +138,36 @@ def build_batch(
         "attention_mask": _pad([[1] * len(r) for r in rows], 0),
         "labels": _pad(labels, IGNORE),
     }
+
+
+def model_batch(
+    model,
+    tokenizer,
+    examples: list[Example],
+    *,
+    encoder_decoder: bool,
+    chat_template: bool = False,
+    add_eos: bool = True,
+) -> dict[str, torch.Tensor]:
+    """`build_batch` for ``model`` (its config's decoder start token for a seq2seq model)."""
+    return build_batch(
+        examples,
+        tokenizer,
+        encoder_decoder=encoder_decoder,
+        chat_template=chat_template,
+        add_eos=add_eos,
+        decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
+    )
+
+
+def check_search(objective: str, optimizer: str, steps: int) -> None:
+    """The settings every search takes, each refused in one line when it is not one it knows."""
+    if objective not in OBJECTIVES:
+        raise SearchError(f"unknown objective {objective!r} (use {' or '.join(OBJECTIVES)})")
+    if optimizer not in OPTIMIZERS:
+        raise SearchError(f"unknown optimizer {optimizer!r} (use {', '.join(OPTIMIZERS)})")
+    if steps < 1:
+        raise SearchError(f"steps must be at least 1, got {steps}")
 
 
 def token_losses(

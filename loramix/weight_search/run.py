@@ -25,10 +25,10 @@ from loramix.formats import load_adapters
 from loramix.io.base import resolve_base
 from loramix.runtime import progress_bar, resolve_device
 from loramix.schedule import linear, parse
-from loramix.settings import COMPOSITIONS, OBJECTIVES, OPTIMIZERS
+from loramix.settings import COMPOSITIONS
 from loramix.weight_search import distributed, optimizers
 from loramix.weight_search.evaluator import Evaluator
-from loramix.weight_search.objective import as_examples, build_batch, l1_penalty
+from loramix.weight_search.objective import as_examples, check_search, l1_penalty, model_batch
 
 log = logging.getLogger(__name__)
 
@@ -248,15 +248,10 @@ def _search(
     """`search` in this process (or in this rank of a process group)."""
     if composition not in COMPOSITIONS:
         raise SearchError(f"unknown composition {composition!r} (use {' or '.join(COMPOSITIONS)})")
-    if objective not in OBJECTIVES:
-        raise SearchError(f"unknown objective {objective!r} (use {' or '.join(OBJECTIVES)})")
-    if optimizer not in OPTIMIZERS:
-        raise SearchError(f"unknown optimizer {optimizer!r} (use {', '.join(OPTIMIZERS)})")
+    check_search(objective, optimizer, steps)
     lo, hi = (float(b) for b in bounds)
     if not lo < hi:
         raise SearchError(f"bounds must be LOW,HIGH with LOW < HIGH, got {lo},{hi}")
-    if steps < 1:
-        raise SearchError(f"steps must be at least 1, got {steps}")
     loaded, _ = load_adapters(
         adapters,
         allow_different_bases=allow_different_bases,
@@ -272,13 +267,8 @@ def _search(
     target = targets[0]
     model, tokenizer, encoder_decoder = load_base(base, device=targets, tokenizer=tokenizer)
     _, processes = distributed.rank_and_world()
-    batch = build_batch(
-        examples,
-        tokenizer,
-        encoder_decoder=encoder_decoder,
-        chat_template=chat_template,
-        add_eos=add_eos,
-        decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
+    batch = model_batch(
+        model, tokenizer, examples, encoder_decoder=encoder_decoder, chat_template=chat_template, add_eos=add_eos
     )
     settings = {
         "base": str(getattr(model, "name_or_path", "")) if isinstance(base, torch.nn.Module) else str(base),
