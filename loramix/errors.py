@@ -6,9 +6,9 @@ it in ``value``), and its text ends "(pass allow_different_bases=True)". The CLI
 `rank` or `rank_layout='exact'`, which the CLI spells as its flag (--rank, --rank-layout exact); no message names a
 flag itself. Where users expect a standard
 exception, the class has it as a second base: a missing source is a ``FileNotFoundError``, a malformed file or
-a bad option value a ``ValueError``, a wrong kind of object a ``TypeError``, a missing optional package an
-``ImportError``. Each class names a kind of mistake; the kinds of a misused option (`SettingError`, `DeviceError`,
-`OutputFormatError`, `ArgumentError`) are `MethodError` subclasses, the one class they all were before.
+a bad option value a ``ValueError``, a wrong kind of object a ``TypeError``. Each class names a kind of mistake;
+the kinds of a misused option (`SettingError`, `DeviceError`, `OutputFormatError`, `ArgumentError`) are
+`MethodError` subclasses, the one class they all were before.
 """
 
 from __future__ import annotations
@@ -113,10 +113,6 @@ class HubError(LoramixError):
 
 class SearchError(LoramixError):
     """A weight search cannot run as asked (examples, base model, tokenizer)."""
-
-
-class MissingPackageError(LoramixError, ImportError):
-    """An optional package that a feature needs is not installed; the message says what to ``pip install``."""
 
 
 class BackendError(LoramixError):

@@ -26,18 +26,3 @@ def test_each_kind_is_its_own_class_and_still_a_method_error(tmp_path):
         assert issubclass(kind, MethodError) and issubclass(kind, ValueError)
     assert issubclass(ArgumentError, TypeError)
     assert not issubclass(SettingError, ArgumentError)
-
-
-def test_a_missing_optional_package_is_one_kind_of_error(monkeypatch, tmp_path):
-    """bitsandbytes, matplotlib, gguf, PEFT or accelerate missing is one `MissingPackageError` naming what to
-    install: an ImportError, and a LoramixError (so the CLI prints one line)."""
-    import sys
-
-    from loramix.analysis_files import write_plots
-    from loramix.errors import LoramixError, MissingPackageError
-
-    analysis = loramix.analyze([example("summarize"), example("formal")])
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(MissingPackageError, match=r"pip install 'loramix\[plot\]'") as info:
-        write_plots(analysis, tmp_path / "plots")
-    assert isinstance(info.value, ImportError) and isinstance(info.value, LoramixError)

@@ -23,7 +23,7 @@ import torch
 
 from loramix import experts
 from loramix.adapter import LoraAdapter, check_rank_layout, is_portable, portable_layout
-from loramix.errors import AdapterFormatError, ArgumentError, MethodError, MissingPackageError, SettingError
+from loramix.errors import AdapterFormatError, ArgumentError, MethodError, SettingError
 from loramix.formats import _keys, peft
 from loramix.io.files import check_finite
 
@@ -47,7 +47,7 @@ def _peft():
     try:
         return importlib.import_module("peft")
     except ImportError:
-        raise MissingPackageError("this needs PEFT, which is not installed (pip install peft)") from None
+        raise MethodError("this needs PEFT, which is not installed (pip install peft)") from None
 
 
 def read(src, *, allow_nonfinite: bool = False) -> LoraAdapter:

@@ -36,14 +36,15 @@ import numpy as np
 import torch
 
 from loramix.adapter import LoraAdapter
-from loramix.combination import check_settings, combine
+from loramix.combination import check_settings
 from loramix.errors import SearchError
 from loramix.formats import load_adapters
+from loramix.linalg import RankRule
 from loramix.runtime import progress_bar, resolve_device
 from loramix.schedule import count_layers, layer_index, resolve, varies
 from loramix.weight_search import optimizers
 from loramix.weight_search.evaluator import Evaluator
-from loramix.weight_search.grams import input_grams
+from loramix.weight_search.grams import combine, input_grams
 from loramix.weight_search.objective import as_examples, check_search, model_batch
 from loramix.weight_search.run import SearchResult, load_base
 
@@ -147,7 +148,8 @@ def search_subset(
     unknown = sorted(set(rank_rule or {}) - set(RANK_RULE))
     if unknown:
         raise SearchError(f"rank_rule takes {', '.join(RANK_RULE)}, not {', '.join(unknown)}")
-    chosen, _ = check_settings(method=method, options=dict(options or {}), **(rank_rule or {}))  # before loading
+    rule = {("value" if key == "rule_value" else key): value for key, value in (rank_rule or {}).items()}
+    chosen = check_settings(method=method, options=dict(options or {}), rule=RankRule(**rule)).method  # before loading
     loaded, numbers = load_adapters(
         adapters,
         weights=weights,
