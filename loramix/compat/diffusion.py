@@ -1,5 +1,5 @@
-"""`loramix check` for diffusion-transformer LoRA files (Flux.1, Wan 2.x, Qwen-Image): what diffusers' pipelines'
-``load_lora_weights`` and ComfyUI's LoRA loader make of the file as written, by its naming
+"""`loramix check` for diffusion-transformer LoRA files (Flux.1, SD3/3.5, Wan 2.x, Qwen-Image): what diffusers'
+pipelines' ``load_lora_weights`` and ComfyUI's LoRA loader make of the file as written, by its naming
 (``provenance["key_style"]``) and modules.
 
 Each rule cites the code it follows:
@@ -18,6 +18,8 @@ Each rule cites the code it follows:
   every block from 0 to the last must hold all of ``self_attn``/``cross_attn`` ``q``, ``k``, ``v``, ``o`` and
   ``ffn_0``/``ffn_2`` (it pops each one; a missing one is a KeyError). Its ``diffusion_model.`` converter and
   the Qwen-Image converters read any subset.
+- diffusers 0.42, ``SD3LoraLoaderMixin.lora_state_dict``: no converter at all; only diffusers' own ``transformer.…``
+  names load (sd-scripts' and ComfyUI's names, and diffusers' flat ``lora_transformer_…``, load nothing).
 - ComfyUI, ``comfy/lora.py`` (``model_lora_keys_unet``: kohya ``lora_unet_`` and ``diffusion_model.`` names of
   every model, diffusers ``transformer.`` names of Flux and SD3 only, at the commit these rules were read from,
   41444b5) and ``comfy/lora_convert.py`` (``convert_lora``: XLabs processor keys only in a
@@ -54,7 +56,17 @@ def family_verdicts(adapter: LoraAdapter, src: str) -> list[Verdict]:
         comfy = Verdict("ComfyUI", "no", reason, f"loramix combine {src} -m cat --format comfyui -o OUT")
     if family == "wan":
         return [_wan_diffusers(adapter, src), comfy]
+    if family == "sd3":
+        return [_sd3_diffusers(adapter, src), Verdict("ComfyUI", "yes")]
     return [Verdict("diffusers", "yes"), comfy]
+
+
+def _sd3_diffusers(adapter: LoraAdapter, src: str) -> Verdict:
+    other = [n for n in adapter.provenance.get("namings", []) if n != "diffusers"]
+    if other:
+        fix = f"loramix combine {src} -m cat --format diffusers -o OUT"
+        return Verdict("diffusers", "no", f"its SD3 loader converts no {' or '.join(other)} names", fix)
+    return Verdict("diffusers", "yes")
 
 
 def _wan_diffusers(adapter: LoraAdapter, src: str) -> Verdict:

@@ -1,4 +1,4 @@
-"""Diffusion-transformer LoRAs (Flux.1, Wan 2.x, Qwen-Image): every naming read onto one module identity, and
+"""Diffusion-transformer LoRAs (Flux.1, SD3/3.5, Wan 2.x, Qwen-Image): every naming read onto one module identity, and
 written back out.
 
 The identity is diffusers' module path inside the pipeline's ``transformer`` component, with the component prefix
@@ -32,9 +32,10 @@ from loramix.formats.diffusion.family import Family, Rule
 from loramix.formats.diffusion.flux import FLUX
 from loramix.formats.diffusion.fused import Piece, join, split
 from loramix.formats.diffusion.qwen import QWEN_IMAGE
+from loramix.formats.diffusion.sd3 import SD3
 from loramix.formats.diffusion.wan import WAN
 
-FAMILIES = (FLUX, WAN, QWEN_IMAGE)
+FAMILIES = (FLUX, SD3, WAN, QWEN_IMAGE)
 COMPONENT = "transformer."
 KOHYA = "lora_unet_"  # sd-scripts' prefix for the denoiser, whatever its kind
 DIFFUSERS_FLAT = "lora_transformer_"  # diffusers' own flattened names (its "mixture" kohya files)
@@ -52,25 +53,38 @@ def reading(family: Family, name: str) -> tuple[Rule, str | None, int] | None:
     return family.match(name, flat=False, original=True)
 
 
-def recognise(names, where: str = "the adapter") -> Family | None:
+def recognise(names, where: str = "the adapter", known: str | None = None) -> Family | None:
     """The family whose module names ``names`` use: the one that reads most of the transformer's names, one of
     them an original module of it or a diffusers module only it has (see `Family.markers`); None when no family
-    has such a name. Names two families read equally well (``img_in`` alone: Flux.1's and Qwen-Image's) are
-    refused, naming ``where``."""
+    has such a name. Where families tie, ``known`` (a family recognised before, from the files: see `family_of`)
+    decides; else diffusers' own names that several families share (``transformer_blocks.0.attn.to_q``: Flux.1's and
+    SD3's) are no family (they are the identity already, whichever it is), and names two families read differently
+    (``img_in`` alone: Flux.1's original and Qwen-Image's diffusers name) are refused, naming ``where``."""
     names = [n for n in names if not n.startswith(TEXT)]
     scores = []
     for family in FAMILIES:
         found = [f for n in names if (f := reading(family, n)) is not None]
         if any(f[2] == -1 or family.marked(f[0]) for f in found):
-            scores.append((len(found), family))
+            scores.append((len(found), family, all(f[2] >= 0 for f in found)))
     if not scores:
         return None
-    top = max(count for count, _ in scores)
-    best = [family for count, family in scores if count == top]
+    top = max(count for count, _, _ in scores)
+    best = [(family, identity) for count, family, identity in scores if count == top]
     if len(best) > 1:
-        labels = " and ".join(f.label for f in best)
+        chosen = [family for family, _ in best if family.name == known]
+        if chosen:
+            return chosen[0]
+        if all(identity for _, identity in best):
+            return None
+        labels = " and ".join(f.label for f, _ in best)
         raise AdapterFormatError(f"{where}: its module names fit {labels} alike ({sample(names)}); cannot tell which")
-    return best[0]
+    return best[0][0]
+
+
+def family_of(adapter: LoraAdapter) -> Family | None:
+    """The family of an adapter already read: by its names, the family its file(s) were recognised as
+    (``provenance["family"]``, set by `identify` and kept by a combination of one family's adapters) deciding a tie."""
+    return recognise(adapter.modules, known=adapter.provenance.get("family"))
 
 
 def identify(adapter: LoraAdapter, where: str) -> LoraAdapter:
@@ -119,7 +133,7 @@ def _parts(family: Family, found, name: str, module: LoraModule, where: str) -> 
     rule, block, index = found
     if index >= 0:
         return {COMPONENT + rule.name(rule.targets[index], block): module}
-    if module.layout != "linear":
+    if module.layout != "linear" and rule.split != "one":
         raise AdapterFormatError(f"{where}: module {name} is a {module.layout} LoRA; {family.label}'s are linear")
     pieces = family.pieces(rule, block, module.in_features, module.out_features, f"{where}: {name}")
     return {COMPONENT + n: m for n, m in split(module, pieces).items()}
@@ -140,7 +154,7 @@ def to_original(adapter: LoraAdapter, naming: str = "kohya") -> LoraAdapter:
     modules under sd-scripts'/musubi-tuner's names (``lora_unet_double_blocks_0_img_attn_qkv``) or, with ``naming``
     ``comfyui``, ComfyUI's (``diffusion_model.double_blocks.0.img_attn.qkv``); any other adapter as it is. A
     transformer module outside the family's map is refused."""
-    family = recognise(adapter.modules)
+    family = family_of(adapter)
     if family is None:
         return adapter
     out: dict[str, LoraModule] = {}
@@ -165,11 +179,17 @@ def to_original(adapter: LoraAdapter, naming: str = "kohya") -> LoraAdapter:
 def file_naming(adapters: list[LoraAdapter]) -> str:
     """The format of a diffusion LoRA file that diffusers and ComfyUI both load for ``adapters``' family: ComfyUI's
     names for Wan (diffusers reads musubi-tuner's names only when every block holds all ten attention and FFN
-    modules, its ``diffusion_model.`` names in any subset); diffusers' for Flux.1 with modules outside the blocks
-    (diffusers' kohya converter drops those: see `loramix.compat.diffusion`); kohya's otherwise."""
-    families = {f.name if (f := recognise(a.modules)) else None for a in adapters}
+    modules, its ``diffusion_model.`` names in any subset); diffusers' for SD3 (diffusers has no converter of its
+    original names; ComfyUI maps diffusers' SD3 names) and for Flux.1 with modules outside the blocks (diffusers' kohya
+    converter drops those: see `loramix.compat.diffusion`) or for diffusers' transformer names of no one family
+    (``transformer_blocks.0.attn.to_q`` alone: Flux.1's or SD3's); kohya's otherwise."""
+    families = {f.name if (f := family_of(a)) else None for a in adapters}
+    if families == {None} and any(n.startswith(COMPONENT) for a in adapters for n in a.modules):
+        return "diffusers"
     if families == {"wan"}:
         return "comfyui"
+    if families == {"sd3"}:
+        return "diffusers"
     outside = any(_outside_blocks(n) for a in adapters for n in a.modules)
     return "diffusers" if families == {"flux"} and outside else "kohya"
 
@@ -185,7 +205,7 @@ def onto_base(adapter: LoraAdapter, keys) -> LoraAdapter:
     ComfyUI/BFL single file such as ``flux1-dev.safetensors``, keys ``double_blocks.0.img_attn.qkv.weight``, with or
     without ``model.diffusion_model.``): the parts joined into the original modules (`to_original`), each named by
     the base's own module path; any other adapter or base as is (a module the base lacks is named by the merge)."""
-    family = recognise(adapter.modules)
+    family = family_of(adapter)
     if family is None:
         return adapter
     paths = {}
@@ -202,12 +222,16 @@ def onto_base(adapter: LoraAdapter, keys) -> LoraAdapter:
 def _joined(family: Family, rule: Rule, block, parts: dict[str, LoraModule], mlp) -> LoraModule:
     first = next(iter(parts.values()))
     for name, module in parts.items():
-        if module.layout != "linear" or module.bias is not None or module.magnitude is not None:
+        if (
+            module.bias is not None
+            or module.magnitude is not None
+            or (module.layout != "linear" and rule.split != "one")
+        ):
             raise OutputError(f"module {name}: kohya files hold a plain linear LoRA for {family.label}")
     if rule.split == "one":
         return first
     hidden = first.in_features
-    rows = {"thirds": 3 * hidden, "qkv_rest": 3 * hidden + mlp(hidden), "swap": first.out_features}[rule.split]
+    rows = {"thirds": 3 * hidden, "qkv_rest": 3 * hidden + mlp(hidden)}.get(rule.split, first.out_features)
     pieces = [Piece(COMPONENT + p.name, p.segments) for p in family.pieces(rule, block, hidden, rows, "the output")]
     return join(parts, pieces, rows)
 
