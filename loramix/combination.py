@@ -299,7 +299,7 @@ def combine(
         _warn_large_ranks(method, modules, loaded, truncation)
     base = next((a.base_model for a in loaded if a.base_model), None)
     renamed = next((a.provenance["renamed"] for a in loaded if a.provenance.get("renamed")), None)
-    families = {a.provenance.get("family") for a in loaded}  # a diffusion transformer's (loramix.formats.diffusion)
+    families = {a.provenance["family"] for a in loaded if a.provenance.get("family")}  # loramix.formats.diffusion
     return LoraAdapter(
         modules=modules,
         base_model=base,
@@ -318,6 +318,6 @@ def combine(
             "options": chosen.settings(options),
             "kept_energy": {name: kept[name] for name in names if name in kept},
             **({"renamed": renamed} if renamed else {}),
-            **({"family": next(iter(families))} if len(families) == 1 and None not in families else {}),
+            **({"family": next(iter(families))} if len(families) == 1 else {}),
         },
     )

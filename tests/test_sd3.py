@@ -17,6 +17,7 @@ import json
 
 import pytest
 import torch
+from dit_helpers import assert_deltas, fused, lora_deltas
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -125,12 +126,6 @@ def oracle(factor_sets, weights) -> dict[str, torch.Tensor]:
     }
 
 
-def assert_deltas(adapter, expected) -> None:
-    assert sorted(adapter.modules) == sorted(expected)
-    for name, delta in expected.items():
-        torch.testing.assert_close(adapter.modules[name].delta(dtype=torch.float64), delta, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("style", ["kohya", "comfyui"])
 def test_original_names_read_the_delta_of_diffusers_converter(tmp_path, style):
     adapter = loramix.load_adapter(original_file(tmp_path / "lora.safetensors", style))
@@ -148,11 +143,7 @@ def _pipeline(state=None):
 
 
 def _fused(source, state) -> dict[str, torch.Tensor]:
-    pipe = _pipeline(state)
-    pipe.load_lora_weights(str(source))
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    return {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    return fused(_pipeline(state), source)
 
 
 @pytest.mark.parametrize("fmt", [None, "kohya", "comfyui", "diffusers"])
@@ -200,12 +191,7 @@ def test_diffusers_names_combine_with_original_names(tmp_path):
         f"{extra}.lora_B.weight": torch.randn(H, R, generator=g),
     }
     save_file(sd, str(tmp_path / "d.safetensors"))
-    theirs = diffusers.StableDiffusion3Pipeline.lora_state_dict(str(tmp_path / "d.safetensors"))
-    d_delta = {
-        k.removesuffix(".lora_A.weight"): theirs[k.replace("lora_A", "lora_B")].double() @ A.double()
-        for k, A in theirs.items()
-        if k.endswith(".lora_A.weight")
-    }
+    d_delta = lora_deltas(diffusers.StableDiffusion3Pipeline, tmp_path / "d.safetensors")
     d = loramix.load_adapter(tmp_path / "d.safetensors")
     assert d.provenance["family"] == "sd3"
     assert_deltas(d, d_delta)
