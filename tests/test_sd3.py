@@ -77,7 +77,7 @@ ORIGINAL = {
 BIASED = {"x_embedder.proj": (H, 4, 2, 2)}  # the patch embedding, a conv: the checkpoint's other weights
 
 
-def _factors(seed: int, modules=ORIGINAL) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def factors(seed: int, modules=ORIGINAL) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return {
         n: (torch.randn(R, i, generator=g) * 0.3, torch.randn(o, R, generator=g) * 0.3) for n, (o, i) in modules.items()
@@ -87,7 +87,7 @@ def _factors(seed: int, modules=ORIGINAL) -> dict[str, tuple[torch.Tensor, torch
 def original_file(path, style: str, seed: int = 0, alpha: float = 1.0, modules=ORIGINAL):
     """A LoRA of the original modules in sd-scripts' (``kohya``) or ComfyUI's (``comfyui``) names."""
     sd = {}
-    for name, (down, up) in _factors(seed, modules).items():
+    for name, (down, up) in factors(seed, modules).items():
         key = "lora_unet_" + name.replace(".", "_") if style == "kohya" else f"diffusion_model.{name}"
         sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
     save_file(sd, str(path))
@@ -130,7 +130,7 @@ def oracle(factor_sets, weights) -> dict[str, torch.Tensor]:
 def test_original_names_read_the_delta_of_diffusers_converter(tmp_path, style):
     adapter = loramix.load_adapter(original_file(tmp_path / "lora.safetensors", style))
     assert adapter.provenance["architecture"] == f"SD3/SD3.5 (SD3Transformer2DModel, hidden {H})"
-    assert_deltas(adapter, oracle([_factors(0)], [1.0]))
+    assert_deltas(adapter, oracle([factors(0)], [1.0]))
 
 
 def _pipeline(state=None):
@@ -157,7 +157,7 @@ def test_combined_across_namings_and_written(tmp_path, fmt):
     ]
     plan = loramix.Plan(adapters=[str(p) for p in paths], weights=[0.7, 0.3], method="cat", format=fmt)
     report = loramix.run(loramix.Plan(**{**plan.__dict__, "output": str(tmp_path / "out")}))
-    expected = oracle([_factors(0), _factors(1)], [0.7, 0.3])
+    expected = oracle([factors(0), factors(1)], [0.7, 0.3])
     assert_deltas(report.adapter, expected)
     (written,) = (tmp_path / "out").glob("*.safetensors")
     assert_deltas(loramix.load_adapter(written), expected)
@@ -177,9 +177,9 @@ def test_combined_across_namings_and_written(tmp_path, fmt):
 def test_diffusers_names_combine_with_original_names(tmp_path):
     """A diffusers/PEFT-named SD3 LoRA (to_q, to_k, to_v split) and a kohya one (fused qkv): one module each, the
     weighted sum; the diffusers file's own ΔW is what diffusers' lora_state_dict reads."""
-    factors = _factors(2, {k: v for k, v in ORIGINAL.items() if "qkv" not in k and not k.startswith(("t_", "y_"))})
+    split = factors(2, {k: v for k, v in ORIGINAL.items() if "qkv" not in k and not k.startswith(("t_", "y_"))})
     sd = {}
-    converted = oracle([factors], [R])  # alpha = rank: the bare factors
+    converted = oracle([split], [R])  # alpha = rank: the bare factors
     g = torch.Generator().manual_seed(4)
     for name, delta in converted.items():  # a rank-R LoRA per diffusers module with this ΔW
         u, s, vh = torch.linalg.svd(delta)
@@ -197,7 +197,7 @@ def test_diffusers_names_combine_with_original_names(tmp_path):
     assert_deltas(d, d_delta)
     k = original_file(tmp_path / "k.safetensors", "kohya")
     merged = loramix.combine([k, tmp_path / "d.safetensors"], weights=[0.5, 0.5], method="cat")
-    expected = {n: 0.5 * v for n, v in oracle([_factors(0)], [1.0]).items()}
+    expected = {n: 0.5 * v for n, v in oracle([factors(0)], [1.0]).items()}
     for name, delta in d_delta.items():
         expected[name] = expected.get(name, 0) + 0.5 * delta
     assert_deltas(merged, expected)
@@ -273,7 +273,7 @@ def test_patch_embedding_conv_lora(tmp_path):
     sd = {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(1.0)}
     sd |= {
         f"lora_unet_{n.replace('.', '_')}.{s}": t
-        for n, (a, b) in _factors(0).items()
+        for n, (a, b) in factors(0).items()
         for s, t in (("lora_down.weight", a), ("lora_up.weight", b))
     }
     save_file(sd, str(tmp_path / "conv.safetensors"))
