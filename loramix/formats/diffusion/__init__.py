@@ -82,6 +82,12 @@ def recognise(names, where: str = "the adapter", known: str | None = None) -> Fa
     )
 
 
+def fits_a_family(names) -> bool:
+    """Whether module ``names`` are a diffusion-transformer family's (one family's, or diffusers' names several
+    share)."""
+    return bool(_best(names))
+
+
 def _best(names) -> list[tuple[Family, list]]:
     """The families that read the most of the transformer's ``names`` (one of them marked: see `recognise`), each
     with what it reads them as."""
