@@ -407,7 +407,7 @@ def write_merged(
     write_index(folder, names, shards, index)
     config = dict(base.config)
     if quantized is not None and dtype is not None:
-        config.pop("quantization_config")
+        config.pop("quantization_config", None)  # a ComfyUI scaled FP8 single file has none
     for key in config_dtype_keys(config) if DIFFUSERS_CONFIG not in config and dtype is not None else ():
         config[key] = DTYPE_NAMES[dtype]
     if base.config:  # a single-file checkpoint (ComfyUI's, BFL's) has none
