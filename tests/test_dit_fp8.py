@@ -5,7 +5,8 @@ ComfyUI's comfy/ops.py ``scaled_fp8_op`` reads them: W = codes · scale_weight).
 Oracle: float64 references — dequant(W) + ΔW per BFL weight (ΔW from diffusers' reading of the LoRA, laid out in
 BFL's fused rows by tests/test_flux.py's ``_bfl``), and its re-quantization: per tensor s = max|W + ΔW| / 448 (rtol
 1e-5), codes within half a float8 step of (W + ΔW)/s (float32 rounding of the merge may move a tie). Dense output:
-float32 weights equal to dequant(W) + ΔW (atol 1e-5). A plain-cast FP8 file (no scales) is refused in one line.
+float32 weights equal to dequant(W) + ΔW (atol 1e-5). A plain-cast FP8 file (no scales, no config: its values are W) is merged as a
+dense float8_e4m3fn base, within half a float8 step of the float64 reference.
 """
 
 from __future__ import annotations
@@ -94,12 +95,45 @@ def test_merge_written_dense(tmp_path):
         torch.testing.assert_close(dense[key].double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_plain_cast_fp8_is_refused(tmp_path):
+def test_plain_cast_fp8_merges_as_its_stored_values(tmp_path):
+    """Kijai's/Comfy-Org's flux1-dev-fp8 layout (every 2-D weight cast to float8_e4m3fn, no scales, no config): W is
+    the stored value, a merged weight W + ΔW rounded once to float8_e4m3fn (nearest: within half a step of the
+    float64 reference), untouched tensors byte for byte; dense on request."""
+    base = test_flux._tiny_pipeline().transformer.state_dict()
+    bfl = test_flux._bfl(base)
+    (tmp_path / "plain").mkdir()
+    plain = {k: v.to(FP8) if v.ndim == 2 else v for k, v in bfl.items()}
+    save_file(plain, str(tmp_path / "plain" / "flux1-dev-fp8.safetensors"))
+    _, lora, bfl_delta = _setup(tmp_path)
+    adapter = loramix.load_adapter(lora)
+    loramix.merge_into_base(adapter, tmp_path / "plain", tmp_path / "out")
+    merged = _read(tmp_path / "out" / "flux1-dev-fp8.safetensors")
+    assert merged.keys() == plain.keys()
+    for key, value in plain.items():
+        if key not in bfl_delta:
+            assert (
+                torch.equal(merged[key].view(torch.uint8), value.view(torch.uint8))
+                if value.dtype == FP8
+                else (torch.equal(merged[key], value))
+            )
+            continue
+        reference = value.double() + bfl_delta[key]
+        step = torch.ldexp(torch.ones_like(reference), torch.frexp(reference.abs().clamp(min=2**-6))[1] - 4)
+        assert merged[key].dtype == FP8
+        assert bool(((merged[key].double() - reference).abs() <= step / 2 + 1e-9).all()), key
+    loramix.merge_into_base(adapter, tmp_path / "plain", tmp_path / "dense", dtype=torch.float32)
+    dense = _read(tmp_path / "dense" / "flux1-dev-fp8.safetensors")
+    for key, delta in bfl_delta.items():
+        torch.testing.assert_close(dense[key].double(), plain[key].double() + delta, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_without_scales_beside_a_config_is_refused(tmp_path):
     base = test_flux._tiny_pipeline().transformer.state_dict()
     (tmp_path / "plain").mkdir()
     plain = {k: v.to(FP8) if v.ndim == 2 else v for k, v in test_flux._bfl(base).items()}
-    save_file(plain, str(tmp_path / "plain" / "flux1-dev-fp8.safetensors"))
+    save_file(plain, str(tmp_path / "plain" / "model.safetensors"))
+    (tmp_path / "plain" / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')
     lora = test_flux.kohya_file(tmp_path / "k.safetensors")
-    with pytest.raises(CheckpointError, match="weights with no scales") as err:
+    with pytest.raises(CheckpointError, match="no quantization_config") as err:
         loramix.merge_into_base(loramix.load_adapter(lora), tmp_path / "plain", tmp_path / "out")
     assert "\n" not in str(err.value)

@@ -18,8 +18,12 @@ as weights. Supported:
   codes = clamp(W / s, ±448) cast to float8_e4m3fn. Static activation scales (``input_scale``) are kept as they are.
 - **ComfyUI scaled FP8** (no config: a ``scaled_fp8`` marker tensor, ``flux1-dev-fp8``-style single files that
   ComfyUI's scripts quantized): ``<m>.weight`` in float8_e4m3fn and ``<m>.scale_weight`` per tensor, W = codes ·
-  scale_weight; re-quantized per tensor as compressed-tensors does (s = max |W| / 448). A plain-cast FP8 file
-  (float8 weights with no scales at all) is refused.
+  scale_weight; re-quantized per tensor as compressed-tensors does (s = max |W| / 448).
+- **plain-cast FP8** (no config: float8_e4m3fn tensors and no scale tensor of any kind, as Kijai's and Comfy-Org's
+  ``flux1-dev-fp8.safetensors`` are cast from bfloat16, which ComfyUI loads as W = the stored values): not a
+  quantized layout but a dense base of that dtype; a merged weight is W + ΔW rounded once to float8_e4m3fn (nearest,
+  saturating at ±448), every other tensor copied. A float8_e5m2 file, or float8 tensors in a folder with a
+  config.json but no ``quantization_config``, are refused.
 - **MXFP4** (``quant_method: mxfp4``, gpt-oss's experts): ``<p>_blocks`` and ``<p>_scales`` read as the dense
   expert parameter ``<p>``, as transformers' ``convert_moe_packed_tensors`` does. Read and copied, not re-quantized.
 - **GPTQ / AWQ int4** (``quant_method: gptq`` or ``awq``, 4 bits, GEMM packing; `loramix.io.schemes.Int4`):
@@ -166,10 +170,10 @@ def recognise(config: dict, tensors: dict[str, Stored], where: Path) -> Quantize
     if qc is None:
         if any(n == COMFY_MARKER or n.endswith("." + COMFY_MARKER) for n in tensors):
             return _comfy_scaled_fp8(tensors, where)
+        if suspects and not config and all(_plain_fp8(n, tensors[n]) for n in suspects):
+            return None  # a plain-cast float8_e4m3fn single file: W = the stored values (a dense base of that dtype)
         if suspects:
             t = tensors[first]
-            if t.dtype in FLOAT8 and not any(n.endswith(QUANT_ENDINGS + (".scale_weight",)) for n in suspects):
-                raise _refuse(where, first, f"{_name(t.dtype)} weights with no scales (a plain-cast FP8 file)")
             raise _refuse(
                 where, first, f"a quantized tensor ({_name(t.dtype)}) but config.json has no quantization_config"
             )
@@ -190,6 +194,11 @@ def recognise(config: dict, tensors: dict[str, Stored], where: Path) -> Quantize
     if method in ("gptq", "awq"):
         return _int4(method, qc, tensors, where, first)
     raise _refuse(where, first, f"a {method or 'unnamed'} quantized base (quantization_config quant_method)")
+
+
+def _plain_fp8(name: str, tensor: Stored) -> bool:
+    """A float8_e4m3fn tensor stored as the value itself (no scale tensor anywhere: see `recognise`)."""
+    return tensor.dtype == FP8_DTYPE and not name.endswith(QUANT_ENDINGS) and "scale" not in name.rpartition(".")[2]
 
 
 def _comfy_scaled_fp8(tensors: dict[str, Stored], where: Path) -> QuantizedBase:
