@@ -5,8 +5,8 @@ ComfyUI's comfy/ops.py ``scaled_fp8_op`` reads them: W = codes · scale_weight).
 Oracle: float64 references — dequant(W) + ΔW per BFL weight (ΔW from diffusers' reading of the LoRA, laid out in
 BFL's fused rows by tests/test_flux.py's ``_bfl``), and its re-quantization: per tensor s = max|W + ΔW| / 448 (rtol
 1e-5), codes within half a float8 step of (W + ΔW)/s (float32 rounding of the merge may move a tie). Dense output:
-float32 weights equal to dequant(W) + ΔW (atol 1e-5). A plain-cast FP8 file (no scales, no config: its values are W) is merged as a
-dense float8_e4m3fn base, within half a float8 step of the float64 reference.
+float32 weights equal to dequant(W) + ΔW (atol 1e-5). A plain-cast FP8 file (no scales, no config: its values are W)
+is merged as a dense float8_e4m3fn base, within half a float8 step of the float64 reference.
 """
 
 from __future__ import annotations
