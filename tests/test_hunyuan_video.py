@@ -266,3 +266,31 @@ def test_check_verdicts_by_naming(tmp_path):
     assert verdicts(refiner) == {"diffusers": "no", "ComfyUI": "yes"}
     loramix.run(loramix.Plan(adapters=[str(musubi)], method="cat", format="diffusers", output=str(tmp_path / "d")))
     assert verdicts(tmp_path / "d" / "pytorch_lora_weights.safetensors") == {"diffusers": "yes", "ComfyUI": "no"}
+
+
+def test_merge_into_an_original_single_file(tmp_path):
+    """A musubi-tuner LoRA merged into a single file in the original names (Kijai's/ComfyUI's HunyuanVideo files:
+    fused ``img_attn_qkv``, ``final_layer.adaLN_modulation.1`` in shift-scale order): the merged file, renamed by
+    diffusers' checkpoint converter, equals the converted base plus the converter's ΔW; untouched tensors as stored."""
+    modules = ORIGINAL | FINAL | REFINER_QKV
+    g = torch.Generator().manual_seed(8)
+    base = {f"{n}.weight": torch.randn(o, i, generator=g) for n, (o, i) in modules.items()}
+    base["double_blocks.0.img_attn_q_norm.weight"] = torch.randn(8, generator=g)  # no LoRA touches it
+    (tmp_path / "hv").mkdir()
+    save_file(base, str(tmp_path / "hv" / "hunyuan_video_720.safetensors"))
+    lora = write(tmp_path / "m.safetensors", "musubi", modules=modules)
+    loramix.merge_into_base(loramix.load_adapter(lora), tmp_path / "hv", tmp_path / "merged", dtype=torch.float32)
+    merged = convert_hunyuan_video_transformer_to_diffusers(
+        {k: v.double() for k, v in safe_open_all(tmp_path / "merged" / "hunyuan_video_720.safetensors").items()}
+    )
+    expected = convert_hunyuan_video_transformer_to_diffusers({k: v.double() for k, v in base.items()})
+    for name, delta in oracle([factors(0, modules)], [1.0]).items():
+        expected[name.removeprefix("transformer.") + ".weight"] += delta
+    assert merged.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-5)
+
+
+def safe_open_all(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}

@@ -286,3 +286,28 @@ def test_patch_embedding_conv_lora(tmp_path):
     fused = _fused(tmp_path / "out" / "pytorch_lora_weights.safetensors", base)
     key = "pos_embed.proj.weight"
     torch.testing.assert_close(fused[key], (base[key].double() + expected).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_lycoris_lokr_on_sd3_reads_onto_the_split_modules(tmp_path):
+    """A LoKr on sd-scripts' fused qkv name: each diffusers part is its rows of the exact ΔW = (α/r)·(w1 ⊗ w2_a·w2_b)
+    (float64 reference from LyCORIS's formula), checked against diffusers' checkpoint converter of that ΔW."""
+    g = torch.Generator().manual_seed(5)
+    key, r, alpha = "lora_unet_joint_blocks_1_x_block_attn_qkv", 2, 1.0
+    w1 = torch.randn(3, 2, generator=g)  # (3H)×H = (3·16)×(2·8): w1 3×2, w2 16×8 of rank 2
+    w2a, w2b = torch.randn(16, r, generator=g), torch.randn(r, 8, generator=g)
+    tensors = {
+        f"{key}.lokr_w1": w1,
+        f"{key}.lokr_w2_a": w2a,
+        f"{key}.lokr_w2_b": w2b,
+        f"{key}.alpha": torch.tensor(alpha),
+    }
+    save_file(tensors, str(tmp_path / "lokr.safetensors"))
+    delta = (alpha / r) * torch.kron(w1.double(), w2a.double() @ w2b.double())
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(
+        _original_checkpoint({"joint_blocks.1.x_block.attn.qkv": delta})
+    )
+    expected = {
+        f"transformer.transformer_blocks.1.attn.to_{x}": converted[f"transformer_blocks.1.attn.to_{x}.weight"]
+        for x in "qkv"
+    }
+    assert_deltas(loramix.load_adapter(tmp_path / "lokr.safetensors"), expected)
