@@ -21,7 +21,7 @@ peft = pytest.importorskip("peft")
 test_flux = pytest.importorskip("test_flux")
 
 
-def peft_folder(path, targets: list[str], seed: int = 3) -> dict[str, torch.Tensor]:
+def peft_folder(path, targets: list[str] | str, seed: int = 3) -> dict[str, torch.Tensor]:
     """A PEFT LoRA of the tiny Flux transformer saved by PEFT; returns PEFT's ΔW per ``transformer.<path>``."""
     torch.manual_seed(0)
     model = diffusers.FluxTransformer2DModel(**test_flux.CONFIG).eval()
@@ -78,3 +78,18 @@ def test_a_language_model_peft_folder_is_left_alone(tmp_path):
     made = helpers.make_peft_adapter(helpers.tiny_llama, tmp_path, "llm", target_modules=["q_proj", "v_proj"])
     adapter = loramix.load_adapter(made.path)
     assert "fits" not in adapter.provenance and not any(n.startswith("transformer.") for n in adapter.modules)
+
+
+def test_the_base_model_names_the_family_of_shared_names(tmp_path):
+    """Shared diffusers block names and a declared Flux.1 base: --format kohya joins them into sd-scripts' Flux names,
+    which diffusers' Flux loader reads to the same ΔW."""
+    expected = peft_folder(tmp_path / "peft", r"transformer_blocks\.\d+\.attn\.to_[qkv]")  # the double blocks'
+    plan = loramix.Plan(adapters=[str(tmp_path / "peft")], method="cat", format="kohya", output=str(tmp_path / "out"))
+    loramix.run(loramix.Plan(**{**plan.__dict__, "base_model": "black-forest-labs/FLUX.1-dev"}))
+    (written,) = (tmp_path / "out").glob("*.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(written), "pt") as f:
+        assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in set(f.keys())
+    assert_deltas(loramix.load_adapter(written), expected)
+    assert test_flux.oracle_deltas(written).keys() == expected.keys()

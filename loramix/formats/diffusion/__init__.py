@@ -109,10 +109,17 @@ def _meaning(found: tuple[Rule, str | None, int]) -> tuple[tuple[str, ...], str]
     return tuple(rule.name(t, block) for t in rule.targets), rule.split
 
 
+BASE_WORDS = (("flux", "flux"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"), ("hunyuan", "hunyuan-video"))
+
+
 def family_of(adapter: LoraAdapter) -> Family | None:
-    """The family of an adapter already read: by its names, the family its file(s) were recognised as
-    (``provenance["family"]``, set by `identify` and kept by a combination of one family's adapters) deciding a tie."""
-    return recognise(adapter.modules, known=adapter.provenance.get("family"))
+    """The family of an adapter already read: by its names, a tie decided by the family its file(s) were recognised
+    as (``provenance["family"]``, set by `identify` and kept by a combination of one family's adapters) or else by
+    the base model it names (``black-forest-labs/FLUX.1-dev``, a kohya ``ss_base_model_version`` such as ``flux1``:
+    `BASE_WORDS`)."""
+    base = (adapter.base_model or "").lower()
+    named = next((family for word, family in BASE_WORDS if word in base), None)
+    return recognise(adapter.modules, known=adapter.provenance.get("family") or named)
 
 
 def identify(adapter: LoraAdapter, where: str) -> LoraAdapter:
