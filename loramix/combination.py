@@ -319,6 +319,7 @@ def combine_loaded(
         _warn_large_ranks(method, modules, loaded, truncation)
     base = next((a.base_model for a in loaded if a.base_model), None)
     renamed = next((a.provenance["renamed"] for a in loaded if a.provenance.get("renamed")), None)
+    families = {a.provenance["family"] for a in loaded if a.provenance.get("family")}  # loramix.formats.diffusion
     return LoraAdapter(
         modules=modules,
         base_model=base,
@@ -337,5 +338,6 @@ def combine_loaded(
             "options": chosen.settings(options),
             "kept_energy": {name: kept[name] for name in names if name in kept},
             **({"renamed": renamed} if renamed else {}),
+            **({"family": next(iter(families))} if len(families) == 1 else {}),
         },
     )

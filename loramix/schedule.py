@@ -19,7 +19,11 @@ A value is one of:
   or 26 (SD 1.x/2.x) in the block order of sd-scripts' networks/svd_merge_lora.py (``LAYER12``…``LAYER26``: BASE =
   the text encoders, IN00–IN11, MID, OUT00–OUT11, the shorter lists covering only the blocks that hold LoRA modules).
   A module's weight is ``ratio`` (default 1) times its block's value, and ``ratio`` alone for a module in no listed
-  block, as sd-scripts' merge scripts do.
+  block, as sd-scripts' merge scripts do. The same form weights diffusion transformers by block, in diffusers' block
+  order (the names `loramix.formats.diffusion` reads every naming onto, kohya's included): 57 values for Flux.1
+  (double blocks 0–18, then single blocks 0–37: ``transformer_blocks.N``, ``single_transformer_blocks.N``), 24
+  (SD3 Medium, SD3.5 Medium) or 38 (SD3.5 Large) for SD3's joint blocks (``transformer_blocks.N``). Modules outside
+  the blocks (embedders, final layer) take ``ratio`` alone.
 
 Layer index: the number after a path component ``layers``, ``layer``, ``h`` or ``block`` (``model.layers.12.…``,
 ``transformer.h.3.…``, ``encoder.layer.5.…``, T5's ``encoder.block.2.…``; with dots or kohya's underscores:
@@ -49,6 +53,10 @@ _COVERED = {
     20: [(0, 9), (13, 22)],
     26: [(0, 25)],
 }
+# diffusion transformers' block lists: length → the (block kind, count) runs they list, in order
+_DIT = {57: (("transformer_blocks", 19), ("single_transformer_blocks", 38)), 24: (("transformer_blocks", 24),)}
+_DIT[38] = (("transformer_blocks", 38),)
+_DIT_BLOCK = re.compile(r"(?:^|[._])((?:single_)?transformer_blocks)[._](\d+)(?=[._]|$)")
 _SD_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)_")
 
 
@@ -115,9 +123,12 @@ def _block_weights(value: dict, what: str) -> dict:
     if extra:
         raise SettingError(f"{what}: an lbw mapping takes only lbw and ratio, got {', '.join(sorted(map(str, extra)))}")
     blocks = value["lbw"]
-    if not isinstance(blocks, list) or len(blocks) not in _COVERED:
+    if not isinstance(blocks, list) or len(blocks) not in (*_COVERED, *_DIT):
         count = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
-        raise SettingError(f"{what}: lbw must be a list of 12 or 20 (SDXL), 17 or 26 (SD 1.x) numbers, got {count}")
+        raise SettingError(
+            f"{what}: lbw must be a list of 12 or 20 (SDXL), 17 or 26 (SD 1.x), 57 (Flux.1: 19 double, 38 single "
+            f"blocks), 24 or 38 (SD3/SD3.5 joint blocks) numbers, got {count}"
+        )
     return {"lbw": _gradient(blocks, f"{what}.lbw"), "ratio": _number(value.get("ratio", 1.0), f"{what}.ratio")}
 
 
@@ -181,6 +192,22 @@ def sd_block(name: str) -> int | None:
     return None
 
 
+def dit_block(name: str, count: int) -> int | None:
+    """A diffusion-transformer module's position in a ``count``-value block list (see the module docstring), from its
+    diffusers name (``transformer.single_transformer_blocks.3.attn.to_q`` is 19 + 3 in Flux.1's 57); None outside
+    the listed blocks."""
+    found = _DIT_BLOCK.search(name)
+    if found is None:
+        return None
+    start = 0
+    for kind, blocks in _DIT[count]:
+        if found.group(1) == kind:
+            index = int(found.group(2))
+            return start + index if index < blocks else None
+        start += blocks
+    return None
+
+
 def _matches(pattern: str, name: str) -> bool:
     return pattern in DEFAULT or pattern in name or pattern.replace(".", "_") in name
 
@@ -226,12 +253,17 @@ def _row(spec, name: str, num_layers: int) -> tuple[list[float], float]:
     if isinstance(spec, list):
         return _interpolation(len(spec), layer_t(name, num_layers)), 0.0
     if isinstance(spec, dict) and "lbw" in spec:
-        block = sd_block(name)
-        covered = [b for first, last in _COVERED[len(spec["lbw"])] for b in range(first, last + 1)]
-        row = [0.0] * len(spec["lbw"])
-        if block not in covered:
+        count = len(spec["lbw"])
+        row = [0.0] * count
+        if count in _DIT:
+            position = dit_block(name, count)
+        else:
+            block = sd_block(name)
+            covered = [b for first, last in _COVERED[count] for b in range(first, last + 1)]
+            position = covered.index(block) if block in covered else None
+        if position is None:
             return row, spec["ratio"]
-        row[covered.index(block)] = spec["ratio"]
+        row[position] = spec["ratio"]
         return row, 0.0
     if isinstance(spec, dict):
         row: list[float] = []

@@ -133,7 +133,10 @@ def assert_deltas(adapter, expected: dict[str, torch.Tensor], weight: float = 1.
 def test_every_naming_reads_the_delta_diffusers_gets(tmp_path, make):
     path = make(tmp_path / "lora.safetensors")
     adapter = loramix.load_adapter(path)
-    assert adapter.provenance["architecture"] == "Flux.1 (FluxTransformer2DModel, hidden 16)"
+    if make is diffusers_file:  # diffusers' names of Flux.1's blocks are HunyuanVideo's too: no one family
+        assert "family" not in adapter.provenance
+    else:
+        assert adapter.provenance["architecture"] == "Flux.1 (FluxTransformer2DModel, hidden 16)"
     assert_deltas(adapter, oracle_deltas(path))
 
 

@@ -32,7 +32,8 @@ from loramix.errors import counted
     callback=block_weights,
     metavar="LISTS",
     help="kohya/A1111 LoRA Block Weight: one list of 12/20 (SDXL) or 17/26 (SD 1.x) block weights per adapter "
-    "('[1,0,...],[1,1,...]'), in sd-scripts' block order; each multiplies that adapter's --weights number.",
+    "('[1,0,...],[1,1,...]'), in sd-scripts' block order, or 57 (Flux.1: 19 double then 38 single blocks), 24/38 "
+    "(SD3/SD3.5 joint blocks); each multiplies that adapter's --weights number.",
 )
 @click.option("-m", "--method", default=None, help="Merge method (see `loramix methods`) [default: svd].")
 @rank_rule_options

@@ -78,7 +78,8 @@ def check(adapter: LoraAdapter, config: dict | None) -> Report:
     """The verdict of every consumer on ``adapter``; ``config`` is its raw adapter_config.json (None: not a PEFT
     folder, e.g. a kohya file)."""
     src = adapter.source if " " not in adapter.source else repr(adapter.source)
-    if config is None and adapter.provenance.get("family") and adapter.provenance.get("format") == "kohya":
+    diffusion = adapter.provenance.get("family") or adapter.provenance.get("fits")  # loramix.formats.diffusion
+    if config is None and diffusion and adapter.provenance.get("format") == "kohya":
         verdicts = kohya_verdicts(adapter, src)[:-1] + family_verdicts(adapter, src)  # diffusers, ComfyUI apart
     elif config is None:
         verdicts = kohya_verdicts(adapter, src)

@@ -18,7 +18,7 @@ from loramix import experts, writers
 from loramix.adapter import LoraAdapter, check_compatible
 from loramix.errors import AdapterFormatError, ArgumentError, IncompatibleAdaptersError, SettingError
 from loramix.formats import _keys, adalora, kohya, live, lycoris, peft, peft_lycoris, statedict
-from loramix.formats.diffusion import file_naming
+from loramix.formats.diffusion import file_naming, fits_a_family, peft_folder
 from loramix.formats.diffusion import reference_names as diffusion_files
 from loramix.io.conversion_mapping import in_memory, model_names
 from loramix.schedule import parse
@@ -78,6 +78,8 @@ def load_adapter(
         adapter = statedict.read(path, allow_nonfinite=allow_nonfinite, **options)
     else:
         adapter = _apply_options(reader.read(path, allow_nonfinite=allow_nonfinite), **options)
+    if reader is peft:  # a diffusion transformer's PEFT folder reads as its family
+        adapter = peft_folder.as_family(adapter, str(path))
     if allow_nonfinite:
         _nonfinite_note(adapter)
     adapter.source = str(src)
@@ -261,7 +263,8 @@ def default_format(adapters: list[LoraAdapter]) -> str:
 
 def _diffusion_lora(adapter: LoraAdapter) -> bool:
     formats = adapter.provenance.get("formats") or [adapter.provenance.get("format")]
-    return all(f in DIFFUSION_FORMATS for f in formats) or kohya.kohya_named(adapter.modules)
+    dit = fits_a_family(adapter.modules)  # a diffusion transformer's modules (its PEFT folder's included)
+    return all(f in DIFFUSION_FORMATS for f in formats) or kohya.kohya_named(adapter.modules) or dit
 
 
 def write_adapter(adapter: LoraAdapter, folder: Path, *, format: str = "peft", **options) -> Path:

@@ -16,6 +16,14 @@ as weights. Supported:
   output channel ([rows, 1]) or block; W = codes · scale. Re-quantized as compressed-tensors' ``calculate_qparams``
   and ``quantize`` do: s = max(a / 448, float32 eps) per tensor, channel or block, stored in the scale's dtype,
   codes = clamp(W / s, ±448) cast to float8_e4m3fn. Static activation scales (``input_scale``) are kept as they are.
+- **ComfyUI scaled FP8** (no config: a ``scaled_fp8`` marker tensor, ``flux1-dev-fp8``-style single files that
+  ComfyUI's scripts quantized): ``<m>.weight`` in float8_e4m3fn and ``<m>.scale_weight`` per tensor, W = codes ·
+  scale_weight; re-quantized per tensor as compressed-tensors does (s = max |W| / 448).
+- **plain-cast FP8** (no config: float8_e4m3fn tensors and no scale tensor of any kind, as Kijai's and Comfy-Org's
+  ``flux1-dev-fp8.safetensors`` are cast from bfloat16, which ComfyUI loads as W = the stored values): not a
+  quantized layout but a dense base of that dtype; a merged weight is W + ΔW rounded once to float8_e4m3fn (nearest,
+  saturating at ±448), every other tensor copied. A float8_e5m2 file, or float8 tensors in a folder with a
+  config.json but no ``quantization_config``, are refused.
 - **MXFP4** (``quant_method: mxfp4``, gpt-oss's experts): ``<p>_blocks`` and ``<p>_scales`` read as the dense
   expert parameter ``<p>``, as transformers' ``convert_moe_packed_tensors`` does; re-quantized as triton_kernels'
   ``downcast_to_mxfp_torch`` rounds (`loramix.io.schemes.MXFP4.quantize`).
@@ -63,7 +71,8 @@ QUANT_ENDINGS = (
     ".nested_absmax",
 )
 FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
-SUPPORTED = "FP8 (block FP8, compressed-tensors float-quantized), gpt-oss MXFP4 and GPTQ/AWQ int4"
+COMFY_MARKER = "scaled_fp8"  # ComfyUI's marker tensor of a scaled FP8 file (`_comfy_scaled_fp8`)
+SUPPORTED = "FP8 (block FP8, compressed-tensors float-quantized, ComfyUI scaled FP8), gpt-oss MXFP4 and GPTQ/AWQ int4"
 
 
 class Stored(Protocol):
@@ -162,6 +171,10 @@ def recognise(config: dict, tensors: dict[str, Stored], where: Path) -> Quantize
     suspects = [name for name, t in tensors.items() if _looks_quantized(name, t)]
     first = suspects[0] if suspects else next(iter(tensors), "?")
     if qc is None:
+        if any(n == COMFY_MARKER or n.endswith("." + COMFY_MARKER) for n in tensors):
+            return _comfy_scaled_fp8(tensors, where)
+        if suspects and not config and all(_plain_fp8(n, tensors[n]) for n in suspects):
+            return None  # a plain-cast float8_e4m3fn single file: W = the stored values (a dense base of that dtype)
         if suspects:
             t = tensors[first]
             raise _refuse(
@@ -184,6 +197,27 @@ def recognise(config: dict, tensors: dict[str, Stored], where: Path) -> Quantize
     if method in ("gptq", "awq"):
         return _int4(method, qc, tensors, where, first)
     raise _refuse(where, first, f"a {method or 'unnamed'} quantized base (quantization_config quant_method)")
+
+
+def _plain_fp8(name: str, tensor: Stored) -> bool:
+    """A float8_e4m3fn tensor stored as the value itself (no scale tensor anywhere: see `recognise`)."""
+    return tensor.dtype == FP8_DTYPE and not name.endswith(QUANT_ENDINGS) and "scale" not in name.rpartition(".")[2]
+
+
+def _comfy_scaled_fp8(tensors: dict[str, Stored], where: Path) -> QuantizedBase:
+    """ComfyUI's scaled FP8 single files (``flux1-dev-fp8``-style releases quantized by ComfyUI's scripts): a
+    ``scaled_fp8`` marker tensor (ComfyUI's ``model_detection``: ``<prefix>scaled_fp8``), each float8_e4m3fn
+    ``<m>.weight`` with a float ``<m>.scale_weight`` per tensor, W = codes · scale_weight (comfy/ops.py
+    ``scaled_fp8_op``), and optional ``<m>.scale_input`` activation scales (kept as they are). Re-quantized per
+    tensor: s = max(|W|)/448, codes = W / s, as compressed-tensors' per-tensor FP8 (the same maths)."""
+    markers = [n for n in tensors if n == COMFY_MARKER or n.endswith("." + COMFY_MARKER)]
+    kind = {tensors[n].dtype for n in markers}
+    if kind != {FP8_DTYPE}:
+        raise _refuse(where, markers[0], f"a scaled_fp8 marker of {', '.join(map(_name, kind))} (e4m3fn supported)")
+    scheme = FP8((1, 1), suffix=".scale_weight", granularity="tensor", divide=True)
+    view = {n: t for n, t in tensors.items() if n not in markers}
+    layout = _fp8_layout(scheme, view, where, static=True, activation=".scale_input")
+    return QuantizedBase(scheme, layout.scales, (*layout.activation_scales, *markers))
 
 
 def _block_fp8(qc: dict, tensors: dict[str, Stored], where: Path) -> QuantizedBase:
@@ -228,14 +262,16 @@ def _compressed_tensors(qc: dict, tensors: dict[str, Stored], where: Path, first
     return _fp8_layout(scheme, tensors, where, static=static)
 
 
-def _fp8_layout(scheme: FP8, tensors: dict[str, Stored], where: Path, *, static: bool) -> QuantizedBase:
-    """Every float8 weight with its checked scale; static activation scales (``input_scale``) where the config
-    says so; anything else quantized-looking refused."""
+def _fp8_layout(
+    scheme: FP8, tensors: dict[str, Stored], where: Path, *, static: bool, activation: str = ".input_scale"
+) -> QuantizedBase:
+    """Every float8 weight with its checked scale; static activation scales (``activation``, compressed-tensors'
+    ``input_scale``) where the config says so; anything else quantized-looking refused."""
     scales: dict[str, str] = {}
     for name, t in tensors.items():
         if t.dtype == FP8_DTYPE:
             scales[name] = _fp8_scale(name, t, tensors, scheme.for_shape(t.shape), where)
-    activations = tuple(n for n in tensors if static and n.endswith(".input_scale"))
+    activations = tuple(n for n in tensors if static and n.endswith(activation))
     known = set(scales.values()) | set(activations)
     for name, t in tensors.items():
         if name not in scales and name not in known and _looks_quantized(name, t):
@@ -318,7 +354,7 @@ def _int4_parts(name: str, t: Stored, tensors: dict[str, Stored], scheme: Int4, 
 def _fp8_scale(name: str, t: Stored, tensors: dict[str, Stored], scheme: FP8, where: Path) -> str:
     """The scale key of FP8 weight ``name``, checked: present, float, its grid's shape (a per-tensor scale may be
     stored as [] or [1], a per-channel one as [rows]), finite and positive."""
-    key = name + scheme.suffix
+    key = scheme.scale_key(name)
     scale = tensors.get(key)
     what = scheme.describe()
     if len(t.shape) != 2 or not name.endswith(".weight"):

@@ -22,13 +22,20 @@ class FP8:
 
     block: tuple[int, int]
     scale_fmt: str = "float"  # "ue8m0": every scale a power of two
-    suffix: str = "_scale_inv"  # the scale tensor's name: the weight's name plus this
+    suffix: str = "_scale_inv"  # the scale tensor's name: the weight's name plus this (`scale_key`)
     granularity: str = "block"  # "block", "channel" or "tensor"
     divide: bool = False
+
+    def scale_key(self, name: str) -> str:
+        """The scale tensor's key of weight ``name``: the name plus the suffix, or for a suffix that starts with a
+        dot (ComfyUI's ``.scale_weight``) the module's path plus it."""
+        return name.removesuffix(".weight") + self.suffix if self.suffix.startswith(".") else name + self.suffix
 
     def describe(self) -> str:
         fmt = ", power-of-two scales" if self.scale_fmt == "ue8m0" else ""
         blocks = f"{self.block[0]}×{self.block[1]} blocks" if self.granularity == "block" else ""
+        if self.suffix == ".scale_weight":
+            return "ComfyUI scaled FP8 (float8_e4m3fn, per-tensor scale_weight)"
         if not self.divide:
             return f"block FP8 (float8_e4m3fn, {blocks}{fmt})"
         return f"compressed-tensors FP8 (float8_e4m3fn, {blocks or 'per-' + self.granularity} weight_scale)"

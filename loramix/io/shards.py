@@ -318,7 +318,7 @@ def write_beside(
     write_index(folder, names, shards, index)
     config = dict(base.config)
     if dense:
-        config.pop("quantization_config")
+        config.pop("quantization_config", None)  # a ComfyUI scaled FP8 single file has none
     for key in config_dtype_keys(config) if DIFFUSERS_CONFIG not in config and dtype_name else ():
         config[key] = dtype_name
     if base.config:  # a single-file checkpoint (ComfyUI's, BFL's) has none

@@ -1,5 +1,5 @@
-"""Diffusion-transformer LoRAs (Flux.1, Wan 2.x, Qwen-Image): every naming read onto one module identity, and
-written back out.
+"""Diffusion-transformer LoRAs (Flux.1, SD3/3.5, HunyuanVideo, Wan 2.x, Qwen-Image): every naming read onto one
+module identity, and written back out.
 
 The identity is diffusers' module path inside the pipeline's ``transformer`` component, with the component prefix
 loramix uses for diffusers names: ``transformer.transformer_blocks.0.attn.to_q``. `identify` recognises a family
@@ -31,10 +31,12 @@ from loramix.formats._keys import sample
 from loramix.formats.diffusion.family import Family, Rule
 from loramix.formats.diffusion.flux import FLUX
 from loramix.formats.diffusion.fused import Piece, join, split
+from loramix.formats.diffusion.hunyuan import HUNYUAN_VIDEO
 from loramix.formats.diffusion.qwen import QWEN_IMAGE
+from loramix.formats.diffusion.sd3 import SD3
 from loramix.formats.diffusion.wan import WAN
 
-FAMILIES = (FLUX, WAN, QWEN_IMAGE)
+FAMILIES = (FLUX, SD3, HUNYUAN_VIDEO, WAN, QWEN_IMAGE)
 COMPONENT = "transformer."
 KOHYA = "lora_unet_"  # sd-scripts' prefix for the denoiser, whatever its kind
 DIFFUSERS_FLAT = "lora_transformer_"  # diffusers' own flattened names (its "mixture" kohya files)
@@ -47,38 +49,88 @@ def reading(family: Family, name: str) -> tuple[Rule, str | None, int] | None:
         return family.match(name.removeprefix(KOHYA), flat=True, original=True)
     if name.startswith(DIFFUSERS_FLAT):
         return family.match(name.removeprefix(DIFFUSERS_FLAT), flat=True, original=False)
-    if name.startswith(COMPONENT):
-        return family.match(name.removeprefix(COMPONENT), flat=False, original=False)
+    if name.startswith(COMPONENT):  # diffusers' names, or the original ones under its prefix (diffusion-pipe's)
+        path = name.removeprefix(COMPONENT)
+        return family.match(path, flat=False, original=False) or family.match(path, flat=False, original=True)
     return family.match(name, flat=False, original=True)
 
 
-def recognise(names, where: str = "the adapter") -> Family | None:
+def recognise(names, where: str = "the adapter", known: str | None = None) -> Family | None:
     """The family whose module names ``names`` use: the one that reads most of the transformer's names, one of
     them an original module of it or a diffusers module only it has (see `Family.markers`); None when no family
-    has such a name. Names two families read equally well (``img_in`` alone: Flux.1's and Qwen-Image's) are
-    refused, naming ``where``."""
+    has such a name. Where families tie, ``known`` (the family the files were read as: see `family_of`) decides;
+    else names every tied family reads alike decide by `FAMILIES`' order (musubi-tuner's HunyuanVideo
+    ``lora_unet_double_blocks_0_img_attn_qkv`` is sd-scripts' Flux.1 name too, and the same diffusers modules),
+    except diffusers' own names alone (``transformer_blocks.0.attn.to_q``: Flux.1's, SD3's and HunyuanVideo's), which
+    are no family (they are the identity already, and the families write them back differently); names two families
+    read differently (``img_in`` alone: Flux.1's original and Qwen-Image's diffusers name) are refused, naming
+    ``where``."""
+    best = _best(names)
+    if not best:
+        return None
+    if len(best) == 1:
+        return best[0][0]
+    chosen = [family for family, _ in best if family.name == known]
+    if chosen:
+        return chosen[0]
+    if all(meaning == best[0][1] for _, meaning in best):
+        return best[0][0] if any(m[1] != "identity" for m in best[0][1]) else None
+    labels = " and ".join(f.label for f, _ in best)
+    raise AdapterFormatError(
+        f"{where}: its module names fit {labels} alike ({sample([n for n in names if not n.startswith(TEXT)])}); "
+        "cannot tell which"
+    )
+
+
+def fits_a_family(names) -> bool:
+    """Whether module ``names`` are a diffusion-transformer family's (one family's, or diffusers' names several
+    share)."""
+    return bool(_best(names))
+
+
+def _best(names) -> list[tuple[Family, list]]:
+    """The families that read the most of the transformer's ``names`` (one of them marked: see `recognise`), each
+    with what it reads them as."""
     names = [n for n in names if not n.startswith(TEXT)]
     scores = []
     for family in FAMILIES:
         found = [f for n in names if (f := reading(family, n)) is not None]
         if any(f[2] == -1 or family.marked(f[0]) for f in found):
-            scores.append((len(found), family))
-    if not scores:
-        return None
-    top = max(count for count, _ in scores)
-    best = [family for count, family in scores if count == top]
-    if len(best) > 1:
-        labels = " and ".join(f.label for f in best)
-        raise AdapterFormatError(f"{where}: its module names fit {labels} alike ({sample(names)}); cannot tell which")
-    return best[0]
+            scores.append((len(found), family, [_meaning(f) for f in found]))
+    top = max((count for count, _, _ in scores), default=0)
+    return [(family, meaning) for count, family, meaning in scores if count == top]
+
+
+def _meaning(found: tuple[Rule, str | None, int]) -> tuple[tuple[str, ...], str]:
+    """The diffusers module(s) a name reads as and how (its rule's split, or ``identity`` for a diffusers name)."""
+    rule, block, index = found
+    if index >= 0:
+        return (rule.name(rule.targets[index], block),), "identity"
+    return tuple(rule.name(t, block) for t in rule.targets), rule.split
+
+
+BASE_WORDS = (("flux", "flux"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"), ("hunyuan", "hunyuan-video"))
+
+
+def family_of(adapter: LoraAdapter) -> Family | None:
+    """The family of an adapter already read: by its names, a tie decided by the family its file(s) were recognised
+    as (``provenance["family"]``, set by `identify` and kept by a combination of one family's adapters) or else by
+    the base model it names (``black-forest-labs/FLUX.1-dev``, a kohya ``ss_base_model_version`` such as ``flux1``:
+    `BASE_WORDS`)."""
+    base = (adapter.base_model or "").lower()
+    named = next((family for word, family in BASE_WORDS if word in base), None)
+    return recognise(adapter.modules, known=adapter.provenance.get("family") or named)
 
 
 def identify(adapter: LoraAdapter, where: str) -> LoraAdapter:
     """``adapter`` with its transformer modules under diffusers' names (see the module docstring); an adapter of no
     known family comes back as it is. ``where`` names the file in errors."""
     family = recognise(adapter.modules, where)
-    if family is None:
-        return adapter
+    if family is None:  # no family, or diffusers' names of several (``fits``, for `loramix check`)
+        fits = [f.name for f, _ in _best(adapter.modules)]
+        if not fits:
+            return adapter
+        return adapter.with_modules(adapter.modules, provenance={**adapter.provenance, "fits": fits})
     modules: dict[str, LoraModule] = {}
     origin: dict[str, str] = {}
     unknown = []
@@ -101,17 +153,19 @@ def identify(adapter: LoraAdapter, where: str) -> LoraAdapter:
         )
     hidden = Counter(m.in_features for n, m in modules.items() if n.startswith(COMPONENT)).most_common(1)
     architecture = f"{family.label} ({family.model_class}, hidden {hidden[0][0]})" if hidden else family.label
-    namings = sorted({naming(n) for n in adapter.modules if not n.startswith(TEXT)})
+    namings = sorted({naming(n, family) for n in adapter.modules if not n.startswith(TEXT)})
     provenance = {**adapter.provenance, "family": family.name, "architecture": architecture, "namings": namings}
     return adapter.with_modules(modules, provenance=provenance)
 
 
-def naming(name: str) -> str:
+def naming(name: str, family: Family | None = None) -> str:
     """Which naming a transformer module name is in: ``kohya`` (``lora_unet_``), ``diffusers-flat``
-    (``lora_transformer_``), ``diffusers`` (``transformer.``) or ``original`` (dotted, from ComfyUI/BFL or XLabs)."""
+    (``lora_transformer_``), ``diffusers`` (``transformer.``) or ``original`` (dotted, from ComfyUI/BFL or XLabs, or
+    under diffusers' ``transformer.`` prefix where ``family`` reads it as its original module: diffusion-pipe's)."""
     for prefix, label in ((KOHYA, "kohya"), (DIFFUSERS_FLAT, "diffusers-flat"), (COMPONENT, "diffusers")):
         if name.startswith(prefix):
-            return label
+            found = reading(family, name) if family is not None and prefix == COMPONENT else None
+            return "original" if found is not None and found[2] == -1 else label
     return "original"
 
 
@@ -119,7 +173,7 @@ def _parts(family: Family, found, name: str, module: LoraModule, where: str) -> 
     rule, block, index = found
     if index >= 0:
         return {COMPONENT + rule.name(rule.targets[index], block): module}
-    if module.layout != "linear":
+    if module.layout != "linear" and rule.split != "one":
         raise AdapterFormatError(f"{where}: module {name} is a {module.layout} LoRA; {family.label}'s are linear")
     pieces = family.pieces(rule, block, module.in_features, module.out_features, f"{where}: {name}")
     return {COMPONENT + n: m for n, m in split(module, pieces).items()}
@@ -140,7 +194,7 @@ def to_original(adapter: LoraAdapter, naming: str = "kohya") -> LoraAdapter:
     modules under sd-scripts'/musubi-tuner's names (``lora_unet_double_blocks_0_img_attn_qkv``) or, with ``naming``
     ``comfyui``, ComfyUI's (``diffusion_model.double_blocks.0.img_attn.qkv``); any other adapter as it is. A
     transformer module outside the family's map is refused."""
-    family = recognise(adapter.modules)
+    family = family_of(adapter)
     if family is None:
         return adapter
     out: dict[str, LoraModule] = {}
@@ -164,12 +218,19 @@ def to_original(adapter: LoraAdapter, naming: str = "kohya") -> LoraAdapter:
 
 def file_naming(adapters: list[LoraAdapter]) -> str:
     """The format of a diffusion LoRA file that diffusers and ComfyUI both load for ``adapters``' family: ComfyUI's
-    names for Wan (diffusers reads musubi-tuner's names only when every block holds all ten attention and FFN
-    modules, its ``diffusion_model.`` names in any subset); diffusers' for Flux.1 with modules outside the blocks
-    (diffusers' kohya converter drops those: see `loramix.compat.diffusion`); kohya's otherwise."""
-    families = {f.name if (f := recognise(a.modules)) else None for a in adapters}
-    if families == {"wan"}:
+    names for HunyuanVideo (diffusion-pipe's file, `loramix.formats.diffusion.comfyui`) and Wan (diffusers reads
+    musubi-tuner's names only when every block holds all ten attention and FFN modules, its ``diffusion_model.``
+    names in any subset); diffusers' for SD3 (diffusers has no converter of its original names; ComfyUI maps
+    diffusers' SD3 names), for Flux.1 with modules outside the blocks (diffusers' kohya converter drops those: see
+    `loramix.compat.diffusion`) and for diffusers' transformer names of no one family (``transformer_blocks.0.attn
+    .to_q`` alone: Flux.1's or SD3's); kohya's otherwise."""
+    families = {f.name if (f := family_of(a)) else None for a in adapters}
+    if families == {None} and any(n.startswith(COMPONENT) for a in adapters for n in a.modules):
+        return "diffusers"
+    if families in ({"wan"}, {"hunyuan-video"}):
         return "comfyui"
+    if families == {"sd3"}:
+        return "diffusers"
     outside = any(_outside_blocks(n) for a in adapters for n in a.modules)
     return "diffusers" if families == {"flux"} and outside else "kohya"
 
@@ -185,7 +246,7 @@ def onto_base(adapter: LoraAdapter, keys) -> LoraAdapter:
     ComfyUI/BFL single file such as ``flux1-dev.safetensors``, keys ``double_blocks.0.img_attn.qkv.weight``, with or
     without ``model.diffusion_model.``): the parts joined into the original modules (`to_original`), each named by
     the base's own module path; any other adapter or base as is (a module the base lacks is named by the merge)."""
-    family = recognise(adapter.modules)
+    family = family_of(adapter)
     if family is None:
         return adapter
     paths = {}
@@ -202,12 +263,16 @@ def onto_base(adapter: LoraAdapter, keys) -> LoraAdapter:
 def _joined(family: Family, rule: Rule, block, parts: dict[str, LoraModule], mlp) -> LoraModule:
     first = next(iter(parts.values()))
     for name, module in parts.items():
-        if module.layout != "linear" or module.bias is not None or module.magnitude is not None:
+        if (
+            module.bias is not None
+            or module.magnitude is not None
+            or (module.layout != "linear" and rule.split != "one")
+        ):
             raise OutputError(f"module {name}: kohya files hold a plain linear LoRA for {family.label}")
     if rule.split == "one":
         return first
     hidden = first.in_features
-    rows = {"thirds": 3 * hidden, "qkv_rest": 3 * hidden + mlp(hidden), "swap": first.out_features}[rule.split]
+    rows = {"thirds": 3 * hidden, "qkv_rest": 3 * hidden + mlp(hidden)}.get(rule.split, first.out_features)
     pieces = [Piece(COMPONENT + p.name, p.segments) for p in family.pieces(rule, block, hidden, rows, "the output")]
     return join(parts, pieces, rows)
 

@@ -4,10 +4,11 @@ diffusers' module names, and the `Family` that holds them with what recognises i
 A rule's names are templates with ``{i}`` for a block number. ``split`` says how the original module's rows lie on
 its diffusers modules: ``one`` (the same weight), ``thirds`` (q, k, v of equal rows: out = 3·in), ``qkv_rest``
 (q, k, v of ``in`` rows each, then the MLP's ``mlp_ratio``·in rows: Flux.1's single-block ``linear1``; Flux.2's,
-whose gated MLP has other sizes, is refused), ``swap`` (one
-module with the two row halves exchanged: shift/scale against scale/shift). Names are matched dotted (ComfyUI/BFL,
-diffusers) or flattened with underscores (kohya ``lora_unet_…``, diffusers' ``lora_transformer_…``): a template
-fixes where the dots are, so a flat name has one reading.
+whose gated MLP has other sizes, is refused), ``swap`` (one module with the two row halves exchanged: shift/scale
+against scale/shift), ``swap_last`` (``swap`` where the module has 2·in rows — SD3's last joint block, whose context
+modulation is an ``AdaLayerNormContinuous`` — else ``one``). Names are matched dotted (ComfyUI/BFL, diffusers) or
+flattened with underscores (kohya ``lora_unet_…``, diffusers' ``lora_transformer_…``): a template fixes where the
+dots are, so a flat name has one reading.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from functools import cache
 from loramix.errors import AdapterFormatError
 from loramix.formats.diffusion.fused import Piece
 
-SPLITS = ("one", "thirds", "qkv_rest", "swap")
+SPLITS = ("one", "thirds", "qkv_rest", "swap", "swap_last")
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,19 @@ class Family:
         targets = [rule.name(t, block) for t in rule.targets]
         h, out = in_features, out_features
         mlp = (3 + self.mlp_ratio) * h  # q, k, v and the MLP; q, k, v alone for XLabs' single-block qkv
-        fits = {"one": True, "thirds": out == 3 * h, "qkv_rest": out in (3 * h, mlp), "swap": out % 2 == 0}[rule.split]
+        split = rule.split if rule.split != "swap_last" else ("swap" if out == 2 * h else "one")
+        fits = {"one": True, "thirds": out == 3 * h, "qkv_rest": out in (3 * h, mlp), "swap": out % 2 == 0}[split]
         if not fits:
             raise AdapterFormatError(
                 f"{where}: module {rule.name(rule.original, block)} has ΔW {out}×{in_features}, which is not "
                 f"{self.label}'s {rule.split} layout of {', '.join(targets)}"
             )
-        if rule.split == "one":
+        if split == "one":
             return [Piece(targets[0], ((0, out),))]
-        if rule.split == "swap":
+        if split == "swap":
             return [Piece(targets[0], ((out // 2, out // 2), (0, out // 2)))]
         pieces = [Piece(t, ((k * h, h),)) for k, t in enumerate(targets[:3])]
-        if rule.split == "qkv_rest" and out > 3 * h:
+        if split == "qkv_rest" and out > 3 * h:
             pieces.append(Piece(targets[3], ((3 * h, out - 3 * h),)))
         return pieces
 
