@@ -37,6 +37,7 @@ LAYERS = [
     ["loramix.live"],
     ["loramix.diffusers_merge", "loramix.extraction"],
     ["loramix.checkpoint", "loramix.quantized_merge"],
+    ["loramix.merge_chunk"],
     ["loramix.kernels"],
     ["loramix.analysis"],
     ["loramix.combination"],

@@ -204,6 +204,10 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, in the base's
     dtype unless --dtype says otherwise).
     """
+    from loramix.io.early_copy import early_copy  # no torch: the base's untouched bytes copy while torch imports
+
+    if not (recipe or flags["dtype"] or flags["shard_size"] or flags["quantized_as"] or flags["format"]):
+        ctx.with_resource(early_copy(flags["merge_into"], list(adapters), output))
     from loramix.pipeline import run
     from loramix.recipe import Plan, load_recipe
     from loramix.render.card import kept_summary, quantized_summary, rank_text
