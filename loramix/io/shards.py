@@ -200,7 +200,8 @@ def write_shards(
     already in its output dtype. One thread copies unchanged bytes (a second kernel copy at once gains nothing),
     ``workers`` threads compute meanwhile. ``early``: the copy the CLI started before torch was imported
     (`loramix.io.early_copy`), used when the output keeps the base's files as they are, else stopped. Returns the
-    wall-clock times (time.time()) at which the copy and the computed tensors started and ended."""
+    wall-clock times (time.time()) at which the copy and the computed tensors started and ended, and the bytes
+    ``copied early``."""
     headers = headers or [None] * len(shards)
     kept = all(h is not None for h in headers) and early is not None and early.files == names
     if early is not None and not kept:
@@ -237,6 +238,7 @@ def write_shards(
             bar.update(sum(job.nbytes for shard in shards for job in shard if job.name in copied))
             times["copy start"] = min(early.started, times.get("copy start", early.started))
             times["copy end"] = max(early.finished, times.get("copy end", early.finished))
+            times["copied early"] = early.copied
     if early:
         for name in names:
             os.replace(early.staging / name, folder / name)
