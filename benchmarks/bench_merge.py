@@ -396,6 +396,7 @@ def main() -> None:
         help="layers of the shape (default: all); 'auto': as many as the "
         "workdir's free disk holds twice (base and output), with 10%% to spare",
     )
+    parser.add_argument("--workers", type=int, help="loramix's --workers (default: its own)")
     parser.add_argument("--peft-timeout", type=int, default=600, help="seconds before PEFT's run is stopped")
     args = parser.parse_args()
     work = args.workdir
@@ -408,7 +409,7 @@ def main() -> None:
     out = work / "out"
     py = sys.executable
     loramix = [py, "-m", "loramix", "-v", "combine", str(adapter), "--method", "cat", "--merge-into", str(base)]
-    loramix += ["-o", str(out), "--device", args.device]
+    loramix += ["-o", str(out), "--device", args.device, *(["--workers", str(args.workers)] if args.workers else [])]
     peft = ["timeout", str(args.peft_timeout), py, "-c", PEFT, str(adapter), str(base), str(out), args.device]
     if args.peft_cap != "none":
         peft = ["prlimit", f"--as={_bytes(args.peft_cap)}", *peft]
