@@ -22,7 +22,8 @@ on a CPU and as FP8Linear on a GPU, neither of which merge_and_unload writes bac
 Contenders, each a fresh process writing a fresh output folder (deleted once measured: disk is short):
   cp       cp -r BASE OUT
   loramix  python -m loramix -q combine ADAPTER --method cat --merge-into BASE -o OUT [--device D] (the CLI, end to end)
-  peft     AutoModelForCausalLM.from_pretrained(BASE, dtype=bfloat16) → PeftModel.from_pretrained → merge_and_unload
+  peft     AutoModelForCausalLM.from_pretrained(BASE, dtype=bfloat16, use_kernels=False: no Hub kernels offline)
+           → PeftModel.from_pretrained → merge_and_unload
            → save_pretrained(OUT); under a hard address-space cap (prlimit --as, --peft-cap) so that it cannot take a
            shared machine down: when it does not fit, the row says it failed and why
 Wall time is the command's, process start included; `sync` runs after each (timed apart: the dirty pages it leaves).
@@ -281,7 +282,7 @@ import sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 extra = {} if sys.argv[4] == "cpu" else {"device_map": sys.argv[4]}
-model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.bfloat16, **extra)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.bfloat16, use_kernels=False, **extra)
 merged = PeftModel.from_pretrained(model, sys.argv[1]).merge_and_unload()
 merged.save_pretrained(sys.argv[3])
 """
@@ -468,8 +469,8 @@ def fitting_layers(shape: str, work: Path) -> int:
     """The most layers of ``shape`` whose base fits twice (base and output) in ``work``'s free disk, 10% spared."""
     s = SHAPES[shape]
     free = shutil.disk_usage(work).free * 0.9 / 2
-    one = sum(2 * _count(shp) for _, shp in base_tensors({**s, "layers": 1}))
     rest = sum(2 * _count(shp) for _, shp in base_tensors({**s, "layers": 0}))
+    one = sum(2 * _count(shp) for _, shp in base_tensors({**s, "layers": 1})) - rest
     return max(1, min(s["layers"], int((free - rest) // one)))
 
 

@@ -6,6 +6,7 @@ bit)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,10 +49,12 @@ def test_the_cli_copies_untouched_tensors_while_torch_imports(pair, tmp_path):
     assert _leftovers(tmp_path) == []  # the staging folder's files moved into the output, the folder removed
 
 
-def test_a_wrong_prediction_costs_time_never_bytes(pair, tmp_path):
+@pytest.mark.parametrize("cpus", [2, 8])  # one copying thread, two
+def test_a_wrong_prediction_costs_time_never_bytes(pair, tmp_path, monkeypatch, cpus):
     """The copy is predicted for an adapter on gate_proj only; the merge is of one on q/v/down: tensors copied
     early are merged over (after the copy), gate_proj is copied by the writer."""
     base, adapter = pair
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
     expected = weight_files(merge_into_base(adapter, base, tmp_path / "api").path)
     shapes = {f"model.layers.{i}.mlp.gate_proj": (96, 4, 32) for i in range(SIZES["layers"])}
     other = raw_lora_folder(tmp_path / "other", shapes=shapes, config={"target_modules": ["gate_proj"]})
@@ -60,7 +63,7 @@ def test_a_wrong_prediction_costs_time_never_bytes(pair, tmp_path):
     assert "model.layers.0.self_attn.q_proj.weight" in predicted
     assert "model.layers.0.mlp.gate_proj.weight" not in predicted
     with early_copy(str(base), [str(other)], str(tmp_path / "out")) as copy:
-        assert copy is not None
+        assert len(copy.threads) == (2 if cpus >= 4 else 1)
         merge_into_base(adapter, base, tmp_path / "out")
     assert weight_files(tmp_path / "out") == expected
     assert sorted(_leftovers(tmp_path)) == []

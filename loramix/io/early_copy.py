@@ -1,13 +1,14 @@
 """Merge-into start-up off the critical path: the base's untouched tensors copied while torch is still importing.
 
 The CLI knows the base folder, the adapters and the output before it imports anything heavy. From the files' headers
-alone (no torch) it predicts which base tensors the adapters leave alone and starts one thread copying their bytes,
-in the kernel, into a locked staging folder beside the output, in the base's own shard files at the base's own
-offsets (every header copied as it is). `loramix.io.shards.write_shards` then claims the copy for that base: when
-the merge keeps the base's files unchanged in layout it writes the merged tensors into the same files, skips the
-tensors already copied, waits for the copy and moves the files into its output folder; otherwise the copy is
-stopped and thrown away. A wrong prediction costs time, never bytes: a tensor predicted untouched that the merge
-changes is written after the copy ends, and one predicted changed is copied by the merge as usual.
+alone (no torch) it predicts which base tensors the adapters leave alone and starts copying their bytes, in the
+kernel (two threads where there are 4 CPUs or more), into a locked staging folder beside the output, in the base's
+own shard files at the base's own offsets (every header copied as it is). `loramix.io.shards.write_shards` then
+claims the copy for that base: when the merge keeps the base's files unchanged in layout it writes the merged tensors
+into the same files, skips the tensors already copied, waits for the copy and moves the files into its output
+folder; otherwise the copy is stopped and thrown away. A wrong prediction costs time, never bytes: a tensor
+predicted untouched that the merge changes is written after the copy ends, and one predicted changed is copied by
+the merge as usual.
 
 The prediction: a base tensor is changed when its name holds the last three parts of some adapter module's path
 (``3.self_attn.q_proj`` in ``model.layers.3.self_attn.q_proj.weight``; PEFT's ``base_model.model.``, ``base_layer``
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 DROPPED_PARTS = ("base_layer", "modules_to_save", "original_module")
+COPY_THREADS = 2  # kernel copies at once where there are 4 CPUs or more (one on a 2-core machine)
 TAIL = 3  # parts of a module path that identify it within a base tensor's name
 # The running copies, by resolved base folder: the CLI starts one (`early_copy`), the writer claims it (`claim`).
 _RUNNING: dict[Path, EarlyCopy] = {}
@@ -53,34 +55,46 @@ class EarlyCopy:
     copied: int = 0
     error: BaseException | None = None
     stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def run(self) -> None:
+    def start(self, count: int) -> None:
+        """Copy with ``count`` threads, each taking every ``count``-th piece of `COPY_PIECE` bytes."""
+        pieces = [
+            (src, offset + at, min(COPY_PIECE, size - at), out)
+            for src, offset, size, out in self.runs
+            for at in range(0, size, COPY_PIECE)
+        ]
         self.started = time.time()
+        for i in range(count):
+            self.threads.append(threading.Thread(target=self._run, args=(pieces[i::count],), daemon=True))
+            self.threads[-1].start()
+
+    def _run(self, pieces: list[tuple[Path, int, int, Path]]) -> None:
         try:
-            for src, offset, count, out in self.runs:
-                for start in range(0, count, COPY_PIECE):
-                    if self.stop.is_set():
-                        return
-                    piece = min(COPY_PIECE, count - start)
-                    copy_range(src, offset + start, piece, out, offset + start)
-                    self.copied += piece
+            for src, offset, count, out in pieces:
+                if self.stop.is_set():
+                    return
+                copy_range(src, offset, count, out, offset)
+                with self.lock:
+                    self.copied += count
         except BaseException as exc:  # handed to whoever joins
             self.error = exc
         finally:
-            self.finished = time.time()
+            with self.lock:
+                self.finished = max(self.finished, time.time())
 
     def join(self) -> None:
         """Wait for the copy; raise what it raised."""
-        if self.thread is not None:
-            self.thread.join()
+        for thread in self.threads:
+            thread.join()
         if self.error is not None:
             raise self.error
 
     def cancel(self) -> None:
         self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
+        for thread in self.threads:
+            thread.join()
 
 
 def module_tails(adapter: Path) -> set[tuple[str, ...]] | None:
@@ -167,8 +181,7 @@ def _start(base: Path, adapters: list[Path], staging: Path) -> EarlyCopy | None:
             else:
                 runs.append((path, start, end - start, out))
     copy = EarlyCopy(base, staging, [p.name for p in files], frozenset(names), runs)
-    copy.thread = threading.Thread(target=copy.run, name="loramix-early-copy", daemon=True)
-    copy.thread.start()
+    copy.start(COPY_THREADS if (os.cpu_count() or 1) >= 4 else 1)
     return copy
 
 
