@@ -154,6 +154,7 @@ def _run(command: list[str]) -> tuple[float, float, float]:
 
 def _errors(base: Path, tuned: Path, adapter: Path, device: str) -> dict[str, float]:
     """Relative error of each module's ΔW as the adapter stores it (float64, on ``device``)."""
+    sys.path.insert(0, str(ROOT))  # this checkout's loramix, installed or not
     from loramix import load_adapter
 
     loaded = load_adapter(adapter, log_warnings=False)
