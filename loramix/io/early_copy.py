@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loramix.errors import LoramixError
 from loramix.io.rawcopy import COPY_PIECE, copy_range, fresh, pwrite_all, read_safetensors_header
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,9 @@ def _weight_files(base: Path) -> list[Path] | None:
         index = base / "model.safetensors.index.json"
         if index.is_file():
             names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-            return [base / n for n in names] if names else None
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            plain = all(isinstance(n, str) and n and Path(n).name == n and (base / n).is_file() for n in names)
+            return [base / n for n in names] if names and plain else None  # else the base reader says what is wrong
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError):
         return None
     single = base / "model.safetensors"
     return [single] if single.is_file() else None
@@ -198,7 +200,7 @@ def early_copy(base: str | None, adapters: list[str], output: str | None) -> Ite
         try:
             staging = stack.enter_context(fresh(Path(output).resolve(), folder=True))
             copy = _start(folder, [Path(a) for a in adapters], staging)
-        except (OSError, ValueError) as exc:  # the merge itself reads these files and says what is wrong
+        except (OSError, ValueError, RecursionError, LoramixError) as exc:  # the merge says what is wrong
             log.debug("no early copy: %s", exc)
             copy = None
         if copy is None:
