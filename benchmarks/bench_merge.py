@@ -32,8 +32,11 @@ tensor's work: Python, torch, the adapter, the plan), the copy of untouched tens
 CLI starts it before importing torch), the merged modules, and the end (index, config, card, rename). Peak RSS is the
 child's ru_maxrss (wait4 from a lean launcher). The load average is printed before and after (a shared machine).
 
+  loramix ×N  with --processes N: the same command under `torchrun --standalone --nproc-per-node N` (the merge split
+           over N processes by shard, `loramix.merge_processes`)
+
     python benchmarks/bench_merge.py --shape 8b|1b|small|qwen3moe|tinymoe [--layers N|auto] [--fp8] [--device cpu|cuda]
-        [--workdir DIR] [--repeat N]
+        [--workdir DIR] [--repeat N] [--processes N]
 """
 
 from __future__ import annotations
@@ -399,6 +402,7 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, help="loramix's --workers (default: its own)")
     parser.add_argument("--peft-timeout", type=int, default=600, help="seconds before PEFT's run is stopped")
+    parser.add_argument("--processes", type=int, default=1, help="also run loramix under torchrun with N processes")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -417,6 +421,7 @@ def main() -> None:
     contenders = {
         "cp -r": ["cp", "-r", str(base), str(out)],
         "loramix": loramix,
+        **({} if args.processes < 2 else {f"loramix ×{args.processes}": _under_torchrun(loramix, args.processes)}),
         **({} if args.fp8 else {"PEFT": peft}),
     }
     results, checked = {}, ""
@@ -428,7 +433,7 @@ def main() -> None:
         ok = [r for r in runs if r["code"] == 0]
         results[name] = {**min(ok or runs, key=lambda r: r["wall"]), "rss": max(r["rss"] for r in runs)}
         print(f"{name}: {results[name]} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
-        if name == "loramix" and ok:
+        if name.startswith("loramix") and ok:
             checked = check_output(out, base, adapter)
         shutil.rmtree(out, ignore_errors=True)
     load_after = os.getloadavg()
@@ -457,6 +462,9 @@ def main() -> None:
             f"with the sync after each: {synced:.2f}×; "
             f"loramix {size / lm['wall'] / 1e6:.0f} MB/s"
         )
+    many = results.get(f"loramix ×{args.processes}")
+    if lm and many and many["code"] == 0:
+        print(f"loramix ×{args.processes} / loramix: {many['wall'] / lm['wall']:.2f}×")
     if lm and pf and pf["code"] == 0:
         print(f"PEFT / loramix: {pf['wall'] / lm['wall']:.2f}× (goal ≥ 5); RSS {lm['rss'] / pf['rss']:.0%} of PEFT's")
     print(checked)
@@ -481,6 +489,12 @@ def software(device: str) -> str:
 
     gpu = f"{torch.cuda.get_device_name()}, " if device.startswith("cuda") else ""
     return f"{gpu}torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+
+
+def _under_torchrun(command: list[str], processes: int) -> list[str]:
+    """``python -m loramix …`` as torchrun's N processes on this machine."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return [str(torchrun), "--standalone", "--nproc-per-node", str(processes), *command[1:]]
 
 
 def _bytes(text: str) -> int:

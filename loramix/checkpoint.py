@@ -38,12 +38,10 @@ from loramix.io.early_copy import claim
 from loramix.io.quantized import DequantizedTensor, Requantized
 from loramix.io.shards import (
     base_layout,
-    config_dtype_keys,
-    copy_other_files,
     kept_header,
     plan_shards,
     shard_names,
-    write_index,
+    write_beside,
     write_shards,
 )
 from loramix.kernels import StoredUpdate, Survival, Update, decide_layout, warn_stored
@@ -60,7 +58,6 @@ CHUNK_ELEMENTS = 1 << 17
 GPU_CHUNK_ELEMENTS = 1 << 22
 GPU_WORKERS = 4  # threads feeding one GPU: each holds a few chunks in host memory
 DEFAULT_SHARD_SIZE = "5GB"  # when the base's own shard files cannot be kept (.bin bases)
-DIFFUSERS_CONFIG = "_diffusers_version"  # a key only diffusers' model configs have
 
 
 @dataclass
@@ -306,6 +303,7 @@ def write_merged(
     progress: bool = False,
     workers: int | None = None,
     quantization: Quantization | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> MergeReport:
     """Write ``base`` with ``adapter`` merged into the existing folder ``folder``: sharded safetensors plus the
     index, config.json, and every other non-weight file (tokenizer, generation config) copied. Every tensor keeps
@@ -326,9 +324,12 @@ def write_merged(
     scales from W + ΔW, everything else byte for byte and config.json as it was; with a ``dtype`` a quantized base
     is written dense (dequantized, scale tensors and ``quantization_config`` dropped).
 
-    The `MergeReport` holds, per module, the share of ΔW that survives the rounding: ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖
-    (for a base already in the output dtype round(W) = W; for a float32 base, comparing with round(W) keeps the
-    base's own rounding out of the measure).
+    ``part`` (rank, world) writes only the shards i ≡ rank (mod world), and only rank 0 the index, config and other
+    files (`loramix.merge_processes` splits one merge over processes this way).
+
+    The `MergeReport` holds, per module of the shards written, the share of ΔW that survives the rounding:
+    ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖ (for a base in the output dtype round(W) = W; for a float32 base, comparing
+    with round(W) keeps the base's own rounding out of the measure).
     """
     if sys.byteorder != "little":
         raise CheckpointError("merging into a checkpoint needs a little-endian machine (safetensors byte order)")
@@ -353,8 +354,11 @@ def write_merged(
     else:  # laid out anew: diffusers' file names for a diffusers model, else transformers'
         shards = plan_shards(jobs, parse_size(shard_size or DEFAULT_SHARD_SIZE))
         names, headers, index = shard_names(len(shards), stem), None, f"{stem}.safetensors.index.json"
-    stats = {job.name: Survival() for job in jobs if not job.raw_copy}
-    total = sum(j.nbytes for j in jobs)
+    rank, world = part
+    mine = range(rank, len(shards), world)
+    written = [job for i in mine for job in shards[i]]
+    stats = {job.name: Survival() for job in written if not job.raw_copy}
+    total = sum(j.nbytes for j in written)
     device = device or torch.device("cpu")
     cpus = os.cpu_count() or 1
     workers = workers or (cpus if device.type == "cpu" else min(GPU_WORKERS, cpus))
@@ -365,18 +369,19 @@ def write_merged(
         produce = _produce(stats, device, again)
         early = claim(base.folder) if base.folder is not None else None  # the CLI's copy of untouched tensors
         times = write_shards(
-            folder, names, shards, produce=produce, bar=bar, workers=workers, headers=headers, early=early
+            folder,
+            [names[i] for i in mine],
+            [shards[i] for i in mine],
+            produce=produce,
+            bar=bar,
+            workers=workers,
+            headers=headers and [headers[i] for i in mine],
+            early=early,
         )
     log.info("merge phases (wall-clock times): %s", json.dumps(times))
-    write_index(folder, names, shards, index)
-    config = dict(base.config)
-    if quantized is not None and dtype is not None:
-        config.pop("quantization_config")
-    for key in config_dtype_keys(config) if DIFFUSERS_CONFIG not in config and dtype is not None else ():
-        config[key] = DTYPE_NAMES[dtype]
-    if base.config:  # a single-file checkpoint (ComfyUI's, BFL's) has none
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    copy_other_files(base, folder)
+    if rank == 0:
+        dense = quantized is not None and dtype is not None
+        write_beside(base, folder, names, shards, index, dtype_name=dtype and DTYPE_NAMES[dtype], dense=dense)
     stored = base_dtype(base)
     report = MergeReport(
         path=folder,
@@ -384,7 +389,7 @@ def write_merged(
         total_size=total,
         tensors=len(jobs),
         dtype=dtype or stored,
-        survival=_survival_by_module(jobs, stats),
+        survival=_survival_by_module(written, stats),
         replaced=[j.name for j in jobs if j.replaced and j.replaced != "added"],
         added=[j.name for j in jobs if j.replaced == "added"],
         notes=notes,

@@ -21,7 +21,7 @@ from loramix.formats import load_adapter
 from loramix.formats.diffusion import onto_base
 from loramix.io.base import open_base, resolve_base, with_base_names
 from loramix.io.diffusers import is_pipeline, open_pipeline
-from loramix.io.files import atomic_output
+from loramix.merge_processes import place, shared, shared_output, write_in_parts
 from loramix.quantize import quantization_settings
 from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
 from loramix.runtime import parse_dtype, require_path, resolve_device
@@ -88,20 +88,27 @@ def merge_into_base(
     if files is None:
         files = {CARD_FILE: model_card(adapter, merged_into=str(base))}
     protect = [folder, adapter.source, *adapter.provenance.get("sources", [])]
-    with atomic_output(out, overwrite=overwrite, protect=protect, finite=False) as tmp:  # write_merged checks
-        options = {"dtype": target_dtype, "device": target, "progress": progress, "workers": workers}
+    rank, world = place()  # under torchrun: this process's share of the shards (`loramix.merge_processes`)
+    if world > 1 and pipeline is not None:
+        raise CheckpointError(f"{folder}: a diffusers pipeline is merged in one process (not under torchrun)")
+    adapter = shared(adapter)
+    with shared_output(out, overwrite=overwrite, protect=protect) as tmp:
+        options = {"dtype": target_dtype, "device": target, "progress": progress and rank == 0, "workers": workers}
         if pipeline is not None:
             report = write_merged_pipeline(adapter, pipeline, tmp, **options)
         else:
-            report = write_merged(
-                adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, **options
-            )  # fmt: skip
+            report = write_in_parts(
+                lambda part: write_merged(
+                    adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, part=part, **options
+                )
+            )
         if CARD_FILE in files:  # a quantized base or a QLoRA-faithful merge: what was done, in the card
             files = {**files, CARD_FILE: quantization_section(files[CARD_FILE], report)}
         if report.dtype != report.base_dtype and report.written_as is None:  # else quantization_section says
             names = (str(d).removeprefix("torch.") for d in (report.base_dtype, report.dtype))
             files = {**files, CARD_FILE: files.get(CARD_FILE, "") + dtype_section(*names)}
-        write_files(tmp, files)
+        if rank == 0:  # the card and recipe last, by one rank
+            write_files(tmp, files)
     report.path = Path(out)
     return report
 

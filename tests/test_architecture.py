@@ -35,7 +35,7 @@ LAYERS = [
     ["loramix.render"],
     ["loramix.weight_search"],
     ["loramix.live"],
-    ["loramix.diffusers_merge", "loramix.extraction"],
+    ["loramix.diffusers_merge", "loramix.extraction", "loramix.merge_processes"],
     ["loramix.checkpoint", "loramix.quantized_merge"],
     ["loramix.merge_chunk"],
     ["loramix.kernels"],

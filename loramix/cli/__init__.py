@@ -8,6 +8,7 @@ logger's handler and level, and torch's CPU threads for the length of a command.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -206,12 +207,11 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     """
     from loramix.io.early_copy import early_copy  # no torch: the base's untouched bytes copy while torch imports
 
-    if not (recipe or flags["dtype"] or flags["shard_size"] or flags["quantized_as"] or flags["format"]):
+    alone = "WORLD_SIZE" not in os.environ  # under torchrun each rank writes its own shards: no copy of all
+    if alone and not (recipe or flags["dtype"] or flags["shard_size"] or flags["quantized_as"] or flags["format"]):
         ctx.with_resource(early_copy(flags["merge_into"], list(adapters), output))
-    from loramix.pipeline import run
     from loramix.recipe import Plan, load_recipe
     from loramix.render.card import kept_summary, quantized_summary, rank_text
-    from loramix.runtime import torch_threads
 
     for key in ("density", "majority_sign", "seed", "space", "examples"):  # flags for method options
         if flags[key] is not None:
@@ -238,8 +238,9 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    with torch_threads(1):
-        report = run(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
+    report = _run_combine(plan, overwrite=force, progress=ctx.obj["progress"])
+    if report is None:
+        return  # a torchrun rank other than 0: rank 0 reports
     if report.merge is not None:
         merge = report.merge
         worst = max(merge.survival.items(), key=lambda kv: kv[1].error, default=None)
@@ -266,6 +267,29 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
             + (f"; {kept}" if kept else "")
         )
     push_output(plan.output, push_repo)
+
+
+def _run_combine(plan, *, overwrite: bool, progress: bool):
+    """`loramix.pipeline.run` in this process, or under torchrun as one rank of a merge split over the processes
+    (`loramix.merge_processes`; gloo, which carries only the ranks' reports); None on ranks other than 0."""
+    from dataclasses import replace
+
+    from loramix.pipeline import run
+    from loramix.runtime import torch_threads
+    from loramix.weight_search import distributed
+
+    place = distributed.torchrun_rank()  # (rank, local rank, world) when torchrun started this process
+    with torch_threads(1):
+        if place is None:
+            return run(plan, overwrite=overwrite, progress=progress, argv=sys.argv)
+        if not plan.merge_into:
+            raise click.UsageError("under torchrun, combine splits a --merge-into over the processes: give one")
+        rank, local_rank, world = place
+        if plan.device in ("auto", "cuda") and distributed.rank_devices(plan.device, local_rank, 1) != "cpu":
+            plan = replace(plan, device=f"cuda:{local_rank}")  # one GPU per process
+        with distributed.process_group("cpu", rank=rank, world=world):
+            report = run(plan, overwrite=overwrite, progress=progress and rank == 0, argv=sys.argv)
+    return report if rank == 0 else None
 
 
 def _with_block_weights(lbws: list, weights: list | None, count: int) -> list:

@@ -33,6 +33,7 @@ from loramix.io.early_copy import EarlyCopy
 from loramix.io.rawcopy import COPY_PIECE, copy_range, pwrite_all
 
 log = logging.getLogger(__name__)
+DIFFUSERS_CONFIG = "_diffusers_version"  # a key only diffusers' model configs have
 # Files a model folder holds weights in (never copied beside a merged checkpoint's own shards).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _TIMES = threading.Lock()  # the writer's threads widen one record of phase times
@@ -287,3 +288,27 @@ def copy_other_files(base: BaseCheckpoint, target: Path) -> None:
             log.debug("not copying %s (weights)", item)
             continue
         shutil.copyfile(item, target / item.name)
+
+
+def write_beside(
+    base: BaseCheckpoint,
+    folder: Path,
+    names: list[str],
+    shards: list[list],
+    index: str,
+    *,
+    dtype_name: str | None,
+    dense: bool,
+) -> None:
+    """The rest of a merged checkpoint beside its shards: the index, config.json (naming ``dtype_name`` when the
+    tensors were converted to it; ``dense``: a quantized base written dequantized, so without its
+    ``quantization_config``) and the base's other files. A diffusers config, which names no dtype, keeps its own."""
+    write_index(folder, names, shards, index)
+    config = dict(base.config)
+    if dense:
+        config.pop("quantization_config")
+    for key in config_dtype_keys(config) if DIFFUSERS_CONFIG not in config and dtype_name else ():
+        config[key] = dtype_name
+    if base.config:  # a single-file checkpoint (ComfyUI's, BFL's) has none
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_other_files(base, folder)
