@@ -1,11 +1,12 @@
 """Extraction benchmark: `loramix extract` against `mergekit-extract-lora` on the same base / fine-tuned pair.
 
 Models: a Llama-3.2-1B-shaped base in bfloat16 with random weights (hidden 2048, intermediate 8192, 32 heads, 8 KV
-heads, vocabulary 128256, tied embeddings; --layers of 16 by default: 1.24 B parameters, 2.5 GB) and a fine-tuned
-copy with a planted update on every linear module of the decoder layers: ΔW = L + N, L of rank --planted (singular
+heads, vocabulary 128256, tied embeddings; --layers of 16 by default: 1.24 B parameters, 2.5 GB; --shape 8b:
+Llama-3-8B shapes, hidden 4096, intermediate 14336, untied head) and a fine-tuned copy with a planted update on
+every linear module of the decoder layers: ΔW = L + N, L of rank --planted (singular
 values spread over a decade, ‖L‖ = 5% of ‖W‖) and full-rank Gaussian noise N (‖N‖ = --noise × ‖L‖), stored in
-bfloat16 (its rounding adds more full-rank noise), and a changed final norm. Both are written tensor by tensor in
-1 GB shards into --workdir.
+bfloat16 (its rounding adds more full-rank noise), and a changed final norm. Both are generated on --device (a
+GPU's random numbers differ from the CPU's) and written tensor by tensor in 1 GB shards into --workdir.
 
 Contenders, each a fresh subprocess at the same --rank and --threads on the same --device, after a warm-up read of
 both models into the page cache:
@@ -18,7 +19,8 @@ Each module's relative reconstruction error ‖ΔW − ΔW_adapter‖_F/‖ΔW�
 adapters (loramix.load_adapter reads both; ΔW from the stored bf16 tensors in float64), with the optimum (the
 float64 truncated SVD) on the first layer. Peak RSS from wait4. Large files are deleted at the end unless --keep.
 
-    python benchmarks/bench_extract.py [--layers 16] [--rank 16] [--threads 2] [--device cpu] [--skip-mergekit]
+    python benchmarks/bench_extract.py [--shape 1b|8b] [--layers 16] [--rank 16] [--threads 2] [--device cpu]
+        [--skip-mergekit]
 """
 
 from __future__ import annotations
@@ -42,39 +44,50 @@ LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 SHARD_BYTES = 1 << 30
 
 
-def _shapes(layers: int) -> dict[str, tuple[int, ...]]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import LLAMA32_1B, random_model
-
-    model = random_model("llama", device="meta", **{**LLAMA32_1B, "num_hidden_layers": layers})
-    return {n: tuple(p.shape) for n, p in model.named_parameters() if n != "lm_head.weight"}  # tied: not stored
-
-
-def _weight(name: str, shape, index: int) -> torch.Tensor:
-    if name.endswith("norm.weight"):
-        return torch.ones(shape)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(index)).mul_(0.02)
-
-
-def _update(weight: torch.Tensor, index: int, planted: int, noise: float) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(10_000 + index)
-    out, inp = weight.shape
-    spread = torch.logspace(0, -1, planted)
-    low = (torch.randn(out, planted, generator=generator) * spread) @ torch.randn(planted, inp, generator=generator)
-    low.mul_(0.05 * weight.norm() / low.norm())
-    full = torch.randn(out, inp, generator=generator)
-    return low.add_(full.mul_(noise * low.norm() / full.norm()))
-
-
-def _write(folder: Path, tensors, layers: int) -> None:
-    """Tensors (name → bf16 tensor, produced one by one) into ~1 GB safetensors shards with an index and config."""
-    from transformers import AutoConfig
-
+def _config(shape: str, layers: int) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import LLAMA32_1B
 
+    sizes = {**LLAMA32_1B, "num_hidden_layers": layers}
+    if shape == "8b":  # Llama-3-8B: hidden 4096, MLP 14336, untied head
+        sizes |= {"hidden_size": 4096, "intermediate_size": 14336, "tie_word_embeddings": False}
+    return sizes
+
+
+def _shapes(shape: str, layers: int) -> dict[str, tuple[int, ...]]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import random_model
+
+    model = random_model("llama", device="meta", **_config(shape, layers))
+    tied = model.config.tie_word_embeddings
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if not (tied and n == "lm_head.weight")}
+
+
+def _weight(name: str, shape, index: int, device: str) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, device=device)
+    generator = torch.Generator(device).manual_seed(index)
+    return torch.randn(shape, generator=generator, device=device).mul_(0.02)
+
+
+def _update(weight: torch.Tensor, index: int, planted: int, noise: float) -> torch.Tensor:
+    device = weight.device
+    generator = torch.Generator(device).manual_seed(10_000 + index)
+    out, inp = weight.shape
+    spread = torch.logspace(0, -1, planted, device=device)
+    low = torch.randn(out, planted, generator=generator, device=device) * spread
+    low = low @ torch.randn(planted, inp, generator=generator, device=device)
+    low.mul_(0.05 * weight.norm() / low.norm())
+    full = torch.randn(out, inp, generator=generator, device=device)
+    return low.add_(full.mul_(noise * low.norm() / full.norm()))
+
+
+def _write(folder: Path, tensors, sizes: dict) -> None:
+    """Tensors (name → bf16 tensor, produced one by one) into ~1 GB safetensors shards with an index and config."""
+    from transformers import AutoConfig
+
     folder.mkdir(parents=True)
-    config = AutoConfig.for_model("llama", **{**LLAMA32_1B, "num_hidden_layers": layers})
+    config = AutoConfig.for_model("llama", **sizes)
     config.architectures = ["LlamaForCausalLM"]
     config.dtype = "bfloat16"
     config.save_pretrained(folder)
@@ -98,25 +111,28 @@ def _write(folder: Path, tensors, layers: int) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def build(work: Path, layers: int, planted: int, noise: float) -> tuple[Path, Path]:
+def build(work: Path, shape: str, layers: int, planted: int, noise: float, device: str) -> tuple[Path, Path]:
+    """The base and fine-tuned pair, generated on ``device`` (random numbers depend on it: a GPU's differ from the
+    CPU's, so a pair is compared only with itself)."""
     base, tuned = work / "base", work / "tuned"
-    shapes = _shapes(layers)
+    shapes, sizes = _shapes(shape, layers), _config(shape, layers)
     if not (base / "model.safetensors.index.json").exists():
         print("building the base ...", file=sys.stderr)
-        _write(base, ((n, _weight(n, s, i).bfloat16()) for i, (n, s) in enumerate(shapes.items())), layers)
+        made = ((n, _weight(n, s, i, device).bfloat16().cpu()) for i, (n, s) in enumerate(shapes.items()))
+        _write(base, made, sizes)
 
     def tuned_tensors():
         for i, (name, shape) in enumerate(shapes.items()):
-            weight = _weight(name, shape, i)
+            weight = _weight(name, shape, i, device)
             if name.rsplit(".", 2)[-2] in LINEAR:
                 weight += _update(weight, i, planted, noise)
             elif name == "model.norm.weight":
                 weight *= 1.1
-            yield name, weight.bfloat16()
+            yield name, weight.bfloat16().cpu()
 
     if not (tuned / "model.safetensors.index.json").exists():
         print("building the fine-tuned copy ...", file=sys.stderr)
-        _write(tuned, tuned_tensors(), layers)
+        _write(tuned, tuned_tensors(), sizes)
     return base, tuned
 
 
@@ -138,6 +154,7 @@ def _run(command: list[str]) -> tuple[float, float, float]:
 
 def _errors(base: Path, tuned: Path, adapter: Path, device: str) -> dict[str, float]:
     """Relative error of each module's ΔW as the adapter stores it (float64, on ``device``)."""
+    sys.path.insert(0, str(ROOT))  # this checkout's loramix, installed or not
     from loramix import load_adapter
 
     loaded = load_adapter(adapter, log_warnings=False)
@@ -165,6 +182,7 @@ def _optimum(base: Path, tuned: Path, names: list[str], rank: int, device: str) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=["1b", "8b"], default="1b", help="Llama-3.2-1B or Llama-3-8B shapes")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--planted", type=int, default=16)
@@ -175,7 +193,7 @@ def main() -> None:
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--keep", action="store_true", help="Keep the generated models and outputs.")
     args = parser.parse_args()
-    base, tuned = build(args.workdir, args.layers, args.planted, args.noise)
+    base, tuned = build(args.workdir, args.shape, args.layers, args.planted, args.noise, args.device)
     size = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
     subprocess.run(["cat", *map(str, [*base.glob("*"), *tuned.glob("*")])], stdout=subprocess.DEVNULL, check=True)
     outputs = {name: args.workdir / f"out-{name}" for name in ("loramix", "mergekit")}
@@ -197,7 +215,10 @@ def main() -> None:
     errors = {name: _errors(base, tuned, outputs[name], args.device) for name in runs}
     first = [n for n in errors["loramix"] if ".layers.0." in n]
     best = _optimum(base, tuned, first, args.rank, args.device)
-    print(f"\nmachine: {machine(args.device)}; model {size:.2f} GB bf16, {args.layers} layers, rank {args.rank}")
+    print(
+        f"\nmachine: {machine(args.device)}; {args.shape} shapes, {args.layers} layers, {size:.2f} GB bf16, "
+        f"rank {args.rank}"
+    )
     print("\n| tool | wall time | CPU time | peak RSS |\n|---|---|---|---|")
     for name, (seconds, cpu, rss) in runs.items():
         print(f"| {name} | {seconds:.1f} s | {cpu:.1f} s | {rss:.2f} GB |")

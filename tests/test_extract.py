@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import loramix
 from loramix.cli import main
 from loramix.errors import CheckpointError, MethodError
-from loramix.extraction import extract_lora, tensors
+from loramix.extraction import extract_lora, read_ahead, tensors
 from loramix.extraction.spectrum import dense, top_singular
 from loramix.linalg import RankRule
 from loramix.runtime import torch_threads
@@ -355,3 +355,9 @@ def test_mismatched_models_are_one_line_errors_naming_the_file(tmp_path):
         loramix.extract(base, base, tmp_path / "same", rank=4)
     with pytest.raises(MethodError, match="energy must be in"):
         extract_lora(base, base, energy=2.0)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 9])
+def test_reading_ahead_keeps_the_order(depth):
+    names = [f"t{i}" for i in range(7)]
+    assert list(read_ahead(names, lambda n: n.upper(), depth)) == [(n, n.upper()) for n in names]

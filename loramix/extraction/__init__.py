@@ -1,7 +1,9 @@
 """Extract a LoRA from a fully fine-tuned model: ΔW = W_tuned − W_base per module, truncated by a `RankRule`.
 
 Both models are streamed tensor by tensor (`tensors.TensorSource`): peak memory is a few tensors (on a GPU, one
-batch of same-shaped ΔWs), whatever the model's size. Per tensor, in the base's storage order:
+batch of same-shaped ΔWs), whatever the model's size. A thread reads the next pairs from disk while the device
+works; each pair goes to the device as stored (bfloat16), and is compared and widened to float32 there: the host
+only reads. Per tensor, in the base's storage order:
 
 - identical in both: skipped; changed by less than float rounding (‖ΔW‖_F ≤ `noise_floor`·‖W‖_F): reported as
   unchanged, noise only;
@@ -17,9 +19,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -32,6 +37,8 @@ from loramix.extraction.tensors import TensorSource, open_model, open_pair, pair
 from loramix.linalg import RankRule
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
 
+T = TypeVar("T")
+READ_AHEAD = 2  # on a GPU: tensor pairs read from disk while the device works on the current one
 GPU_BATCH = 8  # same-shaped ΔWs decomposed together on a GPU (one launch per product for all of them)
 SAME_DTYPE_NOISE = 4 * torch.finfo(torch.float32).eps  # ‖ΔW‖/‖W‖ at or below this is float32 rounding
 
@@ -175,15 +182,17 @@ class Extractor:
         if old.shape != new.shape:
             _carry(result, name, new, f"resized {tuple(old.shape)} → {tuple(new.shape)}", targets)
             return
-        if old.dtype == new.dtype and torch.equal(old, new):
+        host = new
+        old, new = old.to(self.device, non_blocking=True), new.to(self.device, non_blocking=True)  # as stored
+        if old.dtype == new.dtype and torch.equal(old, new):  # compared where they are: no float32 copies
             result.unchanged += 1
             return
         if not (old.is_floating_point() and new.is_floating_point()):
-            _carry(result, name, new, "changed (not floating point)", targets)
+            _carry(result, name, host, "changed (not floating point)", targets)
             return
-        delta = new.to(self.device, torch.float32) - old.to(self.device, torch.float32)
+        delta = new.to(torch.float32, copy=True).sub_(old.float())  # widened on the device (new stays whole)
         total = float(torch.linalg.vector_norm(delta)) ** 2  # float32 reductions: no float64 copy of a tensor
-        scale = float(torch.linalg.vector_norm(old.to(self.device, torch.float32)))
+        scale = float(torch.linalg.vector_norm(old, dtype=torch.float32))
         change = math.sqrt(total) / scale if scale > 0 else math.inf
         layout = target_layout(name, tuple(old.shape), model_type)
         if change <= noise_floor(old.dtype, new.dtype):
@@ -191,7 +200,7 @@ class Extractor:
         elif name in self.fused:
             self._experts(name, old, delta)
         elif layout is None:
-            _carry(result, name, new, f"changed (‖ΔW‖/‖W‖ {change:.3g}), not a LoRA target", targets)
+            _carry(result, name, host, f"changed (‖ΔW‖/‖W‖ {change:.3g}), not a LoRA target", targets)
         else:
             kernel = tuple(old.shape[2:]) if layout == "conv2d" else ()
             self.add(Pending(name.removesuffix(".weight"), layout, kernel, math_view(delta, layout), total, change))
@@ -204,7 +213,7 @@ class Extractor:
             total = float(torch.linalg.vector_norm(update)) ** 2
             if total == 0:
                 continue
-            scale = float(torch.linalg.vector_norm(old[e].float()))
+            scale = float(torch.linalg.vector_norm(old[e], dtype=torch.float32))
             change = math.sqrt(total) / scale if scale > 0 else math.inf
             slot = ExpertSlot(param, e, count)
             self.add(Pending(experts.module_name(param, e), "linear", (), update.contiguous(), total, change, slot))
@@ -212,6 +221,21 @@ class Extractor:
     def finish(self) -> None:
         for shape in list(self.pending):
             self.flush(shape)
+
+
+def read_ahead(names: list[str], read: Callable[[str], T], depth: int = READ_AHEAD) -> Iterator[tuple[str, T]]:
+    """(name, read(name)) for each name in order, the next ``depth`` read by a thread meanwhile: the disk works
+    while the device decomposes (``depth`` 0: each read when its turn comes, for the least memory)."""
+    if depth == 0:
+        yield from ((name, read(name)) for name in names)
+        return
+    with ThreadPoolExecutor(1) as reader:
+        pending = deque((n, reader.submit(read, n)) for n in names[:depth])
+        for index in range(len(names)):
+            name, future = pending.popleft()
+            if index + depth < len(names):
+                pending.append((names[index + depth], reader.submit(read, names[index + depth])))
+            yield name, future.result()
 
 
 def _carry(result: Extraction, name: str, tensor: torch.Tensor, reason: str, targets: set[str]) -> None:
@@ -271,8 +295,10 @@ def extract_lora(
     extractor = Extractor(result, target, out_dtype, GPU_BATCH if target.type == "cuda" else 1, fused)
     targets = {n.removesuffix(".weight") for n in names if target_layout(n, base_tensors.shape(n), model_type)}
     with progress_bar(enabled=progress, total=len(names), desc="extract", unit="tensor") as bar:
-        for name in names:  # one pair of tensors alive at a time: take() drops them when it returns
-            extractor.take(name, base_tensors.read(name), tuned_tensors.read(name), model_type, targets)
+        depth = READ_AHEAD if target.type == "cuda" else 0  # a GPU waits for the disk; a CPU has no time to spare
+        for name, (old, new) in read_ahead(names, lambda n: (base_tensors.read(n), tuned_tensors.read(n)), depth):
+            extractor.take(name, old, new, model_type, targets)  # a few pairs alive: read ahead, and in take()
+            del old, new
             bar.update()
         extractor.finish()
     for name, item in adapter.extra.items():  # PEFT loads a wrapped layer's bias as <module>.base_layer.bias

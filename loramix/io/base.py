@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from loramix.architecture import tied_embedding
 from loramix.errors import CheckpointError, SourceError, shown
 from loramix.io.files import load_pickle
 from loramix.io.quantized import DequantizedTensor, QuantizedBase, recognise
+from loramix.io.rawcopy import read_safetensors_header
 from loramix.sources import resolve
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -79,8 +79,9 @@ class BaseTensor:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) along the first dimension (the whole tensor for 0-D), in the stored dtype."""
+    def rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) along the first dimension (the whole tensor for 0-D), in the stored dtype; read into
+        ``buffer`` (bytes, e.g. pinned memory for a GPU) when it is large enough."""
         if self.tensor is not None:
             return self.tensor if not self.shape else self.tensor[start:stop]
         shape = (stop - start, *self.shape[1:]) if self.shape else ()
@@ -88,7 +89,9 @@ class BaseTensor:
         row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else 0
         if not count:
             return torch.empty(shape, dtype=self.dtype)
-        buffer = torch.empty(count, dtype=torch.uint8)  # not zero-filled: read straight into it
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(count, dtype=torch.uint8)  # not zero-filled: read straight into it
+        buffer = buffer[:count]
         view, at = memoryview(buffer.numpy()), self.offset + start * row_bytes
         with open(self.path, "rb", buffering=0) as f:
             while view:  # one read returns at most ~2 GB
@@ -151,24 +154,6 @@ class BaseCheckpoint:
         codes, scale = self.tensors[stored], self.tensors[self.quantized.scales[stored]]
         extra = tuple(self.tensors[k] for k in self.quantized.extras.get(stored, ()))
         return DequantizedTensor(key, codes, scale, self.quantized.scheme.for_shape(codes.shape), extra)
-
-
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the absolute offset where its data starts."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > min(100_000_000, size - 8):
-                raise ValueError(f"header length {length} is implausible")
-            header = json.loads(f.read(length))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: not a readable safetensors file (header nested too deeply)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    return header, 8 + length
 
 
 def _is_count(value) -> bool:

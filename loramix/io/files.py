@@ -17,7 +17,6 @@ import errno
 import logging
 import os
 import re
-import secrets
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator
@@ -29,11 +28,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from loramix.errors import AdapterFormatError, OutputError, shown
-
-try:
-    import fcntl
-except ImportError:  # no advisory locks here (Windows): leftovers of interrupted runs are never touched
-    fcntl = None
+from loramix.io.rawcopy import fcntl
+from loramix.io.rawcopy import fresh as _fresh
+from loramix.io.rawcopy import lock as _lock
 
 log = logging.getLogger(__name__)
 
@@ -210,47 +207,6 @@ def check_output(target: str | Path, *, overwrite: bool = False, protect: Iterab
 # ------------------------------------------------------------------------------------- temporary names and locks
 def _leftover_pattern(target: Path) -> re.Pattern:
     return re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
-
-
-def _lock(fd: int) -> bool:
-    """Take the advisory lock on ``fd`` without waiting; False when a live run holds it."""
-    if fcntl is None:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _fresh(target: Path, *, folder: bool) -> Iterator[Path]:
-    """A new, locked ``.NAME.xxxxxxxx.tmp`` folder or empty file beside ``target``, created with the permissions
-    any new file gets (the umask decides); the lock lasts as long as the block. It is born as ``.new`` and renamed
-    once locked, so `recover` never sees it unlocked."""
-    for _ in range(100):
-        stem = f".{target.name}.{secrets.token_hex(4)}"
-        new, path = target.with_name(stem + ".new"), target.with_name(stem + ".tmp")
-        try:
-            if folder:
-                os.mkdir(new, 0o777)
-                fd = os.open(new, os.O_RDONLY)
-            else:
-                fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise OutputError(f"{target}: no free temporary name beside it")
-    try:
-        _lock(fd)
-        os.rename(new, path)
-        yield path
-    finally:
-        os.close(fd)
-        if folder:  # not renamed into place (a failure, an interrupt at any point): nothing is left behind
-            for leftover in (new, path):
-                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def recover(target: Path) -> None:

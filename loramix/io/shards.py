@@ -13,12 +13,13 @@ shape, every offset stays the same and the base's header is copied as it is.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import shutil
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,19 +28,15 @@ from pathlib import Path
 
 import torch
 
-from loramix.errors import CheckpointError
 from loramix.io.base import BIN_INDEX, SAFE_INDEX, SAFETENSORS_CODES, BaseCheckpoint, read_safetensors_header
+from loramix.io.early_copy import EarlyCopy
+from loramix.io.rawcopy import COPY_PIECE, copy_range, pwrite_all
 
 log = logging.getLogger(__name__)
 DIFFUSERS_CONFIG = "_diffusers_version"  # a key only diffusers' model configs have
 # Files a model folder holds weights in (never copied beside a merged checkpoint's own shards).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-
-COPY_PIECE = 1 << 28  # unchanged tensors are copied (in the kernel) in pieces of at most this many bytes
-# The kernel's copies, tried in this order before a buffered copy (a test empties it to force the fallback).
-ZERO_COPY = ("copy_file_range", "sendfile")
-# Errors that say "this copy cannot be done in the kernel here" (old kernel, other file system, special file).
-_UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
+_TIMES = threading.Lock()  # the writer's threads widen one record of phase times
 
 
 def plan_shards(jobs: list, shard_size: int) -> list[list]:
@@ -120,51 +117,6 @@ def safetensors_header(jobs: list, metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
-    while data:
-        done = os.pwrite(fd, data, at)
-        data, at = data[done:], at + done
-
-
-def _kernel_copy(way: str, src_fd: int, out: Path, offset: int, count: int, at: int) -> int:
-    """Copy up to ``count`` bytes in the kernel with ``way``; returns the bytes copied (0: the source ended).
-    Raises OSError when the kernel cannot do it here."""
-    if way == "copy_file_range":
-        with open(out, "r+b", buffering=0) as f:
-            return os.copy_file_range(src_fd, f.fileno(), count, offset, at)
-    with open(out, "r+b", buffering=0) as f:  # sendfile writes at the output's file position: a descriptor of its own
-        f.seek(at)
-        return os.sendfile(f.fileno(), src_fd, offset, count)
-
-
-def _copy_range(src: Path, offset: int, count: int, out: Path, at: int) -> None:
-    """Copy ``count`` bytes at ``offset`` of ``src`` to position ``at`` of ``out``: in the kernel where possible
-    (`ZERO_COPY` in order), else through a buffer; a way that fails part way hands the rest to the next."""
-    with open(src, "rb", buffering=0) as f:
-        src_fd = f.fileno()
-        for way in ZERO_COPY:
-            if not hasattr(os, way):
-                continue
-            try:
-                while count:
-                    done = _kernel_copy(way, src_fd, out, offset, min(count, COPY_PIECE), at)
-                    if done == 0:
-                        raise CheckpointError(f"{src}: truncated file")
-                    offset, at, count = offset + done, at + done, count - done
-                return
-            except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
-                    raise
-        buffer = bytearray(min(count, 1 << 24))
-        with open(out, "r+b", buffering=0) as o:
-            while count:
-                got = os.preadv(src_fd, [memoryview(buffer)[: min(count, len(buffer))]], offset)
-                if got == 0:
-                    raise CheckpointError(f"{src}: truncated file")
-                _pwrite_all(o.fileno(), memoryview(buffer)[:got], at)
-                offset, at, count = offset + got, at + got, count - got
-
-
 @dataclass
 class _Task:
     """Work that writes to a known place of output file ``out`` (open as ``fd``): a computed tensor (``job``), or
@@ -180,12 +132,15 @@ class _Task:
     count: int = 0
 
 
-def _tasks(out: Path, fd: int, at: int, jobs: list) -> list[_Task]:
-    """Tasks for ``jobs`` stored from ``at`` on; neighbouring unchanged tensors become one copy (in pieces)."""
+def _tasks(out: Path, fd: int, at: int, jobs: list, copied: frozenset[str] = frozenset()) -> list[_Task]:
+    """Tasks for ``jobs`` stored from ``at`` on; neighbouring unchanged tensors become one copy (in pieces); the
+    unchanged tensors ``copied`` already (by an early copy) get none."""
     tasks: list[_Task] = []
     for job in jobs:
         last = tasks[-1] if tasks else None
-        if not job.raw_copy:
+        if job.raw_copy and job.name in copied:
+            pass
+        elif not job.raw_copy:
             tasks.append(_Task(out, fd, at, job))
         elif last and last.src == job.source.path and last.offset + last.count == job.source.offset:
             last.count += job.nbytes
@@ -209,7 +164,7 @@ Produce = Callable[[object], Iterator[torch.Tensor]]
 def _run(task: _Task, produce: Produce, bar) -> None:
     job = task.job
     if job is None:
-        _copy_range(task.src, task.offset, task.count, task.out, task.at)
+        copy_range(task.src, task.offset, task.count, task.out, task.at)
         bar.update(task.count)
         return
     at = task.at
@@ -217,7 +172,7 @@ def _run(task: _Task, produce: Produce, bar) -> None:
         out = chunk.contiguous()
         if out.numel():
             data = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            _pwrite_all(task.fd, data, at)
+            pwrite_all(task.fd, data, at)
             at += len(data)
             bar.update(len(data))
 
@@ -239,26 +194,39 @@ def write_shards(
     bar,
     workers: int,
     headers: list[bytes | None] | None = None,
-) -> None:
+    early: EarlyCopy | None = None,
+) -> dict[str, float]:
     """Write every shard into ``folder``: headers first (``headers[i]`` as given, else planned from the tensors),
     then every tensor at its planned place; ``produce(job)`` yields a computed tensor's output rows in order,
     already in its output dtype. One thread copies unchanged bytes (a second kernel copy at once gains nothing),
-    ``workers`` threads compute meanwhile."""
+    ``workers`` threads compute meanwhile. ``early``: the copy the CLI started before torch was imported
+    (`loramix.io.early_copy`), used when the output keeps the base's files as they are, else stopped. Returns the
+    wall-clock times (time.time()) at which the copy and the computed tensors started and ended, and the bytes
+    ``copied early``."""
     headers = headers or [None] * len(shards)
+    kept = all(h is not None for h in headers) and early is not None and early.files == names
+    if early is not None and not kept:
+        early.cancel()
+    early = early if kept else None
+    copied = early.names if early else frozenset()
+    times: dict[str, float] = {}
     with contextlib.ExitStack() as files:
         tasks: list[_Task] = []
         for name, shard, header in zip(names, shards, headers):
-            path = folder / name
-            fd = files.enter_context(open(path, "wb", buffering=0)).fileno()
+            path = (early.staging if early else folder) / name
+            fd = files.enter_context(open(path, "r+b" if early else "wb", buffering=0)).fileno()
             header = header or safetensors_header(shard, {"format": "pt"})
-            _pwrite_all(fd, memoryview(header), 0)
-            tasks += _tasks(path, fd, len(header), shard)
-            os.ftruncate(fd, len(header) + sum(job.nbytes for job in shard))
+            if not early:  # the early copy wrote the base's header and sized the file
+                pwrite_all(fd, memoryview(header), 0)
+                os.ftruncate(fd, len(header) + sum(job.nbytes for job in shard))
+            tasks += _tasks(path, fd, len(header), shard, copied)
         copies = [t for t in tasks if t.job is None]
         computed = [t for t in tasks if t.job is not None]
+        if early and any(t.job.name in copied for t in computed):  # predicted untouched, but merged: after the copy
+            early.join()
         with ThreadPoolExecutor(1) as copier, ThreadPoolExecutor(max(1, workers)) as pool:
-            futures = [copier.submit(_run, t, produce, bar) for t in copies]
-            futures += [pool.submit(_run, t, produce, bar) for t in computed]
+            futures = [copier.submit(_timed, times, "copy", _run, t, produce, bar) for t in copies]
+            futures += [pool.submit(_timed, times, "computed", _run, t, produce, bar) for t in computed]
             try:
                 for future in futures:
                     future.result()
@@ -266,6 +234,26 @@ def write_shards(
                 for future in futures:
                     future.cancel()
                 raise
+        if early:
+            early.join()
+            bar.update(sum(job.nbytes for shard in shards for job in shard if job.name in copied))
+            times["copy start"] = min(early.started, times.get("copy start", early.started))
+            times["copy end"] = max(early.finished, times.get("copy end", early.finished))
+            times["copied early"] = early.copied
+    if early:
+        for name in names:
+            os.replace(early.staging / name, folder / name)
+    return times
+
+
+def _timed(times: dict[str, float], phase: str, run: Callable, *args) -> None:
+    """``run(*args)``, widening ``times``' ``phase start``/``phase end`` to cover it."""
+    started = time.time()
+    run(*args)
+    ended = time.time()
+    with _TIMES:
+        times[f"{phase} start"] = min(started, times.get(f"{phase} start", started))
+        times[f"{phase} end"] = max(ended, times.get(f"{phase} end", ended))
 
 
 def write_index(folder: Path, names: list[str], shards: list[list], name: str = "model.safetensors.index.json") -> None:

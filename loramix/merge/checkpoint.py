@@ -11,6 +11,7 @@ is settled by the base, as PEFT does: the base tensor's shape, and for square we
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from loramix.architecture import GPT2_CONV1D, tied_embedding, ties_output_head
 from loramix.errors import CheckpointError
 from loramix.io.base import DIFFUSERS_WEIGHTS, BaseCheckpoint, BaseTensor
 from loramix.io.conversion_mapping import for_checkpoint
+from loramix.io.early_copy import claim
 from loramix.io.quantized import DequantizedTensor, Requantized
 from loramix.io.shards import (
     base_layout,
@@ -36,16 +38,9 @@ from loramix.io.shards import (
     write_beside,
     write_shards,
 )
-from loramix.merge.kernels import (
-    StoredUpdate,
-    Survival,
-    Update,
-    decide_layout,
-    delta_rows,
-    dora_merge,
-    warn_stored,
-)
-from loramix.merge.quantized_base import mark_quantized, requantize, whole_delta, written_as
+from loramix.merge.chunks import Pinned, merged_chunks
+from loramix.merge.kernels import StoredUpdate, Survival, Update, decide_layout, warn_stored
+from loramix.merge.quantized_base import mark_quantized, requantize, written_as
 from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
 from loramix.runtime import OUTPUT_DTYPE_NAMES, parse_size, progress_bar
 
@@ -242,36 +237,6 @@ def _chunks(job: Job, device: torch.device) -> Iterator[tuple[int, int]]:
         yield start, min(rows, start + step)
 
 
-def _merged_chunk(job: Job, start: int, stop: int, device: torch.device, stats: Survival) -> torch.Tensor:
-    """The output values of rows [start, stop): W + ΔW (or DoRA) in float32, cast once to the output dtype. A few
-    passes over the chunk, each new tensor made once: W in float32, ΔW (one product per update, its scale already in
-    B), W + ΔW, the cast, and the stored-update figures."""
-    chunk = job.source.rows(start, stop)
-    if not job.updates and not job.bias:
-        return chunk.to(job.dtype)
-    W = chunk.to(device=device, dtype=torch.float32)
-    if any(u.module.magnitude is not None for u in job.updates):  # DoRA: the only update, on the whole tensor
-        merged, _ = dora_merge(W, job.updates[0], device)
-        intended = merged - W
-    elif job.updates and job.updates[0].rows is not None:  # experts stored fused: one whole chunk, W as (E·a, b)
-        intended = whole_delta(job.updates, W.shape, device)
-        merged = W + intended
-    else:
-        intended = None
-        for update in job.updates:
-            delta = delta_rows(update.module, update.layout, start, stop, device)
-            intended = delta if intended is None else intended.add_(delta)
-        for _, bias in job.bias:
-            intended = bias.clone() if intended is None else intended.add_(bias)
-        merged = W + intended
-    out = merged.to(job.dtype)
-    base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
-    stored = out.float().sub_(base) if out.dtype != torch.float32 else out - base
-    if not math.isfinite(stats.add(stored, intended)):  # NaN/Inf in W + ΔW shows in the norms: no extra pass
-        raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
-    return out.cpu()
-
-
 def _mark_round_trips(jobs: list[Job], quantization: Quantization, model_type: str | None) -> None:
     """Set ``quantization`` on the jobs whose base weight is first round-tripped through 4-bit (see
     `loramix.quantize.tensors_to_round_trip`); tensors an adapter tensor replaces are left alone."""
@@ -317,9 +282,9 @@ def _produce(stats: dict[str, Survival], device: torch.device, requantized: Requ
             yield requantized.take(*job.requantized)
             return
         job = _on_device(_quantized_source(job, device), device)
-        for start, stop in _chunks(job, device):
-            yield _merged_chunk(job, start, stop, device, stats[job.name])
+        yield from merged_chunks(job, _chunks(job, device), device, stats[job.name], pinned)
 
+    pinned = Pinned()  # the writer threads' own CUDA streams and pinned buffers
     return produce
 
 
@@ -398,7 +363,8 @@ def write_merged(
     again = Requantized(lambda key: requantize(_on_device(by_name[key], device), base, device, stats[key], shares))
     with progress_bar(enabled=progress, total=total, unit="B", unit_scale=True, desc="merge") as bar:
         produce = _produce(stats, device, again)
-        write_shards(
+        early = claim(base.folder) if base.folder is not None else None  # the CLI's copy of untouched tensors
+        times = write_shards(
             folder,
             [names[i] for i in mine],
             [shards[i] for i in mine],
@@ -406,7 +372,9 @@ def write_merged(
             bar=bar,
             workers=workers,
             headers=headers and [headers[i] for i in mine],
+            early=early,
         )
+    log.info("merge phases (wall-clock times): %s", json.dumps(times))
     if rank == 0:
         dense = quantized is not None and dtype is not None
         write_beside(base, folder, names, shards, index, dtype_name=dtype and OUTPUT_DTYPE_NAMES[dtype], dense=dense)

@@ -139,6 +139,7 @@ class Survival:
     kept: float = 0.0
     total: float = 0.0
     diff: float = 0.0
+    pending: torch.Tensor | None = None  # sums still on the device (`add_later`), until `settle`
 
     def add(self, stored: torch.Tensor, intended: torch.Tensor) -> float:
         """One chunk: the update as stored, and as intended (float32, same shape; ``stored`` is used up: it is
@@ -150,6 +151,24 @@ class Survival:
         self.kept += kept
         self.diff += float(torch.linalg.vector_norm(stored.sub_(intended))) ** 2
         return kept + energy
+
+    def add_later(self, stored: torch.Tensor, intended: torch.Tensor) -> None:
+        """As `add`, without waiting for the device: the three sums (float32 norms, squared and summed in float64)
+        stay on it until `settle`."""
+        norms = torch.stack([torch.linalg.vector_norm(stored), torch.linalg.vector_norm(intended)])
+        diff = torch.linalg.vector_norm(stored.sub_(intended)).reshape(1)
+        sums = torch.cat([norms, diff]).double().square()
+        self.pending = sums if self.pending is None else self.pending.add_(sums)
+
+    def settle(self) -> float:
+        """Bring the sums of `add_later` in (one wait for the device); returns their ‖stored‖² + ‖ΔW‖², not finite
+        when a chunk held NaN/Inf."""
+        if self.pending is None:
+            return 0.0
+        kept, total, diff = self.pending.tolist()
+        self.pending = None
+        self.kept, self.total, self.diff = self.kept + kept, self.total + total, self.diff + diff
+        return kept + total
 
     def measure(self) -> StoredUpdate:
         if not self.total > 0:

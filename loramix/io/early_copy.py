@@ -1,0 +1,219 @@
+"""Merge-into start-up off the critical path: the base's untouched tensors copied while torch is still importing.
+
+The CLI knows the base folder, the adapters and the output before it imports anything heavy. From the files' headers
+alone (no torch) it predicts which base tensors the adapters leave alone and starts copying their bytes, in the
+kernel (two threads where there are 4 CPUs or more), into a locked staging folder beside the output, in the base's
+own shard files at the base's own offsets (every header copied as it is). `loramix.io.shards.write_shards` then
+claims the copy for that base: when the merge keeps the base's files unchanged in layout it writes the merged tensors
+into the same files, skips the tensors already copied, waits for the copy and moves the files into its output
+folder; otherwise the copy is stopped and thrown away. A wrong prediction costs time, never bytes: a tensor
+predicted untouched that the merge changes is written after the copy ends, and one predicted changed is copied by
+the merge as usual.
+
+The prediction: a base tensor is changed when its name holds the last three parts of some adapter module's path
+(``3.self_attn.q_proj`` in ``model.layers.3.self_attn.q_proj.weight``; PEFT's ``base_model.model.``, ``base_layer``
+and ``modules_to_save`` left out). Only PEFT adapter folders with a safetensors file and bases of local safetensors
+files without a quantization config are copied early; anything else starts no copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loramix.errors import LoramixError
+from loramix.io.rawcopy import COPY_PIECE, copy_range, fresh, pwrite_all, read_safetensors_header
+
+log = logging.getLogger(__name__)
+
+PREFIX = "base_model.model."
+DROPPED_PARTS = ("base_layer", "modules_to_save", "original_module")
+COPY_THREADS = 2  # kernel copies at once where there are 4 CPUs or more (one on a 2-core machine)
+TAIL = 3  # parts of a module path that identify it within a base tensor's name
+# The running copies, by resolved base folder: the CLI starts one (`early_copy`), the writer claims it (`claim`).
+_RUNNING: dict[Path, EarlyCopy] = {}
+
+
+@dataclass
+class EarlyCopy:
+    """A copy of the tensors ``names`` of the base's safetensors ``files`` into ``staging`` (same file names, sizes
+    and headers), run by a thread; ``started``/``finished`` are wall-clock times (time.time())."""
+
+    base: Path
+    staging: Path
+    files: list[str]
+    names: frozenset[str]
+    runs: list[tuple[Path, int, int, Path]]  # (source file, offset, byte count, staging file): at the same offset
+    started: float = 0.0
+    finished: float = 0.0
+    copied: int = 0
+    error: BaseException | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, count: int) -> None:
+        """Copy with ``count`` threads, each taking every ``count``-th piece of `COPY_PIECE` bytes."""
+        pieces = [
+            (src, offset + at, min(COPY_PIECE, size - at), out)
+            for src, offset, size, out in self.runs
+            for at in range(0, size, COPY_PIECE)
+        ]
+        self.started = time.time()
+        for i in range(count):
+            self.threads.append(threading.Thread(target=self._run, args=(pieces[i::count],), daemon=True))
+            self.threads[-1].start()
+
+    def _run(self, pieces: list[tuple[Path, int, int, Path]]) -> None:
+        try:
+            for src, offset, count, out in pieces:
+                if self.stop.is_set():
+                    return
+                copy_range(src, offset, count, out, offset)
+                with self.lock:
+                    self.copied += count
+        except BaseException as exc:  # handed to whoever joins
+            self.error = exc
+        finally:
+            with self.lock:
+                self.finished = max(self.finished, time.time())
+
+    def join(self) -> None:
+        """Wait for the copy; raise what it raised."""
+        for thread in self.threads:
+            thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def module_tails(adapter: Path) -> set[tuple[str, ...]] | None:
+    """The last `TAIL` parts of the path of every module a PEFT adapter folder's safetensors file names; None for
+    any other source."""
+    file = adapter / "adapter_model.safetensors"
+    if not (adapter.is_dir() and file.is_file() and (adapter / "adapter_config.json").is_file()):
+        return None
+    header, _ = read_safetensors_header(file)
+    tails = set()
+    for key in header:
+        if key == "__metadata__":
+            continue
+        path = key.split(".lora_", 1)[0] if ".lora_" in key else key.rpartition(".")[0]
+        while path.startswith(PREFIX):
+            path = path.removeprefix(PREFIX)
+        parts = tuple(p for p in path.split(".") if p not in DROPPED_PARTS)
+        tails.add(parts[-TAIL:])
+    return tails
+
+
+def _changed(name: str, tails: set[tuple[str, ...]]) -> bool:
+    parts = tuple(name.split("."))
+    return any(parts[i : i + n] in tails for n in range(1, TAIL + 1) for i in range(len(parts) - n + 1))
+
+
+def _weight_files(base: Path) -> list[Path] | None:
+    """The base's safetensors files in index order, or None when it is not a plain local safetensors model."""
+    config = base / "config.json"
+    if not config.is_file() or (base / "model_index.json").exists():
+        return None
+    try:
+        if "quantization_config" in json.loads(config.read_text()):
+            return None
+        index = base / "model.safetensors.index.json"
+        if index.is_file():
+            names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+            plain = all(isinstance(n, str) and n and Path(n).name == n and (base / n).is_file() for n in names)
+            return [base / n for n in names] if names and plain else None  # else the base reader says what is wrong
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError):
+        return None
+    single = base / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def plan(base: Path, adapters: list[Path]) -> tuple[list[Path], dict[Path, list[tuple[str, int, int]]]] | None:
+    """The base's files and, per file, the tensors predicted untouched as (name, absolute start, end), in data
+    order; None when no early copy applies."""
+    files = _weight_files(base)
+    if files is None or any(p.suffix != ".safetensors" for p in base.iterdir() if p.name.endswith(".bin")):
+        return None
+    tails: set[tuple[str, ...]] = set()
+    for adapter in adapters:
+        found = module_tails(adapter)
+        if found is None:
+            return None
+        tails |= found
+    untouched = {}
+    for path in files:
+        header, data = read_safetensors_header(path)
+        header.pop("__metadata__", None)
+        entries = sorted((e["data_offsets"][0], e["data_offsets"][1], n) for n, e in header.items())
+        untouched[path] = [(n, data + a, data + b) for a, b, n in entries if not _changed(n, tails)]
+    return files, untouched
+
+
+def _start(base: Path, adapters: list[Path], staging: Path) -> EarlyCopy | None:
+    planned = plan(base, adapters)
+    if planned is None:
+        return None
+    files, untouched = planned
+    runs, names = [], set()
+    for path in files:
+        out = staging / path.name
+        header, data = read_safetensors_header(path)
+        with open(path, "rb") as f:
+            head = f.read(data)
+        with open(out, "wb", buffering=0) as f:  # the base's header as it is, the file at its full size
+            pwrite_all(f.fileno(), memoryview(head), 0)
+            os.ftruncate(f.fileno(), path.stat().st_size)
+        for name, start, end in untouched[path]:
+            names.add(name)
+            if runs and runs[-1][0] == path and runs[-1][1] + runs[-1][2] == start:
+                runs[-1] = (path, runs[-1][1], runs[-1][2] + end - start, out)
+            else:
+                runs.append((path, start, end - start, out))
+    copy = EarlyCopy(base, staging, [p.name for p in files], frozenset(names), runs)
+    copy.start(COPY_THREADS if (os.cpu_count() or 1) >= 4 else 1)
+    return copy
+
+
+@contextlib.contextmanager
+def early_copy(base: str | None, adapters: list[str], output: str | None) -> Iterator[EarlyCopy | None]:
+    """Start the early copy of ``base`` for a merge of ``adapters`` into ``output`` when it applies (all local
+    folders, see `plan`), for the length of the block; at its end a copy nobody claimed is stopped and its staging
+    folder removed. For the CLI only (it registers the copy process-wide for the writer to claim)."""
+    if not (base and output and adapters) or not Path(base).is_dir() or not Path(output).parent.is_dir():
+        yield None
+        return
+    folder = Path(base).resolve()
+    with contextlib.ExitStack() as stack:
+        try:
+            staging = stack.enter_context(fresh(Path(output).resolve(), folder=True))
+            copy = _start(folder, [Path(a) for a in adapters], staging)
+        except (OSError, ValueError, RecursionError, LoramixError) as exc:  # the merge says what is wrong
+            log.debug("no early copy: %s", exc)
+            copy = None
+        if copy is None:
+            yield None
+            return
+        _RUNNING[folder] = copy
+        try:
+            yield copy
+        finally:
+            _RUNNING.pop(folder, None)
+            copy.cancel()
+
+
+def claim(base: Path) -> EarlyCopy | None:
+    """The early copy running for ``base``, taken by the writer (at most once)."""
+    return _RUNNING.pop(Path(base).resolve(), None)

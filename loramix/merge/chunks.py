@@ -1,0 +1,119 @@
+"""One chunk of a merged tensor, W + ΔW in float32 rounded once to the output dtype, at memory speed.
+
+`merged_chunks` yields a tensor's output rows chunk by chunk for `loramix.merge.checkpoint`'s writer. The arithmetic
+is the same on every device and for every setting, so the bytes are too: W widened to float32, ΔW one float32
+product per update (its scale already in B), W + ΔW, one rounding to the output dtype.
+
+On a GPU each writer thread has its own CUDA stream and two pinned host buffers: the base rows are read from the file
+straight into the first and sent as stored (bfloat16), widened to float32 on the device, and the rounded rows come
+back into the second, from which they are written: no float32 copy of any chunk on the host. The stored-update
+figures (`loramix.merge.kernels.Survival`) stay on the device until the tensor is done (one wait per tensor). On the CPU
+the figures are taken on every `STATS_EVERY`-th chunk of a tensor (its first always; a tensor of one chunk whole):
+over the rows of a weight, rounding loss is spread alike, and the other chunks are only checked for NaN/Inf (one sum
+of W + ΔW), which saves about half of the passes over memory that the CPU spends per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from loramix.errors import CheckpointError
+from loramix.io.base import BaseTensor
+from loramix.merge.kernels import Survival, delta_rows, dora_merge
+from loramix.merge.quantized_base import whole_delta
+
+STATS_EVERY = 4  # on the CPU: the stored-update figures from every 4th chunk of a tensor
+
+
+class Pinned(threading.local):
+    """Per thread: a CUDA stream and pinned buffers for the rows read and the rows written."""
+
+    stream: torch.cuda.Stream | None = None
+    read: torch.Tensor | None = None
+    write: torch.Tensor | None = None
+
+    def buffer(self, which: str, nbytes: int) -> torch.Tensor:
+        held = getattr(self, which)
+        if held is None or held.numel() < nbytes:
+            held = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            setattr(self, which, held)
+        return held[:nbytes]
+
+
+def merged_chunks(job, chunks: Iterator[tuple[int, int]], device: torch.device, stats: Survival, pinned: Pinned):
+    """The output rows of ``job`` (a `loramix.merge.checkpoint.Job` with its factors on ``device``) for each
+    (start, stop) of ``chunks``, as CPU tensors; each chunk yielded must be used before the next is asked for (on a
+    GPU they share one pinned buffer). Raises `CheckpointError` when W + ΔW holds NaN/Inf."""
+    if device.type != "cuda":
+        for index, (start, stop) in enumerate(chunks):
+            rows = job.source.rows(start, stop)
+            yield _merged(job, rows, start, stop, device, stats, measure=index % STATS_EVERY == 0)
+        _check(job, stats)
+        return
+    if pinned.stream is None:
+        pinned.stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(pinned.stream):
+        for start, stop in chunks:
+            rows = _read(job.source, start, stop, pinned)
+            out = _merged(job, rows.to(device, non_blocking=True), start, stop, device, stats, measure=True)
+            if out.device.type == "cpu":
+                yield out
+                continue
+            host = pinned.buffer("write", out.numel() * out.element_size()).view(out.dtype).view(out.shape)
+            host.copy_(out, non_blocking=True)
+            pinned.stream.synchronize()  # the rows are on the host, and the read buffer is free again
+            yield host
+        _check(job, stats)
+
+
+def _read(source, start: int, stop: int, pinned: Pinned) -> torch.Tensor:
+    """Rows [start, stop) of a base tensor in a file into the thread's pinned buffer (other sources as they are)."""
+    if not isinstance(source, BaseTensor) or source.tensor is not None or not source.shape:
+        return source.rows(start, stop)
+    nbytes = (stop - start) * math.prod(source.shape[1:]) * source.dtype.itemsize
+    return source.rows(start, stop, pinned.buffer("read", nbytes))
+
+
+def _check(job, stats: Survival) -> None:
+    if not math.isfinite(stats.settle()):
+        _refuse(job)
+
+
+def _refuse(job) -> None:
+    raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
+
+
+def _merged(job, chunk: torch.Tensor, start: int, stop: int, device: torch.device, stats: Survival, *, measure: bool):
+    """The output values of rows [start, stop) from the base rows ``chunk`` (stored dtype, any device): W + ΔW (or
+    DoRA) in float32 on ``device``, cast once to the output dtype; the stored-update figures when ``measure``,
+    else a NaN/Inf check only."""
+    if not job.updates and not job.bias:
+        return chunk.to(job.dtype).cpu()
+    W = chunk.to(device).float()
+    if any(u.module.magnitude is not None for u in job.updates):  # DoRA: the only update, on the whole tensor
+        merged, _ = dora_merge(W, job.updates[0], device)
+        intended = merged - W
+    elif job.updates and job.updates[0].rows is not None:  # experts stored fused: one whole chunk, W as (E·a, b)
+        intended = whole_delta(job.updates, W.shape, device)
+        merged = W + intended
+    else:
+        intended = None
+        for update in job.updates:
+            delta = delta_rows(update.module, update.layout, start, stop, device)
+            intended = delta if intended is None else intended.add_(delta)
+        for _, bias in job.bias:
+            intended = bias.clone() if intended is None else intended.add_(bias)
+        merged = W + intended
+    out = merged.to(job.dtype)
+    if not measure:
+        if not math.isfinite(float(merged.sum())):
+            _refuse(job)
+        return out
+    base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
+    stored = out.float().sub_(base) if out.dtype != torch.float32 else out - base
+    stats.add_later(stored, intended)  # NaN/Inf in W + ΔW shows in the norms: no extra pass
+    return out

@@ -1,0 +1,114 @@
+"""Merge-into at memory speed: the CLI's early copy of untouched tensors (started before torch is imported), and the
+chunked arithmetic whose bytes must not depend on how it is scheduled. Oracle: the same merge without an early copy
+(byte for byte), float64 W + s·B·A (to 1 bf16 ulp of |W| + |ΔW|) and today's algorithm in one piece (bit for
+bit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import loramix.merge.chunks
+import pytest
+import torch
+from helpers import bf16_ulp, raw_lora_folder
+from safetensors import safe_open
+from test_merge_disk import make_adapter, make_base, weight_files
+
+from loramix import load_adapter, merge_into_base
+from loramix.io.early_copy import early_copy, plan
+
+SIZES = {"layers": 3, "hidden": 32, "inter": 96}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("early")
+    return make_base(work / "base", **SIZES), make_adapter(work / "adapter", **SIZES)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_the_cli_copies_untouched_tensors_while_torch_imports(pair, tmp_path):
+    base, adapter = pair
+    expected = merge_into_base(adapter, base, tmp_path / "api").path  # no early copy from the API
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "loramix", "-v", "combine", str(adapter), "-m", "cat", "--merge-into", str(base)]
+    done = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stderr.splitlines() if "merge phases" in x)
+    times = json.loads(line.split(": ", 2)[-1])
+    assert times["copied early"] > 0  # the bytes of the embeddings, norms, gate_proj and head
+    assert times["copy start"] < times["computed start"]
+    assert weight_files(out) == weight_files(expected)
+    assert _leftovers(tmp_path) == []  # the staging folder's files moved into the output, the folder removed
+
+
+@pytest.mark.parametrize("cpus", [2, 8])  # one copying thread, two
+def test_a_wrong_prediction_costs_time_never_bytes(pair, tmp_path, monkeypatch, cpus):
+    """The copy is predicted for an adapter on gate_proj only; the merge is of one on q/v/down: tensors copied
+    early are merged over (after the copy), gate_proj is copied by the writer."""
+    base, adapter = pair
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    expected = weight_files(merge_into_base(adapter, base, tmp_path / "api").path)
+    shapes = {f"model.layers.{i}.mlp.gate_proj": (96, 4, 32) for i in range(SIZES["layers"])}
+    other = raw_lora_folder(tmp_path / "other", shapes=shapes, config={"target_modules": ["gate_proj"]})
+    files, untouched = plan(base, [other])
+    predicted = {name for entries in untouched.values() for name, _, _ in entries}
+    assert "model.layers.0.self_attn.q_proj.weight" in predicted
+    assert "model.layers.0.mlp.gate_proj.weight" not in predicted
+    with early_copy(str(base), [str(other)], str(tmp_path / "out")) as copy:
+        assert len(copy.threads) == (2 if cpus >= 4 else 1)
+        merge_into_base(adapter, base, tmp_path / "out")
+    assert weight_files(tmp_path / "out") == expected
+    assert sorted(_leftovers(tmp_path)) == []
+
+
+def test_a_merge_that_lays_the_files_out_anew_drops_the_early_copy(pair, tmp_path):
+    base, adapter = pair
+    expected = weight_files(merge_into_base(adapter, base, tmp_path / "api", shard_size="20KB").path)
+    with early_copy(str(base), [str(adapter)], str(tmp_path / "out")) as copy:
+        assert copy is not None
+        merge_into_base(adapter, base, tmp_path / "out", shard_size="20KB")
+        assert copy.stop.is_set()
+    assert weight_files(tmp_path / "out") == expected
+    assert _leftovers(tmp_path) == []
+
+
+def test_no_early_copy_for_sources_it_cannot_read_without_torch(pair, tmp_path):
+    base, adapter = pair
+    assert plan(base, [adapter]) is not None
+    assert plan(base, [tmp_path / "missing"]) is None  # not a PEFT folder (a Hub id, a kohya file...)
+    code = "import sys, loramix.io.early_copy; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_sampled_stored_update_figures_leave_the_bytes_alone(tmp_path, monkeypatch):
+    """On the CPU the figures come from every STATS_EVERY-th chunk: the bytes equal those of measuring every chunk
+    and float64 W + s·B·A to 1 bf16 ulp of |W| + |ΔW|; the sampled figures stay close to the full ones."""
+    sizes = {"layers": 1, "hidden": 256, "inter": 2048}  # gate/down: 2048×256 = 4 CPU chunks of 2^17 elements
+    base = make_base(tmp_path / "base", **sizes)
+    adapter = make_adapter(tmp_path / "adapter", **sizes)
+    monkeypatch.setattr(loramix.merge.chunks, "STATS_EVERY", 1)
+    full = merge_into_base(adapter, base, tmp_path / "every", device="cpu")
+    monkeypatch.setattr(loramix.merge.chunks, "STATS_EVERY", 4)
+    sampled = merge_into_base(adapter, base, tmp_path / "sampled", device="cpu")
+    assert weight_files(tmp_path / "every") == weight_files(tmp_path / "sampled")
+    for name, figures in full.survival.items():
+        assert sampled.survival[name].kept == pytest.approx(figures.kept, rel=0.05), name
+        assert sampled.survival[name].error == pytest.approx(figures.error, rel=0.2, abs=1e-3), name
+    loaded = load_adapter(adapter)
+    name = "model.layers.0.mlp.down_proj"
+    module = loaded.modules[name]
+    file = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"][f"{name}.weight"]
+    with safe_open(str(base / file), "pt") as f, safe_open(str(tmp_path / "sampled" / file), "pt") as g:
+        W, merged = f.get_tensor(f"{name}.weight"), g.get_tensor(f"{name}.weight")
+    delta = module.scale * (module.B.double() @ module.A.double())
+    ulp = bf16_ulp((W.double().abs() + delta.abs()).float())  # float32 terms err by ~1e-9: cancellation to ~0
+    assert bool(((merged.double() - (W.double() + delta)).abs() <= ulp).all())
+    assert torch.equal(merged, (W.float() + (module.B * module.scale) @ module.A).to(torch.bfloat16))
