@@ -101,8 +101,8 @@ def recommend(m: Measured, *, data: bool = False) -> Advice:
         return Advice(
             "cat",
             "",
-            f"{n}, {orthogonal}: nothing to untangle; the exact sum at one tuned weight was within noise of the "
-            "best method on real and synthetic tasks",
+            f"{n}, {orthogonal}: nothing to untangle; the exact sum at one tuned weight was within 0.04 of every "
+            "data-free method on real weights and best on synthetic tasks",
         )
     return Advice(
         "tsv",
