@@ -62,6 +62,9 @@ METHODS = {  # name: (loramix method, fixed options, option tuned over DENSITIES
     "multislerp": ("multislerp", {}, None, None),
     "karcher": ("karcher", {}, None, None),
     "model_stock": ("model_stock", {}, None, None),
+    "star": ("star", {}, None, None),
+    "compressed_sum": ("compressed_sum", {}, None, None),
+    "wudi": ("wudi", {}, None, None),
 }
 # methods that divide by the weights they elect (normalize): λ goes in as their `lambda` option, weights stay 1
 SCALED_BY_LAMBDA = {"della"}

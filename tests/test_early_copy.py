@@ -11,13 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import loramix.merge.chunks
 import pytest
 import torch
 from helpers import bf16_ulp, raw_lora_folder
 from safetensors import safe_open
 from test_merge_disk import make_adapter, make_base, weight_files
 
+import loramix.merge.chunks
 from loramix import load_adapter, merge_into_base
 from loramix.io.early_copy import early_copy, plan
 

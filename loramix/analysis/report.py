@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 
+from loramix.analysis.advice import measured, recommend
 from loramix.analysis.experts import expert_lines
 from loramix.analysis.names import natural_key
 from loramix.errors import counted
@@ -68,6 +69,8 @@ def analysis_dict(analysis) -> dict:
             "suggested_rank": mg.suggested_rank,
             "modules": {name: _group_dict(m) for name, m in mg.modules.items()},
         }
+    inputs = measured(analysis)
+    advice = None if inputs is None else {**dataclasses.asdict(recommend(inputs)), **dataclasses.asdict(inputs)}
     return {
         "rule": analysis.rule.describe(),
         "base": analysis.base,
@@ -76,6 +79,7 @@ def analysis_dict(analysis) -> dict:
         "adapters": adapters,
         "pairs": pairs,
         "merge": merge,
+        "advice": advice,
     }
 
 
@@ -262,6 +266,9 @@ def _suggestions(analysis) -> list[str]:
             f"merging all: `loramix combine ... --method svd {flag}` gives rank ≤ {mg.suggested_rank}; "
             f"`--rank {mg.reference_rank}` keeps {_pct(kept)} of the sum"
         )
+    inputs = measured(analysis)
+    if inputs is not None:
+        out.append(recommend(inputs).line())
     return out
 
 
