@@ -51,7 +51,7 @@ def wudi_reference(tasks) -> np.ndarray:
     return np.linalg.lstsq(Z.T, Y.T, rcond=None)[0].T
 
 
-@pytest.mark.parametrize("ranks", [[3, 3, 3], [2, 4, 5]])
+@pytest.mark.parametrize("ranks", [[3, 3, 3], [2, 3, 4]])
 def test_wudi_is_the_minimiser_of_the_papers_loss(ranks):
     terms = make_terms(3, ranks=ranks)
     tasks = tasks_of(terms)
@@ -67,6 +67,18 @@ def test_wudi_is_the_minimiser_of_the_papers_loss(ranks):
         loss.sum().backward()
         optimizer.step()
     assert wudi_loss(merged, tasks) <= wudi_loss(tau.detach().numpy(), tasks)
+
+
+def test_wudi_refuses_adapters_whose_rows_span_every_input():
+    """Once Σrᵢ fills a module's inputs, Σᵢ τᵢᵀτᵢ/‖τᵢ‖² is full rank but ill-conditioned and the exact minimiser grows
+    far past the sum (8 rank-8 adapters on 64 inputs: ‖ΔW‖ about 160× ‖Σ τᵢ‖, benchmarks/RESULTS.md): refused in
+    one line. Below that (8 rank-8 adapters on 256 inputs) the merge stays within a small multiple of the sum."""
+    with pytest.raises(MethodError, match="span all 64 inputs.*ill-conditioned"):
+        REGISTRY["wudi"].fn(make_terms(8, ranks=[8] * 8, weights=[1.0] * 8, scales=[1.0] * 8, inp=64), rule=RankRule())
+    terms = make_terms(8, ranks=[8] * 8, weights=[1.0] * 8, scales=[1.0] * 8, inp=256)
+    merged = product(REGISTRY["wudi"].fn(terms, rule=RankRule()))
+    total = sum(tasks_of(terms))
+    assert np.linalg.norm(merged) < 2 * np.linalg.norm(total)
 
 
 def test_wudi_works_on_cores_only(monkeypatch):

@@ -96,6 +96,13 @@ def wudi(terms, *, rule: RankRule) -> Factors:
     if not live:
         return Factors(terms[0].B.new_zeros(terms[0].B.shape[0], 1), terms[0].A.new_zeros(1, terms[0].A.shape[1]))
     ((Q, R),) = orthonormal_bases(torch.cat([t.A.double() for t in live], dim=0).T)  # stacked Aᵀ = Q·R
+    if Q.shape[1] >= Q.shape[0]:  # Σᵢ τᵢᵀτᵢ/‖τᵢ‖² full rank on every input: the solve amplifies its weakest directions
+        ranks = "+".join(str(t.A.shape[0]) for t in live)
+        raise MethodError(
+            f"wudi: the adapters' rows (ranks {ranks}) span all {Q.shape[0]} inputs of a module, where its closed form "
+            "is ill-conditioned (the merged update can be many times the sum's norm; the paper's optimiser stops long "
+            "before): use tsv or cat"
+        )
     cores, at = [], 0
     for t in live:
         M = R[:, at : at + t.A.shape[0]].T  # Aᵢ = M·Qᵀ
