@@ -208,7 +208,7 @@ def accept(
     """What `loramix.combine` takes, accepted once: the settings checked (`check_settings`), then the sources loaded
     and checked together (`load_adapters`). Returns the adapters, their parsed weights and the settings, which
     `combine_loaded` takes as they are."""
-    truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value, conv_rank=conv_rank)
+    truncation = RankRule.of(rank=rank, energy=energy, rule=rule, rule_value=rule_value, conv_rank=conv_rank)
     settings = check_settings(
         method=method,
         options=options,

@@ -139,6 +139,19 @@ class RankRule:
     value: float | None = None
     conv_rank: int | None = None
 
+    @classmethod
+    def of(
+        cls,
+        *,
+        rank: int | None = None,
+        energy: float | None = None,
+        rule: str | None = None,
+        rule_value: float | None = None,
+        conv_rank: int | None = None,
+    ) -> RankRule:
+        """The rule the public settings name (their ``rule_value`` is its ``value``)."""
+        return cls(rank=rank, energy=energy, rule=rule, value=rule_value, conv_rank=conv_rank)
+
     def __post_init__(self) -> None:
         for label, value, kinds in (
             ("rank", self.rank, int),

@@ -91,13 +91,8 @@ class Settings:
 
     def rank_rule(self) -> RankRule:
         """The plan's truncation as one `RankRule` (checked when built)."""
-        return RankRule(
-            rank=getattr(self, "rank", None),
-            energy=getattr(self, "energy", None),
-            rule=getattr(self, "rule", None),
-            value=getattr(self, "rule_value", None),
-            conv_rank=getattr(self, "conv_rank", None),
-        )
+        names = ("rank", "energy", "rule", "rule_value", "conv_rank")
+        return RankRule.of(**{name: getattr(self, name, None) for name in names})
 
 
 @dataclass

@@ -96,7 +96,7 @@ def _finite(module: LoraModule) -> bool:
 def _rule(rank: int | None, energy: float | None, rule: str | None, rule_value: float | None) -> RankRule:
     if rank is None and energy is None and rule is None:
         return DEFAULT_RULE
-    return RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
+    return RankRule.of(rank=rank, energy=energy, rule=rule, rule_value=rule_value)
 
 
 def analyze(

@@ -266,7 +266,7 @@ def extract_lora(
     the adapter (scale 1 per module, each at its own rank) with the per-module account. ``base_tensors`` /
     ``tuned_tensors`` read the models through another `TensorSource` (the labels stay ``base``/``finetuned``)."""
     started = time.perf_counter()
-    truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
+    truncation = RankRule.of(rank=rank, energy=energy, rule=rule, rule_value=rule_value)
     if truncation == RankRule():
         raise SettingError("give `rank`, `energy` or `rule` with `rule_value`: the rank rule of every module")
     target = resolve_device(device)

@@ -100,7 +100,7 @@ def convert_lora(
     does (``finetuned`` is the source adapter; ``solver`` says how the module was converted). ``updates`` are
     modules of another kind (VeRA, (IA)³, OFT, FourierFT) whose ΔW is a function of the base weight."""
     started = time.perf_counter()
-    truncation = RankRule(rank=rank, energy=energy, rule=rule, value=rule_value)
+    truncation = RankRule.of(rank=rank, energy=energy, rule=rule, rule_value=rule_value)
     target = resolve_device(device)
     dependent = {**base_updates(adapter), **(updates or {})}
     if dependent and base is None:

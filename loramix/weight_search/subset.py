@@ -148,8 +148,8 @@ def search_subset(
     unknown = sorted(set(rank_rule or {}) - set(RANK_RULE))
     if unknown:
         raise SearchError(f"rank_rule takes {', '.join(RANK_RULE)}, not {', '.join(unknown)}")
-    rule = {("value" if key == "rule_value" else key): value for key, value in (rank_rule or {}).items()}
-    chosen = check_settings(method=method, options=dict(options or {}), rule=RankRule(**rule)).method  # before loading
+    rule = RankRule.of(**(rank_rule or {}))
+    chosen = check_settings(method=method, options=dict(options or {}), rule=rule).method  # before loading
     loaded, numbers = load_adapters(
         adapters,
         weights=weights,
