@@ -25,8 +25,19 @@ def fused(pipe, source) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
 
 
-def assert_deltas(adapter, expected: dict[str, torch.Tensor]) -> None:
-    """``adapter`` has exactly ``expected``'s modules, each with that float64 ΔW (rtol 1e-5, atol 1e-6)."""
+def assert_deltas(adapter, expected: dict[str, torch.Tensor], weight: float = 1.0) -> None:
+    """``adapter`` has exactly ``expected``'s modules, each with ``weight`` times that float64 ΔW (rtol 1e-5,
+    atol 1e-6)."""
     assert sorted(adapter.modules) == sorted(expected)
     for name, delta in expected.items():
-        torch.testing.assert_close(adapter.modules[name].delta(dtype=torch.float64), delta, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            adapter.modules[name].delta(dtype=torch.float64), weight * delta, rtol=1e-5, atol=1e-6
+        )
+
+
+def assert_fused(weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor], expected) -> None:
+    """Each module of ``expected`` (keyed ``transformer.<path>``) holds base + its float64 ΔW in ``weights``, the
+    transformer's state dict after a merge (rtol 1e-5, atol 1e-5: float32 weights)."""
+    for name, delta in expected.items():
+        key = name.removeprefix("transformer.") + ".weight"
+        torch.testing.assert_close(weights[key], (base[key].double() + delta).float(), rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import helpers
 import pytest
 import torch
-from dit_helpers import assert_deltas, fused
+from dit_helpers import assert_deltas, assert_fused, fused
 
 import loramix
 
@@ -69,9 +69,7 @@ def test_a_peft_folder_of_shared_block_names_is_written_as_diffusers(tmp_path):
     assert report.format == "diffusers"
     base = test_flux._tiny_pipeline().transformer.state_dict()
     weights = fused(test_flux._tiny_pipeline(), tmp_path / "out" / "pytorch_lora_weights.safetensors")
-    for name, delta in expected.items():
-        key = name.removeprefix("transformer.") + ".weight"
-        torch.testing.assert_close(weights[key], (base[key].double() + delta).float(), rtol=1e-5, atol=1e-5)
+    assert_fused(weights, base, expected)
 
 
 def test_a_language_model_peft_folder_is_left_alone(tmp_path):

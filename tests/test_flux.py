@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from dit_helpers import assert_deltas
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -119,14 +120,6 @@ def oracle_deltas(source) -> dict[str, torch.Tensor]:
             B = sd[f"{name}.lora_B.weight"]
             out["transformer." + name.removeprefix("transformer.")] = B.double() @ A.double()
     return out
-
-
-def assert_deltas(adapter, expected: dict[str, torch.Tensor], weight: float = 1.0) -> None:
-    assert sorted(adapter.modules) == sorted(expected)
-    for name, delta in expected.items():
-        torch.testing.assert_close(
-            adapter.modules[name].delta(dtype=torch.float64), weight * delta, rtol=1e-5, atol=1e-6
-        )
 
 
 @pytest.mark.parametrize("make", [kohya_file, xlabs_file, diffusers_file])

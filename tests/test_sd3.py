@@ -17,7 +17,7 @@ import json
 
 import pytest
 import torch
-from dit_helpers import assert_deltas, fused, lora_deltas
+from dit_helpers import assert_deltas, assert_fused, fused, lora_deltas
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -169,9 +169,7 @@ def test_combined_across_namings_and_written(tmp_path, fmt):
     assert written.name == "pytorch_lora_weights.safetensors"
     base = _pipeline().transformer.state_dict()
     fused = _fused(written, base)
-    for name, delta in expected.items():
-        key = name.removeprefix("transformer.") + ".weight"
-        torch.testing.assert_close(fused[key], (base[key].double() + delta).float(), rtol=1e-5, atol=1e-5)
+    assert_fused(fused, base, expected)
 
 
 def test_diffusers_names_combine_with_original_names(tmp_path):

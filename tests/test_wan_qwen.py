@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from dit_helpers import assert_deltas, assert_fused
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -124,12 +125,6 @@ def oracle(case: Case, path) -> dict[str, torch.Tensor]:
     }
 
 
-def assert_deltas(adapter, expected) -> None:
-    assert sorted(adapter.modules) == sorted(expected)
-    for name, delta in expected.items():
-        torch.testing.assert_close(adapter.modules[name].delta(dtype=torch.float64), delta, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("case", [WAN, QWEN], ids=lambda c: c.name)
 @pytest.mark.parametrize("style", ["kohya", "comfyui", "diffusers"])
 def test_every_naming_reads_the_delta_diffusers_gets(tmp_path, case, style):
@@ -174,9 +169,7 @@ def test_combined_across_namings_and_written_loads_in_diffusers(tmp_path, case, 
     torch.manual_seed(0)
     base = getattr(diffusers, case.model)(**case.config).state_dict()
     fused = _fused(case, written, base)
-    for name, delta in expected.items():
-        key = name.removeprefix("transformer.") + ".weight"
-        torch.testing.assert_close(fused[key], (base[key].double() + delta).float(), rtol=1e-5, atol=1e-5)
+    assert_fused(fused, base, expected)
 
 
 def test_unknown_wan_name_is_a_one_line_error(tmp_path):
