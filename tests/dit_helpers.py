@@ -1,6 +1,6 @@
-"""Shared oracles of the diffusion-transformer family tests (tests/test_sd3.py, tests/test_hunyuan_video.py): the
-ΔW diffusers' LoRA loader reads from a file, the weights its ``load_lora_weights`` + ``fuse_lora`` give, and the
-float64 comparison of an adapter's ΔW per module."""
+"""Shared oracles of the diffusion-transformer family tests (Flux, SD3, HunyuanVideo, Wan, Qwen-Image, DiT PEFT
+folders): the ΔW diffusers' LoRA loader reads from a file, the weights its ``load_lora_weights`` + ``fuse_lora``
+give, and the float64 comparisons of an adapter's ΔW and of merged weights per module."""
 
 from __future__ import annotations
 
