@@ -110,7 +110,9 @@ def load_base(base, *, device: torch.device | list[torch.device], tokenizer=None
                 raise SearchError(f"{base}: no usable tokenizer beside the model ({detail[:200]})") from None
         split = {} if len(devices) == 1 else {"device_map": "balanced", "max_memory": _split_memory(devices)}
         try:
-            model = auto.from_pretrained(str(folder), dtype=dtype, **split)
+            # use_kernels=False: transformers' own layers, never kernels fetched from the Hub at run time (offline
+            # machines, and one set of numerics for every candidate)
+            model = auto.from_pretrained(str(folder), dtype=dtype, use_kernels=False, **split)
         except (OSError, ValueError) as exc:
             raise SearchError(f"{base}: cannot load as {auto.__name__} ({str(exc).splitlines()[0]})") from None
     if isinstance(tokenizer, (str, Path)):
