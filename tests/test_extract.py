@@ -23,6 +23,7 @@ from loramix.cli import main
 from loramix.errors import CheckpointError, MethodError
 from loramix.extraction import extract_lora, read_ahead, tensors
 from loramix.extraction.spectrum import dense, top_singular
+from loramix.extraction.staging import Staging
 from loramix.linalg import RankRule
 from loramix.runtime import torch_threads
 
@@ -358,6 +359,50 @@ def test_mismatched_models_are_one_line_errors_naming_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 9])
-def test_reading_ahead_keeps_the_order(depth):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reading_ahead_keeps_the_order(depth, workers):
     names = [f"t{i}" for i in range(7)]
-    assert list(read_ahead(names, lambda n: n.upper(), depth)) == [(n, n.upper()) for n in names]
+    assert list(read_ahead(names, lambda n: n.upper(), depth, workers)) == [(n, n.upper()) for n in names]
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+@pytest.mark.parametrize("chunk", [100, 1000, 1 << 26])
+def test_staged_reads_are_the_stored_tensors(tmp_path, device, chunk):
+    """Every tensor of a bf16 model (and of a legacy .bin one, which is not read as stored) read through `Staging`
+    equals safetensors' / torch's own reading, dtype, shape and bits: chunks of a few rows cycling through the two
+    buffers (1000 bytes), rows wider than a chunk (100 bytes; the 128-wide bf16 rows are 256), and whole tensors."""
+    model = _llama().to(torch.bfloat16)
+    stored = _save(model, tmp_path / "safe")
+    expected = load_file(str(stored / "model.safetensors"))
+    legacy = tmp_path / "bin"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((stored / "config.json").read_text())
+    torch.save(expected, legacy / "pytorch_model.bin")
+    staging = Staging(torch.device(device), chunk=chunk)
+    for folder in (stored, legacy):
+        source = tensors.open_model(folder)
+        assert (source.stored(next(iter(expected))) is None) == (folder == legacy)
+        for name, tensor in expected.items():
+            got = staging.read(source, name)
+            assert got.device.type == device and got.dtype == tensor.dtype and got.shape == tensor.shape, name
+            assert torch.equal(got.cpu(), tensor), name
+
+
+@GPU
+def test_on_a_gpu_the_extraction_equals_the_cpu_one(tmp_path):
+    """The GPU path (two reading threads, pinned staging, batched spectra) gives the CPU path's adapter: each ΔW
+    = B·A to 1e-4 relative (float32 products on two devices), the same ranks, and the same account of every other
+    tensor (a changed norm carried whole, bit for bit)."""
+    edit = lambda s: s.update({"model.norm.weight": s["model.norm.weight"] * 2})  # noqa: E731
+    base, tuned, _ = _pair(tmp_path, rank=4, noise=0.5, edit=edit)
+    cpu, gpu = (extract_lora(base, tuned, rank=4, device=d) for d in ("cpu", "cuda"))
+    assert sorted(gpu.adapter.modules) == sorted(cpu.adapter.modules) and gpu.unchanged == cpu.unchanged
+    for name, module in cpu.adapter.modules.items():
+        other = gpu.adapter.modules[name]
+        assert other.rank == module.rank and other.A.device.type == "cpu"
+        assert _relative(other.delta(dtype=torch.float64), module.delta(dtype=torch.float64)) < 1e-4, name
+    assert gpu.carried == cpu.carried and gpu.adapter.extra["model.norm.weight"].tensor.device.type == "cpu"
+    assert torch.equal(gpu.adapter.extra["model.norm.weight"].tensor, cpu.adapter.extra["model.norm.weight"].tensor)

@@ -43,6 +43,7 @@ def _parts(path: Path, data: bytes):
     if path.suffix == ".json":
         report = json.loads(data)
         report.pop("seconds", None)
+        report.pop("read_wait_seconds", None)
         return report
     return data
 
