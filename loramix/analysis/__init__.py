@@ -80,7 +80,7 @@ def below_step_shares(base: BaseCheckpoint, modules: dict[str, LoraModule], sett
     shapes = {name: m.base_shape for name, m in modules.items()}
     for name, key, weight in _base_weights(base, shapes):
         module = modules[name]
-        if module.layout not in ("linear", "conv1d_fan_in_fan_out") or not is_quantized(key, weight.shape, settings):
+        if module.layout not in ("out_in", "conv1d_fan_in_fan_out") or not is_quantized(key, weight.shape, settings):
             continue
         delta = module.delta(dtype=torch.float64)
         if module.layout == "conv1d_fan_in_fan_out":

@@ -247,7 +247,7 @@ def _align_flat_conv(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
     convs = {name: m.base_shape for a in adapters for name, m in a.modules.items() if m.layout == "conv2d"}
     aligned = []
     for a in adapters:
-        laid = {n: m.on_weight(convs[n]) for n, m in a.modules.items() if n in convs and m.layout == "linear"}
+        laid = {n: m.on_weight(convs[n]) for n, m in a.modules.items() if n in convs and m.layout == "out_in"}
         changed = {n: m for n, m in laid.items() if m.layout == "conv2d"}
         aligned.append(a.with_modules({**a.modules, **changed}) if changed else a)
     return aligned

@@ -276,7 +276,7 @@ def resolve_base(base: str | Path) -> Path:
     """A local folder for ``base``: a path as is, or a Hub id (config, tokenizer and safetensors files only)."""
     if not isinstance(base, (str, Path)):
         raise CheckpointError(
-            f"a base model is a folder or Hub id, not a {type(base).__name__} (for a loaded model: merge_into)"
+            f"a base model is a folder or Hub id, not a {type(base).__name__} (for a loaded model: merge_into_model)"
         )
     folder = resolve(base, files=BASE_FILES, what="base model folder not found")
     if not folder.is_dir():

@@ -38,7 +38,7 @@ from loramix.schedule import count_layers, linear
 from loramix.settings import COMPOSITIONS
 from loramix.weight_search.objective import token_losses
 
-_LAYOUTS = ("linear", "conv1d_fan_in_fan_out")  # factors are kept in math orientation: both are x·Aᵀ·Bᵀ
+_LAYOUTS = ("out_in", "conv1d_fan_in_fan_out")  # factors are kept in math orientation: both are x·Aᵀ·Bᵀ
 
 
 @dataclass
