@@ -43,7 +43,7 @@ def test_reprs_are_summaries_not_tensor_dumps():
     assert text == str(adapter) and "tensor(" not in text and len(text) < 200, text
     assert "'many'" in text and "80 modules" in text and "rank 4" in text and "test/base" in text
     module = next(iter(adapter.modules.values()))
-    assert repr(module) == "LoraModule(8×12, rank 4, scale 1, linear, float32)"
+    assert repr(module) == "LoraModule(8×12, rank 4, scale 1, out_in, float32)"
     one = LoraAdapter(modules=dict(list(adapter.modules.items())[:1]), name="one")
     assert "1 module," in repr(one) and "base unknown" in repr(one)
 
