@@ -149,7 +149,7 @@ def _adapters(path: Path, items) -> tuple[list[str], list | None]:
         weight = entry.get("weight")
         if weight is not None:
             try:
-                weight = parse(weight, what=f"adapters[{i}].weight")
+                weight = parse(weight, what=f"adapters[{i}].weight").data()
             except MethodError as exc:
                 raise RecipeError(f"{path}: {exc}") from None
         sources.append(_relative_source(path, entry["source"]))
