@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from loramix.errors import LoramixError, MethodError, RecipeError
+from loramix.errors import LoramixError, MethodError, RecipeError, SettingError
 from loramix.hub import pinned
 from loramix.plans import PLANS, Plan, Settings
 from loramix.schedule import parse, parse_options
@@ -46,11 +46,11 @@ __all__ = ["Plan", "check_plan", "load_recipe", "repeatable"]
 
 def check_plan(plan: Settings) -> None:
     """Refuse a plan a setting of which does not fit its field (a format no writer has, a rule that is no rule, a
-    bool where a number goes): a one-line `MethodError` naming the field, before anything is loaded."""
+    bool where a number goes): a one-line `SettingError` naming the field, before anything is loaded."""
     for name, hint in plan.hints().items():
         value = getattr(plan, name)
         if value is not None and not fits(value, hint):
-            raise MethodError(wrong(name, value, hint))
+            raise SettingError(wrong(name, value, hint))
     if isinstance(plan, Plan):
         parse_options(plan.options)
         plan.check_settings_apply()
@@ -149,7 +149,7 @@ def _adapters(path: Path, items) -> tuple[list[str], list | None]:
         weight = entry.get("weight")
         if weight is not None:
             try:
-                weight = parse(weight, what=f"adapters[{i}].weight")
+                weight = parse(weight, what=f"adapters[{i}].weight").data()
             except MethodError as exc:
                 raise RecipeError(f"{path}: {exc}") from None
         sources.append(_relative_source(path, entry["source"]))

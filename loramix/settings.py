@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal, get_args
 
 from loramix import writers
+from loramix.errors import SettingError
 
 Heads = Literal["refuse", "average", "drop"]  # heads (modules_to_save) several adapters carry
 RankLayout = Literal["portable", "exact"]  # one rank every engine reads, or each module's own
@@ -130,6 +131,11 @@ class MergeTarget:
     double_quant: bool | None = None
     blocksize: int | None = None
     round_trip: RoundTrip = "all"
+
+    def __post_init__(self) -> None:
+        workers = self.workers
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise SettingError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
 
 
 @dataclass(frozen=True)

@@ -156,11 +156,14 @@ def _counted(monkeypatch, name: str, owner) -> list:
 
 @pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merge"])
 def test_run_loads_and_checks_its_adapters_once(tmp_path, monkeypatch, merge):
-    from loramix import adapter, formats, pipeline  # every module that could load, imported before counting
+    from loramix import adapter, formats, merging, pipeline  # every module that could load, imported before counting
 
     assert pipeline.run is loramix.run
     loads = _counted(monkeypatch, "load_adapters", formats)
     checks = _counted(monkeypatch, "check_compatible", adapter)
+    accepted = _counted(monkeypatch, "load_adapter", formats)  # the front door of one adapter
+    front_doors = _counted(monkeypatch, "merge_into_base", merging)
+    cores = _counted(monkeypatch, "merge_loaded", merging)
     plan = loramix.Plan(
         adapters=[str(example("summarize")), str(example("translate"))],
         rank=4,
@@ -169,6 +172,8 @@ def test_run_loads_and_checks_its_adapters_once(tmp_path, monkeypatch, merge):
     )
     loramix.run(plan)
     assert (len(loads), len(checks)) == (1, 1)
+    assert len(accepted) == len(plan.adapters)  # each source once; the merge takes the combined adapter as it is
+    assert (len(front_doors), len(cores)) == (0, int(merge))
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from test_search import Setup, _peft_loss, char_tokenizer, llama
 import loramix
 from loramix.cli import main
 from loramix.errors import MethodError, SearchError
-from loramix.schedule import resolve
+from loramix.schedule import parse
 from loramix.weight_search import search_subset
 from loramix.weight_search.objective import as_examples, build_batch
 from loramix.weight_search.subset import Groups
@@ -172,7 +172,7 @@ def test_a_dropped_name_inside_another_leaves_that_one_alone():
     groups = Groups.of(adapters, "module")
     mask = np.array([True, False, False, False])
     forms = groups.weights(mask, [0.7, 0.2])
-    values = {n: resolve(forms[0], n, 2) for n in groups.names}
+    values = {n: parse(forms[0]).at(n, 2) for n in groups.names}
     assert values == {"m.layers.1.fc1": 0.0, "m.layers.1.fc10": 0.7, "m.layers.1.fc1x.q": 0.7}
     assert forms[1] == 0.2
 

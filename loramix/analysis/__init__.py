@@ -26,7 +26,7 @@ from loramix.io.base import BaseCheckpoint, open_base, resolve_base
 from loramix.linalg import RankRule, gram_svd
 from loramix.quantize import Quantization, below_step_share, is_quantized, quantization_settings
 from loramix.runtime import progress_bar
-from loramix.schedule import count_layers, resolve
+from loramix.schedule import Schedule, count_layers
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def below_step_shares(base: BaseCheckpoint, modules: dict[str, LoraModule], sett
     shapes = {name: m.base_shape for name, m in modules.items()}
     for name, key, weight in _base_weights(base, shapes):
         module = modules[name]
-        if module.layout not in ("linear", "conv1d_fan_in_fan_out") or not is_quantized(key, weight.shape, settings):
+        if module.layout not in ("out_in", "conv1d_fan_in_fan_out") or not is_quantized(key, weight.shape, settings):
             continue
         delta = module.delta(dtype=torch.float64)
         if module.layout == "conv1d_fan_in_fan_out":
@@ -150,7 +150,7 @@ def analyze(
 
 def analyze_loaded(
     loaded: list[LoraAdapter],
-    weights: list,
+    weights: list[Schedule],
     *,
     rule: RankRule = DEFAULT_RULE,
     base: str | Path | None = None,
@@ -200,7 +200,7 @@ def analyze_loaded(
             shape = (modules[0].out_features, modules[0].in_features)
             for (x, y), overlap in overlaps(svds, gram_b, gram_a, slices, shape).items():
                 found[indices[x], indices[y]][name] = overlap
-        effective = [resolve(w, name, layers) for w in weights]
+        effective = [w.at(name, layers) for w in weights]
         coefs = [effective[i] * m.scale for i, m in zip(indices, modules)]
         merged[name] = merge_module(modules, coefs, gram_b, gram_a, truncation)
         merged[name].weights = effective

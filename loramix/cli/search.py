@@ -155,9 +155,9 @@ def distributed_rank() -> int:
 
 def echo_searched(plan, result) -> None:
     """The line `search` prints: the weights found, the loss, the evaluations and the time."""
-    from loramix.schedule import describe
+    from loramix.schedule import parse
 
-    weights = ", ".join(describe(w, "+.3f") for w in result.weights)
+    weights = ", ".join(parse(w).describe("+.3f") for w in result.weights)
     scored = f"{plan.objective} {result.cross_entropy:.4f}"
     click.echo(
         f"wrote {plan.output}: weights [{weights}], loss {result.loss:.4f} ({scored}), "

@@ -221,7 +221,7 @@ class Extractor:
             scale = float(torch.linalg.vector_norm(old[e], dtype=torch.float32))
             change = math.sqrt(total) / scale if scale > 0 else math.inf
             slot = ExpertSlot(param, e, count)
-            self.add(Pending(experts.module_name(param, e), "linear", (), update.contiguous(), total, change, slot))
+            self.add(Pending(experts.module_name(param, e), "out_in", (), update.contiguous(), total, change, slot))
 
     def finish(self) -> None:
         for shape in list(self.pending):

@@ -26,7 +26,7 @@ import torch
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.architecture import is_conv1d
-from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError, SettingError
+from loramix.errors import CheckpointError, IncompatibleAdaptersError, SettingError
 from loramix.extraction import GPU_BATCH, Extraction, Extractor, ModuleExtraction, Pending, math_view
 from loramix.io.base import open_base, resolve_base
 from loramix.linalg import RankRule, factor_inner, truncated_factors
@@ -60,7 +60,9 @@ def base_updates(adapter: LoraAdapter) -> dict[str, DoraUpdate]:
         if module.magnitude is None:
             continue
         if module.bias is not None:
-            raise MethodError(f"{adapter.source}: DoRA module {name} has a lora_B bias, which conversion does not take")
+            raise IncompatibleAdaptersError(
+                f"{adapter.source}: DoRA module {name} has a lora_B bias, which conversion does not take"
+            )
         found[name] = DoraUpdate(module)
     return found
 
@@ -77,7 +79,7 @@ def _delta(update: DoraUpdate | WeightUpdate, W: torch.Tensor, name: str, key: s
         )
     conv1d = is_conv1d(model_type, name)
     delta = update.math_delta(W.T if conv1d else W)
-    return (delta.T, "conv1d_fan_in_fan_out") if conv1d else (delta, "linear")
+    return (delta.T, "conv1d_fan_in_fan_out") if conv1d else (delta, "out_in")
 
 
 def convert_lora(

@@ -170,7 +170,7 @@ def target_layout(name: str, shape: tuple[int, ...], model_type: str | None) -> 
         return None if model_type == PIPELINE else "embedding"
     if is_conv1d(model_type, module):
         return "conv1d_fan_in_fan_out"
-    return "linear"
+    return "out_in"
 
 
 def resized(name: str, base_shape: tuple[int, ...], tuned_shape: tuple[int, ...]) -> bool:

@@ -134,7 +134,7 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | 
         key = base.quantized.stored(key) if base.quantized else key  # MXFP4 experts: their _blocks
         if key not in jobs:
             raise CheckpointError(f"{where} has no tensor {key} (the experts of {slabs[0][0]})")
-        jobs[key].updates += [Update(name, module, "linear", rows) for name, module, rows in slabs]
+        jobs[key].updates += [Update(name, module, "out_in", rows) for name, module, rows in slabs]
     _plan_extras(adapter, base, jobs, dtype, notes)
     flipped: list[str] = []
     for name, module in adapter.modules.items():
@@ -180,7 +180,7 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | 
         )
         # GPT-2 Conv1D names read as linear: the PEFT reader has warned about that config already (one warning per
         # fact), and the other readers take such names as linear on purpose; the note is then for -v only.
-        said = all(adapter.modules[n].layout == "linear" and GPT2_CONV1D.search(n) for n in flipped)
+        said = all(adapter.modules[n].layout == "out_in" and GPT2_CONV1D.search(n) for n in flipped)
         if said:
             log.info("%s: %s", adapter.name, note)
         else:

@@ -19,6 +19,7 @@ from loramix.methods import get_method
 from loramix.outputs import Output, recipe_file
 from loramix.plans import Plan
 from loramix.render.card import CARD_FILE, model_card
+from loramix.schedule import Constant
 from loramix.weight_search.grams import method_grams
 
 # The sources' overlap goes into a card only when it is cheap: few sources, at most this many LoRA parameters.
@@ -116,5 +117,5 @@ def run_combine(plan: Plan, *, overwrite: bool = False, progress: bool = False, 
 def _is_single_dora(loaded: list[LoraAdapter], weights: list, plan: Plan) -> bool:
     """One DoRA adapter at weight 1 with nothing to re-factorise: merged into the base exactly as it is."""
     untouched = plan.rank is None and plan.energy is None and plan.rule is None and not plan.options
-    alone = len(loaded) == 1 and loaded[0].has_dora and weights == [1.0]
+    alone = len(loaded) == 1 and loaded[0].has_dora and weights == [Constant(1.0)]
     return alone and plan.method in ("cat", "svd") and untouched

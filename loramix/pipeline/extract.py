@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loramix import writers
 from loramix.adapter import portable_layout
-from loramix.errors import CheckpointError, MethodError
+from loramix.errors import CheckpointError, OutputFormatError
 from loramix.extraction import Extraction, extract_lora
 from loramix.formats import write_adapter
 from loramix.hub import revisions
@@ -66,7 +66,7 @@ def run_extract(
     writers.check_model_format(format)
     if pipelines and format != "kohya":
         wrong = f"{finetuned}: a diffusers pipeline's LoRA is written as one kohya file, not {format}"
-        raise MethodError(wrong, option="format", value="kohya")
+        raise OutputFormatError(wrong, option="format", value="kohya")
     out = Output.of(plan, overwrite=overwrite)
     rule = plan.rank_rule()  # checked here, before either model is read
     result = extract_lora(base, finetuned, **rule.keywords(), device=plan.device, dtype=plan.dtype, progress=progress)

@@ -23,7 +23,7 @@ from loramix.errors import counted
 from loramix.merge.checkpoint import MergeReport
 from loramix.methods import REGISTRY
 from loramix.quantize import Quantization
-from loramix.schedule import describe, varies
+from loramix.schedule import parse, varies
 from loramix.sources import parse_hub_id
 
 CARD_FILE = "README.md"
@@ -136,7 +136,7 @@ def _sources_section(provenance: dict, revisions: dict[str, str]) -> list[str]:
     weights = provenance.get("weights") or [None] * len(sources)
     lines = ["## Source adapters", "", "| adapter | weight | revision |", "|---|---|---|"]
     for source, weight in zip(sources, weights):
-        shown = "-" if weight is None else describe(weight)
+        shown = "-" if weight is None else parse(weight).describe()
         lines.append(f"| `{source}` | {shown} | {revisions.get(source, 'local')} |")
     options = (provenance.get("options") or {}).values()
     if any(varies(w) for w in weights) or any(varies(v) for v in options):

@@ -41,7 +41,7 @@ from loramix.errors import SearchError
 from loramix.formats import load_adapters
 from loramix.linalg import RankRule
 from loramix.runtime import progress_bar, resolve_device
-from loramix.schedule import count_layers, layer_index, resolve, varies
+from loramix.schedule import count_layers, layer_index, parse, varies
 from loramix.weight_search import optimizers
 from loramix.weight_search.evaluator import Evaluator
 from loramix.weight_search.grams import combine, input_grams
@@ -99,7 +99,7 @@ class Groups:
                 continue
             filters = {name: 0.0 for name in off}
             plain = {**filters, "default": w}
-            kept = {n: w for n in self.names if n not in off and resolve(plain, n, layers) != w}
+            kept = {n: w for n in self.names if n not in off and parse(plain).at(n, layers) != w}
             ordered = sorted({**filters, **kept}.items(), key=lambda item: -len(item[0]))
             forms.append({**dict(ordered), "default": w})
         return forms
@@ -159,6 +159,7 @@ def search_subset(
     )
     if any(varies(w) for w in numbers):
         raise SearchError("a module-subset search takes one number per adapter as its weight, not a varying form")
+    numbers = [w.value for w in numbers]
     groups = Groups.of(loaded, granularity)
     source, examples = examples, as_examples(examples)
     target = resolve_device(device)
