@@ -152,7 +152,8 @@ def analyze(
     gets ‖W‖_F of the base weight it updates, read one tensor at a time. ``load_options`` go to `load_adapter` for
     every source, as in `combine`. With a base and ``quantized_as`` ("nf4"/"fp4", ``blocksize`` default 64; or a
     4-bit ``quantization_config`` in the base's config.json) each module also gets ``below_step``: the share of
-    ‖ΔW‖² in entries smaller than half the base's local 4-bit quantization step (needs ``loramix[qlora]``).
+    ‖ΔW‖² in entries smaller than half the base's local 4-bit quantization step (needs ``loramix[qlora]``; "fp8"
+    and "mxfp4": the step of transformers' block FP8 or, for gpt-oss's experts only, MXFP4).
     With ``allow_nonfinite``, a module whose factors hold NaN/Inf has no spectrum: it is left out of its adapter's
     figures, the overlaps and the merged sum, and ``notes`` name it.
     """
