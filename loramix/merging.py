@@ -63,8 +63,8 @@ def merge_into_base(
     (tensors the adapter leaves alone byte for byte) unless ``dtype`` asks for another, which the card then says; a
     quantized base keeps its own format, re-quantized where ΔW changes it (`loramix.merge.quantized_base`).
 
-    QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"; "fp8": transformers' block FP8, see
-    `loramix.quantize`), or a ``quantization_config`` loading in 4 bit in
+    QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"; "fp8": transformers' block FP8; "mxfp4": gpt-oss's
+    experts in MXFP4, see `loramix.quantize`), or a ``quantization_config`` loading in 4 bit in
     the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
     ``quantized_as="none"`` turns it off), each base weight a 4-bit model quantizes first goes through bitsandbytes'
     quantize_4bit → dequantize_4bit round trip (``blocksize``, ``double_quant``: compress_statistics), then ΔW is

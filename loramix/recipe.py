@@ -19,7 +19,7 @@ output: out/merged            # relative to the current directory; -o overrides
 #                             # diffusers and ComfyUI load for kohya/diffusers/LyCORIS inputs, else peft
 # gguf_base: ../loramix/examples/tiny-llama   # format gguf: the base whose config.json names the architecture
 # rank_layout: exact          # per-module ranks and scales (PEFT only) instead of one rank every engine reads
-# quantized_as: nf4           # QLoRA-faithful merge: round-trip the base through 4-bit first (nf4 or fp4;
+# quantized_as: nf4           # QLoRA-faithful merge: round-trip the base through 4-bit first (nf4, fp4, fp8, mxfp4;
 #                             # double_quant: true, blocksize: 64, round_trip: all | targeted)
 # scale: 2.0                  # plain LoRA state dicts only: scale or alpha, base_model, and module_map
 # module_map: {"^layers": model.layers}   # (a mapping of regexes, or a YAML/JSON file relative to this file)

@@ -19,7 +19,7 @@ from loramix.errors import SettingError
 Heads = Literal["refuse", "average", "drop"]  # heads (modules_to_save) several adapters carry
 RankLayout = Literal["portable", "exact"]  # one rank every engine reads, or each module's own
 KohyaRule = Literal["sv_ratio", "sv_fro", "sv_cumulative"]  # kohya-ss resize_lora's rank rules
-QuantizedAs = Literal["nf4", "fp4", "fp8", "none"]  # the quantized base's round trip ("none": no round trip)
+QuantizedAs = Literal["nf4", "fp4", "fp8", "mxfp4", "none"]  # the quantized base's round trip ("none": no round trip)
 RoundTrip = Literal["all", "targeted"]  # which weights a quantized round trip touches
 Space = Literal["dense", "core"]  # where element-wise methods work
 MajoritySign = Literal["total", "frequency"]  # TIES' sign election

@@ -137,6 +137,24 @@ def test_fp8_same_format_is_transformers_requantization(made):
     assert "stored in bfloat16" not in card
 
 
+def test_fp8_writer_starts_every_weights_codes_before_any_scales(made, monkeypatch):
+    """A merged weight's codes and weight_scale_inv come from one re-quantization: the writer starts all codes
+    first, so that two workers work on two weights instead of one waiting on the other's (recorded with one worker:
+    the order tasks start in). The bytes do not depend on the worker count."""
+    from loramix.io.quantized import Requantized
+
+    taken, take = [], Requantized.take
+    monkeypatch.setattr(Requantized, "take", lambda self, key, part: taken.append(part) or take(self, key, part))
+    merge_into_base(made.adapter, made.base, made.tmp / "one-worker", workers=1)
+    assert taken == sorted(taken) and taken.count(0) == taken.count(1) == len(made.deltas)
+    merge_into_base(made.adapter, made.base, made.tmp / "two-workers", workers=2)
+    ones, twos = (
+        _raw(made.tmp / "one-worker" / "model.safetensors"),
+        _raw(made.tmp / "two-workers" / "model.safetensors"),
+    )
+    assert ones == twos
+
+
 def test_the_cli_card_says_the_quantized_format_not_the_base_dtype(made):
     """The CLI's card says "stored in the base's dtype" for a merge; a quantized base written in its own format is
     "stored as" that format instead (the API's card names a dtype, checked above)."""

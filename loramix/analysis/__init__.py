@@ -23,8 +23,16 @@ from loramix.analysis.results import (
 from loramix.errors import IncompatibleAdaptersError, counted
 from loramix.formats import load_adapters
 from loramix.io.base import BaseCheckpoint, open_base, resolve_base
+from loramix.io.quantized import share_below
 from loramix.linalg import RankRule, gram_svd
-from loramix.quantize import Quantization, below_step_share, is_quantized, quantization_settings
+from loramix.quantize import (
+    Quantization,
+    below_step_share,
+    is_quantized,
+    mxfp4_experts,
+    quantization_settings,
+    quantization_step,
+)
 from loramix.runtime import progress_bar
 from loramix.schedule import Schedule, count_layers
 
@@ -75,7 +83,9 @@ def _base_weights(base: BaseCheckpoint, modules: dict[str, tuple[int, ...]]):
 def below_step_shares(base: BaseCheckpoint, modules: dict[str, LoraModule], settings: Quantization) -> dict:
     """Per module, the share of ‖ΔW‖² below half the 4-bit quantization step of its base weight (see
     `loramix.quantize.below_step_share`), for the weights a 4-bit model quantizes; ΔW and W taken in the
-    orientation bitsandbytes quantizes (out×in; a Conv1D weight transposed)."""
+    orientation bitsandbytes quantizes (out×in; a Conv1D weight transposed). MXFP4: `_expert_shares`."""
+    if settings.mxfp4:
+        return _expert_shares(base, modules, settings)
     shares = {}
     shapes = {name: m.base_shape for name, m in modules.items()}
     for name, key, weight in _base_weights(base, shapes):
@@ -86,6 +96,24 @@ def below_step_shares(base: BaseCheckpoint, modules: dict[str, LoraModule], sett
         if module.layout == "conv1d_fan_in_fan_out":
             delta, weight = delta.T, weight.T
         shares[name] = below_step_share(delta, weight, settings)
+    return shares
+
+
+def _expert_shares(base: BaseCheckpoint, modules: dict[str, LoraModule], settings: Quantization) -> dict:
+    """MXFP4 quantizes gpt-oss's expert parameters only (`loramix.quantize.mxfp4_experts`): per expert module, the
+    share of its ΔW below half the MXFP4 step of that expert's weight, both in the stored orientation ([in, out])."""
+    experts = set(mxfp4_experts({k: tuple(t.shape) for k, t in base.tensors.items()}, base.model_type))
+    shares, steps = {}, {}
+    for name, module in modules.items():
+        key = None if module.expert is None else base.find(module.expert.param)
+        if key not in experts:
+            continue
+        if key not in steps:
+            stored = base.dense(key)
+            steps = {key: quantization_step(stored.rows(0, stored.shape[0]), settings)}  # one parameter at a time
+        step = steps[key][module.expert.index]
+        delta = module.delta(dtype=torch.float64)
+        shares[name] = share_below(delta if delta.shape == step.shape else delta.T, step)
     return shares
 
 
@@ -124,7 +152,8 @@ def analyze(
     gets ‖W‖_F of the base weight it updates, read one tensor at a time. ``load_options`` go to `load_adapter` for
     every source, as in `combine`. With a base and ``quantized_as`` ("nf4"/"fp4", ``blocksize`` default 64; or a
     4-bit ``quantization_config`` in the base's config.json) each module also gets ``below_step``: the share of
-    ‖ΔW‖² in entries smaller than half the base's local 4-bit quantization step (needs ``loramix[qlora]``).
+    ‖ΔW‖² in entries smaller than half the base's local 4-bit quantization step (needs ``loramix[qlora]``; "fp8"
+    and "mxfp4": the step of transformers' block FP8 or, for gpt-oss's experts only, MXFP4).
     With ``allow_nonfinite``, a module whose factors hold NaN/Inf has no spectrum: it is left out of its adapter's
     figures, the overlaps and the merged sum, and ``notes`` name it.
     """

@@ -104,12 +104,14 @@ from loramix.errors import counted
     "--quantized-as",
     type=choice(settings.QuantizedAs),
     help="With --merge-into: the adapter is a QLoRA trained on this quantized base; round-trip the base through "
-    "bitsandbytes' 4-bit quantization (nf4, fp4) or transformers' block FP8 (fp8) before adding ΔW [default: the "
-    "base's/adapter's quantization_config, else none].",
+    "bitsandbytes' 4-bit quantization (nf4, fp4), transformers' block FP8 (fp8) or gpt-oss experts' MXFP4 (mxfp4) "
+    "before adding ΔW [default: the base's/adapter's quantization_config, else none].",
 )
 @click.option("--double-quant/--no-double-quant", default=None, help="QLoRA's double quantization of block scales.")
 @click.option(
-    "--blocksize", type=click.IntRange(min=1), help="Quantization block size [default: 64; fp8: 128 (128×128)]."
+    "--blocksize",
+    type=click.IntRange(min=1),
+    help="Quantization block size [default: 64; fp8: 128 (128×128); mxfp4: 32].",
 )
 @click.option(
     "--round-trip",

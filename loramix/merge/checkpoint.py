@@ -373,6 +373,7 @@ def write_merged(
             workers=workers,
             headers=headers and [headers[i] for i in mine],
             early=early,
+            order=lambda job: job.requantized[1] if job.requantized else 0,  # a weight's other parts wait for it
         )
     log.info("merge phases (wall-clock times): %s", json.dumps(times))
     if rank == 0:
