@@ -129,6 +129,13 @@ def quantization_settings(
     return settings
 
 
+def require_dense_base(base, settings: Quantization | None) -> None:
+    """Refuse a round trip onto a base (a `loramix.io.base.BaseCheckpoint`) already stored quantized: its weights
+    are on their grid as stored, and its own dequantization is what merges and measures read."""
+    if settings is not None and base.quantized is not None:
+        raise CheckpointError(f"{base.folder}: a {base.quantized.describe()} base; quantized_as is for dense bases")
+
+
 def _functional():
     try:
         return importlib.import_module("bitsandbytes.functional")

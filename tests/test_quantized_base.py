@@ -232,6 +232,8 @@ def test_fp8_base_with_quantized_as_is_refused(made):
     with pytest.raises(CheckpointError, match="a block FP8 .* base; quantized_as is for dense bases"):
         merge_into_base(made.adapter, made.base, made.tmp / "nf4-on-fp8", quantized_as="nf4")
     assert not (made.tmp / "nf4-on-fp8").exists()
+    with pytest.raises(CheckpointError, match="a block FP8 .* base; quantized_as is for dense bases"):
+        analyze([str(made.adapter)], base=str(made.base), quantized_as="fp8")
 
 
 def test_fp8_analyze_base_norms_are_of_dequantized_weights(made):

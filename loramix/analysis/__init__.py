@@ -32,6 +32,7 @@ from loramix.quantize import (
     mxfp4_experts,
     quantization_settings,
     quantization_step,
+    require_dense_base,
 )
 from loramix.runtime import progress_bar
 from loramix.schedule import Schedule, count_layers
@@ -196,6 +197,7 @@ def analyze_loaded(
     if checkpoint is not None:
         configs = [(str(checkpoint.folder), checkpoint.config)]
         settings = quantization_settings(configs, quantized_as=quantized_as, blocksize=blocksize)
+        require_dense_base(checkpoint, settings)
     elif quantized_as not in (None, "none"):
         raise IncompatibleAdaptersError("`quantized_as` measures ΔW against a base's 4-bit grid: give `base` too")
     labels = _unique_names(loaded)

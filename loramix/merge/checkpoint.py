@@ -41,7 +41,7 @@ from loramix.io.shards import (
 from loramix.merge.chunks import Pinned, merged_chunks
 from loramix.merge.kernels import StoredUpdate, Survival, Update, decide_layout, warn_stored
 from loramix.merge.quantized_base import mark_quantized, requantize, written_as
-from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
+from loramix.quantize import Quantization, require_dense_base, round_trip, tensors_to_round_trip
 from loramix.runtime import OUTPUT_DTYPE_NAMES, parse_size, progress_bar
 
 log = logging.getLogger(__name__)
@@ -333,8 +333,7 @@ def write_merged(
         raise CheckpointError(f"{base.folder}: no config.json (not a model folder)")  # bare .safetensors: ComfyUI's
     notes: list[str] = []
     quantized = base.quantized
-    if quantized is not None and quantization is not None:
-        raise CheckpointError(f"{base.folder}: a {quantized.describe()} base; quantized_as is for dense bases")
+    require_dense_base(base, quantization)
     jobs = plan_merge(adapter, base, dtype, notes)
     if quantization is not None:
         _mark_round_trips(jobs, quantization, base.model_type)
