@@ -54,25 +54,27 @@ class Output:
         target: MergeTarget,
         files: dict[str, str],
         *,
+        dtype: str | None = None,
         device: str | torch.device = "auto",
         progress: bool = False,
     ) -> MergeReport:
-        """Write ``target.base`` with ``adapter`` merged, and ``files`` beside it."""
+        """Write ``target.merge_into`` with ``adapter`` merged (in ``dtype``; None: the base's), and ``files``."""
+        quantized = target.quantized
         return merge_into_base(
             adapter,
-            target.base,
+            target.merge_into,
             self.folder,
-            dtype=parse_dtype(target.dtype),
+            dtype=parse_dtype(dtype),
             shard_size=target.shard_size,
             device=device,
             workers=target.workers,
             overwrite=self.overwrite,
             progress=progress,
             files=files,
-            quantized_as=target.quantized_as,
-            double_quant=target.double_quant,
-            blocksize=target.blocksize,
-            round_trip=target.round_trip,
+            quantized_as=quantized.quantized_as,
+            double_quant=quantized.double_quant,
+            blocksize=quantized.blocksize,
+            round_trip=quantized.round_trip,
         )
 
 
