@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import typing
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import yaml
 
@@ -27,6 +27,7 @@ from loramix.settings import (
     AdapterOutput,
     Composition,
     Compute,
+    Granularity,
     Heads,
     LoadOptions,
     MergeTarget,
@@ -36,8 +37,6 @@ from loramix.settings import (
     QuantizedBase,
     input_field,
 )
-
-Granularity = Literal["module", "layer"]  # what a subset search keeps or drops (`loramix.weight_search.subset`)
 
 _plan = dataclass(frozen=True, kw_only=True, init=False)  # a plan's own __init__ takes its settings flat or whole
 
@@ -304,18 +303,28 @@ class SearchPlan(Settings):
 
     # what only a weight search takes (a subset search takes its merge's method, weights, options and rank rule)
     WEIGHTS_ONLY: ClassVar[tuple[str, ...]] = ("composition", "l1", "bounds", "init", "gpus", "gpus_per_base")
+    SUBSET_ONLY: ClassVar[tuple[str, ...]] = (
+        *("subset", "method", "weights", "options"),
+        *(f.name for f in dataclasses.fields(RankRule)),
+    )
 
     def check(self) -> None:
         """Refuse a setting that applies only to the other kind of search."""
         defaults = SearchPlan(base="", adapters=[], examples="")
-        own = ("method", "weights", "options", *(f.name for f in dataclasses.fields(RankRule)))
-        wrong = [name for name in (own if self.subset is None else self.WEIGHTS_ONLY) if self._set(name, defaults)]
+        own = self.SUBSET_ONLY if self.subset is None else self.WEIGHTS_ONLY
+        wrong = [name for name in own if self._set(name, defaults)]
         if wrong:
             where = "applies only with `subset`" if self.subset is None else "does not apply with `subset`"
             raise SettingError(f"`{wrong[0]}` {where}")
 
     def _set(self, name: str, defaults: SearchPlan) -> bool:
         return getattr(self, name) != getattr(defaults, name)
+
+    def flat(self) -> dict:
+        """The settings of this kind of search (a subset search's recipe holds no weight-search settings, and the
+        other way round)."""
+        other = self.WEIGHTS_ONLY if self.subset is not None else self.SUBSET_ONLY
+        return {name: value for name, value in super().flat().items() if name not in other}
 
     def search_options(self) -> dict:
         """The keyword settings of `loramix.weight_search.search` (or, with ``subset``, of `search_subset`)."""

@@ -28,6 +28,7 @@ MajoritySign = Literal["total", "frequency"]  # TIES' sign election
 Composition = Literal["lorahub", "delta"]  # how a search composes adapters
 Optimizer = Literal["cobyla", "cma", "adam"]
 Objective = Literal["cross-entropy", "entropy"]
+Granularity = Literal["module", "layer"]  # what a subset search keeps or drops (`loramix.weight_search.subset`)
 
 HEADS: tuple[str, ...] = get_args(Heads)
 RANK_LAYOUTS: tuple[str, ...] = get_args(RankLayout)

@@ -264,7 +264,7 @@ def test_merge_spectrum_matches_dense_sum():
 def test_rank_rule_is_combines_rule(options):
     m = module(30, 25, 8, seed=4)
     result = analyze([adapter({"m": m}, "x")], rank_rule=RankRule(**options))
-    keys = {"rule": "rule", "rule_value": "value", "rank": "rank"}
+    keys = {"rule": "rule", "rule_value": "rule_value", "rank": "rank"}
     rule = RankRule(**{keys[k]: v for k, v in options.items()})
     assert result.rule == rule
     _, S, _ = dense_svd(m)

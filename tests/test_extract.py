@@ -101,8 +101,8 @@ def _noisy(m: int, n: int, k: int, gap: float, seed: int) -> torch.Tensor:
     [
         RankRule(rank=6),
         RankRule(energy=0.8),
-        RankRule(rule="sv_ratio", value=1.2),
-        RankRule(rule="sv_fro", value=0.9),
+        RankRule(rule="sv_ratio", rule_value=1.2),
+        RankRule(rule="sv_fro", rule_value=0.9),
     ],
 )
 def test_partial_spectrum_equals_the_truncated_dense_svd(rule):

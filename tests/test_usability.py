@@ -271,7 +271,7 @@ def test_every_help_renders_and_every_option_is_described():
 
 def test_rule_value_without_rule_is_an_error():
     with pytest.raises(MethodError, match="without a rule"):
-        RankRule(value=0.9)
+        RankRule(rule_value=0.9)
     with pytest.raises(MethodError, match="without a rule"):
         loramix.combine([example("summarize"), example("formal")], rule_value=0.9)
     result = cli("combine", str(example("summarize")), "--rule-value", "0.9", "-o", "out/never")

@@ -1,5 +1,6 @@
 """`loramix search --subset`: which modules or layers of each adapter to keep before a merge by any method
-(`loramix.weight_search.search_subset`) — its flags, the check that each flag applies to the mode given, and the run.
+(`loramix.weight_search.search_subset`) — its flags and the check that each flag applies to the mode given; a
+`SearchPlan` runs it.
 """
 
 from __future__ import annotations
@@ -7,8 +8,9 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from loramix.cli.options import method_options, option_group, rank_rule_options, weights
+from loramix.cli.options import choice, method_options, option_group, rank_rule_options, weights
 from loramix.plans import SearchPlan
+from loramix.settings import Granularity
 
 _SUBSET = (
     "Search which modules (or layers) of each adapter to keep before merging with -m, instead of weights: a binary "
@@ -20,7 +22,7 @@ _RANK_RULE = ("rank", "energy", "rule", "rule_value")
 _OWN = ("subset", "method", "weights", "method_options", *_RANK_RULE)
 
 subset_options = option_group(
-    click.option("--subset", type=click.Choice(["module", "layer"]), help=_SUBSET),
+    click.option("--subset", type=choice(Granularity), help=_SUBSET),
     click.option("-m", "--method", help="With --subset: the merge method (see `loramix methods`) [default: cat]."),
     click.option(
         "-w", "--weights", callback=weights, help="With --subset: one weight per adapter [default: 1/n each]."

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from loramix.formats import load_adapters
 from loramix.linalg import RankRule
 from loramix.runtime import progress_bar, resolve_device
 from loramix.schedule import count_layers, layer_index, resolve, varies
+from loramix.settings import Granularity
 from loramix.weight_search import optimizers
 from loramix.weight_search.evaluator import Evaluator
 from loramix.weight_search.grams import combine, input_grams
@@ -50,7 +52,7 @@ from loramix.weight_search.run import SearchResult, load_base
 
 log = logging.getLogger(__name__)
 
-GRANULARITIES = ("module", "layer")
+GRANULARITIES = get_args(Granularity)
 RANK_RULE = ("rank", "energy", "rule", "rule_value", "conv_rank")  # `combine`'s rank-rule settings
 START = 0.25  # every group kept; COBYLA's first step (+1/2) drops one group
 
