@@ -337,9 +337,8 @@ class SearchPlan(Settings):
         }
         options = {name: getattr(self, name) for name in (*common, "chat_template")} | loading
         if self.subset is not None:
-            rule = {k: v for k, v in self.rank_rule.keywords(conv=True).items() if v is not None}
             merge = {"method": self.method or "cat", "weights": self.weights, "options": self.options}
-            return options | merge | {"granularity": self.subset, "rank_rule": rule}
+            return options | merge | {"granularity": self.subset, "rank_rule": self.rank_rule}
         searching = {name: getattr(self, name) for name in ("composition", "l1", "init", "gpus", "gpus_per_base")}
         return options | searching | {"bounds": tuple(self.bounds)}
 
