@@ -25,6 +25,7 @@ _EXPORTS = {
     "ConvertPlan": "loramix.plans",
     "ExtractPlan": "loramix.plans",
     "Plan": "loramix.plans",
+    "RankRule": "loramix.linalg",
     "SearchPlan": "loramix.plans",
     "analyze": "loramix.analysis",
     "combine": "loramix.weight_search",

@@ -29,8 +29,8 @@ from loramix.merge.gguf import write_merged_gguf
 from loramix.merge.processes import place, shared, shared_output, write_in_parts
 from loramix.quantize import quantization_settings
 from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
-from loramix.runtime import OUTPUT_DTYPE_NAMES, parse_dtype, require_path, resolve_device
-from loramix.settings import MergeTarget
+from loramix.runtime import parse_dtype, require_path, resolve_device
+from loramix.settings import MergeTarget, QuantizedBase
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +72,16 @@ def merge_into_base(
     with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
     out = require_path(out, "out (the output folder)")
     target = MergeTarget(
-        base=require_base(base),
-        dtype=None if dtype is None else OUTPUT_DTYPE_NAMES[parse_dtype(dtype)],
+        merge_into=require_base(base),
         shard_size=None if shard_size is None else str(shard_size),
         workers=workers,
-        quantized_as=quantized_as,
-        double_quant=double_quant,
-        blocksize=blocksize,
-        round_trip=round_trip,
+        quantized=QuantizedBase(quantized_as, double_quant, blocksize, round_trip),
     )
     return merge_loaded(
         load_adapter(adapter),
         target,
         out,
+        dtype=dtype,
         device=resolve_device(device),
         overwrite=overwrite,
         progress=progress,
@@ -97,15 +94,18 @@ def merge_loaded(
     target: MergeTarget,
     out: Path,
     *,
+    dtype: torch.dtype | str | None,
     device: torch.device,
     overwrite: bool = False,
     progress: bool = False,
     files: dict[str, str] | None = None,
 ) -> MergeReport:
-    """`merge_into_base`'s work, for callers that hold what it accepts: a loaded ``adapter``, a ``target`` and a
-    resolved ``device`` (`loramix.outputs.Output.merge`, which the pipeline and the search write through)."""
-    base, shard_size, quantized_as = target.base, target.shard_size, target.quantized_as
-    target_dtype = parse_dtype(target.dtype)
+    """`merge_into_base`'s work, for callers that hold what it accepts: a loaded ``adapter``, a ``target``, the
+    stored ``dtype`` (None: the base's) and a resolved ``device`` (`loramix.outputs.Output.merge`, which the pipeline
+    and the search write through)."""
+    base, shard_size, quantized = target.merge_into, target.shard_size, target.quantized
+    quantized_as = quantized.quantized_as
+    target_dtype = parse_dtype(dtype)
     gguf_file = gguf_base_file(base)
     if gguf_file is not None:  # a llama.cpp model file: merged into a GGUF file (`loramix.merge.gguf`)
         if quantized_as not in (None, "none") or shard_size is not None:
@@ -133,9 +133,9 @@ def merge_loaded(
         quantization = quantization_settings(
             [(str(folder), checkpoint.config), *_adapter_configs(adapter)],
             quantized_as=quantized_as,
-            double_quant=target.double_quant,
-            blocksize=target.blocksize,
-            round_trip=target.round_trip,
+            double_quant=quantized.double_quant,
+            blocksize=quantized.blocksize,
+            round_trip=quantized.round_trip,
         )
     if files is None:
         files = {CARD_FILE: model_card(adapter, merged_into=str(base))}

@@ -54,14 +54,16 @@ class Output:
         target: MergeTarget,
         files: dict[str, str],
         *,
+        dtype: str | None = None,
         device: str | torch.device = "auto",
         progress: bool = False,
     ) -> MergeReport:
-        """Write ``target.base`` with ``adapter`` merged, and ``files`` beside it."""
+        """Write ``target.merge_into`` with ``adapter`` merged (in ``dtype``; None: the base's), and ``files``."""
         return merge_loaded(
             adapter,
             target,
             self.folder,
+            dtype=dtype,
             device=resolve_device(device),
             overwrite=self.overwrite,
             progress=progress,

@@ -53,7 +53,7 @@ def check_plan(plan: Settings) -> None:
             raise SettingError(wrong(name, value, hint))
     if isinstance(plan, Plan):
         parse_options(plan.options)
-        plan.check_settings_apply()
+    plan.check()
 
 
 def load_recipe(path: str | Path) -> Settings:
@@ -94,15 +94,14 @@ def load_recipe(path: str | Path) -> Settings:
         for key, default in (("format", "peft"), ("rank_layout", "portable")):
             if fields.get(key) == default:
                 del fields[key]
-    missing = [f.name for f in dataclasses.fields(kind) if f.name not in fields and _required(f)]
+    missing = [name for name in hints if name not in fields and _required(kind.members()[name][1])]
     if missing:
         raise RecipeError(f"{path}: a {command} recipe needs {', '.join(missing)}")
+    for name, value in fields.items():  # each value against its field first, then the groups' own checks
+        if name not in ("adapters", "weights") and not fits(value, hints[name]):
+            raise RecipeError(f"{path}: {wrong(name, value, hints[name])}")
     try:
         plan = kind(**fields)
-        for name, hint in hints.items():
-            value = getattr(plan, name)
-            if value is not None and name not in ("adapters", "weights") and not fits(value, hint):
-                raise RecipeError(wrong(name, value, hint))
         if kind is Plan:
             parse_options(plan.options)
     except LoramixError as exc:

@@ -6,6 +6,7 @@ calls that leave process-wide state alone, and the CLI's one call (`loramix.run`
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
 import re
@@ -341,7 +342,7 @@ def test_run_is_what_the_cli_does(tmp_path):
 
     recipe = ROOT / "recipes" / "quickstart.yaml"
     plan = load_recipe(recipe)
-    plan.output = str(tmp_path / "api")
+    plan = dataclasses.replace(plan, output=str(tmp_path / "api"))
     report = loramix.run(plan)
     assert report.path == tmp_path / "api" and report.format == "peft" and report.sources == 3
     result = CliRunner().invoke(main, ["-q", "combine", "--recipe", str(recipe), "-o", str(tmp_path / "cli")])

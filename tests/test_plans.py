@@ -111,6 +111,21 @@ def test_search_recipe_reruns_the_search(tmp_path):
     _same_output(first, again)
 
 
+def test_a_subset_search_recipe_reruns_the_subset_search(tmp_path):
+    """`search --subset` writes its own plan (`search_recipe.yaml`, with its merge's method, options and rank rule),
+    which `loramix run` repeats: the same modules dropped, the same adapter bytes and recipes."""
+    first, again = tmp_path / "first" / "out", tmp_path / "again" / "out"
+    sources = [example("summarize"), example("translate")]
+    examples = Path(example("few-shot")) / "formal.jsonl"
+    subset = ["--subset", "layer", "-m", "ties", "--option", "density=0.5", "--rank", "4", "--steps", "3"]
+    _invoke("search", *sources, "--base", example("tiny-llama"), "--examples", examples, *subset, "-o", first)
+    recipe = yaml.safe_load((first / "search_recipe.yaml").read_text())
+    assert recipe["command"] == "search" and recipe["subset"] == "layer" and recipe["method"] == "ties"
+    assert recipe["rank"] == 4 and recipe["options"] == {"density": 0.5} and "composition" not in recipe
+    _invoke("run", first / "search_recipe.yaml", "-o", again)
+    _same_output(first, again)
+
+
 @pytest.mark.parametrize(
     ("text", "field"),
     [
@@ -214,3 +229,23 @@ def test_an_analyze_recipe_is_what_analyze_prints_and_writes(tmp_path):
         "cli.json", "run.json"
     )
     assert (tmp_path / "run.json").read_text() == (tmp_path / "cli.json").read_text()
+
+
+@pytest.mark.parametrize("command", ["combine", "extract", "convert", "align", "search", "analyze"])
+def test_each_flag_is_a_setting_of_its_plan_with_its_choices(command):
+    """The flags and the plan cannot drift: every flag that is no CLI-only switch names a setting of the command's
+    plan (flat, as its recipe does), and a flag with choices offers exactly what the setting's type allows."""
+    import click
+
+    from loramix.plans import PLANS
+    from loramix.settings import choices
+
+    cli_only = {"force", "quiet", "verbose", "threads", "as_json", "json_file", "plot_dir", "top", "push_repo"}
+    cli_only |= {"recipe", "lbws", "method_options", "density", "majority_sign", "seed", "space", "examples"}
+    hints = PLANS[command].hints()
+    for param in main.commands[command].params:
+        if param.name in cli_only and param.name not in hints:
+            continue
+        assert param.name in hints, param.name
+        if isinstance(param.type, click.Choice):
+            assert tuple(param.type.choices) == choices(hints[param.name]), param.name

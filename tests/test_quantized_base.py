@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from loramix import analyze, extract, load_adapter, merge_into_base
 from loramix.cli import main
 from loramix.errors import CheckpointError
+from loramix.linalg import RankRule
 
 fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config  # noqa: E402
@@ -249,7 +250,7 @@ def test_fp8_extract_against_a_quantized_base(made):
     adapter, the rank-4 extraction gives back PEFT's ΔW up to the bf16 rounding of the merged weights."""
     dense = made.tmp / "for-extract"
     merge_into_base(made.adapter, made.base, dense, dtype="float32")
-    extraction = extract(made.base, dense, made.tmp / "extracted", rank=4)
+    extraction = extract(made.base, dense, made.tmp / "extracted", rank_rule=RankRule(rank=4))
     adapter = load_adapter(made.tmp / "extracted")
     assert {f"{m}.weight" for m in adapter.modules} >= set(made.deltas)
     for key, delta in made.deltas.items():

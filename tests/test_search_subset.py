@@ -23,6 +23,7 @@ from test_search import Setup, _peft_loss, char_tokenizer, llama
 import loramix
 from loramix.cli import main
 from loramix.errors import MethodError, SearchError
+from loramix.linalg import RankRule
 from loramix.schedule import parse
 from loramix.weight_search import search_subset
 from loramix.weight_search.objective import as_examples, build_batch
@@ -133,7 +134,7 @@ def test_any_method_reports_the_loss_of_the_merge_it_writes(planted, tmp_path, m
         planted.examples,
         method=method,
         options=options,
-        rank_rule={"rank": 6},
+        rank_rule=RankRule(rank=6),
         steps=9,
         device="cpu",
     )
@@ -225,7 +226,7 @@ def test_library_refusals_are_one_line(planted):
     with pytest.raises(SearchError, match="one number per adapter"):
         search_subset(planted.base, planted.adapters, planted.examples, weights=[[0, 1], 1.0])
     with pytest.raises(MethodError, match="does not truncate"):  # the method's own refusal, before any loading
-        search_subset("no-such-base", planted.adapters, planted.examples, method="cat", rank_rule={"rank": 4})
+        search_subset("no-such-base", planted.adapters, planted.examples, method="cat", rank_rule=RankRule(rank=4))
 
 
 def test_help_describes_the_subset_mode():

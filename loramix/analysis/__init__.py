@@ -122,20 +122,16 @@ def _finite(module: LoraModule) -> bool:
     return bool(torch.isfinite(module.A).all() and torch.isfinite(module.B).all() and math.isfinite(module.scale))
 
 
-def _rule(rank: int | None, energy: float | None, rule: str | None, rule_value: float | None) -> RankRule:
-    if rank is None and energy is None and rule is None:
-        return DEFAULT_RULE
-    return RankRule.of(rank=rank, energy=energy, rule=rule, rule_value=rule_value)
+def _rule(rank_rule: RankRule | None) -> RankRule:
+    rule = RankRule.given(rank_rule, conv=False)
+    return DEFAULT_RULE if rule == RankRule() else rule
 
 
 def analyze(
     adapters: list,
     *,
     weights: list[float] | None = None,
-    rank: int | None = None,
-    energy: float | None = None,
-    rule: str | None = None,
-    rule_value: float | None = None,
+    rank_rule: RankRule | None = None,
     base: str | Path | None = None,
     allow_different_bases: bool = False,
     allow_nonfinite: bool = False,
@@ -146,7 +142,7 @@ def analyze(
 ) -> Analysis:
     """Spectra, ranks and pairwise overlap of ``adapters`` (paths, Hub ids or `LoraAdapter`s), in factor space.
 
-    ``rank``/``energy``/``rule``/``rule_value`` form the `RankRule` behind the rank suggestions — the same rule
+    ``rank_rule`` (a `RankRule`: ``RankRule(energy=0.9)``) is the rule behind the rank suggestions — the same rule
     `combine(method="svd")` takes; with none given, energy 0.99. ``weights`` (default 1/n each, as in `combine`;
     numbers or values that vary by layer or module) weight the merged sum in ``Analysis.merge``, whose modules show
     each adapter's effective weight. ``base`` is a base model folder or Hub id; with it each module also
@@ -158,7 +154,7 @@ def analyze(
     With ``allow_nonfinite``, a module whose factors hold NaN/Inf has no spectrum: it is left out of its adapter's
     figures, the overlaps and the merged sum, and ``notes`` name it.
     """
-    truncation = _rule(rank, energy, rule, rule_value)
+    truncation = _rule(rank_rule)
     loaded, weights = load_adapters(
         adapters,
         weights=weights,

@@ -239,7 +239,7 @@ def _suggestions(analysis) -> list[str]:
     rule = analysis.rule
     flag = f"--energy {rule.energy:g}" if rule.energy is not None else ""
     if rule.rule is not None:
-        flag = f"--rule {rule.rule} --rule-value {rule.value:g}"
+        flag = f"--rule {rule.rule} --rule-value {rule.rule_value:g}"
     if rule.rank is not None:
         flag = f"{flag} --rank {rule.rank}".strip()
     out = []

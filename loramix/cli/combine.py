@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import click
 
@@ -173,7 +174,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         raise click.UsageError("give ADAPTER... or --recipe FILE")
     else:
         plan = Plan(adapters=list(adapters), **given)
-    plan.output = output or plan.output
+    plan = replace(plan, output=output or plan.output)
     if not plan.output:
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
     if plan.base or plan.options.get("base"):  # a method that runs the base forward: transformers' loading bar
@@ -190,8 +191,6 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
 def _run_combine(plan, *, overwrite: bool, progress: bool):
     """`loramix.run` in this process, or under torchrun as one rank of a merge split over the processes
     (`loramix.merge.processes`; gloo, which carries only the ranks' reports); None on ranks other than 0."""
-    from dataclasses import replace
-
     from loramix.pipeline import run
     from loramix.runtime import torch_threads
     from loramix.weight_search import distributed

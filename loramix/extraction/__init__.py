@@ -256,10 +256,7 @@ def extract_lora(
     base: str | Path,
     finetuned: str | Path,
     *,
-    rank: int | None = None,
-    energy: float | None = None,
-    rule: str | None = None,
-    rule_value: float | None = None,
+    rank_rule: RankRule | None = None,
     device: str | torch.device = "auto",
     dtype: torch.dtype | str | None = None,
     progress: bool = False,
@@ -268,12 +265,12 @@ def extract_lora(
 ) -> Extraction:
     """The LoRA adapter that best reproduces ``finetuned`` on ``base`` (folders or Hub ids of one architecture, or two
     diffusers pipeline folders: modules named ``unet.…``/``text_encoder.…``, see `tensors.open_pair`) under
-    the rank rule (``rank``, ``energy``, kohya ``rule``/``rule_value``: see `loramix.linalg.RankRule`; at least one
-    is needed), computed in float32 on ``device`` and stored in ``dtype`` (default: the fine-tuned model's). Returns
+    ``rank_rule`` (a `loramix.RankRule`: ``RankRule(rank=16)``, ``energy``, or a kohya ``rule`` and ``rule_value``;
+    one is needed), computed in float32 on ``device`` and stored in ``dtype`` (default: the fine-tuned model's). Returns
     the adapter (scale 1 per module, each at its own rank) with the per-module account. ``base_tensors`` /
     ``tuned_tensors`` read the models through another `TensorSource` (the labels stay ``base``/``finetuned``)."""
     started = time.perf_counter()
-    truncation = RankRule.of(rank=rank, energy=energy, rule=rule, rule_value=rule_value)
+    truncation = RankRule.given(rank_rule, conv=False)
     if truncation == RankRule():
         raise SettingError("give `rank`, `energy` or `rule` with `rule_value`: the rank rule of every module")
     target = resolve_device(device)

@@ -87,22 +87,19 @@ def convert_lora(
     base: str | None = None,
     *,
     updates: dict[str, WeightUpdate] | None = None,
-    rank: int | None = None,
-    energy: float | None = None,
-    rule: str | None = None,
-    rule_value: float | None = None,
+    rank_rule: RankRule | None = None,
     device: str | torch.device = "auto",
     dtype: torch.dtype | str | None = None,
     progress: bool = False,
 ) -> Extraction:
-    """The plain LoRA closest to ``adapter`` on ``base`` (a model folder or Hub id; needed only when a module's
-    update depends on the base weight, as DoRA's does) under the rank rule (none: the full numerical rank, exact to
-    float rounding), stored in ``dtype`` (default: the adapter's). Returns the adapter (scale 1 per module, each at
-    its own rank; heads carried as they are) with each module's account, as `loramix.extraction.extract_lora`
-    does (``finetuned`` is the source adapter; ``solver`` says how the module was converted). ``updates`` are
-    modules of another kind (VeRA, (IA)³, OFT, FourierFT) whose ΔW is a function of the base weight."""
+    """The plain LoRA closest to ``adapter`` on ``base`` (a model folder or Hub id; needed only when a module's update
+    depends on the base weight, as DoRA's does) under ``rank_rule`` (a `RankRule`; none: the full numerical rank, exact
+    to float rounding), stored in ``dtype`` (default: the adapter's). Returns the adapter (scale 1 per module, each at
+    its own rank; heads carried as they are) with each module's account, as `loramix.extraction.extract_lora` does
+    (``finetuned`` is the source adapter; ``solver`` says how the module was converted). ``updates`` are modules of
+    another kind (VeRA, (IA)³, OFT, FourierFT) whose ΔW is a function of the base weight."""
     started = time.perf_counter()
-    truncation = RankRule.of(rank=rank, energy=energy, rule=rule, rule_value=rule_value)
+    truncation = RankRule.given(rank_rule)
     target = resolve_device(device)
     dependent = {**base_updates(adapter), **(updates or {})}
     if dependent and base is None:
