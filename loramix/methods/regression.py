@@ -41,14 +41,14 @@ adapters' own B's: the result is a LoRA of rank Σrᵢ, exact, then cut by the r
   [τ₁Z₁ …]: the same value and gradient in out·in·Σrᵢ operations instead of the authors' out²·in per task. Adam's steps
   are element-wise (each entry moves at most lr·(1 − β₁)/√(1 − β₂) ≈ 3.2·``lr`` a step), so the result leaves the
   adapters' factor spans and is a dense ΔW cut by the rank rule (by default the smallest rank holding 99% of Σσ², as the
-  other dense merges); it stays within 3.2·steps·lr of the sum in every entry, so it cannot blow up where the closed
-  form does. ``space core`` runs the same Adam on the cores of the joint factor bases (`task_space`): the loss is the
-  same function there and has the same minimiser, but Adam is not rotation-invariant, so its 300 steps end elsewhere
-  than the authors' (not exact; no out×in matrix). ``solver exact`` is the loss's minimiser in closed form, Nᵢ = Dᵢ =
-  τᵢᵀτᵢ/‖τᵢ‖²_F above, on the R×R cores of the stacked A's (R = Σrᵢ), never forming an in×in or out×in matrix, exact in
-  core space; it is refused on a module whose adapters' rows span all its inputs, where Σᵢ Dᵢ is ill-conditioned (8
-  rank-8 adapters on 64 inputs gave 162× the sum's norm). Adam has no random step: the same inputs give the same merge
-  on a device.
+  other dense merges, whichever the solver); it stays within 3.2·steps·lr of the sum in every entry, so it cannot blow
+  up where the closed form does. ``space core`` runs the same Adam on the cores of the joint factor bases
+  (`task_space`): the loss is the same function there and has the same minimiser, but Adam is not rotation-invariant, so
+  its 300 steps end elsewhere than the authors' (not exact; no out×in matrix). ``solver exact`` is the loss's minimiser
+  in closed form, Nᵢ = Dᵢ = τᵢᵀτᵢ/‖τᵢ‖²_F above, on the R×R cores of the stacked A's (R = Σrᵢ), never forming an in×in
+  or out×in matrix, exact in core space; it is refused on a module whose adapters' rows span all its inputs, where Σᵢ Dᵢ
+  is ill-conditioned (8 rank-8 adapters on 64 inputs gave 162× the sum's norm). Adam has no random step (nothing to
+  seed): the same inputs give the same merge on a device, the one the factors are on (`--device`).
 """
 
 from __future__ import annotations
