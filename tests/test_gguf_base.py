@@ -209,6 +209,14 @@ def test_gguf_k_quants_refused_in_their_type_and_written_unquantized(made):
 def _swap_to_q4_k(source, target) -> None:
     """``source`` with blk.0.ffn_down.weight (64 × 256) replaced by a Q4_K tensor of that shape (random 4-bit codes
     and sub-block scales, d = dmin = 2^-10: gguf dequantizes it; it cannot quantize Q4_K itself)."""
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(64, 144), dtype=np.uint8)  # one 144-byte block_q4_K a row
+    blocks[:, 0:4] = np.frombuffer(np.array([2.0**-10, 2.0**-10], dtype=np.float16).tobytes(), np.uint8)
+    with_tensor(source, target, "blk.0.ffn_down.weight", blocks, gguf.GGMLQuantizationType.Q4_K)
+
+
+def with_tensor(source, target, name: str, stored: np.ndarray, qtype) -> None:
+    """``source`` written again as ``target`` with tensor ``name`` stored as the raw ``qtype`` bytes ``stored``."""
     reader = gguf.GGUFReader(str(source))
     writer = gguf.GGUFWriter(str(target), "llama")
     for f in reader.fields.values():
@@ -217,12 +225,9 @@ def _swap_to_q4_k(source, target) -> None:
             writer.add_key_value(
                 f.name, f.contents(), kind, sub_type=f.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
             )
-    rng = np.random.default_rng(0)
     for t in reader.tensors:
-        if t.name == "blk.0.ffn_down.weight":  # one 144-byte block_q4_K {d, dmin, scales[12], qs[128]} a row
-            blocks = rng.integers(0, 256, size=(64, 144), dtype=np.uint8)
-            blocks[:, 0:4] = np.frombuffer(np.array([2.0**-10, 2.0**-10], dtype=np.float16).tobytes(), np.uint8)
-            writer.add_tensor(t.name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        if t.name == name:
+            writer.add_tensor(t.name, stored, raw_dtype=qtype)
         else:
             writer.add_tensor(t.name, t.data, raw_dtype=None if t.tensor_type.name == "F32" else t.tensor_type)
     writer.write_header_to_file()

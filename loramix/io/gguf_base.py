@@ -60,17 +60,24 @@ class GgufBase:
     def type_name(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 
-    def dequantized(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as float32 (numpy order: out × in for a weight), by gguf's own dequantize."""
+    def dequantized(self, name: str, rows: slice | Any = None) -> torch.Tensor:
+        """Tensor ``name`` as float32 (numpy order: out × in for a weight), by gguf's own dequantize; ``rows``
+        (a slice or index array along the first axis: whole blocks, as a GGUF row is) reads only those."""
         tensor = self.tensors[name]
+        data = tensor.data if rows is None else tensor.data[rows]
         with inside_backend("gguf", f"dequantizing {name} ({tensor.tensor_type.name})"):
             try:
-                values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+                values = gguf.quants.dequantize(data, tensor.tensor_type)
             except NotImplementedError:
                 raise CheckpointError(
                     f"{self.path}: tensor {name} is {tensor.tensor_type.name}, which gguf cannot dequantize"
                 ) from None
         return torch.from_numpy(values.astype("float32", copy=False).copy())
+
+
+def llama_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py, LlamaModel.permute: HF's rotary halves back to llama.cpp's interleaved rows."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def _field(reader, key: str):

@@ -1,0 +1,167 @@
+"""A GGUF base read as the transformers model it holds (`loramix.io.gguf_model`): extract, analyze --base and the
+safetensors output of a merge take a GGUF file as they take a model folder.
+
+The GGUF files are the tiny Llama of test_gguf_base, written as llama.cpp's convert_hf_to_gguf.py writes one (gguf's
+TensorNameMap, q/k rows permuted). Oracles: extraction from the same weights in a safetensors folder (exact for F32;
+F16 against the float16-rounded weights), transformers' own GGUF loading (``from_pretrained(..., gguf_file=)``,
+dequantized by gguf, its q/k rows permuted back) saved as safetensors for the quantized types (Q8_0, Q4_K), and
+float64 norms of those weights.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import make_peft_adapter
+from safetensors.torch import save_file
+from test_gguf_base import TYPES, _swap_to_q4_k, tiny, with_tensor, write_gguf_base
+
+from loramix import analyze
+from loramix.cli import main
+from loramix.extraction import extract_lora
+
+gguf = pytest.importorskip("gguf")
+
+
+def tuned() -> torch.nn.Module:
+    """The tiny Llama with a rank-2 change on every projection (and one norm), in float32."""
+    model = tiny()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name and "lm_head" not in name:
+                p += 0.05 * torch.randn(p.shape[0], 2, generator=gen) @ torch.randn(2, p.shape[1], generator=gen)
+        model.model.layers[1].input_layernorm.weight += 0.5
+    return model
+
+
+def deltas(result) -> dict[str, torch.Tensor]:
+    return {name: m.delta(dtype=torch.float64) for name, m in result.adapter.modules.items()}
+
+
+def as_transformers_loads(gguf_file, folder) -> torch.nn.Module:
+    """transformers' own reading of ``gguf_file`` (float32), saved as a safetensors model folder ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16"])
+def test_extract_from_a_float_gguf_base_is_extraction_from_the_same_weights(tmp_path, kind):
+    """A GGUF base of float tensors holds the weights themselves: the adapter extracted from it equals the one
+    extracted from the same weights in a safetensors folder (F16: the weights rounded to float16), to float32
+    rounding of the same arithmetic (1e-6 of ‖ΔW‖); the changed norm is carried in both."""
+    model, tuned_model = tiny(), tuned()
+    write_gguf_base(tmp_path / "base.gguf", model, dict.fromkeys(TYPES, kind))
+    if kind == "F16":
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):  # write_gguf_base stores the projections in the asked type, the rest F32
+                p.data = p.data.half().float()
+    model.save_pretrained(tmp_path / "base")
+    tuned_model.save_pretrained(tmp_path / "tuned")
+    ours = extract_lora(tmp_path / "base.gguf", tmp_path / "tuned", rank=4)
+    oracle = extract_lora(tmp_path / "base", tmp_path / "tuned", rank=4)
+    mine, theirs = deltas(ours), deltas(oracle)
+    assert len(theirs) == 14 and mine.keys() == theirs.keys()
+    for name, delta in theirs.items():
+        assert float((mine[name] - delta).norm()) <= 1e-6 * float(delta.norm()), name
+    assert ours.adapter.extra.keys() == oracle.adapter.extra.keys() == {"model.layers.1.input_layernorm.weight"}
+
+
+def test_extract_between_quantized_ggufs_is_extraction_from_their_dequantized_weights(tmp_path):
+    """Base and fine-tuned both GGUF in Q8_0 (q, k, gate, …) and Q4_K (one down projection, which gguf reads but
+    cannot write): the adapter equals the one extracted from transformers' own dequantization of the two files
+    saved as safetensors (1e-6 of ‖ΔW‖: the same float32 values either way)."""
+    for name, model in (("base", tiny()), ("tuned", tuned())):
+        folder = tmp_path / f"{name}-gguf"
+        folder.mkdir()
+        write_gguf_base(folder / "plain.gguf", model, dict.fromkeys(TYPES, "Q8_0"))
+        _swap_to_q4_k(folder / "plain.gguf", folder / f"{name}.gguf")
+        (folder / "plain.gguf").unlink()
+        as_transformers_loads(folder / f"{name}.gguf", tmp_path / f"{name}-st")
+    ours = extract_lora(tmp_path / "base-gguf", tmp_path / "tuned-gguf" / "tuned.gguf", rank=4)
+    oracle = extract_lora(tmp_path / "base-st", tmp_path / "tuned-st", rank=4)
+    mine, theirs = deltas(ours), deltas(oracle)
+    assert len(theirs) == 13 and mine.keys() == theirs.keys()  # blk.0.ffn_down: the same Q4_K codes in both
+    for name, delta in theirs.items():
+        assert float((mine[name] - delta).norm()) <= 1e-6 * float(delta.norm()), name
+
+
+def test_analyze_with_a_gguf_base_gives_the_norms_of_its_dequantized_weights(tmp_path):
+    """‖W‖ of each module's base weight from a GGUF base (Q8_0, Q4_0, Q5_1 … and a Q4_K tensor) equals the float64
+    norm of transformers' own dequantization of that weight (relative 1e-12: the same float32 values)."""
+    folder = tmp_path / "k"
+    folder.mkdir()
+    write_gguf_base(folder / "plain.gguf", tiny())
+    _swap_to_q4_k(folder / "plain.gguf", folder / "k4.gguf")
+    (folder / "plain.gguf").unlink()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
+    adapter = make_peft_adapter(tiny, tmp_path, "adapter", target_modules=targets)
+    reference = dict(as_transformers_loads(folder / "k4.gguf", tmp_path / "st").named_parameters())
+    modules = analyze([adapter.path], base=folder / "k4.gguf").adapters[0].modules
+    assert len(modules) == 14
+    for name, module in modules.items():
+        expected = float(reference[f"{name}.weight"].detach().double().norm())
+        assert module.base_norm == pytest.approx(expected, rel=1e-12), name
+    result = CliRunner().invoke(main, ["analyze", str(adapter.path), "--base", str(folder)])
+    assert result.exit_code == 0, result.output
+
+
+def _truncated(source, target) -> None:
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) - 1000])
+
+
+def _with_q8_1(source, target) -> None:
+    """``source`` with blk.0.attn_v.weight (32 × 64) stored as Q8_1 (two 40-byte blocks a row), a type gguf 0.19
+    cannot dequantize."""
+    q8_1 = gguf.GGMLQuantizationType.Q8_1
+    with_tensor(source, target, "blk.0.attn_v.weight", np.zeros((32, 80), dtype=np.uint8), q8_1)
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (_truncated, "base.gguf: not a readable GGUF file"),
+        (_with_q8_1, "base.gguf: tensor blk.0.attn_v.weight is Q8_1, which gguf cannot dequantize"),
+    ],
+)
+def test_a_damaged_or_unreadable_gguf_base_is_one_line_with_nothing_written(tmp_path, damage, says):
+    write_gguf_base(tmp_path / "whole.gguf", tiny())
+    (tmp_path / "in").mkdir()
+    damage(tmp_path / "whole.gguf", tmp_path / "in" / "base.gguf")
+    tuned().save_pretrained(tmp_path / "tuned")
+    args = ["extract", str(tmp_path / "in" / "base.gguf"), str(tmp_path / "tuned"), "--rank", "4"]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert says in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_dora_with_a_gguf_base_is_conversion_on_its_dequantized_weights(tmp_path):
+    """A DoRA adapter's effective update depends on W: converted with a Q8_0 GGUF base it equals the conversion with
+    transformers' dequantization of that file as the base (1e-6 of ‖ΔW‖)."""
+    from loramix import load_adapter
+    from loramix.extraction.conversion import convert_lora
+
+    folder = tmp_path / "q8"
+    folder.mkdir()
+    write_gguf_base(folder / "q8.gguf", tiny(), dict.fromkeys(TYPES, "Q8_0"))
+    as_transformers_loads(folder / "q8.gguf", tmp_path / "st")
+    dora = load_adapter(
+        make_peft_adapter(tiny, tmp_path, "dora", target_modules=["q_proj", "k_proj"], use_dora=True).path
+    )
+    mine = deltas(convert_lora(dora, base=folder / "q8.gguf", rank=8))
+    theirs = deltas(convert_lora(dora, base=tmp_path / "st", rank=8))
+    assert len(theirs) == 4 and mine.keys() == theirs.keys()
+    for name, delta in theirs.items():
+        assert float((mine[name] - delta).norm()) <= 1e-6 * float(delta.norm()), name
