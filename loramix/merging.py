@@ -23,7 +23,7 @@ from loramix.io.files import atomic_output
 from loramix.io.gguf_base import gguf_base_file, open_gguf
 from loramix.merge.checkpoint import MergeReport, write_merged
 from loramix.merge.diffusers_pipeline import write_merged_pipeline
-from loramix.merge.gguf import write_merged_gguf
+from loramix.merge.gguf import safetensors_written_as, write_merged_gguf
 from loramix.merge.processes import place, shared, shared_output, write_in_parts
 from loramix.quantize import quantization_settings
 from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
@@ -48,6 +48,7 @@ def merge_into_base(
     double_quant: bool | None = None,
     blocksize: int | None = None,
     round_trip: str = "all",
+    merged_format: str | None = None,
 ) -> MergeReport:
     """Merge ``adapter`` (a `LoraAdapter` or a source) into the ``base`` checkpoint (a folder or Hub id) and write the
     merged checkpoint to ``out``, atomically, without touching any input (see `loramix.merge.checkpoint.write_merged`
@@ -66,7 +67,12 @@ def merge_into_base(
     ``quantized_as="none"`` turns it off), each base weight a 4-bit model quantizes first goes through bitsandbytes'
     quantize_4bit → dequantize_4bit round trip (``blocksize``, ``double_quant``: compress_statistics), then ΔW is
     added. ``round_trip="all"`` (the default) round-trips every such weight — the model the adapter was trained
-    with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
+    with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``.
+
+    A GGUF base file (or a folder holding one) is written as a GGUF file again (`loramix.merge.gguf`); with
+    ``merged_format="safetensors"`` as the transformers model folder it holds instead (`loramix.io.gguf_model`:
+    transformers' names and config, every tensor dequantized, then stored in ``dtype``, else float32 for quantized
+    types and F32/F16/BF16 tensors as they were). ``merged_format="gguf"`` needs a GGUF base."""
     require_path(out, "out (the output folder)")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise SettingError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
@@ -74,7 +80,13 @@ def merge_into_base(
     target_dtype = parse_dtype(dtype)
     target = resolve_device(device)
     gguf_file = gguf_base_file(base) if isinstance(base, (str, Path)) else None
-    if gguf_file is not None:  # a llama.cpp model file: merged into a GGUF file (`loramix.merge.gguf`)
+    if merged_format == "gguf" and gguf_file is None:
+        raise SettingError(
+            f"{base}: merged_format gguf writes a GGUF base as GGUF again; this base is no GGUF file (llama.cpp's "
+            "convert_hf_to_gguf.py converts a merged folder)",
+            option="merged_format",
+        )
+    if gguf_file is not None and merged_format != "safetensors":  # a GGUF file again (`loramix.merge.gguf`)
         if quantized_as not in (None, "none") or shard_size is not None:
             raise CheckpointError(f"{gguf_file}: a GGUF base; quantized_as and shard_size do not apply to it")
         if place()[1] > 1:
@@ -121,6 +133,8 @@ def merge_into_base(
                     adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, part=part, **options
                 )
             )
+        if gguf_file is not None:  # a GGUF base written as the transformers folder it holds: the card says so
+            report.written_as = safetensors_written_as(checkpoint, target_dtype)
         if CARD_FILE in files:  # a quantized base or a QLoRA-faithful merge: what was done, in the card
             files = {**files, CARD_FILE: quantization_section(files[CARD_FILE], report)}
         if report.dtype != report.base_dtype and report.written_as is None:  # else quantization_section says

@@ -73,6 +73,7 @@ class Output:
             double_quant=target.double_quant,
             blocksize=target.blocksize,
             round_trip=target.round_trip,
+            merged_format=target.merged_format,
         )
 
 

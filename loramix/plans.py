@@ -25,6 +25,7 @@ from loramix.settings import (
     Heads,
     KohyaRule,
     LoadOptions,
+    MergedFormat,
     MergeTarget,
     ModelFormat,
     Objective,
@@ -129,6 +130,7 @@ class Plan(Settings):
     double_quant: bool | None = None
     blocksize: int | None = None
     round_trip: RoundTrip = "all"
+    merged_format: MergedFormat | None = None  # None: the base's own files (`loramix.merging.merge_into_base`)
     format: Format | None = None  # None: what the inputs' ecosystem loads (`loramix.formats.default_format`)
     gguf_base: str | None = input_field(None)
     base: str | None = input_field(
@@ -145,8 +147,8 @@ class Plan(Settings):
                     f"`{unused[0]}` sets the adapter file written; with `merge_into` a merged checkpoint is written: "
                     f"leave `{unused[0]}` out"
                 )
-        elif any(getattr(self, key) is not None for key in ("shard_size", "workers")):
-            key = "shard_size" if self.shard_size is not None else "workers"
+        elif any(getattr(self, key) is not None for key in ("shard_size", "workers", "merged_format")):
+            key = next(k for k in ("shard_size", "workers", "merged_format") if getattr(self, k) is not None)
             raise MethodError(f"`{key}` applies to a merged checkpoint: it needs `merge_into`", option="merge_into")
         if self.gguf_base is not None and not self.merge_into and self.format != "gguf":
             raise MethodError(

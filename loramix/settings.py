@@ -20,6 +20,7 @@ RankLayout = Literal["portable", "exact"]  # one rank every engine reads, or eac
 KohyaRule = Literal["sv_ratio", "sv_fro", "sv_cumulative"]  # kohya-ss resize_lora's rank rules
 QuantizedAs = Literal["nf4", "fp4", "fp8", "none"]  # the quantized base's round trip ("none": no round trip)
 RoundTrip = Literal["all", "targeted"]  # which weights a quantized round trip touches
+MergedFormat = Literal["gguf", "safetensors"]  # a merged checkpoint's files: a llama.cpp GGUF or a transformers folder
 Space = Literal["dense", "core"]  # where element-wise methods work
 MajoritySign = Literal["total", "frequency"]  # TIES' sign election
 Composition = Literal["lorahub", "delta"]  # how a search composes adapters
@@ -31,6 +32,7 @@ RANK_LAYOUTS: tuple[str, ...] = get_args(RankLayout)
 KOHYA_RULES: tuple[str, ...] = get_args(KohyaRule)
 QUANTIZED_AS: tuple[str, ...] = get_args(QuantizedAs)
 ROUND_TRIPS: tuple[str, ...] = get_args(RoundTrip)
+MERGED_FORMATS: tuple[str, ...] = get_args(MergedFormat)
 SPACES: tuple[str, ...] = get_args(Space)
 MAJORITY_SIGNS: tuple[str, ...] = get_args(MajoritySign)
 COMPOSITIONS: tuple[str, ...] = get_args(Composition)
@@ -119,8 +121,9 @@ class LoadOptions:
 @dataclass(frozen=True)
 class MergeTarget:
     """The base a result is merged into and how its checkpoint is written: ``dtype`` (None: the base's), shards,
-    merge workers, and a QLoRA's 4-bit round trip (``quantized_as``, ``double_quant``, ``blocksize``,
-    ``round_trip``; None: the base's or adapter's quantization_config)."""
+    merge workers, a QLoRA's 4-bit round trip (``quantized_as``, ``double_quant``, ``blocksize``, ``round_trip``;
+    None: the base's or adapter's quantization_config), and ``merged_format`` (None: the base's own files; a GGUF
+    base written as a transformers safetensors folder with "safetensors")."""
 
     base: str
     dtype: str | None = None
@@ -130,6 +133,7 @@ class MergeTarget:
     double_quant: bool | None = None
     blocksize: int | None = None
     round_trip: RoundTrip = "all"
+    merged_format: MergedFormat | None = None
 
 
 @dataclass(frozen=True)

@@ -165,3 +165,99 @@ def test_convert_dora_with_a_gguf_base_is_conversion_on_its_dequantized_weights(
     assert len(theirs) == 4 and mine.keys() == theirs.keys()
     for name, delta in theirs.items():
         assert float((mine[name] - delta).norm()) <= 1e-6 * float(delta.norm()), name
+
+
+def bf16_step(values: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers at ``values`` (8 significant bits): 2^(⌊log2 |x|⌋ − 7)."""
+    return torch.exp2(torch.floor(torch.log2(values.abs().clamp(min=2.0**-126))) - 7)
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    """A GGUF base of every legacy type (test_gguf_base's TYPES), a PEFT LoRA on every projection and PEFT's ΔW,
+    and the base as transformers' own GGUF loading reads it (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    tmp = tmp_path_factory.mktemp("gguf-to-safetensors")
+    (tmp / "base").mkdir()
+    base = write_gguf_base(tmp / "base" / "tiny-llama.gguf", tiny())
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
+    adapter = make_peft_adapter(tiny, tmp, "adapter", target_modules=targets)
+    delta = {
+        name.removeprefix("base_model.model.") + ".weight": module.get_delta_weight("default").detach().double()
+        for name, module in adapter.peft_model.named_modules()
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {})
+    }
+    loaded = AutoModelForCausalLM.from_pretrained(base.parent, gguf_file=base.name, dtype=torch.float32)
+    before = {k: v.detach().double() for k, v in loaded.state_dict().items()}
+    return tmp, adapter.path, base, delta, before
+
+
+def test_a_gguf_base_merged_as_safetensors_loads_in_transformers_with_peft_delta(merged):
+    """``--merged-format safetensors --dtype bfloat16``: a transformers folder (config.json from the GGUF metadata)
+    that ``AutoModelForCausalLM.from_pretrained`` loads; each merged weight is transformers' own dequantization of
+    the GGUF base plus PEFT's ΔW within one bfloat16 step of the float64 sum (rounded once to bfloat16: at most
+    half a step apart), every other tensor that dequantization rounded to bfloat16 exactly; the "wrote" line and the
+    card say what was written."""
+    from transformers import AutoModelForCausalLM
+
+    tmp, adapter, base, delta, before = merged
+    out = tmp / "bf16"
+    args = ["-q", "combine", str(adapter), "--merge-into", str(base), "--merged-format", "safetensors"]
+    result = CliRunner().invoke(main, [*args, "--dtype", "bfloat16", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "written as a transformers safetensors folder (LlamaForCausalLM, bfloat16): the GGUF base (BF16, F16, F32, "
+        "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) dequantized by gguf under transformers' names" in result.output
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "loramix_recipe.yaml",
+        "model.safetensors",
+    ]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
+    assert "quantization_config" not in config and config["num_key_value_heads"] == 2
+    assert "stored as a transformers safetensors folder" in (out / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    after = {k: v.detach().double() for k, v in model.state_dict().items()}
+    assert after.keys() == before.keys() and len(delta) == 14
+    for name, weight in before.items():
+        expected = weight + delta.get(name, 0)
+        assert bool(((after[name] - expected).abs() <= bf16_step(expected)).all()), name
+        if name not in delta:
+            assert torch.equal(after[name], weight.to(torch.bfloat16).double()), name
+    assert torch.isfinite(model(torch.arange(8)[None]).logits).all()
+
+
+def test_without_a_dtype_the_safetensors_output_keeps_the_dequantized_values(merged):
+    """No --dtype: quantized tensors as float32 (gguf's dequantized values, exactly), F16/BF16 ones in their own
+    dtype; a merged float32 weight is the float64 sum W + ΔW to float32 rounding (2⁻²³ relative, 2 steps)."""
+    from safetensors.torch import load_file
+
+    from loramix import merge_into_base
+
+    tmp, adapter, base, delta, before = merged
+    report = merge_into_base(adapter, base, tmp / "f32", merged_format="safetensors")
+    assert "(LlamaForCausalLM, F32/F16/BF16 as they were, quantized types as float32)" in report.written_as
+    stored = load_file(tmp / "f32" / "model.safetensors")
+    assert stored["model.layers.0.self_attn.o_proj.weight"].dtype == torch.float16  # attn_output is F16
+    assert stored["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16  # ffn_up is BF16
+    assert stored["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32  # attn_q is Q8_0
+    for name, weight in before.items():
+        if stored[name].dtype == torch.float32:
+            expected = weight + delta.get(name, 0)
+            assert bool(((stored[name].double() - expected).abs() <= 2.0**-22 * expected.abs()).all()), name
+
+
+def test_merged_format_gguf_needs_a_gguf_base(merged):
+    tmp, adapter, base, delta, before = merged
+    dense = tmp / "dense-base"
+    tiny().save_pretrained(dense)
+    args = ["combine", str(adapter), "--merge-into", str(dense), "--merged-format", "gguf", "-o", str(tmp / "x")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "merged_format gguf writes a GGUF base as GGUF again" in result.output
+    assert not (tmp / "x").exists()

@@ -22,6 +22,7 @@ from loramix.adapter import LoraAdapter
 from loramix.errors import CheckpointError, OutputError, inside_backend
 from loramix.experts import refuse
 from loramix.formats.gguf import ARCHITECTURES, gguf_targets
+from loramix.io.base import BaseCheckpoint
 from loramix.io.gguf_base import (
     GgufBase,
     dequantize_stored,
@@ -30,6 +31,7 @@ from loramix.io.gguf_base import (
     quantized_like,
     unquantized,
 )
+from loramix.io.gguf_model import GgufTensor
 from loramix.io.quantized import share_below
 from loramix.merge.checkpoint import MergeReport
 from loramix.merge.kernels import Survival
@@ -106,6 +108,17 @@ def write_merged_gguf(adapter: LoraAdapter, base: GgufBase, folder: Path, dtype:
         written_as=written_as,
         below_step=shares,
         base_dtype=dtype or torch.float32,
+    )
+
+
+def safetensors_written_as(checkpoint: BaseCheckpoint, dtype: torch.dtype | None) -> str:
+    """How a GGUF base merged as a transformers safetensors folder (`loramix.io.gguf_model`) was written."""
+    types = sorted({t.base.type_name(t.stored) for t in checkpoint.tensors.values() if isinstance(t, GgufTensor)})
+    stored = OUTPUT_DTYPE_NAMES[dtype] if dtype else "F32/F16/BF16 as they were, quantized types as float32"
+    model = (checkpoint.config.get("architectures") or ["?"])[0]
+    return (
+        f"a transformers safetensors folder ({model}, {stored}): the GGUF base ({', '.join(types)}) dequantized by "
+        "gguf under transformers' names, config.json from its metadata (no tokenizer files)"
     )
 
 
