@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from loramix.errors import CheckpointError, inside_backend
-from loramix.io.gguf_base import GgufBase, llama_permute
+from loramix.io.gguf_base import GgufBase, llama_permute, stored_shape
 
 READABLE = ("llama", "qwen2")  # GGUF architectures read as transformers models (see the module docstring)
 COMPUTED = ("rope_freqs.weight",)  # llama.cpp's tables made from the config, not weights of the model
@@ -77,7 +77,7 @@ def transformers_view(base: GgufBase) -> tuple[dict, dict[str, GgufTensor]]:
         if name is None:
             model_class = config["architectures"][0]
             raise CheckpointError(f"{base.path}: tensor {stored} has no name in transformers' {model_class}")
-        shape = tuple(reversed([int(n) for n in found.shape]))
+        shape = stored_shape(base, stored)
         if shape != shapes[name]:
             raise CheckpointError(
                 f"{base.path}: tensor {stored} is {list(shape)}, {name} of the config's model is {list(shapes[name])}"
