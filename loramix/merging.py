@@ -82,7 +82,7 @@ def merge_into_base(
     gguf_file = gguf_base_file(base) if isinstance(base, (str, Path)) else None
     if merged_format == "gguf" and gguf_file is None:
         raise SettingError(
-            f"{base}: merged_format gguf writes a GGUF base as GGUF again; this base is no GGUF file (llama.cpp's "
+            f"{base}: `merged_format` gguf writes a GGUF base as GGUF again; this base is no GGUF file (llama.cpp's "
             "convert_hf_to_gguf.py converts a merged folder)",
             option="merged_format",
         )

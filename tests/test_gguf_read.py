@@ -259,5 +259,11 @@ def test_merged_format_gguf_needs_a_gguf_base(merged):
     args = ["combine", str(adapter), "--merge-into", str(dense), "--merged-format", "gguf", "-o", str(tmp / "x")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
-    assert "merged_format gguf writes a GGUF base as GGUF again" in result.output
+    assert "--merged-format gguf writes a GGUF base as GGUF again" in result.output
     assert not (tmp / "x").exists()
+    result = CliRunner().invoke(main, ["combine", str(adapter), "--merged-format", "safetensors", "-o", str(tmp / "x")])
+    assert (
+        result.exit_code == 2
+        and "--merged-format applies to a merged checkpoint" in result.output
+        and not (tmp / "x").exists()
+    )
