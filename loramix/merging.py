@@ -23,7 +23,7 @@ from loramix.io.files import atomic_output
 from loramix.io.gguf_base import gguf_base_file, open_gguf
 from loramix.merge.checkpoint import MergeReport, write_merged
 from loramix.merge.diffusers_pipeline import write_merged_pipeline
-from loramix.merge.gguf import safetensors_written_as, write_merged_gguf
+from loramix.merge.gguf import safetensors_written_as, save_tokenizer, write_merged_gguf
 from loramix.merge.processes import place, shared, shared_output, write_in_parts
 from loramix.quantize import quantization_settings
 from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
@@ -133,8 +133,8 @@ def merge_into_base(
                     adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, part=part, **options
                 )
             )
-        if gguf_file is not None:  # a GGUF base written as the transformers folder it holds: the card says so
-            report.written_as = safetensors_written_as(checkpoint, target_dtype)
+        if gguf_file is not None and rank == 0:  # a GGUF base written as the transformers folder it holds
+            report.written_as = safetensors_written_as(checkpoint, target_dtype, save_tokenizer(gguf_file, tmp))
         if CARD_FILE in files:  # a quantized base or a QLoRA-faithful merge: what was done, in the card
             files = {**files, CARD_FILE: quantization_section(files[CARD_FILE], report)}
         if report.dtype != report.base_dtype and report.written_as is None:  # else quantization_section says

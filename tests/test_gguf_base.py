@@ -224,12 +224,19 @@ def _swap_to_q4_k(source, target) -> None:
     with_tensor(source, target, "blk.0.ffn_down.weight", blocks, gguf.GGMLQuantizationType.Q4_K)
 
 
-def with_tensor(source, target, name: str, stored: np.ndarray, qtype) -> None:
-    """``source`` written again as ``target`` with tensor ``name`` stored as the raw ``qtype`` bytes ``stored``."""
+def with_tensor(source, target, name: str | None, stored: np.ndarray | None = None, qtype=None, fields=None) -> None:
+    """``source`` written again as ``target`` with tensor ``name`` stored as the raw ``qtype`` bytes ``stored``
+    (and ``fields(writer)`` adding metadata keys, which replace the source's of the same names)."""
     reader = gguf.GGUFReader(str(source))
     writer = gguf.GGUFWriter(str(target), "llama")
+    if fields is not None:
+        fields(writer)
     for f in reader.fields.values():
-        if f.name != gguf.Keys.General.ARCHITECTURE and not f.name.startswith("GGUF."):
+        if (
+            f.name != gguf.Keys.General.ARCHITECTURE
+            and not f.name.startswith("GGUF.")
+            and f.name not in writer.kv_data[0]
+        ):
             kind = f.types[0]
             writer.add_key_value(
                 f.name, f.contents(), kind, sub_type=f.types[-1] if kind == gguf.GGUFValueType.ARRAY else None

@@ -210,6 +210,7 @@ def test_a_gguf_base_merged_as_safetensors_loads_in_transformers_with_peft_delta
         "written as a transformers safetensors folder (LlamaForCausalLM, bfloat16): the GGUF base (BF16, F16, F32, "
         "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) dequantized by gguf under transformers' names" in result.output
     )
+    assert "config.json from its metadata, no tokenizer files (transformers builds none" in result.output
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",
         "config.json",
@@ -267,3 +268,33 @@ def test_merged_format_gguf_needs_a_gguf_base(merged):
         and "--merged-format applies to a merged checkpoint" in result.output
         and not (tmp / "x").exists()
     )
+
+
+def _with_tokenizer(writer) -> None:
+    """A byte-level BPE tokenizer as llama.cpp stores one (tokenizer.ggml.model gpt2: tokens, types, merges)."""
+    tokens = [chr(c) for c in range(ord("a"), ord("a") + 26)] + ["<s>", "</s>", "ab", "abc"]
+    tokens += [f"x{i}" for i in range(64 - len(tokens))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges(["a b", "ab c"])
+    writer.add_bos_token_id(26)
+    writer.add_eos_token_id(27)
+
+
+def test_the_safetensors_output_carries_the_tokenizer_transformers_builds_from_the_gguf(merged, tmp_path):
+    """A GGUF base with llama.cpp's tokenizer metadata: the folder holds the tokenizer transformers' own GGUF
+    converter builds, which encodes as ``AutoTokenizer.from_pretrained(..., gguf_file=...)`` does."""
+    from transformers import AutoTokenizer
+
+    from loramix import merge_into_base
+
+    tmp, adapter, base, delta, before = merged
+    (tmp_path / "tok").mkdir()
+    with_tensor(base, tmp_path / "tok" / "tok.gguf", None, fields=_with_tokenizer)
+    report = merge_into_base(adapter, tmp_path / "tok" / "tok.gguf", tmp_path / "out", merged_format="safetensors")
+    assert "the tokenizer transformers builds from it (tokenizer.json, tokenizer_config.json)" in report.written_as
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "tok", gguf_file="tok.gguf")
+    ours = AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in ("abcab", "zab abc"):
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"], text

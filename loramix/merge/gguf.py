@@ -139,15 +139,31 @@ def write_merged_gguf(adapter: LoraAdapter, base: GgufBase, folder: Path, dtype:
     )
 
 
-def safetensors_written_as(checkpoint: BaseCheckpoint, dtype: torch.dtype | None) -> str:
-    """How a GGUF base merged as a transformers safetensors folder (`loramix.io.gguf_model`) was written."""
+def safetensors_written_as(checkpoint: BaseCheckpoint, dtype: torch.dtype | None, tokenizer: str) -> str:
+    """How a GGUF base merged as a transformers safetensors folder (`loramix.io.gguf_model`) was written
+    (``tokenizer``: what `save_tokenizer` said)."""
     types = sorted({t.base.type_name(t.stored) for t in checkpoint.tensors.values() if isinstance(t, GgufTensor)})
     stored = OUTPUT_DTYPE_NAMES[dtype] if dtype else "F32/F16/BF16 as they were, quantized types as float32"
     model = (checkpoint.config.get("architectures") or ["?"])[0]
     return (
         f"a transformers safetensors folder ({model}, {stored}): the GGUF base ({', '.join(types)}) dequantized by "
-        "gguf under transformers' names, config.json from its metadata (no tokenizer files)"
+        f"gguf under transformers' names, config.json from its metadata, {tokenizer}"
     )
+
+
+def save_tokenizer(gguf_file: Path, folder: Path) -> str:
+    """The tokenizer transformers builds from ``gguf_file``'s metadata (its GGUF tokenizer converters:
+    ``AutoTokenizer.from_pretrained(..., gguf_file=...)``) saved into ``folder``; says which files, or why none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:  # what its converters raise on missing metadata
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        return f"no tokenizer files (transformers builds none from its metadata: {reason})"
+    with inside_backend("transformers", f"saving the tokenizer of {gguf_file.name}"):
+        files = tokenizer.save_pretrained(folder)
+    return "the tokenizer transformers builds from it (" + ", ".join(sorted(Path(f).name for f in files)) + ")"
 
 
 def _write(base: GgufBase, file: Path, kinds: dict, made: Callable[[str], Any]) -> None:
