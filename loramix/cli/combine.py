@@ -120,8 +120,8 @@ from loramix.errors import counted
     "--merged-format",
     type=choice(settings.MergedFormat),
     help="With --merge-into: the merged checkpoint's files; safetensors writes a GGUF base as a transformers model "
-    "folder (transformers' names, config.json from the GGUF metadata, dequantized: in --dtype, else F32/F16/BF16 "
-    "tensors as stored and quantized ones as float32) [default: the base's own, GGUF for a GGUF base].",
+    "folder (transformers' names, config.json and tokenizer from the GGUF metadata, dequantized: in --dtype, else "
+    "F32/F16/BF16 tensors as stored and quantized ones as float32) [default: the base's own, GGUF for a GGUF base].",
 )
 @click.option(
     "--format",
