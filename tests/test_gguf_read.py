@@ -298,3 +298,23 @@ def test_the_safetensors_output_carries_the_tokenizer_transformers_builds_from_t
     ours = AutoTokenizer.from_pretrained(tmp_path / "out")
     for text in ("abcab", "zab abc"):
         assert ours(text)["input_ids"] == theirs(text)["input_ids"], text
+
+
+def test_a_k_quant_gguf_base_merged_as_safetensors(merged, tmp_path):
+    """A Q4_K tensor (which gguf cannot quantize again, so a GGUF output refuses it without --dtype) merges into a
+    safetensors folder: its merged weight is transformers' dequantization of the Q4_K tensor plus PEFT's ΔW to
+    float32 rounding (2⁻²² relative)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from loramix import merge_into_base
+
+    tmp, adapter, base, delta, before = merged
+    (tmp_path / "k").mkdir()
+    _swap_to_q4_k(base, tmp_path / "k" / "k4.gguf")
+    merge_into_base(adapter, tmp_path / "k" / "k4.gguf", tmp_path / "out", merged_format="safetensors")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "k", gguf_file="k4.gguf", dtype=torch.float32)
+    name = "model.layers.0.mlp.down_proj.weight"  # blk.0.ffn_down: Q4_K
+    expected = loaded.state_dict()[name].double() + delta[name]
+    stored = load_file(tmp_path / "out" / "model.safetensors")[name].double()
+    assert bool(((stored - expected).abs() <= 2.0**-22 * expected.abs()).all())
