@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter, canonical_base
-from loramix.errors import CheckpointError
+from loramix.errors import CheckpointError, SettingError
 from loramix.formats import load_adapter
 from loramix.formats.diffusion import onto_base
 from loramix.io.base import open_base, require_base, resolve_base, with_base_names
@@ -25,7 +25,7 @@ from loramix.io.files import atomic_output
 from loramix.io.gguf_base import gguf_base_file, open_gguf
 from loramix.merge.checkpoint import MergeReport, write_merged
 from loramix.merge.diffusers_pipeline import write_merged_pipeline
-from loramix.merge.gguf import write_merged_gguf
+from loramix.merge.gguf import safetensors_written_as, save_tokenizer, write_merged_gguf
 from loramix.merge.processes import place, shared, shared_output, write_in_parts
 from loramix.quantize import quantization_settings
 from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
@@ -51,6 +51,7 @@ def merge_into_base(
     double_quant: bool | None = None,
     blocksize: int | None = None,
     round_trip: str = "all",
+    merged_format: str | None = None,
 ) -> MergeReport:
     """Merge ``adapter`` (a `LoraAdapter` or a source) into the ``base`` checkpoint (a folder or Hub id) and write the
     merged checkpoint to ``out``, atomically, without touching any input (see `loramix.merge.checkpoint.write_merged`
@@ -69,13 +70,19 @@ def merge_into_base(
     ``quantized_as="none"`` turns it off), each base weight a 4-bit model quantizes first goes through bitsandbytes'
     quantize_4bit → dequantize_4bit round trip (``blocksize``, ``double_quant``: compress_statistics), then ΔW is
     added. ``round_trip="all"`` (the default) round-trips every such weight — the model the adapter was trained
-    with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
+    with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``.
+
+    A GGUF base file (or a folder holding one) is written as a GGUF file again (`loramix.merge.gguf`); with
+    ``merged_format="safetensors"`` as the transformers model folder it holds instead (`loramix.io.gguf_model`:
+    transformers' names and config, every tensor dequantized, then stored in ``dtype``, else float32 for quantized
+    types and F32/F16/BF16 tensors as they were). ``merged_format="gguf"`` needs a GGUF base."""
     out = require_path(out, "out (the output folder)")
     target = MergeTarget(
         merge_into=require_base(base),
         shard_size=None if shard_size is None else str(shard_size),
         workers=workers,
         quantized=QuantizedBase(quantized_as, double_quant, blocksize, round_trip),
+        merged_format=merged_format,
     )
     return merge_loaded(
         load_adapter(adapter),
@@ -107,7 +114,13 @@ def merge_loaded(
     quantized_as = quantized.quantized_as
     target_dtype = parse_dtype(dtype)
     gguf_file = gguf_base_file(base)
-    if gguf_file is not None:  # a llama.cpp model file: merged into a GGUF file (`loramix.merge.gguf`)
+    if target.merged_format == "gguf" and gguf_file is None:
+        raise SettingError(
+            f"{base}: `merged_format` gguf writes a GGUF base as GGUF again; this base is no GGUF file (llama.cpp's "
+            "convert_hf_to_gguf.py converts a merged folder)",
+            option="merged_format",
+        )
+    if gguf_file is not None and target.merged_format != "safetensors":  # a GGUF file again (`loramix.merge.gguf`)
         if quantized_as not in (None, "none") or shard_size is not None:
             raise CheckpointError(f"{gguf_file}: a GGUF base; quantized_as and shard_size do not apply to it")
         if place()[1] > 1:
@@ -159,6 +172,8 @@ def merge_loaded(
                     adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, part=part, **options
                 )
             )
+        if gguf_file is not None and rank == 0:  # a GGUF base written as the transformers folder it holds
+            report.written_as = safetensors_written_as(checkpoint, target_dtype, save_tokenizer(gguf_file, tmp))
         if CARD_FILE in files:  # a quantized base or a QLoRA-faithful merge: what was done, in the card
             files = {**files, CARD_FILE: quantization_section(files[CARD_FILE], report)}
         if report.dtype != report.base_dtype and report.written_as is None:  # else quantization_section says

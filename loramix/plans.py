@@ -209,7 +209,7 @@ class Plan(Settings):
                     f"leave `{unused}` out"
                 )
         else:
-            key = next((k for k in ("shard_size", "workers") if getattr(self, k) is not None), None)
+            key = next((k for k in ("shard_size", "workers", "merged_format") if getattr(self, k) is not None), None)
             if key:
                 raise SettingError(
                     f"`{key}` applies to a merged checkpoint: it needs `merge_into`", option="merge_into"

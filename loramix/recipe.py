@@ -21,6 +21,7 @@ output: out/merged            # relative to the current directory; -o overrides
 # rank_layout: exact          # per-module ranks and scales (PEFT only) instead of one rank every engine reads
 # quantized_as: nf4           # QLoRA-faithful merge: round-trip the base through 4-bit first (nf4, fp4, fp8, mxfp4;
 #                             # double_quant: true, blocksize: 64, round_trip: all | targeted)
+# merged_format: safetensors  # merge_into a GGUF file: write a transformers safetensors folder instead of GGUF
 # scale: 2.0                  # plain LoRA state dicts only: scale or alpha, base_model, and module_map
 # module_map: {"^layers": model.layers}   # (a mapping of regexes, or a YAML/JSON file relative to this file)
 ```

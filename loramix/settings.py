@@ -24,6 +24,7 @@ RankLayout = Literal["portable", "exact"]  # one rank every engine reads, or eac
 KohyaRule = Literal["sv_ratio", "sv_fro", "sv_cumulative"]  # kohya-ss resize_lora's rank rules
 QuantizedAs = Literal["nf4", "fp4", "fp8", "mxfp4", "none"]  # the quantized base's round trip ("none": no round trip)
 RoundTrip = Literal["all", "targeted"]  # which weights a quantized round trip touches
+MergedFormat = Literal["gguf", "safetensors"]  # a merged checkpoint's files: a llama.cpp GGUF or a transformers folder
 Space = Literal["dense", "core"]  # where element-wise methods work
 MajoritySign = Literal["total", "frequency"]  # TIES' sign election
 Composition = Literal["lorahub", "delta"]  # how a search composes adapters
@@ -36,6 +37,7 @@ RANK_LAYOUTS: tuple[str, ...] = get_args(RankLayout)
 KOHYA_RULES: tuple[str, ...] = get_args(KohyaRule)
 QUANTIZED_AS: tuple[str, ...] = get_args(QuantizedAs)
 ROUND_TRIPS: tuple[str, ...] = get_args(RoundTrip)
+MERGED_FORMATS: tuple[str, ...] = get_args(MergedFormat)
 SPACES: tuple[str, ...] = get_args(Space)
 MAJORITY_SIGNS: tuple[str, ...] = get_args(MajoritySign)
 COMPOSITIONS: tuple[str, ...] = get_args(Composition)
@@ -149,12 +151,14 @@ class QuantizedBase:
 @dataclass(frozen=True)
 class MergeTarget:
     """The base a result is merged into (``merge_into``; None: an adapter is written) and how its checkpoint is
-    written: shards, merge workers, and the quantized base's round trip."""
+    written: shards, merge workers, the quantized base's round trip, and ``merged_format`` (None: the base's own
+    files; "safetensors": a GGUF base written as the transformers folder it holds)."""
 
     merge_into: str | None = input_field(None)
     shard_size: str | None = None
     workers: int | None = None
     quantized: QuantizedBase = QuantizedBase()
+    merged_format: MergedFormat | None = None
 
     def __post_init__(self) -> None:
         workers = self.workers

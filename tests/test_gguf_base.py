@@ -175,8 +175,9 @@ def test_q_and_k_rows_are_permuted_as_llama_cpp_does(made):
 
 def test_gguf_k_quants_refused_in_their_type_and_written_unquantized(made):
     """A Q4_K tensor (gguf dequantizes k-quants but cannot quantize them): the same-format merge is one line naming
-    the tensor and --dtype; with --dtype float16 the merged tensors are F16, within one f16 step of gguf's
-    dequantization of the Q4_K base plus ΔW, and the untouched tensors stay Q4_K byte for byte."""
+    the tensor and --dtype; with --dtype float16 the file is a dense GGUF, as convert_hf_to_gguf.py writes one with
+    --outtype f16: the merged tensors F16 within one f16 step of gguf's dequantization of the Q4_K base plus ΔW,
+    every other tensor of 2 dimensions gguf's dequantization rounded to F16 (exactly), 1-D ones byte for byte."""
     folder = made.tmp / "kquant"
     folder.mkdir()
     base = folder / "k.gguf"
@@ -193,9 +194,9 @@ def test_gguf_k_quants_refused_in_their_type_and_written_unquantized(made):
     )
     assert not (made.tmp / "kquant-o").exists()
     report = merge_into_base(made.adapter, folder / "k4.gguf", folder / "dense", dtype="float16")
-    assert (
-        report.written_as
-        == "GGUF, the merged tensors stored as float16 (were BF16, F16, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0)"
+    assert report.written_as == (
+        "a dense GGUF: every tensor of 2 or more dimensions stored as float16 (were BF16, F16, F32, Q4_0, Q4_1, "
+        "Q4_K, Q5_0, Q5_1, Q8_0), 1-D ones as they were"
     )
     written, original = read(folder / "dense" / "k4.gguf"), read(folder / "k4.gguf")
     for name, delta in made.deltas.items():
@@ -203,26 +204,46 @@ def test_gguf_k_quants_refused_in_their_type_and_written_unquantized(made):
         intended = dequantized(original[name]) + delta
         ulp = torch.from_numpy(np.spacing(np.abs(intended.numpy()).astype(np.float16)).astype(np.float64))
         assert bool(((dequantized(written[name]) - intended).abs() <= ulp).all()), name
+    for name in ("token_embd.weight", "output.weight"):  # F32 in the base, untouched
+        assert written[name].tensor_type.name == "F16", name
+        assert torch.equal(dequantized(written[name]), dequantized(original[name]).half().double()), name
     assert bytes(written["blk.1.ffn_norm.weight"].data) == bytes(original["blk.1.ffn_norm.weight"].data)
+    assert {t.tensor_type.name for t in written.values() if len(t.shape) > 1} == {"F16"}
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(folder / "dense", gguf_file="k4.gguf", dtype=torch.float32)
+    assert torch.isfinite(dense(torch.arange(8)[None]).logits).all()
 
 
 def _swap_to_q4_k(source, target) -> None:
     """``source`` with blk.0.ffn_down.weight (64 × 256) replaced by a Q4_K tensor of that shape (random 4-bit codes
     and sub-block scales, d = dmin = 2^-10: gguf dequantizes it; it cannot quantize Q4_K itself)."""
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(64, 144), dtype=np.uint8)  # one 144-byte block_q4_K a row
+    blocks[:, 0:4] = np.frombuffer(np.array([2.0**-10, 2.0**-10], dtype=np.float16).tobytes(), np.uint8)
+    with_tensor(source, target, "blk.0.ffn_down.weight", blocks, gguf.GGMLQuantizationType.Q4_K)
+
+
+def with_tensor(source, target, name: str | None, stored: np.ndarray | None = None, qtype=None, fields=None) -> None:
+    """``source`` written again as ``target`` with tensor ``name`` stored as the raw ``qtype`` bytes ``stored``
+    (and ``fields(writer)`` adding metadata keys, which replace the source's of the same names)."""
     reader = gguf.GGUFReader(str(source))
     writer = gguf.GGUFWriter(str(target), "llama")
+    if fields is not None:
+        fields(writer)
     for f in reader.fields.values():
-        if f.name != gguf.Keys.General.ARCHITECTURE and not f.name.startswith("GGUF."):
+        if (
+            f.name != gguf.Keys.General.ARCHITECTURE
+            and not f.name.startswith("GGUF.")
+            and f.name not in writer.kv_data[0]
+        ):
             kind = f.types[0]
             writer.add_key_value(
                 f.name, f.contents(), kind, sub_type=f.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
             )
-    rng = np.random.default_rng(0)
     for t in reader.tensors:
-        if t.name == "blk.0.ffn_down.weight":  # one 144-byte block_q4_K {d, dmin, scales[12], qs[128]} a row
-            blocks = rng.integers(0, 256, size=(64, 144), dtype=np.uint8)
-            blocks[:, 0:4] = np.frombuffer(np.array([2.0**-10, 2.0**-10], dtype=np.float16).tobytes(), np.uint8)
-            writer.add_tensor(t.name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        if t.name == name:
+            writer.add_tensor(t.name, stored, raw_dtype=qtype)
         else:
             writer.add_tensor(t.name, t.data, raw_dtype=None if t.tensor_type.name == "F32" else t.tensor_type)
     writer.write_header_to_file()

@@ -20,7 +20,7 @@ from loramix.cli.options import (
 
 @click.command()
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--base", metavar="MODEL", help="Base model folder or Hub id (its weights give ‖ΔW‖/‖W‖).")
+@click.option("--base", metavar="MODEL", help="Base model folder, Hub id or GGUF file (its weights give ‖ΔW‖/‖W‖).")
 @click.option(
     "--quantized-as",
     type=choice(settings.QuantizedAs),

@@ -120,6 +120,13 @@ from loramix.errors import counted
     help="Round-trip every weight a 4-bit model quantizes (the model trained) or only targeted ones [default: all].",
 )
 @click.option(
+    "--merged-format",
+    type=choice(settings.MergedFormat),
+    help="With --merge-into: the merged checkpoint's files; safetensors writes a GGUF base as a transformers model "
+    "folder (transformers' names, config.json and tokenizer from the GGUF metadata, dequantized: in --dtype, else "
+    "F32/F16/BF16 tensors as stored and quantized ones as float32) [default: the base's own, GGUF for a GGUF base].",
+)
+@click.option(
     "--format",
     type=choice(settings.Format),
     help="Adapter output format: a PEFT folder, a kohya/A1111 .safetensors (comfyui: in ComfyUI's diffusion_model. "

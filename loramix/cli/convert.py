@@ -14,7 +14,9 @@ from loramix.cli.options import choice, errors_as_one_line, rank_rule_options, w
 
 @click.command()
 @click.argument("source")
-@click.option("--base", metavar="MODEL", help="Base model folder or Hub id (needed for DoRA: its update depends on W).")
+@click.option(
+    "--base", metavar="MODEL", help="Base model folder, Hub id or GGUF file (needed for DoRA: its update depends on W)."
+)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @rank_rule_options
 @written_lora_options

@@ -32,8 +32,9 @@ from loramix.errors import counted
 @click.pass_context
 @errors_as_one_line
 def extract(ctx: click.Context, base, finetuned, output, as_json, threads, force, **options) -> None:
-    """Extract the LoRA that best reproduces FINETUNED on BASE (transformers model folders or Hub ids, or two diffusers
-    pipeline folders: one kohya file for all their UNet/transformer/text-encoder modules) into OUTPUT.
+    """Extract the LoRA that best reproduces FINETUNED on BASE (transformers model folders or Hub ids, llama.cpp GGUF
+    files read dequantized, or two diffusers pipeline folders: one kohya file for all their UNet/transformer/
+    text-encoder modules) into OUTPUT.
 
     Per linear, Conv1D, embedding and conv weight, ΔW = W_finetuned − W_base (float32) is truncated by --rank,
     --energy or --rule (the rules of combine; one is needed), with the top of its spectrum computed only as far as the

@@ -24,6 +24,7 @@ import torch
 
 from loramix.adapter import LoraAdapter, check_rank_layout, portable_layout
 from loramix.errors import OutputError, inside_backend
+from loramix.io.gguf_base import llama_permute
 from loramix.lazy import lazy
 from loramix.sources import resolve
 
@@ -42,11 +43,6 @@ def base_config(base: str | Path | dict) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise OutputError(f"{path}: cannot read the base model's config for GGUF ({exc})") from None
-
-
-def _permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    """convert_hf_to_gguf.py, LlamaModel.permute: HF's rotary halves back to llama.cpp's interleaved rows."""
-    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def _check(adapter: LoraAdapter) -> None:
@@ -77,7 +73,7 @@ def gguf_targets(adapter: LoraAdapter, config: dict) -> dict[str, tuple[str, tor
             raise OutputError(f"module {name}: gguf's TensorNameMap has no {arch_name} tensor of that name")
         B = m.B
         if arch_name == "llama" and name.endswith(("q_proj", "k_proj")):
-            B = _permute(B, heads if name.endswith("q_proj") else kv_heads)
+            B = llama_permute(B, heads if name.endswith("q_proj") else kv_heads)
         out[name] = target, m.A, B
     return out
 

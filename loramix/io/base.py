@@ -29,6 +29,8 @@ from loramix.adapter import LoraAdapter
 from loramix.architecture import tied_embedding
 from loramix.errors import CheckpointError, SourceError, shown
 from loramix.io.files import load_pickle
+from loramix.io.gguf_base import gguf_base_file, open_gguf
+from loramix.io.gguf_model import transformers_view
 from loramix.io.quantized import DequantizedTensor, QuantizedBase, recognise
 from loramix.io.rawcopy import read_safetensors_header
 from loramix.sources import resolve
@@ -234,8 +236,13 @@ def _index_files(folder: Path, index_name: str) -> list[Path]:
 
 def open_base(folder: str | Path) -> BaseCheckpoint:
     """Read ``folder``'s config.json (``{}`` when there is none) and the headers of its weight files (safetensors
-    preferred, else .bin)."""
+    preferred, else .bin); a GGUF base file (or a folder holding one, `loramix.io.gguf_base.gguf_base_file`) is read
+    as the transformers model it holds (`loramix.io.gguf_model`), its ``folder`` the file itself."""
     folder = Path(folder)
+    gguf_file = gguf_base_file(folder)
+    if gguf_file is not None:  # a llama.cpp model file, read as the transformers model it holds
+        config, tensors = transformers_view(open_gguf(gguf_file))
+        return BaseCheckpoint(gguf_file, config, tensors, [gguf_file])
     config_path = folder / "config.json"
     try:
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -256,11 +263,6 @@ def open_base(folder: str | Path) -> BaseCheckpoint:
     else:
         if not config and sorted(folder.glob("*.safetensors")):  # bare weight files, no model config
             files, reader = sorted(folder.glob("*.safetensors")), _safetensors_entries
-        elif sorted(folder.glob("*.gguf")):
-            raise CheckpointError(
-                f"{sorted(folder.glob('*.gguf'))[0]}: a GGUF base file; loramix merges into "
-                "safetensors or .bin model folders"
-            )
         else:
             raise CheckpointError(f"{folder}: no {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
     tensors: dict[str, BaseTensor] = {}
@@ -282,8 +284,11 @@ def require_base(base) -> str:
 
 
 def resolve_base(base: str | Path) -> Path:
-    """A local folder for ``base``: a path as is, or a Hub id (config, tokenizer and safetensors files only)."""
+    """A local folder for ``base``: a path as is, or a Hub id (config, tokenizer and safetensors files only); a
+    local GGUF base file as it is."""
     require_base(base)
+    if Path(base).expanduser().is_file() and gguf_base_file(base) is not None:
+        return Path(base).expanduser()
     folder = resolve(base, files=BASE_FILES, what="base model folder not found")
     if not folder.is_dir():
         raise CheckpointError(f"{base}: not a folder")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from loramix.errors import CheckpointError, inside_backend
@@ -60,17 +61,24 @@ class GgufBase:
     def type_name(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 
-    def dequantized(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as float32 (numpy order: out × in for a weight), by gguf's own dequantize."""
+    def dequantized(self, name: str, rows: slice | Any = None) -> torch.Tensor:
+        """Tensor ``name`` as float32 (numpy order: out × in for a weight), by gguf's own dequantize; ``rows``
+        (a slice or index array along the first axis: whole blocks, as a GGUF row is) reads only those."""
         tensor = self.tensors[name]
+        data = tensor.data if rows is None else tensor.data[rows]
         with inside_backend("gguf", f"dequantizing {name} ({tensor.tensor_type.name})"):
             try:
-                values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+                values = gguf.quants.dequantize(data, tensor.tensor_type)
             except NotImplementedError:
                 raise CheckpointError(
                     f"{self.path}: tensor {name} is {tensor.tensor_type.name}, which gguf cannot dequantize"
                 ) from None
         return torch.from_numpy(values.astype("float32", copy=False).copy())
+
+
+def llama_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py, LlamaModel.permute: HF's rotary halves back to llama.cpp's interleaved rows."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def _field(reader, key: str):
@@ -120,18 +128,36 @@ def quantized_like(base: GgufBase, name: str, values: torch.Tensor):
         except NotImplementedError:
             raise CheckpointError(
                 f"{base.path}: tensor {name} is {tensor.tensor_type.name}, which gguf cannot quantize again; pass "
-                "`--dtype float16` (or bfloat16, float32) to store the merged tensors unquantized"
+                "`--dtype float16` (or bfloat16, float32) to write a dense GGUF"
             ) from None
+
+
+def unquantized_type(dtype: torch.dtype):
+    """The GGUF type (F32, F16, BF16) that stores ``dtype``."""
+    kind = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(dtype)
+    if kind is None:
+        raise CheckpointError(f"a GGUF base is written with float32, float16 or bfloat16 tensors, not {dtype}")
+    return gguf.GGMLQuantizationType[kind]
 
 
 def unquantized(values: torch.Tensor, dtype: torch.dtype):
     """``values`` (float32) as a GGUF tensor of ``dtype``: (the stored array, its GGUF type)."""
-    kind = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(dtype)
-    if kind is None:
-        raise CheckpointError(f"a GGUF base is written with float32, float16 or bfloat16 tensors, not {dtype}")
-    qtype = gguf.GGMLQuantizationType[kind]
-    with inside_backend("gguf", f"storing a merged tensor as {kind}"):
+    qtype = unquantized_type(dtype)
+    with inside_backend("gguf", f"storing a tensor as {qtype.name}"):
         return gguf.quants.quantize(values.numpy(), qtype), qtype
+
+
+def stored_shape(base: GgufBase, name: str) -> tuple[int, ...]:
+    """Tensor ``name``'s shape in numpy order (out × in for a weight), as dequantize gives it."""
+    return tuple(reversed([int(n) for n in base.tensors[name].shape]))
+
+
+def stored_layout(shape: tuple[int, ...], qtype) -> tuple[tuple[int, ...], Any]:
+    """(shape, numpy dtype) of the array gguf's quantize gives for values of ``shape`` in ``qtype``: float32 and
+    float16 arrays for F32 and F16, bytes (whole blocks a row) for every other type."""
+    if qtype.name in ("F32", "F16"):
+        return shape, np.dtype(np.float32 if qtype.name == "F32" else np.float16)
+    return gguf.quants.quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8)
 
 
 def dequantize_stored(array, qtype) -> torch.Tensor:
@@ -154,4 +180,4 @@ def local_step(base: GgufBase, name: str) -> torch.Tensor | None:
     block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
     data = torch.from_numpy(tensor.data.reshape(-1, size)[:, :2].copy())
     steps = data.view(torch.float16).float().abs().repeat_interleave(block, dim=0)  # Q4_0 stores d = max / −8
-    return steps.reshape(*reversed([int(n) for n in tensor.shape]))
+    return steps.reshape(stored_shape(base, name))

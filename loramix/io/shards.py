@@ -281,7 +281,10 @@ def config_dtype_keys(config: dict) -> list[str]:
 
 
 def copy_other_files(base: BaseCheckpoint, target: Path) -> None:
-    """Every file of the base's folder that is no weight file (tokenizer, generation config, ...) into ``target``."""
+    """Every file of the base's folder that is no weight file (tokenizer, generation config, ...) into ``target``
+    (none for a base that is one file: a GGUF)."""
+    if not base.folder.is_dir():
+        return
     weight_names = {p.name for p in base.weight_files} | {SAFE_INDEX, BIN_INDEX, "config.json"}
     for item in sorted(base.folder.iterdir()):
         if item.name.startswith(".") or not item.is_file() or item.name in weight_names:

@@ -364,11 +364,11 @@ def _module_account(modules: dict) -> list[str]:
 
 def quantization_section(card: str, report: MergeReport) -> str:
     """``card`` with the account of a merge into a quantized base or a QLoRA-faithful one (as it was for neither);
-    a quantized base written in its own format is "stored as" that format, not in the dense dtype."""
+    a quantized base is "stored as" what was written (its own format, dense, or a GGUF base as a transformers
+    folder), not in the card's dtype."""
     if report.written_as is not None:
-        if report.in_own_format:
-            stored = r", stored in (?:the base's dtype|\S+)\.$"  # the CLI's card names no dtype for a merge
-            card = re.sub(stored, f", stored as {report.written_as}.", card, count=1, flags=re.M)
+        stored = r", stored in (?:the base's dtype|\S+)\.$"  # the CLI's card names no dtype for a merge
+        card = re.sub(stored, f", stored as {report.written_as}.", card, count=1, flags=re.M)
         return card + quantized_base_section(report)
     if report.quantization is None:
         return card
