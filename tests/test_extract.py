@@ -400,7 +400,7 @@ def test_on_a_gpu_the_extraction_equals_the_cpu_one(tmp_path):
     tensor (a changed norm carried whole, bit for bit)."""
     edit = lambda s: s.update({"model.norm.weight": s["model.norm.weight"] * 2})  # noqa: E731
     base, tuned, _ = _pair(tmp_path, rank=4, noise=0.5, edit=edit)
-    cpu, gpu = (extract_lora(base, tuned, rank=4, device=d) for d in ("cpu", "cuda"))
+    cpu, gpu = (extract_lora(base, tuned, rank_rule=RankRule(rank=4), device=d) for d in ("cpu", "cuda"))
     assert sorted(gpu.adapter.modules) == sorted(cpu.adapter.modules) and gpu.unchanged == cpu.unchanged
     for name, module in cpu.adapter.modules.items():
         other = gpu.adapter.modules[name]

@@ -23,6 +23,7 @@ from test_gguf_base import TYPES, _swap_to_q4_k, tiny, with_tensor, write_gguf_b
 from loramix import analyze
 from loramix.cli import main
 from loramix.extraction import extract_lora
+from loramix.linalg import RankRule
 
 gguf = pytest.importorskip("gguf")
 
@@ -68,8 +69,8 @@ def test_extract_from_a_float_gguf_base_is_extraction_from_the_same_weights(tmp_
                 p.data = p.data.half().float()
     model.save_pretrained(tmp_path / "base")
     tuned_model.save_pretrained(tmp_path / "tuned")
-    ours = extract_lora(tmp_path / "base.gguf", tmp_path / "tuned", rank=4)
-    oracle = extract_lora(tmp_path / "base", tmp_path / "tuned", rank=4)
+    ours = extract_lora(tmp_path / "base.gguf", tmp_path / "tuned", rank_rule=RankRule(rank=4))
+    oracle = extract_lora(tmp_path / "base", tmp_path / "tuned", rank_rule=RankRule(rank=4))
     mine, theirs = deltas(ours), deltas(oracle)
     assert len(theirs) == 14 and mine.keys() == theirs.keys()
     for name, delta in theirs.items():
@@ -88,8 +89,8 @@ def test_extract_between_quantized_ggufs_is_extraction_from_their_dequantized_we
         _swap_to_q4_k(folder / "plain.gguf", folder / f"{name}.gguf")
         (folder / "plain.gguf").unlink()
         as_transformers_loads(folder / f"{name}.gguf", tmp_path / f"{name}-st")
-    ours = extract_lora(tmp_path / "base-gguf", tmp_path / "tuned-gguf" / "tuned.gguf", rank=4)
-    oracle = extract_lora(tmp_path / "base-st", tmp_path / "tuned-st", rank=4)
+    ours = extract_lora(tmp_path / "base-gguf", tmp_path / "tuned-gguf" / "tuned.gguf", rank_rule=RankRule(rank=4))
+    oracle = extract_lora(tmp_path / "base-st", tmp_path / "tuned-st", rank_rule=RankRule(rank=4))
     mine, theirs = deltas(ours), deltas(oracle)
     assert len(theirs) == 13 and mine.keys() == theirs.keys()  # blk.0.ffn_down: the same Q4_K codes in both
     for name, delta in theirs.items():
@@ -160,8 +161,8 @@ def test_convert_dora_with_a_gguf_base_is_conversion_on_its_dequantized_weights(
     dora = load_adapter(
         make_peft_adapter(tiny, tmp_path, "dora", target_modules=["q_proj", "k_proj"], use_dora=True).path
     )
-    mine = deltas(convert_lora(dora, base=folder / "q8.gguf", rank=8))
-    theirs = deltas(convert_lora(dora, base=tmp_path / "st", rank=8))
+    mine = deltas(convert_lora(dora, base=folder / "q8.gguf", rank_rule=RankRule(rank=8)))
+    theirs = deltas(convert_lora(dora, base=tmp_path / "st", rank_rule=RankRule(rank=8)))
     assert len(theirs) == 4 and mine.keys() == theirs.keys()
     for name, delta in theirs.items():
         assert float((mine[name] - delta).norm()) <= 1e-6 * float(delta.norm()), name
