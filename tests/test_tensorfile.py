@@ -80,10 +80,13 @@ def test_strided_and_grad_tensors_are_written_as_their_values(tmp_path):
     _same(load_file(path), {k: v.detach().contiguous() for k, v in tensors.items()})
 
 
-def test_a_dtype_safetensors_files_do_not_hold_here_is_refused_before_writing(tmp_path):
+def test_what_safetensors_files_cannot_hold_is_refused_before_writing(tmp_path):
     path = tmp_path / "x.safetensors"
     with pytest.raises(OutputError, match=r"tensor c: safetensors files are written in .*not torch.complex64"):
         write_safetensors(path, {"a": torch.zeros(2), "c": torch.zeros(2, dtype=torch.complex64)})
+    assert not path.exists()
+    with pytest.raises(TypeError, match="strings to strings"):
+        write_safetensors(path, {"a": torch.zeros(2)}, {"rank": 4})
     assert not path.exists()
 
 
