@@ -38,11 +38,11 @@ def _invoke(*args) -> str:
 
 
 def _parts(path: Path, data: bytes):
-    """What is compared of a file: a JSON report as JSON, less the wall time it records; every other file (tensor
-    files, recipes, configs, indexes) as bytes."""
-    if path.suffix == ".json" and path.name != "config.json" and not path.name.endswith(".index.json"):
-        report = json.loads(data)
-        report.pop("seconds", None)
+    """What is compared of a file: a JSON report that records its wall time as JSON, less that time; every other file
+    (tensor files, recipes, configs, indexes) as bytes."""
+    report = json.loads(data) if path.suffix == ".json" else None
+    if isinstance(report, dict) and "seconds" in report:
+        report.pop("seconds")
         return report
     return data
 
