@@ -15,7 +15,9 @@ both models into the page cache:
             as wheels installed with --target too) --base-model BASE --model TUNED --max-rank R --device D -j T
             -e embed_tokens -e lm_head --no-copy-tokenizer --out-path OUT (the embedding and its tied head are
             unchanged: excluded, so neither tool writes them)
-Each module's relative reconstruction error ‖ΔW − ΔW_adapter‖_F/‖ΔW‖_F is then measured the same way for both
+loramix's phases: its extraction.json's ``seconds`` (read, compare, decompose) and ``read_wait_seconds``, and the
+start-up of a process that imports torch and loramix and starts the device, timed apart. Each module's relative
+reconstruction error ‖ΔW − ΔW_adapter‖_F/‖ΔW‖_F is then measured the same way for both
 adapters (loramix.load_adapter reads both; ΔW from the stored bf16 tensors in float64), with the optimum (the
 float64 truncated SVD) on the first layer. Peak RSS from wait4. Large files are deleted at the end unless --keep.
 
@@ -204,6 +206,9 @@ def main() -> None:
     loramix_cmd += ["--device", args.device, "--threads", str(args.threads), "-o", str(outputs["loramix"])]
     runs = {"loramix": _run(loramix_cmd)}
     print(f"loramix: {runs['loramix'][0]:.1f} s", file=sys.stderr)
+    report = json.loads((outputs["loramix"] / "extraction.json").read_text())
+    warm = f"import torch, loramix.extraction, loramix.pipeline; torch.zeros(1, device={args.device!r})"
+    startup = _run([sys.executable, "-c", warm])[0]
     if not args.skip_mergekit:
         mergekit = [sys.executable, "-m", "mergekit.scripts.extract_lora", "--base-model", str(base)]
         mergekit += ["--model", str(tuned), "--max-rank", str(args.rank), "--device", args.device, "--quiet"]
@@ -222,6 +227,13 @@ def main() -> None:
     print("\n| tool | wall time | CPU time | peak RSS |\n|---|---|---|---|")
     for name, (seconds, cpu, rss) in runs.items():
         print(f"| {name} | {seconds:.1f} s | {cpu:.1f} s | {rss:.2f} GB |")
+    rest = runs["loramix"][0] - startup - report["seconds"]
+    print(
+        f"\nloramix phases: start-up {startup:.1f} s (a process that imports torch and loramix and starts the "
+        f"device); extraction {report['seconds']:.1f} s (read, compare, decompose), of which "
+        f"{report['read_wait_seconds']:.1f} s waiting for reads; the rest {rest:.1f} s (plan, writing the adapter "
+        "and card, exit)"
+    )
     if "mergekit" in runs:
         wall, cpu = (runs["mergekit"][i] / runs["loramix"][i] for i in (0, 1))
         print(f"\nmergekit / loramix: wall time {wall:.1f}×, CPU time {cpu:.1f}×")

@@ -7,7 +7,7 @@ The public API, imported on first use (so that ``loramix --help`` starts without
 adapter to keep before a merge), `input_grams` (what data-aware merges
 fit to), `push_to_hub`, the data model
 `LoraAdapter`, `LoraModule`, `ExtraTensor`, and for models loaded in a Python session `inject_adapter`,
-`to_peft_state_dict`, `lora_config` (adapters back into PEFT) and `merge_into`, `unmerge` (ΔW in and out of a
+`to_peft_state_dict`, `lora_config` (adapters back into PEFT) and `merge_into_model`, `unmerge` (ΔW in and out of a
 loaded model's weights).
 """
 
@@ -25,6 +25,7 @@ _EXPORTS = {
     "ConvertPlan": "loramix.plans",
     "ExtractPlan": "loramix.plans",
     "Plan": "loramix.plans",
+    "RankRule": "loramix.linalg",
     "SearchPlan": "loramix.plans",
     "analyze": "loramix.analysis",
     "combine": "loramix.weight_search",
@@ -34,7 +35,7 @@ _EXPORTS = {
     "load_adapter": "loramix.formats",
     "load_adapters": "loramix.formats",
     "lora_config": "loramix.formats.live",
-    "merge_into": "loramix.merge.loaded_model",
+    "merge_into_model": "loramix.merge.loaded_model",
     "merge_into_base": "loramix.merging",
     "push_to_hub": "loramix.hub",
     "run": "loramix.pipeline",

@@ -20,7 +20,9 @@ import torch
 from loramix.errors import IncompatibleAdaptersError, SettingError
 from loramix.settings import RANK_LAYOUTS
 
-LAYOUTS = ("linear", "conv1d_fan_in_fan_out", "embedding", "conv2d")
+# how ΔW (out×in) lies on the base weight: as it is (out_in: nn.Linear and every out×in weight), transposed (GPT-2's
+# Conv1D, PEFT's fan_in_fan_out; PEFT's embeddings), or reshaped to a conv2d kernel
+LAYOUTS = ("out_in", "conv1d_fan_in_fan_out", "embedding", "conv2d")
 _PARTS = ("A", "B", "bias", "magnitude")  # a module's tensors
 
 
@@ -47,7 +49,7 @@ class LoraModule:
     A: torch.Tensor
     B: torch.Tensor
     scale: float
-    layout: str = "linear"
+    layout: str = "out_in"
     kernel_size: tuple[int, ...] = ()
     bias: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
@@ -81,7 +83,7 @@ class LoraModule:
         conv LoHa/LoKr factors so, without the kernel), on a 4-D conv weight of that size takes the weight's kernel,
         as LyCORIS's own ``get_weight(shape)`` reshapes it; any other module is returned as it is."""
         shape = tuple(shape)
-        flat = self.layout == "linear" and len(shape) == 4 and shape[0] == self.out_features
+        flat = self.layout == "out_in" and len(shape) == 4 and shape[0] == self.out_features
         if flat and math.prod(shape[1:]) == self.in_features:
             return replace(self, layout="conv2d", kernel_size=shape[2:])
         return self

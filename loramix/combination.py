@@ -21,7 +21,7 @@ from loramix.formats._keys import sample
 from loramix.linalg import FactorSVD, RankRule, factor_svd, numerical_rank
 from loramix.methods import Method, Term, absent_as_zero, get_method
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
-from loramix.schedule import count_layers, parse_options, resolve, resolve_options
+from loramix.schedule import Schedule, count_layers, parse_options, plain, resolve_options
 from loramix.settings import HEADS, Heads, RankLayout
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,13 @@ def _worker_stream(device: torch.device):
     return torch.cuda.stream(torch.cuda.Stream(device=device))
 
 
-def _combine_extras(adapters: list[LoraAdapter], weights: list, heads: str, layers: int) -> dict[str, ExtraTensor]:
+def _combine_extras(
+    adapters: list[LoraAdapter], weights: list[Schedule], heads: str, layers: int
+) -> dict[str, ExtraTensor]:
     owners: dict[str, list[tuple[float, ExtraTensor, LoraAdapter]]] = {}
     for a, w in zip(adapters, weights):
         for name, item in a.extra.items():
-            owners.setdefault(name, []).append((resolve(w, name, layers), item, a))
+            owners.setdefault(name, []).append((w.at(name, layers), item, a))
     out, dropped = {}, []
     for name, found in owners.items():
         if len(found) == 1:
@@ -230,7 +232,7 @@ def accept(
 
 def combine_loaded(
     loaded: list[LoraAdapter],
-    weights: list,
+    weights: list[Schedule],
     settings: CombineSettings,
     *,
     grams: list[dict] | None = None,
@@ -265,7 +267,7 @@ def combine_loaded(
     kept: dict[str, float] = {}
 
     def merge_module(name: str) -> LoraModule:
-        resolved = [resolve(w, name, layers) for w in weights]  # each adapter's weight for this module
+        resolved = [w.at(name, layers) for w in weights]  # each adapter's weight for this module
         present = [(w, a.modules[name]) for a, w in zip(loaded, resolved) if name in a.modules]
         rule = truncation.for_kernel(present[0][1].kernel_size)
         with _worker_stream(target):
@@ -329,13 +331,13 @@ def combine_loaded(
         name="combined",
         provenance={
             "method": method,
-            "weights": weights,
+            "weights": [w.data() for w in weights],
             "num_layers": layers,
             "sources": [a.source for a in loaded],
             "names": [a.name for a in loaded],
             "formats": [a.provenance.get("format") for a in loaded],
             "truncation": truncation.describe() if chosen.truncates else None,
-            "options": chosen.settings(options),
+            "options": {k: plain(v) for k, v in chosen.settings(options).items()},
             "kept_energy": {name: kept[name] for name in names if name in kept},
             **({"renamed": renamed} if renamed else {}),
             **({"family": next(iter(families))} if len(families) == 1 else {}),

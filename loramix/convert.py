@@ -9,6 +9,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from loramix.adapter import LoraAdapter
 from loramix.errors import AdapterFormatError
 from loramix.extraction import Extraction
@@ -16,11 +18,12 @@ from loramix.extraction.conversion import WeightUpdate, base_updates, convert_lo
 from loramix.formats import load_adapter, peft_other, write_adapter
 from loramix.formats._keys import folder_peft_type
 from loramix.hub import revisions
+from loramix.linalg import RankRule
 from loramix.outputs import Output, recipe_file
 from loramix.plans import ConvertPlan
 from loramix.render.card import CARD_FILE, conversion_section, model_card
 from loramix.runtime import require_path
-from loramix.settings import AdapterOutput, named
+from loramix.settings import AdapterOutput, Compute, named
 from loramix.writers import check_model_format
 
 log = logging.getLogger(__name__)
@@ -36,27 +39,29 @@ def convert(
     output: str | Path,
     *,
     base: str | Path | None = None,
+    rank_rule: RankRule | None = None,
     format: str = "peft",
     rank_layout: str = "portable",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
     allow_nonfinite: bool = False,
     overwrite: bool = False,
     progress: bool = False,
     argv: list[str] | None = None,
-    **settings,
 ) -> Extraction:
     """Convert the adapter ``source`` into a plain LoRA and write it to ``output`` (a PEFT folder, or a kohya/GGUF
     file with ``format``; ``rank_layout`` as `loramix.pipeline.save_adapter`), with a model card, `CONVERSION_FILE`
-    and the recipe that repeats it. ``settings``: the rank rule (``rank``, ``energy``, ``rule``/``rule_value``; none:
-    full rank, exact to float rounding), ``device`` and ``dtype`` of `convert_lora`; ``base`` is needed for DoRA."""
+    and the recipe that repeats it. ``rank_rule`` (a `loramix.RankRule`; none: full rank, exact to float rounding),
+    ``device`` and ``dtype`` as `convert_lora` takes them; ``base`` is needed for DoRA."""
     require_path(output, "output (the output folder)")
     plan = ConvertPlan(
         source=str(source),
         output=str(output),
         base=None if base is None else str(base),
-        format=format,
-        rank_layout=rank_layout,
+        rank_rule=RankRule.given(rank_rule),
+        compute=Compute(named(device), named(dtype)),
+        written=AdapterOutput(format=format, rank_layout=rank_layout),
         allow_nonfinite=allow_nonfinite,
-        **{key: named(value) for key, value in settings.items()},
     )
     return run_convert(plan, overwrite=overwrite, progress=progress, argv=argv)
 
@@ -66,13 +71,18 @@ def run_convert(
 ) -> Extraction:
     """Run a `ConvertPlan` (see `convert`)."""
     check_model_format(plan.format)
-    adapter, updates = read_source(plan.source, allow_nonfinite=plan.allow_nonfinite)
+    adapter, updates = read_source(plan.source, allow_nonfinite=plan.load.allow_nonfinite)
     out = Output.of(plan, overwrite=overwrite)
     kinds = Counter(u.kind for u in [*base_updates(adapter).values(), *updates.values()])
     kinds[adapter.provenance.get("peft_type", "LoRA")] += len(adapter.modules) + len(updates) - sum(kinds.values())
-    rule = plan.rank_rule().keywords()
     result = convert_lora(
-        adapter, plan.base, updates=updates, **rule, device=plan.device, dtype=plan.dtype, progress=progress
+        adapter,
+        plan.base,
+        updates=updates,
+        rank_rule=plan.rank_rule,
+        device=plan.device,
+        dtype=plan.dtype,
+        progress=progress,
     )
     converted, format = result.adapter, plan.format
     if format != "peft" and converted.extra:
@@ -89,8 +99,7 @@ def run_convert(
         CONVERSION_FILE: json.dumps(report, indent=2) + "\n",
         **recipe_file(plan),
     }
-    written = AdapterOutput(str(plan.output), format, plan.rank_layout, base=plan.base)
-    out.write(files, lambda tmp: write_adapter(converted, tmp, **written.write_options()))
+    out.write(files, lambda tmp: write_adapter(converted, tmp, **plan.written.write_options(plan.output, plan.base)))
     return result
 
 

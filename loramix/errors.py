@@ -68,13 +68,18 @@ class SourceError(LoramixError, FileNotFoundError):
 
 
 class IncompatibleAdaptersError(LoramixError, ValueError):
-    """Adapters cannot be combined as asked (different bases, shapes, ranks, heads, DoRA)."""
+    """Adapters cannot be combined or converted as asked (different bases, shapes, ranks, heads, DoRA)."""
 
 
 class MethodError(LoramixError, ValueError):
     """A merge method was misused: an unknown method, an option it does not take or a bad option value, or what it
     needs (data, a second adapter) missing. The kinds below are its subclasses, so ``except MethodError`` still
     catches every misuse of a call's options."""
+
+
+class MethodDefinitionError(MethodError, TypeError):
+    """A method registered with ``@method`` is defined wrongly (a name taken twice, no keyword-only ``rule``, an
+    option without a default): a mistake in the code that defines it, not in a call."""
 
 
 class SettingError(MethodError):
@@ -93,6 +98,10 @@ class OutputFormatError(SettingError):
 class ArgumentError(MethodError, TypeError):
     """A Python call got the wrong kind of object (a model where an adapter was expected, a single source where a
     list was): a mistake in the calling code, not in a value."""
+
+
+class MissingPackageError(LoramixError, ImportError):
+    """An optional package a call needs is not installed; the message says what to install."""
 
 
 class OutputError(LoramixError):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loramix.errors import SettingError
+from loramix.errors import ArgumentError, SettingError
 from loramix.lazy import lazy
-from loramix.settings import KOHYA_RULES
+from loramix.settings import KOHYA_RULES, KohyaRule
 
 torch = lazy("torch")
 
@@ -135,29 +135,34 @@ class RankRule:
 
     rank: int | None = None
     energy: float | None = None
-    rule: str | None = None
-    value: float | None = None
+    rule: KohyaRule | None = None
+    rule_value: float | None = None
     conv_rank: int | None = None
 
     @classmethod
-    def of(
-        cls,
-        *,
-        rank: int | None = None,
-        energy: float | None = None,
-        rule: str | None = None,
-        rule_value: float | None = None,
-        conv_rank: int | None = None,
-    ) -> RankRule:
-        """The rule the public settings name (their ``rule_value`` is its ``value``)."""
-        return cls(rank=rank, energy=energy, rule=rule, value=rule_value, conv_rank=conv_rank)
+    def of(cls, **settings) -> RankRule:
+        """The rule a command line's or a keyword API's settings name (``rank``, ``energy``, ``rule``,
+        ``rule_value``, ``conv_rank``; None for one not given)."""
+        return cls(**settings)
+
+    @classmethod
+    def given(cls, rule: RankRule | None, *, conv: bool = True) -> RankRule:
+        """The rule a public function was passed (None: none, ``RankRule()``); refused in one line if it is no
+        `RankRule`, or, where the function has no conv modules to cap (not ``conv``), if it sets ``conv_rank``."""
+        if rule is None:
+            return cls()
+        if not isinstance(rule, RankRule):
+            raise ArgumentError(f"rank_rule must be a loramix.RankRule (RankRule(rank=16)), got {type(rule).__name__}")
+        if rule.conv_rank is not None and not conv:
+            raise SettingError("`conv_rank` caps the conv modules of a combine or a conversion; give `rank` here")
+        return rule
 
     def __post_init__(self) -> None:
         for label, value, kinds in (
             ("rank", self.rank, int),
             ("conv_rank", self.conv_rank, int),
             ("energy", self.energy, float),
-            ("rule_value", self.value, float),
+            ("rule_value", self.rule_value, float),
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, kinds))):
                 raise SettingError(f"{label} must be {'an int' if kinds is int else 'a number'}, got {value!r}")
@@ -166,24 +171,24 @@ class RankRule:
                 raise SettingError(f"{label} must be at least 1, got {rank}")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise SettingError(f"energy must be in (0, 1], got {self.energy}")
-        if self.value is not None and self.rule is None:
+        if self.rule_value is not None and self.rule is None:
             raise SettingError(
-                f"a rule value ({self.value:g}) is given without a rule (sv_ratio, sv_fro, sv_cumulative)"
+                f"a rule value ({self.rule_value:g}) is given without a rule (sv_ratio, sv_fro, sv_cumulative)"
             )
         if self.energy is not None and self.rule is not None:
             raise SettingError("give either `energy` or a kohya `rule`, not both")
         if self.rule is not None:
             if self.rule not in KOHYA_RULES:
                 raise SettingError(f"unknown rank rule {self.rule!r}; choose from {', '.join(KOHYA_RULES)}")
-            if self.value is None or self.value <= 0:
+            if self.rule_value is None or self.rule_value <= 0:
                 raise SettingError(f"rule {self.rule} needs a positive value")
-            if self.rule != "sv_ratio" and self.value > 1:
-                raise SettingError(f"rule {self.rule} takes a value in (0, 1], got {self.value}")
+            if self.rule != "sv_ratio" and self.rule_value > 1:
+                raise SettingError(f"rule {self.rule} takes a value in (0, 1], got {self.rule_value}")
 
     def keywords(self, conv: bool = False) -> dict:
         """The rule as the keyword options the API's functions take (``rank``, ``energy``, ``rule``, ``rule_value``;
         with ``conv``, ``conv_rank`` too): what a recipe records and `loramix.extraction.extract_lora` takes."""
-        named = {"rank": self.rank, "energy": self.energy, "rule": self.rule, "rule_value": self.value}
+        named = {"rank": self.rank, "energy": self.energy, "rule": self.rule, "rule_value": self.rule_value}
         return {**named, "conv_rank": self.conv_rank} if conv else named
 
     def for_kernel(self, kernel_size: tuple[int, ...]) -> RankRule:
@@ -191,7 +196,7 @@ class RankRule:
         ``rank`` for a kernel other than 1×1 when one is given; else this rule. The result has no ``conv_rank``."""
         conv = bool(kernel_size) and any(k != 1 for k in kernel_size)
         rank = self.conv_rank if conv and self.conv_rank is not None else self.rank
-        return RankRule(rank=rank, energy=self.energy, rule=self.rule, value=self.value)
+        return RankRule(rank=rank, energy=self.energy, rule=self.rule, rule_value=self.rule_value)
 
     def choose(self, S: torch.Tensor, shape: tuple[int, int]) -> int:
         """The rank to keep for spectrum ``S`` (descending) of a matrix of ``shape``; at least 1."""
@@ -199,11 +204,11 @@ class RankRule:
         if self.energy is not None:
             k = _share_rank(S.square(), self.energy)
         elif self.rule == "sv_ratio":
-            k = int((S > S[0] / self.value).sum())
+            k = int((S > S[0] / self.rule_value).sum())
         elif self.rule == "sv_fro":
-            k = _share_rank(S.square(), self.value**2)
+            k = _share_rank(S.square(), self.rule_value**2)
         elif self.rule == "sv_cumulative":
-            k = _share_rank(S, self.value)
+            k = _share_rank(S, self.rule_value)
         else:
             k = live
         k = min(max(k, 1), live)
@@ -214,7 +219,7 @@ class RankRule:
         if self.energy is not None:
             parts.append(f"energy {self.energy:g}")
         if self.rule is not None:
-            parts.append(f"{self.rule} {self.value:g}")
+            parts.append(f"{self.rule} {self.rule_value:g}")
         if self.rank is not None:
             parts.append(f"rank ≤ {self.rank}" if parts else f"rank {self.rank}")
         if self.conv_rank is not None:

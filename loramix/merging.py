@@ -1,7 +1,9 @@
 """`merge_into_base`: an adapter merged into a base checkpoint (a transformers folder or a diffusers pipeline), written
 as one atomic output folder with its card, the QLoRA-faithful round trip where the base was trained in 4 bit.
 
-`loramix.pipeline.run` calls it for ``--merge-into``; the merge itself is `loramix.merge.checkpoint.write_merged` (or
+`merge_into_base` accepts what users pass (a source, loose values) once and calls `merge_loaded`, the core that takes
+only a loaded adapter, a `loramix.settings.MergeTarget` and a device; `loramix.pipeline.run` calls that core for
+``--merge-into``. The merge itself is `loramix.merge.checkpoint.write_merged` (or
 `loramix.merge.diffusers_pipeline.write_merged_pipeline`), this module only opens the base and assembles the output.
 """
 
@@ -14,10 +16,10 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter, canonical_base
-from loramix.errors import CheckpointError, SettingError
+from loramix.errors import CheckpointError
 from loramix.formats import load_adapter
 from loramix.formats.diffusion import onto_base
-from loramix.io.base import open_base, resolve_base, with_base_names
+from loramix.io.base import open_base, require_base, resolve_base, with_base_names
 from loramix.io.diffusers import is_pipeline, open_pipeline
 from loramix.io.files import atomic_output
 from loramix.io.gguf_base import gguf_base_file, open_gguf
@@ -28,6 +30,7 @@ from loramix.merge.processes import place, shared, shared_output, write_in_parts
 from loramix.quantize import quantization_settings
 from loramix.render.card import CARD_FILE, dtype_section, model_card, quantization_section
 from loramix.runtime import parse_dtype, require_path, resolve_device
+from loramix.settings import MergeTarget, QuantizedBase
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +63,50 @@ def merge_into_base(
     (tensors the adapter leaves alone byte for byte) unless ``dtype`` asks for another, which the card then says; a
     quantized base keeps its own format, re-quantized where ΔW changes it (`loramix.merge.quantized_base`).
 
-    QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"; "fp8": transformers' block FP8, see
-    `loramix.quantize`), or a ``quantization_config`` loading in 4 bit in
+    QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"; "fp8": transformers' block FP8; "mxfp4": gpt-oss's
+    experts in MXFP4, see `loramix.quantize`), or a ``quantization_config`` loading in 4 bit in
     the base's or the adapter's config (transformers' `BitsAndBytesConfig` fields; the arguments override them,
     ``quantized_as="none"`` turns it off), each base weight a 4-bit model quantizes first goes through bitsandbytes'
     quantize_4bit → dequantize_4bit round trip (``blocksize``, ``double_quant``: compress_statistics), then ΔW is
     added. ``round_trip="all"`` (the default) round-trips every such weight — the model the adapter was trained
     with; ``"targeted"`` only those the adapter changes. Needs ``pip install 'loramix[qlora]'``."""
-    require_path(out, "out (the output folder)")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise SettingError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
-    adapter = load_adapter(adapter)
+    out = require_path(out, "out (the output folder)")
+    target = MergeTarget(
+        merge_into=require_base(base),
+        shard_size=None if shard_size is None else str(shard_size),
+        workers=workers,
+        quantized=QuantizedBase(quantized_as, double_quant, blocksize, round_trip),
+    )
+    return merge_loaded(
+        load_adapter(adapter),
+        target,
+        out,
+        dtype=dtype,
+        device=resolve_device(device),
+        overwrite=overwrite,
+        progress=progress,
+        files=files,
+    )
+
+
+def merge_loaded(
+    adapter: LoraAdapter,
+    target: MergeTarget,
+    out: Path,
+    *,
+    dtype: torch.dtype | str | None,
+    device: torch.device,
+    overwrite: bool = False,
+    progress: bool = False,
+    files: dict[str, str] | None = None,
+) -> MergeReport:
+    """`merge_into_base`'s work, for callers that hold what it accepts: a loaded ``adapter``, a ``target``, the
+    stored ``dtype`` (None: the base's) and a resolved ``device`` (`loramix.outputs.Output.merge`, which the pipeline
+    and the search write through)."""
+    base, shard_size, quantized = target.merge_into, target.shard_size, target.quantized
+    quantized_as = quantized.quantized_as
     target_dtype = parse_dtype(dtype)
-    target = resolve_device(device)
-    gguf_file = gguf_base_file(base) if isinstance(base, (str, Path)) else None
+    gguf_file = gguf_base_file(base)
     if gguf_file is not None:  # a llama.cpp model file: merged into a GGUF file (`loramix.merge.gguf`)
         if quantized_as not in (None, "none") or shard_size is not None:
             raise CheckpointError(f"{gguf_file}: a GGUF base; quantized_as and shard_size do not apply to it")
@@ -100,9 +133,9 @@ def merge_into_base(
         quantization = quantization_settings(
             [(str(folder), checkpoint.config), *_adapter_configs(adapter)],
             quantized_as=quantized_as,
-            double_quant=double_quant,
-            blocksize=blocksize,
-            round_trip=round_trip,
+            double_quant=quantized.double_quant,
+            blocksize=quantized.blocksize,
+            round_trip=quantized.round_trip,
         )
     if files is None:
         files = {CARD_FILE: model_card(adapter, merged_into=str(base))}
@@ -112,7 +145,12 @@ def merge_into_base(
         raise CheckpointError(f"{folder}: a diffusers pipeline is merged in one process (not under torchrun)")
     adapter = shared(adapter)
     with shared_output(out, overwrite=overwrite, protect=protect) as tmp:
-        options = {"dtype": target_dtype, "device": target, "progress": progress and rank == 0, "workers": workers}
+        options = {
+            "dtype": target_dtype,
+            "device": device,
+            "progress": progress and rank == 0,
+            "workers": target.workers,
+        }
         if pipeline is not None:
             report = write_merged_pipeline(adapter, pipeline, tmp, **options)
         else:

@@ -1,8 +1,8 @@
 """The one output context every command writes through: the output folder checked before any long work (never one of
 the inputs, never a folder loramix did not write), then assembled in a temporary folder beside it and renamed into
 place at the end (`loramix.io.files.atomic_output`) with its card, recipe and reports — or, for a merge, handed to
-`loramix.merging.merge_into_base`, which writes the checkpoint the same way. A failure leaves no partial output and
-never touches an input.
+`loramix.merging.merge_loaded` (`merge_into_base`'s core), which writes the checkpoint the same way. A failure leaves
+no partial output and never touches an input.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import torch
 from loramix.adapter import LoraAdapter
 from loramix.io.files import atomic_output, check_output
 from loramix.merge.checkpoint import MergeReport
-from loramix.merging import merge_into_base, write_files
+from loramix.merging import merge_loaded, write_files
 from loramix.plans import Settings
 from loramix.recipe import repeatable
 from loramix.render.card import RECIPE_FILE
-from loramix.runtime import parse_dtype, require_path
+from loramix.runtime import require_path, resolve_device
 from loramix.settings import MergeTarget
 
 
@@ -54,25 +54,20 @@ class Output:
         target: MergeTarget,
         files: dict[str, str],
         *,
+        dtype: str | None = None,
         device: str | torch.device = "auto",
         progress: bool = False,
     ) -> MergeReport:
-        """Write ``target.base`` with ``adapter`` merged, and ``files`` beside it."""
-        return merge_into_base(
+        """Write ``target.merge_into`` with ``adapter`` merged (in ``dtype``; None: the base's), and ``files``."""
+        return merge_loaded(
             adapter,
-            target.base,
+            target,
             self.folder,
-            dtype=parse_dtype(target.dtype),
-            shard_size=target.shard_size,
-            device=device,
-            workers=target.workers,
+            dtype=dtype,
+            device=resolve_device(device),
             overwrite=self.overwrite,
             progress=progress,
             files=files,
-            quantized_as=target.quantized_as,
-            double_quant=target.double_quant,
-            blocksize=target.blocksize,
-            round_trip=target.round_trip,
         )
 
 

@@ -1,61 +1,146 @@
 """One plan per command: what its CLI flags and its YAML recipe both build, what `loramix.run` dispatches on, and what
 the command writes beside its output as the recipe that re-runs it (`loramix.recipe`).
 
-A plan's fields are the one declaration of its settings: their types (the `Literal`s and registries of
-`loramix.settings`) validate a recipe and give the CLI its choices; fields marked `source` are inputs (folders,
-files, Hub ids) that a recipe names relative to itself and that the output never overwrites. Each plan hands its
-settings on whole: `rank_rule`, `load_options`, `target` (the base merged into), `adapter_output`.
+A plan is frozen and holds its settings whole — the small frozen values of `loramix.settings` (`LoadOptions`,
+`Compute`, `MergeTarget` with its `QuantizedBase`, `AdapterOutput`) and a `RankRule` — next to its own inputs and
+choices. Their field names are unique across a plan, so a plan also reads *flat*: ``Plan(adapters=[...], rank=8,
+merge_into="base")`` builds the groups from their fields' names, ``plan.rank`` reads one, and a recipe names them
+flat (`Settings.flat`). The fields' types (the `Literal`s and registries of `loramix.settings`) validate a recipe and
+give the CLI its choices; fields marked `loramix.settings.input_field` are inputs (folders, files, Hub ids) that a
+recipe names relative to itself and that the output never overwrites. ``unused`` names a group's fields that a command
+does not take (they are no settings of its plan), ``narrowed`` the ones that take fewer values there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import yaml
 
-from loramix.errors import MethodError
+from loramix.errors import SettingError
 from loramix.linalg import RankRule
 from loramix.settings import (
     AdapterOutput,
     Composition,
-    Format,
+    Compute,
+    Granularity,
     Heads,
-    KohyaRule,
     LoadOptions,
     MergeTarget,
     ModelFormat,
     Objective,
     Optimizer,
-    QuantizedAs,
-    RankLayout,
-    RoundTrip,
+    QuantizedBase,
+    input_field,
 )
 
-
-def input_field(default=dataclasses.MISSING):
-    """A field naming inputs: relative to a recipe's folder when read, to the output folder when written."""
-    return field(default=default, metadata={"source": True})
+_plan = dataclass(frozen=True, kw_only=True, init=False)  # a plan's own __init__ takes its settings flat or whole
 
 
+def _group(hint) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _members(kind: type, path: tuple[str, ...] = ()) -> dict[str, tuple[tuple[str, ...], dataclasses.Field, object]]:
+    """Every setting of ``kind`` by its flat name: (the groups it lies in, its field, its type hint)."""
+    hints = typing.get_type_hints(kind, include_extras=True)
+    found: dict = {}
+    for f in dataclasses.fields(kind):
+        inner = (
+            _members(hints[f.name], (*path, f.name)) if _group(hints[f.name]) else {f.name: (path, f, hints[f.name])}
+        )
+        clash = set(found) & set(inner)
+        if clash:
+            raise TypeError(f"{kind.__name__}: setting {sorted(clash)[0]!r} is declared twice")
+        found |= inner
+    return found
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _build(kind: type, given: dict, start):
+    """The values of ``kind``'s fields: a group from ``start`` (the object given whole, or the field's default), each
+    of its fields replaced by a flat value given for it."""
+    hints = typing.get_type_hints(kind, include_extras=True)
+    values = {}
+    for f in dataclasses.fields(kind):
+        if _group(hints[f.name]):
+            whole = given.get(f.name, getattr(start, f.name) if start is not None else _default(f))
+            values[f.name] = hints[f.name](**_build(hints[f.name], given, whole))
+        elif f.name in given:
+            values[f.name] = given[f.name]
+        elif start is not None:
+            values[f.name] = getattr(start, f.name)
+        else:
+            values[f.name] = _default(f)
+    return values
+
+
+@_plan
 class Settings:
-    """What every plan shares: its command name, its fields' hints, its sources, its rank rule."""
+    """What every plan shares: its command name, its output, its settings read flat (`flat`), its sources."""
 
     command: ClassVar[str]
     writes_folder: ClassVar[bool] = True  # its output is a folder (analyze's, an optional JSON file)
-    output: str | None
+    unused: ClassVar[tuple[str, ...]] = ()  # fields of its groups that the command does not take
+    narrowed: ClassVar[dict[str, object]] = {}  # fields of its groups that take fewer values here: their type
+
+    output: str | None = None
+
+    def __init__(self, **given) -> None:
+        """Build the plan from its settings, each by its flat name, or a group whole by its field's name (flat values
+        given too replace the group's)."""
+        kind = type(self)
+        groups = [f.name for f in dataclasses.fields(kind) if _group(typing.get_type_hints(kind)[f.name])]
+        unknown = sorted(set(given) - set(kind.hints()) - set(groups))
+        if unknown:
+            raise TypeError(f"{kind.__name__} takes no setting {unknown[0]!r}")
+        values = _build(kind, given, None)
+        missing = [name for name, value in values.items() if value is dataclasses.MISSING]
+        if missing:
+            raise TypeError(f"{kind.__name__} needs {', '.join(missing)}")
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str):
+        """A setting that lies in one of the plan's groups, read flat (``plan.rank`` is ``plan.rank_rule.rank``)."""
+        found = type(self).members().get(name)
+        if found is None or not found[0] or name in type(self).unused:
+            raise AttributeError(f"{type(self).__name__} has no setting {name!r}")
+        holder = self
+        for step in found[0]:
+            holder = object.__getattribute__(holder, step)
+        return getattr(holder, name)
+
+    @classmethod
+    @functools.cache
+    def members(cls) -> dict:
+        """Every setting of the plan by its flat name, groups expanded: (its groups, its field, its type hint)."""
+        return _members(cls)
 
     @classmethod
     def hints(cls) -> dict:
-        """Each field's type hint (what a recipe's value must fit)."""
-        hints = typing.get_type_hints(cls, include_extras=True)
-        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+        """Each setting's type hint by its flat name (what a recipe's value must fit), ``unused`` left out."""
+        found = cls.members().items()
+        return {name: cls.narrowed.get(name, hint) for name, (_, _, hint) in found if name not in cls.unused}
 
     @classmethod
     def sources(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("source"))
+        return tuple(name for name in cls.hints() if cls.members()[name][1].metadata.get("source"))
+
+    def flat(self) -> dict:
+        """The plan's settings by their flat names, in declaration order (what its recipe holds)."""
+        return {name: getattr(self, name) for name in self.hints()}
 
     def inputs(self) -> list[str]:
         """Every local input this plan names (what its output must never replace), ``path::options`` cut off."""
@@ -66,171 +151,133 @@ class Settings:
             found += [item.partition("::")[0] for item in items if isinstance(item, str)]
         return found
 
+    def check(self) -> None:
+        """Refuse settings that do not go together (a plan's own rules; each value fits its field already)."""
+
     def to_yaml(self) -> str:
         """The plan as a recipe: its command (but for combine), its inputs first (a combine recipe's adapters with
-        their weights), then every field that is set, defaults included, so that the recipe does not depend on
+        their weights), then every setting that is set, defaults included, so that the recipe does not depend on
         today's defaults."""
-        data: dict = {} if isinstance(self, Plan) else {"command": self.command}
-        if isinstance(self, Plan):
+        values = self.flat()
+        combine = isinstance(self, Plan)
+        data: dict = {} if combine else {"command": self.command}
+        if combine:
             weights = self.weights or [None] * len(self.adapters)
             data["adapters"] = [
                 {"source": s} | ({} if w is None else {"weight": w}) for s, w in zip(self.adapters, weights)
             ]
         else:
-            data.update({name: getattr(self, name) for name in self.sources() if getattr(self, name) is not None})
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is not None and (f.name not in ("adapters", "weights") or not isinstance(self, Plan)):
-                data[f.name] = value
+            data.update({name: values[name] for name in self.sources() if values[name] is not None})
+        for name, value in values.items():
+            if value is not None and name not in data and (name not in ("weights", "adapters") or not combine):
+                data[name] = value
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
-    def load_options(self) -> LoadOptions:
-        """How the plan's sources are loaded (the `LoadOptions` fields it has; the others at their defaults)."""
-        fields = dataclasses.fields(LoadOptions)
-        return LoadOptions(**{f.name: getattr(self, f.name, f.default) for f in fields})
 
-    def rank_rule(self) -> RankRule:
-        """The plan's truncation as one `RankRule` (checked when built)."""
-        names = ("rank", "energy", "rule", "rule_value", "conv_rank")
-        return RankRule.of(**{name: getattr(self, name, None) for name in names})
+def _given(group, default) -> str | None:
+    """The first field of ``group`` set other than in ``default``."""
+    return next((f.name for f in dataclasses.fields(group) if getattr(group, f.name) != getattr(default, f.name)), None)
 
 
-@dataclass
+@_plan
 class Plan(Settings):
-    """A combine run (`loramix combine`): adapters and weights, a method and its rank rule, then an adapter file
-    (``format``, ``rank_layout``) or, with ``merge_into``, a merged checkpoint."""
+    """A combine run (`loramix combine`): adapters and weights, a method, its options and rank rule, then an adapter
+    file (``written``) or, with ``merge_into`` (``target``), a merged checkpoint."""
 
     command: ClassVar[str] = "combine"
 
     adapters: list[str] = input_field()
     weights: list | None = None  # per adapter: a number, or a value varying by layer/module (`loramix.schedule`)
     method: str = "svd"
-    rank: int | None = None
-    conv_rank: int | None = None
-    energy: float | None = None
-    rule: KohyaRule | None = None
-    rule_value: float | None = None
-    device: str = "auto"
-    dtype: str | None = None
+    rank_rule: RankRule = RankRule()
+    compute: Compute = Compute()
     heads: Heads = "refuse"
-    rank_layout: RankLayout | None = None  # None: "portable" for an adapter output
-    allow_different_bases: bool = False
-    allow_nonfinite: bool = False
-    scale: float | None = None
-    alpha: float | None = None
-    base_model: str | None = None
-    module_map: dict | str | None = input_field(None)
+    load: LoadOptions = LoadOptions()
     options: dict = field(default_factory=dict)
-    output: str | None = None
-    merge_into: str | None = input_field(None)
-    shard_size: str | None = None
-    workers: int | None = None
-    quantized_as: QuantizedAs | None = None
-    double_quant: bool | None = None
-    blocksize: int | None = None
-    round_trip: RoundTrip = "all"
-    format: Format | None = None  # None: what the inputs' ecosystem loads (`loramix.formats.default_format`)
-    gguf_base: str | None = input_field(None)
-    base: str | None = input_field(
-        None
-    )  # DoRA adapters become their effective updates on it (merge_into serves when absent)
+    target: MergeTarget = MergeTarget()
+    written: AdapterOutput = AdapterOutput()  # format None: what the inputs' ecosystem loads; rank_layout: portable
+    base: str | None = input_field(None)  # DoRA adapters become their effective updates on it (else merge_into)
 
-    def check_settings_apply(self) -> None:
+    def check(self) -> None:
         """Refuse a setting that does not apply to this output (silently ignored, it would mislead): the adapter
         file's format and layout with merge_into, gguf_base without format gguf, the checkpoint's with no merge_into."""
         if self.merge_into:
-            unused = [key for key in ("format", "rank_layout", "gguf_base") if getattr(self, key) is not None]
+            unused = _given(self.written, AdapterOutput())
             if unused:
-                raise MethodError(
-                    f"`{unused[0]}` sets the adapter file written; with `merge_into` a merged checkpoint is written: "
-                    f"leave `{unused[0]}` out"
+                raise SettingError(
+                    f"`{unused}` sets the adapter file written; with `merge_into` a merged checkpoint is written: "
+                    f"leave `{unused}` out"
                 )
-        elif any(getattr(self, key) is not None for key in ("shard_size", "workers")):
-            key = "shard_size" if self.shard_size is not None else "workers"
-            raise MethodError(f"`{key}` applies to a merged checkpoint: it needs `merge_into`", option="merge_into")
+        else:
+            key = next((k for k in ("shard_size", "workers") if getattr(self, k) is not None), None)
+            if key:
+                raise SettingError(
+                    f"`{key}` applies to a merged checkpoint: it needs `merge_into`", option="merge_into"
+                )
         if self.gguf_base is not None and not self.merge_into and self.format != "gguf":
-            raise MethodError(
+            raise SettingError(
                 "`gguf_base` names the architecture of a GGUF file: it needs `format='gguf'`",
                 option="format",
                 value="gguf",
             )
 
-    def target(self) -> MergeTarget | None:
-        """The base merged into and how its checkpoint is written (None: an adapter is written)."""
-        if not self.merge_into:
-            return None
-        merging = {f.name: getattr(self, f.name) for f in dataclasses.fields(MergeTarget) if f.name != "base"}
-        return MergeTarget(base=self.merge_into, **merging)
 
-    def adapter_output(self, default_format: str) -> AdapterOutput:
-        """The adapter file written (``default_format`` where the plan names none)."""
-        return AdapterOutput(
-            path=self.output or "",
-            format=self.format or default_format,
-            rank_layout=self.rank_layout or "portable",
-            dtype=self.dtype,
-            base=self.gguf_base,
-        )
-
-
-@dataclass(kw_only=True)
-class Factored(Settings):
-    """What `extract` and `convert` share: a rank rule, where to compute, the stored dtype, the rank layout."""
-
-    output: str | None = None
-    rank: int | None = None
-    energy: float | None = None
-    rule: KohyaRule | None = None
-    rule_value: float | None = None
-    device: str = "auto"
-    dtype: str | None = None
-    rank_layout: RankLayout = "portable"
-
-
-@dataclass(kw_only=True)
-class ExtractPlan(Factored):
+@_plan
+class ExtractPlan(Settings):
     """`loramix extract`: the LoRA that best reproduces ``finetuned`` on ``base``, under a rank rule."""
 
     command: ClassVar[str] = "extract"
+    unused: ClassVar[tuple[str, ...]] = ("conv_rank",)
+    narrowed: ClassVar[dict[str, object]] = {"format": ModelFormat | None}  # a model's LoRA, no diffusion naming
 
     base: str = input_field()
     finetuned: str = input_field()
-    format: ModelFormat | None = None  # None: peft; kohya for two diffusers pipelines
+    rank_rule: RankRule = RankRule()
+    compute: Compute = Compute()
+    written: AdapterOutput = AdapterOutput(rank_layout="portable")  # format None: peft; kohya for two pipelines
 
 
-@dataclass(kw_only=True)
-class ConvertPlan(Factored):
+@_plan
+class ConvertPlan(Settings):
     """`loramix convert`: an adapter engines refuse (DoRA, LoHa/LoKr, VeRA, ...) as the plain LoRA closest to it."""
 
     command: ClassVar[str] = "convert"
+    narrowed: ClassVar[dict[str, object]] = {"format": ModelFormat}
+    unused: ClassVar[tuple[str, ...]] = (
+        *("conv_rank", "scale", "alpha", "base_model", "module_map", "allow_different_bases"),
+    )
 
     source: str = input_field()
     base: str | None = input_field(None)
-    format: ModelFormat = "peft"
-    allow_nonfinite: bool = False
+    rank_rule: RankRule = RankRule()
+    compute: Compute = Compute()
+    written: AdapterOutput = AdapterOutput(format="peft", rank_layout="portable")
+    load: LoadOptions = LoadOptions()
 
 
-@dataclass
+@_plan
 class AlignPlan(Settings):
     """`loramix align`: adapters of one base written as a serving set."""
 
     command: ClassVar[str] = "align"
+    unused: ClassVar[tuple[str, ...]] = ("scale", "alpha", "base_model", "module_map", "allow_different_bases")
 
     adapters: list[str] = input_field()
-    output: str | None = None
-    allow_nonfinite: bool = False
+    load: LoadOptions = LoadOptions()
 
 
-@dataclass
+@_plan
 class SearchPlan(Settings):
-    """`loramix search`: the weights of ``adapters`` whose combination fits ``examples`` best on ``base``."""
+    """`loramix search`: the weights of ``adapters`` whose combination fits ``examples`` best on ``base``; with
+    ``subset``, which modules (or layers) of each to keep before merging them by ``method``, ``weights``, ``options``
+    and the rank rule."""
 
     command: ClassVar[str] = "search"
+    unused: ClassVar[tuple[str, ...]] = ("dtype", "workers", "quantized_as", "double_quant", "blocksize", "round_trip")
 
     base: str = input_field()
     adapters: list[str] = input_field()
     examples: str = input_field()
-    output: str | None = None
     composition: Composition = "lorahub"
     optimizer: Optimizer = "cobyla"
     objective: Objective = "cross-entropy"
@@ -238,49 +285,78 @@ class SearchPlan(Settings):
     l1: float = 0.05
     bounds: list[float] = field(default_factory=lambda: [-1.5, 1.5])
     seed: int = 0
-    device: str = "auto"
+    compute: Compute = Compute()
     init: list | None = None
     popsize: int | None = None
     lr: float = 0.1
     max_candidates: int | None = None
     chat_template: bool = False
-    allow_different_bases: bool = False
-    allow_nonfinite: bool = False
+    load: LoadOptions = LoadOptions()
     gpus: int | None = None
     gpus_per_base: int = 1
-    merge_into: str | None = input_field(None)
-    shard_size: str | None = None
+    subset: Granularity | None = None
+    method: str | None = None  # with subset: the merge's method (None: cat)
+    weights: list | None = None  # with subset: one number per adapter (None: 1/n each)
+    options: dict = field(default_factory=dict)  # with subset: the method's options
+    rank_rule: RankRule = RankRule()  # with subset: the merge's rank rule
+    target: MergeTarget = MergeTarget()
+
+    # what only a weight search takes (a subset search takes its merge's method, weights, options and rank rule)
+    WEIGHTS_ONLY: ClassVar[tuple[str, ...]] = ("composition", "l1", "bounds", "init", "gpus", "gpus_per_base")
+    SUBSET_ONLY: ClassVar[tuple[str, ...]] = (
+        *("subset", "method", "weights", "options"),
+        *(f.name for f in dataclasses.fields(RankRule)),
+    )
+
+    def check(self) -> None:
+        """Refuse a setting that applies only to the other kind of search."""
+        defaults = SearchPlan(base="", adapters=[], examples="")
+        own = self.SUBSET_ONLY if self.subset is None else self.WEIGHTS_ONLY
+        wrong = [name for name in own if self._set(name, defaults)]
+        if wrong:
+            where = "applies only with `subset`" if self.subset is None else "does not apply with `subset`"
+            raise SettingError(f"`{wrong[0]}` {where}")
+
+    def _set(self, name: str, defaults: SearchPlan) -> bool:
+        return getattr(self, name) != getattr(defaults, name)
+
+    def flat(self) -> dict:
+        """The settings of this kind of search (a subset search's recipe holds no weight-search settings, and the
+        other way round)."""
+        other = self.WEIGHTS_ONLY if self.subset is not None else self.SUBSET_ONLY
+        return {name: value for name, value in super().flat().items() if name not in other}
 
     def search_options(self) -> dict:
-        """The keyword settings of `loramix.weight_search.search` (all but the sources and the output's)."""
-        skip = ("base", "adapters", "examples", "output", "merge_into", "shard_size")
-        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-        return {**options, "bounds": tuple(self.bounds)}
+        """The keyword settings of `loramix.weight_search.search` (or, with ``subset``, of `search_subset`)."""
+        common = ("optimizer", "objective", "steps", "seed", "device", "popsize", "lr", "max_candidates")
+        load = self.load
+        loading = {
+            "allow_different_bases": load.allow_different_bases,
+            "allow_nonfinite": load.allow_nonfinite,
+            "load_options": load.per_source(),
+        }
+        options = {name: getattr(self, name) for name in (*common, "chat_template")} | loading
+        if self.subset is not None:
+            merge = {"method": self.method or "cat", "weights": self.weights, "options": self.options}
+            return options | merge | {"granularity": self.subset, "rank_rule": self.rank_rule}
+        searching = {name: getattr(self, name) for name in ("composition", "l1", "init", "gpus", "gpus_per_base")}
+        return options | searching | {"bounds": tuple(self.bounds)}
 
 
-@dataclass(kw_only=True)
+@_plan
 class AnalyzePlan(Settings):
     """`loramix analyze`: spectra, rank use and overlap of ``adapters``; ``output``: a JSON file to write (optional)."""
 
     command: ClassVar[str] = "analyze"
     writes_folder: ClassVar[bool] = False
+    unused: ClassVar[tuple[str, ...]] = ("conv_rank", "double_quant", "round_trip")
 
     adapters: list[str] = input_field()
-    output: str | None = None
     weights: list | None = None
-    rank: int | None = None
-    energy: float | None = None
-    rule: KohyaRule | None = None
-    rule_value: float | None = None
+    rank_rule: RankRule = RankRule()
     base: str | None = input_field(None)
-    quantized_as: QuantizedAs | None = None
-    blocksize: int | None = None
-    allow_different_bases: bool = False
-    allow_nonfinite: bool = False
-    scale: float | None = None
-    alpha: float | None = None
-    base_model: str | None = None
-    module_map: dict | str | None = input_field(None)
+    quantized: QuantizedBase = QuantizedBase()
+    load: LoadOptions = LoadOptions()
 
 
 PLANS: dict[str, type[Settings]] = {

@@ -18,6 +18,12 @@ The same idea for an adapter trained on a dense base loaded in block FP8 (transf
 embeddings or the output head; not a weight the block does not tile, which ``Fp8Quantize`` passes through) goes
 through ``Fp8Quantize``'s rounding in ``blocksize``×``blocksize`` blocks (default 128, transformers' default
 ``weight_block_size``) and back (`loramix.io.schemes.FP8`), in its own dtype.
+
+And for a dense gpt-oss loaded in MXFP4 (transformers' ``Mxfp4Config``, ``quant_type="mxfp4"``): only the experts'
+``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj`` ([experts, in, out]; ``Mxfp4Quantize`` converts nothing
+else) go through MXFP4 in 32-entry blocks along the input and back (`loramix.io.schemes.MXFP4`, the rounding
+gpt-oss's checkpoints were made with), cast to bfloat16 first as ``Mxfp4Quantize`` does; a base without them, or
+whose inputs the block does not tile, is refused.
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ import torch
 from loramix.architecture import EMBEDDINGS, is_conv1d, is_output_head
 from loramix.errors import CheckpointError, inside_backend
 from loramix.io.quantized import share_below
-from loramix.io.schemes import FP8
+from loramix.io.schemes import FP8, MXFP4
 from loramix.settings import QUANTIZED_AS, ROUND_TRIPS
 
 log = logging.getLogger(__name__)
 
 QUANT_TYPES = tuple(q for q in QUANTIZED_AS if q != "none")
+MXFP4_PARAMS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # what transformers' Mxfp4Quantize converts
+MXFP4_BLOCK = 32
+BLOCKSIZES = {"fp8": 128, "mxfp4": MXFP4_BLOCK}  # transformers' defaults (MXFP4's is the format's); bitsandbytes: 64
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class Quantization:
     def describe(self) -> str:
         if self.fp8:
             return f"block FP8, {self.blocksize}×{self.blocksize} blocks (transformers' FineGrainedFP8)"
+        if self.mxfp4:
+            return "MXFP4, 32-entry blocks with E8M0 scales (transformers' Mxfp4Config, gpt-oss experts)"
         double = "double-quantized scales" if self.double_quant else "float scales"
         return f"{self.quant_type.upper()}, block {self.blocksize}, {double}"
 
@@ -61,8 +72,16 @@ class Quantization:
     def fp8(self) -> bool:
         return self.quant_type == "fp8"
 
-    def scheme(self) -> FP8:
-        return FP8((self.blocksize, self.blocksize))
+    @property
+    def mxfp4(self) -> bool:
+        return self.quant_type == "mxfp4"
+
+    @property
+    def bitsandbytes(self) -> bool:
+        return not (self.fp8 or self.mxfp4)
+
+    def scheme(self) -> FP8 | MXFP4:
+        return MXFP4() if self.mxfp4 else FP8((self.blocksize, self.blocksize))
 
 
 def quantization_settings(
@@ -95,7 +114,7 @@ def quantization_settings(
     settings = Quantization(
         quant_type=quantized_as or str(found.get("bnb_4bit_quant_type", "fp4")).lower(),  # transformers' default
         double_quant=bool(found.get("bnb_4bit_use_double_quant", False)) if double_quant is None else double_quant,
-        blocksize=blocksize or (128 if quantized_as == "fp8" else 64),  # transformers' defaults for each
+        blocksize=blocksize or BLOCKSIZES.get(str(quantized_as), 64),
         round_trip=round_trip,
         skip=tuple(found.get("llm_int8_skip_modules") or ()),
     )
@@ -103,9 +122,18 @@ def quantization_settings(
         raise CheckpointError(f"quantization type {settings.quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
     if settings.round_trip not in ROUND_TRIPS:
         raise CheckpointError(f"round_trip must be one of {', '.join(ROUND_TRIPS)}, got {settings.round_trip!r}")
-    if not settings.fp8 and settings.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+    if settings.mxfp4 and settings.blocksize != MXFP4_BLOCK:
+        raise CheckpointError(f"MXFP4's blocks are {MXFP4_BLOCK} entries (the format's own), not {settings.blocksize}")
+    if settings.bitsandbytes and settings.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         raise CheckpointError(f"blocksize {settings.blocksize} is not one bitsandbytes uses (a power of two, 32–4096)")
     return settings
+
+
+def require_dense_base(base, settings: Quantization | None) -> None:
+    """Refuse a round trip onto a base (a `loramix.io.base.BaseCheckpoint`) already stored quantized: its weights
+    are on their grid as stored, and its own dequantization is what merges and measures read."""
+    if settings is not None and base.quantized is not None:
+        raise CheckpointError(f"{base.folder}: a {base.quantized.describe()} base; quantized_as is for dense bases")
 
 
 def _functional():
@@ -133,6 +161,9 @@ def tensors_to_round_trip(
     """The base tensors (key → stored in×out, i.e. Conv1D) to round-trip: of ``shapes`` (the floating-point base
     tensors no adapter tensor replaces), those a 4-bit model quantizes — all of them, or with
     ``round_trip="targeted"`` only those in ``targeted`` (the ones the adapter changes)."""
+    if settings.mxfp4:
+        experts = mxfp4_experts(shapes, model_type)
+        return {key: False for key in experts if settings.round_trip == "all" or key in targeted}
     chosen = {}
     for key, shape in shapes.items():
         conv1d = is_conv1d(model_type, key.removesuffix(".weight"))
@@ -143,13 +174,38 @@ def tensors_to_round_trip(
     return chosen
 
 
+def mxfp4_experts(shapes: dict[str, tuple[int, ...]], model_type: str | None) -> list[str]:
+    """The keys of ``shapes`` transformers' MXFP4 quantizes: a gpt-oss model's expert parameters (`MXFP4_PARAMS`,
+    [experts, in, out]); a base with none, or an input count the 32-entry block does not tile, is refused."""
+    found = [k for k, shape in shapes.items() if len(shape) == 3 and k.endswith(MXFP4_PARAMS)]
+    if model_type != "gpt_oss" or not found:
+        raise CheckpointError(
+            f"quantized_as mxfp4: transformers' MXFP4 quantizes only gpt-oss expert parameters (…{MXFP4_PARAMS[0]}, "
+            f"…{MXFP4_PARAMS[1]}); this base (model_type {model_type!r}) has none to round-trip"
+        )
+    for key in found:
+        if shapes[key][1] % MXFP4_BLOCK:
+            raise CheckpointError(
+                f"quantized_as mxfp4: {key} {tuple(shapes[key])} has {shapes[key][1]} inputs, not a multiple of "
+                f"MXFP4's {MXFP4_BLOCK}-entry block"
+            )
+    return found
+
+
+def _quantized(weight: torch.Tensor, settings: Quantization) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of transformers' on-the-fly FP8 (``Fp8Quantize``: W in float32) or MXFP4 (``Mxfp4Quantize``:
+    W cast to bfloat16 first) quantization of ``weight``."""
+    if settings.mxfp4:
+        return MXFP4().quantize(weight.detach().to(torch.bfloat16).float())
+    return FP8((settings.blocksize, settings.blocksize)).quantize(weight.detach().float(), torch.float32)
+
+
 def round_trip(weight: torch.Tensor, settings: Quantization, *, transposed: bool = False) -> torch.Tensor:
     """dequantize_4bit(quantize_4bit(W)) by bitsandbytes, in W's own dtype and on its device; ``transposed`` for a
-    Conv1D weight stored in×out (quantized as out×in, as transformers does). FP8: codes · scales of Fp8Quantize's
-    rounding of W (float32), cast back to W's dtype."""
-    if settings.fp8:
-        codes, inverse = settings.scheme().quantize(weight.float(), torch.float32)
-        return settings.scheme().dequantize(codes, inverse).to(weight.dtype)
+    Conv1D weight stored in×out (quantized as out×in, as transformers does). FP8 and MXFP4: codes · scales of
+    transformers' rounding of W (`_quantized`), cast back to W's dtype."""
+    if not settings.bitsandbytes:
+        return settings.scheme().dequantize(*_quantized(weight, settings)).to(weight.dtype)
     F = _functional()
     math_view = weight.T.contiguous() if transposed else weight.contiguous()
     with inside_backend("bitsandbytes", f"round-tripping a {tuple(math_view.shape)} weight through 4-bit"):
@@ -168,10 +224,10 @@ def quantization_step(weight: torch.Tensor, settings: Quantization) -> torch.Ten
     the entry's block (``blocksize`` consecutive entries of the flattened weight; bitsandbytes' scale before any
     double quantization) and c⁻ ≤ W/a ≤ c⁺ the neighbouring values of the NF4/FP4 code book,
     step = a·(c⁺ − c⁻). An all-zero block has step 0. FP8: the float8_e4m3fn grid's spacing at each code times its
-    block's scale (`loramix.io.schemes.FP8.step`)."""
-    if settings.fp8:
-        codes, inverse = settings.scheme().quantize(weight.detach().float().cpu(), torch.float32)
-        return settings.scheme().step(codes, inverse).double()
+    block's scale (`loramix.io.schemes.FP8.step`); MXFP4 (``weight`` [experts, in, out]): the E2M1 grid's spacing
+    times the block's power of two (`loramix.io.schemes.MXFP4.step`)."""
+    if not settings.bitsandbytes:
+        return settings.scheme().step(*_quantized(weight.cpu(), settings)).double()
     with inside_backend("bitsandbytes", f"reading its {settings.quant_type} code book"):
         codes = torch.unique(_functional().get_4bit_type(settings.quant_type, device="cpu").double())
     flat = weight.detach().to("cpu", torch.float64).reshape(-1)

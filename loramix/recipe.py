@@ -19,7 +19,7 @@ output: out/merged            # relative to the current directory; -o overrides
 #                             # diffusers and ComfyUI load for kohya/diffusers/LyCORIS inputs, else peft
 # gguf_base: ../loramix/examples/tiny-llama   # format gguf: the base whose config.json names the architecture
 # rank_layout: exact          # per-module ranks and scales (PEFT only) instead of one rank every engine reads
-# quantized_as: nf4           # QLoRA-faithful merge: round-trip the base through 4-bit first (nf4 or fp4;
+# quantized_as: nf4           # QLoRA-faithful merge: round-trip the base through 4-bit first (nf4, fp4, fp8, mxfp4;
 #                             # double_quant: true, blocksize: 64, round_trip: all | targeted)
 # scale: 2.0                  # plain LoRA state dicts only: scale or alpha, base_model, and module_map
 # module_map: {"^layers": model.layers}   # (a mapping of regexes, or a YAML/JSON file relative to this file)
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from loramix.errors import LoramixError, MethodError, RecipeError
+from loramix.errors import LoramixError, MethodError, RecipeError, SettingError
 from loramix.hub import pinned
 from loramix.plans import PLANS, Plan, Settings
 from loramix.schedule import parse, parse_options
@@ -46,14 +46,14 @@ __all__ = ["Plan", "check_plan", "load_recipe", "repeatable"]
 
 def check_plan(plan: Settings) -> None:
     """Refuse a plan a setting of which does not fit its field (a format no writer has, a rule that is no rule, a
-    bool where a number goes): a one-line `MethodError` naming the field, before anything is loaded."""
+    bool where a number goes): a one-line `SettingError` naming the field, before anything is loaded."""
     for name, hint in plan.hints().items():
         value = getattr(plan, name)
         if value is not None and not fits(value, hint):
-            raise MethodError(wrong(name, value, hint))
+            raise SettingError(wrong(name, value, hint))
     if isinstance(plan, Plan):
         parse_options(plan.options)
-        plan.check_settings_apply()
+    plan.check()
 
 
 def load_recipe(path: str | Path) -> Settings:
@@ -94,15 +94,14 @@ def load_recipe(path: str | Path) -> Settings:
         for key, default in (("format", "peft"), ("rank_layout", "portable")):
             if fields.get(key) == default:
                 del fields[key]
-    missing = [f.name for f in dataclasses.fields(kind) if f.name not in fields and _required(f)]
+    missing = [name for name in hints if name not in fields and _required(kind.members()[name][1])]
     if missing:
         raise RecipeError(f"{path}: a {command} recipe needs {', '.join(missing)}")
+    for name, value in fields.items():  # each value against its field first, then the groups' own checks
+        if name not in ("adapters", "weights") and not fits(value, hints[name]):
+            raise RecipeError(f"{path}: {wrong(name, value, hints[name])}")
     try:
         plan = kind(**fields)
-        for name, hint in hints.items():
-            value = getattr(plan, name)
-            if value is not None and name not in ("adapters", "weights") and not fits(value, hint):
-                raise RecipeError(wrong(name, value, hint))
         if kind is Plan:
             parse_options(plan.options)
     except LoramixError as exc:
@@ -149,7 +148,7 @@ def _adapters(path: Path, items) -> tuple[list[str], list | None]:
         weight = entry.get("weight")
         if weight is not None:
             try:
-                weight = parse(weight, what=f"adapters[{i}].weight")
+                weight = parse(weight, what=f"adapters[{i}].weight").data()
             except MethodError as exc:
                 raise RecipeError(f"{path}: {exc}") from None
         sources.append(_relative_source(path, entry["source"]))

@@ -1,29 +1,30 @@
 """Values that vary by layer or module: adapter weights and method options (mergekit's gradients and name filters,
-kohya's SD block weights), written as plain YAML/JSON data and resolved to one float per module.
+kohya's SD block weights), written as plain YAML/JSON data, `parse`d into a `Schedule` of its kind and resolved to one
+float per module (`Schedule.at`).
 
 A value is one of:
 
-- a number: the same in every module;
-- a list of numbers, a *gradient*: interpolated linearly across layer indices exactly as mergekit does
+- a number (`Constant`): the same in every module;
+- a list of numbers, a *gradient* (`Gradient`): interpolated linearly across layer indices exactly as mergekit does
   (mergekit/config.py ``evaluate_setting``, with the layer's ``t`` from mergekit/plan.py ``MergePlanner.plan_slice``:
   ``t = i/(n-1)`` for layer ``i`` of ``n``, 1 when ``n == 1``; then ``scaled = t·(len-1)``, ``i0 = int(scaled)``,
   ``i1 = min(len-1, i0+1)``, value ``(1-f)·v[i0] + f·v[i1]`` with ``f = scaled - i0``). ``[0, 1]`` goes from 0 in
   the first layer to 1 in the last;
-- a mapping of name filters to values (numbers or gradients) that ends with ``default``:
+- a mapping of name filters to values (numbers or gradients) that ends with ``default`` (`Filtered`):
   ``{self_attn.q_proj: 1.0, default: 0.2}``. As in mergekit's ``evaluate_setting``, a filter matches when it is a
   substring of the module name, and the first match in the order written wins; ``default`` (mergekit's filter-less
   entry, also spelled ``*``) matches every module. kohya module names are flattened with underscores, so a filter
   also matches with its dots read as underscores. mergekit's own list form, ``[{filter: self_attn, value: 1.0},
   {value: 0.2}]``, is read as the same mapping;
-- ``{lbw: [...], ratio: r}``: kohya/A1111 "LoRA Block Weight" for Stable Diffusion — 12 or 20 values (SDXL) or 17
-  or 26 (SD 1.x/2.x) in the block order of sd-scripts' networks/svd_merge_lora.py (``LAYER12``…``LAYER26``: BASE =
-  the text encoders, IN00–IN11, MID, OUT00–OUT11, the shorter lists covering only the blocks that hold LoRA modules).
-  A module's weight is ``ratio`` (default 1) times its block's value, and ``ratio`` alone for a module in no listed
-  block, as sd-scripts' merge scripts do. The same form weights diffusion transformers by block, in diffusers' block
-  order (the names `loramix.formats.diffusion` reads every naming onto, kohya's included): 57 values for Flux.1
-  (double blocks 0–18, then single blocks 0–37: ``transformer_blocks.N``, ``single_transformer_blocks.N``), 24
-  (SD3 Medium, SD3.5 Medium) or 38 (SD3.5 Large) for SD3's joint blocks (``transformer_blocks.N``). Modules outside
-  the blocks (embedders, final layer) take ``ratio`` alone.
+- ``{lbw: [...], ratio: r}`` (`BlockWeights`): kohya/A1111 "LoRA Block Weight" for Stable Diffusion — 12 or 20 values
+  (SDXL) or 17 or 26 (SD 1.x/2.x) in the block order of sd-scripts' networks/svd_merge_lora.py (``LAYER12``…``LAYER26``:
+  BASE = the text encoders, IN00–IN11, MID, OUT00–OUT11, the shorter lists covering only the blocks that hold LoRA
+  modules). A module's weight is ``ratio`` (default 1) times its block's value, and ``ratio`` alone for a module in no
+  listed block, as sd-scripts' merge scripts do. The same form weights diffusion transformers by block, in diffusers'
+  block order (the names `loramix.formats.diffusion` reads every naming onto, kohya's included): 57 values for Flux.1
+  (double blocks 0–18, then single blocks 0–37: ``transformer_blocks.N``, ``single_transformer_blocks.N``), 24 (SD3
+  Medium, SD3.5 Medium) or 38 (SD3.5 Large) for SD3's joint blocks (``transformer_blocks.N``). Modules outside the
+  blocks (embedders, final layer) take ``ratio`` alone.
 
 Layer index: the number after a path component ``layers``, ``layer``, ``h`` or ``block`` (``model.layers.12.…``,
 ``transformer.h.3.…``, ``encoder.layer.5.…``, T5's ``encoder.block.2.…``; with dots or kohya's underscores:
@@ -79,34 +80,38 @@ def _gradient(value: list, what: str) -> list[float]:
 
 
 def varies(value) -> bool:
-    """Whether ``value`` is one of the varying forms (a list or a mapping) rather than one number or word."""
-    return isinstance(value, (list, dict))
+    """Whether ``value`` is one of the varying forms (a list or a mapping, or a `Schedule` other than a `Constant`)
+    rather than one number or word."""
+    return isinstance(value, (list, dict)) or (isinstance(value, Schedule) and value.varies)
 
 
-def parse(value, *, what: str = "weight"):
-    """``value`` checked and in its canonical form (numbers as floats, mergekit's filter list as a mapping), ready for
-    `resolve`, a recipe and a card. One-line `SettingError` naming ``what`` for a malformed value."""
+def parse(value, *, what: str = "weight") -> Schedule:
+    """``value`` checked, as the `Schedule` of its kind (a `Schedule` passes through). One-line `SettingError` naming
+    ``what`` for a malformed value."""
+    if isinstance(value, Schedule):
+        return value
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         return parse(_mergekit_filters(value, what), what=what)
     if isinstance(value, list):
-        return _gradient(value, what)
+        return Gradient(tuple(_gradient(value, what)))
     if not isinstance(value, dict):
-        return _number(value, what)
+        return Constant(_number(value, what))
     if "lbw" in value:
         return _block_weights(value, what)
     if not value:
         raise SettingError(f"{what} is an empty mapping; give filters and a default")
-    out = {}
+    filters = []
     for key, item in value.items():
         if not isinstance(key, str) or not key:
             raise SettingError(f"{what}: filter {key!r} must be a non-empty string")
         if key in DEFAULT and key != list(value)[-1]:
             raise SettingError(f"{what}: filters after {key} are never reached (the first match wins); put {key} last")
         label = f"{what}[{key}]"
-        out[key] = _gradient(item, label) if isinstance(item, list) else _number(item, label)
-    if list(out)[-1] not in DEFAULT:
-        raise SettingError(f"{what}: filters {list(out)} need a final 'default' for the modules none of them matches")
-    return out
+        inner = Gradient(tuple(_gradient(item, label))) if isinstance(item, list) else Constant(_number(item, label))
+        filters.append((key, inner))
+    if filters[-1][0] not in DEFAULT:
+        raise SettingError(f"{what}: filters {list(value)} need a final 'default' for the modules none of them matches")
+    return Filtered(tuple(filters))
 
 
 def _mergekit_filters(items: list[dict], what: str) -> dict:
@@ -118,7 +123,7 @@ def _mergekit_filters(items: list[dict], what: str) -> dict:
     return out
 
 
-def _block_weights(value: dict, what: str) -> dict:
+def _block_weights(value: dict, what: str) -> BlockWeights:
     extra = set(value) - {"lbw", "ratio"}
     if extra:
         raise SettingError(f"{what}: an lbw mapping takes only lbw and ratio, got {', '.join(sorted(map(str, extra)))}")
@@ -129,7 +134,7 @@ def _block_weights(value: dict, what: str) -> dict:
             f"{what}: lbw must be a list of 12 or 20 (SDXL), 17 or 26 (SD 1.x), 57 (Flux.1: 19 double, 38 single "
             f"blocks), 24 or 38 (SD3/SD3.5 joint blocks) numbers, got {count}"
         )
-    return {"lbw": _gradient(blocks, f"{what}.lbw"), "ratio": _number(value.get("ratio", 1.0), f"{what}.ratio")}
+    return BlockWeights(tuple(_gradient(blocks, f"{what}.lbw")), _number(value.get("ratio", 1.0), f"{what}.ratio"))
 
 
 def layer_index(name: str) -> int | None:
@@ -212,48 +217,146 @@ def _matches(pattern: str, name: str) -> bool:
     return pattern in DEFAULT or pattern in name or pattern.replace(".", "_") in name
 
 
-@dataclass(frozen=True)
-class Linear:
-    """A `parse`d value as a linear function of the numbers it holds (see `linear`)."""
+class Schedule:
+    """A value that may vary by layer or module, `parse`d: `Constant`, `Gradient`, `Filtered` or `BlockWeights`.
 
-    spec: object
-    values: list[float]  # the numbers the value holds, in the order written
+    Every kind is an affine function of the numbers it holds (``numbers``): a number holds 1, a gradient its k values,
+    name filters their values in order (gradients inside included), ``lbw`` its block values (``ratio`` stays a
+    fixed factor, and is the constant term of a module in no listed block). Gradient interpolation and filter
+    selection are linear in these numbers, so every module's value is coefficients·numbers + constant (`affine`);
+    `at` is exactly that, and a weight search searches the numbers of a schedule (`with_numbers` rebuilds it)."""
 
-    def row(self, name: str, num_layers: int) -> tuple[list[float], float]:
+    varies = True
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def affine(self, name: str, num_layers: int) -> tuple[list[float], float]:
         """(coefficients, constant): the value in module ``name`` of a model with ``num_layers`` layers is
-        ``Σ coefficients[j]·values[j] + constant``."""
-        return _row(self.spec, name, num_layers)
+        ``Σ coefficients[j]·numbers[j] + constant``."""
+        raise NotImplementedError
 
-    def form(self, values) -> object:
-        """The same form holding ``values`` (as many as it holds): ``[0, 1]`` with (0.3, 0.8) → ``[0.3, 0.8]``."""
+    def at(self, name: str, num_layers: int) -> float:
+        """The value in module ``name`` of a model with ``num_layers`` layers (`affine` applied to `numbers`)."""
+        row, constant = self.affine(name, num_layers)
+        return float(sum(c * v for c, v in zip(row, self.numbers) if c) + constant)
+
+    def with_numbers(self, values) -> Schedule:
+        """The same kind holding ``values`` (as many as it holds): ``[0, 1]`` with (0.3, 0.8) → ``[0.3, 0.8]``."""
         values = [float(v) for v in values]
-        if len(values) != len(self.values):
-            raise SettingError(f"{describe(self.spec)} holds {len(self.values)} number(s), got {len(values)}")
-        return _rebuild(self.spec, iter(values))
+        if len(values) != len(self.numbers):
+            raise SettingError(f"{self.describe()} holds {len(self.numbers)} number(s), got {len(values)}")
+        return self._rebuild(iter(values))
+
+    def _rebuild(self, numbers) -> Schedule:
+        raise NotImplementedError
+
+    def data(self) -> object:
+        """The value as plain data in its canonical form (floats; filters as a mapping), for a recipe, a card, JSON."""
+        raise NotImplementedError
+
+    def describe(self, number: str = "g") -> str:
+        """The value in one short line: ``0.5``, ``[0, 1] across layers``, ``{self_attn: 1, default: 0.2}``,
+        ``lbw [17] × 0.8``; ``number`` is the format of each number."""
+        raise NotImplementedError
 
 
-def linear(spec) -> Linear:
-    """A `parse`d value as a linear function of its numbers: a number holds 1, a gradient its k values, name filters
-    their values in order (gradients inside included), ``lbw`` its block values (``ratio`` stays a fixed factor, and
-    is the constant term of a module in no listed block). Gradient interpolation and filter selection are linear in
-    these numbers, so every module's value is coefficients·numbers + constant (`Linear.row`); `resolve` is exactly
-    that, and a weight search can search the numbers of a form (`loramix.weight_search`)."""
-    return Linear(spec, _numbers(spec))
+@dataclass(frozen=True)
+class Constant(Schedule):
+    """The same number in every module."""
+
+    value: float
+    varies = False
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        return (self.value,)
+
+    def affine(self, name: str, num_layers: int) -> tuple[list[float], float]:
+        return [1.0], 0.0
+
+    def _rebuild(self, numbers) -> Constant:
+        return Constant(next(numbers))
+
+    def data(self) -> float:
+        return self.value
+
+    def describe(self, number: str = "g") -> str:
+        return f"{self.value:{number}}"
 
 
-def _numbers(spec) -> list[float]:
-    if isinstance(spec, list):
-        return list(spec)
-    if isinstance(spec, dict):
-        return list(spec["lbw"]) if "lbw" in spec else [x for v in spec.values() for x in _numbers(v)]
-    return [float(spec)]
+@dataclass(frozen=True)
+class Gradient(Schedule):
+    """Numbers interpolated across layer indices as mergekit does (see the module docstring)."""
+
+    values: tuple[float, ...]
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        return self.values
+
+    def affine(self, name: str, num_layers: int) -> tuple[list[float], float]:
+        return _interpolation(len(self.values), layer_t(name, num_layers)), 0.0
+
+    def _rebuild(self, numbers) -> Gradient:
+        return Gradient(tuple(next(numbers) for _ in self.values))
+
+    def data(self) -> list[float]:
+        return list(self.values)
+
+    def describe(self, number: str = "g") -> str:
+        return "[" + ", ".join(f"{v:{number}}" for v in self.values) + "] across layers"
 
 
-def _row(spec, name: str, num_layers: int) -> tuple[list[float], float]:
-    if isinstance(spec, list):
-        return _interpolation(len(spec), layer_t(name, num_layers)), 0.0
-    if isinstance(spec, dict) and "lbw" in spec:
-        count = len(spec["lbw"])
+@dataclass(frozen=True)
+class Filtered(Schedule):
+    """Name filters, each with a number or a gradient, the first match winning; the last is ``default``."""
+
+    filters: tuple[tuple[str, Constant | Gradient], ...]
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        return tuple(x for _, value in self.filters for x in value.numbers)
+
+    def affine(self, name: str, num_layers: int) -> tuple[list[float], float]:
+        row: list[float] = []
+        found = False
+        for pattern, value in self.filters:
+            if not found and _matches(pattern, name):
+                row += value.affine(name, num_layers)[0]
+                found = True
+            else:
+                row += [0.0] * len(value.numbers)
+        return row, 0.0
+
+    def _rebuild(self, numbers) -> Filtered:
+        return Filtered(tuple((pattern, value._rebuild(numbers)) for pattern, value in self.filters))
+
+    def data(self) -> dict:
+        return {pattern: value.data() for pattern, value in self.filters}
+
+    def describe(self, number: str = "g") -> str:
+        shown = (
+            f"[{', '.join(f'{x:{number}}' for x in v.numbers)}]" if v.varies else v.describe(number)
+            for _, v in self.filters
+        )
+        return "{" + ", ".join(f"{k}: {v}" for (k, _), v in zip(self.filters, shown)) + "}"
+
+
+@dataclass(frozen=True)
+class BlockWeights(Schedule):
+    """kohya/A1111 "LoRA Block Weight" (``lbw``) values by block, times a fixed ``ratio`` (see the module docstring)."""
+
+    blocks: tuple[float, ...]
+    ratio: float = 1.0
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        return self.blocks
+
+    def affine(self, name: str, num_layers: int) -> tuple[list[float], float]:
+        count = len(self.blocks)
         row = [0.0] * count
         if count in _DIT:
             position = dit_block(name, count)
@@ -262,61 +365,30 @@ def _row(spec, name: str, num_layers: int) -> tuple[list[float], float]:
             covered = [b for first, last in _COVERED[count] for b in range(first, last + 1)]
             position = covered.index(block) if block in covered else None
         if position is None:
-            return row, spec["ratio"]
-        row[position] = spec["ratio"]
+            return row, self.ratio
+        row[position] = self.ratio
         return row, 0.0
-    if isinstance(spec, dict):
-        row: list[float] = []
-        found = False
-        for key, value in spec.items():
-            size = len(_numbers(value))
-            if not found and _matches(key, name):
-                row += _row(value, name, num_layers)[0]
-                found = True
-            else:
-                row += [0.0] * size
-        return row, 0.0
-    return [1.0], 0.0
+
+    def _rebuild(self, numbers) -> BlockWeights:
+        return BlockWeights(tuple(next(numbers) for _ in self.blocks), self.ratio)
+
+    def data(self) -> dict:
+        return {"lbw": list(self.blocks), "ratio": self.ratio}
+
+    def describe(self, number: str = "g") -> str:
+        return f"lbw [{', '.join(f'{v:{number}}' for v in self.blocks)}] × {self.ratio:g}"
 
 
-def _rebuild(spec, numbers):
-    if isinstance(spec, list):
-        return [next(numbers) for _ in spec]
-    if isinstance(spec, dict) and "lbw" in spec:
-        return {"lbw": [next(numbers) for _ in spec["lbw"]], "ratio": spec["ratio"]}
-    if isinstance(spec, dict):
-        return {k: _rebuild(v, numbers) for k, v in spec.items()}
-    return next(numbers)
-
-
-def resolve(spec, name: str, num_layers: int) -> float:
-    """The value of a `parse`d ``spec`` in module ``name`` of a model with ``num_layers`` layers (`linear`'s row
-    applied to its numbers)."""
-    row, constant = _row(spec, name, num_layers)
-    return float(sum(c * v for c, v in zip(row, _numbers(spec)) if c) + constant)
+def plain(value) -> object:
+    """``value`` as plain data: a `Schedule`'s `Schedule.data`, anything else (a number, a word) as it is."""
+    return value.data() if isinstance(value, Schedule) else value
 
 
 def resolve_options(options: dict, name: str, num_layers: int) -> dict:
-    """Method options for one module: the varying ones resolved, the others (numbers, words, seeds) as given."""
-    return {k: resolve(v, name, num_layers) if varies(v) else v for k, v in options.items()}
+    """Method options for one module: the varying ones (`parse_options`) resolved, the others as given."""
+    return {k: v.at(name, num_layers) if isinstance(v, Schedule) else v for k, v in options.items()}
 
 
 def parse_options(options: dict) -> dict:
-    """``options`` with their varying values checked and made canonical (numbers and words pass through)."""
+    """``options`` with their varying values checked and made `Schedule`s (numbers and words pass through)."""
     return {k: parse(v, what=f"option {k}") if varies(v) else v for k, v in options.items()}
-
-
-def describe(spec, number: str = "g") -> str:
-    """A `parse`d value in one short line: ``0.5``, ``[0, 1] across layers``, ``{self_attn: 1, default: 0.2}``,
-    ``lbw [17] × 0.8``; ``number`` is the format of each number."""
-    if isinstance(spec, list):
-        return "[" + ", ".join(f"{v:{number}}" for v in spec) + "] across layers"
-    if isinstance(spec, dict) and "lbw" in spec:
-        return f"lbw [{', '.join(f'{v:{number}}' for v in spec['lbw'])}] × {spec['ratio']:g}"
-    if isinstance(spec, dict):
-        shown = (
-            f"[{', '.join(f'{x:{number}}' for x in v)}]" if isinstance(v, list) else f"{v:{number}}"
-            for v in spec.values()
-        )
-        return "{" + ", ".join(f"{k}: {v}" for k, v in zip(spec, shown)) + "}"
-    return f"{spec:{number}}"

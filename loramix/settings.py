@@ -1,11 +1,14 @@
 """Typed settings, one source: every closed choice a run takes as a `Literal` (its tuple is the library's registry of
-it, the CLI's `click.Choice` and a recipe's check alike), and the small frozen values a run passes whole — how
-sources are loaded (`LoadOptions`), the base a result is merged into (`MergeTarget`), the adapter file written
-(`AdapterOutput`). Torch-free: ``loramix --help`` builds its choices from here.
+it, the CLI's `click.Choice` and a recipe's check alike), and the small frozen values a run passes whole — how sources
+are loaded (`LoadOptions`), where it computes (`Compute`), the base a result is merged into (`MergeTarget`, its
+`QuantizedBase`), the adapter file written (`AdapterOutput`). Their field names are unique across them: a plan
+(`loramix.plans`) holds them whole, and its recipe and flags name their fields flat. Torch-free: ``loramix --help``
+builds its choices from here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import typing
@@ -14,17 +17,19 @@ from dataclasses import dataclass
 from typing import Annotated, Literal, get_args
 
 from loramix import writers
+from loramix.errors import SettingError
 
 Heads = Literal["refuse", "average", "drop"]  # heads (modules_to_save) several adapters carry
 RankLayout = Literal["portable", "exact"]  # one rank every engine reads, or each module's own
 KohyaRule = Literal["sv_ratio", "sv_fro", "sv_cumulative"]  # kohya-ss resize_lora's rank rules
-QuantizedAs = Literal["nf4", "fp4", "fp8", "none"]  # the quantized base's round trip ("none": no round trip)
+QuantizedAs = Literal["nf4", "fp4", "fp8", "mxfp4", "none"]  # the quantized base's round trip ("none": no round trip)
 RoundTrip = Literal["all", "targeted"]  # which weights a quantized round trip touches
 Space = Literal["dense", "core"]  # where element-wise methods work
 MajoritySign = Literal["total", "frequency"]  # TIES' sign election
 Composition = Literal["lorahub", "delta"]  # how a search composes adapters
 Optimizer = Literal["cobyla", "cma", "adam"]
 Objective = Literal["cross-entropy", "entropy"]
+Granularity = Literal["module", "layer"]  # what a subset search keeps or drops (`loramix.weight_search.subset`)
 
 HEADS: tuple[str, ...] = get_args(Heads)
 RANK_LAYOUTS: tuple[str, ...] = get_args(RankLayout)
@@ -98,6 +103,20 @@ def named(value):
     return value if isinstance(value, plain) else str(value).removeprefix("torch.")
 
 
+def input_field(default=dataclasses.MISSING):
+    """A field naming inputs (folders, files, Hub ids): relative to a recipe's folder when read, to the output folder
+    when written, and never overwritten by an output."""
+    return dataclasses.field(default=default, metadata={"source": True})
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where a run computes (``device``) and the dtype it stores (None: the inputs', or a merge's base's)."""
+
+    device: str = "auto"
+    dtype: str | None = None
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How every source of a run is loaded: what a plain LoRA state dict does not say (``scale`` or ``alpha``,
@@ -106,7 +125,7 @@ class LoadOptions:
     scale: float | None = None
     alpha: float | None = None
     base_model: str | None = None
-    module_map: dict | str | None = None
+    module_map: dict | str | None = input_field(None)
     allow_nonfinite: bool = False
     allow_different_bases: bool = False
 
@@ -117,15 +136,10 @@ class LoadOptions:
 
 
 @dataclass(frozen=True)
-class MergeTarget:
-    """The base a result is merged into and how its checkpoint is written: ``dtype`` (None: the base's), shards,
-    merge workers, and a QLoRA's 4-bit round trip (``quantized_as``, ``double_quant``, ``blocksize``,
-    ``round_trip``; None: the base's or adapter's quantization_config)."""
+class QuantizedBase:
+    """How a QLoRA's base was quantized while it trained (None: the base's or adapter's quantization_config): the
+    4-bit or FP8 round trip of a merge (``round_trip``: every quantized weight or the targeted ones only)."""
 
-    base: str
-    dtype: str | None = None
-    shard_size: str | None = None
-    workers: int | None = None
     quantized_as: QuantizedAs | None = None
     double_quant: bool | None = None
     blocksize: int | None = None
@@ -133,20 +147,37 @@ class MergeTarget:
 
 
 @dataclass(frozen=True)
-class AdapterOutput:
-    """The adapter file written into an output folder: its ``format`` (`loramix.writers`), ``rank_layout`` (for the
-    formats that lay ranks out), ``dtype`` (None: the adapter's) and, for GGUF, the ``base`` naming the architecture."""
+class MergeTarget:
+    """The base a result is merged into (``merge_into``; None: an adapter is written) and how its checkpoint is
+    written: shards, merge workers, and the quantized base's round trip."""
 
-    path: str
-    format: str = "peft"
-    rank_layout: RankLayout = "portable"
-    dtype: str | None = None
-    base: str | None = None
+    merge_into: str | None = input_field(None)
+    shard_size: str | None = None
+    workers: int | None = None
+    quantized: QuantizedBase = QuantizedBase()
+
+    def __post_init__(self) -> None:
+        workers = self.workers
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise SettingError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
+
+
+@dataclass(frozen=True)
+class AdapterOutput:
+    """The adapter file written into an output folder: its ``format`` (`loramix.writers`; None: the command's
+    default), ``rank_layout`` (for the formats that lay ranks out; None: portable) and, for GGUF, ``gguf_base``, the
+    base whose config names the architecture."""
+
+    format: Format | None = None
+    rank_layout: RankLayout | None = None
+    gguf_base: str | None = input_field(None)
 
     @property
     def writer(self) -> writers.Writer:
-        return writers.get(self.format)
+        return writers.get(self.format or "peft")
 
-    def write_options(self) -> dict:
-        """The keyword options of `loramix.formats.write_adapter` for this output (format, layout, file name, base)."""
-        return {"format": self.format, **self.writer.options(self.path, self.rank_layout, self.base)}
+    def write_options(self, path: str, base: str | None = None) -> dict:
+        """The keyword options of `loramix.formats.write_adapter` for this output written to ``path`` (format,
+        layout, file name, and the GGUF base: ``gguf_base``, else ``base``)."""
+        layout = self.rank_layout or "portable"
+        return {"format": self.format or "peft", **self.writer.options(path, layout, self.gguf_base or base)}

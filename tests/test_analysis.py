@@ -237,7 +237,9 @@ def test_merge_spectrum_matches_dense_sum():
     xs = [module(40, 30, 6, seed=i, scale=s) for i, s in enumerate((2.0, 1.0, 0.5))]
     xs[1].A[:3] = xs[0].A[:3]  # shared input directions make the sum's rank < 18
     weights = [0.5, 0.3, 0.2]
-    result = analyze([adapter({"m": m}, f"a{i}") for i, m in enumerate(xs)], weights=weights, energy=0.9)
+    result = analyze(
+        [adapter({"m": m}, f"a{i}") for i, m in enumerate(xs)], weights=weights, rank_rule=RankRule(energy=0.9)
+    )
     merged = result.merge.modules["m"]
     total = sum(w * dense(m) for w, m in zip(weights, xs))
     S = torch.linalg.svdvals(total)[:18]
@@ -261,8 +263,8 @@ def test_merge_spectrum_matches_dense_sum():
 )
 def test_rank_rule_is_combines_rule(options):
     m = module(30, 25, 8, seed=4)
-    result = analyze([adapter({"m": m}, "x")], **options)
-    keys = {"rule": "rule", "rule_value": "value", "rank": "rank"}
+    result = analyze([adapter({"m": m}, "x")], rank_rule=RankRule(**options))
+    keys = {"rule": "rule", "rule_value": "rule_value", "rank": "rank"}
     rule = RankRule(**{keys[k]: v for k, v in options.items()})
     assert result.rule == rule
     _, S, _ = dense_svd(m)

@@ -6,6 +6,7 @@ calls that leave process-wide state alone, and the CLI's one call (`loramix.run`
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
 import re
@@ -319,6 +320,20 @@ def test_library_calls_leave_process_wide_state_alone(tmp_path):
     assert matplotlib.get_backend() == backend
 
 
+def test_a_command_run_in_process_leaves_the_loramix_logger_alone(tmp_path):
+    """-v/-q set the ``loramix`` logger's handler, level and propagation for a command's length only: a command run
+    inside Python (CliRunner, a notebook) hands it back as it was, so later log capture (pytest's caplog) sees it."""
+    from click.testing import CliRunner
+
+    from loramix.cli import main
+
+    logger = logging.getLogger("loramix")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    result = CliRunner().invoke(main, ["-v", "inspect", str(example("summarize"))])
+    assert result.exit_code == 0, result.output
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
+
+
 def test_run_is_what_the_cli_does(tmp_path):
     """`loramix.run(plan)` writes the same folder the CLI writes for that plan: adapter, card, recipe."""
     from click.testing import CliRunner
@@ -327,7 +342,7 @@ def test_run_is_what_the_cli_does(tmp_path):
 
     recipe = ROOT / "recipes" / "quickstart.yaml"
     plan = load_recipe(recipe)
-    plan.output = str(tmp_path / "api")
+    plan = dataclasses.replace(plan, output=str(tmp_path / "api"))
     report = loramix.run(plan)
     assert report.path == tmp_path / "api" and report.format == "peft" and report.sources == 3
     result = CliRunner().invoke(main, ["-q", "combine", "--recipe", str(recipe), "-o", str(tmp_path / "cli")])

@@ -21,6 +21,7 @@ from peft import PeftModel
 
 from loramix.cli import main
 from loramix.convert import CONVERSION_FILE, convert
+from loramix.linalg import RankRule
 
 DORA = {"target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True, "r": 4, "lora_alpha": 8}
 GPT2_DORA = {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True, "use_dora": True}
@@ -63,7 +64,7 @@ def test_dora_at_full_rank_gives_peft_dora_logits(factory, lora, tmp_path):
 def test_dora_at_smaller_rank_reports_the_measured_error(tmp_path):
     base = _base(tiny_llama, tmp_path / "base")
     made = make_peft_adapter(tiny_llama, tmp_path, "dora", **DORA)
-    result = convert(made.path, tmp_path / "lora", base=base, rank=3, rank_layout="exact")
+    result = convert(made.path, tmp_path / "lora", base=base, rank_rule=RankRule(rank=3), rank_layout="exact")
     merged, original = _dora_merged(made), {k: v.double() for k, v in tiny_llama().state_dict().items()}
     assert len(result.modules) == 2 * 3
     for name, account in result.modules.items():

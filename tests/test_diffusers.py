@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from loramix import load_adapter, merge_into_base, save_adapter
 from loramix.errors import CheckpointError
 from loramix.io.diffusers import sgm_to_diffusers
+from loramix.linalg import RankRule
 from tests.helpers import assert_bf16_close, make_peft_adapter, tiny_llama
 
 diffusers = pytest.importorskip("diffusers")
@@ -485,12 +486,12 @@ def test_extract_pipeline_errors_are_one_line(tmp_path, pipe_folder, tuned_pipe)
 
     tuned = tuned_pipe[0]
     with pytest.raises(CheckpointError, match="not a diffusers pipeline folder") as caught:
-        extract(pipe_folder / "unet", tuned, tmp_path / "a", rank=2)
+        extract(pipe_folder / "unet", tuned, tmp_path / "a", rank_rule=RankRule(rank=2))
     assert str(pipe_folder / "unet") in str(caught.value)
     partial = tmp_path / "partial"
     shutil.copytree(tuned, partial, ignore=shutil.ignore_patterns("text_encoder"))
     with pytest.raises(CheckpointError, match=r"components \(unet\) differ from the base .*\(text_encoder, unet\)"):
-        extract(pipe_folder, partial, tmp_path / "b", rank=2)
+        extract(pipe_folder, partial, tmp_path / "b", rank_rule=RankRule(rank=2))
     with pytest.raises(MethodError, match="one kohya file"):
-        extract(pipe_folder, tuned, tmp_path / "c", rank=2, format="peft")
+        extract(pipe_folder, tuned, tmp_path / "c", rank_rule=RankRule(rank=2), format="peft")
     assert not any((tmp_path / n).exists() for n in "abc")

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from loramix import combine, extract, load_adapter, merge_into_base, save_adapter
 from loramix.errors import ExpertLayoutError
 from loramix.formats import write_adapter
+from loramix.linalg import RankRule
 
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
 
@@ -226,7 +227,7 @@ def test_extract_from_a_finetuned_moe_checkpoint(adapters, tmp_path):
 
     tiny_qwen3_moe().save_pretrained(tmp_path / "base")
     PeftModel.from_pretrained(tiny_qwen3_moe(), adapters[0]).merge_and_unload().save_pretrained(tmp_path / "tuned")
-    extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "out", rank=4, device="cpu")
+    extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "out", rank_rule=RankRule(rank=4), device="cpu")
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["target_parameters"] == sorted(
         f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")

@@ -23,6 +23,7 @@ from loramix.cli import main
 from loramix.errors import CheckpointError, MethodError
 from loramix.extraction import extract_lora, read_ahead, tensors
 from loramix.extraction.spectrum import dense, top_singular
+from loramix.extraction.staging import Staging
 from loramix.linalg import RankRule
 from loramix.runtime import torch_threads
 
@@ -101,8 +102,8 @@ def _noisy(m: int, n: int, k: int, gap: float, seed: int) -> torch.Tensor:
     [
         RankRule(rank=6),
         RankRule(energy=0.8),
-        RankRule(rule="sv_ratio", value=1.2),
-        RankRule(rule="sv_fro", value=0.9),
+        RankRule(rule="sv_ratio", rule_value=1.2),
+        RankRule(rule="sv_fro", rule_value=0.9),
     ],
 )
 def test_partial_spectrum_equals_the_truncated_dense_svd(rule):
@@ -143,7 +144,7 @@ def test_planted_low_rank_update_is_recovered_to_float_rounding(tmp_path):
     relative; W_tuned − W_base itself carries rounding of W at about eps·‖W‖/‖ΔW‖ ≈ 1e-6), found by the subspace
     iteration, and the measured error says so."""
     base, tuned, deltas = _pair(tmp_path, rank=4)
-    result = extract_lora(base, tuned, rank=4, device="cpu")
+    result = extract_lora(base, tuned, rank_rule=RankRule(rank=4), device="cpu")
     assert sorted(result.modules) == sorted(k.removesuffix(".weight") for k in deltas)
     for key, delta in deltas.items():
         name = key.removesuffix(".weight")
@@ -162,7 +163,7 @@ def test_with_noise_each_module_is_the_truncated_dense_svd(tmp_path):
     (from the stored float32 tensors) to 1e-5 relative, its kept energy the float64 share and its error the float64
     residual to 1e-4 relative."""
     base, tuned, _ = _pair(tmp_path, rank=4, noise=0.5)
-    result = extract_lora(base, tuned, rank=4, device="cpu")
+    result = extract_lora(base, tuned, rank_rule=RankRule(rank=4), device="cpu")
     old, new = load_file(str(base / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
     assert len(result.modules) == 14
     for name, module in result.adapter.modules.items():
@@ -187,7 +188,7 @@ def test_changed_norms_and_biases_are_carried_and_peft_reproduces_the_fine_tune(
     rounding; PEFT loads the written adapter onto the base and its logits equal the fine-tuned model's (float32
     forward passes: 1e-4)."""
     base, tuned, _ = _pair(tmp_path, factory=tiny_qwen2, edit=_edit_extras)
-    result = loramix.extract(base, tuned, tmp_path / "out", rank=4, device="cpu")
+    result = loramix.extract(base, tuned, tmp_path / "out", rank_rule=RankRule(rank=4), device="cpu")
     assert result.carried.keys() == {"model.norm.weight", "model.layers.0.self_attn.q_proj.bias"}
     assert result.noise == ["model.layers.1.input_layernorm.weight"]
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
@@ -232,7 +233,7 @@ def test_gpt2_conv1d_embeddings_and_a_resized_vocabulary(tmp_path):
     tuned_model.resize_token_embeddings(state["transformer.wte.weight"].shape[0])
     tuned_model.load_state_dict(state)
     tuned = _save(tuned_model, tmp_path / "tuned")
-    result = loramix.extract(base, tuned, tmp_path / "out", rank=4, device="cpu")
+    result = loramix.extract(base, tuned, tmp_path / "out", rank_rule=RankRule(rank=4), device="cpu")
     layouts = {name: m.layout for name, m in result.adapter.modules.items()}
     assert layouts["transformer.h.0.attn.c_attn"] == "conv1d_fan_in_fan_out"
     assert layouts["transformer.wpe"] == "embedding" and result.modules["transformer.wpe"].rank == 2
@@ -264,7 +265,9 @@ def test_sharded_and_bin_inputs_give_the_same_adapter(tmp_path):
         (target / "config.json").write_text((folder / "config.json").read_text())
         torch.save(load_file(str(folder / "model.safetensors")), target / "pytorch_model.bin")
         pickled.append(target)
-    results = [extract_lora(b, t, rank=4, device="cpu") for b, t in ((base, tuned), sharded, pickled)]
+    results = [
+        extract_lora(b, t, rank_rule=RankRule(rank=4), device="cpu") for b, t in ((base, tuned), sharded, pickled)
+    ]
     for other in results[1:]:
         assert other.adapter.modules.keys() == results[0].adapter.modules.keys()
         for name, module in results[0].adapter.modules.items():
@@ -297,7 +300,7 @@ def test_memory_stays_a_few_tensors_of_a_sharded_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tensors.CheckpointTensors, "read", counted)
     tracemalloc.start()
-    extract_lora(base, tuned, rank=2, device="cpu")
+    extract_lora(base, tuned, rank_rule=RankRule(rank=2), device="cpu")
     _, high = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert total > 30 * largest
@@ -332,7 +335,7 @@ def test_cli_writes_the_adapter_and_prints_the_report(tmp_path):
 
 def test_kohya_output_lists_the_tensors_it_cannot_carry(tmp_path, caplog):
     base, tuned, _ = _pair(tmp_path, edit=lambda s: s.update({"model.norm.weight": s["model.norm.weight"] * 2}))
-    result = loramix.extract(base, tuned, tmp_path / "k", rank=4, device="cpu", format="kohya")
+    result = loramix.extract(base, tuned, tmp_path / "k", rank_rule=RankRule(rank=4), device="cpu", format="kohya")
     assert result.dropped == {"model.norm.weight": "kohya files cannot hold it"}
     assert "not carried" in caplog.text and "model.norm.weight" in (tmp_path / "k" / "README.md").read_text()
     assert (tmp_path / "k" / "k.safetensors").is_file()
@@ -346,18 +349,62 @@ def test_mismatched_models_are_one_line_errors_naming_the_file(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"tuned/model.safetensors: tensor model.layers.0.mlp.up_proj.weight has "
     ):
-        extract_lora(base, tuned, rank=4)
+        extract_lora(base, tuned, rank_rule=RankRule(rank=4))
     del state["model.layers.0.mlp.up_proj.weight"]
     save_file(state, str(tuned / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"tuned: no tensor model.layers.0.mlp.up_proj.weight \(the base has it"):
-        extract_lora(base, tuned, rank=4)
+        extract_lora(base, tuned, rank_rule=RankRule(rank=4))
     with pytest.raises(CheckpointError, match="no linear, embedding or conv weight differs"):
-        loramix.extract(base, base, tmp_path / "same", rank=4)
+        loramix.extract(base, base, tmp_path / "same", rank_rule=RankRule(rank=4))
     with pytest.raises(MethodError, match="energy must be in"):
-        extract_lora(base, base, energy=2.0)
+        extract_lora(base, base, rank_rule=RankRule(energy=2.0))
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 9])
-def test_reading_ahead_keeps_the_order(depth):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reading_ahead_keeps_the_order(depth, workers):
     names = [f"t{i}" for i in range(7)]
-    assert list(read_ahead(names, lambda n: n.upper(), depth)) == [(n, n.upper()) for n in names]
+    assert list(read_ahead(names, lambda n: n.upper(), depth, workers)) == [(n, n.upper()) for n in names]
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+@pytest.mark.parametrize("chunk", [100, 1000, 1 << 26])
+def test_staged_reads_are_the_stored_tensors(tmp_path, device, chunk):
+    """Every tensor of a bf16 model (and of a legacy .bin one, which is not read as stored) read through `Staging`
+    equals safetensors' / torch's own reading, dtype, shape and bits: chunks of a few rows cycling through the two
+    buffers (1000 bytes), rows wider than a chunk (100 bytes; the 128-wide bf16 rows are 256), and whole tensors."""
+    model = _llama().to(torch.bfloat16)
+    stored = _save(model, tmp_path / "safe")
+    expected = load_file(str(stored / "model.safetensors"))
+    legacy = tmp_path / "bin"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((stored / "config.json").read_text())
+    torch.save(expected, legacy / "pytorch_model.bin")
+    staging = Staging(torch.device(device), chunk=chunk)
+    for folder in (stored, legacy):
+        source = tensors.open_model(folder)
+        assert (source.stored(next(iter(expected))) is None) == (folder == legacy)
+        for name, tensor in expected.items():
+            got = staging.read(source, name)
+            assert got.device.type == device and got.dtype == tensor.dtype and got.shape == tensor.shape, name
+            assert torch.equal(got.cpu(), tensor), name
+
+
+@GPU
+def test_on_a_gpu_the_extraction_equals_the_cpu_one(tmp_path):
+    """The GPU path (two reading threads, pinned staging, batched spectra) gives the CPU path's adapter: each ΔW
+    = B·A to 1e-4 relative (float32 products on two devices), the same ranks, and the same account of every other
+    tensor (a changed norm carried whole, bit for bit)."""
+    edit = lambda s: s.update({"model.norm.weight": s["model.norm.weight"] * 2})  # noqa: E731
+    base, tuned, _ = _pair(tmp_path, rank=4, noise=0.5, edit=edit)
+    cpu, gpu = (extract_lora(base, tuned, rank=4, device=d) for d in ("cpu", "cuda"))
+    assert sorted(gpu.adapter.modules) == sorted(cpu.adapter.modules) and gpu.unchanged == cpu.unchanged
+    for name, module in cpu.adapter.modules.items():
+        other = gpu.adapter.modules[name]
+        assert other.rank == module.rank and other.A.device.type == "cpu"
+        assert _relative(other.delta(dtype=torch.float64), module.delta(dtype=torch.float64)) < 1e-4, name
+    assert gpu.carried == cpu.carried and gpu.adapter.extra["model.norm.weight"].tensor.device.type == "cpu"
+    assert torch.equal(gpu.adapter.extra["model.norm.weight"].tensor, cpu.adapter.extra["model.norm.weight"].tensor)

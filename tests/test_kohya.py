@@ -53,7 +53,7 @@ def test_single_kohya_file_loads_with_its_names_layouts_and_scales(tmp_path):
     assert adapter.provenance["format"] == "kohya"
     assert adapter.modules[CONV1].layout == "conv2d" and adapter.modules[CONV1].kernel_size == (3, 3)
     assert adapter.modules[PROJ_IN].layout == "conv2d" and adapter.modules[PROJ_IN].base_shape == (12, 12, 1, 1)
-    assert adapter.modules[TO_Q].layout == "linear"
+    assert adapter.modules[TO_Q].layout == "out_in"
     for name in SHAPES:
         expected = _delta64(tensors, name)
         got = adapter.modules[name].delta(dtype=torch.float64).reshape(expected.shape[0], -1)

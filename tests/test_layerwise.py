@@ -20,7 +20,7 @@ import loramix
 from loramix.cli import main
 from loramix.errors import MethodError, RecipeError
 from loramix.recipe import load_recipe
-from loramix.schedule import count_layers, layer_index, parse, resolve, sd_block
+from loramix.schedule import BlockWeights, Constant, Filtered, Gradient, count_layers, layer_index, parse, sd_block
 
 mergekit_config = pytest.importorskip("mergekit.config")
 
@@ -48,11 +48,37 @@ def mergekit_t(index: int, num_layers: int) -> float:
 def test_gradient_equals_mergekit(values, num_layers):
     for i in range(num_layers):
         name = f"model.layers.{i}.self_attn.q_proj"
-        assert resolve(parse(values), name, num_layers) == pytest.approx(
+        assert parse(values).at(name, num_layers) == pytest.approx(
             mergekit_value(values, name, mergekit_t(i, num_layers)), abs=1e-12
         ), (i, num_layers)
     # outside layers mergekit plans at t = 0 (plan_module's pre/post weights): the first value
-    assert resolve(parse(values), "lm_head", num_layers) == pytest.approx(mergekit_value(values, "lm_head", 0))
+    assert parse(values).at("lm_head", num_layers) == pytest.approx(mergekit_value(values, "lm_head", 0))
+
+
+KINDS = [
+    (0.5, Constant),
+    ([0.0, 1.0, 0.25], Gradient),
+    ({"self_attn": [0.0, 1.0], "mlp": 0.3, "default": 0.2}, Filtered),
+    ({"lbw": [0.1 * i for i in range(12)], "ratio": 0.8}, BlockWeights),
+]
+
+
+@pytest.mark.parametrize(("value", "kind"), KINDS, ids=[k.__name__ for _, k in KINDS])
+def test_each_kind_is_its_class_and_writes_back_as_given(value, kind):
+    # Oracles: the value as written (its JSON, what a recipe and a card hold) and mergekit's evaluate_setting.
+    parsed = parse(value)
+    assert type(parsed) is kind and parse(parsed) is parsed
+    assert json.dumps(parsed.data()) == json.dumps(value)
+    assert parsed.varies == (kind is not Constant)
+    if kind is Filtered:  # mergekit's own spelling of filters
+        value = [
+            mergekit_config.ConditionalParameter(filter=None if k == "default" else k, value=v)
+            for k, v in value.items()
+        ]
+    if kind is not BlockWeights:  # mergekit has no SD blocks (test_lbw_* checks those against sd-scripts)
+        for i, module in [(i, m) for i in range(5) for m in ("self_attn.q_proj", "mlp.up_proj", "input_layernorm")]:
+            name = f"model.layers.{i}.{module}"
+            assert parsed.at(name, 5) == pytest.approx(mergekit_value(value, name, mergekit_t(i, 5)), abs=1e-12)
 
 
 def test_filters_first_match_equals_mergekit():
@@ -64,13 +90,11 @@ def test_filters_first_match_equals_mergekit():
     ]
     for name in ["model.layers.3.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.2.mlp.up_proj"]:
         t = mergekit_t(layer_index(name), 5)
-        assert resolve(ours, name, 5) == pytest.approx(mergekit_value(conditions, name, t)), name
+        assert ours.at(name, 5) == pytest.approx(mergekit_value(conditions, name, t)), name
     # mergekit's own list form reads as the same mapping; kohya's flattened names match a dotted filter
     assert parse([{"filter": "q_proj", "value": [0, 1]}, {"filter": "self_attn", "value": 0.5}, {"value": 0.1}]) == ours
     assert (
-        resolve(
-            parse({"self_attn.q_proj": 2.0, "default": 0.0}), "lora_te_text_model_encoder_layers_0_self_attn_q_proj", 1
-        )
+        parse({"self_attn.q_proj": 2.0, "default": 0.0}).at("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 1)
         == 2.0
     )
 
@@ -104,15 +128,14 @@ def test_combine_per_layer_equals_float64_sum_and_peft_per_layer(pair):
     assert layers == 2
     for name, module in merged.modules.items():
         expected = sum(
-            resolve(parse(w), name, layers) * a.modules[name].delta(dtype=torch.float64)
-            for a, w in zip(loaded, WEIGHTS)
+            parse(w).at(name, layers) * a.modules[name].delta(dtype=torch.float64) for a, w in zip(loaded, WEIGHTS)
         )
         assert rel(module.delta(dtype=torch.float64), expected) < REL, name
     # PEFT has one weight per adapter for the whole model: run it once per layer with that layer's weights
     model = pair[0].load_with_peft()
     model.load_adapter(str(pair[1].path), adapter_name="b")
     for layer in range(layers):
-        weights = [resolve(parse(w), f"model.layers.{layer}.self_attn.v_proj", layers) for w in WEIGHTS]
+        weights = [parse(w).at(f"model.layers.{layer}.self_attn.v_proj", layers) for w in WEIGHTS]
         model.add_weighted_adapter(["default", "b"], weights, f"l{layer}", combination_type="cat")
         for name, submodule in model.named_modules():
             short = name.removeprefix("base_model.model.")
@@ -178,7 +201,7 @@ def test_analyze_shows_effective_weight_per_module(pair):
     assert result.exit_code == 0, result.output
     modules = json.loads(result.output)["merge"]["modules"]
     for name, item in modules.items():
-        assert item["weights"] == pytest.approx([resolve(parse(w), name, 2) for w in WEIGHTS]), name
+        assert item["weights"] == pytest.approx([parse(w).at(name, 2) for w in WEIGHTS]), name
     text = CliRunner().invoke(main, ["-q", "analyze", *sources, *flags]).output
     assert "effective weight" in text
     row = next(line for line in text.splitlines() if line.strip().startswith("model.layers.1.self_attn.q_proj"))

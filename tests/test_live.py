@@ -3,8 +3,8 @@
 Tolerances: an adapter read from a live model equals the one read from the folder PEFT saved, tensor for tensor.
 A combination injected into a PeftModel gives the logits of the same combination written to files and loaded with
 ``PeftModel.from_pretrained`` to float32 rounding (rtol 1.3e-6, atol 1e-5: the two routes run the same float32 maths
-on the same factors). `merge_into` on a float32 model equals PEFT's float32 merge_and_unload to float32 rounding, and
-on a bf16 model PEFT's float32 merge of the same bf16 weights rounded to bf16, within 1 bf16 ulp (see
+on the same factors). `merge_into_model` on a float32 model equals PEFT's float32 merge_and_unload to float32
+rounding, and on a bf16 model PEFT's float32 merge of the same bf16 weights rounded to bf16, within 1 bf16 ulp (see
 tests/test_checkpoint.py for why 1 ulp). `unmerge` is not exactly reversible (W + ΔW − ΔW rounds): in float32 it
 equals PEFT's own merge_adapter/unmerge_adapter bit for bit, and lies within 1 float32 ulp of the original weight
 (2 for DoRA: a division and a subtraction) at max(|W|, |W+ΔW|); in bf16 within one bf16 ulp there.
@@ -198,7 +198,7 @@ def test_merge_into_and_unmerge_match_peft(case, tmp_path):
     # float32: PEFT's merge_and_unload, and PEFT's own merge_adapter/unmerge_adapter for the way back
     model = factory()
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    report = loramix.merge_into(model, adapter)
+    report = loramix.merge_into_model(model, adapter)
     merged = PeftModel.from_pretrained(factory(), str(made.path)).eval().merge_and_unload().state_dict()
     ours = model.state_dict()
     for name, tensor in merged.items():
@@ -226,7 +226,7 @@ def test_merge_into_and_unmerge_match_peft(case, tmp_path):
     # bf16: PEFT's float32 merge of the same bf16 weights, rounded once
     model = factory().to(torch.bfloat16)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    report = loramix.merge_into(model, adapter)
+    report = loramix.merge_into_model(model, adapter)
     reference = PeftModel.from_pretrained(factory().to(torch.bfloat16).float(), str(made.path))
     reference = reference.eval().merge_and_unload().state_dict()
     for name, tensor in reference.items():
@@ -244,7 +244,7 @@ def test_merge_into_a_peft_model_and_head_replacement(tmp_path):
     head = make_peft_adapter(tiny_bert_seqcls, tmp_path, "head", target_modules=["query"], task_type="SEQ_CLS")
     model = tiny_bert_seqcls()
     before = model.classifier.weight.clone()
-    report = loramix.merge_into(model, head.path)
+    report = loramix.merge_into_model(model, head.path)
     reference = PeftModel.from_pretrained(tiny_bert_seqcls(), str(head.path)).eval().merge_and_unload().state_dict()
     torch.testing.assert_close(model.classifier.weight, reference["classifier.weight"], rtol=0, atol=0)
     with pytest.raises(MethodError, match="classifier.*merged="):
@@ -254,7 +254,7 @@ def test_merge_into_a_peft_model_and_head_replacement(tmp_path):
 
     lora = make_peft_adapter(tiny_llama, tmp_path, "lora", target_modules=["q_proj"])
     peft_model = PeftModel.from_pretrained(tiny_llama(), str(lora.path)).eval()
-    loramix.merge_into(peft_model, lora.path)
+    loramix.merge_into_model(peft_model, lora.path)
     with peft_model.disable_adapter():
         merged = model_output(peft_model, example_inputs(tiny_llama))
     expected = model_output(lora.load_with_peft().merge_and_unload(), example_inputs(tiny_llama))
@@ -279,7 +279,7 @@ def test_wrong_objects_say_what_is_accepted(tmp_path):
     with pytest.raises(MethodError, match="not a int"):
         loramix.combine(3)
     with pytest.raises(MethodError, match="takes a loaded torch model.*merge_into_base"):
-        loramix.merge_into(str(tmp_path), adapter)
+        loramix.merge_into_model(str(tmp_path), adapter)
     with pytest.raises(CheckpointError, match="folder or Hub id, not a LlamaForCausalLM.*merge_into"):
         loramix.merge_into_base(adapter, tiny_llama(), tmp_path / "out")
     with pytest.raises(AdapterFormatError, match=accepted):
@@ -293,10 +293,10 @@ def test_wrong_objects_say_what_is_accepted(tmp_path):
     with pytest.raises(MethodError, match="already has an adapter 'default'"):
         loramix.inject_adapter(made.peft_model, adapter, adapter_name="default")
     with pytest.raises(CheckpointError, match="no matching module"):
-        loramix.merge_into(tiny_gpt2(), adapter)
+        loramix.merge_into_model(tiny_gpt2(), adapter)
     gpt = tiny_gpt2()
     before = {k: v.clone() for k, v in gpt.state_dict().items()}
     odd = adapter.with_modules({"transformer.h.0.attn.c_attn": next(iter(adapter.modules.values()))})
     with pytest.raises(LoramixError, match="does not fit"):
-        loramix.merge_into(gpt, odd)
+        loramix.merge_into_model(gpt, odd)
     assert all(torch.equal(v, before[k]) for k, v in gpt.state_dict().items())  # nothing changed

@@ -82,14 +82,14 @@ CASES = {
 }
 # what loramix reads: (layout, kernel, rank, scale)
 EXPECTED = {
-    "loha": ("linear", (), 9, 2.0),
-    "loha_alpha_missing_is_rank": ("linear", (), 4, 1.0),
-    "loha_conv": ("linear", (), 4, 0.5),  # LyCORIS stores plain conv LoHa factors flattened: no kernel in the file
+    "loha": ("out_in", (), 9, 2.0),
+    "loha_alpha_missing_is_rank": ("out_in", (), 4, 1.0),
+    "loha_conv": ("out_in", (), 4, 0.5),  # LyCORIS stores plain conv LoHa factors flattened: no kernel in the file
     "loha_conv_tucker": ("conv2d", (3, 3), 4, 0.5),
-    "lokr_full_w1_lowrank_w2": ("linear", (), 8, 1.5),
-    "lokr_both_lowrank": ("linear", (), 1, 3.0),
-    "lokr_both_full_alpha_ignored": ("linear", (), 12, 1.0),
-    "lokr_conv": ("linear", (), 2, 3.0),
+    "lokr_full_w1_lowrank_w2": ("out_in", (), 8, 1.5),
+    "lokr_both_lowrank": ("out_in", (), 1, 3.0),
+    "lokr_both_full_alpha_ignored": ("out_in", (), 12, 1.0),
+    "lokr_conv": ("out_in", (), 2, 3.0),
     "lokr_conv_tucker": ("conv2d", (3, 3), 2, 3.0),
     "lokr_conv_full_w2": ("conv2d", (3, 3), 8, 1.0),
     "locon_conv_tucker": ("conv2d", (3, 3), 3, 1 / 3),
@@ -292,10 +292,10 @@ def test_flat_conv_loha_merges_into_a_live_conv_layer(tmp_path):
     file = tmp_path / "conv_loha.safetensors"
     save_file({k: v.detach().contiguous() for k, v in network.state_dict().items()}, str(file))
     adapter = loramix.load_adapter(file)
-    assert adapter.modules["lycoris_conv"].layout == "linear"  # the file holds no kernel
+    assert adapter.modules["lycoris_conv"].layout == "out_in"  # the file holds no kernel
     fresh = tiny_convnet()
     before = fresh.conv.weight.detach().double().clone()
-    loramix.merge_into(fresh, adapter)
+    loramix.merge_into_model(fresh, adapter)
     expected = before + _oracle(conv).reshape(before.shape)
     torch.testing.assert_close(fresh.conv.weight.detach().double(), expected, rtol=0, atol=1e-6)
 

@@ -43,7 +43,7 @@ def test_reprs_are_summaries_not_tensor_dumps():
     assert text == str(adapter) and "tensor(" not in text and len(text) < 200, text
     assert "'many'" in text and "80 modules" in text and "rank 4" in text and "test/base" in text
     module = next(iter(adapter.modules.values()))
-    assert repr(module) == "LoraModule(8×12, rank 4, scale 1, linear, float32)"
+    assert repr(module) == "LoraModule(8×12, rank 4, scale 1, out_in, float32)"
     one = LoraAdapter(modules=dict(list(adapter.modules.items())[:1]), name="one")
     assert "1 module," in repr(one) and "base unknown" in repr(one)
 
@@ -161,3 +161,17 @@ def test_one_module_is_one_module(tmp_path):
     )
     analysed = cli("-q", "analyze", source)
     assert analysed.output.startswith("1 adapter, 1 module; rank rule"), analysed.output
+
+
+def test_errors_name_the_kind_of_mistake():
+    from loramix.errors import ArgumentError, MethodDefinitionError, SettingError
+    from loramix.methods.registry import method
+    from loramix.recipe import check_plan
+
+    with pytest.raises(ArgumentError, match="run takes a Plan"):  # the calling code passed the wrong object
+        loramix.run({"adapters": [str(example("summarize"))]})
+    with pytest.raises(MethodDefinitionError, match="registered twice"):  # a method defined wrongly, not misused
+        method(name="cat")(lambda terms, *, rule: None)
+    with pytest.raises(SettingError, match="rank"):  # a plan's field holding a value it cannot take
+        check_plan(loramix.Plan(adapters=[str(example("summarize"))], rank="8"))
+    assert not issubclass(SettingError, MethodDefinitionError) and issubclass(MethodDefinitionError, MethodError)

@@ -199,12 +199,12 @@ def test_features_are_recognised(trip):
         "gpt2_conv1d": {"conv1d_fan_in_fan_out"},
         "gpt2_bias_all": {"conv1d_fan_in_fan_out"},
         "gpt2_lora_bias": {"conv1d_fan_in_fan_out"},
-        "embedding": {"embedding", "linear"},
-        "dora_embedding": {"embedding", "linear"},
-        "conv2d": {"conv2d", "linear"},
-        "dora_conv2d": {"conv2d", "linear"},
+        "embedding": {"embedding", "out_in"},
+        "dora_embedding": {"embedding", "out_in"},
+        "conv2d": {"conv2d", "out_in"},
+        "dora_conv2d": {"conv2d", "out_in"},
     }
-    assert layouts == expected.get(case, {"linear"})
+    assert layouts == expected.get(case, {"out_in"})
     assert a.warnings == []
     features = {
         "rslora": ["rslora"],

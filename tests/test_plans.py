@@ -38,11 +38,12 @@ def _invoke(*args) -> str:
 
 
 def _parts(path: Path, data: bytes):
-    """What is compared of a file: a JSON report that records its wall time as JSON, less that time; every other file
+    """What is compared of a file: a JSON report that records wall times as JSON, less those times; every other file
     (tensor files, recipes, configs, indexes) as bytes."""
     report = json.loads(data) if path.suffix == ".json" else None
-    if isinstance(report, dict) and "seconds" in report:
-        report.pop("seconds")
+    if isinstance(report, dict) and {"seconds", "read_wait_seconds"} & set(report):
+        report.pop("seconds", None)
+        report.pop("read_wait_seconds", None)
         return report
     return data
 
@@ -97,8 +98,14 @@ COMMANDS = {
         *("search", example("summarize"), example("translate"), "--base", example("tiny-llama"), "--steps", "3"),
         *("--examples", Path(example("few-shot")) / "formal.jsonl", "--composition", "delta", "-o", OUT),
     ],
+    "search-subset": [
+        *("search", example("summarize"), example("translate"), "--base", example("tiny-llama"), "--steps", "3"),
+        *("--examples", Path(example("few-shot")) / "formal.jsonl", "--subset", "layer", "-m", "ties"),
+        *("--option", "density=0.5", "--rank", "4", "-o", OUT),
+    ],
 }
-RECIPES = {"search": "search_recipe.yaml"}  # the search's own plan (its adapter's recipe combines the found weights)
+# the searches' own plans (their adapter's recipe combines what they found)
+RECIPES = {"search": "search_recipe.yaml", "search-subset": "search_recipe.yaml"}
 # The re-runs, all in one process of their own (a hash seed of its own, Python's and safetensors' hash maps iterating
 # in another order than in this one): ``loramix run RECIPE -o AGAIN`` for each pair of arguments.
 _RERUN = """
@@ -140,6 +147,14 @@ def test_every_commands_recipe_reruns_it_to_the_same_bytes(reruns, command):
 
 def test_every_output_format_is_rerun():
     assert {c.removeprefix("combine-") for c in COMMANDS} >= set(writers.names())
+
+
+def test_a_subset_search_recipe_is_its_own_plan(reruns):
+    """`search --subset` writes its own plan (`search_recipe.yaml`, with its merge's method, options and rank rule),
+    which `loramix run` repeats (`test_every_commands_recipe_reruns_it_to_the_same_bytes`)."""
+    recipe = yaml.safe_load((reruns / "search-subset" / "first" / "out" / "search_recipe.yaml").read_text())
+    assert recipe["command"] == "search" and recipe["subset"] == "layer" and recipe["method"] == "ties"
+    assert recipe["rank"] == 4 and recipe["options"] == {"density": 0.5} and "composition" not in recipe
 
 
 @pytest.mark.parametrize(
@@ -187,11 +202,14 @@ def _counted(monkeypatch, name: str, owner) -> list:
 
 @pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merge"])
 def test_run_loads_and_checks_its_adapters_once(tmp_path, monkeypatch, merge):
-    from loramix import adapter, formats, pipeline  # every module that could load, imported before counting
+    from loramix import adapter, formats, merging, pipeline  # every module that could load, imported before counting
 
     assert pipeline.run is loramix.run
     loads = _counted(monkeypatch, "load_adapters", formats)
     checks = _counted(monkeypatch, "check_compatible", adapter)
+    accepted = _counted(monkeypatch, "load_adapter", formats)  # the front door of one adapter
+    front_doors = _counted(monkeypatch, "merge_into_base", merging)
+    cores = _counted(monkeypatch, "merge_loaded", merging)
     plan = loramix.Plan(
         adapters=[str(example("summarize")), str(example("translate"))],
         rank=4,
@@ -200,6 +218,8 @@ def test_run_loads_and_checks_its_adapters_once(tmp_path, monkeypatch, merge):
     )
     loramix.run(plan)
     assert (len(loads), len(checks)) == (1, 1)
+    assert len(accepted) == len(plan.adapters)  # each source once; the merge takes the combined adapter as it is
+    assert (len(front_doors), len(cores)) == (0, int(merge))
 
 
 @pytest.fixture
@@ -240,3 +260,23 @@ def test_an_analyze_recipe_is_what_analyze_prints_and_writes(tmp_path):
         "cli.json", "run.json"
     )
     assert (tmp_path / "run.json").read_text() == (tmp_path / "cli.json").read_text()
+
+
+@pytest.mark.parametrize("command", ["combine", "extract", "convert", "align", "search", "analyze"])
+def test_each_flag_is_a_setting_of_its_plan_with_its_choices(command):
+    """The flags and the plan cannot drift: every flag that is no CLI-only switch names a setting of the command's
+    plan (flat, as its recipe does), and a flag with choices offers exactly what the setting's type allows."""
+    import click
+
+    from loramix.plans import PLANS
+    from loramix.settings import choices
+
+    cli_only = {"force", "quiet", "verbose", "threads", "as_json", "json_file", "plot_dir", "top", "push_repo"}
+    cli_only |= {"recipe", "lbws", "method_options", "density", "majority_sign", "seed", "space", "examples"}
+    hints = PLANS[command].hints()
+    for param in main.commands[command].params:
+        if param.name in cli_only and param.name not in hints:
+            continue
+        assert param.name in hints, param.name
+        if isinstance(param.type, click.Choice):
+            assert tuple(param.type.choices) == choices(hints[param.name]), param.name

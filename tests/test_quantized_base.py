@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from loramix import analyze, extract, load_adapter, merge_into_base
 from loramix.cli import main
 from loramix.errors import CheckpointError
+from loramix.linalg import RankRule
 
 fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config  # noqa: E402
@@ -137,6 +138,24 @@ def test_fp8_same_format_is_transformers_requantization(made):
     assert "stored in bfloat16" not in card
 
 
+def test_fp8_writer_starts_every_weights_codes_before_any_scales(made, monkeypatch):
+    """A merged weight's codes and weight_scale_inv come from one re-quantization: the writer starts all codes
+    first, so that two workers work on two weights instead of one waiting on the other's (recorded with one worker:
+    the order tasks start in). The bytes do not depend on the worker count."""
+    from loramix.io.quantized import Requantized
+
+    taken, take = [], Requantized.take
+    monkeypatch.setattr(Requantized, "take", lambda self, key, part: taken.append(part) or take(self, key, part))
+    merge_into_base(made.adapter, made.base, made.tmp / "one-worker", workers=1)
+    assert taken == sorted(taken) and taken.count(0) == taken.count(1) == len(made.deltas)
+    merge_into_base(made.adapter, made.base, made.tmp / "two-workers", workers=2)
+    ones, twos = (
+        _raw(made.tmp / "one-worker" / "model.safetensors"),
+        _raw(made.tmp / "two-workers" / "model.safetensors"),
+    )
+    assert ones == twos
+
+
 def test_the_cli_card_says_the_quantized_format_not_the_base_dtype(made):
     """The CLI's card says "stored in the base's dtype" for a merge; a quantized base written in its own format is
     "stored as" that format instead (the API's card names a dtype, checked above)."""
@@ -214,6 +233,8 @@ def test_fp8_base_with_quantized_as_is_refused(made):
     with pytest.raises(CheckpointError, match="a block FP8 .* base; quantized_as is for dense bases"):
         merge_into_base(made.adapter, made.base, made.tmp / "nf4-on-fp8", quantized_as="nf4")
     assert not (made.tmp / "nf4-on-fp8").exists()
+    with pytest.raises(CheckpointError, match="a block FP8 .* base; quantized_as is for dense bases"):
+        analyze([str(made.adapter)], base=str(made.base), quantized_as="fp8")
 
 
 def test_fp8_analyze_base_norms_are_of_dequantized_weights(made):
@@ -229,7 +250,7 @@ def test_fp8_extract_against_a_quantized_base(made):
     adapter, the rank-4 extraction gives back PEFT's ΔW up to the bf16 rounding of the merged weights."""
     dense = made.tmp / "for-extract"
     merge_into_base(made.adapter, made.base, dense, dtype="float32")
-    extraction = extract(made.base, dense, made.tmp / "extracted", rank=4)
+    extraction = extract(made.base, dense, made.tmp / "extracted", rank_rule=RankRule(rank=4))
     adapter = load_adapter(made.tmp / "extracted")
     assert {f"{m}.weight" for m in adapter.modules} >= set(made.deltas)
     for key, delta in made.deltas.items():

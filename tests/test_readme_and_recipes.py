@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from loramix import load_adapter
 from loramix.cli import main
 from loramix.recipe import load_recipe
-from loramix.schedule import count_layers, resolve
+from loramix.schedule import count_layers, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_BLOCKS = re.findall(r"^```python\n(.*?)^```$", (ROOT / "README.md").read_text(), re.S | re.M)
@@ -41,7 +41,7 @@ def _weighted_sum(plan, name: str) -> torch.Tensor:
     for adapter, weight in zip(adapters, plan.weights):
         module = adapter.modules.get(name)
         if module is not None:
-            total = total + resolve(weight, name, layers) * module.delta(dtype=torch.float64)
+            total = total + parse(weight).at(name, layers) * module.delta(dtype=torch.float64)
     return total
 
 

@@ -112,7 +112,7 @@ def test_fan_in_fan_out_follows_the_config_on_conv1d():
     """The stored factors are the same either way; only the layout flag differs, with a warning when false."""
     assert {m.layout for m in load_adapter(REAL / "gpt2__tigrinya_clm").modules.values()} == {"conv1d_fan_in_fan_out"}
     odd = load_adapter(REAL / "distilgpt2__pipeline", log_warnings=False)
-    assert {m.layout for m in odd.modules.values()} == {"linear"}
+    assert {m.layout for m in odd.modules.values()} == {"out_in"}
     assert any("fan_in_fan_out=false" in w for w in odd.warnings)
 
 

@@ -310,6 +310,18 @@ def test_seeded_and_reproducible(causal):
     assert runs[0].weights != runs[2].weights
 
 
+def test_the_base_is_loaded_without_hub_kernels(causal, monkeypatch):
+    """transformers 5 kernelizes a model by default (fetching kernels from the Hub on a GPU): the search loads its
+    base with transformers' own layers, so it runs offline and every candidate sees the same numerics."""
+    import transformers
+
+    def refuse(self, use_kernels, *args, **kwargs):
+        assert not use_kernels, "the search asked transformers for Hub kernels"
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "set_use_kernels", refuse)
+    assert search(causal.base, causal.adapters, EXAMPLES, optimizer="cma", steps=1, device="cpu").weights
+
+
 def test_cli_writes_search_json_and_a_peft_adapter(causal, tmp_path):
     examples = tmp_path / "ex.jsonl"
     examples.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))

@@ -21,7 +21,7 @@ from test_search import EXAMPLES, Setup, _peft_loss, llama
 import loramix
 from loramix import save_adapter
 from loramix.cli import main
-from loramix.schedule import count_layers, layer_index, linear, parse, resolve, sd_block
+from loramix.schedule import count_layers, layer_index, parse, sd_block
 
 FORMS = [[0.0, 0.0, 0.0], {"q_proj": [0.0, 0.0], "v_proj": 0.0, "default": 0.0}, 0.0]  # 3 + 4 + 1 numbers
 THETA = [0.4, -1.1, 0.9, 1.3, -0.2, 0.7, 0.3, -0.5]
@@ -33,11 +33,11 @@ def deep(tmp_path_factory):
 
 
 def _forms(theta) -> list:
-    maps = [linear(parse(f)) for f in FORMS]
+    maps = [parse(f) for f in FORMS]
     out, start = [], 0
     for m in maps:
-        out.append(m.form(theta[start : start + len(m.values)]))
-        start += len(m.values)
+        out.append(m.with_numbers(theta[start : start + len(m.numbers)]).data())
+        start += len(m.numbers)
     return out
 
 
@@ -63,20 +63,20 @@ SPECS = [
 def test_every_module_weight_is_linear_in_the_numbers_of_its_form(spec):
     # Oracle: resolve (mergekit's interpolation and filters, sd-scripts' blocks, tested in test_layerwise) of the form
     # rebuilt with other numbers; float64 throughout, so the row·numbers sum agrees to a few ulps (1e-12).
-    form = linear(parse(spec))
-    assert form.form(form.values) == parse(spec)
+    form = parse(spec)
+    assert form.with_numbers(form.numbers) == parse(spec)
     rng = random.Random(0)
-    other = [rng.uniform(-2, 2) for _ in form.values]
+    other = [rng.uniform(-2, 2) for _ in form.numbers]
     for name in NAMES:
         for layers in (1, 4, 7):
-            row, constant = form.row(name, layers)
-            assert len(row) == len(form.values)
-            for values in (form.values, other):
-                expected = resolve(form.form(values), name, layers)
+            row, constant = form.affine(name, layers)
+            assert len(row) == len(form.numbers)
+            for values in (form.numbers, other):
+                expected = form.with_numbers(values).at(name, layers)
                 assert sum(c * v for c, v in zip(row, values)) + constant == pytest.approx(expected, abs=1e-12)
     assert sd_block(NAMES[3]) is not None and layer_index(NAMES[1]) == 2  # the names exercise blocks and layers
     with pytest.raises(loramix.errors.MethodError, match="holds"):
-        form.form([*form.values, 1.0])
+        form.with_numbers([*form.numbers, 1.0])
 
 
 @pytest.mark.parametrize("composition", ["lorahub", "delta"])
@@ -86,11 +86,11 @@ def test_evaluator_loss_equals_the_combined_adapter_with_those_forms(deep, compo
         assert ev.k == len(THETA)
         population = torch.tensor([THETA, [0.0] * 8, [1.0] * 8])
         losses = ev.cross_entropy(population)
-        # the maps themselves: each module's weights are resolve() of the rebuilt forms
+        # the maps themselves: each module's weights are parse().at() of the rebuilt forms
         layers = count_layers(ev.factors)
         assert layers == 4
         for name, f in ev.factors.items():
-            expected = [resolve(parse(w), name, layers) for w in forms]
+            expected = [parse(w).at(name, layers) for w in forms]
             torch.testing.assert_close(f.mix @ torch.tensor(THETA) + f.offset, torch.tensor(expected))
     # Oracle: PEFT loading what combine writes for these forms (method lorahub = LoRAHub's mixing, cat = Σ wᵢsᵢBᵢAᵢ).
     method = "lorahub" if composition == "lorahub" else "cat"

@@ -23,7 +23,8 @@ from test_search import Setup, _peft_loss, char_tokenizer, llama
 import loramix
 from loramix.cli import main
 from loramix.errors import MethodError, SearchError
-from loramix.schedule import resolve
+from loramix.linalg import RankRule
+from loramix.schedule import parse
 from loramix.weight_search import search_subset
 from loramix.weight_search.objective import as_examples, build_batch
 from loramix.weight_search.subset import Groups
@@ -133,7 +134,7 @@ def test_any_method_reports_the_loss_of_the_merge_it_writes(planted, tmp_path, m
         planted.examples,
         method=method,
         options=options,
-        rank_rule={"rank": 6},
+        rank_rule=RankRule(rank=6),
         steps=9,
         device="cpu",
     )
@@ -172,7 +173,7 @@ def test_a_dropped_name_inside_another_leaves_that_one_alone():
     groups = Groups.of(adapters, "module")
     mask = np.array([True, False, False, False])
     forms = groups.weights(mask, [0.7, 0.2])
-    values = {n: resolve(forms[0], n, 2) for n in groups.names}
+    values = {n: parse(forms[0]).at(n, 2) for n in groups.names}
     assert values == {"m.layers.1.fc1": 0.0, "m.layers.1.fc10": 0.7, "m.layers.1.fc1x.q": 0.7}
     assert forms[1] == 0.2
 
@@ -225,7 +226,7 @@ def test_library_refusals_are_one_line(planted):
     with pytest.raises(SearchError, match="one number per adapter"):
         search_subset(planted.base, planted.adapters, planted.examples, weights=[[0, 1], 1.0])
     with pytest.raises(MethodError, match="does not truncate"):  # the method's own refusal, before any loading
-        search_subset("no-such-base", planted.adapters, planted.examples, method="cat", rank_rule={"rank": 4})
+        search_subset("no-such-base", planted.adapters, planted.examples, method="cat", rank_rule=RankRule(rank=4))
 
 
 def test_help_describes_the_subset_mode():

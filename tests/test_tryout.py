@@ -120,7 +120,7 @@ def test_an_earlier_merge_recipe_with_the_adapter_files_defaults_still_runs(tmp_
     (tmp_path / "old.yaml").write_text(text)
     plan = load_recipe(tmp_path / "old.yaml")
     assert plan.format is None and plan.rank_layout is None
-    plan.check_settings_apply()
+    plan.check()
     (tmp_path / "kohya.yaml").write_text(text.replace("format: peft", "format: kohya"))
     with pytest.raises(loramix.LoramixError, match="`format` sets the adapter file written"):
-        load_recipe(tmp_path / "kohya.yaml").check_settings_apply()
+        load_recipe(tmp_path / "kohya.yaml").check()

@@ -271,7 +271,7 @@ def test_every_help_renders_and_every_option_is_described():
 
 def test_rule_value_without_rule_is_an_error():
     with pytest.raises(MethodError, match="without a rule"):
-        RankRule(value=0.9)
+        RankRule(rule_value=0.9)
     with pytest.raises(MethodError, match="without a rule"):
         loramix.combine([example("summarize"), example("formal")], rule_value=0.9)
     result = cli("combine", str(example("summarize")), "--rule-value", "0.9", "-o", "out/never")
@@ -300,7 +300,10 @@ MISUSE = {
     "weights: a string": (lambda a: loramix.combine([a, a], weights="0.5,0.5"), "weights must be a list of numbers"),
     "weights: a number": (lambda a: loramix.combine([a, a], weights=0.5), "weights must be a list of numbers"),
     "rank: a string": (lambda a: loramix.combine([a, a], rank="8"), "rank must be an int"),
-    "energy: a string": (lambda a: loramix.analyze([a], energy="0.9"), "energy must be a number"),
+    "energy: a string": (
+        lambda a: loramix.analyze([a], rank_rule=loramix.RankRule(energy="0.9")),
+        "energy must be a number",
+    ),
     "save_adapter: no folder": (lambda a: loramix.save_adapter(a, None), "folder .* str or Path"),
     "run: a dict": (lambda a: loramix.run({"adapters": [a]}), "run takes a Plan"),
     "push_to_hub: a number": (lambda a: loramix.push_to_hub(3, "org/name"), "folder .* str or Path"),

@@ -23,10 +23,19 @@ from loramix.analysis.results import (
 from loramix.errors import IncompatibleAdaptersError, counted
 from loramix.formats import load_adapters
 from loramix.io.base import BaseCheckpoint, open_base, resolve_base
+from loramix.io.quantized import share_below
 from loramix.linalg import RankRule, gram_svd
-from loramix.quantize import Quantization, below_step_share, is_quantized, quantization_settings
+from loramix.quantize import (
+    Quantization,
+    below_step_share,
+    is_quantized,
+    mxfp4_experts,
+    quantization_settings,
+    quantization_step,
+    require_dense_base,
+)
 from loramix.runtime import progress_bar
-from loramix.schedule import count_layers, resolve
+from loramix.schedule import Schedule, count_layers
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +84,14 @@ def _base_weights(base: BaseCheckpoint, modules: dict[str, tuple[int, ...]]):
 def below_step_shares(base: BaseCheckpoint, modules: dict[str, LoraModule], settings: Quantization) -> dict:
     """Per module, the share of ‖ΔW‖² below half the 4-bit quantization step of its base weight (see
     `loramix.quantize.below_step_share`), for the weights a 4-bit model quantizes; ΔW and W taken in the
-    orientation bitsandbytes quantizes (out×in; a Conv1D weight transposed)."""
+    orientation bitsandbytes quantizes (out×in; a Conv1D weight transposed). MXFP4: `_expert_shares`."""
+    if settings.mxfp4:
+        return _expert_shares(base, modules, settings)
     shares = {}
     shapes = {name: m.base_shape for name, m in modules.items()}
     for name, key, weight in _base_weights(base, shapes):
         module = modules[name]
-        if module.layout not in ("linear", "conv1d_fan_in_fan_out") or not is_quantized(key, weight.shape, settings):
+        if module.layout not in ("out_in", "conv1d_fan_in_fan_out") or not is_quantized(key, weight.shape, settings):
             continue
         delta = module.delta(dtype=torch.float64)
         if module.layout == "conv1d_fan_in_fan_out":
@@ -89,24 +100,38 @@ def below_step_shares(base: BaseCheckpoint, modules: dict[str, LoraModule], sett
     return shares
 
 
+def _expert_shares(base: BaseCheckpoint, modules: dict[str, LoraModule], settings: Quantization) -> dict:
+    """MXFP4 quantizes gpt-oss's expert parameters only (`loramix.quantize.mxfp4_experts`): per expert module, the
+    share of its ΔW below half the MXFP4 step of that expert's weight, both in the stored orientation ([in, out])."""
+    experts = set(mxfp4_experts({k: tuple(t.shape) for k, t in base.tensors.items()}, base.model_type))
+    shares, steps = {}, {}
+    for name, module in modules.items():
+        key = None if module.expert is None else base.find(module.expert.param)
+        if key not in experts:
+            continue
+        if key not in steps:
+            stored = base.dense(key)
+            steps = {key: quantization_step(stored.rows(0, stored.shape[0]), settings)}  # one parameter at a time
+        step = steps[key][module.expert.index]
+        delta = module.delta(dtype=torch.float64)
+        shares[name] = share_below(delta if delta.shape == step.shape else delta.T, step)
+    return shares
+
+
 def _finite(module: LoraModule) -> bool:
     return bool(torch.isfinite(module.A).all() and torch.isfinite(module.B).all() and math.isfinite(module.scale))
 
 
-def _rule(rank: int | None, energy: float | None, rule: str | None, rule_value: float | None) -> RankRule:
-    if rank is None and energy is None and rule is None:
-        return DEFAULT_RULE
-    return RankRule.of(rank=rank, energy=energy, rule=rule, rule_value=rule_value)
+def _rule(rank_rule: RankRule | None) -> RankRule:
+    rule = RankRule.given(rank_rule, conv=False)
+    return DEFAULT_RULE if rule == RankRule() else rule
 
 
 def analyze(
     adapters: list,
     *,
     weights: list[float] | None = None,
-    rank: int | None = None,
-    energy: float | None = None,
-    rule: str | None = None,
-    rule_value: float | None = None,
+    rank_rule: RankRule | None = None,
     base: str | Path | None = None,
     allow_different_bases: bool = False,
     allow_nonfinite: bool = False,
@@ -117,18 +142,19 @@ def analyze(
 ) -> Analysis:
     """Spectra, ranks and pairwise overlap of ``adapters`` (paths, Hub ids or `LoraAdapter`s), in factor space.
 
-    ``rank``/``energy``/``rule``/``rule_value`` form the `RankRule` behind the rank suggestions — the same rule
+    ``rank_rule`` (a `RankRule`: ``RankRule(energy=0.9)``) is the rule behind the rank suggestions — the same rule
     `combine(method="svd")` takes; with none given, energy 0.99. ``weights`` (default 1/n each, as in `combine`;
     numbers or values that vary by layer or module) weight the merged sum in ``Analysis.merge``, whose modules show
     each adapter's effective weight. ``base`` is a base model folder or Hub id; with it each module also
     gets ‖W‖_F of the base weight it updates, read one tensor at a time. ``load_options`` go to `load_adapter` for
     every source, as in `combine`. With a base and ``quantized_as`` ("nf4"/"fp4", ``blocksize`` default 64; or a
     4-bit ``quantization_config`` in the base's config.json) each module also gets ``below_step``: the share of
-    ‖ΔW‖² in entries smaller than half the base's local 4-bit quantization step (needs ``loramix[qlora]``).
+    ‖ΔW‖² in entries smaller than half the base's local 4-bit quantization step (needs ``loramix[qlora]``; "fp8"
+    and "mxfp4": the step of transformers' block FP8 or, for gpt-oss's experts only, MXFP4).
     With ``allow_nonfinite``, a module whose factors hold NaN/Inf has no spectrum: it is left out of its adapter's
     figures, the overlaps and the merged sum, and ``notes`` name it.
     """
-    truncation = _rule(rank, energy, rule, rule_value)
+    truncation = _rule(rank_rule)
     loaded, weights = load_adapters(
         adapters,
         weights=weights,
@@ -150,7 +176,7 @@ def analyze(
 
 def analyze_loaded(
     loaded: list[LoraAdapter],
-    weights: list,
+    weights: list[Schedule],
     *,
     rule: RankRule = DEFAULT_RULE,
     base: str | Path | None = None,
@@ -167,6 +193,7 @@ def analyze_loaded(
     if checkpoint is not None:
         configs = [(str(checkpoint.folder), checkpoint.config)]
         settings = quantization_settings(configs, quantized_as=quantized_as, blocksize=blocksize)
+        require_dense_base(checkpoint, settings)
     elif quantized_as not in (None, "none"):
         raise IncompatibleAdaptersError("`quantized_as` measures ΔW against a base's 4-bit grid: give `base` too")
     labels = _unique_names(loaded)
@@ -200,7 +227,7 @@ def analyze_loaded(
             shape = (modules[0].out_features, modules[0].in_features)
             for (x, y), overlap in overlaps(svds, gram_b, gram_a, slices, shape).items():
                 found[indices[x], indices[y]][name] = overlap
-        effective = [resolve(w, name, layers) for w in weights]
+        effective = [w.at(name, layers) for w in weights]
         coefs = [effective[i] * m.scale for i, m in zip(indices, modules)]
         merged[name] = merge_module(modules, coefs, gram_b, gram_a, truncation)
         merged[name].weights = effective

@@ -11,7 +11,7 @@ from loramix.analysis.advice import measured, recommend
 from loramix.analysis.experts import expert_lines
 from loramix.analysis.names import natural_key
 from loramix.errors import counted
-from loramix.schedule import describe, varies
+from loramix.schedule import varies
 
 
 def finite(value):
@@ -62,7 +62,7 @@ def analysis_dict(analysis) -> dict:
     if analysis.merge is not None:
         mg = analysis.merge
         merge = {
-            "weights": mg.weights,
+            "weights": [w.data() for w in mg.weights],
             "norm": mg.norm,
             "reference_rank": mg.reference_rank,
             "truncation_loss": finite(mg.truncation_loss),
@@ -201,7 +201,7 @@ def analysis_text(analysis, *, top: int = 5) -> str:
             lines += _table(_OVERLAP_HEADER, _overlap_rows(shown))
     if analysis.merge is not None:
         mg = analysis.merge
-        weights = ", ".join(describe(w) for w in mg.weights)
+        weights = ", ".join(w.describe() for w in mg.weights)
         lines += [
             "",
             f"Merged sum (weights {weights}), as `combine --method svd` sees it before truncating",
@@ -239,7 +239,7 @@ def _suggestions(analysis) -> list[str]:
     rule = analysis.rule
     flag = f"--energy {rule.energy:g}" if rule.energy is not None else ""
     if rule.rule is not None:
-        flag = f"--rule {rule.rule} --rule-value {rule.value:g}"
+        flag = f"--rule {rule.rule} --rule-value {rule.rule_value:g}"
     if rule.rank is not None:
         flag = f"{flag} --rank {rule.rank}".strip()
     out = []
@@ -254,7 +254,7 @@ def _suggestions(analysis) -> list[str]:
         elif a.suggested_rank:
             out.append(f"{a.name}: uses its full rank {largest} under the rule; no room to resize")
     given = analysis.merge.weights if analysis.merge else []
-    weights = {} if any(varies(w) for w in given) else dict(zip((a.name for a in analysis.adapters), given))
+    weights = {} if any(varies(w) for w in given) else {a.name: w.value for a, w in zip(analysis.adapters, given)}
     for p in analysis.pairs:
         advice = _pair_advice(p, weights.get(p.a), weights.get(p.b), sum(weights.values()) if weights else None)
         if advice:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from loramix.analysis.report import analysis_text
 from loramix.linalg import RankRule
+from loramix.schedule import Schedule
 
 ENERGIES = (0.9, 0.99)
 DEFAULT_RULE = RankRule(energy=0.99)
@@ -190,9 +191,10 @@ class MergeModule:
 @dataclass
 class MergeAnalysis(_ModuleSet):
     """The weighted sum of all adapters, module by module (only with two or more adapters). ``weights`` as given:
-    numbers, or values that vary by layer or module (`loramix.schedule`; each module's own are in its ``weights``)."""
+    numbers, or values that vary by layer or module (`loramix.schedule.Schedule`s; each module's own are in its
+    ``weights``)."""
 
-    weights: list
+    weights: list[Schedule]
     modules: dict[str, MergeModule]
 
     @property

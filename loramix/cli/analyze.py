@@ -25,7 +25,8 @@ from loramix.cli.options import (
     "--quantized-as",
     type=choice(settings.QuantizedAs),
     help="With --base: also the share of ‖ΔW‖² (float64) in entries with |ΔW| < step/2, step = the base weight's "
-    "block absmax × the gap between the NF4/FP4 code values around W/absmax "
+    "block absmax × the gap between the NF4/FP4 code values around W/absmax (fp8, mxfp4: the grid's spacing at W's "
+    "code × its block's scale) "
     "[default: the base's quantization_config, else none].",
 )
 @click.option("--blocksize", type=click.IntRange(min=1), help="With --quantized-as: the block size [default: 64].")

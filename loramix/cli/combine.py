@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import click
 
@@ -104,12 +105,14 @@ from loramix.errors import counted
     "--quantized-as",
     type=choice(settings.QuantizedAs),
     help="With --merge-into: the adapter is a QLoRA trained on this quantized base; round-trip the base through "
-    "bitsandbytes' 4-bit quantization (nf4, fp4) or transformers' block FP8 (fp8) before adding ΔW [default: the "
-    "base's/adapter's quantization_config, else none].",
+    "bitsandbytes' 4-bit quantization (nf4, fp4), transformers' block FP8 (fp8) or gpt-oss experts' MXFP4 (mxfp4) "
+    "before adding ΔW [default: the base's/adapter's quantization_config, else none].",
 )
 @click.option("--double-quant/--no-double-quant", default=None, help="QLoRA's double quantization of block scales.")
 @click.option(
-    "--blocksize", type=click.IntRange(min=1), help="Quantization block size [default: 64; fp8: 128 (128×128)]."
+    "--blocksize",
+    type=click.IntRange(min=1),
+    help="Quantization block size [default: 64; fp8: 128 (128×128); mxfp4: 32].",
 )
 @click.option(
     "--round-trip",
@@ -171,7 +174,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
         raise click.UsageError("give ADAPTER... or --recipe FILE")
     else:
         plan = Plan(adapters=list(adapters), **given)
-    plan.output = output or plan.output
+    plan = replace(plan, output=output or plan.output)
     if not plan.output:
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
     if plan.base or plan.options.get("base"):  # a method that runs the base forward: transformers' loading bar
@@ -188,8 +191,6 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
 def _run_combine(plan, *, overwrite: bool, progress: bool):
     """`loramix.run` in this process, or under torchrun as one rank of a merge split over the processes
     (`loramix.merge.processes`; gloo, which carries only the ranks' reports); None on ranks other than 0."""
-    from dataclasses import replace
-
     from loramix.pipeline import run
     from loramix.runtime import torch_threads
     from loramix.weight_search import distributed

@@ -203,11 +203,28 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _logger_restored():
+    """The ``loramix`` logger as it was before the command (-q/-v set its handler, level and propagation for the
+    command's length), so that a command run inside a Python process (CliRunner, a notebook) leaves it alone."""
+    logger = logging.getLogger("loramix")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+
+
 class Group(click.Group):
     """A group whose commands all take the verbosity options, and whose usage errors (unknown option, bad value) are
     one line on stderr, like every error."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
+        with _logger_restored():
+            return self._main(*args, standalone_mode=standalone_mode, **kwargs)
+
+    def _main(self, *args, standalone_mode: bool, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         others = _OtherLibraries(logging.WARNING)

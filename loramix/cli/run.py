@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import click
 
@@ -40,7 +41,7 @@ def run(ctx: click.Context, recipe: str, output: str | None, force: bool) -> Non
     from loramix.runtime import torch_threads
 
     plan = load_recipe(recipe)
-    plan.output = output or plan.output
+    plan = replace(plan, output=output or plan.output)
     if not plan.output and plan.writes_folder:
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
     with torch_threads(1 if plan.command == "combine" else None):

@@ -9,7 +9,7 @@ import click
 
 from loramix import settings
 from loramix.cli.options import DEVICE_HELP, SHARD_SIZE_HELP, bounds, choice, errors_as_one_line, push_output, weights
-from loramix.cli.search_subset import run_subset, split_subset, subset_options, summary
+from loramix.cli.search_subset import split_subset, subset_options, summary
 
 _COMPOSITION = "lorahub: B = Σwᵢ√sᵢBᵢ, A = Σwᵢ√sᵢAᵢ (LoRAHub, equal ranks); delta: exact Σwᵢsᵢ·BᵢAᵢ [default: lorahub]."
 _OPTIMIZER = "cobyla (as LoRAHub), cma (CMA-ES, a generation per forward pass), adam (gradients) [default: cobyla]."
@@ -101,10 +101,10 @@ def search(
 
     subset = split_subset(ctx, options)
     transformers_logging.disable_progress_bar()  # its per-tensor loading bar is noise here
-    if subset["subset"]:
-        return _subset_search(
-            ctx, adapters, base, examples, output, force, merge_into, shard_size, push_repo, subset, options
-        )
+    if subset:  # a subset search: its own settings, none of the weight search's
+        options = {k: v for k, v in options.items() if k not in SearchPlan.WEIGHTS_ONLY}
+    else:
+        options["bounds"] = list(options["bounds"])
     plan = SearchPlan(
         base=base,
         adapters=list(adapters),
@@ -112,37 +112,13 @@ def search(
         output=output,
         merge_into=merge_into,
         shard_size=shard_size,
-        **{**options, "bounds": list(options["bounds"])},
+        **options,
+        **subset,
     )
     result = run(plan, overwrite=force, progress=ctx.obj["progress"], argv=sys.argv)
     if distributed_rank() == 0:  # under torchrun, rank 0 wrote the output and says so
         echo_searched(plan, result)
         push_output(output, push_repo)
-
-
-def _subset_search(ctx, adapters, base, examples, output, force, merge_into, shard_size, push_repo, subset, options):
-    """`search --subset`, on one process: the modules kept, the merge written with its recipe (`write_search`)."""
-    from loramix.io.files import check_output
-    from loramix.pipeline.search import write_search
-    from loramix.weight_search import distributed
-
-    if distributed.torchrun_rank() is not None:
-        raise click.UsageError("--subset runs on one process, not under torchrun")
-    check_output(output, overwrite=force, protect=[*adapters, base, examples, *([merge_into] if merge_into else [])])
-    result = run_subset(base, list(adapters), examples, subset, options, progress=ctx.obj["progress"])
-    device = options["device"].split(",")[0]
-    write_search(
-        result,
-        output,
-        overwrite=force,
-        merge_into=merge_into,
-        shard_size=shard_size,
-        device=device,
-        progress=ctx.obj["progress"],
-        argv=sys.argv,
-    )
-    click.echo(summary(output, result))
-    push_output(output, push_repo)
 
 
 def distributed_rank() -> int:
@@ -155,9 +131,12 @@ def distributed_rank() -> int:
 
 def echo_searched(plan, result) -> None:
     """The line `search` prints: the weights found, the loss, the evaluations and the time."""
-    from loramix.schedule import describe
+    from loramix.schedule import parse
 
-    weights = ", ".join(describe(w, "+.3f") for w in result.weights)
+    if plan.subset is not None:
+        click.echo(summary(plan.output, result))
+        return
+    weights = ", ".join(parse(w).describe("+.3f") for w in result.weights)
     scored = f"{plan.objective} {result.cross_entropy:.4f}"
     click.echo(
         f"wrote {plan.output}: weights [{weights}], loss {result.loss:.4f} ({scored}), "

@@ -1,5 +1,6 @@
 """`loramix search --subset`: which modules or layers of each adapter to keep before a merge by any method
-(`loramix.weight_search.search_subset`) — its flags, the check that each flag applies to the mode given, and the run.
+(`loramix.weight_search.search_subset`) — its flags and the check that each flag applies to the mode given; a
+`SearchPlan` runs it.
 """
 
 from __future__ import annotations
@@ -7,7 +8,9 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from loramix.cli.options import method_options, option_group, rank_rule_options, weights
+from loramix.cli.options import choice, method_options, option_group, rank_rule_options, weights
+from loramix.plans import SearchPlan
+from loramix.settings import Granularity
 
 _SUBSET = (
     "Search which modules (or layers) of each adapter to keep before merging with -m, instead of weights: a binary "
@@ -17,11 +20,9 @@ _SUBSET = (
 )
 _RANK_RULE = ("rank", "energy", "rule", "rule_value")
 _OWN = ("subset", "method", "weights", "method_options", *_RANK_RULE)
-# flags of the weight search that have no meaning in a subset search, and the other way round
-_WEIGHTS_ONLY = ("composition", "l1", "bounds", "init", "gpus", "gpus_per_base")
 
 subset_options = option_group(
-    click.option("--subset", type=click.Choice(["module", "layer"]), help=_SUBSET),
+    click.option("--subset", type=choice(Granularity), help=_SUBSET),
     click.option("-m", "--method", help="With --subset: the merge method (see `loramix methods`) [default: cat]."),
     click.option(
         "-w", "--weights", callback=weights, help="With --subset: one weight per adapter [default: 1/n each]."
@@ -45,38 +46,23 @@ def _spelled(ctx: click.Context, name: str) -> str:
 
 def split_subset(ctx: click.Context, options: dict) -> dict:
     """Take the subset flags out of ``options`` (what the weight search gets); refuse, as a usage error, a flag
-    given on the command line that does not apply to the mode asked for."""
+    given on the command line that does not apply to the mode asked for. Returns the `SearchPlan` settings of a
+    subset search (none without --subset)."""
     own = {key: options.pop(key) for key in _OWN}
-    given = [key for key in (*_OWN, *_WEIGHTS_ONLY) if ctx.get_parameter_source(key) is not ParameterSource.DEFAULT]
+    given = [
+        key for key in (*_OWN, *SearchPlan.WEIGHTS_ONLY) if ctx.get_parameter_source(key) is not ParameterSource.DEFAULT
+    ]
     if own["subset"]:
-        wrong = [key for key in given if key in _WEIGHTS_ONLY]
+        wrong = [key for key in given if key in SearchPlan.WEIGHTS_ONLY]
         if wrong:
             raise click.UsageError(f"{_spelled(ctx, wrong[0])} does not apply with --subset")
     else:
         wrong = [key for key in given if key in _OWN]
         if wrong:
             raise click.UsageError(f"{_spelled(ctx, wrong[0])} applies only with --subset")
-    return own
-
-
-def run_subset(base, adapters: list, examples, subset: dict, options: dict, *, progress: bool):
-    """The subset search with the flags of both kinds that apply to it."""
-    from loramix.weight_search import search_subset
-
-    keep = ("optimizer", "objective", "steps", "seed", "device", "popsize", "lr", "max_candidates", "chat_template")
-    rank_rule = {key: subset[key] for key in _RANK_RULE if subset[key] is not None}
-    return search_subset(
-        base,
-        adapters,
-        examples,
-        granularity=subset["subset"],
-        method=subset["method"] or "cat",
-        weights=subset["weights"],
-        options=subset["method_options"],
-        rank_rule=rank_rule,
-        progress=progress,
-        **{key: options[key] for key in keep},
-    )
+        return {}
+    own["options"] = own.pop("method_options")
+    return {key: value for key, value in own.items() if value is not None}
 
 
 def summary(output: str, result) -> str:

@@ -198,7 +198,7 @@ def kohya_verdicts(adapter: LoraAdapter, src: str) -> list[Verdict]:
     """A kohya/diffusers file: diffusers and ComfyUI read each module's alpha/rank; the PEFT engines do not read it."""
     # diffusers/loaders/lora_conversion_utils.py, _convert_non_diffusers_lora_to_diffusers: per-module alpha into
     # network_alphas; diffusers/utils/peft_utils.py, get_peft_kwargs: alpha_pattern/rank_pattern per module
-    layouts = sorted({m.layout for m in adapter.modules.values()} - {"linear", "conv2d"})
+    layouts = sorted({m.layout for m in adapter.modules.values()} - {"out_in", "conv2d"})
     reads = (
         Verdict("diffusers/ComfyUI", "yes")
         if not layouts

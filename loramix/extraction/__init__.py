@@ -1,9 +1,10 @@
 """Extract a LoRA from a fully fine-tuned model: ΔW = W_tuned − W_base per module, truncated by a `RankRule`.
 
 Both models are streamed tensor by tensor (`tensors.TensorSource`): peak memory is a few tensors (on a GPU, one
-batch of same-shaped ΔWs), whatever the model's size. A thread reads the next pairs from disk while the device
-works; each pair goes to the device as stored (bfloat16), and is compared and widened to float32 there: the host
-only reads. Per tensor, in the base's storage order:
+batch of same-shaped ΔWs), whatever the model's size. On a GPU two threads read the next pairs from disk while the
+device works, each straight into device memory through its own pinned buffers (`staging.Staging`); each pair arrives
+as stored (bfloat16), and is compared and widened to float32 there: the host only reads. Per tensor, in the base's
+storage order:
 
 - identical in both: skipped; changed by less than float rounding (‖ΔW‖_F ≤ `noise_floor`·‖W‖_F): reported as
   unchanged, noise only;
@@ -33,12 +34,14 @@ from loramix.adapter import ExpertSlot, ExtraTensor, LoraAdapter, LoraModule
 from loramix.errors import SettingError
 from loramix.extraction.fused_experts import FusedTensors, fused_view
 from loramix.extraction.spectrum import top_singular
+from loramix.extraction.staging import ThreadStaging
 from loramix.extraction.tensors import TensorSource, open_model, open_pair, pair, resized, target_layout
 from loramix.linalg import RankRule
 from loramix.runtime import parse_dtype, progress_bar, resolve_device
 
 T = TypeVar("T")
 READ_AHEAD = 2  # on a GPU: tensor pairs read from disk while the device works on the current one
+READERS = 2  # on a GPU: threads reading those pairs (one thread's reads leave the page cache half used)
 GPU_BATCH = 8  # same-shaped ΔWs decomposed together on a GPU (one launch per product for all of them)
 SAME_DTYPE_NOISE = 4 * torch.finfo(torch.float32).eps  # ‖ΔW‖/‖W‖ at or below this is float32 rounding
 
@@ -79,6 +82,7 @@ class Extraction:
     noise: list[str] = field(default_factory=list)  # changed by no more than rounding
     dropped: dict[str, str] = field(default_factory=dict)  # carried tensors an output format cannot hold
     seconds: float = 0.0
+    read_wait: float = 0.0  # of ``seconds``: the time the device waited for the disk
 
     def to_json(self) -> dict:
         return {
@@ -87,6 +91,7 @@ class Extraction:
             "rule": self.rule.describe(),
             "device": self.device,
             "seconds": round(self.seconds, 3),
+            "read_wait_seconds": round(self.read_wait, 3),
             "modules": {
                 name: {
                     "rank": m.rank,
@@ -216,20 +221,22 @@ class Extractor:
             scale = float(torch.linalg.vector_norm(old[e], dtype=torch.float32))
             change = math.sqrt(total) / scale if scale > 0 else math.inf
             slot = ExpertSlot(param, e, count)
-            self.add(Pending(experts.module_name(param, e), "linear", (), update.contiguous(), total, change, slot))
+            self.add(Pending(experts.module_name(param, e), "out_in", (), update.contiguous(), total, change, slot))
 
     def finish(self) -> None:
         for shape in list(self.pending):
             self.flush(shape)
 
 
-def read_ahead(names: list[str], read: Callable[[str], T], depth: int = READ_AHEAD) -> Iterator[tuple[str, T]]:
-    """(name, read(name)) for each name in order, the next ``depth`` read by a thread meanwhile: the disk works
-    while the device decomposes (``depth`` 0: each read when its turn comes, for the least memory)."""
+def read_ahead(
+    names: list[str], read: Callable[[str], T], depth: int = READ_AHEAD, workers: int = 1
+) -> Iterator[tuple[str, T]]:
+    """(name, read(name)) for each name in order, the next ``depth`` read by ``workers`` threads meanwhile: the disk
+    works while the device decomposes (``depth`` 0: each read when its turn comes, for the least memory)."""
     if depth == 0:
         yield from ((name, read(name)) for name in names)
         return
-    with ThreadPoolExecutor(1) as reader:
+    with ThreadPoolExecutor(workers) as reader:
         pending = deque((n, reader.submit(read, n)) for n in names[:depth])
         for index in range(len(names)):
             name, future = pending.popleft()
@@ -241,7 +248,7 @@ def read_ahead(names: list[str], read: Callable[[str], T], depth: int = READ_AHE
 def _carry(result: Extraction, name: str, tensor: torch.Tensor, reason: str, targets: set[str]) -> None:
     module = name.rpartition(".")[0]
     kind = "bias" if name.endswith(".bias") and module in targets else "modules_to_save"
-    result.adapter.extra[name] = ExtraTensor(tensor.clone(), kind)
+    result.adapter.extra[name] = ExtraTensor(tensor.to("cpu", copy=True), kind)  # as stored, wherever it was read
     result.carried[name] = reason
 
 
@@ -249,10 +256,7 @@ def extract_lora(
     base: str | Path,
     finetuned: str | Path,
     *,
-    rank: int | None = None,
-    energy: float | None = None,
-    rule: str | None = None,
-    rule_value: float | None = None,
+    rank_rule: RankRule | None = None,
     device: str | torch.device = "auto",
     dtype: torch.dtype | str | None = None,
     progress: bool = False,
@@ -261,12 +265,12 @@ def extract_lora(
 ) -> Extraction:
     """The LoRA adapter that best reproduces ``finetuned`` on ``base`` (folders or Hub ids of one architecture, or two
     diffusers pipeline folders: modules named ``unet.…``/``text_encoder.…``, see `tensors.open_pair`) under
-    the rank rule (``rank``, ``energy``, kohya ``rule``/``rule_value``: see `loramix.linalg.RankRule`; at least one
-    is needed), computed in float32 on ``device`` and stored in ``dtype`` (default: the fine-tuned model's). Returns
+    ``rank_rule`` (a `loramix.RankRule`: ``RankRule(rank=16)``, ``energy``, or a kohya ``rule`` and ``rule_value``;
+    one is needed), computed in float32 on ``device`` and stored in ``dtype`` (default: the fine-tuned model's). Returns
     the adapter (scale 1 per module, each at its own rank) with the per-module account. ``base_tensors`` /
     ``tuned_tensors`` read the models through another `TensorSource` (the labels stay ``base``/``finetuned``)."""
     started = time.perf_counter()
-    truncation = RankRule.of(rank=rank, energy=energy, rule=rule, rule_value=rule_value)
+    truncation = RankRule.given(rank_rule, conv=False)
     if truncation == RankRule():
         raise SettingError("give `rank`, `energy` or `rule` with `rule_value`: the rank rule of every module")
     target = resolve_device(device)
@@ -294,12 +298,24 @@ def extract_lora(
     )
     extractor = Extractor(result, target, out_dtype, GPU_BATCH if target.type == "cuda" else 1, fused)
     targets = {n.removesuffix(".weight") for n in names if target_layout(n, base_tensors.shape(n), model_type)}
+    if target.type == "cuda":  # a GPU waits for the disk: read ahead, straight into device memory
+        staging = ThreadStaging(target)
+        pairs = read_ahead(
+            names,
+            lambda n: (staging.get().read(base_tensors, n), staging.get().read(tuned_tensors, n)),
+            READ_AHEAD,
+            READERS,
+        )
+    else:  # a CPU has no time to spare
+        pairs = read_ahead(names, lambda n: (base_tensors.read(n), tuned_tensors.read(n)), 0)
     with progress_bar(enabled=progress, total=len(names), desc="extract", unit="tensor") as bar:
-        depth = READ_AHEAD if target.type == "cuda" else 0  # a GPU waits for the disk; a CPU has no time to spare
-        for name, (old, new) in read_ahead(names, lambda n: (base_tensors.read(n), tuned_tensors.read(n)), depth):
+        asked = time.perf_counter()
+        for name, (old, new) in pairs:
+            result.read_wait += time.perf_counter() - asked
             extractor.take(name, old, new, model_type, targets)  # a few pairs alive: read ahead, and in take()
             del old, new
             bar.update()
+            asked = time.perf_counter()
         extractor.finish()
     for name, item in adapter.extra.items():  # PEFT loads a wrapped layer's bias as <module>.base_layer.bias
         if item.kind == "bias" and name.rpartition(".")[0] in adapter.modules:

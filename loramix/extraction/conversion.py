@@ -26,7 +26,7 @@ import torch
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.architecture import is_conv1d
-from loramix.errors import CheckpointError, IncompatibleAdaptersError, MethodError, SettingError
+from loramix.errors import CheckpointError, IncompatibleAdaptersError, SettingError
 from loramix.extraction import GPU_BATCH, Extraction, Extractor, ModuleExtraction, Pending, math_view
 from loramix.io.base import open_base, resolve_base
 from loramix.linalg import RankRule, factor_inner, truncated_factors
@@ -60,7 +60,9 @@ def base_updates(adapter: LoraAdapter) -> dict[str, DoraUpdate]:
         if module.magnitude is None:
             continue
         if module.bias is not None:
-            raise MethodError(f"{adapter.source}: DoRA module {name} has a lora_B bias, which conversion does not take")
+            raise IncompatibleAdaptersError(
+                f"{adapter.source}: DoRA module {name} has a lora_B bias, which conversion does not take"
+            )
         found[name] = DoraUpdate(module)
     return found
 
@@ -77,7 +79,7 @@ def _delta(update: DoraUpdate | WeightUpdate, W: torch.Tensor, name: str, key: s
         )
     conv1d = is_conv1d(model_type, name)
     delta = update.math_delta(W.T if conv1d else W)
-    return (delta.T, "conv1d_fan_in_fan_out") if conv1d else (delta, "linear")
+    return (delta.T, "conv1d_fan_in_fan_out") if conv1d else (delta, "out_in")
 
 
 def convert_lora(
@@ -85,22 +87,19 @@ def convert_lora(
     base: str | None = None,
     *,
     updates: dict[str, WeightUpdate] | None = None,
-    rank: int | None = None,
-    energy: float | None = None,
-    rule: str | None = None,
-    rule_value: float | None = None,
+    rank_rule: RankRule | None = None,
     device: str | torch.device = "auto",
     dtype: torch.dtype | str | None = None,
     progress: bool = False,
 ) -> Extraction:
-    """The plain LoRA closest to ``adapter`` on ``base`` (a model folder or Hub id; needed only when a module's
-    update depends on the base weight, as DoRA's does) under the rank rule (none: the full numerical rank, exact to
-    float rounding), stored in ``dtype`` (default: the adapter's). Returns the adapter (scale 1 per module, each at
-    its own rank; heads carried as they are) with each module's account, as `loramix.extraction.extract_lora`
-    does (``finetuned`` is the source adapter; ``solver`` says how the module was converted). ``updates`` are
-    modules of another kind (VeRA, (IA)³, OFT, FourierFT) whose ΔW is a function of the base weight."""
+    """The plain LoRA closest to ``adapter`` on ``base`` (a model folder or Hub id; needed only when a module's update
+    depends on the base weight, as DoRA's does) under ``rank_rule`` (a `RankRule`; none: the full numerical rank, exact
+    to float rounding), stored in ``dtype`` (default: the adapter's). Returns the adapter (scale 1 per module, each at
+    its own rank; heads carried as they are) with each module's account, as `loramix.extraction.extract_lora` does
+    (``finetuned`` is the source adapter; ``solver`` says how the module was converted). ``updates`` are modules of
+    another kind (VeRA, (IA)³, OFT, FourierFT) whose ΔW is a function of the base weight."""
     started = time.perf_counter()
-    truncation = RankRule.of(rank=rank, energy=energy, rule=rule, rule_value=rule_value)
+    truncation = RankRule.given(rank_rule)
     target = resolve_device(device)
     dependent = {**base_updates(adapter), **(updates or {})}
     if dependent and base is None:

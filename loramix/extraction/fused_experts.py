@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from loramix.extraction.tensors import TensorSource
+from loramix.io.base import BaseTensor
 from loramix.io.conversion_mapping import DiskBlock, ModelNames, model_names
 
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
@@ -63,6 +64,9 @@ class FusedTensors:
 
     def where(self, name: str) -> str:
         return self.source.where(self.blocks[name][0][0] if name in self.blocks else name)
+
+    def stored(self, name: str) -> BaseTensor | None:
+        return None if name in self.blocks else self.source.stored(name)  # a fused parameter is assembled
 
     def is_transposed(self, name: str) -> bool:
         return self.model.is_transposed(name)

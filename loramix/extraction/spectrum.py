@@ -76,7 +76,7 @@ def _settled_at_last(rule: RankRule, S: torch.Tensor, rest: float) -> bool:
         return True
     if rule.energy is not None or rule.rule == "sv_fro":
         return True
-    return rule.rule == "sv_ratio" and rest <= (float(S[0]) / rule.value) ** 2
+    return rule.rule == "sv_ratio" and rest <= (float(S[0]) / rule.rule_value) ** 2
 
 
 def dense(M: torch.Tensor, rule: RankRule) -> Spectrum:

@@ -1,6 +1,7 @@
 """What extraction reads: a model as name → tensor, one tensor at a time, and what each tensor is.
 
-`TensorSource` is the whole interface the extraction loop uses (names in storage order, shape, dtype, read, where);
+`TensorSource` is the whole interface the extraction loop uses (names in storage order, shape, dtype, read, where,
+and `stored`: where a tensor's bytes lie in its file, when it is read as stored, for reads straight to a GPU);
 `CheckpointTensors` serves it from a transformers model folder or Hub id through the one streaming base reader
 (`loramix.io.base`: safetensors byte ranges, or ``.bin`` through ``torch.load(weights_only=True)``, memory-mapped),
 so only the tensor asked for is ever read. Another layout (a diffusers component folder) plugs in by serving the same
@@ -21,7 +22,7 @@ import torch
 
 from loramix.architecture import is_conv1d, is_embedding, is_output_head
 from loramix.errors import CheckpointError
-from loramix.io.base import BaseCheckpoint, open_base, resolve_base
+from loramix.io.base import BaseCheckpoint, BaseTensor, open_base, resolve_base
 from loramix.io.diffusers import KOHYA_COMPONENTS, is_pipeline, open_pipeline
 
 PIPELINE = "diffusers-pipeline"  # the model_type of `PipelineTensors`: its LoRA file holds linear and conv LoRA only
@@ -41,6 +42,8 @@ class TensorSource(Protocol):
     def read(self, name: str) -> torch.Tensor: ...
 
     def where(self, name: str) -> str: ...
+
+    def stored(self, name: str) -> BaseTensor | None: ...
 
 
 @dataclass
@@ -73,6 +76,12 @@ class CheckpointTensors:
     def where(self, name: str) -> str:
         entry = self.checkpoint.tensors[name]
         return str(entry.path or self.checkpoint.weight_files[0])
+
+    def stored(self, name: str) -> BaseTensor | None:
+        """The byte range of tensor ``name`` in its safetensors file; None when it is not read as stored (a quantized
+        weight dequantized, a legacy ``.bin`` tensor)."""
+        entry = self.checkpoint.dense(name)
+        return entry if isinstance(entry, BaseTensor) and entry.path is not None else None
 
 
 def open_model(source: str | Path) -> CheckpointTensors:
@@ -114,6 +123,10 @@ class PipelineTensors:
     def where(self, name: str) -> str:
         part, rest = self._split(name)
         return part.where(rest)
+
+    def stored(self, name: str) -> BaseTensor | None:
+        part, rest = self._split(name)
+        return part.stored(rest)
 
 
 def open_pipeline_tensors(folder: str | Path) -> PipelineTensors:
@@ -157,7 +170,7 @@ def target_layout(name: str, shape: tuple[int, ...], model_type: str | None) -> 
         return None if model_type == PIPELINE else "embedding"
     if is_conv1d(model_type, module):
         return "conv1d_fan_in_fan_out"
-    return "linear"
+    return "out_in"
 
 
 def resized(name: str, base_shape: tuple[int, ...], tuned_shape: tuple[int, ...]) -> bool:

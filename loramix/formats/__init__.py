@@ -21,7 +21,7 @@ from loramix.formats import _keys, adalora, kohya, live, lycoris, peft, peft_lyc
 from loramix.formats.diffusion import file_naming, fits_a_family, peft_folder
 from loramix.formats.diffusion import reference_names as diffusion_files
 from loramix.io.conversion_mapping import in_memory, model_names
-from loramix.schedule import parse
+from loramix.schedule import Schedule, parse
 from loramix.sources import local_config, parse_hub_id, resolve
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,11 @@ def load_adapters(
     allow_nonfinite: bool = False,
     log_warnings: bool = True,
     load_options: dict | None = None,
-) -> tuple[list[LoraAdapter], list[float]]:
+) -> tuple[list[LoraAdapter], list[Schedule]]:
     """Load ``sources`` (as `load_adapter`, with ``load_options`` for each) and check them together: the weights
     (default 1/n each; one per adapter: a finite number or a value that varies by layer or module, see
     `loramix.schedule`) and that the adapters fit one base (`check_compatible`). Returns the adapters and the weights
-    (`loramix.schedule.parse`d: floats, or their canonical varying form)."""
+    (`loramix.schedule.parse`d: a `loramix.schedule.Schedule` each, a `Constant` for a number)."""
     if isinstance(sources, (str, Path, LoraAdapter)) or live.is_live(sources):
         raise ArgumentError(f"adapters must be a list of sources, not a single one (each source: {live.ACCEPTED})")
     if not isinstance(sources, (list, tuple)):
@@ -247,7 +247,7 @@ def _align_flat_conv(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
     convs = {name: m.base_shape for a in adapters for name, m in a.modules.items() if m.layout == "conv2d"}
     aligned = []
     for a in adapters:
-        laid = {n: m.on_weight(convs[n]) for n, m in a.modules.items() if n in convs and m.layout == "linear"}
+        laid = {n: m.on_weight(convs[n]) for n, m in a.modules.items() if n in convs and m.layout == "out_in"}
         changed = {n: m for n, m in laid.items() if m.layout == "conv2d"}
         aligned.append(a.with_modules({**a.modules, **changed}) if changed else a)
     return aligned

@@ -306,7 +306,7 @@ def module_from_parts(weights: Path, name: str, found: dict, fan_in_fan_out: boo
         A, B = A.flatten(1), B.flatten(1)
         layout = "conv2d"
     elif A.dim() == 2 and B.dim() == 2:
-        layout = "embedding" if embedding else ("conv1d_fan_in_fan_out" if fan_in_fan_out else "linear")
+        layout = "embedding" if embedding else ("conv1d_fan_in_fan_out" if fan_in_fan_out else "out_in")
     else:
         raise AdapterFormatError(
             f"{weights}: module {name}: unsupported LoRA shapes A{tuple(A.shape)} B{tuple(B.shape)}"

@@ -55,7 +55,7 @@ def _check(adapter: LoraAdapter) -> None:
     for name, m in adapter.modules.items():
         if m.bias is not None or m.magnitude is not None:
             raise OutputError(f"module {name}: GGUF LoRA files cannot hold lora_B biases or DoRA magnitudes")
-        if m.layout not in ("linear", "conv1d_fan_in_fan_out"):
+        if m.layout not in ("out_in", "conv1d_fan_in_fan_out"):
             raise OutputError(f"module {name}: GGUF LoRA files hold linear LoRA only, not {m.layout}")
 
 

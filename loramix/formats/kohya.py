@@ -250,7 +250,7 @@ def lora_module(
         A=down.reshape(rank, -1),
         B=up.reshape(up.shape[0], rank),
         scale=alpha_scale(file, name, found.get("alpha"), rank, zero_alpha_is_rank=zero_alpha_is_rank),
-        layout="conv2d" if conv else "linear",
+        layout="conv2d" if conv else "out_in",
         kernel_size=tuple(down.shape[2:]) if conv else (),
     )
 
@@ -317,7 +317,7 @@ def state_dict(
     for name, m in adapter.modules.items():
         if m.bias is not None or m.magnitude is not None:
             raise OutputError(f"module {name}: kohya files cannot hold lora_B biases or DoRA magnitudes")
-        if m.layout not in ("linear", "conv2d"):
+        if m.layout not in ("out_in", "conv2d"):
             raise OutputError(f"module {name}: kohya files hold linear and conv2d LoRA only, not {m.layout}")
         key = name if name.startswith(COMFY) else kohya_name(name, clip_text=clip_text)
         if key in seen:

@@ -23,7 +23,7 @@ import torch
 
 from loramix import experts
 from loramix.adapter import LoraAdapter, check_rank_layout, is_portable, portable_layout
-from loramix.errors import AdapterFormatError, ArgumentError, MethodError, SettingError
+from loramix.errors import AdapterFormatError, ArgumentError, CheckpointError, MissingPackageError, SettingError
 from loramix.formats import _keys, peft
 from loramix.io.files import check_finite
 
@@ -47,7 +47,7 @@ def _peft():
     try:
         return importlib.import_module("peft")
     except ImportError:
-        raise MethodError("this needs PEFT, which is not installed (pip install peft)") from None
+        raise MissingPackageError("this needs PEFT, which is not installed (pip install peft)") from None
 
 
 def read(src, *, allow_nonfinite: bool = False) -> LoraAdapter:
@@ -200,5 +200,7 @@ def inject_adapter(
     result = _peft().set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
     unplaced = list(getattr(result, "unexpected_keys", []))
     if unplaced:
-        raise MethodError(f"{_model_label(model)}: PEFT did not place {len(unplaced)} tensor(s) ({unplaced[0]}, ...)")
+        raise CheckpointError(
+            f"{_model_label(model)}: PEFT did not place {len(unplaced)} tensor(s) ({unplaced[0]}, ...)"
+        )
     return model

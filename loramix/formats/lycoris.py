@@ -190,7 +190,7 @@ def exact_lora(where: str, kind: str, found: dict[str, torch.Tensor]) -> tuple[L
     dtype = torch.promote_types(stored, torch.float32)
     B, A = _bounded(B, A)
     module = LoraModule(
-        A=A.to(dtype), B=B.to(dtype), scale=1.0, layout="conv2d" if kernel else "linear", kernel_size=kernel
+        A=A.to(dtype), B=B.to(dtype), scale=1.0, layout="conv2d" if kernel else "out_in", kernel_size=kernel
     )
     return module, label, rank
 

@@ -75,7 +75,7 @@ def pop_params(parts: dict, config: dict, *, where: str | Path, config_where: st
 
 
 def _experts(pair: LoraModule, param: str, config: dict, *, where, config_where) -> dict[str, LoraModule]:
-    if pair.bias is not None or pair.magnitude is not None or pair.layout != "linear":
+    if pair.bias is not None or pair.magnitude is not None or pair.layout != "out_in":
         raise ExpertLayoutError(f"{where}: {param}: PEFT's target_parameters pairs have no bias, DoRA or conv shape")
     rank = pattern_value(config.get("rank_pattern") or {}, param, config.get("r", 8), where=config_where)
     alpha = pattern_value(config.get("alpha_pattern") or {}, param, config.get("lora_alpha", 8), where=config_where)

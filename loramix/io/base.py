@@ -257,12 +257,18 @@ def open_base(folder: str | Path) -> BaseCheckpoint:
     return BaseCheckpoint(folder, config, tensors, files, index_name, recognise(config, tensors, folder))
 
 
-def resolve_base(base: str | Path) -> Path:
-    """A local folder for ``base``: a path as is, or a Hub id (config, tokenizer and safetensors files only)."""
+def require_base(base) -> str:
+    """``base`` (a folder or Hub id, str or Path) as a str; one-line `CheckpointError` for anything else."""
     if not isinstance(base, (str, Path)):
         raise CheckpointError(
-            f"a base model is a folder or Hub id, not a {type(base).__name__} (for a loaded model: merge_into)"
+            f"a base model is a folder or Hub id, not a {type(base).__name__} (for a loaded model: merge_into_model)"
         )
+    return str(base)
+
+
+def resolve_base(base: str | Path) -> Path:
+    """A local folder for ``base``: a path as is, or a Hub id (config, tokenizer and safetensors files only)."""
+    require_base(base)
     folder = resolve(base, files=BASE_FILES, what="base model folder not found")
     if not folder.is_dir():
         raise CheckpointError(f"{base}: not a folder")

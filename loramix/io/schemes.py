@@ -68,7 +68,8 @@ class FP8:
         """(codes, weight_scale_inv) of a float32 weight, with transformers' rounding (see the module docstring)."""
         rows, cols = weight.shape
         r, c = self.grid(weight.shape)
-        padded = torch.nn.functional.pad(weight, (0, c * self.block[1] - cols, 0, r * self.block[0] - rows))
+        pads = (0, c * self.block[1] - cols, 0, r * self.block[0] - rows)
+        padded = torch.nn.functional.pad(weight, pads) if any(pads) else weight  # a view where the blocks tile W
         amax = padded.reshape(r, self.block[0], c, self.block[1]).abs().amax(dim=(1, 3))
         if self.divide:  # compressed-tensors: scale = max(a/448, eps), stored, and W divided by the stored scale
             stored = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).eps).to(scale_dtype)

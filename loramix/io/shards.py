@@ -179,6 +179,7 @@ def write_shards(
     workers: int,
     headers: list[bytes | None] | None = None,
     early: EarlyCopy | None = None,
+    order: Callable[[object], int] | None = None,
 ) -> dict[str, float]:
     """Write every shard into ``folder``: headers first (``headers[i]`` as given, else planned from the tensors),
     then every tensor at its planned place; ``produce(job)`` yields a computed tensor's output rows in order,
@@ -186,7 +187,8 @@ def write_shards(
     ``workers`` threads compute meanwhile. ``early``: the copy the CLI started before torch was imported
     (`loramix.io.early_copy`), used when the output keeps the base's files as they are, else stopped. Returns the
     wall-clock times (time.time()) at which the copy and the computed tensors started and ended, and the bytes
-    ``copied early``."""
+    ``copied early``. ``order(job)``: the computed tensors are started in that order (stable), e.g. every
+    re-quantized weight's codes before any scales, so that two workers never wait on one weight's parts."""
     headers = headers or [None] * len(shards)
     kept = all(h is not None for h in headers) and early is not None and early.files == names
     if early is not None and not kept:
@@ -205,7 +207,7 @@ def write_shards(
                 os.ftruncate(fd, len(header) + sum(job.nbytes for job in shard))
             tasks += _tasks(path, fd, len(header), shard, copied)
         copies = [t for t in tasks if t.job is None]
-        computed = [t for t in tasks if t.job is not None]
+        computed = sorted((t for t in tasks if t.job is not None), key=lambda t: order(t.job) if order else 0)
         if early and any(t.job.name in copied for t in computed):  # predicted untouched, but merged: after the copy
             early.join()
         with ThreadPoolExecutor(1) as copier, ThreadPoolExecutor(max(1, workers)) as pool:

@@ -41,7 +41,7 @@ from loramix.io.shards import (
 from loramix.merge.chunks import Pinned, merged_chunks
 from loramix.merge.kernels import StoredUpdate, Survival, Update, decide_layout, warn_stored
 from loramix.merge.quantized_base import mark_quantized, requantize, written_as
-from loramix.quantize import Quantization, round_trip, tensors_to_round_trip
+from loramix.quantize import Quantization, require_dense_base, round_trip, tensors_to_round_trip
 from loramix.runtime import OUTPUT_DTYPE_NAMES, parse_size, progress_bar
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | 
         key = base.quantized.stored(key) if base.quantized else key  # MXFP4 experts: their _blocks
         if key not in jobs:
             raise CheckpointError(f"{where} has no tensor {key} (the experts of {slabs[0][0]})")
-        jobs[key].updates += [Update(name, module, "linear", rows) for name, module, rows in slabs]
+        jobs[key].updates += [Update(name, module, "out_in", rows) for name, module, rows in slabs]
     _plan_extras(adapter, base, jobs, dtype, notes)
     flipped: list[str] = []
     for name, module in adapter.modules.items():
@@ -180,7 +180,7 @@ def plan_merge(adapter: LoraAdapter, base: BaseCheckpoint, dtype: torch.dtype | 
         )
         # GPT-2 Conv1D names read as linear: the PEFT reader has warned about that config already (one warning per
         # fact), and the other readers take such names as linear on purpose; the note is then for -v only.
-        said = all(adapter.modules[n].layout == "linear" and GPT2_CONV1D.search(n) for n in flipped)
+        said = all(adapter.modules[n].layout == "out_in" and GPT2_CONV1D.search(n) for n in flipped)
         if said:
             log.info("%s: %s", adapter.name, note)
         else:
@@ -333,8 +333,7 @@ def write_merged(
         raise CheckpointError(f"{base.folder}: no config.json (not a model folder)")  # bare .safetensors: ComfyUI's
     notes: list[str] = []
     quantized = base.quantized
-    if quantized is not None and quantization is not None:
-        raise CheckpointError(f"{base.folder}: a {quantized.describe()} base; quantized_as is for dense bases")
+    require_dense_base(base, quantization)
     jobs = plan_merge(adapter, base, dtype, notes)
     if quantization is not None:
         _mark_round_trips(jobs, quantization, base.model_type)
@@ -373,6 +372,7 @@ def write_merged(
             workers=workers,
             headers=headers and [headers[i] for i in mine],
             early=early,
+            order=lambda job: job.requantized[1] if job.requantized else 0,  # a weight's other parts wait for it
         )
     log.info("merge phases (wall-clock times): %s", json.dumps(times))
     if rank == 0:

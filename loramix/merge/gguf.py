@@ -50,7 +50,7 @@ def deltas_by_tensor(adapter: LoraAdapter, base: GgufBase) -> dict[str, list[tup
             "GGUF bases (whose tensor transforms it knows)"
         )
     for name, m in adapter.modules.items():
-        if m.bias is not None or m.magnitude is not None or m.layout not in ("linear", "conv1d_fan_in_fan_out"):
+        if m.bias is not None or m.magnitude is not None or m.layout not in ("out_in", "conv1d_fan_in_fan_out"):
             raise CheckpointError(
                 f"module {name}: only plain linear LoRA merges into a GGUF base (no DoRA, bias, conv)"
             )

@@ -43,7 +43,7 @@ def decide_layout(
                 f"of shape {tuple(shape)}"
             )
         return module.layout
-    fits = [lay for lay, s in (("linear", (out, inp)), ("conv1d_fan_in_fan_out", (inp, out))) if tuple(shape) == s]
+    fits = [lay for lay, s in (("out_in", (out, inp)), ("conv1d_fan_in_fan_out", (inp, out))) if tuple(shape) == s]
     if not fits:
         raise CheckpointError(
             f"adapter module {name} (out {out} × in {inp}) does not fit base tensor {key} of shape {tuple(shape)}"
@@ -52,7 +52,7 @@ def decide_layout(
         return fits[0]
     if conv1d is None:
         conv1d = is_conv1d(model_type, name)
-    return "conv1d_fan_in_fan_out" if conv1d else "linear"
+    return "conv1d_fan_in_fan_out" if conv1d else "out_in"
 
 
 @dataclass
@@ -90,7 +90,7 @@ def delta_rows(
     """Rows [start, stop) of ΔW in the base tensor's stored layout, in ``dtype`` (float32) on ``device``."""
     A = module.A.to(device=device, dtype=dtype)
     B = module.B.to(device=device, dtype=dtype)
-    if layout == "linear":
+    if layout == "out_in":
         rows = B[start:stop] @ A
     elif layout in ("conv1d_fan_in_fan_out", "embedding"):
         rows = A[:, start:stop].T @ B.T

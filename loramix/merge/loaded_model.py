@@ -1,4 +1,4 @@
-"""Merge an adapter into a loaded model's weights in place (`merge_into`) and take it out again (`unmerge`).
+"""Merge an adapter into a loaded model's weights in place (`merge_into_model`) and take it out again (`unmerge`).
 
 The in-memory twin of `loramix.merge.checkpoint.write_merged`, with its kernels (`delta_rows`, `dora_merge`,
 `decide_layout`), its name rule (`loramix.io.base.NameMatcher`, here over the model's module names) and its survival
@@ -10,7 +10,7 @@ input embedding with it, as PEFT's ``merge_and_unload`` does.
 
 `unmerge` subtracts ΔW again. The float32 arithmetic of the merge is not exactly reversible: the result lies within
 one rounding of the original weight in its own dtype. A DoRA merge rescales rows by ‖W+ΔW‖, which the merged weight
-no longer holds, so `unmerge` needs the report `merge_into` returned; so do extra tensors (heads), whose replaced
+no longer holds, so `unmerge` needs the report `merge_into_model` returned; so do extra tensors (heads), whose replaced
 originals the report keeps.
 """
 
@@ -41,7 +41,7 @@ from loramix.merge.kernels import (
 
 @dataclass
 class ModelMergeReport:
-    """What `merge_into` or `unmerge` did to a live model.
+    """What `merge_into_model` or `unmerge` did to a live model.
 
     ``survival``: per module, how the change stored in the weight's dtype compares with the intended ±ΔW
     (`loramix.merge.kernels.StoredUpdate`: kept share, relative error, cosine; as in a merged checkpoint's report).
@@ -70,7 +70,7 @@ def _check_model(model, what: str) -> None:
 
 def _plan(model: torch.nn.Module, adapter: LoraAdapter) -> list[_Target]:
     """Every module's layer and layout, checked before any weight changes."""
-    experts.refuse(adapter, "merge_into / unmerge (a loaded model)")
+    experts.refuse(adapter, "merge_into_model / unmerge (a loaded model)")
     matcher = NameMatcher([name for name, _ in model.named_modules() if name])
     label = type(model).__name__
     targets, owners = [], {}
@@ -127,12 +127,12 @@ def _store(weight: torch.Tensor, result: torch.Tensor, before: torch.Tensor, nam
     return measure.measure()
 
 
-def merge_into(model: torch.nn.Module, adapter) -> ModelMergeReport:
+def merge_into_model(model: torch.nn.Module, adapter) -> ModelMergeReport:
     """Add ``adapter``'s ΔW (a `LoraAdapter` or any source `load_adapter` takes) into ``model``'s weights in place,
     as PEFT's ``merge_and_unload`` does (DoRA exactly, lora_B biases into the layer biases, heads replaced). Nothing
     changes when a module does not fit the model. Returns a `ModelMergeReport` (keep it to `unmerge` DoRA or heads).
     """
-    _check_model(model, "merge_into")
+    _check_model(model, "merge_into_model")
     adapter = load_adapter(adapter)
     targets, extras = _plan(model, adapter), _extras(model, adapter)
     report = ModelMergeReport()
@@ -159,7 +159,7 @@ def merge_into(model: torch.nn.Module, adapter) -> ModelMergeReport:
 
 def unmerge(model: torch.nn.Module, adapter, *, merged: ModelMergeReport | None = None) -> ModelMergeReport:
     """Take ``adapter``'s ΔW out of ``model``'s weights again (in place), within one rounding of the weights before
-    `merge_into`. DoRA modules and extra tensors need ``merged``, the report `merge_into` returned."""
+    `merge_into_model`. DoRA modules and extra tensors need ``merged``, the report `merge_into_model` returned."""
     _check_model(model, "unmerge")
     adapter = load_adapter(adapter)
     targets, extras = _plan(model, adapter), _extras(model, adapter)
@@ -169,7 +169,7 @@ def unmerge(model: torch.nn.Module, adapter, *, merged: ModelMergeReport | None 
     if lacking:
         raise SettingError(
             f"{lacking[0]}: a DoRA module or replaced head cannot be taken out of the weights alone; pass the report "
-            "merge_into returned as merged="
+            "merge_into_model returned as merged="
         )
     report = ModelMergeReport()
     with torch.no_grad():

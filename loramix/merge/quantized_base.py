@@ -62,7 +62,7 @@ def requantize(
     if any(u.module.magnitude is not None for u in job.updates):
         merged, _ = dora_merge(W, job.updates[0], device)
     else:
-        merged = W + whole_delta(job.updates, W.shape, device)
+        merged = whole_delta(job.updates, W.shape, device).add_(W)  # W + ΔW in ΔW's buffer
     parts = scheme.quantize_parts(merged, stored)
     intended = merged.sub_(W)
     if not math.isfinite(stats.add(scheme.dequantize_parts(*parts).sub_(W), intended)):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from loramix.errors import MethodError
+from loramix.errors import MethodDefinitionError, MethodError
 from loramix.linalg import Factors, RankRule
 
 # The rank rule of a dense merge (space="dense") given none: the smallest rank holding 99% of each module's Σσ².
@@ -108,16 +108,18 @@ def method(
 
     def register(fn: Callable) -> Callable:
         if name in REGISTRY:
-            raise MethodError(f"method {name} is registered twice")
+            raise MethodDefinitionError(f"method {name} is registered twice")
         if data and not every_adapter:
-            raise MethodError(f"method {name}: a data method fits every adapter's model, so it takes every_adapter")
+            raise MethodDefinitionError(
+                f"method {name}: a data method fits every adapter's model, so it takes every_adapter"
+            )
         parameters = inspect.signature(fn).parameters.values()
         named = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
         if not any(p.name == "rule" for p in named):
-            raise MethodError(f"method {name}: the function must take a keyword-only 'rule'")
+            raise MethodDefinitionError(f"method {name}: the function must take a keyword-only 'rule'")
         missing = [p.name for p in named if p.name != "rule" and p.default is inspect.Parameter.empty]
         if missing:
-            raise MethodError(f"method {name}: option(s) {', '.join(missing)} need a default")
+            raise MethodDefinitionError(f"method {name}: option(s) {', '.join(missing)} need a default")
         REGISTRY[name] = Method(
             name=name,
             fn=fn,

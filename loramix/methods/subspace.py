@@ -176,7 +176,7 @@ def star(terms, *, rule: RankRule, eta: float = 0.4) -> Factors:
     """STAR: each task cut to eta of its nuclear norm, the kept σ's rescaled to the whole norm, then summed."""
     eta = check_number("eta", eta, 0, 1)
     shape = _shape(terms)
-    cut = RankRule(rule="sv_cumulative", value=eta) if eta > 0 else RankRule(rank=1)
+    cut = RankRule(rule="sv_cumulative", rule_value=eta) if eta > 0 else RankRule(rank=1)
     Bs, As = [], []
     for t in terms:
         d = factor_svd(t.B * t.coef, t.A)

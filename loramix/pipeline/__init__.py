@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from loramix.align import run_align
 from loramix.convert import run_convert
-from loramix.errors import MethodError
+from loramix.errors import ArgumentError
 from loramix.pipeline.analyze import run_analyze
 from loramix.pipeline.combine import RunReport, run_combine
 from loramix.pipeline.extract import EXTRACTION_FILE, extract, run_extract
@@ -52,7 +52,7 @@ def run(plan: Settings, *, overwrite: bool = False, progress: bool = False, argv
     is checked against its field first (`loramix.recipe.check_plan`): a bad value fails before anything is read."""
     runner = RUNNERS.get(type(plan))
     if runner is None:
-        raise MethodError(
+        raise ArgumentError(
             f"run takes a Plan (loramix.Plan(adapters=[...]) or a loaded recipe), got {type(plan).__name__}"
         )
     check_plan(plan)

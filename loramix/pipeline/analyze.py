@@ -15,18 +15,18 @@ def run_analyze(
     """Run an `AnalyzePlan` (``argv`` is not recorded: an analysis has no card)."""
     if plan.output:
         check_file(plan.output, overwrite=overwrite)
-    load = plan.load_options()
+    load = plan.load
     result = analyze(
         list(plan.adapters),
         weights=plan.weights,
-        **plan.rank_rule().keywords(),
+        rank_rule=plan.rank_rule,
         base=plan.base,
         allow_different_bases=load.allow_different_bases,
         allow_nonfinite=load.allow_nonfinite,
         progress=progress,
         load_options=load.per_source(),
-        quantized_as=plan.quantized_as,
-        blocksize=plan.blocksize,
+        quantized_as=plan.quantized.quantized_as,
+        blocksize=plan.quantized.blocksize,
     )
     if plan.output:
         write_analysis_json(result, plan.output, overwrite=overwrite)

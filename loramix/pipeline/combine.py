@@ -19,6 +19,7 @@ from loramix.methods import get_method
 from loramix.outputs import Output, recipe_file
 from loramix.plans import Plan
 from loramix.render.card import CARD_FILE, model_card
+from loramix.schedule import Constant
 from loramix.weight_search.grams import method_grams
 
 # The sources' overlap goes into a card only when it is cheap: few sources, at most this many LoRA parameters.
@@ -56,7 +57,7 @@ def run_combine(plan: Plan, *, overwrite: bool = False, progress: bool = False, 
             "`quantized_as` round-trips a base through 4-bit before merging: it needs a base", option="merge_into"
         )
     out = Output.of(plan, overwrite=overwrite)
-    target = plan.target()
+    target = plan.target if plan.merge_into else None
     options = dict(plan.options)
     if plan.base and "base" not in options and get_method(plan.method).data:
         options["base"] = plan.base  # a method that needs data runs the run's base forward
@@ -64,12 +65,12 @@ def run_combine(plan: Plan, *, overwrite: bool = False, progress: bool = False, 
         method=plan.method,
         options=options,
         heads=plan.heads,
-        rule=plan.rank_rule(),
+        rule=plan.rank_rule,
         rank_layout="exact" if target else plan.rank_layout or "portable",
         device=plan.device,
         dtype=None if target else plan.dtype,
     )
-    load = plan.load_options()
+    load = plan.load
     loaded, weights = load_adapters(
         plan.adapters,
         weights=plan.weights,
@@ -84,7 +85,7 @@ def run_combine(plan: Plan, *, overwrite: bool = False, progress: bool = False, 
     else:  # DoRA adapters become their effective updates on the base, which combine as LoRAs do
         loaded = effective_adapters(loaded, plan.base or plan.merge_into, device=plan.device, progress=progress)
         adapter = combine_loaded(loaded, weights, settings, grams=method_grams(settings, loaded), progress=progress)
-    written = None if target else plan.adapter_output(plan.format)
+    written = None if target else plan.written
     if written and written.writer.laid_out and written.rank_layout == "portable":
         adapter = portable_layout(adapter)  # what the file holds, for the card and the report
     provenance = adapter.provenance
@@ -106,15 +107,15 @@ def run_combine(plan: Plan, *, overwrite: bool = False, progress: bool = False, 
         dtype=(plan.dtype or "the base's dtype") if target else None,
     )
     if target:
-        merge = out.merge(adapter, target, files, device=plan.device, progress=progress)
+        merge = out.merge(adapter, target, files, dtype=plan.dtype, device=plan.device, progress=progress)
         return RunReport(Path(plan.output), adapter, len(loaded), "checkpoint", merge)
     out.protect.append(adapter.source)
-    out.write(files, lambda tmp: write_adapter(adapter, tmp, **written.write_options()))
+    out.write(files, lambda tmp: write_adapter(adapter, tmp, **written.write_options(plan.output)))
     return RunReport(Path(plan.output), adapter, len(loaded), plan.format)
 
 
 def _is_single_dora(loaded: list[LoraAdapter], weights: list, plan: Plan) -> bool:
     """One DoRA adapter at weight 1 with nothing to re-factorise: merged into the base exactly as it is."""
     untouched = plan.rank is None and plan.energy is None and plan.rule is None and not plan.options
-    alone = len(loaded) == 1 and loaded[0].has_dora and weights == [1.0]
+    alone = len(loaded) == 1 and loaded[0].has_dora and weights == [Constant(1.0)]
     return alone and plan.method in ("cat", "svd") and untouched

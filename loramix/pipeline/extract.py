@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from loramix import writers
 from loramix.adapter import portable_layout
-from loramix.errors import CheckpointError, MethodError
+from loramix.errors import CheckpointError, OutputFormatError
 from loramix.extraction import Extraction, extract_lora
 from loramix.formats import write_adapter
 from loramix.hub import revisions
 from loramix.io.diffusers import is_pipeline
+from loramix.linalg import RankRule
 from loramix.outputs import Output, recipe_file
 from loramix.plans import ExtractPlan
 from loramix.render.card import CARD_FILE, extraction_section, model_card
 from loramix.runtime import require_path
-from loramix.settings import AdapterOutput, named
+from loramix.settings import AdapterOutput, Compute, named
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +36,16 @@ def extract(
     output: str | Path,
     *,
     format: str | None = None,
+    rank_rule: RankRule | None = None,
     rank_layout: str = "portable",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = False,
     argv: list[str] | None = None,
-    **settings,
 ) -> Extraction:
-    """Extract the LoRA that best reproduces ``finetuned`` on ``base`` (``settings``: the rank rule, ``device`` and
-    ``dtype`` of `loramix.extraction.extract_lora`) and write it to ``output``, atomically: a PEFT adapter
+    """Extract the LoRA that best reproduces ``finetuned`` on ``base`` (``rank_rule``, ``device`` and ``dtype`` as
+    `loramix.extraction.extract_lora` takes them) and write it to ``output``, atomically: a PEFT adapter
     (``rank_layout`` as `save_adapter`), or a kohya/GGUF file with ``format``, with a model card,
     `EXTRACTION_FILE`, the per-module account (rank, kept energy, measured relative error) that the returned
     `Extraction` holds too, and the recipe that repeats it. Tensors carried whole (norms, biases, resized embeddings)
@@ -49,9 +55,13 @@ def extract(
     Two diffusers pipelines give one kohya file (read by diffusers' ``load_lora_weights`` and the pipeline merge), at
     one rank with alpha = rank (diffusers misreads some per-module alphas); changed norms etc. are not carried."""
     require_path(output, "output (the output folder)")
-    settings = {key: named(value) for key, value in settings.items()}
     plan = ExtractPlan(
-        base=str(base), finetuned=str(finetuned), output=str(output), format=format, rank_layout=rank_layout, **settings
+        base=str(base),
+        finetuned=str(finetuned),
+        output=str(output),
+        rank_rule=RankRule.given(rank_rule, conv=False),
+        compute=Compute(named(device), named(dtype)),
+        written=AdapterOutput(format=format, rank_layout=rank_layout),
     )
     return run_extract(plan, overwrite=overwrite, progress=progress, argv=argv)
 
@@ -66,10 +76,11 @@ def run_extract(
     writers.check_model_format(format)
     if pipelines and format != "kohya":
         wrong = f"{finetuned}: a diffusers pipeline's LoRA is written as one kohya file, not {format}"
-        raise MethodError(wrong, option="format", value="kohya")
+        raise OutputFormatError(wrong, option="format", value="kohya")
     out = Output.of(plan, overwrite=overwrite)
-    rule = plan.rank_rule()  # checked here, before either model is read
-    result = extract_lora(base, finetuned, **rule.keywords(), device=plan.device, dtype=plan.dtype, progress=progress)
+    result = extract_lora(
+        base, finetuned, rank_rule=plan.rank_rule, device=plan.device, dtype=plan.dtype, progress=progress
+    )
     adapter = result.adapter
     if not adapter.modules:
         carried = f" (only {', '.join(sorted(adapter.extra)[:3])} changed)" if adapter.extra else ""
@@ -82,7 +93,7 @@ def run_extract(
         adapter.extra = {}
     if pipelines and plan.rank_layout == "portable":
         adapter = result.adapter = portable_layout(adapter)
-    written = AdapterOutput(str(plan.output), format, plan.rank_layout, base=base)
+    written = replace(plan.written, format=format)
     shown = portable_layout(adapter) if written.writer.laid_out and plan.rank_layout == "portable" else adapter
     report = {
         **result.to_json(),
@@ -95,5 +106,5 @@ def run_extract(
         EXTRACTION_FILE: json.dumps(report, indent=2) + "\n",
         **recipe_file(plan, format=format),
     }
-    out.write(files, lambda tmp: write_adapter(adapter, tmp, **written.write_options()))
+    out.write(files, lambda tmp: write_adapter(adapter, tmp, **written.write_options(plan.output, base)))
     return result

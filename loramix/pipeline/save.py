@@ -34,11 +34,14 @@ def save_adapter(
     (PEFT and GGUF): "portable", one rank every engine reads, or "exact" (see `loramix.formats.peft.write`); other
     ``options`` go to the format's writer (GGUF: ``base``)."""
     adapter = load_adapter(adapter)
-    written = AdapterOutput(str(folder), format or default_format([adapter]), rank_layout)
+    written = AdapterOutput(format=format or default_format([adapter]), rank_layout=rank_layout)
     protect = [adapter.source, *adapter.provenance.get("sources", [])]
     out = Output(folder, overwrite=overwrite, protect=protect, name="folder")
     files = {CARD_FILE: model_card(adapter, revisions=revisions(protect), output_format=written.format)} if card else {}
     out.write(
-        files, lambda tmp: write_adapter(adapter, tmp, dtype=parse_dtype(dtype), **written.write_options(), **options)
+        files,
+        lambda tmp: write_adapter(
+            adapter, tmp, dtype=parse_dtype(dtype), **written.write_options(str(folder)), **options
+        ),
     )
     return Path(folder)

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import torch
 
+from loramix.errors import SearchError
 from loramix.formats import write_adapter
 from loramix.hub import revisions
+from loramix.linalg import RankRule
 from loramix.outputs import Output, recipe_file
 from loramix.plans import Plan, SearchPlan
 from loramix.recipe import repeatable
 from loramix.render.card import CARD_FILE, model_card
 from loramix.settings import MergeTarget
-from loramix.weight_search import SearchResult, distributed, search
+from loramix.weight_search import SearchResult, distributed, search, search_subset
 
 SEARCH_FILE = "search.json"
 SEARCH_RECIPE_FILE = "search_recipe.yaml"
@@ -32,10 +34,13 @@ def run_search(
     rank = 0 if place is None else place[0]
     out = Output.of(plan, overwrite=overwrite) if rank == 0 else None  # checked before the long part
     options = plan.search_options()
-    result = search(plan.base, list(plan.adapters), plan.examples, progress=progress and rank == 0, **options)
+    if plan.subset is not None and place is not None:
+        raise SearchError("a subset search runs on one process, not under torchrun")
+    searching = search if plan.subset is None else search_subset
+    result = searching(plan.base, list(plan.adapters), plan.examples, progress=progress and rank == 0, **options)
     if out is not None:
         device = plan.device.split(",")[0]
-        _write(result, out, plan.merge_into, plan.shard_size, device=device, progress=progress, argv=argv, plan=plan)
+        _write(result, out, plan.target, device=device, progress=progress, argv=argv, plan=plan)
     return result
 
 
@@ -58,15 +63,14 @@ def write_search(
     same adapter (or merged checkpoint) bit for bit without the base, the examples or the optimiser."""
     protect = [*result.adapter.provenance.get("sources", []), result.settings.get("base", "")]
     out = Output(folder, overwrite=overwrite, protect=protect)
-    shard = None if shard_size is None else str(shard_size)
-    return _write(result, out, merge_into, shard, device=device, progress=progress, argv=argv)
+    target = MergeTarget(merge_into, shard_size=None if shard_size is None else str(shard_size))
+    return _write(result, out, target, device=device, progress=progress, argv=argv)
 
 
 def _write(
     result: SearchResult,
     out: Output,
-    merge_into: str | None,
-    shard_size: str | None,
+    target: MergeTarget,
     *,
     device: str | torch.device,
     progress: bool,
@@ -74,15 +78,14 @@ def _write(
     plan: SearchPlan | None = None,
 ) -> Path:
     """`write_search` into a checked output; with the search's ``plan``, `SEARCH_RECIPE_FILE` too."""
-    adapter = result.adapter
+    adapter, merge_into = result.adapter, target.merge_into
     combination = Plan(
         adapters=list(adapter.provenance.get("sources", [])),
         weights=list(result.weights),
         method=adapter.provenance["method"],
-        **result.settings.get("rank_rule", {}),  # a subset search's merge: its rank rule
+        rank_rule=RankRule(**result.settings.get("rank_rule", {})),  # a subset search's merge: its rank rule
         device=str(device),
-        merge_into=merge_into,
-        shard_size=shard_size,
+        target=target,
         output=str(out.folder),
     )
     dtype = None if merge_into else str(adapter.dtype).removeprefix("torch.")  # None: the base's
@@ -106,7 +109,7 @@ def _write(
     if plan is not None:
         files[SEARCH_RECIPE_FILE] = repeatable(plan).to_yaml()
     if merge_into:
-        out.merge(adapter, MergeTarget(merge_into, shard_size=shard_size), files, device=device, progress=progress)
+        out.merge(adapter, target, files, device=device, progress=progress)
     else:
         out.write(files, lambda tmp: write_adapter(adapter, tmp))
     return out.folder

@@ -23,7 +23,7 @@ from loramix.errors import counted
 from loramix.merge.checkpoint import MergeReport
 from loramix.methods import REGISTRY
 from loramix.quantize import Quantization
-from loramix.schedule import describe, varies
+from loramix.schedule import parse, varies
 from loramix.sources import parse_hub_id
 
 CARD_FILE = "README.md"
@@ -136,7 +136,7 @@ def _sources_section(provenance: dict, revisions: dict[str, str]) -> list[str]:
     weights = provenance.get("weights") or [None] * len(sources)
     lines = ["## Source adapters", "", "| adapter | weight | revision |", "|---|---|---|"]
     for source, weight in zip(sources, weights):
-        shown = "-" if weight is None else describe(weight)
+        shown = "-" if weight is None else parse(weight).describe()
         lines.append(f"| `{source}` | {shown} | {revisions.get(source, 'local')} |")
     options = (provenance.get("options") or {}).values()
     if any(varies(w) for w in weights) or any(varies(v) for v in options):
@@ -412,20 +412,26 @@ def qlora_section(settings: Quantization, round_tripped: list[str], modules: lis
     targeted = set(modules)
     changed = sorted(k for k in round_tripped if k.removesuffix(".weight") in targeted)
     others = len(round_tripped) - len(changed)
+    library = "; bitsandbytes" if settings.bitsandbytes else ""
+    kept = (
+        "- every other tensor (attention, router, embeddings, norms, output head) was left as it is (transformers' "
+        "MXFP4 quantizes only the experts)."
+        if settings.mxfp4
+        else "- embeddings, norms and the output head were left as they are (the quantized model keeps them "
+        "unquantized)" + (f", as were the skipped modules {', '.join(settings.skip)}." if settings.skip else ".")
+    )
     lines = [
         "",
         "## QLoRA-faithful merge",
         "",
-        f"The adapter was trained on a quantized base ({settings.describe()}{'' if settings.fp8 else '; bitsandbytes'})"
-        ". Before ΔW was added, "
+        f"The adapter was trained on a quantized base ({settings.describe()}{library}). Before ΔW was added, "
         f"{len(round_tripped)} base weight(s) went through that quantization's round trip (quantize → dequantize), "
         "so this checkpoint is the model the adapter was trained with, not the bf16 base plus ΔW:",
         "",
         f"- {len(changed)} weight(s) the adapter changes"
         + (f" (e.g. `{changed[0]}`)" if changed else "")
         + f", and {others} other weight(s) the quantized model quantizes (round trip `{settings.round_trip}`);",
-        "- embeddings, norms and the output head were left as they are (the quantized model keeps them unquantized)"
-        + (f", as were the skipped modules {', '.join(settings.skip)}." if settings.skip else "."),
+        kept,
     ]
     return "\n".join(lines) + "\n"
 

@@ -17,9 +17,9 @@ Compositions, per module (sᵢ = adapter i's scale, wᵢ = candidate weights):
 
 Weights that vary by layer or module (``forms``: a gradient, name filters or SD block weights per adapter, see
 `loramix.schedule`): a candidate is then the vector θ of the numbers the forms hold (k of them, adapter by adapter),
-and module m's weights are w = L_m·θ + c_m, with L_m (n×k) and c_m from `loramix.schedule.linear` (precomputed on
-the module's device; gradients flow through this linear map). When every form is a number, θ is w and no map is
-applied.
+and module m's weights are w = L_m·θ + c_m, with L_m (n×k) and c_m from `loramix.schedule.Schedule.affine`
+(precomputed on the module's device; gradients flow through this linear map). When every form is a number, θ is w
+and no map is applied.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from torch import nn
 
 from loramix.adapter import LoraAdapter
 from loramix.errors import IncompatibleAdaptersError
-from loramix.schedule import count_layers, linear
+from loramix.schedule import Schedule, count_layers, parse
 from loramix.settings import COMPOSITIONS
 from loramix.weight_search.objective import token_losses
 
-_LAYOUTS = ("linear", "conv1d_fan_in_fan_out")  # factors are kept in math orientation: both are x·Aᵀ·Bᵀ
+_LAYOUTS = ("out_in", "conv1d_fan_in_fan_out")  # factors are kept in math orientation: both are x·Aᵀ·Bᵀ
 
 
 @dataclass
@@ -108,21 +108,20 @@ def build_factors(model: nn.Module, adapters: list[LoraAdapter], composition: st
     return factors
 
 
-def _add_mixing(factors: dict[str, _Factors], forms: list) -> int:
+def _add_mixing(factors: dict[str, _Factors], forms: list[Schedule]) -> int:
     """Give each module its map from the forms' numbers θ to its n weights (see the module docstring), on the
     module's device; returns k, the length of θ. Nothing is added when every form holds one number (θ is then the
     weights themselves)."""
-    maps = [linear(f) for f in forms]
-    starts = [sum(len(m.values) for m in maps[:i]) for i in range(len(maps))]
-    k = sum(len(m.values) for m in maps)
+    starts = [sum(len(f.numbers) for f in forms[:i]) for i in range(len(forms))]
+    k = sum(len(f.numbers) for f in forms)
     if k == len(forms):  # one number each: a form holding one number is that number in every module
         return k
     layers = count_layers(factors)
     for name, f in factors.items():
-        L = torch.zeros(len(maps), k, dtype=torch.float64)
-        offset = torch.zeros(len(maps), dtype=torch.float64)
-        for i, (m, start) in enumerate(zip(maps, starts)):
-            row, offset[i] = m.row(name, layers)
+        L = torch.zeros(len(forms), k, dtype=torch.float64)
+        offset = torch.zeros(len(forms), dtype=torch.float64)
+        for i, (form, start) in enumerate(zip(forms, starts)):
+            row, offset[i] = form.affine(name, layers)
             L[i, start : start + len(row)] = torch.tensor(row, dtype=torch.float64)
         f.mix, f.offset = L.to(f.A.device, torch.float32), offset.to(f.A.device, torch.float32)
     return k
@@ -132,9 +131,9 @@ class Evaluator:
     """Scores candidate weightings (P×k) on a frozen model through hooks: one forward pass per population chunk.
 
     ``batch`` is the examples' token batch (`build_batch`); ``max_candidates`` caps how many candidates share one
-    forward pass (memory); ``None`` means the whole population; ``objective``: see `token_losses`. ``forms``: the
-    `parse`d weight form of each adapter (default: a number each); a candidate holds their numbers (k = n when all are
-    numbers, see the module docstring).
+    forward pass (memory); ``None`` means the whole population; ``objective``: see `token_losses`. ``forms``: each
+    adapter's weight form, a `loramix.schedule.Schedule` or a value it parses (default: a number each); a candidate
+    holds their numbers (k = n when all are numbers, see the module docstring).
     """
 
     def __init__(
@@ -154,7 +153,7 @@ class Evaluator:
         self.dtype = next(model.parameters()).dtype
         self.composition = composition
         self.factors = build_factors(model, adapters, composition)
-        self.k = _add_mixing(self.factors, [0.0] * len(adapters) if forms is None else forms)
+        self.k = _add_mixing(self.factors, [parse(f, what="form") for f in forms or [0.0] * len(adapters)])
         self._devices = {f.A.device for f in self.factors.values()}
         self.batch = {k: v.to(self.device) for k, v in batch.items()}
         self.labels = self.batch.pop("labels")

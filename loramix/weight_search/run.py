@@ -24,7 +24,7 @@ from loramix.errors import SearchError
 from loramix.formats import load_adapters
 from loramix.io.base import resolve_base
 from loramix.runtime import progress_bar, resolve_device
-from loramix.schedule import linear, parse
+from loramix.schedule import Constant, Schedule, parse
 from loramix.settings import COMPOSITIONS
 from loramix.weight_search import distributed, optimizers
 from loramix.weight_search.evaluator import Evaluator
@@ -110,7 +110,9 @@ def load_base(base, *, device: torch.device | list[torch.device], tokenizer=None
                 raise SearchError(f"{base}: no usable tokenizer beside the model ({detail[:200]})") from None
         split = {} if len(devices) == 1 else {"device_map": "balanced", "max_memory": _split_memory(devices)}
         try:
-            model = auto.from_pretrained(str(folder), dtype=dtype, **split)
+            # use_kernels=False: transformers' own layers, never kernels fetched from the Hub at run time (offline
+            # machines, and one set of numerics for every candidate)
+            model = auto.from_pretrained(str(folder), dtype=dtype, use_kernels=False, **split)
         except (OSError, ValueError) as exc:
             raise SearchError(f"{base}: cannot load as {auto.__name__} ({str(exc).splitlines()[0]})") from None
     if isinstance(tokenizer, (str, Path)):
@@ -125,10 +127,10 @@ def load_base(base, *, device: torch.device | list[torch.device], tokenizer=None
     return model, tokenizer, bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def _initial(init, count: int) -> list:
+def _initial(init, count: int) -> list[Schedule]:
     """Each adapter's starting weight in its form (`loramix.schedule.parse`; default 0 each)."""
     if init is None:
-        return [0.0] * count
+        return [Constant(0.0)] * count
     if len(init) != count:
         raise SearchError(f"init has {len(init)} value(s) for {count} adapter(s)")
     return [parse(w, what=f"init {i + 1}") for i, w in enumerate(init)]
@@ -258,8 +260,8 @@ def _search(
         allow_nonfinite=allow_nonfinite,
         load_options=load_options,
     )
-    forms = [linear(f) for f in _initial(init, len(loaded))]
-    x0 = np.asarray([v for f in forms for v in f.values], dtype=np.float64)  # θ: the numbers the forms hold
+    forms = _initial(init, len(loaded))
+    x0 = np.asarray([v for f in forms for v in f.numbers], dtype=np.float64)  # θ: the numbers the forms hold
     examples = as_examples(examples)
     targets = [resolve_device(d) for d in str(device).split(",")]
     if len(targets) > 1 and any(t.type != "cuda" for t in targets):
@@ -282,7 +284,7 @@ def _search(
         "l1": l1,
         "bounds": [lo, hi],
         "seed": seed,
-        "init": [f.spec for f in forms],
+        "init": [f.data() for f in forms],
         "device": ",".join(map(str, targets)),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "chat_template": chat_template,
@@ -301,7 +303,7 @@ def _search(
         composition=composition,
         encoder_decoder=encoder_decoder,
         max_candidates=max_candidates,
-        forms=[f.spec for f in forms],
+        forms=forms,
         objective=objective,
     ) as evaluator:
 
@@ -328,16 +330,16 @@ def _search(
             )
         theta = [float(w) for w in track.best]
         cross_entropy = float(evaluator.cross_entropy([theta])[0])
-    starts = np.cumsum([0] + [len(f.values) for f in forms])
-    weights = [f.form(theta[a:b]) for f, a, b in zip(forms, starts[:-1], starts[1:])]
+    starts = np.cumsum([0] + [len(f.numbers) for f in forms])
+    found = [f.with_numbers(theta[a:b]) for f, a, b in zip(forms, starts[:-1], starts[1:])]
     seconds = time.perf_counter() - start
     # the searched composition as an adapter: cat is the weighted sum of ΔWs, lorahub LoRAHub's factor mixing
     method = "lorahub" if composition == "lorahub" else "cat"
     checked = check_settings(method=method, options={}, device=str(target))
-    adapter = combine_loaded(loaded, [parse(w, what="weight") for w in weights], checked)
+    adapter = combine_loaded(loaded, found, checked)
     log.info("search: loss %.4f after %d evaluations in %.1f s", track.best_loss, track.evaluations, seconds)
     return SearchResult(
-        weights=weights,
+        weights=[f.data() for f in found],
         loss=cross_entropy + l1 * float(np.mean(np.abs(theta))),
         cross_entropy=cross_entropy,
         history=track.history,

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ from loramix.errors import SearchError
 from loramix.formats import load_adapters
 from loramix.linalg import RankRule
 from loramix.runtime import progress_bar, resolve_device
-from loramix.schedule import count_layers, layer_index, resolve, varies
+from loramix.schedule import count_layers, layer_index, parse, varies
+from loramix.settings import Granularity
 from loramix.weight_search import optimizers
 from loramix.weight_search.evaluator import Evaluator
 from loramix.weight_search.grams import combine, input_grams
@@ -50,8 +52,7 @@ from loramix.weight_search.run import SearchResult, load_base
 
 log = logging.getLogger(__name__)
 
-GRANULARITIES = ("module", "layer")
-RANK_RULE = ("rank", "energy", "rule", "rule_value", "conv_rank")  # `combine`'s rank-rule settings
+GRANULARITIES = get_args(Granularity)
 START = 0.25  # every group kept; COBYLA's first step (+1/2) drops one group
 
 
@@ -99,7 +100,7 @@ class Groups:
                 continue
             filters = {name: 0.0 for name in off}
             plain = {**filters, "default": w}
-            kept = {n: w for n in self.names if n not in off and resolve(plain, n, layers) != w}
+            kept = {n: w for n in self.names if n not in off and parse(plain).at(n, layers) != w}
             ordered = sorted({**filters, **kept}.items(), key=lambda item: -len(item[0]))
             forms.append({**dict(ordered), "default": w})
         return forms
@@ -114,7 +115,7 @@ def search_subset(
     granularity: str = "module",
     weights: list[float] | None = None,
     options: dict | None = None,
-    rank_rule: dict | None = None,
+    rank_rule: RankRule | None = None,
     optimizer: str = "cobyla",
     objective: str = "cross-entropy",
     steps: int = 40,
@@ -132,8 +133,8 @@ def search_subset(
     progress: bool = False,
 ) -> SearchResult:
     """Search which modules (``granularity="module"``) or layers (``"layer"``) of each of ``adapters`` to keep
-    before merging them with ``method`` (any registered method, its ``options`` and ``rank_rule`` — ``rank``,
-    ``energy``, ``rule``, ``rule_value``, ``conv_rank`` — as `loramix.combine` takes them), so that the merge fits
+    before merging them with ``method`` (any registered method, its ``options`` and ``rank_rule``, a `RankRule`
+    whose settings `loramix.combine` takes), so that the merge fits
     ``examples`` best (see the module docstring). ``weights``: one number per adapter (default 1/n each, as
     `combine`); ``objective``, ``optimizer``, ``steps``, ``popsize``, ``lr``, ``seed``, ``max_candidates`` and the
     loading options as `search` takes them (COBYLA: merges scored; CMA-ES and Adam: generations of ``popsize``).
@@ -145,10 +146,8 @@ def search_subset(
     if granularity not in GRANULARITIES:
         raise SearchError(f"unknown granularity {granularity!r} (use {' or '.join(GRANULARITIES)})")
     check_search(objective, optimizer, steps)
-    unknown = sorted(set(rank_rule or {}) - set(RANK_RULE))
-    if unknown:
-        raise SearchError(f"rank_rule takes {', '.join(RANK_RULE)}, not {', '.join(unknown)}")
-    rule = RankRule.of(**(rank_rule or {}))
+    rule = RankRule.given(rank_rule)
+    truncation = {key: value for key, value in rule.keywords(conv=True).items() if value is not None}
     chosen = check_settings(method=method, options=dict(options or {}), rule=rule).method  # before loading
     loaded, numbers = load_adapters(
         adapters,
@@ -159,6 +158,7 @@ def search_subset(
     )
     if any(varies(w) for w in numbers):
         raise SearchError("a module-subset search takes one number per adapter as its weight, not a varying form")
+    numbers = [w.value for w in numbers]
     groups = Groups.of(loaded, granularity)
     source, examples = examples, as_examples(examples)
     target = resolve_device(device)
@@ -174,7 +174,7 @@ def search_subset(
         if isinstance(source, (str, Path)):
             options.setdefault("examples", str(source))
         grams = input_grams(model, loaded, examples, device=str(target), tokenizer=tokenizer)
-    merge = {**(rank_rule or {}), **options, "device": str(target), "grams": grams}
+    merge = {**truncation, **options, "device": str(target), "grams": grams}
     popsize = popsize or 4 + int(3 * math.log(groups.size))
     scores = _Scores(model, loaded, batch, groups, numbers, method, merge, encoder_decoder, objective, max_candidates)
     start = time.perf_counter()
@@ -204,7 +204,7 @@ def search_subset(
         "subset": granularity,
         "method": method,
         "options": options,
-        "rank_rule": dict(rank_rule or {}),
+        "rank_rule": truncation,
         "objective": objective,
         "optimizer": optimizer,
         "steps": steps,

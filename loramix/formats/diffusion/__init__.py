@@ -173,7 +173,7 @@ def _parts(family: Family, found, name: str, module: LoraModule, where: str) -> 
     rule, block, index = found
     if index >= 0:
         return {COMPONENT + rule.name(rule.targets[index], block): module}
-    if module.layout != "linear" and rule.split != "one":
+    if module.layout != "out_in" and rule.split != "one":
         raise AdapterFormatError(f"{where}: module {name} is a {module.layout} LoRA; {family.label}'s are linear")
     pieces = family.pieces(rule, block, module.in_features, module.out_features, f"{where}: {name}")
     return {COMPONENT + n: m for n, m in split(module, pieces).items()}
@@ -266,7 +266,7 @@ def _joined(family: Family, rule: Rule, block, parts: dict[str, LoraModule], mlp
         if (
             module.bias is not None
             or module.magnitude is not None
-            or (module.layout != "linear" and rule.split != "one")
+            or (module.layout != "out_in" and rule.split != "one")
         ):
             raise OutputError(f"module {name}: kohya files hold a plain linear LoRA for {family.label}")
     if rule.split == "one":

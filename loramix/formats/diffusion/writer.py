@@ -56,7 +56,7 @@ def _check(name: str, m: LoraModule) -> None:
         )
     if m.bias is not None or m.magnitude is not None:
         raise OutputError(f"module {name}: loramix writes diffusers files without lora_B biases or DoRA magnitudes")
-    if m.layout not in ("linear", "conv2d"):
+    if m.layout not in ("out_in", "conv2d"):
         raise OutputError(f"module {name}: diffusers files hold linear and conv2d LoRA only, not {m.layout}")
 
 
