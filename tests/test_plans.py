@@ -2,21 +2,25 @@
 the same bytes; a bad recipe value fails in one line naming its field before any adapter or model is read; one
 `loramix.run(plan)` loads and checks its adapters once; and an output format is one registered writer.
 
-Oracles: the first output itself (the re-run's tensor files and recipe byte-identical; its JSON reports equal but for
-the wall time they record; the card differs only in the command line it records), and call counts of the library's
-own front doors.
+Oracles: the first output itself, re-run from its recipe by another process (hash maps iterate in another order
+there): every file byte-identical (tensor files of every output format, merged shards, config and index, recipes),
+the JSON reports equal but for the wall time they record, the card different only in the command line it records;
+and call counts of the library's own front doors.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import loramix
 from loramix import writers
@@ -34,14 +38,10 @@ def _invoke(*args) -> str:
 
 
 def _parts(path: Path, data: bytes):
-    """What is compared of a file: a safetensors file's header as JSON (its metadata mapping is written in
-    whatever order safetensors' hash map iterates, which varies between processes) and its tensor bytes; a JSON
-    report as JSON, less the wall time it records; other files as bytes."""
-    if path.suffix == ".safetensors":
-        size = int.from_bytes(data[:8], "little")
-        return json.loads(data[8 : 8 + size]), data[8 + size :]
-    if path.suffix == ".json":
-        report = json.loads(data)
+    """What is compared of a file: a JSON report that records wall times as JSON, less those times; every other file
+    (tensor files, recipes, configs, indexes) as bytes."""
+    report = json.loads(data) if path.suffix == ".json" else None
+    if isinstance(report, dict) and {"seconds", "read_wait_seconds"} & set(report):
         report.pop("seconds", None)
         report.pop("read_wait_seconds", None)
         return report
@@ -57,73 +57,104 @@ def _same_output(first: Path, again: Path) -> None:
             assert _parts(name, (first / name).read_bytes()) == _parts(name, (again / name).read_bytes()), name
 
 
+def _flux_lora(path: Path) -> Path:
+    """A tiny Flux LoRA in kohya's names (two modules, rank 2), for the diffusion formats."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, (out, inp) in {"double_blocks_0_img_attn_qkv": (48, 16), "single_blocks_0_linear2": (16, 80)}.items():
+        name = f"lora_unet_{module}"
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, inp, generator=gen)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out, 2, generator=gen)
+        tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(path))
+    return path
+
+
+OUT, FLUX = "<out>", "<flux>"  # in `COMMANDS`: the output folder, a Flux LoRA file (for the diffusion formats)
+# Each command's arguments; ``combine-<format>`` for every registered output format.
 COMMANDS = {
-    "combine": lambda out: [
+    "combine-peft": ["combine", example("summarize"), example("translate"), "-w", "0.6,0.4", "--rank", "4", "-o", OUT],
+    "combine-kohya": ["combine", example("summarize"), "-m", "cat", "--format", "kohya", "-o", OUT],
+    "combine-gguf": [
         "combine",
         example("summarize"),
-        example("translate"),
-        "-w",
-        "0.6,0.4",
-        "--rank",
-        "4",
+        "--format",
+        "gguf",
+        "--gguf-base",
+        example("tiny-llama"),
         "-o",
-        out,
+        OUT,
     ],
-    "combine-kohya": lambda out: ["combine", example("summarize"), "-m", "cat", "--format", "kohya", "-o", out],
-    "extract": lambda out: ["extract", example("tiny-llama"), example("tiny-llama-tuned"), "--rank", "4", "-o", out],
-    "convert": lambda out: ["convert", example("dora"), "--base", example("tiny-llama"), "--rank", "4", "-o", out],
-    "align": lambda out: ["align", example("summarize"), example("translate"), "-o", out],
+    "combine-comfyui": ["combine", FLUX, "-w", "0.5", "--format", "comfyui", "-o", OUT],
+    "combine-diffusers": ["combine", FLUX, "-w", "0.5", "--format", "diffusers", "-o", OUT],
+    "combine-merged": [
+        *("combine", example("summarize"), example("translate"), "-m", "ties", "--merge-into", example("tiny-llama")),
+        *("--dtype", "bfloat16", "--shard-size", "60KB", "-o", OUT),
+    ],
+    "extract": ["extract", example("tiny-llama"), example("tiny-llama-tuned"), "--rank", "4", "-o", OUT],
+    "convert": ["convert", example("dora"), "--base", example("tiny-llama"), "--rank", "4", "-o", OUT],
+    "align": ["align", example("summarize"), example("translate"), "-o", OUT],
+    "search": [
+        *("search", example("summarize"), example("translate"), "--base", example("tiny-llama"), "--steps", "3"),
+        *("--examples", Path(example("few-shot")) / "formal.jsonl", "--composition", "delta", "-o", OUT),
+    ],
+    "search-subset": [
+        *("search", example("summarize"), example("translate"), "--base", example("tiny-llama"), "--steps", "3"),
+        *("--examples", Path(example("few-shot")) / "formal.jsonl", "--subset", "layer", "-m", "ties"),
+        *("--option", "density=0.5", "--rank", "4", "-o", OUT),
+    ],
 }
+# the searches' own plans (their adapter's recipe combines what they found)
+RECIPES = {"search": "search_recipe.yaml", "search-subset": "search_recipe.yaml"}
+# The re-runs, all in one process of their own (a hash seed of its own, Python's and safetensors' hash maps iterating
+# in another order than in this one): ``loramix run RECIPE -o AGAIN`` for each pair of arguments.
+_RERUN = """
+import sys
+from click.testing import CliRunner
+from loramix.cli import main
+for recipe, again in zip(sys.argv[1::2], sys.argv[2::2]):
+    result = CliRunner().invoke(main, ["-q", "run", recipe, "-o", again])
+    assert result.exit_code == 0, (recipe, result.output)
+"""
+
+
+@pytest.fixture(scope="module")
+def reruns(tmp_path_factory) -> Path:
+    """Every command of `COMMANDS` run here into ``ROOT/<command>/first/out``, then re-run from its recipe by
+    another process into ``ROOT/<command>/again/out``."""
+    root = tmp_path_factory.mktemp("reruns")
+    flux = _flux_lora(root / "flux.safetensors")
+    pairs = []
+    for command, arguments in COMMANDS.items():
+        first = root / command / "first" / "out"  # a file is named after its folder: the same name in both
+        _invoke(*({OUT: first, FLUX: flux}.get(a, a) for a in arguments))
+        pairs += [first / RECIPES.get(command, RECIPE), root / command / "again" / "out"]
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # not this process's seed
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    subprocess.run([sys.executable, "-c", _RERUN, *map(str, pairs)], env=env, check=True)
+    return root
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_commands_recipe_reruns_it_to_the_same_bytes(tmp_path, command):
-    first, again = tmp_path / "first" / "out", tmp_path / "again" / "out"  # a file is named after its folder
-    _invoke(*COMMANDS[command](first))
-    recipe = yaml.safe_load((first / RECIPE).read_text())
+def test_every_commands_recipe_reruns_it_to_the_same_bytes(reruns, command):
+    first, again = reruns / command / "first" / "out", reruns / command / "again" / "out"
+    recipe = yaml.safe_load((first / RECIPES.get(command, RECIPE)).read_text())
     assert recipe.get("command", "combine") == command.split("-")[0] and "output" not in recipe
-    _invoke("run", first / RECIPE, "-o", again)
+    if command == "search":
+        assert recipe["steps"] == 3
     _same_output(first, again)
 
 
-def test_search_recipe_reruns_the_search(tmp_path):
-    """The search's own plan (`search_recipe.yaml`) repeats the search: the same weights, adapter bytes and recipes."""
-    first, again = tmp_path / "first" / "out", tmp_path / "again" / "out"
-    sources = [example("summarize"), example("translate")]
-    examples = Path(example("few-shot")) / "formal.jsonl"
-    _invoke(
-        "search",
-        *sources,
-        "--base",
-        example("tiny-llama"),
-        "--examples",
-        examples,
-        "--steps",
-        "3",
-        "--composition",
-        "delta",
-        "-o",
-        first,
-    )
-    recipe = yaml.safe_load((first / "search_recipe.yaml").read_text())
-    assert recipe["command"] == "search" and recipe["steps"] == 3
-    _invoke("run", first / "search_recipe.yaml", "-o", again)
-    _same_output(first, again)
+def test_every_output_format_is_rerun():
+    assert {c.removeprefix("combine-") for c in COMMANDS} >= set(writers.names())
 
 
-def test_a_subset_search_recipe_reruns_the_subset_search(tmp_path):
+def test_a_subset_search_recipe_is_its_own_plan(reruns):
     """`search --subset` writes its own plan (`search_recipe.yaml`, with its merge's method, options and rank rule),
-    which `loramix run` repeats: the same modules dropped, the same adapter bytes and recipes."""
-    first, again = tmp_path / "first" / "out", tmp_path / "again" / "out"
-    sources = [example("summarize"), example("translate")]
-    examples = Path(example("few-shot")) / "formal.jsonl"
-    subset = ["--subset", "layer", "-m", "ties", "--option", "density=0.5", "--rank", "4", "--steps", "3"]
-    _invoke("search", *sources, "--base", example("tiny-llama"), "--examples", examples, *subset, "-o", first)
-    recipe = yaml.safe_load((first / "search_recipe.yaml").read_text())
+    which `loramix run` repeats (`test_every_commands_recipe_reruns_it_to_the_same_bytes`)."""
+    recipe = yaml.safe_load((reruns / "search-subset" / "first" / "out" / "search_recipe.yaml").read_text())
     assert recipe["command"] == "search" and recipe["subset"] == "layer" and recipe["method"] == "ties"
     assert recipe["rank"] == 4 and recipe["options"] == {"density": 0.5} and "composition" not in recipe
-    _invoke("run", first / "search_recipe.yaml", "-o", again)
-    _same_output(first, again)
 
 
 @pytest.mark.parametrize(

@@ -318,11 +318,11 @@ def test_failed_write_leaves_nothing(template, tmp_path, monkeypatch):
     out.mkdir()
     import loramix.formats.peft as peft_format
 
-    def broken_save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")  # a half-written file, then the disk fills up
+    def broken_save(path, tensors, metadata=None):
+        Path(path).write_bytes(b"partial")  # a half-written file, then the disk fills up
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(peft_format, "save_file", broken_save)
+    monkeypatch.setattr(peft_format, "write_safetensors", broken_save)
     with pytest.raises(OSError):
         save_adapter(adapter, out / "out")
     assert list(out.iterdir()) == []  # no output, no temporary folder

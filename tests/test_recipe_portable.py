@@ -1,9 +1,9 @@
 """A recipe written with an output, moved with its output folder (and the sources beside it) to another place,
 reproduces the output bit for bit: every method family, seeded DARE, and a merge into a base.
 
-The oracle is the first output itself: the re-run's tensor files must be byte-identical, and its recipe identical
-to the first (the paths in both are relative to their own output folder). Search outputs are covered in
-test_search.py.
+The oracle is the first output itself: the re-run's tensor files (and a merged checkpoint's config.json and index)
+must be byte-identical, and its recipe identical to the first (the paths in both are relative to their own output
+folder). Search outputs are covered in test_search.py; re-runs by another process in test_plans.py.
 """
 
 from __future__ import annotations
@@ -77,3 +77,6 @@ def test_recipe_of_a_merge_into_a_base_reproduces_the_checkpoint(tree, tmp_path)
     combine(src / "summarize", src / "translate", "-m", "ties", "--merge-into", src / "tiny-llama", "-o", tree / "m")
     assert yaml.safe_load((tree / "m" / RECIPE).read_text())["merge_into"] == "../src/tiny-llama"
     rerun_after_move(tree, tmp_path, "m", "*.safetensors")
+    moved = tmp_path / "elsewhere" / "project"
+    for name in ("config.json", "model.safetensors.index.json"):  # the base's sharded layout kept, with its index
+        assert (moved / "again" / name).read_bytes() == (moved / "m" / name).read_bytes(), name

@@ -44,13 +44,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from loramix.adapter import LoraAdapter, LoraModule
 from loramix.errors import AdapterFormatError, OutputError
 from loramix.formats._keys import is_number, pattern_value
 from loramix.formats.diffusion import COMFY, identify, to_original
 from loramix.io.files import check_finite, read_tensors, tensor_keys
+from loramix.io.tensorfile import write_safetensors
 
 NAME = "kohya"
 SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -363,5 +363,4 @@ def write(
     if adapter.provenance.get("sd_model_name"):
         metadata[MODEL_NAME] = adapter.provenance["sd_model_name"]
     file = folder / (file_name or folder.name + ".safetensors")
-    save_file(tensors, str(file), metadata=metadata)
-    return file
+    return write_safetensors(file, tensors, metadata)

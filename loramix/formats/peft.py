@@ -15,7 +15,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from loramix import experts
 from loramix.adapter import MISREADERS, LoraAdapter, LoraModule, check_rank_layout, is_portable, portable_layout
@@ -35,6 +34,7 @@ from loramix.formats._keys import (
     split_keys,
 )
 from loramix.formats.kohya import KOHYA_PREFIX
+from loramix.io.tensorfile import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,6 @@ def write(
         warn_exact_layout()
     adapter = experts.uniform_adapter(adapter)
     tensors = state_dict(adapter, dtype)
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(config_dict(adapter), indent=2) + "\n")
     return folder / WEIGHTS_FILE

@@ -1,2 +1,3 @@
 """File plumbing: safe tensor files and atomic outputs (`files`), the one base-checkpoint reader and name-matching
-rule (`base`), and the sharded safetensors writer (`shards`)."""
+rule (`base`), the one safetensors file writer (`tensorfile`) and the sharded checkpoint writer (`shards`), which
+builds its headers there."""

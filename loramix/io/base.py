@@ -33,6 +33,7 @@ from loramix.io.gguf_base import gguf_base_file, open_gguf
 from loramix.io.gguf_model import transformers_view
 from loramix.io.quantized import DequantizedTensor, QuantizedBase, recognise
 from loramix.io.rawcopy import read_safetensors_header
+from loramix.io.tensorfile import SAFE_DTYPES
 from loramix.sources import resolve
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -48,22 +49,6 @@ WEIGHT_LAYOUTS = (  # (index, single file, reader) in order of preference
     (f"{DIFFUSERS_WEIGHTS}.bin.index.json", f"{DIFFUSERS_WEIGHTS}.bin", "bin"),
 )
 BASE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "*.jinja")
-
-SAFE_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-SAFETENSORS_CODES = {v: k for k, v in SAFE_DTYPES.items()}  # torch dtype → its safetensors header code
 
 
 @dataclass

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from loramix.io.base import BIN_INDEX, SAFE_INDEX, SAFETENSORS_CODES, BaseCheckpoint, read_safetensors_header
+from loramix.io import tensorfile
+from loramix.io.base import BIN_INDEX, SAFE_INDEX, BaseCheckpoint, read_safetensors_header
 from loramix.io.early_copy import EarlyCopy
 from loramix.io.rawcopy import COPY_PIECE, copy_range, pwrite_all
 
@@ -99,22 +99,6 @@ def kept_header(shard: list) -> bytes | None:
         offset += job.nbytes
     with open(home, "rb") as f:
         return f.read(start)
-
-
-def safetensors_header(jobs: list, metadata: dict[str, str]) -> bytes:
-    """The 8-byte length and JSON header for ``jobs`` stored in order, padded so the data starts 8-aligned."""
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for job in jobs:
-        header[job.name] = {
-            "dtype": SAFETENSORS_CODES[job.dtype],
-            "shape": list(job.shape),
-            "data_offsets": [offset, offset + job.nbytes],
-        }
-        offset += job.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
 
 
 @dataclass
@@ -217,7 +201,7 @@ def write_shards(
         for name, shard, header in zip(names, shards, headers):
             path = (early.staging if early else folder) / name
             fd = files.enter_context(open(path, "r+b" if early else "wb", buffering=0)).fileno()
-            header = header or safetensors_header(shard, {"format": "pt"})
+            header = header or tensorfile.header(shard, {"format": "pt"})
             if not early:  # the early copy wrote the base's header and sized the file
                 pwrite_all(fd, memoryview(header), 0)
                 os.ftruncate(fd, len(header) + sum(job.nbytes for job in shard))

@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from loramix.adapter import LoraAdapter
 from loramix.errors import OutputError
 from loramix.formats import kohya
 from loramix.formats.diffusion import family_of
 from loramix.formats.diffusion.hunyuan import HUNYUAN_VIDEO
+from loramix.io.tensorfile import write_safetensors
 
 NAME = "comfyui"
 
@@ -37,8 +37,7 @@ def write(
     if not adapter.modules:
         raise OutputError(f"{folder}: the adapter has no LoRA modules, so there is no ComfyUI file to write")
     file = folder / (file_name or folder.name + ".safetensors")
-    save_file(_scaled(kohya.state_dict(adapter, naming="comfyui"), dtype), str(file))
-    return file
+    return write_safetensors(file, _scaled(kohya.state_dict(adapter, naming="comfyui"), dtype))
 
 
 def _scaled(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -20,11 +20,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from loramix.adapter import LoraAdapter, LoraModule, portable_layout
 from loramix.errors import OutputError
 from loramix.formats.kohya import COMPONENTS, DIFFUSERS_FILE, DIFFUSERS_METADATA
+from loramix.io.tensorfile import write_safetensors
 
 NAME = "diffusers"
 
@@ -83,6 +83,4 @@ def write(adapter: LoraAdapter, folder: Path, *, dtype: torch.dtype | None = Non
     if not adapter.modules:
         raise OutputError(f"{folder}: the adapter has no LoRA modules, so there is no diffusers file to write")
     adapter = portable_layout(adapter)
-    file = folder / DIFFUSERS_FILE
-    save_file(state_dict(adapter, dtype), str(file), metadata=metadata(adapter))
-    return file
+    return write_safetensors(folder / DIFFUSERS_FILE, state_dict(adapter, dtype), metadata(adapter))
