@@ -101,7 +101,8 @@ class Groups:
             filters = {name: 0.0 for name in off}
             plain = {**filters, "default": w}
             kept = {n: w for n in self.names if n not in off and parse(plain).at(n, layers) != w}
-            ordered = sorted({**filters, **kept}.items(), key=lambda item: -len(item[0]))
+            # longest first, then by name: the same form (and recipe bytes) in every process, whatever set order
+            ordered = sorted({**filters, **kept}.items(), key=lambda item: (-len(item[0]), item[0]))
             forms.append({**dict(ordered), "default": w})
         return forms
 
