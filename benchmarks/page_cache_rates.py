@@ -1,0 +1,69 @@
+"""How fast this host's page cache takes writes: into new pages (what `cp -r` and a merged checkpoint's first write
+pay) and over pages already cached (what a merge that pre-copies the base and then overwrites its merged tensors
+would pay), with 1, 4 and 8 threads; and `import torch` with CUDA initialisation, the start-up `cp -r` does not have.
+The floor argument for merge-into at 8B (issue 32) in RESULTS.md rests on these figures.
+
+    python benchmarks/page_cache_rates.py [--gib 8] [--dir /tmp/page-cache-rates]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+CHUNK = 64 << 20
+
+
+def _fill(path: Path, size: int, threads: int, *, new: bool) -> float:
+    """GB/s of writing ``size`` bytes into ``path`` by ``threads`` threads (a new file, or over the cached one)."""
+    if new:
+        path.unlink(missing_ok=True)
+    data = os.urandom(CHUNK)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    count = size // CHUNK
+
+    def work(first: int) -> None:
+        for i in range(first, count, threads):
+            os.pwrite(fd, data, i * CHUNK)
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    os.close(fd)
+    return size / (time.perf_counter() - start) / 1e9
+
+
+def _seconds(code: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=int, default=8)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/page-cache-rates"))
+    args = parser.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    size, file = args.gib << 30, args.dir / "f"
+    try:
+        for threads in (1, 4, 8):
+            new, over = _fill(file, size, threads, new=True), _fill(file, size, threads, new=False)
+            print(f"{threads} threads: new pages {new:.2f} GB/s, over cached pages {over:.2f} GB/s")
+    finally:
+        file.unlink(missing_ok=True)
+    print(f"import torch: {_seconds('import torch'):.2f} s")
+    cuda = "import torch; torch.zeros(1, device='cuda') if torch.cuda.is_available() else None"
+    print(f"import torch + CUDA initialisation: {_seconds(cuda):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
