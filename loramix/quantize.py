@@ -23,7 +23,9 @@ And for a dense gpt-oss loaded in MXFP4 (transformers' ``Mxfp4Config``, ``quant_
 ``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj`` ([experts, in, out]; ``Mxfp4Quantize`` converts nothing
 else) go through MXFP4 in 32-entry blocks along the input and back (`loramix.io.schemes.MXFP4`, the rounding
 gpt-oss's checkpoints were made with), cast to bfloat16 first as ``Mxfp4Quantize`` does; a base without them, or
-whose inputs the block does not tile, is refused.
+whose inputs the block does not tile, is refused. (transformers 5.25's ``Mxfp4Quantize`` passes the parameter
+transposed, [experts, out, in], to ``downcast_to_mxfp_torch`` with ``axis=1``, which blocks along the output; the
+input is the axis its ``Mxfp4Deserialize``, its dequantizer and gpt-oss's checkpoints block, and the one kept here.)
 """
 
 from __future__ import annotations

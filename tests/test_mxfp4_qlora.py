@@ -2,11 +2,12 @@
 experts' ``gate_up_proj`` and ``down_proj`` quantized, nothing else) is merged onto the weights it was trained with,
 dequant(quant(W)) + ΔW, while every tensor MXFP4 does not quantize gets W + ΔW.
 
-Oracles: quant(W) is the float64 reference of triton_kernels' ``downcast_to_mxfp_torch`` rounding in
-test_quantized_requant (``mxfp4_reference``, on W cast to bfloat16 as transformers' ``Mxfp4Quantize`` does), its
-dequantization transformers' own ``convert_moe_packed_tensors`` in float64, ΔW PEFT's ``get_delta_weight``: the
-merged bf16 weight within one bf16 step of dequant(quant(W)) + ΔW and ≥ 99% equal to its bf16 rounding
-(`assert_bf16_close`). Tensors no adapter changes and MXFP4 does not quantize are byte for byte the base's.
+Oracles: quant(W) is the float64 reference of the kernel transformers 5.25 loads (``mxfp4_reference`` in
+test_quantized_requant, on W cast to bfloat16 as transformers' ``Mxfp4Quantize`` does), its dequantization
+transformers' own ``convert_moe_packed_tensors`` in float64, ΔW PEFT's ``get_delta_weight``: the round trip bit for
+bit; the merged bf16 weight within one bf16 step of dequant(quant(W)) + ΔW and ≥ 99% equal to its bf16 rounding
+(`assert_bf16_close`: ΔW added in float32 before the one cast to bf16). Tensors no adapter changes and MXFP4 does not
+quantize are byte for byte the base's.
 """
 
 from __future__ import annotations
@@ -67,6 +68,18 @@ def test_mxfp4_trained_adapter_merges_onto_the_mxfp4_round_trip(made):
     card = (out / "README.md").read_text()
     assert "trained on a quantized base (MXFP4, 32-entry blocks with E8M0 scales" in card
     assert "bitsandbytes" not in card
+
+
+def test_mxfp4_round_trip_is_the_reference_bit_for_bit(made):
+    """The weights the adapter trained on, loramix's round trip of each bf16 expert parameter, are exactly
+    transformers' dequantization of the reference's codes and scales (the kernel's rounding on W in bfloat16)."""
+    from loramix.quantize import Quantization, round_trip
+
+    settings = Quantization(quant_type="mxfp4", blocksize=32)
+    for key in (k for k in made.base if k.endswith(("experts.gate_up_proj", "experts.down_proj"))):
+        ours = round_trip(made.base[key], settings)
+        assert ours.dtype == torch.bfloat16
+        assert torch.equal(ours.double(), transformers_round_trip(made.base[key])), key
 
 
 def test_mxfp4_round_trip_only_targeted_leaves_other_experts(made):

@@ -5,17 +5,25 @@ Oracles, all from outside loramix:
 
 - W: transformers' ``convert_moe_packed_tensors`` (MXFP4) and the float64 unpacking in test_quantized_base, written
   from the formats' descriptions (GPTQ/AWQ); ΔW: PEFT's ``get_delta_weight``.
-- the re-quantization: float64 references written here from the formats' quantizers — MXFP4 as triton_kernels'
-  ``downcast_to_mxfp_torch`` (scale a/6 rounded up to a power of two, E2M1 nearest with ties away from zero); GPTQ
-  as its ``Quantizer.find_params`` (range widened to hold 0, symmetric or not), AWQ as AutoAWQ's
+- the re-quantization: float64 references written here from the formats' quantizers. MXFP4 (`mxfp4_reference`) as
+  the ``downcast_to_mxfp_torch`` transformers 5.25 runs: its ``integrations/mxfp4.py`` loads
+  ``get_kernel("kernels-community/gpt-oss-triton-kernels", version=1)`` (huggingface/kernels-community
+  ``gpt-oss-triton-kernels``: build.toml ``version = 1``, its README "triton commit
+  7d0efaa7231661299284a603512fce4fa255e62c"), whose ``numerics_details/mxfp.py`` rounds E2M1 ties away from zero;
+  triton main's later ``mxfp.py`` rounds them to even, which transformers 5.25 does not load. GPTQ as its
+  ``Quantizer.find_params`` (range widened to hold 0, symmetric or not), AWQ as AutoAWQ's
   ``pseudo_quantize_tensor``, both then rounding against the scale as stored (their packers).
-- tolerances: loramix forms W + ΔW in float32 with its own factor products, so a value on a rounding boundary may
-  land on the neighbouring code: ≥ 99.9% of codes (and scales, zeros) exactly the reference's, all within one code.
-  The written checkpoint dequantized (by the oracle) is W + ΔW within one step of the grid.
+- tolerances: MXFP4 codes and scales equal the reference's, every one (the reference quantizes W + ΔW summed in
+  float32 as loramix sums it, ΔW PEFT's; a dyadic adapter, whose W + ΔW is exact, lands values exactly on ties and
+  on a/6 = 2^k). GPTQ/AWQ: loramix forms W + ΔW in float32 with its own factor products, so a value on a
+  rounding boundary may land on the neighbouring code: ≥ 99.9% of codes (and scales, zeros) exactly the
+  reference's, all within one code. The written checkpoint dequantized (by the oracle) is W + ΔW within one step
+  of the grid.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -34,6 +42,7 @@ from test_quantized_base import (
 )
 
 from loramix import merge_into_base
+from loramix.errors import CheckpointError
 
 mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -58,18 +67,31 @@ def peft_deltas(peft_model) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------- MXFP4
 
 
-def mxfp4_reference(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(blocks, scales) of an expert parameter [E, in, out] in float64: per 32 inputs the scale 2^⌈log2(a/6)⌉
-    (E8M0 code exponent + 127; code 0 for an all-zero block), each value to the nearest E2M1 value, ties away from
-    zero, sign bit kept; two codes a byte, the lower input in the low nibble."""
+def mxfp4_scaled(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exponent e, W / 2^e) of an expert parameter [E, in, out] per 32-input block [E, out, G, 32], float64, as
+    kernels-community/gpt-oss-triton-kernels v1 ``numerics_details/mxfp.py`` ``downcast_to_mxfp_torch`` chooses the
+    scale (``DequantScaleRoundingMode.ROUND_UP``, its default and transformers' call): a/6 with a = max |W| of the
+    block, divided in float32 as there, rounded up to a power of two by adding 0x7FFFFF to its bits and keeping the
+    exponent field, so 2^⌈log2(a/6)⌉, never below 2^-126 (a subnormal a/6 becomes the smallest normal); a block whose
+    a/6 is 0 gets e = -127 (E8M0 code 0) and all its values multiplied by 0. Infinities and NaNs are not modelled:
+    a merge that makes one is refused."""
     experts, inputs, out = W.shape
     x = W.double().transpose(1, 2).reshape(experts, out, inputs // 32, 32)
-    amax = x.abs().amax(-1)
-    exponent = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6)), -127.0)
-    v = x / torch.exp2(exponent)[..., None]
+    ratio = (x.abs().amax(-1).float() / 6).double()  # float32, as the kernel divides
+    exponent = torch.where(ratio > 0, torch.ceil(torch.log2(ratio)).clamp(min=-126), -127.0)
+    return exponent, x * torch.where(ratio > 0, torch.exp2(-exponent), 0.0)[..., None]
+
+
+def mxfp4_reference(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, scales) of an expert parameter [E, in, out] in float64, as the kernel above (`mxfp4_scaled`): each
+    scaled value to the nearest E2M1 value, ties away from zero (its ``((exponent << 2 | mantissa >> 21) + 1) >> 1``,
+    saturating at 6), the sign bit kept (code 8 for −0 and a negative value rounding to 0); E8M0 code e + 127; two
+    codes a byte, the lower input in the low nibble: the layout gpt-oss stores, [E, out, in/32, 16]."""
+    exponent, v = mxfp4_scaled(W)
+    experts, out, groups, _ = v.shape
     distance = (v.abs()[..., None] - E2M1_GRID).abs()
     nearest = 7 - distance.flip(-1).argmin(-1)  # the largest of equally near values: ties away from zero
-    codes = (nearest | (torch.signbit(v).long() << 3)).reshape(experts, out, inputs // 32, 16, 2)
+    codes = (nearest | (torch.signbit(v).long() << 3)).reshape(experts, out, groups, 16, 2)
     blocks = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
     return blocks, (exponent + 127).to(torch.uint8)
 
@@ -88,6 +110,7 @@ def oss(tmp_path_factory):
     return SimpleNamespace(
         tmp=tmp,
         adapter=adapter.path,
+        peft=adapter.peft_model,
         deltas=peft_deltas(adapter.peft_model),
         base=base,
         tensors=load_file(base / "model.safetensors"),
@@ -107,15 +130,11 @@ def test_mxfp4_experts_requantized_as_the_format_rounds(oss):
         W = mxfp4.convert_moe_packed_tensors(
             oss.tensors[key + "_blocks"], oss.tensors[key + "_scales"], dtype=torch.float32
         )
-        blocks, scales = mxfp4_reference(W.double() + oss.deltas[key].double())
+        intended = W + oss.deltas[key]  # the float32 sum loramix forms, with PEFT's ΔW
+        blocks, scales = mxfp4_reference(intended)
         ours_b, ours_s = written[key + "_blocks"], written[key + "_scales"]
-        assert ours_b.dtype == torch.uint8 and ours_b.shape == blocks.shape and ours_s.shape == scales.shape
-        assert (ours_s == scales).float().mean() >= 0.999, key
-        same = ours_s == scales
-        ours_n, theirs_n = nibbles(ours_b)[same], nibbles(blocks)[same]
-        assert (ours_n == theirs_n).float().mean() >= 0.999, key
-        # a neighbouring code where they differ: the magnitudes' grid indices one apart
-        assert bool(((ours_n & 7).int() - (theirs_n & 7).int()).abs().le(1).all()), key
+        assert ours_b.dtype == torch.uint8 and ours_s.dtype == torch.uint8
+        assert torch.equal(ours_s, scales) and torch.equal(ours_b, blocks), key
         # transformers' dequantization of what was written is W + ΔW within one grid step
         stored = mxfp4.convert_moe_packed_tensors(ours_b, ours_s, dtype=torch.float32).double()
         step = torch.exp2(ours_s.double() - 127).repeat_interleave(32, -1).transpose(1, 2) * 2
@@ -131,6 +150,55 @@ def test_mxfp4_experts_requantized_as_the_format_rounds(oss):
     assert all(0 <= v <= 1 for v in report.below_step.values())
     card = (out / "README.md").read_text()
     assert "stored as MXFP4" in card
+
+
+def test_mxfp4_ties_requantized_as_the_kernel_rounds_them(oss):
+    """An expert LoRA with dyadic factors (multiples of 2^-5 and 2^-6, scaling 2): W + ΔW is exact in float32, and
+    many of its values fall exactly halfway between two E2M1 codes: every code and scale the reference's, so each
+    tie rounded away from zero as the kernel transformers 5.25 loads does (half to even would differ on each tie
+    rounded onto an odd code)."""
+    gen, peft = torch.Generator().manual_seed(5), copy.deepcopy(oss.peft)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                unit = 2.0**-5 if "lora_A" in name else 2.0**-6
+                p.copy_(torch.randint(-2, 3, p.shape, generator=gen).float() * unit)
+    peft.save_pretrained(str(oss.tmp / "dyadic"))
+    out = oss.tmp / "ties"
+    merge_into_base(oss.tmp / "dyadic", oss.base, out)
+    written = load_file(out / "model.safetensors")
+    midpoints = (E2M1_GRID[1:] + E2M1_GRID[:-1]) / 2
+    ties = away = odd = 0
+    for key, delta in peft_deltas(peft).items():
+        if not key.endswith(("gate_up_proj", "down_proj")):
+            continue
+        W = mxfp4.convert_moe_packed_tensors(
+            oss.tensors[key + "_blocks"], oss.tensors[key + "_scales"], dtype=torch.float32
+        )
+        assert torch.equal((W + delta).double(), W.double() + delta.double()), key  # exact: no float32 rounding
+        blocks, scales = mxfp4_reference(W + delta)
+        assert torch.equal(written[key + "_scales"], scales) and torch.equal(written[key + "_blocks"], blocks), key
+        _, v = mxfp4_scaled(W + delta)
+        tied = (v.abs()[..., None] == midpoints).any(-1)
+        ties += int(tied.sum())
+        magnitude = (nibbles(blocks).flatten(-2) & 7).long()
+        away += int((E2M1_GRID[magnitude][tied] > v.abs()[tied]).sum())
+        odd += int((magnitude[tied] % 2).sum())  # away onto an odd code: half to even would go down
+    assert ties >= 1000 and away == ties and odd >= 1000, (ties, away, odd)
+
+
+def test_mxfp4_merge_overflowing_to_inf_is_refused(oss):
+    """Finite factors whose ΔW overflows float32: the kernel's rounding would give E8M0 255 (NaN) scales and
+    meaningless codes; the merge refuses in one line and writes nothing."""
+    peft = copy.deepcopy(oss.peft)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name and "experts" in name:
+                p.mul_(1e38)
+    peft.save_pretrained(str(oss.tmp / "huge"))
+    with pytest.raises(CheckpointError, match=r"experts\.down_proj_blocks gives NaN/Inf values"):
+        merge_into_base(oss.tmp / "huge", oss.base, oss.tmp / "inf")
+    assert not (oss.tmp / "inf").exists()
 
 
 def test_mxfp4_written_checkpoint_loads_in_transformers(oss):
@@ -160,6 +228,33 @@ def test_mxfp4_quantize_matches_the_reference_on_edge_values():
     theirs = mxfp4_reference(W)
     assert torch.equal(blocks, theirs[0]) and torch.equal(scales, theirs[1])
     assert int(scales[0, 0, 0]) == 127 and int(scales[0, 1, 0]) == 0  # a / 6 = 1; the all-zero block
+
+
+def test_mxfp4_quantize_matches_the_reference_at_boundaries_and_the_extremes():
+    """The float32 neighbours of every tie at scales 2^-126 … 2^120, a/6 just above a power of two, blocks whose a/6
+    is subnormal (the kernel's scale stays 2^-126, E8M0 code 1) or rounds to 0 in float32 (code 0, every value
+    0 with its sign), and every finite bfloat16 value, shuffled into blocks: codes and scales bit for bit the float64
+    reference's."""
+    from loramix.io.schemes import MXFP4
+
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    near = torch.cat([torch.nextafter(mids, torch.zeros(8)), torch.nextafter(mids, torch.full((8,), 9.0))])
+    block = torch.cat([near, -near])  # 32 values, a = 6⁺: a/6 just above 1
+    W = torch.stack([block * 2.0**e for e in range(-126, 121, 5)], -1)[None]  # [1, 32, 50]
+    tiny = torch.zeros(1, 32, 4)
+    tiny[0, :2, 0] = torch.tensor([1e-39, -4e-40])  # a/6 subnormal
+    tiny[0, :2, 1] = torch.tensor([3 * 2.0**-149, -(2.0**-149)])  # a/6 = 2^-150: half to even in float32, 0
+    tiny[0, :2, 2] = torch.tensor([3 * 2.0**-148, 2.0**-149])  # a/6 = 2^-149, the least subnormal
+    tiny[0, :2, 3] = torch.tensor([6 * 2.0**-126, -(2.0**-127)])  # a/6 = 2^-126 exactly
+    every = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    every = every[torch.isfinite(every)]
+    every = every[torch.randperm(len(every), generator=torch.Generator().manual_seed(0))]
+    every = every[: len(every) // 32 * 32].reshape(1, 32, -1)
+    for weight in (W, tiny, every):
+        blocks, scales = MXFP4().quantize(weight)
+        theirs = mxfp4_reference(weight)
+        assert torch.equal(scales, theirs[1]) and torch.equal(blocks, theirs[0])
+    assert MXFP4().quantize(tiny)[1].flatten().tolist() == [1, 0, 1, 1]
 
 
 # ----------------------------------------------------------------------------------------------- GPTQ / AWQ

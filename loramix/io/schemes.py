@@ -151,10 +151,14 @@ class MXFP4:
         return self.dequantize(codes, scale)
 
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(blocks, scales) of a float32 expert parameter [experts, in, out], rounded as triton_kernels'
-        ``downcast_to_mxfp_torch`` (what gpt-oss, vLLM and transformers quantize with) does: per 32 inputs a =
-        max |W|, the scale a / 6 rounded up to a power of two 2^(s − 127) (s = 0 for an all-zero block), each
-        W / 2^(s − 127) to the nearest E2M1 value, ties away from zero (a sign kept on zero), at most 6."""
+        """(blocks, scales) of a float32 expert parameter [experts, in, out] in gpt-oss's stored layout (blocks of 32
+        along the input), bit for bit what ``downcast_to_mxfp_torch`` (default ``ROUND_UP``) gives on W as [experts,
+        out, in] with axis −1, in the version transformers 5.25 loads (``get_kernel("kernels-community/gpt-oss-triton-
+        kernels", version=1)``, triton_kernels at triton commit 7d0efaa7): per 32 inputs a = max |W|, the scale a / 6
+        (float32) rounded up to a power of two 2^(s − 127) by its bits, never below 2^-126 (s = 0 where a / 6 is 0),
+        each W / 2^(s − 127) to the nearest E2M1 value, ties away from zero (later triton_kernels round them to
+        even), a sign kept on zero, at most 6. A NaN or infinity gives what the kernel gives (scale 0 or 255,
+        meaningless codes); a merge refuses the result."""
         experts, inputs, out = weight.shape
         x = weight.transpose(1, 2).contiguous().reshape(experts, out, inputs // 32, 32)
         scale_bits = ((x.abs().amax(dim=-1) / 6).view(torch.int32) + 0x7FFFFF) & 0x7F800000
