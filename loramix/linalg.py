@@ -140,12 +140,6 @@ class RankRule:
     conv_rank: int | None = None
 
     @classmethod
-    def of(cls, **settings) -> RankRule:
-        """The rule a command line's or a keyword API's settings name (``rank``, ``energy``, ``rule``,
-        ``rule_value``, ``conv_rank``; None for one not given)."""
-        return cls(**settings)
-
-    @classmethod
     def given(cls, rule: RankRule | None, *, conv: bool = True) -> RankRule:
         """The rule a public function was passed (None: none, ``RankRule()``); refused in one line if it is no
         `RankRule`, or, where the function has no conv modules to cap (not ``conv``), if it sets ``conv_rank``."""

@@ -17,7 +17,7 @@ def test_each_kind_is_its_own_class_and_still_a_method_error(tmp_path):
     with pytest.raises(OutputFormatError, match="unknown output format"):
         loramix.save_adapter(loramix.load_adapter(example("summarize")), tmp_path / "x", format="onnx")
     with pytest.raises(SettingError, match="energy must be in"):
-        loramix.combine([example("summarize"), example("formal")], method="svd", energy=2.0)
+        loramix.combine([example("summarize"), example("formal")], method="svd", rank_rule=loramix.RankRule(energy=2.0))
     with pytest.raises(ArgumentError, match="not a single one"):
         loramix.combine(example("summarize"))
     with pytest.raises(MethodError, match="unknown method"):
