@@ -180,8 +180,8 @@ class RankRule:
                 raise SettingError(f"rule {self.rule} takes a value in (0, 1], got {self.rule_value}")
 
     def keywords(self, conv: bool = False) -> dict:
-        """The rule as the keyword options the API's functions take (``rank``, ``energy``, ``rule``, ``rule_value``;
-        with ``conv``, ``conv_rank`` too): what a recipe records and `loramix.extraction.extract_lora` takes."""
+        """The rule as flat settings (``rank``, ``energy``, ``rule``, ``rule_value``; with ``conv``, ``conv_rank``
+        too): what a recipe and a search's settings record."""
         named = {"rank": self.rank, "energy": self.energy, "rule": self.rule, "rule_value": self.rule_value}
         return {**named, "conv_rank": self.conv_rank} if conv else named
 
