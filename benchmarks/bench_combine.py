@@ -23,7 +23,7 @@ import torch
 from machine import machine
 from safetensors.torch import save_file
 
-from loramix import combine, load_adapter, save_adapter
+from loramix import RankRule, combine, load_adapter, save_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import random_model  # noqa: E402 — the one builder of test and benchmark models
@@ -77,7 +77,7 @@ def time_loramix(inputs: list[Path], out: Path, device: str, repeats: int) -> tu
         loaded = [load_adapter(p) for p in inputs]
         sync(device)
         loaded_at = time.perf_counter()
-        merged = combine(loaded, weights=list(WEIGHTS), method="svd", rank=RANK, device=device)
+        merged = combine(loaded, weights=list(WEIGHTS), method="svd", rank_rule=RankRule(rank=RANK), device=device)
         sync(device)
         combined_at = time.perf_counter()
         save_adapter(merged, out / f"run{i}")

@@ -34,7 +34,7 @@ import torch
 from machine import machine
 from torch import nn
 
-from loramix import LoraAdapter, LoraModule, combine, load_adapter
+from loramix import LoraAdapter, LoraModule, RankRule, combine, load_adapter
 
 D_IN, HIDDEN, D_OUT = 64, 128, 16
 SHARED_DIM, TASK_DIM, TRUE_RANK = 8, 8, 4
@@ -193,7 +193,7 @@ def run_retention(task_counts: list[int], methods: list[str]) -> None:
                 weight = 1.0 if label in SCALED_BY_LAMBDA else lam
                 options.update({"lambda": lam} if label in SCALED_BY_LAMBDA else {})
                 t = time.perf_counter()
-                merged = combine(chosen, weights=[weight] * n, method=method, rank=rank, **options)
+                merged = combine(chosen, weights=[weight] * n, method=method, rank_rule=RankRule(rank=rank), **options)
                 seconds = time.perf_counter() - t
                 score = statistics.mean(retention(base, merged, tasks[:n], own_losses, base_losses, "val"))
                 if best is None or score > best[0]:
@@ -247,7 +247,7 @@ def run_timing(names: list[str], repeats: int) -> None:
             times = []
             for _ in range(count):
                 t = time.perf_counter()
-                combine(adapters, weights=[0.5, 0.3, 0.2], method=method, rank=16, **options)
+                combine(adapters, weights=[0.5, 0.3, 0.2], method=method, rank_rule=RankRule(rank=16), **options)
                 times.append(time.perf_counter() - t)
             seconds[label] = statistics.median(times)
         shape = "×".join(map(str, SHAPES[name]))

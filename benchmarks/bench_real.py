@@ -46,7 +46,7 @@ from machine import machine
 from real_tasks import TASKS, TaskData, describe, load_task, minilm_folder
 from torch import nn
 
-from loramix import LoraAdapter, combine, load_adapter
+from loramix import LoraAdapter, RankRule, combine, load_adapter
 from loramix.weight_search.optimizers import Tracker, cobyla
 
 LORA_R, LORA_ALPHA, BATCH, MAX_TOKENS, FIRST_LORA_LAYER = 8, 16, 16, 32, 5
@@ -59,14 +59,14 @@ TUNED = {"density": (0.3, 0.7), "lambda": (1.0, 1.2, 1.5)}  # lambda: LOT's λ (
 GRAM_BATCHES, SHOTS, SEARCH_STEPS, SEEDS = 3, 8, 30, (0, 1, 2)
 METHODS = {  # label: (loramix method, fixed options, option tuned over TUNED or None, λ is a weight)
     "cat (sum)": ("cat", {}, None, True),
-    "svd r=8": ("svd", {"rank": LORA_R}, None, True),
+    "svd r=8": ("svd", {"rank_rule": RankRule(rank=LORA_R)}, None, True),
     "ties": ("ties", {}, "density", True),
     "dare_ties": ("dare_ties", {"seed": 0}, "density", True),
     "tsv": ("tsv", {}, None, True),
     "iso_c": ("iso_c", {}, None, True),
     "knots": ("knots", {}, "density", True),
     "star": ("star", {}, None, True),
-    "compressed_sum": ("compressed_sum", {"rank": LORA_R}, None, True),
+    "compressed_sum": ("compressed_sum", {"rank_rule": RankRule(rank=LORA_R)}, None, True),
     "wudi": ("wudi", {}, None, True),
     "wudi exact": ("wudi", {"solver": "exact"}, None, True),
     "regmean own": ("regmean", {}, None, False),

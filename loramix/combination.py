@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from loramix.adapter import ExtraTensor, LoraAdapter, LoraModule, check_rank_layout, portable_rank
-from loramix.errors import IncompatibleAdaptersError, MethodError, SettingError
+from loramix.errors import ArgumentError, IncompatibleAdaptersError, MethodError, SettingError
 from loramix.formats import load_adapters
 from loramix.formats._keys import sample
 from loramix.linalg import FactorSVD, RankRule, factor_svd, numerical_rank
@@ -193,11 +193,7 @@ def accept(
     *,
     weights: list | None = None,
     method: str = "svd",
-    rank: int | None = None,
-    conv_rank: int | None = None,
-    energy: float | None = None,
-    rule: str | None = None,
-    rule_value: float | None = None,
+    rank_rule: RankRule | None = None,
     device: str = "auto",
     dtype: torch.dtype | str | None = None,
     heads: str = "refuse",
@@ -209,13 +205,17 @@ def accept(
 ) -> tuple[list[LoraAdapter], list, CombineSettings]:
     """What `loramix.combine` takes, accepted once: the settings checked (`check_settings`), then the sources loaded
     and checked together (`load_adapters`). Returns the adapters, their parsed weights and the settings, which
-    `combine_loaded` takes as they are."""
-    truncation = RankRule.of(rank=rank, energy=energy, rule=rule, rule_value=rule_value, conv_rank=conv_rank)
+    `combine_loaded` takes as they are. A rank setting passed loose (``rank=16``) is refused in one line naming
+    ``rank_rule=RankRule(rank=16)``."""
+    loose = [key for key in options if key in {field.name for field in fields(RankRule)}]
+    if loose:
+        given = ", ".join(f"{key}={options[key]!r}" for key in loose)
+        raise ArgumentError(f"combine takes its rank rule whole: rank_rule=loramix.RankRule({given}), not {given}")
     settings = check_settings(
         method=method,
         options=options,
         heads=heads,
-        rule=truncation,
+        rule=RankRule.given(rank_rule),
         rank_layout=rank_layout,
         device=device,
         dtype=dtype,

@@ -6,7 +6,8 @@ it in ``value``), and its text ends "(pass allow_different_bases=True)". The CLI
 `rank` or `rank_layout='exact'`, which the CLI spells as its flag (--rank, --rank-layout exact); no message names a
 flag itself. Where users expect a standard
 exception, the class has it as a second base: a missing source is a ``FileNotFoundError``, a malformed file or
-a bad option value a ``ValueError``, a wrong kind of object a ``TypeError``. Each class names a kind of mistake;
+a bad option value a ``ValueError``, a wrong kind of object a ``TypeError``, an optional package that is
+not installed (`MissingPackageError`, naming what to install) an ``ImportError``. Each class names a kind of mistake;
 the kinds of a misused option (`SettingError`, `DeviceError`, `OutputFormatError`, `ArgumentError`) are
 `MethodError` subclasses, the one class they all were before.
 """
@@ -101,7 +102,8 @@ class ArgumentError(MethodError, TypeError):
 
 
 class MissingPackageError(LoramixError, ImportError):
-    """An optional package a call needs is not installed; the message says what to install."""
+    """An optional package a call needs (peft, bitsandbytes, gguf, matplotlib, accelerate) is not installed; the message
+    says what to install (``pip install 'loramix[gguf]'``)."""
 
 
 class OutputError(LoramixError):

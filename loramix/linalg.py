@@ -140,12 +140,6 @@ class RankRule:
     conv_rank: int | None = None
 
     @classmethod
-    def of(cls, **settings) -> RankRule:
-        """The rule a command line's or a keyword API's settings name (``rank``, ``energy``, ``rule``,
-        ``rule_value``, ``conv_rank``; None for one not given)."""
-        return cls(**settings)
-
-    @classmethod
     def given(cls, rule: RankRule | None, *, conv: bool = True) -> RankRule:
         """The rule a public function was passed (None: none, ``RankRule()``); refused in one line if it is no
         `RankRule`, or, where the function has no conv modules to cap (not ``conv``), if it sets ``conv_rank``."""
@@ -186,8 +180,8 @@ class RankRule:
                 raise SettingError(f"rule {self.rule} takes a value in (0, 1], got {self.rule_value}")
 
     def keywords(self, conv: bool = False) -> dict:
-        """The rule as the keyword options the API's functions take (``rank``, ``energy``, ``rule``, ``rule_value``;
-        with ``conv``, ``conv_rank`` too): what a recipe records and `loramix.extraction.extract_lora` takes."""
+        """The rule as flat settings (``rank``, ``energy``, ``rule``, ``rule_value``; with ``conv``, ``conv_rank``
+        too): what a recipe and a search's settings record."""
         named = {"rank": self.rank, "energy": self.energy, "rule": self.rule, "rule_value": self.rule_value}
         return {**named, "conv_rank": self.conv_rank} if conv else named
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from loramix.architecture import EMBEDDINGS, is_conv1d, is_output_head
-from loramix.errors import CheckpointError, inside_backend
+from loramix.errors import CheckpointError, MissingPackageError, inside_backend
 from loramix.io.quantized import share_below
 from loramix.io.schemes import FP8, MXFP4
 from loramix.settings import QUANTIZED_AS, ROUND_TRIPS
@@ -142,7 +142,7 @@ def _functional():
     try:
         return importlib.import_module("bitsandbytes.functional")
     except ImportError:
-        raise CheckpointError("4-bit quantization needs bitsandbytes: pip install 'loramix[qlora]'") from None
+        raise MissingPackageError("4-bit quantization needs bitsandbytes: pip install 'loramix[qlora]'") from None
 
 
 def is_quantized(key: str, shape: tuple[int, ...], settings: Quantization) -> bool:

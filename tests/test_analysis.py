@@ -486,9 +486,11 @@ def test_real_qwen_trio():
     # a reading becomes an action: combine --method svd with the same rule gives the rank the analysis predicts,
     # and --rank 8 keeps the share of the exact sum the analysis reports
     sources = [str(REAL / n) for n in QWEN]
-    by_rule = combine(sources, method="svd", energy=0.99, rank_layout="exact")  # portable would widen to 16
+    by_rule = combine(
+        sources, method="svd", rank_rule=RankRule(energy=0.99), rank_layout="exact"
+    )  # portable would widen to 16
     assert max(m.rank for m in by_rule.modules.values()) == result.merge.suggested_rank
-    exact, cut = combine(sources, method="cat"), combine(sources, method="svd", rank=8)
+    exact, cut = combine(sources, method="cat"), combine(sources, method="svd", rank_rule=RankRule(rank=8))
 
     def energy(adapter):
         return sum(float(dense(m).square().sum()) for m in adapter.modules.values())

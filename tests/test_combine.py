@@ -100,7 +100,7 @@ def test_exact_methods_equal_the_weighted_sum_through_peft(trio, expected, metho
 
 
 def test_truncated_svd_is_the_dense_float64_eckart_young_optimum(trio, expected):
-    merged = loramix.combine([t.path for t in trio], weights=WEIGHTS, method="svd", rank=3)
+    merged = loramix.combine([t.path for t in trio], weights=WEIGHTS, method="svd", rank_rule=loramix.RankRule(rank=3))
     for name, total in expected.items():
         U, S, Vh = torch.linalg.svd(total, full_matrices=False)
         best = (U[:, :3] * S[:3]) @ Vh[:3]
@@ -110,8 +110,16 @@ def test_truncated_svd_is_the_dense_float64_eckart_young_optimum(trio, expected)
 
 
 def test_energy_keeps_the_smallest_rank_holding_that_share(trio, expected):
-    merged = loramix.combine([t.path for t in trio], weights=WEIGHTS, method="svd", energy=0.9, rank_layout="exact")
-    portable = loramix.combine([t.path for t in trio], weights=WEIGHTS, method="svd", energy=0.9)
+    merged = loramix.combine(
+        [t.path for t in trio],
+        weights=WEIGHTS,
+        method="svd",
+        rank_rule=loramix.RankRule(energy=0.9),
+        rank_layout="exact",
+    )
+    portable = loramix.combine(
+        [t.path for t in trio], weights=WEIGHTS, method="svd", rank_rule=loramix.RankRule(energy=0.9)
+    )
     chosen = {}
     for name, total in expected.items():
         share = torch.linalg.svdvals(total).square().cumsum(0) / total.square().sum()
@@ -131,7 +139,11 @@ def test_energy_keeps_the_smallest_rank_holding_that_share(trio, expected):
 def test_kohya_rules(trio, expected, rule, value):
     """The documented semantics, checked against the dense spectrum."""
     merged = loramix.combine(
-        [t.path for t in trio], weights=WEIGHTS, method="svd", rule=rule, rule_value=value, rank_layout="exact"
+        [t.path for t in trio],
+        weights=WEIGHTS,
+        method="svd",
+        rank_rule=loramix.RankRule(rule=rule, rule_value=value),
+        rank_layout="exact",
     )
     for name, total in expected.items():
         S = torch.linalg.svdvals(total)
@@ -286,7 +298,7 @@ def test_base_model_checks(tmp_path):
 def test_option_and_truncation_errors(trio):
     paths = [t.path for t in trio]
     with pytest.raises(MethodError, match="does not truncate"):
-        loramix.combine(paths, weights=WEIGHTS, method="cat", rank=4)
+        loramix.combine(paths, weights=WEIGHTS, method="cat", rank_rule=loramix.RankRule(rank=4))
     with pytest.raises(MethodError, match="weight"):
         loramix.combine(paths, weights=[1.0], method="cat")
     with pytest.raises(MethodError, match="unknown method"):
@@ -303,7 +315,7 @@ def test_real_qwen_trio_svd_and_cat(real_adapters):
     adapters = [loramix.load_adapter(p) for p in paths]
     weights = [0.5, 0.3, 0.2]
     cat = loramix.combine(adapters, weights=weights, method="cat")
-    svd = loramix.combine(adapters, weights=weights, method="svd", rank=8)
+    svd = loramix.combine(adapters, weights=weights, method="svd", rank_rule=loramix.RankRule(rank=8))
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.23.self_attn.v_proj"):
         total = sum(w * a.modules[name].delta(dtype=torch.float64) for a, w in zip(adapters, weights))
         assert rel(cat.modules[name].delta(), total) < REL

@@ -56,9 +56,9 @@ def _outputs(inputs, root):
     one = [str(inputs["c"].path)]
     runs = {
         "cat": loramix.combine(paths, weights=WEIGHTS, method="cat"),
-        "svd_rank": loramix.combine(paths, weights=WEIGHTS, method="svd", rank=5),
-        "svd_energy": loramix.combine(paths, weights=WEIGHTS, method="svd", energy=0.9),
-        "resize": loramix.combine(one, weights=[1.0], method="svd", rank=3),
+        "svd_rank": loramix.combine(paths, weights=WEIGHTS, method="svd", rank_rule=loramix.RankRule(rank=5)),
+        "svd_energy": loramix.combine(paths, weights=WEIGHTS, method="svd", rank_rule=loramix.RankRule(energy=0.9)),
+        "resize": loramix.combine(one, weights=[1.0], method="svd", rank_rule=loramix.RankRule(rank=3)),
         "pass_through": loramix.combine(one, weights=[1.0], method="cat"),
     }
     return {name: save_adapter(adapter, root / name) for name, adapter in runs.items()}
@@ -194,7 +194,9 @@ def test_real_adapter_verdicts(name):
 @requires_real
 def test_real_adapters_combined_are_portable(tmp_path):
     sources = [str(REAL / n) for n in ("qwen05__posttrain_v1", "qwen05__posttrain_v2", "qwen05__inference_engine")]
-    folder = save_adapter(loramix.combine(sources, method="svd", energy=0.99), tmp_path / "out")
+    folder = save_adapter(
+        loramix.combine(sources, method="svd", rank_rule=loramix.RankRule(energy=0.99)), tmp_path / "out"
+    )
     assert " ".join(v.status for v in check_source(folder).verdicts) == "yes yes yes yes yes yes n/a"
 
 

@@ -16,7 +16,7 @@ import pytest
 from helpers import REAL, requires_real
 from test_methods_interference import ties_reference
 
-from loramix import combine, load_adapter
+from loramix import RankRule, combine, load_adapter
 from loramix.render.card import model_card
 
 pytestmark = requires_real
@@ -44,7 +44,7 @@ def dense_ties(adapters, name: str) -> np.ndarray:
 
 @pytest.mark.parametrize("energy", [None, 0.95])
 def test_card_numbers_equal_a_float64_recomputation(trio, energy):
-    merged = combine(trio, weights=WEIGHTS, method="ties", energy=energy)
+    merged = combine(trio, weights=WEIGHTS, method="ties", rank_rule=RankRule(energy=energy))
     card = model_card(merged)
     rows = card_rows(card)
     assert set(rows) == set(MODULES)

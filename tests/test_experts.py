@@ -69,7 +69,7 @@ def test_written_back_loads_in_peft_bit_for_bit(adapters, tmp_path):
     assert torch.equal(peft_logits(out), peft_logits(adapters[0]))
 
 
-@pytest.mark.parametrize("options", [{"method": "cat"}, {"method": "svd", "rank": 6}])
+@pytest.mark.parametrize("options", [{"method": "cat"}, {"method": "svd", "rank_rule": RankRule(rank=6)}])
 def test_combine_per_expert_equals_float64_sum(adapters, tmp_path, options):
     """PEFT's logits with the combined adapter = the float64 base plus Σ wᵢ·ΔWᵢ of PEFT's own per-expert updates
     (cat, and svd at the summed rank 4+2: both exact; factors stored in float32: 1e-5)."""
@@ -87,7 +87,9 @@ def test_svd_truncates_each_expert_on_its_own(adapters, tmp_path):
     """svd at rank k: every expert's ΔW is the best rank-k approximation of that expert's own sum (float64
     Eckart–Young per expert), not of a sum over experts."""
     out = tmp_path / "out"
-    save_adapter(combine(list(adapters), weights=[1.0, 1.0], method="svd", rank=3), out, rank_layout="exact")
+    save_adapter(
+        combine(list(adapters), weights=[1.0, 1.0], method="svd", rank_rule=RankRule(rank=3)), out, rank_layout="exact"
+    )
     deltas = [peft_deltas(path) for path in adapters]
     written = peft_deltas(out)
     for e in range(EXPERTS):
@@ -99,7 +101,9 @@ def test_svd_truncates_each_expert_on_its_own(adapters, tmp_path):
 def test_unequal_expert_ranks_are_padded_for_peft(adapters, tmp_path):
     """An energy rule gives each expert its own rank; PEFT needs one r per parameter: padded with zero blocks,
     ΔW unchanged."""
-    combined = combine(list(adapters), weights=[1.0, 0.5], method="svd", energy=0.9, rank_layout="exact")
+    combined = combine(
+        list(adapters), weights=[1.0, 0.5], method="svd", rank_rule=RankRule(energy=0.9), rank_layout="exact"
+    )
     ranks = {m.rank for n, m in combined.modules.items() if m.expert is not None}
     out = tmp_path / "out"
     save_adapter(combined, out, rank_layout="exact")
@@ -271,7 +275,7 @@ def test_ties_runs_on_each_expert(adapters):
     from peft.utils.merge_utils import ties
 
     weights = [0.6, 0.9]
-    combined = combine(list(adapters), weights=weights, method="ties", density=0.5, rank=16)
+    combined = combine(list(adapters), weights=weights, method="ties", density=0.5, rank_rule=RankRule(rank=16))
     deltas = [peft_deltas(path) for path in adapters]
     for e in range(EXPERTS):
         tasks = torch.stack([d[GATE_UP][e] for d in deltas])

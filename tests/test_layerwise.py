@@ -234,7 +234,9 @@ def test_conv_rank_caps_kxk_convs_only(tmp_path):
             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (6, 6, 0, 6),
         },
     )
-    merged = loramix.combine([file], weights=[1.0], method="svd", rank=4, conv_rank=2, rank_layout="exact")
+    merged = loramix.combine(
+        [file], weights=[1.0], method="svd", rank_rule=loramix.RankRule(rank=4, conv_rank=2), rank_layout="exact"
+    )
     source = loramix.load_adapter(file)
     ranks = {name.rsplit("_", 2)[-2] + "_" + name.rsplit("_", 1)[-1]: m.rank for name, m in merged.modules.items()}
     assert ranks == {"0_conv1": 2, "proj_in": 4, "to_q": 4}

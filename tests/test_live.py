@@ -61,7 +61,7 @@ def assert_same_adapter(ours: loramix.LoraAdapter, reference: loramix.LoraAdapte
         assert torch.equal(ours.extra[name].tensor, e.tensor) and ours.extra[name].kind == e.kind
 
 
-@pytest.mark.parametrize("method, options", [("cat", {}), ("svd", {"rank": 4})])
+@pytest.mark.parametrize("method, options", [("cat", {}), ("svd", {"rank_rule": loramix.RankRule(rank=4)})])
 def test_peft_model_round_trip_equals_files(method, options, tmp_path):
     model = two_adapter_model()
     combined = loramix.combine([(model, "first"), (model, "second")], weights=[0.7, -0.4], method=method, **options)

@@ -107,7 +107,7 @@ def test_messages_name_flags_on_the_cli_and_keywords_in_python(tmp_path):
     cat = cli("combine", example("summarize"), example("formal"), "-m", "cat", "--rank", "4", "-o", tmp_path / "o")
     assert "--rank/--energy/--rule/--conv-rank apply to re-factorising methods" in cat.output, cat.output
     with pytest.raises(MethodError, match="`rank`/`energy`/`rule`/`conv_rank`"):
-        loramix.combine([example("summarize")], method="cat", rank=4)
+        loramix.combine([example("summarize")], method="cat", rank_rule=loramix.RankRule(rank=4))
 
     quantized = cli("combine", example("summarize"), "--quantized-as", "nf4", "-o", tmp_path / "q")
     assert quantized.output.startswith("error: --quantized-as round-trips a base") and "(pass --merge-into BASE)" in (

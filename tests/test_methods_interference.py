@@ -291,7 +291,14 @@ def test_matches_peft_at_full_rank(tmp_path, method, peft_type, majority, kind):
         ["default", "b"], weights, "merged", combination_type=peft_type, density=density, svd_rank=full, **extra
     )
     options = {"majority_sign": majority} if majority else {}
-    ours = combine([first.path, second.path], weights=weights, method=method, rank=full, density=density, **options)
+    ours = combine(
+        [first.path, second.path],
+        weights=weights,
+        method=method,
+        rank_rule=RankRule(rank=full),
+        density=density,
+        **options,
+    )
     compared = 0
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "merged" in module.lora_A:
@@ -341,7 +348,7 @@ def test_cli_flags_feed_method_options(tmp_path):
     expected = combine(
         [first.path, second.path],
         method="dare_ties",
-        rank=4,
+        rank_rule=RankRule(rank=4),
         density=0.5,
         majority_sign="frequency",
         seed=5,
@@ -385,7 +392,7 @@ def test_ranks_above_four_times_the_sum_say_so_in_one_line(caplog):
     assert f"{merged.num_params():,} parameters" in lines[0]
     caplog.clear()
     with caplog.at_level("WARNING", logger="loramix"):
-        combine(small_adapters(), method="ties", density=0.3, rank=16)
+        combine(small_adapters(), method="ties", density=0.3, rank_rule=RankRule(rank=16))
     assert "4·Σrᵢ" not in caplog.text
 
 
@@ -400,7 +407,7 @@ def test_long_dense_merges_are_announced_with_the_core_space_alternative(caplog,
     assert loramix.combination._dense_seconds(qwen, torch.device("cpu")) < 20
     monkeypatch.setattr(loramix.combination, "LONG_DENSE_SECONDS", 0.0)
     with caplog.at_level("WARNING", logger="loramix"):
-        combine(small_adapters(), method="dare_ties", rank=4)
+        combine(small_adapters(), method="dare_ties", rank_rule=RankRule(rank=4))
     assert "space='core'" in caplog.text and "dense space" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="loramix"):

@@ -190,7 +190,12 @@ def test_delta_equals_mergekit_merge_minus_base(setting, case, tmp_path, monkeyp
     merged = _mergekit(config, tmp_path / "merged")
     reference = load_file(str((setting["base"] if models == "models" else setting["zero"]) / "model.safetensors"))
     ours = loramix.combine(
-        setting["adapters"][:n], weights=weights, method=method, rank=64, device="cpu", **options
+        setting["adapters"][:n],
+        weights=weights,
+        method=method,
+        rank_rule=loramix.RankRule(rank=64),
+        device="cpu",
+        **options,
     )  # rank 64 ≥ min(out, in): nothing truncated
     assert len(ours.modules) == 2 * len(TARGETS)
     for name, module in ours.modules.items():

@@ -198,7 +198,7 @@ def test_all_zero_inputs_give_a_zero_adapter():
 def test_through_combine(tmp_path, method):
     first = make_peft_adapter(tiny_llama, tmp_path, "a", seed=1, target_modules=["q_proj", "v_proj"])
     second = make_peft_adapter(tiny_llama, tmp_path, "b", seed=2, target_modules=["q_proj"], r=6)
-    merged = combine([first.path, second.path], weights=[1.0, 1.0], method=method, rank=5)
+    merged = combine([first.path, second.path], weights=[1.0, 1.0], method=method, rank_rule=RankRule(rank=5))
     assert len(merged.modules) == 4  # q_proj and v_proj of both layers; v_proj from the first adapter alone
     assert all(m.rank <= 5 for m in merged.modules.values())
     assert merged.provenance["method"] == method

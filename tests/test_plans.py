@@ -262,21 +262,79 @@ def test_an_analyze_recipe_is_what_analyze_prints_and_writes(tmp_path):
     assert (tmp_path / "run.json").read_text() == (tmp_path / "cli.json").read_text()
 
 
+# the fewest arguments each command takes: every optional flag left out
+BARE = {
+    "combine": ["a", "b", "-o", "out"],
+    "extract": ["base", "tuned", "-o", "out"],
+    "convert": ["source", "-o", "out"],
+    "align": ["a", "b", "-o", "out"],
+    "search": ["a", "b", "--base", "model", "--examples", "examples.jsonl", "-o", "out"],
+    "analyze": ["a", "b"],
+}
+
+
+def _plan_default(kind, name: str):
+    """The default of a plan's setting read flat: its field's, or, in a group, the value the plan's default group
+    holds (`ConvertPlan`'s output defaults to format peft, where `AdapterOutput`'s own format is None)."""
+    import dataclasses
+
+    def default(f: dataclasses.Field):
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    path, own, _ = kind.members()[name]
+    if not path:
+        return default(own)
+    holder = default(next(f for f in dataclasses.fields(kind) if f.name == path[0]))
+    for step in path[1:]:
+        holder = getattr(holder, step)
+    return getattr(holder, name)
+
+
 @pytest.mark.parametrize("command", ["combine", "extract", "convert", "align", "search", "analyze"])
-def test_each_flag_is_a_setting_of_its_plan_with_its_choices(command):
+def test_each_flag_is_a_setting_of_its_plan_with_its_choices(command, monkeypatch):
     """The flags and the plan cannot drift: every flag that is no CLI-only switch names a setting of the command's
-    plan (flat, as its recipe does), and a flag with choices offers exactly what the setting's type allows."""
+    plan (flat, as its recipe does), a flag with choices offers exactly what the setting's type allows, and its
+    default is the setting's: the plan the command builds with the flag left out holds the setting's default, and a
+    default the help shows (``[default: X]``, or click's shown default) is that value."""
+    import re
+
     import click
 
+    import loramix.pipeline
     from loramix.plans import PLANS
     from loramix.settings import choices
 
     cli_only = {"force", "quiet", "verbose", "threads", "as_json", "json_file", "plot_dir", "top", "push_repo"}
     cli_only |= {"recipe", "lbws", "method_options", "density", "majority_sign", "seed", "space", "examples"}
-    hints = PLANS[command].hints()
+    kind = PLANS[command]
+    hints = kind.hints()
+    built = []
+
+    def capture(plan, **_):
+        built.append(plan)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(loramix.pipeline, "run", capture)
+    result = CliRunner().invoke(main, [command, *BARE[command]])
+    assert len(built) == 1, result.output
+    named = 0
     for param in main.commands[command].params:
         if param.name in cli_only and param.name not in hints:
             continue
         assert param.name in hints, param.name
         if isinstance(param.type, click.Choice):
             assert tuple(param.type.choices) == choices(hints[param.name]), param.name
+        if not isinstance(param, click.Option) or set(param.opts) & set(BARE[command]):
+            continue
+        default = _plan_default(kind, param.name)
+        assert getattr(built[0], param.name) == default, param.name
+        shown = re.search(r"\[default: ([^]]*)\]", param.help or "")
+        if shown and default is not None:  # None means something the help describes in words ("the inputs'")
+            assert shown.group(1).split(";")[0] == str(default), (param.name, shown.group(1), default)
+        if param.show_default:
+            assert param.show_default is True and param.default is not None, param.name
+            with click.Context(main.commands[command]) as ctx:
+                value = param.process_value(ctx, param.default)
+            assert (list(value) if isinstance(value, tuple) else value) == default, param.name
+        named += 1
+    assert named

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from loramix import analyze, load_adapter, merge_into_base
 from loramix.cli import main
-from loramix.merge.checkpoint import CheckpointError
+from loramix.errors import MissingPackageError
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -205,7 +205,7 @@ def test_a_failure_inside_bitsandbytes_is_one_line_naming_its_version(qlora, tmp
 def test_missing_bitsandbytes_names_the_extra(qlora, tmp_path, monkeypatch):
     tmp, made = qlora
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
-    with pytest.raises(CheckpointError, match=r"loramix\[qlora\]"):
+    with pytest.raises(MissingPackageError, match=r"loramix\[qlora\]"):
         merge_into_base(made.path, tmp / "base-bf16", tmp_path / "out", quantized_as="nf4")
     assert not (tmp_path / "out").exists()
     result = CliRunner().invoke(

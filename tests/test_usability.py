@@ -279,7 +279,7 @@ def test_rule_value_without_rule_is_an_error():
     with pytest.raises(MethodError, match="without a rule"):
         RankRule(rule_value=0.9)
     with pytest.raises(MethodError, match="without a rule"):
-        loramix.combine([example("summarize"), example("formal")], rule_value=0.9)
+        loramix.combine([example("summarize"), example("formal")], rank_rule=loramix.RankRule(rule_value=0.9))
     result = cli("combine", str(example("summarize")), "--rule-value", "0.9", "-o", "out/never")
     assert result.exit_code == 2 and "without a rule" in result.stderr and not Path("out/never").exists()
 
@@ -305,7 +305,11 @@ MISUSE = {
     ),
     "weights: a string": (lambda a: loramix.combine([a, a], weights="0.5,0.5"), "weights must be a list of numbers"),
     "weights: a number": (lambda a: loramix.combine([a, a], weights=0.5), "weights must be a list of numbers"),
-    "rank: a string": (lambda a: loramix.combine([a, a], rank="8"), "rank must be an int"),
+    "rank: loose, not a RankRule": (
+        lambda a: loramix.combine([a, a], rank=8, energy=0.9),
+        r"rank_rule=loramix\.RankRule\(rank=8, energy=0\.9\), not rank=8, energy=0\.9",
+    ),
+    "rank: a string": (lambda a: loramix.combine([a, a], rank_rule=loramix.RankRule(rank="8")), "rank must be an int"),
     "energy: a string": (
         lambda a: loramix.analyze([a], rank_rule=loramix.RankRule(energy="0.9")),
         "energy must be a number",

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from loramix.adapter import LoraAdapter, check_rank_layout, portable_layout
-from loramix.errors import OutputError, inside_backend
+from loramix.errors import MissingPackageError, OutputError, inside_backend
 from loramix.io.gguf_base import llama_permute
 from loramix.lazy import lazy
 from loramix.sources import resolve
@@ -104,7 +104,7 @@ def write(
     try:
         gguf.GGUFWriter  # noqa: B018 (the optional dependency is there)
     except ModuleNotFoundError:
-        raise OutputError("GGUF output needs the gguf package: pip install 'loramix[gguf]'") from None
+        raise MissingPackageError("GGUF output needs the gguf package: pip install 'loramix[gguf]'") from None
     check_rank_layout(rank_layout)
     if rank_layout != "portable":
         raise OutputError(

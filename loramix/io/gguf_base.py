@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loramix.errors import CheckpointError, inside_backend
+from loramix.errors import CheckpointError, MissingPackageError, inside_backend
 from loramix.lazy import lazy
 
 gguf = lazy("gguf")  # the optional extra loramix[gguf]
@@ -91,7 +91,7 @@ def open_gguf(path: Path) -> GgufBase:
     try:
         gguf.GGUFReader  # noqa: B018 (the optional dependency is there)
     except ModuleNotFoundError:
-        raise CheckpointError("a GGUF base needs the gguf package: pip install 'loramix[gguf]'") from None
+        raise MissingPackageError("a GGUF base needs the gguf package: pip install 'loramix[gguf]'") from None
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, IndexError, OSError) as exc:  # what GGUFReader raises on a damaged or truncated file

@@ -18,7 +18,7 @@ from textwrap import fill
 
 from loramix.analysis.names import layer_of, natural_key, type_of, typed
 from loramix.analysis.report import finite
-from loramix.errors import LoramixError
+from loramix.errors import MissingPackageError
 
 # Spectra: up to this many modules one row each, labelled; beyond it one row per module type (mean over layers).
 MAX_MODULE_ROWS = 72
@@ -84,7 +84,7 @@ def _figure(figsize: tuple[float, float], rows: int, cols: int):
         import matplotlib  # noqa: F401 — the package itself first: its submodules may be imported already
         from matplotlib.figure import Figure
     except ImportError:
-        raise LoramixError("plots need matplotlib: pip install 'loramix[plot]'") from None
+        raise MissingPackageError("plots need matplotlib: pip install 'loramix[plot]'") from None
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(rows, cols, squeeze=False)
 

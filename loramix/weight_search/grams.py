@@ -16,6 +16,7 @@ import torch
 from loramix import combination
 from loramix.adapter import LoraAdapter
 from loramix.errors import MethodError
+from loramix.linalg import RankRule
 from loramix.runtime import resolve_device
 from loramix.weight_search.evaluator import Evaluator
 from loramix.weight_search.objective import as_examples, model_batch
@@ -79,6 +80,7 @@ def combine(
     adapters: list,
     *,
     method: str = "svd",
+    rank_rule: RankRule | None = None,
     device: str = "auto",
     allow_different_bases: bool = False,
     allow_nonfinite: bool = False,
@@ -92,13 +94,14 @@ def combine(
     Each weight, and each numeric method option, is a number or a value that varies by layer or module (a gradient
     ``[0, 1]``, name filters ``{"self_attn": 1.0, "default": 0.2}``, SD block weights ``{"lbw": [...]}``; see
     `loramix.schedule`): it is resolved per module, and the method runs on each module with plain numbers.
-    ``rank``/``energy``/``rule`` truncate re-factorising methods (see `RankRule`); ``conv_rank`` caps conv modules
-    with a kernel other than 1×1 instead of ``rank`` (kohya's ``--new_conv_rank``); ``heads="average"`` takes the
-    weighted average of heads several adapters carry, ``heads="drop"`` leaves them out (the base's own stay).
-    ``rank_layout="portable"`` (the default) prepares the layout every serving engine reads (one rank R for all
-    modules, see `loramix.adapter.portable_layout`): where ``energy`` or ``rule`` chose a module's rank for an exact
-    method (svd), the module keeps its best rank-R approximation instead (more of its own singular directions, where
-    it has them; never above ``rank``); ``"exact"`` keeps each module at the rank the rule chose. ``device``:
+    ``rank_rule`` (a `loramix.RankRule`: ``RankRule(rank=16)``, ``energy``, or a kohya ``rule`` and ``rule_value``)
+    truncates re-factorising methods; its ``conv_rank`` caps conv modules with a kernel other than 1×1 instead of
+    ``rank`` (kohya's ``--new_conv_rank``). ``heads="average"`` takes the weighted average of heads several adapters
+    carry, ``heads="drop"`` leaves them out (the base's own stay). ``rank_layout="portable"`` (the default) prepares
+    the layout every serving engine reads (one rank R for all modules, see `loramix.adapter.portable_layout`): where
+    the rule's ``energy`` or kohya ``rule`` chose a module's rank for an exact method (svd), the module keeps its best
+    rank-R approximation instead (more of its own singular directions, where it has them; never above the rule's
+    ``rank``); ``"exact"`` keeps each module at the rank the rule chose. ``device``:
     ``cpu``, ``cuda[:N]`` or ``auto`` (a GPU when there is one: results agree with the CPU's to float32 rounding).
     ``load_options`` go to `load_adapter` for every source (``scale``/``alpha``/``base_model``/``module_map`` for
     plain state dicts). A method that needs data (``regmean``) takes ``grams``: per adapter, each module's input Gram
@@ -107,7 +110,7 @@ def combine(
     """
     loading = {"allow_different_bases": allow_different_bases, "allow_nonfinite": allow_nonfinite}
     loaded, weights, checked = combination.accept(
-        adapters, method=method, device=device, load_options=load_options, **loading, **settings
+        adapters, method=method, rank_rule=rank_rule, device=device, load_options=load_options, **loading, **settings
     )
     grams = grams if grams is not None else method_grams(checked, loaded)
     return combination.combine_loaded(loaded, weights, checked, grams=grams, progress=progress)

@@ -20,7 +20,7 @@ import torch
 
 from loramix.adapter import LoraAdapter
 from loramix.combination import check_settings, combine_loaded
-from loramix.errors import SearchError
+from loramix.errors import MissingPackageError, SearchError
 from loramix.formats import load_adapters
 from loramix.io.base import resolve_base
 from loramix.runtime import progress_bar, resolve_device
@@ -58,7 +58,7 @@ def _split_memory(devices: list[torch.device]) -> dict[int, int]:
     try:
         import accelerate  # noqa: F401 — transformers' device_map and dispatch_model run on it
     except ImportError:
-        raise SearchError("splitting the base over GPUs needs accelerate (pip install accelerate)") from None
+        raise MissingPackageError("splitting the base over GPUs needs accelerate (pip install accelerate)") from None
     return {d.index: torch.cuda.mem_get_info(d)[0] for d in devices}
 
 

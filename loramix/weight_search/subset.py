@@ -148,7 +148,6 @@ def search_subset(
         raise SearchError(f"unknown granularity {granularity!r} (use {' or '.join(GRANULARITIES)})")
     check_search(objective, optimizer, steps)
     rule = RankRule.given(rank_rule)
-    truncation = {key: value for key, value in rule.keywords(conv=True).items() if value is not None}
     chosen = check_settings(method=method, options=dict(options or {}), rule=rule).method  # before loading
     loaded, numbers = load_adapters(
         adapters,
@@ -175,7 +174,7 @@ def search_subset(
         if isinstance(source, (str, Path)):
             options.setdefault("examples", str(source))
         grams = input_grams(model, loaded, examples, device=str(target), tokenizer=tokenizer)
-    merge = {**truncation, **options, "device": str(target), "grams": grams}
+    merge = {"rank_rule": rule, **options, "device": str(target), "grams": grams}
     popsize = popsize or 4 + int(3 * math.log(groups.size))
     scores = _Scores(model, loaded, batch, groups, numbers, method, merge, encoder_decoder, objective, max_candidates)
     start = time.perf_counter()
@@ -205,7 +204,7 @@ def search_subset(
         "subset": granularity,
         "method": method,
         "options": options,
-        "rank_rule": truncation,
+        "rank_rule": {key: value for key, value in rule.keywords(conv=True).items() if value is not None},
         "objective": objective,
         "optimizer": optimizer,
         "steps": steps,
