@@ -381,6 +381,23 @@ def test_cli_merge_into_dora(factory, lora, tmp_path):
     check_against_peft(out, peft_merged(made), tied_absent=tied)
 
 
+def test_a_single_dora_merged_as_it_is_only_when_no_rank_rule_asks_otherwise(tmp_path):
+    """A lone DoRA adapter at weight 1 goes into the base as it is; any rank-rule value, conv_rank included, asks for
+    the re-factorisation of its effective update instead (it was once left out of that check)."""
+    from loramix import load_adapter
+    from loramix.pipeline.combine import _is_single_dora
+    from loramix.plans import Plan
+    from loramix.schedule import Constant
+
+    factory, lora = CASES["gemma_dora"]
+    made = make_peft_adapter(factory, tmp_path, "dora", **lora)
+    loaded, weights = [load_adapter(made.path)], [Constant(1.0)]
+    plain = Plan(adapters=[str(made.path)], merge_into="base")
+    assert _is_single_dora(loaded, weights, plain)
+    for rule in ({"rank": 2}, {"energy": 0.9}, {"conv_rank": 2}):
+        assert not _is_single_dora(loaded, weights, Plan(adapters=[str(made.path)], merge_into="base", **rule)), rule
+
+
 # ----------------------------------------------------------------------------------------------- real adapters
 
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="../shared/real-adapters is absent")

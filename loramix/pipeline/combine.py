@@ -14,6 +14,7 @@ from loramix.errors import IncompatibleAdaptersError
 from loramix.extraction.conversion import effective_adapters
 from loramix.formats import default_format, load_adapters, write_adapter
 from loramix.hub import revisions
+from loramix.linalg import RankRule
 from loramix.merge.checkpoint import MergeReport
 from loramix.methods import get_method
 from loramix.outputs import Output, recipe_file
@@ -116,6 +117,6 @@ def run_combine(plan: Plan, *, overwrite: bool = False, progress: bool = False, 
 
 def _is_single_dora(loaded: list[LoraAdapter], weights: list, plan: Plan) -> bool:
     """One DoRA adapter at weight 1 with nothing to re-factorise: merged into the base exactly as it is."""
-    untouched = plan.rank is None and plan.energy is None and plan.rule is None and not plan.options
+    untouched = plan.rank_rule == RankRule() and not plan.options  # conv_rank too asks for a re-factorisation
     alone = len(loaded) == 1 and loaded[0].has_dora and weights == [Constant(1.0)]
     return alone and plan.method in ("cat", "svd") and untouched
