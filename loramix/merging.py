@@ -117,8 +117,7 @@ def merge_loaded(
     if target.merged_format == "gguf" and gguf_file is None:
         raise SettingError(
             f"{base}: `merged_format` gguf writes a GGUF base as GGUF again; this base is no GGUF file (llama.cpp's "
-            "convert_hf_to_gguf.py converts a merged folder)",
-            option="merged_format",
+            "convert_hf_to_gguf.py converts a merged folder)"
         )
     if gguf_file is not None and target.merged_format != "safetensors":  # a GGUF file again (`loramix.merge.gguf`)
         if quantized_as not in (None, "none") or shard_size is not None:

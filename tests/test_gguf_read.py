@@ -262,6 +262,7 @@ def test_merged_format_gguf_needs_a_gguf_base(merged):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "--merged-format gguf writes a GGUF base as GGUF again" in result.output
+    assert "(pass --merged-format" not in result.output  # no flag avoids it: the hint would mislead
     assert not (tmp / "x").exists()
     result = CliRunner().invoke(main, ["combine", str(adapter), "--merged-format", "safetensors", "-o", str(tmp / "x")])
     assert (
