@@ -164,6 +164,8 @@ class MergeTarget:
         workers = self.workers
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise SettingError(f"workers must be a positive int (tensors merged at once), got {workers!r}")
+        if self.merged_format not in (None, *MERGED_FORMATS):
+            raise SettingError(f"merged_format must be one of {', '.join(MERGED_FORMATS)}, got {self.merged_format!r}")
 
 
 @dataclass(frozen=True)

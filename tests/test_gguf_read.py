@@ -256,6 +256,12 @@ def test_without_a_dtype_the_safetensors_output_keeps_the_dequantized_values(mer
 
 def test_merged_format_gguf_needs_a_gguf_base(merged):
     tmp, adapter, base, delta, before = merged
+    from loramix import merge_into_base
+    from loramix.errors import SettingError
+
+    with pytest.raises(SettingError, match="merged_format must be one of gguf, safetensors, got 'gguff'"):
+        merge_into_base(adapter, base, tmp / "typo", merged_format="gguff")  # a typo is no silent default
+    assert not (tmp / "typo").exists()
     dense = tmp / "dense-base"
     tiny().save_pretrained(dense)
     args = ["combine", str(adapter), "--merge-into", str(dense), "--merged-format", "gguf", "-o", str(tmp / "x")]
