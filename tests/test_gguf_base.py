@@ -224,11 +224,14 @@ def _swap_to_q4_k(source, target) -> None:
     with_tensor(source, target, "blk.0.ffn_down.weight", blocks, gguf.GGMLQuantizationType.Q4_K)
 
 
-def with_tensor(source, target, name: str | None, stored: np.ndarray | None = None, qtype=None, fields=None) -> None:
+def with_tensor(
+    source, target, name: str | None, stored: np.ndarray | None = None, qtype=None, fields=None, architecture="llama"
+) -> None:
     """``source`` written again as ``target`` with tensor ``name`` stored as the raw ``qtype`` bytes ``stored``
-    (and ``fields(writer)`` adding metadata keys, which replace the source's of the same names)."""
+    (and ``fields(writer)`` adding metadata keys, which replace the source's of the same names), under
+    ``architecture``."""
     reader = gguf.GGUFReader(str(source))
-    writer = gguf.GGUFWriter(str(target), "llama")
+    writer = gguf.GGUFWriter(str(target), architecture)
     if fields is not None:
         fields(writer)
     for f in reader.fields.values():

@@ -129,10 +129,17 @@ def _with_q8_1(source, target) -> None:
     with_tensor(source, target, "blk.0.attn_v.weight", np.zeros((32, 80), dtype=np.uint8), q8_1)
 
 
+def _as_gemma(source, target) -> None:
+    """``source``'s keys and tensors under another architecture name, one that loramix does not read as a
+    transformers model (Gemma: llama.cpp stores its norms as weight + 1)."""
+    with_tensor(source, target, None, architecture="gemma")
+
+
 @pytest.mark.parametrize(
     "damage, says",
     [
         (_truncated, "base.gguf: not a readable GGUF file"),
+        (_as_gemma, "base.gguf: GGUF architecture gemma; loramix reads llama, qwen2 GGUF bases"),
         (_with_q8_1, "base.gguf: tensor blk.0.attn_v.weight is Q8_1, which gguf cannot dequantize"),
     ],
 )
