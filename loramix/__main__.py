@@ -1,5 +1,5 @@
 """``python -m loramix``: the `loramix` command."""
 
-from loramix.cli import main
+from loramix.cli import entry
 
-main()
+entry()
