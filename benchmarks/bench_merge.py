@@ -332,6 +332,7 @@ def phases(stderr: str, since: float, wall: float) -> str:
     parts = [f"start-up {t.get('computed start', last):.2f}"]
     if "copy start" in t:
         early = f", {t['copied early'] / 1e9:.1f} GB early" if t.get("copied early") else ""
+        early += f", {t['prefilled early'] / 1e9:.1f} GB prefilled" if t.get("prefilled early") else ""
         parts.append(f"copy {t['copy start']:.2f}→{t['copy end']:.2f}{early}")
     if "computed start" in t:
         parts.append(f"merged modules {t['computed end'] - t['computed start']:.2f}")

@@ -44,6 +44,7 @@ def test_the_cli_copies_untouched_tensors_while_torch_imports(pair, tmp_path):
     line = next(x for x in done.stderr.splitlines() if "merge phases" in x)
     times = json.loads(line.split(": ", 2)[-1])
     assert times["copied early"] > 0  # the bytes of the embeddings, norms, gate_proj and head
+    assert times["prefilled early"] > 0  # q/v/down_proj's places, with the base's bytes, while torch imported
     assert times["copy start"] < times["computed start"]
     assert weight_files(out) == weight_files(expected)
     assert _leftovers(tmp_path) == []  # the staging folder's files moved into the output, the folder removed
@@ -58,7 +59,7 @@ def test_a_wrong_prediction_costs_time_never_bytes(pair, tmp_path, monkeypatch, 
     expected = weight_files(merge_into_base(adapter, base, tmp_path / "api").path)
     shapes = {f"model.layers.{i}.mlp.gate_proj": (96, 4, 32) for i in range(SIZES["layers"])}
     other = raw_lora_folder(tmp_path / "other", shapes=shapes, config={"target_modules": ["gate_proj"]})
-    files, untouched = plan(base, [other])
+    files, untouched, changed = plan(base, [other])
     predicted = {name for entries in untouched.values() for name, _, _ in entries}
     assert "model.layers.0.self_attn.q_proj.weight" in predicted
     assert "model.layers.0.mlp.gate_proj.weight" not in predicted
@@ -112,3 +113,50 @@ def test_sampled_stored_update_figures_leave_the_bytes_alone(tmp_path, monkeypat
     ulp = bf16_ulp((W.double().abs() + delta.abs()).float())  # float32 terms err by ~1e-9: cancellation to ~0
     assert bool(((merged.double() - (W.double() + delta)).abs() <= ulp).all())
     assert torch.equal(merged, (W.float() + (module.B * module.scale) @ module.A).to(torch.bfloat16))
+
+
+def test_merged_tensors_prefilled_with_base_bytes_are_written_over(pair, tmp_path):
+    """Left alone until the copy threads end, the early copy also fills every place a merged tensor takes with the
+    base's bytes; the merge then writes over them: the same bytes as a merge without any early copy."""
+    base, adapter = pair
+    expected = weight_files(merge_into_base(adapter, base, tmp_path / "api").path)
+    files, untouched, changed = plan(base, [adapter])
+    to_merge = sum(end - start for entries in changed.values() for _, start, end in entries)
+    with early_copy(str(base), [str(adapter)], str(tmp_path / "out")) as copy:
+        for thread in copy.threads:
+            thread.join(timeout=60)  # nobody takes a tensor: the threads prefill them all, then end
+        assert copy.prefilled == to_merge > 0
+        merge_into_base(adapter, base, tmp_path / "out")
+    assert weight_files(tmp_path / "out") == expected
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_prefill_under_way_is_waited_for_and_none_begins_after_a_take(tmp_path, monkeypatch):
+    """The protocol between the copy threads and the writer: the writer's `take` of a tensor being prefilled returns
+    only once that copy is done (else the base's bytes could land over the merged ones), and from the first take on
+    no prefill begins."""
+    import threading
+
+    import loramix.io.early_copy as early
+
+    started, release, copied = threading.Event(), threading.Event(), []
+
+    def slow_copy(src, offset, count, out, at):
+        started.set()
+        assert release.wait(30)
+        copied.append(offset)
+
+    monkeypatch.setattr(early, "copy_range", slow_copy)
+    prefill = [early.Item(tmp_path / "src", 100 * i, 10, tmp_path / "out", f"t{i}") for i in range(3)]
+    copy = early.EarlyCopy(tmp_path, tmp_path, [], frozenset(), [prefill])
+    copy.start(1)
+    assert started.wait(30)  # t0 is being copied
+    taken = threading.Thread(target=copy.take, args=("t0",))
+    taken.start()
+    taken.join(0.3)
+    assert taken.is_alive()  # waiting for t0's copy
+    release.set()
+    taken.join(30)
+    assert not taken.is_alive() and copied == [0]
+    copy.join()
+    assert copied == [0] and copy.prefilled == 10  # t1 and t2 never began

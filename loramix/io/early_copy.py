@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,51 +43,116 @@ _RUNNING: dict[Path, EarlyCopy] = {}
 
 
 @dataclass
+class Item:
+    """Bytes of a base file copied to the same place of its staging file: unchanged tensors (``name`` None), or the
+    place of tensor ``name``, predicted to be merged, prefilled with the base's bytes."""
+
+    src: Path
+    offset: int
+    count: int
+    out: Path
+    name: str | None = None
+
+
+@dataclass
 class EarlyCopy:
     """A copy of the tensors ``names`` of the base's safetensors ``files`` into ``staging`` (same file names, sizes
-    and headers), run by a thread; ``started``/``finished`` are wall-clock times (time.time())."""
+    and headers), run by threads; ``started``/``finished`` are wall-clock times (time.time()).
+
+    ``queues`` holds each file's items in data order. A thread takes the next item of a file no other thread is
+    writing (the file with most left; a file system may take one file's writes one at a time), so the copy runs as
+    far ahead in every file as the page cache lets it. Beside the unchanged tensors the threads prefill the places
+    of the tensors predicted to be merged with the base's bytes, so that the page cache holds those pages before
+    torch can compute their values (a new page costs the page cache more than an overwrite). The writer `take`s
+    each merged tensor before writing it: a prefill not yet begun is skipped, one under way is waited for; from the
+    first `take` on no prefill begins (the merge then writes as fast as the page cache takes new pages, and
+    prefilling beside it would only add overwrites)."""
 
     base: Path
     staging: Path
     files: list[str]
     names: frozenset[str]
-    runs: list[tuple[Path, int, int, Path]]  # (source file, offset, byte count, staging file): at the same offset
+    queues: list[list[Item]]
     started: float = 0.0
     finished: float = 0.0
     copied: int = 0
+    prefilled: int = 0
     error: BaseException | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Condition = field(default_factory=threading.Condition)
+    _state: dict[str, str] = field(default_factory=dict)  # prefilled tensor → "copying", "done" or "taken"
+    _busy: set[int] = field(default_factory=set)  # the files a thread is writing now
+    _merging: bool = False  # the writer has begun: no prefill begins
 
     def start(self, count: int) -> None:
-        """Copy with ``count`` threads, each taking every ``count``-th piece of `COPY_PIECE` bytes."""
-        pieces = [
-            (src, offset + at, min(COPY_PIECE, size - at), out)
-            for src, offset, size, out in self.runs
-            for at in range(0, size, COPY_PIECE)
-        ]
+        """Copy with ``count`` threads."""
+        self.queues = [deque(queue) for queue in self.queues]
         self.started = time.time()
-        for i in range(count):
-            self.threads.append(threading.Thread(target=self._run, args=(pieces[i::count],), daemon=True))
+        for _ in range(count):
+            self.threads.append(threading.Thread(target=self._run, daemon=True))
             self.threads[-1].start()
 
-    def _run(self, pieces: list[tuple[Path, int, int, Path]]) -> None:
+    def _run(self) -> None:
         try:
-            for src, offset, count, out in pieces:
-                if self.stop.is_set():
-                    return
-                copy_range(src, offset, count, out, offset)
-                with self.lock:
-                    self.copied += count
+            while (taken := self._next()) is not None:
+                file, item = taken
+                try:
+                    for at in range(0, item.count, COPY_PIECE):
+                        if self.stop.is_set():
+                            return
+                        count = min(COPY_PIECE, item.count - at)
+                        copy_range(item.src, item.offset + at, count, item.out, item.offset + at)
+                        with self.lock:
+                            if item.name is None:
+                                self.copied += count
+                            else:
+                                self.prefilled += count
+                finally:
+                    with self.lock:
+                        self._busy.discard(file)
+                        if item.name is not None:
+                            self._state[item.name] = "done"
+                        self.lock.notify_all()
         except BaseException as exc:  # handed to whoever joins
             self.error = exc
         finally:
             with self.lock:
                 self.finished = max(self.finished, time.time())
 
+    def _next(self) -> tuple[int, Item] | None:
+        """The next item to copy and its file (marked busy; a prefill marked as being copied); None at the end."""
+        with self.lock:
+            while not self.stop.is_set():
+                for queue in self.queues:  # prefills no longer wanted
+                    while queue and queue[0].name is not None and (self._merging or queue[0].name in self._state):
+                        queue.popleft()
+                left = [
+                    (file not in self._busy, sum(i.count for i in q), file) for file, q in enumerate(self.queues) if q
+                ]
+                if not left:
+                    return None
+                _, _, file = max(left)
+                item = self.queues[file].popleft()
+                self._busy.add(file)
+                if item.name is not None:
+                    self._state[item.name] = "copying"
+                return file, item
+            return None
+
+    def take(self, name: str) -> None:
+        """The writer is about to write tensor ``name``: no prefill of it begins any more, one under way is waited
+        for (its base bytes must not land after the merged ones); nor does any other prefill begin."""
+        with self.lock:
+            self._merging = True
+            self._state.setdefault(name, "taken")
+            while self._state[name] == "copying":
+                self.lock.wait()
+
     def join(self) -> None:
-        """Wait for the copy; raise what it raised."""
+        """Wait for the copy (no prefill begins); raise what it raised."""
+        with self.lock:
+            self._merging = True
         for thread in self.threads:
             thread.join()
         if self.error is not None:
@@ -141,9 +207,12 @@ def _weight_files(base: Path) -> list[Path] | None:
     return [single] if single.is_file() else None
 
 
-def plan(base: Path, adapters: list[Path]) -> tuple[list[Path], dict[Path, list[tuple[str, int, int]]]] | None:
-    """The base's files and, per file, the tensors predicted untouched as (name, absolute start, end), in data
-    order; None when no early copy applies."""
+Entries = dict[Path, list[tuple[str, int, int]]]  # per base file: (tensor name, absolute start, end), in data order
+
+
+def plan(base: Path, adapters: list[Path]) -> tuple[list[Path], Entries, Entries] | None:
+    """The base's files and, per file, the tensors predicted untouched and those predicted changed; None when no
+    early copy applies."""
     files = _weight_files(base)
     if files is None or any(p.suffix != ".safetensors" for p in base.iterdir() if p.name.endswith(".bin")):
         return None
@@ -153,21 +222,23 @@ def plan(base: Path, adapters: list[Path]) -> tuple[list[Path], dict[Path, list[
         if found is None:
             return None
         tails |= found
-    untouched = {}
+    untouched: Entries = {}
+    changed: Entries = {}
     for path in files:
         header, data = read_safetensors_header(path)
         header.pop("__metadata__", None)
         entries = sorted((e["data_offsets"][0], e["data_offsets"][1], n) for n, e in header.items())
         untouched[path] = [(n, data + a, data + b) for a, b, n in entries if not _changed(n, tails)]
-    return files, untouched
+        changed[path] = [(n, data + a, data + b) for a, b, n in entries if _changed(n, tails)]
+    return files, untouched, changed
 
 
 def _start(base: Path, adapters: list[Path], staging: Path) -> EarlyCopy | None:
     planned = plan(base, adapters)
     if planned is None:
         return None
-    files, untouched = planned
-    runs, names = [], set()
+    files, untouched, changed = planned
+    queues, names = [], set()
     for path in files:
         out = staging / path.name
         header, data = read_safetensors_header(path)
@@ -176,13 +247,20 @@ def _start(base: Path, adapters: list[Path], staging: Path) -> EarlyCopy | None:
         with open(out, "wb", buffering=0) as f:  # the base's header as it is, the file at its full size
             pwrite_all(f.fileno(), memoryview(head), 0)
             os.ftruncate(f.fileno(), path.stat().st_size)
-        for name, start, end in untouched[path]:
+        queue: list[Item] = []
+        entries = [(start, end, name, False) for name, start, end in untouched[path]]
+        for start, end, name, merged in sorted(entries + [(a, b, n, True) for n, a, b in changed[path]]):
+            if merged:
+                queue.append(Item(path, start, end - start, out, name))
+                continue
             names.add(name)
-            if runs and runs[-1][0] == path and runs[-1][1] + runs[-1][2] == start:
-                runs[-1] = (path, runs[-1][1], runs[-1][2] + end - start, out)
+            last = queue[-1] if queue else None
+            if last and last.name is None and last.offset + last.count == start and last.count < COPY_PIECE:
+                last.count += end - start
             else:
-                runs.append((path, start, end - start, out))
-    copy = EarlyCopy(base, staging, [p.name for p in files], frozenset(names), runs)
+                queue.append(Item(path, start, end - start, out))
+        queues.append(queue)
+    copy = EarlyCopy(base, staging, [p.name for p in files], frozenset(names), queues)
     copy.start(COPY_THREADS if (os.cpu_count() or 1) >= 4 else 1)
     return copy
 

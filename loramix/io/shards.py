@@ -145,12 +145,14 @@ def _tasks(out: Path, fd: int, at: int, jobs: list, copied: frozenset[str] = fro
 Produce = Callable[[object], Iterator[torch.Tensor]]
 
 
-def _run(task: _Task, produce: Produce, bar) -> None:
+def _run(task: _Task, produce: Produce, bar, early: EarlyCopy | None = None) -> None:
     job = task.job
     if job is None:
         copy_range(task.src, task.offset, task.count, task.out, task.at)
         bar.update(task.count)
         return
+    if early is not None:
+        early.take(job.name)  # its prefill with the base's bytes, if any, is over or never begins
     at = task.at
     for chunk in produce(job):
         out = chunk.contiguous()
@@ -187,8 +189,10 @@ def write_shards(
     ``workers`` threads compute meanwhile. ``early``: the copy the CLI started before torch was imported
     (`loramix.io.early_copy`), used when the output keeps the base's files as they are, else stopped. Returns the
     wall-clock times (time.time()) at which the copy and the computed tensors started and ended, and the bytes
-    ``copied early``. ``order(job)``: the computed tensors are started in that order (stable), e.g. every
-    re-quantized weight's codes before any scales, so that two workers never wait on one weight's parts."""
+    ``copied early`` and ``prefilled early`` (merged tensors' places filled with the base's bytes before torch was
+    ready). ``order(job)``: the computed tensors are started in that order, e.g. every re-quantized weight's codes
+    before any scales, so that two workers never wait on one weight's parts; within it the files take turns, so
+    that workers at once write different files."""
     headers = headers or [None] * len(shards)
     kept = all(h is not None for h in headers) and early is not None and early.files == names
     if early is not None and not kept:
@@ -197,22 +201,26 @@ def write_shards(
     copied = early.names if early else frozenset()
     times: dict[str, float] = {}
     with contextlib.ExitStack() as files:
-        tasks: list[_Task] = []
-        for name, shard, header in zip(names, shards, headers):
+        copies: list[_Task] = []
+        keyed: list[tuple[tuple[int, int, int], _Task]] = []
+        for file, (name, shard, header) in enumerate(zip(names, shards, headers)):
             path = (early.staging if early else folder) / name
             fd = files.enter_context(open(path, "r+b" if early else "wb", buffering=0)).fileno()
             header = header or tensorfile.header(shard, {"format": "pt"})
             if not early:  # the early copy wrote the base's header and sized the file
                 pwrite_all(fd, memoryview(header), 0)
                 os.ftruncate(fd, len(header) + sum(job.nbytes for job in shard))
-            tasks += _tasks(path, fd, len(header), shard, copied)
-        copies = [t for t in tasks if t.job is None]
-        computed = sorted((t for t in tasks if t.job is not None), key=lambda t: order(t.job) if order else 0)
+            tasks = _tasks(path, fd, len(header), shard, copied)
+            copies += [t for t in tasks if t.job is None]
+            jobs = [t for t in tasks if t.job is not None]
+            keyed += [((order(t.job) if order else 0, at, file), t) for at, t in enumerate(jobs)]
+        # the files taken in turn: workers at once write different files (one file's writes may be taken one at a time)
+        computed = [t for _, t in sorted(keyed, key=lambda kt: kt[0])]
         if early and any(t.job.name in copied for t in computed):  # predicted untouched, but merged: after the copy
             early.join()
         with ThreadPoolExecutor(1) as copier, ThreadPoolExecutor(max(1, workers)) as pool:
             futures = [copier.submit(_timed, times, "copy", _run, t, produce, bar) for t in copies]
-            futures += [pool.submit(_timed, times, "computed", _run, t, produce, bar) for t in computed]
+            futures += [pool.submit(_timed, times, "computed", _run, t, produce, bar, early) for t in computed]
             try:
                 for future in futures:
                     future.result()
@@ -226,6 +234,7 @@ def write_shards(
             times["copy start"] = min(early.started, times.get("copy start", early.started))
             times["copy end"] = max(early.finished, times.get("copy end", early.finished))
             times["copied early"] = early.copied
+            times["prefilled early"] = early.prefilled
     if early:
         for name in names:
             os.replace(early.staging / name, folder / name)
