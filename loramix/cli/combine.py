@@ -199,12 +199,13 @@ def _run_combine(plan, *, overwrite: bool, progress: bool):
     """`loramix.run` in this process, or under torchrun as one rank of a merge split over the processes
     (`loramix.merge.processes`; gloo, which carries only the ranks' reports); None on ranks other than 0."""
     from loramix.pipeline import run
-    from loramix.runtime import torch_threads
+    from loramix.runtime import start_cuda, torch_threads
     from loramix.weight_search import distributed
 
     place = distributed.torchrun_rank()  # (rank, local rank, world) when torchrun started this process
     with torch_threads(1):
         if place is None:
+            start_cuda(plan.device)
             return run(plan, overwrite=overwrite, progress=progress, argv=sys.argv)
         if not plan.merge_into:
             raise click.UsageError("under torchrun, combine splits a --merge-into over the processes: give one")
