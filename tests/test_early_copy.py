@@ -160,3 +160,19 @@ def test_a_prefill_under_way_is_waited_for_and_none_begins_after_a_take(tmp_path
     assert not taken.is_alive() and copied == [0]
     copy.join()
     assert copied == [0] and copy.prefilled == 10  # t1 and t2 never began
+
+
+@pytest.mark.parametrize("device, started", [("cpu", []), ("auto", ["cuda"]), ("cuda:1", ["cuda:1"])])
+def test_the_cli_starts_cuda_in_the_background_only_for_a_gpu(monkeypatch, device, started):
+    import threading
+
+    import loramix.runtime
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "zeros", lambda *args, **kwargs: seen.append(kwargs["device"]))
+    loramix.runtime.start_cuda(device)
+    for thread in threading.enumerate():
+        if thread.name == "loramix-cuda-start":
+            thread.join(30)
+    assert seen == started
