@@ -2,7 +2,7 @@
 
 The CLI knows the base folder, the adapters and the output before it imports anything heavy. From the files' headers
 alone (no torch) it predicts which base tensors the adapters leave alone and starts copying their bytes, in the
-kernel (two threads where there are 4 CPUs or more), into a locked staging folder beside the output, in the base's
+kernel (a thread per file, at most 4 and half the CPUs), into a locked staging folder beside the output, in the base's
 own shard files at the base's own offsets (every header copied as it is). `loramix.io.shards.write_shards` then
 claims the copy for that base: when the merge keeps the base's files unchanged in layout it writes the merged tensors
 into the same files, skips the tensors already copied, waits for the copy and moves the files into its output
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 DROPPED_PARTS = ("base_layer", "modules_to_save", "original_module")
-COPY_THREADS = 2  # kernel copies at once where there are 4 CPUs or more (one on a 2-core machine)
+COPY_THREADS = 4  # kernel copies at once, at most: one per file, half the CPUs (one on a 2-core machine)
 TAIL = 3  # parts of a module path that identify it within a base tensor's name
 # The running copies, by resolved base folder: the CLI starts one (`early_copy`), the writer claims it (`claim`).
 _RUNNING: dict[Path, EarlyCopy] = {}
@@ -261,7 +261,7 @@ def _start(base: Path, adapters: list[Path], staging: Path) -> EarlyCopy | None:
                 queue.append(Item(path, start, end - start, out))
         queues.append(queue)
     copy = EarlyCopy(base, staging, [p.name for p in files], frozenset(names), queues)
-    copy.start(COPY_THREADS if (os.cpu_count() or 1) >= 4 else 1)
+    copy.start(max(1, min(COPY_THREADS, len(files), (os.cpu_count() or 1) // 2)))
     return copy
 
 
