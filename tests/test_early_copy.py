@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,8 @@ def test_a_wrong_prediction_costs_time_never_bytes(pair, tmp_path, monkeypatch, 
     expected = weight_files(merge_into_base(adapter, base, tmp_path / "api").path)
     shapes = {f"model.layers.{i}.mlp.gate_proj": (96, 4, 32) for i in range(SIZES["layers"])}
     other = raw_lora_folder(tmp_path / "other", shapes=shapes, config={"target_modules": ["gate_proj"]})
-    files, untouched, changed = plan(base, [other])
-    predicted = {name for entries in untouched.values() for name, _, _ in entries}
+    files, entries = plan(base, [other])
+    predicted = {name for spans in entries.values() for name, _, _, changed in spans if not changed}
     assert "model.layers.0.self_attn.q_proj.weight" in predicted
     assert "model.layers.0.mlp.gate_proj.weight" not in predicted
     with early_copy(str(base), [str(other)], str(tmp_path / "out")) as copy:
@@ -120,8 +121,8 @@ def test_merged_tensors_prefilled_with_base_bytes_are_written_over(pair, tmp_pat
     base's bytes; the merge then writes over them: the same bytes as a merge without any early copy."""
     base, adapter = pair
     expected = weight_files(merge_into_base(adapter, base, tmp_path / "api").path)
-    files, untouched, changed = plan(base, [adapter])
-    to_merge = sum(end - start for entries in changed.values() for _, start, end in entries)
+    files, entries = plan(base, [adapter])
+    to_merge = sum(end - start for spans in entries.values() for _, start, end, changed in spans if changed)
     with early_copy(str(base), [str(adapter)], str(tmp_path / "out")) as copy:
         for thread in copy.threads:
             thread.join(timeout=60)  # nobody takes a tensor: the threads prefill them all, then end
@@ -148,7 +149,7 @@ def test_a_prefill_under_way_is_waited_for_and_none_begins_after_a_take(tmp_path
 
     monkeypatch.setattr(early, "copy_range", slow_copy)
     prefill = [early.Item(tmp_path / "src", 100 * i, 10, tmp_path / "out", f"t{i}") for i in range(3)]
-    copy = early.EarlyCopy(tmp_path, tmp_path, [], frozenset(), [prefill])
+    copy = early.EarlyCopy(tmp_path, tmp_path, [], frozenset(), [deque(prefill)])
     copy.start(1)
     assert started.wait(30)  # t0 is being copied
     taken = threading.Thread(target=copy.take, args=("t0",))

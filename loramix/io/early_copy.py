@@ -1,4 +1,4 @@
-"""Merge-into start-up off the critical path: the base's untouched tensors copied while torch is still importing.
+"""Merge-into start-up off the critical path: the base copied while torch is still importing.
 
 The CLI knows the base folder, the adapters and the output before it imports anything heavy. From the files' headers
 alone (no torch) it predicts which base tensors the adapters leave alone and starts copying their bytes, in the
@@ -8,7 +8,8 @@ claims the copy for that base: when the merge keeps the base's files unchanged i
 into the same files, skips the tensors already copied, waits for the copy and moves the files into its output
 folder; otherwise the copy is stopped and thrown away. A wrong prediction costs time, never bytes: a tensor
 predicted untouched that the merge changes is written after the copy ends, and one predicted changed is copied by
-the merge as usual.
+the merge as usual. The places of the tensors predicted changed are meanwhile filled with the base's bytes, for the
+merge to write over (`EarlyCopy`).
 
 The prediction: a base tensor is changed when its name holds the last three parts of some adapter module's path
 (``3.self_attn.q_proj`` in ``model.layers.3.self_attn.q_proj.weight``; PEFT's ``base_model.model.``, ``base_layer``
@@ -44,8 +45,7 @@ _RUNNING: dict[Path, EarlyCopy] = {}
 
 @dataclass
 class Item:
-    """Bytes of a base file copied to the same place of its staging file: unchanged tensors (``name`` None), or the
-    place of tensor ``name``, predicted to be merged, prefilled with the base's bytes."""
+    """Bytes of a base file for the same place of its staging file: unchanged tensors, or tensor ``name``'s prefill."""
 
     src: Path
     offset: int
@@ -59,20 +59,18 @@ class EarlyCopy:
     """A copy of the tensors ``names`` of the base's safetensors ``files`` into ``staging`` (same file names, sizes
     and headers), run by threads; ``started``/``finished`` are wall-clock times (time.time()).
 
-    ``queues`` holds each file's items in data order. A thread takes the next item of a file no other thread is
-    writing (the file with most left; a file system may take one file's writes one at a time), so the copy runs as
-    far ahead in every file as the page cache lets it. Beside the unchanged tensors the threads prefill the places
-    of the tensors predicted to be merged with the base's bytes, so that the page cache holds those pages before
-    torch can compute their values (a new page costs the page cache more than an overwrite). The writer `take`s
-    each merged tensor before writing it: a prefill not yet begun is skipped, one under way is waited for; from the
-    first `take` on no prefill begins (the merge then writes as fast as the page cache takes new pages, and
-    prefilling beside it would only add overwrites)."""
+    ``queues`` holds each file's items in data order; a thread takes the next item of a file no other thread is
+    writing (the one with most left: a file system may take one file's writes one at a time). Beside the unchanged
+    tensors the threads prefill the places of those predicted to be merged with the base's bytes, so that the page
+    cache holds their pages before torch can compute their values (a new page costs more than an overwrite). The
+    writer `take`s each merged tensor before writing it: a prefill under way is waited for, and from the first
+    `take` on no prefill begins (prefilling beside the merge would only add overwrites)."""
 
     base: Path
     staging: Path
     files: list[str]
     names: frozenset[str]
-    queues: list[list[Item]]
+    queues: list[deque[Item]]
     started: float = 0.0
     finished: float = 0.0
     copied: int = 0
@@ -87,7 +85,6 @@ class EarlyCopy:
 
     def start(self, count: int) -> None:
         """Copy with ``count`` threads."""
-        self.queues = [deque(queue) for queue in self.queues]
         self.started = time.time()
         for _ in range(count):
             self.threads.append(threading.Thread(target=self._run, daemon=True))
@@ -101,13 +98,12 @@ class EarlyCopy:
                     for at in range(0, item.count, COPY_PIECE):
                         if self.stop.is_set():
                             return
-                        count = min(COPY_PIECE, item.count - at)
-                        copy_range(item.src, item.offset + at, count, item.out, item.offset + at)
-                        with self.lock:
-                            if item.name is None:
-                                self.copied += count
-                            else:
-                                self.prefilled += count
+                        copy_range(
+                            item.src, item.offset + at, min(COPY_PIECE, item.count - at), item.out, item.offset + at
+                        )
+                    with self.lock:
+                        self.copied += item.count if item.name is None else 0
+                        self.prefilled += item.count if item.name is not None else 0
                 finally:
                     with self.lock:
                         self._busy.discard(file)
@@ -123,26 +119,21 @@ class EarlyCopy:
     def _next(self) -> tuple[int, Item] | None:
         """The next item to copy and its file (marked busy; a prefill marked as being copied); None at the end."""
         with self.lock:
-            while not self.stop.is_set():
-                for queue in self.queues:  # prefills no longer wanted
-                    while queue and queue[0].name is not None and (self._merging or queue[0].name in self._state):
-                        queue.popleft()
-                left = [
-                    (file not in self._busy, sum(i.count for i in q), file) for file, q in enumerate(self.queues) if q
-                ]
-                if not left:
-                    return None
-                _, _, file = max(left)
-                item = self.queues[file].popleft()
-                self._busy.add(file)
-                if item.name is not None:
-                    self._state[item.name] = "copying"
-                return file, item
-            return None
+            for queue in self.queues:  # prefills no longer wanted
+                while queue and queue[0].name is not None and (self._merging or queue[0].name in self._state):
+                    queue.popleft()
+            left = [(f not in self._busy, sum(i.count for i in q), f) for f, q in enumerate(self.queues) if q]
+            if self.stop.is_set() or not left:
+                return None
+            file = max(left)[2]
+            item = self.queues[file].popleft()
+            self._busy.add(file)
+            if item.name is not None:
+                self._state[item.name] = "copying"
+            return file, item
 
     def take(self, name: str) -> None:
-        """The writer is about to write tensor ``name``: no prefill of it begins any more, one under way is waited
-        for (its base bytes must not land after the merged ones); nor does any other prefill begin."""
+        """Before the writer writes ``name``: no prefill begins any more; one of ``name`` under way is waited for."""
         with self.lock:
             self._merging = True
             self._state.setdefault(name, "taken")
@@ -151,8 +142,7 @@ class EarlyCopy:
 
     def join(self) -> None:
         """Wait for the copy (no prefill begins); raise what it raised."""
-        with self.lock:
-            self._merging = True
+        self._merging = True
         for thread in self.threads:
             thread.join()
         if self.error is not None:
@@ -207,12 +197,12 @@ def _weight_files(base: Path) -> list[Path] | None:
     return [single] if single.is_file() else None
 
 
-Entries = dict[Path, list[tuple[str, int, int]]]  # per base file: (tensor name, absolute start, end), in data order
+Entries = dict[Path, list[tuple[str, int, int, bool]]]  # per file: (tensor, absolute start, end, changed?) in order
 
 
-def plan(base: Path, adapters: list[Path]) -> tuple[list[Path], Entries, Entries] | None:
-    """The base's files and, per file, the tensors predicted untouched and those predicted changed; None when no
-    early copy applies."""
+def plan(base: Path, adapters: list[Path]) -> tuple[list[Path], Entries] | None:
+    """The base's files and, per file, its tensors, each predicted changed or not; None when no early copy
+    applies."""
     files = _weight_files(base)
     if files is None or any(p.suffix != ".safetensors" for p in base.iterdir() if p.name.endswith(".bin")):
         return None
@@ -222,23 +212,21 @@ def plan(base: Path, adapters: list[Path]) -> tuple[list[Path], Entries, Entries
         if found is None:
             return None
         tails |= found
-    untouched: Entries = {}
-    changed: Entries = {}
+    entries: Entries = {}
     for path in files:
         header, data = read_safetensors_header(path)
         header.pop("__metadata__", None)
-        entries = sorted((e["data_offsets"][0], e["data_offsets"][1], n) for n, e in header.items())
-        untouched[path] = [(n, data + a, data + b) for a, b, n in entries if not _changed(n, tails)]
-        changed[path] = [(n, data + a, data + b) for a, b, n in entries if _changed(n, tails)]
-    return files, untouched, changed
+        spans = sorted((e["data_offsets"][0], e["data_offsets"][1], n) for n, e in header.items())
+        entries[path] = [(n, data + a, data + b, _changed(n, tails)) for a, b, n in spans]
+    return files, entries
 
 
 def _start(base: Path, adapters: list[Path], staging: Path) -> EarlyCopy | None:
     planned = plan(base, adapters)
     if planned is None:
         return None
-    files, untouched, changed = planned
-    queues, names = [], set()
+    files, entries = planned
+    queues, names = [], frozenset(n for path in files for n, _, _, changed in entries[path] if not changed)
     for path in files:
         out = staging / path.name
         header, data = read_safetensors_header(path)
@@ -248,19 +236,16 @@ def _start(base: Path, adapters: list[Path], staging: Path) -> EarlyCopy | None:
             pwrite_all(f.fileno(), memoryview(head), 0)
             os.ftruncate(f.fileno(), path.stat().st_size)
         queue: list[Item] = []
-        entries = [(start, end, name, False) for name, start, end in untouched[path]]
-        for start, end, name, merged in sorted(entries + [(a, b, n, True) for n, a, b in changed[path]]):
-            if merged:
+        for name, start, end, changed in entries[path]:
+            last = queue[-1] if queue and queue[-1].name is None else None
+            if changed:
                 queue.append(Item(path, start, end - start, out, name))
-                continue
-            names.add(name)
-            last = queue[-1] if queue else None
-            if last and last.name is None and last.offset + last.count == start and last.count < COPY_PIECE:
+            elif last and last.offset + last.count == start and last.count < COPY_PIECE:  # neighbours: one item
                 last.count += end - start
             else:
                 queue.append(Item(path, start, end - start, out))
-        queues.append(queue)
-    copy = EarlyCopy(base, staging, [p.name for p in files], frozenset(names), queues)
+        queues.append(deque(queue))
+    copy = EarlyCopy(base, staging, [p.name for p in files], names, queues)
     copy.start(max(1, min(COPY_THREADS, len(files), (os.cpu_count() or 1) // 2)))
     return copy
 

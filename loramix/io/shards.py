@@ -189,10 +189,8 @@ def write_shards(
     ``workers`` threads compute meanwhile. ``early``: the copy the CLI started before torch was imported
     (`loramix.io.early_copy`), used when the output keeps the base's files as they are, else stopped. Returns the
     wall-clock times (time.time()) at which the copy and the computed tensors started and ended, and the bytes
-    ``copied early`` and ``prefilled early`` (merged tensors' places filled with the base's bytes before torch was
-    ready). ``order(job)``: the computed tensors are started in that order, e.g. every re-quantized weight's codes
-    before any scales, so that two workers never wait on one weight's parts; within it the files take turns, so
-    that workers at once write different files."""
+    ``copied early`` and ``prefilled early``. ``order(job)``: the computed tensors are started in that order (e.g.
+    codes before scales, so that two workers never wait on one weight's parts), then the files in turn."""
     headers = headers or [None] * len(shards)
     kept = all(h is not None for h in headers) and early is not None and early.files == names
     if early is not None and not kept:
@@ -212,10 +210,8 @@ def write_shards(
                 os.ftruncate(fd, len(header) + sum(job.nbytes for job in shard))
             tasks = _tasks(path, fd, len(header), shard, copied)
             copies += [t for t in tasks if t.job is None]
-            jobs = [t for t in tasks if t.job is not None]
-            keyed += [((order(t.job) if order else 0, at, file), t) for at, t in enumerate(jobs)]
-        # the files taken in turn: workers at once write different files (one file's writes may be taken one at a time)
-        computed = [t for _, t in sorted(keyed, key=lambda kt: kt[0])]
+            keyed += [((order(t.job) if order else 0, at, file), t) for at, t in enumerate(t for t in tasks if t.job)]
+        computed = [t for _, t in sorted(keyed, key=lambda kt: kt[0])]  # workers at once write different files
         if early and any(t.job.name in copied for t in computed):  # predicted untouched, but merged: after the copy
             early.join()
         with ThreadPoolExecutor(1) as copier, ThreadPoolExecutor(max(1, workers)) as pool:
