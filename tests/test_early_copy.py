@@ -177,3 +177,13 @@ def test_the_cli_starts_cuda_in_the_background_only_for_a_gpu(monkeypatch, devic
         if thread.name == "loramix-cuda-start":
             thread.join(30)
     assert seen == started
+
+
+def test_the_writer_copies_unchanged_bytes_on_a_thread_per_file_with_the_same_bytes(pair, tmp_path, monkeypatch):
+    from loramix.io.rawcopy import copy_threads
+
+    base, adapter = pair
+    one = weight_files(merge_into_base(adapter, base, tmp_path / "one", workers=1).path)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert copy_threads(len(list(base.glob("*.safetensors")))) == 3  # one per file of the 3
+    assert weight_files(merge_into_base(adapter, base, tmp_path / "three").path) == one

@@ -2,14 +2,13 @@
 
 The CLI knows the base folder, the adapters and the output before it imports anything heavy. From the files' headers
 alone (no torch) it predicts which base tensors the adapters leave alone and starts copying their bytes, in the
-kernel (a thread per file, at most 4 and half the CPUs), into a locked staging folder beside the output, in the base's
-own shard files at the base's own offsets (every header copied as it is). `loramix.io.shards.write_shards` then
-claims the copy for that base: when the merge keeps the base's files unchanged in layout it writes the merged tensors
-into the same files, skips the tensors already copied, waits for the copy and moves the files into its output
-folder; otherwise the copy is stopped and thrown away. A wrong prediction costs time, never bytes: a tensor
-predicted untouched that the merge changes is written after the copy ends, and one predicted changed is copied by
-the merge as usual. The places of the tensors predicted changed are meanwhile filled with the base's bytes, for the
-merge to write over (`EarlyCopy`).
+kernel (a thread per file), into a locked staging folder beside the output, in the base's own shard files at the
+base's own offsets (every header copied as it is); the places of the tensors predicted changed are meanwhile filled
+with the base's bytes for the merge to write over (`EarlyCopy`). `loramix.io.shards.write_shards` claims the copy:
+when the merge keeps the base's files unchanged in layout it writes the merged tensors into the same files, skips
+the tensors already copied, waits for the copy and moves the files into its output folder; otherwise the copy is
+stopped and thrown away. A wrong prediction costs time, never bytes: a tensor predicted untouched that the merge
+changes is written after the copy ends, and one predicted changed is copied by the merge as usual.
 
 The prediction: a base tensor is changed when its name holds the last three parts of some adapter module's path
 (``3.self_attn.q_proj`` in ``model.layers.3.self_attn.q_proj.weight``; PEFT's ``base_model.model.``, ``base_layer``
@@ -31,22 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramix.errors import LoramixError
-from loramix.io.rawcopy import COPY_PIECE, copy_range, fresh, pwrite_all, read_safetensors_header
+from loramix.io.rawcopy import COPY_PIECE, copy_range, copy_threads, fresh, pwrite_all, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 DROPPED_PARTS = ("base_layer", "modules_to_save", "original_module")
-COPY_THREADS = 4  # kernel copies at once, at most: one per file, half the CPUs (one on a 2-core machine)
 TAIL = 3  # parts of a module path that identify it within a base tensor's name
 # The running copies, by resolved base folder: the CLI starts one (`early_copy`), the writer claims it (`claim`).
 _RUNNING: dict[Path, EarlyCopy] = {}
 
 
-@dataclass
+@dataclass  # bytes of a base file for the same place of its staging file: unchanged tensors, or ``name``'s prefill
 class Item:
-    """Bytes of a base file for the same place of its staging file: unchanged tensors, or tensor ``name``'s prefill."""
-
     src: Path
     offset: int
     count: int
@@ -84,7 +80,6 @@ class EarlyCopy:
     _merging: bool = False  # the writer has begun: no prefill begins
 
     def start(self, count: int) -> None:
-        """Copy with ``count`` threads."""
         self.started = time.time()
         for _ in range(count):
             self.threads.append(threading.Thread(target=self._run, daemon=True))
@@ -98,14 +93,12 @@ class EarlyCopy:
                     for at in range(0, item.count, COPY_PIECE):
                         if self.stop.is_set():
                             return
-                        copy_range(
-                            item.src, item.offset + at, min(COPY_PIECE, item.count - at), item.out, item.offset + at
-                        )
-                    with self.lock:
-                        self.copied += item.count if item.name is None else 0
-                        self.prefilled += item.count if item.name is not None else 0
+                        piece = min(COPY_PIECE, item.count - at)
+                        copy_range(item.src, item.offset + at, piece, item.out, item.offset + at)
                 finally:
                     with self.lock:
+                        self.copied += item.count if item.name is None else 0  # (a stopped copy reports nothing)
+                        self.prefilled += item.count if item.name is not None else 0
                         self._busy.discard(file)
                         if item.name is not None:
                             self._state[item.name] = "done"
@@ -246,7 +239,7 @@ def _start(base: Path, adapters: list[Path], staging: Path) -> EarlyCopy | None:
                 queue.append(Item(path, start, end - start, out))
         queues.append(deque(queue))
     copy = EarlyCopy(base, staging, [p.name for p in files], names, queues)
-    copy.start(max(1, min(COPY_THREADS, len(files), (os.cpu_count() or 1) // 2)))
+    copy.start(copy_threads(len(files)))
     return copy
 
 

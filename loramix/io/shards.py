@@ -30,7 +30,7 @@ import torch
 from loramix.io import tensorfile
 from loramix.io.base import BIN_INDEX, SAFE_INDEX, BaseCheckpoint, read_safetensors_header
 from loramix.io.early_copy import EarlyCopy
-from loramix.io.rawcopy import COPY_PIECE, copy_range, pwrite_all
+from loramix.io.rawcopy import COPY_PIECE, copy_range, copy_threads, pwrite_all
 
 log = logging.getLogger(__name__)
 DIFFUSERS_CONFIG = "_diffusers_version"  # a key only diffusers' model configs have
@@ -184,13 +184,12 @@ def write_shards(
     order: Callable[[object], int] | None = None,
 ) -> dict[str, float]:
     """Write every shard into ``folder``: headers first (``headers[i]`` as given, else planned from the tensors),
-    then every tensor at its planned place; ``produce(job)`` yields a computed tensor's output rows in order,
-    already in its output dtype. One thread copies unchanged bytes (a second kernel copy at once gains nothing),
-    ``workers`` threads compute meanwhile. ``early``: the copy the CLI started before torch was imported
-    (`loramix.io.early_copy`), used when the output keeps the base's files as they are, else stopped. Returns the
-    wall-clock times (time.time()) at which the copy and the computed tensors started and ended, and the bytes
-    ``copied early`` and ``prefilled early``. ``order(job)``: the computed tensors are started in that order (e.g.
-    codes before scales, so that two workers never wait on one weight's parts), then the files in turn."""
+    then every tensor at its planned place; ``produce(job)`` yields a computed tensor's output rows in order, in its
+    output dtype. `copy_threads` threads copy unchanged bytes, ``workers`` threads compute meanwhile, the files taken
+    in turn. ``early``: the CLI's copy (`loramix.io.early_copy`), used when the output keeps the base's files as
+    they are, else stopped. Returns the wall-clock times (time.time()) at which the copy and the computed tensors
+    started and ended, and the bytes ``copied early`` and ``prefilled early``. ``order(job)``: the computed tensors
+    are started in that order (e.g. codes before scales: two workers never wait on one weight's parts)."""
     headers = headers or [None] * len(shards)
     kept = all(h is not None for h in headers) and early is not None and early.files == names
     if early is not None and not kept:
@@ -199,7 +198,6 @@ def write_shards(
     copied = early.names if early else frozenset()
     times: dict[str, float] = {}
     with contextlib.ExitStack() as files:
-        copies: list[_Task] = []
         keyed: list[tuple[tuple[int, int, int], _Task]] = []
         for file, (name, shard, header) in enumerate(zip(names, shards, headers)):
             path = (early.staging if early else folder) / name
@@ -209,12 +207,12 @@ def write_shards(
                 pwrite_all(fd, memoryview(header), 0)
                 os.ftruncate(fd, len(header) + sum(job.nbytes for job in shard))
             tasks = _tasks(path, fd, len(header), shard, copied)
-            copies += [t for t in tasks if t.job is None]
-            keyed += [((order(t.job) if order else 0, at, file), t) for at, t in enumerate(t for t in tasks if t.job)]
-        computed = [t for _, t in sorted(keyed, key=lambda kt: kt[0])]  # workers at once write different files
+            keyed += [((order(t.job) if t.job is not None and order else 0, at, file), t) for at, t in enumerate(tasks)]
+        tasks = [t for _, t in sorted(keyed, key=lambda kt: kt[0])]  # writes at once go to different files
+        copies, computed = [t for t in tasks if t.job is None], [t for t in tasks if t.job is not None]
         if early and any(t.job.name in copied for t in computed):  # predicted untouched, but merged: after the copy
             early.join()
-        with ThreadPoolExecutor(1) as copier, ThreadPoolExecutor(max(1, workers)) as pool:
+        with ThreadPoolExecutor(copy_threads(len(names))) as copier, ThreadPoolExecutor(max(1, workers)) as pool:
             futures = [copier.submit(_timed, times, "copy", _run, t, produce, bar) for t in copies]
             futures += [pool.submit(_timed, times, "computed", _run, t, produce, bar, early) for t in computed]
             try:
