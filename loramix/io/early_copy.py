@@ -89,16 +89,16 @@ class EarlyCopy:
         try:
             while (taken := self._next()) is not None:
                 file, item = taken
+                moved = 0
                 try:
-                    for at in range(0, item.count, COPY_PIECE):
-                        if self.stop.is_set():
-                            return
-                        piece = min(COPY_PIECE, item.count - at)
-                        copy_range(item.src, item.offset + at, piece, item.out, item.offset + at)
+                    while moved < item.count and not self.stop.is_set():  # stopped: `_next` ends the thread
+                        piece = min(COPY_PIECE, item.count - moved)
+                        copy_range(item.src, item.offset + moved, piece, item.out, item.offset + moved)
+                        moved += piece
                 finally:
                     with self.lock:
-                        self.copied += item.count if item.name is None else 0  # (a stopped copy reports nothing)
-                        self.prefilled += item.count if item.name is not None else 0
+                        self.copied += moved if item.name is None else 0
+                        self.prefilled += moved if item.name is not None else 0
                         self._busy.discard(file)
                         if item.name is not None:
                             self._state[item.name] = "done"

@@ -33,7 +33,8 @@ COPY_THREADS = 4  # kernel copies at once, at most
 
 def copy_threads(files: int) -> int:
     """Kernel copies to run at once into ``files`` files: one per file (ext4 takes a file's writes one at a time: on an
-    H100 host 4 threads wrote new pages at 15.7 GB/s to a file each, 3.8 to one), at most 4 and half the CPUs."""
+    H100 host 4 threads wrote new pages at 15.7 GB/s to a file each, 3.8 to one), at most `COPY_THREADS` and half
+    the CPUs."""
     return max(1, min(COPY_THREADS, files, (os.cpu_count() or 1) // 2))
 
 
