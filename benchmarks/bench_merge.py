@@ -309,7 +309,9 @@ def measure(cmd: list[str], out: Path) -> dict:
     subprocess.run(["sync"])
     paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]  # carried wheels (--target) stay visible
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(paths)}
-    line = subprocess.run([sys.executable, "-S", "-c", LAUNCH, *cmd], env=env, capture_output=True, text=True)
+    # cwd=ROOT: `python -m loramix` puts the current directory first on sys.path, so from anywhere else it could run
+    # another checkout's loramix than this script's
+    line = subprocess.run([sys.executable, "-S", "-c", LAUNCH, *cmd], cwd=ROOT, env=env, capture_output=True, text=True)
     since, wall, rss_kb, code = line.stdout.split()[-4:]  # the command's own output comes first
     start = time.perf_counter()
     subprocess.run(["sync"])
@@ -405,7 +407,7 @@ def main() -> None:
     parser.add_argument("--peft-timeout", type=int, default=600, help="seconds before PEFT's run is stopped")
     parser.add_argument("--processes", type=int, default=1, help="also run loramix under torchrun with N processes")
     args = parser.parse_args()
-    work = args.workdir
+    work = args.workdir.resolve()  # the contenders run in ROOT
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     layers = fitting_layers(args.shape, work) if args.layers == "auto" else int(args.layers or 0) or None
