@@ -97,6 +97,41 @@ def test_inspect_allow_nonfinite_counts_the_values(tmp_path):
     assert clean["nonfinite_values"] == 0 and clean["nonfinite_tensors"] == {}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn])
+def test_the_nonfinite_count_equals_isfinite_also_where_a_sum_overflows(dtype):
+    from loramix.io.files import nonfinite_count
+
+    huge = torch.finfo(dtype).max  # finite values whose sum overflows (float32, float64: in their own dtype)
+    values = torch.tensor([1.0, -2.0, huge, huge, huge], dtype=torch.float64)
+    for poison in ([], [0], [0, 3]):
+        t = values.clone()
+        t[poison] = float("nan")
+        if dtype.is_floating_point and torch.finfo(dtype).bits > 8 and poison:
+            t[1] = float("-inf")
+        t = t.to(dtype)
+        counted = t.float() if t.element_size() == 1 else t  # float8 has no isfinite
+        assert nonfinite_count(t) == int((~torch.isfinite(counted)).sum())  # the independent count
+    assert nonfinite_count(torch.arange(5)) == 0
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_cli_start_up_collects_no_garbage_and_leaves_the_collector_as_it_was(enabled):
+    import gc
+
+    from loramix.cli.options import start_up
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with start_up():
+            assert not gc.isenabled()
+            made = [[] for _ in range(1000)]
+        assert gc.isenabled() == enabled and gc.get_freeze_count() >= len(made)  # frozen out of later collections
+    finally:
+        gc.unfreeze()
+        (gc.enable if was else gc.disable)()
+
+
 def test_inspect_all_nan_real_adapter():
     source = REAL / "gemma_2b__sql_f16"
     if not source.is_dir():

@@ -39,10 +39,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a .safetensors file, or a legacy pickle only through ``torch.load(weights_only=True)``; refuses tensor
     names that cannot be printed on one line (control characters, lone surrogates) or that read as a path (``../``)."""
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = load_pickle(path)
+        state = load_file(str(path)) if path.suffix == ".safetensors" else load_pickle(path)
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, KeyError, TypeError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise AdapterFormatError(f"{path}: not a readable tensor file ({shown(detail)})") from None
@@ -91,8 +88,7 @@ def tensor_keys(path: Path) -> list[str]:
 def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse NaN/Inf, naming the file and the first offending tensor."""
     for name, tensor in tensors.items():
-        bad = nonfinite_count(tensor)
-        if bad:
+        if bad := nonfinite_count(tensor):
             raise AdapterFormatError(
                 f"{path}: tensor {name} has {bad} NaN/Inf value(s) of {tensor.numel()} and is refused",
                 option="allow_nonfinite",
@@ -100,10 +96,14 @@ def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def nonfinite_count(tensor: torch.Tensor) -> int:
-    """How many NaN/Inf values ``tensor`` holds (0 for integer tensors)."""
+    """How many NaN/Inf values ``tensor`` holds (0 for integer tensors). A sum first: NaN/Inf propagate, so only a
+    sum that is not finite (NaN/Inf, or finite values overflowing) pays the count."""
     if not tensor.is_floating_point():
         return 0
-    return int((~torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float())).sum())  # float8: no isfinite
+    values = tensor if tensor.element_size() > 1 else tensor.float()  # float8: no sum, no isfinite
+    if torch.isfinite(values.sum(dtype=torch.float32 if values.element_size() < 4 else None)):
+        return 0
+    return int((~torch.isfinite(values)).sum())
 
 
 def check_output_finite(folder: Path, target: Path) -> None:
@@ -112,8 +112,7 @@ def check_output_finite(folder: Path, target: Path) -> None:
         with safe_open(str(file), "pt") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
-                bad = nonfinite_count(tensor)
-                if bad:
+                if bad := nonfinite_count(tensor):
                     raise OutputError(
                         f"{target / file.name}: tensor {name} would hold {bad} NaN/Inf value(s) of {tensor.numel()} "
                         "(the weights or the inputs overflow its dtype); nothing was written"
