@@ -19,6 +19,7 @@ from loramix.cli.options import (
     method_options,
     push_output,
     rank_rule_options,
+    start_up,
     state_dict_options,
     weights,
 )
@@ -99,7 +100,7 @@ from loramix.errors import counted
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    help="With --merge-into: tensors merged at once (same bytes for any count) [default: one per CPU; 4 on a GPU].",
+    help="With --merge-into: tensors merged at once (same bytes for any count) [default: one per CPU; 8 on a GPU].",
 )
 @click.option(
     "--quantized-as",
@@ -160,8 +161,9 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     alone = "WORLD_SIZE" not in os.environ  # under torchrun each rank writes its own shards: no copy of all
     if alone and not (recipe or flags["dtype"] or flags["shard_size"] or flags["quantized_as"] or flags["format"]):
         ctx.with_resource(early_copy(flags["merge_into"], list(adapters), output))
-    from loramix.plans import Plan
-    from loramix.recipe import load_recipe
+    with start_up():
+        from loramix.plans import Plan
+        from loramix.recipe import load_recipe
 
     for key in ("density", "majority_sign", "seed", "space", "examples"):  # flags for method options
         if flags[key] is not None:
@@ -184,6 +186,10 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     plan = replace(plan, output=output or plan.output)
     if not plan.output:
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
+    if alone:  # torch is imported now: CUDA starts beside the imports, reading and planning still to come
+        from loramix.runtime import start_cuda
+
+        start_cuda(plan.device)
     if plan.base or plan.options.get("base"):  # a method that runs the base forward: transformers' loading bar
         from transformers.utils import logging as transformers_logging
 
@@ -199,13 +205,12 @@ def _run_combine(plan, *, overwrite: bool, progress: bool):
     """`loramix.run` in this process, or under torchrun as one rank of a merge split over the processes
     (`loramix.merge.processes`; gloo, which carries only the ranks' reports); None on ranks other than 0."""
     from loramix.pipeline import run
-    from loramix.runtime import start_cuda, torch_threads
+    from loramix.runtime import torch_threads
     from loramix.weight_search import distributed
 
     place = distributed.torchrun_rank()  # (rank, local rank, world) when torchrun started this process
     with torch_threads(1):
         if place is None:
-            start_cuda(plan.device)
             return run(plan, overwrite=overwrite, progress=progress, argv=sys.argv)
         if not plan.merge_into:
             raise click.UsageError("under torchrun, combine splits a --merge-into over the processes: give one")

@@ -13,7 +13,7 @@ from loramix.cli.analyze import echo_analysis
 from loramix.cli.combine import echo_combined
 from loramix.cli.convert import echo_converted
 from loramix.cli.extract import echo_extracted
-from loramix.cli.options import errors_as_one_line
+from loramix.cli.options import errors_as_one_line, start_up
 from loramix.cli.search import distributed_rank, echo_searched
 
 ECHO = {
@@ -36,9 +36,10 @@ def run(ctx: click.Context, recipe: str, output: str | None, force: bool) -> Non
     """Run RECIPE: a YAML plan of any command (combine, extract, convert, align, search, analyze; its `command` key,
     none: combine), such as the loramix_recipe.yaml written beside every output, which repeats that output bit for
     bit. An analyze recipe prints the analysis (and writes its JSON file with -o)."""
-    from loramix.pipeline import run as run_plan
-    from loramix.recipe import load_recipe
-    from loramix.runtime import torch_threads
+    with start_up():
+        from loramix.pipeline import run as run_plan
+        from loramix.recipe import load_recipe
+        from loramix.runtime import torch_threads
 
     plan = load_recipe(recipe)
     plan = replace(plan, output=output or plan.output)
