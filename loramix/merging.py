@@ -60,7 +60,7 @@ def merge_into_base(
     in its own files, the rest copied (see `loramix.merge.diffusers_pipeline`). ``files`` (name → text: card, recipe) go
     into the same folder; without them a README.md model card says what is known. ``shard_size`` None keeps a
     safetensors base's own shard files (a size lays the tensors out anew); ``workers`` tensors are merged at once
-    (default: one per CPU, 4 on a GPU; the bytes are the same for any count). The checkpoint keeps the base's dtype
+    (default: one per CPU, 8 on a GPU; the bytes are the same for any count). The checkpoint keeps the base's dtype
     (tensors the adapter leaves alone byte for byte) unless ``dtype`` asks for another, which the card then says; a
     quantized base keeps its own format, re-quantized where ΔW changes it (`loramix.merge.quantized_base`).
 
