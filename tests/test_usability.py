@@ -132,6 +132,15 @@ def test_the_cli_start_up_collects_no_garbage_and_leaves_the_collector_as_it_was
         (gc.enable if was else gc.disable)()
 
 
+def test_a_command_run_in_process_leaves_nothing_frozen_out_of_garbage_collection(tmp_path):
+    import gc
+
+    gc.unfreeze()
+    result = cli("combine", str(example("translate")), "--method", "cat", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert gc.get_freeze_count() == 0
+
+
 def test_inspect_all_nan_real_adapter():
     source = REAL / "gemma_2b__sql_f16"
     if not source.is_dir():

@@ -25,8 +25,8 @@ from loramix.errors import LoramixError, shown
 def start_up():
     """Around a command's first heavy imports (torch's alone make about a million objects): no garbage collection
     while they run, which would walk the growing heap again and again (0.1–0.2 s of a merge's start-up), and what
-    they made frozen out of later collections (`gc.freeze`; modules live as long as the process anyway). The
-    collector is left on or off as it was."""
+    they made frozen out of later collections for the rest of the command (`gc.freeze`; `Group.main` unfreezes
+    them after it). The collector is left on or off as it was."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -233,12 +233,24 @@ def _logger_restored():
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _collector_restored():
+    """Nothing frozen out of garbage collection after the command (`start_up` freezes its imports) when nothing was
+    before it, so that a command run inside a Python process leaves the collector as it found it."""
+    frozen = gc.get_freeze_count()
+    try:
+        yield
+    finally:
+        if not frozen:
+            gc.unfreeze()
+
+
 class Group(click.Group):
     """A group whose commands all take the verbosity options, and whose usage errors (unknown option, bad value) are
     one line on stderr, like every error."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
-        with _logger_restored():
+        with _logger_restored(), _collector_restored():
             return self._main(*args, standalone_mode=standalone_mode, **kwargs)
 
     def _main(self, *args, standalone_mode: bool, **kwargs):
