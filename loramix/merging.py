@@ -60,9 +60,10 @@ def merge_into_base(
     in its own files, the rest copied (see `loramix.merge.diffusers_pipeline`). ``files`` (name → text: card, recipe) go
     into the same folder; without them a README.md model card says what is known. ``shard_size`` None keeps a
     safetensors base's own shard files (a size lays the tensors out anew); ``workers`` tensors are merged at once
-    (default: one per CPU, 8 on a GPU; the bytes are the same for any count). The checkpoint keeps the base's dtype
-    (tensors the adapter leaves alone byte for byte) unless ``dtype`` asks for another, which the card then says; a
-    quantized base keeps its own format, re-quantized where ΔW changes it (`loramix.merge.quantized_base`).
+    (default: one per CPU; on a GPU 8, or 4 where a tensor is one chunk: fused experts, DoRA, conv; the bytes are the
+    same for any count). The checkpoint keeps the base's dtype (tensors the adapter leaves alone byte for byte)
+    unless ``dtype`` asks for another, which the card then says; a quantized base keeps its own format, re-quantized
+    where ΔW changes it (`loramix.merge.quantized_base`).
 
     QLoRA-faithful merge: with ``quantized_as`` ("nf4" or "fp4"; "fp8": transformers' block FP8; "mxfp4": gpt-oss's
     experts in MXFP4, see `loramix.quantize`), or a ``quantization_config`` loading in 4 bit in

@@ -5,6 +5,7 @@ Qwen3-MoE (its get_delta_weight and forward), and float64 sums of its per-expert
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -206,6 +207,24 @@ def test_merge_into_a_fused_checkpoint_equals_peft(tmp_path):
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
     stored = "model.layers.1.mlp.experts.gate_up_proj"
     assert not torch.equal(ours[stored], load_file(tmp_path / "base" / "model.safetensors")[stored])
+
+
+def test_a_gpu_merge_keeps_four_threads_where_fused_experts_are_one_chunk(tmp_path, monkeypatch):
+    """A fused 3-D experts tensor is merged as one chunk (on a GPU, several float32 copies of it per feeding thread):
+    the default is `GPU_WORKERS_WHOLE` threads where a chunk is larger than `GPU_CHUNK_ELEMENTS`, else `GPU_WORKERS`."""
+    from loramix.io.base import open_base
+    from loramix.merge import checkpoint
+
+    tiny_gpt_oss().save_pretrained(tmp_path / "base")
+    folder = expert_adapter(tmp_path / "a", 1, kind="gpt_oss")
+    jobs = checkpoint.plan_merge(load_adapter(folder), open_base(tmp_path / "base"), None, [])
+    fused = max(math.prod(j.shape) for j in jobs if len(j.shape) == 3 and j.updates)
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    monkeypatch.setattr(checkpoint, "GPU_CHUNK_ELEMENTS", fused - 1)
+    assert checkpoint.gpu_workers(jobs, cuda) == checkpoint.GPU_WORKERS_WHOLE == 4
+    monkeypatch.setattr(checkpoint, "GPU_CHUNK_ELEMENTS", fused)
+    assert checkpoint.gpu_workers(jobs, cuda) == checkpoint.GPU_WORKERS == 8
+    assert checkpoint.gpu_workers([j for j in jobs if len(j.shape) < 3], cuda) == 8
 
 
 def test_check_verdicts(adapters, tmp_path):

@@ -100,7 +100,8 @@ from loramix.errors import counted
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    help="With --merge-into: tensors merged at once (same bytes for any count) [default: one per CPU; 8 on a GPU].",
+    help="With --merge-into: tensors merged at once (same bytes for any count) [default: one per CPU; on a GPU 8, "
+    "4 where a tensor is merged whole].",
 )
 @click.option(
     "--quantized-as",

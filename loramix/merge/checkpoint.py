@@ -52,8 +52,10 @@ CHUNK_ELEMENTS = 1 << 17
 GPU_CHUNK_ELEMENTS = 1 << 22
 # Threads feeding one GPU, each with two pinned chunks in host memory. Their time goes on reading and writing the
 # page cache, not on the GPU: an 8B merge's merged modules took 1.96–2.11 s with 4 threads, 1.32–1.46 with 8 or 12
-# on an H100 host.
+# on an H100 host. Where a computed tensor is one chunk larger than GPU_CHUNK_ELEMENTS (fused 3-D experts, DoRA,
+# conv), each thread holds several float32 copies of it on the GPU and two in pinned memory: 4 threads, as before.
 GPU_WORKERS = 8
+GPU_WORKERS_WHOLE = 4
 DEFAULT_SHARD_SIZE = "5GB"  # when the base's own shard files cannot be kept (.bin bases)
 
 
@@ -240,6 +242,14 @@ def _chunks(job: Job, device: torch.device) -> Iterator[tuple[int, int]]:
         yield start, min(rows, start + step)
 
 
+def gpu_workers(jobs: list[Job], device: torch.device) -> int:
+    """The default number of threads feeding a GPU for ``jobs``: `GPU_WORKERS`, or `GPU_WORKERS_WHOLE` when one of
+    the computed tensors is a chunk larger than `GPU_CHUNK_ELEMENTS`."""
+    firsts = ((job, next(_chunks(job, device), (0, 0))) for job in jobs if not job.raw_copy)  # none larger
+    largest = max(((stop - start) * math.prod(job.shape[1:]) for job, (start, stop) in firsts), default=0)
+    return GPU_WORKERS if largest <= GPU_CHUNK_ELEMENTS else GPU_WORKERS_WHOLE
+
+
 def _mark_round_trips(jobs: list[Job], quantization: Quantization, model_type: str | None) -> None:
     """Set ``quantization`` on the jobs whose base weight is first round-tripped through 4-bit (see
     `loramix.quantize.tensors_to_round_trip`); tensors an adapter tensor replaces are left alone."""
@@ -316,7 +326,7 @@ def write_merged(
     Tensors the adapter leaves alone are copied byte for byte in the kernel; only updated tensors are read and
     computed. Heads (modules_to_save) replace the base tensors, lora_B biases are added to the base biases, DoRA is
     merged exactly as PEFT does. ΔW is computed on ``device`` (default: the CPU), ``workers`` tensors at once
-    (default: one per CPU; on a GPU, 8); the bytes written do not depend on ``workers``. With ``quantization`` (a
+    (default: one per CPU; on a GPU, `gpu_workers`); the bytes do not depend on ``workers``. With ``quantization`` (a
     QLoRA-faithful merge) each base weight it selects goes through bitsandbytes' 4-bit round trip before ΔW is added,
     so the checkpoint is the model the adapter was trained on. With ``dtype`` None a quantized base (see
     `loramix.io.quantized`) is written in its own format, each weight an adapter changes re-quantized with fresh
@@ -359,7 +369,7 @@ def write_merged(
     total = sum(j.nbytes for j in written)
     device = device or torch.device("cpu")
     cpus = os.cpu_count() or 1
-    workers = workers or (cpus if device.type == "cpu" else min(GPU_WORKERS, cpus))
+    workers = workers or (cpus if device.type == "cpu" else min(gpu_workers(written, device), cpus))
     shares: dict[str, float] = {}
     by_name = {j.name: j for j in jobs}
     again = Requantized(lambda key: requantize(_on_device(by_name[key], device), base, device, stats[key], shares))
