@@ -97,10 +97,11 @@ class EarlyCopy:
                         moved += piece
                 finally:
                     with self.lock:
-                        self.copied += moved if item.name is None else 0
-                        self.prefilled += moved if item.name is not None else 0
                         self._busy.discard(file)
-                        if item.name is not None:
+                        if item.name is None:
+                            self.copied += moved
+                        else:
+                            self.prefilled += moved
                             self._state[item.name] = "done"
                         self.lock.notify_all()
         except BaseException as exc:  # handed to whoever joins
@@ -135,7 +136,8 @@ class EarlyCopy:
 
     def join(self) -> None:
         """Wait for the copy (no prefill begins); raise what it raised."""
-        self._merging = True
+        with self.lock:
+            self._merging = True
         for thread in self.threads:
             thread.join()
         if self.error is not None:
@@ -193,11 +195,11 @@ def _weight_files(base: Path) -> list[Path] | None:
 Entries = dict[Path, list[tuple[str, int, int, bool]]]  # per file: (tensor, absolute start, end, changed?) in order
 
 
-def plan(base: Path, adapters: list[Path]) -> tuple[list[Path], Entries] | None:
-    """The base's files and, per file, its tensors, each predicted changed or not; None when no early copy
-    applies."""
-    files = _weight_files(base)
-    if files is None or any(p.suffix != ".safetensors" for p in base.iterdir() if p.name.endswith(".bin")):
+def plan(base: Path, adapters: list[Path]) -> tuple[dict[Path, int], Entries] | None:
+    """The base's files in order, each with the offset where its data starts (its header's end), and per file its
+    tensors, each predicted changed or not; None when no early copy applies."""
+    paths = _weight_files(base)
+    if paths is None or any(p.suffix != ".safetensors" for p in base.iterdir() if p.name.endswith(".bin")):
         return None
     tails: set[tuple[str, ...]] = set()
     for adapter in adapters:
@@ -205,12 +207,12 @@ def plan(base: Path, adapters: list[Path]) -> tuple[list[Path], Entries] | None:
         if found is None:
             return None
         tails |= found
-    entries: Entries = {}
-    for path in files:
-        header, data = read_safetensors_header(path)
+    files, entries = {}, {}
+    for path in paths:
+        header, files[path] = read_safetensors_header(path)
         header.pop("__metadata__", None)
         spans = sorted((e["data_offsets"][0], e["data_offsets"][1], n) for n, e in header.items())
-        entries[path] = [(n, data + a, data + b, _changed(n, tails)) for a, b, n in spans]
+        entries[path] = [(n, files[path] + a, files[path] + b, _changed(n, tails)) for a, b, n in spans]
     return files, entries
 
 
@@ -220,9 +222,8 @@ def _start(base: Path, adapters: list[Path], staging: Path) -> EarlyCopy | None:
         return None
     files, entries = planned
     queues, names = [], frozenset(n for path in files for n, _, _, changed in entries[path] if not changed)
-    for path in files:
+    for path, data in files.items():
         out = staging / path.name
-        header, data = read_safetensors_header(path)
         with open(path, "rb") as f:
             head = f.read(data)
         with open(out, "wb", buffering=0) as f:  # the base's header as it is, the file at its full size

@@ -245,7 +245,7 @@ def _chunks(job: Job, device: torch.device) -> Iterator[tuple[int, int]]:
 def gpu_workers(jobs: list[Job], device: torch.device) -> int:
     """The default number of threads feeding a GPU for ``jobs``: `GPU_WORKERS`, or `GPU_WORKERS_WHOLE` when one of
     the computed tensors is a chunk larger than `GPU_CHUNK_ELEMENTS`."""
-    firsts = ((job, next(_chunks(job, device), (0, 0))) for job in jobs if not job.raw_copy)  # none larger
+    firsts = ((job, next(_chunks(job, device), (0, 0))) for job in jobs if not job.raw_copy)  # a job's largest
     largest = max(((stop - start) * math.prod(job.shape[1:]) for job, (start, stop) in firsts), default=0)
     return GPU_WORKERS if largest <= GPU_CHUNK_ELEMENTS else GPU_WORKERS_WHOLE
 
