@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,23 +88,6 @@ def parse_size(size: int | str) -> int:
     if not match:
         raise SettingError(f"shard size {size!r}: expected bytes or a number with KB, MB, GB (or KiB, MiB, GiB)")
     return int(float(match[1]) * _UNITS[match[2] or "B"])
-
-
-def start_cuda(device: str) -> None:
-    """For the CLI, when a command will work on a GPU (``device`` ``cuda``, ``cuda:N`` or ``auto``): initialise
-    CUDA in a background thread, beside the work that comes before the first GPU call (reading the adapters and
-    the base's headers, planning). It took 0.34 s on an H100 host, during which the thread does not hold up Python.
-    The first GPU call waits for it (torch initialises once, under its own lock); a failure is left for that call
-    to report."""
-    if not str(device).startswith(("cuda", "auto")):
-        return
-
-    def initialise() -> None:
-        with contextlib.suppress(Exception):
-            if torch.cuda.is_available():
-                torch.zeros(1, device="cuda" if device == "auto" else device)
-
-    threading.Thread(target=initialise, daemon=True, name="loramix-cuda-start").start()
 
 
 @contextlib.contextmanager

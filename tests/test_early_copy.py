@@ -163,20 +163,69 @@ def test_a_prefill_under_way_is_waited_for_and_none_begins_after_a_take(tmp_path
     assert copied == [0] and copy.prefilled == 10  # t1 and t2 never began
 
 
-@pytest.mark.parametrize("device, started", [("cpu", []), ("auto", ["cuda"]), ("cuda:1", ["cuda:1"])])
-def test_the_cli_starts_cuda_in_the_background_only_for_a_gpu(monkeypatch, device, started):
+class _Driver:
+    """libcuda's three calls, recorded; ``ordinals`` devices exist."""
+
+    def __init__(self, calls: list, ordinals: int = 2) -> None:
+        self.calls, self.ordinals = calls, ordinals
+
+    def cuInit(self, flags):  # noqa: N802 (the driver's own names)
+        self.calls.append(("cuInit", flags))
+        return 0
+
+    def cuDeviceGet(self, handle, ordinal):  # noqa: N802
+        self.calls.append(("cuDeviceGet", ordinal))
+        handle._obj.value = 100 + ordinal
+        return 0 if ordinal < self.ordinals else 101  # CUDA_ERROR_INVALID_DEVICE
+
+    def cuDevicePrimaryCtxRetain(self, context, handle):  # noqa: N802
+        self.calls.append(("cuDevicePrimaryCtxRetain", handle.value))
+        return 0
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        ("cpu", []),
+        ("cuda:x", []),
+        (None, [("cuInit", 0), ("cuDeviceGet", 0), ("cuDevicePrimaryCtxRetain", 100)]),
+        ("auto", [("cuInit", 0), ("cuDeviceGet", 0), ("cuDevicePrimaryCtxRetain", 100)]),
+        ("cuda:1", [("cuInit", 0), ("cuDeviceGet", 1), ("cuDevicePrimaryCtxRetain", 101)]),
+        ("cuda:5", [("cuInit", 0), ("cuDeviceGet", 5)]),  # no such device: no context
+    ],
+)
+def test_the_cli_starts_the_cuda_driver_for_the_chosen_gpu_before_torch(monkeypatch, device, expected):
+    import ctypes
     import threading
 
-    import loramix.runtime
+    from loramix.cli import options
 
-    seen = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch, "zeros", lambda *args, **kwargs: seen.append(kwargs["device"]))
-    loramix.runtime.start_cuda(device)
+    calls, opened = [], []
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: opened.append(name) or _Driver(calls))
+    options.start_gpu_driver(device)
     for thread in threading.enumerate():
-        if thread.name == "loramix-cuda-start":
+        if thread.name == "loramix-cuda-driver":
             thread.join(30)
-    assert seen == started
+    assert calls == expected and opened == (["libcuda.so.1"] if expected else [])
+
+
+def test_no_cuda_driver_is_nothing_to_start(monkeypatch):
+    import ctypes
+    import threading
+
+    from loramix.cli import options
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    failures = []
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    options.start_gpu_driver("auto")
+    for thread in threading.enumerate():
+        if thread.name == "loramix-cuda-driver":
+            thread.join(30)
+    assert failures == []
 
 
 def test_the_writer_copies_unchanged_bytes_on_a_thread_per_file_with_the_same_bytes(pair, tmp_path, monkeypatch):

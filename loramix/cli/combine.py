@@ -19,6 +19,7 @@ from loramix.cli.options import (
     method_options,
     push_output,
     rank_rule_options,
+    start_gpu_driver,
     start_up,
     state_dict_options,
     weights,
@@ -162,6 +163,8 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     alone = "WORLD_SIZE" not in os.environ  # under torchrun each rank writes its own shards: no copy of all
     if alone and not (recipe or flags["dtype"] or flags["shard_size"] or flags["quantized_as"] or flags["format"]):
         ctx.with_resource(early_copy(flags["merge_into"], list(adapters), output))
+    if alone and not recipe:
+        start_gpu_driver(flags["device"])
     with start_up():
         from loramix.plans import Plan
         from loramix.recipe import load_recipe
@@ -187,10 +190,6 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     plan = replace(plan, output=output or plan.output)
     if not plan.output:
         raise click.UsageError("give -o/--output (or 'output' in the recipe)")
-    if alone:  # torch is imported now: CUDA starts beside the imports, reading and planning still to come
-        from loramix.runtime import start_cuda
-
-        start_cuda(plan.device)
     if plan.base or plan.options.get("base"):  # a method that runs the base forward: transformers' loading bar
         from transformers.utils import logging as transformers_logging
 

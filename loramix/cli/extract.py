@@ -8,7 +8,14 @@ from pathlib import Path
 import click
 
 from loramix import settings
-from loramix.cli.options import choice, errors_as_one_line, rank_rule_options, start_up, written_lora_options
+from loramix.cli.options import (
+    choice,
+    errors_as_one_line,
+    rank_rule_options,
+    start_gpu_driver,
+    start_up,
+    written_lora_options,
+)
 from loramix.errors import counted
 
 
@@ -42,6 +49,7 @@ def extract(ctx: click.Context, base, finetuned, output, as_json, threads, force
     give each module's rank, kept energy and measured relative error; changed tensors that are not LoRA targets
     (norms, biases, a resized embedding) are carried whole or listed; identical ones are skipped.
     """
+    start_gpu_driver(options["device"])
     with start_up():
         from loramix.pipeline import run
         from loramix.plans import ExtractPlan
