@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -139,7 +139,7 @@ class Survival:
     kept: float = 0.0
     total: float = 0.0
     diff: float = 0.0
-    pending: torch.Tensor | None = None  # sums still on the device (`add_later`), until `settle`
+    pending: list[torch.Tensor] = field(default_factory=list)  # norms still on the device (`add_later`)
 
     def add(self, stored: torch.Tensor, intended: torch.Tensor) -> float:
         """One chunk: the update as stored, and as intended (float32, same shape; ``stored`` is used up: it is
@@ -153,20 +153,21 @@ class Survival:
         return kept + energy
 
     def add_later(self, stored: torch.Tensor, intended: torch.Tensor) -> None:
-        """As `add`, without waiting for the device: the three sums (float32 norms, squared and summed in float64)
-        stay on it until `settle`."""
-        norms = torch.stack([torch.linalg.vector_norm(stored), torch.linalg.vector_norm(intended)])
-        diff = torch.linalg.vector_norm(stored.sub_(intended)).reshape(1)
-        sums = torch.cat([norms, diff]).double().square()
-        self.pending = sums if self.pending is None else self.pending.add_(sums)
+        """As `add`, without waiting for the device: the chunk's three float32 norms stay on it until `settle`
+        (three reductions per chunk; on a GPU each further step would be one more kernel launch per chunk)."""
+        self.pending += [
+            torch.linalg.vector_norm(stored),
+            torch.linalg.vector_norm(intended),
+            torch.linalg.vector_norm(stored.sub_(intended)),
+        ]
 
     def settle(self) -> float:
-        """Bring the sums of `add_later` in (one wait for the device); returns their ‖stored‖² + ‖ΔW‖², not finite
-        when a chunk held NaN/Inf."""
-        if self.pending is None:
+        """Bring the norms of `add_later` in (one wait for the device), squared and summed in float64; returns
+        their ‖stored‖² + ‖ΔW‖², not finite when a chunk held NaN/Inf."""
+        if not self.pending:
             return 0.0
-        kept, total, diff = self.pending.tolist()
-        self.pending = None
+        kept, total, diff = torch.stack(self.pending).double().square().reshape(-1, 3).sum(0).tolist()
+        self.pending = []
         self.kept, self.total, self.diff = self.kept + kept, self.total + total, self.diff + diff
         return kept + total
 
