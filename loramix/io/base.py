@@ -66,9 +66,10 @@ class BaseTensor:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    def rows(self, start: int, stop: int, buffer: torch.Tensor | None = None, fd: int | None = None) -> torch.Tensor:
         """Rows [start, stop) along the first dimension (the whole tensor for 0-D), in the stored dtype; read into
-        ``buffer`` (bytes, e.g. pinned memory for a GPU) when it is large enough."""
+        ``buffer`` (bytes, e.g. pinned memory for a GPU) when it is large enough, through ``fd`` (its file, open)
+        when given."""
         if self.tensor is not None:
             return self.tensor if not self.shape else self.tensor[start:stop]
         shape = (stop - start, *self.shape[1:]) if self.shape else ()
@@ -76,16 +77,18 @@ class BaseTensor:
         row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else 0
         if not count:
             return torch.empty(shape, dtype=self.dtype)
+        if fd is None:
+            with open(self.path, "rb", buffering=0) as f:
+                return self.rows(start, stop, buffer, f.fileno())
         if buffer is None or buffer.numel() < count:
             buffer = torch.empty(count, dtype=torch.uint8)  # not zero-filled: read straight into it
         buffer = buffer[:count]
         view, at = memoryview(buffer.numpy()), self.offset + start * row_bytes
-        with open(self.path, "rb", buffering=0) as f:
-            while view:  # one read returns at most ~2 GB
-                got = os.preadv(f.fileno(), [view], at)
-                if got == 0:
-                    raise CheckpointError(f"{self.path}: truncated file (tensor {self.name})")
-                view, at = view[got:], at + got
+        while view:  # one read returns at most ~2 GB
+            got = os.preadv(fd, [view], at)
+            if got == 0:
+                raise CheckpointError(f"{self.path}: truncated file (tensor {self.name})")
+            view, at = view[got:], at + got
         return buffer.view(self.dtype).reshape(shape)
 
 

@@ -38,7 +38,7 @@ from loramix.io.shards import (
     write_beside,
     write_shards,
 )
-from loramix.merge.chunks import Pinned, merged_chunks
+from loramix.merge.chunks import Buffers, merged_chunks
 from loramix.merge.kernels import StoredUpdate, Survival, Update, decide_layout, warn_stored
 from loramix.merge.quantized_base import mark_quantized, requantize, written_as
 from loramix.quantize import Quantization, require_dense_base, round_trip, tensors_to_round_trip
@@ -295,9 +295,9 @@ def _produce(stats: dict[str, Survival], device: torch.device, requantized: Requ
             yield requantized.take(*job.requantized)
             return
         job = _on_device(_quantized_source(job, device), device)
-        yield from merged_chunks(job, _chunks(job, device), device, stats[job.name], pinned)
+        yield from merged_chunks(job, _chunks(job, device), device, stats[job.name], buffers)
 
-    pinned = Pinned()  # the writer threads' own CUDA streams and pinned buffers
+    buffers = Buffers(pinned=device.type == "cuda")  # each writer thread's own
     return produce
 
 

@@ -10,11 +10,14 @@ back into the second, from which they are written: no float32 copy of any chunk 
 figures (`loramix.merge.kernels.Survival`) stay on the device until the tensor is done (one wait per tensor). On the CPU
 the figures are taken on every `STATS_EVERY`-th chunk of a tensor (its first always; a tensor of one chunk whole):
 over the rows of a weight, rounding loss is spread alike, and the other chunks are only checked for NaN/Inf (one sum
-of W + ΔW), which saves about half of the passes over memory that the CPU spends per chunk.
+of W + ΔW), which saves about half of
+the passes over memory that the CPU spends per chunk. On either device a base tensor's file is opened once for all of
+its chunks, and each thread reads into a buffer it keeps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Iterator
@@ -29,53 +32,73 @@ from loramix.merge.quantized_base import whole_delta
 STATS_EVERY = 4  # on the CPU: the stored-update figures from every 4th chunk of a tensor
 
 
-class Pinned(threading.local):
-    """Per thread: a CUDA stream and pinned buffers for the rows read and the rows written."""
+class Buffers(threading.local):
+    """Per thread: host buffers for the rows read and the rows written, kept from chunk to chunk (pinned, with the
+    thread's own CUDA stream, for a GPU)."""
 
-    stream: torch.cuda.Stream | None = None
-    read: torch.Tensor | None = None
-    write: torch.Tensor | None = None
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+        self.stream: torch.cuda.Stream | None = None
+        self.read: torch.Tensor | None = None
+        self.write: torch.Tensor | None = None
 
     def buffer(self, which: str, nbytes: int) -> torch.Tensor:
         held = getattr(self, which)
         if held is None or held.numel() < nbytes:
-            held = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            held = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
             setattr(self, which, held)
         return held[:nbytes]
 
 
-def merged_chunks(job, chunks: Iterator[tuple[int, int]], device: torch.device, stats: Survival, pinned: Pinned):
+def merged_chunks(job, chunks: Iterator[tuple[int, int]], device: torch.device, stats: Survival, buffers: Buffers):
     """The output rows of ``job`` (a `loramix.merge.checkpoint.Job` with its factors on ``device``) for each
-    (start, stop) of ``chunks``, as CPU tensors; each chunk yielded must be used before the next is asked for (on a
-    GPU they share one pinned buffer). Raises `CheckpointError` when W + ΔW holds NaN/Inf."""
-    if device.type != "cuda":
-        for index, (start, stop) in enumerate(chunks):
-            rows = job.source.rows(start, stop)
-            yield _merged(job, rows, start, stop, device, stats, measure=index % STATS_EVERY == 0)
-        _check(job, stats)
+    (start, stop) of ``chunks``, as CPU tensors; each chunk yielded must be used before the next is asked for (they
+    share the thread's buffers). A base tensor's file is opened once for all of its chunks. Raises
+    `CheckpointError` when W + ΔW holds NaN/Inf."""
+    with _opened(job.source) as fd:
+        if device.type != "cuda":
+            for index, (start, stop) in enumerate(chunks):
+                rows = _read(job.source, start, stop, buffers, fd)
+                yield _merged(job, rows, start, stop, device, stats, measure=index % STATS_EVERY == 0)
+            _check(job, stats)
+            return
+        if buffers.stream is None:
+            buffers.stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(buffers.stream):
+            for start, stop in chunks:
+                rows = _read(job.source, start, stop, buffers, fd)
+                out = _merged(job, rows.to(device, non_blocking=True), start, stop, device, stats, measure=True)
+                if out.device.type == "cpu":
+                    yield out
+                    continue
+                host = buffers.buffer("write", out.numel() * out.element_size()).view(out.dtype).view(out.shape)
+                host.copy_(out, non_blocking=True)
+                buffers.stream.synchronize()  # the rows are on the host, and the read buffer is free again
+                yield host
+            _check(job, stats)
+
+
+def _in_file(source) -> bool:
+    return isinstance(source, BaseTensor) and source.tensor is None and bool(source.shape)
+
+
+@contextlib.contextmanager
+def _opened(source) -> Iterator[int | None]:
+    """The file descriptor of a base tensor's file, open for the block (None for other sources)."""
+    if not _in_file(source):
+        yield None
         return
-    if pinned.stream is None:
-        pinned.stream = torch.cuda.Stream(device)
-    with torch.cuda.stream(pinned.stream):
-        for start, stop in chunks:
-            rows = _read(job.source, start, stop, pinned)
-            out = _merged(job, rows.to(device, non_blocking=True), start, stop, device, stats, measure=True)
-            if out.device.type == "cpu":
-                yield out
-                continue
-            host = pinned.buffer("write", out.numel() * out.element_size()).view(out.dtype).view(out.shape)
-            host.copy_(out, non_blocking=True)
-            pinned.stream.synchronize()  # the rows are on the host, and the read buffer is free again
-            yield host
-        _check(job, stats)
+    with open(source.path, "rb", buffering=0) as f:
+        yield f.fileno()
 
 
-def _read(source, start: int, stop: int, pinned: Pinned) -> torch.Tensor:
-    """Rows [start, stop) of a base tensor in a file into the thread's pinned buffer (other sources as they are)."""
-    if not isinstance(source, BaseTensor) or source.tensor is not None or not source.shape:
+def _read(source, start: int, stop: int, buffers: Buffers, fd: int | None) -> torch.Tensor:
+    """Rows [start, stop) of a base tensor in a file, read from ``fd`` into the thread's read buffer (other sources
+    as they are)."""
+    if not _in_file(source):
         return source.rows(start, stop)
     nbytes = (stop - start) * math.prod(source.shape[1:]) * source.dtype.itemsize
-    return source.rows(start, stop, pinned.buffer("read", nbytes))
+    return source.rows(start, stop, buffers.buffer("read", nbytes), fd)
 
 
 def _check(job, stats: Survival) -> None:
