@@ -319,3 +319,35 @@ def test_peak_memory_is_a_few_chunks_not_the_base(tmp_path):
         sampler.join()
     grown = peak[0] - before
     assert grown < 24e6, f"RSS grew by {grown / 1e6:.0f} MB merging a {size / 1e6:.0f} MB base"
+
+
+@pytest.mark.parametrize("row", [0, 300])  # the first chunk (figures taken) and the second (a NaN/Inf check only)
+@pytest.mark.parametrize("delta, written", [(5615.0, 65504.0), (5616.0, None)])
+def test_a_merged_value_that_rounds_past_the_output_dtype_is_refused_in_any_chunk(tmp_path, row, delta, written):
+    """W + ΔW is written as float16: 59904 + 5615 = 65519 rounds to float16's largest value 65504, 59904 + 5616 =
+    65520 rounds to inf (round to nearest even) and is refused, whichever CPU chunk holds it (a 512-wide weight is
+    two chunks of 256 rows; the CPU takes figures from the first only). Both are exact in float32."""
+    from helpers import write_folder
+
+    from loramix.errors import CheckpointError
+
+    base = make_base(tmp_path / "base", layers=1, hidden=512, inter=512)
+    shard = next(base.glob("*.safetensors"))
+    with safe_open(str(shard), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors[key][row, 0] = 59904.0  # exact in bfloat16 and float16
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    A, B = torch.zeros(4, 512), torch.zeros(512, 4)
+    A[0, 0], B[row, 0] = 1.0, delta / 2  # ΔW[row, 0] = (alpha/r = 2) · B[row, 0]
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    adapter = write_folder(tmp_path / "adapter", config, {f"{prefix}.lora_A.weight": A, f"{prefix}.lora_B.weight": B})
+    if written is None:
+        with pytest.raises(CheckpointError, match=rf"{key} gives NaN/Inf values"):
+            merge_into_base(adapter, base, tmp_path / "out", dtype="float16", device="cpu", progress=False)
+        assert not (tmp_path / "out").exists()
+        return
+    merged = merge_into_base(adapter, base, tmp_path / "out", dtype="float16", device="cpu", progress=False)
+    with safe_open(str(next(merged.path.glob("*.safetensors"))), "pt") as f:
+        assert f.get_tensor(key)[row, 0].item() == written

@@ -9,8 +9,8 @@ straight into the first and sent as stored (bfloat16), widened to float32 on the
 back into the second, from which they are written: no float32 copy of any chunk on the host. The stored-update
 figures (`loramix.merge.kernels.Survival`) stay on the device until the tensor is done (one wait per tensor). On the CPU
 the figures are taken on every `STATS_EVERY`-th chunk of a tensor (its first always; a tensor of one chunk whole):
-over the rows of a weight, rounding loss is spread alike, and the other chunks are only checked for NaN/Inf (one sum
-of W + ΔW), which saves about half of
+over the rows of a weight, rounding loss is spread alike, and the other chunks are only checked for values that are
+or would round to NaN/Inf (one pass: the least and greatest of W + ΔW), which saves about half of
 the passes over memory that the CPU spends per chunk. On either device a base tensor's file is opened once for all of
 its chunks, and each thread reads into a buffer it keeps.
 """
@@ -110,6 +110,16 @@ def _refuse(job) -> None:
     raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
 
 
+def _fits(merged: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every value of ``merged`` (float32) is finite and stays finite rounded to ``dtype``: one pass (its
+    least and greatest value; NaN spreads to both) against the least magnitude that rounds to inf, the dtype's
+    largest value plus half its step there (float16: 65520)."""
+    lo, hi = torch.aminmax(merged)
+    top = torch.finfo(dtype).max
+    limit = math.inf if dtype == torch.float32 else top + math.ldexp(torch.finfo(dtype).eps, math.frexp(top)[1] - 2)
+    return -limit < float(lo) and float(hi) < limit
+
+
 def _merged(job, chunk: torch.Tensor, start: int, stop: int, device: torch.device, stats: Survival, *, measure: bool):
     """The output values of rows [start, stop) from the base rows ``chunk`` (stored dtype, any device): W + ΔW (or
     DoRA) in float32 on ``device``, cast once to the output dtype; the stored-update figures when ``measure``,
@@ -133,7 +143,7 @@ def _merged(job, chunk: torch.Tensor, start: int, stop: int, device: torch.devic
         merged = W + intended
     out = merged.to(job.dtype)
     if not measure:
-        if not math.isfinite(float(merged.sum())):
+        if not _fits(merged, job.dtype):
             _refuse(job)
         return out
     base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
