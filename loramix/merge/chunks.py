@@ -150,6 +150,6 @@ def _merged(job, chunk: torch.Tensor, start: int, stop: int, device: torch.devic
             _refuse(job)
         return out
     base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
-    stored = out - base  # float32: type promotion widens out exactly, one kernel
+    stored = out - base if out.element_size() > 1 else out.float().sub_(base)  # float32 (no promotion of float8)
     stats.add_later(stored, intended)  # NaN/Inf in W + ΔW shows in the norms: no extra pass
     return out
