@@ -68,8 +68,7 @@ class BaseTensor:
 
     def rows(self, start: int, stop: int, buffer: torch.Tensor | None = None, fd: int | None = None) -> torch.Tensor:
         """Rows [start, stop) along the first dimension (the whole tensor for 0-D), in the stored dtype; read into
-        ``buffer`` (bytes, e.g. pinned memory for a GPU) when it is large enough, through ``fd`` (its file, open)
-        when given."""
+        ``buffer`` (bytes, e.g. pinned memory for a GPU) when it is large enough, through ``fd`` (its open file)."""
         if self.tensor is not None:
             return self.tensor if not self.shape else self.tensor[start:stop]
         shape = (stop - start, *self.shape[1:]) if self.shape else ()
@@ -80,9 +79,8 @@ class BaseTensor:
         if fd is None:
             with open(self.path, "rb", buffering=0) as f:
                 return self.rows(start, stop, buffer, f.fileno())
-        if buffer is None or buffer.numel() < count:
-            buffer = torch.empty(count, dtype=torch.uint8)  # not zero-filled: read straight into it
-        buffer = buffer[:count]
+        fits = buffer is not None and buffer.numel() >= count
+        buffer = buffer[:count] if fits else torch.empty(count, dtype=torch.uint8)  # not zeroed: read into it
         view, at = memoryview(buffer.numpy()), self.offset + start * row_bytes
         while view:  # one read returns at most ~2 GB
             got = os.preadv(fd, [view], at)

@@ -155,9 +155,8 @@ def _run(task: _Task, produce: Produce, bar, early: EarlyCopy | None = None) -> 
         early.take(job.name)  # its prefill with the base's bytes, if any, is over or never begins
     at = task.at
     for chunk in produce(job):
-        out = chunk.contiguous()
-        if out.numel():
-            data = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        data = memoryview(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
+        if data:  # an empty chunk writes nothing
             pwrite_all(task.fd, data, at)
             at += len(data)
             bar.update(len(data))
