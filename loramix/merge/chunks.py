@@ -114,13 +114,13 @@ def _refuse(job) -> None:
 
 
 def _fits(merged: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether every value of ``merged`` (float32) is finite and stays finite rounded to ``dtype``: one pass (its
-    least and greatest value; NaN spreads to both) against the least magnitude that rounds to inf, the dtype's
-    largest value plus half its step there (float16: 65520)."""
-    lo, hi = torch.aminmax(merged)
-    top = torch.finfo(dtype).max
-    limit = math.inf if dtype == torch.float32 else top + math.ldexp(torch.finfo(dtype).eps, math.frexp(top)[1] - 2)
-    return -limit < float(lo) and float(hi) < limit
+    """Whether every value of ``merged`` (float32) is finite and stays finite rounded to ``dtype``: one pass for its
+    least and greatest value (NaN spreads to both), those two rounded as the output is; rounding is monotonic, so
+    every value between them rounds between theirs."""
+    if not merged.numel():
+        return True
+    ends = torch.stack(torch.aminmax(merged)).to(dtype).float()
+    return bool(torch.isfinite(ends).all())
 
 
 def _merged(job, chunk: torch.Tensor, start: int, stop: int, device: torch.device, stats: Survival, *, measure: bool):
