@@ -18,6 +18,7 @@ its chunks, and each thread reads into a buffer it keeps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -115,12 +116,34 @@ def _refuse(job) -> None:
 
 def _fits(merged: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether every value of ``merged`` (float32) is finite and stays finite rounded to ``dtype``: one pass for its
-    least and greatest value (NaN spreads to both), those two rounded as the output is; rounding is monotonic, so
-    every value between them rounds between theirs."""
+    least and greatest value (NaN spreads to both), compared with the largest value that does (the formats are
+    symmetric in sign)."""
     if not merged.numel():
         return True
-    ends = torch.stack(torch.aminmax(merged)).to(dtype).float()
-    return bool(torch.isfinite(ends).all())
+    lo, hi = torch.aminmax(merged)
+    top = _largest_fitting(dtype)
+    return -top <= float(lo) and float(hi) <= top
+
+
+@functools.cache
+def _largest_fitting(dtype: torch.dtype) -> float:
+    """The largest float32 value that torch rounds to a finite ``dtype`` value (float16: just below 65520; float8,
+    which torch saturates: float32's largest), found once per dtype by bisecting the float32 values above the dtype's
+    largest (positive float32 values order as their bits do)."""
+
+    def value(bits: int) -> torch.Tensor:
+        return torch.tensor([bits], dtype=torch.int32).view(torch.float32)
+
+    def fits(bits: int) -> bool:
+        return bool(torch.isfinite(value(bits).to(dtype).float()))
+
+    low, high = (int(torch.tensor([torch.finfo(d).max]).view(torch.int32)) for d in (dtype, torch.float32))
+    if fits(high):
+        return float(value(high))
+    while high - low > 1:  # value(low) rounds to a finite value, value(high) does not
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return float(value(low))
 
 
 def _merged(job, chunk: torch.Tensor, start: int, stop: int, device: torch.device, stats: Survival, *, measure: bool):
