@@ -80,14 +80,10 @@ def merged_chunks(job, chunks: Iterator[tuple[int, int]], device: torch.device, 
             _check(job, stats)
 
 
-def _in_file(source) -> bool:
-    return isinstance(source, BaseTensor) and source.tensor is None and bool(source.shape)
-
-
 @contextlib.contextmanager
 def _opened(source) -> Iterator[int | None]:
     """The file descriptor of a base tensor's file, open for the block (None for other sources)."""
-    if not _in_file(source):
+    if not isinstance(source, BaseTensor) or source.tensor is not None or not source.shape:
         yield None
         return
     with open(source.path, "rb", buffering=0) as f:
@@ -97,9 +93,9 @@ def _opened(source) -> Iterator[int | None]:
 
 
 def _read(source, start: int, stop: int, buffers: Buffers, fd: int | None) -> torch.Tensor:
-    """Rows [start, stop) of a base tensor in a file, read from ``fd`` into the thread's read buffer (other sources
-    as they are)."""
-    if not _in_file(source):
+    """Rows [start, stop) of a base tensor in a file, read from ``fd`` (`_opened`'s) into the thread's read buffer;
+    other sources (no ``fd``) as they are."""
+    if fd is None:
         return source.rows(start, stop)
     nbytes = (stop - start) * math.prod(source.shape[1:]) * source.dtype.itemsize
     return source.rows(start, stop, buffers.buffer("read", nbytes), fd)
