@@ -66,28 +66,28 @@ class BaseTensor:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def rows(self, start: int, stop: int, buffer: torch.Tensor | None = None, fd: int | None = None) -> torch.Tensor:
+    def rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) along the first dimension (the whole tensor for 0-D), in the stored dtype; read into
-        ``buffer`` (bytes, e.g. pinned memory for a GPU) when it is large enough, through ``fd`` (its open file)."""
+        ``buffer`` (bytes, e.g. pinned memory for a GPU) when it is large enough."""
         if self.tensor is not None:
             return self.tensor if not self.shape else self.tensor[start:stop]
         shape = (stop - start, *self.shape[1:]) if self.shape else ()
         count = math.prod(shape) * self.dtype.itemsize
-        row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else 0
         if not count:
             return torch.empty(shape, dtype=self.dtype)
-        if fd is None:
-            with open(self.path, "rb", buffering=0) as f:
-                return self.rows(start, stop, buffer, f.fileno())
         fits = buffer is not None and buffer.numel() >= count
         buffer = buffer[:count] if fits else torch.empty(count, dtype=torch.uint8)  # not zeroed: read into it
-        view, at = memoryview(buffer.numpy()), self.offset + start * row_bytes
-        while view:  # one read returns at most ~2 GB
-            got = os.preadv(fd, [view], at)
-            if got == 0:
-                raise CheckpointError(f"{self.path}: truncated file (tensor {self.name})")
-            view, at = view[got:], at + got
+        with open(self.path, "rb", buffering=0) as f:
+            self.read_into(start, memoryview(buffer.numpy()), f.fileno())
         return buffer.view(self.dtype).reshape(shape)
+
+    def read_into(self, start: int, memory: memoryview, fd: int) -> None:
+        """Fill ``memory`` with the tensor's bytes from row ``start`` on, read from ``fd`` (its open file)."""
+        at = self.offset + start * (math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else 0)
+        while memory:  # one read returns at most ~2 GB
+            if not (got := os.preadv(fd, [memory], at)):
+                raise CheckpointError(f"{self.path}: truncated file (tensor {self.name})")
+            memory, at = memory[got:], at + got
 
 
 @dataclass

@@ -12,7 +12,10 @@ the figures are taken on every `STATS_EVERY`-th chunk of a tensor (its first alw
 over the rows of a weight, rounding loss is spread alike, and the other chunks are only checked for values that are
 or would round to NaN/Inf (one pass: the least and greatest of W + ΔW), which saves about half of
 the passes over memory that the CPU spends per chunk. On either device a base tensor's file is opened once for all of
-its chunks, and each thread reads into a buffer it keeps.
+its chunks, and each thread reads into a buffer it keeps; on the CPU each thread also keeps its float32 and output
+buffers, and finds them by the chunk's shape without a call into torch (`Buffers`): the writer threads' calls into
+torch contend for Python's lock (on a 2-core machine two threads of short torch calls ran no faster than one), so
+a chunk makes as few calls as it can.
 """
 
 from __future__ import annotations
@@ -35,21 +38,41 @@ STATS_EVERY = 4  # on the CPU: the stored-update figures from every 4th chunk of
 
 
 class Buffers(threading.local):
-    """Per thread: host buffers for the rows read and the rows written, kept from chunk to chunk (pinned, with the
-    thread's own CUDA stream, for a GPU)."""
+    """Per thread: host buffers kept from chunk to chunk (pinned, with the thread's own CUDA stream, for a GPU) for
+    the rows read ("read"), the rows written ("write") and, on the CPU, the float32 steps between; with their typed
+    views by shape, so that a chunk of a shape seen before takes no call into torch to find its buffers (on the CPU
+    two threads' calls into torch contend for Python's lock, at tens of microseconds a call on a 2-core machine)."""
 
     def __init__(self, pinned: bool) -> None:
         self.pinned = pinned
         self.stream: torch.cuda.Stream | None = None
-        self.read: torch.Tensor | None = None
-        self.write: torch.Tensor | None = None
+        self.held: dict[str, torch.Tensor] = {}  # bytes, by purpose
+        self.views: dict[tuple, tuple[torch.Tensor, memoryview]] = {}  # (purpose, shape, dtype) → typed, bytes
 
     def buffer(self, which: str, nbytes: int) -> torch.Tensor:
-        held = getattr(self, which)
+        """The first ``nbytes`` of the ``which`` buffer (grown when smaller)."""
+        held = self.held.get(which)
         if held is None or held.numel() < nbytes:
-            held = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
-            setattr(self, which, held)
+            held = self.held[which] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            self.views = {key: view for key, view in self.views.items() if key[0] != which}
         return held[:nbytes]
+
+    def typed(self, which: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, memoryview]:
+        """The ``which`` buffer as a contiguous ``shape`` of ``dtype``, and its bytes (to read a file into)."""
+        key = (which, shape, dtype)
+        found = self.views.get(key)
+        if found is None:
+            raw = self.buffer(which, math.prod(shape) * dtype.itemsize)
+            found = self.views[key] = raw.view(dtype).view(shape), memoryview(raw.numpy())
+        return found
+
+    def scratch(self, which: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor to compute into, its contents undefined: on the CPU the thread's kept ``which`` buffer (a fresh
+        allocation there costs a page fault per 4 KB touched), elsewhere a fresh one from the device's caching
+        allocator."""
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        return self.typed(which, shape, dtype)[0]
 
 
 def merged_chunks(job, chunks: Iterator[tuple[int, int]], device: torch.device, stats: Survival, buffers: Buffers):
@@ -61,7 +84,7 @@ def merged_chunks(job, chunks: Iterator[tuple[int, int]], device: torch.device, 
         if device.type != "cuda":
             for index, (start, stop) in enumerate(chunks):
                 rows = _read(job.source, start, stop, buffers, fd)
-                yield _merged(job, rows, start, stop, device, stats, measure=index % STATS_EVERY == 0)
+                yield _merged(job, rows, start, stop, device, stats, buffers, measure=index % STATS_EVERY == 0)
             _check(job, stats)
             return
         if buffers.stream is None:
@@ -69,7 +92,9 @@ def merged_chunks(job, chunks: Iterator[tuple[int, int]], device: torch.device, 
         with torch.cuda.stream(buffers.stream):
             for start, stop in chunks:
                 rows = _read(job.source, start, stop, buffers, fd)
-                out = _merged(job, rows.to(device, non_blocking=True), start, stop, device, stats, measure=True)
+                out = _merged(
+                    job, rows.to(device, non_blocking=True), start, stop, device, stats, buffers, measure=True
+                )
                 if out.device.type == "cpu":
                     yield out
                     continue
@@ -97,8 +122,9 @@ def _read(source, start: int, stop: int, buffers: Buffers, fd: int | None) -> to
     other sources (no ``fd``) as they are."""
     if fd is None:
         return source.rows(start, stop)
-    nbytes = (stop - start) * math.prod(source.shape[1:]) * source.dtype.itemsize
-    return source.rows(start, stop, buffers.buffer("read", nbytes), fd)
+    rows, memory = buffers.typed("read", (stop - start, *source.shape[1:]), source.dtype)
+    source.read_into(start, memory, fd)
+    return rows
 
 
 def _check(job, stats: Survival) -> None:
@@ -142,13 +168,16 @@ def _largest_fitting(dtype: torch.dtype) -> float:
     return float(value(low))
 
 
-def _merged(job, chunk: torch.Tensor, start: int, stop: int, device: torch.device, stats: Survival, *, measure: bool):
+def _merged(
+    job, chunk: torch.Tensor, start: int, stop: int, device: torch.device, stats: Survival, buffers: Buffers, *, measure
+):
     """The output values of rows [start, stop) from the base rows ``chunk`` (stored dtype, any device): W + ΔW (or
     DoRA) in float32 on ``device``, cast once to the output dtype; the stored-update figures when ``measure``,
-    else a NaN/Inf check only."""
+    else a NaN/Inf check only. On the CPU every step of a plain LoRA chunk computes into the thread's kept buffers
+    (the result too: it must be used before the thread's next chunk)."""
     if not job.updates and not job.bias:
         return chunk.to(job.dtype).cpu()
-    W = chunk.to(device).float()
+    W = buffers.scratch("wide", chunk.shape, torch.float32, device).copy_(chunk)
     if any(u.module.magnitude is not None for u in job.updates):  # DoRA: the only update, on the whole tensor
         merged, _ = dora_merge(W, job.updates[0], device)
         intended = merged - W
@@ -158,17 +187,25 @@ def _merged(job, chunk: torch.Tensor, start: int, stop: int, device: torch.devic
     else:
         intended = None
         for update in job.updates:
-            delta = delta_rows(update.module, update.layout, start, stop, device)
-            intended = delta if intended is None else intended.add_(delta)
+            if intended is None:
+                kept = buffers.scratch("delta", W.shape, torch.float32, device) if update.layout != "conv2d" else None
+                intended = delta_rows(update.module, update.layout, start, stop, device, out=kept)
+            else:
+                intended.add_(delta_rows(update.module, update.layout, start, stop, device))
         for _, bias in job.bias:
             intended = bias.clone() if intended is None else intended.add_(bias)
-        merged = W + intended
-    out = merged.to(job.dtype)
+        # W + ΔW; in place over W unless W is needed below (for the figures)
+        merged = (
+            torch.add(W, intended, out=buffers.scratch("merged", W.shape, torch.float32, device))
+            if measure
+            else W.add_(intended)
+        )
+    out = buffers.scratch("write", W.shape, job.dtype, device).copy_(merged)
     if not measure:
         if not _fits(merged, job.dtype):
             _refuse(job)
         return out
     base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
-    stored = out - base if out.element_size() > 1 else out.float().sub_(base)  # float32 (no promotion of float8)
+    stored = merged.copy_(out).sub_(base)  # round(W + ΔW) − round(W) in float32 (float8 is not promoted by torch)
     stats.add_later(stored, intended)  # NaN/Inf in W + ΔW shows in the norms: no extra pass
     return out

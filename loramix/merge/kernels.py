@@ -85,15 +85,23 @@ class StoredUpdate:
 
 
 def delta_rows(
-    module: LoraModule, layout: str, start: int, stop: int, device: torch.device, dtype: torch.dtype = torch.float32
+    module: LoraModule,
+    layout: str,
+    start: int,
+    stop: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows [start, stop) of ΔW in the base tensor's stored layout, in ``dtype`` (float32) on ``device``."""
-    A = module.A.to(device=device, dtype=dtype)
-    B = module.B.to(device=device, dtype=dtype)
+    """Rows [start, stop) of ΔW in the base tensor's stored layout, in ``dtype`` (float32) on ``device``; written
+    into ``out`` (contiguous, of the rows' shape) when given, except for a conv2d weight (one whole product)."""
+    A, B = module.A, module.B
+    if A.dtype != dtype or B.dtype != dtype or A.device != device or B.device != device:  # no call into torch when kept
+        A, B = A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
     if layout == "out_in":
-        rows = B[start:stop] @ A
+        rows = torch.mm(B[start:stop], A, out=out)
     elif layout in ("conv1d_fan_in_fan_out", "embedding"):
-        rows = A[:, start:stop].T @ B.T
+        rows = torch.mm(A[:, start:stop].T, B.T, out=out)
     else:
         rows = (B @ A).reshape(module.base_shape)  # conv2d: one chunk
     return rows if module.scale == 1 else rows.mul_(module.scale)
