@@ -98,7 +98,7 @@ def merged_chunks(job, chunks: Iterator[tuple[int, int]], device: torch.device, 
                 if out.device.type == "cpu":
                     yield out
                     continue
-                host = buffers.buffer("write", out.numel() * out.element_size()).view(out.dtype).view(out.shape)
+                host = buffers.typed("write", out.shape, out.dtype)[0]
                 host.copy_(out, non_blocking=True)
                 buffers.stream.synchronize()  # the rows are on the host, and the read buffer is free again
                 yield host
@@ -188,7 +188,7 @@ def _merged(
         intended = None
         for update in job.updates:
             if intended is None:
-                kept = buffers.scratch("delta", W.shape, torch.float32, device) if update.layout != "conv2d" else None
+                kept = buffers.scratch("delta", W.shape, torch.float32, device)
                 intended = delta_rows(update.module, update.layout, start, stop, device, out=kept)
             else:
                 intended.add_(delta_rows(update.module, update.layout, start, stop, device))

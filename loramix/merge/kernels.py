@@ -94,7 +94,7 @@ def delta_rows(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows [start, stop) of ΔW in the base tensor's stored layout, in ``dtype`` (float32) on ``device``; written
-    into ``out`` (contiguous, of the rows' shape) when given, except for a conv2d weight (one whole product)."""
+    into ``out`` (contiguous, of the rows' shape) when given (a conv2d weight: all of its rows, one product)."""
     A, B = module.A, module.B
     if A.dtype != dtype or B.dtype != dtype or A.device != device or B.device != device:  # no call into torch when kept
         A, B = A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
@@ -103,7 +103,8 @@ def delta_rows(
     elif layout in ("conv1d_fan_in_fan_out", "embedding"):
         rows = torch.mm(A[:, start:stop].T, B.T, out=out)
     else:
-        rows = (B @ A).reshape(module.base_shape)  # conv2d: one chunk
+        flat = None if out is None else out.view(len(B), -1)  # conv2d: one chunk, (out, in·k·k) as stored
+        rows = torch.mm(B, A, out=flat).view(module.base_shape)
     return rows if module.scale == 1 else rows.mul_(module.scale)
 
 
