@@ -20,7 +20,7 @@ from test_merge_disk import make_adapter, make_base, weight_files
 
 import loramix.merge.chunks
 from loramix import load_adapter, merge_into_base
-from loramix.io.early_copy import early_copy, plan
+from loramix.io.disk.early_copy import early_copy, plan
 
 SIZES = {"layers": 3, "hidden": 32, "inter": 96}
 
@@ -86,7 +86,7 @@ def test_no_early_copy_for_sources_it_cannot_read_without_torch(pair, tmp_path):
     base, adapter = pair
     assert plan(base, [adapter]) is not None
     assert plan(base, [tmp_path / "missing"]) is None  # not a PEFT folder (a Hub id, a kohya file...)
-    code = "import sys, loramix.io.early_copy; assert 'torch' not in sys.modules"
+    code = "import sys, loramix.io.disk.early_copy; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -132,13 +132,38 @@ def test_merged_tensors_prefilled_with_base_bytes_are_written_over(pair, tmp_pat
     assert _leftovers(tmp_path) == []
 
 
+def test_no_prefill_past_the_kernels_writeback_threshold(pair, tmp_path, monkeypatch):
+    """Dirty page cache past the kernel's writeback threshold is written to the disk, so a prefill there would reach
+    it before the merge writes over it (twice the bytes): only what fits with the unchanged tensors under
+    `writeback_threshold` is prefilled, and the bytes are the same either way."""
+    import loramix.io.disk.early_copy as early
+
+    base, adapter = pair
+    expected = weight_files(merge_into_base(adapter, base, tmp_path / "api").path)
+    files, entries = plan(base, [adapter])
+    spans = [(end - start, changed) for path in files for _, start, end, changed in entries[path]]
+    untouched, first = sum(n for n, changed in spans if not changed), next(n for n, changed in spans if changed)
+    for threshold, prefilled in ((0, 0), (untouched + first, first)):
+        monkeypatch.setattr(early, "writeback_threshold", lambda threshold=threshold: threshold)
+        out = tmp_path / f"out{threshold}"
+        with early_copy(str(base), [str(adapter)], str(out)) as copy:
+            for thread in copy.threads:
+                thread.join(timeout=60)
+            assert (copy.prefilled, copy.copied) == (prefilled, untouched)
+            merge_into_base(adapter, base, out)
+        assert weight_files(out) == expected
+    meminfo = Path("/proc/meminfo").read_text().split()
+    total = int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024
+    assert 0 < early.writeback_threshold() < total  # Linux: a share of the memory (or the bytes set)
+
+
 def test_a_prefill_under_way_is_waited_for_and_none_begins_after_a_take(tmp_path, monkeypatch):
     """The protocol between the copy threads and the writer: the writer's `take` of a tensor being prefilled returns
     only once that copy is done (else the base's bytes could land over the merged ones), and from the first take on
     no prefill begins."""
     import threading
 
-    import loramix.io.early_copy as early
+    import loramix.io.disk.early_copy as early
 
     started, release, copied = threading.Event(), threading.Event(), []
 
@@ -229,7 +254,7 @@ def test_no_cuda_driver_is_nothing_to_start(monkeypatch):
 
 
 def test_the_writer_copies_unchanged_bytes_on_a_thread_per_file_with_the_same_bytes(pair, tmp_path, monkeypatch):
-    from loramix.io.rawcopy import copy_threads
+    from loramix.io.disk.rawcopy import copy_threads
 
     base, adapter = pair
     one = weight_files(merge_into_base(adapter, base, tmp_path / "one", workers=1).path)

@@ -27,8 +27,8 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import loramix.io.disk.rawcopy
 import loramix.io.files
-import loramix.io.rawcopy
 import loramix.io.shards
 import loramix.merge.checkpoint
 from loramix import load_adapter, merge_into_base
@@ -132,10 +132,10 @@ def test_every_copy_way_gives_the_buffered_bytes(small, tmp_path, monkeypatch):
     base, adapter = small
     outputs = {}
     for ways in [("copy_file_range", "sendfile"), ("sendfile",), ()]:
-        monkeypatch.setattr(loramix.io.rawcopy, "ZERO_COPY", ways)
+        monkeypatch.setattr(loramix.io.disk.rawcopy, "ZERO_COPY", ways)
         merge_into_base(adapter, base, tmp_path / "-".join(ways or ["buffered"]), progress=False)
         outputs[ways] = weight_files(tmp_path / "-".join(ways or ["buffered"]))
-    monkeypatch.setattr(loramix.io.rawcopy, "ZERO_COPY", ("copy_file_range", "sendfile"))
+    monkeypatch.setattr(loramix.io.disk.rawcopy, "ZERO_COPY", ("copy_file_range", "sendfile"))
     refused = []
 
     def refuse(code):
@@ -152,7 +152,7 @@ def test_every_copy_way_gives_the_buffered_bytes(small, tmp_path, monkeypatch):
     buffered = outputs[()]
     assert buffered and all(files == buffered for files in outputs.values())
     assert weight_files(tmp_path / "refused") == buffered
-    assert loramix.io.rawcopy.COPY_PIECE > 0  # the kernel copies in pieces; a failure part way hands over the rest
+    assert loramix.io.disk.rawcopy.COPY_PIECE > 0  # the kernel copies in pieces; a failure part way hands over the rest
 
 
 def test_other_kernel_errors_are_not_swallowed(small, tmp_path, monkeypatch):

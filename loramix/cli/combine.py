@@ -158,7 +158,7 @@ def combine(ctx: click.Context, adapters, recipe, output, force, push_repo, **fl
     With --merge-into BASE, OUTPUT is instead BASE with the result merged in (sharded safetensors, in the base's
     dtype unless --dtype says otherwise).
     """
-    from loramix.io.early_copy import early_copy  # no torch: the base's untouched bytes copy while torch imports
+    from loramix.io.disk.early_copy import early_copy  # no torch: the base's untouched bytes copy while torch imports
 
     alone = "WORLD_SIZE" not in os.environ  # under torchrun each rank writes its own shards: no copy of all
     if alone and not (recipe or flags["dtype"] or flags["shard_size"] or flags["quantized_as"] or flags["format"]):

@@ -28,11 +28,11 @@ import torch
 from loramix.adapter import LoraAdapter
 from loramix.architecture import tied_embedding
 from loramix.errors import CheckpointError, SourceError, shown
+from loramix.io.disk.rawcopy import read_safetensors_header
 from loramix.io.files import load_pickle
 from loramix.io.gguf_base import gguf_base_file, open_gguf
 from loramix.io.gguf_model import transformers_view
 from loramix.io.quantized import DequantizedTensor, QuantizedBase, recognise
-from loramix.io.rawcopy import read_safetensors_header
 from loramix.io.tensorfile import SAFE_DTYPES
 from loramix.sources import resolve
 

@@ -28,9 +28,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from loramix.errors import AdapterFormatError, OutputError, shown
-from loramix.io.rawcopy import fcntl
-from loramix.io.rawcopy import fresh as _fresh
-from loramix.io.rawcopy import lock as _lock
+from loramix.io.disk.rawcopy import fcntl
+from loramix.io.disk.rawcopy import fresh as _fresh
+from loramix.io.disk.rawcopy import lock as _lock
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import torch
 
 from loramix.io import tensorfile
 from loramix.io.base import BIN_INDEX, SAFE_INDEX, BaseCheckpoint, read_safetensors_header
-from loramix.io.early_copy import EarlyCopy
-from loramix.io.rawcopy import COPY_PIECE, copy_range, copy_threads, pwrite_all
+from loramix.io.disk.early_copy import EarlyCopy
+from loramix.io.disk.rawcopy import COPY_PIECE, copy_range, copy_threads, pwrite_all
 
 log = logging.getLogger(__name__)
 DIFFUSERS_CONFIG = "_diffusers_version"  # a key only diffusers' model configs have
@@ -185,7 +185,7 @@ def write_shards(
     """Write every shard into ``folder``: headers first (``headers[i]`` as given, else planned from the tensors),
     then every tensor at its planned place; ``produce(job)`` yields a computed tensor's output rows in order, in its
     output dtype. `copy_threads` threads copy unchanged bytes, ``workers`` threads compute meanwhile, the files taken
-    in turn. ``early``: the CLI's copy (`loramix.io.early_copy`), used when the output keeps the base's files as
+    in turn. ``early``: the CLI's copy (`loramix.io.disk.early_copy`), used when the output keeps the base's files as
     they are, else stopped. Returns the wall-clock times (time.time()) at which the copy and the computed tensors
     started and ended, and the bytes ``copied early`` and ``prefilled early``. ``order(job)``: the computed tensors
     are started in that order (e.g. codes before scales: two workers never wait on one weight's parts)."""

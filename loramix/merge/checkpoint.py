@@ -28,7 +28,7 @@ from loramix.architecture import GPT2_CONV1D, tied_embedding, ties_output_head
 from loramix.errors import CheckpointError
 from loramix.io.base import DIFFUSERS_WEIGHTS, BaseCheckpoint, BaseTensor
 from loramix.io.conversion_mapping import for_checkpoint
-from loramix.io.early_copy import claim
+from loramix.io.disk.early_copy import claim
 from loramix.io.quantized import DequantizedTensor, Requantized
 from loramix.io.shards import (
     base_layout,

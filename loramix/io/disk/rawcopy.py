@@ -5,7 +5,7 @@ Unchanged tensors are copied byte for byte in the kernel where the OS allows (``
 ``sendfile``, else a buffered copy). `fresh` makes the ``.NAME.xxxxxxxx.tmp`` folder or file beside a target that
 a run writes into, locked for as long as the run holds it (`loramix.io.files.recover` removes the unlocked ones that
 killed runs left). Nothing here imports torch, so the CLI can start copying a base before torch is imported
-(`loramix.io.early_copy`).
+(`loramix.io.disk.early_copy`).
 """
 
 from __future__ import annotations
