@@ -21,6 +21,7 @@ from loramix.formats import load_adapter
 from loramix.formats.diffusion import onto_base
 from loramix.io.base import open_base, require_base, resolve_base, with_base_names
 from loramix.io.diffusers import is_pipeline, open_pipeline
+from loramix.io.disk.early_copy import claim
 from loramix.io.files import atomic_output
 from loramix.io.gguf_base import gguf_base_file, open_gguf
 from loramix.merge.checkpoint import MergeReport, write_merged
@@ -157,7 +158,10 @@ def merge_loaded(
     if world > 1 and pipeline is not None:
         raise CheckpointError(f"{folder}: a diffusers pipeline is merged in one process (not under torchrun)")
     adapter = shared(adapter)
-    with shared_output(out, overwrite=overwrite, protect=protect) as tmp:
+    # the CLI's copy of the base, begun before torch was imported: its staging folder becomes the output folder (no
+    # folder is left to remove at the end, which on a file system that discards freed blocks waits for the disk)
+    early = claim(folder) if checkpoint is not None else None
+    with shared_output(out, overwrite=overwrite, protect=protect, made=early and early.staging) as tmp:
         options = {
             "dtype": target_dtype,
             "device": device,
@@ -169,7 +173,14 @@ def merge_loaded(
         else:
             report = write_in_parts(
                 lambda part: write_merged(
-                    adapter, checkpoint, tmp, shard_size=shard_size, quantization=quantization, part=part, **options
+                    adapter,
+                    checkpoint,
+                    tmp,
+                    shard_size=shard_size,
+                    quantization=quantization,
+                    part=part,
+                    early=early,
+                    **options,
                 )
             )
         if gguf_file is not None and rank == 0:  # a GGUF base written as the transformers folder it holds

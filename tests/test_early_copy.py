@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import deque
@@ -130,6 +131,23 @@ def test_merged_tensors_prefilled_with_base_bytes_are_written_over(pair, tmp_pat
         merge_into_base(adapter, base, tmp_path / "out")
     assert weight_files(tmp_path / "out") == expected
     assert _leftovers(tmp_path) == []
+
+
+def test_the_staging_folder_becomes_the_output_folder(pair, tmp_path, monkeypatch):
+    """The merge takes the early copy's staging folder as its output's temporary folder and renames it into place:
+    no folder is removed at the end (on a file system mounted with ``discard`` that waits for the disk's queue)."""
+    base, adapter = pair
+    expected = weight_files(merge_into_base(adapter, base, tmp_path / "api").path)
+    removed, rmtree = [], shutil.rmtree
+    monkeypatch.setattr(
+        shutil, "rmtree", lambda path, **kw: (os.path.exists(path) and removed.append(path), rmtree(path, **kw))
+    )
+    out = tmp_path / "out"
+    with early_copy(str(base), [str(adapter)], str(out)) as copy:
+        staging = copy.staging.stat().st_ino
+        merge_into_base(adapter, base, out)
+    assert (out.stat().st_ino, removed, _leftovers(tmp_path)) == (staging, [], [])
+    assert weight_files(out) == expected
 
 
 def test_no_prefill_past_the_kernels_writeback_threshold(pair, tmp_path, monkeypatch):

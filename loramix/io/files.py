@@ -244,7 +244,12 @@ def recover(target: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_output(
-    target: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = (), finite: bool = True
+    target: str | Path,
+    *,
+    overwrite: bool = False,
+    protect: Iterable[str | Path] = (),
+    finite: bool = True,
+    made: Path | None = None,
 ) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; rename it into place only if the block succeeds.
 
@@ -252,13 +257,17 @@ def atomic_output(
     is never replaced unless ``overwrite`` allows it. With ``finite`` the safetensors files written are checked for
     NaN/Inf first (callers that check every value as they write pass False). A folder that carries no other mark of
     loramix (a card, recipe or search record) gets its marker file.
-    On failure the temporary folder is removed and ``target`` is untouched.
+    On failure the temporary folder is removed and ``target`` is untouched. ``made``: a locked temporary folder made
+    beside ``target`` already (`loramix.io.disk.rawcopy.fresh`: the early copy's staging folder), used as this one;
+    its maker removes it unless it was put in place.
     """
     target = check_output(target, overwrite=overwrite, protect=protect)
     with contextlib.ExitStack() as stack:
-        with _os_errors(target):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = stack.enter_context(_fresh(target, folder=True))
+        tmp = made
+        if tmp is None:
+            with _os_errors(target):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = stack.enter_context(_fresh(target, folder=True))
         yield tmp  # on any failure or interrupt, leaving the stack removes tmp (see `_fresh`)
         if finite:
             check_output_finite(tmp, target)

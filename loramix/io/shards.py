@@ -185,21 +185,24 @@ def write_shards(
     """Write every shard into ``folder``: headers first (``headers[i]`` as given, else planned from the tensors),
     then every tensor at its planned place; ``produce(job)`` yields a computed tensor's output rows in order, in its
     output dtype. `copy_threads` threads copy unchanged bytes, ``workers`` threads compute meanwhile, the files taken
-    in turn. ``early``: the CLI's copy (`loramix.io.disk.early_copy`), used when the output keeps the base's files as
-    they are, else stopped. Returns the wall-clock times (time.time()) at which the copy and the computed tensors
-    started and ended, and the bytes ``copied early`` and ``prefilled early``. ``order(job)``: the computed tensors
-    are started in that order (e.g. codes before scales: two workers never wait on one weight's parts)."""
+    in turn. ``early``: the CLI's copy (`loramix.io.disk.early_copy`), staged in ``folder``: used when the output
+    keeps the base's files as they are, else stopped and its files removed. Returns the wall-clock times
+    (time.time()) at which the copy and the computed tensors started and ended, and the bytes ``copied early`` and
+    ``prefilled early``. ``order(job)``: the computed tensors are started in that order (e.g. codes before scales:
+    two workers never wait on one weight's parts)."""
     headers = headers or [None] * len(shards)
     kept = all(h is not None for h in headers) and early is not None and early.files == names
     if early is not None and not kept:
         early.cancel()
+        for name in early.files:
+            (folder / name).unlink(missing_ok=True)
     early = early if kept else None
     copied = early.names if early else frozenset()
     times: dict[str, float] = {}
     with contextlib.ExitStack() as files:
         keyed: list[tuple[tuple[int, int, int], _Task]] = []
         for file, (name, shard, header) in enumerate(zip(names, shards, headers)):
-            path = (early.staging if early else folder) / name
+            path = folder / name
             fd = files.enter_context(open(path, "r+b" if early else "wb", buffering=0)).fileno()
             header = header or tensorfile.header(shard, {"format": "pt"})
             if not early:  # the early copy wrote the base's header and sized the file
@@ -228,9 +231,6 @@ def write_shards(
             times["copy end"] = max(early.finished, times.get("copy end", early.finished))
             times["copied early"] = early.copied
             times["prefilled early"] = early.prefilled
-    if early:
-        for name in names:
-            os.replace(early.staging / name, folder / name)
     return times
 
 

@@ -28,7 +28,7 @@ from loramix.architecture import GPT2_CONV1D, tied_embedding, ties_output_head
 from loramix.errors import CheckpointError
 from loramix.io.base import DIFFUSERS_WEIGHTS, BaseCheckpoint, BaseTensor
 from loramix.io.conversion_mapping import for_checkpoint
-from loramix.io.disk.early_copy import claim
+from loramix.io.disk.early_copy import EarlyCopy
 from loramix.io.quantized import DequantizedTensor, Requantized
 from loramix.io.shards import (
     base_layout,
@@ -313,6 +313,7 @@ def write_merged(
     workers: int | None = None,
     quantization: Quantization | None = None,
     part: tuple[int, int] = (0, 1),
+    early: EarlyCopy | None = None,
 ) -> MergeReport:
     """Write ``base`` with ``adapter`` merged into the existing folder ``folder``: sharded safetensors plus the
     index, config.json, and every other non-weight file (tokenizer, generation config) copied. Every tensor keeps
@@ -334,7 +335,8 @@ def write_merged(
     is written dense (dequantized, scale tensors and ``quantization_config`` dropped).
 
     ``part`` (rank, world) writes only the shards i ≡ rank (mod world), and only rank 0 the index, config and other
-    files (`loramix.merge.processes` splits one merge over processes this way).
+    files (`loramix.merge.processes` splits one merge over processes this way). ``early``: the CLI's copy of the base
+    (`loramix.io.disk.early_copy`), whose staging folder is ``folder``.
 
     The `MergeReport` holds, per module of the shards written, the share of ΔW that survives the rounding:
     ‖round(W+ΔW) − round(W)‖ / ‖ΔW‖ (for a base in the output dtype round(W) = W; for a float32 base, comparing
@@ -375,7 +377,6 @@ def write_merged(
     again = Requantized(lambda key: requantize(_on_device(by_name[key], device), base, device, stats[key], shares))
     with progress_bar(enabled=progress, total=total, unit="B", unit_scale=True, desc="merge") as bar:
         produce = _produce(stats, device, again)
-        early = claim(base.folder) if base.folder is not None else None  # the CLI's copy of untouched tensors
         times = write_shards(
             folder,
             [names[i] for i in mine],

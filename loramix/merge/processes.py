@@ -58,12 +58,17 @@ def shared(value: T) -> T:
 
 
 @contextlib.contextmanager
-def shared_output(target: str | Path, *, overwrite: bool, protect: Iterable[str | Path]) -> Iterator[Path]:
+def shared_output(
+    target: str | Path, *, overwrite: bool, protect: Iterable[str | Path], made: Path | None = None
+) -> Iterator[Path]:
     """`loramix.io.files.atomic_output` for all ranks at once: rank 0 makes the temporary folder and every rank
-    writes into it; rank 0 puts it in place after the block, once every rank's block has succeeded."""
+    writes into it; rank 0 puts it in place after the block, once every rank's block has succeeded. ``made``: a
+    temporary folder made already, for one process (`atomic_output`'s)."""
     rank, world = place()
     if world == 1:
-        with atomic_output(target, overwrite=overwrite, protect=protect, finite=False) as tmp:  # the merge checks
+        with atomic_output(
+            target, overwrite=overwrite, protect=protect, finite=False, made=made
+        ) as tmp:  # merge checks
             yield tmp
         return
     failure: BaseException | None = None

@@ -5,9 +5,11 @@ alone (no torch) it predicts which base tensors the adapters leave alone and sta
 kernel (a thread per file), into a locked staging folder beside the output, in the base's own shard files at the
 base's own offsets (every header copied as it is); the places of the tensors predicted changed are meanwhile filled
 with the base's bytes for the merge to write over, as far as the page cache keeps them until then (`EarlyCopy`).
-`loramix.io.shards.write_shards` claims the copy: when the merge keeps the base's files unchanged in layout it writes
-the merged tensors into the same files, skips the tensors already copied, waits for the copy and moves the files
-into its output folder; otherwise the copy is stopped and thrown away. A wrong prediction costs time, never bytes:
+The merge claims the copy (`claim`) and takes the staging folder as its output's temporary folder, renamed into place
+at the end (no folder is left to remove: on a file system mounted with ``discard`` removing one waits for the disk).
+`loramix.io.shards.write_shards` then, when the merge keeps the base's files unchanged in layout, writes the merged
+tensors into the same files, skips the tensors already copied and waits for the copy; otherwise it stops the copy
+and removes its files. A wrong prediction costs time, never bytes:
 a tensor predicted untouched that the merge changes is written after the copy ends, and one predicted changed is
 copied by the merge as usual.
 
@@ -267,8 +269,9 @@ def _start(base: Path, adapters: list[Path], staging: Path) -> EarlyCopy | None:
 @contextlib.contextmanager
 def early_copy(base: str | None, adapters: list[str], output: str | None) -> Iterator[EarlyCopy | None]:
     """Start the early copy of ``base`` for a merge of ``adapters`` into ``output`` when it applies (all local
-    folders, see `plan`), for the length of the block; at its end a copy nobody claimed is stopped and its staging
-    folder removed. For the CLI only (it registers the copy process-wide for the writer to claim)."""
+    folders, see `plan`), for the length of the block; at its end a copy nobody claimed is stopped, and its staging
+    folder removed unless the merge put it in place as the output. For the CLI only (it registers the copy
+    process-wide for the merge to claim)."""
     if not (base and output and adapters) or not Path(base).is_dir() or not Path(output).parent.is_dir():
         yield None
         return
