@@ -49,7 +49,7 @@ def test_the_cli_copies_untouched_tensors_while_torch_imports(pair, tmp_path):
     assert times["prefilled early"] > 0  # q/v/down_proj's places, with the base's bytes, while torch imported
     assert times["copy start"] < times["computed start"]
     assert weight_files(out) == weight_files(expected)
-    assert _leftovers(tmp_path) == []  # the staging folder's files moved into the output, the folder removed
+    assert _leftovers(tmp_path) == []  # the staging folder became the output: no temporary folder is left
 
 
 @pytest.mark.parametrize("cpus", [2, 8])  # one copying thread; one per file
