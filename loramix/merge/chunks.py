@@ -29,9 +29,8 @@ from collections.abc import Iterator
 
 import torch
 
-from loramix.errors import CheckpointError
 from loramix.io.base import BaseTensor
-from loramix.merge.kernels import Survival, delta_rows, dora_merge
+from loramix.merge.kernels import Survival, delta_rows, dora_merge, not_finite
 from loramix.merge.quantized_base import whole_delta
 
 STATS_EVERY = 4  # on the CPU: the stored-update figures from every 4th chunk of a tensor
@@ -133,7 +132,7 @@ def _check(job, stats: Survival) -> None:
 
 
 def _refuse(job) -> None:
-    raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
+    raise not_finite(job.name)
 
 
 def _fits(merged: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -41,7 +41,7 @@ from loramix.io.gguf_base import (
 from loramix.io.gguf_model import GgufTensor
 from loramix.io.quantized import share_below
 from loramix.merge.checkpoint import MergeReport
-from loramix.merge.kernels import Survival
+from loramix.merge.kernels import Survival, not_finite
 from loramix.runtime import OUTPUT_DTYPE_NAMES
 
 
@@ -101,7 +101,7 @@ def write_merged_gguf(adapter: LoraAdapter, base: GgufBase, folder: Path, dtype:
         array, qtype = quantized_like(base, target, W + delta) if dtype is None else unquantized(W + delta, dtype)
         stats = Survival()
         if not math.isfinite(stats.add(dequantize_stored(array, qtype).reshape(W.shape) - W, delta)):
-            raise CheckpointError(f"merging into {target} gives NaN/Inf values (the adapter or the base is broken)")
+            raise not_finite(target)
         step = local_step(base, target)
         share = share_below(delta, step) if step is not None and dtype is None else float("nan")
         for name, _ in updates:

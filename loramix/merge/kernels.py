@@ -133,6 +133,14 @@ def _dora_factor(merged: torch.Tensor, update: Update) -> tuple[torch.Tensor, to
     return factor.reshape(row_shape(update.layout, merged.dim())), norm
 
 
+def not_finite(target: str) -> CheckpointError:
+    """The one-line error for a merged weight that holds NaN/Inf, or would once rounded to the output dtype."""
+    return CheckpointError(
+        f"merging into {target} gives NaN/Inf values (the adapter or the base is broken, or W + ΔW is past the "
+        "range of the output dtype)"
+    )
+
+
 def row_shape(layout: str, dim: int) -> tuple[int, ...]:
     """How a per-output-row vector broadcasts over a weight stored in ``layout`` (``dim`` dimensions)."""
     if layout in ("conv1d_fan_in_fan_out", "embedding"):

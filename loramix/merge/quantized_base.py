@@ -18,7 +18,7 @@ import torch
 from loramix.errors import CheckpointError
 from loramix.io.base import BaseCheckpoint
 from loramix.io.quantized import QuantizedBase, share_below
-from loramix.merge.kernels import Survival, delta_rows, dora_merge
+from loramix.merge.kernels import Survival, delta_rows, dora_merge, not_finite
 from loramix.runtime import OUTPUT_DTYPE_NAMES
 
 
@@ -66,7 +66,7 @@ def requantize(
     parts = scheme.quantize_parts(merged, stored)
     intended = merged.sub_(W)
     if not math.isfinite(stats.add(scheme.dequantize_parts(*parts).sub_(W), intended)):
-        raise CheckpointError(f"merging into {job.name} gives NaN/Inf values (the adapter or the base is broken)")
+        raise not_finite(job.name)
     shares[job.name] = share_below(intended, scheme.step(*stored))
     written = (parts[0], parts[1].reshape(source.scale.shape), *parts[2:3])
     return {index: part.cpu() for index, part in enumerate(written)}
