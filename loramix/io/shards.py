@@ -193,9 +193,7 @@ def write_shards(
     headers = headers or [None] * len(shards)
     kept = all(h is not None for h in headers) and early is not None and early.files == names
     if early is not None and not kept:
-        early.cancel()
-        for name in early.files:
-            (folder / name).unlink(missing_ok=True)
+        early.discard()
     early = early if kept else None
     copied = early.names if early else frozenset()
     times: dict[str, float] = {}

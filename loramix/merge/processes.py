@@ -65,10 +65,8 @@ def shared_output(
     writes into it; rank 0 puts it in place after the block, once every rank's block has succeeded. ``made``: a
     temporary folder made already, for one process (`atomic_output`'s)."""
     rank, world = place()
-    if world == 1:
-        with atomic_output(
-            target, overwrite=overwrite, protect=protect, finite=False, made=made
-        ) as tmp:  # merge checks
+    if world == 1:  # finite=False: the merge checks its values as it writes them
+        with atomic_output(target, overwrite=overwrite, protect=protect, finite=False, made=made) as tmp:
             yield tmp
         return
     failure: BaseException | None = None

@@ -9,9 +9,9 @@ The merge claims the copy (`claim`) and takes the staging folder as its output's
 at the end (no folder is left to remove: on a file system mounted with ``discard`` removing one waits for the disk).
 `loramix.io.shards.write_shards` then, when the merge keeps the base's files unchanged in layout, writes the merged
 tensors into the same files, skips the tensors already copied and waits for the copy; otherwise it stops the copy
-and removes its files. A wrong prediction costs time, never bytes:
-a tensor predicted untouched that the merge changes is written after the copy ends, and one predicted changed is
-copied by the merge as usual.
+and removes its files (`EarlyCopy.discard`). A wrong prediction costs time, never bytes: a tensor predicted
+untouched that the merge changes is written after the copy ends, and one predicted changed is copied by the merge
+as usual.
 
 The prediction: a base tensor is changed when its name holds the last three parts of some adapter module's path
 (``3.self_attn.q_proj`` in ``model.layers.3.self_attn.q_proj.weight``; PEFT's ``base_model.model.``, ``base_layer``
@@ -152,6 +152,12 @@ class EarlyCopy:
         self.stop.set()
         for thread in self.threads:
             thread.join()
+
+    def discard(self) -> None:
+        """Stop the copy and remove its files from the staging folder (a merge that lays its files out anew there)."""
+        self.cancel()
+        for name in self.files:
+            (self.staging / name).unlink(missing_ok=True)
 
 
 def module_tails(adapter: Path) -> set[tuple[str, ...]] | None:
