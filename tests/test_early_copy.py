@@ -94,7 +94,7 @@ def test_no_early_copy_for_sources_it_cannot_read_without_torch(pair, tmp_path):
 def test_sampled_stored_update_figures_leave_the_bytes_alone(tmp_path, monkeypatch):
     """On the CPU the figures come from every STATS_EVERY-th chunk: the bytes equal those of measuring every chunk
     and float64 W + s·B·A to 1 bf16 ulp of |W| + |ΔW|; the sampled figures stay close to the full ones."""
-    sizes = {"layers": 1, "hidden": 256, "inter": 2048}  # gate/down: 2048×256 = 4 CPU chunks of 2^17 elements
+    sizes = {"layers": 1, "hidden": 256, "inter": 4096}  # gate/down: 4096×256 = 4 CPU chunks of 2^18 elements
     base = make_base(tmp_path / "base", **sizes)
     adapter = make_adapter(tmp_path / "adapter", **sizes)
     monkeypatch.setattr(loramix.merge.chunks, "STATS_EVERY", 1)
