@@ -128,11 +128,7 @@ def _read(source, start: int, stop: int, buffers: Buffers, fd: int | None) -> to
 
 def _check(job, stats: Survival) -> None:
     if not math.isfinite(stats.settle()):
-        _refuse(job)
-
-
-def _refuse(job) -> None:
-    raise not_finite(job.name)
+        raise not_finite(job.name)
 
 
 def _fits(merged: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -202,7 +198,7 @@ def _merged(
     out = buffers.scratch("write", W.shape, job.dtype, device).copy_(merged)
     if not measure:
         if not _fits(merged, job.dtype):
-            _refuse(job)
+            raise not_finite(job.name)
         return out
     base = W if chunk.dtype == job.dtype else W.to(job.dtype).float()  # round(W) is W when W is in the out dtype
     stored = merged.copy_(out).sub_(base)  # round(W + ΔW) − round(W) in float32 (float8 is not promoted by torch)
